@@ -1,0 +1,3 @@
+from asectl.cli import main
+
+main()

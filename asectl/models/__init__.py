@@ -1,0 +1,1 @@
+"""Trainable modules: PFA projections and ITC loss, CMAF fusion and the classifier."""

@@ -1,0 +1,306 @@
+"""Cross-modality attention fusion (CMAF), section 3.4 of the paper, and the classifier on top.
+
+Eq. (6)-(8): Q = aligned VLM features, K = aligned LLM features, V = aligned image features;
+multi-head cross attention ``A_i = softmax(Q_i K_i^T / sqrt(r))``, ``C = concat_i(A_i V_i)``,
+``W = sigmoid(Proj(C))`` with 3 channels, ``Z_fused = W_1 Q + W_2 K + W_3 V``, then an MLP and
+cross-entropy.
+
+From maps to vectors. The paper's Proj is a 1x1 convolution on ``b x c x h x w`` maps and W is
+``b x 3 x h x w``: attention runs over the h*w positions and every position gets its own three weights.
+Our aligned features are 256-d vectors, so each vector is read as a sequence of ``t`` tokens of
+``256 / t`` channels (default 8 tokens of 32): the tokens play the positions, a 1x1 convolution becomes
+a Linear applied to every token with shared weights, attention runs over the t tokens (t x t per head),
+and W is ``b x t x 3``, broadcast over the channels of each token. With t = 1 the attention would be
+trivial (a softmax over one key) and W one scalar triple per sample; t > 1 keeps the paper's
+"one weight triple per position" structure and lets different parts of the aligned space weigh the
+modalities differently.
+
+Variants (the paper's Table 5):
+
+* ``cmaf``: as above, W through a sigmoid, each weight in (0, 1).
+* ``cmaf-nosigmoid``: the same network with the sigmoid removed: W is the raw linear projection of C
+  (unbounded, may be negative), the literal "w/o sigmoid" ablation.
+* ``concat``: direct concatenation [Q, K, V] (768-d) into the same MLP, no fusion network.
+
+``train_fusion`` takes aligned features {"vlm", "llm", "image"} and labels (class names or indices);
+``task="binary"`` maps the five classes to normal vs defective first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asectl.errors import ConfigError, DataError
+from asectl.models.train_config import FusionConfig
+
+# Q, K, V of Eq. (6), in the order of W's channels in Eq. (8).
+FUSION_INPUTS = ("vlm", "llm", "image")
+
+
+class FusionModel(nn.Module):
+    """CMAF (or plain concatenation) + MLP classifier over aligned vlm/llm/image features."""
+
+    def __init__(self, dim: int, n_classes: int, variant: str = "cmaf", tokens: int = 8, heads: int = 4,
+                 reduced_dim: int = 16, mlp_hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        if variant not in ("cmaf", "cmaf-nosigmoid", "concat"):
+            raise ConfigError(f"fusion variant '{variant}': use cmaf, cmaf-nosigmoid or concat")
+        if dim % tokens:
+            raise ConfigError(f"fusion tokens {tokens}: must divide the feature dimension {dim}")
+        self.dim, self.n_classes, self.variant = int(dim), int(n_classes), variant
+        self.tokens, self.heads, self.reduced_dim = int(tokens), int(heads), int(reduced_dim)
+        self.channels = self.dim // self.tokens
+        # Aligned features are unit vectors (components ~ 1/sqrt(dim)); scaled by sqrt(dim) every
+        # component is of order 1, so the fusion weights and the MLP do not have to grow to undo the scale.
+        self.input_scale = math.sqrt(self.dim)
+        hr = self.heads * self.reduced_dim
+        if variant != "concat":
+            # Proj. of Eq. (6)-(7): a per-token Linear == 1x1 convolution over the token "positions".
+            self.proj_q = nn.Linear(self.channels, hr)
+            self.proj_k = nn.Linear(self.channels, hr)
+            self.proj_v = nn.Linear(self.channels, hr)
+            self.proj_c = nn.Linear(hr, 3)
+        in_dim = self.dim * 3 if variant == "concat" else self.dim
+        self.mlp = nn.Sequential(nn.Linear(in_dim, mlp_hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_hidden, n_classes))
+        self.hparams = {"dim": self.dim, "n_classes": self.n_classes, "variant": variant, "tokens": tokens,
+                        "heads": heads, "reduced_dim": reduced_dim, "mlp_hidden": mlp_hidden,
+                        "dropout": dropout}
+
+    def _tok(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], self.tokens, self.channels) * self.input_scale
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.heads, self.reduced_dim).transpose(1, 2)     # b, h, t, r
+
+    def fusion_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """W of Eq. (7): [b, tokens, 3] (channels: VLM, LLM, image)."""
+        if self.variant == "concat":
+            raise ConfigError("the concat variant has no fusion weights")
+        qt, kt, vt = self._tok(q), self._tok(k), self._tok(v)   # [b, tokens, channels]
+        qh = self._split_heads(self.proj_q(qt))
+        kh = self._split_heads(self.proj_k(kt))
+        vh = self._split_heads(self.proj_v(vt))
+        attn = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(self.reduced_dim), dim=-1)
+        c = (attn @ vh).transpose(1, 2).reshape(q.shape[0], self.tokens, self.heads * self.reduced_dim)
+        w = self.proj_c(c)
+        return torch.sigmoid(w) if self.variant == "cmaf" else w
+
+    def fuse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Z_fused of Eq. (8) (or the concatenation): [b, dim] or [b, 3*dim]."""
+        if self.variant == "concat":
+            return torch.cat([q, k, v], dim=-1) * self.input_scale
+        w = self.fusion_weights(q, k, v)
+        z = (w[..., 0:1] * self._tok(q) + w[..., 1:2] * self._tok(k) + w[..., 2:3] * self._tok(v))
+        return z.reshape(q.shape[0], self.dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.fuse(q, k, v))
+
+
+@dataclasses.dataclass
+class FusionBundle:
+    """What prediction needs besides the weights: classes and the task's label mapping."""
+
+    classes: list[str]
+    task: str
+    hparams: dict[str, Any]
+
+
+def _inputs(features: Mapping[str, Any] | Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if isinstance(features, Mapping):
+        missing = [m for m in FUSION_INPUTS if m not in features]
+        if missing:
+            raise DataError(f"fusion needs aligned features for {', '.join(FUSION_INPUTS)}; missing {missing}")
+        arrs = [np.asarray(features[m], dtype=np.float32) for m in FUSION_INPUTS]
+    else:
+        arrs = [np.asarray(a, dtype=np.float32) for a in features]
+        if len(arrs) != 3:
+            raise DataError("fusion needs three feature arrays (vlm, llm, image)")
+    shapes = {a.shape for a in arrs}
+    if len(shapes) != 1 or arrs[0].ndim != 2:
+        raise DataError(f"vlm, llm and image features must be 2-d arrays of one shape; got "
+                        f"{[a.shape for a in arrs]}")
+    return arrs[0], arrs[1], arrs[2]
+
+
+def map_labels(labels: Sequence[Any], task: str = "multiclass",
+               classes: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Class names (or indices with ``classes``) -> (indices, classes). Binary: normal vs defective."""
+    from asectl.dataset import binary_label, order_labels
+
+    labels = list(labels)
+    if labels and all(isinstance(x, (int, np.integer)) for x in labels):
+        if classes is None:
+            classes = [str(i) for i in range(int(max(labels)) + 1)]
+        if task == "binary":
+            labels = [classes[int(x)] for x in labels]
+        else:
+            idx = np.asarray(labels, dtype=np.int64)
+            if idx.min() < 0 or idx.max() >= len(classes):
+                raise DataError(f"label index out of range for {len(classes)} classes")
+            return idx, list(classes)
+    names = [str(x) for x in labels]
+    if task == "binary":
+        names = [binary_label(x) for x in names]
+        classes = ["normal", "defective"]
+    elif classes is None:
+        classes = order_labels(names)
+    classes = list(classes)
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise DataError(f"labels {unknown} are not among the classes {classes}")
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.asarray([lookup[x] for x in names], dtype=np.int64), classes
+
+
+@contextlib.contextmanager
+def _fork_rng(seed: int, device: str):
+    devices = []
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        devices = [torch.device(device).index or 0]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: FusionConfig | None = None,
+                 seed: int = 0, *, classes: Sequence[str] | None = None,
+                 val_features: Mapping[str, Any] | None = None, val_labels: Sequence[Any] | None = None,
+                 device: str = "cpu",
+                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[FusionModel, dict[str, Any]]:
+    """Train CMAF (or a variant) + MLP with cross-entropy. Deterministic for a given seed.
+
+    ``features``: {"vlm", "llm", "image"} -> float arrays [n, d] (aligned features).
+    ``labels``: class names (or indices into ``classes``); ``config.task="binary"`` maps to
+    normal/defective. Returns (model, history); ``model.bundle`` holds classes and task, and history
+    has one row per epoch (loss, accuracy, lr, and val_loss/val_accuracy when validation data is given)."""
+    config = config or FusionConfig()
+    q, k, v = _inputs(features)
+    config.validate(q.shape[1])
+    y, classes = map_labels(labels, config.task, classes)
+    if len(y) != len(q):
+        raise DataError(f"{len(q)} feature rows but {len(y)} labels")
+    if len(classes) < 2:
+        raise DataError(f"fusion training needs at least two classes; got {classes}")
+    val = None
+    if val_features is not None and val_labels is not None:
+        vq, vk, vv = _inputs(val_features)
+        vy, _ = map_labels(val_labels, config.task, classes)
+        val = (torch.from_numpy(vq).to(device), torch.from_numpy(vk).to(device),
+               torch.from_numpy(vv).to(device), torch.from_numpy(vy).to(device))
+    weight = None
+    if config.class_weight == "balanced":
+        counts = np.bincount(y, minlength=len(classes)).astype(np.float64)
+        w = np.where(counts > 0, len(y) / (len(classes) * np.maximum(counts, 1)), 0.0)
+        weight = torch.tensor(w, dtype=torch.float32, device=device)
+    tq, tk, tv = (torch.from_numpy(a).to(device) for a in (q, k, v))
+    ty = torch.from_numpy(y).to(device)
+    history: dict[str, Any] = {"classes": classes, "task": config.task, "variant": config.variant,
+                               "seed": seed, "n_train": int(len(y)), "epochs": []}
+    with _fork_rng(seed, device):
+        model = FusionModel(q.shape[1], len(classes), config.variant, config.tokens, config.heads,
+                            config.reduced_dim, config.mlp_hidden, config.dropout).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                                weight_decay=config.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.lr_decay_every, gamma=config.lr_decay)
+        gen = torch.Generator().manual_seed(seed)
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            lr = opt.param_groups[0]["lr"]
+            perm = torch.randperm(len(y), generator=gen)
+            total, correct = 0.0, 0
+            for s in range(0, len(y), config.batch_size):
+                idx = perm[s:s + config.batch_size].to(device)
+                logits = model(tq[idx], tk[idx], tv[idx])
+                loss = F.cross_entropy(logits, ty[idx], weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+                correct += int((logits.argmax(1) == ty[idx]).sum().item())
+            sched.step()
+            row: dict[str, float] = {"epoch": epoch, "loss": total / len(y), "accuracy": correct / len(y),
+                                     "lr": lr}
+            if val is not None:
+                model.eval()
+                with torch.no_grad():
+                    vlogits = model(val[0], val[1], val[2])
+                    row["val_loss"] = float(F.cross_entropy(vlogits, val[3]).item())
+                    row["val_accuracy"] = float((vlogits.argmax(1) == val[3]).float().mean().item())
+            history["epochs"].append(row)
+            if on_epoch:
+                on_epoch(row)
+    model.eval()
+    model.bundle = FusionBundle(classes=list(classes), task=config.task, hparams=dict(model.hparams))
+    return model, history
+
+
+def predict_proba(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
+    """Class probabilities float32 [n, n_classes], columns in ``model.bundle.classes`` order."""
+    q, k, v = _inputs(features)
+    if q.shape[1] != model.dim:
+        raise DataError(f"features are {q.shape[1]}-d; this fusion model expects {model.dim}-d")
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(q), batch_size):
+            args = [torch.from_numpy(a[s:s + batch_size]).to(device) for a in (q, k, v)]
+            out.append(torch.softmax(model(*args), dim=-1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.n_classes), np.float32)
+
+
+def fusion_weights(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
+    """W of Eq. (7) per sample: float32 [n, tokens, 3] (VLM, LLM, image). Not for ``concat``."""
+    q, k, v = _inputs(features)
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(q), batch_size):
+            args = [torch.from_numpy(a[s:s + batch_size]).to(device) for a in (q, k, v)]
+            out.append(model.fusion_weights(*args).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.tokens, 3), np.float32)
+
+
+def save_fusion(model: FusionModel, path: str | Path) -> Path:
+    """Weights as safetensors with classes, task and hyperparameters in the header (no pickle)."""
+    from asectl.backends.encoders import save_module_state
+
+    bundle = getattr(model, "bundle", None)
+    meta = {"asectl_fusion": json.dumps({"classes": bundle.classes if bundle else None,
+                                         "task": bundle.task if bundle else None,
+                                         "hparams": model.hparams})}
+    return save_module_state(model, path, metadata=meta)
+
+
+def load_fusion(path: str | Path) -> FusionModel:
+    from safetensors import safe_open
+
+    from asectl.backends.encoders import load_module_state
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: fusion model not found; train one first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["asectl_fusion"])
+    except Exception:
+        raise ConfigError(f"{path}: not a fusion model file written by asectl; retrain it") from None
+    model = FusionModel(**meta["hparams"])
+    load_module_state(model, path)
+    model.eval()
+    model.bundle = FusionBundle(classes=meta["classes"], task=meta["task"], hparams=meta["hparams"])
+    return model

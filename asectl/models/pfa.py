@@ -1,0 +1,597 @@
+"""Progressive feature alignment (PFA), section 3.3 of the paper.
+
+Projection heads map Z_image, Z_vlm and Z_llm to 256-d; the image-text contrastive (ITC) loss of
+Eq. (3)-(5) aligns (image, LLM text) and (image, VLM text); a progressive training strategy (PTS) grows
+the training subset stage by stage, hardest (least self-similar) pairs first.
+
+Precise definitions (the paper leaves these open):
+
+* **Projection**: one ``Linear(d_modality, 256)`` per modality (as in CLIP/ALBEF); the aligned feature
+  Z_aligned is its output, L2-normalised (ITC compares directions only, Eq. (3) uses cosine similarity).
+* **Temperature**: one learnable tau shared by both pairs (Eq. (3) has one), stored as log(tau) and
+  clamped to [tau_min, tau_max] in the forward pass and after every optimiser step.
+* **ITC loss**: ``L = 0.5 * (CE(i2t) + CE(t2i))`` with logits ``cos(I_a, T_b) / tau`` over the batch.
+  The ground truth y is one-hot on the matching pair; with ``shared_positives`` a text that occurs
+  several times in a batch (LLM answers are often identical for cards of one class) has all its copies
+  as positives, spread evenly, so the loss never asks the model to tell two identical texts apart.
+  ``L_total = L_llm + L_vlm`` (Eq. (5)).
+* **"First (I, LLM), then (I, VLM)"**: ``align_order="sequential"`` (default) makes two optimiser steps
+  per batch, the first on L_llm, the second on L_vlm (recomputing the image features after the first
+  step); that is the only reading in which an order exists. ``"summed"`` takes one step on L_total
+  (same objective, no order). Reported losses are always L_llm, L_vlm and their sum.
+* **Self-similarity**: for sample i, ``s_i = (cos(P_I z_I, P_L z_L) + cos(P_I z_I, P_V z_V)) / 2`` with the
+  projections as they are when the ranking is made. Pairs are ranked lowest first (stable ties by index).
+* **Stages**: cumulative fractions f_k (stride 0.2 -> 0.2, 0.4, 0.6, 0.8, 1.0); stage k trains on the
+  first ``ceil(f_k * n)`` training pairs (at least 1). Subsets are nested: stage k keeps stage k-1's pairs
+  and adds the lowest-ranked pending ones. With ``rerank_each_stage`` (default) D_pend is ranked again
+  at the start of every stage with the current projections (stage 1 uses the initial ones); otherwise
+  the ranking made at initialisation is used for all stages. D_pend (training pairs not yet added) is
+  the validation set of the stage; after the last stage it is empty and the validation loss is None.
+* **Schedule**: one AdamW optimiser and one step decay (x lr_decay every lr_decay_every epochs) over the
+  whole alignment, epochs counted across stages, so the paper's "decay every 15 epochs" with 15 epochs
+  per stage lowers the rate once per stage.
+* **Modes**: ``progressive`` as above; ``direct`` trains on all pairs at once for the same number of
+  epochs (``direct_epochs`` or stages x epochs_per_stage); ``none`` leaves the projections at their seeded
+  random initialisation (untrained): a linear random view of each encoder space at the same 256-d width,
+  so "no alignment" differs from the other modes only in the training.
+
+Inputs are feature sources: precomputed arrays (quick profile, frozen encoders) or encoders with their
+raw inputs (paper profile: the encoders fine-tune with the projections). ``train_pfa`` treats both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asectl.errors import ConfigError, DataError
+from asectl.models.train_config import PFAConfig
+
+MODALITIES = ("image", "llm", "vlm")
+TEXT_MODALITIES = ("llm", "vlm")     # aligned in this order with the image: Eq. (4), section 3.3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions: schedule, ranking, loss
+
+
+def stride_fractions(stride: float | Sequence[float]) -> list[float]:
+    """Cumulative data fractions of the stages.
+
+    A single stride s gives s, 2s, ... up to 1.0 (the last one is 1.0 even when s does not divide 1:
+    0.3 -> 0.3, 0.6, 0.9, 1.0). A list (the paper's Table 4 ``0.2/0.6/1``) is taken as given; it must rise
+    strictly, lie in (0, 1] and end at 1 so that every training pair is used."""
+    if isinstance(stride, (int, float)) and not isinstance(stride, bool):
+        s = float(stride)
+        if not 0 < s <= 1:
+            raise ConfigError(f"PFA stride {stride}: must be in (0, 1]")
+        n = math.ceil(round(1.0 / s, 9))
+        return [min(1.0, round(k * s, 9)) for k in range(1, n + 1)]
+    fr = [float(f) for f in stride]
+    if not fr:
+        raise ConfigError("PFA strides: give at least one fraction, e.g. 0.2/0.6/1")
+    if any(not 0 < f <= 1 for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])):
+        raise ConfigError(f"PFA strides {fr}: fractions must rise strictly within (0, 1]")
+    if abs(fr[-1] - 1.0) > 1e-9:
+        raise ConfigError(f"PFA strides {fr}: the last fraction must be 1 (all training data)")
+    fr[-1] = 1.0
+    return fr
+
+
+def stage_counts(n_train: int, fractions: Sequence[float]) -> list[int]:
+    """Training-pair count per stage: ``ceil(f * n)`` (rounding guards float noise: 0.6 * 325 -> 195),
+    at least 1, never above n. 325 pairs at stride 0.2 -> 65, 130, 195, 260, 325."""
+    if n_train < 1:
+        raise DataError("PFA needs at least one training pair")
+    return [min(n_train, max(1, math.ceil(round(f * n_train, 6)))) for f in fractions]
+
+
+def self_similarity(image: Any, llm: Any, vlm: Any) -> np.ndarray:
+    """Per-pair self-similarity: mean of cos(image, llm) and cos(image, vlm), row by row."""
+    def unit(x: Any) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x).float()
+        return F.normalize(t, dim=-1)
+    i, l, v = unit(image), unit(llm), unit(vlm)
+    return (0.5 * ((i * l).sum(-1) + (i * v).sum(-1))).detach().cpu().numpy().astype(np.float64)
+
+
+def rank_lowest_first(similarity: Sequence[float]) -> np.ndarray:
+    """Positions sorted by similarity, lowest (hardest, 'negative') first; ties keep their order."""
+    return np.argsort(np.asarray(similarity, dtype=np.float64), kind="stable")
+
+
+def positive_targets(groups: Sequence[int] | torch.Tensor | None, batch: int) -> torch.Tensor:
+    """Ground truth y of Eq. (4): row a spreads its mass over the items whose text equals a's."""
+    if groups is None:
+        return torch.eye(batch)
+    g = torch.as_tensor(groups)
+    same = (g[:, None] == g[None, :]).float()
+    return same / same.sum(1, keepdim=True)
+
+
+def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, tau: torch.Tensor | float,
+             targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. (3)-(4): symmetric cross-entropy of the softmax-normalised i2t and t2i cosine similarities."""
+    i = F.normalize(image_emb, dim=-1)
+    t = F.normalize(text_emb, dim=-1)
+    logits = i @ t.t() / tau
+    if targets is None:
+        targets = torch.eye(len(i), device=logits.device)
+    targets = targets.to(logits.device, logits.dtype)
+    i2t = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    t2i = -(targets.t() * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    return 0.5 * (i2t + t2i)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+
+
+class AlignmentHeads(nn.Module):
+    """One linear projection per modality to ``proj_dim`` and the learnable temperature."""
+
+    def __init__(self, dims: Mapping[str, int], proj_dim: int = 256, tau_init: float = 0.07,
+                 tau_min: float = 0.01, tau_max: float = 0.5):
+        super().__init__()
+        missing = [m for m in MODALITIES if m not in dims]
+        if missing:
+            raise ConfigError(f"alignment needs features for {', '.join(MODALITIES)}; missing {missing}")
+        self.dims = {m: int(dims[m]) for m in MODALITIES}
+        self.proj_dim = int(proj_dim)
+        self.proj = nn.ModuleDict({m: nn.Linear(self.dims[m], self.proj_dim) for m in MODALITIES})
+        self.log_tau = nn.Parameter(torch.tensor(math.log(tau_init), dtype=torch.float32))
+        self.log_tau_min = math.log(tau_min)
+        self.log_tau_max = math.log(tau_max)
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.log_tau.clamp(self.log_tau_min, self.log_tau_max).exp()
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.log_tau.clamp_(self.log_tau_min, self.log_tau_max)
+
+    def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """Aligned (L2-normalised) 256-d features of one modality."""
+        return F.normalize(self.proj[modality](x), dim=-1)
+
+    def meta(self) -> dict[str, Any]:
+        return {"dims": self.dims, "proj_dim": self.proj_dim, "tau_min": math.exp(self.log_tau_min),
+                "tau_max": math.exp(self.log_tau_max)}
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> "AlignmentHeads":
+        """Rebuild heads from a stage checkpoint and ``meta()`` (e.g. for prediction)."""
+        heads = cls(meta["dims"], meta["proj_dim"], tau_min=meta["tau_min"], tau_max=meta["tau_max"])
+        heads.load_state_dict(dict(state))
+        return heads
+
+
+def align_features(heads: AlignmentHeads, features: Mapping[str, np.ndarray],
+                   batch_size: int = 1024) -> dict[str, np.ndarray]:
+    """Project precomputed encoder features with trained heads: {modality: float32 [n, proj_dim]}."""
+    heads.eval()
+    device = next(heads.parameters()).device
+    out: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for m in MODALITIES:
+            x = np.asarray(features[m], dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != heads.dims[m]:
+                raise DataError(f"{m} features have shape {x.shape}; the alignment expects "
+                                f"[n, {heads.dims[m]}] (was the same encoder used?)")
+            parts = [heads(m, torch.from_numpy(x[s:s + batch_size]).to(device)).cpu().numpy()
+                     for s in range(0, len(x), batch_size)]
+            out[m] = np.concatenate(parts) if parts else np.zeros((0, heads.proj_dim), np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feature sources: precomputed arrays, or encoders with raw inputs
+
+
+class FixedFeatures:
+    """Precomputed (frozen-encoder) features: rows of one array."""
+
+    trainable = False
+
+    def __init__(self, array: Any, device: str = "cpu"):
+        arr = np.asarray(array, dtype=np.float32)
+        if arr.ndim != 2:
+            raise DataError(f"features must be a 2-d array [n, dim]; got shape {arr.shape}")
+        self.array = arr
+        self.tensor = torch.from_numpy(arr).to(device)
+        self.dim = arr.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def get(self, idx: Sequence[int], train: bool) -> torch.Tensor:
+        return self.tensor[torch.as_tensor(np.asarray(idx, dtype=np.int64), device=self.tensor.device)]
+
+    def groups(self) -> list[int]:
+        """Identical rows -> one group id (identical texts give identical frozen features)."""
+        ids: dict[bytes, int] = {}
+        return [ids.setdefault(hashlib.sha256(r.tobytes()).digest(), len(ids)) for r in self.array]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def lr_key(self) -> str:
+        return "fixed"
+
+
+class EncoderFeatures:
+    """An encoder (``asectl.backends.encoders``) and its raw inputs; trains when ``trainable``."""
+
+    def __init__(self, encoder: Any, items: Sequence[Any], trainable: bool = True, device: str = "cpu"):
+        self.encoder = encoder
+        self.items = list(items)
+        self.trainable = trainable
+        self.dim = encoder.dim
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, idx: Sequence[int], train: bool) -> torch.Tensor:
+        batch = [self.items[i] for i in idx]
+        if train and self.trainable:
+            return self.encoder.forward_train(batch).float().to(self.device)
+        return torch.from_numpy(self.encoder.encode(batch)).to(self.device)
+
+    def groups(self) -> list[int]:
+        ids: dict[str, int] = {}
+        return [ids.setdefault(str(x), len(ids)) for x in self.items]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.encoder.module.parameters()) if self.trainable else []
+
+    def lr_key(self) -> str:
+        return getattr(self.encoder, "family", "image")
+
+
+def as_source(x: Any, device: str = "cpu") -> FixedFeatures | EncoderFeatures:
+    if isinstance(x, (FixedFeatures, EncoderFeatures)):
+        return x
+    return FixedFeatures(x, device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class PFAStage:
+    index: int                          # 1-based; 0 for mode "none"
+    fraction: float                     # cumulative fraction of D_train
+    train_indices: list[int]            # positions (in the full feature arrays) trained on
+    pend_indices: list[int]             # D_pend: training positions not yet added (validation)
+    added_indices: list[int]            # added at this stage, lowest self-similarity first
+    added_similarity: list[float]       # their self-similarity when ranked
+    epochs: int
+    curve: list[dict[str, float]]       # per epoch: loss (L_total), loss_llm, loss_vlm, lr, tau
+    val_loss: float | None              # ITC L_total on D_pend; None when D_pend is empty
+    val_loss_llm: float | None
+    val_loss_vlm: float | None
+    val_note: str | None
+    tau: float
+    checkpoint: dict[str, torch.Tensor]  # projections + log_tau (state dict, CPU)
+    embeddings: dict[str, np.ndarray]    # aligned features of ALL samples after the stage
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_indices)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready record of the stage (no tensors, no embeddings)."""
+        return {"stage": self.index, "fraction": self.fraction, "n_train": self.n_train,
+                "n_pend": len(self.pend_indices), "epochs": self.epochs, "tau": self.tau,
+                "final_loss": self.curve[-1]["loss"] if self.curve else None,
+                "val_loss": self.val_loss, "val_loss_llm": self.val_loss_llm,
+                "val_loss_vlm": self.val_loss_vlm, "val_note": self.val_note, "curve": self.curve}
+
+
+@dataclass
+class PFAResult:
+    mode: str
+    stages: list[PFAStage]
+    heads: AlignmentHeads                # final projections + temperature
+    fractions: list[float]
+    counts: list[int]
+    seed: int
+    config: dict[str, Any]
+    train_indices: list[int]
+    initial_similarity: list[float] = field(default_factory=list)   # per training pair, at init
+
+    @property
+    def embeddings(self) -> dict[str, np.ndarray]:
+        return self.stages[-1].embeddings
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "seed": self.seed, "fractions": self.fractions, "counts": self.counts,
+                "n_train": len(self.train_indices), "tau": self.stages[-1].tau,
+                "heads": self.heads.meta(), "config": self.config,
+                "stages": [s.summary() for s in self.stages]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+@contextlib.contextmanager
+def _fork_rng(seed: int, device: str):
+    """Seed torch for a block (init, dropout) without changing the caller's global random state."""
+    devices = []
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        devices = [torch.device(device).index or 0]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _batches(order: Sequence[int], size: int) -> list[list[int]]:
+    """Consecutive batches; a trailing batch of one joins the previous (a 1-item batch has no negatives)."""
+    out = [list(order[s:s + size]) for s in range(0, len(order), size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        out[-2].extend(out.pop())
+    return out
+
+
+class _Aligner:
+    """Holds sources, heads, optimiser and scheduler; runs epochs and evaluations."""
+
+    def __init__(self, sources: dict[str, Any], config: PFAConfig, seed: int, device: str,
+                 encoder_lrs: Mapping[str, float] | None):
+        self.sources = sources
+        self.config = config
+        self.device = device
+        self.heads = AlignmentHeads({m: s.dim for m, s in sources.items()}, config.proj_dim,
+                                    config.tau_init, config.tau_min, config.tau_max).to(device)
+        groups = {m: sources[m].groups() for m in TEXT_MODALITIES}
+        self.groups = {m: torch.as_tensor(g) for m, g in groups.items()} if config.shared_positives else None
+        param_groups = [{"params": list(self.heads.parameters()), "lr": config.lr}]
+        seen = {id(p) for p in self.heads.parameters()}
+        for m in MODALITIES:
+            params = [p for p in sources[m].parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                lr = (encoder_lrs or {}).get(sources[m].lr_key(), config.lr)
+                param_groups.append({"params": params, "lr": lr})
+        self.trainable_encoders = len(param_groups) > 1
+        self.optimizer = torch.optim.AdamW(param_groups, lr=config.lr, betas=tuple(config.betas),
+                                           eps=config.eps, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_decay_every,
+                                                         gamma=config.lr_decay)
+        self.epoch = 0
+
+    def _targets(self, modality: str, idx: list[int]) -> torch.Tensor | None:
+        if self.groups is None:
+            return None
+        return positive_targets(self.groups[modality][idx], len(idx))
+
+    def _pair_loss(self, modality: str, idx: list[int], train: bool) -> torch.Tensor:
+        img = self.heads("image", self.sources["image"].get(idx, train))
+        txt = self.heads(modality, self.sources[modality].get(idx, train))
+        return itc_loss(img, txt, self.heads.tau, self._targets(modality, idx))
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.heads.clamp_()
+
+    def train_epoch(self, indices: Sequence[int], generator: torch.Generator) -> dict[str, float]:
+        self.heads.train()
+        perm = torch.randperm(len(indices), generator=generator).tolist()
+        order = [indices[p] for p in perm]
+        totals = {"llm": 0.0, "vlm": 0.0}
+        count = 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        for idx in _batches(order, self.config.batch_size):
+            if self.config.align_order == "sequential":
+                for m in TEXT_MODALITIES:       # first (I, LLM), then (I, VLM)
+                    loss = self._pair_loss(m, idx, train=True)
+                    self._step(loss)
+                    totals[m] += loss.item() * len(idx)
+            else:
+                losses = {m: self._pair_loss(m, idx, train=True) for m in TEXT_MODALITIES}
+                self._step(losses["llm"] + losses["vlm"])
+                for m in TEXT_MODALITIES:
+                    totals[m] += losses[m].item() * len(idx)
+            count += len(idx)
+        self.scheduler.step()
+        self.epoch += 1
+        llm, vlm = totals["llm"] / max(count, 1), totals["vlm"] / max(count, 1)
+        return {"epoch": self.epoch, "loss": llm + vlm, "loss_llm": llm, "loss_vlm": vlm, "lr": lr,
+                "tau": float(self.heads.tau.item())}
+
+    @torch.no_grad()
+    def evaluate(self, indices: Sequence[int]) -> tuple[float, float, float] | None:
+        """ITC losses on ``indices`` (sorted, batches of the training batch size), sample-weighted."""
+        if not indices:
+            return None
+        self.heads.eval()
+        totals = {"llm": 0.0, "vlm": 0.0}
+        for idx in _batches(sorted(indices), self.config.batch_size):
+            for m in TEXT_MODALITIES:
+                totals[m] += self._pair_loss(m, idx, train=False).item() * len(idx)
+        llm, vlm = totals["llm"] / len(indices), totals["vlm"] / len(indices)
+        return llm + vlm, llm, vlm
+
+    @torch.no_grad()
+    def embed(self, indices: Sequence[int] | None = None, batch: int = 256) -> dict[str, np.ndarray]:
+        self.heads.eval()
+        n = len(self.sources["image"])
+        indices = list(range(n)) if indices is None else list(indices)
+        out = {}
+        for m in MODALITIES:
+            parts = [self.heads(m, self.sources[m].get(indices[s:s + batch], train=False)).cpu().numpy()
+                     for s in range(0, len(indices), batch)]
+            out[m] = (np.concatenate(parts) if parts else np.zeros((0, self.heads.proj_dim), np.float32))
+        return out
+
+    def similarity(self, indices: Sequence[int]) -> np.ndarray:
+        e = self.embed(indices)
+        return self_similarity(e["image"], e["llm"], e["vlm"])
+
+    def checkpoint(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.heads.state_dict().items()}
+
+
+def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed: int = 0, *,
+              train_index: Sequence[int] | None = None, device: str = "cpu",
+              encoder_lrs: Mapping[str, float] | None = None,
+              on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> PFAResult:
+    """Align image, LLM-text and VLM-text features (PFA). Deterministic for a given seed.
+
+    ``features``: {"image", "llm", "vlm"} -> a float array [N, d] (frozen features, quick profile), or
+    an ``EncoderFeatures`` (encoder + raw inputs; fine-tuned with the heads, paper profile).
+    ``train_index``: positions of D_train among the N samples (default: all); embeddings are returned
+    for all N (test samples included) after every stage. ``encoder_lrs``: {"image": lr, "text": lr}
+    for trainable encoders. ``on_epoch(stage_index, curve_row)`` reports progress."""
+    config = config or PFAConfig()
+    config.validate()
+    sources = {m: as_source(features[m], device) if m in features else None for m in MODALITIES}
+    missing = [m for m, s in sources.items() if s is None]
+    if missing:
+        raise ConfigError(f"alignment needs features for {', '.join(MODALITIES)}; missing {', '.join(missing)}")
+    n = len(sources["image"])
+    if any(len(s) != n for s in sources.values()):
+        raise DataError("image, LLM and VLM features must have one row per sample each; got "
+                        + ", ".join(f"{m}={len(s)}" for m, s in sources.items()))
+    train = list(range(n)) if train_index is None else [int(i) for i in train_index]
+    if not train:
+        raise DataError("PFA needs at least one training sample")
+    if len(set(train)) != len(train) or min(train) < 0 or max(train) >= n:
+        raise DataError(f"train_index must hold distinct positions in 0..{n - 1}")
+
+    fractions = list(config.strides) if config.mode == "progressive" else [1.0]
+    counts = stage_counts(len(train), fractions)
+    with _fork_rng(seed, device):
+        aligner = _Aligner(sources, config, seed, device, encoder_lrs)
+        generator = torch.Generator().manual_seed(seed)
+        initial_sim = aligner.similarity(train)
+        stages: list[PFAStage] = []
+        if config.mode == "none":
+            val = aligner.evaluate(train)
+            stages.append(_stage_record(aligner, 0, 0.0, [], train, [], [], 0, [], val,
+                                        "mode none: projections untrained; loss over all of D_train"))
+        elif config.mode == "direct":
+            epochs = config.total_epochs
+            curve = _run_epochs(aligner, train, epochs, generator, 1, on_epoch)
+            stages.append(_stage_record(aligner, 1, 1.0, train, [], train, [float(s) for s in initial_sim],
+                                        epochs, curve, None, "direct: all training data at once; D_pend empty"))
+        else:
+            order = [train[i] for i in rank_lowest_first(initial_sim)]
+            order_sim = {train[i]: float(initial_sim[i]) for i in range(len(train))}
+            current: list[int] = []
+            for k, (frac, count) in enumerate(zip(fractions, counts), start=1):
+                taken = set(current)
+                pending = [i for i in order if i not in taken]
+                if config.rerank_each_stage and k > 1 and pending:
+                    sim = aligner.similarity(pending)
+                    pending = [pending[i] for i in rank_lowest_first(sim)]
+                    order_sim = {p: float(s) for p, s in zip(pending, np.sort(sim, kind="stable"))}
+                added = pending[:count - len(current)]
+                current = current + added
+                rest = pending[len(added):]
+                curve = _run_epochs(aligner, current, config.epochs_per_stage, generator, k, on_epoch)
+                val = aligner.evaluate(rest)
+                note = None if rest else "D_pend is empty at the last stage: no validation loss"
+                stages.append(_stage_record(aligner, k, frac, current, rest, added,
+                                            [order_sim[a] for a in added], config.epochs_per_stage,
+                                            curve, val, note))
+    return PFAResult(mode=config.mode, stages=stages, heads=aligner.heads, fractions=fractions,
+                     counts=counts if config.mode != "none" else [0], seed=seed,
+                     config=_config_dict(config), train_indices=train,
+                     initial_similarity=[float(s) for s in initial_sim])
+
+
+def _run_epochs(aligner: _Aligner, indices: list[int], epochs: int, generator: torch.Generator,
+                stage: int, on_epoch) -> list[dict[str, float]]:
+    curve = []
+    for _ in range(epochs):
+        row = aligner.train_epoch(indices, generator)
+        curve.append(row)
+        if on_epoch:
+            on_epoch(stage, row)
+    return curve
+
+
+def _stage_record(aligner: _Aligner, index: int, fraction: float, train: list[int], pend: list[int],
+                  added: list[int], added_sim: list[float], epochs: int, curve, val, note) -> PFAStage:
+    return PFAStage(index=index, fraction=fraction, train_indices=list(train), pend_indices=list(pend),
+                    added_indices=list(added), added_similarity=list(added_sim), epochs=epochs,
+                    curve=curve, val_loss=val[0] if val else None, val_loss_llm=val[1] if val else None,
+                    val_loss_vlm=val[2] if val else None, val_note=note,
+                    tau=float(aligner.heads.tau.item()), checkpoint=aligner.checkpoint(),
+                    embeddings=aligner.embed())
+
+
+def _config_dict(config: PFAConfig) -> dict[str, Any]:
+    import dataclasses
+
+    d = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paper profile: supervised warm-up of the encoders before alignment
+
+
+def warmup_encoders(sources: Mapping[str, EncoderFeatures], labels: Sequence[int], *, epochs: int,
+                    seed: int = 0, train_index: Sequence[int] | None = None, batch_size: int = 10,
+                    head_lr: float = 1e-2, encoder_lrs: Mapping[str, float] | None = None,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    weight_decay: float = 0.01, device: str = "cpu",
+                    on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Fine-tune each encoder for ``epochs`` with a temporary linear classifier on the training labels.
+
+    The paper warms up "those three encoders" for 30 epochs before alignment without naming the
+    objective; this uses the task's own cross-entropy (one linear head per encoder, discarded after),
+    which moves each encoder towards features that separate the classes. The encoders are changed in
+    place. Returns the per-epoch mean loss of each encoder."""
+    labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    n_classes = int(labels_t.max().item()) + 1
+    n = len(labels_t)
+    train = list(range(n)) if train_index is None else [int(i) for i in train_index]
+    lrs = {"image": 1e-4, "text": 2e-5, **(encoder_lrs or {})}
+    history = []
+    with _fork_rng(seed, device):
+        heads = nn.ModuleDict({m: nn.Linear(s.dim, n_classes) for m, s in sources.items()}).to(device)
+        groups = [{"params": list(heads.parameters()), "lr": head_lr}]
+        seen: set[int] = set()
+        for m, s in sources.items():
+            params = [p for p in s.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                groups.append({"params": params, "lr": lrs.get(s.lr_key(), head_lr)})
+        opt = torch.optim.AdamW(groups, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            heads.train()
+            perm = torch.randperm(len(train), generator=gen).tolist()
+            totals = {m: 0.0 for m in sources}
+            for idx in _batches([train[p] for p in perm], batch_size):
+                y = labels_t[idx].to(device)
+                losses = {m: F.cross_entropy(heads[m](s.get(idx, train=True)), y) for m, s in sources.items()}
+                opt.zero_grad(set_to_none=True)
+                sum(losses.values()).backward()
+                opt.step()
+                for m, l in losses.items():
+                    totals[m] += l.item() * len(idx)
+            row = {"epoch": epoch, **{f"loss_{m}": t / len(train) for m, t in totals.items()}}
+            history.append(row)
+            if on_epoch:
+                on_epoch(row)
+    for s in sources.values():
+        s.encoder.module.eval()
+    return history

@@ -1,0 +1,275 @@
+"""Training hyperparameters: two profiles (``quick`` and ``paper``) as dataclasses, every field overridable.
+
+``paper`` is section 4.1 of the paper: ResNet-50 + BERT-base fine-tuned (30 warm-up epochs), PFA with
+15 epochs per stage, 60 fusion epochs, AdamW (0.9, 0.999), eps 1e-8, lr 1e-2 decayed x0.75 every 15
+epochs, batch size 10. The paper gives no learning rate for the encoders themselves; 1e-2 would wreck
+pretrained ResNet/BERT weights, so the encoders use the usual fine-tuning rates (``image_lr`` 1e-4,
+``text_lr`` 2e-5) while the heads (projections, temperature, fusion) use the paper's 1e-2.
+
+``quick`` (CPU default) freezes the encoders: features are computed once (and cached by the stage), and
+only the PFA projections and the fusion network train on top, which takes seconds on ~325 samples.
+Its values were chosen on synthetic cards with EfficientNet-Lite0 + MiniLM features:
+
+* PFA: batch 32 (more in-batch negatives than 10 make the contrastive signal less noisy on frozen
+  features), lr 1e-3 (1e-2 on frozen features overshoots: the ITC loss on D_pend rises after the first
+  stage), 15 epochs per stage as in the paper, the same x0.75 step decay every 15 epochs.
+* Fusion: the paper's 60 epochs, batch 10 and step decay; lr 3e-3 (1e-2 with batch 10 makes the loss
+  jump between epochs on the small data), dropout 0.1, class-balanced cross-entropy (macro F1 is the
+  metric and the tail classes have ~40 training cards).
+
+Overrides come from a TOML table or CLI options as a (nested or dotted) dict:
+``{"pfa": {"lr": 0.01}, "fusion.epochs": 30, "pfa.stride": 0.2, "pfa.strides": [0.2, 0.6, 1]}``.
+An unknown key or a value of the wrong type is a ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from asectl.errors import ConfigError
+
+PROFILES = ("quick", "paper")
+PFA_MODES = ("progressive", "direct", "none")
+ALIGN_ORDERS = ("sequential", "summed")
+FUSION_VARIANTS = ("cmaf", "cmaf-nosigmoid", "concat")
+TASKS = ("multiclass", "binary")
+
+
+@dataclass
+class EncoderConfig:
+    image: str = "efficientnet-lite0"
+    image_weights: str | None = None      # resnet50: state-dict file or "torchvision:IMAGENET1K_V2"
+    image_random_init: bool = False       # resnet50 only: untrained network, on purpose
+    text: str = "minilm"
+    text_path: str | None = None          # bert-base: local folder or hub id
+    device: str = "cpu"                   # cpu, cuda, cuda:N, auto
+    batch_size: int = 32                  # encoding batch (frozen features)
+    finetune: bool = False                # paper: encoders train during warm-up and PFA
+    warmup_epochs: int = 0                # paper: 30 (supervised warm-up before alignment)
+    image_lr: float = 1e-4                # encoder learning rates when fine-tuning
+    text_lr: float = 2e-5
+
+
+@dataclass
+class PFAConfig:
+    mode: str = "progressive"             # progressive | direct | none
+    strides: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)   # cumulative fractions of D_train
+    epochs_per_stage: int = 15
+    direct_epochs: int | None = None      # direct mode; None = stages x epochs_per_stage (same budget)
+    batch_size: int = 10
+    lr: float = 1e-2
+    lr_decay: float = 0.75
+    lr_decay_every: int = 15              # epochs, counted over the whole alignment (not per stage)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01            # AdamW's default; the paper gives none
+    proj_dim: int = 256
+    tau_init: float = 0.07                # CLIP/ALBEF's initial temperature
+    tau_min: float = 0.01
+    tau_max: float = 0.5
+    align_order: str = "sequential"       # sequential: (I,LLM) step then (I,VLM) step; summed: one step
+    rerank_each_stage: bool = True        # rank D_pend again with the current projections per stage
+    shared_positives: bool = True         # identical texts in a batch all count as positives
+
+    def validate(self) -> None:
+        from asectl.models.pfa import stride_fractions
+
+        _choice("pfa.mode", self.mode, PFA_MODES)
+        _choice("pfa.align_order", self.align_order, ALIGN_ORDERS)
+        self.strides = tuple(stride_fractions(self.strides))
+        _positive("pfa.epochs_per_stage", self.epochs_per_stage)
+        if self.direct_epochs is not None:
+            _positive("pfa.direct_epochs", self.direct_epochs)
+        _positive("pfa.batch_size", self.batch_size)
+        _positive("pfa.proj_dim", self.proj_dim)
+        _positive("pfa.lr", self.lr)
+        _positive("pfa.lr_decay_every", self.lr_decay_every)
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"pfa.lr_decay {self.lr_decay}: must be in (0, 1]")
+        if not 0 < self.tau_min <= self.tau_init <= self.tau_max:
+            raise ConfigError(f"pfa temperature: need 0 < tau_min ({self.tau_min}) <= tau_init "
+                              f"({self.tau_init}) <= tau_max ({self.tau_max})")
+
+    @property
+    def total_epochs(self) -> int:
+        if self.mode == "none":
+            return 0
+        if self.mode == "direct":
+            return self.direct_epochs or len(self.strides) * self.epochs_per_stage
+        return len(self.strides) * self.epochs_per_stage
+
+
+@dataclass
+class FusionConfig:
+    variant: str = "cmaf"                 # cmaf | cmaf-nosigmoid | concat
+    task: str = "multiclass"              # multiclass | binary (normal vs defective)
+    epochs: int = 60
+    batch_size: int = 10
+    lr: float = 1e-2
+    lr_decay: float = 0.75
+    lr_decay_every: int = 15
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    tokens: int = 8                       # each 256-d aligned vector = 8 tokens of 32 channels
+    heads: int = 4
+    reduced_dim: int = 16                 # r in Eq. (7), per head
+    mlp_hidden: int = 128
+    dropout: float = 0.1
+    class_weight: str = "none"            # none | balanced
+
+    def validate(self, dim: int | None = None) -> None:
+        _choice("fusion.variant", self.variant, FUSION_VARIANTS)
+        _choice("fusion.task", self.task, TASKS)
+        _choice("fusion.class_weight", self.class_weight, ("none", "balanced"))
+        for name in ("epochs", "batch_size", "tokens", "heads", "reduced_dim", "mlp_hidden", "lr_decay_every"):
+            _positive(f"fusion.{name}", getattr(self, name))
+        _positive("fusion.lr", self.lr)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"fusion.dropout {self.dropout}: must be in [0, 1)")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"fusion.lr_decay {self.lr_decay}: must be in (0, 1]")
+        if dim is not None and dim % self.tokens:
+            raise ConfigError(f"fusion.tokens {self.tokens}: must divide the aligned dimension {dim}")
+
+
+@dataclass
+class TrainProfile:
+    name: str = "quick"
+    seed: int = 0
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    pfa: PFAConfig = field(default_factory=PFAConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def validate(self) -> "TrainProfile":
+        self.pfa.validate()
+        self.fusion.validate(self.pfa.proj_dim)
+        if self.encoders.warmup_epochs < 0:
+            raise ConfigError("encoders.warmup_epochs: must be 0 or more")
+        if self.encoders.warmup_epochs and not self.encoders.finetune:
+            raise ConfigError("encoders.warmup_epochs needs encoders.finetune = true (frozen encoders "
+                              "cannot warm up)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def quick_profile() -> TrainProfile:
+    return TrainProfile(
+        name="quick",
+        encoders=EncoderConfig(),
+        pfa=PFAConfig(batch_size=32, lr=1e-3),
+        fusion=FusionConfig(lr=3e-3, class_weight="balanced"),
+    )
+
+
+def paper_profile() -> TrainProfile:
+    return TrainProfile(
+        name="paper",
+        encoders=EncoderConfig(image="resnet50", text="bert-base", device="cuda", batch_size=32,
+                               finetune=True, warmup_epochs=30),
+        pfa=PFAConfig(),        # the dataclass defaults are the paper's values
+        fusion=FusionConfig(),
+    )
+
+
+def get_profile(name: str = "quick", overrides: Mapping[str, Any] | None = None) -> TrainProfile:
+    """The named profile with ``overrides`` applied and validated."""
+    makers = {"quick": quick_profile, "paper": paper_profile}
+    if name not in makers:
+        raise ConfigError(f"unknown training profile '{name}'; choose one of: {', '.join(PROFILES)}")
+    profile = makers[name]()
+    if overrides:
+        apply_overrides(profile, overrides)
+    return profile.validate()
+
+
+def apply_overrides(obj: Any, overrides: Mapping[str, Any], where: str = "") -> Any:
+    """Set fields of a (nested) dataclass from a dict, in place. Dotted keys reach nested sections."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = str(key).replace("-", "_").partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        elif isinstance(value, Mapping):
+            nested.setdefault(head, {}).update(value)
+        else:
+            nested[head] = value
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in nested.items():
+        path = f"{where}{key}"
+        if key == "stride" and "strides" in names:      # convenience: one stride -> fractions
+            key, path = "strides", f"{where}strides"
+        if key not in names:
+            raise ConfigError(f"unknown setting '{path}'; valid: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"setting '{path}' is a section; give a table of its keys")
+            apply_overrides(current, value, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, value, hints[key]))
+    return obj
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if origin is tuple:
+        if path.endswith("strides") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)     # a single stride; PFAConfig.validate expands it
+        if isinstance(value, str):
+            value = [v for v in value.replace("/", ",").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"setting '{path}': expected a list, got {value!r}")
+        item = args[0] if args else float
+        return tuple(_coerce(path, v, item) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"setting '{path}': expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"setting '{path}': expected a whole number, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"setting '{path}': expected a whole number, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"setting '{path}': expected a whole number, got {value!r}")
+        return int(f)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"setting '{path}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"setting '{path}': expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"setting '{path}': expected text, got {value!r}")
+        return value
+    return value
+
+
+def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"setting '{path}' = {value!r}: choose one of {', '.join(allowed)}")
+
+
+def _positive(path: str, value: float) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"setting '{path}' = {value!r}: must be greater than 0")

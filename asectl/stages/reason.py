@@ -1,0 +1,537 @@
+"""``asectl reason``: an LLM reasons over a card's OCR'd record, Eq. (1) of the paper:
+
+    LLM's answer = LLM(prompt_LLM, g(OCR(image)))
+
+``g`` is the data preparation: the parsed record as a sentence, plus prior knowledge from the training
+split (per-class typical statistics) and the record's deviation from it. The answer is a JSON object
+forced by a llama.cpp grammar (verdict, deviation kind, axis, severity, closest class, rationale);
+its text form is what the text encoder reads downstream. Prompts are versioned files in
+``asectl/prompts``; results are cached per image under everything they depend on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from asectl.cache import Cache, canonical_json, sha256_bytes
+from asectl.dataset import NORMAL, Dataset, Sample, order_labels
+from asectl.errors import ConfigError, DataError
+from asectl.stages.common import StageResult, run_per_image
+
+log = logging.getLogger("asectl")
+
+STAGE = "reason"
+RECORD_FORMAT = 1                       # bump when the record layout changes (part of the cache identity)
+PRIORS_FORMAT = "asectl-priors/1"
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+DEFAULT_PROMPT = "reason-v1"
+DEFAULT_MAX_TOKENS = 400
+SCALAR_FIELDS = ("N", "mu_x", "mu_y", "sd_x", "sd_y")
+FIELD_WORDS = {"N": "N", "mu_x": "mean x", "mu_y": "mean y", "sd_x": "sd x", "sd_y": "sd y"}
+
+VERDICTS = ("normal", "defective")
+DEVIATION_KINDS = ("none", "shift", "spread", "tilt", "cluster", "ring", "other")
+AXES = ("x", "y", "both", "none")
+SEVERITIES = ("low", "medium", "high")
+RATIONALE_MAX_CHARS = 240
+ANSWER_KEYS = ("verdict", "deviation_kind", "axis", "severity", "closest_class", "rationale")
+PLACEHOLDERS = ("record", "deviation", "priors", "n_train", "labels")
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    """Generation parameters, passed on every call and recorded. Defaults are deterministic (greedy)."""
+
+    temperature: float = 0.0
+    seed: int = 0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"--temperature {self.temperature}: must be 0 (greedy, deterministic) or more")
+        if self.max_tokens < 32:
+            raise ConfigError(f"--max-tokens {self.max_tokens}: too few for a JSON answer; use at least 32 "
+                              f"(default {DEFAULT_MAX_TOKENS})")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k {self.top_k}: must be 0 (off) or more")
+        if not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1:
+            raise ConfigError(f"top_p {self.top_p} / min_p {self.min_p}: top_p must be in (0, 1], min_p in [0, 1)")
+        if self.repeat_penalty <= 0:
+            raise ConfigError(f"repeat_penalty {self.repeat_penalty}: must be positive (1.0 = off)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- prompt templates --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str            # e.g. "reason-v1": recorded as prompt_version
+    ref: str             # what to pass back to load_prompt to get it again (name or file path)
+    sha256: str          # hash of the file bytes: part of the cache identity
+    system: string.Template
+    user: string.Template
+
+    def messages(self, **values: Any) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system.substitute(values).strip()},
+                {"role": "user", "content": self.user.substitute(values).strip()}]
+
+
+def prompt_names() -> list[str]:
+    return sorted(p.stem for p in PROMPTS_DIR.glob("reason-*.txt"))
+
+
+def load_prompt(name: str | Path = DEFAULT_PROMPT) -> PromptTemplate:
+    """A built-in template by name (``reason-v1``) or a template file of the same format by path."""
+    text_name = str(name)
+    path = Path(text_name).expanduser()
+    if path.suffix == ".txt" and path.is_file():
+        ref = str(path.resolve())
+    elif re.fullmatch(r"[\w.-]+", text_name) and (PROMPTS_DIR / f"{text_name}.txt").is_file():
+        path, ref = PROMPTS_DIR / f"{text_name}.txt", text_name
+    else:
+        raise ConfigError(f"--prompt {text_name}: no such prompt; use one of {', '.join(prompt_names())} "
+                          "or the path of a .txt template (see docs/reason.md)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: prompt template is not UTF-8 text") from None
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("##"):
+            continue
+        tag = line.strip().lower()
+        if tag in ("[system]", "[user]"):
+            current = tag[1:-1]
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    if set(sections) != {"system", "user"}:
+        raise ConfigError(f"{path}: a prompt template needs a [system] and a [user] section (see docs/reason.md)")
+    system, user = (string.Template("\n".join(sections[k])) for k in ("system", "user"))
+    for part, tpl in (("system", system), ("user", user)):
+        try:
+            tpl.substitute({k: "" for k in PLACEHOLDERS})
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"{path}: [{part}] uses an unknown or malformed placeholder ({exc}); "
+                              f"allowed: {', '.join('$' + k for k in PLACEHOLDERS)}") from None
+    return PromptTemplate(path.stem, ref, sha256_bytes(raw), system, user)
+
+
+# --- answer schema -----------------------------------------------------------------------------------
+def answer_schema(labels: Sequence[str]) -> dict[str, Any]:
+    """The JSON schema the grammar enforces. Property order is the order the model writes them in:
+    the categorical judgement first, the rationale last (it then explains the choices made)."""
+    enum = lambda values: {"type": "string", "enum": list(values)}  # noqa: E731
+    props = {"verdict": enum(VERDICTS), "deviation_kind": enum(DEVIATION_KINDS), "axis": enum(AXES),
+             "severity": enum(SEVERITIES), "closest_class": enum(labels),
+             "rationale": {"type": "string", "minLength": 1, "maxLength": RATIONALE_MAX_CHARS}}
+    return {"type": "object", "properties": props, "required": list(ANSWER_KEYS), "additionalProperties": False}
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def parse_answer(raw: str, labels: Sequence[str], finish_reason: str | None = None,
+                 max_tokens: int | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """(answer, warnings). Never raises: an unusable answer is None plus a warning (raw text is kept)."""
+    warnings = []
+    if finish_reason == "length":
+        warnings.append(f"answer cut off at --max-tokens {max_tokens}; raise --max-tokens")
+    try:
+        # strict=False: the grammar lets control characters into strings, plain JSON forbids them.
+        obj = json.loads(raw, strict=False)
+    except ValueError as exc:
+        return None, warnings + [f"LLM output is not valid JSON ({exc}); raw text kept in 'raw'"]
+    if not isinstance(obj, dict):
+        return None, warnings + ["LLM output is JSON but not an object; raw text kept in 'raw'"]
+    allowed = {"verdict": VERDICTS, "deviation_kind": DEVIATION_KINDS, "axis": AXES, "severity": SEVERITIES,
+               "closest_class": tuple(labels)}
+    bad = [k for k, values in allowed.items() if obj.get(k) not in values]
+    rationale = obj.get("rationale")
+    if not isinstance(rationale, str):
+        bad.append("rationale")
+    if bad:
+        return None, warnings + [f"LLM answer lacks valid {', '.join(bad)}; raw text kept in 'raw'"]
+    answer = {k: obj[k] for k in ANSWER_KEYS}
+    answer["rationale"] = " ".join(_CONTROL.sub(" ", rationale).split())
+    return answer, warnings
+
+
+def answer_text(answer: dict[str, Any] | None, record_sentence: str) -> str:
+    """The free text used downstream: the judgement and rationale, then the record as a sentence."""
+    if answer is None:
+        return f"Record: {record_sentence}"
+    kind = answer["deviation_kind"]
+    pattern = "no deviation" if kind == "none" else f"{kind} deviation" + (
+        "" if answer["axis"] == "none" else f" along {'both axes' if answer['axis'] == 'both' else answer['axis']}")
+    rationale = answer["rationale"].rstrip(".")
+    return (f"Verdict: {answer['verdict']}, {pattern}, {answer['severity']} severity, closest to "
+            f"{answer['closest_class']}. {rationale}. Record: {record_sentence}")
+
+
+# --- g(.): the record as text ------------------------------------------------------------------------
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _fmt(value: Any, field: str) -> str:
+    return str(int(value)) if field == "N" else f"{float(value):.2f}"
+
+
+def _usable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bins(fields: Mapping[str, Any], edges: Sequence[float]) -> list[int] | None:
+    bins = fields.get("bins")
+    if isinstance(bins, list) and len(bins) == len(edges) - 1 and all(_usable(b) for b in bins):
+        return [int(b) for b in bins]
+    return None
+
+
+def record_sentence(fields: Mapping[str, Any], bin_edges: Sequence[float]) -> str:
+    """g(OCR(image)): the parsed record written out; fields OCR could not read say so."""
+    def val(f: str) -> str:
+        return _fmt(fields[f], f) if _usable(fields.get(f)) else "not read"
+
+    parts = [f"N = {val('N')} holes", f"mean x = {val('mu_x')}, mean y = {val('mu_y')}",
+             f"standard deviation x = {val('sd_x')}, y = {val('sd_y')}"]
+    bins = _bins(fields, bin_edges)
+    if bins is not None:
+        intervals = ", ".join(f"{_num(lo)}-{_num(hi)}: {c}" for lo, hi, c in zip(bin_edges, bin_edges[1:], bins))
+        parts.append(f"holes per radius interval {intervals}")
+    elif bin_edges:
+        parts.append("holes per radius interval not read")
+    return "; ".join(parts) + "."
+
+
+# --- priors ------------------------------------------------------------------------------------------
+def _r(x: float) -> float:
+    return round(float(x), 4)
+
+
+def build_priors(records: Sequence[Mapping[str, Any]], labels: Sequence[str],
+                 bin_edges: Sequence[float] | None = None, normal_label: str | None = NORMAL) -> dict[str, Any]:
+    """Per-class typical statistics of training records (OCR'd fields), as a plain JSON-able dict.
+
+    For each label: number of cards, mean and standard deviation of every scalar field, and the mean
+    share of holes per radius interval. A trained model bundle stores this dict so that ``reason`` on new
+    images (outside any dataset) uses the same prior knowledge."""
+    if len(records) != len(labels):
+        raise ConfigError(f"build_priors: {len(records)} records but {len(labels)} labels")
+    if bin_edges is None:
+        from asectl.card import default_spec
+
+        bin_edges = default_spec().bin_edges
+    edges = [float(e) for e in bin_edges]
+    classes: dict[str, Any] = {}
+    for label in order_labels(labels):
+        rows = [r for r, lab in zip(records, labels) if lab == label and r]
+        if not rows:
+            continue
+        mean, sd, n_values = {}, {}, {}
+        for f in SCALAR_FIELDS:
+            vals = np.array([r[f] for r in rows if _usable(r.get(f))], dtype=np.float64)
+            if len(vals):
+                mean[f] = _r(vals.mean())
+                sd[f] = _r(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                n_values[f] = int(len(vals))
+        shares = [np.array(b, dtype=np.float64) / sum(b) for b in (_bins(r, edges) for r in rows) if b and sum(b) > 0]
+        classes[label] = {"cards": len(rows), "mean": mean, "sd": sd, "values": n_values,
+                          "bin_share": [_r(x) for x in np.mean(shares, axis=0)] if shares else None}
+    if not classes:
+        raise ConfigError("build_priors: no usable training record; the priors need OCR'd training cards")
+    # Within-class spread pooled over classes: the scale for a class with a single card (whose own sd is 0).
+    pooled = {}
+    for f in SCALAR_FIELDS:
+        num = sum((c["values"][f] - 1) * c["sd"][f] ** 2 for c in classes.values() if c["values"].get(f, 0) > 1)
+        dof = sum(c["values"][f] - 1 for c in classes.values() if c["values"].get(f, 0) > 1)
+        if dof:
+            pooled[f] = _r(math.sqrt(num / dof))
+    return {"format": PRIORS_FORMAT, "normal_label": normal_label if normal_label in classes else None,
+            "fields": list(SCALAR_FIELDS), "bin_edges": edges, "classes": classes, "pooled_sd": pooled,
+            "cards": sum(c["cards"] for c in classes.values())}
+
+
+def check_priors(priors: Any, where: str = "priors") -> dict[str, Any]:
+    """Validate a priors dict (e.g. read back from a bundle or a --priors file)."""
+    if not isinstance(priors, dict) or priors.get("format") != PRIORS_FORMAT:
+        raise ConfigError(f"{where}: not asectl priors (expected format '{PRIORS_FORMAT}'); write them with "
+                          "`asectl reason DATASET --priors-out FILE.json` or build_priors()")
+    rebuild = "rebuild them from a labelled training split (--priors-out)"
+    classes = priors.get("classes")
+    if not isinstance(classes, dict) or not classes:
+        raise ConfigError(f"{where}: priors have no 'classes'; {rebuild}")
+    edges = priors.get("bin_edges")
+    if not isinstance(edges, list) or not all(_usable(e) for e in edges):
+        raise ConfigError(f"{where}: priors lack numeric 'bin_edges'; {rebuild}")
+    for label, c in classes.items():
+        ok = (isinstance(c, dict) and isinstance(c.get("cards"), int)
+              and all(isinstance(c.get(k), dict) and set(c[k]) <= set(SCALAR_FIELDS)
+                      and all(_usable(v) for v in c[k].values()) for k in ("mean", "sd"))
+              and set(c["sd"]) == set(c["mean"])
+              and (c.get("bin_share") is None or (isinstance(c["bin_share"], list)
+                                                  and len(c["bin_share"]) == len(edges) - 1
+                                                  and all(_usable(v) for v in c["bin_share"]))))
+        if not ok:
+            raise ConfigError(f"{where}: priors of class '{label}' are malformed (need cards, mean and sd per "
+                              f"field, bin_share per radius interval); {rebuild}")
+    return priors
+
+
+def priors_sha256(priors: Mapping[str, Any]) -> str:
+    return sha256_bytes(canonical_json(priors).encode())
+
+
+def _typical(x: float, field: str) -> str:
+    return str(round(x)) if field == "N" else f"{x:.2f}"
+
+
+def priors_text(priors: Mapping[str, Any]) -> str:
+    edges = priors["bin_edges"]
+    lines = []
+    for label, c in priors["classes"].items():
+        stats = ", ".join(f"{FIELD_WORDS[f]} {_typical(c['mean'][f], f)} ± {_typical(c['sd'][f], f)}"
+                          for f in SCALAR_FIELDS if f in c["mean"])
+        tag = " (normal cards)" if label == priors.get("normal_label") and label != "normal" else ""
+        line = f"- {label}{tag}, {c['cards']} card{'s' * (c['cards'] != 1)}: {stats}"
+        if c.get("bin_share"):
+            line += "; holes by radius " + ", ".join(
+                f"{_num(lo)}-{_num(hi)} {share:.0%}" for lo, hi, share in zip(edges, edges[1:], c["bin_share"]))
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _scale(priors: Mapping[str, Any], c: Mapping[str, Any], f: str) -> float:
+    """The spread to measure a deviation in: the class's own sd when it has two or more values, else the
+    pooled within-class sd; never zero."""
+    own = c["sd"].get(f, 0.0) if c.get("values", {}).get(f, 0) > 1 else 0.0
+    return max(own or (priors.get("pooled_sd") or {}).get(f, 0.0), 0.01)
+
+
+def _z(value: float, priors: Mapping[str, Any], c: Mapping[str, Any], f: str) -> float:
+    return (value - c["mean"][f]) / _scale(priors, c, f)
+
+
+def class_distances(fields: Mapping[str, Any], priors: Mapping[str, Any]) -> dict[str, float]:
+    """Root mean square z-score of the record against each class's typical statistics."""
+    out = {}
+    for label, c in priors["classes"].items():
+        zs = [_z(float(fields[f]), priors, c, f) for f in SCALAR_FIELDS
+              if _usable(fields.get(f)) and f in c["mean"]]
+        if zs:
+            out[label] = round(float(np.sqrt(np.mean(np.square(zs)))), 2)
+    return out
+
+
+def deviation_text(fields: Mapping[str, Any], priors: Mapping[str, Any]) -> str:
+    """The record against the priors: z-scores against normal cards, the most changed radius intervals,
+    and the distance to each class's typical statistics (part of the data preparation g)."""
+    lines = []
+    normal = priors["classes"].get(priors.get("normal_label") or "")
+    if normal:
+        for f in SCALAR_FIELDS:
+            if f == "N" or not _usable(fields.get(f)) or f not in normal["mean"]:
+                continue
+            z = _z(float(fields[f]), priors, normal, f)
+            how = ("within the normal range" if abs(z) <= 1.5 else
+                   f"{'far ' if abs(z) > 3 else ''}{'above' if z > 0 else 'below'} normal")
+            lines.append(f"- {FIELD_WORDS[f]} {_fmt(fields[f], f)} is {how} ({z:+.1f} sd; normal "
+                         f"{_fmt(normal['mean'][f], f)} ± {_fmt(_scale(priors, normal, f), f)})")
+        edges = priors["bin_edges"]
+        bins = _bins(fields, edges)
+        if bins and sum(bins) > 0 and normal.get("bin_share"):
+            share = np.array(bins, dtype=np.float64) / sum(bins)
+            diff = share - np.array(normal["bin_share"])
+            for i in np.argsort(-np.abs(diff))[:2]:
+                if abs(diff[i]) >= 0.05:
+                    lines.append(f"- {'more' if diff[i] > 0 else 'fewer'} holes than normal at radius "
+                                 f"{_num(edges[i])}-{_num(edges[i + 1])} ({share[i]:.0%} vs {normal['bin_share'][i]:.0%})")
+    dist = class_distances(fields, priors)
+    if dist:
+        ranked = sorted(dist.items(), key=lambda kv: (kv[1], kv[0]))
+        lines.append("- distance to each class's typical statistics (smaller is closer): "
+                     + ", ".join(f"{lab} {d:.1f}" for lab, d in ranked))
+    return "\n".join(lines) if lines else "- no comparison possible (fields not read)"
+
+
+def priors_from_dataset(dataset: Dataset, stats: Mapping[str, Mapping[str, Any]],
+                        bin_edges: Sequence[float]) -> dict[str, Any]:
+    """Priors from the training split of a labelled dataset (never the test split)."""
+    train = dataset.split("train")
+    if not train or any(s.label is None for s in train):
+        raise ConfigError("reason needs prior knowledge from a labelled training split: pass a dataset folder "
+                          "(labels.csv with split=train rows), or priors from an earlier run "
+                          "(--priors FILE.json written with --priors-out, or a trained model bundle)")
+    recs, labels, skipped = [], [], []
+    for s in train:
+        rec = stats.get(s.name) or {}
+        if rec.get("error") or not rec.get("fields"):
+            skipped.append(s.name)
+            continue
+        recs.append(rec["fields"])
+        labels.append(s.label)
+    if skipped:
+        log.warning("priors: %d training card(s) without a record were left out (first: %s)",
+                    len(skipped), skipped[0])
+    if not recs:
+        raise DataError("no training card has a readable record; check the cards with `asectl ocr`")
+    return build_priors(recs, labels, bin_edges, NORMAL)
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+def _stats_from_ocr(dataset: Dataset, engine: str, spec: str | Path | None, cache: Cache,
+                    strict: bool) -> dict[str, dict[str, Any]]:
+    from asectl.stages.ocr import run_ocr
+
+    return run_ocr(dataset, engine=engine, spec=spec, cache=cache, strict=strict).by_image()
+
+
+def run_reason(
+    dataset: Dataset,
+    llm_model: str | Path | None = None,
+    *,
+    chat_format: str = "auto",
+    n_threads: int | None = None,
+    n_gpu_layers: int = 0,
+    n_ctx: int | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+    top_k: int = 40,
+    top_p: float = 0.95,
+    min_p: float = 0.05,
+    repeat_penalty: float = 1.0,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    prompt: str | Path = DEFAULT_PROMPT,
+    priors: Mapping[str, Any] | None = None,
+    fields: Mapping[str, Mapping[str, Any]] | None = None,
+    engine: str = "cnocr",
+    spec: str | Path | None = None,
+    cache: Cache | None = None,
+    force: bool = False,
+    strict: bool = False,
+    expect_model_hash: str | None = None,
+    expect_prompt_sha256: str | None = None,
+) -> StageResult:
+    """Reason over every card's record with a GGUF LLM (default: SmolLM2-135M-Instruct).
+
+    Stats come from the OCR stage (``engine``, ``spec``), or from ``fields`` (image name -> record
+    fields, e.g. a generated dataset's printed truth) when given. ``priors`` default to the dataset's
+    training split; pass stored priors for images outside a dataset. ``expect_*`` make a replay (predict
+    from a model bundle) refuse a model file or prompt that differs from the one it was trained with."""
+    from llama_cpp import LlamaGrammar
+
+    from asectl.backends.llm import DEFAULT_N_CTX, LlamaCppLLM
+    from asectl.card import load_spec
+
+    cache = cache or Cache()
+    sampling = Sampling(temperature, seed, top_k, top_p, min_p, repeat_penalty, max_tokens)
+    template = load_prompt(prompt)
+    if expect_prompt_sha256 and template.sha256 != expect_prompt_sha256:
+        raise ConfigError(f"prompt {template.ref} changed since the model was trained (sha256 {template.sha256[:12]} "
+                          f"!= {expect_prompt_sha256[:12]}); retrain, or restore that prompt file")
+    # Validate the model before anything is computed or cached.
+    llm = LlamaCppLLM(llm_model, chat_format=chat_format, n_ctx=n_ctx or DEFAULT_N_CTX, n_threads=n_threads,
+                      n_gpu_layers=n_gpu_layers, seed=seed)
+    if expect_model_hash and llm.hash != expect_model_hash:
+        raise ConfigError(f"{llm.path}: this is not the LLM the model was trained with (sha256 {llm.hash[:12]} != "
+                          f"{expect_model_hash[:12]}); pass --llm-model with the original GGUF")
+    card_spec = load_spec(spec)
+    edges = list(card_spec.bin_edges)
+    if fields is not None:
+        stats = {s.name: {"image": s.name, "fields": dict(fields[s.name])} for s in dataset.samples
+                 if s.name in fields}
+        given = {s.name: fields.get(s.name) for s in dataset.samples}
+        stats_identity = {"source": "given", "sha256": sha256_bytes(canonical_json(given).encode())}
+    else:
+        stats = _stats_from_ocr(dataset, engine, spec, cache, strict)
+        stats_identity = {"source": "ocr", "engine": engine, "spec": card_spec.digest}
+    if priors is None:
+        priors = priors_from_dataset(dataset, stats, edges)
+    else:
+        priors = check_priors(dict(priors))
+        if [float(e) for e in priors["bin_edges"]] != [float(e) for e in edges]:
+            raise ConfigError(f"the priors' radius intervals {priors['bin_edges']} differ from the card spec's "
+                              f"{edges}; use priors built with the same --spec")
+    labels = list(priors["classes"])
+    schema = answer_schema(labels)
+    grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    p_hash = priors_sha256(priors)
+    identity = {"record_format": RECORD_FORMAT, "backend": llm.identity(),
+                "prompt": {"name": template.name, "sha256": template.sha256}, "priors": p_hash,
+                "schema": sha256_bytes(canonical_json(schema).encode()), "sampling": sampling.as_dict(),
+                "stats": stats_identity}
+    p_text = priors_text(priors)
+    n_train = priors.get("cards", 0)
+    model_rec = {"id": llm.model_id, "hash": llm.hash, "chat_format": llm.chat_format}
+    tally = {"completion": 0, "seconds": 0.0}
+
+    def compute(sample: Sample) -> dict[str, Any]:
+        rec = stats.get(sample.name)
+        if rec is None:
+            raise DataError(f"{sample.path}: no record given for this card")
+        if rec.get("error"):
+            raise DataError(f"{rec['error']} (reason needs the card's OCR record)")
+        f = rec.get("fields") or {}
+        if not any(_usable(f.get(k)) for k in SCALAR_FIELDS) and _bins(f, edges) is None:
+            raise DataError(f"{sample.path}: OCR read no field of the record; check the card with `asectl ocr`")
+        sentence = record_sentence(f, edges)
+        messages = template.messages(record=sentence, deviation=deviation_text(f, priors), priors=p_text,
+                                     n_train=n_train, labels=", ".join(labels))
+        out = llm.chat(messages, grammar, sampling.as_dict())
+        answer, warnings = parse_answer(out["raw"], labels, out["finish_reason"], sampling.max_tokens)
+        missing = [k for k in rec.get("missing", [])]
+        tally["completion"] += out["tokens"]["completion"]
+        tally["seconds"] += out["seconds"]
+        return {"text": answer_text(answer, sentence), "json": answer, "raw": out["raw"],
+                "warnings": [f"OCR did not read: {', '.join(missing)}"] * bool(missing)
+                + list(rec.get("warnings", [])) + warnings,
+                "fields": f, "backend": "llama-cpp", "model": model_rec, "prompt_version": template.name,
+                "prompt_sha256": template.sha256, "priors_sha256": p_hash, "sampling": sampling.as_dict(),
+                "tokens": out["tokens"], "timing": out["timing"], "finish_reason": out["finish_reason"],
+                "seconds": round(out["seconds"], 4)}
+
+    def status() -> str:
+        return f"{tally['completion'] / tally['seconds']:.1f} tok/s" if tally["seconds"] > 0 else ""
+
+    try:
+        records = run_per_image(STAGE, dataset.samples, identity, compute, cache, force=force, strict=strict,
+                                description=f"reason ({llm.model_id})", status=status,
+                                meta={"model_path": str(llm.path)})
+    finally:
+        llm.close()
+    params = {"identity": identity, "backend": llm.identity(with_path=True),
+              "chat_format_reason": llm.chat_format_reason,
+              "prompt": {"name": template.name, "ref": template.ref, "sha256": template.sha256},
+              "sampling": sampling.as_dict(), "priors": priors, "priors_sha256": p_hash,
+              "stats": {**stats_identity, "spec_path": str(spec) if spec else None},
+              "n_ctx": llm.n_ctx, "generated_tokens": tally["completion"], "generate_seconds": tally["seconds"]}
+    return StageResult(STAGE, records, params, cache.summary())
+
+
+def replay_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_reason`` keyword arguments that repeat a run from its ``StageResult.params`` (as a trained
+    bundle stores them), refusing a different model file or prompt."""
+    stats = params.get("stats") or {}
+    return {"llm_model": params["backend"]["path"], "chat_format": params["backend"]["chat_format"],
+            "prompt": params["prompt"]["ref"], "priors": params["priors"], "n_ctx": params.get("n_ctx"),
+            "engine": stats.get("engine", "cnocr"), "spec": stats.get("spec_path"),
+            "expect_model_hash": params["backend"]["hash"], "expect_prompt_sha256": params["prompt"]["sha256"],
+            **params["sampling"]}

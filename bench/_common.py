@@ -1,0 +1,68 @@
+"""Shared bits of the benchmark scripts: fixed datasets, machine description, docs/benchmarks.md sections."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+RESULTS = ROOT / "bench" / "results"
+BENCH_MD = ROOT / "docs" / "benchmarks.md"
+
+
+def dataset(seed: int = 0, counts: str | None = None) -> Path:
+    """The default generated dataset for a seed, made once and reused (generation is deterministic)."""
+    from asectl.synth import generate
+
+    name = f"ds-seed{seed}" + (f"-{counts.replace(',', '-')}" if counts else "")
+    path = OUT / name
+    if not (path / "labels.csv").exists():
+        generate(path, seed=seed, counts=counts, force=True)
+    return path
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, load average at start {os.getloadavg()[0]:.2f}")
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def save(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def update_section(name: str, markdown: str) -> None:
+    """Replace the block between <!-- bench:NAME --> markers in docs/benchmarks.md (append if absent)."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = (f"{start}\n_Measured {time.strftime('%Y-%m-%d')} with `{command()}` on {machine()}._\n\n"
+             f"{markdown.strip()}\n{end}")
+    text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n"
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    BENCH_MD.write_text(text)

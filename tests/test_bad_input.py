@@ -1,0 +1,98 @@
+"""Bad input: one clear line naming the file, an error record, the run goes on, exit code 1."""
+
+import json
+import struct
+import zlib
+
+from click.testing import CliRunner
+from PIL import Image
+
+from asectl.cli import cli
+from asectl.imageio import load_image
+
+from .test_ocr import render_text_card
+
+
+def _png_header_only(path, w, h):
+    """A PNG that declares w x h pixels (a decompression bomb needs no real pixel data to claim that)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def make_bad_inputs(folder, good_card):
+    folder.mkdir(parents=True, exist_ok=True)
+    bad = {}
+    bad["text.png"] = folder / "text.png"
+    bad["text.png"].write_text("this is not an image")
+    bad["empty.png"] = folder / "empty.png"
+    bad["empty.png"].write_bytes(b"")
+    data = good_card.read_bytes()
+    bad["truncated.png"] = folder / "truncated.png"
+    bad["truncated.png"].write_bytes(data[: len(data) // 2])
+    bad["bomb.png"] = _png_header_only(folder / "bomb.png", 30000, 30000)
+    bad["blank.png"] = folder / "blank.png"
+    Image.new("RGB", (720, 480), "white").save(bad["blank.png"])
+    lines = ["N = 12", "MEAN X = n/a", "MEAN Y = 0.10", "STD X = 1.00", "STD Y = 1.00"]
+    bad["unreadable.png"] = render_text_card(folder / "unreadable.png", lines)
+    return bad
+
+
+def test_each_bad_input_gets_an_error_record_and_the_run_goes_on(small_dataset, tmp_path):
+    good = small_dataset / "images" / "0000.png"
+    bad = make_bad_inputs(tmp_path / "in", good)
+    out = tmp_path / "records.jsonl"
+    res = CliRunner().invoke(cli, ["ocr", str(good), *map(str, bad.values()), "--out", str(out)])
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output
+    records = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "error" not in records["0000.png"] and records["0000.png"]["fields"]["N"] > 0
+    expect = {"text.png": "not an image", "empty.png": "empty file", "truncated.png": "truncated",
+              "bomb.png": "decompression bomb", "blank.png": "no printed record",
+              "unreadable.png": "could not read mu_x"}
+    for name, needle in expect.items():
+        err = records[name]["error"]
+        assert needle in err and name in err and "\n" not in err, (name, err)
+    # The partly read card keeps what was read.
+    assert records["unreadable.png"]["fields"]["N"] == 12
+
+
+def test_strict_stops_at_the_first_bad_image(small_dataset, tmp_path):
+    bad = make_bad_inputs(tmp_path / "in", small_dataset / "images" / "0000.png")
+    res = CliRunner().invoke(cli, ["ocr", str(bad["empty.png"]), str(small_dataset / "images" / "0001.png"),
+                                   "--strict"])
+    assert res.exit_code == 1 and "empty.png: empty file" in res.output
+    assert "0001.png" not in res.output
+
+
+def test_debug_shows_a_traceback(small_dataset, tmp_path):
+    bad = make_bad_inputs(tmp_path / "in", small_dataset / "images" / "0000.png")
+    res = CliRunner().invoke(cli, ["--debug", "ocr", str(bad["empty.png"]), "--strict"])
+    assert res.exit_code != 0 and res.exception is not None
+
+
+def test_missing_input_is_one_line(tmp_path):
+    res = CliRunner().invoke(cli, ["ocr", str(tmp_path / "nope.png")])
+    assert res.exit_code == 1 and "no such file" in res.output and "Traceback" not in res.output
+
+
+def test_image_modes_are_converted(tmp_path, small_dataset):
+    src = Image.open(small_dataset / "images" / "0000.png").convert("RGB")
+    variants = {
+        "grey.png": src.convert("L"),
+        "palette.png": src.convert("P"),
+        "rgba.png": src.convert("RGBA"),
+        "i16.png": src.convert("L").point(lambda v: v * 256, "I").convert("I;16"),
+        "card.jpg": src,
+    }
+    for name, im in variants.items():
+        im.save(tmp_path / name)
+        rgb = load_image(tmp_path / name)
+        assert rgb.mode == "RGB" and rgb.size == src.size, name
+    res = CliRunner().invoke(cli, ["ocr", "--json", *[str(tmp_path / n) for n in variants]])
+    assert res.exit_code == 0, res.output
+    truth_n = json.loads((small_dataset / "truth.jsonl").read_text().splitlines()[0])["printed"]["N"]
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert all(r["fields"]["N"] == truth_n for r in recs)

@@ -1,0 +1,88 @@
+import json
+import os
+
+from asectl.cache import Cache, make_key
+
+
+def test_put_get_roundtrip_and_metadata(cache):
+    key = make_key("demo", input="abc", params={"x": 1})
+    cache.put_json("demo", key, {"value": 42}, {"params": {"x": 1}, "seed": 3})
+    entry = cache.get("demo", key)
+    assert entry.read_json() == {"value": 42}
+    assert entry.meta["seed"] == 3 and entry.meta["params"] == {"x": 1}
+    assert entry.meta["files"]["record.json"]["size"] == len(json.dumps({"value": 42}))
+    assert cache.stats["hit"] == 1 and cache.stats["put"] == 1
+
+
+def test_keys_change_with_parameters():
+    assert make_key("ocr", input="a", engine="cnocr") != make_key("ocr", input="a", engine="rapidocr")
+    assert make_key("ocr", input="a", engine="cnocr") == make_key("ocr", engine="cnocr", input="a")
+    assert make_key("ocr", input="a") != make_key("describe", input="a")
+
+
+def test_corrupt_entry_is_detected_and_discarded(cache, caplog):
+    key = make_key("demo", input="x")
+    entry = cache.put_json("demo", key, {"value": [1, 2, 3]})
+    (entry.path / "record.json").write_text('{"value": [1, 2, 4]}')   # same size, other bytes
+    assert cache.get("demo", key) is None
+    assert cache.stats["rebuilt"] == 1
+    assert not entry.path.exists()
+    assert "corrupt" in caplog.text
+
+
+def test_truncated_and_missing_files_are_misses(cache):
+    for damage in ("truncate", "delete_meta", "delete_payload", "garbage_meta"):
+        key = make_key("demo", damage=damage)
+        entry = cache.put_json("demo", key, {"value": "x" * 100})
+        if damage == "truncate":
+            with open(entry.path / "record.json", "r+b") as f:
+                f.truncate(10)
+        elif damage == "delete_meta":
+            os.remove(entry.path / "meta.json")
+        elif damage == "delete_payload":
+            os.remove(entry.path / "record.json")
+        else:
+            (entry.path / "meta.json").write_text("{not json")
+        assert cache.get("demo", key) is None, damage
+        # A rebuilt entry is served again afterwards.
+        cache.put_json("demo", key, {"value": "y"})
+        assert cache.get_json("demo", key) == {"value": "y"}
+
+
+def test_concurrent_put_of_same_key_keeps_one_valid_entry(cache):
+    key = make_key("demo", input="same")
+    cache.put_json("demo", key, {"v": 1})
+    cache.put_json("demo", key, {"v": 1})     # second writer loses the rename race gracefully
+    assert cache.get_json("demo", key) == {"v": 1}
+    assert not any(cache.tmp_dir.iterdir())
+
+
+def test_put_tree_failure_leaves_nothing(cache):
+    key = make_key("bundle", x=1)
+
+    def build(d):
+        (d / "weights.bin").write_bytes(b"123")
+        raise RuntimeError("killed half way")
+
+    try:
+        cache.put_tree("bundle", key, build)
+    except RuntimeError:
+        pass
+    assert cache.get("bundle", key) is None
+    assert not cache.entry_dir("bundle", key).exists()
+
+
+def test_info_and_clear(cache):
+    for i in range(3):
+        cache.put_json("a", make_key("a", i=i), {"i": i})
+    cache.put_json("b", make_key("b"), {})
+    info = cache.info()
+    assert info["stages"]["a"]["entries"] == 3 and info["stages"]["b"]["entries"] == 1
+    assert cache.clear("a") == 3
+    assert "a" not in cache.info()["stages"] or cache.info()["stages"]["a"]["entries"] == 0
+    assert cache.clear() == 1
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASECTL_CACHE_DIR", str(tmp_path / "here"))
+    assert Cache().root == tmp_path / "here"

@@ -1,0 +1,144 @@
+"""The OCR stage with the real CnOCR / RapidOCR engines on generated cards."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+
+from asectl.card import GEOMETRY, _font, default_spec, load_spec
+from asectl.cli import cli
+from asectl.dataset import load_dataset
+from asectl.stages.ocr import group_rows, parse_record
+from asectl.backends.ocr import TextLine
+from asectl.synth import read_truth
+
+
+@pytest.fixture(scope="module")
+def ocr_run(small_dataset, tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("ocr-cache")
+    out = cache_dir / "ocr.jsonl"
+    res = CliRunner().invoke(cli, ["--cache-dir", str(cache_dir), "ocr", str(small_dataset), "--out", str(out)])
+    return res, out, cache_dir
+
+
+def test_cnocr_reads_every_number(ocr_run, small_dataset):
+    res, out, _ = ocr_run
+    assert res.exit_code == 0, res.output
+    truth = read_truth(small_dataset)
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(records) == 10
+    for r in records:
+        assert r["fields"] == truth[r["image"]]["printed"], r["image"]
+        assert r["missing"] == [] and r["warnings"] == []
+        assert all(0 <= t["score"] <= 1 for t in r["text"])
+
+
+def test_rerun_is_a_cache_hit_and_parameters_recompute(ocr_run, small_dataset):
+    _, _, cache_dir = ocr_run
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--cache-dir", str(cache_dir), "ocr", str(small_dataset)])
+    assert res.exit_code == 0 and "10 from cache, 0 computed" in res.output
+    # A different card spec (same patterns, other name) is another key: recomputed.
+    spec = default_spec().source
+    other = cache_dir / "spec.toml"
+    other.write_text(open(spec).read().replace('name = "asectl-default"', 'name = "copy"'))
+    one = str(small_dataset / "images" / "0000.png")
+    res = runner.invoke(cli, ["--cache-dir", str(cache_dir), "ocr", one, "--spec", str(other)])
+    assert res.exit_code == 0 and "0 from cache, 1 computed" in res.output
+    res = runner.invoke(cli, ["--cache-dir", str(cache_dir), "ocr", one, "--force"])
+    assert "0 from cache, 1 computed" in res.output
+
+
+def test_corrupt_cache_entry_is_rebuilt(small_dataset, tmp_path):
+    runner = CliRunner()
+    one = str(small_dataset / "images" / "0001.png")
+    args = ["--cache-dir", str(tmp_path), "ocr", one, "--json"]
+    first = runner.invoke(cli, args)
+    entry = next((tmp_path / "entries" / "ocr").glob("*/*"))
+    record = entry / "record.json"
+    record.write_text(record.read_text().replace('"N": ', '"N": 1'))
+    second = runner.invoke(cli, args)
+    assert second.exit_code == 0
+    assert "corrupt" in second.output and "1 corrupt entries rebuilt" in second.output
+    assert json.loads(first.stdout.splitlines()[0])["fields"] == json.loads(
+        [x for x in second.stdout.splitlines() if x.startswith("{")][0])["fields"]
+
+
+def test_rapidocr_engine_reads_cards(small_dataset, tmp_path):
+    truth = read_truth(small_dataset)
+    names = ["images/0002.png", "images/0003.png"]
+    res = CliRunner().invoke(cli, ["--cache-dir", str(tmp_path), "ocr", "--engine", "rapidocr", "--json",
+                                   *[str(small_dataset / n) for n in names]])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    for r, n in zip(recs, names):
+        assert r["fields"] == truth[n]["printed"]
+
+
+def test_unknown_engine_is_a_usage_error(small_dataset):
+    res = CliRunner().invoke(cli, ["ocr", str(small_dataset), "--engine", "tesseract"])
+    assert res.exit_code == 2 and "choose one of: cnocr, rapidocr" in res.output
+
+
+def test_parse_tolerates_spacing_and_split_boxes():
+    lines = [TextLine("N = 12", 0.9, (0, 0, 50, 20)),
+             TextLine("MEANX =", 0.9, (0, 30, 60, 50)), TextLine("\u22120.50", 0.9, (70, 31, 120, 49)),
+             TextLine("MEAN Y = 1.25", 0.9, (0, 60, 100, 80)),
+             TextLine("STD X = 2.00", 0.9, (0, 90, 100, 110)), TextLine("STD Y = 1.00", 0.9, (0, 120, 100, 140))]
+    counts = [1, 2, 3, 6, 0, 0, 0, 0, 0]
+    for i, (lo, hi) in enumerate([(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 10), (10, 20)]):
+        lines.append(TextLine(f"R{lo} TO{hi} = {counts[i]}", 0.9, (0, 150 + 30 * i, 100, 170 + 30 * i)))
+    fields, missing, warnings, unparsed = parse_record(group_rows(lines), default_spec())
+    assert fields == {"N": 12, "mu_x": -0.5, "mu_y": 1.25, "sd_x": 2.0, "sd_y": 1.0, "bins": counts}
+    assert missing == [] and warnings == [] and unparsed == []
+
+
+def test_consistency_checks_are_warnings():
+    rows = ["N = 10", "MEAN X = 0.00", "MEAN Y = 0.00", "STD X = -1.00", "STD Y = 1.00"] + \
+           [f"R {lo} TO {hi} = 1" for lo, hi in [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 10), (10, 20)]]
+    fields, missing, warnings, _ = parse_record(rows, default_spec())
+    assert missing == []
+    assert any("add to 9, not N = 10" in w for w in warnings)
+    assert any("negative" in w for w in warnings)
+
+
+def test_custom_spec(tmp_path):
+    spec_file = tmp_path / "mine.toml"
+    spec_file.write_text('[card]\nname = "mine"\n[fields.count]\npattern = \'^TOTAL:(?P<value>\\d+)$\'\ntype = "int"\n')
+    spec = load_spec(spec_file)
+    fields, missing, _, unparsed = parse_record(["TOTAL: 42", "other text"], spec)
+    assert fields == {"count": 42} and missing == [] and unparsed == ["other text"]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("[fields.x]\npattern = '('\n", "invalid regular expression"),
+    ("[fields.x]\npattern = 'abc'\n", "(?P<value>"),
+    ("not toml ===", "not a valid TOML"),
+])
+def test_bad_spec_is_a_config_error(tmp_path, small_dataset, body, needle):
+    f = tmp_path / "bad.toml"
+    f.write_text(body)
+    res = CliRunner().invoke(cli, ["ocr", str(small_dataset / "images" / "0000.png"), "--spec", str(f)])
+    assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
+
+
+def test_ocr_on_augmented_cards(small_dataset, tmp_path):
+    out = tmp_path / "aug"
+    CliRunner().invoke(cli, ["synth", "--augment", str(small_dataset), "--out", str(out), "--stats", "printed",
+                             "--factor", "1.3"])
+    truth = read_truth(out)
+    tda = sorted(n for n in truth if "tda-" in n)[:2]
+    res = CliRunner().invoke(cli, ["ocr", "--json", *[str(out / n) for n in tda]])
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert [r["fields"] for r in recs] == [truth[n]["printed"] for n in tda]
+
+
+def render_text_card(path, lines):
+    img = Image.new("RGB", (GEOMETRY.width, GEOMETRY.height), "white")
+    d = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        d.text((GEOMETRY.text_x, GEOMETRY.text_top + i * GEOMETRY.line_step), line, fill="black",
+               font=_font(GEOMETRY.font_size))
+    img.save(path)
+    return path

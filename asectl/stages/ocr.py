@@ -18,19 +18,69 @@ from asectl.backends.ocr import TextLine, get_engine
 from asectl.cache import Cache
 from asectl.card import CardSpec, default_spec, load_spec
 from asectl.dataset import Dataset
-from asectl.errors import DataError
+from asectl.errors import ConfigError, DataError
 from asectl.imageio import load_image
 from asectl.stages.common import StageResult, run_per_image
 
 STAGE = "ocr"
 FORMAT = 1
 BINARISE_THRESHOLD = 128
+DETECTORS = ("auto", "model")   # auto: cut clean text lines directly, else the engine's detector
 _DASHES = dict.fromkeys(map(ord, "\u2212\u2013\u2014\u2012\u2010\u2011"), "-")
 
 
 def binarise(img: Image.Image, threshold: int = BINARISE_THRESHOLD) -> Image.Image:
     grey = np.asarray(img.convert("L"))
     return Image.fromarray(np.where(grey > threshold, 255, 0).astype(np.uint8)).convert("RGB")
+
+
+# Clean printed records are horizontal lines of text separated by blank rows; for those, cutting the lines
+# out of the binarised card is exact and skips the text detector (about half of the OCR time). Anything
+# else (touching lines, tall or tiny blobs, noise) falls back to the engine's own detector.
+_LINE_HEIGHT = (8, 64)
+_MAX_SEGMENTS = 80
+_PAD = 4
+
+
+def segment_lines(ink: np.ndarray) -> list[tuple[int, int, int, int]] | None:
+    """Boxes (x0, y0, x1, y1) of text segments in an ink mask, or None if the layout is not clean lines."""
+    rows = ink.any(axis=1)
+    boxes: list[tuple[int, int, int, int]] = []
+    y, h = 0, len(rows)
+    while y < h:
+        if not rows[y]:
+            y += 1
+            continue
+        y0 = y
+        while y < h and rows[y]:
+            y += 1
+        height = y - y0
+        if not _LINE_HEIGHT[0] <= height <= _LINE_HEIGHT[1]:
+            return None
+        cols = np.nonzero(ink[y0:y].any(axis=0))[0]
+        # Split a row where the blank gap is wider than twice the line height (two columns of text).
+        start = cols[0]
+        for a, b in zip(cols[:-1], cols[1:]):
+            if b - a > 2 * height:
+                boxes.append((int(start), y0, int(a) + 1, y))
+                start = b
+        boxes.append((int(start), y0, int(cols[-1]) + 1, y))
+        if len(boxes) > _MAX_SEGMENTS:
+            return None
+    return boxes or None
+
+
+def read_text(binary: Image.Image, engine_name: str, detector: str = "auto") -> list[TextLine]:
+    engine = get_engine(engine_name)
+    boxes = segment_lines(np.asarray(binary.convert("L")) < 128) if detector == "auto" else None
+    if boxes is None:
+        return engine.read(binary)
+    arr = np.asarray(binary.convert("RGB"))
+    hgt, wid = arr.shape[:2]
+    padded = [(max(x0 - _PAD, 0), max(y0 - _PAD, 0), min(x1 + _PAD, wid), min(y1 + _PAD, hgt))
+              for x0, y0, x1, y1 in boxes]
+    texts = engine.recognize([np.ascontiguousarray(arr[b[1]:b[3], b[0]:b[2]]) for b in padded])
+    return [TextLine(t, sc, tuple(float(v) for v in b)) for (t, sc), b in zip(texts, padded) if t.strip()]
 
 
 def group_rows(lines: Sequence[TextLine]) -> list[str]:
@@ -135,11 +185,11 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def read_card(image_path: Path, engine_name: str, spec: CardSpec) -> dict[str, Any]:
+def read_card(image_path: Path, engine_name: str, spec: CardSpec, detector: str = "auto") -> dict[str, Any]:
     """OCR one card file and parse it. A card with no readable record raises DataError; a partly read
     record is returned with ``error`` set (so it is reported and never cached)."""
     img = load_image(image_path)
-    lines = get_engine(engine_name).read(binarise(img))
+    lines = read_text(binarise(img), engine_name, detector)
     rows = group_rows(lines)
     fields, missing, warnings, unparsed = parse_record(rows, spec)
     if not fields:
@@ -156,21 +206,24 @@ def read_card(image_path: Path, engine_name: str, spec: CardSpec) -> dict[str, A
     return record
 
 
-def ocr_identity(engine: str = "cnocr", spec: CardSpec | None = None) -> dict[str, Any]:
+def ocr_identity(engine: str = "cnocr", spec: CardSpec | None = None, detector: str = "auto") -> dict[str, Any]:
     spec = spec or default_spec()
+    if detector not in DETECTORS:
+        raise ConfigError(f"--detector {detector!r}: choose one of {', '.join(DETECTORS)}")
     return {"format": FORMAT, "engine": get_engine(engine).identity(), "binarise": BINARISE_THRESHOLD,
-            "spec": {"name": spec.name, "sha256": spec.digest}}
+            "detector": detector, "spec": {"name": spec.name, "sha256": spec.digest}}
 
 
 def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path | None = None,
-            cache: Cache | None = None, force: bool = False, strict: bool = False) -> StageResult:
+            cache: Cache | None = None, force: bool = False, strict: bool = False,
+            detector: str = "auto") -> StageResult:
     """OCR every card of a dataset (or list of images), cached per image, engine and card spec."""
     cache = cache or Cache()
     card_spec = spec if isinstance(spec, CardSpec) else (load_spec(spec) if spec else default_spec())
-    identity = ocr_identity(engine, card_spec)
+    identity = ocr_identity(engine, card_spec, detector)
     records = run_per_image(
         STAGE, dataset.samples, identity,
-        lambda s: read_card(s.path, engine, card_spec),
+        lambda s: read_card(s.path, engine, card_spec, detector),
         cache, force=force, strict=strict, description=f"ocr ({engine})",
         meta={"spec_source": card_spec.source})
     return StageResult(STAGE, records, identity, cache.summary())

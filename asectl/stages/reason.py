@@ -36,7 +36,11 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 DEFAULT_PROMPT = "reason-v1"
 DEFAULT_MAX_TOKENS = 400
 SCALAR_FIELDS = ("N", "mu_x", "mu_y", "sd_x", "sd_y")
-FIELD_WORDS = {"N": "N", "mu_x": "mean x", "mu_y": "mean y", "sd_x": "sd x", "sd_y": "sd y"}
+SHARE_FEATURES = ("near", "far")            # share of holes near the centre / far out (from the radius counts)
+PRIOR_FEATURES = SCALAR_FIELDS + SHARE_FEATURES
+SHOWN_FEATURES = PRIOR_FEATURES[1:]         # N is not a shape feature: kept in priors, not compared
+FIELD_WORDS = {"N": "N", "mu_x": "mean x", "mu_y": "mean y", "sd_x": "sd x", "sd_y": "sd y",
+               "near": "near", "far": "far"}
 
 VERDICTS = ("normal", "defective")
 DEVIATION_KINDS = ("none", "shift", "spread", "tilt", "cluster", "ring", "other")
@@ -192,7 +196,11 @@ def _num(x: float) -> str:
 
 
 def _fmt(value: Any, field: str) -> str:
-    return str(int(value)) if field == "N" else f"{float(value):.2f}"
+    if field == "N":
+        return str(round(value))
+    if field in SHARE_FEATURES:
+        return f"{value:.0%}"
+    return f"{float(value):.2f}"
 
 
 def _usable(value: Any) -> bool:
@@ -222,6 +230,24 @@ def record_sentence(fields: Mapping[str, Any], bin_edges: Sequence[float]) -> st
     return "; ".join(parts) + "."
 
 
+def _near_far(edges: Sequence[float]) -> tuple[int, int] | None:
+    """Radius intervals summarised as "near the centre" (the first two) and "far out" (the last three),
+    when the spec has five or more: the full radius profile is too long for a small model's prompt."""
+    return (2, len(edges) - 4) if len(edges) - 1 >= 5 else None
+
+
+def card_features(fields: Mapping[str, Any], edges: Sequence[float]) -> dict[str, float]:
+    """The numbers priors and comparisons use: the readable scalar fields, plus the share of holes near
+    the centre and far out (from the radius counts)."""
+    out = {f: float(fields[f]) for f in SCALAR_FIELDS if _usable(fields.get(f))}
+    bins, nf = _bins(fields, edges), _near_far(edges)
+    if bins is not None and nf is not None and sum(bins) > 0:
+        total = float(sum(bins))
+        out["near"] = sum(bins[:nf[0]]) / total
+        out["far"] = sum(bins[nf[1]:]) / total
+    return out
+
+
 # --- priors ------------------------------------------------------------------------------------------
 def _r(x: float) -> float:
     return round(float(x), 4)
@@ -231,9 +257,11 @@ def build_priors(records: Sequence[Mapping[str, Any]], labels: Sequence[str],
                  bin_edges: Sequence[float] | None = None, normal_label: str | None = NORMAL) -> dict[str, Any]:
     """Per-class typical statistics of training records (OCR'd fields), as a plain JSON-able dict.
 
-    For each label: number of cards, mean and standard deviation of every scalar field, and the mean
-    share of holes per radius interval. A trained model bundle stores this dict so that ``reason`` on new
-    images (outside any dataset) uses the same prior knowledge."""
+    For each label: number of cards, mean and standard deviation of every field (and of the near-centre
+    and far-out shares of holes), and the mean share of holes per radius interval. ``pooled_sd`` is the
+    within-class spread over all classes, the scale for a class with a single card. A trained model
+    bundle stores this dict so that ``reason`` on new images (outside any dataset) uses the same prior
+    knowledge."""
     if len(records) != len(labels):
         raise ConfigError(f"build_priors: {len(records)} records but {len(labels)} labels")
     if bin_edges is None:
@@ -241,32 +269,37 @@ def build_priors(records: Sequence[Mapping[str, Any]], labels: Sequence[str],
 
         bin_edges = default_spec().bin_edges
     edges = [float(e) for e in bin_edges]
+    feats = [card_features(r or {}, edges) for r in records]
     classes: dict[str, Any] = {}
     for label in order_labels(labels):
-        rows = [r for r, lab in zip(records, labels) if lab == label and r]
-        if not rows:
+        idx = [i for i, lab in enumerate(labels) if lab == label and feats[i]]
+        if not idx:
             continue
         mean, sd, n_values = {}, {}, {}
-        for f in SCALAR_FIELDS:
-            vals = np.array([r[f] for r in rows if _usable(r.get(f))], dtype=np.float64)
+        for f in PRIOR_FEATURES:
+            vals = np.array([feats[i][f] for i in idx if f in feats[i]], dtype=np.float64)
             if len(vals):
                 mean[f] = _r(vals.mean())
                 sd[f] = _r(vals.std(ddof=1)) if len(vals) > 1 else 0.0
                 n_values[f] = int(len(vals))
-        shares = [np.array(b, dtype=np.float64) / sum(b) for b in (_bins(r, edges) for r in rows) if b and sum(b) > 0]
-        classes[label] = {"cards": len(rows), "mean": mean, "sd": sd, "values": n_values,
+        shares = [np.array(b, dtype=np.float64) / sum(b)
+                  for b in (_bins(records[i], edges) for i in idx) if b and sum(b) > 0]
+        classes[label] = {"cards": len(idx), "mean": mean, "sd": sd, "values": n_values,
                           "bin_share": [_r(x) for x in np.mean(shares, axis=0)] if shares else None}
     if not classes:
         raise ConfigError("build_priors: no usable training record; the priors need OCR'd training cards")
-    # Within-class spread pooled over classes: the scale for a class with a single card (whose own sd is 0).
     pooled = {}
-    for f in SCALAR_FIELDS:
-        num = sum((c["values"][f] - 1) * c["sd"][f] ** 2 for c in classes.values() if c["values"].get(f, 0) > 1)
-        dof = sum(c["values"][f] - 1 for c in classes.values() if c["values"].get(f, 0) > 1)
+    for f in PRIOR_FEATURES:
+        groups = [c for c in classes.values() if c["values"].get(f, 0) > 1]
+        dof = sum(c["values"][f] - 1 for c in groups)
         if dof:
-            pooled[f] = _r(math.sqrt(num / dof))
+            pooled[f] = _r(math.sqrt(sum((c["values"][f] - 1) * c["sd"][f] ** 2 for c in groups) / dof))
+        else:  # one card per class: the spread between cards is the only scale there is
+            vals = [feat[f] for feat in feats if f in feat]
+            if len(vals) > 1:
+                pooled[f] = _r(np.std(vals, ddof=1))
     return {"format": PRIORS_FORMAT, "normal_label": normal_label if normal_label in classes else None,
-            "fields": list(SCALAR_FIELDS), "bin_edges": edges, "classes": classes, "pooled_sd": pooled,
+            "features": list(PRIOR_FEATURES), "bin_edges": edges, "classes": classes, "pooled_sd": pooled,
             "cards": sum(c["cards"] for c in classes.values())}
 
 
@@ -282,17 +315,20 @@ def check_priors(priors: Any, where: str = "priors") -> dict[str, Any]:
     edges = priors.get("bin_edges")
     if not isinstance(edges, list) or not all(_usable(e) for e in edges):
         raise ConfigError(f"{where}: priors lack numeric 'bin_edges'; {rebuild}")
+    pooled = priors.get("pooled_sd", {})
+    if not isinstance(pooled, dict) or not all(k in PRIOR_FEATURES and _usable(v) for k, v in pooled.items()):
+        raise ConfigError(f"{where}: priors have a malformed 'pooled_sd'; {rebuild}")
     for label, c in classes.items():
-        ok = (isinstance(c, dict) and isinstance(c.get("cards"), int)
-              and all(isinstance(c.get(k), dict) and set(c[k]) <= set(SCALAR_FIELDS)
-                      and all(_usable(v) for v in c[k].values()) for k in ("mean", "sd"))
+        ok = (isinstance(label, str) and label and isinstance(c, dict) and isinstance(c.get("cards"), int)
+              and all(isinstance(c.get(k), dict) and set(c[k]) <= set(PRIOR_FEATURES)
+                      and all(_usable(v) for v in c[k].values()) for k in ("mean", "sd", "values"))
               and set(c["sd"]) == set(c["mean"])
               and (c.get("bin_share") is None or (isinstance(c["bin_share"], list)
                                                   and len(c["bin_share"]) == len(edges) - 1
                                                   and all(_usable(v) for v in c["bin_share"]))))
         if not ok:
-            raise ConfigError(f"{where}: priors of class '{label}' are malformed (need cards, mean and sd per "
-                              f"field, bin_share per radius interval); {rebuild}")
+            raise ConfigError(f"{where}: priors of class '{label}' are malformed (need cards, and mean, sd and "
+                              f"values per feature); {rebuild}")
     return priors
 
 
@@ -300,90 +336,85 @@ def priors_sha256(priors: Mapping[str, Any]) -> str:
     return sha256_bytes(canonical_json(priors).encode())
 
 
-def _typical(x: float, field: str) -> str:
-    return str(round(x)) if field == "N" else f"{x:.2f}"
-
-
-def priors_text(priors: Mapping[str, Any]) -> str:
-    edges = priors["bin_edges"]
-    lines = []
-    for label, c in priors["classes"].items():
-        stats = ", ".join(f"{FIELD_WORDS[f]} {_typical(c['mean'][f], f)} ± {_typical(c['sd'][f], f)}"
-                          for f in SCALAR_FIELDS if f in c["mean"])
-        tag = " (normal cards)" if label == priors.get("normal_label") and label != "normal" else ""
-        line = f"- {label}{tag}, {c['cards']} card{'s' * (c['cards'] != 1)}: {stats}"
-        if c.get("bin_share"):
-            line += "; holes by radius " + ", ".join(
-                f"{_num(lo)}-{_num(hi)} {share:.0%}" for lo, hi, share in zip(edges, edges[1:], c["bin_share"]))
-        lines.append(line)
-    return "\n".join(lines)
-
-
 def _scale(priors: Mapping[str, Any], c: Mapping[str, Any], f: str) -> float:
-    """The spread to measure a deviation in: the class's own sd when it has two or more values, else the
-    pooled within-class sd; never zero."""
-    own = c["sd"].get(f, 0.0) if c.get("values", {}).get(f, 0) > 1 else 0.0
-    return max(own or (priors.get("pooled_sd") or {}).get(f, 0.0), 0.01)
+    """The spread a deviation is measured in: the class's own sd when it has two or more values, else the
+    pooled sd; never zero."""
+    own = c["sd"].get(f, 0.0) if c["values"].get(f, 0) > 1 else 0.0
+    floor = 0.01 if f in SHARE_FEATURES else 0.05
+    return max(own or priors.get("pooled_sd", {}).get(f, 0.0), floor)
 
 
 def _z(value: float, priors: Mapping[str, Any], c: Mapping[str, Any], f: str) -> float:
     return (value - c["mean"][f]) / _scale(priors, c, f)
 
 
-def class_distances(fields: Mapping[str, Any], priors: Mapping[str, Any]) -> dict[str, float]:
-    """Root mean square z-score of the record against each class's typical statistics."""
+def priors_text(priors: Mapping[str, Any]) -> str:
+    """One line per class: typical value ± spread of each shown feature. N is kept in the priors dict but
+    not shown: it says nothing about where the holes are."""
+    nf = _near_far(priors["bin_edges"])
+    edges = priors["bin_edges"]
+    lines = []
+    if nf is not None:
+        lines.append(f"(near = share of holes at radius < {_num(edges[nf[0]])}, "
+                     f"far = share at radius >= {_num(edges[nf[1]])})")
+    for label, c in priors["classes"].items():
+        stats = ", ".join(f"{FIELD_WORDS[f]} {_fmt(c['mean'][f], f)}±{_fmt(_scale(priors, c, f), f)}"
+                          for f in SHOWN_FEATURES if f in c["mean"])
+        tag = " = normal cards" if label == priors.get("normal_label") and label != "normal" else ""
+        lines.append(f"- {label}{tag} ({c['cards']} card{'s' * (c['cards'] != 1)}): {stats}")
+    return "\n".join(lines)
+
+
+def class_distances(features: Mapping[str, float], priors: Mapping[str, Any]) -> dict[str, float]:
+    """Root mean square z-score of a card's features against each class's typical statistics."""
     out = {}
     for label, c in priors["classes"].items():
-        zs = [_z(float(fields[f]), priors, c, f) for f in SCALAR_FIELDS
-              if _usable(fields.get(f)) and f in c["mean"]]
+        zs = [_z(v, priors, c, f) for f, v in features.items() if f in SHOWN_FEATURES and f in c["mean"]]
         if zs:
             out[label] = round(float(np.sqrt(np.mean(np.square(zs)))), 2)
     return out
 
 
 def deviation_text(fields: Mapping[str, Any], priors: Mapping[str, Any]) -> str:
-    """The record against the priors: z-scores against normal cards, the most changed radius intervals,
-    and the distance to each class's typical statistics (part of the data preparation g)."""
+    """The record against the priors (part of the data preparation g): each feature against normal
+    cards in units of their spread, and the distance to every class's typical statistics."""
+    feats = card_features(fields, priors["bin_edges"])
     lines = []
     normal = priors["classes"].get(priors.get("normal_label") or "")
     if normal:
-        for f in SCALAR_FIELDS:
-            if f == "N" or not _usable(fields.get(f)) or f not in normal["mean"]:
+        for f in SHOWN_FEATURES:
+            if f not in feats or f not in normal["mean"]:
                 continue
-            z = _z(float(fields[f]), priors, normal, f)
+            z = _z(feats[f], priors, normal, f)
             how = ("within the normal range" if abs(z) <= 1.5 else
                    f"{'far ' if abs(z) > 3 else ''}{'above' if z > 0 else 'below'} normal")
-            lines.append(f"- {FIELD_WORDS[f]} {_fmt(fields[f], f)} is {how} ({z:+.1f} sd; normal "
-                         f"{_fmt(normal['mean'][f], f)} ± {_fmt(_scale(priors, normal, f), f)})")
-        edges = priors["bin_edges"]
-        bins = _bins(fields, edges)
-        if bins and sum(bins) > 0 and normal.get("bin_share"):
-            share = np.array(bins, dtype=np.float64) / sum(bins)
-            diff = share - np.array(normal["bin_share"])
-            for i in np.argsort(-np.abs(diff))[:2]:
-                if abs(diff[i]) >= 0.05:
-                    lines.append(f"- {'more' if diff[i] > 0 else 'fewer'} holes than normal at radius "
-                                 f"{_num(edges[i])}-{_num(edges[i + 1])} ({share[i]:.0%} vs {normal['bin_share'][i]:.0%})")
-    dist = class_distances(fields, priors)
+            lines.append(f"- {FIELD_WORDS[f]} {_fmt(feats[f], f)} is {how} ({z:+.1f} sd; normal "
+                         f"{_fmt(normal['mean'][f], f)}±{_fmt(_scale(priors, normal, f), f)})")
+    dist = class_distances(feats, priors)
     if dist:
         ranked = sorted(dist.items(), key=lambda kv: (kv[1], kv[0]))
         lines.append("- distance to each class's typical statistics (smaller is closer): "
                      + ", ".join(f"{lab} {d:.1f}" for lab, d in ranked))
-    return "\n".join(lines) if lines else "- no comparison possible (fields not read)"
+    return "\n".join(lines) if lines else "- no comparison possible (no field was read)"
 
 
-def priors_from_dataset(dataset: Dataset, stats: Mapping[str, Mapping[str, Any]],
-                        bin_edges: Sequence[float]) -> dict[str, Any]:
-    """Priors from the training split of a labelled dataset (never the test split)."""
+def _check_train_split(dataset: Dataset) -> list[Sample]:
     train = dataset.split("train")
     if not train or any(s.label is None for s in train):
         raise ConfigError("reason needs prior knowledge from a labelled training split: pass a dataset folder "
                           "(labels.csv with split=train rows), or priors from an earlier run "
                           "(--priors FILE.json written with --priors-out, or a trained model bundle)")
+    return train
+
+
+def priors_from_dataset(dataset: Dataset, stats: Mapping[str, Mapping[str, Any]],
+                        bin_edges: Sequence[float]) -> dict[str, Any]:
+    """Priors from the training split of a labelled dataset (never the test split)."""
+    train = _check_train_split(dataset)
     recs, labels, skipped = [], [], []
     for s in train:
         rec = stats.get(s.name) or {}
-        if rec.get("error") or not rec.get("fields"):
+        if not rec.get("fields"):  # partly read records count: build_priors skips missing fields
             skipped.append(s.name)
             continue
         recs.append(rec["fields"])
@@ -397,11 +428,12 @@ def priors_from_dataset(dataset: Dataset, stats: Mapping[str, Mapping[str, Any]]
 
 
 # --- the stage ---------------------------------------------------------------------------------------
-def _stats_from_ocr(dataset: Dataset, engine: str, spec: str | Path | None, cache: Cache,
-                    strict: bool) -> dict[str, dict[str, Any]]:
-    from asectl.stages.ocr import run_ocr
+def _stats_from_ocr(dataset: Dataset, engine: str, card_spec: Any, cache: Cache,
+                    strict: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    from asectl.stages.ocr import ocr_identity, run_ocr
 
-    return run_ocr(dataset, engine=engine, spec=spec, cache=cache, strict=strict).by_image()
+    result = run_ocr(dataset, engine=engine, spec=card_spec, cache=cache, strict=strict)
+    return result.by_image(), {"source": "ocr", "ocr": ocr_identity(engine, card_spec)}
 
 
 def run_reason(
@@ -453,6 +485,8 @@ def run_reason(
     if expect_model_hash and llm.hash != expect_model_hash:
         raise ConfigError(f"{llm.path}: this is not the LLM the model was trained with (sha256 {llm.hash[:12]} != "
                           f"{expect_model_hash[:12]}); pass --llm-model with the original GGUF")
+    if priors is None:
+        _check_train_split(dataset)  # before OCR: fail in a second, not after reading every card
     card_spec = load_spec(spec)
     edges = list(card_spec.bin_edges)
     if fields is not None:
@@ -461,8 +495,7 @@ def run_reason(
         given = {s.name: fields.get(s.name) for s in dataset.samples}
         stats_identity = {"source": "given", "sha256": sha256_bytes(canonical_json(given).encode())}
     else:
-        stats = _stats_from_ocr(dataset, engine, spec, cache, strict)
-        stats_identity = {"source": "ocr", "engine": engine, "spec": card_spec.digest}
+        stats, stats_identity = _stats_from_ocr(dataset, engine, card_spec, cache, strict)
     if priors is None:
         priors = priors_from_dataset(dataset, stats, edges)
     else:
@@ -487,17 +520,19 @@ def run_reason(
         rec = stats.get(sample.name)
         if rec is None:
             raise DataError(f"{sample.path}: no record given for this card")
-        if rec.get("error"):
-            raise DataError(f"{rec['error']} (reason needs the card's OCR record)")
+        if strict and rec.get("error"):
+            raise DataError(rec["error"])
         f = rec.get("fields") or {}
         if not any(_usable(f.get(k)) for k in SCALAR_FIELDS) and _bins(f, edges) is None:
-            raise DataError(f"{sample.path}: OCR read no field of the record; check the card with `asectl ocr`")
+            # A partly read record (OCR reports an error but has fields) is still reasoned about.
+            raise DataError(f"{rec['error']} (reason needs the card's record)" if rec.get("error") else
+                            f"{sample.path}: OCR read no field of the record; check the card with `asectl ocr`")
         sentence = record_sentence(f, edges)
         messages = template.messages(record=sentence, deviation=deviation_text(f, priors), priors=p_text,
                                      n_train=n_train, labels=", ".join(labels))
         out = llm.chat(messages, grammar, sampling.as_dict())
         answer, warnings = parse_answer(out["raw"], labels, out["finish_reason"], sampling.max_tokens)
-        missing = [k for k in rec.get("missing", [])]
+        missing = list(rec.get("missing") or [])
         tally["completion"] += out["tokens"]["completion"]
         tally["seconds"] += out["seconds"]
         return {"text": answer_text(answer, sentence), "json": answer, "raw": out["raw"],
@@ -521,7 +556,8 @@ def run_reason(
               "chat_format_reason": llm.chat_format_reason,
               "prompt": {"name": template.name, "ref": template.ref, "sha256": template.sha256},
               "sampling": sampling.as_dict(), "priors": priors, "priors_sha256": p_hash,
-              "stats": {**stats_identity, "spec_path": str(spec) if spec else None},
+              "stats": {**stats_identity, "engine": engine if fields is None else None,
+                        "spec_path": str(spec) if spec else None},
               "n_ctx": llm.n_ctx, "generated_tokens": tally["completion"], "generate_seconds": tally["seconds"]}
     return StageResult(STAGE, records, params, cache.summary())
 
@@ -532,6 +568,6 @@ def replay_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
     stats = params.get("stats") or {}
     return {"llm_model": params["backend"]["path"], "chat_format": params["backend"]["chat_format"],
             "prompt": params["prompt"]["ref"], "priors": params["priors"], "n_ctx": params.get("n_ctx"),
-            "engine": stats.get("engine", "cnocr"), "spec": stats.get("spec_path"),
+            "engine": stats.get("engine") or "cnocr", "spec": stats.get("spec_path"),
             "expect_model_hash": params["backend"]["hash"], "expect_prompt_sha256": params["prompt"]["sha256"],
             **params["sampling"]}

@@ -1,0 +1,101 @@
+"""Model bundles: everything ``predict`` needs, as safetensors weights + one JSON file. No pickle.
+
+    bundle.json          labels, task, encoders, replay settings of ocr/describe/reason (with the LLM
+                         priors), card spec, training data fingerprint, seeds, metrics, file checksums
+    heads.safetensors    PFA projections + temperature
+    fusion.safetensors   CMAF (or variant) + MLP classifier
+    encoders/*.safetensors   fine-tuned encoders (paper profile only)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asectl.cache import Cache, sha256_file
+from asectl.errors import ConfigError
+
+BUNDLE_FORMAT = 1
+LATEST_POINTER = "latest-model"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config["classes"])
+
+    def heads(self) -> Any:
+        from safetensors.torch import load_file
+
+        from asectl.models.pfa import AlignmentHeads
+
+        return AlignmentHeads.from_checkpoint(load_file(str(self.path / "heads.safetensors")),
+                                              self.config["heads"])
+
+    def fusion(self) -> Any:
+        from asectl.models.cmaf import load_fusion
+
+        return load_fusion(self.path / "fusion.safetensors")
+
+    def encoder_state(self, name: str) -> Path | None:
+        p = self.path / "encoders" / f"{name}.safetensors"
+        return p if p.is_file() else None
+
+
+def write_checksums(folder: Path, config: dict[str, Any]) -> None:
+    config["files"] = {p.relative_to(folder).as_posix(): sha256_file(p)
+                       for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "bundle.json"}
+    (folder / "bundle.json").write_text(json.dumps(config, indent=1, default=str))
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Open a bundle folder, verifying every file's checksum before anything is deserialised."""
+    p = Path(path)
+    cfg_file = p / "bundle.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{p}: not a model bundle (no bundle.json); train one with `asectl fuse-train`")
+    try:
+        config = json.loads(cfg_file.read_text())
+        files = config["files"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{cfg_file}: unreadable bundle description; export the model again") from None
+    if config.get("format") != BUNDLE_FORMAT:
+        raise ConfigError(f"{p}: bundle format {config.get('format')} is not {BUNDLE_FORMAT}; retrain it")
+    for name, digest in files.items():
+        f = p / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise ConfigError(f"{f}: missing or damaged (checksum mismatch); export or train the model again")
+    return Bundle(p, config)
+
+
+def latest_bundle(cache: Cache) -> tuple[Bundle, str]:
+    """The most recently trained model in this cache, and a sentence saying which it is."""
+    ptr = cache.get_pointer(LATEST_POINTER)
+    if not ptr:
+        raise ConfigError(f"no trained model in {cache.root}; run `asectl fuse-train DATASET` or pass --model DIR")
+    entry = cache.get("model", ptr["key"])
+    if entry is None:
+        raise ConfigError(f"the latest model ({ptr['key'][:12]}) is gone from {cache.root}; retrain it or "
+                          "pass --model DIR")
+    return load_bundle(entry.path), (f"model {ptr['key'][:12]} trained {ptr.get('created', '?')} on "
+                                     f"{ptr.get('dataset', '?')}")
+
+
+def export_bundle(bundle: Bundle, out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: folder exists and is not empty; choose another --out")
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle.path, tmp, ignore=shutil.ignore_patterns("meta.json"))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out

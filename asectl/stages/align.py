@@ -1,0 +1,190 @@
+"""``asectl align``: progressive feature alignment (PFA, paper section 3.3) over a labelled dataset.
+
+Runs (or finds in the cache) OCR, descriptions and LLM reasoning for every card, encodes the three
+modalities, and trains the 256-d projections with the ITC loss on the training split, stage by stage.
+The result (final and per-stage projections, per-stage embeddings of every card for the t-SNE of Fig. 8,
+curves and D_pend losses) is one cache entry; ``fuse-train`` and ``report`` find it by key."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from safetensors.numpy import load_file as np_load_file
+from safetensors.numpy import save_file as np_save_file
+from safetensors.torch import load_file as torch_load_file
+from safetensors.torch import save_file as torch_save_file
+
+from asectl import ui
+from asectl.cache import Cache, make_key, sha256_file
+from asectl.dataset import Dataset, load_dataset
+from asectl.errors import ConfigError, DataError
+from asectl.pipeline import Modalities, build_encoders, collect_modalities, encode_modalities, recalled_settings
+from asectl.stages.common import dataset_id
+
+log = logging.getLogger("asectl")
+STAGE = "align"
+FORMAT = 1
+
+
+@dataclass
+class AlignOutcome:
+    key: str
+    path: Path                      # the cache entry folder
+    summary: dict[str, Any]         # PFA summary + samples, replay settings, provenance, profile
+    from_cache: bool
+
+    @property
+    def names(self) -> list[str]:
+        return [s["image"] for s in self.summary["samples"]]
+
+    @property
+    def labels(self) -> list[str]:
+        return [s["label"] for s in self.summary["samples"]]
+
+    @property
+    def splits(self) -> list[str]:
+        return [s["split"] for s in self.summary["samples"]]
+
+    def train_index(self) -> list[int]:
+        return [i for i, sp in enumerate(self.splits) if sp == "train"]
+
+    def embeddings(self, stage: int | None = None) -> dict[str, np.ndarray]:
+        """Aligned embeddings of every sample after a stage (default: the last)."""
+        n = len(self.summary["pfa"]["stages"])
+        k = n if stage is None else stage
+        return np_load_file(str(self.path / f"stage{k}_embeddings.safetensors"))
+
+    def raw_features(self) -> dict[str, np.ndarray]:
+        return np_load_file(str(self.path / "encoded.safetensors"))
+
+    def heads_state(self) -> dict[str, Any]:
+        return torch_load_file(str(self.path / "heads.safetensors"))
+
+
+def resolve_training_dataset(dataset: Dataset, augmented: str | Path | None) -> Dataset:
+    """With ``--augmented A``: train on A's training split. A's test split must be D's, byte for byte,
+    so the test cards stay the ones the user asked about."""
+    if augmented is None:
+        return dataset
+    aug = load_dataset(augmented)
+    mine = sorted((s.name, s.label, sha256_file(s.path)) for s in dataset.split("test"))
+    theirs = sorted((s.name, s.label, sha256_file(s.path)) for s in aug.split("test"))
+    if mine != theirs:
+        raise ConfigError(f"{augmented}: its test split differs from {dataset.root}'s; make it with "
+                          f"`asectl synth --augment {dataset.root}`")
+    return aug
+
+
+def _sample_rows(mods: Modalities) -> list[dict[str, Any]]:
+    return [{"image": s.name, "label": s.label, "split": s.split, "sha256": sha256_file(s.path)}
+            for s in mods.samples]
+
+
+def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "quick",
+              overrides: Mapping[str, Any] | None = None, seed: int = 0, augmented: str | Path | None = None,
+              settings: Mapping[str, Mapping[str, Any]] | None = None, force: bool = False) -> AlignOutcome:
+    """PFA on the training split; ``overrides`` are profile keys (``pfa.mode``, ``pfa.strides``, ...)."""
+    import torch
+
+    from asectl.models.pfa import train_pfa
+    from asectl.models.train_config import get_profile
+
+    cache = cache or Cache()
+    if not dataset.labelled or dataset.root is None:
+        raise ConfigError("align needs a labelled dataset folder (labels.csv or <label>/ sub-folders)")
+    prof = get_profile(profile, {**(overrides or {}), "seed": seed})
+    train_ds = resolve_training_dataset(dataset, augmented)
+    settings = settings if settings is not None else recalled_settings(cache, dataset)
+    mods = collect_modalities(train_ds, cache, settings)
+    rows = _sample_rows(mods)
+    train_index = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    if len({rows[i]["label"] for i in train_index}) < 2:
+        raise DataError(f"{dataset.root}: the training split needs at least two classes with readable cards")
+    encoders = build_encoders(prof.encoders)
+    key = make_key(STAGE, format=FORMAT, samples=rows, replay=mods.replay,
+                   encoders=[e.identity() for e in encoders], profile=prof.to_dict())
+    entry = None if force else cache.get(STAGE, key)
+    if entry is not None:
+        outcome = AlignOutcome(key, entry.path, entry.read_json("summary.json"), True)
+    else:
+        threads = torch.get_num_threads()
+        if prof.encoders.device == "cpu":
+            # Small matrices: one thread avoids oversubscription on 2-core machines.
+            torch.set_num_threads(1)
+        try:
+            outcome = _train(cache, key, prof, mods, rows, train_index, encoders, seed)
+        finally:
+            torch.set_num_threads(threads)
+    cache.set_pointer(f"align-{dataset_id(dataset)}", {"key": key, "profile": profile,
+                                                        "overrides": dict(overrides or {}), "seed": seed,
+                                                        "augmented": str(augmented) if augmented else None})
+    return outcome
+
+
+def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict], train_index: list[int],
+           encoders: tuple, seed: int) -> AlignOutcome:
+    from asectl.backends.encoders import save_module_state
+    from asectl.models.pfa import EncoderFeatures, train_pfa, warmup_encoders
+
+    enc_cfg = prof.encoders
+    encoded = encode_modalities(mods, encoders, cache)      # also the "unaligned" view for reports
+    warmup: list = []
+    if enc_cfg.finetune:
+        img_enc, vlm_enc, llm_enc = encoders
+        features: dict[str, Any] = {
+            "image": EncoderFeatures(img_enc, [str(s.path) for s in mods.samples]),
+            "vlm": EncoderFeatures(vlm_enc, mods.vlm_texts),
+            "llm": EncoderFeatures(llm_enc, mods.llm_texts)}
+        lrs = {"image": enc_cfg.image_lr, "text": enc_cfg.text_lr}
+        if enc_cfg.warmup_epochs:
+            labels_all = sorted({r["label"] for r in rows})
+            y = [labels_all.index(r["label"]) for r in rows]
+            warmup = warmup_encoders(features, y, epochs=enc_cfg.warmup_epochs, seed=seed,
+                                     train_index=train_index, batch_size=prof.pfa.batch_size,
+                                     head_lr=prof.pfa.lr, encoder_lrs=lrs, device=enc_cfg.device)
+    else:
+        features, lrs = encoded, None
+    total = prof.pfa.total_epochs
+    with ui.progress(total, f"align ({prof.pfa.mode})") as advance:
+        result = train_pfa(features, prof.pfa, seed, train_index=train_index, device=enc_cfg.device,
+                           encoder_lrs=lrs,
+                           on_epoch=lambda stage, row: advance(status=f"stage {stage} loss {row['loss']:.3f}"))
+
+    def build(tmp: Path) -> dict[str, Any]:
+        np_save_file({m: np.ascontiguousarray(a) for m, a in encoded.items()}, str(tmp / "encoded.safetensors"))
+        torch_save_file({k: v.contiguous() for k, v in result.stages[-1].checkpoint.items()},
+                        str(tmp / "heads.safetensors"))
+        for k, st in enumerate(result.stages, start=1):
+            torch_save_file({n: v.contiguous() for n, v in st.checkpoint.items()},
+                            str(tmp / f"stage{k}_heads.safetensors"))
+            np_save_file({m: np.ascontiguousarray(a) for m, a in st.embeddings.items()},
+                         str(tmp / f"stage{k}_embeddings.safetensors"))
+        if enc_cfg.finetune:
+            (tmp / "encoders").mkdir()
+            for name, enc in zip(("image", "vlm", "llm"), encoders):
+                save_module_state(enc.module, tmp / "encoders" / f"{name}.safetensors")
+        summary = {"format": FORMAT, "samples": rows, "dropped": mods.dropped, "replay": mods.replay,
+                   "provenance": mods.provenance, "profile": prof.to_dict(),
+                   "encoders": [e.identity() for e in encoders], "seed": seed,
+                   "pfa": result.summary(), "warmup": warmup}
+        (tmp / "summary.json").write_text(json.dumps(summary, default=str))
+        return {"params": {"profile": prof.name, "mode": prof.pfa.mode, "strides": list(prof.pfa.strides),
+                           "seed": seed}}
+
+    entry = cache.put_tree(STAGE, key, build)
+    return AlignOutcome(key, entry.path, entry.read_json("summary.json"), False)
+
+
+def stage_labels(outcome: AlignOutcome) -> list[str]:
+    """Human names of the PFA stages, e.g. 'PFA stage 1 (20%)'."""
+    pfa = outcome.summary["pfa"]
+    if pfa["mode"] == "none":
+        return ["no alignment (random projections)"]
+    if pfa["mode"] == "direct":
+        return ["direct alignment (100%)"]
+    return [f"PFA stage {s['stage']} ({round(100 * s['fraction'])}%)" for s in pfa["stages"]]

@@ -1,0 +1,141 @@
+"""``asectl fuse-train``: cross-modality attention fusion (CMAF, paper section 3.4) and the classifier.
+
+Takes the aligned features of the training split from the ``align`` entry (running alignment first if
+it is not cached), trains CMAF + MLP with cross-entropy, and stores a model bundle in the cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from asectl import __version__, ui
+from asectl.bundle import BUNDLE_FORMAT, LATEST_POINTER, Bundle, load_bundle, write_checksums
+from asectl.cache import Cache, make_key
+from asectl.card import load_spec
+from asectl.dataset import Dataset
+from asectl.stages.align import AlignOutcome, run_align
+from asectl.stages.common import dataset_id
+
+STAGE = "model"
+
+
+@dataclass
+class FuseOutcome:
+    key: str
+    bundle: Bundle
+    align: AlignOutcome
+    from_cache: bool
+
+
+def align_args(cache: Cache, dataset: Dataset) -> dict[str, Any]:
+    """The alignment settings last used on this dataset (so fuse-train continues what align did)."""
+    ptr = cache.get_pointer(f"align-{dataset_id(dataset)}") or {}
+    return {k: ptr[k] for k in ("profile", "overrides", "seed", "augmented") if ptr.get(k) is not None}
+
+
+def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str | None = None,
+                   task: str | None = None, augmented: str | Path | None = None, profile: str | None = None,
+                   overrides: Mapping[str, Any] | None = None, seed: int | None = None,
+                   force: bool = False) -> FuseOutcome:
+    import torch
+
+    from asectl.models.cmaf import save_fusion, train_fusion
+    from asectl.models.train_config import get_profile
+
+    cache = cache or Cache()
+    prev = align_args(cache, dataset)
+    a_profile = profile or prev.get("profile", "quick")
+    a_over = {**prev.get("overrides", {}), **{k: v for k, v in (overrides or {}).items()
+                                              if k.startswith(("pfa.", "encoders."))}}
+    a_seed = prev.get("seed", 0) if seed is None else seed
+    a_aug = augmented if augmented is not None else prev.get("augmented")
+    align = run_align(dataset, cache, profile=a_profile, overrides=a_over, seed=a_seed, augmented=a_aug)
+    f_over = {k: v for k, v in (overrides or {}).items() if k.startswith("fusion.")}
+    if fusion:
+        f_over["fusion.variant"] = fusion
+    if task:
+        f_over["fusion.task"] = task
+    prof = get_profile(a_profile, {**a_over, **f_over, "seed": a_seed})
+    key = make_key(STAGE, format=BUNDLE_FORMAT, align=align.key, fusion=prof.to_dict()["fusion"], seed=a_seed)
+    entry = None if force else cache.get(STAGE, key)
+    if entry is None:
+        train = align.train_index()
+        emb = align.embeddings()
+        feats = {m: emb[m][train] for m in ("vlm", "llm", "image")}
+        labels = [align.labels[i] for i in train]
+        threads = torch.get_num_threads()
+        if prof.encoders.device == "cpu":
+            torch.set_num_threads(1)
+        try:
+            with ui.progress(prof.fusion.epochs, f"fuse-train ({prof.fusion.variant})") as advance:
+                model, history = train_fusion(
+                    feats, labels, prof.fusion, a_seed, classes=None, device=prof.encoders.device,
+                    on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"))
+        finally:
+            torch.set_num_threads(threads)
+        spec_arg = align.summary["replay"]["ocr"].get("spec")
+        spec = load_spec(spec_arg)
+
+        def build(tmp: Path) -> dict[str, Any]:
+            import shutil
+
+            shutil.copyfile(align.path / "heads.safetensors", tmp / "heads.safetensors")
+            save_fusion(model, tmp / "fusion.safetensors")
+            if (align.path / "encoders").is_dir():
+                shutil.copytree(align.path / "encoders", tmp / "encoders")
+            pfa = align.summary["pfa"]
+            config = {
+                "format": BUNDLE_FORMAT, "asectl_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "classes": model.bundle.classes, "task": model.bundle.task, "variant": prof.fusion.variant,
+                "profile": prof.to_dict(), "seed": a_seed,
+                "encoders": align.summary["encoders"], "heads": pfa["heads"],
+                "replay": align.summary["replay"], "provenance": align.summary["provenance"],
+                "card_spec": {"name": spec.name, "sha256": spec.digest, "toml": Path(spec.source).read_text()},
+                "training": {"dataset": str(dataset.root), "align_key": align.key,
+                             "data_fingerprint": _fingerprint(align), "n_train": len(train),
+                             "augmented": str(a_aug) if a_aug else None,
+                             "class_counts": {c: labels.count(c) for c in sorted(set(labels))}},
+                "metrics": {"d_pend": [{"stage": s["stage"], "n_pend": s["n_pend"], "val_loss": s["val_loss"],
+                                        "note": s["val_note"]} for s in pfa["stages"]],
+                            "train_accuracy_last_epoch": history["epochs"][-1]["accuracy"],
+                            "train_loss_last_epoch": history["epochs"][-1]["loss"]},
+                "fusion_history": history["epochs"],
+            }
+            write_checksums(tmp, config)
+            return {"params": {"align": align.key, "variant": prof.fusion.variant, "task": prof.fusion.task}}
+
+        entry = cache.put_tree(STAGE, key, build)
+        from_cache = False
+    else:
+        from_cache = True
+    bundle = load_bundle(entry.path)
+    cache.set_pointer(LATEST_POINTER, {"key": key, "dataset": str(dataset.root),
+                                       "created": bundle.config["created"]})
+    cache.set_pointer(f"model-{dataset_id(dataset)}", {"key": key})
+    return FuseOutcome(key, bundle, align, from_cache)
+
+
+def _fingerprint(align: AlignOutcome) -> str:
+    from asectl.cache import canonical_json, sha256_bytes
+
+    return sha256_bytes(canonical_json(align.summary["samples"]).encode())
+
+
+def fused_weights_summary(bundle: Bundle, feats: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Mean CMAF weights per modality (W1 VLM, W2 LLM, W3 image) over some samples, for reports."""
+    from asectl.models.cmaf import fusion_weights
+
+    if bundle.config["variant"] == "concat":
+        return {}
+    w = fusion_weights(bundle.fusion(), feats).mean(axis=(0, 1))
+    return {"vlm": float(w[0]), "llm": float(w[1]), "image": float(w[2])}
+
+
+def bundle_json(bundle: Bundle) -> str:
+    return json.dumps(bundle.config, indent=1, default=str)

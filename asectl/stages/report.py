@@ -1,0 +1,98 @@
+"""``asectl report``: evaluate a trained bundle on a dataset's test split and write the report files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from asectl.bundle import Bundle
+from asectl.cache import Cache
+from asectl.dataset import Dataset, binary_label
+from asectl.errors import ConfigError, DataError
+from asectl.report import ReportInput, ReportSummary, build_report, pfa_stage_name, stage_curves_from_pfa
+from asectl.stages.align import AlignOutcome, run_align
+from asectl.stages.predict import run_predict
+
+
+def bundle_alignment(bundle: Bundle, cache: Cache) -> AlignOutcome | None:
+    """The alignment entry the bundle was trained from, if it is still in the cache."""
+    key = bundle.config["training"]["align_key"]
+    entry = cache.get("align", key)
+    return None if entry is None else AlignOutcome(key, entry.path, entry.read_json("summary.json"), True)
+
+
+def provenance_lines(bundle: Bundle) -> tuple[dict[str, str], list[str]]:
+    cfg = bundle.config
+    prov = dict(cfg["provenance"])
+    img, vlm_enc, _ = cfg["encoders"]
+    prov["image encoder"] = f"{img.get('encoder')} ({img.get('weights', '?')})"
+    prov["text encoders"] = f"{vlm_enc.get('encoder')} ({vlm_enc.get('weights', '?')}), one per text branch"
+    pfa = cfg["profile"]["pfa"]
+    strides = "/".join(f"{s:g}" for s in pfa["strides"])
+    prov["alignment"] = {"progressive": f"PFA, progressive, fractions {strides}",
+                         "direct": "direct alignment on all training data",
+                         "none": "no alignment (random projections)"}[pfa["mode"]]
+    prov["fusion"] = f"{cfg['variant']} ({cfg['task']})"
+    prov["profile"] = cfg["profile"]["name"] + (" (encoders fine-tuned)" if cfg["profile"]["encoders"]["finetune"]
+                                                else " (frozen encoders, cached features)")
+    if cfg["training"].get("augmented"):
+        prov["training data"] = f"TDA-augmented: {cfg['training']['augmented']}"
+    warnings = []
+    if img.get("random_init"):
+        warnings.append("the image encoder was randomly initialised (no pretrained weights)")
+    if "built-in" in prov.get("descriptions", ""):
+        warnings.append("descriptions came from the built-in describer, not a vision-language model")
+    return prov, warnings
+
+
+def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cache | None = None,
+               model_id: str | None = None) -> ReportSummary:
+    cache = cache or Cache()
+    test = dataset.split("test")
+    if not test:
+        raise DataError(f"{dataset.root}: no test split to evaluate; mark rows with split=test")
+    classes = bundle.labels
+    binary = bundle.config["task"] == "binary"
+    test_ds = Dataset(test, dataset.root, dataset.source, dataset.labels)
+    result = run_predict(test_ds, bundle, cache)
+    ok = [r for r in result.records if not r.get("error")]
+    if not ok:
+        raise DataError(f"{dataset.root}: no test card could be classified (first error: "
+                        f"{result.errors[0]['error'] if result.errors else '?'})")
+    truth = {s.name: (binary_label(s.label) if binary else s.label) for s in test}
+    unknown = sorted({truth[r["image"]] for r in ok} - set(classes))
+    if unknown:
+        raise ConfigError(f"test labels {unknown} are not among the model's classes {classes}; "
+                          "was the model trained on another dataset?")
+    y_true = [classes.index(truth[r["image"]]) for r in ok]
+    y_pred = [classes.index(r["label"]) for r in ok]
+    probs = [[r["probabilities"][c] for c in classes] for r in ok]
+
+    align = bundle_alignment(bundle, cache)
+    embeddings: dict[str, Any] = {}
+    emb_labels: list[int] = []
+    emb_split: list[str] | None = None
+    curves: list = []
+    if align is not None:
+        pfa = align.summary["pfa"]
+        embeddings["unaligned"] = align.raw_features()["image"]
+        for k, st in enumerate(pfa["stages"], start=1):
+            embeddings[pfa_stage_name(st["stage"], st["fraction"], pfa["mode"])] = align.embeddings(k)["image"]
+        names = [binary_label(lab) if binary else lab for lab in align.labels]
+        emb_labels = [classes.index(n) if n in classes else 0 for n in names]
+        emb_split = align.splits
+        curves = stage_curves_from_pfa(pfa)
+    prov, warnings = provenance_lines(bundle)
+    if align is None:
+        warnings.append("alignment entry not in this cache: t-SNE and PFA curves omitted (rerun `asectl align`)")
+    if result.errors:
+        warnings.append(f"{len(result.errors)} test card(s) could not be classified and are left out "
+                        f"(first: {result.errors[0]['error']})")
+    data = ReportInput(
+        label_names=classes, y_true=y_true, y_pred=y_pred, image_names=[r["image"] for r in ok], probs=probs,
+        embeddings=embeddings, embedding_labels=emb_labels, embedding_split=emb_split, pfa_curves=curves,
+        fusion_curve=bundle.config.get("fusion_history", []), provenance=prov, model_id=model_id,
+        dataset_fingerprint=bundle.config["training"].get("data_fingerprint"),
+        seeds={"training": bundle.config["seed"]}, warnings=warnings, dataset=str(dataset.root),
+        tsne_seed=bundle.config["seed"])
+    return build_report(data, Path(out_dir))

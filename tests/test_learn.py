@@ -1,0 +1,128 @@
+"""align -> fuse-train -> predict -> report end to end on a small generated dataset, through the CLI.
+
+Real OCR, the built-in describer, a tiny random llama GGUF for the LLM branch (fast), and the real frozen
+EfficientNet-Lite0 and MiniLM encoders; a few epochs keep it quick."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from asectl.cli import cli
+from asectl.synth import generate
+
+from .tiny_gguf import write_tiny_llama
+
+FAST = ["--set", "pfa.epochs_per_stage=3", "--set", "fusion.epochs=8"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learn")
+    data = root / "data"
+    generate(data, seed=11, counts="8,4,4,4,4")
+    gguf = write_tiny_llama(root / "tiny.gguf")
+    cache = root / "cache"
+    run = CliRunner()
+
+    def invoke(*args):
+        res = run.invoke(cli, ["--cache-dir", str(cache), "-q", *map(str, args)])
+        assert res.exit_code == 0, res.output
+        return res
+
+    invoke("reason", data, "--llm-model", gguf, "--max-tokens", "24")
+    invoke("describe", data)
+    align = invoke("align", data, "--stride", "0.2", "--json", *FAST)
+    fuse = invoke("fuse-train", data, "--out", root / "bundle", "--json", *FAST)
+    return {"root": root, "data": data, "cache": cache, "invoke": invoke,
+            "align": json.loads(align.stdout.splitlines()[-1]), "fuse": json.loads(fuse.stdout.splitlines()[-1])}
+
+
+def test_align_stride_schedule_and_losses(trained):
+    a = trained["align"]
+    stages = a["stages"]
+    n_train = stages[-1]["n_train"]
+    assert len(stages) == 5
+    assert [s["n_train"] for s in stages] == [int(np.ceil(f * n_train - 1e-9)) for f in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    assert [s["n_pend"] for s in stages] == [n_train - s["n_train"] for s in stages]
+    assert stages[-1]["val_loss"] is None and all(s["val_loss"] is not None for s in stages[:-1])
+    assert not a["from_cache"]
+
+
+def test_align_rerun_is_cached_and_changed_stride_retrains(trained):
+    res = trained["invoke"]("align", trained["data"], "--stride", "0.2", "--json", *FAST)
+    assert json.loads(res.stdout.splitlines()[-1])["from_cache"] is True
+    res = trained["invoke"]("align", trained["data"], "--stride", "0.2/0.6/1", "--json", *FAST)
+    out = json.loads(res.stdout.splitlines()[-1])
+    assert out["from_cache"] is False and len(out["stages"]) == 3
+    # Put the default back for the tests that follow (cached).
+    trained["invoke"]("align", trained["data"], "--stride", "0.2", *FAST)
+
+
+def test_bundle_is_safetensors_and_json_only(trained):
+    bundle = trained["root"] / "bundle"
+    files = sorted(p.name for p in bundle.rglob("*") if p.is_file())
+    assert files == ["bundle.json", "fusion.safetensors", "heads.safetensors"]
+    cfg = json.loads((bundle / "bundle.json").read_text())
+    assert cfg["classes"] == ["normal", "type1", "type2", "type3", "type4"]
+    assert "built-in describer" in cfg["provenance"]["descriptions"]
+    assert cfg["replay"]["reason"]["priors"]["classes"]
+    assert set(cfg["files"]) == {"fusion.safetensors", "heads.safetensors"}
+
+
+def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):
+    new = tmp_path / "new"
+    generate(new, seed=99, counts="1,0,0,0,1")
+    cards = sorted(str(p) for p in (new / "images").glob("*.png"))
+    res = trained["invoke"]("predict", *cards, "--model", trained["root"] / "bundle", "--json")
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert len(recs) == 2
+    for r in recs:
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
+        assert r["label"] in r["probabilities"]
+    # Without --model the latest trained model is used, and says so.
+    res = trained["invoke"]("predict", cards[0])
+    assert "using the latest trained model" in res.output
+
+
+def test_report_writes_all_files(trained):
+    out = trained["root"] / "report"
+    trained["invoke"]("report", trained["data"], "--out", out)
+    for name in ("report.html", "report.md", "metrics.json", "confusion.png", "confusion_binary.png",
+                 "tsne.png", "curves.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["multiclass"]["macro_f1"] <= 1
+    html = (out / "report.html").read_text()
+    assert "built-in describer" in html and "PFA stage 5" in html
+
+
+def test_ablation_modes_and_fusions(trained):
+    inv, data = trained["invoke"], trained["data"]
+    for mode in ("direct", "none"):
+        res = inv("align", data, "--mode", mode, "--json", *FAST)
+        assert len(json.loads(res.stdout.splitlines()[-1])["stages"]) == 1
+    for fusion in ("concat", "cmaf-nosigmoid"):
+        res = inv("fuse-train", data, "--fusion", fusion, "--json", *FAST)
+        assert json.loads(res.stdout.splitlines()[-1])["variant"] == fusion
+    res = inv("fuse-train", data, "--task", "binary", "--json", *FAST)
+    assert json.loads(res.stdout.splitlines()[-1])["classes"] == ["normal", "defective"]
+
+
+def test_predict_without_any_model_is_a_usage_error(tmp_path, small_dataset):
+    res = CliRunner().invoke(cli, ["--cache-dir", str(tmp_path / "empty"), "predict",
+                                   str(small_dataset / "images" / "0000.png")])
+    assert res.exit_code == 2 and "no trained model" in res.output
+
+
+def test_damaged_bundle_is_refused(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(trained["root"] / "bundle", copy)
+    with open(copy / "fusion.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    res = CliRunner().invoke(cli, ["predict", str(trained["data"] / "images" / "0000.png"), "--model", str(copy)])
+    assert res.exit_code == 2 and "checksum mismatch" in res.output

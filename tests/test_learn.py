@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
         assert res.exit_code == 0, res.output
         return res
 
-    invoke("reason", data, "--llm-model", gguf, "--max-tokens", "24")
+    invoke("reason", data, "--llm-model", gguf, "--max-tokens", "32")
     invoke("describe", data)
     align = invoke("align", data, "--stride", "0.2", "--json", *FAST)
     fuse = invoke("fuse-train", data, "--out", root / "bundle", "--json", *FAST)

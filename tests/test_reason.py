@@ -302,7 +302,6 @@ def test_answer_schema_grammar_compiles():
 
 
 # --- the real default model --------------------------------------------------------------------------
-@pytest.mark.slow
 def test_default_smollm2_answers_within_the_schema(small_dataset, truth, priors, cache):
     two = _subset(small_dataset, 2)
     result = R.run_reason(two, fields=truth, priors=priors, cache=cache)

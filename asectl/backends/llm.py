@@ -13,10 +13,11 @@ import contextlib
 import ctypes
 import importlib.util
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from asectl.backends.identity import model_fingerprint
 from asectl.errors import ConfigError
@@ -190,7 +191,8 @@ def check_architecture(info: GGUFInfo) -> None:
 
     with _llama_log_captured() as lines:
         try:
-            llm = llama_cpp.Llama(str(info.path), vocab_only=True, verbose=False)
+            # The smallest context: llama-cpp-python creates one even for a vocabulary-only load.
+            llm = llama_cpp.Llama(str(info.path), vocab_only=True, n_ctx=64, n_batch=64, verbose=False)
             llm.close()
             return
         except ValueError:
@@ -285,8 +287,8 @@ class LlamaCppLLM:
             import llama_cpp  # noqa: F401
         except ImportError:
             raise ConfigError("llama-cpp-python is not installed; run `pip install llama-cpp-python`") from None
-        if n_ctx < 64:
-            raise ConfigError(f"--n-ctx {n_ctx}: too small; use at least 512 (default {DEFAULT_N_CTX})")
+        if n_ctx < 256:
+            raise ConfigError(f"--n-ctx {n_ctx}: too small for the prompt; use at least 256 (default {DEFAULT_N_CTX})")
         if n_threads is not None and n_threads < 1:
             raise ConfigError(f"--n-threads {n_threads}: must be 1 or more")
         self.path = resolve_model_path(model_path)
@@ -297,10 +299,13 @@ class LlamaCppLLM:
             check_chat_template(self.info)
         self.hash = model_fingerprint(self.path)
         self.n_ctx = n_ctx
+        # None = llama-cpp-python's default (half the cores). More threads than free cores makes llama.cpp's
+        # spinning workers collapse (seen: 20x slower with a second busy process on 2 cores).
         self.n_threads = n_threads
         self.n_gpu_layers = n_gpu_layers
         self.seed = seed
         self._llm = None
+        self._prefix: tuple[tuple[int, ...], Any] | None = None
 
     @property
     def model_id(self) -> str:
@@ -338,18 +343,70 @@ class LlamaCppLLM:
                                   "(more quantised) GGUF") from None
         return self._llm
 
-    def chat(self, messages: list[dict[str, str]], grammar: Any, sampling: dict[str, Any]) -> dict[str, Any]:
+    def _formatter(self) -> Callable[..., Any] | None:
+        """The chat formatter (messages -> prompt text) llama-cpp-python will use, or None if unknown."""
+        import inspect
+
+        from llama_cpp import llama_chat_format as lcf
+
+        if self.chat_format == EMBEDDED_TEMPLATE:
+            return lcf.Jinja2ChatFormatter(template=self.info.chat_template, eos_token=self.info.eos_token,
+                                           bos_token=self.info.bos_token)
+        try:
+            handler = lcf.LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(self.chat_format)
+            return inspect.getclosurevars(handler).nonlocals.get("chat_formatter")
+        except Exception:
+            return None
+
+    def _start_from_prefix(self, messages: list[dict[str, str]], prefix_messages: list[dict[str, str]]) -> int:
+        """Put the context in the state "shared prompt prefix evaluated", and return its length in tokens.
+
+        Every card's prompt starts with the same system message and priors. That prefix is evaluated once,
+        on its own, and its state saved; each card restores that exact state and evaluates only its own
+        tokens. A card's answer therefore never depends on which card came before it (the state is the
+        same bytes every time), and the shared part is not recomputed for each card."""
+        llm = self._llm
+        fmt = self._formatter()
+        if fmt is None:
+            llm.reset()
+            return 0
+        full, pre = fmt(messages=messages), fmt(messages=prefix_messages)
+        ft = llm.tokenize(full.prompt.encode("utf-8"), add_bos=not full.added_special, special=True)
+        pt = llm.tokenize(pre.prompt.encode("utf-8"), add_bos=not pre.added_special, special=True)
+        n = 0
+        for a, b in zip(ft, pt):
+            if a != b:
+                break
+            n += 1
+        n -= 1   # the last shared token may merge differently with what follows
+        if n < 8:
+            llm.reset()
+            return 0
+        key = tuple(ft[:n])
+        if self._prefix is not None and self._prefix[0] == key:
+            llm.load_state(self._prefix[1])
+        else:
+            llm.reset()
+            llm.eval(list(key))
+            self._prefix = (key, llm.save_state())
+        return n
+
+    def chat(self, messages: list[dict[str, str]], grammar: Any, sampling: dict[str, Any],
+             prefix_messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
         """One chat completion constrained by ``grammar``; nothing is carried over from the previous call.
 
-        The context is reset first: llama-cpp-python would otherwise reuse the key/value cache of a shared
-        prompt prefix, and the numbers of a reused prefix can differ in the last bits from a fresh
-        evaluation, which would make an answer depend on which card was reasoned about before it."""
+        Without ``prefix_messages`` the context is reset: llama-cpp-python would otherwise reuse the
+        key/value cache of whatever prompt came before, and a reused prefix can differ in the last bits
+        from a fresh evaluation. With them, the saved state of the shared prefix is restored instead
+        (same bytes for every card), so only the card's own tokens are evaluated."""
         import jinja2
 
         import llama_cpp
 
         llm = self.load()
-        llm.reset()
+        prefix_tokens = self._start_from_prefix(messages, prefix_messages) if prefix_messages else 0
+        if not prefix_tokens:
+            llm.reset()
         with contextlib.suppress(Exception):
             llama_cpp.llama_perf_context_reset(llm.ctx)
         t0 = time.perf_counter()
@@ -378,7 +435,7 @@ class LlamaCppLLM:
             perf = llama_cpp.llama_perf_context(llm.ctx)
             timing = {"prompt_ms": round(perf.t_p_eval_ms, 1), "generate_ms": round(perf.t_eval_ms, 1)}
         return {"raw": choice["message"].get("content") or "", "finish_reason": choice.get("finish_reason"),
-                "tokens": {"prompt": int(usage.get("prompt_tokens", 0)),
+                "tokens": {"prompt": int(usage.get("prompt_tokens", 0)), "prompt_reused": prefix_tokens,
                            "completion": int(usage.get("completion_tokens", 0))},
                 "seconds": seconds, "timing": timing}
 
@@ -387,3 +444,4 @@ class LlamaCppLLM:
             with contextlib.suppress(Exception):
                 self._llm.close()
             self._llm = None
+            self._prefix = None

@@ -267,9 +267,6 @@ class InstructBlipVLM(VLM):
         import transformers
         from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
 
-        if self.device == "cpu":
-            log.warning("running InstructBLIP on the CPU: expect minutes per image for a 7B model; use a CUDA "
-                        "machine, or --vlm builtin for quick model-free descriptions")
         dtype = getattr(torch, self.dtype)
         # transformers 4.56 renamed torch_dtype to dtype.
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
@@ -280,6 +277,10 @@ class InstructBlipVLM(VLM):
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
             kwargs["device_map"] = {"": torch.cuda.current_device()}
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()    # asectl draws its own progress; keep stderr to one bar
         t0 = time.perf_counter()
         try:
             processor = InstructBlipProcessor.from_pretrained(self.folder, local_files_only=True)
@@ -291,9 +292,14 @@ class InstructBlipVLM(VLM):
             raise ConfigError(f"CUDA out of memory loading {self.model_id}; use --load-8bit or a GPU with more "
                               "memory") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            # transformers' messages run to several sentences about the hub; the first names the problem.
+            text = str(exc).strip()
+            first = text.splitlines()[0].split(". ")[0][:200] if text else type(exc).__name__
             raise ConfigError(f"{self.folder}: could not load the InstructBLIP model ({first}); check that the "
                               "folder is a complete checkpoint (config, weights, tokenizers, processor)") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         model.eval()
         if getattr(processor, "num_query_tokens", None) is None:
             # Older processor configs lack it; the model config has the authoritative value.
@@ -302,6 +308,9 @@ class InstructBlipVLM(VLM):
         self._processor, self._model = processor, model
         log.info("loaded InstructBLIP %s on %s (%s%s) in %.1f s", self.model_id, self.device, self.dtype,
                  ", 8-bit" if self.load_8bit else "", time.perf_counter() - t0)
+        if self.device == "cpu":
+            log.warning("running InstructBLIP on the CPU: expect minutes per image for a 7B model; use a CUDA "
+                        "machine, or --vlm builtin for quick model-free descriptions")
 
     # -- generation ---------------------------------------------------------------------------------
     def describe(self, images: Sequence[Any], prompt: str) -> list[str]:
@@ -327,6 +336,11 @@ class InstructBlipVLM(VLM):
             torch.cuda.empty_cache()
             raise ConfigError(f"CUDA out of memory describing {len(images)} images at once; lower --batch-size "
                               f"(now {len(images)}) or use --load-8bit") from None
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0][:200] if text else type(exc).__name__
+            raise ConfigError(f"InstructBLIP generation failed with {self.model_id} ({first}); check that the model "
+                              "folder is complete and the generation settings are valid") from None
         if not model.config.text_config.is_encoder_decoder:
             # Decoder-only language models return the prompt tokens before the answer.
             out = out[:, inputs["input_ids"].shape[1]:]
@@ -415,7 +429,7 @@ def measure_dots(img, params: BuiltinParams | None = None, geometry=None) -> dic
     pts = grid[mask]
     n_px = int(len(pts))
     area = _dot_area(g.dot_radius)
-    m: dict[str, Any] = {"dot_pixels": n_px, "dots_estimate": int(round(n_px / area))}
+    m: dict[str, Any] = {"dot_pixels": n_px}
     if n_px < p.min_dot_pixels:
         return {**m, "found": False}
     centroid = pts.mean(axis=0)

@@ -78,7 +78,7 @@ def align(cache, dataset, stride, mode, profile, config_file, sets, seed, augmen
     from asectl.dataset import load_dataset
     from asectl.stages.align import run_align, stage_labels
 
-    over = _overrides(config_file, sets, **{"pfa.strides": stride, "pfa.mode": mode})
+    over = _overrides(config_file, sets, **{"pfa.stride": stride, "pfa.mode": mode})
     ds = load_dataset(dataset, seed=seed or 0)
     out = run_align(ds, cache, profile=_profile_name(profile, config_file) or "quick", overrides=over,
                     seed=seed or 0, augmented=augmented, force=force)

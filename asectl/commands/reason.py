@@ -61,7 +61,7 @@ def reason(cache, inputs, llm_model, chat_format, n_threads, n_gpu_layers, n_ctx
     dataset = load_inputs(inputs)
     result = run_reason(dataset, llm_model, chat_format=chat_format, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                         n_ctx=n_ctx, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
-                        max_tokens=max_tokens or DEFAULT_MAX_TOKENS, prompt=prompt, priors=priors, engine=engine,
+                        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, prompt=prompt, priors=priors, engine=engine,
                         spec=spec, cache=cache, force=force, strict=strict)
     if priors_out is not None:
         write_atomic(priors_out, json.dumps(result.params["priors"], indent=1).encode())

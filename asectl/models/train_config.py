@@ -228,6 +228,11 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(path, value, inner[0])
     if origin is tuple:
+        if path.endswith("strides") and isinstance(value, str) and not any(c in value for c in "/,"):
+            try:
+                value = float(value)     # "--stride 0.2" from the command line
+            except ValueError:
+                pass
         if path.endswith("strides") and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)     # a single stride; PFAConfig.validate expands it
         if isinstance(value, str):

@@ -46,9 +46,10 @@ VERDICTS = ("normal", "defective")
 DEVIATION_KINDS = ("none", "shift", "spread", "tilt", "cluster", "ring", "other")
 AXES = ("x", "y", "both", "none")
 SEVERITIES = ("low", "medium", "high")
-RATIONALE_MAX_CHARS = 240
+RATIONALE_MAX_CHARS = 160
 ANSWER_KEYS = ("verdict", "deviation_kind", "axis", "severity", "closest_class", "rationale")
 PLACEHOLDERS = ("record", "deviation", "priors", "n_train", "labels")
+CARD_PLACEHOLDERS = ("record", "deviation")   # differ per card: kept at the end of the prompt
 
 
 # --- sampling ----------------------------------------------------------------------------------------
@@ -93,6 +94,19 @@ class PromptTemplate:
     def messages(self, **values: Any) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system.substitute(values).strip()},
                 {"role": "user", "content": self.user.substitute(values).strip()}]
+
+    def shared_prefix(self, **values: Any) -> list[dict[str, str]]:
+        """The messages cut where the first card-specific value ($record, $deviation) begins: the part
+        every card's prompt shares, which the LLM evaluates once."""
+        mark = "\ue000"
+        msgs = self.messages(**{**values, **{k: mark for k in CARD_PLACEHOLDERS}})
+        out = []
+        for m in msgs:
+            if mark in m["content"]:
+                out.append({**m, "content": m["content"].split(mark, 1)[0]})
+                break
+            out.append(m)
+        return out
 
 
 def prompt_names() -> list[str]:
@@ -388,8 +402,8 @@ def deviation_text(fields: Mapping[str, Any], priors: Mapping[str, Any]) -> str:
             z = _z(feats[f], priors, normal, f)
             how = ("within the normal range" if abs(z) <= 1.5 else
                    f"{'far ' if abs(z) > 3 else ''}{'above' if z > 0 else 'below'} normal")
-            lines.append(f"- {FIELD_WORDS[f]} {_fmt(feats[f], f)} is {how} ({z:+.1f} sd; normal "
-                         f"{_fmt(normal['mean'][f], f)}±{_fmt(_scale(priors, normal, f), f)})")
+            # The normal range itself is in the priors above; repeating it per card only costs tokens.
+            lines.append(f"- {FIELD_WORDS[f]} {_fmt(feats[f], f)}: {how} ({z:+.1f} sd)")
     dist = class_distances(feats, priors)
     if dist:
         ranked = sorted(dist.items(), key=lambda kv: (kv[1], kv[0]))
@@ -530,7 +544,8 @@ def run_reason(
         sentence = record_sentence(f, edges)
         messages = template.messages(record=sentence, deviation=deviation_text(f, priors), priors=p_text,
                                      n_train=n_train, labels=", ".join(labels))
-        out = llm.chat(messages, grammar, sampling.as_dict())
+        prefix = template.shared_prefix(priors=p_text, n_train=n_train, labels=", ".join(labels))
+        out = llm.chat(messages, grammar, sampling.as_dict(), prefix_messages=prefix)
         answer, warnings = parse_answer(out["raw"], labels, out["finish_reason"], sampling.max_tokens)
         missing = list(rec.get("missing") or [])
         tally["completion"] += out["tokens"]["completion"]

@@ -7,7 +7,6 @@ pattern that reads it back (for OCR parsing), so the two can never drift apart.
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 from PIL import Image, ImageDraw, ImageFont
 
 from asectl.errors import ConfigError
@@ -53,6 +53,7 @@ class Geometry:
 
 
 GEOMETRY = Geometry()
+PATTERN_TIMEOUT = 0.25   # seconds one card-spec pattern may spend on one OCR'd row
 DEFAULT_SPEC_PATH = Path(__file__).parent / "specs" / "default.toml"
 
 
@@ -60,7 +61,7 @@ DEFAULT_SPEC_PATH = Path(__file__).parent / "specs" / "default.toml"
 class FieldSpec:
     name: str
     kind: str                  # "int" or "float"
-    pattern: re.Pattern
+    pattern: "regex.Pattern"
     template: str | None
 
 
@@ -69,7 +70,7 @@ class CardSpec:
     name: str
     fields: tuple[FieldSpec, ...]
     bin_edges: tuple[float, ...]
-    bin_pattern: re.Pattern | None
+    bin_pattern: "regex.Pattern | None"
     bin_template: str | None
     source: str                 # path of the TOML, recorded in artifact metadata
     digest: str                 # hash of the TOML text, part of cache keys
@@ -94,11 +95,18 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def _compile(pattern: str, where: str) -> re.Pattern:
+def _compile(pattern: str, where: str) -> "regex.Pattern":
+    # The `regex` engine (not `re`) because a user's spec may hold a pattern with catastrophic
+    # backtracking: `regex` can stop a match after a timeout (see PATTERN_TIMEOUT), `re` cannot.
     try:
-        return re.compile(pattern, re.IGNORECASE)
-    except re.error as exc:
+        return regex.compile(pattern, regex.IGNORECASE | regex.VERSION0)
+    except regex.error as exc:
         raise ConfigError(f"{where}: invalid regular expression ({exc})") from None
+
+
+def search(pattern: "regex.Pattern", text: str) -> "regex.Match | None":
+    """``pattern.search(text)`` bounded in time; raises TimeoutError past PATTERN_TIMEOUT seconds."""
+    return pattern.search(text, timeout=PATTERN_TIMEOUT)
 
 
 def load_spec(path: str | Path | None = None) -> CardSpec:

@@ -12,7 +12,7 @@ NEW="$OUT/new-card"
 
 # Deterministic: the same seed gives byte-identical cards, so reruns hit the cache.
 [ -f "$DATA/labels.csv" ] || $ASECTL synth --out "$DATA" --seed 0
-[ -f "$NEW/labels.csv" ] || $ASECTL synth --out "$NEW" --seed 1000 --counts 0,0,1,0,0 --test-size 1
+[ -f "$NEW/labels.csv" ] || $ASECTL synth --out "$NEW" --seed 1000 --counts 1,0,1,0,0 --test-size 1
 
 $ASECTL ocr "$DATA" --out "$OUT/ocr.jsonl"
 $ASECTL describe "$DATA" --out "$OUT/describe.jsonl"
@@ -20,4 +20,4 @@ $ASECTL reason "$DATA" --out "$OUT/reason.jsonl"
 $ASECTL align "$DATA" --stride 0.2
 $ASECTL fuse-train "$DATA"
 $ASECTL report "$DATA" --out "$OUT/report"
-$ASECTL predict "$NEW"/images/*.png
+$ASECTL predict "$NEW/images/0000.png"

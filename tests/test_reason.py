@@ -82,7 +82,7 @@ def test_cli_reason_tiny_gguf_end_to_end_then_cache_hit(tiny_gguf, small_dataset
         # Random weights, but the grammar forces a schema-valid JSON answer.
         _check_answer(r["json"], labels)
         assert json.loads(r["raw"], strict=False)["verdict"] == r["json"]["verdict"]
-        assert r["text"].startswith(f"Verdict: {r['json']['verdict']}") and f"N = {r['fields']['N']} holes" in r["text"]
+        assert r["text"].startswith(f"Verdict: {r['json']['verdict']}") and f"N {r['fields']['N']} holes" in r["text"]
         assert r["model"] == {"id": "asectl tiny llama", "hash": sha256_file(tiny_gguf), "chat_format": "llama-2"}
         assert r["backend"] == "llama-cpp" and r["prompt_version"] == "reason-v1"
         assert r["prompt_sha256"] == sha256_file(R.PROMPTS_DIR / "reason-v1.txt")
@@ -213,7 +213,7 @@ def test_answer_cut_by_max_tokens_is_recorded_not_raised(tiny_gguf, small_datase
                        max_tokens=32).records[0]
     assert rec["json"] is None and rec["finish_reason"] == "length"
     assert any("cut off" in w for w in rec["warnings"]) and any("not valid JSON" in w for w in rec["warnings"])
-    assert rec["raw"].startswith("{") and rec["text"].startswith("Record: N = ")
+    assert rec["raw"].startswith("{") and rec["text"].startswith("Record: N ")
 
 
 def test_parse_answer_never_raises():
@@ -274,7 +274,7 @@ def test_prompt_is_a_versioned_file_with_known_placeholders(tmp_path, small_data
     assert [m["role"] for m in messages] == ["system", "user"]
     user = messages[1]["content"]
     assert record in user and "mean x" in user and "$" not in user and "##" not in user
-    assert f"N = {truth[name]['N']} holes" in record and "10-20: " in record
+    assert f"N {truth[name]['N']} holes" in record and f"10-20:{truth[name]['bins'][-1]}" in record
 
     custom = tmp_path / "mine.txt"
     custom.write_text("[system]\nbe brief\n[user]\n$record $nonsense\n")
@@ -289,7 +289,7 @@ def test_prompt_is_a_versioned_file_with_known_placeholders(tmp_path, small_data
 
 def test_record_sentence_says_what_ocr_missed():
     text = R.record_sentence({"N": 12, "mu_x": 1.5}, [0, 1, 2])
-    assert "mean y = not read" in text and "holes per radius interval not read" in text
+    assert "y not read" in text and "holes by radius not read" in text
 
 
 def test_answer_schema_grammar_compiles():
@@ -310,3 +310,21 @@ def test_default_smollm2_answers_within_the_schema(small_dataset, truth, priors,
         _check_answer(rec["json"], list(priors["classes"]))
         assert rec["model"]["chat_format"] == "chat_template.default" and rec["finish_reason"] == "stop"
         assert rec["tokens"]["completion"] > 0
+
+
+def test_worker_processes_give_the_same_answers_as_one_process(tmp_path, small_dataset):
+    """Answers do not depend on how many processes share the work, nor on card order."""
+    from asectl.cache import Cache
+    from asectl.dataset import Dataset, load_dataset
+    from asectl.stages.reason import run_reason
+    from asectl.synth import read_truth
+
+    ds = load_dataset(small_dataset)
+    truth = read_truth(small_dataset)
+    fields = {s.name: truth[s.name]["printed"] for s in ds.samples}
+    one = run_reason(ds, fields=fields, workers=1, cache=Cache(tmp_path / "a"), max_tokens=48)
+    rev = Dataset(list(reversed(ds.samples)), ds.root, ds.source, ds.labels)
+    two = run_reason(rev, fields=fields, workers=2, cache=Cache(tmp_path / "b"), max_tokens=48)
+    a = {r["image"]: r["raw"] for r in one.records}
+    b = {r["image"]: r["raw"] for r in two.records}
+    assert a == b and len(a) == len(ds)

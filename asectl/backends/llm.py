@@ -305,7 +305,8 @@ class LlamaCppLLM:
         self.n_gpu_layers = n_gpu_layers
         self.seed = seed
         self._llm = None
-        self._prefix: tuple[tuple[int, ...], Any] | None = None
+        self._prefix: tuple[int, ...] | None = None   # tokens of the shared prefix held in the context
+        self.n_threads_batch: int | None = None         # prompt threads (None: llama-cpp-python's default)
 
     @property
     def model_id(self) -> str:
@@ -334,6 +335,7 @@ class LlamaCppLLM:
             try:
                 self._llm = llama_cpp.Llama(
                     str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+                    n_threads_batch=self.n_threads_batch,
                     seed=self.seed, chat_format=self.chat_format, verbose=False)
             except ValueError:
                 raise ConfigError(f"{self.path}: llama.cpp failed to load the model ({_load_failure_cause(lines)}); "
@@ -383,12 +385,14 @@ class LlamaCppLLM:
             llm.reset()
             return 0
         key = tuple(ft[:n])
-        if self._prefix is not None and self._prefix[0] == key:
-            llm.load_state(self._prefix[1])
+        # Keep the prefix's key/value cells and drop everything after them: the next card's tokens then
+        # land in the same cells as every other card's (llama.cpp refills from the first freed cell).
+        if self._prefix == key and llm._ctx.kv_cache_seq_rm(-1, n, -1):
+            llm.n_tokens = n
         else:
             llm.reset()
             llm.eval(list(key))
-            self._prefix = (key, llm.save_state())
+            self._prefix = key
         return n
 
     def chat(self, messages: list[dict[str, str]], grammar: Any, sampling: dict[str, Any],
@@ -445,3 +449,59 @@ class LlamaCppLLM:
                 self._llm.close()
             self._llm = None
             self._prefix = None
+
+
+# --- several processes -------------------------------------------------------------------------------
+# A small GGUF on a CPU is compute-bound, and llama.cpp's threads spin at every barrier: two threads
+# in one process gain little and collapse when another program takes a core. Independent processes
+# with one thread each scale with the cores instead. Every worker evaluates the shared prompt prefix
+# the same way, so answers do not depend on which worker took a card.
+
+_worker: dict[str, Any] = {}
+
+
+def _worker_init(llm: "LlamaCppLLM", schema_json: str) -> None:
+    from llama_cpp import LlamaGrammar
+
+    llm.load()
+    _worker["llm"] = llm
+    _worker["grammar"] = LlamaGrammar.from_json_schema(schema_json, verbose=False)
+
+
+def _worker_chat(messages: list[dict[str, str]], sampling: dict[str, Any],
+                 prefix_messages: list[dict[str, str]] | None) -> dict[str, Any]:
+    return _worker["llm"].chat(messages, _worker["grammar"], sampling, prefix_messages=prefix_messages)
+
+
+def default_workers(n_threads: int | None, n_gpu_layers: int) -> int:
+    """One single-threaded worker per free core on a CPU run; one process when layers go to a GPU."""
+    if n_gpu_layers:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(n_threads or 1, 1))
+
+
+class LLMPool:
+    """``workers`` processes, each with its own copy of the model, answering chat requests in order."""
+
+    def __init__(self, llm: "LlamaCppLLM", workers: int, schema_json: str):
+        import copy
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        template = copy.copy(llm)
+        template._llm, template._prefix = None, None
+        template.n_threads = llm.n_threads or 1
+        template.n_threads_batch = template.n_threads   # llama-cpp-python would use every core for prompts
+        # spawn, not fork: the parent may hold torch/onnxruntime thread pools that do not survive a fork.
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                         initializer=_worker_init, initargs=(template, schema_json))
+        self.workers = workers
+
+    def chat_many(self, jobs: list[tuple[list[dict[str, str]], dict[str, Any], list[dict[str, str]] | None]]
+                  ) -> list[dict[str, Any]]:
+        futures = [self._pool.submit(_worker_chat, *job) for job in jobs]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -18,7 +18,10 @@ from asectl import ui
 @click.option("--chat-format", default="auto", show_default=True,
               help="auto (the GGUF's own template, else chosen from its name/architecture), or a "
                    "llama-cpp-python format such as llama-2, chatml, mistral-instruct, llama-3.")
-@click.option("--n-threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice).")
+@click.option("--n-threads", type=int, default=None, help="CPU threads per worker process (default 1 with "
+              "several workers, else llama.cpp's choice).")
+@click.option("--workers", type=int, default=None, help="Worker processes, each with its own copy of the model "
+              "(default: one per core on a CPU run, 1 with --n-gpu-layers).")
 @click.option("--n-gpu-layers", type=int, default=0, show_default=True,
               help="Layers to offload to a GPU (-1: all) when llama-cpp-python was built with GPU support.")
 @click.option("--n-ctx", type=int, default=None, help="Context window in tokens (default 4096).")
@@ -41,7 +44,7 @@ from asectl import ui
 @click.option("--force", is_flag=True, help="Recompute even when cached.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad image.")
 @click.pass_obj
-def reason(cache, inputs, llm_model, chat_format, n_threads, n_gpu_layers, n_ctx, temperature, seed, top_k,
+def reason(cache, inputs, llm_model, chat_format, n_threads, workers, n_gpu_layers, n_ctx, temperature, seed, top_k,
            top_p, max_tokens, prompt, priors_file, priors_out, engine, spec, out, as_json, force, strict):
     """Reason over the printed records of cards with an LLM (a dataset folder, image files or globs)."""
     from asectl.cache import write_atomic
@@ -59,7 +62,7 @@ def reason(cache, inputs, llm_model, chat_format, n_threads, n_gpu_layers, n_ctx
         except ValueError as exc:
             raise ConfigError(f"{priors_file}: not JSON ({exc}); write priors with --priors-out") from None
     dataset = load_inputs(inputs)
-    result = run_reason(dataset, llm_model, chat_format=chat_format, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+    result = run_reason(dataset, llm_model, chat_format=chat_format, n_threads=n_threads, workers=workers, n_gpu_layers=n_gpu_layers,
                         n_ctx=n_ctx, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
                         max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, prompt=prompt, priors=priors, engine=engine,
                         spec=spec, cache=cache, force=force, strict=strict)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from asectl.backends.ocr import TextLine, get_engine
 from asectl.cache import Cache
-from asectl.card import CardSpec, default_spec, load_spec
+from asectl.card import PATTERN_TIMEOUT, CardSpec, default_spec, load_spec, search
 from asectl.dataset import Dataset
 from asectl.errors import ConfigError, DataError
 from asectl.imageio import load_image
@@ -117,7 +117,7 @@ def parse_record(rows: Sequence[str], spec: CardSpec) -> tuple[dict[str, Any], l
             continue
         matched = False
         for f in spec.fields:
-            m = f.pattern.search(norm)
+            m = _bounded(f.pattern, norm, f.name, warnings)
             if not m:
                 continue
             matched = True
@@ -130,7 +130,7 @@ def parse_record(rows: Sequence[str], spec: CardSpec) -> tuple[dict[str, Any], l
                 fields[f.name] = value
             break
         if not matched and spec.bin_pattern is not None:
-            m = spec.bin_pattern.search(norm)
+            m = _bounded(spec.bin_pattern, norm, "bins", warnings)
             if m:
                 matched = True
                 idx = edge_index.get((_edge_key(m.group("lo")), _edge_key(m.group("hi"))))
@@ -154,6 +154,15 @@ def parse_record(rows: Sequence[str], spec: CardSpec) -> tuple[dict[str, Any], l
             warnings.append(f"bins: no count read for interval(s) {', '.join(lost)}")
     warnings += consistency_warnings(fields)
     return fields, missing, warnings, unparsed
+
+
+def _bounded(pattern, text: str, name: str, warnings: list[str]):
+    try:
+        return search(pattern, text)
+    except TimeoutError:
+        warnings.append(f"{name}: pattern gave up after {PATTERN_TIMEOUT} s on '{text}' (catastrophic "
+                        "backtracking?); simplify it in the card spec")
+        return None
 
 
 def consistency_warnings(fields: dict[str, Any]) -> list[str]:

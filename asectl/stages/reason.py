@@ -46,7 +46,7 @@ VERDICTS = ("normal", "defective")
 DEVIATION_KINDS = ("none", "shift", "spread", "tilt", "cluster", "ring", "other")
 AXES = ("x", "y", "both", "none")
 SEVERITIES = ("low", "medium", "high")
-RATIONALE_MAX_CHARS = 160
+RATIONALE_MAX_CHARS = 100
 ANSWER_KEYS = ("verdict", "deviation_kind", "axis", "severity", "closest_class", "rationale")
 PLACEHOLDERS = ("record", "deviation", "priors", "n_train", "labels")
 CARD_PLACEHOLDERS = ("record", "deviation")   # differ per card: kept at the end of the prompt
@@ -233,14 +233,15 @@ def record_sentence(fields: Mapping[str, Any], bin_edges: Sequence[float]) -> st
     def val(f: str) -> str:
         return _fmt(fields[f], f) if _usable(fields.get(f)) else "not read"
 
-    parts = [f"N = {val('N')} holes", f"mean x = {val('mu_x')}, mean y = {val('mu_y')}",
-             f"standard deviation x = {val('sd_x')}, y = {val('sd_y')}"]
+    # Compact on purpose: a small model's tokenizer spends one token per digit, and the card-specific
+    # part of the prompt is evaluated for every card.
+    parts = [f"N {val('N')} holes", f"mean x {val('mu_x')}, y {val('mu_y')}", f"sd x {val('sd_x')}, y {val('sd_y')}"]
     bins = _bins(fields, bin_edges)
     if bins is not None:
-        intervals = ", ".join(f"{_num(lo)}-{_num(hi)}: {c}" for lo, hi, c in zip(bin_edges, bin_edges[1:], bins))
-        parts.append(f"holes per radius interval {intervals}")
+        intervals = " ".join(f"{_num(lo)}-{_num(hi)}:{c}" for lo, hi, c in zip(bin_edges, bin_edges[1:], bins))
+        parts.append(f"holes by radius {intervals}")
     elif bin_edges:
-        parts.append("holes per radius interval not read")
+        parts.append("holes by radius not read")
     return "; ".join(parts) + "."
 
 
@@ -393,23 +394,22 @@ def deviation_text(fields: Mapping[str, Any], priors: Mapping[str, Any]) -> str:
     """The record against the priors (part of the data preparation g): each feature against normal
     cards in units of their spread, and the distance to every class's typical statistics."""
     feats = card_features(fields, priors["bin_edges"])
-    lines = []
+    parts = []
     normal = priors["classes"].get(priors.get("normal_label") or "")
     if normal:
         for f in SHOWN_FEATURES:
             if f not in feats or f not in normal["mean"]:
                 continue
             z = _z(feats[f], priors, normal, f)
-            how = ("within the normal range" if abs(z) <= 1.5 else
-                   f"{'far ' if abs(z) > 3 else ''}{'above' if z > 0 else 'below'} normal")
             # The normal range itself is in the priors above; repeating it per card only costs tokens.
-            lines.append(f"- {FIELD_WORDS[f]} {_fmt(feats[f], f)}: {how} ({z:+.1f} sd)")
+            how = "" if abs(z) <= 1.5 else f" {'far ' if abs(z) > 3 else ''}{'above' if z > 0 else 'below'}"
+            parts.append(f"{FIELD_WORDS[f]} {z:+.1f} sd{how}")
+    lines = [f"vs normal: {', '.join(parts)}"] if parts else []
     dist = class_distances(feats, priors)
     if dist:
         ranked = sorted(dist.items(), key=lambda kv: (kv[1], kv[0]))
-        lines.append("- distance to each class's typical statistics (smaller is closer): "
-                     + ", ".join(f"{lab} {d:.1f}" for lab, d in ranked))
-    return "\n".join(lines) if lines else "- no comparison possible (no field was read)"
+        lines.append("distance to each class (smaller is closer): " + ", ".join(f"{lab} {d:.1f}" for lab, d in ranked))
+    return "\n".join(lines) if lines else "no comparison possible (no field was read)"
 
 
 def _check_train_split(dataset: Dataset) -> list[Sample]:
@@ -475,6 +475,7 @@ def run_reason(
     strict: bool = False,
     expect_model_hash: str | None = None,
     expect_prompt_sha256: str | None = None,
+    workers: int | None = None,
 ) -> StageResult:
     """Reason over every card's record with a GGUF LLM (default: SmolLM2-135M-Instruct).
 
@@ -484,7 +485,7 @@ def run_reason(
     from a model bundle) refuse a model file or prompt that differs from the one it was trained with."""
     from llama_cpp import LlamaGrammar
 
-    from asectl.backends.llm import DEFAULT_N_CTX, LlamaCppLLM
+    from asectl.backends.llm import DEFAULT_N_CTX, LlamaCppLLM, LLMPool, default_workers
     from asectl.card import load_spec
 
     cache = cache or Cache()
@@ -530,7 +531,7 @@ def run_reason(
     model_rec = {"id": llm.model_id, "hash": llm.hash, "chat_format": llm.chat_format}
     tally = {"completion": 0, "seconds": 0.0}
 
-    def compute(sample: Sample) -> dict[str, Any]:
+    def prepare(sample: Sample) -> tuple[list[dict[str, str]], list[dict[str, str]], str, dict[str, Any]]:
         rec = stats.get(sample.name)
         if rec is None:
             raise DataError(f"{sample.path}: no record given for this card")
@@ -542,10 +543,12 @@ def run_reason(
             raise DataError(f"{rec['error']} (reason needs the card's record)" if rec.get("error") else
                             f"{sample.path}: OCR read no field of the record; check the card with `asectl ocr`")
         sentence = record_sentence(f, edges)
-        messages = template.messages(record=sentence, deviation=deviation_text(f, priors), priors=p_text,
-                                     n_train=n_train, labels=", ".join(labels))
-        prefix = template.shared_prefix(priors=p_text, n_train=n_train, labels=", ".join(labels))
-        out = llm.chat(messages, grammar, sampling.as_dict(), prefix_messages=prefix)
+        values = {"priors": p_text, "n_train": n_train, "labels": ", ".join(labels)}
+        messages = template.messages(record=sentence, deviation=deviation_text(f, priors), **values)
+        return messages, template.shared_prefix(**values), sentence, rec
+
+    def finish(prep: tuple, out: dict[str, Any]) -> dict[str, Any]:
+        _, _, sentence, rec = prep
         answer, warnings = parse_answer(out["raw"], labels, out["finish_reason"], sampling.max_tokens)
         missing = list(rec.get("missing") or [])
         tally["completion"] += out["tokens"]["completion"]
@@ -553,10 +556,32 @@ def run_reason(
         return {"text": answer_text(answer, sentence), "json": answer, "raw": out["raw"],
                 "warnings": [f"OCR did not read: {', '.join(missing)}"] * bool(missing)
                 + list(rec.get("warnings", [])) + warnings,
-                "fields": f, "backend": "llama-cpp", "model": model_rec, "prompt_version": template.name,
-                "prompt_sha256": template.sha256, "priors_sha256": p_hash, "sampling": sampling.as_dict(),
-                "tokens": out["tokens"], "timing": out["timing"], "finish_reason": out["finish_reason"],
-                "seconds": round(out["seconds"], 4)}
+                "fields": rec.get("fields") or {}, "backend": "llama-cpp", "model": model_rec,
+                "prompt_version": template.name, "prompt_sha256": template.sha256, "priors_sha256": p_hash,
+                "sampling": sampling.as_dict(), "tokens": out["tokens"], "timing": out["timing"],
+                "finish_reason": out["finish_reason"], "seconds": round(out["seconds"], 4)}
+
+    def compute(sample: Sample) -> dict[str, Any]:
+        prep = prepare(sample)
+        return finish(prep, llm.chat(prep[0], grammar, sampling.as_dict(), prefix_messages=prep[1]))
+
+    n_workers = workers or default_workers(n_threads, n_gpu_layers)
+    pool: list[LLMPool] = []
+
+    def compute_batch(samples: list[Sample]) -> list[dict[str, Any]]:
+        preps: list[Any] = []
+        for s in samples:
+            try:
+                preps.append(prepare(s))
+            except DataError as exc:
+                if strict:
+                    raise
+                preps.append({"error": str(exc)})
+        if not pool:
+            pool.append(LLMPool(llm, n_workers, json.dumps(schema)))
+        todo = [p for p in preps if isinstance(p, tuple)]
+        outs = iter(pool[0].chat_many([(p[0], sampling.as_dict(), p[1]) for p in todo]))
+        return [p if isinstance(p, dict) else finish(p, next(outs)) for p in preps]
 
     def status() -> str:
         return f"{tally['completion'] / tally['seconds']:.1f} tok/s" if tally["seconds"] > 0 else ""
@@ -564,9 +589,12 @@ def run_reason(
     try:
         records = run_per_image(STAGE, dataset.samples, identity, compute, cache, force=force, strict=strict,
                                 description=f"reason ({llm.model_id})", status=status,
-                                meta={"model_path": str(llm.path)})
+                                meta={"model_path": str(llm.path)},
+                                batch=compute_batch if n_workers > 1 else None, batch_size=4 * n_workers)
     finally:
         llm.close()
+        for p in pool:
+            p.close()
     params = {"identity": identity, "backend": llm.identity(with_path=True),
               "chat_format_reason": llm.chat_format_reason,
               "prompt": {"name": template.name, "ref": template.ref, "sha256": template.sha256},

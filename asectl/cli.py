@@ -64,6 +64,21 @@ def cli(ctx: click.Context, cache_dir: Path | None, debug: bool, quiet: bool) ->
     ctx.obj = Cache(cache_dir)
 
 
+_PER_IMAGE_OPTIONS = [
+    click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Export records as JSON lines."),
+    click.option("--json", "as_json", is_flag=True, help="Print records as JSON lines on stdout."),
+    click.option("--force", is_flag=True, help="Recompute even when cached."),
+    click.option("--strict", is_flag=True, help="Stop at the first bad image."),
+]
+
+
+def per_image_options(f):
+    """--out, --json, --force and --strict: the options every per-image stage command shares."""
+    for opt in reversed(_PER_IMAGE_OPTIONS):
+        f = opt(f)
+    return f
+
+
 def emit_records(records: list[dict], out: Path | None, as_json: bool) -> None:
     if out is not None:
         from asectl.stages.common import write_jsonl
@@ -126,22 +141,22 @@ def synth(cache, out, seed, counts, test_size, augment_src, factor, stats_source
 @click.option("--engine", default="cnocr", show_default=True, help="OCR engine: cnocr or rapidocr.")
 @click.option("--spec", type=click.Path(dir_okay=False, path_type=Path),
               help="Card spec TOML for another record layout (default: docs/card-format.md).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Export records as JSON lines.")
-@click.option("--json", "as_json", is_flag=True, help="Print records as JSON lines on stdout.")
-@click.option("--force", is_flag=True, help="Recompute even when cached.")
-@click.option("--strict", is_flag=True, help="Stop at the first bad image.")
+@click.option("--detector", type=click.Choice(["auto", "model"]), default="auto", show_default=True,
+              help="auto: cut clean text lines directly, else the engine's text detector; model: always the detector.")
+@per_image_options
 @click.pass_obj
-def ocr(cache, inputs, engine, spec, out, as_json, force, strict):
+def ocr(cache, inputs, engine, spec, detector, out, as_json, force, strict):
     """Read the printed records of cards (a dataset folder, image files or globs)."""
     from asectl.dataset import load_inputs
     from asectl.stages.ocr import run_ocr
 
     dataset = load_inputs(inputs)
-    result = run_ocr(dataset, engine=engine, spec=spec, cache=cache, force=force, strict=strict)
+    result = run_ocr(dataset, engine=engine, spec=spec, cache=cache, force=force, strict=strict, detector=detector)
     if dataset.root is not None:
         from asectl.pipeline import remember
 
-        remember(cache, dataset, "ocr", {"engine": engine, "spec": str(spec.resolve()) if spec else None})
+        remember(cache, dataset, "ocr", {"engine": engine, "spec": str(spec.resolve()) if spec else None,
+                                         "detector": detector})
     emit_records(result.records, out, as_json)
     finish(result, cache)
 

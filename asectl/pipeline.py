@@ -60,7 +60,7 @@ def collect_modalities(dataset: Dataset, cache: Cache, settings: Mapping[str, Ma
     settings = {k: dict(v or {}) for k, v in (settings or {}).items()}
     ocr_kw = settings.get("ocr", {})
     ocr = run_ocr(dataset, engine=ocr_kw.get("engine", "cnocr"), spec=ocr_kw.get("spec"), cache=cache,
-                  force=force)
+                  force=force, detector=ocr_kw.get("detector", "auto"))
     desc = run_describe(dataset, cache=cache, force=force, **settings.get("describe", {}))
     reason_kw = {k: v for k, v in settings.get("reason", {}).items() if k not in ("engine", "spec")}
     if priors is not None:
@@ -82,7 +82,8 @@ def collect_modalities(dataset: Dataset, cache: Cache, settings: Mapping[str, Ma
     if dropped:
         log.warning("%d of %d cards lack a modality and are left out (first: %s)", len(dropped),
                     len(dataset.samples), dropped[0]["error"])
-    replay_args = {"ocr": {"engine": ocr_kw.get("engine", "cnocr"), "spec": ocr_kw.get("spec")},
+    replay_args = {"ocr": {"engine": ocr_kw.get("engine", "cnocr"), "spec": ocr_kw.get("spec"),
+                           "detector": ocr_kw.get("detector", "auto")},
                    "describe": describe_replay_kwargs(desc.params),
                    "reason": reason_replay_kwargs(reas.params)}
     return Modalities(keep, fields, vlm, llm, dropped, replay_args, provenance(ocr.params, desc.params, reas.params))

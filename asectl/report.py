@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -82,6 +82,8 @@ class ReportInput:
     title: str = "asectl report"
     dataset: str | None = None              # shown in the header (a name or path)
     tsne_seed: int = 0
+    # Optional memo for t-SNE coordinates: (array, seed) -> [n, 2], so an unchanged report is fast.
+    tsne: Callable[[np.ndarray, int], np.ndarray] | None = None
 
 
 @dataclass
@@ -310,7 +312,8 @@ def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
 
 
 def tsne_png(embeddings: Mapping[str, np.ndarray], labels: Sequence[int], label_names: Sequence[str],
-             split: Sequence[str] | None, seed: int) -> bytes:
+             split: Sequence[str] | None, seed: int,
+             tsne: Callable[[np.ndarray, int], np.ndarray] | None = None) -> bytes:
     from matplotlib.lines import Line2D
 
     names = list(embeddings)
@@ -329,7 +332,7 @@ def tsne_png(embeddings: Mapping[str, np.ndarray], labels: Sequence[int], label_
         if len(x) < TSNE_MIN_SAMPLES or x.shape[1] < 2:
             _placeholder(ax, f"too few samples for t-SNE ({len(x)})")
             continue
-        xy = tsne_2d(x, seed)
+        xy = (tsne or tsne_2d)(x, seed)
         for c in range(len(label_names)):
             colour = CLASS_COLOURS[c % len(CLASS_COLOURS)]
             for is_test, marker in ((False, "o"), (True, "^")):
@@ -482,7 +485,8 @@ def build_report(data: ReportInput, out_dir: Path) -> ReportSummary:
     pngs = {"confusion": confusion_png(metrics["multiclass"], "Multi-class confusion matrix")}
     if metrics["binary"]:
         pngs["confusion_binary"] = confusion_png(metrics["binary"], "Binary confusion matrix")
-    pngs["tsne"] = tsne_png(embeddings, data.embedding_labels, labels, data.embedding_split, data.tsne_seed)
+    pngs["tsne"] = tsne_png(embeddings, data.embedding_labels, labels, data.embedding_split, data.tsne_seed,
+                            data.tsne)
     pngs["curves"] = curves_png(data.pfa_curves, data.fusion_curve)
 
     paths: dict[str, Path] = {}

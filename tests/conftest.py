@@ -33,3 +33,14 @@ def small_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds") / "small"
     generate(out, seed=0, counts="2,2,2,2,2")
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,12 +14,7 @@ from asectl.models.train_config import FusionConfig
 CLASSES = ["normal", "type1", "type2", "type3", "type4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def separable(n: int = 150, seed: int = 0, dim: int = 256) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -13,12 +13,7 @@ from asectl.errors import ConfigError
 from asectl.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_tiny_bert(folder: Path, seed: int = 0) -> Path:

@@ -16,13 +16,7 @@ from asectl.models.pfa import (AlignmentHeads, align_features, itc_loss,
 from asectl.models.train_config import PFAConfig, get_profile
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: on a shared 2-core machine intra-op threads only add contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def correlated_features(n: int = 60, seed: int = 0, shared_vlm: bool = False) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -91,6 +91,26 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def frozen_encode(module: Any, batch: Sequence[Any], batch_size: int, dim: int,
+                  forward: Callable[[Sequence[Any]], Any]) -> np.ndarray:
+    """Features of ``batch`` in eval mode without gradients, ``batch_size`` at a time; the module's
+    train/eval mode is restored afterwards (the paper profile fine-tunes the same module)."""
+    import torch
+
+    was_training = module.training
+    module.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(batch), batch_size):
+                out.append(forward(batch[start:start + batch_size]).float().cpu().numpy())
+    finally:
+        module.train(was_training)
+    if not out:
+        return np.zeros((0, dim), np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)
 
 
 def save_module_state(module: Any, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -241,22 +261,8 @@ class ImageEncoder:
         return torch.from_numpy(np.stack([self._prepare(b) for b in batch])).to(self.device)
 
     def encode(self, batch: Sequence[Any]) -> np.ndarray:
-        import torch
-
-        module = self.module
-        was_training = module.training
-        module.eval()
-        out = []
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(batch), self.batch_size):
-                    x = self.preprocess(batch[start:start + self.batch_size])
-                    out.append(self.pooled(x).float().cpu().numpy())
-        finally:
-            module.train(was_training)
-        if not out:
-            return np.zeros((0, self.dim), np.float32)
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return frozen_encode(self.module, batch, self.batch_size, self.dim,
+                             lambda part: self.pooled(self.preprocess(part)))
 
     def forward_train(self, batch: Sequence[Any]) -> Any:
         """Features with gradient (module in train mode: batch-norm statistics update)."""
@@ -528,21 +534,7 @@ class TextEncoder:
         return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
 
     def encode(self, batch: Sequence[str]) -> np.ndarray:
-        import torch
-
-        module = self.module
-        was_training = module.training
-        module.eval()
-        out = []
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(batch), self.batch_size):
-                    out.append(self._pooled(batch[start:start + self.batch_size]).float().cpu().numpy())
-        finally:
-            module.train(was_training)
-        if not out:
-            return np.zeros((0, self.dim), np.float32)
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return frozen_encode(self.module, batch, self.batch_size, self.dim, self._pooled)
 
     def forward_train(self, batch: Sequence[str]) -> Any:
         self.module.train()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -94,14 +95,46 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     GGUFReader parses every key, the whole vocabulary included (seconds for a 50k-token model), so the
     result is kept per (path, size, mtime) for the rest of the process."""
     p = Path(path)
+    memo_key = None
     with contextlib.suppress(OSError):
         st = p.stat()
         memo_key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
         if memo_key in _info_memo:
             return _info_memo[memo_key]
+        info = _load_info_memo(memo_key)
+        if info is not None:
+            _info_memo[memo_key] = info
+            return info
     info = _read_gguf_info(p)
-    _info_memo[(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)] = info
+    if memo_key is not None:
+        _info_memo[memo_key] = info
+        _save_info_memo(memo_key, info)
     return info
+
+
+# The header summary is also kept on disk (in the artifact cache folder), so a later command whose
+# results are all cached does not parse the vocabulary again.
+def _info_memo_path(memo_key: tuple[str, int, int]) -> Path:
+    from asectl.cache import canonical_json, default_cache_dir, sha256_bytes
+
+    return default_cache_dir() / "gguf-info" / f"{sha256_bytes(canonical_json(list(memo_key)).encode())}.json"
+
+
+def _load_info_memo(memo_key: tuple[str, int, int]) -> GGUFInfo | None:
+    try:
+        data = json.loads(_info_memo_path(memo_key).read_text())
+        return GGUFInfo(**{**data, "path": Path(data["path"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _save_info_memo(memo_key: tuple[str, int, int], info: GGUFInfo) -> None:
+    from dataclasses import asdict
+
+    from asectl.cache import write_atomic
+
+    with contextlib.suppress(OSError, TypeError):
+        write_atomic(_info_memo_path(memo_key), json.dumps({**asdict(info), "path": str(info.path)}).encode())
 
 
 def _read_gguf_info(p: Path) -> GGUFInfo:

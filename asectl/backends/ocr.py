@@ -65,8 +65,13 @@ class OCREngine:
 
     registry_name = "?"
 
-    def identity(self) -> dict[str, Any]:
+    @classmethod
+    def static_identity(cls) -> dict[str, Any]:
+        """Versions and model hashes, computed without loading the engine (cache hits never load it)."""
         raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        return self.static_identity()
 
     def read(self, image: Image.Image) -> list[TextLine]:
         """Detect and recognise every text box of a card."""
@@ -90,11 +95,12 @@ class CnOcrEngine(OCREngine):
                           rec_lang_type="en", det_model_name="multi_PP-OCRv6_det_small",
                           det_model_fp=str(self.det_path))
 
-    def identity(self) -> dict[str, Any]:
+    @classmethod
+    def static_identity(cls) -> dict[str, Any]:
         return {"engine": "cnocr", "cnocr": version("cnocr"), "cnstd": version("cnstd"),
                 "rec_lang": "en",
-                "det_model": {"file": DET_MODEL, **file_fingerprint(self.det_path)},
-                "rec_model": {"file": REC_MODEL, **file_fingerprint(self.rec_path)}}
+                "det_model": {"file": DET_MODEL, **file_fingerprint(_model_file(DET_MODEL))},
+                "rec_model": {"file": REC_MODEL, **file_fingerprint(_model_file(REC_MODEL))}}
 
     def read(self, image: Image.Image) -> list[TextLine]:
         out = self._ocr.ocr(image)
@@ -120,10 +126,11 @@ class RapidOcrEngine(OCREngine):
         self._ocr = RapidOCR(params=params)
         _quiet_ocr_logs()
 
-    def identity(self) -> dict[str, Any]:
+    @classmethod
+    def static_identity(cls) -> dict[str, Any]:
         return {"engine": "rapidocr", "rapidocr": version("rapidocr"), "use_cls": False,
-                "det_model": {"file": DET_MODEL, **file_fingerprint(self.det_path)},
-                "rec_model": {"file": REC_MODEL, **file_fingerprint(self.rec_path)}}
+                "det_model": {"file": DET_MODEL, **file_fingerprint(_model_file(DET_MODEL))},
+                "rec_model": {"file": REC_MODEL, **file_fingerprint(_model_file(REC_MODEL))}}
 
     def read(self, image: Image.Image) -> list[TextLine]:
         res = self._ocr(np.asarray(image.convert("RGB")))
@@ -139,6 +146,11 @@ class RapidOcrEngine(OCREngine):
 
 
 _engines: dict[str, OCREngine] = {}
+
+
+def engine_identity(name: str) -> dict[str, Any]:
+    cls, _ = OCR_ENGINES.get(name)
+    return cls.static_identity()
 
 
 def get_engine(name: str) -> OCREngine:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from asectl import ui
+from asectl.cli import per_image_options
 from asectl.backends.vlm import DEFAULT_PROMPT, MODEL_ENV
 from asectl.stages.describe import DEFAULT_BATCH_SIZE
 
@@ -28,10 +29,7 @@ from asectl.stages.describe import DEFAULT_BATCH_SIZE
 @click.option("--load-8bit", is_flag=True, help="Load the weights in 8 bits (CUDA; needs bitsandbytes, accelerate).")
 @click.option("--allow-download", is_flag=True,
               help="Let a Hugging Face model id be downloaded (default: local folders and the local cache only).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Export records as JSON lines.")
-@click.option("--json", "as_json", is_flag=True, help="Print records as JSON lines on stdout.")
-@click.option("--force", is_flag=True, help="Recompute even when cached.")
-@click.option("--strict", is_flag=True, help="Stop at the first bad image.")
+@per_image_options
 @click.pass_obj
 def describe(cache, inputs, vlm_name, vlm_model, prompt, batch_size, device, max_new_tokens, num_beams,
              load_8bit, allow_download, out, as_json, force, strict):

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from asectl import ui
+from asectl.cli import per_image_options
 
 
 @click.command("reason")
@@ -39,10 +40,7 @@ from asectl import ui
 @click.option("--engine", default="cnocr", show_default=True, help="OCR engine for the records.")
 @click.option("--spec", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Card spec TOML for another record layout.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Export records as JSON lines.")
-@click.option("--json", "as_json", is_flag=True, help="Print records as JSON lines on stdout.")
-@click.option("--force", is_flag=True, help="Recompute even when cached.")
-@click.option("--strict", is_flag=True, help="Stop at the first bad image.")
+@per_image_options
 @click.pass_obj
 def reason(cache, inputs, llm_model, chat_format, n_threads, workers, n_gpu_layers, n_ctx, temperature, seed, top_k,
            top_p, max_tokens, prompt, priors_file, priors_out, engine, spec, out, as_json, force, strict):

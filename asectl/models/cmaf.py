@@ -28,7 +28,6 @@ Variants (the paper's Table 5):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asectl.errors import ConfigError, DataError
+from asectl.models.seeding import fork_rng
 from asectl.models.train_config import FusionConfig
 
 # Q, K, V of Eq. (6), in the order of W's channels in Eq. (8).
@@ -165,16 +165,6 @@ def map_labels(labels: Sequence[Any], task: str = "multiclass",
     return np.asarray([lookup[x] for x in names], dtype=np.int64), classes
 
 
-@contextlib.contextmanager
-def _fork_rng(seed: int, device: str):
-    devices = []
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        devices = [torch.device(device).index or 0]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: FusionConfig | None = None,
                  seed: int = 0, *, classes: Sequence[str] | None = None,
                  val_features: Mapping[str, Any] | None = None, val_labels: Sequence[Any] | None = None,
@@ -209,7 +199,7 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
     ty = torch.from_numpy(y).to(device)
     history: dict[str, Any] = {"classes": classes, "task": config.task, "variant": config.variant,
                                "seed": seed, "n_train": int(len(y)), "epochs": []}
-    with _fork_rng(seed, device):
+    with fork_rng(seed, device):
         model = FusionModel(q.shape[1], len(classes), config.variant, config.tokens, config.heads,
                             config.reduced_dim, config.mlp_hidden, config.dropout).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.eps,

@@ -41,7 +41,6 @@ raw inputs (paper profile: the encoders fine-tune with the projections). ``train
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asectl.errors import ConfigError, DataError
+from asectl.models.seeding import fork_rng
 from asectl.models.train_config import PFAConfig
 
 MODALITIES = ("image", "llm", "vlm")
@@ -306,17 +306,6 @@ class PFAResult:
 # Training
 
 
-@contextlib.contextmanager
-def _fork_rng(seed: int, device: str):
-    """Seed torch for a block (init, dropout) without changing the caller's global random state."""
-    devices = []
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        devices = [torch.device(device).index or 0]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _batches(order: Sequence[int], size: int) -> list[list[int]]:
     """Consecutive batches; a trailing batch of one joins the previous (a 1-item batch has no negatives)."""
     out = [list(order[s:s + size]) for s in range(0, len(order), size)]
@@ -449,7 +438,7 @@ def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed
 
     fractions = list(config.strides) if config.mode == "progressive" else [1.0]
     counts = stage_counts(len(train), fractions)
-    with _fork_rng(seed, device):
+    with fork_rng(seed, device):
         aligner = _Aligner(sources, config, seed, device, encoder_lrs)
         generator = torch.Generator().manual_seed(seed)
         initial_sim = aligner.similarity(train)
@@ -539,7 +528,7 @@ def warmup_encoders(sources: Mapping[str, EncoderFeatures], labels: Sequence[int
     train = list(range(n)) if train_index is None else [int(i) for i in train_index]
     lrs = {"image": 1e-4, "text": 2e-5, **(encoder_lrs or {})}
     history = []
-    with _fork_rng(seed, device):
+    with fork_rng(seed, device):
         heads = nn.ModuleDict({m: nn.Linear(s.dim, n_classes) for m, s in sources.items()}).to(device)
         groups = [{"params": list(heads.parameters()), "lr": head_lr}]
         seen: set[int] = set()

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from asectl.backends.ocr import TextLine, get_engine
+from asectl.backends.ocr import TextLine, engine_identity, get_engine
 from asectl.cache import Cache
 from asectl.card import PATTERN_TIMEOUT, CardSpec, default_spec, load_spec, search
 from asectl.dataset import Dataset
@@ -219,7 +219,7 @@ def ocr_identity(engine: str = "cnocr", spec: CardSpec | None = None, detector: 
     spec = spec or default_spec()
     if detector not in DETECTORS:
         raise ConfigError(f"--detector {detector!r}: choose one of {', '.join(DETECTORS)}")
-    return {"format": FORMAT, "engine": get_engine(engine).identity(), "binarise": BINARISE_THRESHOLD,
+    return {"format": FORMAT, "engine": engine_identity(engine), "binarise": BINARISE_THRESHOLD,
             "detector": detector, "spec": {"name": spec.name, "sha256": spec.digest}}
 
 

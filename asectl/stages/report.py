@@ -45,6 +45,26 @@ def provenance_lines(bundle: Bundle) -> tuple[dict[str, str], list[str]]:
     return prov, warnings
 
 
+def cached_tsne(cache: Cache, x: Any, seed: int) -> Any:
+    """t-SNE coordinates, cached by the embedding bytes and seed (the slowest part of a report)."""
+    import numpy as np
+    from safetensors.numpy import load as st_load
+    from safetensors.numpy import save as st_save
+
+    from asectl.cache import make_key, sha256_bytes
+    from asectl.report import tsne_2d, tsne_perplexity
+
+    arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    key = make_key("tsne", data=sha256_bytes(arr.tobytes()), shape=list(arr.shape), seed=seed,
+                   perplexity=tsne_perplexity(len(arr)))
+    entry = cache.get("tsne", key)
+    if entry is not None:
+        return st_load(entry.read_bytes("xy.safetensors"))["xy"]
+    xy = np.ascontiguousarray(tsne_2d(arr, seed))
+    cache.put("tsne", key, {"xy.safetensors": st_save({"xy": xy})}, {"params": {"seed": seed}})
+    return xy
+
+
 def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cache | None = None,
                model_id: str | None = None) -> ReportSummary:
     cache = cache or Cache()
@@ -94,5 +114,5 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
         fusion_curve=bundle.config.get("fusion_history", []), provenance=prov, model_id=model_id,
         dataset_fingerprint=bundle.config["training"].get("data_fingerprint"),
         seeds={"training": bundle.config["seed"]}, warnings=warnings, dataset=str(dataset.root),
-        tsne_seed=bundle.config["seed"])
+        tsne_seed=bundle.config["seed"], tsne=lambda x, seed: cached_tsne(cache, x, seed))
     return build_report(data, Path(out_dir))

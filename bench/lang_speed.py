@@ -72,7 +72,10 @@ def main() -> None:
             prompt = sum(r["tokens"]["prompt"] - r["tokens"].get("prompt_reused", 0) for r in recs)
             p_ms = sum(r.get("timing", {}).get("prompt_ms", 0) for r in recs)
             g_ms = sum(r.get("timing", {}).get("generate_ms", 0) for r in recs)
-            rows[f"reason SmolLM2-135M Q4_1, {threads} thread(s)"] = {
+            from asectl.backends.llm import default_workers
+
+            workers = default_workers(threads, 0)
+            rows[f"reason SmolLM2-135M Q4_1, {workers} worker process(es) x {threads} thread(s)"] = {
                 "cards": len(recs), "seconds": dt, "seconds_per_card": dt / max(len(recs), 1),
                 "prompt_tokens_evaluated_per_card": prompt / max(len(recs), 1),
                 "prompt_tokens_per_s": prompt / (p_ms / 1000) if p_ms else None,

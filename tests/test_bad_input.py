@@ -96,3 +96,33 @@ def test_image_modes_are_converted(tmp_path, small_dataset):
     truth_n = json.loads((small_dataset / "truth.jsonl").read_text().splitlines()[0])["printed"]["N"]
     recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     assert all(r["fields"]["N"] == truth_n for r in recs)
+
+
+def test_nan_and_inf_in_records_are_not_used_as_numbers(small_dataset, tmp_path):
+    """A record with NaN/inf (e.g. from a user's own export) is reported, never computed with."""
+    import math
+
+    import pytest
+
+    from asectl.card import default_spec
+    from asectl.dataset import load_dataset
+    from asectl.errors import DataError
+    from asectl.stages.ocr import consistency_warnings
+    from asectl.stages.reason import record_sentence
+    from asectl.synth import augment, read_truth
+
+    fields = {"N": 10, "mu_x": math.nan, "mu_y": math.inf, "sd_x": 1.0, "sd_y": -1.0, "bins": [10] + [0] * 8}
+    warnings = consistency_warnings(fields)
+    assert any("mu_x" in w and "not finite" in w for w in warnings)
+    assert any("mu_y" in w and "not finite" in w for w in warnings)
+    text = record_sentence(fields, list(default_spec().bin_edges))
+    assert "nan" not in text.lower() and "inf" not in text.lower() and "not read" in text
+
+    ds = load_dataset(small_dataset)
+    truth = read_truth(small_dataset)
+    records = [dict(truth[s.name]["printed"]) for s in ds.samples]
+    bad = next(i for i, s in enumerate(ds.samples) if s.split == "train")
+    records[bad]["sd_x"] = math.nan
+    with pytest.raises(DataError, match="record lacks sd_x"):
+        augment(ds, records, tmp_path / "aug", stats_source="printed")
+    assert not (tmp_path / "aug").exists()

@@ -126,3 +126,26 @@ def test_damaged_bundle_is_refused(trained, tmp_path):
         f.write(b"\x00\x01\x02")
     res = CliRunner().invoke(cli, ["predict", str(trained["data"] / "images" / "0000.png"), "--model", str(copy)])
     assert res.exit_code == 2 and "checksum mismatch" in res.output
+
+
+def test_fuse_train_on_a_tda_augmented_training_split(trained):
+    inv, data, root = trained["invoke"], trained["data"], trained["root"]
+    aug = root / "aug"
+    inv("synth", "--augment", data, "--out", aug, "--stats", "printed", "--factor", "1.5")
+    before = {p.name for p in (trained["cache"] / "entries" / "reason").glob("*/*")}
+    res = inv("fuse-train", data, "--augmented", aug, "--json", *FAST)
+    out = json.loads(res.stdout.splitlines()[-1])
+    cfg = json.loads((root / "cache" / "entries" / "model" / out["model"][:2] / out["model"] / "bundle.json").read_text())
+    assert cfg["training"]["augmented"] == str(aug)
+    n_real = sum(1 for line in (data / "labels.csv").read_text().splitlines()[1:] if line.endswith(",train"))
+    assert out["n_train"] == n_real + round(0.5 * n_real)
+    # The LLM's priors still come from the real training cards: their answers were reused from the cache,
+    # only the new synthetic cards were reasoned about.
+    after = {p.name for p in (trained["cache"] / "entries" / "reason").glob("*/*")}
+    assert len(after - before) == round(0.5 * n_real)
+    # A test split that is not the dataset's own is refused.
+    other = root / "other"
+    generate(other, seed=12, counts="2,2,2,2,2")
+    bad = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "fuse-train", str(data), "--augmented",
+                                   str(other)])
+    assert bad.exit_code == 2 and "test split differs" in bad.output

@@ -161,7 +161,8 @@ def resolve_model_folder(model: str | os.PathLike | None, allow_download: bool =
     text = str(model)
     path = Path(text).expanduser()
     if path.exists():
-        return text, path.resolve()
+        # The absolute path, so a model bundle can replay it from any working directory.
+        return str(path.resolve()), path.resolve()
     if not _looks_like_hub_id(text):
         raise ConfigError(f"{path}: InstructBLIP model folder not found; check --vlm-model (or {MODEL_ENV}) "
                           "or use --vlm builtin")

@@ -80,6 +80,17 @@ def resolve_training_dataset(dataset: Dataset, augmented: str | Path | None) -> 
     return aug
 
 
+def real_training_priors(dataset: Dataset, cache: Cache, settings: Mapping[str, Mapping[str, Any]]) -> dict:
+    from asectl.card import load_spec
+    from asectl.stages.ocr import run_ocr
+    from asectl.stages.reason import priors_from_dataset
+
+    ocr_kw = dict(settings.get("ocr") or {})
+    result = run_ocr(dataset, engine=ocr_kw.get("engine", "cnocr"), spec=ocr_kw.get("spec"), cache=cache,
+                     detector=ocr_kw.get("detector", "auto"))
+    return priors_from_dataset(dataset, result.by_image(), list(load_spec(ocr_kw.get("spec")).bin_edges))
+
+
 def _sample_rows(mods: Modalities) -> list[dict[str, Any]]:
     return [{"image": s.name, "label": s.label, "split": s.split, "sha256": sha256_file(s.path)}
             for s in mods.samples]
@@ -100,7 +111,10 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
     prof = get_profile(profile, {**(overrides or {}), "seed": seed})
     train_ds = resolve_training_dataset(dataset, augmented)
     settings = settings if settings is not None else recalled_settings(cache, dataset)
-    mods = collect_modalities(train_ds, cache, settings)
+    # With TDA the LLM's prior knowledge still comes from the real training cards, not the synthetic
+    # ones (and the real cards' answers stay cached).
+    priors = real_training_priors(dataset, cache, settings) if augmented is not None else None
+    mods = collect_modalities(train_ds, cache, settings, priors=priors)
     rows = _sample_rows(mods)
     train_index = [i for i, r in enumerate(rows) if r["split"] == "train"]
     if len({rows[i]["label"] for i in train_index}) < 2:

@@ -237,8 +237,9 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
     return model, history
 
 
-def predict_proba(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
-    """Class probabilities float32 [n, n_classes], columns in ``model.bundle.classes`` order."""
+def _batched(model: FusionModel, features: Mapping[str, Any], fn: Callable[..., torch.Tensor], tail_shape: tuple[int, ...],
+             batch_size: int) -> np.ndarray:
+    """Run ``fn(q, k, v)`` in eval mode over the samples in batches; [n, ...] float32 array."""
     q, k, v = _inputs(features)
     if q.shape[1] != model.dim:
         raise DataError(f"features are {q.shape[1]}-d; this fusion model expects {model.dim}-d")
@@ -248,21 +249,19 @@ def predict_proba(model: FusionModel, features: Mapping[str, Any], batch_size: i
     with torch.inference_mode():
         for s in range(0, len(q), batch_size):
             args = [torch.from_numpy(a[s:s + batch_size]).to(device) for a in (q, k, v)]
-            out.append(torch.softmax(model(*args), dim=-1).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.n_classes), np.float32)
+            out.append(fn(*args).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, *tail_shape), np.float32)
+
+
+def predict_proba(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
+    """Class probabilities float32 [n, n_classes], columns in ``model.bundle.classes`` order."""
+    return _batched(model, features, lambda q, k, v: torch.softmax(model(q, k, v), dim=-1),
+                    (model.n_classes,), batch_size)
 
 
 def fusion_weights(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
     """W of Eq. (7) per sample: float32 [n, tokens, 3] (VLM, LLM, image). Not for ``concat``."""
-    q, k, v = _inputs(features)
-    device = next(model.parameters()).device
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(q), batch_size):
-            args = [torch.from_numpy(a[s:s + batch_size]).to(device) for a in (q, k, v)]
-            out.append(model.fusion_weights(*args).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.tokens, 3), np.float32)
+    return _batched(model, features, model.fusion_weights, (model.tokens, 3), batch_size)
 
 
 def save_fusion(model: FusionModel, path: str | Path) -> Path:

@@ -93,7 +93,7 @@ def main() -> None:
                          f"{v['prompt_tokens_evaluated_per_card']:.0f} prompt tokens evaluated per card at "
                          f"{v['prompt_tokens_per_s'] or 0:.0f} tok/s; {v['generated_tokens_per_card']:.0f} generated at "
                          f"{v['generated_tokens_per_s'] or 0:.0f} tok/s |")
-    update_section("lang-speed", "### Language stages (cold cache; reason uses printed stats, no OCR)\n\n"
+    update_section("lang-speed", "### Language stages (cold cache; reason uses printed stats, no OCR; tokens/s are per process, wall s includes loading the models)\n\n"
                    + "\n".join(lines))
 
 

@@ -118,7 +118,7 @@ def test_killed_synth_leaves_no_half_dataset(tmp_path):
     assert (out / "truth.jsonl").read_bytes() == (ref / "truth.jsonl").read_bytes()
 
 
-def test_killed_training_resumes_to_the_same_model(data, tmp_path):
+def test_killed_training_predict_and_report_resume_to_the_same_results(data, tmp_path):
     cache = tmp_path / "cache"
     fast = ["--set", "pfa.epochs_per_stage=2", "--set", "fusion.epochs=4"]
     prep = [STAGES["reason"](data), STAGES["describe"](data)]
@@ -137,6 +137,19 @@ def test_killed_training_resumes_to_the_same_model(data, tmp_path):
     a = Cache(cache).get("model", model).file("fusion.safetensors").read_bytes()
     b = Cache(ref_cache).get("model", model).file("fusion.safetensors").read_bytes()
     assert a == b
+
+    # predict and report, killed and rerun, give what an uninterrupted run gives.
+    card = data / "data" / "images" / "0001.png"
+    assert asectl(ref_cache, "predict", card, "--out", tmp_path / "ref-pred.jsonl").returncode == 0
+    assert asectl(ref_cache, "report", data / "data", "--out", tmp_path / "ref-report").returncode == 0
+    kill_at_random(cache, ["predict", card, "--out", tmp_path / "pred.jsonl"], seed=1, lo=1.0, hi=4.0)
+    kill_at_random(cache, ["report", data / "data", "--out", tmp_path / "report"], seed=2, lo=2.0, hi=8.0)
+    check_cache(cache)
+    assert asectl(cache, "predict", card, "--out", tmp_path / "pred.jsonl").returncode == 0
+    assert asectl(cache, "report", data / "data", "--out", tmp_path / "report").returncode == 0
+    assert records(tmp_path / "pred.jsonl") == records(tmp_path / "ref-pred.jsonl")
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "report", tmp_path / "ref-report")]
+    assert metrics[0]["multiclass"] == metrics[1]["multiclass"]
 
 
 def test_two_processes_on_one_cache(data, tmp_path):

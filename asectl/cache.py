@@ -156,18 +156,22 @@ class Cache:
         """A verified entry, or None (a miss, or a corrupt entry that was discarded)."""
         path = self.entry_dir(stage, key)
         if not path.exists():
-            self.stats["miss"] += 1
+            self._count(stage, "miss")
             return None
         try:
             meta = self._verify(path)
         except CorruptEntry as exc:
             log.warning("cache entry %s/%s is corrupt (%s); it will be rebuilt", stage, key[:12], exc)
             self._discard(path)
-            self.stats["rebuilt"] += 1
-            self.stats["miss"] += 1
+            self._count(stage, "rebuilt")
+            self._count(stage, "miss")
             return None
-        self.stats["hit"] += 1
+        self._count(stage, "hit")
         return Entry(path, meta)
+
+    def _count(self, stage: str, what: str) -> None:
+        self.stats[what] += 1
+        self.stats[f"{stage}.{what}"] += 1
 
     def get_json(self, stage: str, key: str, name: str = "record.json") -> Any | None:
         entry = self.get(stage, key)
@@ -204,7 +208,7 @@ class Cache:
             except CorruptEntry:
                 self._discard(final)
                 os.rename(tmp, final)
-        self.stats["put"] += 1
+        self._count(stage, "put")
         return Entry(final, full_meta)
 
     def put(self, stage: str, key: str, files: dict[str, bytes], meta: dict | None = None) -> Entry:
@@ -279,9 +283,10 @@ class Cache:
                 shutil.rmtree(self.root / sub, ignore_errors=True)
         return removed
 
-    def summary(self) -> str:
-        s = self.stats
-        text = f"{s['hit']} from cache, {s['put']} computed"
-        if s["rebuilt"]:
-            text += f", {s['rebuilt']} corrupt entries rebuilt"
+    def summary(self, stage: str | None = None) -> str:
+        """Hits, computed and rebuilt entries so far: of one stage, or of all stages together."""
+        s, p = self.stats, f"{stage}." if stage else ""
+        text = f"{s[p + 'hit']} from cache, {s[p + 'put']} computed"
+        if s[p + "rebuilt"]:
+            text += f", {s[p + 'rebuilt']} corrupt entries rebuilt"
         return text

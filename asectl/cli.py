@@ -93,7 +93,7 @@ def emit_records(records: list[dict], out: Path | None, as_json: bool) -> None:
 def finish(result, cache, what: str = "images") -> None:
     """Common end of a per-image stage command: summary line, exit 1 if any image failed."""
     n_err = len(result.errors)
-    ui.console.print(f"{result.stage}: {len(result.records)} {what}, {cache.summary()}"
+    ui.console.print(f"{result.stage}: {len(result.records)} {what}, {cache.summary(result.stage)}"
                      + (f", [red]{n_err} failed[/]" if n_err else ""), highlight=False)
     for r in result.errors[:20]:
         ui.console.print(f"  [red]error:[/] {r['error']}", highlight=False, soft_wrap=True)

@@ -90,11 +90,11 @@ def test_cli_reason_tiny_gguf_end_to_end_then_cache_hit(tiny_gguf, small_dataset
         assert r["sampling"]["temperature"] == 0.0 and r["sampling"]["max_tokens"] == TINY["max_tokens"]
         assert r["tokens"]["prompt"] > 500 and r["tokens"]["completion"] > 10
         assert r["finish_reason"] == "stop" and r["warnings"] == []
-    assert "0 from cache, 4 computed" in first.output          # 2 OCR + 2 reason entries
+    assert "0 from cache, 2 computed" in first.output          # the reason entries of 2 cards
 
     second = CliRunner().invoke(cli, [*args, "--json"])
     assert second.exit_code == 0, second.output
-    assert "4 from cache, 0 computed" in second.output
+    assert "2 from cache, 0 computed" in second.output
     again = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
     assert again == records
 

@@ -118,7 +118,7 @@ def run_describe(
     # A hit may come from the same model stored elsewhere: report where it is now.
     records = [r if r.get("error") else {**r, "model": dict(vlm_id["model"])} for r in records]
     params = {**identity, "backend": vlm_id["backend"], "model": dict(vlm_id["model"]), "batch_size": batch_size}
-    return StageResult(STAGE, records, params=params, cache_summary=cache.summary())
+    return StageResult(STAGE, records, params=params, cache_summary=cache.summary(STAGE))
 
 
 def describe_replay_kwargs(params: dict[str, Any]) -> dict[str, Any]:

@@ -235,4 +235,4 @@ def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path
         lambda s: read_card(s.path, engine, card_spec, detector),
         cache, force=force, strict=strict, description=f"ocr ({engine})",
         meta={"spec_source": card_spec.source})
-    return StageResult(STAGE, records, identity, cache.summary())
+    return StageResult(STAGE, records, identity, cache.summary(STAGE))

@@ -62,4 +62,4 @@ def run_predict(dataset: Dataset, bundle: Bundle, cache: Cache | None = None, fo
                                "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)},
                                **({"true_label": s.label} if s.label else {})}
     records = [by_name[s.name] for s in dataset.samples if s.name in by_name]
-    return StageResult(STAGE, records, {"classes": classes, "task": bundle.config["task"]}, cache.summary())
+    return StageResult(STAGE, records, {"classes": classes, "task": bundle.config["task"]}, cache.summary(STAGE))

@@ -602,7 +602,7 @@ def run_reason(
               "stats": {**stats_identity, "engine": engine if fields is None else None,
                         "spec_path": str(spec) if spec else None},
               "n_ctx": llm.n_ctx, "generated_tokens": tally["completion"], "generate_seconds": tally["seconds"]}
-    return StageResult(STAGE, records, params, cache.summary())
+    return StageResult(STAGE, records, params, cache.summary(STAGE))
 
 
 def replay_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:

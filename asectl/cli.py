@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from asectl import __version__, ui
-from asectl.errors import AsectlError, ConfigError
+from asectl.errors import AsectlError
 
 
 class _Group(click.Group):
@@ -221,4 +221,4 @@ if __name__ == "__main__":  # pragma: no cover
     main()
 
 
-__all__ = ["cli", "main", "emit_records", "finish", "ConfigError"]
+__all__ = ["cli", "main", "emit_records", "finish", "per_image_options"]

@@ -48,10 +48,10 @@ class Modalities:
 
 
 def collect_modalities(dataset: Dataset, cache: Cache, settings: Mapping[str, Mapping[str, Any]] | None = None,
-                       *, priors: Mapping[str, Any] | None = None, replay: bool = False,
+                       *, priors: Mapping[str, Any] | None = None,
                        force: bool = False) -> Modalities:
     """OCR, describe and reason over every sample (cached). ``settings`` holds keyword arguments per
-    stage; with ``replay`` they are a bundle's stored replay arguments (exact models enforced)."""
+    stage: remembered settings, or a bundle's stored replay arguments (which enforce the exact models)."""
     from asectl.stages.describe import describe_replay_kwargs, run_describe
     from asectl.stages.ocr import run_ocr
     from asectl.stages.reason import replay_kwargs as reason_replay_kwargs

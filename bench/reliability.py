@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 from _common import OUT, ROOT, command, machine
 

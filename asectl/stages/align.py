@@ -102,7 +102,6 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
     """PFA on the training split; ``overrides`` are profile keys (``pfa.mode``, ``pfa.strides``, ...)."""
     import torch
 
-    from asectl.models.pfa import train_pfa
     from asectl.models.train_config import get_profile
 
     cache = cache or Cache()

@@ -5,13 +5,10 @@ it is not cached), trains CMAF + MLP with cross-entropy, and stores a model bund
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-
-import numpy as np
 
 from asectl import __version__, ui
 from asectl.bundle import BUNDLE_FORMAT, LATEST_POINTER, Bundle, load_bundle, write_checksums
@@ -125,17 +122,3 @@ def _fingerprint(align: AlignOutcome) -> str:
     from asectl.cache import canonical_json, sha256_bytes
 
     return sha256_bytes(canonical_json(align.summary["samples"]).encode())
-
-
-def fused_weights_summary(bundle: Bundle, feats: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Mean CMAF weights per modality (W1 VLM, W2 LLM, W3 image) over some samples, for reports."""
-    from asectl.models.cmaf import fusion_weights
-
-    if bundle.config["variant"] == "concat":
-        return {}
-    w = fusion_weights(bundle.fusion(), feats).mean(axis=(0, 1))
-    return {"vlm": float(w[0]), "llm": float(w[1]), "image": float(w[2])}
-
-
-def bundle_json(bundle: Bundle) -> str:
-    return json.dumps(bundle.config, indent=1, default=str)

@@ -40,7 +40,7 @@ def aligned_features(bundle: Bundle, dataset: Dataset, cache: Cache, force: bool
     """(modalities, aligned features) for every card that has all modalities."""
     from asectl.models.pfa import align_features
 
-    mods = collect_modalities(dataset, cache, bundle.config["replay"], replay=True, force=force)
+    mods = collect_modalities(dataset, cache, bundle.config["replay"], force=force)
     if not mods.samples:
         return mods, {}
     feats = encode_modalities(mods, bundle_encoders(bundle), cache)

@@ -10,7 +10,7 @@ from asectl.cache import Cache
 from asectl.dataset import Dataset, binary_label
 from asectl.errors import ConfigError, DataError
 from asectl.report import ReportInput, ReportSummary, build_report, pfa_stage_name, stage_curves_from_pfa
-from asectl.stages.align import AlignOutcome, run_align
+from asectl.stages.align import AlignOutcome
 from asectl.stages.predict import run_predict
 
 

@@ -62,11 +62,11 @@ def collect_modalities(dataset: Dataset, cache: Cache, settings: Mapping[str, Ma
     ocr = run_ocr(dataset, engine=ocr_kw.get("engine", "cnocr"), spec=ocr_kw.get("spec"), cache=cache,
                   force=force, detector=ocr_kw.get("detector", "auto"))
     desc = run_describe(dataset, cache=cache, force=force, **settings.get("describe", {}))
-    reason_kw = {k: v for k, v in settings.get("reason", {}).items() if k not in ("engine", "spec")}
+    reason_kw = {k: v for k, v in settings.get("reason", {}).items() if k not in ("engine", "spec", "detector")}
     if priors is not None:
         reason_kw["priors"] = priors
     reas = run_reason(dataset, engine=ocr_kw.get("engine", "cnocr"), spec=ocr_kw.get("spec"), cache=cache,
-                      force=force, **reason_kw)
+                      detector=ocr_kw.get("detector", "auto"), force=force, **reason_kw)
     by = [ocr.by_image(), desc.by_image(), reas.by_image()]
     keep, fields, vlm, llm, dropped = [], [], [], [], []
     for s in dataset.samples:

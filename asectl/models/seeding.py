@@ -1,4 +1,4 @@
-"""Seeded torch randomness for one block of code, without disturbing the caller's global state."""
+"""Seeded torch randomness and thread settings for one block of code, restored afterwards."""
 
 from __future__ import annotations
 
@@ -16,3 +16,16 @@ def fork_rng(seed: int, device: str):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def cpu_training_threads(device: str):
+    """One torch thread while training small heads on a CPU (more only oversubscribes a 2-core
+    machine); the caller's thread count is restored after."""
+    threads = torch.get_num_threads()
+    if str(device) == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -100,7 +100,7 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
               overrides: Mapping[str, Any] | None = None, seed: int = 0, augmented: str | Path | None = None,
               settings: Mapping[str, Mapping[str, Any]] | None = None, force: bool = False) -> AlignOutcome:
     """PFA on the training split; ``overrides`` are profile keys (``pfa.mode``, ``pfa.strides``, ...)."""
-    import torch
+    from asectl.models.seeding import cpu_training_threads
 
     from asectl.models.train_config import get_profile
 
@@ -125,14 +125,8 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
     if entry is not None:
         outcome = AlignOutcome(key, entry.path, entry.read_json("summary.json"), True)
     else:
-        threads = torch.get_num_threads()
-        if prof.encoders.device == "cpu":
-            # Small matrices: one thread avoids oversubscription on 2-core machines.
-            torch.set_num_threads(1)
-        try:
+        with cpu_training_threads(prof.encoders.device):
             outcome = _train(cache, key, prof, mods, rows, train_index, encoders, seed)
-        finally:
-            torch.set_num_threads(threads)
     cache.set_pointer(f"align-{dataset_id(dataset)}", {"key": key, "profile": profile,
                                                         "overrides": dict(overrides or {}), "seed": seed,
                                                         "augmented": str(augmented) if augmented else None})

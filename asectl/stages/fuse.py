@@ -39,7 +39,7 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                    task: str | None = None, augmented: str | Path | None = None, profile: str | None = None,
                    overrides: Mapping[str, Any] | None = None, seed: int | None = None,
                    force: bool = False) -> FuseOutcome:
-    import torch
+    from asectl.models.seeding import cpu_training_threads
 
     from asectl.models.cmaf import save_fusion, train_fusion
     from asectl.models.train_config import get_profile
@@ -65,16 +65,11 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
         emb = align.embeddings()
         feats = {m: emb[m][train] for m in ("vlm", "llm", "image")}
         labels = [align.labels[i] for i in train]
-        threads = torch.get_num_threads()
-        if prof.encoders.device == "cpu":
-            torch.set_num_threads(1)
-        try:
-            with ui.progress(prof.fusion.epochs, f"fuse-train ({prof.fusion.variant})") as advance:
-                model, history = train_fusion(
-                    feats, labels, prof.fusion, a_seed, classes=None, device=prof.encoders.device,
-                    on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"))
-        finally:
-            torch.set_num_threads(threads)
+        with cpu_training_threads(prof.encoders.device), \
+                ui.progress(prof.fusion.epochs, f"fuse-train ({prof.fusion.variant})") as advance:
+            model, history = train_fusion(
+                feats, labels, prof.fusion, a_seed, classes=None, device=prof.encoders.device,
+                on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"))
         spec_arg = align.summary["replay"]["ocr"].get("spec")
         spec = load_spec(spec_arg)
 

@@ -442,12 +442,12 @@ def priors_from_dataset(dataset: Dataset, stats: Mapping[str, Mapping[str, Any]]
 
 
 # --- the stage ---------------------------------------------------------------------------------------
-def _stats_from_ocr(dataset: Dataset, engine: str, card_spec: Any, cache: Cache,
-                    strict: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    from asectl.stages.ocr import ocr_identity, run_ocr
+def _stats_from_ocr(dataset: Dataset, engine: str, card_spec: Any, cache: Cache, strict: bool,
+                    detector: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    from asectl.stages.ocr import run_ocr
 
-    result = run_ocr(dataset, engine=engine, spec=card_spec, cache=cache, strict=strict)
-    return result.by_image(), {"source": "ocr", "ocr": ocr_identity(engine, card_spec)}
+    result = run_ocr(dataset, engine=engine, spec=card_spec, cache=cache, strict=strict, detector=detector)
+    return result.by_image(), {"source": "ocr", "ocr": result.params}
 
 
 def run_reason(
@@ -469,6 +469,7 @@ def run_reason(
     priors: Mapping[str, Any] | None = None,
     fields: Mapping[str, Mapping[str, Any]] | None = None,
     engine: str = "cnocr",
+    detector: str = "auto",
     spec: str | Path | None = None,
     cache: Cache | None = None,
     force: bool = False,
@@ -510,7 +511,7 @@ def run_reason(
         given = {s.name: fields.get(s.name) for s in dataset.samples}
         stats_identity = {"source": "given", "sha256": sha256_bytes(canonical_json(given).encode())}
     else:
-        stats, stats_identity = _stats_from_ocr(dataset, engine, card_spec, cache, strict)
+        stats, stats_identity = _stats_from_ocr(dataset, engine, card_spec, cache, strict, detector)
     if priors is None:
         priors = priors_from_dataset(dataset, stats, edges)
     else:
@@ -600,6 +601,7 @@ def run_reason(
               "prompt": {"name": template.name, "ref": template.ref, "sha256": template.sha256},
               "sampling": sampling.as_dict(), "priors": priors, "priors_sha256": p_hash,
               "stats": {**stats_identity, "engine": engine if fields is None else None,
+                        "detector": detector if fields is None else None,
                         "spec_path": str(spec) if spec else None},
               "n_ctx": llm.n_ctx, "generated_tokens": tally["completion"], "generate_seconds": tally["seconds"]}
     return StageResult(STAGE, records, params, cache.summary(STAGE))
@@ -612,5 +614,6 @@ def replay_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"llm_model": params["backend"]["path"], "chat_format": params["backend"]["chat_format"],
             "prompt": params["prompt"]["ref"], "priors": params["priors"], "n_ctx": params.get("n_ctx"),
             "engine": stats.get("engine") or "cnocr", "spec": stats.get("spec_path"),
+            "detector": stats.get("detector") or "auto",
             "expect_model_hash": params["backend"]["hash"], "expect_prompt_sha256": params["prompt"]["sha256"],
             **params["sampling"]}

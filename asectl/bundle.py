@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asectl.cache import Cache, sha256_file
+from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file
 from asectl.errors import ConfigError
 
 BUNDLE_FORMAT = 1
@@ -30,6 +30,11 @@ class Bundle:
     @property
     def labels(self) -> list[str]:
         return list(self.config["classes"])
+
+    @property
+    def digest(self) -> str:
+        """Content identity: bundle.json holds the checksum of every file (verified on loading)."""
+        return sha256_bytes(canonical_json(self.config).encode())
 
     def heads(self) -> Any:
         from safetensors.torch import load_file

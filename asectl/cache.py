@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -31,6 +31,9 @@ log = logging.getLogger("asectl")
 FORMAT_VERSION = 1
 ENV_VAR = "ASECTL_CACHE_DIR"
 _STALE_TMP_SECONDS = 6 * 3600
+# Payload files up to this size stay in memory after a read verified them, so reading the entry's data
+# does not touch the disk again (and returns exactly the bytes that were checked).
+_KEEP_VERIFIED_BYTES = 1 << 20
 
 
 def default_cache_dir() -> Path:
@@ -49,12 +52,12 @@ _file_hash_memo: dict[tuple[str, int, int], str] = {}
 
 def sha256_file(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, memoised on (path, size, mtime) within one process."""
-    p = Path(path)
-    st = p.stat()
-    memo_key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    st = os.stat(path)
+    # abspath, not resolve(): following links costs more than hashing a small card image.
+    memo_key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if memo_key not in _file_hash_memo:
         h = hashlib.sha256()
-        with open(p, "rb") as f:
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         _file_hash_memo[memo_key] = h.hexdigest()
@@ -89,12 +92,14 @@ class CorruptEntry(Exception):
 class Entry:
     path: Path
     meta: dict
+    verified: dict[str, bytes] = field(default_factory=dict, repr=False)   # name -> bytes checked on get
 
     def file(self, name: str) -> Path:
         return self.path / name
 
     def read_bytes(self, name: str) -> bytes:
-        return (self.path / name).read_bytes()
+        data = self.verified.get(name)
+        return data if data is not None else (self.path / name).read_bytes()
 
     def read_json(self, name: str = "record.json") -> Any:
         return json.loads(self.read_bytes(name))
@@ -110,7 +115,7 @@ class Cache:
 
     # -- layout -----------------------------------------------------------------------------------
     def entry_dir(self, stage: str, key: str) -> Path:
-        return self.root / "entries" / stage / key[:2] / key
+        return self.root.joinpath("entries", stage, key[:2], key)
 
     @property
     def tmp_dir(self) -> Path:
@@ -136,7 +141,8 @@ class Cache:
         return d
 
     # -- read -------------------------------------------------------------------------------------
-    def _verify(self, path: Path) -> dict:
+    def _verify(self, path: Path, keep: dict[str, bytes] | None = None) -> dict:
+        """The entry's meta.json after checking every payload file; ``keep`` receives the small ones' bytes."""
         try:
             meta = json.loads((path / "meta.json").read_bytes())
             files = meta["files"]
@@ -150,24 +156,27 @@ class Cache:
                 raise CorruptEntry(f"missing file {name}") from None
             if len(data) != info["size"] or sha256_bytes(data) != info["sha256"]:
                 raise CorruptEntry(f"checksum mismatch in {name}")
+            if keep is not None and len(data) <= _KEEP_VERIFIED_BYTES:
+                keep[name] = data
         return meta
 
     def get(self, stage: str, key: str) -> Entry | None:
         """A verified entry, or None (a miss, or a corrupt entry that was discarded)."""
         path = self.entry_dir(stage, key)
-        if not path.exists():
-            self._count(stage, "miss")
-            return None
+        verified: dict[str, bytes] = {}
         try:
-            meta = self._verify(path)
+            meta = self._verify(path, verified)
         except CorruptEntry as exc:
+            if not path.exists():   # no entry at all (checked only now: most lookups are hits)
+                self._count(stage, "miss")
+                return None
             log.warning("cache entry %s/%s is corrupt (%s); it will be rebuilt", stage, key[:12], exc)
             self._discard(path)
             self._count(stage, "rebuilt")
             self._count(stage, "miss")
             return None
         self._count(stage, "hit")
-        return Entry(path, meta)
+        return Entry(path, meta, verified)
 
     def _count(self, stage: str, what: str) -> None:
         self.stats[what] += 1

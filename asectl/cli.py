@@ -143,15 +143,18 @@ def synth(cache, out, seed, counts, test_size, augment_src, factor, stats_source
               help="Card spec TOML for another record layout (default: docs/card-format.md).")
 @click.option("--detector", type=click.Choice(["auto", "model"]), default="auto", show_default=True,
               help="auto: cut clean text lines directly, else the engine's text detector; model: always the detector.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Processes reading cards (default: one per core); the records do not depend on it.")
 @per_image_options
 @click.pass_obj
-def ocr(cache, inputs, engine, spec, detector, out, as_json, force, strict):
+def ocr(cache, inputs, engine, spec, detector, workers, out, as_json, force, strict):
     """Read the printed records of cards (a dataset folder, image files or globs)."""
     from asectl.dataset import load_inputs
     from asectl.stages.ocr import run_ocr
 
     dataset = load_inputs(inputs)
-    result = run_ocr(dataset, engine=engine, spec=spec, cache=cache, force=force, strict=strict, detector=detector)
+    result = run_ocr(dataset, engine=engine, spec=spec, cache=cache, force=force, strict=strict, detector=detector,
+                     workers=workers)
     if dataset.root is not None:
         from asectl.pipeline import remember
 

@@ -100,14 +100,15 @@ def stratified_split(labels: Sequence[str], test_size: int, seed: int) -> list[s
     return split
 
 
-def _inside(root: Path, rel: str, where: str) -> Path:
+def _inside(root: Path, real_root: Path, rel: str, where: str) -> Path:
+    """``root / rel`` resolved; ``real_root`` is ``root.resolve()``, computed once per dataset."""
     if not rel:
         raise DataError(f"{where}: empty image path")
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts:
         raise DataError(f"{where}: image path '{rel}' leaves the dataset folder; use a path relative to {root}")
     full = (root / p).resolve()
-    if root.resolve() not in full.parents:
+    if real_root not in full.parents:
         raise DataError(f"{where}: image path '{rel}' resolves outside the dataset folder (symlink?)")
     return full
 
@@ -124,12 +125,12 @@ def read_labels_csv(root: Path) -> Dataset:
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
                         "the header must be image,label,split")
-    samples, seen = [], {}
+    samples, seen, real_root = [], {}, root.resolve()
     for lineno, row in enumerate(reader, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         where = f"{csv_path}:{lineno}"
         rel, label, split = row["image"], row["label"], row["split"].lower()
-        path = _inside(root, rel, where)
+        path = _inside(root, real_root, rel, where)
         if rel in seen:
             raise DataError(f"{where}: duplicate row for '{rel}' (first on line {seen[rel]}); keep one")
         seen[rel] = lineno

@@ -19,10 +19,11 @@ correct binary prediction, a normal card predicted as type2 is not).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -457,15 +458,14 @@ def stage_curves_from_pfa(summary: Mapping[str, Any]) -> list[StageCurve]:
 
 def build_report(data: ReportInput, out_dir: Path) -> ReportSummary:
     """Compute the metrics, draw the figures and write every report file into ``out_dir``."""
+    return write_report(render_report(data), out_dir)
+
+
+def render_report(data: ReportInput) -> dict[str, bytes]:
+    """Every report file in memory: keys of FILES -> bytes (the same bytes for the same input)."""
     labels = [str(x) for x in data.label_names]
     metrics = compute_metrics(labels, data.y_true, data.y_pred, data.probs, data.image_names)
     embeddings = _check_embeddings(data, len(labels))
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{out_dir}: cannot create the report folder ({e.strerror}); choose another "
-                          "output folder") from None
     m = len(data.embedding_labels)
     perplexity = tsne_perplexity(m) if m >= TSNE_MIN_SAMPLES else None
     metrics["tsne"] = {"stages": list(embeddings), "n_samples": m, "perplexity": perplexity, "init": "pca",
@@ -489,18 +489,50 @@ def build_report(data: ReportInput, out_dir: Path) -> ReportSummary:
                             data.tsne)
     pngs["curves"] = curves_png(data.pfa_curves, data.fusion_curve)
 
-    paths: dict[str, Path] = {}
-    for key, png in pngs.items():
-        paths[key] = out_dir / FILES[key]
-        write_atomic(paths[key], png)
-    paths["metrics"] = out_dir / FILES["metrics"]
-    write_atomic(paths["metrics"], (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
+    files: dict[str, bytes] = dict(pngs)
+    files["metrics"] = (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode()
     context = _context(data, metrics)
-    paths["markdown"] = out_dir / FILES["markdown"]
-    write_atomic(paths["markdown"], _markdown(context, metrics, pngs).encode())
-    paths["html"] = out_dir / FILES["html"]
-    write_atomic(paths["html"], _html(context, metrics, pngs).encode())
+    files["markdown"] = _markdown(context, metrics, pngs).encode()
+    files["html"] = _html(context, metrics, pngs).encode()
+    return files
+
+
+def write_report(files: Mapping[str, bytes], out_dir: Path) -> ReportSummary:
+    """Write ``render_report``'s files into ``out_dir``."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{out_dir}: cannot create the report folder ({e.strerror}); choose another "
+                          "output folder") from None
+    paths: dict[str, Path] = {}
+    for key, data in sorted(files.items(), key=lambda kv: kv[0] == "html"):   # report.html last: the one opened
+        paths[key] = out_dir / FILES[key]
+        write_atomic(paths[key], data)
+    metrics = json.loads(files["metrics"])
     return ReportSummary(paths=paths, metrics=metrics, text=_summary_text(metrics, paths))
+
+
+def report_key_parts(data: ReportInput) -> dict[str, Any]:
+    """Everything the report files depend on, JSON-able with arrays by content hash: for a cache key.
+    The t-SNE memo is left out (it only makes the same coordinates faster)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            a = np.ascontiguousarray(v)
+            return {"sha256": hashlib.sha256(a.tobytes()).hexdigest(), "shape": list(a.shape),
+                    "dtype": str(a.dtype)}
+        if isinstance(v, np.generic):
+            return v.item()
+        if is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return {f.name: plain(getattr(data, f.name)) for f in fields(data) if f.name != "tsne"}
 
 
 def _finite(v: Any) -> Any:

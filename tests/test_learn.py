@@ -149,3 +149,25 @@ def test_fuse_train_on_a_tda_augmented_training_split(trained):
     bad = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "fuse-train", str(data), "--augmented",
                                    str(other)])
     assert bad.exit_code == 2 and "test split differs" in bad.output
+
+
+@pytest.mark.slow
+def test_paper_profile_through_the_cli(trained, tmp_path):
+    """--profile paper end to end: ResNet-50 (random initialisation, on request) and BERT (a tiny one
+    from a folder) fine-tuned in warm-up and alignment, then fusion and predict. Slow on a CPU: one
+    epoch per phase still runs ResNet-50 forward and backward over every training card."""
+    from .test_encoders import make_tiny_bert
+
+    bert = make_tiny_bert(tmp_path / "bert")
+    paper = ["--profile", "paper", "--set", "encoders.image_random_init=true", "--set", f"encoders.text_path={bert}",
+             "--set", "encoders.warmup_epochs=1", "--set", "pfa.epochs_per_stage=1", "--set", "fusion.epochs=2"]
+    inv, data = trained["invoke"], trained["data"]
+    align = json.loads(inv("align", data, "--stride", "0.5/1", "--json", *paper).stdout.splitlines()[-1])
+    assert [s["n_train"] for s in align["stages"]][-1] == align["stages"][-1]["n_train"] and len(align["stages"]) == 2
+    fuse = json.loads(inv("fuse-train", data, "--out", tmp_path / "bundle", "--json", *paper).stdout.splitlines()[-1])
+    cfg = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert cfg["profile"]["name"] == "paper" and cfg["profile"]["encoders"]["finetune"] is True
+    assert "random" in json.dumps(cfg["provenance"]).lower()
+    res = inv("predict", data / "images" / "0000.png", "--model", tmp_path / "bundle", "--json")
+    rec = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("{")))
+    assert abs(sum(rec["probabilities"].values()) - 1) < 1e-4 and fuse["classes"] == cfg["classes"]

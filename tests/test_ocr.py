@@ -142,3 +142,30 @@ def render_text_card(path, lines):
                font=_font(GEOMETRY.font_size))
     img.save(path)
     return path
+
+
+def test_workers_give_the_same_records_and_keys(small_dataset, tmp_path, monkeypatch):
+    """Several processes read exactly what one does, error records included, under the same cache keys.
+    rapidocr: the same models as cnocr, but workers load it in a second (cnocr imports torch)."""
+    import asectl.stages.ocr as ocr_stage
+    from asectl.cache import Cache
+    from asectl.dataset import load_inputs
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    partly = render_text_card(tmp_path / "partly.png", ["N = 12", "MEAN X = n/a"])
+    good = [small_dataset / "images" / f"000{i}.png" for i in range(4)]
+    # Chunks of two: one clean, one with a card that raises, one with a partly read record.
+    inputs = [good[0], good[1], tmp_path / "empty.png", good[2], partly, good[3]]
+    monkeypatch.setattr(ocr_stage, "CHUNK_PER_WORKER", 1)
+    monkeypatch.setattr(ocr_stage, "SMALL_RUN", 1)
+    runs = {}
+    for workers in (1, 2):
+        cache = Cache(tmp_path / f"cache{workers}")
+        recs = ocr_stage.run_ocr(load_inputs([str(p) for p in inputs]), cache=cache, engine="rapidocr",
+                                 workers=workers).records
+        keys = sorted(e.name for e in cache.iter_entries("ocr"))
+        runs[workers] = [{**r, "seconds": "?"} if "seconds" in r else r for r in recs], keys
+    assert runs[2] == runs[1]
+    recs, keys = runs[1]
+    assert len(recs) == 6 and len(keys) == 4
+    assert "empty file" in recs[2]["error"] and "could not read" in recs[4]["error"]

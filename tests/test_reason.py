@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_gguf import write_fake_arch, write_tiny_llama  # noqa: E402
 
 # The tiny model's vocabulary is about one token per character: a prompt is ~2,700 tokens, and a random
-# model may write the rationale up to its 240-character limit in multi-byte characters.
+# model may write the rationale up to its character limit in multi-byte characters.
 TINY = {"n_ctx": 8192, "max_tokens": 1200}
 
 
@@ -79,13 +79,13 @@ def test_cli_reason_tiny_gguf_end_to_end_then_cache_hit(tiny_gguf, small_dataset
     for r in records:
         # The OCR stage read the printed record; the prompt was built from it.
         assert r["fields"] == truth[f"images/{r['image']}"]
-        # Random weights, but the grammar forces a schema-valid JSON answer.
+        # Random weights, but the decoder keeps the answer inside the JSON schema.
         _check_answer(r["json"], labels)
         assert json.loads(r["raw"], strict=False)["verdict"] == r["json"]["verdict"]
         assert r["text"].startswith(f"Verdict: {r['json']['verdict']}") and f"N {r['fields']['N']} holes" in r["text"]
         assert r["model"] == {"id": "asectl tiny llama", "hash": sha256_file(tiny_gguf), "chat_format": "llama-2"}
-        assert r["backend"] == "llama-cpp" and r["prompt_version"] == "reason-v1"
-        assert r["prompt_sha256"] == sha256_file(R.PROMPTS_DIR / "reason-v1.txt")
+        assert r["backend"] == "llama-cpp" and r["prompt_version"] == "reason-v2"
+        assert r["prompt_sha256"] == sha256_file(R.PROMPTS_DIR / "reason-v2.txt")
         assert r["priors_sha256"] == R.priors_sha256(priors)
         assert r["sampling"]["temperature"] == 0.0 and r["sampling"]["max_tokens"] == TINY["max_tokens"]
         assert r["tokens"]["prompt"] > 500 and r["tokens"]["completion"] > 10
@@ -265,16 +265,29 @@ def test_check_priors_rejects_malformed():
 
 
 def test_prompt_is_a_versioned_file_with_known_placeholders(tmp_path, small_dataset, truth, priors):
-    tpl = R.load_prompt()
-    assert tpl.name == "reason-v1" and tpl.sha256 == sha256_file(R.PROMPTS_DIR / "reason-v1.txt")
     name = "images/0000.png"
-    record = R.record_sentence(truth[name], priors["bin_edges"])
-    messages = tpl.messages(record=record, deviation=R.deviation_text(truth[name], priors),
-                            priors=R.priors_text(priors), n_train=priors["cards"], labels="normal, type1")
+    values = {"card": R.card_summary(truth[name], priors), "record": R.record_sentence(truth[name], priors["bin_edges"]),
+              "deviation": R.deviation_text(truth[name], priors), "priors": R.priors_text(priors),
+              "n_train": priors["cards"], "labels": "normal, type1"}
+    tpl = R.load_prompt()
+    assert tpl.name == "reason-v2" and tpl.sha256 == sha256_file(R.PROMPTS_DIR / "reason-v2.txt")
+    messages = tpl.messages(**values)
     assert [m["role"] for m in messages] == ["system", "user"]
     user = messages[1]["content"]
-    assert record in user and "mean x" in user and "$" not in user and "##" not in user
-    assert f"N {truth[name]['N']} holes" in record and f"10-20:{truth[name]['bins'][-1]}" in record
+    assert user.endswith(values["card"]) and "$" not in user and "##" not in user
+    # v2 gives the card in words: levels against normal cards and the nearest class profiles, no digits.
+    assert "mean x " in values["card"] and "Nearest class profiles: " in values["card"]
+    words = values["card"]
+    for label in priors["classes"]:
+        words = words.replace(label, "")
+    assert not any(c.isdigit() for c in words)
+    prefix = tpl.shared_prefix(**values)
+    assert prefix[0] == messages[0] and user.startswith(prefix[1]["content"]) and values["card"] not in prefix[1]["content"]
+
+    v1 = R.load_prompt("reason-v1")
+    user = v1.messages(**values)[1]["content"]
+    assert values["record"] in user and values["deviation"] in user
+    assert f"N {truth[name]['N']} holes" in values["record"] and f"10-20:{truth[name]['bins'][-1]}" in values["record"]
 
     custom = tmp_path / "mine.txt"
     custom.write_text("[system]\nbe brief\n[user]\n$record $nonsense\n")
@@ -292,13 +305,70 @@ def test_record_sentence_says_what_ocr_missed():
     assert "y not read" in text and "holes by radius not read" in text
 
 
-def test_answer_schema_grammar_compiles():
-    from llama_cpp import LlamaGrammar
+def test_card_summary_levels_and_unread_fields(priors):
+    normal = priors["classes"]["normal"]
+    spread = lambda f: R._scale(priors, normal, f)  # noqa: E731
+    fields = {"mu_x": normal["mean"]["mu_x"], "mu_y": normal["mean"]["mu_y"] + 10 * spread("mu_y"),
+              "sd_x": normal["mean"]["sd_x"] - 2 * spread("sd_x")}
+    text = R.card_summary(fields, priors)
+    assert "mean x typical" in text and "mean y very high" in text and "sd x low" in text
+    assert "sd y not read" in text and "near not read" in text
+    assert R.card_summary({}, priors).startswith("mean x not read")
 
-    schema = R.answer_schema(["normal", "type1"])
-    assert schema["required"] == list(R.ANSWER_KEYS)
-    assert schema["properties"]["closest_class"]["enum"] == ["normal", "type1"]
-    LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+
+# --- the schema-constrained decoder ------------------------------------------------------------------
+def test_object_fields_from_the_answer_schema():
+    from asectl.backends.json_decode import Field, object_fields
+
+    fields = object_fields(R.answer_schema(["normal", "type1"]))
+    assert [f.name for f in fields] == list(R.ANSWER_KEYS)
+    assert fields[4] == Field("closest_class", ("normal", "type1"))
+    assert fields[5] == Field("rationale", None, 1, R.RATIONALE_MAX_CHARS)
+    for bad in ({"type": "array"}, {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+                {"type": "object", "properties": {"a": {"type": "string"}}, "required": []}):
+        with pytest.raises(ConfigError):
+            object_fields(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_gguf):
+    from asectl.backends.llm import LlamaCppLLM
+
+    llm = LlamaCppLLM(tiny_gguf, n_ctx=2048)
+    yield llm
+    llm.close()
+
+
+@pytest.mark.parametrize("text", ["normal", '", "axis": "', " spaced words", "{\"a\": \"", "type3"])
+def test_decoder_spells_fixed_text_exactly_with_a_sentencepiece_vocabulary(tiny_llm, text):
+    from asectl.backends.json_decode import Field, JsonObjectDecoder
+
+    dec = JsonObjectDecoder(tiny_llm.load(), [Field("a", ("x",))])
+    assert b"".join(dec.pieces[t] for t in dec.tokens(text)) == text.encode()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_decoder_answers_stay_in_the_schema_and_repeat_for_a_seed(tiny_llm, temperature):
+    """Random weights make the model's choices arbitrary: every answer must still parse, respect the
+    enums (shared first tokens included) and the string limits, and repeat exactly for the same seed."""
+    from asectl.backends.json_decode import Field
+
+    fields = [Field("kind", ("type1", "type2", "type10", "normal")), Field("note", None, 3, 12),
+              Field("axis", ("x", "y"))]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "judge the card"}]
+    answers = set()
+    for seed in range(6):
+        sampling = {"temperature": temperature, "seed": seed, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                    "repeat_penalty": 1.1, "max_tokens": 200}
+        out = tiny_llm.answer(messages, fields, sampling)
+        assert tiny_llm.answer(messages, fields, sampling)["raw"] == out["raw"]
+        obj = json.loads(out["raw"])
+        assert list(obj) == ["kind", "note", "axis"] and out["finish_reason"] == "stop"
+        assert obj["kind"] in fields[0].options and obj["axis"] in ("x", "y")
+        assert len(obj["note"]) <= 12 and len(obj["note"].strip()) >= 3
+        assert out["tokens"]["completion"] > out["timing"]["decode_calls"] > 0   # fixed text costs no call
+        answers.add(out["raw"])
+    assert len(answers) > 1 if temperature else len(answers) == 1
 
 
 # --- the real default model --------------------------------------------------------------------------
@@ -328,3 +398,23 @@ def test_worker_processes_give_the_same_answers_as_one_process(tmp_path, small_d
     a = {r["image"]: r["raw"] for r in one.records}
     b = {r["image"]: r["raw"] for r in two.records}
     assert a == b and len(a) == len(ds)
+
+
+def test_checks_before_loading_are_remembered_per_file_state(tiny_gguf, tmp_path, monkeypatch):
+    """A command whose answers are all cached does not load the vocabulary again; a changed file is
+    checked again."""
+    import os
+    import shutil
+
+    from asectl.backends import llm as L
+
+    model = tmp_path / "m.gguf"
+    shutil.copy(tiny_gguf, model)
+    L.LlamaCppLLM(model)
+    calls = []
+    monkeypatch.setattr(L, "check_architecture", lambda info: calls.append(info.path))
+    L.LlamaCppLLM(model)
+    assert calls == []
+    os.utime(model, ns=(1, 1))
+    L.LlamaCppLLM(model)
+    assert calls == [model]

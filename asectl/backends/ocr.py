@@ -55,13 +55,20 @@ def _quiet_ocr_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _ort_threads(threads: int | None) -> dict[str, int]:
+    # -1: onnxruntime's default, one thread per physical core.
+    return {"intra_op_num_threads": threads or -1}
+
+
 def _box(points: Any) -> tuple[float, float, float, float]:
     arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 0].max()), float(arr[:, 1].max())
 
 
 class OCREngine:
-    """Interface: ``read(image) -> list[TextLine]`` on a binarised RGB card; ``identity()`` for keys."""
+    """Interface: ``read(image) -> list[TextLine]`` on a binarised RGB card; ``identity()`` for keys.
+    Constructors take ``threads``: the inference library's threads per model (None: its default); the
+    results must not depend on it, since it is no part of the identity."""
 
     registry_name = "?"
 
@@ -84,16 +91,17 @@ class OCREngine:
 
 @OCR_ENGINES.register("cnocr")
 class CnOcrEngine(OCREngine):
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         _quiet_ocr_logs()
         self.det_path, self.rec_path = _model_file(DET_MODEL), _model_file(REC_MODEL)
         from cnocr import CnOcr
 
         _quiet_ocr_logs()
+        more = {"engine_cfg": _ort_threads(threads)}
         # rec_lang_type "en": the printed records are ASCII; model files are given by path (no download).
         self._ocr = CnOcr(rec_model_name="multi_PP-OCRv6_small", rec_model_fp=str(self.rec_path),
                           rec_lang_type="en", det_model_name="multi_PP-OCRv6_det_small",
-                          det_model_fp=str(self.det_path))
+                          det_model_fp=str(self.det_path), rec_more_configs=more, det_more_configs=more)
 
     @classmethod
     def static_identity(cls) -> dict[str, Any]:
@@ -114,7 +122,7 @@ class CnOcrEngine(OCREngine):
 
 @OCR_ENGINES.register("rapidocr")
 class RapidOcrEngine(OCREngine):
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         _quiet_ocr_logs()
         from rapidocr import RapidOCR
 
@@ -122,7 +130,8 @@ class RapidOcrEngine(OCREngine):
         self.cls_path = _model_file(CLS_MODEL)
         params = {"Global.log_level": "warning", "Global.use_cls": False,
                   "Det.model_path": str(self.det_path), "Rec.model_path": str(self.rec_path),
-                  "Cls.model_path": str(self.cls_path)}
+                  "Cls.model_path": str(self.cls_path),
+                  **{f"EngineConfig.onnxruntime.{k}": v for k, v in _ort_threads(threads).items()}}
         self._ocr = RapidOCR(params=params)
         _quiet_ocr_logs()
 
@@ -153,9 +162,10 @@ def engine_identity(name: str) -> dict[str, Any]:
     return cls.static_identity()
 
 
-def get_engine(name: str) -> OCREngine:
-    """One loaded engine per name per process (loading costs far more than reading one card)."""
+def get_engine(name: str, threads: int | None = None) -> OCREngine:
+    """One loaded engine per name per process (loading costs far more than reading one card);
+    ``threads`` applies when it is first loaded."""
     if name not in _engines:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        _engines[name] = OCR_ENGINES.create(name)
+        _engines[name] = OCR_ENGINES.create(name, threads=threads)
     return _engines[name]

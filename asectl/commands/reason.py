@@ -31,8 +31,9 @@ from asectl.cli import per_image_options
 @click.option("--top-k", type=int, default=40, show_default=True)
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--max-tokens", type=int, default=None, help="Most tokens per answer (default 400).")
-@click.option("--prompt", "prompt", default="reason-v1", show_default=True,
-              help="Prompt template: a name in asectl/prompts or a .txt file of the same format.")
+@click.option("--prompt", "prompt", default=None,
+              help="Prompt template: a name in asectl/prompts or a .txt file of the same format "
+                   "(default: the newest built-in, reason-v2).")
 @click.option("--priors", "priors_file", type=click.Path(path_type=Path), default=None,
               help="Prior knowledge JSON (from --priors-out); default: built from the dataset's train split.")
 @click.option("--priors-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -49,7 +50,7 @@ def reason(cache, inputs, llm_model, chat_format, n_threads, workers, n_gpu_laye
     from asectl.cli import emit_records, finish
     from asectl.dataset import load_inputs
     from asectl.errors import ConfigError
-    from asectl.stages.reason import DEFAULT_MAX_TOKENS, check_priors, run_reason
+    from asectl.stages.reason import DEFAULT_MAX_TOKENS, DEFAULT_PROMPT, check_priors, run_reason
 
     priors = None
     if priors_file is not None:
@@ -62,7 +63,8 @@ def reason(cache, inputs, llm_model, chat_format, n_threads, workers, n_gpu_laye
     dataset = load_inputs(inputs)
     result = run_reason(dataset, llm_model, chat_format=chat_format, n_threads=n_threads, workers=workers, n_gpu_layers=n_gpu_layers,
                         n_ctx=n_ctx, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
-                        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, prompt=prompt, priors=priors, engine=engine,
+                        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+                        prompt=prompt or DEFAULT_PROMPT, priors=priors, engine=engine,
                         spec=spec, cache=cache, force=force, strict=strict)
     if priors_out is not None:
         write_atomic(priors_out, json.dumps(result.params["priors"], indent=1).encode())

@@ -52,7 +52,7 @@ from torch import nn
 
 from asectl.errors import ConfigError, DataError
 from asectl.models.seeding import fork_rng
-from asectl.models.train_config import PFAConfig
+from asectl.models.train_config import PFAConfig, stride_fractions  # noqa: F401  (re-exported)
 
 MODALITIES = ("image", "llm", "vlm")
 TEXT_MODALITIES = ("llm", "vlm")     # aligned in this order with the image: Eq. (4), section 3.3
@@ -60,29 +60,6 @@ TEXT_MODALITIES = ("llm", "vlm")     # aligned in this order with the image: Eq.
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions: schedule, ranking, loss
-
-
-def stride_fractions(stride: float | Sequence[float]) -> list[float]:
-    """Cumulative data fractions of the stages.
-
-    A single stride s gives s, 2s, ... up to 1.0 (the last one is 1.0 even when s does not divide 1:
-    0.3 -> 0.3, 0.6, 0.9, 1.0). A list (the paper's Table 4 ``0.2/0.6/1``) is taken as given; it must rise
-    strictly, lie in (0, 1] and end at 1 so that every training pair is used."""
-    if isinstance(stride, (int, float)) and not isinstance(stride, bool):
-        s = float(stride)
-        if not 0 < s <= 1:
-            raise ConfigError(f"PFA stride {stride}: must be in (0, 1]")
-        n = math.ceil(round(1.0 / s, 9))
-        return [min(1.0, round(k * s, 9)) for k in range(1, n + 1)]
-    fr = [float(f) for f in stride]
-    if not fr:
-        raise ConfigError("PFA strides: give at least one fraction, e.g. 0.2/0.6/1")
-    if any(not 0 < f <= 1 for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])):
-        raise ConfigError(f"PFA strides {fr}: fractions must rise strictly within (0, 1]")
-    if abs(fr[-1] - 1.0) > 1e-9:
-        raise ConfigError(f"PFA strides {fr}: the last fraction must be 1 (all training data)")
-    fr[-1] = 1.0
-    return fr
 
 
 def stage_counts(n_train: int, fractions: Sequence[float]) -> list[int]:

@@ -26,10 +26,11 @@ An unknown key or a value of the wrong type is a ConfigError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from asectl.errors import ConfigError
 
@@ -38,6 +39,29 @@ PFA_MODES = ("progressive", "direct", "none")
 ALIGN_ORDERS = ("sequential", "summed")
 FUSION_VARIANTS = ("cmaf", "cmaf-nosigmoid", "concat")
 TASKS = ("multiclass", "binary")
+
+
+def stride_fractions(stride: float | Sequence[float]) -> list[float]:
+    """Cumulative data fractions of the stages.
+
+    A single stride s gives s, 2s, ... up to 1.0 (the last one is 1.0 even when s does not divide 1:
+    0.3 -> 0.3, 0.6, 0.9, 1.0). A list (the paper's Table 4 ``0.2/0.6/1``) is taken as given; it must rise
+    strictly, lie in (0, 1] and end at 1 so that every training pair is used."""
+    if isinstance(stride, (int, float)) and not isinstance(stride, bool):
+        s = float(stride)
+        if not 0 < s <= 1:
+            raise ConfigError(f"PFA stride {stride}: must be in (0, 1]")
+        n = math.ceil(round(1.0 / s, 9))
+        return [min(1.0, round(k * s, 9)) for k in range(1, n + 1)]
+    fr = [float(f) for f in stride]
+    if not fr:
+        raise ConfigError("PFA strides: give at least one fraction, e.g. 0.2/0.6/1")
+    if any(not 0 < f <= 1 for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])):
+        raise ConfigError(f"PFA strides {fr}: fractions must rise strictly within (0, 1]")
+    if abs(fr[-1] - 1.0) > 1e-9:
+        raise ConfigError(f"PFA strides {fr}: the last fraction must be 1 (all training data)")
+    fr[-1] = 1.0
+    return fr
 
 
 @dataclass
@@ -76,8 +100,6 @@ class PFAConfig:
     rerank_each_stage: bool = True        # rank D_pend again with the current projections per stage
 
     def validate(self) -> None:
-        from asectl.models.pfa import stride_fractions
-
         _choice("pfa.mode", self.mode, PFA_MODES)
         _choice("pfa.align_order", self.align_order, ALIGN_ORDERS)
         self.strides = tuple(stride_fractions(self.strides))

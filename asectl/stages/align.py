@@ -16,8 +16,6 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
-from safetensors.torch import load_file as torch_load_file
-from safetensors.torch import save_file as torch_save_file
 
 from asectl import ui
 from asectl.cache import Cache, make_key, sha256_file
@@ -63,7 +61,9 @@ class AlignOutcome:
         return np_load_file(str(self.path / "encoded.safetensors"))
 
     def heads_state(self) -> dict[str, Any]:
-        return torch_load_file(str(self.path / "heads.safetensors"))
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / "heads.safetensors"))
 
 
 def resolve_training_dataset(dataset: Dataset, augmented: str | Path | None) -> Dataset:
@@ -100,8 +100,6 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
               overrides: Mapping[str, Any] | None = None, seed: int = 0, augmented: str | Path | None = None,
               settings: Mapping[str, Mapping[str, Any]] | None = None, force: bool = False) -> AlignOutcome:
     """PFA on the training split; ``overrides`` are profile keys (``pfa.mode``, ``pfa.strides``, ...)."""
-    from asectl.models.seeding import cpu_training_threads
-
     from asectl.models.train_config import get_profile
 
     cache = cache or Cache()
@@ -125,6 +123,8 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
     if entry is not None:
         outcome = AlignOutcome(key, entry.path, entry.read_json("summary.json"), True)
     else:
+        from asectl.models.seeding import cpu_training_threads   # torch: only when training
+
         with cpu_training_threads(prof.encoders.device):
             outcome = _train(cache, key, prof, mods, rows, train_index, encoders, seed)
     cache.set_pointer(f"align-{dataset_id(dataset)}", {"key": key, "profile": profile,
@@ -135,6 +135,8 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
 
 def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict], train_index: list[int],
            encoders: tuple, seed: int) -> AlignOutcome:
+    from safetensors.torch import save_file as torch_save_file
+
     from asectl.backends.encoders import save_module_state
     from asectl.models.pfa import EncoderFeatures, train_pfa, warmup_encoders
 

@@ -39,9 +39,6 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                    task: str | None = None, augmented: str | Path | None = None, profile: str | None = None,
                    overrides: Mapping[str, Any] | None = None, seed: int | None = None,
                    force: bool = False) -> FuseOutcome:
-    from asectl.models.seeding import cpu_training_threads
-
-    from asectl.models.cmaf import save_fusion, train_fusion
     from asectl.models.train_config import get_profile
 
     cache = cache or Cache()
@@ -61,6 +58,9 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     key = make_key(STAGE, format=BUNDLE_FORMAT, align=align.key, fusion=prof.to_dict()["fusion"], seed=a_seed)
     entry = None if force else cache.get(STAGE, key)
     if entry is None:
+        from asectl.models.cmaf import save_fusion, train_fusion      # torch: only when training
+        from asectl.models.seeding import cpu_training_threads
+
         train = align.train_index()
         emb = align.embeddings()
         feats = {m: emb[m][train] for m in ("vlm", "llm", "image")}

@@ -6,7 +6,9 @@ circle vanish, so the engine sees only the black text."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +19,7 @@ from PIL import Image
 from asectl.backends.ocr import TextLine, engine_identity, get_engine
 from asectl.cache import Cache
 from asectl.card import PATTERN_TIMEOUT, CardSpec, default_spec, load_spec, search
-from asectl.dataset import Dataset
+from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.imageio import load_image
 from asectl.stages.common import StageResult, run_per_image
@@ -223,16 +225,123 @@ def ocr_identity(engine: str = "cnocr", spec: CardSpec | None = None, detector: 
             "detector": detector, "spec": {"name": spec.name, "sha256": spec.digest}}
 
 
+# --- several processes -------------------------------------------------------------------------------
+# Reading a card is nearly all ONNX Runtime inference on a few small crops, which its intra-op threads
+# barely parallelise; whole cards in independent processes scale with the cores. Cards do not depend on
+# each other and the results do not depend on the thread count, so records equal a single process's.
+
+def default_workers() -> int:
+    """One OCR process per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# Cards per worker in one chunk: results are cached chunk by chunk, and the workers idle at each chunk's end.
+CHUNK_PER_WORKER = 8
+# Fewer cards to read than this are read in this process: starting workers (spawn, imports, model load)
+# costs as much as reading 10-40 cards, and an engine already loaded here is reused.
+SMALL_RUN = 16
+_worker: dict[str, Any] = {}
+
+
+def _worker_init(engine: str, spec: CardSpec, detector: str, threads: int) -> None:
+    import multiprocessing as mp
+    import threading
+    from multiprocessing.connection import wait
+
+    def exit_with_parent() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    # A parent killed with SIGKILL never shuts the pool down: exit with it instead of waiting forever.
+    parent = mp.parent_process()
+    if parent is not None:
+        threading.Thread(target=exit_with_parent, daemon=True).start()
+    get_engine(engine, threads=threads)
+    _worker.update(engine=engine, spec=spec, detector=detector)
+
+
+def _read_timed(path: Path, engine: str, spec: CardSpec, detector: str) -> dict[str, Any] | DataError:
+    """``read_card`` with its seconds; a card's DataError is returned in its place."""
+    t0 = time.perf_counter()
+    try:
+        rec = read_card(path, engine, spec, detector)
+    except DataError as exc:
+        return exc
+    return {**rec, "seconds": round(time.perf_counter() - t0, 4)}
+
+
+def _worker_read(path: Path) -> dict[str, Any] | DataError:
+    return _read_timed(path, _worker["engine"], _worker["spec"], _worker["detector"])
+
+
+class OCRPool:
+    """``workers`` processes, each with its own engine, reading cards in order (as ``_read_timed``);
+    any error but a card's DataError stops the run."""
+
+    def __init__(self, engine: str, spec: CardSpec, detector: str, workers: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, default_workers() // workers)
+        # spawn, not fork: the parent may hold torch/onnxruntime thread pools that do not survive a fork.
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                         initializer=_worker_init, initargs=(engine, spec, detector, threads))
+
+    def read_many(self, paths: Sequence[Path]) -> list[dict[str, Any] | DataError]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        futures = [self._pool.submit(_worker_read, p) for p in paths]
+        try:
+            return [f.result() for f in futures]
+        except BrokenProcessPool:
+            raise ConfigError("an OCR worker process died (out of memory? its error, if any, is above); the cards "
+                              "read so far are cached: rerun with fewer workers (asectl ocr --workers N)") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path | None = None,
             cache: Cache | None = None, force: bool = False, strict: bool = False,
-            detector: str = "auto") -> StageResult:
-    """OCR every card of a dataset (or list of images), cached per image, engine and card spec."""
+            detector: str = "auto", workers: int | None = None) -> StageResult:
+    """OCR every card of a dataset (or list of images), cached per image, engine and card spec.
+    ``workers`` processes read the cards (default: one per core); they change the speed, not the records."""
     cache = cache or Cache()
     card_spec = spec if isinstance(spec, CardSpec) else (load_spec(spec) if spec else default_spec())
     identity = ocr_identity(engine, card_spec, detector)
-    records = run_per_image(
-        STAGE, dataset.samples, identity,
-        lambda s: read_card(s.path, engine, card_spec, detector),
-        cache, force=force, strict=strict, description=f"ocr ({engine})",
-        meta={"spec_source": card_spec.source})
+    n_workers = workers or default_workers()
+    pool: list[OCRPool] = []
+    retry: dict[Path, dict[str, Any] | DataError] = {}
+
+    def read_many(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
+        # The first chunk is the whole run when it is shorter than a full one (batch_size >= SMALL_RUN).
+        if not pool and len(samples) < SMALL_RUN:
+            return [_read_timed(s.path, engine, card_spec, detector) for s in samples]
+        if not pool:
+            pool.append(OCRPool(engine, card_spec, detector, n_workers))
+        return pool[0].read_many([s.path for s in samples])
+
+    def compute(s: Sample) -> dict[str, Any]:
+        out = retry.pop(s.path) if s.path in retry else read_many([s])[0]
+        if isinstance(out, DataError):
+            raise out
+        return out
+
+    def compute_batch(samples: list[Sample]) -> list[dict[str, Any]]:
+        outs = read_many(samples)
+        if any(isinstance(o, DataError) for o in outs):
+            # run_per_image then retries the chunk card by card, so that a bad card's error record is
+            # made exactly as in one process; those retries take what was read here.
+            retry.update(zip((s.path for s in samples), outs))
+            raise DataError("a card of this chunk failed")
+        return outs  # type: ignore[return-value]
+
+    try:
+        records = run_per_image(
+            STAGE, dataset.samples, identity, compute, cache, force=force, strict=strict,
+            description=f"ocr ({engine})", meta={"spec_source": card_spec.source},
+            batch=compute_batch if n_workers > 1 else None, batch_size=CHUNK_PER_WORKER * n_workers)
+    finally:
+        for p in pool:
+            p.close()
     return StageResult(STAGE, records, identity, cache.summary(STAGE))

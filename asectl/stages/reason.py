@@ -4,7 +4,7 @@
 
 ``g`` is the data preparation: the parsed record as a sentence, plus prior knowledge from the training
 split (per-class typical statistics) and the record's deviation from it. The answer is a JSON object
-forced by a llama.cpp grammar (verdict, deviation kind, axis, severity, closest class, rationale);
+decoded within a JSON schema (verdict, deviation kind, axis, severity, closest class, rationale);
 its text form is what the text encoder reads downstream. Prompts are versioned files in
 ``asectl/prompts``; results are cached per image under everything they depend on.
 """
@@ -31,9 +31,10 @@ log = logging.getLogger("asectl")
 
 STAGE = "reason"
 RECORD_FORMAT = 1                       # bump when the record layout changes (part of the cache identity)
+DECODER = "asectl-json/1"               # how answers are decoded (asectl.backends.json_decode): in the identity
 PRIORS_FORMAT = "asectl-priors/1"
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-DEFAULT_PROMPT = "reason-v1"
+DEFAULT_PROMPT = "reason-v2"
 DEFAULT_MAX_TOKENS = 400
 SCALAR_FIELDS = ("N", "mu_x", "mu_y", "sd_x", "sd_y")
 SHARE_FEATURES = ("near", "far")            # share of holes near the centre / far out (from the radius counts)
@@ -46,10 +47,10 @@ VERDICTS = ("normal", "defective")
 DEVIATION_KINDS = ("none", "shift", "spread", "tilt", "cluster", "ring", "other")
 AXES = ("x", "y", "both", "none")
 SEVERITIES = ("low", "medium", "high")
-RATIONALE_MAX_CHARS = 100
+RATIONALE_MAX_CHARS = 48      # a few words: every character of free text costs the small model a decode call
 ANSWER_KEYS = ("verdict", "deviation_kind", "axis", "severity", "closest_class", "rationale")
-PLACEHOLDERS = ("record", "deviation", "priors", "n_train", "labels")
-CARD_PLACEHOLDERS = ("record", "deviation")   # differ per card: kept at the end of the prompt
+PLACEHOLDERS = ("card", "record", "deviation", "priors", "n_train", "labels")
+CARD_PLACEHOLDERS = ("card", "record", "deviation")   # differ per card: kept at the end of the prompt
 
 
 # --- sampling ----------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ class PromptTemplate:
                 {"role": "user", "content": self.user.substitute(values).strip()}]
 
     def shared_prefix(self, **values: Any) -> list[dict[str, str]]:
-        """The messages cut where the first card-specific value ($record, $deviation) begins: the part
+        """The messages cut where the first card-specific value ($card, $record, $deviation) begins: the part
         every card's prompt shares, which the LLM evaluates once."""
         mark = "\ue000"
         msgs = self.messages(**{**values, **{k: mark for k in CARD_PLACEHOLDERS}})
@@ -154,7 +155,7 @@ def load_prompt(name: str | Path = DEFAULT_PROMPT) -> PromptTemplate:
 
 # --- answer schema -----------------------------------------------------------------------------------
 def answer_schema(labels: Sequence[str]) -> dict[str, Any]:
-    """The JSON schema the grammar enforces. Property order is the order the model writes them in:
+    """The JSON schema answers are decoded within (asectl.backends.json_decode). Property order is the order the model writes them in:
     the categorical judgement first, the rationale last (it then explains the choices made)."""
     enum = lambda values: {"type": "string", "enum": list(values)}  # noqa: E731
     props = {"verdict": enum(VERDICTS), "deviation_kind": enum(DEVIATION_KINDS), "axis": enum(AXES),
@@ -173,7 +174,7 @@ def parse_answer(raw: str, labels: Sequence[str], finish_reason: str | None = No
     if finish_reason == "length":
         warnings.append(f"answer cut off at --max-tokens {max_tokens}; raise --max-tokens")
     try:
-        # strict=False: the grammar lets control characters into strings, plain JSON forbids them.
+        # strict=False: tolerate control characters in strings (the decoder never writes them, a hand edit may).
         obj = json.loads(raw, strict=False)
     except ValueError as exc:
         return None, warnings + [f"LLM output is not valid JSON ({exc}); raw text kept in 'raw'"]
@@ -412,6 +413,31 @@ def deviation_text(fields: Mapping[str, Any], priors: Mapping[str, Any]) -> str:
     return "\n".join(lines) if lines else "no comparison possible (no field was read)"
 
 
+def _level(z: float) -> str:
+    """A z-score as the word a small model reads in one token or two (thresholds as in deviation_text)."""
+    if abs(z) <= 1.5:
+        return "typical"
+    return ("very " if abs(z) > 3 else "") + ("high" if z > 0 else "low")
+
+
+def card_summary(fields: Mapping[str, Any], priors: Mapping[str, Any], nearest: int = 3) -> str:
+    """g(OCR(image)) in words ($card): each shown feature as a level against normal training cards, and
+    the ``nearest`` class profiles by distance. Compact on purpose: it is evaluated for every card."""
+    feats = card_features(fields, priors["bin_edges"])
+    normal = priors["classes"].get(priors.get("normal_label") or "")
+    parts = []
+    for f in SHOWN_FEATURES:
+        if normal and f in feats and f in normal["mean"]:
+            parts.append(f"{FIELD_WORDS[f]} {_level(_z(feats[f], priors, normal, f))}")
+        elif f not in feats:
+            parts.append(f"{FIELD_WORDS[f]} not read")
+    lines = [", ".join(parts) + "."] if parts else []
+    ranked = sorted(class_distances(feats, priors).items(), key=lambda kv: (kv[1], kv[0]))[:nearest]
+    if ranked:
+        lines.append("Nearest class profiles: " + ", then ".join(lab for lab, _ in ranked) + ".")
+    return "\n".join(lines) if lines else "No statistic was read."
+
+
 def _check_train_split(dataset: Dataset) -> list[Sample]:
     train = dataset.split("train")
     if not train or any(s.label is None for s in train):
@@ -484,8 +510,7 @@ def run_reason(
     fields, e.g. a generated dataset's printed truth) when given. ``priors`` default to the dataset's
     training split; pass stored priors for images outside a dataset. ``expect_*`` make a replay (predict
     from a model bundle) refuse a model file or prompt that differs from the one it was trained with."""
-    from llama_cpp import LlamaGrammar
-
+    from asectl.backends.json_decode import object_fields
     from asectl.backends.llm import DEFAULT_N_CTX, LlamaCppLLM, LLMPool, default_workers
     from asectl.card import load_spec
 
@@ -521,11 +546,12 @@ def run_reason(
                               f"{edges}; use priors built with the same --spec")
     labels = list(priors["classes"])
     schema = answer_schema(labels)
-    grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    fields_spec = object_fields(schema)
     p_hash = priors_sha256(priors)
     identity = {"record_format": RECORD_FORMAT, "backend": llm.identity(),
                 "prompt": {"name": template.name, "sha256": template.sha256}, "priors": p_hash,
-                "schema": sha256_bytes(canonical_json(schema).encode()), "sampling": sampling.as_dict(),
+                "schema": sha256_bytes(canonical_json(schema).encode()), "decoder": DECODER,
+                "sampling": sampling.as_dict(),
                 "stats": stats_identity}
     p_text = priors_text(priors)
     n_train = priors.get("cards", 0)
@@ -545,7 +571,8 @@ def run_reason(
                             f"{sample.path}: OCR read no field of the record; check the card with `asectl ocr`")
         sentence = record_sentence(f, edges)
         values = {"priors": p_text, "n_train": n_train, "labels": ", ".join(labels)}
-        messages = template.messages(record=sentence, deviation=deviation_text(f, priors), **values)
+        messages = template.messages(card=card_summary(f, priors), record=sentence,
+                                     deviation=deviation_text(f, priors), **values)
         return messages, template.shared_prefix(**values), sentence, rec
 
     def finish(prep: tuple, out: dict[str, Any]) -> dict[str, Any]:
@@ -564,7 +591,7 @@ def run_reason(
 
     def compute(sample: Sample) -> dict[str, Any]:
         prep = prepare(sample)
-        return finish(prep, llm.chat(prep[0], grammar, sampling.as_dict(), prefix_messages=prep[1]))
+        return finish(prep, llm.answer(prep[0], fields_spec, sampling.as_dict(), prefix_messages=prep[1]))
 
     n_workers = workers or default_workers(n_threads, n_gpu_layers)
     pool: list[LLMPool] = []
@@ -579,9 +606,9 @@ def run_reason(
                     raise
                 preps.append({"error": str(exc)})
         if not pool:
-            pool.append(LLMPool(llm, n_workers, json.dumps(schema)))
+            pool.append(LLMPool(llm, n_workers, fields_spec))
         todo = [p for p in preps if isinstance(p, tuple)]
-        outs = iter(pool[0].chat_many([(p[0], sampling.as_dict(), p[1]) for p in todo]))
+        outs = iter(pool[0].answer_many([(p[0], sampling.as_dict(), p[1]) for p in todo]))
         return [p if isinstance(p, dict) else finish(p, next(outs)) for p in preps]
 
     def status() -> str:

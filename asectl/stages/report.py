@@ -9,7 +9,8 @@ from asectl.bundle import Bundle
 from asectl.cache import Cache
 from asectl.dataset import Dataset, binary_label
 from asectl.errors import ConfigError, DataError
-from asectl.report import ReportInput, ReportSummary, build_report, pfa_stage_name, stage_curves_from_pfa
+from asectl.report import (FILES, ReportInput, ReportSummary, pfa_stage_name, render_report, report_key_parts,
+                           stage_curves_from_pfa, write_report)
 from asectl.stages.align import AlignOutcome
 from asectl.stages.predict import run_predict
 
@@ -115,4 +116,26 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
         dataset_fingerprint=bundle.config["training"].get("data_fingerprint"),
         seeds={"training": bundle.config["seed"]}, warnings=warnings, dataset=str(dataset.root),
         tsne_seed=bundle.config["seed"], tsne=lambda x, seed: cached_tsne(cache, x, seed))
-    return build_report(data, Path(out_dir))
+    return write_report(cached_report_files(cache, data), Path(out_dir))
+
+
+def cached_report_files(cache: Cache, data: ReportInput) -> dict[str, bytes]:
+    """The rendered report files, cached by everything they depend on: the input, the code and template
+    that draw them and the libraries that compute the metrics and encode the figures. A rerun only copies
+    them (no scikit-learn, no matplotlib)."""
+    from importlib import resources
+    from importlib.metadata import version
+
+    from asectl import report as report_code
+    from asectl.cache import make_key, sha256_bytes
+
+    code = (Path(report_code.__file__).read_bytes()
+            + resources.files("asectl").joinpath("report_template.html").read_bytes())
+    key = make_key("report", input=report_key_parts(data), code=sha256_bytes(code),
+                   libraries={lib: version(lib) for lib in ("matplotlib", "pillow", "scikit-learn", "jinja2")})
+    entry = cache.get("report", key)
+    if entry is not None:
+        return {k: entry.read_bytes(name) for k, name in FILES.items() if name in entry.meta["files"]}
+    files = render_report(data)
+    cache.put("report", key, {FILES[k]: v for k, v in files.items()})
+    return files

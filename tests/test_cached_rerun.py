@@ -1,0 +1,54 @@
+"""A fully cached rerun of the learning commands loads no model library, and gives the same results."""
+
+import json
+import subprocess
+import sys
+
+from asectl.cache import Cache
+
+from .test_learn import FAST, trained  # noqa: F401  (the fixture: a small dataset, aligned and fused)
+
+HEAVY = ["torch", "sklearn", "matplotlib", "transformers"]
+# One command in a fresh interpreter; prints which of HEAVY it imported.
+_RUN = f"""
+import json, sys
+from asectl.cli import cli
+try:
+    cli(sys.argv[1:], prog_name="asectl")
+except SystemExit as exc:
+    if exc.code:
+        raise
+print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))
+"""
+
+
+def _heavy_modules(cache, *args) -> list[str]:
+    res = subprocess.run([sys.executable, "-c", _RUN, "--cache-dir", str(cache), "-q", *map(str, args)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def test_cached_learning_commands_import_no_model_library(trained, tmp_path):  # noqa: F811
+    data, cache = trained["data"], trained["cache"]
+    card = data / "images" / "0001.png"
+    trained["invoke"]("report", data, "--out", tmp_path / "first")
+    trained["invoke"]("predict", card)
+    for args in (("align", data, "--stride", "0.2", *FAST), ("fuse-train", data, *FAST),
+                 ("report", data, "--out", tmp_path / "again"),
+                 ("predict", card)):
+        assert _heavy_modules(cache, *args) == [], args[0]
+    for f in (tmp_path / "first").iterdir():
+        assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_corrupt_report_entry_is_rebuilt_to_the_same_files(trained, tmp_path):  # noqa: F811
+    data, cache = trained["data"], trained["cache"]
+    trained["invoke"]("report", data, "--out", tmp_path / "first")
+    entries = list(Cache(cache).iter_entries("report"))
+    assert len(entries) == 1
+    (entries[0] / "metrics.json").write_text("{}")
+    res = trained["invoke"]("report", data, "--out", tmp_path / "again")
+    assert "corrupt" in res.output
+    for f in (tmp_path / "first").iterdir():
+        assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name

@@ -14,7 +14,6 @@ import ctypes
 import importlib.util
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -531,8 +530,9 @@ def default_workers(n_threads: int | None, n_gpu_layers: int) -> int:
     """One single-threaded worker per free core on a CPU run; one process when layers go to a GPU."""
     if n_gpu_layers:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(n_threads or 1, 1))
+    from asectl.workers import usable_cores
+
+    return max(1, usable_cores() // max(n_threads or 1, 1))
 
 
 class LLMPool:
@@ -540,16 +540,14 @@ class LLMPool:
 
     def __init__(self, llm: "LlamaCppLLM", workers: int, fields: list[Field]):
         import copy
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+
+        from asectl.workers import process_pool
 
         template = copy.copy(llm)
         template._llm, template._prefix, template._decoders, template._format = None, None, {}, None
         template.n_threads = llm.n_threads or 1
         template.n_threads_batch = template.n_threads   # llama-cpp-python would use every core for prompts
-        # spawn, not fork: the parent may hold torch/onnxruntime thread pools that do not survive a fork.
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_worker_init, initargs=(template, fields))
+        self._pool = process_pool(workers, _worker_init, (template, fields))
         self.workers = workers
 
     def answer_many(self, jobs: list[tuple[list[dict[str, str]], dict[str, Any], list[dict[str, str]] | None]]

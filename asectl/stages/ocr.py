@@ -6,7 +6,6 @@ circle vanish, so the engine sees only the black text."""
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 import unicodedata
@@ -230,11 +229,6 @@ def ocr_identity(engine: str = "cnocr", spec: CardSpec | None = None, detector: 
 # barely parallelise; whole cards in independent processes scale with the cores. Cards do not depend on
 # each other and the results do not depend on the thread count, so records equal a single process's.
 
-def default_workers() -> int:
-    """One OCR process per core this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 # Cards per worker in one chunk: results are cached chunk by chunk, and the workers idle at each chunk's end.
 CHUNK_PER_WORKER = 8
 # Fewer cards to read than this are read in this process: starting workers (spawn, imports, model load)
@@ -244,18 +238,6 @@ _worker: dict[str, Any] = {}
 
 
 def _worker_init(engine: str, spec: CardSpec, detector: str, threads: int) -> None:
-    import multiprocessing as mp
-    import threading
-    from multiprocessing.connection import wait
-
-    def exit_with_parent() -> None:
-        wait([parent.sentinel])
-        os._exit(1)
-
-    # A parent killed with SIGKILL never shuts the pool down: exit with it instead of waiting forever.
-    parent = mp.parent_process()
-    if parent is not None:
-        threading.Thread(target=exit_with_parent, daemon=True).start()
     get_engine(engine, threads=threads)
     _worker.update(engine=engine, spec=spec, detector=detector)
 
@@ -279,13 +261,10 @@ class OCRPool:
     any error but a card's DataError stops the run."""
 
     def __init__(self, engine: str, spec: CardSpec, detector: str, workers: int):
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from asectl.workers import process_pool, usable_cores
 
-        threads = max(1, default_workers() // workers)
-        # spawn, not fork: the parent may hold torch/onnxruntime thread pools that do not survive a fork.
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_worker_init, initargs=(engine, spec, detector, threads))
+        self._pool = process_pool(workers, _worker_init,
+                                  (engine, spec, detector, max(1, usable_cores() // workers)))
 
     def read_many(self, paths: Sequence[Path]) -> list[dict[str, Any] | DataError]:
         from concurrent.futures.process import BrokenProcessPool
@@ -309,7 +288,9 @@ def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path
     cache = cache or Cache()
     card_spec = spec if isinstance(spec, CardSpec) else (load_spec(spec) if spec else default_spec())
     identity = ocr_identity(engine, card_spec, detector)
-    n_workers = workers or default_workers()
+    from asectl.workers import usable_cores
+
+    n_workers = workers or usable_cores()   # one OCR process per core
     pool: list[OCRPool] = []
     retry: dict[Path, dict[str, Any] | DataError] = {}
 

@@ -72,6 +72,7 @@ def main() -> None:
             prompt = sum(r["tokens"]["prompt"] - r["tokens"].get("prompt_reused", 0) for r in recs)
             p_ms = sum(r.get("timing", {}).get("prompt_ms", 0) for r in recs)
             g_ms = sum(r.get("timing", {}).get("generate_ms", 0) for r in recs)
+            calls = sum(r.get("timing", {}).get("decode_calls", 0) for r in recs)
             from asectl.backends.llm import default_workers
 
             workers = default_workers(threads, 0)
@@ -80,6 +81,7 @@ def main() -> None:
                 "prompt_tokens_evaluated_per_card": prompt / max(len(recs), 1),
                 "prompt_tokens_per_s": prompt / (p_ms / 1000) if p_ms else None,
                 "generated_tokens_per_card": gen / max(len(recs), 1),
+                "decode_calls_per_card": calls / max(len(recs), 1),
                 "generated_tokens_per_s": gen / (g_ms / 1000) if g_ms else None}
     for k, v in rows.items():
         print(k, v)
@@ -91,7 +93,8 @@ def main() -> None:
         else:
             lines.append(f"| {k} | {v['cards']} | {v['seconds']:.1f} | {v['seconds_per_card']:.2f} s/card | "
                          f"{v['prompt_tokens_evaluated_per_card']:.0f} prompt tokens evaluated per card at "
-                         f"{v['prompt_tokens_per_s'] or 0:.0f} tok/s; {v['generated_tokens_per_card']:.0f} generated at "
+                         f"{v['prompt_tokens_per_s'] or 0:.0f} tok/s; {v['generated_tokens_per_card']:.0f} answer tokens in "
+                         f"{v.get('decode_calls_per_card', 0):.1f} decode calls, "
                          f"{v['generated_tokens_per_s'] or 0:.0f} tok/s |")
     update_section("lang-speed", "### Language stages (cold cache; reason uses printed stats, no OCR; tokens/s are per process, wall s includes loading the models)\n\n"
                    + "\n".join(lines))

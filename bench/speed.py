@@ -90,7 +90,7 @@ def main() -> None:
     text = ("### Speed of the quick pipeline (455 cards, one process per stage, cold cache)\n\n" + "\n".join(lines)
             + f"\n\n- whole quick pipeline, cold: **{cold / 60:.1f} min** (goal: at most 10 min)\n"
             f"- every stage again, fully cached: **{cached:.1f} s** for 7 commands "
-            f"(goal: at most 5 s; most of it is starting Python and importing torch per command)\n"
+            f"(goal: at most 5 s; each command starts Python and reads its entries back, no model is loaded)\n"
             f"- warm `predict` of one card (all its steps cached): **{warm:.2f} s** including process start\n")
     update_section("speed", text)
     print(text)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable
+from typing import Any, Callable, Sequence
+
+from asectl.errors import ConfigError
 
 
 def usable_cores() -> int:
@@ -39,3 +41,27 @@ def process_pool(workers: int, initializer: Callable[..., None], initargs: tuple
 
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                initializer=_start, initargs=(initializer, initargs))
+
+
+class WorkerPool:
+    """``process_pool`` for a stage: jobs answered in order, and a worker that dies (killed for memory,
+    crashed in native code) becomes one ConfigError naming the stage and the fix instead of a traceback."""
+
+    def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple, *, name: str, fix: str):
+        self.workers = workers
+        self.name = name   # who the workers are, e.g. "an OCR worker"
+        self.fix = fix     # what the user can do, e.g. "rerun with fewer workers (asectl ocr --workers N)"
+        self._pool = process_pool(workers, initializer, initargs)
+
+    def run(self, fn: Callable[..., Any], jobs: Sequence[tuple]) -> list[Any]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        futures = [self._pool.submit(fn, *job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BrokenProcessPool:
+            raise ConfigError(f"{self.name} process died (out of memory? its error, if any, is above); the cards "
+                              f"done so far are cached: {self.fix}") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -68,20 +68,23 @@ def main() -> None:
             res = run_reason(ds, n_threads=threads, fields=fields, priors=priors, cache=Cache(f"{tmp}/r{threads}"))
             dt = time.perf_counter() - t0
             recs = [r for r in res.records if not r.get("error")]
-            gen = sum(r["tokens"]["completion"] for r in recs)
-            prompt = sum(r["tokens"]["prompt"] - r["tokens"].get("prompt_reused", 0) for r in recs)
-            p_ms = sum(r.get("timing", {}).get("prompt_ms", 0) for r in recs)
-            g_ms = sum(r.get("timing", {}).get("generate_ms", 0) for r in recs)
-            calls = sum(r.get("timing", {}).get("decode_calls", 0) for r in recs)
+            # Token counts per generated answer: cards whose prompts read alike share one answer.
+            made = [r for r in recs if not r.get("answer_shared")]
+            gen = sum(r["tokens"]["completion"] for r in made)
+            prompt = sum(r["tokens"]["prompt"] - r["tokens"].get("prompt_reused", 0) for r in made)
+            p_ms = sum(r.get("timing", {}).get("prompt_ms", 0) for r in made)
+            g_ms = sum(r.get("timing", {}).get("generate_ms", 0) for r in made)
+            calls = sum(r.get("timing", {}).get("decode_calls", 0) for r in made)
             from asectl.backends.llm import default_workers
 
             workers = default_workers(threads, 0)
             rows[f"reason SmolLM2-135M Q4_1, {workers} worker process(es) x {threads} thread(s)"] = {
-                "cards": len(recs), "seconds": dt, "seconds_per_card": dt / max(len(recs), 1),
-                "prompt_tokens_evaluated_per_card": prompt / max(len(recs), 1),
+                "cards": len(recs), "answers_generated": len(made), "seconds": dt,
+                "seconds_per_card": dt / max(len(recs), 1),
+                "prompt_tokens_evaluated_per_answer": prompt / max(len(made), 1),
                 "prompt_tokens_per_s": prompt / (p_ms / 1000) if p_ms else None,
-                "generated_tokens_per_card": gen / max(len(recs), 1),
-                "decode_calls_per_card": calls / max(len(recs), 1),
+                "generated_tokens_per_answer": gen / max(len(made), 1),
+                "decode_calls_per_answer": calls / max(len(made), 1),
                 "generated_tokens_per_s": gen / (g_ms / 1000) if g_ms else None}
     for k, v in rows.items():
         print(k, v)
@@ -92,9 +95,10 @@ def main() -> None:
             lines.append(f"| {k} | {v['cards']} | {v['seconds']:.1f} | {v['images_per_s']:.2f} images/s | |")
         else:
             lines.append(f"| {k} | {v['cards']} | {v['seconds']:.1f} | {v['seconds_per_card']:.2f} s/card | "
-                         f"{v['prompt_tokens_evaluated_per_card']:.0f} prompt tokens evaluated per card at "
-                         f"{v['prompt_tokens_per_s'] or 0:.0f} tok/s; {v['generated_tokens_per_card']:.0f} answer tokens in "
-                         f"{v.get('decode_calls_per_card', 0):.1f} decode calls, "
+                         f"{v['answers_generated']} answers generated (cards with alike prompts share one); per "
+                         f"answer {v['prompt_tokens_evaluated_per_answer']:.0f} prompt tokens evaluated at "
+                         f"{v['prompt_tokens_per_s'] or 0:.0f} tok/s, {v['generated_tokens_per_answer']:.0f} answer tokens in "
+                         f"{v.get('decode_calls_per_answer', 0):.1f} decode calls, "
                          f"{v['generated_tokens_per_s'] or 0:.0f} tok/s |")
     update_section("lang-speed", "### Language stages (cold cache; reason uses printed stats, no OCR; tokens/s are per process, wall s includes loading the models)\n\n"
                    + "\n".join(lines))

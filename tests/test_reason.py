@@ -418,3 +418,37 @@ def test_checks_before_loading_are_remembered_per_file_state(tiny_gguf, tmp_path
     os.utime(model, ns=(1, 1))
     L.LlamaCppLLM(model)
     assert calls == [model]
+
+
+def test_cards_whose_prompts_read_alike_share_one_exact_answer(tmp_path, small_dataset, truth, priors):
+    """Two cards whose summaries read alike get one generated answer, identical to the one the second
+    card gets on its own; a later run takes it from the cache; worker processes share it the same way."""
+    from asectl.cache import Cache
+
+    ds = load_dataset(small_dataset)
+    a, b = ds.samples[0], ds.samples[1]
+    near_a = {**truth[a.name], "mu_x": truth[a.name]["mu_x"] + 0.01}   # a different record, same levels
+    other = next(s for s in ds.samples[2:] if R.card_summary(truth[s.name], priors) !=
+                 R.card_summary(truth[a.name], priors))
+    assert R.card_summary(near_a, priors) == R.card_summary(truth[a.name], priors)
+    fields = {a.name: truth[a.name], b.name: near_a, other.name: truth[other.name]}
+    sub = lambda *s: Dataset(list(s), ds.root, ds.source, ds.labels)  # noqa: E731
+
+    both = R.run_reason(sub(a, b), fields=fields, priors=priors, cache=Cache(tmp_path / "c1"), workers=1)
+    ra, rb = both.records
+    assert both.params["answers_generated"] == 1
+    assert (ra["answer_shared"], rb["answer_shared"]) == (False, True) and rb["seconds"] == 0.0
+    assert rb["raw"] == ra["raw"] and rb["fields"] == near_a and "Record: N" in rb["text"]
+
+    alone = R.run_reason(sub(b), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1)
+    assert alone.params["answers_generated"] == 1 and not alone.records[0]["answer_shared"]
+    assert alone.records[0]["raw"] == rb["raw"]
+
+    later = R.run_reason(sub(a), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1)
+    assert later.params["answers_generated"] == 0 and later.records[0]["answer_shared"]
+    assert later.records[0]["raw"] == ra["raw"]
+
+    pooled = R.run_reason(sub(a, other, b), fields=fields, priors=priors, cache=Cache(tmp_path / "c3"), workers=2)
+    assert pooled.params["answers_generated"] == 2
+    assert [r["answer_shared"] for r in pooled.records] == [False, False, True]
+    assert pooled.records[2]["raw"] == rb["raw"]

@@ -37,3 +37,51 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers)
+
+
+def test_a_worker_that_dies_is_one_config_error_naming_the_fix():
+    import pytest
+
+    from asectl.errors import ConfigError
+    from asectl.workers import WorkerPool
+
+    pool = WorkerPool(1, time.sleep, (0,), name="an OCR worker", fix="rerun with fewer workers")
+    try:
+        assert pool.run(abs, [(-2,), (3,)]) == [2, 3]
+        with pytest.raises(ConfigError, match="an OCR worker process died.*rerun with fewer workers"):
+            pool.run(os._exit, [(3,)])   # as a worker killed for memory
+    finally:
+        pool.close()
+
+
+def test_a_batch_returns_a_bad_cards_error_in_its_place(tmp_path):
+    """run_per_image: a DataError a batch returns becomes that card's error record (not cached, no
+    timing); the other cards of the batch keep their results and are cached."""
+    from asectl.cache import Cache
+    from asectl.dataset import Sample
+    from asectl.errors import DataError
+    from asectl.stages.common import run_per_image
+
+    paths = []
+    for name in ("a", "bad", "c"):
+        p = tmp_path / f"{name}.png"
+        p.write_bytes(name.encode())
+        paths.append(p)
+    samples = [Sample(p, p.name) for p in paths]
+    calls = []
+
+    def batch(chunk):
+        calls.append([s.name for s in chunk])
+        return [DataError(f"{s.path}: unreadable") if "bad" in s.name else {"n": len(s.name)} for s in chunk]
+
+    def one(s):   # a lone miss is computed on its own
+        assert "bad" in s.name, "a batch that returns per-card errors is not retried card by card"
+        raise DataError(f"{s.path}: unreadable")
+
+    cache = Cache(tmp_path / "cache")
+    recs = run_per_image("t", samples, {}, one, cache, batch=batch, batch_size=4)
+    assert calls == [["a.png", "bad.png", "c.png"]]
+    assert recs[1] == {"image": "bad.png", "error": f"{paths[1]}: unreadable"}
+    assert [r["n"] for r in (recs[0], recs[2])] == [5, 5] and all("seconds" in r for r in (recs[0], recs[2]))
+    again = run_per_image("t", samples, {}, one, cache, batch=batch, batch_size=4)
+    assert len(calls) == 1 and again == recs   # the good cards were cached, the bad one was not

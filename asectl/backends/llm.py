@@ -541,19 +541,19 @@ class LLMPool:
     def __init__(self, llm: "LlamaCppLLM", workers: int, fields: list[Field]):
         import copy
 
-        from asectl.workers import process_pool
+        from asectl.workers import WorkerPool
 
         template = copy.copy(llm)
         template._llm, template._prefix, template._decoders, template._format = None, None, {}, None
         template.n_threads = llm.n_threads or 1
         template.n_threads_batch = template.n_threads   # llama-cpp-python would use every core for prompts
-        self._pool = process_pool(workers, _worker_init, (template, fields))
+        self._pool = WorkerPool(workers, _worker_init, (template, fields), name="an LLM worker",
+                                fix="rerun with fewer workers (asectl reason --workers N)")
         self.workers = workers
 
     def answer_many(self, jobs: list[tuple[list[dict[str, str]], dict[str, Any], list[dict[str, str]] | None]]
                   ) -> list[dict[str, Any]]:
-        futures = [self._pool.submit(_worker_answer, *job) for job in jobs]
-        return [f.result() for f in futures]
+        return self._pool.run(_worker_answer, jobs)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.close()

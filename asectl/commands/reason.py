@@ -73,7 +73,8 @@ def reason(cache, inputs, llm_model, chat_format, n_threads, workers, n_gpu_laye
     speed = (f", {p['generated_tokens'] / p['generate_seconds']:.1f} generated tok/s"
              if p["generate_seconds"] > 0 else "")
     ui.console.print(f"model {p['backend']['id']} ({p['backend']['chat_format']}), prompt {p['prompt']['name']}"
-                     f"{speed}", highlight=False)
+                     f"{speed}; {p['answers_generated']} answer(s) generated (cards whose prompts read alike "
+                     "share one)", highlight=False)
     n_warn = sum(1 for r in result.ok if r.get("warnings"))
     if n_warn:
         ui.console.print(f"  [yellow]{n_warn} record(s) with warnings[/] (see 'warnings' in --out / --json)")

@@ -49,7 +49,7 @@ def run_per_image(
     description: str | None = None,
     meta: dict[str, Any] | None = None,
     status: Callable[[], str] | None = None,
-    batch: Callable[[list[Sample]], list[dict[str, Any]]] | None = None,
+    batch: Callable[[list[Sample]], list[dict[str, Any] | DataError]] | None = None,
     batch_size: int = 1,
 ) -> list[dict[str, Any]]:
     """Run ``compute`` for every sample not already cached under (input bytes, stage, identity).
@@ -57,7 +57,8 @@ def run_per_image(
     ``identity`` must hold everything the result depends on (parameters, backend, model hash).
     A ``DataError`` for one image becomes an error record and the loop goes on (``strict`` re-raises);
     any other error (configuration, missing model) stops the run. Errors are never cached.
-    ``batch`` (optional) computes several misses at once, e.g. for batched generation on a GPU."""
+    ``batch`` (optional) computes several misses at once, e.g. for batched generation on a GPU or worker
+    processes; it returns one record per sample, or the DataError of a bad sample in its place."""
     records: list[dict[str, Any] | None] = [None] * len(samples)
     misses: list[int] = []
     with ui.progress(len(samples), description or stage) as advance:
@@ -97,9 +98,10 @@ def _compute_chunk(chunk: list[Sample], compute, batch, strict: bool) -> list[di
             t0 = time.perf_counter()
             out = batch(chunk)
             dt = (time.perf_counter() - t0) / len(chunk)
-            return [{**r, "seconds": round(r.get("seconds", dt), 4)} for r in out]
+            return [_error(s, r, strict) if isinstance(r, DataError) else
+                    {**r, "seconds": round(r.get("seconds", dt), 4)} for s, r in zip(chunk, out)]
         except DataError:
-            pass  # fall back to one at a time so only the bad image gets an error record
+            pass  # the batch as a whole failed: one at a time, so only the bad image gets an error record
     results = []
     for s in chunk:
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from typing import Any
 from asectl.backends.vlm import DEFAULT_PROMPT, VLM, make_vlm
 from asectl.cache import Cache
 from asectl.dataset import Dataset, Sample
-from asectl.errors import ConfigError
+from asectl.errors import ConfigError, DataError
 from asectl.imageio import load_image
 from asectl.stages.common import StageResult, run_per_image
 
@@ -107,9 +107,16 @@ def run_describe(
     def compute(sample: Sample) -> dict[str, Any]:
         return records_for(backend.describe([load_image(sample.path)], prompt))[0]
 
-    def compute_batch(samples: list[Sample]) -> list[dict[str, Any]]:
-        images = [load_image(s.path) for s in samples]   # a DataError here falls back to one at a time
-        return records_for(backend.describe(images, prompt))
+    def compute_batch(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
+        loaded: list[Any] = []
+        for s in samples:
+            try:
+                loaded.append(load_image(s.path))
+            except DataError as exc:   # this card gets an error record; the others are described together
+                loaded.append(exc)
+        images = [im for im in loaded if not isinstance(im, DataError)]
+        described = iter(records_for(backend.describe(images, prompt)) if images else [])
+        return [im if isinstance(im, DataError) else next(described) for im in loaded]
 
     records = run_per_image(
         STAGE, dataset.samples, _cache_identity(identity), compute, cache, force=force, strict=strict,

@@ -256,28 +256,13 @@ def _worker_read(path: Path) -> dict[str, Any] | DataError:
     return _read_timed(path, _worker["engine"], _worker["spec"], _worker["detector"])
 
 
-class OCRPool:
+def ocr_pool(engine: str, spec: CardSpec, detector: str, workers: int):
     """``workers`` processes, each with its own engine, reading cards in order (as ``_read_timed``);
     any error but a card's DataError stops the run."""
+    from asectl.workers import WorkerPool, usable_cores
 
-    def __init__(self, engine: str, spec: CardSpec, detector: str, workers: int):
-        from asectl.workers import process_pool, usable_cores
-
-        self._pool = process_pool(workers, _worker_init,
-                                  (engine, spec, detector, max(1, usable_cores() // workers)))
-
-    def read_many(self, paths: Sequence[Path]) -> list[dict[str, Any] | DataError]:
-        from concurrent.futures.process import BrokenProcessPool
-
-        futures = [self._pool.submit(_worker_read, p) for p in paths]
-        try:
-            return [f.result() for f in futures]
-        except BrokenProcessPool:
-            raise ConfigError("an OCR worker process died (out of memory? its error, if any, is above); the cards "
-                              "read so far are cached: rerun with fewer workers (asectl ocr --workers N)") from None
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    return WorkerPool(workers, _worker_init, (engine, spec, detector, max(1, usable_cores() // workers)),
+                      name="an OCR worker", fix="rerun with fewer workers (asectl ocr --workers N)")
 
 
 def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path | None = None,
@@ -291,37 +276,27 @@ def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path
     from asectl.workers import usable_cores
 
     n_workers = workers or usable_cores()   # one OCR process per core
-    pool: list[OCRPool] = []
-    retry: dict[Path, dict[str, Any] | DataError] = {}
+    pool: list[Any] = []
 
     def read_many(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
         # The first chunk is the whole run when it is shorter than a full one (batch_size >= SMALL_RUN).
         if not pool and len(samples) < SMALL_RUN:
             return [_read_timed(s.path, engine, card_spec, detector) for s in samples]
         if not pool:
-            pool.append(OCRPool(engine, card_spec, detector, n_workers))
-        return pool[0].read_many([s.path for s in samples])
+            pool.append(ocr_pool(engine, card_spec, detector, n_workers))
+        return pool[0].run(_worker_read, [(s.path,) for s in samples])
 
     def compute(s: Sample) -> dict[str, Any]:
-        out = retry.pop(s.path) if s.path in retry else read_many([s])[0]
+        out = read_many([s])[0]
         if isinstance(out, DataError):
             raise out
         return out
-
-    def compute_batch(samples: list[Sample]) -> list[dict[str, Any]]:
-        outs = read_many(samples)
-        if any(isinstance(o, DataError) for o in outs):
-            # run_per_image then retries the chunk card by card, so that a bad card's error record is
-            # made exactly as in one process; those retries take what was read here.
-            retry.update(zip((s.path for s in samples), outs))
-            raise DataError("a card of this chunk failed")
-        return outs  # type: ignore[return-value]
 
     try:
         records = run_per_image(
             STAGE, dataset.samples, identity, compute, cache, force=force, strict=strict,
             description=f"ocr ({engine})", meta={"spec_source": card_spec.source},
-            batch=compute_batch if n_workers > 1 else None, batch_size=CHUNK_PER_WORKER * n_workers)
+            batch=read_many if n_workers > 1 else None, batch_size=CHUNK_PER_WORKER * n_workers)
     finally:
         for p in pool:
             p.close()

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from asectl.cache import Cache, canonical_json, sha256_bytes
+from asectl.cache import Cache, canonical_json, make_key, sha256_bytes
 from asectl.dataset import NORMAL, Dataset, Sample, order_labels
 from asectl.errors import ConfigError, DataError
 from asectl.stages.common import StageResult, run_per_image
@@ -30,6 +30,9 @@ from asectl.stages.common import StageResult, run_per_image
 log = logging.getLogger("asectl")
 
 STAGE = "reason"
+# Answers by prompt: the answer is a function of the messages, model, schema, decoder and sampling (its
+# seed is set per answer), and cards whose summaries read alike share one prompt, so they share one answer.
+ANSWER_STAGE = "reason-answer"
 RECORD_FORMAT = 1                       # bump when the record layout changes (part of the cache identity)
 DECODER = "asectl-json/1"               # how answers are decoded (asectl.backends.json_decode): in the identity
 PRIORS_FORMAT = "asectl-priors/1"
@@ -556,7 +559,7 @@ def run_reason(
     p_text = priors_text(priors)
     n_train = priors.get("cards", 0)
     model_rec = {"id": llm.model_id, "hash": llm.hash, "chat_format": llm.chat_format}
-    tally = {"completion": 0, "seconds": 0.0}
+    tally = {"completion": 0, "seconds": 0.0, "answers": 0}
 
     def prepare(sample: Sample) -> tuple[list[dict[str, str]], list[dict[str, str]], str, dict[str, Any]]:
         rec = stats.get(sample.name)
@@ -575,41 +578,70 @@ def run_reason(
                                      deviation=deviation_text(f, priors), **values)
         return messages, template.shared_prefix(**values), sentence, rec
 
-    def finish(prep: tuple, out: dict[str, Any]) -> dict[str, Any]:
+    answer_identity = {k: identity[k] for k in ("backend", "schema", "decoder", "sampling")}
+    answers: dict[str, dict[str, Any]] = {}   # backend outputs by prompt key
+    used: set[str] = set()                    # keys a card has already taken (or an earlier run computed)
+
+    def answer_key(prep: tuple) -> str:
+        return make_key(ANSWER_STAGE, messages=prep[0], prefix=prep[1], **answer_identity)
+
+    def known_answer(key: str) -> dict[str, Any] | None:
+        if key not in answers and not force:
+            hit = cache.get_json(ANSWER_STAGE, key)
+            if hit is not None:
+                answers[key] = hit
+                used.add(key)
+        return answers.get(key)
+
+    def remember(key: str, out: dict[str, Any]) -> None:
+        cache.put_json(ANSWER_STAGE, key, out, {"params": answer_identity})
+        answers[key] = out
+        tally["answers"] += 1
+
+    def finish(prep: tuple, key: str) -> dict[str, Any]:
         _, _, sentence, rec = prep
+        out = answers[key]
+        shared = key in used   # computed for another card: no time spent on this one
+        used.add(key)
         answer, warnings = parse_answer(out["raw"], labels, out["finish_reason"], sampling.max_tokens)
         missing = list(rec.get("missing") or [])
-        tally["completion"] += out["tokens"]["completion"]
-        tally["seconds"] += out["seconds"]
+        if not shared:
+            tally["completion"] += out["tokens"]["completion"]
+            tally["seconds"] += out["seconds"]
         return {"text": answer_text(answer, sentence), "json": answer, "raw": out["raw"],
                 "warnings": [f"OCR did not read: {', '.join(missing)}"] * bool(missing)
                 + list(rec.get("warnings", [])) + warnings,
                 "fields": rec.get("fields") or {}, "backend": "llama-cpp", "model": model_rec,
                 "prompt_version": template.name, "prompt_sha256": template.sha256, "priors_sha256": p_hash,
                 "sampling": sampling.as_dict(), "tokens": out["tokens"], "timing": out["timing"],
-                "finish_reason": out["finish_reason"], "seconds": round(out["seconds"], 4)}
+                "finish_reason": out["finish_reason"], "answer_shared": shared,
+                "seconds": 0.0 if shared else round(out["seconds"], 4)}
 
     def compute(sample: Sample) -> dict[str, Any]:
         prep = prepare(sample)
-        return finish(prep, llm.answer(prep[0], fields_spec, sampling.as_dict(), prefix_messages=prep[1]))
+        key = answer_key(prep)
+        if known_answer(key) is None:
+            remember(key, llm.answer(prep[0], fields_spec, sampling.as_dict(), prefix_messages=prep[1]))
+        return finish(prep, key)
 
     n_workers = workers or default_workers(n_threads, n_gpu_layers)
     pool: list[LLMPool] = []
 
-    def compute_batch(samples: list[Sample]) -> list[dict[str, Any]]:
+    def compute_batch(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
         preps: list[Any] = []
         for s in samples:
             try:
                 preps.append(prepare(s))
             except DataError as exc:
-                if strict:
-                    raise
-                preps.append({"error": str(exc)})
-        if not pool:
-            pool.append(LLMPool(llm, n_workers, fields_spec))
-        todo = [p for p in preps if isinstance(p, tuple)]
-        outs = iter(pool[0].answer_many([(p[0], sampling.as_dict(), p[1]) for p in todo]))
-        return [p if isinstance(p, dict) else finish(p, next(outs)) for p in preps]
+                preps.append(exc)
+        keys = [answer_key(p) if isinstance(p, tuple) else None for p in preps]
+        todo = {k: p for k, p in zip(keys, preps) if k is not None and known_answer(k) is None}
+        if todo:   # each distinct prompt once
+            if not pool:
+                pool.append(LLMPool(llm, n_workers, fields_spec))
+            for k, out in zip(todo, pool[0].answer_many([(p[0], sampling.as_dict(), p[1]) for p in todo.values()])):
+                remember(k, out)
+        return [p if k is None else finish(p, k) for k, p in zip(keys, preps)]
 
     def status() -> str:
         return f"{tally['completion'] / tally['seconds']:.1f} tok/s" if tally["seconds"] > 0 else ""
@@ -630,7 +662,8 @@ def run_reason(
               "stats": {**stats_identity, "engine": engine if fields is None else None,
                         "detector": detector if fields is None else None,
                         "spec_path": str(spec) if spec else None},
-              "n_ctx": llm.n_ctx, "generated_tokens": tally["completion"], "generate_seconds": tally["seconds"]}
+              "n_ctx": llm.n_ctx, "generated_tokens": tally["completion"], "generate_seconds": tally["seconds"],
+              "answers_generated": tally["answers"]}
     return StageResult(STAGE, records, params, cache.summary(STAGE))
 
 

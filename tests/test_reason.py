@@ -420,7 +420,8 @@ def test_checks_before_loading_are_remembered_per_file_state(tiny_gguf, tmp_path
     assert calls == [model]
 
 
-def test_cards_whose_prompts_read_alike_share_one_exact_answer(tmp_path, small_dataset, truth, priors):
+def test_cards_whose_prompts_read_alike_share_one_exact_answer(tmp_path, small_dataset, truth, priors,
+                                                               monkeypatch):
     """Two cards whose summaries read alike get one generated answer, identical to the one the second
     card gets on its own; a later run takes it from the cache; worker processes share it the same way."""
     from asectl.cache import Cache
@@ -444,7 +445,11 @@ def test_cards_whose_prompts_read_alike_share_one_exact_answer(tmp_path, small_d
     assert alone.params["answers_generated"] == 1 and not alone.records[0]["answer_shared"]
     assert alone.records[0]["raw"] == rb["raw"]
 
-    later = R.run_reason(sub(a), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1)
+    from asectl.backends.llm import LlamaCppLLM
+
+    with monkeypatch.context() as m:   # a new card whose prompt was answered before loads no model
+        m.setattr(LlamaCppLLM, "load", lambda self: pytest.fail("the model was loaded"))
+        later = R.run_reason(sub(a), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1)
     assert later.params["answers_generated"] == 0 and later.records[0]["answer_shared"]
     assert later.records[0]["raw"] == ra["raw"]
 

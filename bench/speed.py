@@ -72,7 +72,10 @@ def main() -> None:
         sec, mem = run([str(c) for c in cmd], env)
         rows.append({"stage": name, "seconds": sec, "items": n, "per_s": n / sec, "peak_mib": mem})
         if name.startswith("reason"):   # cards whose prompts read alike share one answer
-            rows[-1]["answers_generated"] = sum(1 for _ in (out / "cache" / "entries" / "reason-answer").glob("*/*"))
+            from asectl.cache import Cache
+            from asectl.stages.reason import ANSWER_STAGE
+
+            rows[-1]["answers_generated"] = sum(1 for _ in Cache(out / "cache").iter_entries(ANSWER_STAGE))
         print(rows[-1], flush=True)
     cold = sum(r["seconds"] for r in rows)
     # The fully cached rerun: every stage again on the same data and cache (what a second quickstart does).

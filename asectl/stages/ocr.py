@@ -276,15 +276,13 @@ def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path
     from asectl.workers import usable_cores
 
     n_workers = workers or usable_cores()   # one OCR process per core
-    pool: list[Any] = []
+    pool = ocr_pool(engine, card_spec, detector, n_workers) if n_workers > 1 else None
 
     def read_many(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
         # The first chunk is the whole run when it is shorter than a full one (batch_size >= SMALL_RUN).
-        if not pool and len(samples) < SMALL_RUN:
+        if pool is None or (not pool.started and len(samples) < SMALL_RUN):
             return [_read_timed(s.path, engine, card_spec, detector) for s in samples]
-        if not pool:
-            pool.append(ocr_pool(engine, card_spec, detector, n_workers))
-        return pool[0].run(_worker_read, [(s.path,) for s in samples])
+        return pool.run(_worker_read, [(s.path,) for s in samples])
 
     def compute(s: Sample) -> dict[str, Any]:
         out = read_many([s])[0]
@@ -296,8 +294,8 @@ def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path
         records = run_per_image(
             STAGE, dataset.samples, identity, compute, cache, force=force, strict=strict,
             description=f"ocr ({engine})", meta={"spec_source": card_spec.source},
-            batch=read_many if n_workers > 1 else None, batch_size=CHUNK_PER_WORKER * n_workers)
+            batch=read_many if pool else None, batch_size=CHUNK_PER_WORKER * n_workers)
     finally:
-        for p in pool:
-            p.close()
+        if pool:
+            pool.close()
     return StageResult(STAGE, records, identity, cache.summary(STAGE))

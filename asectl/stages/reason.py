@@ -625,7 +625,7 @@ def run_reason(
         return finish(prep, key)
 
     n_workers = workers or default_workers(n_threads, n_gpu_layers)
-    pool: list[LLMPool] = []
+    pool = LLMPool(llm, n_workers, fields_spec) if n_workers > 1 else None   # processes start on first use
 
     def compute_batch(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
         preps: list[Any] = []
@@ -637,9 +637,7 @@ def run_reason(
         keys = [answer_key(p) if isinstance(p, tuple) else None for p in preps]
         todo = {k: p for k, p in zip(keys, preps) if k is not None and known_answer(k) is None}
         if todo:   # each distinct prompt once
-            if not pool:
-                pool.append(LLMPool(llm, n_workers, fields_spec))
-            for k, out in zip(todo, pool[0].answer_many([(p[0], sampling.as_dict(), p[1]) for p in todo.values()])):
+            for k, out in zip(todo, pool.answer_many([(p[0], sampling.as_dict(), p[1]) for p in todo.values()])):
                 remember(k, out)
         return [p if k is None else finish(p, k) for k, p in zip(keys, preps)]
 
@@ -650,11 +648,11 @@ def run_reason(
         records = run_per_image(STAGE, dataset.samples, identity, compute, cache, force=force, strict=strict,
                                 description=f"reason ({llm.model_id})", status=status,
                                 meta={"model_path": str(llm.path)},
-                                batch=compute_batch if n_workers > 1 else None, batch_size=4 * n_workers)
+                                batch=compute_batch if pool else None, batch_size=4 * n_workers)
     finally:
         llm.close()
-        for p in pool:
-            p.close()
+        if pool:
+            pool.close()
     params = {"identity": identity, "backend": llm.identity(with_path=True),
               "chat_format_reason": llm.chat_format_reason,
               "prompt": {"name": template.name, "ref": template.ref, "sha256": template.sha256},

@@ -84,6 +84,43 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# --- small memos about files, beside the entries (docs/cache.md) -------------------------------------
+# Facts about a model file (its fingerprint, its GGUF header, "passed the checks before loading") are
+# kept per file state, so a command whose results are all cached does not read the file again. A file
+# changed in the last seconds is not memoised: with coarse timestamps it could change again without its
+# state moving.
+_RACY_NS = 2 * 10**9
+
+
+def file_state(path: str | os.PathLike) -> tuple[list, os.stat_result]:
+    """(memo key, stat) of a file: resolved path, size, mtime, ctime and inode; a rewrite changes one."""
+    p = Path(path)
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino], st
+
+
+def _memo_path(kind: str, key: list) -> Path:
+    return default_cache_dir() / kind / f"{sha256_bytes(canonical_json(key).encode())}.json"
+
+
+def read_memo(kind: str, key: list) -> Any | None:
+    """What ``write_memo`` kept under ``kind`` for ``key`` (a ``file_state`` key, perhaps extended), or None."""
+    try:
+        return json.loads(_memo_path(kind, key).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def write_memo(kind: str, key: list, value: Any, st: os.stat_result) -> None:
+    """Keep ``value`` (JSON) for ``key`` unless the file (``st``) is too new; failures are ignored."""
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= _RACY_NS:
+        return
+    try:
+        write_atomic(_memo_path(kind, key), json.dumps(value).encode())
+    except (OSError, TypeError, ValueError):
+        pass
+
+
 class CorruptEntry(Exception):
     pass
 

@@ -86,3 +86,24 @@ def test_info_and_clear(cache):
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ASECTL_CACHE_DIR", str(tmp_path / "here"))
     assert Cache().root == tmp_path / "here"
+
+
+def test_file_memos_skip_a_file_changed_in_the_last_seconds(tmp_path, monkeypatch):
+    """A memo about a file is kept per file state, and not at all while the file is seconds old: with
+    coarse timestamps it could change again without its state moving."""
+    from types import SimpleNamespace
+
+    from asectl.cache import file_state, read_memo, write_memo
+
+    monkeypatch.setenv("ASECTL_CACHE_DIR", str(tmp_path / "memos"))
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"weights")
+    key, st = file_state(f)
+    write_memo("facts", key, {"n": 1}, st)
+    assert read_memo("facts", key) is None          # too new
+    ten_s = 10 * 10**9
+    old = SimpleNamespace(st_mtime_ns=st.st_mtime_ns - ten_s, st_ctime_ns=st.st_ctime_ns - ten_s)
+    write_memo("facts", key, {"n": 1}, old)   # the same file, as if it had not changed for ten seconds
+    assert read_memo("facts", key) == {"n": 1}
+    f.write_bytes(b"other weights")
+    assert file_state(f)[0] != key and read_memo("facts", file_state(f)[0]) is None

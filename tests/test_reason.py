@@ -408,8 +408,11 @@ def test_checks_before_loading_are_remembered_per_file_state(tiny_gguf, tmp_path
 
     from asectl.backends import llm as L
 
+    from asectl import cache as cache_module
+
     model = tmp_path / "m.gguf"
     shutil.copy(tiny_gguf, model)
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)   # the copy is seconds old: memoise it all the same
     L.LlamaCppLLM(model)
     calls = []
     monkeypatch.setattr(L, "check_architecture", lambda info: calls.append(info.path))

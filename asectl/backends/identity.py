@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
-import time
 from pathlib import Path
 
-from asectl.cache import canonical_json, default_cache_dir, sha256_bytes, sha256_file, write_atomic
+from asectl.cache import file_state, read_memo, sha256_file, write_memo
 
 # Hashing every byte of a multi-GB weight file on each run would cost minutes; above this size the
 # fingerprint covers the size plus the first and last 8 MiB (weights change there in practice), and
@@ -17,45 +14,21 @@ from asectl.cache import canonical_json, default_cache_dir, sha256_bytes, sha256
 _FULL_HASH_LIMIT = 256 << 20
 _EDGE = 8 << 20
 
-# A fingerprint is reused while the file's path, size, inode and times stay the same. One of a file
-# changed in the last seconds is not stored on disk: with coarse timestamps the file could still change
-# again without its times moving.
-_RACY_SECONDS = 2
 _memo: dict[tuple, dict] = {}
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict:
-    """Content fingerprint of a model file, kept per process and on disk (in the artifact cache folder), so
-    a later command whose results are all cached does not read the weights again."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    if key in _memo:
-        return _memo[key]
-    fp = _load_memo(key)
-    if fp is None:
-        fp = _fingerprint(p, st)
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_SECONDS * 10**9:
-            _save_memo(key, fp)
-    _memo[key] = fp
+    """Content fingerprint of a model file, kept per process and on disk per file state (a memo beside the
+    artifact cache), so a later command whose results are all cached does not read the weights again."""
+    key, st = file_state(path)
+    if tuple(key) in _memo:
+        return _memo[tuple(key)]
+    fp = read_memo("file-hashes", key)
+    if not (isinstance(fp, dict) and {"sha256", "size", "method"} <= fp.keys()):
+        fp = _fingerprint(Path(path), st)
+        write_memo("file-hashes", key, fp, st)
+    _memo[tuple(key)] = fp
     return fp
-
-
-def _memo_path(key: tuple) -> Path:
-    return default_cache_dir() / "file-hashes" / f"{sha256_bytes(canonical_json(list(key)).encode())}.json"
-
-
-def _load_memo(key: tuple) -> dict | None:
-    try:
-        fp = json.loads(_memo_path(key).read_bytes())
-    except (OSError, ValueError):
-        return None
-    return fp if isinstance(fp, dict) and {"sha256", "size", "method"} <= fp.keys() else None
-
-
-def _save_memo(key: tuple, fp: dict) -> None:
-    with contextlib.suppress(OSError):
-        write_atomic(_memo_path(key), json.dumps(fp).encode())
 
 
 def _fingerprint(p: Path, st: os.stat_result) -> dict:

@@ -12,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
-import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from asectl.backends.identity import model_fingerprint
 from asectl.backends.json_decode import Field
+from asectl.cache import file_state, read_memo, write_memo
 from asectl.errors import ConfigError
 from asectl.registry import LLMS
 
@@ -86,55 +86,30 @@ def _field(reader: Any, key: str, index: int | None = None) -> Any:
     return value
 
 
-_info_memo: dict[tuple[str, int, int], GGUFInfo] = {}
+_info_memo: dict[tuple, GGUFInfo] = {}
 
 
 def read_gguf_info(path: str | Path) -> GGUFInfo:
     """Check the file is a readable GGUF and read its header. Every failure is a ConfigError.
 
     GGUFReader parses every key, the whole vocabulary included (seconds for a 50k-token model), so the
-    result is kept per (path, size, mtime) for the rest of the process."""
+    result is kept per file state for the rest of the process, and on disk (a memo beside the artifact
+    cache) so a later command whose results are all cached does not parse the vocabulary again."""
     p = Path(path)
-    memo_key = None
-    with contextlib.suppress(OSError):
-        st = p.stat()
-        memo_key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-        if memo_key in _info_memo:
-            return _info_memo[memo_key]
-        info = _load_info_memo(memo_key)
-        if info is not None:
-            _info_memo[memo_key] = info
-            return info
-    info = _read_gguf_info(p)
-    if memo_key is not None:
-        _info_memo[memo_key] = info
-        _save_info_memo(memo_key, info)
-    return info
-
-
-# The header summary is also kept on disk (in the artifact cache folder), so a later command whose
-# results are all cached does not parse the vocabulary again.
-def _info_memo_path(memo_key: tuple[str, int, int]) -> Path:
-    from asectl.cache import canonical_json, default_cache_dir, sha256_bytes
-
-    return default_cache_dir() / "gguf-info" / f"{sha256_bytes(canonical_json(list(memo_key)).encode())}.json"
-
-
-def _load_info_memo(memo_key: tuple[str, int, int]) -> GGUFInfo | None:
     try:
-        data = json.loads(_info_memo_path(memo_key).read_text())
-        return GGUFInfo(**{**data, "path": Path(data["path"])})
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-
-
-def _save_info_memo(memo_key: tuple[str, int, int], info: GGUFInfo) -> None:
-    from dataclasses import asdict
-
-    from asectl.cache import write_atomic
-
-    with contextlib.suppress(OSError, TypeError):
-        write_atomic(_info_memo_path(memo_key), json.dumps({**asdict(info), "path": str(info.path)}).encode())
+        key, st = file_state(p)
+    except OSError:
+        return _read_gguf_info(p)   # says what is wrong with the path
+    if tuple(key) in _info_memo:
+        return _info_memo[tuple(key)]
+    try:
+        data = read_memo("gguf-info", key)
+        info = GGUFInfo(**{**data, "path": Path(data["path"])})
+    except (TypeError, KeyError):
+        info = _read_gguf_info(p)
+        write_memo("gguf-info", key, {**asdict(info), "path": str(info.path)}, st)
+    _info_memo[tuple(key)] = info
+    return info
 
 
 def llama_cpp_version() -> str:
@@ -147,20 +122,6 @@ def llama_cpp_version() -> str:
         import llama_cpp
 
         return llama_cpp.__version__
-
-
-def _validated_memo_path(path: Path, chat_format: str) -> Path | None:
-    """Where "this file passed the checks before loading" is remembered, per file state, requested chat format and
-    llama-cpp-python version: the checks load the vocabulary and render the template (0.3 s), and a
-    command whose answers are all cached need not repeat them."""
-    from asectl.cache import canonical_json, default_cache_dir, sha256_bytes
-
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    key = [str(path.resolve()), st.st_size, st.st_mtime_ns, chat_format, llama_cpp_version()]
-    return default_cache_dir() / "gguf-info" / f"{sha256_bytes(canonical_json(key).encode())}.checked"
 
 
 def _read_gguf_info(p: Path) -> GGUFInfo:
@@ -351,8 +312,12 @@ class LlamaCppLLM:
         self.path = resolve_model_path(model_path)
         self.info = read_gguf_info(self.path)
         self._format: Any = None   # the chat formatter, made on first use
-        memo = _validated_memo_path(self.path, str(chat_format))
-        checked = memo is not None and memo.exists()
+        # "Passed the checks before loading" is remembered per file state, requested chat format and
+        # llama-cpp-python version: the checks load the vocabulary and render the template (0.3 s), and a
+        # command whose answers are all cached need not repeat them.
+        memo_key, st = file_state(self.path)
+        memo_key += [str(chat_format), llama_cpp_version()]
+        checked = read_memo("gguf-info", memo_key) is True
         if not checked:
             check_architecture(self.info)
         self.chat_format, self.chat_format_reason = resolve_chat_format(self.info, chat_format)
@@ -363,11 +328,7 @@ class LlamaCppLLM:
                 raise ConfigError(f"--chat-format {self.chat_format}: this format renders prompts inside its own "
                                   "handler (a multimodal or tool format); choose a text chat format, e.g. chatml "
                                   "or llama-2")
-            if memo is not None:
-                with contextlib.suppress(OSError):
-                    from asectl.cache import write_atomic
-
-                    write_atomic(memo, b"ok\n")
+            write_memo("gguf-info", memo_key, True, st)
         self.hash = model_fingerprint(self.path)
         self.n_ctx = n_ctx
         # None = llama-cpp-python's default (half the cores). More threads than free cores makes llama.cpp's

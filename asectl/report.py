@@ -19,7 +19,6 @@ correct binary prediction, a normal card predicted as type2 is not).
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import math
@@ -30,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from asectl.cache import write_atomic
+from asectl.cache import sha256_bytes, write_atomic
 from asectl.dataset import NORMAL
 from asectl.errors import ConfigError, DataError
 
@@ -520,7 +519,7 @@ def report_key_parts(data: ReportInput) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         if isinstance(v, np.ndarray):
             a = np.ascontiguousarray(v)
-            return {"sha256": hashlib.sha256(a.tobytes()).hexdigest(), "shape": list(a.shape),
+            return {"sha256": sha256_bytes(a.tobytes()), "shape": list(a.shape),
                     "dtype": str(a.dtype)}
         if isinstance(v, np.generic):
             return v.item()

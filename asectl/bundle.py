@@ -1,7 +1,9 @@
 """Model bundles: everything ``predict`` needs, as safetensors weights + one JSON file. No pickle.
 
     bundle.json          labels, task, encoders, replay settings of ocr/describe/reason (with the LLM
-                         priors), card spec, training data fingerprint, seeds, metrics, file checksums
+                         priors), card spec, training data fingerprint, seeds, metrics, the calibration
+                         temperature and the pass/defect/review rule (with the held-out cards they
+                         were fitted on), file checksums
     heads.safetensors    PFA projections + temperature
     fusion.safetensors   CMAF (or variant) + MLP classifier
     encoders/*.safetensors   fine-tuned encoders (paper profile only)
@@ -18,7 +20,7 @@ from typing import Any
 from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file
 from asectl.errors import ConfigError
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2      # 2: calibration temperature and decision rule
 LATEST_POINTER = "latest-model"
 
 
@@ -35,6 +37,16 @@ class Bundle:
     def digest(self) -> str:
         """Content identity: bundle.json holds the checksum of every file (verified on loading)."""
         return sha256_bytes(canonical_json(self.config).encode())
+
+    @property
+    def temperature(self) -> float:
+        """Divides the fusion's logits before the softmax (temperature scaling)."""
+        return float(self.config["calibration"]["temperature"])
+
+    def decision_rule(self) -> Any:
+        from asectl.models.calibration import DecisionRule
+
+        return DecisionRule.from_dict(self.config["decision"])
 
     def heads(self) -> Any:
         from safetensors.torch import load_file

@@ -186,7 +186,7 @@ def _round2(x: float) -> float:
     return 0.0 if v == 0 else v     # never print "-0.00"
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=8)   # the field difficulty draws six text sizes
 def _font(size: int) -> ImageFont.ImageFont:
     # Pillow's embedded scalable font: identical on every machine with the same Pillow, no system fonts.
     return ImageFont.load_default(size=size)
@@ -213,6 +213,24 @@ def render_card(points: np.ndarray, printed: dict[str, Any], spec: CardSpec | No
     return img
 
 
+def acquire(img: Image.Image, light_gain=(1.0, 1.0, 1.0), noise_sd: float = 0.0,
+            jpeg_quality: int | None = None, seed: int = 0) -> Image.Image:
+    """A rendered card as a camera and an image pipeline deliver it: a lighting gain per colour channel
+    (background tint), Gaussian pixel noise (sd on the 0-255 scale, seeded), a JPEG round trip."""
+    import io
+
+    a = np.asarray(img.convert("RGB"), dtype=np.float32) * np.asarray(light_gain, dtype=np.float32)
+    if noise_sd > 0:
+        a += np.random.default_rng(seed).normal(0.0, noise_sd, size=a.shape).astype(np.float32)
+    out = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    if jpeg_quality:
+        buf = io.BytesIO()
+        out.save(buf, format="JPEG", quality=int(jpeg_quality))
+        buf.seek(0)
+        out = Image.open(buf).convert("RGB")
+    return out
+
+
 def inside_range(points: np.ndarray, geometry: Geometry = GEOMETRY) -> np.ndarray:
     return np.hypot(points[:, 0], points[:, 1]) <= geometry.range_units
 
@@ -226,7 +244,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 __all__ = ["GEOMETRY", "Geometry", "CardSpec", "load_spec", "default_spec", "record_from_points",
-           "render_card", "inside_range", "png_bytes", "dot_mask", "dot_pixels"]
+           "render_card", "acquire", "inside_range", "png_bytes", "dot_mask", "dot_pixels"]
 
 
 def dot_mask(img: Image.Image) -> np.ndarray:

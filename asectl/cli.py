@@ -24,7 +24,9 @@ class _Group(click.Group):
         except AsectlError as exc:
             if ctx.meta.get("asectl.debug"):
                 raise
-            ui.console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            from rich.markup import escape   # a message may hold brackets: pip extras, paths
+
+            ui.console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             ui.console.print("[red]interrupted[/]; finished results are cached, rerun to resume")
@@ -48,59 +50,20 @@ class _Logging(logging.Handler):
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="ASECTL_CACHE_DIR",
               help="Artifact cache folder (default: the user cache dir; env ASECTL_CACHE_DIR).")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors (no progress bars).")
 @click.pass_context
 def cli(ctx: click.Context, cache_dir: Path | None, debug: bool, quiet: bool) -> None:
     """Defect classification of AOI drill-position cards (OCR + VLM + LLM + PFA + CMAF), offline."""
     from asectl.cache import Cache
 
     ctx.meta["asectl.debug"] = debug
-    ui.QUIET = quiet
+    ui.configure(quiet=quiet)
     log = logging.getLogger("asectl")
     if not any(isinstance(h, _Logging) for h in log.handlers):
         log.addHandler(_Logging())
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
     ctx.obj = Cache(cache_dir)
-
-
-_PER_IMAGE_OPTIONS = [
-    click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Export records as JSON lines."),
-    click.option("--json", "as_json", is_flag=True, help="Print records as JSON lines on stdout."),
-    click.option("--force", is_flag=True, help="Recompute even when cached."),
-    click.option("--strict", is_flag=True, help="Stop at the first bad image."),
-]
-
-
-def per_image_options(f):
-    """--out, --json, --force and --strict: the options every per-image stage command shares."""
-    for opt in reversed(_PER_IMAGE_OPTIONS):
-        f = opt(f)
-    return f
-
-
-def emit_records(records: list[dict], out: Path | None, as_json: bool) -> None:
-    if out is not None:
-        from asectl.stages.common import write_jsonl
-
-        write_jsonl(out, records)
-        ui.console.print(f"wrote {len(records)} records to {out}")
-    if as_json:
-        for r in records:
-            click.echo(json.dumps(r, default=str))
-
-
-def finish(result, cache, what: str = "images") -> None:
-    """Common end of a per-image stage command: summary line, exit 1 if any image failed."""
-    n_err = len(result.errors)
-    ui.console.print(f"{result.stage}: {len(result.records)} {what}, {cache.summary(result.stage)}"
-                     + (f", [red]{n_err} failed[/]" if n_err else ""), highlight=False)
-    for r in result.errors[:20]:
-        ui.console.print(f"  [red]error:[/] {r['error']}", highlight=False, soft_wrap=True)
-    if n_err > 20:
-        ui.console.print(f"  ... and {n_err - 20} more (see --out / --json records)")
-    if n_err:
-        sys.exit(1)
 
 
 # --- synth -------------------------------------------------------------------------------------------
@@ -110,21 +73,26 @@ def finish(result, cache, what: str = "images") -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--counts", default=None, help="Cards per class normal,type1..type4 (default 225,92,44,50,44).")
 @click.option("--test-size", default=None, type=int, help="Test cards (default 130 of 455, same share).")
+@click.option("--difficulty", type=click.Choice(["field", "clean"]), default="field", show_default=True,
+              help="field: severities, label disagreement, acquisition variation (docs/dataset.md); clean: ideal cards.")
 @click.option("--augment", "augment_src", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Instead of generating: apply TDA to this dataset's training split.")
 @click.option("--factor", default=2.0, show_default=True, type=float, help="TDA: training split grows x factor.")
 @click.option("--stats", "stats_source", type=click.Choice(["ocr", "printed"]), default="ocr", show_default=True,
               help="TDA: per-card stats from the OCR stage, or from truth.jsonl of a generated dataset.")
-@click.option("--engine", default="cnocr", show_default=True, help="TDA with --stats ocr: OCR engine.")
+@click.option("--engine", default=None,
+              help="TDA with --stats ocr: OCR engine (default: the one last used on the dataset, else cnocr).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
-def synth(cache, out, seed, counts, test_size, augment_src, factor, stats_source, engine, force, as_json):
+def synth(cache, out, seed, counts, test_size, difficulty, augment_src, factor, stats_source, engine, force,
+          as_json):
     """Write an ASE-like dataset (cards, labels.csv, truth.jsonl), or augment one with TDA."""
     from asectl.stages.synth import run_augment, run_generate
 
     if augment_src is None:
-        summary = run_generate(out, seed=seed, counts=counts, test_size=test_size, force=force)
+        summary = run_generate(out, seed=seed, counts=counts, test_size=test_size, force=force,
+                               difficulty=difficulty)
         msg = f"wrote {summary['cards']} cards ({summary['train']} train / {summary['test']} test) to {out}"
     else:
         summary = run_augment(augment_src, out, factor=factor, seed=seed, stats_source=stats_source,
@@ -132,36 +100,7 @@ def synth(cache, out, seed, counts, test_size, augment_src, factor, stats_source
         summary.pop("fits", None)
         msg = (f"TDA added {summary['added']} training cards: {summary['train']} train / "
                f"{summary['test']} test (test split copied untouched) in {out}")
-    click.echo(json.dumps(summary)) if as_json else ui.console.print(msg, highlight=False)
-
-
-# --- ocr ---------------------------------------------------------------------------------------------
-@cli.command()
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("--engine", default="cnocr", show_default=True, help="OCR engine: cnocr or rapidocr.")
-@click.option("--spec", type=click.Path(dir_okay=False, path_type=Path),
-              help="Card spec TOML for another record layout (default: docs/card-format.md).")
-@click.option("--detector", type=click.Choice(["auto", "model"]), default="auto", show_default=True,
-              help="auto: cut clean text lines directly, else the engine's text detector; model: always the detector.")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Processes reading cards (default: one per core); the records do not depend on it.")
-@per_image_options
-@click.pass_obj
-def ocr(cache, inputs, engine, spec, detector, workers, out, as_json, force, strict):
-    """Read the printed records of cards (a dataset folder, image files or globs)."""
-    from asectl.dataset import load_inputs
-    from asectl.stages.ocr import run_ocr
-
-    dataset = load_inputs(inputs)
-    result = run_ocr(dataset, engine=engine, spec=spec, cache=cache, force=force, strict=strict, detector=detector,
-                     workers=workers)
-    if dataset.root is not None:
-        from asectl.pipeline import remember
-
-        remember(cache, dataset, "ocr", {"engine": engine, "spec": str(spec.resolve()) if spec else None,
-                                         "detector": detector})
-    emit_records(result.records, out, as_json)
-    finish(result, cache)
+    click.echo(json.dumps(summary)) if as_json else ui.info(msg)
 
 
 # --- cache -------------------------------------------------------------------------------------------
@@ -199,7 +138,7 @@ def cache_clear(cache, stage, yes):
     if not yes and sys.stdin.isatty():
         click.confirm(f"Delete {'all' if stage is None else stage} entries in {cache.root}?", abort=True)
     n = cache.clear(stage)
-    ui.console.print(f"removed {n} entries from {cache.root}")
+    ui.info(f"removed {n} entries from {cache.root}")
 
 
 def _register_stage_commands() -> None:
@@ -210,7 +149,8 @@ def _register_stage_commands() -> None:
     import asectl.commands
 
     for info in sorted(pkgutil.iter_modules(asectl.commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"asectl.commands.{info.name}").register(cli)
+        if not info.name.startswith("_"):   # _shared: helpers, not commands
+            importlib.import_module(f"asectl.commands.{info.name}").register(cli)
 
 
 _register_stage_commands()
@@ -224,4 +164,4 @@ if __name__ == "__main__":  # pragma: no cover
     main()
 
 
-__all__ = ["cli", "main", "emit_records", "finish", "per_image_options"]
+__all__ = ["cli", "main"]

@@ -113,7 +113,7 @@ def _inside(root: Path, real_root: Path, rel: str, where: str) -> Path:
     return full
 
 
-def read_labels_csv(root: Path) -> Dataset:
+def read_labels_csv(root: Path, require_train: bool = True) -> Dataset:
     csv_path = root / LABELS_FILE
     try:
         text = csv_path.read_bytes().decode("utf-8-sig")
@@ -144,7 +144,8 @@ def read_labels_csv(root: Path) -> Dataset:
     if not samples:
         raise DataError(f"{csv_path}: no rows; add image,label,split lines")
     ds = Dataset(samples, root, LABELS_FILE, order_labels(s.label for s in samples))
-    _check_label_coverage(ds, csv_path)
+    if require_train:
+        _check_label_coverage(ds, csv_path)
     return ds
 
 
@@ -174,15 +175,16 @@ def read_image_folder(root: Path, test_fraction: float = 130 / 455, seed: int = 
     return ds
 
 
-def load_dataset(path: str | Path, seed: int = 0) -> Dataset:
-    """A labelled dataset folder (labels.csv or ImageFolder)."""
+def load_dataset(path: str | Path, seed: int = 0, require_train: bool = True) -> Dataset:
+    """A labelled dataset folder (labels.csv or ImageFolder). ``require_train``: the training stages need
+    a train split covering every test label; the per-image stages read any labelled folder."""
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"{root}: dataset folder not found")
     if not root.is_dir():
         raise DataError(f"{root}: expected a dataset folder with {LABELS_FILE}")
     if (root / LABELS_FILE).is_file():
-        return read_labels_csv(root)
+        return read_labels_csv(root, require_train)
     return read_image_folder(root, seed=seed)
 
 
@@ -191,7 +193,7 @@ def load_inputs(inputs: Sequence[str | Path], seed: int = 0) -> Dataset:
     if len(inputs) == 1:
         p = Path(inputs[0]).expanduser()
         if p.is_dir() and ((p / LABELS_FILE).is_file() or any(c.is_dir() for c in p.iterdir())):
-            return load_dataset(p, seed=seed)
+            return load_dataset(p, seed=seed, require_train=False)
     files: list[Path] = []
     for item in inputs:
         p = Path(item).expanduser()

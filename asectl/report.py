@@ -3,7 +3,9 @@ after each alignment stage (paper Fig. 8), training curves and the provenance of
 
 ``build_report(ReportInput, out_dir)`` writes ``report.html`` (self-contained: figures embedded as
 base64 PNG, no external resources), ``report.md`` (same tables, links to the PNG files), ``metrics.json``,
-``confusion.png``, ``confusion_binary.png``, ``tsne.png`` and ``curves.png``. ``compute_metrics`` and
+``confusion.png``, ``confusion_binary.png``, ``tsne.png``, ``curves.png`` and, for a calibrated model,
+``calibration.png`` (reliability diagrams before and after calibration, with the decision rule's
+figures on the test split beside them). ``compute_metrics`` and
 ``format_metrics_markdown`` work on their own (benchmarks use them without a full report).
 
 Metrics come from ``sklearn.metrics``. Per-class F1 is Eq. (11); macro-F1 is the unweighted mean of the
@@ -43,7 +45,7 @@ TSNE_MIN_SAMPLES = 4
 MAX_ERROR_ROWS = 100
 FILES = {"html": "report.html", "markdown": "report.md", "metrics": "metrics.json",
          "confusion": "confusion.png", "confusion_binary": "confusion_binary.png", "tsne": "tsne.png",
-         "curves": "curves.png"}
+         "curves": "curves.png", "calibration": "calibration.png"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,6 +86,13 @@ class ReportInput:
     tsne_seed: int = 0
     # Optional memo for t-SNE coordinates: (array, seed) -> [n, 2], so an unchanged report is fast.
     tsne: Callable[[np.ndarray, int], np.ndarray] | None = None
+    # Calibration (optional; ``probs`` are then the calibrated probabilities): the probabilities before
+    # calibration, the bundle's calibration record (temperature, folds, held-out figures) and decision
+    # rule (targets, thresholds, held-out figures), and each test card's decision.
+    probs_uncalibrated: Any = None
+    calibration: Mapping[str, Any] | None = None
+    decision_rule: Mapping[str, Any] | None = None
+    decisions: Sequence[str] | None = None
 
 
 @dataclass
@@ -425,6 +434,64 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+def calibration_metrics(data: "ReportInput", labels: Sequence[str]) -> tuple[dict[str, Any] | None,
+                                                                          dict[str, Any] | None]:
+    """ECE and reliability bins on the test split before and after calibration, and how the decision
+    rule did on the test split (None, None for a report without calibration)."""
+    from asectl.models.calibration import ECE_BINS, decision_stats, expected_calibration_error, reliability_bins
+
+    if data.probs is None or data.probs_uncalibrated is None or data.calibration is None:
+        return None, None
+    y = np.asarray(list(data.y_true), dtype=np.int64)
+    test = {}
+    for when, probs in (("before", data.probs_uncalibrated), ("after", data.probs)):
+        p = np.asarray(probs, dtype=np.float64)
+        if p.shape != (len(y), len(labels)):
+            raise DataError(f"report: {when}-calibration probabilities have shape {p.shape}, expected "
+                            f"({len(y)}, {len(labels)})")
+        test[f"ece_{when}"] = expected_calibration_error(p, y)
+        test[f"bins_{when}"] = reliability_bins(p, y)
+    test["n_bins"] = ECE_BINS
+    calibration = {**{k: v for k, v in data.calibration.items() if k != "held_out"}, "test": test}
+    decision = None
+    if data.decision_rule is not None and data.decisions is not None:
+        if len(data.decisions) != len(y):
+            raise DataError(f"report: {len(y)} predictions but {len(data.decisions)} decisions")
+        decision = {**dict(data.decision_rule),
+                    "test": decision_stats(data.decisions, y, np.asarray(list(data.y_pred)), labels)}
+    return calibration, decision
+
+
+def reliability_png(test: Mapping[str, Any] | None) -> bytes:
+    """Reliability diagrams of the test split before and after calibration: accuracy per confidence bin
+    against the diagonal (perfect calibration), with the number of cards per bin below."""
+    fig = _new_figure(10, 5.2)
+    if test is None:
+        _placeholder(fig.add_subplot(), "no calibration recorded")
+        return _png(fig)
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 1])
+    width = 1.0 / test["n_bins"]
+    for col, when in enumerate(("before", "after")):
+        ax, ax_n = fig.add_subplot(grid[0, col]), fig.add_subplot(grid[1, col])
+        bins = test[f"bins_{when}"]
+        centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfect calibration")
+        ax.bar(centres, [b["accuracy"] for b in bins], width=width * 0.9, color="C0", alpha=0.8,
+               label="accuracy in bin")
+        ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color="C3", s=14, zorder=3,
+                   label="mean confidence in bin")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{when} calibration: ECE {test[f'ece_{when}']:.4f}", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+        ax_n.bar(centres, [b["count"] for b in bins], width=width * 0.9, color="C7")
+        ax_n.set_xlim(0, 1)
+        ax_n.set_xlabel("confidence (top-class probability)")
+        ax_n.set_ylabel("cards")
+    return _png(fig)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Helpers for callers holding asectl.models results
 
@@ -480,6 +547,10 @@ def render_report(data: ReportInput) -> dict[str, bytes]:
     metrics["dataset_fingerprint"] = data.dataset_fingerprint
     metrics["seeds"] = {str(k): int(v) for k, v in data.seeds.items()}
     metrics["warnings"] = [str(w) for w in data.warnings]
+    metrics["calibration"], metrics["decision"] = calibration_metrics(data, labels)
+    if data.decisions is not None:
+        for row, decision in zip(metrics["predictions"], data.decisions):
+            row["decision"] = str(decision)
 
     pngs = {"confusion": confusion_png(metrics["multiclass"], "Multi-class confusion matrix")}
     if metrics["binary"]:
@@ -487,6 +558,7 @@ def render_report(data: ReportInput) -> dict[str, bytes]:
     pngs["tsne"] = tsne_png(embeddings, data.embedding_labels, labels, data.embedding_split, data.tsne_seed,
                             data.tsne)
     pngs["curves"] = curves_png(data.pfa_curves, data.fusion_curve)
+    pngs["calibration"] = reliability_png(metrics["calibration"]["test"] if metrics["calibration"] else None)
 
     files: dict[str, bytes] = dict(pngs)
     files["metrics"] = (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode()
@@ -600,7 +672,64 @@ def _context(data: ReportInput, metrics: Mapping[str, Any]) -> dict[str, Any]:
         "info": info,
         "tsne": metrics["tsne"],
         "tsne_stages": ", ".join(metrics["tsne"]["stages"]) or "none",
+        "calibration": _calibration_context(metrics),
     }
+
+
+TRADEOFF_HEADER = ["miss-rate target", "pass threshold", "review share", "miss rate"]
+TRADEOFF_NOTE = "a stricter target sends more cards to review; retrain with --max-miss-rate to use another."
+
+
+def _rate(v: float | None, k: int | None = None, n: int | None = None) -> str:
+    if v is None:
+        return "—"
+    return f"{100 * v:.2f} %" + (f" ({k}/{n})" if k is not None and n is not None else "")
+
+
+def _calibration_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The calibration and decision section as plain strings (None without calibration)."""
+    cal, dec = metrics.get("calibration"), metrics.get("decision")
+    if not cal:
+        return None
+    test = cal["test"]
+    ece_rows = [["ECE, test split", f"{test['ece_before']:.4f}", f"{test['ece_after']:.4f}"]]
+    if cal.get("held_out_ece"):
+        ece_rows.append(["ECE, held-out training cards", f"{cal['held_out_ece']['before']:.4f}",
+                         f"{cal['held_out_ece']['after']:.4f}"])
+    if cal.get("held_out_nll"):
+        ece_rows.append(["NLL, held-out training cards", f"{cal['held_out_nll']['before']:.4f}",
+                         f"{cal['held_out_nll']['after']:.4f}"])
+    out: dict[str, Any] = {
+        "text": (f"Temperature scaling: T = {cal['temperature']:.4f}, fitted on out-of-fold predictions of a "
+                 f"{cal['folds']}-fold cross-validation on {cal['n_held_out']} training cards (seed "
+                 f"{cal['seed']}); the test split was not used. ECE over {test['n_bins']} equal-width "
+                 "confidence bins."),
+        "ece_rows": ece_rows, "decision_rows": [], "rule_text": None, "tradeoff_rows": []}
+    if dec:
+        def thr(v: float | None) -> str:
+            return "never" if v is None else f"p ≥ {v:.6f}"
+
+        out["rule_text"] = (
+            f"pass: top class normal with {thr(dec['pass_threshold'])}; defect: top class a defect class with "
+            f"{thr(dec['defect_threshold'])}; otherwise review. Targets, chosen by the user at training: miss "
+            f"rate at most {_rate(dec['max_miss_rate'])} (defective cards passed, over defective cards), "
+            f"defect error at most {_rate(dec['max_defect_error'])} (cards decided defect whose true class "
+            "differs, over defect decisions). Thresholds are the lowest that meet both targets on the held-out "
+            "training cards.")
+        views = [("held-out training cards", dec.get("held_out")), ("test split", dec["test"])]
+        views = [(name, v) for name, v in views if v]
+        out["decision_header"] = [""] + [f"{name} ({v['n']})" for name, v in views]
+        out["decision_rows"] = [
+            ["pass share"] + [_rate(v["pass_share"], v["counts"]["pass"], v["n"]) for _, v in views],
+            ["defect share"] + [_rate(v["defect_share"], v["counts"]["defect"], v["n"]) for _, v in views],
+            ["review share"] + [_rate(v["review_share"], v["counts"]["review"], v["n"]) for _, v in views],
+            ["miss rate"] + [_rate(v["miss_rate"], v["n_missed"], v["n_defective"]) for _, v in views],
+            ["defect error"] + [_rate(v["defect_error"], v["n_wrong_defect"], v["n_defect_decisions"])
+                                for _, v in views]]
+        out["tradeoff_rows"] = [[_rate(r["max_miss_rate"]), "never" if r["pass_threshold"] is None else
+                                 f"{r['pass_threshold']:.6f}", _rate(r["review_share"]), _rate(r["miss_rate"])]
+                                for r in dec.get("tradeoff", [])]
+    return out
 
 
 def _fmt_loss(v: Any) -> str:
@@ -617,6 +746,17 @@ def _markdown(ctx: Mapping[str, Any], metrics: Mapping[str, Any], pngs: Mapping[
     out += ["![Multi-class confusion matrix](confusion.png)", ""]
     if "confusion_binary" in pngs:
         out += ["![Binary confusion matrix](confusion_binary.png)", ""]
+    cal = ctx["calibration"]
+    if cal:
+        out += ["## Confidence and decisions", "", cal["text"], "",
+                _md_table(["", "before calibration", "after calibration"], cal["ece_rows"]), "",
+                "![Reliability diagrams](calibration.png)", ""]
+        if cal["rule_text"]:
+            out += [f"Decision rule: {cal['rule_text']}", "",
+                    _md_table(cal["decision_header"], cal["decision_rows"]), ""]
+        if cal["tradeoff_rows"]:
+            out += [f"Other miss-rate targets on the held-out training cards (same defect target): {TRADEOFF_NOTE}",
+                    "", _md_table(TRADEOFF_HEADER, cal["tradeoff_rows"]), ""]
     out += ["## Misclassified test samples", ""]
     if ctx["errors"]:
         note = (f" (the {ctx['max_error_rows']} most confident of {ctx['n_errors']}; all are in metrics.json)"
@@ -653,7 +793,8 @@ def _html(ctx: Mapping[str, Any], metrics: Mapping[str, Any], pngs: Mapping[str,
     source = resources.files("asectl").joinpath("report_template.html").read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     images = {k: "data:image/png;base64," + base64.b64encode(v).decode("ascii") for k, v in pngs.items()}
-    return env.from_string(source).render(**ctx, images=images, tsne_caption=_tsne_caption(ctx))
+    return env.from_string(source).render(**ctx, images=images, tsne_caption=_tsne_caption(ctx),
+                                          tradeoff_header=TRADEOFF_HEADER, tradeoff_note=TRADEOFF_NOTE)
 
 
 def _summary_text(metrics: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
@@ -661,6 +802,7 @@ def _summary_text(metrics: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
     lines = [f"{metrics['n_test']} test samples: accuracy {_pct(multi['accuracy'])} %, macro-F1 "
              f"{_pct(multi['macro_f1'])} (multi-class)"
              + (f", {_pct(binary['macro_f1'])} (binary)" if binary else "")]
+    lines += [line for line in (_decision_line(metrics),) if line]
     lines += [f"warning: {w}" for w in metrics["warnings"]]
     lines.append(f"report: {paths['html']}")
     return "\n".join(lines)
@@ -696,6 +838,24 @@ def print_summary(summary: ReportSummary, console: Any = None) -> None:
         for k, v in metrics["provenance"].items():
             prov.add_row(escape(k), escape(v))
         console.print(prov)
+    line = _decision_line(metrics)
+    if line:
+        console.print(escape(line), highlight=False)
     for w in metrics["warnings"]:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     console.print(f"report: {escape(str(summary.paths['html']))}", highlight=False)
+
+
+def _decision_line(metrics: Mapping[str, Any]) -> str | None:
+    cal, dec = metrics.get("calibration"), metrics.get("decision")
+    if not cal:
+        return None
+    line = (f"calibration (T = {cal['temperature']:.3f}): test ECE {cal['test']['ece_before']:.4f} before, "
+            f"{cal['test']['ece_after']:.4f} after")
+    if dec:
+        t = dec["test"]
+        line += (f"; decisions on test: review {_rate(t['review_share'])}, miss rate "
+                 f"{_rate(t['miss_rate'], t['n_missed'], t['n_defective'])} (target at most "
+                 f"{_rate(dec['max_miss_rate'])}), defect error "
+                 f"{_rate(t['defect_error'], t['n_wrong_defect'], t['n_defect_decisions'])}")
+    return line

@@ -3,7 +3,9 @@
 Every class has a generative model (``CLASS_MODELS``, documented in docs/dataset.md). Per card the
 model's parameters are jittered so classes overlap; the jitter is centred within each class so the class
 averages of the per-card statistics land on the paper's Table 1. Some classes differ in *shape*
-(tilted ellipse, two clusters, ring), which the printed summary numbers do not carry.
+(tilted ellipse, two clusters, ring), which the printed summary numbers do not carry. That is the
+``clean`` difficulty. The default ``field`` difficulty builds on it with severities, shapes that are
+typical rather than certain, inspector disagreement and acquisition variation (``_field_cards``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asectl.card import GEOMETRY, inside_range, png_bytes, record_from_points, render_card
+from asectl.card import (GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points,
+                         render_card)
 from asectl.dataset import DEFAULT_LABELS, Dataset, stratified_split
 from asectl.errors import ConfigError, DataError
 
@@ -105,25 +108,335 @@ def _draw(lat: dict[str, Any], n: int, rng: np.random.Generator) -> np.ndarray:
         c = lat["rho"] * math.sqrt(vx * vy)
         return rng.multivariate_normal([cx, cy], [[vx, c], [c, vy]], size=n)
     if shape == "two-cluster":
-        # Two equal clusters at centre +/- d(cos t, sin t); d chosen so total variance per axis is (vx, vy).
-        t = lat["theta"]
-        d2 = CLUSTER_SHARE * vx * vy / (vy * math.cos(t) ** 2 + vx * math.sin(t) ** 2)
-        d = math.sqrt(d2)
-        sx2, sy2 = vx - d2 * math.cos(t) ** 2, vy - d2 * math.sin(t) ** 2
-        side = rng.choice([-1.0, 1.0], size=n)
-        base = rng.normal(size=(n, 2)) * np.sqrt([sx2, sy2])
-        return base + np.array([cx, cy]) + side[:, None] * d * np.array([math.cos(t), math.sin(t)])
+        return _two_clusters((cx, cy), (vx, vy), CLUSTER_SHARE, lat["theta"], 0.0, n, rng)
     if shape == "ring":
-        # Elliptic ring: radius ~ N(r0, (RING_WIDTH r0)^2); E[x^2] = E[r^2]/2 = vx gives r0.
-        r0 = math.sqrt(2.0 * vx / (1.0 + RING_WIDTH ** 2))
-        r = np.abs(rng.normal(r0, RING_WIDTH * r0, size=n))
-        phi = rng.uniform(0.0, 2.0 * math.pi, size=n)
-        b = math.sqrt(vy / vx)
-        return np.stack([cx + r * np.cos(phi), cy + b * r * np.sin(phi)], axis=1)
+        return _ring((cx, cy), (vx, vy), n, rng)
+    if shape == "field":
+        # A share of the holes on a ring, the rest in two (nearly merged) clusters; both parts have the
+        # card's per-axis variance, so the mixture keeps it (docs/dataset.md, "Field difficulty").
+        on_ring = rng.random(n) < lat["ring_share"]
+        pts = np.empty((n, 2))
+        pts[~on_ring] = _two_clusters((cx, cy), (vx, vy), lat["cluster_share"], lat["theta"], lat["rho"],
+                                      int(n - on_ring.sum()), rng)
+        pts[on_ring] = _ring((cx, cy), (vx, vy), int(on_ring.sum()), rng)
+        return pts
     if shape == "tda-gaussian":
         cov = np.asarray(lat["cov"], dtype=np.float64)
         return rng.multivariate_normal([cx, cy], cov, size=n)
     raise ValueError(f"unknown shape {shape!r}")
+
+
+def _two_clusters(center, var, share: float, t: float, rho: float, n: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Two equal clusters at centre +/- d(cos t, sin t); d chosen so that ``share`` of the variance along
+    the cluster axis is separation and the total variance per axis is ``var``. Within a cluster the
+    axes correlate with ``rho``."""
+    (cx, cy), (vx, vy) = center, var
+    d2 = share * vx * vy / (vy * math.cos(t) ** 2 + vx * math.sin(t) ** 2)
+    d = math.sqrt(d2)
+    sx2, sy2 = vx - d2 * math.cos(t) ** 2, vy - d2 * math.sin(t) ** 2
+    side = rng.choice([-1.0, 1.0], size=n)
+    z = rng.normal(size=(n, 2))
+    if rho:
+        z[:, 1] = rho * z[:, 0] + math.sqrt(1.0 - rho ** 2) * z[:, 1]
+    base = z * np.sqrt([sx2, sy2])
+    return base + np.array([cx, cy]) + side[:, None] * d * np.array([math.cos(t), math.sin(t)])
+
+
+def _ring(center, var, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Elliptic ring: radius ~ |N(r0, (RING_WIDTH r0)^2)|, angle uniform; E[x^2] = E[r^2]/2 = vx gives r0."""
+    (cx, cy), (vx, vy) = center, var
+    r0 = math.sqrt(2.0 * vx / (1.0 + RING_WIDTH ** 2))
+    r = np.abs(rng.normal(r0, RING_WIDTH * r0, size=n))
+    phi = rng.uniform(0.0, 2.0 * math.pi, size=n)
+    b = math.sqrt(vy / vx)
+    return np.stack([cx + r * np.cos(phi), cy + b * r * np.sin(phi)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The field difficulty (docs/dataset.md, "Field difficulty"): defects of every severity, class shapes
+# that are typical rather than certain, inspector disagreement on borderline cards, a wider range of
+# hole counts, and acquisition variation. ``clean`` is the model above, unchanged.
+
+DIFFICULTIES = ("field", "clean")
+DEFECTS = ("type1", "type2", "type3", "type4")
+FIELD_N_RANGE = (60, 600)        # holes per card, log-uniform (small panels give noisy printed statistics)
+# Severity s in [0, 1] of a defect (0: not visible, 1: gross): mild ~ U(0, MILD_EDGE) for a share
+# MILD_SHARE of the defective cards, else ~ U(MILD_EDGE, 1). MILD_SHARE is the one calibrated knob
+# (docs/dataset.md, "Calibration"); every other value below is set from stated realism, not tuned.
+MILD_SHARE = 0.35
+MILD_EDGE = 0.3
+SECONDARY_SHARE = 0.15           # defective cards that also carry a second defect class's mechanism ...
+SECONDARY_MAX = 0.6              # ... at severity ~ U(0, SECONDARY_MAX)
+WEAK_SHAPE_SHARE = 0.25          # cluster (type3) / ring (type4) mechanisms whose shape is weakly expressed:
+WEAK_EDGE = 0.4                  # expression e ~ U(0, WEAK_EDGE) if weak, else e = 1
+SHAPE_NUISANCE = 0.15            # every card: cluster share and ring share each ~ U(0, SHAPE_NUISANCE)
+CLUSTER_GAIN = 0.8               # cluster share added at severity 1, expression 1 (at most 0.95 in all)
+RING_GAIN = 1.0 - SHAPE_NUISANCE # ring share added at severity 1, expression 1 (at most 1 in all)
+TILT_FULL = {"type1": 0.6, "type2": -0.65}   # correlation of x and y a mechanism adds at severity 1
+TILT_SD = 0.08                   # per-card correlation noise
+LABEL_DISAGREEMENT = 0.08        # expected share of inspector labels that differ from the generating class
+NORMAL_TAIL = 0.10               # normal cards in this upper tail of their jitter are borderline
+CENTRING_ROUNDS = 3              # label-group centring passes on the drawn holes (Table 1 by label)
+# Acquisition: lighting (a gain per colour channel), dot and text colour, text position and size,
+# pixel noise, JPEG compression. Dots and background stay brighter than the OCR binarisation threshold.
+LIGHT_GAIN = (0.94, 1.0)
+DOT_RGB_RANGE = ((240, 255), (125, 145), (190, 215))
+TEXT_RGB_MAX = 60
+FONT_SIZES = (18, 20, 21, 23)    # px; sizes the bundled OCR engines read exactly (see docs/dataset.md)
+TEXT_X_SHIFT = 20                # px either side of the layout's text column
+TEXT_MARGIN = 8                  # px kept free above and below the text block
+NOISE_SD_MAX = 2.5               # Gaussian pixel noise, sd ~ U(0, NOISE_SD_MAX) (0-255 scale)
+JPEG_QUALITY_RANGE = (85, 95)    # round trip through JPEG at a quality drawn from this range
+
+
+def check_difficulty(difficulty: str) -> str:
+    if difficulty not in DIFFICULTIES:
+        raise ConfigError(f"--difficulty {difficulty!r}: choose {' or '.join(DIFFICULTIES)}")
+    return difficulty
+
+
+def mean_severity() -> float:
+    return MILD_SHARE * MILD_EDGE / 2 + (1 - MILD_SHARE) * (1 + MILD_EDGE) / 2
+
+
+def severity_pdf(s: np.ndarray) -> np.ndarray:
+    s = np.asarray(s, dtype=np.float64)
+    dens = np.where(s < MILD_EDGE, MILD_SHARE / MILD_EDGE, (1 - MILD_SHARE) / (1 - MILD_EDGE))
+    return np.where((s >= 0) & (s <= 1), dens, 0.0)
+
+
+def shape_gain(mechanism: str) -> float:
+    """Cluster share (type3) or ring share (type4) a mechanism adds at severity 1 and expression 1."""
+    return CLUSTER_GAIN if mechanism == "type3" else RING_GAIN
+
+
+def field_design() -> dict[str, dict[str, list[float]]]:
+    """Per defect class, the change of the centre and of the per-axis variance from normal at severity 1.
+
+    Solved so that the expected class averages (own mechanism at mean severity plus the occasional
+    second mechanism) equal Table 1; the label-group centring then removes the sampling remainder."""
+    m0, v0 = np.array(TABLE1["normal"][:2]), np.array(TABLE1["normal"][2:])
+    k = len(DEFECTS)
+    w = SECONDARY_SHARE * (SECONDARY_MAX / 2) / (k - 1)
+    a = mean_severity() * np.eye(k) + w * (np.ones((k, k)) - np.eye(k))
+    d_mean = np.linalg.solve(a, np.array([np.array(TABLE1[c][:2]) - m0 for c in DEFECTS]))
+    d_var = np.linalg.solve(a, np.array([np.array(TABLE1[c][2:]) - v0 for c in DEFECTS]))
+    return {c: {"mean": [float(x) for x in d_mean[i]], "var": [float(x) for x in d_var[i]]}
+            for i, c in enumerate(DEFECTS)}
+
+
+def mechanism_params(mechanisms: dict[str, Any], design: dict) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Centre, per-axis variance and tilt before jitter for severities {class: s} (s may be arrays)."""
+    centre = [np.float64(TABLE1["normal"][0]), np.float64(TABLE1["normal"][1])]
+    var = [np.float64(TABLE1["normal"][2]), np.float64(TABLE1["normal"][3])]
+    tilt: Any = 0.0
+    for c, s in mechanisms.items():
+        for ax in range(2):
+            centre[ax] = centre[ax] + s * design[c]["mean"][ax]
+            var[ax] = var[ax] + s * design[c]["var"][ax]
+        tilt = tilt + s * TILT_FULL.get(c, 0.0)
+    return centre, var, tilt
+
+
+def _normal_direction(deviation: np.ndarray, design: dict) -> str:
+    """The defect class a normal card's standardised deviation points to (its borderline alternative)."""
+    v0 = np.array(TABLE1["normal"][2:])
+    best, best_dot = DEFECTS[0], -math.inf
+    for c in DEFECTS:
+        d = np.concatenate([np.array(design[c]["mean"]) / CENTER_JITTER,
+                            np.log1p(np.array(design[c]["var"]) / v0) / VAR_JITTER])
+        dot = float(deviation @ d / np.linalg.norm(d))
+        if dot > best_dot:
+            best, best_dot = c, dot
+    return best
+
+
+def normal_borderline(deviation: np.ndarray, design: dict) -> tuple[float, str]:
+    """(borderline score, alternative) of a normal card from its standardised jitter (offset / CENTER_JITTER,
+    log variance multiplier / VAR_JITTER): 0 below the NORMAL_TAIL upper tail, rising to 1 far in it."""
+    q = float(deviation @ deviation)
+    tail = math.exp(-q / 2) * (1 + q / 2)     # chi-square survival function with 4 degrees of freedom
+    return max(0.0, 1.0 - tail / NORMAL_TAIL), _normal_direction(deviation, design)
+
+
+def defect_borderline(gen_class: str, s: Any, weak: bool = False, secondary: str | None = None,
+                      s2: Any = 0.0) -> list[tuple[Any, str]]:
+    """Borderline candidates (score in [0, 1], alternative label) of a defective card:
+    a mild defect may be passed as normal, a weakly shaped cluster/ring called the other of the two,
+    and a second mechanism nearly as strong as the first named instead."""
+    s = np.asarray(s, dtype=np.float64)
+    out: list[tuple[Any, str]] = [(np.clip(1.0 - s / MILD_EDGE, 0.0, 1.0), "normal")]
+    if weak and gen_class in ("type3", "type4"):
+        out.append((np.ones_like(s), "type4" if gen_class == "type3" else "type3"))
+    if secondary:
+        out.append((np.clip(np.asarray(s2) / np.maximum(s, 1e-9), 0.0, 1.0), secondary))
+    return out
+
+
+def label_probabilities(candidates: list[tuple[Any, str]], gen_class: str, scale: float) -> dict[str, Any]:
+    """P(inspector label) for a card: the most borderline candidate's alternative with probability
+    min(1, scale x score), else the generating class. Works elementwise on arrays of scores."""
+    scores = np.stack(np.broadcast_arrays(*[np.asarray(b, dtype=np.float64) for b, _ in candidates]))
+    top = scores.argmax(axis=0)
+    p_alt = np.minimum(1.0, scale * scores.max(axis=0))
+    probs: dict[str, Any] = {gen_class: 1.0 - p_alt}
+    for j, (_, alt) in enumerate(candidates):
+        probs[alt] = probs.get(alt, 0.0) + np.where(top == j, p_alt, 0.0)
+    return probs
+
+
+def disagreement_scale(scores: np.ndarray, share: float = LABEL_DISAGREEMENT) -> float:
+    """The scale that makes sum(min(1, scale x score)) = share x cards (bisection; 0 if nothing is borderline)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    target = share * len(scores)
+    if target <= 0 or not (scores > 0).any():
+        return 0.0
+    if (scores > 0).sum() <= target:
+        return float(1.0 / scores[scores > 0].min())
+    lo, hi = 0.0, 1.0 / scores[scores > 0].min()
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if np.minimum(1.0, mid * scores).sum() < target:
+            lo = mid
+        else:
+            hi = mid
+    return float(hi)
+
+
+def _field_latent(gen_class: str, design: dict, rng: np.random.Generator) -> dict[str, Any]:
+    """Every random choice of one card of the field model (the holes and pixels are drawn later)."""
+    offset = rng.normal(0.0, CENTER_JITTER, size=2)
+    log_mult = rng.normal(0.0, VAR_JITTER, size=2)
+    nuisance = rng.uniform(0.0, SHAPE_NUISANCE, size=2)          # cluster share, ring share
+    tilt_noise = rng.normal(0.0, TILT_SD)
+    theta = rng.uniform(0.0, math.pi)
+    n = int(round(math.exp(rng.uniform(math.log(FIELD_N_RANGE[0]), math.log(FIELD_N_RANGE[1])))))
+    mechanisms: dict[str, float] = {}
+    expression: dict[str, float] = {}
+    weak = False
+    secondary = None
+    if gen_class != "normal":
+        mild = rng.random() < MILD_SHARE
+        mechanisms[gen_class] = float(rng.uniform(0.0, MILD_EDGE) if mild else rng.uniform(MILD_EDGE, 1.0))
+        if rng.random() < SECONDARY_SHARE:
+            secondary = str(rng.choice([c for c in DEFECTS if c != gen_class]))
+            mechanisms[secondary] = float(rng.uniform(0.0, SECONDARY_MAX))
+        for m in ("type3", "type4"):
+            if m in mechanisms:
+                is_weak = bool(rng.random() < WEAK_SHAPE_SHARE)
+                expression[m] = float(rng.uniform(0.0, WEAK_EDGE)) if is_weak else 1.0
+                if m == gen_class:
+                    weak = is_weak
+    centre, var, tilt = mechanism_params(mechanisms, design)
+    shares = [float(nuisance[0]), float(nuisance[1])]
+    for i, m in enumerate(("type3", "type4")):
+        if m in mechanisms:
+            shares[i] += shape_gain(m) * mechanisms[m] * expression[m]
+    if gen_class == "normal":
+        deviation = np.concatenate([offset / CENTER_JITTER, log_mult / VAR_JITTER])
+        b, alt = normal_borderline(deviation, design)
+        candidates: list[tuple[Any, str]] = [(b, alt)]
+    else:
+        s = mechanisms[gen_class]
+        candidates = defect_borderline(gen_class, s, weak, secondary, mechanisms.get(secondary or "", 0.0))
+    latent = {
+        "shape": "field",
+        "center": [float(centre[0] + offset[0]), float(centre[1] + offset[1])],
+        "var": [float(var[0] * math.exp(log_mult[0])), float(var[1] * math.exp(log_mult[1]))],
+        "rho": float(np.clip(tilt + tilt_noise, -0.9, 0.9)),
+        "cluster_share": shares[0],
+        "theta": float(theta),
+        "ring_share": shares[1],
+        "n": n,
+    }
+    return {"latent": latent, "generating_class": gen_class, "severity": mechanisms.get(gen_class, 0.0),
+            "mechanisms": mechanisms, "expression": expression, "weak_shape": weak,
+            "candidates": [(float(b), alt) for b, alt in candidates]}
+
+
+def _undo_small_flips(labels: list[str], gen: list[str]) -> None:
+    """Undo a label flip that leaves a label, or a generating class, with fewer than two cards (only in
+    sets of a few cards per class), so every label keeps a card in both splits."""
+    while True:
+        counts = {g: 0 for g in gen}
+        for lab in labels:
+            counts[lab] = counts.get(lab, 0) + 1
+        small = [i for i, (lab, g) in enumerate(zip(labels, gen)) if lab != g and min(counts[lab], counts[g]) < 2]
+        if not small:
+            return
+        labels[small[0]] = gen[small[0]]
+
+
+def _acquisition(rng: np.random.Generator, n_lines: int) -> dict[str, Any]:
+    size = int(rng.choice(FONT_SIZES))
+    step = int(round(1.5 * size))
+    block = (n_lines - 1) * step + size + 4
+    top_max = max(TEXT_MARGIN, GEOMETRY.height - TEXT_MARGIN - block)
+    return {
+        "light_gain": [float(x) for x in rng.uniform(*LIGHT_GAIN, size=3)],
+        "dot_rgb": [int(rng.integers(lo, hi + 1)) for lo, hi in DOT_RGB_RANGE],
+        "text_rgb": [int(x) for x in rng.integers(0, TEXT_RGB_MAX + 1, size=3)],
+        "font_size": size,
+        "line_step": step,
+        "text_x": int(GEOMETRY.text_x + rng.integers(-TEXT_X_SHIFT, TEXT_X_SHIFT + 1)),
+        "text_top": int(rng.integers(TEXT_MARGIN, top_max + 1)),
+        "noise_sd": float(rng.uniform(0.0, NOISE_SD_MAX)),
+        "jpeg_quality": int(rng.integers(JPEG_QUALITY_RANGE[0], JPEG_QUALITY_RANGE[1] + 1)),
+        "noise_seed": int(rng.integers(0, 2**31 - 1)),
+    }
+
+
+def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list["SampledCard"]:
+    design = field_design()
+    rng = np.random.default_rng(seed)
+    drawn: list[dict[str, Any]] = []
+    for label, n in zip(DEFAULT_LABELS, counts):
+        drawn += [_field_latent(label, design, rng) for _ in range(n)]
+    drawn = [drawn[i] for i in rng.permutation(len(drawn))]
+    # Inspector labels: the most borderline cards' labels differ, LABEL_DISAGREEMENT of them on average.
+    scores = np.array([max(b for b, _ in d["candidates"]) for d in drawn])
+    scale = disagreement_scale(scores)
+    gen = [d["generating_class"] for d in drawn]
+    labels = []
+    for d in drawn:
+        probs = label_probabilities(d["candidates"], d["generating_class"], scale)
+        names = sorted(probs)
+        p = np.array([float(probs[k]) for k in names])
+        labels.append(names[int(rng.choice(len(names), p=p / p.sum()))])
+    _undo_small_flips(labels, gen)
+    for d, lab in zip(drawn, labels):
+        d["latent"]["disagreement_scale"] = scale
+        alt_b, alt = max(d["candidates"], key=lambda t: t[0])
+        d["disagreement"] = {"alternative": alt, "probability": min(1.0, scale * alt_b)}
+    splits = stratified_split(labels, test_size, seed)
+    # Table 1 holds by (inspector) label, as in the paper, whose statistics come from the labelled cards:
+    # each label group's centres move and its variances scale together until the class averages of the
+    # drawn holes' statistics match.
+    lats = [d["latent"] for d in drawn]
+    for _ in range(CENTRING_ROUNDS):
+        pts = [sample_points(lat, np.random.default_rng([seed, i])) for i, lat in enumerate(lats)]
+        for label in sorted(set(labels)):
+            idx = [i for i, lab in enumerate(labels) if lab == label]
+            target = TABLE1.get(label)
+            if target is None:
+                continue
+            mu = np.mean([pts[i].mean(axis=0) for i in idx], axis=0)
+            var = np.mean([pts[i].var(axis=0, ddof=1) for i in idx], axis=0)
+            for i in idx:
+                for ax in range(2):
+                    lats[i]["center"][ax] += target[ax] - float(mu[ax])
+                    lats[i]["var"][ax] *= target[2 + ax] / float(var[ax])
+    spec_lines = len(default_spec().lines({"N": 0, "mu_x": 0.0, "mu_y": 0.0, "sd_x": 0.0, "sd_y": 0.0,
+                                           "bins": [0] * default_spec().n_bins}))
+    cards = []
+    for i, (d, label, split) in enumerate(zip(drawn, labels, splits)):
+        pts = sample_points(d["latent"], np.random.default_rng([seed, i]))
+        extra = {k: d[k] for k in ("severity", "mechanisms", "expression", "weak_shape", "disagreement")}
+        cards.append(SampledCard(label, split, d["latent"], pts, record_from_points(pts),
+                                 generating_class=d["generating_class"], truth_extra=extra,
+                                 acquisition=_acquisition(np.random.default_rng([seed, i, 1]), spec_lines)))
+    return cards
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,20 +488,26 @@ def parse_counts(text: str | Sequence[int] | None) -> tuple[int, ...]:
 
 @dataclass
 class SampledCard:
-    label: str
+    label: str                                 # the inspector's label (labels.csv)
     split: str
     latent: dict[str, Any]
     points: np.ndarray
     printed: dict[str, Any]
+    generating_class: str | None = None        # field: the class whose model drew the card
+    truth_extra: dict[str, Any] | None = None  # field: severity, mechanisms, disagreement, ...
+    acquisition: dict[str, Any] | None = None  # field: how the card is rendered and captured
 
 
 def sample_cards(seed: int = 0, counts: str | Sequence[int] | None = None,
-                 test_size: int | None = None) -> list[SampledCard]:
+                 test_size: int | None = None, difficulty: str = "field") -> list[SampledCard]:
     """Everything about a generated dataset except the pixels (fast; used by tests and benchmarks)."""
+    check_difficulty(difficulty)
     counts = parse_counts(counts)
     total = sum(counts)
     if test_size is None:
         test_size = max(1, round(total * PAPER_TEST_SIZE / sum(PAPER_COUNTS)))
+    if difficulty == "field":
+        return _field_cards(seed, counts, test_size)
     rng = np.random.default_rng(seed)
     labels: list[str] = []
     latents: list[dict[str, Any]] = []
@@ -207,28 +526,65 @@ def sample_cards(seed: int = 0, counts: str | Sequence[int] | None = None,
     return cards
 
 
+def render_sampled(card: SampledCard) -> bytes:
+    """The PNG of a sampled card: the plain rendering (clean), or rendered and captured as its
+    acquisition record says (field)."""
+    if card.acquisition is None:
+        return png_bytes(render_card(card.points, card.printed))
+    a = card.acquisition
+    geometry = replace(GEOMETRY, dot_rgb=tuple(a["dot_rgb"]), text_rgb=tuple(a["text_rgb"]),
+                       text_x=a["text_x"], text_top=a["text_top"], line_step=a["line_step"],
+                       font_size=a["font_size"])
+    img = render_card(card.points, card.printed, geometry=geometry)
+    return png_bytes(acquire(img, a["light_gain"], a["noise_sd"], a["jpeg_quality"], a["noise_seed"]))
+
+
+def field_parameters() -> dict[str, Any]:
+    """Every field-model parameter, as recorded in synth.json."""
+    return {"n_range": list(FIELD_N_RANGE), "mild_share": MILD_SHARE, "mild_edge": MILD_EDGE,
+            "mean_severity": mean_severity(), "secondary_share": SECONDARY_SHARE,
+            "secondary_max": SECONDARY_MAX, "weak_shape_share": WEAK_SHAPE_SHARE, "weak_edge": WEAK_EDGE,
+            "shape_nuisance": SHAPE_NUISANCE, "cluster_gain": CLUSTER_GAIN, "ring_gain": RING_GAIN,
+            "ring_width": RING_WIDTH,
+            "tilt_full": TILT_FULL, "tilt_sd": TILT_SD, "label_disagreement": LABEL_DISAGREEMENT,
+            "normal_tail": NORMAL_TAIL, "centring_rounds": CENTRING_ROUNDS, "design": field_design(),
+            "acquisition": {"light_gain": list(LIGHT_GAIN), "dot_rgb_range": [list(r) for r in DOT_RGB_RANGE],
+                            "text_rgb_max": TEXT_RGB_MAX, "font_sizes": list(FONT_SIZES),
+                            "text_x_shift": TEXT_X_SHIFT, "text_margin": TEXT_MARGIN,
+                            "noise_sd_max": NOISE_SD_MAX, "jpeg_quality_range": list(JPEG_QUALITY_RANGE)}}
+
+
 def generate(out: str | Path, seed: int = 0, counts: str | Sequence[int] | None = None,
              test_size: int | None = None, force: bool = False,
-             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[int], None] | None = None, difficulty: str = "field") -> dict[str, Any]:
     """Write an ASE-like dataset: images/, labels.csv, truth.jsonl, synth.json. Returns a summary."""
     counts = parse_counts(counts)
-    cards = sample_cards(seed, counts, test_size)
+    cards = sample_cards(seed, counts, test_size, difficulty)
     out = Path(out)
     tmp = _prepare_out(out, force)
     rows, truth = [], []
     for i, c in enumerate(cards):
         name = f"images/{i:04d}.png"
-        (tmp / name).write_bytes(png_bytes(render_card(c.points, c.printed)))
+        (tmp / name).write_bytes(render_sampled(c))
         rows.append((name, c.label, c.split))
-        truth.append({"image": name, "label": c.label, "split": c.split, "printed": c.printed,
-                      "latent": c.latent})
+        row = {"image": name, "label": c.label, "split": c.split, "printed": c.printed, "latent": c.latent}
+        if c.generating_class is not None:
+            row = {"image": name, "label": c.label, "generating_class": c.generating_class,
+                   **(c.truth_extra or {}), "split": c.split, "printed": c.printed, "latent": c.latent,
+                   "acquisition": c.acquisition}
+        truth.append(row)
         if progress:
             progress(1)
     n_test = sum(c.split == "test" for c in cards)
-    params = {"seed": seed, "counts": list(counts), "test_size": n_test,
-              "center_jitter": CENTER_JITTER, "var_jitter": VAR_JITTER, "n_range": list(N_RANGE),
+    params = {"seed": seed, "difficulty": difficulty, "counts": list(counts), "test_size": n_test,
+              "center_jitter": CENTER_JITTER, "var_jitter": VAR_JITTER,
+              "n_range": list(N_RANGE if difficulty == "clean" else FIELD_N_RANGE),
               "class_models": {k: asdict(v) for k, v in CLASS_MODELS.items()},
               "geometry": asdict(GEOMETRY)}
+    if difficulty == "field":
+        params["field"] = field_parameters()
+        params["label_counts"] = {lab: sum(c.label == lab for c in cards) for lab in DEFAULT_LABELS}
+        params["labels_differing"] = sum(c.label != c.generating_class for c in cards)
     _write_meta(tmp, rows, truth, {"generator": "asectl.synth", **params})
     _commit_out(tmp, out)
     return {"out": str(out), "cards": len(cards), "train": len(cards) - n_test, "test": n_test}

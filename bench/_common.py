@@ -17,14 +17,14 @@ RESULTS = ROOT / "bench" / "results"
 BENCH_MD = ROOT / "docs" / "benchmarks.md"
 
 
-def dataset(seed: int = 0, counts: str | None = None) -> Path:
+def dataset(seed: int = 0, counts: str | None = None, difficulty: str = "field") -> Path:
     """The default generated dataset for a seed, made once and reused (generation is deterministic)."""
     from asectl.synth import generate
 
-    name = f"ds-seed{seed}" + (f"-{counts.replace(',', '-')}" if counts else "")
+    name = f"ds-{difficulty}-seed{seed}" + (f"-{counts.replace(',', '-')}" if counts else "")
     path = OUT / name
     if not (path / "labels.csv").exists():
-        generate(path, seed=seed, counts=counts, force=True)
+        generate(path, seed=seed, counts=counts, force=True, difficulty=difficulty)
     return path
 
 

@@ -1,6 +1,6 @@
 """OCR accuracy and speed against truth.jsonl on the default 455 generated cards.
 
-    python bench/ocr_accuracy.py [--seed 0] [--engines cnocr,rapidocr] [--limit N]
+    python bench/ocr_accuracy.py [--seed 0] [--difficulty field|clean] [--engines cnocr,rapidocr] [--limit N]
 
 Counts every printed number (N, four statistics and the radius-interval counts) read exactly, cards
 read fully exactly, and seconds per image with a cold cache (engine loading excluded)."""
@@ -29,8 +29,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="cnocr,rapidocr")
     ap.add_argument("--limit", type=int, default=None, help="only the first N cards (quick check)")
+    ap.add_argument("--difficulty", default="field", choices=["field", "clean"], help="generated cards to read")
     args = ap.parse_args()
-    root = dataset(args.seed)
+    root = dataset(args.seed, difficulty=args.difficulty)
     ds = load_dataset(root)
     if args.limit:
         ds = Dataset(ds.samples[: args.limit], ds.root, ds.source, ds.labels)
@@ -59,14 +60,18 @@ def main() -> None:
                         "cards_exact_pct": 100 * cards_ok / len(result.records),
                         "seconds_per_image": seconds / len(result.records), "examples_of_misreads": misreads}
         print(engine, {k: v for k, v in rows[engine].items() if k != "examples_of_misreads"})
-    save(f"ocr_accuracy_seed{args.seed}", rows)
+    # Clean-card results keep their earlier names; field cards get their own.
+    tag = "" if args.difficulty == "clean" else f"_{args.difficulty}"
+    save(f"ocr_accuracy{tag}_seed{args.seed}", rows)
     lines = ["| engine | cards | numbers read exactly | cards fully exact | s / image (cold cache) |",
              "|---|---|---|---|---|"]
     for engine, r in rows.items():
         lines.append(f"| {engine} | {r['cards']} | {r['numbers_exact']}/{r['numbers']} "
                      f"({r['numbers_exact_pct']:.2f}%) | {r['cards_exact']} ({r['cards_exact_pct']:.1f}%) "
                      f"| {r['seconds_per_image']:.2f} |")
-    update_section("ocr-accuracy", "### OCR accuracy (target: at least 99.5% of numbers exact)\n\n" + "\n".join(lines))
+    title = "OCR accuracy" + (f" on {args.difficulty} cards" if tag else "")
+    update_section("ocr-accuracy" + tag.replace("_", "-"),
+                   f"### {title} (target: at least 99.5% of numbers exact)\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

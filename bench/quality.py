@@ -1,11 +1,15 @@
 """Classification quality on generated data: baselines, the oracle, and the paper's ablations.
 
-    python bench/quality.py                 # five generator seeds (0-4), full epochs
-    python bench/quality.py --fast          # one seed, fewer epochs (quick check)
-    python bench/quality.py --seeds 0,1 --cache-dir /tmp/c --jobs 2
+    python bench/quality.py                 # five generator seeds (0-4), `field` cards, full epochs
+    python bench/quality.py --fast          # one seed, half the epochs (quick check)
+    python bench/quality.py --seeds 0,1 --cache-dir /tmp/c --jobs 2 --difficulty clean
 
-Per seed: the default 455 cards with the stratified 325/130 split, the quick profile, and the same split
-for every method. Every pipeline stage runs through the library (cached in --cache-dir, default
+Per seed: the default 455 cards with the stratified 325/130 split, the quick profile with its defaults
+(chosen on held-out training folds by bench/tune_profile.py, never on the test split), and the same
+split for every method. Every number is mean ± std over seeds with a 95% bootstrap interval over test
+cards (bench/intervals.py); PFA + CMAF + TDA is compared with the best single modality by a paired
+bootstrap on the same test cards. The robustness table trains on one difficulty and tests on the other
+(``--robustness-seeds``). Every pipeline stage runs through the library (cached in --cache-dir, default
 bench/out/cache, so a rerun only trains): first the modalities of every seed, each stage using all cores,
 then training and scoring with --jobs seeds at once, one core each. Results: bench/results/quality.json and docs/benchmarks.md.
 Binary macro-F1 is derived from the 5-class predictions (normal vs every defect class)."""
@@ -47,9 +51,11 @@ PAPER = {
 
 
 def scores(y_true: list[str], y_pred: list[str]) -> dict:
+    """Metrics, and the predictions themselves (for the bootstrap intervals and the paired test)."""
     m = compute_metrics(LABELS, [LABELS.index(t) for t in y_true], [LABELS.index(p) for p in y_pred])
     return {"macro_f1": m["multiclass"]["macro_f1"], "binary_macro_f1": m["binary"]["macro_f1"],
-            "per_class_f1": {c: m["multiclass"]["per_class"][c]["f1"] for c in LABELS}}
+            "per_class_f1": {c: m["multiclass"]["per_class"][c]["f1"] for c in LABELS},
+            "y_true": list(y_true), "y_pred": list(y_pred)}
 
 
 def logistic(xtr, ytr, xte) -> list[str]:
@@ -127,57 +133,92 @@ def stats_vector(fields: dict) -> list[float]:
     return [fields["N"], fields["mu_x"], fields["mu_y"], fields["sd_x"], fields["sd_y"], *fields["bins"]]
 
 
-def prepare_seed(seed: int, cache: Cache) -> Path:
-    """A seed's dataset, its TDA copy, and every modality and feature both need, cached. Runs in the main
-    process, where OCR and the LLM use one worker process per core."""
+ANSWER_ONLY = {**SETTINGS, "llm_text": "answer"}
+
+
+def prepare_seed(seed: int, cache: Cache, difficulty: str = "field") -> Path:
+    """A seed's dataset, its TDA copy, and every modality and feature both need (the composite LLM text
+    and the answer-only one), cached. Runs in the main process, where OCR and the LLM use one worker
+    process per core."""
     from asectl.models.train_config import get_profile
-    from asectl.pipeline import build_encoders, collect_modalities, encode_modalities
     from asectl.stages.align import real_training_priors, resolve_training_dataset
+    from asectl.stages.modalities import build_encoders, collect_modalities, encode_modalities
     from asectl.stages.synth import run_augment
 
-    root = dataset(seed)
+    root = dataset(seed, difficulty=difficulty)
     ds = load_dataset(root)
-    aug_root = OUT / f"ds-seed{seed}-tda"
+    aug_root = OUT / f"ds-{difficulty}-seed{seed}-tda"
     if not (aug_root / "labels.csv").exists():
         run_augment(root, aug_root, factor=2.0, seed=seed, stats_source="ocr", cache=cache, force=True)
     encoders = build_encoders(get_profile("quick").encoders)
-    encode_modalities(collect_modalities(ds, cache, SETTINGS), encoders, cache)
-    # With TDA, the synthetic cards' LLM answers use priors from the real training cards (as align does).
-    aug_mods = collect_modalities(resolve_training_dataset(ds, aug_root), cache, SETTINGS,
-                                  priors=real_training_priors(ds, cache, SETTINGS))
-    encode_modalities(aug_mods, encoders, cache)
+    priors = real_training_priors(ds, cache, SETTINGS)
+    for settings in (SETTINGS, ANSWER_ONLY):
+        encode_modalities(collect_modalities(ds, cache, settings), encoders, cache)
+        # With TDA, the synthetic cards' LLM answers use priors from the real training cards (as align does).
+        aug_mods = collect_modalities(resolve_training_dataset(ds, aug_root), cache, settings, priors=priors)
+        encode_modalities(aug_mods, encoders, cache)
     return aug_root
 
 
-def run_seed(seed: int, cache: Cache, fast: bool) -> dict:
-    """Every method on one seed; the modalities come from the cache ``prepare_seed`` filled, so this is
-    training and scoring only, on one core."""
-    import oracle
-    from asectl.pipeline import build_encoders, collect_modalities, encode_modalities
+def _features(ds, cache: Cache, settings=SETTINGS):
     from asectl.models.train_config import get_profile
+    from asectl.stages.modalities import build_encoders, collect_modalities, encode_modalities
+
+    mods = collect_modalities(ds, cache, settings)
+    return mods, encode_modalities(mods, build_encoders(get_profile("quick").encoders), cache)
+
+
+def _split(mods, split: str) -> list[int]:
+    return [i for i, s in enumerate(mods.samples) if s.split == split]
+
+
+def _fused(ds, aug_root: Path, cache: Cache, seed: int, over: dict, fusion: str, tda: bool, test_ds=None) -> dict:
+    """Align + fuse-train on ``ds`` (its TDA copy with ``tda``), then predict ``test_ds`` (default: ds's
+    own test split) with the bundle, which replays every stage on those cards."""
+    from asectl.stages.align import run_align
     from asectl.stages.fuse import run_fuse_train
     from asectl.stages.predict import run_predict
+
+    settings = {**SETTINGS, "llm_text": over.get("encoders.llm_text", "composite")}
+    run_align(ds, cache, profile="quick", overrides=over, seed=seed, augmented=aug_root if tda else None,
+              settings=settings)
+    res = run_fuse_train(ds, cache, fusion=fusion, profile="quick", overrides=over, seed=seed,
+                         augmented=aug_root if tda else None)
+    test_ds = test_ds or Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
+    truth_lab = {s.name: s.label for s in test_ds.samples}
+    recs = [r for r in run_predict(test_ds, res.bundle, cache).records if not r.get("error")]
+    return scores([truth_lab[r["image"]] for r in recs], [r["label"] for r in recs])
+
+
+def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False) -> dict:
+    """Every method on one seed of `field` cards (and, with ``robustness``, across difficulties); the
+    modalities come from the cache ``prepare_seed`` filled, so this is training and scoring only, on one
+    core."""
+    import oracle
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
     from asectl.synth import read_truth
 
     t_seed = time.perf_counter()
     root = dataset(seed)
     ds = load_dataset(root)
-    aug_root = prepare_seed(seed, cache)
+    aug_root = OUT / f"ds-field-seed{seed}-tda"
     results: dict[str, dict] = {}
 
     # Single-modality baselines on the same split and the same cached modalities.
-    mods = collect_modalities(ds, cache, SETTINGS)
-    feats = encode_modalities(mods, build_encoders(get_profile("quick").encoders), cache)
-    tr = [i for i, s in enumerate(mods.samples) if s.split == "train"]
-    te = [i for i, s in enumerate(mods.samples) if s.split == "test"]
+    mods, feats = _features(ds, cache)
+    tr, te = _split(mods, "train"), _split(mods, "test")
     ytr = [mods.samples[i].label for i in tr]
     yte = [mods.samples[i].label for i in te]
     for name, key in (("image only: EfficientNet-Lite0 features + logistic regression", "image"),
                       ("VLM text only: MiniLM features + logistic regression", "vlm"),
                       ("LLM text only: MiniLM features + logistic regression", "llm")):
         results[name] = scores(yte, logistic(feats[key][tr], ytr, feats[key][te]))
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
+    a_mods, a_feats = _features(ds, cache, ANSWER_ONLY)
+    a_tr, a_te = _split(a_mods, "train"), _split(a_mods, "test")
+    results["LLM answer only: MiniLM features + logistic regression"] = scores(
+        [a_mods.samples[i].label for i in a_te],
+        logistic(a_feats["llm"][a_tr], [a_mods.samples[i].label for i in a_tr], a_feats["llm"][a_te]))
     xs = np.array([stats_vector(f) for f in mods.ocr_fields])
     gb = HistGradientBoostingClassifier(random_state=seed).fit(xs[tr], ytr)
     results["stats only: gradient boosting on OCR'd fields"] = scores(yte, list(gb.predict(xs[te])))
@@ -185,29 +226,25 @@ def run_seed(seed: int, cache: Cache, fast: bool) -> dict:
         yte, small_cnn([mods.samples[i].path for i in tr], ytr, [mods.samples[i].path for i in te], seed,
                        epochs=10 if fast else 30))
 
-    # The oracle: Bayes-optimal given each test card's true latent parameters.
+    # The oracle: Bayes-optimal given each test card's true latent parameters (it predicts the most
+    # likely inspector label, so label disagreement costs it too).
     truth = read_truth(root)
     test_names = [s.name for s in ds.split("test")]
     pred = oracle.predict([truth[n]["latent"] for n in test_names], [s.label for s in ds.split("train")], LABELS)
-    results["oracle (true latent parameters)"] = scores([truth[n]["label"] for n in test_names], pred)
+    results["oracle (true latent parameters)"] = scores([s.label for s in ds.split("test")], pred)
 
-    # The fused pipeline and its ablations.
-    epochs = {"pfa.epochs_per_stage": 8 if fast else 15, "fusion.epochs": 30 if fast else 60}
-    test_ds = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
+    # The fused pipeline and its ablations: the profile's defaults, half the epochs in fast mode.
+    from asectl.models.train_config import get_profile
 
-    def pipeline(mode: str, strides, fusion: str, tda: bool) -> dict:
-        over = {**epochs, "pfa.mode": mode, "pfa.strides": strides}
-        from asectl.stages.align import run_align
-
-        run_align(ds, cache, profile="quick", overrides=over, seed=seed, augmented=aug_root if tda else None,
-                  settings=SETTINGS)
-        res = run_fuse_train(ds, cache, fusion=fusion, profile="quick", overrides=over, seed=seed,
-                             augmented=aug_root if tda else None)
-        recs = [r for r in run_predict(test_ds, res.bundle, cache).records if not r.get("error")]
-        truth_lab = {s.name: s.label for s in ds.split("test")}
-        return scores([truth_lab[r["image"]] for r in recs], [r["label"] for r in recs])
-
+    prof = get_profile("quick")
+    epochs = ({"pfa.epochs_per_stage": max(1, prof.pfa.epochs_per_stage // 2),
+               "fusion.epochs": max(1, prof.fusion.epochs // 2)} if fast else {})
     full = [0.2, 0.4, 0.6, 0.8, 1.0]
+
+    def pipeline(mode: str, strides, fusion: str, tda: bool, **extra) -> dict:
+        return _fused(ds, aug_root, cache, seed, {**epochs, "pfa.mode": mode, "pfa.strides": strides, **extra},
+                      fusion, tda)
+
     for pfa in (1, 0):
         for cmaf in (1, 0):
             for tda in (0, 1):
@@ -217,6 +254,31 @@ def run_seed(seed: int, cache: Cache, fast: bool) -> dict:
     results["stride direct"] = pipeline("direct", full, "cmaf", True)
     results["stride 0.2/0.6/1"] = pipeline("progressive", [0.2, 0.6, 1.0], "cmaf", True)
     results["fusion cmaf-nosigmoid"] = pipeline("progressive", full, "cmaf-nosigmoid", True)
+    results["llm answer only pfa=1 cmaf=1 tda=1"] = pipeline("progressive", full, "cmaf", True,
+                                                            **{"encoders.llm_text": "answer"})
+
+    if robustness:   # train on one difficulty, test on the other (same seed, same methods)
+        clean = load_dataset(dataset(seed, difficulty="clean"))
+        clean_aug = OUT / f"ds-clean-seed{seed}-tda"
+        c_mods, c_feats = _features(clean, cache)
+        c_tr, c_te = _split(c_mods, "train"), _split(c_mods, "test")
+        c_ytr = [c_mods.samples[i].label for i in c_tr]
+        c_yte = [c_mods.samples[i].label for i in c_te]
+        field_test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
+        clean_test = Dataset(clean.split("test"), clean.root, clean.source, clean.labels)
+        c_xs = np.array([stats_vector(f) for f in c_mods.ocr_fields])
+        c_gb = HistGradientBoostingClassifier(random_state=seed).fit(c_xs[c_tr], c_ytr)
+        over = {**epochs, "pfa.mode": "progressive", "pfa.strides": full}
+        results["robust image clean->clean"] = scores(c_yte, logistic(c_feats["image"][c_tr], c_ytr,
+                                                                      c_feats["image"][c_te]))
+        results["robust image clean->field"] = scores(yte, logistic(c_feats["image"][c_tr], c_ytr, feats["image"][te]))
+        results["robust image field->clean"] = scores(c_yte, logistic(feats["image"][tr], ytr, c_feats["image"][c_te]))
+        results["robust stats clean->clean"] = scores(c_yte, list(c_gb.predict(c_xs[c_te])))
+        results["robust stats clean->field"] = scores(yte, list(c_gb.predict(xs[te])))
+        results["robust stats field->clean"] = scores(c_yte, list(gb.predict(c_xs[c_te])))
+        results["robust fused clean->clean"] = _fused(clean, clean_aug, cache, seed, over, "cmaf", True)
+        results["robust fused clean->field"] = _fused(clean, clean_aug, cache, seed, over, "cmaf", True, field_test)
+        results["robust fused field->clean"] = _fused(ds, aug_root, cache, seed, over, "cmaf", True, clean_test)
     results["_seconds"] = time.perf_counter() - t_seed
     return results
 
@@ -226,14 +288,36 @@ def fmt(vals: list[float]) -> str:
     return f"{v.mean():.2f} ± {v.std():.2f}" if len(v) > 1 else f"{v.mean():.2f}"
 
 
+def preds(per_seed: list[dict], key: str) -> list[tuple[list[str], list[str]]]:
+    return [(r[key]["y_true"], r[key]["y_pred"]) for r in per_seed]
+
+
+def interval(per_seed: list[dict], key: str) -> str:
+    from intervals import bootstrap_interval
+
+    lo, hi = bootstrap_interval(LABELS, preds(per_seed, key))
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
 def table(rows: list[tuple[str, str, tuple | None]], per_seed: list[dict]) -> str:
-    out = ["| method | ours: macro-F1 binary | ours: macro-F1 5-class | paper (ASE): binary / 5-class |",
-           "|---|---|---|---|"]
+    out = ["| method | ours: macro-F1 binary | ours: macro-F1 5-class | 95% interval (5-class) "
+           "| paper (ASE): binary / 5-class |", "|---|---|---|---|---|"]
     for label, key, paper in rows:
         b = [r[key]["binary_macro_f1"] for r in per_seed]
         m = [r[key]["macro_f1"] for r in per_seed]
-        out.append(f"| {label} | {fmt(b)} | {fmt(m)} | {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '-'} |")
+        out.append(f"| {label} | {fmt(b)} | {fmt(m)} | {interval(per_seed, key)} "
+                   f"| {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '-'} |")
     return "\n".join(out)
+
+
+def effect(per_seed: list[dict], a: str, b: str) -> str:
+    """a minus b, 5-class macro-F1 points, with the paired-bootstrap interval and p-value."""
+    from intervals import paired_test
+
+    t = paired_test(LABELS, preds(per_seed, a), preds(per_seed, b))
+    per = ", ".join(f"{100 * (r[a]['macro_f1'] - r[b]['macro_f1']):+.1f}" for r in per_seed)
+    return (f"{100 * t['difference']:+.2f} points [{100 * t['low']:+.2f}, {100 * t['high']:+.2f}], "
+            f"p = {t['p_value']:.3f} (per seed: {per})")
 
 
 def _one_thread() -> None:
@@ -242,20 +326,34 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _run_seed_job(job: tuple[int, str, bool]) -> dict:
-    seed, cache_dir, fast = job
-    return run_seed(seed, Cache(cache_dir), fast)
+def _run_seed_job(job: tuple[int, str, bool, bool]) -> dict:
+    seed, cache_dir, fast, robustness = job
+    return run_seed(seed, Cache(cache_dir), fast, robustness)
+
+
+SINGLE = ("image only: EfficientNet-Lite0 features + logistic regression", "image only: small CNN trained on the cards",
+          "stats only: gradient boosting on OCR'd fields", "VLM text only: MiniLM features + logistic regression",
+          "LLM text only: MiniLM features + logistic regression",
+          "LLM answer only: MiniLM features + logistic regression")
+ORACLE = "oracle (true latent parameters)"
+PROPOSED = "grid pfa=1 cmaf=1 tda=1"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default=None, help="comma-separated generator seeds (default 0,1,2,3,4; --fast: 0)")
+    ap.add_argument("--robustness-seeds", default=None,
+                    help="seeds that also train on clean and test on field and the reverse (default: 0,1,2; "
+                         "--fast: none)")
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="seeds trained at once, one core each (default: the number of cores)")
     args = ap.parse_args()
     seeds = [int(s) for s in (args.seeds or ("0" if args.fast else "0,1,2,3,4")).split(",")]
+    rob_default = "" if args.fast else "0,1,2"
+    rob_seeds = [int(s) for s in (args.robustness_seeds if args.robustness_seeds is not None else rob_default).split(",")
+                 if s.strip() and int(s) in seeds]
     cache = Cache(args.cache_dir)
     t0 = time.perf_counter()
     # Two phases: the modalities (OCR, describer, LLM), which use every core on their own, seed after
@@ -263,61 +361,88 @@ def main() -> None:
     prep = {}
     for seed in seeds:
         t = time.perf_counter()
-        prepare_seed(seed, cache)
+        prepare_seed(seed, cache, "field")
+        if seed in rob_seeds:
+            prepare_seed(seed, cache, "clean")
         prep[seed] = time.perf_counter() - t
         print(f"seed {seed}: modalities ready in {prep[seed]:.0f} s", flush=True)
     jobs = max(1, min(args.jobs, len(seeds)))
     per_seed = []
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
-        for seed, r in zip(seeds, pool.map(_run_seed_job, [(s, args.cache_dir, args.fast) for s in seeds])):
+        for seed, r in zip(seeds, pool.map(_run_seed_job, [(s, args.cache_dir, args.fast, s in rob_seeds)
+                                                           for s in seeds])):
             r["_prepare_seconds"] = prep[seed]
             per_seed.append(r)
             print(f"seed {seed}: trained and scored in {r['_seconds']:.0f} s;", json.dumps(
                 {k: round(v["macro_f1"], 4) for k, v in r.items() if isinstance(v, dict)}), flush=True)
     total = time.perf_counter() - t0
-    save("quality" + ("-fast" if args.fast else ""), {"seeds": seeds, "fast": args.fast, "seconds": total,
-                                                       "per_seed": per_seed})
+    save("quality" + ("-fast" if args.fast else ""), {"seeds": seeds, "robustness_seeds": rob_seeds,
+                                                       "fast": args.fast, "seconds": total, "per_seed": per_seed})
     n = len(seeds)
     main_rows = [
-        ("oracle (Bayes-optimal on true latent parameters)", "oracle (true latent parameters)", None),
-        ("image only: EfficientNet-Lite0 + logistic regression", "image only: EfficientNet-Lite0 features + logistic regression",
+        ("oracle (Bayes-optimal on true latent parameters)", ORACLE, None),
+        ("image only: EfficientNet-Lite0 + logistic regression", SINGLE[0],
          PAPER["table2"]["EfficientNet-b6a (image only)"]),
-        ("image only: small CNN", "image only: small CNN trained on the cards", None),
-        ("stats only: gradient boosting on OCR'd fields", "stats only: gradient boosting on OCR'd fields", None),
-        ("VLM text only (built-in describer) + logistic regression", "VLM text only: MiniLM features + logistic regression", None),
-        ("LLM text only (SmolLM2) + logistic regression", "LLM text only: MiniLM features + logistic regression", None),
+        ("image only: small CNN", SINGLE[1], None),
+        ("stats only: gradient boosting on OCR'd fields", SINGLE[2], None),
+        ("VLM text only (built-in describer) + logistic regression", SINGLE[3], None),
+        ("LLM text only, composite (SmolLM2 answer + record) + logistic regression", SINGLE[4], None),
+        ("LLM text only, answer only (SmolLM2, no record, no hint) + logistic regression", SINGLE[5], None),
         ("concat fusion (PFA), no TDA", "grid pfa=1 cmaf=0 tda=0", None),
         ("concat fusion (PFA), TDA", "grid pfa=1 cmaf=0 tda=1", None),
         ("PFA + CMAF, no TDA", "grid pfa=1 cmaf=1 tda=0", PAPER["table2"]["Proposed (PFA+CMAF)"]),
-        ("PFA + CMAF, TDA", "grid pfa=1 cmaf=1 tda=1", PAPER["table2"]["Proposed with TDA"]),
+        ("PFA + CMAF, TDA (LLM text: composite)", PROPOSED, PAPER["table2"]["Proposed with TDA"]),
+        ("PFA + CMAF, TDA (LLM text: answer only)", "llm answer only pfa=1 cmaf=1 tda=1", None),
     ]
     grid_rows = [(f"PFA {'✓' if p else '-'} / CMAF {'✓' if c else '-'} / TDA {'✓' if t else '-'}",
                   f"grid pfa={p} cmaf={c} tda={t}", PAPER["table3"].get((p, c, t)))
                  for p in (1, 0) for c in (1, 0) for t in (0, 1)]
-    stride_rows = [("without alignment", "grid pfa=0 cmaf=1 tda=1", PAPER["table4"]["none"]),
-                   ("direct alignment (whole)", "stride direct", PAPER["table4"]["direct"]),
+    stride_rows = [("without alignment (untrained projections, same update count)", "grid pfa=0 cmaf=1 tda=1",
+                    PAPER["table4"]["none"]),
+                   ("direct alignment (whole, same update count)", "stride direct", PAPER["table4"]["direct"]),
                    ("PFA 0.2/0.6/1", "stride 0.2/0.6/1", PAPER["table4"]["0.2/0.6/1"]),
-                   ("PFA 0.2/0.4/0.6/0.8/1", "grid pfa=1 cmaf=1 tda=1", PAPER["table4"]["0.2/0.4/0.6/0.8/1"])]
+                   ("PFA 0.2/0.4/0.6/0.8/1", PROPOSED, PAPER["table4"]["0.2/0.4/0.6/0.8/1"])]
     fusion_rows = [("direct concatenation", "grid pfa=1 cmaf=0 tda=1", PAPER["table5"]["concat"]),
                    ("CMAF without sigmoid", "fusion cmaf-nosigmoid", PAPER["table5"]["cmaf-nosigmoid"]),
-                   ("CMAF with sigmoid", "grid pfa=1 cmaf=1 tda=1", PAPER["table5"]["cmaf"])]
-    best_single = max(("image only: EfficientNet-Lite0 features + logistic regression",
-                       "image only: small CNN trained on the cards", "stats only: gradient boosting on OCR'd fields",
-                       "VLM text only: MiniLM features + logistic regression",
-                       "LLM text only: MiniLM features + logistic regression"),
-                      key=lambda k: np.mean([r[k]["macro_f1"] for r in per_seed]))
+                   ("CMAF with sigmoid", PROPOSED, PAPER["table5"]["cmaf"])]
     mean = lambda k: float(np.mean([r[k]["macro_f1"] for r in per_seed]))  # noqa: E731
-    best_key = max((k for k in per_seed[0] if k.startswith(("grid", "stride", "fusion"))), key=mean)
+    best_single = max(SINGLE, key=mean)
+    best_key = max((k for k in per_seed[0] if k.startswith(("grid", "stride", "fusion", "llm answer"))), key=mean)
     per_class = ["| method | " + " | ".join(LABELS) + " |", "|---" * (len(LABELS) + 1) + "|"]
     for label, key, _ in main_rows:
         per_class.append(f"| {label} | " + " | ".join(fmt([r[key]["per_class_f1"][c] for r in per_seed])
                                                      for c in LABELS) + " |")
-    text = f"""### Quality on generated ASE-like data ({n} seed{'s' * (n > 1)}: {', '.join(map(str, seeds))}{', fast mode' if args.fast else ''})
+    effects = [("PFA + CMAF + TDA vs the best single modality", PROPOSED, best_single),
+               ("PFA (progressive vs no alignment, with CMAF + TDA)", PROPOSED, "grid pfa=0 cmaf=1 tda=1"),
+               ("progressive vs direct alignment (with CMAF + TDA)", PROPOSED, "stride direct"),
+               ("CMAF vs concatenation (with PFA + TDA)", PROPOSED, "grid pfa=1 cmaf=0 tda=1"),
+               ("TDA (with PFA + CMAF)", PROPOSED, "grid pfa=1 cmaf=1 tda=0"),
+               ("LLM text composite vs answer only (with PFA + CMAF + TDA)", PROPOSED,
+                "llm answer only pfa=1 cmaf=1 tda=1"),
+               ("oracle vs PFA + CMAF + TDA", ORACLE, PROPOSED)]
+    effect_lines = "\n".join(f"- {name}: {effect(per_seed, a, b)}" for name, a, b in effects)
+    rob = [r for r in per_seed if "robust fused clean->field" in r]
+    rob_text = ""
+    if rob:
+        rob_rows = ["| method | trained clean, tested clean | trained clean, tested field | "
+                    "trained field, tested field | trained field, tested clean |", "|---|---|---|---|---|"]
+        for label, short, field_key in (("image only: EfficientNet-Lite0 + LR", "image", SINGLE[0]),
+                                        ("stats only: gradient boosting", "stats", SINGLE[2]),
+                                        ("PFA + CMAF + TDA", "fused", PROPOSED)):
+            cell = lambda k: f"{fmt([r[k]['macro_f1'] for r in rob])} {interval(rob, k)}"  # noqa: E731
+            rob_rows.append(f"| {label} | {cell(f'robust {short} clean->clean')} | {cell(f'robust {short} clean->field')} "
+                            f"| {cell(field_key)} | {cell(f'robust {short} field->clean')} |")
+        rob_text = (f"\nRobustness (5-class macro-F1, seeds {', '.join(str(s) for s in rob_seeds)}; the same "
+                    "seed's clean and field datasets):\n\n" + "\n".join(rob_rows) + "\n")
+    text = f"""### Quality on generated `field` cards ({n} seed{'s' * (n > 1)}: {', '.join(map(str, seeds))}{', fast mode' if args.fast else ''})
 
-Synthetic cards from `asectl synth` (docs/dataset.md), **not** the paper's private ASE data: the paper's
-numbers are shown beside ours for orientation only. Macro-F1 in percent, mean ± std over seeds. Quick
-profile (frozen EfficientNet-Lite0 + MiniLM), built-in describer, SmolLM2-135M reasoning, CnOCR. Binary
-macro-F1 is derived from the 5-class predictions. Run time: {total / 60:.1f} min.
+Synthetic cards from `asectl synth` at the default `field` difficulty (docs/dataset.md), **not** the
+paper's private ASE data: the paper's numbers are shown beside ours for orientation only. Macro-F1 in
+percent, mean ± std over seeds, and a 95% bootstrap interval over test cards (bench/intervals.py). Quick
+profile with its defaults (frozen EfficientNet-Lite0 + MiniLM; hyperparameters from bench/tune_profile.py
+on held-out training folds), built-in describer, SmolLM2-135M reasoning, CnOCR. Labels are the
+inspectors' (some differ from the generating class, as on real lines). Binary macro-F1 is derived from
+the 5-class predictions. Run time: {total / 60:.1f} min.
 
 {table(main_rows, per_seed)}
 
@@ -329,7 +454,7 @@ Table 3 (ablation grid: PFA off = `--mode none`, CMAF off = `--fusion concat`):
 
 {table(grid_rows, per_seed)}
 
-Table 4 (alignment strategy, with CMAF and TDA):
+Table 4 (alignment strategy, with CMAF and TDA; every mode gets the same number of projection updates):
 
 {table(stride_rows, per_seed)}
 
@@ -337,10 +462,15 @@ Table 5 (fusion, with PFA and TDA):
 
 {table(fusion_rows, per_seed)}
 
+Effects (5-class macro-F1, first minus second, mean over seeds; paired bootstrap over the same test cards,
+95% interval and two-sided p-value):
+
+{effect_lines}
+{rob_text}
 Best fused configuration: `{best_key}` at {100 * mean(best_key):.2f}; best single modality: {best_single} at
-{100 * mean(best_single):.2f}; oracle {100 * mean('oracle (true latent parameters)'):.2f}. Ratio of PFA + CMAF + TDA to the
-oracle: {mean('grid pfa=1 cmaf=1 tda=1') / mean('oracle (true latent parameters)'):.3f}; PFA + CMAF + TDA minus best
-single modality: {100 * (mean('grid pfa=1 cmaf=1 tda=1') - mean(best_single)):+.2f} points.
+{100 * mean(best_single):.2f}; oracle {100 * mean(ORACLE):.2f}. Ratio of PFA + CMAF + TDA to the oracle:
+{mean(PROPOSED) / mean(ORACLE):.3f} (goal: at least 0.95); PFA + CMAF + TDA minus best single modality:
+{100 * (mean(PROPOSED) - mean(best_single)):+.2f} points (goal: at least +5).
 """
     update_section("quality" + ("-fast" if args.fast else ""), text)
     print(text)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
+
+# Epochs of the shared `trained` fixture's align and fuse-train: a few, to keep the default run fast.
+FAST = ["--set", "pfa.epochs_per_stage=3", "--set", "fusion.epochs=8"]
 
 # Tests must never reach a model hub; every model they use is local or built in the test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,3 +48,51 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A tiny random llama GGUF (tests/tiny_gguf.py), shared by every module."""
+    from .tiny_gguf import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip(tmp_path_factory):
+    """A tiny random InstructBLIP folder (tests/tiny_models.py), shared by every module."""
+    import torch
+
+    from .tiny_models import build_tiny_instructblip
+
+    torch.set_num_threads(1)
+    return build_tiny_instructblip(tmp_path_factory.mktemp("vlm") / "tiny-instructblip")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_gguf):
+    """A small dataset through reason (a tiny GGUF), describe, align and fuse-train, through the CLI;
+    shared by every module that needs a trained model (tests change only what they restore)."""
+    from click.testing import CliRunner
+
+    from asectl.cli import cli
+    from asectl.synth import generate
+
+    root = tmp_path_factory.mktemp("learn")
+    data = root / "data"
+    generate(data, seed=11, counts="8,4,4,4,4")
+    gguf = tiny_gguf
+    cache = root / "cache"
+    run = CliRunner()
+
+    def invoke(*args):
+        res = run.invoke(cli, ["--cache-dir", str(cache), "-q", *map(str, args)])
+        assert res.exit_code == 0, res.output
+        return res
+
+    invoke("reason", data, "--llm-model", gguf, "--max-tokens", "32")
+    invoke("describe", data)
+    align = invoke("align", data, "--stride", "0.2", "--json", *FAST)
+    fuse = invoke("fuse-train", data, "--out", root / "bundle", "--json", *FAST)
+    return {"root": root, "data": data, "cache": cache, "invoke": invoke,
+            "align": json.loads(align.stdout.splitlines()[-1]), "fuse": json.loads(fuse.stdout.splitlines()[-1])}

@@ -6,7 +6,7 @@ import sys
 
 from asectl.cache import Cache
 
-from .test_learn import FAST, trained  # noqa: F401  (the fixture: a small dataset, aligned and fused)
+from .conftest import FAST
 
 HEAVY = ["torch", "sklearn", "matplotlib", "transformers"]
 # One command in a fresh interpreter; prints which of HEAVY it imported.
@@ -29,7 +29,7 @@ def _heavy_modules(cache, *args) -> list[str]:
     return json.loads(res.stdout.splitlines()[-1])
 
 
-def test_cached_learning_commands_import_no_model_library(trained, tmp_path):  # noqa: F811
+def test_cached_learning_commands_import_no_model_library(trained, tmp_path):
     data, cache = trained["data"], trained["cache"]
     card = data / "images" / "0001.png"
     trained["invoke"]("report", data, "--out", tmp_path / "first")
@@ -42,7 +42,7 @@ def test_cached_learning_commands_import_no_model_library(trained, tmp_path):  #
         assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def test_corrupt_report_entry_is_rebuilt_to_the_same_files(trained, tmp_path):  # noqa: F811
+def test_corrupt_report_entry_is_rebuilt_to_the_same_files(trained, tmp_path):
     data, cache = trained["data"], trained["cache"]
     trained["invoke"]("report", data, "--out", tmp_path / "first")
     entries = list(Cache(cache).iter_entries("report"))

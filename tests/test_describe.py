@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from .tiny_models import build_tiny_instructblip
 
 FAST_GEN = ["--max-new-tokens", "6", "--num-beams", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_instructblip(tmp_path_factory):
-    import torch
-
-    torch.set_num_threads(1)
-    return build_tiny_instructblip(tmp_path_factory.mktemp("vlm") / "tiny-instructblip")
 
 
 @pytest.fixture(autouse=True)
@@ -227,7 +218,7 @@ def described_cards(tmp_path_factory):
     from asectl.synth import generate, read_truth
 
     root = tmp_path_factory.mktemp("truth") / "cards"
-    generate(root, seed=3, counts="20,20,20,30,20")
+    generate(root, seed=3, counts="20,20,20,30,20", difficulty="clean")   # judged against clean shapes
     vlm = BuiltinDescriber()
     rows = []
     for name, truth in sorted(read_truth(root).items()):
@@ -375,27 +366,26 @@ def test_later_stages_reuse_and_replay(tiny_instructblip, small_dataset, cache, 
     replay arguments from StageResult.params give cache hits; another model is refused."""
     from asectl.dataset import load_dataset
     from asectl.errors import ConfigError
-    from asectl.pipeline import recall
-    from asectl.stages.describe import describe_replay_kwargs, run_describe
+    from asectl.stages.describe import DescribeSettings, run_describe
 
     ran = invoke("--cache-dir", cache.root, "describe", small_dataset, "--vlm-model", tiny_instructblip,
                  "--max-new-tokens", "3", "--num-beams", "1", "--batch-size", "5")
     assert ran.exit_code == 0, ran.output
     ds = load_dataset(small_dataset)
-    settings = recall(cache, ds, "describe")
-    assert settings["vlm"] == "instructblip" and settings["model"] == str(tiny_instructblip.resolve())
-    reused = run_describe(ds, cache=cache, **settings)
+    settings = DescribeSettings.recall(cache, ds)
+    assert settings.vlm == "instructblip" and settings.model == str(tiny_instructblip.resolve())
+    reused = run_describe(ds, settings, cache=cache)
     assert cache.stats["hit"] == 10 and cache.stats["put"] == 0
-    replayed = run_describe(ds, cache=cache, **describe_replay_kwargs(reused.params))
+    replayed = run_describe(ds, DescribeSettings.replay(reused.params), cache=cache)
     assert [r["text"] for r in replayed.records] == [r["text"] for r in reused.records]
     assert cache.stats["put"] == 0
-    assert reused.params["backend"] == "instructblip" and reused.params["model"]["id"] == settings["model"]
+    assert reused.params["backend"] == "instructblip" and reused.params["model"]["id"] == settings.model
 
     other = tmp_path / "other"
     shutil.copytree(tiny_instructblip, other)
     (other / "generation_config.json").write_text('{"max_length": 3}')
     with pytest.raises(ConfigError, match="not the one the results were made with"):
-        run_describe(ds, cache=cache, **{**describe_replay_kwargs(reused.params), "model": str(other)})
+        run_describe(ds, DescribeSettings.replay(reused.params).replace(model=str(other)), cache=cache)
     builtin = run_describe(ds, vlm="builtin", cache=cache)
-    assert describe_replay_kwargs(builtin.params) == {"vlm": "builtin", "prompt": builtin.params["prompt"],
-                                                      "expect_model_hash": builtin.params["model"]["hash"]}
+    assert DescribeSettings.replay(builtin.params) == DescribeSettings(
+        vlm="builtin", prompt=builtin.params["prompt"], expect_model_hash=builtin.params["model"]["hash"])

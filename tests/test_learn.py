@@ -12,31 +12,7 @@ from click.testing import CliRunner
 from asectl.cli import cli
 from asectl.synth import generate
 
-from .tiny_gguf import write_tiny_llama
-
-FAST = ["--set", "pfa.epochs_per_stage=3", "--set", "fusion.epochs=8"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learn")
-    data = root / "data"
-    generate(data, seed=11, counts="8,4,4,4,4")
-    gguf = write_tiny_llama(root / "tiny.gguf")
-    cache = root / "cache"
-    run = CliRunner()
-
-    def invoke(*args):
-        res = run.invoke(cli, ["--cache-dir", str(cache), "-q", *map(str, args)])
-        assert res.exit_code == 0, res.output
-        return res
-
-    invoke("reason", data, "--llm-model", gguf, "--max-tokens", "32")
-    invoke("describe", data)
-    align = invoke("align", data, "--stride", "0.2", "--json", *FAST)
-    fuse = invoke("fuse-train", data, "--out", root / "bundle", "--json", *FAST)
-    return {"root": root, "data": data, "cache": cache, "invoke": invoke,
-            "align": json.loads(align.stdout.splitlines()[-1]), "fuse": json.loads(fuse.stdout.splitlines()[-1])}
+from .conftest import FAST
 
 
 def test_align_stride_schedule_and_losses(trained):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from asectl.errors import ConfigError, DataError
-from asectl.models.pfa import (AlignmentHeads, align_features, itc_loss,
+from asectl.models.pfa import (AlignmentHeads, align_features, itc_loss, plan_updates,
                                rank_lowest_first, self_similarity, stage_counts, stride_fractions,
                                train_pfa)
 from asectl.models.train_config import PFAConfig, get_profile
@@ -137,13 +137,21 @@ def test_first_stage_takes_the_lowest_self_similarity_pairs():
     order = [train[i] for i in rank_lowest_first(res.initial_similarity)]
     assert res.counts == [7, 21, 35]
     assert res.stages[0].train_indices == order[:7]
-    assert res.stages[1].train_indices == order[:21]         # without re-ranking: the initial order
+    assert res.stages[1].train_indices == order[:21]         # without re-ranking: the stage-1 order
     assert res.stages[0].added_similarity == sorted(res.stages[0].added_similarity)
-    # The initial similarity is the definition: mean of the two image-text cosines of the seeded heads.
+    # The ranking similarity is the definition: mean of the two image-text cosines of the projections
+    # after the ranking warm-up (the heads of a run with no stage epochs, same seed).
+    warm_only = train_pfa(feats, PFAConfig(batch_size=8, strides=(1.0,), epochs_per_stage=1), seed=1,
+                          train_index=train)
+    assert warm_only.rank_warmup["epochs"] == 2 and len(warm_only.rank_warmup["curve"]) == 2
+    np.testing.assert_allclose(warm_only.initial_similarity, res.initial_similarity, atol=1e-6)
+    # With no warm-up, stage 1 ranks with the seeded initial projections.
+    cold = train_pfa(feats, PFAConfig(batch_size=8, epochs_per_stage=1, rank_warmup_epochs=0), seed=1,
+                     train_index=train)
     heads = AlignmentHeads({"image": 40, "llm": 24, "vlm": 32})
     heads.load_state_dict(train_pfa(feats, PFAConfig(mode="none"), seed=1, train_index=train).stages[0].checkpoint)
     e = align_features(heads, {m: f[train] for m, f in feats.items()})
-    np.testing.assert_allclose(self_similarity(e["image"], e["llm"], e["vlm"]), res.initial_similarity, atol=1e-5)
+    np.testing.assert_allclose(self_similarity(e["image"], e["llm"], e["vlm"]), cold.initial_similarity, atol=1e-5)
     # With re-ranking (default), later stages rank D_pend with the current projections: still lowest first.
     rr = train_pfa(feats, PFAConfig(batch_size=8, epochs_per_stage=1, strides=(0.2, 0.6, 1.0)), seed=1,
                    train_index=train)
@@ -152,15 +160,90 @@ def test_first_stage_takes_the_lowest_self_similarity_pairs():
 
 def test_direct_and_none_modes():
     feats = correlated_features(30)
-    direct = train_pfa(feats, PFAConfig(mode="direct", batch_size=10, epochs_per_stage=2), seed=0)
+    cfg = dict(batch_size=10, epochs_per_stage=2)
+    progressive = train_pfa(feats, PFAConfig(**cfg), seed=0)
+    direct = train_pfa(feats, PFAConfig(mode="direct", **cfg), seed=0)
     assert len(direct.stages) == 1 and direct.stages[0].n_train == 30
-    assert direct.stages[0].epochs == 10 == len(direct.stages[0].curve)    # 5 stages x 2 epochs
+    # As many optimiser steps as progressive: 2 warm-up epochs x 3 batches + 2 epochs x (1+2+2+3+3)
+    # stage batches = 28 batches, two steps each; over all 30 pairs: 9 epochs of 3 batches and one of 1.
+    assert progressive.updates == direct.updates == 56
+    assert direct.stages[0].epochs == 10 == len(direct.stages[0].curve)
+    assert direct.stages[0].curve[-1]["pairs"] == 10 and direct.stages[0].curve[-2]["pairs"] == 30
     assert direct.stages[0].val_loss is None
+    explicit = train_pfa(feats, PFAConfig(mode="direct", direct_epochs=3, **cfg), seed=0)
+    assert explicit.updates == 3 * 3 * 2 and explicit.summary()["updates"]["progressive_budget"] == 56
     none = train_pfa(feats, PFAConfig(mode="none"), seed=0)
     assert none.stages[0].curve == [] and none.stages[0].n_train == 0
     assert none.stages[0].tau == pytest.approx(0.07)
     assert none.stages[0].val_loss is not None          # loss of the untrained heads on D_train
     assert none.summary()["mode"] == "none"
+    assert none.summary()["updates"]["total"] == 0 and none.summary()["updates"]["progressive_budget"] > 0
+
+
+@pytest.mark.parametrize("n, cfg", [
+    (325, dict(batch_size=32)),                                           # the quick profile's shape
+    (37, dict(batch_size=10, strides=(0.2, 0.6, 1.0), epochs_per_stage=3, lr_decay_every=2)),
+    (50, dict(batch_size=7, epochs_per_stage=2, align_order="summed", rank_warmup_epochs=1)),
+])
+def test_direct_gets_the_progressive_update_budget_and_decay_points(n, cfg):
+    """Table 4 compares the order of the data, not the amount of training: the plan fixes the steps."""
+    rng = np.random.default_rng(0)
+    feats = {m: rng.normal(size=(n, d)).astype(np.float32) for m, d in (("image", 12), ("llm", 6), ("vlm", 8))}
+    cfg = {"epochs_per_stage": 1, **cfg}
+    runs = {mode: train_pfa(feats, PFAConfig(mode=mode, proj_dim=16, **cfg), seed=0)
+            for mode in ("progressive", "direct")}
+    plans = {mode: plan_updates(PFAConfig(mode=mode, **cfg), n) for mode in runs}
+    assert plans["direct"]["updates"] == plans["progressive"]["updates"] == plans["direct"]["progressive_updates"]
+    assert plans["direct"]["decay_after"] == plans["progressive"]["decay_after"]
+    for mode, res in runs.items():
+        assert res.updates == plans[mode]["updates"]                 # what ran is what was planned
+        assert res.summary()["updates"]["total"] == res.updates
+        curve = res.rank_warmup.get("curve", []) + [r for s in res.stages for r in s.curve]
+        assert curve[-1]["updates"] == res.updates
+    # The rate ends at the same value: the decays fall after the same optimiser steps.
+    last_lr = {mode: res.stages[-1].curve[-1]["lr"] for mode, res in runs.items()}
+    assert last_lr["direct"] == pytest.approx(last_lr["progressive"])
+
+
+def planted_difficulty(n: int = 200, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Image-text pairs of known difficulty: each pair's texts describe a blend of its own card and a
+    random other card, with the other card's share (the planted difficulty) uniform in [0, 1]: 0 is a
+    faithful pair, 1 a mismatched one."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 8))
+    difficulty = rng.uniform(size=n)
+    other = latent[(np.arange(n) + rng.integers(1, n, size=n)) % n]        # never the card itself
+    text_latent = (1 - difficulty)[:, None] * latent + difficulty[:, None] * other
+    feats = {"image": latent @ rng.normal(size=(8, 40))}
+    for name, dim in (("llm", 24), ("vlm", 32)):
+        feats[name] = text_latent @ rng.normal(size=(8, dim))
+    return {m: (f + 0.1 * rng.normal(size=f.shape)).astype(np.float32) for m, f in feats.items()}, difficulty
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_first_stage_picks_the_planted_hardest_pairs(seed):
+    """Stage 1 must take the pairs whose texts fit their image least (paper Fig. 5, line 130). With the
+    quick profile's settings the ranking after the warm-up follows the planted difficulty (Spearman
+    -0.74 to -0.81 and 50-65% of the 40 hardest pairs in stage 1 on seeds 0-5, chance 20%); the
+    ranking by untrained, randomly initialised projections (warm-up 0, the earlier behaviour) is at
+    chance (|Spearman| <= 0.19, overlap <= 23%) and fails the same bounds."""
+    from scipy.stats import spearmanr
+
+    feats, difficulty = planted_difficulty(seed=seed)
+    hardest = set(np.argsort(-difficulty)[: math.ceil(0.2 * len(difficulty))].tolist())
+    chance = len(hardest) / len(difficulty)
+
+    def first_stage(**over):
+        cfg = get_profile("quick", {"pfa.epochs_per_stage": 1, **over}).pfa
+        res = train_pfa(feats, cfg, seed=seed)
+        rho = spearmanr(res.initial_similarity, difficulty).correlation
+        overlap = len(hardest & set(res.stages[0].train_indices)) / len(hardest)
+        return rho, overlap
+
+    rho, overlap = first_stage()
+    assert rho < -0.6 and overlap > 2 * chance, (rho, overlap)   # low self-similarity = hard pair
+    rho0, overlap0 = first_stage(**{"pfa.rank_warmup_epochs": 0})
+    assert rho0 > -0.3 and overlap0 < 1.75 * chance, (rho0, overlap0)
 
 
 def test_sequential_and_summed_orders_differ_but_both_train():
@@ -219,7 +302,9 @@ def test_profiles_and_overrides():
     assert quick.pfa.lr == 0.01 and quick.fusion.epochs == 30 and quick.seed == 7
     assert quick.pfa.strides == (0.2, 0.6, 1.0)
     assert get_profile("quick", {"pfa.stride": 0.25}).pfa.strides == (0.25, 0.5, 0.75, 1.0)
-    assert get_profile("quick").pfa.total_epochs == 75
+    assert plan_updates(get_profile("quick").pfa, 325)["phases"][1:] == [
+        {"stage": k, "n_pairs": c, "epochs": 15, "batches": 15 * b, "last_epoch_batches": b}
+        for k, (c, b) in enumerate(zip((65, 130, 195, 260, 325), (2, 5, 7, 9, 11)), start=1)]
     with pytest.raises(ConfigError, match="pfa.lrr"):
         get_profile("quick", {"pfa.lrr": 1})
     with pytest.raises(ConfigError, match="pfa.epochs_per_stage"):

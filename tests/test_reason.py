@@ -16,17 +16,11 @@ from asectl.errors import ConfigError
 from asectl.stages import reason as R
 from asectl.synth import read_truth
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_gguf import write_fake_arch, write_tiny_llama  # noqa: E402
+from .tiny_gguf import write_fake_arch, write_tiny_llama
 
 # The tiny model's vocabulary is about one token per character: a prompt is ~2,700 tokens, and a random
 # model may write the rationale up to its character limit in multi-byte characters.
 TINY = {"n_ctx": 8192, "max_tokens": 1200}
-
-
-@pytest.fixture(scope="session")
-def tiny_gguf(tmp_path_factory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 @pytest.fixture(scope="session")
@@ -190,26 +184,26 @@ def test_default_model_is_the_packaged_smollm2_gguf_found_without_importing_it()
 # --- library: determinism, replay, parse failures ----------------------------------------------------
 def test_run_reason_is_deterministic_and_replayable(tiny_gguf, small_dataset, truth, priors, cache):
     one = _subset(small_dataset, 1)
-    first = R.run_reason(one, tiny_gguf, fields=truth, priors=priors, cache=cache, **TINY)
-    forced = R.run_reason(one, tiny_gguf, fields=truth, priors=priors, cache=cache, force=True, **TINY)
+    first = R.run_reason(one, llm_model=tiny_gguf, fields=truth, priors=priors, cache=cache, **TINY)
+    forced = R.run_reason(one, llm_model=tiny_gguf, fields=truth, priors=priors, cache=cache, force=True, **TINY)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "timing")}  # noqa: E731
     assert [strip(r) for r in forced.records] == [strip(r) for r in first.records]
     _check_answer(first.records[0]["json"], list(priors["classes"]))
 
     # What a model bundle stores is enough to repeat the run: same identity, so a cache hit.
     params = json.loads(json.dumps(first.params))
-    kwargs = R.replay_kwargs(params)
-    assert kwargs["priors"] == priors and kwargs["llm_model"] == str(tiny_gguf.resolve())
+    replayed = R.ReasonSettings.replay(params)
+    assert replayed.priors == priors and replayed.llm_model == str(tiny_gguf.resolve())
     hits = cache.stats["hit"]
-    replay = R.run_reason(one, fields=truth, cache=cache, **kwargs)
+    replay = R.run_reason(one, replayed, fields=truth, cache=cache)
     assert cache.stats["hit"] == hits + 1 and replay.records == first.records
     with pytest.raises(ConfigError, match="not the LLM the model was trained with"):
-        R.run_reason(one, fields=truth, cache=cache, **{**kwargs, "expect_model_hash": "0" * 64})
+        R.run_reason(one, replayed, fields=truth, cache=cache, expect_model_hash="0" * 64)
 
 
 def test_answer_cut_by_max_tokens_is_recorded_not_raised(tiny_gguf, small_dataset, truth, priors, cache):
     one = _subset(small_dataset, 1)
-    rec = R.run_reason(one, tiny_gguf, fields=truth, priors=priors, cache=cache, n_ctx=8192,
+    rec = R.run_reason(one, llm_model=tiny_gguf, fields=truth, priors=priors, cache=cache, n_ctx=8192,
                        max_tokens=32).records[0]
     assert rec["json"] is None and rec["finish_reason"] == "length"
     assert any("cut off" in w for w in rec["warnings"]) and any("not valid JSON" in w for w in rec["warnings"])
@@ -382,7 +376,7 @@ def test_default_smollm2_answers_within_the_schema(small_dataset, truth, priors,
         assert rec["tokens"]["completion"] > 0
 
 
-def test_worker_processes_give_the_same_answers_as_one_process(tmp_path, small_dataset):
+def test_worker_processes_give_the_same_answers_as_one_process(tmp_path, small_dataset, tiny_gguf):
     """Answers do not depend on how many processes share the work, nor on card order."""
     from asectl.cache import Cache
     from asectl.dataset import Dataset, load_dataset
@@ -392,9 +386,9 @@ def test_worker_processes_give_the_same_answers_as_one_process(tmp_path, small_d
     ds = load_dataset(small_dataset)
     truth = read_truth(small_dataset)
     fields = {s.name: truth[s.name]["printed"] for s in ds.samples}
-    one = run_reason(ds, fields=fields, workers=1, cache=Cache(tmp_path / "a"), max_tokens=48)
+    one = run_reason(ds, llm_model=tiny_gguf, fields=fields, workers=1, cache=Cache(tmp_path / "a"), **TINY)
     rev = Dataset(list(reversed(ds.samples)), ds.root, ds.source, ds.labels)
-    two = run_reason(rev, fields=fields, workers=2, cache=Cache(tmp_path / "b"), max_tokens=48)
+    two = run_reason(rev, llm_model=tiny_gguf, fields=fields, workers=2, cache=Cache(tmp_path / "b"), **TINY)
     a = {r["image"]: r["raw"] for r in one.records}
     b = {r["image"]: r["raw"] for r in two.records}
     assert a == b and len(a) == len(ds)
@@ -424,7 +418,7 @@ def test_checks_before_loading_are_remembered_per_file_state(tiny_gguf, tmp_path
 
 
 def test_cards_whose_prompts_read_alike_share_one_exact_answer(tmp_path, small_dataset, truth, priors,
-                                                               monkeypatch):
+                                                               monkeypatch, tiny_gguf):
     """Two cards whose summaries read alike get one generated answer, identical to the one the second
     card gets on its own; a later run takes it from the cache; worker processes share it the same way."""
     from asectl.cache import Cache
@@ -438,13 +432,15 @@ def test_cards_whose_prompts_read_alike_share_one_exact_answer(tmp_path, small_d
     fields = {a.name: truth[a.name], b.name: near_a, other.name: truth[other.name]}
     sub = lambda *s: Dataset(list(s), ds.root, ds.source, ds.labels)  # noqa: E731
 
-    both = R.run_reason(sub(a, b), fields=fields, priors=priors, cache=Cache(tmp_path / "c1"), workers=1)
+    both = R.run_reason(sub(a, b), fields=fields, priors=priors, cache=Cache(tmp_path / "c1"), workers=1,
+                        llm_model=tiny_gguf, **TINY)
     ra, rb = both.records
     assert both.params["answers_generated"] == 1
     assert (ra["answer_shared"], rb["answer_shared"]) == (False, True) and rb["seconds"] == 0.0
     assert rb["raw"] == ra["raw"] and rb["fields"] == near_a and "Record: N" in rb["text"]
 
-    alone = R.run_reason(sub(b), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1)
+    alone = R.run_reason(sub(b), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1,
+                         llm_model=tiny_gguf, **TINY)
     assert alone.params["answers_generated"] == 1 and not alone.records[0]["answer_shared"]
     assert alone.records[0]["raw"] == rb["raw"]
 
@@ -452,11 +448,13 @@ def test_cards_whose_prompts_read_alike_share_one_exact_answer(tmp_path, small_d
 
     with monkeypatch.context() as m:   # a new card whose prompt was answered before loads no model
         m.setattr(LlamaCppLLM, "load", lambda self: pytest.fail("the model was loaded"))
-        later = R.run_reason(sub(a), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1)
+        later = R.run_reason(sub(a), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1,
+                         llm_model=tiny_gguf, **TINY)
     assert later.params["answers_generated"] == 0 and later.records[0]["answer_shared"]
     assert later.records[0]["raw"] == ra["raw"]
 
-    pooled = R.run_reason(sub(a, other, b), fields=fields, priors=priors, cache=Cache(tmp_path / "c3"), workers=2)
+    pooled = R.run_reason(sub(a, other, b), fields=fields, priors=priors, cache=Cache(tmp_path / "c3"), workers=2,
+                          llm_model=tiny_gguf, **TINY)
     assert pooled.params["answers_generated"] == 2
     assert [r["answer_shared"] for r in pooled.records] == [False, False, True]
     assert pooled.records[2]["raw"] == rb["raw"]

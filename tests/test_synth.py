@@ -10,10 +10,11 @@ from asectl.dataset import load_dataset
 from asectl.synth import TABLE1, generate, sample_cards
 
 
+@pytest.mark.parametrize("difficulty", ["field", "clean"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_table1_statistics(seed):
-    """Class averages of per-card mu_x, mu_y, sd_x^2, sd_y^2 match the paper's Table 1."""
-    cards = sample_cards(seed)
+def test_table1_statistics(seed, difficulty):
+    """Class averages (by label) of per-card mu_x, mu_y, sd_x^2, sd_y^2 match the paper's Table 1."""
+    cards = sample_cards(seed, difficulty=difficulty)
     assert len(cards) == 455
     assert sum(c.split == "test" for c in cards) == 130
     for label, expected in TABLE1.items():
@@ -24,17 +25,19 @@ def test_table1_statistics(seed):
             assert abs(g - e) <= max(0.05 * abs(e), 0.15), (label, got, expected)
 
 
-def test_default_class_counts_and_stratified_split():
-    cards = sample_cards(0)
+@pytest.mark.parametrize("difficulty", ["field", "clean"])
+def test_default_class_counts_and_stratified_split(difficulty):
+    """--counts are cards per generating class; the split is stratified by the (inspector) label."""
+    cards = sample_cards(0, difficulty=difficulty)
     for label, n in zip(TABLE1, (225, 92, 44, 50, 44)):
-        of_class = [c for c in cards if c.label == label]
-        assert len(of_class) == n
-        n_test = sum(c.split == "test" for c in of_class)
-        assert abs(n_test - n * 130 / 455) <= 1
+        assert sum((c.generating_class or c.label) == label for c in cards) == n
+        of_label = [c for c in cards if c.label == label]
+        n_test = sum(c.split == "test" for c in of_label)
+        assert abs(n_test - len(of_label) * 130 / 455) <= 1
 
 
 def test_shapes_differ_between_classes():
-    cards = sample_cards(0, "30,30,30,30,30")
+    cards = sample_cards(0, "30,30,30,30,30", difficulty="clean")
     shapes = {c.label: c.latent["shape"] for c in cards}
     assert shapes == {"normal": "gaussian", "type1": "gaussian", "type2": "gaussian",
                       "type3": "two-cluster", "type4": "ring"}

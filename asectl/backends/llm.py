@@ -1,4 +1,7 @@
-"""LLM backend: any GGUF file through llama-cpp-python, offline, answering in JSON within a schema.
+"""LLM backends, one small interface (``LLM``) registered in ``asectl.registry.LLMS`` and built with
+``make_llm``: the built-in ``llama-cpp`` runs any GGUF file through llama-cpp-python, offline, answering
+in JSON within a schema. A third-party backend registers itself the same way (entry point
+``asectl.plugins``).
 
 Before a model is loaded its file is checked (exists, GGUF magic, metadata readable with the ``gguf``
 package, architecture known to the llama.cpp inside this llama-cpp-python build, chat template renders
@@ -295,8 +298,45 @@ def backend_identity(llm_model: str | Path | None = None, chat_format: str | Non
     return LlamaCppLLM(llm_model, chat_format=chat_format).identity(with_path=True)
 
 
+class LLM:
+    """What the ``reason`` stage needs of an LLM backend. Constructing one validates the model (cheap);
+    weights load on first use and stay loaded until :meth:`close`."""
+
+    path: Path                  # the model file
+    hash: str                   # content fingerprint: part of every cache key
+    chat_format: str
+    chat_format_reason: str
+    n_ctx: int
+
+    @property
+    def model_id(self) -> str:
+        raise NotImplementedError
+
+    def identity(self, with_path: bool = False) -> dict[str, Any]:
+        """Everything an answer depends on (JSON-able); the path only when ``with_path``."""
+        raise NotImplementedError
+
+    def answer(self, messages: list[dict[str, str]], fields: Sequence[Field], sampling: dict[str, Any],
+               prefix_messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        """One JSON answer: {"raw", "finish_reason", "tokens", "seconds", "timing"}."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the weights (a later call loads them again)."""
+
+
+def make_llm(backend: str = "llama-cpp", model: str | Path | None = None, *, n_ctx: int | None = None,
+             **options: Any) -> LLM:
+    """An LLM backend by registry name (``asectl.registry.LLMS``); inside ``asectl.backends.warm.keep_loaded``
+    the same loaded one for the same arguments."""
+    from asectl.backends import warm
+
+    return warm.kept("llm", lambda: LLMS.create(backend, model_path=model, n_ctx=n_ctx or DEFAULT_N_CTX, **options),
+                     backend=backend, model=str(model), n_ctx=n_ctx, options=options)
+
+
 @LLMS.register("llama-cpp")
-class LlamaCppLLM:
+class LlamaCppLLM(LLM):
     """A GGUF model run by llama-cpp-python. Construct = validate (cheap); the weights load on first use,
     once, and stay loaded until :meth:`close`."""
 
@@ -459,7 +499,9 @@ class LlamaCppLLM:
                 "timing": {"prompt_ms": out.prompt_ms, "generate_ms": out.generate_ms, "decode_calls": out.calls}}
 
     def close(self) -> None:
-        if self._llm is not None:
+        from asectl.backends import warm
+
+        if self._llm is not None and not warm.holds(self):   # kept loaded for the next call
             with contextlib.suppress(Exception):
                 self._llm.close()
             self._llm = None
@@ -488,8 +530,11 @@ def _worker_answer(messages: list[dict[str, str]], sampling: dict[str, Any],
 
 
 def default_workers(n_threads: int | None, n_gpu_layers: int) -> int:
-    """One single-threaded worker per free core on a CPU run; one process when layers go to a GPU."""
-    if n_gpu_layers:
+    """One single-threaded worker per free core on a CPU run; one process when layers go to a GPU, or
+    when models are kept loaded in this process (a warm model beats starting workers for a few cards)."""
+    from asectl.backends import warm
+
+    if n_gpu_layers or warm.active():
         return 1
     from asectl.workers import usable_cores
 

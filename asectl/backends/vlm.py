@@ -78,8 +78,11 @@ def make_vlm(name: str | None = None, model: str | os.PathLike | None = None, *,
         if load_8bit:
             raise ConfigError(f"--vlm {name} has no weights to load in 8 bits; drop --load-8bit")
         return VLMS.create(name)
-    return VLMS.create(name, model=model, device=device, generation=generation, load_8bit=load_8bit,
-                       allow_download=allow_download)
+    from asectl.backends import warm
+
+    return warm.kept("vlm", lambda: VLMS.create(name, model=model, device=device, generation=generation,
+                                                load_8bit=load_8bit, allow_download=allow_download),
+                     name=name, model=str(model), device=device, generation=generation, load_8bit=load_8bit)
 
 
 def vlm_from_identity(identity: dict[str, Any], model: str | os.PathLike | None = None, *,

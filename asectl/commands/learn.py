@@ -10,7 +10,9 @@ from typing import Any
 import click
 
 from asectl import ui
+from asectl.commands._shared import executor_options
 from asectl.errors import ConfigError
+from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 
 
 def _overrides(config_file: Path | None, sets: tuple[str, ...], **named: Any) -> dict[str, Any]:
@@ -111,10 +113,19 @@ def _f(v: Any) -> str:
               help="Fusion module (default cmaf; the others are the paper's Table 5 ablations).")
 @click.option("--task", type=click.Choice(["multiclass", "binary"]), default=None)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the bundle here.")
+@click.option("--max-miss-rate", type=float, default=DEFAULT_MAX_MISS_RATE, show_default=True,
+              help="Decision rule target: at most this share of defective held-out training cards passed as "
+                   "normal.")
+@click.option("--max-defect-error", type=float, default=DEFAULT_MAX_DEFECT_ERROR, show_default=True,
+              help="Decision rule target: at most this share of held-out cards decided 'defect' of another class.")
+@click.option("--calibration-folds", type=int, default=DEFAULT_CALIBRATION_FOLDS, show_default=True,
+              help="Cross-validation folds on the training split for calibration and the decision rule.")
 @_with_common
 @click.pass_obj
-def fuse_train(cache, dataset, fusion, task, out, profile, config_file, sets, seed, augmented, force, as_json):
-    """Train cross-modality attention fusion (CMAF) and the classifier; store a model bundle."""
+def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_error, calibration_folds, profile,
+               config_file, sets, seed, augmented, force, as_json):
+    """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
+    choose the pass/defect/review rule on held-out training cards; store a model bundle."""
     from asectl.bundle import export_bundle
     from asectl.dataset import load_dataset
     from asectl.stages.fuse import run_fuse_train
@@ -122,13 +133,16 @@ def fuse_train(cache, dataset, fusion, task, out, profile, config_file, sets, se
     ds = load_dataset(dataset, seed=seed or 0)
     res = run_fuse_train(ds, cache, fusion=fusion, task=task, augmented=augmented,
                          profile=_profile_name(profile, config_file), overrides=_overrides(config_file, sets),
-                         seed=seed, force=force)
+                         seed=seed, force=force, max_miss_rate=max_miss_rate, max_defect_error=max_defect_error,
+                         calibration_folds=calibration_folds)
     cfg = res.bundle.config
     if out is not None:
         export_bundle(res.bundle, out)
     summary = {"model": res.key, "from_cache": res.from_cache, "bundle": str(out or res.bundle.path),
                "classes": cfg["classes"], "variant": cfg["variant"], "task": cfg["task"],
-               "n_train": cfg["training"]["n_train"], "metrics": cfg["metrics"]}
+               "n_train": cfg["training"]["n_train"], "metrics": cfg["metrics"],
+               "calibration": {k: v for k, v in cfg["calibration"].items() if k != "held_out"},
+               "decision": cfg["decision"]}
     if as_json:
         click.echo(json.dumps(summary, default=str))
         return
@@ -137,6 +151,33 @@ def fuse_train(cache, dataset, fusion, task, out, profile, config_file, sets, se
         f"{cfg['variant']} / {cfg['task']} on {cfg['training']['n_train']} training cards; last-epoch "
         f"train accuracy {cfg['metrics']['train_accuracy_last_epoch']:.3f}"
         + (f"; exported to {out}" if out else ""), highlight=False)
+    ui.console.print(decision_summary(cfg), highlight=False)
+
+
+def decision_summary(cfg: dict[str, Any]) -> str:
+    """Two lines on the calibration and the decision rule, from what the bundle stores (held-out cards)."""
+    cal, dec = cfg["calibration"], cfg["decision"]
+    held = dec["held_out"]
+
+    def share(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    def thr(v: float | None) -> str:
+        return "never" if v is None else f"p >= {v:.4f}"
+
+    return (f"calibration: temperature {cal['temperature']:.3f} from {cal['folds']}-fold cross-validation on "
+            f"{cal['n_held_out']} training cards (held-out ECE {cal['held_out_ece']['before']:.3f} -> "
+            f"{cal['held_out_ece']['after']:.3f})\n"
+            f"decision: pass if normal with {thr(dec['pass_threshold'])}, defect if a defect class with "
+            f"{thr(dec['defect_threshold'])}, else review; held out: review {share(held['review_share'])}, "
+            f"miss rate {share(held['miss_rate'])} (target {share(dec['max_miss_rate'])}), defect error "
+            f"{share(held['defect_error'])} (target {share(dec['max_defect_error'])})"
+            + ("\nheld-out review share for other --max-miss-rate targets: "
+               + ", ".join(f"{share(r['max_miss_rate'])}: {share(r['review_share'])}" for r in dec["tradeoff"])
+               if dec.get("tradeoff") else ""))
+
+
+DECISION_STYLE = {"pass": "[green]pass[/]", "defect": "[red]defect[/]", "review": "[yellow]review[/]"}
 
 
 def _bundle(cache, model: Path | None):
@@ -150,19 +191,40 @@ def _bundle(cache, model: Path | None):
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1)
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model bundle folder (default: the latest model trained in this cache).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Export predictions as JSON lines.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Export predictions as JSON lines (with --watch: append one line per card).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
 @click.option("--force", is_flag=True, help="Recompute the per-image stages.")
+@click.option("--watch", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Keep the models loaded and classify each new image that appears in this folder, until "
+                   "Ctrl-C or SIGTERM (needs --out).")
+@click.option("--poll", type=float, default=None,
+              help="With --watch: seconds between looks at the folder (default 0.25).")
+@executor_options
 @click.pass_obj
-def predict(cache, images, model, out, as_json, force):
-    """Classify card images (files, folders or globs) with a trained model."""
-    from asectl.cli import emit_records
+def predict(cache, images, model, out, as_json, force, watch, poll, executor):
+    """Classify card images (files, folders or globs) with a trained model: class, calibrated
+    probabilities and a decision (pass, defect or review). With --executor ray, the per-image stages of
+    a batch run on a Ray cluster (docs/scale.md)."""
+    from asectl.commands._shared import emit_records
     from asectl.dataset import load_inputs
     from asectl.stages.predict import run_predict
 
+    if watch is not None:
+        if images or out is None:
+            raise ConfigError("--watch DIR takes no image arguments and needs --out FILE.jsonl for the results")
+        if executor.distributed:
+            raise ConfigError("--watch classifies each card on this machine as it arrives; use --executor local "
+                              "(the Ray executor is for batches)")
+        _watch(cache, model, watch, out, as_json, force, poll)
+        return
+    if poll is not None:
+        raise ConfigError("--poll applies to --watch only")
+    if not images:
+        raise ConfigError("give card images (files, folders or globs), or --watch DIR --out FILE.jsonl")
     bundle, _ = _bundle(cache, model)
     ds = load_inputs(images)
     result = run_predict(ds, bundle, cache, force=force)
@@ -173,18 +235,66 @@ def predict(cache, images, model, out, as_json, force):
         table = Table()
         table.add_column("image")
         table.add_column("class")
+        table.add_column("decision")
         for c in bundle.labels:
             table.add_column(c, justify="right")
         for r in result.records:
             if r.get("error"):
-                table.add_row(r["image"], "[red]error[/]", *[""] * len(bundle.labels))
+                table.add_row(r["image"], "[red]error[/]", "", *[""] * len(bundle.labels))
             else:
-                table.add_row(r["image"], r["label"], *[f"{r['probabilities'][c]:.3f}" for c in bundle.labels])
+                table.add_row(r["image"], r["label"], DECISION_STYLE[r["decision"]],
+                              *[f"{r['probabilities'][c]:.3f}" for c in bundle.labels])
         ui.console.print(table)
         for r in result.errors:
             ui.console.print(f"  [red]error:[/] {r['error']}", highlight=False, soft_wrap=True)
     if result.errors:
         sys.exit(1)
+
+
+def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, force: bool,
+           poll: float | None) -> None:
+    """predict --watch: one warm Predictor, signals turned into a clean stop after the current cards."""
+    import signal
+    import threading
+    import time
+
+    from asectl.backends.warm import keep_loaded
+    from asectl.stages.predict import Predictor
+    from asectl.stages.watch import DEFAULT_POLL, done_names, watch_folder
+
+    bundle, _ = _bundle(cache, model)
+    stop = threading.Event()
+    reason: list[str] = []
+
+    def request_stop(signum, _frame):
+        if stop.is_set():            # a second request: stop now
+            raise KeyboardInterrupt
+        reason.append(signal.Signals(signum).name)
+        stop.set()
+
+    def show(rec: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(rec, default=str))
+        elif rec.get("error"):
+            ui.console.print(f"[red]error[/] {rec['error']}", highlight=False, soft_wrap=True)
+        else:
+            ui.info(f"{rec['image']}: {rec['label']} ({rec['probability']:.3f}) {DECISION_STYLE[rec['decision']]}")
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with keep_loaded():
+            started = time.perf_counter()
+            predictor = Predictor(bundle, cache, force)
+            predictor.warm_up()
+            ui.info(f"models loaded in {time.perf_counter() - started:.1f} s; watching {folder} "
+                    f"({len(done_names(out))} card(s) already in {out}); Ctrl-C or SIGTERM stops")
+            summary = watch_folder(folder, out, lambda ds: predictor.run(ds).records, should_stop=stop.is_set,
+                                   poll=poll or DEFAULT_POLL, on_record=show, sleep=stop.wait)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    ui.info(f"stopped{' by ' + reason[0] if reason else ''}: {summary.classified} card(s) classified this run "
+            f"({summary.errors} error(s)), {summary.skipped} already in {out}")
 
 
 @click.command()

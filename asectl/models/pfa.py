@@ -21,19 +21,32 @@ Precise definitions (the paper leaves these open):
   (same objective, no order). Reported losses are always L_llm, L_vlm and their sum.
 * **Self-similarity**: for sample i, ``s_i = (cos(P_I z_I, P_L z_L) + cos(P_I z_I, P_V z_V)) / 2`` with the
   projections as they are when the ranking is made. Pairs are ranked lowest first (stable ties by index).
+* **Ranking warm-up**: the paper ranks D_train by self-similarity before the first stage (section 3.3,
+  paper lines 130 and 106, Fig. 5) but does not say in which space. Image and text encoders live in
+  unrelated spaces, and cosines through untrained, randomly initialised projections are noise (a
+  random "hardest 20%"). So the projections first train for ``rank_warmup_epochs`` (default 2) with the
+  ITC loss on all of D_train, at the initial learning rate, and stage 1 ranks with those warmed
+  projections; training then continues from them. The warm-up's optimiser steps count in the update
+  budget (below). ``rank_warmup_epochs = 0`` ranks with the seeded initial projections.
 * **Stages**: cumulative fractions f_k (stride 0.2 -> 0.2, 0.4, 0.6, 0.8, 1.0); stage k trains on the
   first ``ceil(f_k * n)`` training pairs (at least 1). Subsets are nested: stage k keeps stage k-1's pairs
   and adds the lowest-ranked pending ones. With ``rerank_each_stage`` (default) D_pend is ranked again
-  at the start of every stage with the current projections (stage 1 uses the initial ones); otherwise
-  the ranking made at initialisation is used for all stages. D_pend (training pairs not yet added) is
+  at the start of every stage with the current projections (stage 1 uses the warmed ones); otherwise
+  the ranking made before stage 1 is used for all stages. D_pend (training pairs not yet added) is
   the validation set of the stage; after the last stage it is empty and the validation loss is None.
-* **Schedule**: one AdamW optimiser and one step decay (x lr_decay every lr_decay_every epochs) over the
-  whole alignment, epochs counted across stages, so the paper's "decay every 15 epochs" with 15 epochs
-  per stage lowers the rate once per stage.
-* **Modes**: ``progressive`` as above; ``direct`` trains on all pairs at once for the same number of
-  epochs (``direct_epochs`` or stages x epochs_per_stage); ``none`` leaves the projections at their seeded
-  random initialisation (untrained): a linear random view of each encoder space at the same 256-d width,
-  so "no alignment" differs from the other modes only in the training.
+* **Schedule**: one AdamW optimiser and one step decay (x lr_decay every lr_decay_every stage epochs)
+  over the whole alignment, epochs counted across stages, so the paper's "decay every 15 epochs" with
+  15 epochs per stage lowers the rate once per stage (paper line 206). ``plan_updates`` fixes every
+  batch, optimiser step and decay point before training starts.
+* **Modes**: ``progressive`` as above; ``direct`` trains on all pairs at once, by default for exactly as
+  many optimiser steps as ``progressive`` with the same settings (warm-up included), in epochs over all
+  of D_train with the last one cut short, the rate decaying after the same steps; so Table 4 compares
+  the order of the data, not the amount of training (``direct_epochs`` sets whole epochs instead).
+  ``none`` leaves the projections at their seeded random initialisation (untrained): a linear random
+  view of each encoder space at the same 256-d width. It makes no updates, since any training of the
+  projections would be an alignment (or the fusion's supervised task, which ``fuse-train`` does anyway);
+  its summary records 0 updates beside the progressive budget, so tables can state the difference.
+  Every result records its optimiser steps (``summary()["updates"]``).
 
 Inputs are feature sources: precomputed arrays (quick profile, frozen encoders) or encoders with their
 raw inputs (paper profile: the encoders fine-tune with the projections). ``train_pfa`` treats both alike.
@@ -242,6 +255,7 @@ class PFAStage:
     tau: float
     checkpoint: dict[str, torch.Tensor]  # projections + log_tau (state dict, CPU)
     embeddings: dict[str, np.ndarray]    # aligned features of ALL samples after the stage
+    updates: int = 0                     # optimiser steps taken in this stage
 
     @property
     def n_train(self) -> int:
@@ -250,7 +264,8 @@ class PFAStage:
     def summary(self) -> dict[str, Any]:
         """JSON-ready record of the stage (no tensors, no embeddings)."""
         return {"stage": self.index, "fraction": self.fraction, "n_train": self.n_train,
-                "n_pend": len(self.pend_indices), "epochs": self.epochs, "tau": self.tau,
+                "n_pend": len(self.pend_indices), "epochs": self.epochs, "updates": self.updates,
+                "tau": self.tau,
                 "final_loss": self.curve[-1]["loss"] if self.curve else None,
                 "val_loss": self.val_loss, "val_loss_llm": self.val_loss_llm,
                 "val_loss_vlm": self.val_loss_vlm, "val_note": self.val_note, "curve": self.curve}
@@ -266,16 +281,30 @@ class PFAResult:
     seed: int
     config: dict[str, Any]
     train_indices: list[int]
-    initial_similarity: list[float] = field(default_factory=list)   # per training pair, at init
+    # Per training pair: the self-similarity stage 1 ranked by (progressive: after the ranking warm-up;
+    # other modes: the initial projections).
+    initial_similarity: list[float] = field(default_factory=list)
+    rank_warmup: dict[str, Any] = field(default_factory=dict)   # epochs, updates, curve (progressive)
+    plan: dict[str, Any] = field(default_factory=dict)          # plan_updates() for this run
 
     @property
     def embeddings(self) -> dict[str, np.ndarray]:
         return self.stages[-1].embeddings
 
+    @property
+    def updates(self) -> int:
+        """Optimiser steps of the whole alignment, ranking warm-up included."""
+        return self.rank_warmup.get("updates", 0) + sum(s.updates for s in self.stages)
+
     def summary(self) -> dict[str, Any]:
         return {"mode": self.mode, "seed": self.seed, "fractions": self.fractions, "counts": self.counts,
                 "n_train": len(self.train_indices), "tau": self.stages[-1].tau,
                 "heads": self.heads.meta(), "config": self.config,
+                "rank_warmup": self.rank_warmup,
+                "updates": {"total": self.updates, "rank_warmup": self.rank_warmup.get("updates", 0),
+                            "stages": [s.updates for s in self.stages],
+                            "per_batch": self.plan.get("updates_per_batch"),
+                            "progressive_budget": self.plan.get("progressive_updates")},
                 "stages": [s.summary() for s in self.stages]}
 
 
@@ -291,11 +320,54 @@ def _batches(order: Sequence[int], size: int) -> list[list[int]]:
     return out
 
 
+def plan_updates(config: PFAConfig, n_train: int) -> dict[str, Any]:
+    """Every phase's epochs and batches, the optimiser steps, and the decay points, before training.
+
+    Phases: ``{"stage", "n_pairs", "epochs", "batches", "last_epoch_batches"}``, stage 0 being the ranking
+    warm-up. ``decay_after``: batch counts (cumulative, whole alignment) after which the rate is
+    multiplied by ``lr_decay``. ``updates``: optimiser steps (two per batch with ``sequential`` order).
+    ``progressive_updates``: what ``progressive`` with the same settings takes, the budget of ``direct``."""
+    per_batch = 2 if config.align_order == "sequential" else 1
+    n_batches = lambda m: len(_batches(range(m), config.batch_size))     # noqa: E731
+    counts = stage_counts(n_train, list(config.strides))
+    prog = [{"stage": 0, "n_pairs": n_train, "epochs": config.rank_warmup_epochs}]
+    prog += [{"stage": k, "n_pairs": c, "epochs": config.epochs_per_stage} for k, c in enumerate(counts, 1)]
+    prog_decays, done, stage_epochs = [], 0, 0
+    for ph in prog:
+        ph["batches"], ph["last_epoch_batches"] = ph["epochs"] * n_batches(ph["n_pairs"]), n_batches(ph["n_pairs"])
+        for _ in range(ph["epochs"]):
+            done += n_batches(ph["n_pairs"])
+            if ph["stage"]:                       # the warm-up runs at the initial rate
+                stage_epochs += 1
+                if stage_epochs % config.lr_decay_every == 0:
+                    prog_decays.append(done)
+    prog_batches = done
+    if config.mode == "progressive":
+        phases, decays = prog, prog_decays
+    elif config.mode == "none":
+        phases, decays = [], []
+    elif config.direct_epochs is not None:
+        nb = n_batches(n_train)
+        phases = [{"stage": 1, "n_pairs": n_train, "epochs": config.direct_epochs,
+                   "batches": config.direct_epochs * nb, "last_epoch_batches": nb}]
+        decays = [e * nb for e in range(config.lr_decay_every, config.direct_epochs + 1, config.lr_decay_every)]
+    else:
+        nb = n_batches(n_train)
+        full, rest = divmod(prog_batches, nb)
+        phases = [{"stage": 1, "n_pairs": n_train, "epochs": full + (rest > 0), "batches": prog_batches,
+                   "last_epoch_batches": rest or nb}]
+        decays = prog_decays
+    batches = sum(ph["batches"] for ph in phases)
+    return {"mode": config.mode, "phases": phases, "decay_after": decays, "batches": batches,
+            "updates_per_batch": per_batch, "updates": batches * per_batch,
+            "progressive_updates": prog_batches * per_batch}
+
+
 class _Aligner:
     """Holds sources, heads, optimiser and scheduler; runs epochs and evaluations."""
 
     def __init__(self, sources: dict[str, Any], config: PFAConfig, seed: int, device: str,
-                 encoder_lrs: Mapping[str, float] | None):
+                 encoder_lrs: Mapping[str, float] | None, decay_after: Sequence[int] = ()):
         self.sources = sources
         self.config = config
         self.device = device
@@ -312,8 +384,10 @@ class _Aligner:
         self.trainable_encoders = len(param_groups) > 1
         self.optimizer = torch.optim.AdamW(param_groups, lr=config.lr, betas=tuple(config.betas),
                                            eps=config.eps, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_decay_every,
-                                                         gamma=config.lr_decay)
+        # Step decay by batch count (plan_updates), so a direct run can decay where progressive does.
+        self.decay_after = set(decay_after)
+        self.batches = 0
+        self.updates = 0          # optimiser steps so far
         self.epoch = 0
 
     def _pair_loss(self, modality: str, idx: list[int], train: bool) -> torch.Tensor:
@@ -326,15 +400,19 @@ class _Aligner:
         loss.backward()
         self.optimizer.step()
         self.heads.clamp_()
+        self.updates += 1
 
-    def train_epoch(self, indices: Sequence[int], generator: torch.Generator) -> dict[str, float]:
+    def train_epoch(self, indices: Sequence[int], generator: torch.Generator,
+                    max_batches: int | None = None) -> dict[str, float]:
+        """One pass over ``indices`` in a seeded random order (only its first ``max_batches`` batches
+        when given: the cut-short last epoch of a direct run)."""
         self.heads.train()
         perm = torch.randperm(len(indices), generator=generator).tolist()
         order = [indices[p] for p in perm]
         totals = {"llm": 0.0, "vlm": 0.0}
         count = 0
         lr = self.optimizer.param_groups[0]["lr"]
-        for idx in _batches(order, self.config.batch_size):
+        for idx in _batches(order, self.config.batch_size)[:max_batches]:
             if self.config.align_order == "sequential":
                 for m in TEXT_MODALITIES:       # first (I, LLM), then (I, VLM)
                     loss = self._pair_loss(m, idx, train=True)
@@ -346,11 +424,14 @@ class _Aligner:
                 for m in TEXT_MODALITIES:
                     totals[m] += losses[m].item() * len(idx)
             count += len(idx)
-        self.scheduler.step()
+            self.batches += 1
+            if self.batches in self.decay_after:
+                for group in self.optimizer.param_groups:
+                    group["lr"] *= self.config.lr_decay
         self.epoch += 1
         llm, vlm = totals["llm"] / max(count, 1), totals["vlm"] / max(count, 1)
         return {"epoch": self.epoch, "loss": llm + vlm, "loss_llm": llm, "loss_vlm": vlm, "lr": lr,
-                "tau": float(self.heads.tau.item())}
+                "tau": float(self.heads.tau.item()), "pairs": count, "updates": self.updates}
 
     @torch.no_grad()
     def evaluate(self, indices: Sequence[int]) -> tuple[float, float, float] | None:
@@ -396,7 +477,8 @@ def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed
     an ``EncoderFeatures`` (encoder + raw inputs; fine-tuned with the heads, paper profile).
     ``train_index``: positions of D_train among the N samples (default: all); embeddings are returned
     for all N (test samples included) after every stage. ``encoder_lrs``: {"image": lr, "text": lr}
-    for trainable encoders. ``on_epoch(stage_index, curve_row)`` reports progress."""
+    for trainable encoders. ``on_epoch(stage_index, curve_row)`` reports progress (stage 0: the
+    ranking warm-up). The optimiser steps follow ``plan_updates(config, len(train_index))``."""
     config = config or PFAConfig()
     config.validate()
     sources = {m: as_source(features[m], device) if m in features else None for m in MODALITIES}
@@ -415,20 +497,28 @@ def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed
 
     fractions = list(config.strides) if config.mode == "progressive" else [1.0]
     counts = stage_counts(len(train), fractions)
+    plan = plan_updates(config, len(train))
+    warmup: dict[str, Any] = {}
     with fork_rng(seed, device):
-        aligner = _Aligner(sources, config, seed, device, encoder_lrs)
+        aligner = _Aligner(sources, config, seed, device, encoder_lrs, plan["decay_after"])
         generator = torch.Generator().manual_seed(seed)
+        if config.mode == "progressive":
+            # Rank in a space that means something: projections warmed with ITC on all of D_train.
+            curve = _run_epochs(aligner, train, config.rank_warmup_epochs, generator, 0, on_epoch)
+            warmup = {"epochs": config.rank_warmup_epochs, "updates": aligner.updates, "curve": curve}
         initial_sim = aligner.similarity(train)
         stages: list[PFAStage] = []
         if config.mode == "none":
             val = aligner.evaluate(train)
             stages.append(_stage_record(aligner, 0, 0.0, [], train, [], [], 0, [], val,
-                                        "mode none: projections untrained; loss over all of D_train"))
+                                        "mode none: projections untrained; loss over all of D_train", 0))
         elif config.mode == "direct":
-            epochs = config.total_epochs
-            curve = _run_epochs(aligner, train, epochs, generator, 1, on_epoch)
+            phase = plan["phases"][0]
+            curve = _run_epochs(aligner, train, phase["epochs"], generator, 1, on_epoch,
+                                last_epoch_batches=phase["last_epoch_batches"])
             stages.append(_stage_record(aligner, 1, 1.0, train, [], train, [float(s) for s in initial_sim],
-                                        epochs, curve, None, "direct: all training data at once; D_pend empty"))
+                                        len(curve), curve, None, "direct: all training data at once; D_pend empty",
+                                        aligner.updates))
         else:
             order = [train[i] for i in rank_lowest_first(initial_sim)]
             order_sim = {train[i]: float(initial_sim[i]) for i in range(len(train))}
@@ -443,23 +533,24 @@ def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed
                 added = pending[:count - len(current)]
                 current = current + added
                 rest = pending[len(added):]
+                before = aligner.updates
                 curve = _run_epochs(aligner, current, config.epochs_per_stage, generator, k, on_epoch)
                 val = aligner.evaluate(rest)
                 note = None if rest else "D_pend is empty at the last stage: no validation loss"
                 stages.append(_stage_record(aligner, k, frac, current, rest, added,
                                             [order_sim[a] for a in added], config.epochs_per_stage,
-                                            curve, val, note))
+                                            curve, val, note, aligner.updates - before))
     return PFAResult(mode=config.mode, stages=stages, heads=aligner.heads, fractions=fractions,
                      counts=counts if config.mode != "none" else [0], seed=seed,
                      config=_config_dict(config), train_indices=train,
-                     initial_similarity=[float(s) for s in initial_sim])
+                     initial_similarity=[float(s) for s in initial_sim], rank_warmup=warmup, plan=plan)
 
 
 def _run_epochs(aligner: _Aligner, indices: list[int], epochs: int, generator: torch.Generator,
-                stage: int, on_epoch) -> list[dict[str, float]]:
+                stage: int, on_epoch, last_epoch_batches: int | None = None) -> list[dict[str, float]]:
     curve = []
-    for _ in range(epochs):
-        row = aligner.train_epoch(indices, generator)
+    for e in range(epochs):
+        row = aligner.train_epoch(indices, generator, last_epoch_batches if e == epochs - 1 else None)
         curve.append(row)
         if on_epoch:
             on_epoch(stage, row)
@@ -467,13 +558,14 @@ def _run_epochs(aligner: _Aligner, indices: list[int], epochs: int, generator: t
 
 
 def _stage_record(aligner: _Aligner, index: int, fraction: float, train: list[int], pend: list[int],
-                  added: list[int], added_sim: list[float], epochs: int, curve, val, note) -> PFAStage:
+                  added: list[int], added_sim: list[float], epochs: int, curve, val, note,
+                  updates: int) -> PFAStage:
     return PFAStage(index=index, fraction=fraction, train_indices=list(train), pend_indices=list(pend),
                     added_indices=list(added), added_similarity=list(added_sim), epochs=epochs,
                     curve=curve, val_loss=val[0] if val else None, val_loss_llm=val[1] if val else None,
                     val_loss_vlm=val[2] if val else None, val_note=note,
                     tau=float(aligner.heads.tau.item()), checkpoint=aligner.checkpoint(),
-                    embeddings=aligner.embed())
+                    embeddings=aligner.embed(), updates=updates)
 
 
 def _config_dict(config: PFAConfig) -> dict[str, Any]:

@@ -39,6 +39,10 @@ PFA_MODES = ("progressive", "direct", "none")
 ALIGN_ORDERS = ("sequential", "summed")
 FUSION_VARIANTS = ("cmaf", "cmaf-nosigmoid", "concat")
 TASKS = ("multiclass", "binary")
+# What the LLM-branch text encoder reads: the LLM's answer plus the OCR'd record sentence, from a prompt
+# with the nearest-class hint ("composite"), or the LLM's own answer alone, from a prompt without the
+# hint ("answer"; asectl.stages.reason.prompt.hint_free_prompt).
+LLM_TEXTS = ("composite", "answer")
 
 
 def stride_fractions(stride: float | Sequence[float]) -> list[float]:
@@ -77,6 +81,7 @@ class EncoderConfig:
     warmup_epochs: int = 0                # paper: 30 (supervised warm-up before alignment)
     image_lr: float = 1e-4                # encoder learning rates when fine-tuning
     text_lr: float = 2e-5
+    llm_text: str = "composite"           # composite | answer (LLM_TEXTS)
 
 
 @dataclass
@@ -84,7 +89,8 @@ class PFAConfig:
     mode: str = "progressive"             # progressive | direct | none
     strides: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)   # cumulative fractions of D_train
     epochs_per_stage: int = 15
-    direct_epochs: int | None = None      # direct mode; None = stages x epochs_per_stage (same budget)
+    direct_epochs: int | None = None      # direct mode; None = as many updates as progressive (see pfa.py)
+    rank_warmup_epochs: int = 2           # ITC epochs on all of D_train before stage 1 ranks the pairs
     batch_size: int = 10
     lr: float = 1e-2
     lr_decay: float = 0.75
@@ -106,6 +112,8 @@ class PFAConfig:
         _positive("pfa.epochs_per_stage", self.epochs_per_stage)
         if self.direct_epochs is not None:
             _positive("pfa.direct_epochs", self.direct_epochs)
+        if self.rank_warmup_epochs < 0:
+            raise ConfigError(f"setting 'pfa.rank_warmup_epochs' = {self.rank_warmup_epochs}: must be 0 or more")
         _positive("pfa.batch_size", self.batch_size)
         _positive("pfa.proj_dim", self.proj_dim)
         _positive("pfa.lr", self.lr)
@@ -115,14 +123,6 @@ class PFAConfig:
         if not 0 < self.tau_min <= self.tau_init <= self.tau_max:
             raise ConfigError(f"pfa temperature: need 0 < tau_min ({self.tau_min}) <= tau_init "
                               f"({self.tau_init}) <= tau_max ({self.tau_max})")
-
-    @property
-    def total_epochs(self) -> int:
-        if self.mode == "none":
-            return 0
-        if self.mode == "direct":
-            return self.direct_epochs or len(self.strides) * self.epochs_per_stage
-        return len(self.strides) * self.epochs_per_stage
 
 
 @dataclass
@@ -170,6 +170,7 @@ class TrainProfile:
     def validate(self) -> "TrainProfile":
         self.pfa.validate()
         self.fusion.validate(self.pfa.proj_dim)
+        _choice("encoders.llm_text", self.encoders.llm_text, LLM_TEXTS)
         if self.encoders.warmup_epochs < 0:
             raise ConfigError("encoders.warmup_epochs: must be 0 or more")
         if self.encoders.warmup_epochs and not self.encoders.finetune:

@@ -7,6 +7,7 @@ curves and D_pend losses) is one cache entry; ``fuse-train`` and ``report`` find
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -21,12 +22,13 @@ from asectl import ui
 from asectl.cache import Cache, make_key, sha256_file
 from asectl.dataset import Dataset, load_dataset
 from asectl.errors import ConfigError, DataError
-from asectl.pipeline import Modalities, build_encoders, collect_modalities, encode_modalities, recalled_settings
+from asectl.stages.modalities import (Modalities, ModalitySettings, build_encoders, collect_modalities,
+                                     encode_modalities)
 from asectl.stages.common import dataset_id
 
 log = logging.getLogger("asectl")
 STAGE = "align"
-FORMAT = 1
+FORMAT = 2                  # 2: ranking warm-up, update-matched direct mode, update counts
 
 
 @dataclass
@@ -80,15 +82,14 @@ def resolve_training_dataset(dataset: Dataset, augmented: str | Path | None) -> 
     return aug
 
 
-def real_training_priors(dataset: Dataset, cache: Cache, settings: Mapping[str, Mapping[str, Any]]) -> dict:
-    from asectl.card import load_spec
+def real_training_priors(dataset: Dataset, cache: Cache, settings: ModalitySettings | Mapping[str, Any]) -> dict:
     from asectl.stages.ocr import run_ocr
     from asectl.stages.reason import priors_from_dataset
 
-    ocr_kw = dict(settings.get("ocr") or {})
-    result = run_ocr(dataset, engine=ocr_kw.get("engine", "cnocr"), spec=ocr_kw.get("spec"), cache=cache,
-                     detector=ocr_kw.get("detector", "auto"))
-    return priors_from_dataset(dataset, result.by_image(), list(load_spec(ocr_kw.get("spec")).bin_edges))
+    if not isinstance(settings, ModalitySettings):
+        settings = ModalitySettings.from_dict(settings)
+    result = run_ocr(dataset, settings.ocr, cache=cache)
+    return priors_from_dataset(dataset, result.by_image(), list(settings.ocr.card_spec().bin_edges))
 
 
 def _sample_rows(mods: Modalities) -> list[dict[str, Any]]:
@@ -98,8 +99,9 @@ def _sample_rows(mods: Modalities) -> list[dict[str, Any]]:
 
 def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "quick",
               overrides: Mapping[str, Any] | None = None, seed: int = 0, augmented: str | Path | None = None,
-              settings: Mapping[str, Mapping[str, Any]] | None = None, force: bool = False) -> AlignOutcome:
-    """PFA on the training split; ``overrides`` are profile keys (``pfa.mode``, ``pfa.strides``, ...)."""
+              settings: ModalitySettings | Mapping[str, Any] | None = None, force: bool = False) -> AlignOutcome:
+    """PFA on the training split; ``overrides`` are profile keys (``pfa.mode``, ``pfa.strides``, ...).
+    ``settings`` for the per-image stages default to what each last ran with on ``dataset``."""
     from asectl.models.train_config import get_profile
 
     cache = cache or Cache()
@@ -107,7 +109,11 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
         raise ConfigError("align needs a labelled dataset folder (labels.csv or <label>/ sub-folders)")
     prof = get_profile(profile, {**(overrides or {}), "seed": seed})
     train_ds = resolve_training_dataset(dataset, augmented)
-    settings = settings if settings is not None else recalled_settings(cache, dataset)
+    if settings is None:
+        settings = ModalitySettings.recall(cache, dataset)
+    elif not isinstance(settings, ModalitySettings):
+        settings = ModalitySettings.from_dict(settings)
+    settings = dataclasses.replace(settings, llm_text=prof.encoders.llm_text)   # what the LLM branch reads
     # With TDA the LLM's prior knowledge still comes from the real training cards, not the synthetic
     # ones (and the real cards' answers stay cached).
     priors = real_training_priors(dataset, cache, settings) if augmented is not None else None
@@ -138,7 +144,7 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
     from safetensors.torch import save_file as torch_save_file
 
     from asectl.backends.encoders import save_module_state
-    from asectl.models.pfa import EncoderFeatures, train_pfa, warmup_encoders
+    from asectl.models.pfa import EncoderFeatures, plan_updates, train_pfa, warmup_encoders
 
     enc_cfg = prof.encoders
     encoded = encode_modalities(mods, encoders, cache)      # also the "unaligned" view for reports
@@ -158,11 +164,12 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
                                      head_lr=prof.pfa.lr, encoder_lrs=lrs, device=enc_cfg.device)
     else:
         features, lrs = encoded, None
-    total = prof.pfa.total_epochs
+    total = sum(ph["epochs"] for ph in plan_updates(prof.pfa, len(train_index))["phases"])
     with ui.progress(total, f"align ({prof.pfa.mode})") as advance:
         result = train_pfa(features, prof.pfa, seed, train_index=train_index, device=enc_cfg.device,
                            encoder_lrs=lrs,
-                           on_epoch=lambda stage, row: advance(status=f"stage {stage} loss {row['loss']:.3f}"))
+                           on_epoch=lambda stage, row: advance(
+                               status=f"{f'stage {stage}' if stage else 'ranking warm-up'} loss {row['loss']:.3f}"))
 
     def build(tmp: Path) -> dict[str, Any]:
         np_save_file({m: np.ascontiguousarray(a) for m, a in encoded.items()}, str(tmp / "encoded.safetensors"))

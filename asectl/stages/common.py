@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from asectl import ui
 from asectl.cache import Cache, make_key, sha256_file, write_atomic
 from asectl.dataset import Dataset, Sample
 from asectl.errors import DataError, describe_exception
+from asectl.executors import Executor, Job, Work, resolve
 
 
 @dataclass
@@ -51,6 +53,8 @@ def run_per_image(
     status: Callable[[], str] | None = None,
     batch: Callable[[list[Sample]], list[dict[str, Any] | DataError]] | None = None,
     batch_size: int = 1,
+    executor: Executor | None = None,
+    remote: Remote | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``compute`` for every sample not already cached under (input bytes, stage, identity).
 
@@ -58,9 +62,13 @@ def run_per_image(
     A ``DataError`` for one image becomes an error record and the loop goes on (``strict`` re-raises);
     any other error (configuration, missing model) stops the run. Errors are never cached.
     ``batch`` (optional) computes several misses at once, e.g. for batched generation on a GPU or worker
-    processes; it returns one record per sample, or the DataError of a bad sample in its place."""
+    processes; it returns one record per sample, or the DataError of a bad sample in its place.
+    On a distributed ``executor`` (asectl.executors) the misses go to its workers, set up as ``remote``
+    says; they store the records themselves, and ``compute`` and ``batch`` are unused."""
     records: list[dict[str, Any] | None] = [None] * len(samples)
     misses: list[int] = []
+    keys: dict[int, str] = {}
+    executor = resolve(executor)
     with ui.progress(len(samples), description or stage) as advance:
         for i, s in enumerate(samples):
             try:
@@ -75,6 +83,18 @@ def run_per_image(
                 advance()
             else:
                 misses.append(i)
+                keys[i] = key
+        if misses and remote is not None and executor.distributed:
+            work = Work(remote.name, stage, _per_image_worker, (remote.load, remote.args),
+                        {"params": identity, **(meta or {})}, remote.batch_size, remote.cpus)
+            jobs = [Job(keys[i], samples[i], {"input": samples[i].name}) for i in misses]
+            with contextlib.closing(executor.map(work, jobs, cache)) as results:   # closing stops the workers
+                for n, rec in results:
+                    if rec.get("error") and strict:
+                        raise DataError(rec["error"])
+                    records[misses[n]] = rec
+                    advance(status=status() if status else None)
+            return [r for r in records if r is not None]
         group = batch_size if batch else 1
         for start in range(0, len(misses), group):
             chunk = misses[start:start + group]
@@ -90,6 +110,36 @@ def run_per_image(
                 records[i] = rec
             advance(len(chunk), status=status() if status else None)
     return [r for r in records if r is not None]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """How a worker of a distributed executor computes a stage's records. ``load(*args)`` runs once per
+    worker (loads the engine) and returns ``batch(samples) -> [record or DataError]``, like
+    ``run_per_image``'s ``batch``; the worker turns the results into the records ``run_per_image`` makes
+    (the card's name, error records for bad cards) and stores them under the same keys and metadata.
+    ``load`` must be importable and ``args`` plain data: they are pickled to other machines."""
+
+    name: str                 # who the workers are, for messages ("an OCR worker")
+    load: Callable[..., Callable[[list[Sample]], list[Any]]]
+    args: tuple = ()
+    batch_size: int = 8       # cards per batch unless --ray-batch-size says otherwise
+    cpus: float = 1.0         # cores one worker keeps busy
+
+
+def _per_image_worker(load: Callable[..., Any], args: tuple) -> Callable[[list[Sample]], list[dict[str, Any]]]:
+    batch = load(*args)
+
+    def compute(sample: Sample) -> dict[str, Any]:
+        out = batch([sample])[0]
+        if isinstance(out, DataError):
+            raise out
+        return out
+
+    def records(samples: list[Sample]) -> list[dict[str, Any]]:
+        return [{**rec, "image": s.name} for s, rec in zip(samples, _compute_chunk(samples, compute, batch, False))]
+
+    return records
 
 
 def _compute_chunk(chunk: list[Sample], compute, batch, strict: bool) -> list[dict[str, Any]]:

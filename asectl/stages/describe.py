@@ -4,6 +4,7 @@
     from asectl.stages.describe import run_describe
 
     result = run_describe(load_inputs(["data/"]), vlm="instructblip", model="/models/instructblip-vicuna-7b")
+    # or: run_describe(dataset, DescribeSettings(vlm="instructblip", model=...))
     result.by_image()["images/0001.png"]["text"]
 
 Records are cached per image under (image bytes, backend, model content hash, prompt, numeric settings,
@@ -14,19 +15,64 @@ bundles) can store it and rebuild the same backend with ``asectl.backends.vlm.vl
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from asectl.backends.vlm import DEFAULT_PROMPT, VLM, make_vlm
 from asectl.cache import Cache
 from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.imageio import load_image
-from asectl.stages.common import StageResult, run_per_image
+from asectl.executors import Executor
+from asectl.stages.common import Remote, StageResult, run_per_image
+from asectl.stages.settings import REPLAY_ONLY, StageSettings
 
 STAGE = "describe"
 # Bump when the record layout changes; it is part of every cache key.
 RECORD_FORMAT = 1
 DEFAULT_BATCH_SIZE = 4
+
+
+@dataclass(frozen=True)
+class DescribeSettings(StageSettings):
+    """What ``describe`` runs with; the defaults of ``asectl describe`` live here only. ``vlm`` None:
+    ``instructblip`` when a model is configured (``model`` or ASECTL_VLM_MODEL), else ``builtin``.
+    ``generation`` overrides generation parameters (max_new_tokens, num_beams, ...)."""
+
+    STAGE = STAGE
+    vlm: str | None = None
+    model: str | None = None
+    prompt: str = DEFAULT_PROMPT
+    generation: dict[str, Any] | None = None
+    device: str = "auto"
+    load_8bit: bool = False
+    allow_download: bool | None = None
+    # A replay (predict from a bundle) refuses any other model (content hash).
+    expect_model_hash: str | None = field(default=None, metadata=REPLAY_ONLY)
+
+    def backend(self) -> VLM:
+        return make_vlm(self.vlm, self.model, device=self.device, generation=self.generation,
+                        load_8bit=self.load_8bit, allow_download=self.allow_download)
+
+    def resolved(self, backend: VLM) -> "DescribeSettings":
+        """These settings with the backend actually chosen (not the default rule) and the model's
+        resolved location: what a later stage on the same dataset must use to get the same texts."""
+        ident = backend.identity()
+        if ident["backend"] == "builtin":
+            return DescribeSettings(vlm="builtin", prompt=self.prompt)
+        folder = getattr(backend, "folder", None)
+        return self.replace(vlm=ident["backend"], model=str(folder) if folder is not None else ident["model"]["id"])
+
+    @classmethod
+    def replay(cls, params: Mapping[str, Any]) -> "DescribeSettings":
+        """The settings that repeat a run from its ``StageResult.params`` (as a trained bundle stores
+        them): same backend, model (checked by content hash), prompt and generation."""
+        vlm = params["vlm"]
+        if vlm["backend"] == "builtin":
+            return cls(vlm="builtin", prompt=params["prompt"], expect_model_hash=vlm["model"]["hash"])
+        return cls(vlm=vlm["backend"], prompt=params["prompt"], expect_model_hash=vlm["model"]["hash"],
+                   model=vlm["model"]["id"], generation=dict(vlm.get("generation") or {}),
+                   load_8bit=vlm.get("quantization") == "8bit")
 
 
 def describe_identity(vlm: str | VLM | None = None, prompt: str = DEFAULT_PROMPT, *,
@@ -58,32 +104,32 @@ def _check_prompt(prompt: str) -> str:
 
 def run_describe(
     dataset: Dataset,
-    vlm: str | VLM | None = None,
-    model: str | os.PathLike | None = None,
-    prompt: str = DEFAULT_PROMPT,
+    settings: DescribeSettings | None = None,
+    *,
+    backend: VLM | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str = "auto",
-    generation: dict[str, Any] | None = None,
     cache: Cache | None = None,
     force: bool = False,
     strict: bool = False,
-    load_8bit: bool = False,
-    allow_download: bool | None = None,
-    expect_model_hash: str | None = None,
+    remember: bool = True,
+    executor: Executor | None = None,
+    **choices: Any,
 ) -> StageResult:
     """Describe every image of ``dataset`` with a VLM backend.
 
-    ``vlm``: a registry name (``instructblip``, ``builtin``), an already created backend (reused, e.g. to
-    keep a loaded model between calls), or None for ``instructblip`` when a model is configured
-    (``model`` or ASECTL_VLM_MODEL) and ``builtin`` otherwise. ``generation`` overrides generation
-    parameters (max_new_tokens, num_beams, ...). ``expect_model_hash`` (a replay) refuses any other
-    model. A bad image becomes an error record; a configuration problem raises ConfigError before
-    anything is cached."""
-    prompt = _check_prompt(prompt)
+    ``settings`` (or single ``choices`` such as ``vlm="instructblip", model=PATH``) say what runs; a run
+    on a dataset folder is remembered for the later stages on it (``remember=False``: a replay, which
+    leaves them). ``backend``: an already created backend to reuse (e.g. to keep a loaded model between calls) instead of making one from the settings.
+    A bad image becomes an error record; a configuration problem raises ConfigError before anything is
+    cached. ``executor``: where the misses are described (asectl.executors; default local)."""
+    if isinstance(choices.get("vlm"), VLM):   # a backend object given where a name may go
+        backend = choices.pop("vlm")
+    settings = (settings or DescribeSettings()).replace(**choices)
+    prompt = _check_prompt(settings.prompt)
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-    backend = vlm if isinstance(vlm, VLM) else make_vlm(vlm, model, device=device, generation=generation,
-                                                        load_8bit=load_8bit, allow_download=allow_download)
+    backend = backend or settings.backend()
+    expect_model_hash = settings.expect_model_hash
     cache = cache or Cache()
     identity = describe_identity(backend, prompt)
     vlm_id = identity["vlm"]
@@ -93,65 +139,63 @@ def run_describe(
                           "original model with --vlm-model")
     base = {"backend": vlm_id["backend"], "model": dict(vlm_id["model"]), "prompt": prompt,
             "generation": dict(vlm_id.get("generation") or {})}
-    measures = getattr(backend, "last_measurements", None) is not None
-
-    def records_for(texts: list[str]) -> list[dict[str, Any]]:
-        out = []
-        for i, text in enumerate(texts):
-            rec = {**base, "text": text}
-            if measures:   # the built-in describer also keeps the numbers its sentences came from
-                rec["measurements"] = backend.last_measurements[i]
-            out.append(rec)
-        return out
 
     def compute(sample: Sample) -> dict[str, Any]:
-        return records_for(backend.describe([load_image(sample.path)], prompt))[0]
+        out = describe_cards(backend, prompt, base, [sample])[0]
+        if isinstance(out, DataError):
+            raise out
+        return out
 
     def compute_batch(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
-        loaded: list[Any] = []
-        for s in samples:
-            try:
-                loaded.append(load_image(s.path))
-            except DataError as exc:   # this card gets an error record; the others are described together
-                loaded.append(exc)
-        images = [im for im in loaded if not isinstance(im, DataError)]
-        described = iter(records_for(backend.describe(images, prompt)) if images else [])
-        return [im if isinstance(im, DataError) else next(described) for im in loaded]
+        return describe_cards(backend, prompt, base, samples)
 
     records = run_per_image(
         STAGE, dataset.samples, _cache_identity(identity), compute, cache, force=force, strict=strict,
         description=f"describe ({vlm_id['backend']})", meta={"vlm": vlm_id},
-        status=backend.status, batch=compute_batch, batch_size=batch_size)
+        status=backend.status, batch=compute_batch, batch_size=batch_size, executor=executor,
+        remote=Remote("a describe worker", _cluster_describer, (settings.resolved(backend), prompt, base, identity),
+                      batch_size=batch_size))
     # A hit may come from the same model stored elsewhere: report where it is now.
     records = [r if r.get("error") else {**r, "model": dict(vlm_id["model"])} for r in records]
     params = {**identity, "backend": vlm_id["backend"], "model": dict(vlm_id["model"]), "batch_size": batch_size}
+    if remember:
+        settings.resolved(backend).remember(cache, dataset)
     return StageResult(STAGE, records, params=params, cache_summary=cache.summary(STAGE))
 
 
-def describe_replay_kwargs(params: dict[str, Any]) -> dict[str, Any]:
-    """``run_describe`` keyword arguments that repeat a run from its ``StageResult.params`` (as a trained
-    bundle stores them): same backend, model (checked by content hash), prompt and generation."""
-    vlm = params["vlm"]
-    kwargs: dict[str, Any] = {"vlm": vlm["backend"], "prompt": params["prompt"],
-                              "expect_model_hash": vlm["model"]["hash"]}
-    if vlm["backend"] != "builtin":
-        kwargs.update(model=vlm["model"]["id"], generation=dict(vlm.get("generation") or {}),
-                      load_8bit=vlm.get("quantization") == "8bit")
-    return kwargs
-
-
-def remembered_settings(vlm: VLM, prompt: str, generation: dict[str, Any] | None = None,
-                        device: str = "auto", load_8bit: bool = False) -> dict[str, Any]:
-    """JSON-able ``run_describe`` arguments a command stores for later stages (align, fuse-train) that
-    run on the same dataset: the backend chosen (not the default rule), the model's resolved location."""
-    ident = vlm.identity()
-    out: dict[str, Any] = {"vlm": ident["backend"], "prompt": prompt}
-    if ident["backend"] != "builtin":
-        folder = getattr(vlm, "folder", None)
-        out.update(model=str(folder) if folder is not None else ident["model"]["id"],
-                   generation=dict(generation or {}), device=device, load_8bit=load_8bit)
+def describe_cards(backend: VLM, prompt: str, base: dict[str, Any],
+                   samples: list[Sample]) -> list[dict[str, Any] | DataError]:
+    """The records of a batch of cards, described together; a card that cannot be loaded gets its
+    DataError in its place."""
+    loaded: list[Any] = []
+    for s in samples:
+        try:
+            loaded.append(load_image(s.path))
+        except DataError as exc:   # this card gets an error record; the others are described together
+            loaded.append(exc)
+    images = [im for im in loaded if not isinstance(im, DataError)]
+    texts = backend.describe(images, prompt) if images else []
+    measured = getattr(backend, "last_measurements", None)   # the built-in describer's numbers behind its texts
+    described = iter(range(len(texts)))
+    out: list[dict[str, Any] | DataError] = []
+    for im in loaded:
+        if isinstance(im, DataError):
+            out.append(im)
+            continue
+        i = next(described)
+        out.append({**base, "text": texts[i], **({"measurements": measured[i]} if measured is not None else {})})
     return out
 
 
-__all__ = ["run_describe", "describe_identity", "describe_replay_kwargs", "remembered_settings", "DEFAULT_PROMPT",
-           "STAGE", "RECORD_FORMAT"]
+def _cluster_describer(settings: DescribeSettings, prompt: str, base: dict[str, Any], identity: dict[str, Any]):
+    """A Ray worker's describer (asectl.executors): the backend made once per worker, checked to be the
+    driver's (model content hash, dtype, generation), describing batches of cards."""
+    from asectl.executors import check_same
+
+    backend = settings.backend()
+    here = _cache_identity(describe_identity(backend, prompt))["vlm"]
+    check_same(f"the {identity['vlm']['backend']} describer", here, _cache_identity(identity)["vlm"])
+    return lambda samples: describe_cards(backend, prompt, base, samples)
+
+
+__all__ = ["run_describe", "describe_identity", "DescribeSettings", "DEFAULT_PROMPT", "STAGE", "RECORD_FORMAT"]

@@ -1,7 +1,11 @@
 """``asectl fuse-train``: cross-modality attention fusion (CMAF, paper section 3.4) and the classifier.
 
 Takes the aligned features of the training split from the ``align`` entry (running alignment first if
-it is not cached), trains CMAF + MLP with cross-entropy, and stores a model bundle in the cache."""
+it is not cached), trains CMAF + MLP with cross-entropy, and stores a model bundle in the cache.
+
+The bundle also carries a temperature and a pass/defect/review rule (asectl.models.calibration), both
+fitted on out-of-fold predictions of a cross-validation on the training split: the test split is never
+read here."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from asectl.bundle import BUNDLE_FORMAT, LATEST_POINTER, Bundle, load_bundle, wr
 from asectl.cache import Cache, make_key
 from asectl.card import load_spec
 from asectl.dataset import Dataset
+from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 from asectl.stages.align import AlignOutcome, run_align
 from asectl.stages.common import dataset_id
 
@@ -38,7 +43,10 @@ def align_args(cache: Cache, dataset: Dataset) -> dict[str, Any]:
 def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str | None = None,
                    task: str | None = None, augmented: str | Path | None = None, profile: str | None = None,
                    overrides: Mapping[str, Any] | None = None, seed: int | None = None,
-                   force: bool = False) -> FuseOutcome:
+                   force: bool = False, max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
+                   max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
+                   calibration_folds: int = DEFAULT_CALIBRATION_FOLDS) -> FuseOutcome:
+    from asectl.models.calibration import check_target
     from asectl.models.train_config import get_profile
 
     cache = cache or Cache()
@@ -55,7 +63,11 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     if task:
         f_over["fusion.task"] = task
     prof = get_profile(a_profile, {**a_over, **f_over, "seed": a_seed})
-    key = make_key(STAGE, format=BUNDLE_FORMAT, align=align.key, fusion=prof.to_dict()["fusion"], seed=a_seed)
+    targets = {"max_miss_rate": check_target("max_miss_rate", max_miss_rate),
+               "max_defect_error": check_target("max_defect_error", max_defect_error)}
+    calib_args = {"method": "temperature", "folds": int(calibration_folds), **targets}
+    key = make_key(STAGE, format=BUNDLE_FORMAT, align=align.key, fusion=prof.to_dict()["fusion"], seed=a_seed,
+                   calibration=calib_args)
     entry = None if force else cache.get(STAGE, key)
     if entry is None:
         from asectl.models.cmaf import save_fusion, train_fusion      # torch: only when training
@@ -65,11 +77,13 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
         emb = align.embeddings()
         feats = {m: emb[m][train] for m in ("vlm", "llm", "image")}
         labels = [align.labels[i] for i in train]
-        with cpu_training_threads(prof.encoders.device), \
-                ui.progress(prof.fusion.epochs, f"fuse-train ({prof.fusion.variant})") as advance:
-            model, history = train_fusion(
-                feats, labels, prof.fusion, a_seed, classes=None, device=prof.encoders.device,
-                on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"))
+        with cpu_training_threads(prof.encoders.device):
+            with ui.progress(prof.fusion.epochs, f"fuse-train ({prof.fusion.variant})") as advance:
+                model, history = train_fusion(
+                    feats, labels, prof.fusion, a_seed, classes=None, device=prof.encoders.device,
+                    on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"))
+            calibration, decision = calibrate(feats, labels, [align.names[i] for i in train], prof.fusion, a_seed,
+                                              model.bundle.classes, prof.encoders.device, calib_args)
         spec_arg = align.summary["replay"]["ocr"].get("spec")
         spec = load_spec(spec_arg)
 
@@ -98,6 +112,7 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                             "train_accuracy_last_epoch": history["epochs"][-1]["accuracy"],
                             "train_loss_last_epoch": history["epochs"][-1]["loss"]},
                 "fusion_history": history["epochs"],
+                "calibration": calibration, "decision": decision,
             }
             write_checksums(tmp, config)
             return {"params": {"align": align.key, "variant": prof.fusion.variant, "task": prof.fusion.task}}
@@ -117,3 +132,59 @@ def _fingerprint(align: AlignOutcome) -> str:
     from asectl.cache import canonical_json, sha256_bytes
 
     return sha256_bytes(canonical_json(align.summary["samples"]).encode())
+
+
+def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], config: Any, seed: int,
+              classes: list[str], device: str, args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Temperature and decision rule from out-of-fold logits of a stratified k-fold cross-validation on
+    the training cards (each fold model trained like the final one, same settings and seed). The final
+    model is the one trained on every training card; as in scikit-learn's CalibratedClassifierCV with
+    ensemble=False, its calibration comes from the fold models' held-out predictions."""
+    import numpy as np
+
+    from asectl.models.calibration import (choose_rule, decision_stats, expected_calibration_error,
+                                           fit_temperature, nll, softmax, stratified_folds)
+    from asectl.models.cmaf import map_labels, predict_logits, train_fusion
+
+    y, _ = map_labels(labels, config.task, classes)
+    fold = stratified_folds([classes[i] for i in y], args["folds"], seed)
+    logits = np.zeros((len(y), len(classes)), dtype=np.float64)
+    with ui.progress(args["folds"], "calibration (cross-validation)") as advance:
+        for k in range(args["folds"]):
+            fit, held = fold != k, fold == k
+            fold_model, _ = train_fusion({m: v[fit] for m, v in feats.items()},
+                                         [labels[i] for i in np.flatnonzero(fit)], config, seed, classes=classes,
+                                         device=device)
+            logits[held] = predict_logits(fold_model, {m: v[held] for m, v in feats.items()})
+            advance()
+    temperature = fit_temperature(logits, y)
+    before, after = softmax(logits), softmax(logits, temperature)
+    rule = choose_rule(after, y, classes, args["max_miss_rate"], args["max_defect_error"])
+    top = after.argmax(axis=1)
+    calibration = {"method": "temperature scaling", "temperature": temperature, "folds": args["folds"],
+                   "seed": seed, "n_held_out": int(len(y)),
+                   "held_out": {n: int(f) for n, f in zip(names, fold)},
+                   "held_out_nll": {"before": nll(logits, y), "after": nll(logits, y, temperature)},
+                   "held_out_ece": {"before": expected_calibration_error(before, y),
+                                    "after": expected_calibration_error(after, y)},
+                   "held_out_accuracy": float((top == y).mean()), "held_out_errors": int((top != y).sum())}
+    decision = {**rule.to_dict(), "held_out": decision_stats(rule.decide(after), y, top, classes),
+                "tradeoff": miss_rate_tradeoff(after, y, classes, args["max_defect_error"])}
+    return calibration, decision
+
+
+MISS_RATE_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+def miss_rate_tradeoff(probs: Any, y: Any, classes: list[str], max_defect_error: float) -> list[dict[str, Any]]:
+    """Held-out review share and miss rate for a few other miss-rate targets: what a stricter or looser
+    target would cost, without retraining to find out."""
+    from asectl.models.calibration import choose_rule, decision_stats
+
+    rows = []
+    for target in MISS_RATE_TARGETS:
+        rule = choose_rule(probs, y, classes, target, max_defect_error)
+        st = decision_stats(rule.decide(probs), y, probs.argmax(axis=1), classes)
+        rows.append({"max_miss_rate": target, "pass_threshold": rule.pass_threshold,
+                     "review_share": st["review_share"], "miss_rate": st["miss_rate"]})
+    return rows

@@ -10,6 +10,7 @@ import re
 import time
 import unicodedata
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,13 +22,35 @@ from asectl.card import PATTERN_TIMEOUT, CardSpec, default_spec, load_spec, sear
 from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.imageio import load_image
-from asectl.stages.common import StageResult, run_per_image
+from asectl.executors import Executor, resolve
+from asectl.stages.common import Remote, StageResult, run_per_image
+from asectl.stages.settings import StageSettings
 
 STAGE = "ocr"
 FORMAT = 1
 BINARISE_THRESHOLD = 128
 DETECTORS = ("auto", "model")   # auto: cut clean text lines directly, else the engine's detector
 _DASHES = dict.fromkeys(map(ord, "\u2212\u2013\u2014\u2012\u2010\u2011"), "-")
+
+
+@dataclass(frozen=True)
+class OcrSettings(StageSettings):
+    """How cards are read: the engine, the card spec (a TOML path; None = the built-in spec of
+    docs/card-format.md) and the text-line detector. The defaults of ``asectl ocr`` live here only."""
+
+    STAGE = STAGE
+    engine: str = "cnocr"
+    spec: str | None = None
+    detector: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"--detector {self.detector!r}: choose one of {', '.join(DETECTORS)}")
+        if self.spec is not None:   # remembered and replayed from other folders: store where it is
+            object.__setattr__(self, "spec", str(Path(self.spec).expanduser().resolve()))
+
+    def card_spec(self) -> CardSpec:
+        return load_spec(self.spec) if self.spec else default_spec()
 
 
 def binarise(img: Image.Image, threshold: int = BINARISE_THRESHOLD) -> Image.Image:
@@ -216,12 +239,12 @@ def read_card(image_path: Path, engine_name: str, spec: CardSpec, detector: str 
     return record
 
 
-def ocr_identity(engine: str = "cnocr", spec: CardSpec | None = None, detector: str = "auto") -> dict[str, Any]:
-    spec = spec or default_spec()
-    if detector not in DETECTORS:
-        raise ConfigError(f"--detector {detector!r}: choose one of {', '.join(DETECTORS)}")
-    return {"format": FORMAT, "engine": engine_identity(engine), "binarise": BINARISE_THRESHOLD,
-            "detector": detector, "spec": {"name": spec.name, "sha256": spec.digest}}
+def ocr_identity(settings: OcrSettings | None = None, spec: CardSpec | None = None) -> dict[str, Any]:
+    """What a record depends on: engine and model files, binarisation, detector, card spec contents."""
+    settings = settings or OcrSettings()
+    spec = spec or settings.card_spec()
+    return {"format": FORMAT, "engine": engine_identity(settings.engine), "binarise": BINARISE_THRESHOLD,
+            "detector": settings.detector, "spec": {"name": spec.name, "sha256": spec.digest}}
 
 
 # --- several processes -------------------------------------------------------------------------------
@@ -265,18 +288,38 @@ def ocr_pool(engine: str, spec: CardSpec, detector: str, workers: int):
                       name="an OCR worker", fix="rerun with fewer workers (asectl ocr --workers N)")
 
 
-def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path | None = None,
-            cache: Cache | None = None, force: bool = False, strict: bool = False,
-            detector: str = "auto", workers: int | None = None) -> StageResult:
+def _cluster_reader(engine: str, spec: CardSpec, detector: str, identity: dict[str, Any]):
+    """A Ray worker's reader (asectl.executors): its engine, loaded once with one thread (one worker per
+    core), must be the driver's, or the records would differ from a local run's."""
+    from asectl.executors import check_same
+
+    _worker_init(engine, spec, detector, 1)
+    check_same(f"the OCR engine {engine}", engine_identity(engine), identity["engine"])
+    return _worker_read_cards
+
+
+def _worker_read_cards(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
+    return [_worker_read(s.path) for s in samples]
+
+
+def run_ocr(dataset: Dataset, settings: OcrSettings | None = None, *, cache: Cache | None = None,
+            force: bool = False, strict: bool = False, workers: int | None = None,
+            remember: bool = True, executor: Executor | None = None, **choices: Any) -> StageResult:
     """OCR every card of a dataset (or list of images), cached per image, engine and card spec.
-    ``workers`` processes read the cards (default: one per core); they change the speed, not the records."""
+    ``choices`` (``engine``, ``spec``, ``detector``) change single settings. ``workers`` processes read
+    the cards (default: one per core); they change the speed, not the records. A run on a dataset folder
+    is remembered for the later stages on it (``remember=False``: a replay, which leaves them).
+    ``executor``: where the misses are read (asectl.executors; default local)."""
     cache = cache or Cache()
-    card_spec = spec if isinstance(spec, CardSpec) else (load_spec(spec) if spec else default_spec())
-    identity = ocr_identity(engine, card_spec, detector)
+    settings = (settings or OcrSettings()).replace(**choices)
+    engine, detector = settings.engine, settings.detector
+    card_spec = settings.card_spec()
+    identity = ocr_identity(settings, card_spec)
     from asectl.workers import usable_cores
 
     n_workers = workers or usable_cores()   # one OCR process per core
-    pool = ocr_pool(engine, card_spec, detector, n_workers) if n_workers > 1 else None
+    executor = resolve(executor)
+    pool = ocr_pool(engine, card_spec, detector, n_workers) if n_workers > 1 and not executor.distributed else None
 
     def read_many(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
         # The first chunk is the whole run when it is shorter than a full one (batch_size >= SMALL_RUN).
@@ -294,8 +337,12 @@ def run_ocr(dataset: Dataset, engine: str = "cnocr", spec: CardSpec | str | Path
         records = run_per_image(
             STAGE, dataset.samples, identity, compute, cache, force=force, strict=strict,
             description=f"ocr ({engine})", meta={"spec_source": card_spec.source},
-            batch=read_many if pool else None, batch_size=CHUNK_PER_WORKER * n_workers)
+            batch=read_many if pool else None, batch_size=CHUNK_PER_WORKER * n_workers, executor=executor,
+            remote=Remote("an OCR worker", _cluster_reader, (engine, card_spec, detector, identity),
+                          batch_size=CHUNK_PER_WORKER))
     finally:
         if pool:
             pool.close()
+    if remember:
+        settings.remember(cache, dataset)
     return StageResult(STAGE, records, identity, cache.summary(STAGE))

@@ -1,23 +1,25 @@
 """``asectl predict``: classify cards with a trained bundle, replaying exactly the pipeline it was
 trained with (OCR engine and card spec, describer, LLM + priors, encoders, projections, fusion).
-Every per-image step is cached, and so are the probabilities (per bundle and exact encoder features), so
-predicting the same cards twice needs no model at all."""
+Every per-image step is cached, and so are the fusion's logits (per bundle and exact encoder features), so
+predicting the same cards twice needs no model at all. The probabilities are calibrated with the bundle's
+temperature, and each card gets the bundle's decision: pass, defect or review (asectl.models.calibration)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 from asectl.bundle import Bundle
 from asectl.cache import Cache, make_key, sha256_bytes
-from asectl.dataset import Dataset
+from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError
-from asectl.pipeline import build_encoders, collect_modalities, encode_modalities
+from asectl.stages.modalities import build_encoders, collect_modalities, encode_modalities
 from asectl.stages.common import StageResult
 
 STAGE = "predict"
-FORMAT = 1
+FORMAT = 2      # 2: logits (calibrated when read), not probabilities
 
 
 def bundle_encoders(bundle: Bundle) -> tuple[Any, Any, Any]:
@@ -35,13 +37,17 @@ def bundle_encoders(bundle: Bundle) -> tuple[Any, Any, Any]:
                               "the same weights or retrain")
         if state is not None:
             enc.load_finetuned(state)
+    if finetuned[1] is None and finetuned[2] is None and encoders[1].identity() == encoders[2].identity():
+        # Frozen text branches are the same model: one instance serves both (one load, half the memory).
+        encoders = (encoders[0], encoders[1], encoders[1])
     return encoders
 
 
-def class_probabilities(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cache,
-                        force: bool = False) -> np.ndarray:
-    """Heads and fusion over the encoder features, float32 [n, classes]: one cache entry per bundle and
-    exact feature bytes, so a rerun imports no torch."""
+def class_logits(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cache, force: bool = False,
+                 models: Callable[[], tuple[Any, Any]] | None = None) -> np.ndarray:
+    """Heads and fusion over the encoder features: logits float32 [n, classes], one cache entry per
+    bundle and exact feature bytes, so a rerun imports no torch. ``models`` returns (heads, fusion) on a
+    cache miss (a Predictor's, loaded once), else they are loaded from the bundle."""
     from safetensors.numpy import load as st_load
     from safetensors.numpy import save as st_save
 
@@ -50,27 +56,97 @@ def class_probabilities(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cac
     key = make_key(STAGE, format=FORMAT, bundle=bundle.digest, features=digests)
     entry = None if force else cache.get(STAGE, key)
     if entry is not None:
-        return st_load(entry.read_bytes("probs.safetensors"))["probs"]
-    from asectl.models.cmaf import predict_proba
+        return st_load(entry.read_bytes("logits.safetensors"))["logits"]
+    from asectl.models.cmaf import predict_logits
     from asectl.models.pfa import align_features
 
-    probs = np.ascontiguousarray(predict_proba(bundle.fusion(), align_features(bundle.heads(), arrays)))
-    cache.put(STAGE, key, {"probs.safetensors": st_save({"probs": probs})}, {"params": {"bundle": bundle.digest}})
-    return probs
+    heads, fusion = models() if models else (bundle.heads(), bundle.fusion())
+    logits = np.ascontiguousarray(predict_logits(fusion, align_features(heads, arrays)))
+    cache.put(STAGE, key, {"logits.safetensors": st_save({"logits": logits})}, {"params": {"bundle": bundle.digest}})
+    return logits
+
+
+@dataclass
+class Predictions:
+    samples: list[Sample]               # the cards classified, in input order
+    logits: np.ndarray                  # [len(samples), classes], before calibration
+    dropped: list[dict[str, Any]]       # {"image", "error"}: cards that lack a modality
+
+
+class Predictor:
+    """A bundle with its models loaded at most once and kept: a batch or ``--watch`` pays for loading a
+    model once, not per card. Nothing is loaded before it is needed, so a fully cached call loads none."""
+
+    def __init__(self, bundle: Bundle, cache: Cache | None = None, force: bool = False):
+        self.bundle = bundle
+        self.cache = cache or Cache()
+        self.force = force
+        self.classes = bundle.labels
+        self.temperature = bundle.temperature
+        self.rule = bundle.decision_rule()
+        self._encoders: tuple[Any, Any, Any] | None = None
+        self._models: tuple[Any, Any] | None = None
+
+    def encoders(self) -> tuple[Any, Any, Any]:
+        if self._encoders is None:
+            self._encoders = bundle_encoders(self.bundle)
+        return self._encoders
+
+    def models(self) -> tuple[Any, Any]:
+        if self._models is None:
+            self._models = (self.bundle.heads(), self.bundle.fusion())
+        return self._models
+
+    def warm_up(self) -> None:
+        """Load every model now, so that the first real card does not wait for them (``--watch``): one
+        generated card is classified through the bundle's pipeline in a temporary folder and its result
+        dropped. With another card layout it may fail part-way; what it reached is loaded all the same."""
+        import tempfile
+        from pathlib import Path
+
+        from asectl.synth import generate
+
+        self.encoders()
+        self.models()
+        with tempfile.TemporaryDirectory(prefix="asectl-warm-up-") as tmp:
+            generate(Path(tmp) / "card", seed=0, counts="1,1,0,0,0")
+            card = sorted((Path(tmp) / "card" / "images").glob("*.png"))[0]
+            self.run(Dataset([Sample(card, card.name)], None, "images", []))
+
+    def classify(self, dataset: Dataset) -> Predictions:
+        # A replay: the bundle's settings, checked model hashes, and the dataset's remembered settings left alone.
+        mods = collect_modalities(dataset, self.cache, self.bundle.config["replay"], force=self.force, remember=False)
+        logits = np.zeros((0, len(self.classes)), np.float32)
+        if mods.samples:
+            feats = encode_modalities(mods, self.encoders(), self.cache)
+            logits = class_logits(self.bundle, feats, self.cache, self.force, models=self.models)
+        return Predictions(list(mods.samples), logits, list(mods.dropped))
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities float64 [n, classes] (temperature scaling)."""
+        from asectl.models.calibration import softmax
+
+        return softmax(logits, self.temperature)
+
+    def records(self, dataset: Dataset, preds: Predictions) -> list[dict[str, Any]]:
+        """One record per input card, in input order: class, calibrated probabilities and decision, or
+        the error that kept the card out."""
+        by_name: dict[str, dict[str, Any]] = {d["image"]: d for d in preds.dropped}
+        probs = self.probabilities(preds.logits)
+        for s, p, decision in zip(preds.samples, probs, self.rule.decide(probs)):
+            k = int(np.argmax(p))
+            by_name[s.name] = {"image": s.name, "label": self.classes[k], "probability": round(float(p[k]), 6),
+                               "decision": decision,
+                               "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
+                               **({"true_label": s.label} if s.label else {})}
+        return [by_name[s.name] for s in dataset.samples if s.name in by_name]
+
+    def run(self, dataset: Dataset) -> StageResult:
+        records = self.records(dataset, self.classify(dataset))
+        return StageResult(STAGE, records, {"classes": self.classes, "task": self.bundle.config["task"]},
+                           self.cache.summary(STAGE))
 
 
 def run_predict(dataset: Dataset, bundle: Bundle, cache: Cache | None = None, force: bool = False) -> StageResult:
-    cache = cache or Cache()
-    mods = collect_modalities(dataset, cache, bundle.config["replay"], force=force)
-    classes = bundle.labels
-    by_name: dict[str, dict[str, Any]] = {d["image"]: d for d in mods.dropped}
-    if mods.samples:
-        feats = encode_modalities(mods, bundle_encoders(bundle), cache)
-        probs = class_probabilities(bundle, feats, cache, force)
-        for s, p in zip(mods.samples, probs):
-            k = int(np.argmax(p))
-            by_name[s.name] = {"image": s.name, "label": classes[k], "probability": round(float(p[k]), 6),
-                               "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)},
-                               **({"true_label": s.label} if s.label else {})}
-    records = [by_name[s.name] for s in dataset.samples if s.name in by_name]
-    return StageResult(STAGE, records, {"classes": classes, "task": bundle.config["task"]}, cache.summary(STAGE))
+    """Classify every card of ``dataset`` (one call: each model loaded at most once)."""
+    return Predictor(bundle, cache, force).run(dataset)

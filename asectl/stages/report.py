@@ -12,7 +12,7 @@ from asectl.errors import ConfigError, DataError
 from asectl.report import (FILES, ReportInput, ReportSummary, pfa_stage_name, render_report, report_key_parts,
                            stage_curves_from_pfa, write_report)
 from asectl.stages.align import AlignOutcome
-from asectl.stages.predict import run_predict
+from asectl.stages.predict import Predictor
 
 
 def bundle_alignment(bundle: Bundle, cache: Cache) -> AlignOutcome | None:
@@ -75,19 +75,22 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
     classes = bundle.labels
     binary = bundle.config["task"] == "binary"
     test_ds = Dataset(test, dataset.root, dataset.source, dataset.labels)
-    result = run_predict(test_ds, bundle, cache)
-    ok = [r for r in result.records if not r.get("error")]
-    if not ok:
+    predictor = Predictor(bundle, cache)
+    preds = predictor.classify(test_ds)
+    errors = preds.dropped
+    if not preds.samples:
         raise DataError(f"{dataset.root}: no test card could be classified (first error: "
-                        f"{result.errors[0]['error'] if result.errors else '?'})")
+                        f"{errors[0]['error'] if errors else '?'})")
     truth = {s.name: (binary_label(s.label) if binary else s.label) for s in test}
-    unknown = sorted({truth[r["image"]] for r in ok} - set(classes))
+    unknown = sorted({truth[s.name] for s in preds.samples} - set(classes))
     if unknown:
         raise ConfigError(f"test labels {unknown} are not among the model's classes {classes}; "
                           "was the model trained on another dataset?")
-    y_true = [classes.index(truth[r["image"]]) for r in ok]
-    y_pred = [classes.index(r["label"]) for r in ok]
-    probs = [[r["probabilities"][c] for c in classes] for r in ok]
+    from asectl.models.calibration import softmax
+
+    probs = predictor.probabilities(preds.logits)          # calibrated: what predict reports
+    y_true = [classes.index(truth[s.name]) for s in preds.samples]
+    y_pred = probs.argmax(axis=1).tolist()
 
     align = bundle_alignment(bundle, cache)
     embeddings: dict[str, Any] = {}
@@ -106,11 +109,20 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
     prov, warnings = provenance_lines(bundle)
     if align is None:
         warnings.append("alignment entry not in this cache: t-SNE and PFA curves omitted (rerun `asectl align`)")
-    if result.errors:
-        warnings.append(f"{len(result.errors)} test card(s) could not be classified and are left out "
-                        f"(first: {result.errors[0]['error']})")
+    cal = bundle.config["calibration"]
+    if cal.get("held_out_errors") == 0:
+        warnings.append(f"no held-out training card was misclassified, so temperature scaling could only sharpen "
+                        f"the probabilities (T = {cal['temperature']:.3f}); their calibration is untested against "
+                        "a single error")
+    if errors:
+        warnings.append(f"{len(errors)} test card(s) could not be classified and are left out "
+                        f"(first: {errors[0]['error']})")
     data = ReportInput(
-        label_names=classes, y_true=y_true, y_pred=y_pred, image_names=[r["image"] for r in ok], probs=probs,
+        label_names=classes, y_true=y_true, y_pred=y_pred, image_names=[s.name for s in preds.samples],
+        probs=probs, probs_uncalibrated=softmax(preds.logits),
+        calibration=bundle.config["calibration"],
+        decision_rule=bundle.config["decision"],
+        decisions=predictor.rule.decide(probs),
         embeddings=embeddings, embedding_labels=emb_labels, embedding_split=emb_split, pfa_curves=curves,
         fusion_curve=bundle.config.get("fusion_history", []), provenance=prov, model_id=model_id,
         dataset_fingerprint=bundle.config["training"].get("data_fingerprint"),

@@ -9,20 +9,24 @@ from asectl import ui
 from asectl.cache import Cache
 from asectl.dataset import load_dataset
 from asectl.errors import DataError
-from asectl.synth import augment, generate, parse_counts, read_truth
+from asectl.synth import augment, check_difficulty, generate, parse_counts, read_truth
 
 
 def run_generate(out: str | Path, seed: int = 0, counts: str | Sequence[int] | None = None,
-                 test_size: int | None = None, force: bool = False) -> dict[str, Any]:
+                 test_size: int | None = None, force: bool = False, difficulty: str = "field") -> dict[str, Any]:
+    """Generate a dataset; ``difficulty`` "field" (default) or "clean" (docs/dataset.md)."""
+    check_difficulty(difficulty)
     total = sum(parse_counts(counts))
     with ui.progress(total, "synth") as advance:
-        return generate(out, seed=seed, counts=counts, test_size=test_size, force=force, progress=advance)
+        return generate(out, seed=seed, counts=counts, test_size=test_size, force=force, progress=advance,
+                        difficulty=difficulty)
 
 
 def run_augment(source: str | Path, out: str | Path, factor: float = 2.0, seed: int = 0,
-                stats_source: str = "ocr", engine: str = "cnocr", cache: Cache | None = None,
+                stats_source: str = "ocr", engine: str | None = None, cache: Cache | None = None,
                 force: bool = False) -> dict[str, Any]:
-    """TDA over a dataset folder; per-card stats come from the OCR stage (cached) or truth.jsonl."""
+    """TDA over a dataset folder; per-card stats come from the OCR stage (cached; the OCR settings last
+    used on the dataset, ``engine`` changed if given) or truth.jsonl."""
     dataset = load_dataset(source, seed=seed)
     if stats_source == "printed":
         truth = read_truth(dataset.root)
@@ -32,9 +36,10 @@ def run_augment(source: str | Path, out: str | Path, factor: float = 2.0, seed: 
                             f"(and {len(missing) - 1} more); use --stats ocr")
         records = [truth[s.name]["printed"] for s in dataset.samples]
     else:
-        from asectl.stages.ocr import run_ocr
+        from asectl.stages.ocr import OcrSettings, run_ocr
 
-        result = run_ocr(dataset, engine=engine, cache=cache or Cache())
+        cache = cache or Cache()
+        result = run_ocr(dataset, OcrSettings.recall(cache, dataset).replace(engine=engine), cache=cache)
         by_image = result.by_image()
         records = []
         for s in dataset.samples:

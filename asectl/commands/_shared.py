@@ -1,0 +1,95 @@
+"""What the per-image stage commands share: their common options, record output and the end of a run."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.markup import escape
+
+from asectl import ui
+
+_PER_IMAGE_OPTIONS = [
+    click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Export records as JSON lines."),
+    click.option("--json", "as_json", is_flag=True, help="Print records as JSON lines on stdout."),
+    click.option("--force", is_flag=True, help="Recompute even when cached."),
+    click.option("--strict", is_flag=True, help="Stop at the first bad image."),
+]
+
+
+def per_image_options(f):
+    """--out, --json, --force and --strict, and the executor options (``executor_options``): what every
+    per-image stage command shares."""
+    for opt in reversed(_PER_IMAGE_OPTIONS):
+        f = opt(f)
+    return executor_options(f)
+
+
+# Where cache misses are computed (asectl/executors.py, docs/scale.md). Unset options fall back to the
+# environment, then to the [executor] table of the user config file.
+_EXECUTOR_OPTIONS = [
+    click.option("--executor", "executor_kind", type=click.Choice(["local", "ray"]), default=None,
+                 help="Where uncached cards are computed: local (this machine; default) or ray (a Ray cluster, "
+                      "needs pip install -e \".[ray]\"; docs/scale.md). Env ASECTL_EXECUTOR."),
+    click.option("--ray-address", default=None, metavar="ADDR",
+                 help="Ray cluster to join (default: the one running, else a Ray instance on this machine). "
+                      "Env ASECTL_RAY_ADDRESS."),
+    click.option("--ray-workers", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Ray workers, each loading the model once (default: one per CPU in the cluster, or per "
+                      "--num-gpus-per-worker GPUs). Env ASECTL_RAY_WORKERS."),
+    click.option("--ray-batch-size", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Cards per Ray batch (default: the stage's). Env ASECTL_RAY_BATCH_SIZE."),
+    click.option("--num-gpus-per-worker", type=click.FloatRange(min=0), default=None, metavar="G",
+                 help="GPUs each Ray worker reserves, for CUDA backends (InstructBLIP, reason --n-gpu-layers). "
+                      "Env ASECTL_NUM_GPUS_PER_WORKER."),
+]
+
+
+def executor_options(f):
+    """--executor, --ray-address, --ray-workers, --ray-batch-size and --num-gpus-per-worker. The command
+    gets one ``executor`` argument instead (asectl.executors), which is also the one every stage it calls
+    uses, and which is closed when the command ends."""
+
+    @functools.wraps(f)
+    def with_executor(*args, executor_kind, ray_address, ray_workers, ray_batch_size, num_gpus_per_worker, **kwargs):
+        from asectl.executors import ExecutorSettings, make_executor, using
+
+        settings = ExecutorSettings.from_sources(kind=executor_kind, address=ray_address, workers=ray_workers,
+                                                 batch_size=ray_batch_size, num_gpus_per_worker=num_gpus_per_worker)
+        with using(make_executor(settings)) as executor:
+            return f(*args, executor=executor, **kwargs)
+
+    for opt in reversed(_EXECUTOR_OPTIONS):
+        with_executor = opt(with_executor)
+    return with_executor
+
+
+def emit_records(records: list[dict], out: Path | None, as_json: bool) -> None:
+    """Write records to ``out`` (JSON lines, atomically) and/or print them, one JSON object per line."""
+    if out is not None:
+        from asectl.stages.common import write_jsonl
+
+        write_jsonl(out, records)
+        ui.info(f"wrote {len(records)} records to {out}")
+    if as_json:
+        for r in records:
+            click.echo(json.dumps(r, default=str))
+
+
+def finish(result, cache, what: str = "images") -> None:
+    """Common end of a per-image stage command: summary line, exit 1 if any image failed."""
+    n_err = len(result.errors)
+    line = f"{result.stage}: {len(result.records)} {what}, {cache.summary(result.stage)}"
+    if n_err:
+        ui.console.print(line + f", [red]{n_err} failed[/]", highlight=False)
+    else:
+        ui.info(line)
+    for r in result.errors[:20]:
+        ui.console.print(f"  [red]error:[/] {escape(r['error'])}", highlight=False, soft_wrap=True)
+    if n_err > 20:
+        ui.console.print(f"  ... and {n_err - 20} more (see --out / --json records)")
+    if n_err:
+        sys.exit(1)

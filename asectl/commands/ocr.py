@@ -1,0 +1,40 @@
+"""``asectl ocr``: read the printed records of cards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from asectl.commands._shared import emit_records, finish, per_image_options
+from asectl.stages.ocr import DETECTORS, OcrSettings
+
+_DEFAULT = OcrSettings()
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--engine", default=_DEFAULT.engine, show_default=True, help="OCR engine: cnocr or rapidocr.")
+@click.option("--spec", type=click.Path(dir_okay=False, path_type=Path),
+              help="Card spec TOML for another record layout (default: docs/card-format.md).")
+@click.option("--detector", type=click.Choice(DETECTORS), default=_DEFAULT.detector, show_default=True,
+              help="auto: cut clean text lines directly, else the engine's text detector; model: always the detector.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Processes reading cards (default: one per core); the records do not depend on it.")
+@per_image_options
+@click.pass_obj
+def ocr(cache, inputs, engine, spec, detector, workers, out, as_json, force, strict, executor):
+    """Read the printed records of cards (a dataset folder, image files or globs). The settings are
+    remembered for the later stages on a dataset folder."""
+    from asectl.dataset import load_inputs
+    from asectl.stages.ocr import run_ocr
+
+    settings = OcrSettings(engine=engine, spec=str(spec) if spec else None, detector=detector)
+    result = run_ocr(load_inputs(inputs), settings, cache=cache, force=force, strict=strict, workers=workers,
+                     executor=executor)
+    emit_records(result.records, out, as_json)
+    finish(result, cache)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(ocr)

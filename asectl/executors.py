@@ -1,0 +1,260 @@
+"""Where the per-image stages compute what is not cached: here (``local``: this process and its worker
+pools, asectl/workers.py) or on a Ray cluster (``ray``: asectl/ray_executor.py, imported only then).
+
+A stage describes its computation as a ``Work``: a function that runs once per worker and returns the
+function that computes a batch of jobs (an OCR engine, a VLM or a GGUF LLM loaded once, then cards or
+prompts in batches). On Ray, the workers store each result in the shared content-addressed cache under
+the key the driver gave its ``Job``, so records are the same as on the local executor, the two hit each
+other's cache, and whatever a worker finished survives a driver that is killed (docs/scale.md).
+
+Settings come from, highest first: the command line, environment variables (``ASECTL_EXECUTOR``,
+``ASECTL_RAY_ADDRESS``, ``ASECTL_RAY_WORKERS``, ``ASECTL_RAY_BATCH_SIZE``, ``ASECTL_NUM_GPUS_PER_WORKER``),
+the ``[executor]`` table of the user config file (``ASECTL_CONFIG``, default
+``~/.config/asectl/config.toml``), the defaults here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from asectl.errors import ConfigError
+
+EXECUTORS = ("local", "ray")
+CONFIG_ENV = "ASECTL_CONFIG"
+CONFIG_TABLE = "executor"
+INSTALL_HINT = 'pip install -e ".[ray]"'
+
+
+def config_path() -> Path:
+    """The user config file: ASECTL_CONFIG, else config.toml in the user config folder."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("asectl")) / "config.toml"
+
+
+def read_config_table(table: str, path: Path | None = None) -> dict[str, Any]:
+    """One table of the user config file ({} when the file or the table is absent)."""
+    try:
+        import tomllib
+    except ImportError:   # Python 3.10
+        import tomli as tomllib
+
+    path = path or config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if os.environ.get(CONFIG_ENV):   # named explicitly: a missing file is a mistake
+            raise ConfigError(f"{path}: no such config file ({CONFIG_ENV}); fix the path or unset "
+                              f"{CONFIG_ENV}") from None
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc}); fix or remove it") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix or remove it") from None
+    value = data.get(table, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: '{table}' must be a table ([{table}]); fix the config file")
+    return value
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """How the cache misses of a per-image stage are computed.
+
+    ``kind``: local or ray. Ray only: ``address`` (None: a running cluster if there is one, else a Ray
+    instance on this machine), ``workers`` (None: one per CPU, or per ``num_gpus_per_worker`` GPUs, of the
+    cluster, at most one per batch), ``batch_size`` (jobs per batch; None: the stage's own), and
+    ``num_gpus_per_worker`` (GPUs each worker reserves, for CUDA backends)."""
+
+    kind: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    batch_size: int | None = None
+    num_gpus_per_worker: float = 0.0
+
+    # the option and the environment variable of each setting (its key in [executor] is its name)
+    SOURCES = {"kind": ("--executor", "ASECTL_EXECUTOR"),
+               "address": ("--ray-address", "ASECTL_RAY_ADDRESS"),
+               "workers": ("--ray-workers", "ASECTL_RAY_WORKERS"),
+               "batch_size": ("--ray-batch-size", "ASECTL_RAY_BATCH_SIZE"),
+               "num_gpus_per_worker": ("--num-gpus-per-worker", "ASECTL_NUM_GPUS_PER_WORKER")}
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise ConfigError(f"executor {self.kind!r}: choose one of {', '.join(EXECUTORS)}")
+        for name in ("workers", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{self.SOURCES[name][0]} {value!r}: must be a whole number, 1 or more")
+        gpus = self.num_gpus_per_worker
+        if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not (math.isfinite(gpus) and gpus >= 0):
+            raise ConfigError(f"--num-gpus-per-worker {gpus!r}: must be 0 or more (fractions share a GPU)")
+        if self.kind == "local" and (self.workers or self.batch_size or self.address or gpus):
+            given = [self.SOURCES[n][0] for n in ("address", "workers", "batch_size", "num_gpus_per_worker")
+                     if getattr(self, n)]
+            raise ConfigError(f"{', '.join(given)} apply to the Ray executor; add --executor ray (or drop them)")
+
+    @classmethod
+    def from_sources(cls, config: Path | None = None, **given: Any) -> "ExecutorSettings":
+        """Settings from the command line (``given``, None = not given), then the environment, then the
+        config file's [executor] table, then the defaults."""
+        path = config or config_path()
+        table = read_config_table(CONFIG_TABLE, path)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(table) - names)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} in [{CONFIG_TABLE}]; use "
+                              f"{', '.join(sorted(names))}")
+        values: dict[str, Any] = {}
+        origins: set[str] = set()   # where values other than the command line's came from, for messages
+        for name in names:
+            env = cls.SOURCES[name][1]
+            if given.get(name) is not None:
+                values[name] = given[name]
+            elif os.environ.get(env):
+                values[name] = _from_env(env, os.environ[env], name)
+                origins.add(env)
+            elif name in table:
+                values[name] = table[name]
+                origins.add(f"{path} [{CONFIG_TABLE}] {name}")
+        # Ray settings from the environment or the config file wait for a Ray run; on the command line
+        # with a local run they are a mistake (reported by __post_init__).
+        if values.get("kind", "local") == "local":
+            values = {k: v for k, v in values.items() if k == "kind" or given.get(k) is not None}
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            if not origins:
+                raise
+            raise ConfigError(f"{exc} (settings from {', '.join(sorted(origins))})") from None
+
+
+def _from_env(env: str, text: str, name: str) -> Any:
+    if name in ("kind", "address"):
+        return text.strip()
+    try:
+        return float(text) if name == "num_gpus_per_worker" else int(text)
+    except ValueError:
+        raise ConfigError(f"{env}={text!r}: not a number; fix or unset it") from None
+
+
+# --- what a stage hands to an executor ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: ``item`` (a card, a prompt) and the cache ``key`` its result is stored under,
+    with ``meta`` added to the stage's metadata."""
+
+    key: str
+    item: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Work:
+    """A stage's computation in a form that can be shipped to another machine.
+
+    ``load(*args)`` runs once in each worker (loads the engine) and returns ``compute(items) -> results``,
+    one per item in order. A result that is a dict without an ``error`` is stored in the cache under
+    (``stage``, the job's key) with ``meta``; an error record is returned, not stored; an AsectlError
+    raised by ``load`` or ``compute`` stops the run. ``load`` and ``args`` must be importable or plain
+    data (they are pickled); ``name`` says who the workers are in messages ("an OCR worker")."""
+
+    name: str
+    stage: str
+    load: Callable[..., Callable[[list[Any]], list[Any]]]
+    args: tuple = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 8          # jobs per batch unless --ray-batch-size says otherwise
+    cpus: float = 1.0            # cores one worker keeps busy (its thread count)
+
+
+class Executor:
+    """The local executor: stages compute their misses themselves (in-process or with their own worker
+    pools). ``distributed`` executors take ``Work`` instead, through ``map``."""
+
+    kind = "local"
+    distributed = False
+
+    def map(self, work: Work, jobs: Sequence[Job], cache: Any) -> Iterator[tuple[int, Any]]:
+        """(position in ``jobs``, result) for every job, in the order they finish, each result already
+        stored in ``cache``."""
+        raise NotImplementedError("the local executor runs the stages' own loops")
+
+    def close(self) -> None:
+        """Release what this executor started (a Ray instance it started on this machine)."""
+
+
+LOCAL = Executor()
+_current: list[Executor] = []
+
+
+def check_same(what: str, here: Any, driver: Any) -> None:
+    """In a worker: stop unless its engine or model identity (``here``) is the one the run started with;
+    another model file or library version on a node would give other records under the same keys."""
+    if here == driver:
+        return
+    import socket
+
+    differ = ([k for k in sorted(set(here) | set(driver)) if here.get(k) != driver.get(k)]
+              if isinstance(here, dict) and isinstance(driver, dict) else [])
+    raise ConfigError(f"{what} on node {socket.gethostname()} is not the one this run started with"
+                      + (f" (differs in {', '.join(differ)})" if differ else "")
+                      + "; install the same asectl environment and model files on every node (docs/scale.md)")
+
+
+def make_executor(settings: ExecutorSettings | None = None) -> Executor:
+    """The executor ``settings`` ask for. Ray is imported here only for ``kind == "ray"``; without it
+    installed, one ConfigError saying how to install it."""
+    settings = settings or ExecutorSettings()
+    if settings.kind == "local":
+        return LOCAL
+    require_ray()
+    from asectl.ray_executor import RayExecutor
+
+    return RayExecutor(settings)
+
+
+def require_ray() -> None:
+    """ConfigError unless Ray Data can be imported."""
+    import importlib.util
+
+    try:
+        missing = importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.data") is None
+    except (ImportError, ValueError):
+        missing = True
+    if missing:
+        raise ConfigError(f"--executor ray needs Ray, which is not installed; run `{INSTALL_HINT}` (or use "
+                          "--executor local)")
+
+
+def resolve(executor: Executor | None) -> Executor:
+    """``executor``, else the one a caller set with ``using()``, else the local executor."""
+    if executor is not None:
+        return executor
+    return _current[-1] if _current else LOCAL
+
+
+@contextlib.contextmanager
+def using(executor: Executor) -> Iterator[Executor]:
+    """Run the stages called inside the block (also those ``predict`` calls) on ``executor``, and close it
+    at the end."""
+    _current.append(executor)
+    try:
+        yield executor
+    finally:
+        _current.pop()
+        executor.close()
+
+
+__all__ = ["EXECUTORS", "ExecutorSettings", "Executor", "Job", "Work", "LOCAL", "make_executor", "require_ray",
+           "resolve", "using", "check_same", "config_path", "read_config_table"]

@@ -1,0 +1,233 @@
+"""Calibrated confidence and the decision rule a production line acts on.
+
+The paper trains the fusion with cross-entropy and reports macro-F1 only (paper lines 171 and 208-219);
+it says nothing about how far its softmax probabilities can be trusted. A probability that drives a decision must mean
+what it says, so ``fuse-train`` adds two things fitted on held-out *training* cards (out-of-fold
+predictions of a cross-validation on the training split; the test split is never read):
+
+* **Temperature scaling** (Guo et al., "On calibration of modern neural networks", ICML 2017): one
+  scalar T > 0 divides the logits, ``p = softmax(z / T)``, chosen to minimise the negative
+  log-likelihood of the held-out cards. It does not change which class is on top, only how sure the
+  model says it is.
+* **A decision rule** with three outcomes: ``pass`` (the card is normal and the model is sure of it),
+  ``defect`` (a defect class, and the model is sure of it), ``review`` (anything else: a person looks).
+  Its two thresholds are the lowest that meet the user's targets on the held-out cards, so the fewest
+  cards go to review:
+
+  - ``max_miss_rate``: at most this share of defective held-out cards is passed as normal;
+  - ``max_defect_error``: at most this share of held-out cards decided ``defect`` has another true class
+    (a normal card, or another defect type).
+
+Only numpy and scipy here: applying a stored rule needs no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from asectl.dataset import NORMAL
+from asectl.errors import ConfigError, DataError
+
+DECISIONS = ("pass", "defect", "review")
+DEFAULT_MAX_MISS_RATE = 0.01
+DEFAULT_MAX_DEFECT_ERROR = 0.05
+DEFAULT_CALIBRATION_FOLDS = 5
+ECE_BINS = 15                      # Guo et al. 2017 use 15 equal-width confidence bins
+# log T is searched in [log 0.05, log 20]: wide enough for any model seen so far, and it keeps T finite
+# when every held-out card is right (the likelihood then keeps rising as T shrinks towards 0).
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities float64 [n, k] of ``logits / temperature`` (numpy only: predict imports no scipy)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def nll(logits: Any, y: Sequence[int], temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true classes at ``temperature``."""
+    from scipy.special import log_softmax
+
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    y = np.asarray(y, dtype=np.int64)
+    return float(-log_softmax(z, axis=-1)[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: Any, y: Sequence[int]) -> float:
+    """The T minimising the held-out NLL (bounded 1-d search on log T; the NLL is smooth in it)."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    if z.ndim != 2 or len(z) != len(y) or len(y) == 0:
+        raise DataError(f"temperature scaling needs [n, k] logits and n labels; got {z.shape} and {len(y)}")
+    lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    res = minimize_scalar(lambda log_t: nll(z, y, math.exp(log_t)), bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-4})
+    return float(math.exp(res.x))
+
+
+def reliability_bins(probs: Any, y: Sequence[int], bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Equal-width bins of top-class confidence: count, mean confidence and accuracy of each non-empty bin."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == y
+    # Bin i holds (i/bins, (i+1)/bins]; a confidence of exactly 0 cannot occur for a top class.
+    idx = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            out.append({"lo": b / bins, "hi": (b + 1) / bins, "count": int(m.sum()),
+                        "confidence": float(conf[m].mean()), "accuracy": float(correct[m].mean())})
+    return out
+
+
+def expected_calibration_error(probs: Any, y: Sequence[int], bins: int = ECE_BINS) -> float:
+    """ECE = sum over bins of (share of cards) x |accuracy - mean confidence| (Guo et al. 2017, Eq. 3)."""
+    rows = reliability_bins(probs, y, bins)
+    n = sum(r["count"] for r in rows)
+    return float(sum(r["count"] / n * abs(r["accuracy"] - r["confidence"]) for r in rows)) if n else 0.0
+
+
+def check_target(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"--{name.replace('_', '-')} {value}: give a share in [0, 1), e.g. 0.01 for 1%")
+    return value
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """pass / defect / review from calibrated probabilities. A threshold of None never grants that
+    decision (no normal class to pass, or no held-out evidence that the target can be met)."""
+
+    classes: tuple[str, ...]
+    pass_threshold: float | None        # pass: top class is normal and p(normal) >= this
+    defect_threshold: float | None      # defect: top class is a defect class and its p >= this
+    max_miss_rate: float
+    max_defect_error: float
+
+    def decide(self, probs: Any) -> list[str]:
+        p = np.atleast_2d(np.asarray(probs, dtype=np.float64))
+        top = p.argmax(axis=1)
+        conf = p.max(axis=1)
+        normal = self.classes.index(NORMAL) if NORMAL in self.classes else -1
+        out = []
+        for k, c in zip(top, conf):
+            if k == normal:
+                ok = self.pass_threshold is not None and c >= self.pass_threshold
+                out.append("pass" if ok else "review")
+            else:
+                ok = self.defect_threshold is not None and c >= self.defect_threshold
+                out.append("defect" if ok else "review")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DecisionRule":
+        return cls(tuple(d["classes"]), d["pass_threshold"], d["defect_threshold"], float(d["max_miss_rate"]),
+                   float(d["max_defect_error"]))
+
+
+def _above(v: float) -> float:
+    """The smallest float above v: a threshold that v itself does not reach."""
+    return float(np.nextafter(v, np.inf))
+
+
+def choose_rule(probs: Any, y: Sequence[int], classes: Sequence[str], max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
+                max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR) -> DecisionRule:
+    """The lowest thresholds that meet both targets on held-out cards (calibrated ``probs``, true ``y``)."""
+    max_miss_rate = check_target("max_miss_rate", max_miss_rate)
+    max_defect_error = check_target("max_defect_error", max_defect_error)
+    classes = tuple(str(c) for c in classes)
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    top, conf = p.argmax(axis=1), p.max(axis=1)
+    normal = classes.index(NORMAL) if NORMAL in classes else -1
+
+    # Where a target is met by every held-out card of a kind, the threshold is the lowest confidence seen
+    # among them, not 0: below it there is no held-out evidence either way, so such cards go to review.
+    pass_t: float | None = None
+    defective = y != normal
+    said_normal = top == normal
+    if normal >= 0 and defective.any() and said_normal.any():
+        # Defective cards the argmax alone would pass, most confident first; `allowed` of them may pass.
+        would_pass = np.sort(conf[defective & said_normal])[::-1]
+        allowed = int(math.floor(max_miss_rate * int(defective.sum()) + 1e-9))
+        pass_t = float(conf[said_normal].min()) if len(would_pass) <= allowed else _above(would_pass[allowed])
+
+    defect_t: float | None = None
+    flagged = ~said_normal
+    if flagged.any():
+        order = np.argsort(-conf[flagged], kind="stable")
+        c_sorted = conf[flagged][order]
+        wrong = np.cumsum((top[flagged] != y[flagged])[order])
+        share = wrong / np.arange(1, len(order) + 1)
+        # Lowering the threshold admits cards in descending confidence; a cut may only fall between
+        # different confidences (equal ones are admitted together).
+        ok = [i for i in range(len(order)) if share[i] <= max_defect_error
+              and (i + 1 == len(order) or c_sorted[i + 1] < c_sorted[i])]
+        if ok:
+            i = max(ok)
+            defect_t = float(c_sorted[i])
+    return DecisionRule(classes, pass_t, defect_t, max_miss_rate, max_defect_error)
+
+
+def decision_stats(decisions: Sequence[str], y: Sequence[int], top: Sequence[int],
+                   classes: Sequence[str]) -> dict[str, Any]:
+    """How a rule did on labelled cards: shares of each decision, the miss rate (defective cards passed,
+    over defective cards) and the defect error (decided defect with another true class, over defect
+    decisions). Rates are None where their denominator is 0."""
+    d = np.asarray(list(decisions))
+    y = np.asarray(y, dtype=np.int64)
+    top = np.asarray(top, dtype=np.int64)
+    normal = list(classes).index(NORMAL) if NORMAL in classes else -1
+    n = len(d)
+    defective = y != normal
+    n_def = int(defective.sum())
+    missed = int((defective & (d == "pass")).sum())
+    n_defect = int((d == "defect").sum())
+    wrong_defect = int(((d == "defect") & (top != y)).sum())
+    return {"n": n, **{f"{k}_share": (float((d == k).mean()) if n else None) for k in DECISIONS},
+            "counts": {k: int((d == k).sum()) for k in DECISIONS},
+            "n_defective": n_def, "n_missed": missed, "miss_rate": missed / n_def if n_def else None,
+            "n_defect_decisions": n_defect, "n_wrong_defect": wrong_defect,
+            "defect_error": wrong_defect / n_defect if n_defect else None}
+
+
+def stratified_folds(labels: Sequence[str], folds: int, seed: int) -> np.ndarray:
+    """Fold number per training card (seeded, class proportions kept): scikit-learn's StratifiedKFold.
+    A class with fewer cards than folds simply misses from some held-out folds."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray([str(x) for x in labels])
+    folds = int(folds)
+    if folds < 2:
+        raise ConfigError(f"--calibration-folds {folds}: use at least 2")
+    if len(y) < folds:
+        raise DataError(f"{len(y)} training cards are too few for {folds}-fold calibration; add training "
+                        "cards or lower --calibration-folds")
+    out = np.zeros(len(y), dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # "least populated class has only n members"
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        try:
+            for k, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y)):
+                out[held] = k
+        except ValueError:   # every class has fewer cards than folds
+            raise DataError(f"every class has fewer than {folds} training cards; add training cards or "
+                            "lower --calibration-folds") from None
+    return out

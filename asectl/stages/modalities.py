@@ -1,0 +1,158 @@
+"""The three modalities of a card set, and the settings that make them.
+
+``collect_modalities`` runs (or finds in the cache) OCR, descriptions and LLM reasoning for a set of
+samples with one ``ModalitySettings`` (what each per-image stage last ran with on the dataset, or a
+bundle's stored replay settings); ``encode_modalities`` turns them into the three feature matrices.
+The learning stages and ``predict`` call these; nothing here imports a command or a learning stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from asectl.cache import Cache
+from asectl.dataset import Dataset, Sample
+from asectl.errors import ConfigError
+from asectl.stages.describe import DescribeSettings
+from asectl.stages.ocr import OcrSettings
+from asectl.stages.reason import ReasonSettings
+
+log = logging.getLogger("asectl")
+
+
+@dataclass(frozen=True)
+class ModalitySettings:
+    """One settings object per per-image stage, and what the LLM-branch text is made of: ``llm_text``
+    (``asectl.models.train_config.LLM_TEXTS``), set from ``encoders.llm_text`` by the learning stages and
+    replayed from a bundle."""
+
+    ocr: OcrSettings = field(default_factory=OcrSettings)
+    describe: DescribeSettings = field(default_factory=DescribeSettings)
+    reason: ReasonSettings = field(default_factory=ReasonSettings)
+    llm_text: str = "composite"
+
+    @classmethod
+    def recall(cls, cache: Cache, dataset: Dataset) -> "ModalitySettings":
+        """What each per-image stage last ran with on ``dataset`` (defaults where it never ran)."""
+        return cls(OcrSettings.recall(cache, dataset), DescribeSettings.recall(cache, dataset),
+                   ReasonSettings.recall(cache, dataset))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Mapping[str, Any] | None] | None) -> "ModalitySettings":
+        """From stored dicts per stage (a bundle's ``replay``, a benchmark's settings)."""
+        values = values or {}
+        return cls(OcrSettings.from_dict(values.get("ocr")), DescribeSettings.from_dict(values.get("describe")),
+                   ReasonSettings.from_dict(values.get("reason")), values.get("llm_text") or "composite")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ocr": self.ocr.as_dict(), "describe": self.describe.as_dict(), "reason": self.reason.as_dict(),
+                "llm_text": self.llm_text}
+
+
+@dataclass
+class Modalities:
+    samples: list[Sample]                 # samples with every modality present, in input order
+    ocr_fields: list[dict[str, Any]]
+    vlm_texts: list[str]
+    llm_texts: list[str]
+    dropped: list[dict[str, Any]] = field(default_factory=list)      # {"image", "error"}
+    replay: dict[str, dict[str, Any]] = field(default_factory=dict)  # settings that repeat each stage
+    provenance: dict[str, str] = field(default_factory=dict)
+
+
+def collect_modalities(dataset: Dataset, cache: Cache,
+                       settings: ModalitySettings | Mapping[str, Any] | None = None, *,
+                       priors: Mapping[str, Any] | None = None, force: bool = False,
+                       remember: bool = True) -> Modalities:
+    """OCR, describe and reason over every sample (cached). ``settings``: remembered settings, or a
+    bundle's stored replay settings (which enforce the exact models). ``priors`` replace the LLM's
+    prior knowledge (TDA: the real training cards' priors). A replay (``remember=False``) leaves the
+    dataset's remembered settings as they are."""
+    from asectl.models.train_config import LLM_TEXTS
+    from asectl.stages.describe import run_describe
+    from asectl.stages.ocr import run_ocr
+    from asectl.stages.reason import answer_only_text, hint_free_prompt, run_reason
+
+    if not isinstance(settings, ModalitySettings):
+        settings = ModalitySettings.from_dict(settings)
+    if settings.llm_text not in LLM_TEXTS:
+        raise ConfigError(f"encoders.llm_text = {settings.llm_text!r}: choose one of {', '.join(LLM_TEXTS)}")
+    answer_only = settings.llm_text == "answer"
+    reason_settings = settings.reason.replace(priors=dict(priors) if priors is not None else None)
+    if answer_only:   # the LLM's own answer: its prompt carries no nearest-class hint
+        reason_settings = reason_settings.replace(prompt=hint_free_prompt(reason_settings.prompt))
+    ocr = run_ocr(dataset, settings.ocr, cache=cache, force=force, remember=remember)
+    desc = run_describe(dataset, settings.describe, cache=cache, force=force, remember=remember)
+    # The hint-free prompt is this branch's, not the user's choice for `asectl reason`: not remembered.
+    reas = run_reason(dataset, reason_settings, ocr=settings.ocr, cache=cache, force=force,
+                      remember=remember and not answer_only)
+    by = [ocr.by_image(), desc.by_image(), reas.by_image()]
+    keep, fields, vlm, llm, dropped = [], [], [], [], []
+    for s in dataset.samples:
+        recs = [b.get(s.name, {"error": f"{s.path}: no record"}) for b in by]
+        err = next((r["error"] for r in recs if r.get("error")), None)
+        if err:
+            dropped.append({"image": s.name, "error": err})
+            continue
+        keep.append(s)
+        fields.append(recs[0]["fields"])
+        vlm.append(recs[1]["text"])
+        llm.append(answer_only_text(recs[2].get("json")) if answer_only else recs[2]["text"])
+    if dropped:
+        log.warning("%d of %d cards lack a modality and are left out (first: %s)", len(dropped),
+                    len(dataset.samples), dropped[0]["error"])
+    replay = ModalitySettings(settings.ocr, DescribeSettings.replay(desc.params), ReasonSettings.replay(reas.params),
+                              settings.llm_text)
+    prov = provenance(ocr.params, desc.params, reas.params)
+    prompt = reas.params["prompt"]["name"]
+    prov["LLM text"] = (f"answer only: the LLM's own answer (prompt {prompt}, no nearest-class hint, "
+                        "no record sentence)" if answer_only else
+                        f"composite: the LLM's answer and the OCR'd record sentence (prompt {prompt})")
+    return Modalities(keep, fields, vlm, llm, dropped, replay.as_dict(), prov)
+
+
+def provenance(ocr_params: Mapping[str, Any], desc_params: Mapping[str, Any],
+               reason_params: Mapping[str, Any]) -> dict[str, str]:
+    eng = ocr_params.get("engine", {})
+    out = {"ocr": f"{eng.get('engine', '?')} ({eng.get('rec_model', {}).get('file', '?')})"}
+    backend = desc_params.get("backend") or desc_params.get("identity", {}).get("backend", "?")
+    model = desc_params.get("model") or desc_params.get("identity", {}).get("model", {})
+    if backend == "builtin":
+        out["descriptions"] = "built-in describer (model-free, not a VLM)"
+    else:
+        mid = model.get("id") if isinstance(model, dict) else model
+        out["descriptions"] = f"{backend} ({mid})"
+    rb = reason_params.get("backend", {})
+    out["reasoning"] = f"llama.cpp GGUF {rb.get('id', rb.get('path', '?'))} ({rb.get('chat_format', '?')} chat format)"
+    return out
+
+
+def build_encoders(enc_cfg: Any) -> tuple[Any, Any, Any]:
+    """(image encoder, VLM-branch text encoder, LLM-branch text encoder): one text encoder instance per
+    branch, as in Eq. (2), so fine-tuning (paper profile) adapts each branch separately."""
+    from asectl.backends.encoders import image_encoder, text_encoder
+
+    img_kw: dict[str, Any] = {"device": enc_cfg.device}
+    if enc_cfg.image_weights:
+        img_kw["weights"] = enc_cfg.image_weights
+    if enc_cfg.image_random_init:
+        img_kw["random_init"] = True
+    txt_kw: dict[str, Any] = {"device": enc_cfg.device, "batch_size": enc_cfg.batch_size}
+    if enc_cfg.text_path:
+        txt_kw["path"] = enc_cfg.text_path
+    return (image_encoder(enc_cfg.image, **img_kw), text_encoder(enc_cfg.text, **txt_kw),
+            text_encoder(enc_cfg.text, **txt_kw))
+
+
+def encode_modalities(mods: Modalities, encoders: tuple[Any, Any, Any], cache: Cache) -> dict[str, np.ndarray]:
+    """Frozen features Z_image, Z_vlm, Z_llm for every kept sample (cached per input and encoder)."""
+    from asectl.stages.features import image_features, text_features
+
+    img_enc, vlm_enc, llm_enc = encoders
+    return {"image": image_features(mods.samples, img_enc, cache),
+            "vlm": text_features(mods.vlm_texts, vlm_enc, cache, "vlm"),
+            "llm": text_features(mods.llm_texts, llm_enc, cache, "llm")}

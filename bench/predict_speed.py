@@ -1,0 +1,178 @@
+"""Speed of prediction as a station sees it: a cold single-card `asectl predict` (a new process, a card
+never seen), and a warm `asectl predict --watch` (throughput on a burst of cards, and the latency from a
+card appearing in the folder to its JSON line).
+
+    python bench/predict_speed.py [--cache-dir bench/out/cache] [--burst 40] [--trickle 20] [--model DIR]
+
+The model is --model, else the seed-0 model of bench/calibration.py (trained here if it is not in the
+cache: quick profile, default settings). Every card is new to the cache (generated with other seeds), so OCR, the
+describer, the encoders and the fusion run for each; the LLM answer of a card whose prompt reads like an
+earlier card's is shared (docs/reason.md), as it would be on a station whose cache holds the training
+cards. Cards are put in the watched folder as a writer should: written under a hidden name, then renamed.
+Results: bench/results/predict_speed.json and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from _common import OUT, ROOT, dataset, save, update_section
+
+SETTINGS = {"ocr": {"engine": "cnocr"}, "describe": {"vlm": "builtin"}, "reason": {}}
+COLD_RUNS = 3
+
+
+def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None) -> Path:
+    """``model``, else the model last trained on the seed-0 dataset in this cache (bench/calibration.py's),
+    else one trained here; exported to ``out``/bundle."""
+    from asectl.bundle import export_bundle, load_bundle
+    from asectl.cache import Cache
+    from asectl.dataset import load_dataset
+    from asectl.stages.common import dataset_id
+
+    cache = Cache(cache_dir)
+    ds = load_dataset(dataset(0))
+    ptr = cache.get_pointer(f"model-{dataset_id(ds)}")
+    entry = cache.get("model", ptr["key"]) if ptr else None
+    if model is not None:
+        bundle = load_bundle(model)
+    elif entry is not None:
+        bundle = load_bundle(entry.path)
+    else:
+        from asectl.stages.align import run_align
+        from asectl.stages.fuse import run_fuse_train
+
+        run_align(ds, cache, profile="quick", seed=0, settings=SETTINGS)
+        bundle = run_fuse_train(ds, cache, profile="quick", seed=0).bundle
+    target = out / "bundle"
+    shutil.rmtree(target, ignore_errors=True)
+    return export_bundle(bundle, target)
+
+
+def new_cards(out: Path, seed: int, n: int) -> list[Path]:
+    from asectl.synth import generate
+
+    folder = out / f"cards-seed{seed}"
+    if not (folder / "labels.csv").exists():
+        per = max(1, n // 5 + 1)
+        generate(folder, seed=seed, counts=",".join([str(per)] * 5), force=True)
+    return sorted((folder / "images").glob("*.png"))[:n]
+
+
+def drop(card: Path, inbox: Path, name: str) -> float:
+    """Put a card in the folder the way a writer should (hidden name, then rename); the time it appears."""
+    tmp = inbox / f".{name}.tmp"
+    shutil.copyfile(card, tmp)
+    t = time.perf_counter()
+    os.rename(tmp, inbox / name)
+    return t
+
+
+def lines(out: Path) -> set[str]:
+    """Cards with a complete line in ``out`` (one being written is not yet one)."""
+    text = out.read_text() if out.exists() else ""
+    return {json.loads(x)["image"] for x in text[: text.rfind("\n") + 1].splitlines()}
+
+
+def cold_predict(exe: list[str], cards: list[Path], bundle: Path, env: dict) -> list[float]:
+    times = []
+    for card in cards:
+        t0 = time.perf_counter()
+        subprocess.run([*exe, "predict", str(card), "--model", str(bundle), "--json"], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache-dir", default=str(OUT / "cache"))
+    ap.add_argument("--burst", type=int, default=40, help="cards dropped at once (throughput)")
+    ap.add_argument("--trickle", type=int, default=20, help="cards dropped one at a time (latency)")
+    ap.add_argument("--gap", type=float, default=1.5, help="seconds between trickled cards")
+    ap.add_argument("--model", type=Path, default=None, help="a model bundle folder (default: see above)")
+    args = ap.parse_args()
+    out = OUT / "predict-speed"
+    shutil.rmtree(out / "inbox", ignore_errors=True)
+    (out / "inbox").mkdir(parents=True)
+    cache_dir = Path(args.cache_dir)
+    bundle = trained_bundle(cache_dir, out, args.model)
+    env = {**os.environ, "ASECTL_CACHE_DIR": str(cache_dir)}
+    exe = [sys.executable, "-m", "asectl", "-q"]
+
+    cold = cold_predict(exe, new_cards(out, 500, COLD_RUNS), bundle, env)
+
+    inbox, results = out / "inbox", out / "decisions.jsonl"
+    results.unlink(missing_ok=True)
+    log = open(out / "watch.log", "w")
+    t_start = time.perf_counter()
+    proc = psutil.Popen([sys.executable, "-m", "asectl", "predict", "--watch", str(inbox), "--out", str(results),
+                         "--model", str(bundle)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    peak = 0.0
+    try:
+        while "watching" not in (out / "watch.log").read_text():
+            if proc.poll() is not None:
+                raise SystemExit(f"the watcher exited: {(out / 'watch.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        startup = time.perf_counter() - t_start
+
+        # Throughput: a burst of cards at once.
+        burst = new_cards(out, 501, args.burst)
+        t0 = min(drop(c, inbox, f"burst-{i:03d}.png") for i, c in enumerate(burst))
+        while len(lines(results)) < len(burst):
+            peak = max(peak, proc.memory_info().rss / 2**20)
+            time.sleep(0.02)
+        burst_seconds = time.perf_counter() - t0
+
+        # Latency: one card at a time, slower than the watcher's pace, so no card waits for another.
+        latencies = []
+        for i, c in enumerate(new_cards(out, 502, args.trickle)):
+            name = f"trickle-{i:03d}.png"
+            t_drop = drop(c, inbox, name)
+            while name not in lines(results):
+                time.sleep(0.005)
+            latencies.append(time.perf_counter() - t_drop)
+            peak = max(peak, proc.memory_info().rss / 2**20)
+            time.sleep(max(0.0, args.gap - latencies[-1]))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        log.close()
+
+    lat_sorted = sorted(latencies)
+    p95 = lat_sorted[min(len(lat_sorted) - 1, int(round(0.95 * (len(lat_sorted) - 1))))]
+    data = {"cold_seconds": cold, "watch_startup_seconds": startup, "burst_cards": len(burst),
+            "burst_seconds": burst_seconds, "cards_per_second": len(burst) / burst_seconds,
+            "latencies": latencies, "latency_median": statistics.median(latencies), "latency_p95": p95,
+            "watch_peak_rss_mib": peak, "poll_seconds": 0.25}
+    save("predict_speed", data)
+    cold_med = statistics.median(cold)
+    md = f"""### Prediction speed: cold single card and a warm `--watch` station
+
+Model: seed-0 quick-profile bundle of `bench/calibration.py`. Every card is new to the cache. 2 cores,
+shared with whatever else runs (the load average above).
+
+| measure | result | goal |
+|---|---|---|
+| cold `asectl predict CARD` (new process, new card), median of {len(cold)} | **{cold_med:.1f} s** ({', '.join(f'{t:.1f}' for t in cold)}) | at most 3 s: {'met' if cold_med <= 3 else 'not met'} |
+| `--watch` start-up (models loaded, one warm-up card) | {startup:.1f} s | |
+| `--watch` throughput, {len(burst)} cards dropped at once | **{data['cards_per_second']:.2f} cards/s** ({burst_seconds:.1f} s) | at least 4: {'met' if data['cards_per_second'] >= 4 else 'not met'} |
+| `--watch` latency, card appears -> its JSON line, {len(latencies)} cards {args.gap:g} s apart | median **{data['latency_median']:.2f} s**, p95 **{p95:.2f} s** | |
+| `--watch` peak memory | {peak:.0f} MiB | |
+"""
+    update_section("predict-speed", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

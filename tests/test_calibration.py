@@ -1,0 +1,234 @@
+"""Calibration and the pass/defect/review rule: the maths on synthetic scores, then fuse-train, predict
+and report end to end on a small generated dataset (tiny LLM, as in test_learn)."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from asectl.cli import cli
+from asectl.models.calibration import (DecisionRule, choose_rule, decision_stats, expected_calibration_error,
+                                       fit_temperature, nll, reliability_bins, softmax, stratified_folds)
+from asectl.stages.fuse import MISS_RATE_TARGETS
+from asectl.synth import generate
+
+from .calibrated_bundle import calibrated_bundle, train
+
+CLASSES = ("normal", "type1", "type2", "type3", "type4")
+
+
+def sample_cards(n: int, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels drawn so that softmax(logits / temperature) are the true class probabilities."""
+    rng = np.random.default_rng(seed)
+    y_mean = rng.integers(0, len(CLASSES), n)
+    logits = rng.normal(0, 1.5, (n, len(CLASSES)))
+    logits[np.arange(n), y_mean] += 3.0
+    cum = np.cumsum(softmax(logits, temperature), axis=1)
+    y = np.minimum((rng.random((n, 1)) > cum).sum(axis=1), len(CLASSES) - 1)
+    return logits, y
+
+
+# ---------------------------------------------------------------------------------------------------
+# The maths
+
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])
+def test_temperature_scaling_recovers_the_temperature_and_lowers_nll(true_t):
+    logits, y = sample_cards(4000, true_t, seed=1)
+    t = fit_temperature(logits, y)
+    assert abs(t - true_t) / true_t < 0.08
+    assert nll(logits, y, t) <= nll(logits, y, 1.0) + 1e-12
+    # Calibrated probabilities of fresh cards from the same source are calibrated (small ECE), and far
+    # better than the raw ones when the raw ones were off.
+    fresh_logits, fresh_y = sample_cards(4000, true_t, seed=2)
+    ece_after = expected_calibration_error(softmax(fresh_logits, t), fresh_y)
+    assert ece_after < 0.03
+    if true_t != 1.0:
+        assert expected_calibration_error(softmax(fresh_logits), fresh_y) > 2 * ece_after
+
+
+def test_temperature_stays_finite_when_every_held_out_card_is_right():
+    logits = np.array([[5.0, 0.0], [0.0, 4.0], [3.0, 0.0]])
+    t = fit_temperature(logits, [0, 1, 0])
+    # The likelihood keeps rising as T shrinks; the search stops where it is flat, inside its bounds.
+    assert 0.05 <= t < 0.1
+
+
+def test_ece_and_reliability_bins_by_hand():
+    # Two cards at confidence 0.9 (one right), two at 0.6 (both right): |0.5-0.9|/2 + |1-0.6|/2 = 0.4
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+    y = [0, 1, 1, 1]
+    bins = reliability_bins(probs, y, bins=10)
+    assert [(b["count"], round(b["accuracy"], 3)) for b in bins] == [(2, 1.0), (2, 0.5)]
+    assert expected_calibration_error(probs, y, bins=10) == pytest.approx(0.4)
+
+
+def test_rule_decides_pass_defect_review():
+    rule = DecisionRule(CLASSES, pass_threshold=0.9, defect_threshold=0.7, max_miss_rate=0.01,
+                        max_defect_error=0.05)
+    probs = [[0.95, 0.05, 0, 0, 0], [0.85, 0.15, 0, 0, 0], [0.1, 0.8, 0.1, 0, 0], [0.2, 0.3, 0.5, 0, 0]]
+    assert rule.decide(probs) == ["pass", "review", "defect", "review"]
+    never = DecisionRule(CLASSES, None, None, 0.01, 0.05)
+    assert never.decide(probs) == ["review"] * 4
+    assert DecisionRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("miss, defect_err", [(0.01, 0.05), (0.05, 0.02), (0.0, 0.0)])
+def test_thresholds_meet_their_targets_and_are_the_lowest_that_do(seed, miss, defect_err):
+    logits, y = sample_cards(600, 1.0, seed)
+    probs = softmax(logits)
+    rule = choose_rule(probs, y, CLASSES, miss, defect_err)
+    top = probs.argmax(1)
+    stats = decision_stats(rule.decide(probs), y, top, CLASSES)
+    assert stats["miss_rate"] <= miss
+    assert stats["defect_error"] is None or stats["defect_error"] <= defect_err
+    # The next lower candidate threshold would break a target (or admits nothing new): fewest reviews.
+    conf = probs.max(1)
+    if rule.pass_threshold is not None:
+        lower = conf[(top == 0) & (conf < rule.pass_threshold)]
+        if len(lower):
+            looser = DecisionRule(CLASSES, float(lower.max()), rule.defect_threshold, miss, defect_err)
+            assert decision_stats(looser.decide(probs), y, top, CLASSES)["miss_rate"] > miss
+    if rule.defect_threshold is not None:
+        lower = conf[(top != 0) & (conf < rule.defect_threshold)]
+        if len(lower):
+            looser = DecisionRule(CLASSES, rule.pass_threshold, float(lower.max()), miss, defect_err)
+            assert decision_stats(looser.decide(probs), y, top, CLASSES)["defect_error"] > defect_err
+
+
+def test_threshold_chosen_on_held_out_cards_holds_on_fresh_cards():
+    """Chosen on 20,000 held-out cards, the miss rate on 20,000 fresh cards of the same source stays near
+    the 1% target (binomial noise at this size is about 0.1 points)."""
+    logits, y = sample_cards(20000, 1.0, seed=5)
+    rule = choose_rule(softmax(logits), y, CLASSES, 0.01, 0.05)
+    fresh_logits, fresh_y = sample_cards(20000, 1.0, seed=6)
+    p = softmax(fresh_logits)
+    stats = decision_stats(rule.decide(p), fresh_y, p.argmax(1), CLASSES)
+    assert stats["miss_rate"] <= 0.0125 and stats["defect_error"] <= 0.06
+    assert 0 < stats["review_share"] < 1
+
+
+def test_bad_targets_and_folds_are_usage_errors():
+    from asectl.errors import ConfigError, DataError
+
+    probs, y = softmax(np.eye(5) * 3), list(range(5))
+    with pytest.raises(ConfigError, match="max-miss-rate"):
+        choose_rule(probs, y, CLASSES, 1.5, 0.05)
+    with pytest.raises(ConfigError, match="calibration-folds"):
+        stratified_folds(["normal", "type1"] * 3, 1, 0)
+    with pytest.raises(DataError, match="too few"):
+        stratified_folds(["normal", "type1"], 5, 0)
+
+
+def test_folds_are_stratified_and_seeded():
+    labels = ["normal"] * 10 + ["type1"] * 5
+    a, b = stratified_folds(labels, 5, 3), stratified_folds(labels, 5, 3)
+    assert (a == b).all() and sorted(set(a)) == [0, 1, 2, 3, 4]
+    assert all(list(np.asarray(labels)[a == k]).count("normal") == 2 for k in range(5))
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_gguf):
+    return calibrated_bundle(tmp_path_factory, tiny_gguf)
+
+
+def _splits(data):
+    with open(data / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows, {r["image"] for r in rows if r["split"] == "train"}, {r["image"] for r in rows if r["split"] == "test"}
+
+
+def test_calibration_is_fitted_on_training_cards_only(trained):
+    cal = trained["config"]["calibration"]
+    _, train_names, test_names = _splits(trained["data"])
+    # Every card the fusion trained on (cards whose record OCR could not read are left out) was held out
+    # once; no test card was.
+    assert set(cal["held_out"]) <= train_names and not set(cal["held_out"]) & test_names
+    assert cal["n_held_out"] == len(cal["held_out"]) == trained["config"]["training"]["n_train"]
+    assert sorted(set(cal["held_out"].values())) == list(range(cal["folds"]))
+    assert cal["temperature"] > 0 and cal["held_out_nll"]["after"] <= cal["held_out_nll"]["before"] + 1e-9
+    dec = trained["config"]["decision"]
+    assert dec["max_miss_rate"] == 0.01 and dec["held_out"]["n"] == cal["n_held_out"]
+    # The rule meets its targets on the held-out cards it was chosen on.
+    held = dec["held_out"]
+    assert held["miss_rate"] is None or held["miss_rate"] <= dec["max_miss_rate"]
+    assert held["defect_error"] is None or held["defect_error"] <= dec["max_defect_error"]
+    # Other targets: each met, and a looser one never sends more cards to review.
+    assert [r["max_miss_rate"] for r in dec["tradeoff"]] == list(MISS_RATE_TARGETS)
+    assert all(r["miss_rate"] is None or r["miss_rate"] <= r["max_miss_rate"] for r in dec["tradeoff"])
+    shares = [r["review_share"] for r in dec["tradeoff"]]
+    assert shares == sorted(shares, reverse=True)
+    assert next(r for r in dec["tradeoff"] if r["max_miss_rate"] == 0.01)["review_share"] == held["review_share"]
+
+
+def test_test_labels_do_not_change_the_calibration(trained, tmp_path):
+    """The same cards with the test split's labels shuffled: temperature and thresholds are identical."""
+    copy = tmp_path / "relabelled"
+    shutil.copytree(trained["data"], copy, ignore=shutil.ignore_patterns("report"))
+    rows, _, _ = _splits(copy)
+    test_rows = [r for r in rows if r["split"] == "test"]
+    labels = [r["label"] for r in test_rows]
+    for r, lab in zip(test_rows, labels[1:] + labels[:1]):
+        r["label"] = lab
+    assert [r["label"] for r in test_rows] != labels
+    with open(copy / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    other = train(trained["invoke"], copy, trained["gguf"])
+    assert not other["from_cache"] and other["model"] != trained["fuse"]["model"]   # trained again
+    for key in ("temperature", "folds", "n_held_out", "held_out_nll", "held_out_ece"):
+        assert other["calibration"][key] == trained["fuse"]["calibration"][key], key
+    assert other["decision"] == trained["fuse"]["decision"]
+
+
+def test_predict_prints_and_writes_the_decision(trained, tmp_path):
+    new = tmp_path / "new"
+    generate(new, seed=99, counts="1,0,0,0,1")
+    cards = sorted(str(p) for p in (new / "images").glob("*.png"))
+    bundle = trained["bundle"]
+    res = trained["invoke"]("predict", *cards, "--model", bundle, "--json", "--out", tmp_path / "p.jsonl")
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    written = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and recs == written
+    rule = DecisionRule.from_dict(trained["config"]["decision"])
+    for r in recs:
+        probs = [r["probabilities"][c] for c in trained["config"]["classes"]]
+        assert abs(sum(probs) - 1) < 1e-4 and r["decision"] in ("pass", "defect", "review")
+        assert r["decision"] == rule.decide([probs])[0]
+    table = CliRunner().invoke(cli, ["predict", *cards, "--model", str(bundle)], terminal_width=200)
+    assert table.exit_code == 0 and "decision" in table.output
+    assert recs[0]["decision"] in table.output
+    # The exit code is unchanged: an unreadable card is an error record and exit code 1.
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    res = trained["invoke"]("predict", cards[0], bad, "--model", bundle, "--json", code=1)
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert "decision" in recs[0] and "error" in recs[1] and "decision" not in recs[1]
+
+
+def test_report_shows_calibration_and_decisions(trained):
+    out = trained["root"] / "report"
+    trained["invoke"]("report", trained["data"], "--model", trained["bundle"], "--out", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    cal, dec = metrics["calibration"], metrics["decision"]
+    assert cal["temperature"] == trained["config"]["calibration"]["temperature"]
+    assert "held_out" not in cal       # the report carries figures, not the list of training cards
+    n_test = metrics["n_test"]
+    assert sum(b["count"] for b in cal["test"]["bins_after"]) == n_test
+    assert 0 <= cal["test"]["ece_before"] <= 1 and 0 <= cal["test"]["ece_after"] <= 1
+    assert dec["test"]["n"] == n_test and sum(dec["test"]["counts"].values()) == n_test
+    assert all(p["decision"] in ("pass", "defect", "review") for p in metrics["predictions"])
+    assert (out / "calibration.png").stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert "Confidence and decisions" in html and "review share" in html and "miss rate" in html
+    assert "Other miss-rate targets" in html
+    assert "calibration.png" in (out / "report.md").read_text()

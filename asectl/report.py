@@ -478,7 +478,8 @@ def reliability_png(test: Mapping[str, Any] | None) -> bytes:
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfect calibration")
         ax.bar(centres, [b["accuracy"] for b in bins], width=width * 0.9, color="C0", alpha=0.8,
                label="accuracy in bin")
-        ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color="C3", s=14, zorder=3,
+        # The gap between a bar's top (accuracy) and its dot (mean confidence) is the miscalibration.
+        ax.scatter(centres, [b["confidence"] for b in bins], color="C3", s=14, zorder=3,
                    label="mean confidence in bin")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)

@@ -164,7 +164,7 @@ FIELD_N_RANGE = (60, 600)        # holes per card, log-uniform (small panels giv
 # Severity s in [0, 1] of a defect (0: not visible, 1: gross): mild ~ U(0, MILD_EDGE) for a share
 # MILD_SHARE of the defective cards, else ~ U(MILD_EDGE, 1). MILD_SHARE is the one calibrated knob
 # (docs/dataset.md, "Calibration"); every other value below is set from stated realism, not tuned.
-MILD_SHARE = 0.35
+MILD_SHARE = 0.3
 MILD_EDGE = 0.3
 SECONDARY_SHARE = 0.15           # defective cards that also carry a second defect class's mechanism ...
 SECONDARY_MAX = 0.6              # ... at severity ~ U(0, SECONDARY_MAX)
@@ -226,7 +226,7 @@ def field_design() -> dict[str, dict[str, list[float]]]:
             for i, c in enumerate(DEFECTS)}
 
 
-def mechanism_params(mechanisms: dict[str, Any], design: dict) -> tuple[np.ndarray, np.ndarray, Any]:
+def mechanism_params(mechanisms: dict[str, Any], design: dict) -> tuple[list, list, Any]:
     """Centre, per-axis variance and tilt before jitter for severities {class: s} (s may be arrays)."""
     centre = [np.float64(TABLE1["normal"][0]), np.float64(TABLE1["normal"][1])]
     var = [np.float64(TABLE1["normal"][2]), np.float64(TABLE1["normal"][3])]

@@ -18,12 +18,15 @@ BENCH_MD = ROOT / "docs" / "benchmarks.md"
 
 
 def dataset(seed: int = 0, counts: str | None = None, difficulty: str = "field") -> Path:
-    """The default generated dataset for a seed, made once and reused (generation is deterministic)."""
-    from asectl.synth import generate
+    """The default generated dataset for a seed, made once and reused (generation is deterministic) while
+    the generator's parameters stay those recorded in its synth.json."""
+    from asectl.synth import field_parameters, generate
 
     name = f"ds-{difficulty}-seed{seed}" + (f"-{counts.replace(',', '-')}" if counts else "")
     path = OUT / name
-    if not (path / "labels.csv").exists():
+    meta = json.loads((path / "synth.json").read_text()) if (path / "synth.json").is_file() else {}
+    current = json.loads(json.dumps(field_parameters())) if difficulty == "field" else None
+    if not (path / "labels.csv").exists() or meta.get("difficulty") != difficulty or meta.get("field") != current:
         generate(path, seed=seed, counts=counts, force=True, difficulty=difficulty)
     return path
 

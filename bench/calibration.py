@@ -72,6 +72,10 @@ def _ms(vals: list[float], digits: int = 4, pct: bool = False) -> str:
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}{unit}"
 
 
+def _thr(v: float | None) -> str:
+    return "never" if v is None else f"{v:.4f}"
+
+
 def _count(rows: list[dict], k: str, n: str) -> str:
     return f"{sum(r[k] for r in rows)}/{sum(r[n] for r in rows)}"
 
@@ -116,10 +120,11 @@ def main() -> None:
         d = r["test"]["decision"]
         per.append(f"| {r['seed']} | {r['temperature']:.3f} | {r['test']['ece_before']:.4f} | {r['test']['ece_after']:.4f} | "
                    f"{d['counts']['review']}/{d['n']} | {d['n_missed']}/{d['n_defective']} | "
-                   f"{r['thresholds']['pass']} / {r['thresholds']['defect']} |")
+                   f"{_thr(r['thresholds']['pass'])} / {_thr(r['thresholds']['defect'])} |")
     md = f"""### Calibration and the decision rule ({len(seeds)} seeds: {', '.join(map(str, seeds))})
 
-Default 455 generated cards per seed (325 train / 130 test), quick profile, default `fuse-train` (5-fold
+Default 455 generated cards per seed (325 train / 130 test; cards whose record OCR cannot read are left
+out), quick profile, default `fuse-train` (5-fold
 cross-validation on the training split, `--max-miss-rate 0.01`, `--max-defect-error 0.05`). ECE: 15
 equal-width bins of top-class probability. Mean ± std over seeds; counts are summed over seeds. Run time
 {total / 60:.1f} min (cached modalities excepted on a rerun).

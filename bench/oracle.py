@@ -182,6 +182,9 @@ def main() -> None:
         rows[seed] = {"macro_f1": m["multiclass"]["macro_f1"], "binary_macro_f1": m["binary"]["macro_f1"],
                       "test_labels_equal_generating_class": agree}
         print(json.dumps({"seed": seed, "difficulty": args.difficulty, **rows[seed]}))
+    from _common import command, save
+
+    save(f"oracle_{args.difficulty}", {"command": command(), "seeds": rows})
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, RESULTS, ROOT, dataset, save, update_section
+import _common
+from _common import OUT, RESULTS, ROOT, dataset, machine, save, update_section
 
 VOLATILE = {"seconds", "timing"}
 PREDICT_WORKERS = (8, 64, 512)
@@ -181,7 +182,8 @@ def main() -> None:
     address = ray.get_runtime_context().gcs_address
     variants = {"local": [], "ray-1": ["--executor", "ray", "--ray-address", address, "--ray-workers", "1"],
                 "ray-2": ["--executor", "ray", "--ray-address", address, "--ray-workers", "2"]}
-    results: dict = {"cards": n_cards, "ray_instance_start_s": ray_start, "stages": {}, "command": sys.argv}
+    results: dict = {"cards": n_cards, "ray_instance_start_s": ray_start, "stages": {}, "command": sys.argv,
+                     "machine": machine()}
     try:
         ocr_done = None
         for stage in ("ocr", "reason"):
@@ -221,13 +223,13 @@ def report(results: dict, out: Path, no_docs: bool) -> None:
     analyse(results, out)
     save("scale", results)
     text = markdown(results)
-    if not no_docs:
-        argv = sys.argv
-        sys.argv = results["command"]   # the docs name the command that measured, also when re-analysed
+    if not no_docs:   # the docs name the command and machine state of the measurement, also when re-analysed
+        argv, measured_on = sys.argv, _common.machine
+        sys.argv, _common.machine = results["command"], lambda: results["machine"]
         try:
             update_section("scale", text)
         finally:
-            sys.argv = argv
+            sys.argv, _common.machine = argv, measured_on
     print(text)
 
 
@@ -269,7 +271,9 @@ def markdown(res: dict) -> str:
               "(1 when the workers' own time explains the wall).", "",
               "**Prediction, not measured**: the model for more workers, one core each, with the per-job time "
               "measured here under the load above, and storage and network that keep up; W is capped at the "
-              "number of batches:", "",
+              "number of batches. For 10^6 cards the jobs grow in proportion to the cards (reason: "
+              f"{res['stages']['reason']['model']['jobs']} distinct prompts per {n} cards; a larger archive "
+              "repeats prompts more often, so its reason figures are an upper bound):", "",
               f"| stage | workers | wall s, {n} cards | cards/s, {n} cards | wall h, 10^6 cards "
               "| cards/s, 10^6 cards |",
               "|---|---|---|---|---|---|"]

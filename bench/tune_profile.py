@@ -238,7 +238,10 @@ def main() -> None:
     chosen["pfa.rank_warmup_epochs"] = min(e for e in WARMUPS if recall[e] >= RECALL_SHARE * max(recall.values()))
     total = time.perf_counter() - t0
 
+    from asectl.models.train_config import get_profile
+
     record = {"data": str(Path(args.data).resolve()), "synth": _synth_params(Path(args.data)),
+              "base_profile": get_profile("quick").to_dict(),    # what every unlisted key was
               "folds": args.folds, "fold_seed": args.fold_seed, "seeds": seeds, "grid": grid,
               "settings": SETTINGS, "n_train_cards": len(train_only), "classes": classes,
               "results": results, "best": best, "within_one_sem": [r["setting"] for r in within],

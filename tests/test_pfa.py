@@ -143,7 +143,7 @@ def test_first_stage_takes_the_lowest_self_similarity_pairs():
     # after the ranking warm-up (the heads of a run with no stage epochs, same seed).
     warm_only = train_pfa(feats, PFAConfig(batch_size=8, strides=(1.0,), epochs_per_stage=1), seed=1,
                           train_index=train)
-    assert warm_only.rank_warmup["epochs"] == 2 and len(warm_only.rank_warmup["curve"]) == 2
+    assert warm_only.rank_warmup["epochs"] == cfg.rank_warmup_epochs == len(warm_only.rank_warmup["curve"]) > 0
     np.testing.assert_allclose(warm_only.initial_similarity, res.initial_similarity, atol=1e-6)
     # With no warm-up, stage 1 ranks with the seeded initial projections.
     cold = train_pfa(feats, PFAConfig(batch_size=8, epochs_per_stage=1, rank_warmup_epochs=0), seed=1,
@@ -160,7 +160,7 @@ def test_first_stage_takes_the_lowest_self_similarity_pairs():
 
 def test_direct_and_none_modes():
     feats = correlated_features(30)
-    cfg = dict(batch_size=10, epochs_per_stage=2)
+    cfg = dict(batch_size=10, epochs_per_stage=2, rank_warmup_epochs=2)
     progressive = train_pfa(feats, PFAConfig(**cfg), seed=0)
     direct = train_pfa(feats, PFAConfig(mode="direct", **cfg), seed=0)
     assert len(direct.stages) == 1 and direct.stages[0].n_train == 30
@@ -224,7 +224,7 @@ def planted_difficulty(n: int = 200, seed: int = 0) -> tuple[dict[str, np.ndarra
 def test_first_stage_picks_the_planted_hardest_pairs(seed):
     """Stage 1 must take the pairs whose texts fit their image least (paper Fig. 5, line 130). With the
     quick profile's settings the ranking after the warm-up follows the planted difficulty (Spearman
-    -0.74 to -0.81 and 50-65% of the 40 hardest pairs in stage 1 on seeds 0-5, chance 20%); the
+    -0.77 to -0.83 and 47-68% of the 40 hardest pairs in stage 1 on seeds 0-5, chance 20%); the
     ranking by untrained, randomly initialised projections (warm-up 0, the earlier behaviour) is at
     chance (|Spearman| <= 0.19, overlap <= 23%) and fails the same bounds."""
     from scipy.stats import spearmanr

@@ -1,7 +1,7 @@
 """The Ray executor (docs/scale.md): records identical to the local executor's, a killed worker retried with
 nothing lost, a killed driver losing nothing, the shared-cache check, the missing-extra message, and where
 the executor settings come from. The cluster tests start a local Ray instance with 2 CPUs (module scope)
-and are slow (Ray's start-up and engine loads: about two minutes on 2 cores); they skip without Ray."""
+and are slow (Ray's start-up and engine loads: 2 to 3.5 minutes on 2 shared cores); they skip without Ray."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Each killed-run case starts a stage, kills it with SIGKILL at a seeded random moment, checks that no
 cache entry is partial or corrupt, reruns it and compares the results with an uninterrupted run. One seed
-per stage runs by default; `pytest -m slow` adds more (bench/reliability.py runs the full count)."""
+per stage runs by default for `describe`; `pytest -m slow` adds the ocr and reason cases, more seeds, killed
+synth/training/predict/report and two processes on one cache (bench/reliability.py runs the full count)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ def _killed_run_matches(data, tmp_path, stage, seed):
     assert check_cache(cache) >= len(records(tmp_path / "ref.jsonl"))
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+# The describe case runs by default (seconds); ocr and reason repeat the same check on slower stages.
+@pytest.mark.parametrize("stage", [pytest.param("ocr", marks=pytest.mark.slow), "describe",
+                                   pytest.param("reason", marks=pytest.mark.slow)])
 def test_killed_stage_resumes_to_the_same_result(data, tmp_path, stage):
     _killed_run_matches(data, tmp_path, stage, seed=0)
 
@@ -107,6 +110,7 @@ def test_killed_stage_resumes_more_seeds(data, tmp_path, stage, seed):
     _killed_run_matches(data, tmp_path, stage, seed)
 
 
+@pytest.mark.slow
 def test_killed_synth_leaves_no_half_dataset(tmp_path):
     out = tmp_path / "ds"
     kill_at_random(tmp_path / "c", ["synth", "--out", out, "--counts", "40,20,10,10,10"], seed=0, lo=1.5, hi=3.0)
@@ -118,6 +122,7 @@ def test_killed_synth_leaves_no_half_dataset(tmp_path):
     assert (out / "truth.jsonl").read_bytes() == (ref / "truth.jsonl").read_bytes()
 
 
+@pytest.mark.slow
 def test_killed_training_predict_and_report_resume_to_the_same_results(data, tmp_path):
     cache = tmp_path / "cache"
     fast = ["--set", "pfa.epochs_per_stage=2", "--set", "fusion.epochs=4"]
@@ -152,6 +157,7 @@ def test_killed_training_predict_and_report_resume_to_the_same_results(data, tmp
     assert metrics[0]["multiclass"] == metrics[1]["multiclass"]
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_cache(data, tmp_path):
     cache = tmp_path / "cache"
     procs = [asectl(cache, "ocr", data / "data", "--out", tmp_path / f"out{i}.jsonl", wait=False)

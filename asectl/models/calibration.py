@@ -208,10 +208,11 @@ def decision_stats(decisions: Sequence[str], y: Sequence[int], top: Sequence[int
 
 def stratified_folds(labels: Sequence[str], folds: int, seed: int) -> np.ndarray:
     """Fold number per training card (seeded, class proportions kept): scikit-learn's StratifiedKFold.
-    A class with fewer cards than folds simply misses from some held-out folds."""
+    A class with fewer cards than folds simply misses from some held-out folds; when every class has
+    fewer cards than folds (a very small training split), the folds are seeded but not stratified."""
     import warnings
 
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     y = np.asarray([str(x) for x in labels])
     folds = int(folds)
@@ -228,6 +229,10 @@ def stratified_folds(labels: Sequence[str], folds: int, seed: int) -> np.ndarray
             for k, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y)):
                 out[held] = k
         except ValueError:   # every class has fewer cards than folds
-            raise DataError(f"every class has fewer than {folds} training cards; add training cards or "
-                            "lower --calibration-folds") from None
+            import logging
+
+            logging.getLogger("asectl").warning(
+                "every class has fewer than %d training cards: calibration folds are not stratified", folds)
+            for k, (_, held) in enumerate(KFold(n_splits=folds, shuffle=True, random_state=seed).split(y)):
+                out[held] = k
     return out

@@ -108,10 +108,14 @@ class Predictor:
 
         self.encoders()
         self.models()
-        with tempfile.TemporaryDirectory(prefix="asectl-warm-up-") as tmp:
-            generate(Path(tmp) / "card", seed=0, counts="1,1,0,0,0")
-            card = sorted((Path(tmp) / "card" / "images").glob("*.png"))[0]
-            self.run(Dataset([Sample(card, card.name)], None, "images", []))
+        force, self.force = self.force, True      # computed, not read from the cache: every model loads
+        try:
+            with tempfile.TemporaryDirectory(prefix="asectl-warm-up-") as tmp:
+                generate(Path(tmp) / "card", seed=0, counts="1,1,0,0,0")
+                card = sorted((Path(tmp) / "card" / "images").glob("*.png"))[0]
+                self.run(Dataset([Sample(card, card.name)], None, "images", []))
+        finally:
+            self.force = force
 
     def classify(self, dataset: Dataset) -> Predictions:
         # A replay: the bundle's settings, checked model hashes, and the dataset's remembered settings left alone.

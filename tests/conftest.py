@@ -50,6 +50,20 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def cli_invoker(cache):
+    """``invoke(*args, code=0)``: one quiet asectl command on ``cache`` in-process, its exit code checked."""
+    from click.testing import CliRunner
+
+    from asectl.cli import cli
+
+    def invoke(*args, code=0):
+        res = CliRunner().invoke(cli, ["--cache-dir", str(cache), "-q", *map(str, args)])
+        assert res.exit_code == code, res.output
+        return res
+
+    return invoke
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
     """A tiny random llama GGUF (tests/tiny_gguf.py), shared by every module."""
@@ -73,24 +87,14 @@ def tiny_instructblip(tmp_path_factory):
 def trained(tmp_path_factory, tiny_gguf):
     """A small dataset through reason (a tiny GGUF), describe, align and fuse-train, through the CLI;
     shared by every module that needs a trained model (tests change only what they restore)."""
-    from click.testing import CliRunner
-
-    from asectl.cli import cli
     from asectl.synth import generate
 
     root = tmp_path_factory.mktemp("learn")
     data = root / "data"
     generate(data, seed=11, counts="8,4,4,4,4")
-    gguf = tiny_gguf
     cache = root / "cache"
-    run = CliRunner()
-
-    def invoke(*args):
-        res = run.invoke(cli, ["--cache-dir", str(cache), "-q", *map(str, args)])
-        assert res.exit_code == 0, res.output
-        return res
-
-    invoke("reason", data, "--llm-model", gguf, "--max-tokens", "32")
+    invoke = cli_invoker(cache)
+    invoke("reason", data, "--llm-model", tiny_gguf, "--max-tokens", "32")
     invoke("describe", data)
     align = invoke("align", data, "--stride", "0.2", "--json", *FAST)
     fuse = invoke("fuse-train", data, "--out", root / "bundle", "--json", *FAST)

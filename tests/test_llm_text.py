@@ -12,7 +12,7 @@ from asectl.cli import cli
 from asectl.errors import ConfigError
 from asectl.synth import generate
 
-from .tiny_gguf import write_tiny_llama
+from .conftest import cli_invoker
 
 ANSWER = {"verdict": "defective", "deviation_kind": "shift", "axis": "x", "severity": "high",
           "closest_class": "type1", "rationale": "mean x far above."}
@@ -52,20 +52,13 @@ def test_hint_free_prompt_has_no_nearest_class_line(small_dataset):
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory):
+def learned(tmp_path_factory, tiny_gguf):
     root = tmp_path_factory.mktemp("llm-text")
     data = root / "data"
     generate(data, seed=11, counts="8,4,4,4,4")
-    gguf = write_tiny_llama(root / "tiny.gguf")
     cache = root / "cache"
-    run = CliRunner()
-
-    def invoke(*args):
-        res = run.invoke(cli, ["--cache-dir", str(cache), "-q", *map(str, args)])
-        assert res.exit_code == 0, res.output
-        return res
-
-    invoke("reason", data, "--llm-model", gguf, "--max-tokens", "32")
+    invoke = cli_invoker(cache)
+    invoke("reason", data, "--llm-model", tiny_gguf, "--max-tokens", "32")
     invoke("describe", data)
     fast = ["--set", "pfa.epochs_per_stage=2", "--set", "fusion.epochs=4"]
     invoke("fuse-train", data, "--set", "encoders.llm_text=answer", "--out", root / "bundle", *fast)

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from asectl.cli import cli
 from asectl.synth import generate
 
+from .conftest import cli_invoker
+
 FAST = ["--set", "pfa.epochs_per_stage=2", "--set", "fusion.epochs=4"]
 SPEC = Path(__file__).resolve().parent.parent / "asectl" / "specs" / "default.toml"
 TINY_LLM_NAME = "asectl tiny llama"     # general.name inside tests/tiny_gguf.py's file
@@ -32,12 +34,7 @@ def chain(tmp_path_factory, tiny_gguf, tiny_instructblip):
     spec = root / "my-spec.toml"
     shutil.copyfile(SPEC, spec)
     cache = root / "cache"
-
-    def invoke(*args, code=0):
-        res = CliRunner().invoke(cli, ["--cache-dir", str(cache), "-q", *map(str, args)])
-        assert res.exit_code == code, res.output
-        return res
-
+    invoke = cli_invoker(cache)
     invoke("ocr", data, "--engine", "rapidocr", "--spec", spec)
     invoke("describe", data, "--vlm-model", tiny_instructblip, "--max-new-tokens", "3", "--num-beams", "1")
     invoke("reason", data, "--llm-model", tiny_gguf, "--max-tokens", "32")

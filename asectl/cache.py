@@ -99,8 +99,8 @@ def file_state(path: str | os.PathLike) -> tuple[list, os.stat_result]:
     return [str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino], st
 
 
-def _memo_path(kind: str, key: list) -> Path:
-    return default_cache_dir() / kind / f"{sha256_bytes(canonical_json(key).encode())}.json"
+def _memo_path(kind: str, key: list, suffix: str = ".json") -> Path:
+    return default_cache_dir() / kind / f"{sha256_bytes(canonical_json(key).encode())}{suffix}"
 
 
 def read_memo(kind: str, key: list) -> Any | None:
@@ -113,11 +113,32 @@ def read_memo(kind: str, key: list) -> Any | None:
 
 def write_memo(kind: str, key: list, value: Any, st: os.stat_result) -> None:
     """Keep ``value`` (JSON) for ``key`` unless the file (``st``) is too new; failures are ignored."""
+    try:
+        write_memo_bytes(kind, key, json.dumps(value).encode(), st, suffix=".json", checked=False)
+    except (TypeError, ValueError):
+        pass
+
+
+def read_memo_bytes(kind: str, key: list) -> bytes | None:
+    """What ``write_memo_bytes`` kept for ``key``, or None (also when its checksum does not match: a torn or
+    damaged memo is treated as missing, and the caller computes and writes it again)."""
+    try:
+        data = _memo_path(kind, key, ".bin").read_bytes()
+    except OSError:
+        return None
+    digest, body = data[:32], data[32:]
+    return body if len(digest) == 32 and hashlib.sha256(body).digest() == digest else None
+
+
+def write_memo_bytes(kind: str, key: list, data: bytes, st: os.stat_result, *, suffix: str = ".bin",
+                     checked: bool = True) -> None:
+    """Keep ``data`` for ``key`` (with a sha256 in front when ``checked``) unless the file (``st``) is too
+    new; failures are ignored."""
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= _RACY_NS:
         return
     try:
-        write_atomic(_memo_path(kind, key), json.dumps(value).encode())
-    except (OSError, TypeError, ValueError):
+        write_atomic(_memo_path(kind, key, suffix), (hashlib.sha256(data).digest() + data) if checked else data)
+    except OSError:
         pass
 
 

@@ -44,6 +44,7 @@ TASKS = ("multiclass", "binary")
 # with the nearest-class hint ("composite"), or the LLM's own answer alone, from a prompt without the
 # hint ("answer"; asectl.stages.reason.prompt.hint_free_prompt).
 LLM_TEXTS = ("composite", "answer")
+DEFAULT_LLM_TEXT = LLM_TEXTS[0]
 
 
 def stride_fractions(stride: float | Sequence[float]) -> list[float]:
@@ -82,7 +83,7 @@ class EncoderConfig:
     warmup_epochs: int = 0                # paper: 30 (supervised warm-up before alignment)
     image_lr: float = 1e-4                # encoder learning rates when fine-tuning
     text_lr: float = 2e-5
-    llm_text: str = "composite"           # composite | answer (LLM_TEXTS)
+    llm_text: str = DEFAULT_LLM_TEXT      # composite | answer (LLM_TEXTS)
 
 
 @dataclass

@@ -83,8 +83,9 @@ def describe_identity(vlm: str | VLM | None = None, prompt: str = DEFAULT_PROMPT
     ``vlm`` is a backend or the same choice ``run_describe`` takes (creating a backend only hashes the
     model; weights load on first use). Store the result in a model bundle;
     ``asectl.backends.vlm.vlm_from_identity(identity["vlm"])`` rebuilds the backend and checks the hash."""
-    backend = vlm if isinstance(vlm, VLM) else make_vlm(vlm, model, device=device, generation=generation,
-                                                        load_8bit=load_8bit)
+    backend = vlm if isinstance(vlm, VLM) else DescribeSettings(
+        vlm=vlm, model=None if model is None else str(model), device=device, generation=generation,
+        load_8bit=load_8bit).backend()
     return {"record_format": RECORD_FORMAT, "vlm": backend.identity(), "prompt": _check_prompt(prompt)}
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from asectl.cache import Cache
 from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError
+from asectl.models.train_config import DEFAULT_LLM_TEXT, LLM_TEXTS
 from asectl.stages.describe import DescribeSettings
 from asectl.stages.ocr import OcrSettings
 from asectl.stages.reason import ReasonSettings
@@ -33,7 +34,7 @@ class ModalitySettings:
     ocr: OcrSettings = field(default_factory=OcrSettings)
     describe: DescribeSettings = field(default_factory=DescribeSettings)
     reason: ReasonSettings = field(default_factory=ReasonSettings)
-    llm_text: str = "composite"
+    llm_text: str = DEFAULT_LLM_TEXT
 
     @classmethod
     def recall(cls, cache: Cache, dataset: Dataset) -> "ModalitySettings":
@@ -46,7 +47,7 @@ class ModalitySettings:
         """From stored dicts per stage (a bundle's ``replay``, a benchmark's settings)."""
         values = values or {}
         return cls(OcrSettings.from_dict(values.get("ocr")), DescribeSettings.from_dict(values.get("describe")),
-                   ReasonSettings.from_dict(values.get("reason")), values.get("llm_text") or "composite")
+                   ReasonSettings.from_dict(values.get("reason")), values.get("llm_text") or DEFAULT_LLM_TEXT)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ocr": self.ocr.as_dict(), "describe": self.describe.as_dict(), "reason": self.reason.as_dict(),
@@ -72,7 +73,6 @@ def collect_modalities(dataset: Dataset, cache: Cache,
     bundle's stored replay settings (which enforce the exact models). ``priors`` replace the LLM's
     prior knowledge (TDA: the real training cards' priors). A replay (``remember=False``) leaves the
     dataset's remembered settings as they are."""
-    from asectl.models.train_config import LLM_TEXTS
     from asectl.stages.describe import run_describe
     from asectl.stages.ocr import run_ocr
     from asectl.stages.reason import answer_only_text, hint_free_prompt, run_reason

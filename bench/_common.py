@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 RESULTS = ROOT / "bench" / "results"
 BENCH_MD = ROOT / "docs" / "benchmarks.md"
+START_LOAD = os.getloadavg()[0]      # when the script started (the scripts import this module first)
 
 
 def dataset(seed: int = 0, counts: str | None = None, difficulty: str = "field") -> Path:
@@ -44,11 +45,15 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, load average at start {os.getloadavg()[0]:.2f}")
+            f"torch {torch.__version__}, load average at start {START_LOAD:.2f}")
 
 
 def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def measured_line() -> str:
+    return f"_Measured {time.strftime('%Y-%m-%d')} with `{command()}` on {machine()}._"
 
 
 def save(name: str, data: dict) -> Path:
@@ -58,11 +63,11 @@ def save(name: str, data: dict) -> Path:
     return path
 
 
-def update_section(name: str, markdown: str) -> None:
-    """Replace the block between <!-- bench:NAME --> markers in docs/benchmarks.md (append if absent)."""
+def update_section(name: str, markdown: str, header: str | None = None) -> None:
+    """Replace the block between <!-- bench:NAME --> markers in docs/benchmarks.md (append if absent).
+    ``header``: the "Measured ..." line of a run rendered again from its saved results (default: this run)."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = (f"{start}\n_Measured {time.strftime('%Y-%m-%d')} with `{command()}` on {machine()}._\n\n"
-             f"{markdown.strip()}\n{end}")
+    block = f"{start}\n{header or measured_line()}\n\n{markdown.strip()}\n{end}"
     text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n"
     if start in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)

@@ -121,13 +121,17 @@ def main() -> None:
         per.append(f"| {r['seed']} | {r['temperature']:.3f} | {r['test']['ece_before']:.4f} | {r['test']['ece_after']:.4f} | "
                    f"{d['counts']['review']}/{d['n']} | {d['n_missed']}/{d['n_defective']} | "
                    f"{_thr(r['thresholds']['pass'])} / {_thr(r['thresholds']['defect'])} |")
+    cached = [r["seed"] for r in per_seed if r["from_cache"]]
+    trained_note = (f"; the models of seeds {', '.join(map(str, cached))} came from the cache (trained earlier with "
+                    "the same settings, e.g. by bench/quality.py, whose `PFA + CMAF, no TDA` rows are these models), "
+                    "so only their test cards were classified here" if cached else "")
     md = f"""### Calibration and the decision rule ({len(seeds)} seeds: {', '.join(map(str, seeds))})
 
 Default 455 generated cards per seed (325 train / 130 test; cards whose record OCR cannot read are left
 out), quick profile, default `fuse-train` (5-fold
 cross-validation on the training split, `--max-miss-rate 0.01`, `--max-defect-error 0.05`). ECE: 15
 equal-width bins of top-class probability. Mean ± std over seeds; counts are summed over seeds. Run time
-{total / 60:.1f} min (cached modalities excepted on a rerun).
+{total / 60:.1f} min{trained_note}.
 
 {chr(10).join(table)}
 

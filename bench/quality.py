@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, dataset, save, update_section
+from _common import OUT, ROOT, dataset, measured_line, save, update_section
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -349,13 +349,21 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="seeds trained at once, one core each (default: the number of cores)")
+    ap.add_argument("--render", action="store_true",
+                    help="write the docs section again from bench/results/quality[-fast].json (no run)")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads((ROOT / "bench" / "results" / f"quality{'-fast' * args.fast}.json").read_text())
+        render(saved["seeds"], saved["robustness_seeds"], saved["fast"], saved["seconds"], saved["per_seed"],
+               saved["measured"])
+        return
     seeds = [int(s) for s in (args.seeds or ("0" if args.fast else "0,1,2,3,4")).split(",")]
     rob_default = "" if args.fast else "0,1,2"
     rob_seeds = [int(s) for s in (args.robustness_seeds if args.robustness_seeds is not None else rob_default).split(",")
                  if s.strip() and int(s) in seeds]
     cache = Cache(args.cache_dir)
     t0 = time.perf_counter()
+    measured = measured_line()
     # Two phases: the modalities (OCR, describer, LLM), which use every core on their own, seed after
     # seed; then training and scoring, one core per seed, several seeds at once.
     prep = {}
@@ -377,7 +385,14 @@ def main() -> None:
                 {k: round(v["macro_f1"], 4) for k, v in r.items() if isinstance(v, dict)}), flush=True)
     total = time.perf_counter() - t0
     save("quality" + ("-fast" if args.fast else ""), {"seeds": seeds, "robustness_seeds": rob_seeds,
-                                                       "fast": args.fast, "seconds": total, "per_seed": per_seed})
+                                                       "fast": args.fast, "seconds": total, "per_seed": per_seed,
+                                                       "measured": measured})
+    render(seeds, rob_seeds, args.fast, total, per_seed, measured)
+
+
+def render(seeds: list[int], rob_seeds: list[int], fast: bool, total: float, per_seed: list[dict],
+           measured: str) -> None:
+    """The docs/benchmarks.md section of a run (``measured``: its "Measured ..." line)."""
     n = len(seeds)
     main_rows = [
         ("oracle (Bayes-optimal on true latent parameters)", ORACLE, None),
@@ -417,6 +432,9 @@ def main() -> None:
                ("progressive vs direct alignment (with CMAF + TDA)", PROPOSED, "stride direct"),
                ("CMAF vs concatenation (with PFA + TDA)", PROPOSED, "grid pfa=1 cmaf=0 tda=1"),
                ("TDA (with PFA + CMAF)", PROPOSED, "grid pfa=1 cmaf=1 tda=0"),
+               ("PFA + CMAF without TDA vs the best single modality", "grid pfa=1 cmaf=1 tda=0", best_single),
+               ("CMAF vs concatenation (with PFA, no TDA)", "grid pfa=1 cmaf=1 tda=0", "grid pfa=1 cmaf=0 tda=0"),
+               ("image only: small CNN vs frozen EfficientNet-Lite0 + LR", SINGLE[1], SINGLE[0]),
                ("LLM text composite vs answer only (with PFA + CMAF + TDA)", PROPOSED,
                 "llm answer only pfa=1 cmaf=1 tda=1"),
                ("oracle vs PFA + CMAF + TDA", ORACLE, PROPOSED)]
@@ -434,7 +452,7 @@ def main() -> None:
                             f"| {cell(field_key)} | {cell(f'robust {short} field->clean')} |")
         rob_text = (f"\nRobustness (5-class macro-F1, seeds {', '.join(str(s) for s in rob_seeds)}; the same "
                     "seed's clean and field datasets):\n\n" + "\n".join(rob_rows) + "\n")
-    text = f"""### Quality on generated `field` cards ({n} seed{'s' * (n > 1)}: {', '.join(map(str, seeds))}{', fast mode' if args.fast else ''})
+    text = f"""### Quality on generated `field` cards ({n} seed{'s' * (n > 1)}: {', '.join(map(str, seeds))}{', fast mode' if fast else ''})
 
 Synthetic cards from `asectl synth` at the default `field` difficulty (docs/dataset.md), **not** the
 paper's private ASE data: the paper's numbers are shown beside ours for orientation only. Macro-F1 in
@@ -472,7 +490,7 @@ Best fused configuration: `{best_key}` at {100 * mean(best_key):.2f}; best singl
 {mean(PROPOSED) / mean(ORACLE):.3f} (goal: at least 0.95); PFA + CMAF + TDA minus best single modality:
 {100 * (mean(PROPOSED) - mean(best_single)):+.2f} points (goal: at least +5).
 """
-    update_section("quality" + ("-fast" if args.fast else ""), text)
+    update_section("quality" + ("-fast" if fast else ""), text, measured)
     print(text)
 
 

@@ -24,7 +24,7 @@ Precise definitions (the paper leaves these open):
 * **Ranking warm-up**: the paper ranks D_train by self-similarity before the first stage (section 3.3,
   paper lines 130 and 106, Fig. 5) but does not say in which space. Image and text encoders live in
   unrelated spaces, and cosines through untrained, randomly initialised projections are noise (a
-  random "hardest 20%"). So the projections first train for ``rank_warmup_epochs`` (default 4) with the
+  random "hardest 20%"). So the projections first train for ``rank_warmup_epochs`` (default 8) with the
   ITC loss on all of D_train, at the initial learning rate, and stage 1 ranks with those warmed
   projections; training then continues from them. The warm-up's optimiser steps count in the update
   budget (below). ``rank_warmup_epochs = 0`` ranks with the seeded initial projections.

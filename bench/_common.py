@@ -16,6 +16,9 @@ OUT = ROOT / "bench" / "out"
 RESULTS = ROOT / "bench" / "results"
 BENCH_MD = ROOT / "docs" / "benchmarks.md"
 START_LOAD = os.getloadavg()[0]      # when the script started (the scripts import this module first)
+# The per-image stage settings every quality benchmark uses: CnOCR, the built-in describer, the default
+# reasoning (SmolLM2-135M).
+SETTINGS = {"ocr": {"engine": "cnocr"}, "describe": {"vlm": "builtin"}, "reason": {}}
 
 
 def dataset(seed: int = 0, counts: str | None = None, difficulty: str = "field") -> Path:

@@ -19,14 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, dataset, save, update_section
+from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
 
 sys.path.insert(0, str(ROOT / "bench"))
 
 from asectl.cache import Cache  # noqa: E402
 from asectl.dataset import Dataset, load_dataset  # noqa: E402
-
-SETTINGS = {"ocr": {"engine": "cnocr"}, "describe": {"vlm": "builtin"}, "reason": {}}
 
 
 def run_seed(seed: int, cache: Cache) -> dict:

@@ -26,9 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from _common import OUT, ROOT, dataset, save, update_section
-
-SETTINGS = {"ocr": {"engine": "cnocr"}, "describe": {"vlm": "builtin"}, "reason": {}}
+from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
 
 
 def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, dataset, measured_line, save, update_section
+from _common import OUT, ROOT, SETTINGS, dataset, measured_line, save, update_section
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -36,7 +36,6 @@ from asectl.dataset import Dataset, load_dataset  # noqa: E402
 from asectl.report import compute_metrics  # noqa: E402
 
 LABELS = ["normal", "type1", "type2", "type3", "type4"]
-SETTINGS = {"ocr": {"engine": "cnocr"}, "describe": {"vlm": "builtin"}, "reason": {}}
 
 # The paper's numbers (ASE data, real VLM/LLM): macro-F1 binary / 5-class, in percent.
 PAPER = {

@@ -36,14 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, save, update_section
+from _common import OUT, ROOT, SETTINGS, save, update_section
 
 sys.path.insert(0, str(ROOT / "bench"))
 
 from asectl.cache import Cache  # noqa: E402
 from asectl.dataset import Dataset, load_dataset, order_labels  # noqa: E402
 
-SETTINGS = {"ocr": {"engine": "cnocr"}, "describe": {"vlm": "builtin"}, "reason": {}}
 GRID = {"pfa.lr": [1e-3, 3e-3, 1e-2], "fusion.lr": [1e-3, 3e-3, 1e-2], "fusion.class_weight": ["none", "balanced"]}
 SMALL_GRID = {"pfa.lr": [1e-3, 1e-2], "fusion.lr": [3e-3, 1e-2], "fusion.class_weight": ["none", "balanced"]}
 # Values the paper does not give, checked one at a time around the grid's winner (step 1b).

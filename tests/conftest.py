@@ -83,19 +83,26 @@ def tiny_instructblip(tmp_path_factory):
     return build_tiny_instructblip(tmp_path_factory.mktemp("vlm") / "tiny-instructblip")
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_gguf):
-    """A small dataset through reason (a tiny GGUF), describe, align and fuse-train, through the CLI;
-    shared by every module that needs a trained model (tests change only what they restore)."""
+def reasoned_dataset(root, tiny_gguf):
+    """(data, cache, invoke): 24 generated cards under ``root`` (seed 11) through reason (the tiny GGUF)
+    and describe, in a cache of their own; what the fixtures that train a model start from."""
     from asectl.synth import generate
 
-    root = tmp_path_factory.mktemp("learn")
     data = root / "data"
     generate(data, seed=11, counts="8,4,4,4,4")
     cache = root / "cache"
     invoke = cli_invoker(cache)
     invoke("reason", data, "--llm-model", tiny_gguf, "--max-tokens", "32")
     invoke("describe", data)
+    return data, cache, invoke
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_gguf):
+    """A small dataset through reason (a tiny GGUF), describe, align and fuse-train, through the CLI;
+    shared by every module that needs a trained model (tests change only what they restore)."""
+    root = tmp_path_factory.mktemp("learn")
+    data, cache, invoke = reasoned_dataset(root, tiny_gguf)
     align = invoke("align", data, "--stride", "0.2", "--json", *FAST)
     fuse = invoke("fuse-train", data, "--out", root / "bundle", "--json", *FAST)
     return {"root": root, "data": data, "cache": cache, "invoke": invoke,

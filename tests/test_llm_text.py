@@ -10,9 +10,8 @@ from click.testing import CliRunner
 
 from asectl.cli import cli
 from asectl.errors import ConfigError
-from asectl.synth import generate
 
-from .conftest import cli_invoker
+from .conftest import reasoned_dataset
 
 ANSWER = {"verdict": "defective", "deviation_kind": "shift", "axis": "x", "severity": "high",
           "closest_class": "type1", "rationale": "mean x far above."}
@@ -54,12 +53,7 @@ def test_hint_free_prompt_has_no_nearest_class_line(small_dataset):
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory, tiny_gguf):
     root = tmp_path_factory.mktemp("llm-text")
-    data = root / "data"
-    generate(data, seed=11, counts="8,4,4,4,4")
-    cache = root / "cache"
-    invoke = cli_invoker(cache)
-    invoke("reason", data, "--llm-model", tiny_gguf, "--max-tokens", "32")
-    invoke("describe", data)
+    data, cache, invoke = reasoned_dataset(root, tiny_gguf)
     fast = ["--set", "pfa.epochs_per_stage=2", "--set", "fusion.epochs=4"]
     invoke("fuse-train", data, "--set", "encoders.llm_text=answer", "--out", root / "bundle", *fast)
     return {"root": root, "data": data, "cache": cache, "invoke": invoke, "fast": fast}

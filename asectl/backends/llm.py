@@ -470,10 +470,11 @@ class LlamaCppLLM(LLM):
             llm.n_tokens = n
         else:
             llm.reset()
-            self.prefix_source = "restored" if self._restore_prefix(key) else "evaluated"
+            memo_key, st = self._prefix_memo_key(key)
+            self.prefix_source = "restored" if self._restore_prefix(key, memo_key) else "evaluated"
             if self.prefix_source == "evaluated":
                 llm.eval(list(key))
-                self._save_prefix(key)
+                self._save_prefix(memo_key, st)
             self._prefix = key
         return n
 
@@ -490,11 +491,11 @@ class LlamaCppLLM(LLM):
         return fkey + [llama_cpp_version(), self.n_ctx, self.n_gpu_layers, llm.n_batch,
                        int(llm.context_params.n_ubatch), sha256_bytes(repr(key).encode())], st
 
-    def _restore_prefix(self, key: tuple[int, ...]) -> bool:
+    def _restore_prefix(self, key: tuple[int, ...], memo_key: list) -> bool:
         import llama_cpp
 
         llm = self._llm
-        data = read_memo_bytes(self.PREFIX_MEMO, self._prefix_memo_key(key)[0])
+        data = read_memo_bytes(self.PREFIX_MEMO, memo_key)
         if data is None:
             return False
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
@@ -506,7 +507,7 @@ class LlamaCppLLM(LLM):
         llm.n_tokens = len(key)
         return True
 
-    def _save_prefix(self, key: tuple[int, ...]) -> None:
+    def _save_prefix(self, memo_key: list, st: Any) -> None:
         import llama_cpp
 
         ctx = self._llm._ctx.ctx
@@ -516,8 +517,7 @@ class LlamaCppLLM(LLM):
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
         if n:
-            mkey, st = self._prefix_memo_key(key)
-            write_memo_bytes(self.PREFIX_MEMO, mkey, bytes(buf)[:n], st)
+            write_memo_bytes(self.PREFIX_MEMO, memo_key, bytes(buf)[:n], st)
 
     def answer(self, messages: list[dict[str, str]], fields: Sequence[Field], sampling: dict[str, Any],
                prefix_messages: list[dict[str, str]] | None = None) -> dict[str, Any]:

@@ -97,3 +97,12 @@ def test_bad_llm_text_is_one_line_error(learned):
     res = CliRunner().invoke(cli, ["--cache-dir", str(learned["cache"]), "align", str(learned["data"]),
                                    "--set", "encoders.llm_text=record", *learned["fast"]])
     assert res.exit_code != 0 and "encoders.llm_text" in res.output and "composite, answer" in res.output
+
+
+def test_replayed_llm_text_is_checked_too():
+    # A bundle's replay (or a benchmark's settings) is checked by the same rule as a profile.
+    from asectl.stages.modalities import ModalitySettings
+
+    with pytest.raises(ConfigError, match="encoders.llm_text.*composite, answer"):
+        ModalitySettings.from_dict({"llm_text": "record"})
+    assert ModalitySettings.from_dict({"llm_text": "answer"}).llm_text == "answer"

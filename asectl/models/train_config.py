@@ -172,7 +172,7 @@ class TrainProfile:
     def validate(self) -> "TrainProfile":
         self.pfa.validate()
         self.fusion.validate(self.pfa.proj_dim)
-        _choice("encoders.llm_text", self.encoders.llm_text, LLM_TEXTS)
+        check_llm_text(self.encoders.llm_text)
         if self.encoders.warmup_epochs < 0:
             raise ConfigError("encoders.warmup_epochs: must be 0 or more")
         if self.encoders.warmup_epochs and not self.encoders.finetune:
@@ -294,6 +294,11 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"setting '{path}': expected text, got {value!r}")
         return value
     return value
+
+
+def check_llm_text(value: str) -> None:
+    """What the LLM branch reads must be one of ``LLM_TEXTS`` (a profile's setting, or a bundle's replay)."""
+    _choice("encoders.llm_text", value, LLM_TEXTS)
 
 
 def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -16,8 +16,7 @@ import numpy as np
 
 from asectl.cache import Cache
 from asectl.dataset import Dataset, Sample
-from asectl.errors import ConfigError
-from asectl.models.train_config import DEFAULT_LLM_TEXT, LLM_TEXTS
+from asectl.models.train_config import DEFAULT_LLM_TEXT, check_llm_text
 from asectl.stages.describe import DescribeSettings
 from asectl.stages.ocr import OcrSettings
 from asectl.stages.reason import ReasonSettings
@@ -35,6 +34,9 @@ class ModalitySettings:
     describe: DescribeSettings = field(default_factory=DescribeSettings)
     reason: ReasonSettings = field(default_factory=ReasonSettings)
     llm_text: str = DEFAULT_LLM_TEXT
+
+    def __post_init__(self) -> None:
+        check_llm_text(self.llm_text)
 
     @classmethod
     def recall(cls, cache: Cache, dataset: Dataset) -> "ModalitySettings":
@@ -79,8 +81,6 @@ def collect_modalities(dataset: Dataset, cache: Cache,
 
     if not isinstance(settings, ModalitySettings):
         settings = ModalitySettings.from_dict(settings)
-    if settings.llm_text not in LLM_TEXTS:
-        raise ConfigError(f"encoders.llm_text = {settings.llm_text!r}: choose one of {', '.join(LLM_TEXTS)}")
     answer_only = settings.llm_text == "answer"
     reason_settings = settings.reason.replace(priors=dict(priors) if priors is not None else None)
     if answer_only:   # the LLM's own answer: its prompt carries no nearest-class hint

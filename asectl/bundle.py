@@ -5,7 +5,8 @@
                          temperature and the pass/defect/review rule (with the held-out cards they
                          were fitted on), file checksums
     heads.safetensors    PFA projections + temperature
-    fusion.safetensors   CMAF (or variant) + MLP classifier
+    fusion-K.safetensors CMAF (or variant) + MLP classifier of cross-validation fold K (K = 0 .. folds-1);
+                         the classifier averages their calibrated probabilities
     encoders/*.safetensors   fine-tuned encoders (paper profile only)
 """
 
@@ -20,7 +21,8 @@ from typing import Any
 from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file
 from asectl.errors import ConfigError
 
-BUNDLE_FORMAT = 2      # 2: calibration temperature and decision rule
+BUNDLE_FORMAT = 3      # 2: calibration temperature and decision rule; 3: the classifier is the fold models' average
+FUSION_MEMBER = "fusion-{}.safetensors"
 LATEST_POINTER = "latest-model"
 
 
@@ -56,10 +58,11 @@ class Bundle:
         return AlignmentHeads.from_checkpoint(load_file(str(self.path / "heads.safetensors")),
                                               self.config["heads"])
 
-    def fusion(self) -> Any:
+    def fusion_members(self) -> list[Any]:
+        """The fold models whose calibrated probabilities the classifier averages."""
         from asectl.models.cmaf import load_fusion
 
-        return load_fusion(self.path / "fusion.safetensors")
+        return [load_fusion(self.path / FUSION_MEMBER.format(k)) for k in range(int(self.config["fusion_members"]))]
 
     def encoder_state(self, name: str) -> Path | None:
         p = self.path / "encoders" / f"{name}.safetensors"

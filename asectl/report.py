@@ -34,6 +34,7 @@ import numpy as np
 from asectl.cache import sha256_bytes, write_atomic
 from asectl.dataset import NORMAL
 from asectl.errors import ConfigError, DataError
+from asectl.models.calibration import threshold_text
 
 METRICS_FORMAT = "asectl-report-metrics/1"
 BINARY_LABELS = ("normal", "defective")
@@ -703,12 +704,14 @@ def _calibration_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
     out: dict[str, Any] = {
         "text": (f"Temperature scaling: T = {cal['temperature']:.4f}, fitted on out-of-fold predictions of a "
                  f"{cal['folds']}-fold cross-validation on {cal['n_held_out']} training cards (seed "
-                 f"{cal['seed']}); the test split was not used. ECE over {test['n_bins']} equal-width "
-                 "confidence bins."),
+                 f"{cal['seed']}); the test split was not used. The classifier is "
+                 f"{cal.get('classifier', 'the model trained on every training card')}: "
+                 "the probabilities shown are the mean of their calibrated probabilities. ECE over "
+                 f"{test['n_bins']} equal-width confidence bins."),
         "ece_rows": ece_rows, "decision_rows": [], "rule_text": None, "tradeoff_rows": []}
     if dec:
         def thr(v: float | None) -> str:
-            return "never" if v is None else f"p ≥ {v:.6f}"
+            return threshold_text(v, 6, "p ≥ ")
 
         out["rule_text"] = (
             f"pass: top class normal with {thr(dec['pass_threshold'])}; defect: top class a defect class with "
@@ -727,8 +730,8 @@ def _calibration_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
             ["miss rate"] + [_rate(v["miss_rate"], v["n_missed"], v["n_defective"]) for _, v in views],
             ["defect error"] + [_rate(v["defect_error"], v["n_wrong_defect"], v["n_defect_decisions"])
                                 for _, v in views]]
-        out["tradeoff_rows"] = [[_rate(r["max_miss_rate"]), "never" if r["pass_threshold"] is None else
-                                 f"{r['pass_threshold']:.6f}", _rate(r["review_share"]), _rate(r["miss_rate"])]
+        out["tradeoff_rows"] = [[_rate(r["max_miss_rate"]), threshold_text(r["pass_threshold"], 6),
+                                 _rate(r["review_share"]), _rate(r["miss_rate"])]
                                 for r in dec.get("tradeoff", [])]
     return out
 

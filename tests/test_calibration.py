@@ -213,6 +213,11 @@ def test_predict_prints_and_writes_the_decision(trained, tmp_path):
     res = trained["invoke"]("predict", cards[0], bad, "--model", bundle, "--json", code=1)
     recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     assert "decision" in recs[0] and "error" in recs[1] and "decision" not in recs[1]
+    # Names are printed as they are, not read as terminal markup ("[red]" in a name stays visible).
+    odd = tmp_path / "card[red]1.png"
+    odd.write_bytes(b"not a png")
+    table = CliRunner().invoke(cli, ["predict", cards[0], str(odd), "--model", str(bundle)], terminal_width=300)
+    assert table.exit_code == 1 and table.output.count("card[red]1.png") >= 2, table.output
 
 
 def test_report_shows_calibration_and_decisions(trained):
@@ -232,3 +237,49 @@ def test_report_shows_calibration_and_decisions(trained):
     assert "Confidence and decisions" in html and "review share" in html and "miss rate" in html
     assert "Other miss-rate targets" in html
     assert "calibration.png" in (out / "report.md").read_text()
+
+
+def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
+    """The temperature and the thresholds come from each fold model's predictions on the cards it did not
+    train on, and the same fold models classify: predict's probabilities are the mean of their
+    calibrated probabilities (so the rule is applied to the models it was chosen on)."""
+    from asectl.bundle import load_bundle
+    from asectl.cache import Cache
+    from asectl.dataset import Dataset, load_dataset
+    from asectl.models.cmaf import predict_logits
+    from asectl.stages.predict import Predictor
+    from asectl.stages.report import bundle_alignment
+
+    cache = Cache(trained["cache"])
+    bundle = load_bundle(trained["bundle"])
+    cfg, classes = bundle.config, bundle.labels
+    members = bundle.fusion_members()
+    assert len(members) == cfg["fusion_members"] == cfg["calibration"]["folds"] == 5
+    align = bundle_alignment(bundle, cache)
+    emb = align.embeddings()
+    index = {name: i for i, name in enumerate(align.names)}
+
+    def logits_of(model, rows):
+        return predict_logits(model, {m: emb[m][rows] for m in ("vlm", "llm", "image")})
+
+    # Each fold's held-out cards in training order, as fuse-train classified them (the same batches, so
+    # the same floats: a threshold sits exactly at a held-out card's confidence).
+    held = cfg["calibration"]["held_out"]
+    train = align.train_index()
+    folds = [[i for i in train if held[align.names[i]] == k] for k in range(5)]
+    z = np.concatenate([logits_of(members[k], rows) for k, rows in enumerate(folds)])
+    y = np.array([classes.index(align.labels[i]) for rows in folds for i in rows])
+    assert fit_temperature(z, y) == pytest.approx(bundle.temperature, rel=1e-3)
+    p = softmax(z, bundle.temperature)
+    stats = decision_stats(bundle.decision_rule().decide(p), y, p.argmax(1), classes)
+    assert stats == cfg["decision"]["held_out"]
+    # The fold models are different models (each missed another fold), and predict averages them.
+    test = [i for i, s in enumerate(align.splits) if s == "test"]
+    per_member = np.stack([logits_of(m, test) for m in members])
+    assert not np.allclose(per_member[0], per_member[1])
+    ds = load_dataset(trained["data"])
+    preds = Predictor(bundle, cache).classify(Dataset(ds.split("test"), ds.root, ds.source, ds.labels))
+    assert preds.logits.shape == (5, len(test), len(classes))
+    order = [index[s.name] for s in preds.samples]
+    expected = softmax(np.stack([logits_of(m, order) for m in members]), bundle.temperature).mean(axis=0)
+    np.testing.assert_allclose(Predictor(bundle, cache).probabilities(preds.logits), expected, atol=1e-5)

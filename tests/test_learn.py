@@ -39,12 +39,13 @@ def test_align_rerun_is_cached_and_changed_stride_retrains(trained):
 def test_bundle_is_safetensors_and_json_only(trained):
     bundle = trained["root"] / "bundle"
     files = sorted(p.name for p in bundle.rglob("*") if p.is_file())
-    assert files == ["bundle.json", "fusion.safetensors", "heads.safetensors"]
+    members = [f"fusion-{k}.safetensors" for k in range(5)]      # one per calibration fold (default 5)
+    assert files == ["bundle.json", *members, "heads.safetensors"]
     cfg = json.loads((bundle / "bundle.json").read_text())
     assert cfg["classes"] == ["normal", "type1", "type2", "type3", "type4"]
     assert "built-in describer" in cfg["provenance"]["descriptions"]
     assert cfg["replay"]["reason"]["priors"]["classes"]
-    assert set(cfg["files"]) == {"fusion.safetensors", "heads.safetensors"}
+    assert set(cfg["files"]) == {*members, "heads.safetensors"} and cfg["fusion_members"] == 5
 
 
 def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):
@@ -97,7 +98,7 @@ def test_damaged_bundle_is_refused(trained, tmp_path):
 
     copy = tmp_path / "bundle"
     shutil.copytree(trained["root"] / "bundle", copy)
-    with open(copy / "fusion.safetensors", "r+b") as f:
+    with open(copy / "fusion-3.safetensors", "r+b") as f:
         f.seek(200)
         f.write(b"\x00\x01\x02")
     res = CliRunner().invoke(cli, ["predict", str(trained["data"] / "images" / "0000.png"), "--model", str(copy)])
@@ -115,6 +116,11 @@ def test_fuse_train_on_a_tda_augmented_training_split(trained):
     assert cfg["training"]["augmented"] == str(aug)
     n_real = sum(1 for line in (data / "labels.csv").read_text().splitlines()[1:] if line.endswith(",train"))
     assert out["n_train"] == n_real + round(0.5 * n_real)
+    # The synthetic cards train the fold models; the temperature and the rule are fitted on the real ones.
+    cal = cfg["calibration"]
+    assert cal["n_held_out"] == len(cal["held_out"]) == n_real and cal["n_augmented"] == round(0.5 * n_real)
+    assert not any(name.startswith("images/tda-") for name in cal["held_out"])
+    assert cfg["decision"]["held_out"]["n"] == n_real
     # The LLM's priors still come from the real training cards: their answers were reused from the cache,
     # only the new synthetic cards were reasoned about.
     after = {p.name for p in (trained["cache"] / "entries" / "reason").glob("*/*")}

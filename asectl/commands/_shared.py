@@ -87,9 +87,18 @@ def finish(result, cache, what: str = "images") -> None:
         ui.console.print(line + f", [red]{n_err} failed[/]", highlight=False)
     else:
         ui.info(line)
-    for r in result.errors[:20]:
-        ui.console.print(f"  [red]error:[/] {escape(r['error'])}", highlight=False, soft_wrap=True)
-    if n_err > 20:
-        ui.console.print(f"  ... and {n_err - 20} more (see --out / --json records)")
+    print_errors(result.errors)
     if n_err:
         sys.exit(1)
+
+
+MAX_ERRORS_SHOWN = 20
+
+
+def print_errors(errors: list[dict], indent: str = "  ") -> None:
+    """One line per error record (the first ``MAX_ERRORS_SHOWN``; the rest are in the records). Messages
+    are escaped: a file name such as ``card[1].png`` is not rich markup."""
+    for r in errors[:MAX_ERRORS_SHOWN]:
+        ui.console.print(f"{indent}[red]error:[/] {escape(r['error'])}", highlight=False, soft_wrap=True)
+    if len(errors) > MAX_ERRORS_SHOWN:
+        ui.console.print(f"{indent}... and {len(errors) - MAX_ERRORS_SHOWN} more (see --out / --json records)")

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from asectl import ui
-from asectl.commands._shared import executor_options
+from asectl.commands._shared import executor_options, print_errors
 from asectl.errors import ConfigError
-from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
+from asectl.models.calibration import (DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE,
+                                       threshold_text)
 
 
 def _overrides(config_file: Path | None, sets: tuple[str, ...], **named: Any) -> dict[str, Any]:
@@ -148,8 +150,9 @@ def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_erro
         return
     ui.console.print(
         f"fuse-train: model {res.key[:12]} ({'from cache' if res.from_cache else 'trained'}), "
-        f"{cfg['variant']} / {cfg['task']} on {cfg['training']['n_train']} training cards; last-epoch "
-        f"train accuracy {cfg['metrics']['train_accuracy_last_epoch']:.3f}"
+        f"{cfg['variant']} / {cfg['task']} on {cfg['training']['n_train']} training cards, the average of "
+        f"{cfg['fusion_members']} fold models; last-epoch train accuracy "
+        f"{cfg['metrics']['train_accuracy_last_epoch']:.3f} (their mean)"
         + (f"; exported to {out}" if out else ""), highlight=False)
     ui.console.print(decision_summary(cfg), highlight=False)
 
@@ -163,10 +166,10 @@ def decision_summary(cfg: dict[str, Any]) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
     def thr(v: float | None) -> str:
-        return "never" if v is None else f"p >= {v:.4f}"
+        return threshold_text(v, 4, "p >= ")
 
-    return (f"calibration: temperature {cal['temperature']:.3f} from {cal['folds']}-fold cross-validation on "
-            f"{cal['n_held_out']} training cards (held-out ECE {cal['held_out_ece']['before']:.3f} -> "
+    return (f"calibration: temperature {cal['temperature']:.3f} from the fold models' held-out predictions "
+            f"on {cal['n_held_out']} training cards (held-out ECE {cal['held_out_ece']['before']:.3f} -> "
             f"{cal['held_out_ece']['after']:.3f})\n"
             f"decision: pass if normal with {thr(dec['pass_threshold'])}, defect if a defect class with "
             f"{thr(dec['defect_threshold'])}, else review; held out: review {share(held['review_share'])}, "
@@ -240,13 +243,12 @@ def predict(cache, images, model, out, as_json, force, watch, poll, executor):
             table.add_column(c, justify="right")
         for r in result.records:
             if r.get("error"):
-                table.add_row(r["image"], "[red]error[/]", "", *[""] * len(bundle.labels))
+                table.add_row(escape(r["image"]), "[red]error[/]", "", *[""] * len(bundle.labels))
             else:
-                table.add_row(r["image"], r["label"], DECISION_STYLE[r["decision"]],
+                table.add_row(escape(r["image"]), escape(r["label"]), DECISION_STYLE[r["decision"]],
                               *[f"{r['probabilities'][c]:.3f}" for c in bundle.labels])
         ui.console.print(table)
-        for r in result.errors:
-            ui.console.print(f"  [red]error:[/] {r['error']}", highlight=False, soft_wrap=True)
+        print_errors(result.errors)
     if result.errors:
         sys.exit(1)
 
@@ -276,9 +278,10 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
         if as_json:
             click.echo(json.dumps(rec, default=str))
         elif rec.get("error"):
-            ui.console.print(f"[red]error[/] {rec['error']}", highlight=False, soft_wrap=True)
+            print_errors([rec], indent="")
         else:
-            ui.info(f"{rec['image']}: {rec['label']} ({rec['probability']:.3f}) {DECISION_STYLE[rec['decision']]}")
+            ui.info(f"{escape(rec['image'])}: {escape(rec['label'])} ({rec['probability']:.3f}) "
+                    f"{DECISION_STYLE[rec['decision']]}")
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

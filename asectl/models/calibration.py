@@ -3,7 +3,9 @@
 The paper trains the fusion with cross-entropy and reports macro-F1 only (paper lines 171 and 208-219);
 it says nothing about how far its softmax probabilities can be trusted. A probability that drives a decision must mean
 what it says, so ``fuse-train`` adds two things fitted on held-out *training* cards (out-of-fold
-predictions of a cross-validation on the training split; the test split is never read):
+predictions of a cross-validation on the training split; the test split is never read). The fold models
+of that cross-validation are also the classifier: their calibrated probabilities are averaged, so the
+thresholds apply to the models they were chosen on (bench/calibration_method.py):
 
 * **Temperature scaling** (Guo et al., "On calibration of modern neural networks", ICML 2017): one
   scalar T > 0 divides the logits, ``p = softmax(z / T)``, chosen to minimise the negative
@@ -47,6 +49,14 @@ def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64) / float(temperature)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def mean_softmax(member_logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """The classifier's probabilities float64 [n, k]: the mean over fold models of ``softmax(z / T)``
+    (``member_logits`` [members, n, k]; scikit-learn's ``CalibratedClassifierCV(ensemble=True)`` averages
+    the same way)."""
+    z = np.asarray(member_logits, dtype=np.float64)
+    return softmax(z, temperature).mean(axis=0) if z.ndim == 3 else softmax(z, temperature)
 
 
 def nll(logits: Any, y: Sequence[int], temperature: float = 1.0) -> float:
@@ -94,6 +104,11 @@ def expected_calibration_error(probs: Any, y: Sequence[int], bins: int = ECE_BIN
     rows = reliability_bins(probs, y, bins)
     n = sum(r["count"] for r in rows)
     return float(sum(r["count"] / n * abs(r["accuracy"] - r["confidence"]) for r in rows)) if n else 0.0
+
+
+def threshold_text(value: float | None, digits: int = 4, prefix: str = "") -> str:
+    """A decision threshold as people read it: "never" where none was granted (``DecisionRule``)."""
+    return "never" if value is None else f"{prefix}{value:.{digits}f}"
 
 
 def check_target(name: str, value: float) -> float:

@@ -3,9 +3,12 @@
 Takes the aligned features of the training split from the ``align`` entry (running alignment first if
 it is not cached), trains CMAF + MLP with cross-entropy, and stores a model bundle in the cache.
 
-The bundle also carries a temperature and a pass/defect/review rule (asectl.models.calibration), both
-fitted on out-of-fold predictions of a cross-validation on the training split: the test split is never
-read here."""
+The classifier is the average of the fold models of a k-fold cross-validation on the training split
+(scikit-learn's ``CalibratedClassifierCV(ensemble=True)``): each fold model's held-out predictions fit
+the temperature and the pass/defect/review rule (asectl.models.calibration), and the same fold models
+classify new cards, so the rule is applied to the models it was chosen on. bench/calibration_method.py
+compared this with one model trained on every card (the rule then missed both targets on held-out
+training folds) and with a validation split. The test split is never read here."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from asectl import __version__, ui
-from asectl.bundle import BUNDLE_FORMAT, LATEST_POINTER, Bundle, load_bundle, write_checksums
+from asectl.bundle import BUNDLE_FORMAT, FUSION_MEMBER, LATEST_POINTER, Bundle, load_bundle, write_checksums
 from asectl.cache import Cache, make_key
 from asectl.card import load_spec
 from asectl.dataset import Dataset
@@ -70,20 +73,22 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                    calibration=calib_args)
     entry = None if force else cache.get(STAGE, key)
     if entry is None:
-        from asectl.models.cmaf import save_fusion, train_fusion      # torch: only when training
+        from asectl.models.cmaf import map_labels, save_fusion
         from asectl.models.seeding import cpu_training_threads
 
         train = align.train_index()
         emb = align.embeddings()
         feats = {m: emb[m][train] for m in ("vlm", "llm", "image")}
         labels = [align.labels[i] for i in train]
+        names = [align.names[i] for i in train]
+        # Cards TDA added train the fold models but are not held-out evidence: the temperature and the
+        # rule are fitted on the user's own training cards only.
+        real = {s.name for s in dataset.split("train")}
         with cpu_training_threads(prof.encoders.device):
-            with ui.progress(prof.fusion.epochs, f"fuse-train ({prof.fusion.variant})") as advance:
-                model, history = train_fusion(
-                    feats, labels, prof.fusion, a_seed, classes=None, device=prof.encoders.device,
-                    on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"))
-            calibration, decision = calibrate(feats, labels, [align.names[i] for i in train], prof.fusion, a_seed,
-                                              model.bundle.classes, prof.encoders.device, calib_args)
+            members, histories, calibration, decision = calibrate(
+                feats, labels, names, [n in real for n in names], prof.fusion, a_seed,
+                map_labels(labels, prof.fusion.task)[1], prof.encoders.device, calib_args)
+        history = mean_history(histories)
         spec_arg = align.summary["replay"]["ocr"].get("spec")
         spec = load_spec(spec_arg)
 
@@ -91,14 +96,16 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
             import shutil
 
             shutil.copyfile(align.path / "heads.safetensors", tmp / "heads.safetensors")
-            save_fusion(model, tmp / "fusion.safetensors")
+            for k, member in enumerate(members):
+                save_fusion(member, tmp / FUSION_MEMBER.format(k))
             if (align.path / "encoders").is_dir():
                 shutil.copytree(align.path / "encoders", tmp / "encoders")
             pfa = align.summary["pfa"]
             config = {
                 "format": BUNDLE_FORMAT, "asectl_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "classes": model.bundle.classes, "task": model.bundle.task, "variant": prof.fusion.variant,
+                "classes": members[0].bundle.classes, "task": members[0].bundle.task,
+                "variant": prof.fusion.variant, "fusion_members": len(members),
                 "profile": prof.to_dict(), "seed": a_seed,
                 "encoders": align.summary["encoders"], "heads": pfa["heads"],
                 "replay": align.summary["replay"], "provenance": align.summary["provenance"],
@@ -109,9 +116,9 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                              "class_counts": {c: labels.count(c) for c in sorted(set(labels))}},
                 "metrics": {"d_pend": [{"stage": s["stage"], "n_pend": s["n_pend"], "val_loss": s["val_loss"],
                                         "note": s["val_note"]} for s in pfa["stages"]],
-                            "train_accuracy_last_epoch": history["epochs"][-1]["accuracy"],
-                            "train_loss_last_epoch": history["epochs"][-1]["loss"]},
-                "fusion_history": history["epochs"],
+                            "train_accuracy_last_epoch": history[-1]["accuracy"],
+                            "train_loss_last_epoch": history[-1]["loss"]},
+                "fusion_history": history,
                 "calibration": calibration, "decision": decision,
             }
             write_checksums(tmp, config)
@@ -134,12 +141,14 @@ def _fingerprint(align: AlignOutcome) -> str:
     return sha256_bytes(canonical_json(align.summary["samples"]).encode())
 
 
-def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], config: Any, seed: int,
-              classes: list[str], device: str, args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Temperature and decision rule from out-of-fold logits of a stratified k-fold cross-validation on
-    the training cards (each fold model trained like the final one, same settings and seed). The final
-    model is the one trained on every training card; as in scikit-learn's CalibratedClassifierCV with
-    ensemble=False, its calibration comes from the fold models' held-out predictions."""
+def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], held_out: list[bool], config: Any,
+              seed: int, classes: list[str], device: str,
+              args: Mapping[str, Any]) -> tuple[list[Any], list[list[dict]], dict[str, Any], dict[str, Any]]:
+    """The classifier, its temperature and its decision rule from a stratified k-fold cross-validation on
+    the training cards: k fold models (each trained like a single model would be: same settings, same
+    seed, on the other folds), their out-of-fold logits on the cards marked ``held_out`` (the user's own
+    cards; TDA's only train), the temperature minimising those logits' NLL and the rule chosen on them.
+    Returns (fold models, their training histories, calibration record, decision record)."""
     import numpy as np
 
     from asectl.models.calibration import (choose_rule, decision_stats, expected_calibration_error,
@@ -149,28 +158,49 @@ def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], con
     y, _ = map_labels(labels, config.task, classes)
     fold = stratified_folds([classes[i] for i in y], args["folds"], seed)
     logits = np.zeros((len(y), len(classes)), dtype=np.float64)
-    with ui.progress(args["folds"], "calibration (cross-validation)") as advance:
+    members, histories = [], []
+    with ui.progress(args["folds"] * config.epochs, f"fuse-train ({config.variant}, {args['folds']} fold models)") \
+            as advance:
         for k in range(args["folds"]):
             fit, held = fold != k, fold == k
-            fold_model, _ = train_fusion({m: v[fit] for m, v in feats.items()},
-                                         [labels[i] for i in np.flatnonzero(fit)], config, seed, classes=classes,
-                                         device=device)
-            logits[held] = predict_logits(fold_model, {m: v[held] for m, v in feats.items()})
-            advance()
-    temperature = fit_temperature(logits, y)
-    before, after = softmax(logits), softmax(logits, temperature)
-    rule = choose_rule(after, y, classes, args["max_miss_rate"], args["max_defect_error"])
+            model, history = train_fusion(
+                {m: v[fit] for m, v in feats.items()}, [labels[i] for i in np.flatnonzero(fit)], config, seed,
+                classes=classes, device=device,
+                on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"))
+            logits[held] = predict_logits(model, {m: v[held] for m, v in feats.items()})
+            members.append(model)
+            histories.append(history["epochs"])
+    scored = np.asarray(held_out, dtype=bool)
+    if not scored.any():
+        from asectl.errors import DataError
+
+        raise DataError("no training card of the dataset itself reached fuse-train (only augmented ones); "
+                        "check that OCR reads its cards")
+    z, y_s = logits[scored], y[scored]
+    temperature = fit_temperature(z, y_s)
+    before, after = softmax(z), softmax(z, temperature)
+    rule = choose_rule(after, y_s, classes, args["max_miss_rate"], args["max_defect_error"])
     top = after.argmax(axis=1)
-    calibration = {"method": "temperature scaling", "temperature": temperature, "folds": args["folds"],
-                   "seed": seed, "n_held_out": int(len(y)),
-                   "held_out": {n: int(f) for n, f in zip(names, fold)},
-                   "held_out_nll": {"before": nll(logits, y), "after": nll(logits, y, temperature)},
-                   "held_out_ece": {"before": expected_calibration_error(before, y),
-                                    "after": expected_calibration_error(after, y)},
-                   "held_out_accuracy": float((top == y).mean()), "held_out_errors": int((top != y).sum())}
-    decision = {**rule.to_dict(), "held_out": decision_stats(rule.decide(after), y, top, classes),
-                "tradeoff": miss_rate_tradeoff(after, y, classes, args["max_defect_error"])}
-    return calibration, decision
+    calibration = {"method": "temperature scaling",
+                   "classifier": f"the average of the {args['folds']} fold models", "temperature": temperature,
+                   "folds": args["folds"], "seed": seed,
+                   "n_held_out": int(scored.sum()), "n_augmented": int((~scored).sum()),
+                   "held_out": {n: int(f) for n, f, s in zip(names, fold, scored) if s},
+                   "held_out_nll": {"before": nll(z, y_s), "after": nll(z, y_s, temperature)},
+                   "held_out_ece": {"before": expected_calibration_error(before, y_s),
+                                    "after": expected_calibration_error(after, y_s)},
+                   "held_out_accuracy": float((top == y_s).mean()), "held_out_errors": int((top != y_s).sum())}
+    decision = {**rule.to_dict(), "held_out": decision_stats(rule.decide(after), y_s, top, classes),
+                "tradeoff": miss_rate_tradeoff(after, y_s, classes, args["max_defect_error"])}
+    return members, histories, calibration, decision
+
+
+def mean_history(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per epoch, the mean over fold models of each figure (loss, accuracy, ...): one training curve."""
+    import numpy as np
+
+    return [{key: (row[key] if key == "epoch" else float(np.mean([h[e][key] for h in histories])))
+             for key in row if isinstance(row[key], (int, float))} for e, row in enumerate(histories[0])]
 
 
 MISS_RATE_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)

@@ -1,8 +1,9 @@
 """``asectl predict``: classify cards with a trained bundle, replaying exactly the pipeline it was
 trained with (OCR engine and card spec, describer, LLM + priors, encoders, projections, fusion).
 Every per-image step is cached, and so are the fusion's logits (per bundle and exact encoder features), so
-predicting the same cards twice needs no model at all. The probabilities are calibrated with the bundle's
-temperature, and each card gets the bundle's decision: pass, defect or review (asectl.models.calibration)."""
+predicting the same cards twice needs no model at all. The classifier is the bundle's fold models: each
+one's logits are calibrated with the bundle's temperature and the probabilities averaged, and each card
+gets the bundle's decision: pass, defect or review (asectl.models.calibration)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from asectl.stages.modalities import build_encoders, collect_modalities, encode_
 from asectl.stages.common import StageResult
 
 STAGE = "predict"
-FORMAT = 2      # 2: logits (calibrated when read), not probabilities
+FORMAT = 3      # 2: logits (calibrated when read), not probabilities; 3: one set per fold model
 
 
 def bundle_encoders(bundle: Bundle) -> tuple[Any, Any, Any]:
@@ -45,9 +46,9 @@ def bundle_encoders(bundle: Bundle) -> tuple[Any, Any, Any]:
 
 def class_logits(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cache, force: bool = False,
                  models: Callable[[], tuple[Any, Any]] | None = None) -> np.ndarray:
-    """Heads and fusion over the encoder features: logits float32 [n, classes], one cache entry per
-    bundle and exact feature bytes, so a rerun imports no torch. ``models`` returns (heads, fusion) on a
-    cache miss (a Predictor's, loaded once), else they are loaded from the bundle."""
+    """Heads and fold models over the encoder features: logits float32 [members, n, classes], one cache
+    entry per bundle and exact feature bytes, so a rerun imports no torch. ``models`` returns (heads, fold
+    models) on a cache miss (a Predictor's, loaded once), else they are loaded from the bundle."""
     from safetensors.numpy import load as st_load
     from safetensors.numpy import save as st_save
 
@@ -60,8 +61,9 @@ def class_logits(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cache, for
     from asectl.models.cmaf import predict_logits
     from asectl.models.pfa import align_features
 
-    heads, fusion = models() if models else (bundle.heads(), bundle.fusion())
-    logits = np.ascontiguousarray(predict_logits(fusion, align_features(heads, arrays)))
+    heads, members = models() if models else (bundle.heads(), bundle.fusion_members())
+    aligned = align_features(heads, arrays)
+    logits = np.ascontiguousarray(np.stack([predict_logits(m, aligned) for m in members]))
     cache.put(STAGE, key, {"logits.safetensors": st_save({"logits": logits})}, {"params": {"bundle": bundle.digest}})
     return logits
 
@@ -69,7 +71,7 @@ def class_logits(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cache, for
 @dataclass
 class Predictions:
     samples: list[Sample]               # the cards classified, in input order
-    logits: np.ndarray                  # [len(samples), classes], before calibration
+    logits: np.ndarray                  # [fold models, len(samples), classes], before calibration
     dropped: list[dict[str, Any]]       # {"image", "error"}: cards that lack a modality
 
 
@@ -94,7 +96,7 @@ class Predictor:
 
     def models(self) -> tuple[Any, Any]:
         if self._models is None:
-            self._models = (self.bundle.heads(), self.bundle.fusion())
+            self._models = (self.bundle.heads(), self.bundle.fusion_members())
         return self._models
 
     def warm_up(self) -> None:
@@ -120,17 +122,24 @@ class Predictor:
     def classify(self, dataset: Dataset) -> Predictions:
         # A replay: the bundle's settings, checked model hashes, and the dataset's remembered settings left alone.
         mods = collect_modalities(dataset, self.cache, self.bundle.config["replay"], force=self.force, remember=False)
-        logits = np.zeros((0, len(self.classes)), np.float32)
+        logits = np.zeros((int(self.bundle.config["fusion_members"]), 0, len(self.classes)), np.float32)
         if mods.samples:
             feats = encode_modalities(mods, self.encoders(), self.cache)
             logits = class_logits(self.bundle, feats, self.cache, self.force, models=self.models)
         return Predictions(list(mods.samples), logits, list(mods.dropped))
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities float64 [n, classes] (temperature scaling)."""
-        from asectl.models.calibration import softmax
+        """Calibrated class probabilities float64 [n, classes]: the fold models' mean after temperature
+        scaling."""
+        from asectl.models.calibration import mean_softmax
 
-        return softmax(logits, self.temperature)
+        return mean_softmax(logits, self.temperature)
+
+    def uncalibrated(self, logits: np.ndarray) -> np.ndarray:
+        """The same mean with plain softmax (T = 1): what calibration is compared against."""
+        from asectl.models.calibration import mean_softmax
+
+        return mean_softmax(logits)
 
     def records(self, dataset: Dataset, preds: Predictions) -> list[dict[str, Any]]:
         """One record per input card, in input order: class, calibrated probabilities and decision, or

@@ -86,8 +86,6 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
     if unknown:
         raise ConfigError(f"test labels {unknown} are not among the model's classes {classes}; "
                           "was the model trained on another dataset?")
-    from asectl.models.calibration import softmax
-
     probs = predictor.probabilities(preds.logits)          # calibrated: what predict reports
     y_true = [classes.index(truth[s.name]) for s in preds.samples]
     y_pred = probs.argmax(axis=1).tolist()
@@ -119,7 +117,7 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
                         f"(first: {errors[0]['error']})")
     data = ReportInput(
         label_names=classes, y_true=y_true, y_pred=y_pred, image_names=[s.name for s in preds.samples],
-        probs=probs, probs_uncalibrated=softmax(preds.logits),
+        probs=probs, probs_uncalibrated=predictor.uncalibrated(preds.logits),
         calibration=bundle.config["calibration"],
         decision_rule=bundle.config["decision"],
         decisions=predictor.rule.decide(probs),

@@ -2,6 +2,7 @@
 
     python bench/calibration_method.py --seeds 0,1,2,3,4 --cache-dir bench/out/qcache-field
     python bench/calibration_method.py ... --outer-priors inner    # outer cards answered as new cards are
+    python bench/calibration_method.py ... --diagnose-test        # the same fits also classify the test split
 
 The temperature and the two thresholds are fitted on held-out predictions and then applied to the
 classifier that predicts. If the held-out predictions come from models that differ from that classifier
@@ -71,7 +72,7 @@ def run_outer(args: tuple) -> dict:
     from asectl.models.train_config import get_profile
     from asectl.stages.align import run_align
 
-    seed, outer_k, cache_dir, outer_priors = args
+    seed, outer_k, cache_dir, outer_priors, with_test = args
     torch.set_num_threads(1)
     cache = Cache(Path(cache_dir))
     ds = load_dataset(dataset(seed))
@@ -82,6 +83,8 @@ def run_outer(args: tuple) -> dict:
     y_all = np.asarray([classes.index(labels[i]) for i in range(len(labels))])
     outer_fold = stratified_folds([labels[i] for i in train], FOLDS, seed + 1000)
     inner, test = train[outer_fold != outer_k], train[outer_fold == outer_k]
+    # --diagnose-test: the dataset's test cards, classified by the same candidates (never used to choose)
+    test_split = np.asarray([i for i, sp in enumerate(align.splits) if sp == "test"]) if with_test else None
     if outer_priors == "inner":
         raw = {**raw, "llm": outer_llm_features(ds, align, inner, test, cache, raw["llm"])}
     prof = get_profile("quick", {"seed": seed})
@@ -91,7 +94,7 @@ def run_outer(args: tuple) -> dict:
         t = fit_temperature(logits, y_all[idx])
         return t, choose_rule(softmax(logits, t), y_all[idx], classes)
 
-    out = {}
+    out, diag = {}, {}
     # PFA on every inner card, shared by the fusion-cv candidates.
     shared = train_pfa_embeddings(raw, inner, prof, seed)
     final_fusion = _fusion(shared, inner, labels, classes, prof, seed)
@@ -109,12 +112,19 @@ def run_outer(args: tuple) -> dict:
         t, rule = fit_rule(oof, inner)
         out[f"{name}, final"] = (softmax(final(test), t), t, rule)
         out[f"{name}, fold average"] = (np.mean([softmax(m(test), t) for m in members], axis=0), t, rule)
+        if test_split is not None:
+            diag[f"{name}, final"] = softmax(final(test_split), t)
+            diag[f"{name}, fold average"] = np.mean([softmax(m(test_split), t) for m in members], axis=0)
     val_mark = stratified_folds([labels[i] for i in inner], round(1 / VALIDATION_SHARE), seed) == 0
     fit, val = inner[~val_mark], inner[val_mark]
     model = _chain(raw, fit, labels, classes, prof, seed)
     t, rule = fit_rule(model(val), val)
     out["validation split"] = (softmax(model(test), t), t, rule)
+    if test_split is not None:
+        diag["validation split"] = softmax(model(test_split), t)
     return {"seed": seed, "outer": outer_k, "y": y_all[test].tolist(), "classes": classes,
+            **({"test_y": y_all[test_split].tolist(), "test_probs": {m: p.tolist() for m, p in diag.items()}}
+               if test_split is not None else {}),
             "methods": {m: {"probs": p.tolist(), "temperature": t, "rule": r.to_dict()}
                         for m, (p, t, r) in out.items()}}
 
@@ -155,11 +165,16 @@ def train_pfa_embeddings(raw: dict, fit: np.ndarray, prof, seed: int) -> dict:
     return train_pfa(raw, prof.pfa, seed, train_index=fit.tolist()).stages[-1].embeddings
 
 
-def score(rows: list[dict], method: str) -> dict:
+def score(rows: list[dict], method: str, on_test: bool = False) -> dict:
+    """Pooled figures of one candidate on the outer folds (or, ``on_test``, on the test split: each outer
+    fold's fitted candidate classifies the same test cards, so those are counted once per outer fold)."""
     from sklearn.metrics import f1_score
 
     from asectl.models.calibration import DecisionRule, decision_stats, expected_calibration_error
 
+    if on_test:
+        rows = [{**r, "y": r["test_y"], "methods": {m: {**v, "probs": r["test_probs"][m]}
+                                                    for m, v in r["methods"].items()}} for r in rows]
     per, ys, ps = [], [], []
     for r in rows:
         m = r["methods"][method]
@@ -194,40 +209,60 @@ def main() -> None:
     ap.add_argument("--outer-priors", choices=["all", "inner"], default="all",
                     help="the outer fold's LLM texts: as cached (priors of every training card) or answered "
                          "again with priors of the inner cards only, as a new card's are")
+    ap.add_argument("--diagnose-test", action="store_true",
+                    help="also classify the test split with every fitted candidate: reads the test split, to "
+                         "see whether it behaves like the outer folds (never used to choose)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
-    jobs = [(s, k, args.cache_dir, args.outer_priors) for s in seeds for k in range(FOLDS)]
+    jobs = [(s, k, args.cache_dir, args.outer_priors, args.diagnose_test) for s in seeds for k in range(FOLDS)]
     with ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(run_outer, jobs))
     total = time.perf_counter() - t0
     scores = {m: score(rows, m) for m in METHODS}
+    test_scores = {m: score(rows, m, on_test=True) for m in METHODS} if args.diagnose_test else None
     inner = args.outer_priors == "inner"
-    save("calibration_method" + ("-inner-priors" if inner else ""),
+    suffix = ("-inner-priors" if inner else "") + ("-test" if args.diagnose_test else "")
+    save("calibration_method" + suffix,
          {"seeds": seeds, "outer_priors": args.outer_priors, "folds": FOLDS, "validation_share": VALIDATION_SHARE,
-          "scores": scores, "rows": rows, "seconds": total})
-    table = ["| candidate | miss rate (target <= 1 %) | defect error (target <= 5 %) | review share | ECE | "
-             "accuracy | macro-F1 (mean ± sd over folds) |", "|---|---|---|---|---|---|---|"]
-    for m, s in scores.items():
-        table.append(f"| {m} | {_ci(s['n_missed'], s['n_defective'])} | "
-                     f"{_ci(s['n_wrong_defect'], s['n_defect_decisions'])} | {100 * s['n_review'] / s['n']:.1f}% | "
-                     f"{s['ece']:.3f} | {100 * s['accuracy']:.1f}% | {100 * s['macro_f1_mean']:.2f} ± "
-                     f"{100 * s['macro_f1_sd']:.2f} |")
+          "scores": scores, "test_scores": test_scores, "rows": rows, "seconds": total})
+
+    def table(scores: dict) -> str:
+        out = ["| candidate | miss rate (target <= 1 %) | defect error (target <= 5 %) | review share | ECE | "
+               "accuracy | macro-F1 (mean ± sd over fits) |", "|---|---|---|---|---|---|---|"]
+        for m, s in scores.items():
+            out.append(f"| {m} | {_ci(s['n_missed'], s['n_defective'])} | "
+                       f"{_ci(s['n_wrong_defect'], s['n_defect_decisions'])} | {100 * s['n_review'] / s['n']:.1f}% | "
+                       f"{s['ece']:.3f} | {100 * s['accuracy']:.1f}% | {100 * s['macro_f1_mean']:.2f} ± "
+                       f"{100 * s['macro_f1_sd']:.2f} |")
+        return "\n".join(out)
     priors_note = ("The outer fold's LLM texts were answered again with priors of the inner cards only, as a "
                    "new card's are." if inner else "The outer fold's LLM texts are the cached ones (priors of "
                    "every training card, the outer fold's included).")
-    md = f"""### How the temperature and thresholds are fitted (training split only, {len(seeds)} seeds{
+    test_note = ("The test split is not read." if test_scores is None else
+                 "Diagnosis only (nothing is chosen on it): every fitted candidate also classified the test "
+                 "split, second table (the same 130 test cards per seed, counted once per outer fold).")
+    md = f"""### How the temperature and thresholds are fitted (training split{
+    ' and, for diagnosis, test split' if test_scores else ' only'}, {len(seeds)} seeds{
     ", outer fold answered with inner priors" if inner else ""})
 
 Seeds {', '.join(map(str, seeds))}; each seed's 325 training cards cut into {FOLDS} outer folds (stratified),
 each outer fold classified by every candidate fitted on the other four ({FOLDS} inner folds; validation
 share {VALIDATION_SHARE:.0%}); counts summed over outer folds and seeds, 95% exact binomial intervals.
-Targets: `--max-miss-rate 0.01`, `--max-defect-error 0.05`. {priors_note} The test split is not read.
+Targets: `--max-miss-rate 0.01`, `--max-defect-error 0.05`. {priors_note} {test_note}
 Run time {total / 60:.1f} min.
 
-{chr(10).join(table)}
+Outer folds:
+
+{table(scores)}
 """
-    update_section("calibration-method" + ("-inner-priors" if inner else ""), md)
+    if test_scores:
+        md += f"""
+Test split, classified by the same fits:
+
+{table(test_scores)}
+"""
+    update_section("calibration-method" + suffix, md)
     print(md)
 
 

@@ -62,7 +62,8 @@ class Bundle:
         """The fold models whose calibrated probabilities the classifier averages."""
         from asectl.models.cmaf import load_fusion
 
-        return [load_fusion(self.path / FUSION_MEMBER.format(k)) for k in range(int(self.config["fusion_members"]))]
+        members = int(self.config["fusion_members"])
+        return [load_fusion(self.path / FUSION_MEMBER.format(k)) for k in range(members)]
 
     def encoder_state(self, name: str) -> Path | None:
         p = self.path / "encoders" / f"{name}.safetensors"

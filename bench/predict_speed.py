@@ -29,9 +29,10 @@ import psutil
 from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
 
 
-def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None) -> Path:
+def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None, engine: str = "cnocr") -> Path:
     """``model``, else the model last trained on the seed-0 dataset in this cache (bench/calibration.py's),
-    else one trained here; exported to ``out``/bundle."""
+    else one trained here; exported to ``out``/bundle. With another OCR ``engine``: the seed-0 model
+    trained (or found in the cache) with that engine, the other settings the benchmark's."""
     from asectl.bundle import export_bundle, load_bundle
     from asectl.cache import Cache
     from asectl.dataset import load_dataset
@@ -43,14 +44,16 @@ def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None) -> Pat
     entry = cache.get("model", ptr["key"]) if ptr else None
     if model is not None:
         bundle = load_bundle(model)
-    elif entry is not None:
+    elif entry is not None and engine == "cnocr":
         bundle = load_bundle(entry.path)
     else:
         from asectl.stages.align import run_align
         from asectl.stages.fuse import run_fuse_train
 
-        run_align(ds, cache, profile="quick", seed=0, settings=SETTINGS)
+        run_align(ds, cache, profile="quick", seed=0, settings={**SETTINGS, "ocr": {"engine": engine}})
         bundle = run_fuse_train(ds, cache, profile="quick", seed=0).bundle
+    if bundle.config["replay"]["ocr"].get("engine") != engine:
+        raise SystemExit(f"the model's OCR engine is {bundle.config['replay']['ocr'].get('engine')}, not {engine}")
     target = out / "bundle"
     shutil.rmtree(target, ignore_errors=True)
     return export_bundle(bundle, target)
@@ -98,16 +101,20 @@ def main() -> None:
     ap.add_argument("--trickle", type=int, default=20, help="cards dropped one at a time (latency)")
     ap.add_argument("--gap", type=float, default=1.5, help="seconds between trickled cards")
     ap.add_argument("--model", type=Path, default=None, help="a model bundle folder (default: see above)")
+    ap.add_argument("--engine", choices=["cnocr", "rapidocr"], default="cnocr",
+                    help="OCR engine of the model (default cnocr; rapidocr: a seed-0 model trained with it, "
+                         "results in their own section)")
     ap.add_argument("--cold", type=int, default=3, help="cold single-card runs (0: skip)")
     ap.add_argument("--card-seed", type=int, default=500,
                     help="generator seed of the new cards (seed, seed+1, seed+2); a rerun on the same cache "
                          "needs another one, so that the cards are new to it")
     args = ap.parse_args()
-    out = OUT / "predict-speed"
+    suffix = "" if args.engine == "cnocr" else f"-{args.engine}"
+    out = OUT / f"predict-speed{suffix}"
     shutil.rmtree(out / "inbox", ignore_errors=True)
     (out / "inbox").mkdir(parents=True)
     cache_dir = Path(args.cache_dir)
-    bundle = trained_bundle(cache_dir, out, args.model)
+    bundle = trained_bundle(cache_dir, out, args.model, args.engine)
     env = {**os.environ, "ASECTL_CACHE_DIR": str(cache_dir)}
     exe = [sys.executable, "-m", "asectl", "-q"]
 
@@ -165,15 +172,20 @@ def main() -> None:
             "burst_cpu_seconds_per_card": burst_cpu, "load_average_end": os.getloadavg()[0],
             "latencies": latencies, "latency_median": statistics.median(latencies), "latency_p95": p95,
             "watch_peak_rss_mib": peak, "poll_seconds": 0.25}
-    save("predict_speed", data)
+    data["engine"] = args.engine
+    save("predict_speed" + suffix.replace("-", "_"), data)
     cold_row = ""
     if cold:
         cold_med = statistics.median(cold)
         cold_row = (f"| cold `asectl predict CARD` (new process, new card), median of {len(cold)} | **{cold_med:.1f} s** "
                     f"({', '.join(f'{t:.1f}' for t in cold)}) | at most 3 s: {'met' if cold_med <= 3 else 'not met'} |\n")
-    md = f"""### Prediction speed: cold single card and a warm `--watch` station
+    model_line = ("seed-0 quick-profile bundle of `bench/calibration.py`" if args.engine == "cnocr" else
+                  f"seed-0 quick-profile bundle trained with `--engine {args.engine}` OCR (otherwise the "
+                  "benchmark's settings)")
+    md = f"""### Prediction speed: cold single card and a warm `--watch` station{
+    f" (OCR engine {args.engine})" if suffix else ""}
 
-Model: seed-0 quick-profile bundle of `bench/calibration.py`. Every card is new to the cache. 2 cores,
+Model: {model_line}. Every card is new to the cache. 2 cores,
 shared with whatever else runs (load average at start above, {data['load_average_end']:.2f} at the end).
 
 | measure | result | goal |
@@ -184,7 +196,7 @@ shared with whatever else runs (load average at start above, {data['load_average
 | `--watch` latency, card appears -> its JSON line, {len(latencies)} cards {args.gap:g} s apart | median **{data['latency_median']:.2f} s**, p95 **{p95:.2f} s** | |
 | `--watch` peak memory | {peak:.0f} MiB | |
 """
-    update_section("predict-speed", md)
+    update_section("predict-speed" + suffix, md)
     print(md)
 
 

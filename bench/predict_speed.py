@@ -120,10 +120,15 @@ def main() -> None:
 
     from asectl.cache import Cache
 
-    ocr_entries = len(list(Cache(cache_dir).iter_entries("ocr")))
+    def entries() -> tuple[int, int]:
+        return tuple(len(list(Cache(cache_dir).iter_entries(stage))) for stage in ("ocr", "reason"))
+
+    before = entries()
     cold = cold_predict(exe, new_cards(out, args.card_seed, args.cold), bundle, env) if args.cold else []
-    if args.cold and len(list(Cache(cache_dir).iter_entries("ocr"))) == ocr_entries:
-        raise SystemExit(f"the cards of --card-seed {args.card_seed} are already in {cache_dir}; pass another")
+    # New to every stage, the LLM's included: a card read before by another engine keeps its LLM answer.
+    if args.cold and any(after - was < args.cold for after, was in zip(entries(), before)):
+        raise SystemExit(f"the cards of --card-seed {args.card_seed} were already (partly) in {cache_dir}; "
+                         "pass another")
 
     inbox, results = out / "inbox", out / "decisions.jsonl"
     results.unlink(missing_ok=True)

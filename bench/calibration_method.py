@@ -68,7 +68,7 @@ def run_outer(args: tuple) -> dict:
 
     from asectl.cache import Cache
     from asectl.dataset import load_dataset
-    from asectl.models.calibration import choose_rule, fit_temperature, softmax, stratified_folds
+    from asectl.models.calibration import choose_rule, fit_temperature, mean_softmax, softmax, stratified_folds
     from asectl.models.train_config import get_profile
     from asectl.stages.align import run_align
 
@@ -106,15 +106,15 @@ def run_outer(args: tuple) -> dict:
         oof_f[inner_fold == k] = fold_fusions[-1](held)
         fold_chains.append(_chain(raw, fit, labels, classes, prof, seed))
         oof_c[inner_fold == k] = fold_chains[-1](held)
-    final_chain = lambda idx: final_fusion(idx)  # noqa: E731  (the chain on every inner card = PFA + final fusion)
     for name, oof, final, members in (("fusion-cv", oof_f, final_fusion, fold_fusions),
-                                      ("chain-cv", oof_c, final_chain, fold_chains)):
+                                      # the chain on every inner card is PFA on them + the final fusion
+                                      ("chain-cv", oof_c, final_fusion, fold_chains)):
         t, rule = fit_rule(oof, inner)
         out[f"{name}, final"] = (softmax(final(test), t), t, rule)
-        out[f"{name}, fold average"] = (np.mean([softmax(m(test), t) for m in members], axis=0), t, rule)
+        out[f"{name}, fold average"] = (mean_softmax([m(test) for m in members], t), t, rule)
         if test_split is not None:
             diag[f"{name}, final"] = softmax(final(test_split), t)
-            diag[f"{name}, fold average"] = np.mean([softmax(m(test_split), t) for m in members], axis=0)
+            diag[f"{name}, fold average"] = mean_softmax([m(test_split) for m in members], t)
     val_mark = stratified_folds([labels[i] for i in inner], round(1 / VALIDATION_SHARE), seed) == 0
     fit, val = inner[~val_mark], inner[val_mark]
     model = _chain(raw, fit, labels, classes, prof, seed)

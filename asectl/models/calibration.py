@@ -55,8 +55,7 @@ def mean_softmax(member_logits: Any, temperature: float = 1.0) -> np.ndarray:
     """The classifier's probabilities float64 [n, k]: the mean over fold models of ``softmax(z / T)``
     (``member_logits`` [members, n, k]; scikit-learn's ``CalibratedClassifierCV(ensemble=True)`` averages
     the same way)."""
-    z = np.asarray(member_logits, dtype=np.float64)
-    return softmax(z, temperature).mean(axis=0) if z.ndim == 3 else softmax(z, temperature)
+    return softmax(member_logits, temperature).mean(axis=0)
 
 
 def nll(logits: Any, y: Sequence[int], temperature: float = 1.0) -> float:

@@ -718,8 +718,11 @@ def _calibration_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
             f"{thr(dec['defect_threshold'])}; otherwise review. Targets, chosen by the user at training: miss "
             f"rate at most {_rate(dec['max_miss_rate'])} (defective cards passed, over defective cards), "
             f"defect error at most {_rate(dec['max_defect_error'])} (cards decided defect whose true class "
-            "differs, over defect decisions). Thresholds are the lowest that meet both targets on the held-out "
-            "training cards.")
+            "differs, over defect decisions). On the held-out training cards, the pass threshold is the lowest "
+            "that meets its target; the defect threshold is lowered from the most confident card until a cut "
+            "first breaks its target"
+            + (f" (a cut meets it only if the exact upper bound of its error at {dec['defect_confidence']:.0%} "
+               "confidence does)" if dec.get("defect_confidence") is not None else "") + ".")
         views = [("held-out training cards", dec.get("held_out")), ("test split", dec["test"])]
         views = [(name, v) for name, v in views if v]
         out["decision_header"] = [""] + [f"{name} ({v['n']})" for name, v in views]

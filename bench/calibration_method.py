@@ -13,6 +13,11 @@ on new ones. Candidates (k = 5 inner folds each):
   the model trained on every card predicts (what `fuse-train` did before this comparison).
 * ``fusion-cv, fold average``: as above, but the k fold fusion models predict and their calibrated
   probabilities are averaged (scikit-learn's ``CalibratedClassifierCV(ensemble=True)``).
+* ``fusion-cv, fold average, lowest cut``: the fold average with the defect threshold as `fuse-train` chose
+  it before: the lowest cut whose held-out defect error meets the target anywhere in the scan (now: the
+  scan stops at the first cut that breaks it once one has met it).
+* ``fusion-cv, fold average, bound c``: the fold average, with a defect cut meeting the target only where
+  the exact upper bound (confidence c) of its held-out defect error does (``--defect-confidence c``).
 * ``chain-cv, final``: PFA and fusion both cross-validated (the held-out fold is outside the alignment
   too); the chain trained on every card predicts.
 * ``chain-cv, fold average``: the k fold chains (alignment heads + fusion) predict, probabilities averaged.
@@ -41,8 +46,30 @@ from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-METHODS = ("fusion-cv, final", "fusion-cv, fold average", "chain-cv, final", "chain-cv, fold average",
-           "validation split")
+# The fold average's defect threshold with its held-out error's exact upper bound at these confidences
+# (asectl.models.calibration.choose_rule's defect_confidence) instead of the error itself.
+CONFIDENCES = (0.5, 0.8, 0.9)
+BOUNDED = tuple(f"fusion-cv, fold average, bound {c}" for c in CONFIDENCES)
+LOWEST_CUT = "fusion-cv, fold average, lowest cut"
+METHODS = ("fusion-cv, final", "fusion-cv, fold average", LOWEST_CUT, *BOUNDED, "chain-cv, final",
+           "chain-cv, fold average", "validation split")
+
+
+def lowest_cut_rule(probs: np.ndarray, y: np.ndarray, classes: list[str]):
+    """The defect threshold as `fuse-train` chose it before: the lowest cut whose held-out defect error
+    meets the target anywhere in the scan, not the end of the first run of cuts that meet it."""
+    from asectl.models.calibration import DEFAULT_MAX_DEFECT_ERROR, DecisionRule, choose_rule
+
+    rule = choose_rule(probs, y, classes)
+    top, conf = probs.argmax(1), probs.max(1)
+    flagged = top != classes.index("normal")
+    order = np.argsort(-conf[flagged], kind="stable")
+    c_sorted = conf[flagged][order]
+    error = np.cumsum((top[flagged] != y[flagged])[order]) / np.arange(1, len(order) + 1)
+    cuts = [i for i in range(len(order)) if (i + 1 == len(order) or c_sorted[i + 1] < c_sorted[i])
+            and error[i] <= DEFAULT_MAX_DEFECT_ERROR]
+    return DecisionRule(rule.classes, rule.pass_threshold, float(c_sorted[max(cuts)]) if cuts else None,
+                        rule.max_miss_rate, rule.max_defect_error)
 FOLDS = 5
 VALIDATION_SHARE = 0.2
 MODS = ("vlm", "llm", "image")
@@ -112,9 +139,18 @@ def run_outer(args: tuple) -> dict:
         t, rule = fit_rule(oof, inner)
         out[f"{name}, final"] = (softmax(final(test), t), t, rule)
         out[f"{name}, fold average"] = (mean_softmax([m(test) for m in members], t), t, rule)
+        variants = (LOWEST_CUT, *BOUNDED) if name == "fusion-cv" else ()
+        if name == "fusion-cv":
+            inner_oof = softmax(oof, t)
+            out[LOWEST_CUT] = (out[f"{name}, fold average"][0], t, lowest_cut_rule(inner_oof, y_all[inner], classes))
+            for c, label in zip(CONFIDENCES, BOUNDED):
+                out[label] = (out[f"{name}, fold average"][0], t,
+                              choose_rule(inner_oof, y_all[inner], classes, defect_confidence=c))
         if test_split is not None:
             diag[f"{name}, final"] = softmax(final(test_split), t)
             diag[f"{name}, fold average"] = mean_softmax([m(test_split) for m in members], t)
+            for label in variants:
+                diag[label] = diag[f"{name}, fold average"]
     val_mark = stratified_folds([labels[i] for i in inner], round(1 / VALIDATION_SHARE), seed) == 0
     fit, val = inner[~val_mark], inner[val_mark]
     model = _chain(raw, fit, labels, classes, prof, seed)
@@ -122,7 +158,9 @@ def run_outer(args: tuple) -> dict:
     out["validation split"] = (softmax(model(test), t), t, rule)
     if test_split is not None:
         diag["validation split"] = softmax(model(test_split), t)
+    # The fusion-cv out-of-fold probabilities the rules were chosen on: other rules can be scored from them.
     return {"seed": seed, "outer": outer_k, "y": y_all[test].tolist(), "classes": classes,
+            "inner_y": y_all[inner].tolist(), "inner_probs": inner_oof.tolist(),
             **({"test_y": y_all[test_split].tolist(), "test_probs": {m: p.tolist() for m, p in diag.items()}}
                if test_split is not None else {}),
             "methods": {m: {"probs": p.tolist(), "temperature": t, "rule": r.to_dict()}

@@ -120,12 +120,16 @@ def _f(v: Any) -> str:
                    "normal.")
 @click.option("--max-defect-error", type=float, default=DEFAULT_MAX_DEFECT_ERROR, show_default=True,
               help="Decision rule target: at most this share of held-out cards decided 'defect' of another class.")
+@click.option("--defect-confidence", type=float, default=None,
+              help="Grant 'defect' only where the exact upper bound of the held-out defect error, at this "
+                   "confidence (e.g. 0.9), meets --max-defect-error. Needs many labelled cards: with a few "
+                   "hundred, no 'defect' decision is granted at 0.8 or above. Default: the error itself.")
 @click.option("--calibration-folds", type=int, default=DEFAULT_CALIBRATION_FOLDS, show_default=True,
               help="Cross-validation folds on the training split for calibration and the decision rule.")
 @_with_common
 @click.pass_obj
-def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_error, calibration_folds, profile,
-               config_file, sets, seed, augmented, force, as_json):
+def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_error, defect_confidence,
+               calibration_folds, profile, config_file, sets, seed, augmented, force, as_json):
     """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
     choose the pass/defect/review rule on held-out training cards; store a model bundle."""
     from asectl.bundle import export_bundle
@@ -136,7 +140,7 @@ def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_erro
     res = run_fuse_train(ds, cache, fusion=fusion, task=task, augmented=augmented,
                          profile=_profile_name(profile, config_file), overrides=_overrides(config_file, sets),
                          seed=seed, force=force, max_miss_rate=max_miss_rate, max_defect_error=max_defect_error,
-                         calibration_folds=calibration_folds)
+                         calibration_folds=calibration_folds, defect_confidence=defect_confidence)
     cfg = res.bundle.config
     if out is not None:
         export_bundle(res.bundle, out)
@@ -174,7 +178,9 @@ def decision_summary(cfg: dict[str, Any]) -> str:
             f"decision: pass if normal with {thr(dec['pass_threshold'])}, defect if a defect class with "
             f"{thr(dec['defect_threshold'])}, else review; held out: review {share(held['review_share'])}, "
             f"miss rate {share(held['miss_rate'])} (target {share(dec['max_miss_rate'])}), defect error "
-            f"{share(held['defect_error'])} (target {share(dec['max_defect_error'])})"
+            f"{share(held['defect_error'])} (target {share(dec['max_defect_error'])}"
+            + (f", met by its upper bound at {dec['defect_confidence']:.0%} confidence"
+               if dec.get("defect_confidence") is not None else "") + ")"
             + ("\nheld-out review share for other --max-miss-rate targets: "
                + ", ".join(f"{share(r['max_miss_rate'])}: {share(r['review_share'])}" for r in dec["tradeoff"])
                if dec.get("tradeoff") else ""))

@@ -48,8 +48,9 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                    overrides: Mapping[str, Any] | None = None, seed: int | None = None,
                    force: bool = False, max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
                    max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
-                   calibration_folds: int = DEFAULT_CALIBRATION_FOLDS) -> FuseOutcome:
-    from asectl.models.calibration import check_target
+                   calibration_folds: int = DEFAULT_CALIBRATION_FOLDS,
+                   defect_confidence: float | None = None) -> FuseOutcome:
+    from asectl.models.calibration import check_confidence, check_target
     from asectl.models.train_config import get_profile
 
     cache = cache or Cache()
@@ -68,7 +69,10 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     prof = get_profile(a_profile, {**a_over, **f_over, "seed": a_seed})
     targets = {"max_miss_rate": check_target("max_miss_rate", max_miss_rate),
                "max_defect_error": check_target("max_defect_error", max_defect_error)}
-    calib_args = {"method": "temperature", "folds": int(calibration_folds), **targets}
+    # defect_scan names how the defect threshold is chosen (asectl.models.calibration.choose_rule), so
+    # models whose rule was chosen the earlier way ("lowest cut") are not reused.
+    calib_args = {"method": "temperature", "folds": int(calibration_folds), **targets, "defect_scan": "first-failure",
+                  "defect_confidence": None if defect_confidence is None else check_confidence(defect_confidence)}
     key = make_key(STAGE, format=BUNDLE_FORMAT, align=align.key, fusion=prof.to_dict()["fusion"], seed=a_seed,
                    calibration=calib_args)
     entry = None if force else cache.get(STAGE, key)
@@ -179,7 +183,7 @@ def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], hel
     z, y_s = logits[scored], y[scored]
     temperature = fit_temperature(z, y_s)
     before, after = softmax(z), softmax(z, temperature)
-    rule = choose_rule(after, y_s, classes, args["max_miss_rate"], args["max_defect_error"])
+    rule = choose_rule(after, y_s, classes, args["max_miss_rate"], args["max_defect_error"], args["defect_confidence"])
     top = after.argmax(axis=1)
     calibration = {"method": "temperature scaling",
                    "classifier": f"the average of the {args['folds']} fold models", "temperature": temperature,
@@ -191,7 +195,8 @@ def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], hel
                                     "after": expected_calibration_error(after, y_s)},
                    "held_out_accuracy": float((top == y_s).mean()), "held_out_errors": int((top != y_s).sum())}
     decision = {**rule.to_dict(), "held_out": decision_stats(rule.decide(after), y_s, top, classes),
-                "tradeoff": miss_rate_tradeoff(after, y_s, classes, args["max_defect_error"])}
+                "tradeoff": miss_rate_tradeoff(after, y_s, classes, args["max_defect_error"],
+                                               args["defect_confidence"])}
     return members, histories, calibration, decision
 
 
@@ -206,14 +211,15 @@ def mean_history(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 MISS_RATE_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
-def miss_rate_tradeoff(probs: Any, y: Any, classes: list[str], max_defect_error: float) -> list[dict[str, Any]]:
+def miss_rate_tradeoff(probs: Any, y: Any, classes: list[str], max_defect_error: float,
+                       defect_confidence: float | None = None) -> list[dict[str, Any]]:
     """Held-out review share and miss rate for a few other miss-rate targets: what a stricter or looser
     target would cost, without retraining to find out."""
     from asectl.models.calibration import choose_rule, decision_stats
 
     rows = []
     for target in MISS_RATE_TARGETS:
-        rule = choose_rule(probs, y, classes, target, max_defect_error)
+        rule = choose_rule(probs, y, classes, target, max_defect_error, defect_confidence)
         st = decision_stats(rule.decide(probs), y, probs.argmax(axis=1), classes)
         rows.append({"max_miss_rate": target, "pass_threshold": rule.pass_threshold,
                      "review_share": st["review_share"], "miss_rate": st["miss_rate"]})

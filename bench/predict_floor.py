@@ -1,0 +1,172 @@
+"""The least a card costs: what each part of a warm `predict` spends on a card new to every stage, with
+one thread per library, and what that allows on this machine against the goals of
+bench/predict_speed.py (4 cards/s warm, 3 s cold).
+
+    python bench/predict_floor.py [--cards 12] [--card-seed 1700] [--model DIR]
+
+Warm: one process, the models loaded and kept (as `predict --watch`), one warm-up card, then each card
+classified alone with ONNX Runtime, torch and llama.cpp on one thread each (no thread waits for another,
+none spins: CPU seconds are the work itself). The cache is a new, empty one, so every card's LLM answer is
+computed (on a station whose cache holds the training cards, a card whose prompt reads like an earlier
+one's shares its answer, docs/reason.md). Components are timed by wrapping the functions that do the work
+(OCR's `read_card`, the LLM's `answer`, `run_describe`, `encode_modalities`, `class_logits`); what is left
+of a card's CPU time is the rest (cache reads and writes, hashing, prompts, parsing). Two cores can
+classify at most 2 / (CPU s per card) cards/s, however the work is spread over them.
+
+Cold: a new Python process importing what `asectl predict` imports (the fastest of 5), plus one card's CPU
+seconds spread perfectly over 2 cores: a lower bound, since loading the models is left out.
+
+The model is --model, else bench/predict_speed.py's bundle (bench/out/predict-speed/bundle).
+Results: bench/results/predict_floor.json and the ``predict-floor`` section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[var] = "1"
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from _common import OUT, save, update_section
+
+PARTS = ("OCR", "LLM answer", "describe", "encoders", "fusion")
+# What `asectl predict` imports before it reads a card (commands -> stages -> backends).
+IMPORTS = {"Python alone": "pass",
+           "+ asectl CLI": "import asectl.cli",
+           "+ numpy, PIL, onnxruntime, llama_cpp": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp",
+           "+ torch": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp, torch",
+           "+ transformers": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp, torch, transformers",
+           "+ cnocr (CnSTD, torchvision)": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp, torch, "
+                                           "transformers, cnocr"}
+
+
+def timed(spent: dict, part: str, owner, name: str) -> None:
+    """Wrap ``owner.name`` so that its CPU seconds add up in ``spent[part]``."""
+    inner = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.process_time()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[part] += time.process_time() - t0
+    setattr(owner, name, wrapper)
+
+
+def import_seconds(statement: str, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", statement], check=True)
+        times.append(time.perf_counter() - t0)
+    return min(times)     # the best of several: a lower bound is what this measures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cards", type=int, default=12)
+    ap.add_argument("--card-seed", type=int, default=1700)
+    ap.add_argument("--model", type=Path, default=OUT / "predict-speed" / "bundle")
+    args = ap.parse_args()
+
+    imports = {label: import_seconds(stmt) for label, stmt in IMPORTS.items()}
+
+    import torch
+
+    torch.set_num_threads(1)
+    import asectl.backends.llm as llm_mod
+    import asectl.stages.describe as describe_mod
+    import asectl.stages.ocr as ocr_mod
+    import asectl.stages.predict as predict_mod
+    from asectl.backends import warm
+    from asectl.backends.ocr import get_engine
+    from asectl.bundle import load_bundle
+    from asectl.cache import Cache
+    from asectl.dataset import Dataset, Sample
+    from predict_speed import new_cards
+
+    bundle = load_bundle(args.model)
+    engine = bundle.config["replay"]["ocr"].get("engine", "cnocr")
+    get_engine(engine, threads=1)
+    load = llm_mod.LlamaCppLLM.load
+
+    def load_one_thread(self):
+        if self._llm is None:
+            self.n_threads = self.n_threads_batch = 1
+        return load(self)
+    llm_mod.LlamaCppLLM.load = load_one_thread
+
+    spent: dict[str, float] = defaultdict(float)
+    timed(spent, "OCR", ocr_mod, "read_card")
+    timed(spent, "LLM answer", llm_mod.LlamaCppLLM, "answer")
+    timed(spent, "describe", describe_mod, "run_describe")
+    timed(spent, "encoders", predict_mod, "encode_modalities")
+    timed(spent, "fusion", predict_mod, "class_logits")
+
+    cards = new_cards(OUT / "predict-floor", args.card_seed, args.cards)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="asectl-floor-") as tmp, warm.keep_loaded():
+        predictor = predict_mod.Predictor(bundle, Cache(Path(tmp)))
+        predictor.warm_up()
+        for card in cards:
+            spent.clear()
+            c0, w0 = time.process_time(), time.perf_counter()
+            res = predictor.run(Dataset([Sample(card, card.name)], None, "images", []))
+            assert res.records and "error" not in res.records[0], res.records
+            rows.append({"card": card.name, "cpu": time.process_time() - c0, "wall": time.perf_counter() - w0,
+                         **{p: spent[p] for p in PARTS}})
+
+    n = len(rows)
+    mean = {k: sum(r[k] for r in rows) / n for k in ("cpu", "wall", *PARTS)}
+    rest = mean["cpu"] - sum(mean[p] for p in PARTS)
+    most = 2 / mean["cpu"]
+    no_llm = mean["cpu"] - mean["LLM answer"]
+    # rapidocr needs no CnOCR import; both need torch and transformers for the encoders.
+    cold_imports = {e: imports["+ transformers" if e == "rapidocr" else "+ cnocr (CnSTD, torchvision)"]
+                    for e in ("cnocr", "rapidocr")}
+    cold = {e: sec + mean["cpu"] / 2 for e, sec in cold_imports.items()}
+    data = {"cards": n, "card_seed": args.card_seed, "engine": engine, "rows": rows, "mean": mean, "rest": rest,
+            "max_cards_per_second_2_cores": most, "cpu_without_llm": no_llm, "imports": imports,
+            "cold_lower_bound": cold}
+    save("predict_floor", data)
+
+    part_rows = "\n".join(f"| {p} | {mean[p]:.3f} | {100 * mean[p] / mean['cpu']:.0f}% |" for p in PARTS)
+    import_rows = "\n".join(f"| {label} | {s:.2f} |" for label, s in imports.items())
+    md = f"""### What a card costs at the least (one thread per library, {n} new cards, OCR engine {engine})
+
+Warm `predict` as `--watch` runs it, on cards new to every stage (a new, empty cache: every LLM answer
+is computed), each library on one thread, so CPU seconds are the work itself.
+
+| part of a card | CPU s per card (mean) | share |
+|---|---|---|
+{part_rows}
+| the rest (cache, hashing, prompt, parsing) | {rest:.3f} | {100 * rest / mean['cpu']:.0f}% |
+| **a card** | **{mean['cpu']:.3f}** (wall {mean['wall']:.3f} s) | |
+
+**At most {most:.2f} cards/s on 2 cores** (2 / {mean['cpu']:.3f} CPU s), whatever the scheduling, when
+every card needs its own LLM answer; the goal of 4 needs at most 0.5 CPU s per card. Without the LLM
+answer a card still costs {no_llm:.3f} CPU s: even if every answer were shared with an earlier card, at
+most {2 / no_llm:.2f} cards/s.
+
+| cold start: a new process importing | seconds (fastest of 5) |
+|---|---|
+{import_rows}
+
+Each row includes the rows above it. **Cold lower bound with `rapidocr`**, the engine that imports least
+(no CnOCR): the imports up to transformers plus one card's CPU seconds spread perfectly over 2 cores
+({mean['cpu'] / 2:.2f} s), loading no model: **{cold['rapidocr']:.1f} s**, against the goal of 3 s. With
+`cnocr` the imports alone take {cold_imports['cnocr']:.1f} s.
+"""
+    update_section("predict-floor", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

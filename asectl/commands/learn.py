@@ -123,7 +123,7 @@ def _f(v: Any) -> str:
 @click.option("--defect-confidence", type=float, default=None,
               help="Grant 'defect' only where the exact upper bound of the held-out defect error, at this "
                    "confidence (e.g. 0.9), meets --max-defect-error. Needs many labelled cards: with a few "
-                   "hundred, no 'defect' decision is granted at 0.8 or above. Default: the error itself.")
+                   "hundred, 0.8 grants almost no 'defect' decision and 0.9 none. Default: the error itself.")
 @click.option("--calibration-folds", type=int, default=DEFAULT_CALIBRATION_FOLDS, show_default=True,
               help="Cross-validation folds on the training split for calibration and the decision rule.")
 @_with_common

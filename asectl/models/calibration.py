@@ -22,8 +22,8 @@ thresholds apply to the models they were chosen on (bench/calibration_method.py)
     (a normal card, or another defect type). Lowering the defect threshold from the most confident card
     down stops at the first cut that breaks the target once one has met it; with a
     ``defect_confidence``, a cut meets the target only if the exact upper bound of its held-out error
-    does (for users with enough labelled cards to afford it: with a few hundred, no defect threshold is
-    granted at 0.8 or above, bench/calibration_method.py).
+    does (for users with enough labelled cards to afford it: with a few hundred, 0.8 grants almost no
+    defect threshold and 0.9 none, bench/calibration_method.py).
 
 Only numpy and scipy here: applying a stored rule needs no torch.
 """

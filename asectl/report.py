@@ -721,7 +721,7 @@ def _calibration_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
             "differs, over defect decisions). On the held-out training cards, the pass threshold is the lowest "
             "that meets its target; the defect threshold is lowered from the most confident card until a cut "
             "first breaks its target"
-            + (f" (a cut meets it only if the exact upper bound of its error at {dec['defect_confidence']:.0%} "
+            + (f" (a cut meets it only if the exact upper bound of its error at {100 * dec['defect_confidence']:g}% "
                "confidence does)" if dec.get("defect_confidence") is not None else "") + ".")
         views = [("held-out training cards", dec.get("held_out")), ("test split", dec["test"])]
         views = [(name, v) for name, v in views if v]

@@ -29,8 +29,10 @@ outside everything the candidate fits (alignment, fusion, temperature, threshold
 cards. The test split is not read. The LLM texts and frozen encoder features are the cached ones of the
 benchmark's models (the LLM's class priors were computed over all training cards, the outer fold's
 included: a small leak shared by every candidate; ``--outer-priors inner`` answers the outer cards again
-with priors of the inner cards only). Results: bench/results/calibration_method[-inner-priors].json and
-the ``calibration-method[-inner-priors]`` sections of docs/benchmarks.md."""
+with priors of the inner cards only). Results: bench/results/calibration_method[-inner-priors][-test].json
+(each outer fit's calibrated out-of-fold probabilities of the inner cards included, so that another
+rule can be scored without training again) and the ``calibration-method[-inner-priors][-test]``
+sections of docs/benchmarks.md."""
 
 from __future__ import annotations
 

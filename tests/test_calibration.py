@@ -279,6 +279,8 @@ def test_fuse_train_defect_confidence_is_recorded_and_checked(trained):
     assert trained["fuse"]["decision"]["defect_confidence"] is None
     # 24 cards cannot bound a 5% error at 90% confidence: every defect-class card goes to review.
     assert dec["defect_threshold"] is None and dec["held_out"]["counts"]["defect"] == 0
+    again = trained["invoke"]("fuse-train", trained["data"], *FAST, "--defect-confidence", "0.9").output
+    assert "from cache" in again and "met by its upper bound at 90% confidence" in again
     res = trained["invoke"]("fuse-train", trained["data"], "--defect-confidence", "1.5", code=2)
     assert "--defect-confidence 1.5" in res.output
 

@@ -179,7 +179,7 @@ def decision_summary(cfg: dict[str, Any]) -> str:
             f"{thr(dec['defect_threshold'])}, else review; held out: review {share(held['review_share'])}, "
             f"miss rate {share(held['miss_rate'])} (target {share(dec['max_miss_rate'])}), defect error "
             f"{share(held['defect_error'])} (target {share(dec['max_defect_error'])}"
-            + (f", met by its upper bound at {dec['defect_confidence']:.0%} confidence"
+            + (f", met by its upper bound at {100 * dec['defect_confidence']:g}% confidence"
                if dec.get("defect_confidence") is not None else "") + ")"
             + ("\nheld-out review share for other --max-miss-rate targets: "
                + ", ".join(f"{share(r['max_miss_rate'])}: {share(r['review_share'])}" for r in dec["tradeoff"])

@@ -4,11 +4,13 @@ the held-out training cards it was chosen on and on the test split.
 
     python bench/calibration.py                    # seeds 0 and 1
     python bench/calibration.py --seeds 0,1,2 --cache-dir /tmp/c
+    python bench/calibration.py --seeds 5,6,7 --name calibration-replication   # other seeds, own section
 
 Per seed: the default 455 cards (325 train / 130 test), quick profile with its default epochs, built-in
 describer, SmolLM2-135M reasoning, CnOCR (the settings of bench/quality.py), `fuse-train` with its
 defaults (5-fold calibration, --max-miss-rate 0.01, --max-defect-error 0.05). The test split is read once,
-for the numbers below. Results: bench/results/calibration.json and docs/benchmarks.md."""
+for the numbers below. Results: bench/results/NAME.json and the NAME section of docs/benchmarks.md
+(--name, default calibration)."""
 
 from __future__ import annotations
 
@@ -79,13 +81,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
+    ap.add_argument("--name", default="calibration",
+                    help="results file and docs/benchmarks.md section, e.g. calibration-replication for seeds "
+                         "other than the benchmark's")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     cache = Cache(Path(args.cache_dir))
     t0 = time.perf_counter()
     per_seed = [run_seed(s, cache) for s in seeds]
     total = time.perf_counter() - t0
-    save("calibration", {"seeds": seeds, "per_seed": per_seed, "seconds": total})
+    save(args.name, {"seeds": seeds, "per_seed": per_seed, "seconds": total})
 
     held = [r["held_out"]["decision"] for r in per_seed]
     test = [r["test"]["decision"] for r in per_seed]
@@ -133,7 +138,7 @@ equal-width bins of top-class probability. Mean ± std over seeds; counts are su
 
 {chr(10).join(per)}
 """
-    update_section("calibration", md)
+    update_section(args.name, md)
     print(md)
 
 

@@ -10,7 +10,7 @@ Reads the test split, for diagnosis only: nothing is chosen here. Needs the mode
 * the replay: ``predict``'s logits for the test cards against the fold models applied to the align
   stage's embeddings of the same cards (largest absolute difference);
 * the shipped models' wrong ``defect`` decisions on the test split, and how many of them are cards whose
-  inspector label differs from the class that generated them (``truth.jsonl``);
+  inspector label differs from the class that generated them (``truth.jsonl``), each listed;
 * the fold average fitted on the outer cross-validation: distinct outer cards and distinct test cards
   decided ``defect`` and wrong (each test card counted once, though every outer fold's fit classifies
   it), with Fisher's exact test;
@@ -64,12 +64,18 @@ def run_seed(seed: int, rows: list[dict], cache) -> dict:
     replayed = np.stack([predict_logits(m, {k: emb[k][at] for k in MODS}) for m in bundle.fusion_members()])
     probs = predictor.probabilities(preds.logits)
     shipped = {"defect": 0, "wrong": 0, "wrong_disagreeing": 0}
+    wrong_cards = []
     for s, p, d in zip(preds.samples, probs, predictor.rule.decide(probs)):
         if d == "defect":
             shipped["defect"] += 1
             if bundle.labels[int(p.argmax())] != s.label:
                 shipped["wrong"] += 1
                 shipped["wrong_disagreeing"] += disagrees(truth[s.name])
+                t = truth[s.name]
+                wrong_cards.append({"seed": seed, "card": s.name, "label": s.label,
+                                    "generating_class": t.get("generating_class"),
+                                    "decided": bundle.labels[int(p.argmax())], "probability": float(p.max()),
+                                    "severity": t.get("severity")})
 
     # The outer cross-validation's fits: which distinct cards they decided `defect`, and wrongly.
     train = np.asarray(align.train_index())
@@ -94,7 +100,7 @@ def run_seed(seed: int, rows: list[dict], cache) -> dict:
                      "mean_severity": float(np.mean([t["severity"] for t in cards
                                                      if isinstance(t.get("severity"), (int, float))]))}
     return {"seed": seed, "replay_max_abs_logit_diff": float(np.abs(replayed - preds.logits).max()),
-            "shipped": shipped, "split": split,
+            "shipped": shipped, "shipped_wrong_cards": wrong_cards, "split": split,
             **{f"{k}_{w}": len(v[w]) for k, v in (("outer", outer), ("test", test)) for w in ("defect", "wrong")},
             "outer_wrong_disagreeing": sum(disagrees(truth[n]) for n in outer["wrong"]),
             "test_wrong_disagreeing": sum(disagrees(truth[n]) for n in test["wrong"])}
@@ -132,6 +138,11 @@ def main() -> None:
                     f"{r['outer_defect']} | {r['test_wrong']} / {r['test_defect']} | "
                     f"{sp['train']['disagreeing']}/{sp['train']['n']} / {sp['test']['disagreeing']}/{sp['test']['n']} | "
                     f"{sp['train']['mean_severity']:.3f} / {sp['test']['mean_severity']:.3f} |")
+    cards = ["| seed | card | inspector label | generating class | decided | probability | severity |",
+             "|---|---|---|---|---|---|---|"]
+    cards += [f"| {c['seed']} | {c['card']} | {c['label']} | {c['generating_class']} | {c['decided']} | "
+              f"{c['probability']:.3f} | {'-' if c['severity'] is None else format(c['severity'], '.2f')} |"
+              for r in per_seed for c in r["shipped_wrong_cards"]]
     md = f"""### Diagnosis of the defect error on the test split (seeds {', '.join(map(str, res['seeds']))})
 
 Reads the test split for diagnosis only; nothing is chosen on it. "Shipped models": each seed's
@@ -146,6 +157,10 @@ of them on cards whose inspector label differs from the generating class. Outer 
 {total('outer_defect')} distinct outer cards ({total('outer_wrong_disagreeing')} disagreeing) against
 {total('test_wrong')} of {total('test_defect')} distinct test cards ({total('test_wrong_disagreeing')} disagreeing);
 Fisher's exact test p = {p_value:.3f}.
+
+The shipped models' wrong `defect` decisions:
+
+{chr(10).join(cards)}
 """
     update_section("defect-error-diagnosis", md)
     print(md)

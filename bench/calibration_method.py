@@ -60,21 +60,13 @@ METHODS = ("fusion-cv, final", "fusion-cv, fold average", LOWEST_CUT, *BOUNDED, 
 def lowest_cut_rule(probs: np.ndarray, y: np.ndarray, classes: list[str]):
     """The defect threshold as `fuse-train` chose it before: the lowest cut whose held-out defect error
     meets the target anywhere in the scan, not the end of the first run of cuts that meet it."""
-    from asectl.models.calibration import DEFAULT_MAX_DEFECT_ERROR, DecisionRule, choose_rule
+    from asectl.models.calibration import DecisionRule, choose_rule, defect_cuts
 
     rule = choose_rule(probs, y, classes)
-    top, conf = probs.argmax(1), probs.max(1)
-    flagged = top != classes.index("normal")
-    order = np.argsort(-conf[flagged], kind="stable")
-    c_sorted = conf[flagged][order]
-    error = np.cumsum((top[flagged] != y[flagged])[order]) / np.arange(1, len(order) + 1)
-    cuts = [i for i in range(len(order)) if (i + 1 == len(order) or c_sorted[i + 1] < c_sorted[i])
-            and error[i] <= DEFAULT_MAX_DEFECT_ERROR]
-    return DecisionRule(rule.classes, rule.pass_threshold, float(c_sorted[max(cuts)]) if cuts else None,
+    cuts, errors = defect_cuts(probs, y, classes)
+    met = cuts[errors <= rule.max_defect_error]
+    return DecisionRule(rule.classes, rule.pass_threshold, float(met[-1]) if len(met) else None,
                         rule.max_miss_rate, rule.max_defect_error)
-FOLDS = 5
-VALIDATION_SHARE = 0.2
-MODS = ("vlm", "llm", "image")
 
 
 def _chain(raw: dict, fit: np.ndarray, labels: list[str], classes: list[str], prof, seed: int):
@@ -140,14 +132,14 @@ def run_outer(args: tuple) -> dict:
                                       ("chain-cv", oof_c, final_fusion, fold_chains)):
         t, rule = fit_rule(oof, inner)
         out[f"{name}, final"] = (softmax(final(test), t), t, rule)
-        out[f"{name}, fold average"] = (mean_softmax([m(test) for m in members], t), t, rule)
+        average = mean_softmax([m(test) for m in members], t)
+        out[f"{name}, fold average"] = (average, t, rule)
         variants = (LOWEST_CUT, *BOUNDED) if name == "fusion-cv" else ()
         if name == "fusion-cv":
             inner_oof = softmax(oof, t)
-            out[LOWEST_CUT] = (out[f"{name}, fold average"][0], t, lowest_cut_rule(inner_oof, y_all[inner], classes))
+            out[LOWEST_CUT] = (average, t, lowest_cut_rule(inner_oof, y_all[inner], classes))
             for c, label in zip(CONFIDENCES, BOUNDED):
-                out[label] = (out[f"{name}, fold average"][0], t,
-                              choose_rule(inner_oof, y_all[inner], classes, defect_confidence=c))
+                out[label] = (average, t, choose_rule(inner_oof, y_all[inner], classes, defect_confidence=c))
         if test_split is not None:
             diag[f"{name}, final"] = softmax(final(test_split), t)
             diag[f"{name}, fold average"] = mean_softmax([m(test_split) for m in members], t)

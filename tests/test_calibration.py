@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from asectl.cli import cli
-from asectl.models.calibration import (DecisionRule, choose_rule, decision_stats, error_upper_bound,
+from asectl.models.calibration import (DecisionRule, choose_rule, decision_stats, defect_cuts, error_upper_bound,
                                        expected_calibration_error, fit_temperature, nll, reliability_bins, softmax,
                                        stratified_folds)
 from asectl.stages.fuse import MISS_RATE_TARGETS
@@ -134,13 +134,9 @@ def test_defect_scan_stops_at_the_first_cut_that_breaks_the_target():
 
 def _lowest_cut_anywhere(probs, y, target):
     """The defect threshold as fuse-train chose it before: the lowest cut meeting the target anywhere."""
-    top, conf = probs.argmax(1), probs.max(1)
-    flagged = top != 0
-    order = np.argsort(-conf[flagged], kind="stable")
-    c = conf[flagged][order]
-    err = np.cumsum((top[flagged] != y[flagged])[order]) / np.arange(1, len(order) + 1)
-    ok = [i for i in range(len(order)) if err[i] <= target and (i + 1 == len(order) or c[i + 1] < c[i])]
-    return float(c[max(ok)]) if ok else None
+    cuts, errors = defect_cuts(probs, y, CLASSES)
+    met = cuts[errors <= target]
+    return float(met[-1]) if len(met) else None
 
 
 def _fresh_defect_errors(rule_of, draws: int, n: int) -> list[float]:

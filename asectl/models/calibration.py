@@ -180,9 +180,11 @@ def error_upper_bound(wrong: Any, n: Any, confidence: float) -> np.ndarray:
     below which the truth lies with probability ``confidence``."""
     from scipy.stats import beta
 
-    wrong, n = np.asarray(wrong, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return np.where(wrong >= n, 1.0, beta.ppf(confidence, wrong + 1, np.maximum(n - wrong, 1e-12)))
+    wrong, n = np.broadcast_arrays(np.asarray(wrong, dtype=np.float64), np.asarray(n, dtype=np.float64))
+    bound = np.ones(wrong.shape)
+    some_right = wrong < n          # all wrong: the bound is 1
+    bound[some_right] = beta.ppf(confidence, wrong[some_right] + 1, n[some_right] - wrong[some_right])
+    return bound
 
 
 def choose_rule(probs: Any, y: Sequence[int], classes: Sequence[str], max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
@@ -213,29 +215,36 @@ def choose_rule(probs: Any, y: Sequence[int], classes: Sequence[str], max_miss_r
         allowed = int(math.floor(max_miss_rate * int(defective.sum()) + 1e-9))
         pass_t = float(conf[said_normal].min()) if len(would_pass) <= allowed else _above(would_pass[allowed])
 
+    # The scan stops at the first cut that breaks the target after one has met it. Taking the lowest cut
+    # that meets it anywhere instead picks a place where noise dipped the running error under the target,
+    # and new cards then see more errors than the target allows (tests/test_calibration.py measures both).
     defect_t: float | None = None
-    flagged = ~said_normal
-    if flagged.any():
-        order = np.argsort(-conf[flagged], kind="stable")
-        c_sorted = conf[flagged][order]
-        wrong = np.cumsum((top[flagged] != y[flagged])[order])
-        admitted = np.arange(1, len(order) + 1)
-        error = wrong / admitted if defect_confidence is None else error_upper_bound(wrong, admitted,
-                                                                                    defect_confidence)
-        # Lowering the threshold admits cards in descending confidence; a cut may only fall between
-        # different confidences (equal ones are admitted together). The scan stops at the first cut that
-        # breaks the target after one has met it. Taking the lowest cut that meets it anywhere instead
-        # picks a place where noise dipped the running error under the target, and new cards then see
-        # more errors than the target allows (tests/test_calibration.py measures both).
-        met = False
-        for i in range(len(order)):
-            if i + 1 < len(order) and c_sorted[i + 1] == c_sorted[i]:
-                continue
-            if error[i] <= max_defect_error:
-                met, defect_t = True, float(c_sorted[i])
-            elif met:
-                break
+    for cut, error in zip(*defect_cuts(p, y, classes, defect_confidence)):
+        if error <= max_defect_error:
+            defect_t = float(cut)
+        elif defect_t is not None:
+            break
     return DecisionRule(classes, pass_t, defect_t, max_miss_rate, max_defect_error, defect_confidence)
+
+
+def defect_cuts(probs: Any, y: Sequence[int], classes: Sequence[str],
+                defect_confidence: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Where a defect threshold can be cut on held-out cards, from the most confident card decided
+    ``defect`` down: each cut's threshold (cards with at least that confidence are admitted; a cut falls
+    only between different confidences, equal ones are admitted together) and the defect error of the
+    cards it admits, or with ``defect_confidence`` c its exact upper bound at confidence c."""
+    classes = tuple(str(c) for c in classes)
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    top, conf = p.argmax(axis=1), p.max(axis=1)
+    flagged = top != (classes.index(NORMAL) if NORMAL in classes else -1)
+    order = np.argsort(-conf[flagged], kind="stable")
+    c_sorted = conf[flagged][order]
+    wrong = np.cumsum((top[flagged] != y[flagged])[order])
+    admitted = np.arange(1, len(order) + 1)
+    error = wrong / admitted if defect_confidence is None else error_upper_bound(wrong, admitted, defect_confidence)
+    last_of_equal = np.append(c_sorted[1:] < c_sorted[:-1], True)[:len(order)]
+    return c_sorted[last_of_equal], error[last_of_equal]
 
 
 def decision_stats(decisions: Sequence[str], y: Sequence[int], top: Sequence[int],

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 import _common
-from _common import OUT, RESULTS, ROOT, dataset, machine, save, update_section
+from _common import OUT, ROOT, dataset, load, machine, save, update_section
 
 VOLATILE = {"seconds", "timing"}
 PREDICT_WORKERS = (8, 64, 512)
@@ -165,7 +165,7 @@ def main() -> None:
                     help="analyse the runs saved in bench/results/scale.json (and --out) again, without measuring")
     args = ap.parse_args()
     if args.analyse_only:
-        report(json.loads((RESULTS / "scale.json").read_text()), Path(args.out), args.no_docs)
+        report(load("scale"), Path(args.out), args.no_docs)
         return
 
     import ray

@@ -30,18 +30,14 @@ import argparse
 import dataclasses
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, SETTINGS, save, update_section
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from asectl.cache import Cache  # noqa: E402
-from asectl.dataset import Dataset, load_dataset, order_labels  # noqa: E402
+from _common import OUT, SETTINGS, save, update_section
+from asectl.cache import Cache
+from asectl.dataset import Dataset, load_dataset, order_labels
 
 GRID = {"pfa.lr": [1e-3, 3e-3, 1e-2], "fusion.lr": [1e-3, 3e-3, 1e-2], "fusion.class_weight": ["none", "balanced"]}
 SMALL_GRID = {"pfa.lr": [1e-3, 1e-2], "fusion.lr": [3e-3, 1e-2], "fusion.class_weight": ["none", "balanced"]}

@@ -23,8 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asectl.card import (GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points,
-                         render_card)
+from asectl.card import GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points, render_card
 from asectl.dataset import DEFAULT_LABELS, Dataset, stratified_split
 from asectl.errors import ConfigError, DataError
 
@@ -387,7 +386,7 @@ def _acquisition(rng: np.random.Generator, n_lines: int) -> dict[str, Any]:
     }
 
 
-def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list["SampledCard"]:
+def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list[SampledCard]:
     design = field_design()
     rng = np.random.default_rng(seed)
     drawn: list[dict[str, Any]] = []
@@ -405,7 +404,7 @@ def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list["Sa
         p = np.array([float(probs[k]) for k in names])
         labels.append(names[int(rng.choice(len(names), p=p / p.sum()))])
     _undo_small_flips(labels, gen)
-    for d, lab in zip(drawn, labels):
+    for d in drawn:
         d["latent"]["disagreement_scale"] = scale
         alt_b, alt = max(d["candidates"], key=lambda t: t[0])
         d["disagreement"] = {"alternative": alt, "probability": min(1.0, scale * alt_b)}

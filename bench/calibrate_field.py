@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import command, save
-
 import asectl.synth as synth
+from _common import command, save
 from asectl.cache import Cache
 from asectl.dataset import load_dataset
 

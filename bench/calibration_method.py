@@ -202,8 +202,7 @@ def train_pfa_embeddings(raw: dict, fit: np.ndarray, prof, seed: int) -> dict:
 def score(rows: list[dict], method: str, on_test: bool = False) -> dict:
     """Pooled figures of one candidate on the outer folds (or, ``on_test``, on the test split: each outer
     fold's fitted candidate classifies the same test cards, so those are counted once per outer fold)."""
-    from sklearn.metrics import f1_score
-
+    from asectl.metrics import macro_f1_from_codes
     from asectl.models.calibration import DecisionRule, decision_stats, expected_calibration_error
 
     if on_test:
@@ -220,8 +219,8 @@ def score(rows: list[dict], method: str, on_test: bool = False) -> dict:
     y, p = np.concatenate(ys), np.concatenate(ps)
     tot = {k: sum(d[k] for d in per) for k in ("n", "n_defective", "n_missed", "n_defect_decisions", "n_wrong_defect")}
     tot["n_review"] = sum(d["counts"]["review"] for d in per)
-    f1 = [f1_score(r["y"], np.asarray(r["methods"][method]["probs"]).argmax(1), average="macro",
-                   labels=list(range(len(r["classes"]))), zero_division=0) for r in rows]
+    f1 = [macro_f1_from_codes(r["y"], np.asarray(r["methods"][method]["probs"]).argmax(1), len(r["classes"]))
+          for r in rows]
     return {**tot, "ece": expected_calibration_error(p, y), "accuracy": float((p.argmax(1) == y).mean()),
             "macro_f1_mean": float(np.mean(f1)), "macro_f1_sd": float(np.std(f1, ddof=1)) if len(f1) > 1 else 0.0}
 

@@ -23,8 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asectl.card import (GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points,
-                         render_card)
+from asectl.card import GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points, render_card
 from asectl.dataset import DEFAULT_LABELS, Dataset, stratified_split
 from asectl.errors import ConfigError, DataError
 
@@ -441,7 +440,7 @@ def _acquisition(rng: np.random.Generator, n_lines: int) -> dict[str, Any]:
     }
 
 
-def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list["SampledCard"]:
+def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list[SampledCard]:
     design = field_design()
     rng = np.random.default_rng(seed)
     drawn: list[dict[str, Any]] = []
@@ -461,7 +460,7 @@ def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list["Sa
         label_probs.append({k: float(v) for k, v in probs.items()})
     _undo_small_flips(labels, gen)
     match_label_counts(labels, label_probs, dict(zip(DEFAULT_LABELS, counts)), gen)
-    for d, lab in zip(drawn, labels):
+    for d in drawn:
         d["latent"]["disagreement_scale"] = scale
         alt_b, alt = max(d["candidates"], key=lambda t: t[0])
         d["disagreement"] = {"alternative": alt, "probability": min(1.0, scale * alt_b)}

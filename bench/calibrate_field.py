@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import command, save
-
 import asectl.synth as synth
+from _common import command, save
 from asectl.cache import Cache
 from asectl.dataset import load_dataset
+from asectl.metrics import macro_f1
 
 TARGET = 64.58            # paper Table 2, EfficientNet-b6a, 5-class macro-F1
 RANGE = (39.96, 64.58)    # the paper's vision-only methods, Table 2 (DeiT-B to EfficientNet-b6a)
@@ -32,7 +32,6 @@ RANGE = (39.96, 64.58)    # the paper's vision-only methods, Table 2 (DeiT-B to 
 
 def cv_macro_f1(features: np.ndarray, labels: list[str], folds: int, seed: int) -> float:
     """Out-of-fold 5-class macro-F1 (percent) of bench/quality.py's logistic regression."""
-    from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedKFold
 
     from quality import LABELS, logistic
@@ -41,7 +40,7 @@ def cv_macro_f1(features: np.ndarray, labels: list[str], folds: int, seed: int) 
     pred = np.empty(len(y), dtype=object)
     for tr, va in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, y):
         pred[va] = logistic(features[tr], list(y[tr]), features[va])
-    return 100 * f1_score(y, list(pred), labels=LABELS, average="macro", zero_division=0)
+    return 100 * macro_f1(list(y), list(pred), LABELS)
 
 
 def main() -> None:

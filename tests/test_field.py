@@ -11,8 +11,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from asectl.cli import cli
-from asectl.synth import (FIELD_N_RANGE, LABEL_DISAGREEMENT, MILD_EDGE, SECONDARY_SHARE, TABLE1, generate,
-                          match_label_counts, sample_cards)
+from asectl.synth import (
+    FIELD_N_RANGE,
+    LABEL_DISAGREEMENT,
+    MILD_EDGE,
+    SECONDARY_SHARE,
+    TABLE1,
+    generate,
+    match_label_counts,
+    sample_cards,
+)
 
 
 @pytest.fixture(scope="module")

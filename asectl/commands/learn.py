@@ -58,6 +58,9 @@ _common = [
                  help="TOML file of hyperparameters ([pfa], [fusion], [encoders] tables)."),
     click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyperparameter."),
     click.option("--seed", type=int, default=None, help="Training seed (default 0)."),
+    click.option("--split-seed", type=int, default=None,
+                 help="Seed of the stratified train/test split of a folder without labels.csv, apart from the "
+                      "training seed (default 0; fuse-train: the one align last used)."),
     click.option("--augmented", type=click.Path(exists=True, file_okay=False, path_type=Path),
                  help="Train on this TDA-augmented copy's training split (same test split)."),
     click.option("--force", is_flag=True, help="Retrain even when cached."),
@@ -77,13 +80,12 @@ def _with_common(f):
 @click.option("--mode", type=click.Choice(["progressive", "direct", "none"]), default=None)
 @_with_common
 @click.pass_obj
-def align(cache, dataset, stride, mode, profile, config_file, sets, seed, augmented, force, as_json):
+def align(cache, dataset, stride, mode, profile, config_file, sets, seed, split_seed, augmented, force, as_json):
     """Progressive feature alignment (PFA) of image, VLM-text and LLM-text features."""
-    from asectl.dataset import load_dataset
     from asectl.stages.align import run_align, stage_labels
 
     over = _overrides(config_file, sets, **{"pfa.stride": stride, "pfa.mode": mode})
-    ds = load_dataset(dataset, seed=seed or 0)
+    ds = _training_data(dataset, 0 if split_seed is None else split_seed, split_seed is not None)
     out = run_align(ds, cache, profile=_profile_name(profile, config_file) or "quick", overrides=over,
                     seed=seed or 0, augmented=augmented, force=force)
     pfa = out.summary["pfa"]
@@ -103,6 +105,19 @@ def align(cache, dataset, stride, mode, profile, config_file, sets, seed, augmen
     ui.console.print(table)
     if out.summary["dropped"]:
         ui.console.print(f"[yellow]{len(out.summary['dropped'])} card(s) left out[/] (missing a modality)")
+
+
+def _training_data(folder: Path, split_seed: int, given: bool):
+    """The dataset split with ``split_seed``, the split printed ("44 train / 17 test, stratified, split
+    seed 0")."""
+    from asectl.dataset import load_dataset
+
+    ds = load_dataset(folder, split_seed=split_seed)
+    if given and ds.split_seed is None:
+        ui.console.print(f"[yellow]warning:[/] --split-seed ignored: {escape(str(folder))} names its split in "
+                         "labels.csv", highlight=False)
+    ui.info(f"split: {ds.split_text()}")
+    return ds
 
 
 def _f(v: Any) -> str:
@@ -129,14 +144,15 @@ def _f(v: Any) -> str:
 @_with_common
 @click.pass_obj
 def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_error, defect_confidence,
-               calibration_folds, profile, config_file, sets, seed, augmented, force, as_json):
+               calibration_folds, profile, config_file, sets, seed, split_seed, augmented, force, as_json):
     """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
     choose the pass/defect/review rule on held-out training cards; store a model bundle."""
     from asectl.bundle import export_bundle
-    from asectl.dataset import load_dataset
-    from asectl.stages.fuse import run_fuse_train
+    from asectl.stages.fuse import remembered_split_seed, run_fuse_train
+    from asectl.stages.split import split_summary
 
-    ds = load_dataset(dataset, seed=seed or 0)
+    ds = _training_data(dataset, remembered_split_seed(cache, dataset) if split_seed is None else split_seed,
+                        split_seed is not None)
     res = run_fuse_train(ds, cache, fusion=fusion, task=task, augmented=augmented,
                          profile=_profile_name(profile, config_file), overrides=_overrides(config_file, sets),
                          seed=seed, force=force, max_miss_rate=max_miss_rate, max_defect_error=max_defect_error,
@@ -146,14 +162,16 @@ def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_erro
         export_bundle(res.bundle, out)
     summary = {"model": res.key, "from_cache": res.from_cache, "bundle": str(out or res.bundle.path),
                "classes": cfg["classes"], "variant": cfg["variant"], "task": cfg["task"],
-               "n_train": cfg["training"]["n_train"], "metrics": cfg["metrics"],
+               "n_train": cfg["training"]["n_train"], "trained_on": cfg["training"]["dataset"],
+               "split": split_summary(cfg["split"]), "metrics": cfg["metrics"],
                "calibration": {k: v for k, v in cfg["calibration"].items() if k != "held_out"},
                "decision": cfg["decision"]}
     if as_json:
         click.echo(json.dumps(summary, default=str))
         return
     ui.console.print(
-        f"fuse-train: model {res.key[:12]} ({'from cache' if res.from_cache else 'trained'}), "
+        f"fuse-train: model {res.key[:12]} ({'from cache' if res.from_cache else 'trained'} on "
+        f"{escape(cfg['training']['dataset'])}, split {split_summary(cfg['split'])}), "
         f"{cfg['variant']} / {cfg['task']} on {cfg['training']['n_train']} training cards, the average of "
         f"{cfg['fusion_members']} fold models; last-epoch train accuracy "
         f"{cfg['metrics']['train_accuracy_last_epoch']:.3f} (their mean)"
@@ -309,20 +327,25 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
 @click.command()
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Model bundle folder (default: the latest model trained in this cache).")
+              help="Model bundle folder (default: the latest model trained on DATASET in this cache).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder (default: DATASET/report).")
+              help="Report folder (default: ./asectl-report/<dataset folder name>, outside the dataset).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json on stdout.")
 @click.pass_obj
 def report(cache, dataset, model, out, as_json):
     """Per-class F1, macro-F1 (5-class and binary), confusion matrices, t-SNE and curves on the test split."""
+    from asectl.bundle import load_bundle
     from asectl.dataset import load_dataset
     from asectl.report import print_summary
-    from asectl.stages.report import run_report
+    from asectl.stages.models import model_for_dataset
+    from asectl.stages.report import default_report_dir, run_report
 
-    bundle, which = _bundle(cache, model)
-    ds = load_dataset(dataset)
-    summary = run_report(ds, bundle, out or Path(dataset) / "report", cache, model_id=which)
+    if model is not None:
+        bundle, which = load_bundle(model), f"model {model}"
+    else:
+        bundle, which = model_for_dataset(cache, dataset)
+        ui.info(f"using the latest {which}")
+    summary = run_report(load_dataset(dataset), bundle, out or default_report_dir(dataset), cache, model_id=which)
     if as_json:
         click.echo(json.dumps(summary.metrics, default=str))
         return

@@ -161,5 +161,17 @@ class Predictor:
 
 
 def run_predict(dataset: Dataset, bundle: Bundle, cache: Cache | None = None, force: bool = False) -> StageResult:
-    """Classify every card of ``dataset`` (one call: each model loaded at most once)."""
-    return Predictor(bundle, cache, force).run(dataset)
+    """Classify every card of ``dataset`` (one call: each model loaded at most once). On the labelled
+    folder the model was trained on, each record says in which of the model's splits the card was
+    (asectl.stages.split): a training card's result is no evidence of how the model does on new ones."""
+    own = False
+    if dataset.labelled and dataset.root is not None:
+        from asectl.stages.split import model_split
+
+        dataset, own = model_split(dataset, bundle)
+    result = Predictor(bundle, cache, force).run(dataset)
+    if own:
+        split = {s.name: s.split for s in dataset.samples}
+        for r in result.records:
+            r["split"] = split[r["image"]]
+    return result

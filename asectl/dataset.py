@@ -24,7 +24,8 @@ DEFAULT_LABELS = ("normal", "type1", "type2", "type3", "type4")
 NORMAL = "normal"
 SPLITS = ("train", "test")
 LABELS_FILE = "labels.csv"
-# Share of a folder without labels.csv held out as test: the paper's 130 test cards of 455.
+# Share of a folder without labels.csv held out as test: the paper's 130 test cards of 455 (paper lines
+# 189 and 204; the paper does not say how its split was drawn: here stratified and seeded).
 TEST_FRACTION = 130 / 455
 # Files asectl writes into an output folder (report, exported bundle): a folder holding one of them is
 # asectl's output, never a class of cards.

@@ -142,14 +142,14 @@ class Predictor:
         return mean_softmax(logits)
 
     def records(self, dataset: Dataset, preds: Predictions) -> list[dict[str, Any]]:
-        """One record per input card, in input order: class, calibrated probabilities and decision, or
-        the error that kept the card out."""
+        """One record per input card, in input order: class, calibrated probabilities, decision and its
+        reason (the threshold it met or missed), or the error that kept the card out."""
         by_name: dict[str, dict[str, Any]] = {d["image"]: d for d in preds.dropped}
         probs = self.probabilities(preds.logits)
-        for s, p, decision in zip(preds.samples, probs, self.rule.decide(probs)):
+        for s, p, (decision, reason) in zip(preds.samples, probs, self.rule.explain(probs)):
             k = int(np.argmax(p))
             by_name[s.name] = {"image": s.name, "label": self.classes[k], "probability": round(float(p[k]), 6),
-                               "decision": decision,
+                               "decision": decision, "reason": reason,
                                "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
                                **({"true_label": s.label} if s.label else {})}
         return [by_name[s.name] for s in dataset.samples if s.name in by_name]

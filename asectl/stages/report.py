@@ -9,8 +9,8 @@ from asectl.bundle import Bundle
 from asectl.cache import Cache
 from asectl.dataset import Dataset, binary_label
 from asectl.errors import ConfigError, DataError
-from asectl.report import (FILES, ReportInput, ReportSummary, pfa_stage_name, render_report, report_key_parts,
-                           stage_curves_from_pfa, write_report)
+from asectl.report import (FILES, ReportInput, ReportSummary, card_thumbnail, pfa_stage_name, render_report,
+                           report_key_parts, stage_curves_from_pfa, write_report)
 from asectl.stages.align import AlignOutcome
 from asectl.stages.predict import Predictor
 from asectl.stages.split import model_split, split_summary
@@ -86,7 +86,7 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
     """Evaluate ``bundle`` on the test split it was trained with (asectl.stages.split); a folder of other
     cards is evaluated on its own test split."""
     cache = cache or Cache()
-    dataset, own = model_split(dataset, bundle, model_id or "the model")
+    dataset, own = model_split(dataset, bundle)
     test = dataset.split("test")
     if not test:
         raise DataError(f"{dataset.root}: no test split to evaluate; mark rows with split=test")
@@ -135,12 +135,14 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
     if errors:
         warnings.append(f"{len(errors)} test card(s) could not be classified and are left out "
                         f"(first: {errors[0]['error']})")
+    explained = predictor.rule.explain(probs)
     data = ReportInput(
         label_names=classes, y_true=y_true, y_pred=y_pred, image_names=[s.name for s in preds.samples],
         probs=probs, probs_uncalibrated=predictor.uncalibrated(preds.logits),
         calibration=bundle.config["calibration"],
         decision_rule=bundle.config["decision"],
-        decisions=predictor.rule.decide(probs),
+        decisions=[decision for decision, _ in explained], reasons=[reason for _, reason in explained],
+        thumbnails=[card_thumbnail(s.path) for s in preds.samples],
         embeddings=embeddings, embedding_labels=emb_labels, embedding_split=emb_split, pfa_curves=curves,
         fusion_curve=bundle.config.get("fusion_history", []), provenance=prov, model_id=model_id,
         dataset_fingerprint=bundle.config["training"].get("data_fingerprint"),

@@ -20,7 +20,7 @@ def split_summary(record: dict) -> str:
     return split_text([c["split"] for c in record["cards"]], record.get("source", ""), record.get("split_seed"))
 
 
-def model_split(dataset: Dataset, bundle: Bundle, model_name: str = "the model") -> tuple[Dataset, bool]:
+def model_split(dataset: Dataset, bundle: Bundle) -> tuple[Dataset, bool]:
     """``dataset`` with the split ``bundle`` was trained with, and whether it is that model's data.
 
     A folder sharing no card (by content) with the model's dataset is new data: its own split stands
@@ -41,7 +41,7 @@ def model_split(dataset: Dataset, bundle: Bundle, model_name: str = "the model")
         parts = ([f"{len(missing)} of its cards missing or changed (e.g. {', '.join(missing[:EXAMPLES])})"]
                  if missing else []) + ([f"{len(extra)} card(s) it never saw (e.g. {', '.join(extra[:EXAMPLES])})"]
                                         if extra else [])
-        raise ConfigError(f"{dataset.root}: the cards do not match the split {model_name} was trained with "
+        raise ConfigError(f"{dataset.root}: the cards do not match the split the model was trained with "
                           f"({'; '.join(parts)}); use the folder it was trained on ({where}), or retrain: "
                           f"asectl fuse-train {dataset.root}")
     samples = [dataclasses.replace(s, split=stored[(s.name, d)]["split"]) for s, d in zip(dataset.samples, digests)]

@@ -66,19 +66,18 @@ def test_a_folder_whose_cards_differ_is_refused_and_new_cards_keep_their_split(f
     assert not own and same is new
 
 
-def test_asectl_output_and_empty_folders_are_not_classes(folder, tmp_path, caplog):
+def test_asectl_output_and_empty_folders_are_not_classes(folder, tmp_path, asectl_log):
     data = shutil.copytree(folder, tmp_path / "data")
     (data / "report").mkdir()
     for name in ("report.html", "metrics.json", "calibration.png"):
         (data / "report" / name).write_bytes(b"x")
     (data / "type9").mkdir()
     before = load_dataset(folder)
-    with caplog.at_level("WARNING", logger="asectl"):
-        after = load_dataset(data)
+    after = load_dataset(data)
     assert [(s.name, s.split) for s in after.samples] == [(s.name, s.split) for s in before.samples]
     assert after.labels == before.labels
-    assert "report: skipped, not a class (asectl output: it holds report.html)" in caplog.text
-    assert "type9: empty class folder" in caplog.text
+    assert "report: skipped, not a class (asectl output: it holds report.html)" in asectl_log.text
+    assert "type9: empty class folder" in asectl_log.text
 
 
 # --- end to end: a model trained with another --seed and --split-seed ----------------------------------
@@ -179,3 +178,54 @@ def test_a_cache_hit_keeps_provenance_and_models_list_shows_it(folder_model, tmp
 
     table = CliRunner().invoke(cli, ["--cache-dir", str(f["cache"]), "models", "list"], terminal_width=300).output
     assert f["fuse"]["model"][:12] in table and "mydata" in table
+
+
+def test_predict_gives_the_reason_for_each_decision(folder_model):
+    from asectl.models.calibration import DecisionRule
+
+    f = folder_model
+    cfg = json.loads((Path(f["fuse"]["bundle"]) / "bundle.json").read_text())
+    rule = DecisionRule.from_dict(cfg["decision"])
+    recs = [json.loads(x) for x in f["invoke"]("predict", f["data"], "--json").stdout.splitlines()
+            if x.startswith("{")]
+    for r in recs:
+        probs = [r["probabilities"][c] for c in cfg["classes"]]
+        decision, reason = rule.explain([probs])[0]
+        assert r["decision"] == decision and r["reason"].split(" ")[0] == reason.split(" ")[0]
+        if r["decision"] == "review":
+            assert " < " in r["reason"] or "no pass threshold" in r["reason"] or "no defect threshold" in r["reason"]
+    from click.testing import CliRunner
+
+    from asectl.cli import cli
+
+    table = CliRunner().invoke(cli, ["--cache-dir", str(f["cache"]), "predict", str(f["data"])], terminal_width=400)
+    assert table.exit_code == 0 and "reason" in table.output and recs[0]["reason"] in table.output
+
+
+def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp_path):
+    """``-q`` through real pipes, each command once (all cache hits but synth): nothing on stdout, and on
+    stderr nothing but warnings."""
+    import subprocess
+    import sys
+
+    f = folder_model
+    data, gguf = f["data"], f["gguf"]
+    commands = [("synth", "--out", tmp_path / "synth", "--counts", "1,1,1,1,1", "--test-size", "1"),
+                ("ocr", data), ("describe", data), ("reason", data, "--llm-model", gguf, "--max-tokens", "32"),
+                ("align", data, "--stride", "0.5", "--seed", "3", "--split-seed", "3", *FAST),
+                ("fuse-train", data, *FAST), ("predict", data), ("report", data), ("models", "list"),
+                ("cache", "info"), ("cache", "clear", "--stage", "no-such-stage", "--yes")]
+    seen = set()
+    for args in commands:
+        res = subprocess.run([sys.executable, "-m", "asectl", "--cache-dir", str(f["cache"]), "-q", *map(str, args)],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert res.returncode == 0, (args, res.stderr)
+        assert res.stdout == "", (args, res.stdout)
+        assert all(line.startswith("warning:") for line in res.stderr.splitlines()), (args, res.stderr)
+        seen.add(" ".join(map(str, args[:2])) if args[0] in ("models", "cache") else args[0])
+    from asectl.cli import PIPELINE_ORDER, cli
+
+    groups = {"models": "models list", "cache": "cache info"}
+    assert {groups.get(c, c) for c in PIPELINE_ORDER} <= seen | {"cache clear"}
+    assert (tmp_path / "asectl-report" / "mydata" / "report.html").is_file()
+    assert set(cli.commands) == set(PIPELINE_ORDER)       # every command is in the pipeline order and tested

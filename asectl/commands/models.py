@@ -8,6 +8,7 @@ import click
 from rich.markup import escape
 
 from asectl import ui
+from asectl.commands._shared import environment
 
 
 @click.group("models")
@@ -15,7 +16,7 @@ def models_group():
     """See the trained models of the cache."""
 
 
-@models_group.command("list")
+@models_group.command("list", epilog=environment())
 @click.option("--json", "as_json", is_flag=True, help="Print the models as one JSON list on stdout.")
 @click.pass_obj
 def models_list(cache, as_json):

@@ -710,7 +710,7 @@ def _context(data: ReportInput, metrics: Mapping[str, Any]) -> dict[str, Any]:
             ("seeds", ", ".join(f"{k}={v}" for k, v in data.seeds.items()) or "—")]
     return {
         "title": data.title,
-        "warnings": [str(w) for w in data.warnings],
+        "warnings": list(metrics["warnings"]),         # the input's, and the decision figures' flags
         "n_test": metrics["n_test"],
         "accuracy": _pct(multi["accuracy"]),
         "macro_multi": _pct(multi["macro_f1"]),
@@ -758,11 +758,11 @@ def _decisions_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
             flags.append(f"The test {f['name']}, {_rate(f['value'], f['k'], f['n'])}, exceeds its target of at "
                          f"most {_rate(f['target'])}.")
 
-    def thr(v: float | None) -> str:
-        return threshold_text(v, 4, "p ≥ ")
+    def when(v: float | None) -> str:
+        return "never (no threshold met its target on held-out cards)" if v is None else f"with p ≥ {v:.4f}"
 
-    rule = (f"pass: top class normal with {thr(dec['pass_threshold'])}; defect: top class a defect class with "
-            f"{thr(dec['defect_threshold'])}; otherwise review (thresholds chosen on held-out training cards). "
+    rule = (f"pass: top class normal {when(dec['pass_threshold'])}; defect: top class a defect class "
+            f"{when(dec['defect_threshold'])}; otherwise review (thresholds chosen on held-out training cards). "
             f"Miss rate: defective cards passed, over defective cards; review share: cards sent to review, over "
             f"all cards; defect error: cards decided defect whose true class differs, over defect decisions.")
     return {"rows": rows, "flags": flags, "rule": rule, "n": dec["test"]["n"]}

@@ -276,14 +276,18 @@ def predict(cache, images, model, out, as_json, force, watch, poll, executor):
         table.add_column("class")
         table.add_column("decision")
         table.add_column("reason")
+        splits = any("split" in r for r in result.records)   # the model's own cards: say which it trained on
+        if splits:
+            table.add_column("model's split")
         for c in bundle.labels:
             table.add_column(c, justify="right")
         for r in result.records:
+            split = [r.get("split", "")] if splits else []
             if r.get("error"):
-                table.add_row(escape(r["image"]), "[red]error[/]", "", "", *[""] * len(bundle.labels))
+                table.add_row(escape(r["image"]), "[red]error[/]", "", "", *split, *[""] * len(bundle.labels))
             else:
                 table.add_row(escape(r["image"]), escape(r["label"]), DECISION_STYLE[r["decision"]],
-                              escape(r["reason"]), *[f"{r['probabilities'][c]:.3f}" for c in bundle.labels])
+                              escape(r["reason"]), *split, *[f"{r['probabilities'][c]:.3f}" for c in bundle.labels])
         ui.info(table)
         print_errors(result.errors)
     if result.errors:

@@ -21,7 +21,9 @@ from typing import Any
 from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file
 from asectl.errors import ConfigError
 
-BUNDLE_FORMAT = 3      # 2: calibration temperature and decision rule; 3: the classifier is the fold models' average
+# 2: calibration temperature and decision rule; 3: the classifier is the fold models' average; 4: the split
+# (every card of the dataset, its split and sha256) the model was trained and is to be tested on
+BUNDLE_FORMAT = 4
 FUSION_MEMBER = "fusion-{}.safetensors"
 LATEST_POINTER = "latest-model"
 
@@ -105,8 +107,12 @@ def latest_bundle(cache: Cache) -> tuple[Bundle, str]:
     if entry is None:
         raise ConfigError(f"the latest model ({ptr['key'][:12]}) is gone from {cache.root}; retrain it or "
                           "pass --model DIR")
-    return load_bundle(entry.path), (f"model {ptr['key'][:12]} trained {ptr.get('created', '?')} on "
-                                     f"{ptr.get('dataset', '?')}")
+    return load_bundle(entry.path), pointer_text(ptr)
+
+
+def pointer_text(ptr: dict[str, Any]) -> str:
+    """Which model a pointer names, e.g. "model 1a2b3c4d5e6f trained 2026-01-01T10:00:00+0000 on data"."""
+    return f"model {ptr['key'][:12]} trained {ptr.get('created', '?')} on {ptr.get('dataset', '?')}"
 
 
 def export_bundle(bundle: Bundle, out: str | Path) -> Path:

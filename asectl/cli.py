@@ -12,11 +12,20 @@ from typing import Any
 import click
 
 from asectl import __version__, ui
+from asectl.commands._shared import OFFLINE_ENV, environment
 from asectl.errors import AsectlError
+
+# ``asectl --help`` lists the commands in the order a user runs them.
+PIPELINE_ORDER = ("synth", "ocr", "describe", "reason", "align", "fuse-train", "predict", "report", "models", "cache")
 
 
 class _Group(click.Group):
-    """Turns AsectlError into one line on stderr and its exit code; --debug shows the traceback."""
+    """Turns AsectlError into one line on stderr and its exit code; --debug shows the traceback. Lists
+    its commands in pipeline order."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(super().list_commands(ctx),
+                      key=lambda n: (PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else len(PIPELINE_ORDER), n))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -48,7 +57,7 @@ class _Logging(logging.Handler):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="asectl")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="ASECTL_CACHE_DIR",
-              help="Artifact cache folder (default: the user cache dir; env ASECTL_CACHE_DIR).")
+              show_envvar=True, show_default="the user cache folder", help="Artifact cache folder.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors (no progress bars).")
 @click.pass_context
@@ -67,12 +76,12 @@ def cli(ctx: click.Context, cache_dir: Path | None, debug: bool, quiet: bool) ->
 
 
 # --- synth -------------------------------------------------------------------------------------------
-@cli.command()
+@cli.command(epilog=environment(*OFFLINE_ENV))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write the dataset into.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--counts", default=None, help="Cards per class normal,type1..type4 (default 225,92,44,50,44).")
-@click.option("--test-size", default=None, type=int, help="Test cards (default 130 of 455, same share).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the generated cards (or of TDA).")
+@click.option("--counts", default=None, show_default="225,92,44,50,44", help="Cards per class normal,type1..type4.")
+@click.option("--test-size", default=None, type=int, show_default="130 of 455, the same share", help="Test cards.")
 @click.option("--difficulty", type=click.Choice(["field", "clean"]), default="field", show_default=True,
               help="field: severities, label disagreement, acquisition variation (docs/dataset.md); "
                    "clean: ideal cards.")
@@ -81,8 +90,8 @@ def cli(ctx: click.Context, cache_dir: Path | None, debug: bool, quiet: bool) ->
 @click.option("--factor", default=2.0, show_default=True, type=float, help="TDA: training split grows x factor.")
 @click.option("--stats", "stats_source", type=click.Choice(["ocr", "printed"]), default="ocr", show_default=True,
               help="TDA: per-card stats from the OCR stage, or from truth.jsonl of a generated dataset.")
-@click.option("--engine", default=None,
-              help="TDA with --stats ocr: OCR engine (default: the one last used on the dataset, else cnocr).")
+@click.option("--engine", default=None, show_default="the one last used on the dataset, else cnocr",
+              help="TDA with --stats ocr: OCR engine.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
@@ -110,8 +119,8 @@ def cache_group():
     """See and manage the artifact cache."""
 
 
-@cache_group.command("info")
-@click.option("--json", "as_json", is_flag=True)
+@cache_group.command("info", epilog=environment())
+@click.option("--json", "as_json", is_flag=True, help="Print the information as JSON on stdout.")
 @click.pass_obj
 def cache_info(cache, as_json):
     """Where the cache is and what it holds per stage."""
@@ -127,11 +136,11 @@ def cache_info(cache, as_json):
     table.add_column("MB", justify="right")
     for stage, row in info["stages"].items():
         table.add_row(stage, str(row["entries"]), f"{row['bytes'] / 1e6:.1f}")
-    ui.console.print(table)
+    ui.info(table)
 
 
-@cache_group.command("clear")
-@click.option("--stage", default=None, help="Only this stage's entries.")
+@cache_group.command("clear", epilog=environment())
+@click.option("--stage", default=None, show_default="every stage", help="Only this stage's entries.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
 def cache_clear(cache, stage, yes):

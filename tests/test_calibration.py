@@ -252,7 +252,8 @@ def test_fuse_train_defect_confidence_is_recorded_and_checked(trained):
     assert trained["fuse"]["decision"]["defect_confidence"] is None
     # 24 cards cannot bound a 5% error at 90% confidence: every defect-class card goes to review.
     assert dec["defect_threshold"] is None and dec["held_out"]["counts"]["defect"] == 0
-    again = trained["invoke"]("fuse-train", trained["data"], *FAST, "--defect-confidence", "0.9").output
+    again = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "fuse-train", str(trained["data"]), *FAST,
+                                     "--defect-confidence", "0.9"]).output      # not -q: the summary is info
     assert "from cache" in again and "met by its upper bound at 90% confidence" in again
     res = trained["invoke"]("fuse-train", trained["data"], "--defect-confidence", "1.5", code=2)
     assert "--defect-confidence 1.5" in res.output
@@ -351,3 +352,28 @@ def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
     order = [index[s.name] for s in preds.samples]
     expected = softmax(np.stack([logits_of(m, order) for m in members]), bundle.temperature).mean(axis=0)
     np.testing.assert_allclose(Predictor(bundle, cache).probabilities(preds.logits), expected, atol=1e-5)
+
+
+def test_the_rule_explains_each_decision_with_the_threshold():
+    from asectl.models.calibration import exact_interval
+
+    rule = DecisionRule(CLASSES, 0.96, None, 0.01, 0.05)
+    probs = [[0.91, 0.03, 0.03, 0.02, 0.01], [0.97, 0.01, 0.01, 0.005, 0.005], [0.1, 0.8, 0.05, 0.03, 0.02],
+             [0.95999, 0.04001, 0, 0, 0]]
+    assert rule.explain(probs) == [
+        ("review", "p(normal) 0.9100 < pass threshold 0.9600"),
+        ("pass", "p(normal) 0.9700 >= pass threshold 0.9600"),
+        ("review", "p(type1) 0.8000, no defect threshold (no cut met the defect-error target on held-out cards)"),
+        ("review", "p(normal) 0.95999 < pass threshold 0.96000")]   # digits enough to tell them apart
+    assert rule.decide(probs) == [d for d, _ in rule.explain(probs)]
+    assert exact_interval(0, 0) is None
+    lo, hi = exact_interval(0, 10)
+    assert lo == 0 and hi == pytest.approx(1 - 0.025 ** (1 / 10))
+
+
+def test_a_class_smaller_than_the_folds_is_warned_about(asectl_log):
+    stratified_folds(["normal"] * 10 + ["type1"] * 3 + ["type2"] * 4, 5, 0)
+    assert "fewer training cards than the 5 calibration folds in class type1 (3), type2 (4)" in asectl_log.text
+    asectl_log.clear()
+    stratified_folds(["normal"] * 10 + ["type1"] * 5, 5, 0)
+    assert asectl_log.text == ""

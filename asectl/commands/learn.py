@@ -11,10 +11,14 @@ import click
 from rich.markup import escape
 
 from asectl import ui
-from asectl.commands._shared import executor_options, print_errors
+from asectl.commands._shared import (EXECUTOR_ENV, OFFLINE_ENV, VLM_ENV, environment, executor_options,
+                                     print_errors)
 from asectl.errors import ConfigError
 from asectl.models.calibration import (DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE,
                                        threshold_text)
+
+# What the learning commands read: the encoders (offline switches) and, for cards not yet described, the VLM.
+LEARN_ENV = (*VLM_ENV, *OFFLINE_ENV)
 
 
 def _overrides(config_file: Path | None, sets: tuple[str, ...], **named: Any) -> dict[str, Any]:
@@ -52,12 +56,16 @@ def _profile_name(profile: str | None, config_file: Path | None) -> str | None:
 
 
 _common = [
-    click.option("--profile", type=click.Choice(["quick", "paper"]), default=None,
-                 help="quick (CPU: frozen, cached features; default) or paper (GPU: fine-tuned encoders)."),
+    click.option("--profile", type=click.Choice(["quick", "paper"]), default=None, show_default="quick",
+                 help="quick (CPU: frozen, cached features) or paper (GPU: fine-tuned encoders)."),
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="TOML file of hyperparameters ([pfa], [fusion], [encoders] tables)."),
     click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyperparameter."),
-    click.option("--seed", type=int, default=None, help="Training seed (default 0)."),
+    click.option("--seed", type=int, default=None, show_default="0; fuse-train: the one align last used",
+                 help="Training seed."),
+    click.option("--split-seed", type=int, default=None, show_default="0; fuse-train: the one align last used",
+                 help="Seed of the stratified train/test split of a folder without labels.csv (README), apart "
+                      "from the training seed. The model keeps its split: report and predict use it."),
     click.option("--augmented", type=click.Path(exists=True, file_okay=False, path_type=Path),
                  help="Train on this TDA-augmented copy's training split (same test split)."),
     click.option("--force", is_flag=True, help="Retrain even when cached."),
@@ -71,24 +79,27 @@ def _with_common(f):
     return f
 
 
-@click.command()
+@click.command(epilog=environment(*LEARN_ENV))
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--stride", default=None, help="PFA stride: 0.2 (0.2/0.4/.../1) or a list like 0.2/0.6/1.")
-@click.option("--mode", type=click.Choice(["progressive", "direct", "none"]), default=None)
+@click.option("--stride", default=None, show_default="the profile's",
+              help="PFA stride: 0.2 (0.2/0.4/.../1) or a list like 0.2/0.6/1.")
+@click.option("--mode", type=click.Choice(["progressive", "direct", "none"]), default=None,
+              show_default="the profile's",
+              help="progressive (PFA), direct (every training card at once) or none (random projections): the "
+                   "paper's ablations.")
 @_with_common
 @click.pass_obj
-def align(cache, dataset, stride, mode, profile, config_file, sets, seed, augmented, force, as_json):
+def align(cache, dataset, stride, mode, profile, config_file, sets, seed, split_seed, augmented, force, as_json):
     """Progressive feature alignment (PFA) of image, VLM-text and LLM-text features."""
-    from asectl.dataset import load_dataset
     from asectl.stages.align import run_align, stage_labels
 
     over = _overrides(config_file, sets, **{"pfa.stride": stride, "pfa.mode": mode})
-    ds = load_dataset(dataset, seed=seed or 0)
+    ds = _training_data(dataset, 0 if split_seed is None else split_seed, split_seed is not None)
     out = run_align(ds, cache, profile=_profile_name(profile, config_file) or "quick", overrides=over,
                     seed=seed or 0, augmented=augmented, force=force)
     pfa = out.summary["pfa"]
     if as_json:
-        click.echo(json.dumps({"key": out.key, "from_cache": out.from_cache, "pfa": {
+        click.echo(json.dumps({"key": out.key, "from_cache": out.from_cache, "split": ds.split_text(), "pfa": {
             k: v for k, v in pfa.items() if k != "stages"}, "stages": [
             {k: v for k, v in s.items() if k != "curve"} for s in pfa["stages"]]}, default=str))
         return
@@ -100,20 +111,35 @@ def align(cache, dataset, stride, mode, profile, config_file, sets, seed, augmen
     for name, s in zip(stage_labels(out), pfa["stages"]):
         table.add_row(name, str(s["n_train"]), str(s["n_pend"]), _f(s["final_loss"]), _f(s["val_loss"]),
                       f"{s['tau']:.4f}")
-    ui.console.print(table)
+    ui.info(table)
     if out.summary["dropped"]:
-        ui.console.print(f"[yellow]{len(out.summary['dropped'])} card(s) left out[/] (missing a modality)")
+        ui.console.print(f"[yellow]warning:[/] {len(out.summary['dropped'])} card(s) left out (missing a modality)",
+                         highlight=False)
+
+
+def _training_data(folder: Path, split_seed: int, given: bool):
+    """The dataset split with ``split_seed``, the split printed ("44 train / 17 test, stratified, split
+    seed 0")."""
+    from asectl.dataset import load_dataset
+
+    ds = load_dataset(folder, split_seed=split_seed)
+    if given and ds.split_seed is None:
+        ui.console.print(f"[yellow]warning:[/] --split-seed ignored: {escape(str(folder))} names its split in "
+                         "labels.csv", highlight=False)
+    ui.info(f"split: {ds.split_text()}")
+    return ds
 
 
 def _f(v: Any) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-@click.command("fuse-train")
+@click.command("fuse-train", epilog=environment(*LEARN_ENV))
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--fusion", type=click.Choice(["cmaf", "cmaf-nosigmoid", "concat"]), default=None,
-              help="Fusion module (default cmaf; the others are the paper's Table 5 ablations).")
-@click.option("--task", type=click.Choice(["multiclass", "binary"]), default=None)
+              show_default="cmaf", help="Fusion module (the others are the paper's Table 5 ablations).")
+@click.option("--task", type=click.Choice(["multiclass", "binary"]), default=None, show_default="multiclass",
+              help="multiclass (every class) or binary (normal against defective).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the bundle here.")
 @click.option("--max-miss-rate", type=float, default=DEFAULT_MAX_MISS_RATE, show_default=True,
               help="Decision rule target: at most this share of defective held-out training cards passed as "
@@ -123,20 +149,22 @@ def _f(v: Any) -> str:
 @click.option("--defect-confidence", type=float, default=None,
               help="Grant 'defect' only where the exact upper bound of the held-out defect error, at this "
                    "confidence (e.g. 0.9), meets --max-defect-error. Needs many labelled cards: with a few "
-                   "hundred, 0.8 grants almost no 'defect' decision and 0.9 none. Default: the error itself.")
+                   "hundred, 0.8 grants almost no 'defect' decision and 0.9 none.",
+              show_default="none: the held-out error itself meets the target")
 @click.option("--calibration-folds", type=int, default=DEFAULT_CALIBRATION_FOLDS, show_default=True,
               help="Cross-validation folds on the training split for calibration and the decision rule.")
 @_with_common
 @click.pass_obj
 def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_error, defect_confidence,
-               calibration_folds, profile, config_file, sets, seed, augmented, force, as_json):
+               calibration_folds, profile, config_file, sets, seed, split_seed, augmented, force, as_json):
     """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
     choose the pass/defect/review rule on held-out training cards; store a model bundle."""
     from asectl.bundle import export_bundle
-    from asectl.dataset import load_dataset
-    from asectl.stages.fuse import run_fuse_train
+    from asectl.stages.fuse import remembered_split_seed, run_fuse_train
+    from asectl.stages.split import split_summary
 
-    ds = load_dataset(dataset, seed=seed or 0)
+    ds = _training_data(dataset, remembered_split_seed(cache, dataset) if split_seed is None else split_seed,
+                        split_seed is not None)
     res = run_fuse_train(ds, cache, fusion=fusion, task=task, augmented=augmented,
                          profile=_profile_name(profile, config_file), overrides=_overrides(config_file, sets),
                          seed=seed, force=force, max_miss_rate=max_miss_rate, max_defect_error=max_defect_error,
@@ -146,19 +174,21 @@ def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_erro
         export_bundle(res.bundle, out)
     summary = {"model": res.key, "from_cache": res.from_cache, "bundle": str(out or res.bundle.path),
                "classes": cfg["classes"], "variant": cfg["variant"], "task": cfg["task"],
-               "n_train": cfg["training"]["n_train"], "metrics": cfg["metrics"],
+               "n_train": cfg["training"]["n_train"], "trained_on": cfg["training"]["dataset"],
+               "split": split_summary(cfg["split"]), "metrics": cfg["metrics"],
                "calibration": {k: v for k, v in cfg["calibration"].items() if k != "held_out"},
                "decision": cfg["decision"]}
     if as_json:
         click.echo(json.dumps(summary, default=str))
         return
-    ui.console.print(
-        f"fuse-train: model {res.key[:12]} ({'from cache' if res.from_cache else 'trained'}), "
+    ui.info(
+        f"fuse-train: model {res.key[:12]} ({'from cache' if res.from_cache else 'trained'} on "
+        f"{escape(cfg['training']['dataset'])}, split {split_summary(cfg['split'])}), "
         f"{cfg['variant']} / {cfg['task']} on {cfg['training']['n_train']} training cards, the average of "
         f"{cfg['fusion_members']} fold models; last-epoch train accuracy "
         f"{cfg['metrics']['train_accuracy_last_epoch']:.3f} (their mean)"
-        + (f"; exported to {out}" if out else ""), highlight=False)
-    ui.console.print(decision_summary(cfg), highlight=False)
+        + (f"; exported to {out}" if out else ""))
+    ui.info(decision_summary(cfg))
 
 
 def decision_summary(cfg: dict[str, Any]) -> str:
@@ -195,14 +225,14 @@ def _bundle(cache, model: Path | None):
     if model is not None:
         return load_bundle(model), f"model {model}"
     bundle, which = latest_bundle(cache)
-    ui.console.print(f"using the latest trained {which}", highlight=False)
+    ui.info(f"using the latest trained {which}")
     return bundle, which
 
 
-@click.command()
+@click.command(epilog=environment(*LEARN_ENV, *EXECUTOR_ENV))
 @click.argument("images", nargs=-1)
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Model bundle folder (default: the latest model trained in this cache).")
+              show_default="the latest model trained in this cache", help="Model bundle folder.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Export predictions as JSON lines (with --watch: append one line per card).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
@@ -210,8 +240,8 @@ def _bundle(cache, model: Path | None):
 @click.option("--watch", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Keep the models loaded and classify each new image that appears in this folder, until "
                    "Ctrl-C or SIGTERM (needs --out).")
-@click.option("--poll", type=float, default=None,
-              help="With --watch: seconds between looks at the folder (default 0.25).")
+@click.option("--poll", type=float, default=None, show_default="0.25",
+              help="With --watch: seconds between looks at the folder.")
 @executor_options
 @click.pass_obj
 def predict(cache, images, model, out, as_json, force, watch, poll, executor):
@@ -245,15 +275,20 @@ def predict(cache, images, model, out, as_json, force, watch, poll, executor):
         table.add_column("image")
         table.add_column("class")
         table.add_column("decision")
+        table.add_column("reason")
+        splits = any("split" in r for r in result.records)   # the model's own cards: say which it trained on
+        if splits:
+            table.add_column("model's split")
         for c in bundle.labels:
             table.add_column(c, justify="right")
         for r in result.records:
+            split = [r.get("split", "")] if splits else []
             if r.get("error"):
-                table.add_row(escape(r["image"]), "[red]error[/]", "", *[""] * len(bundle.labels))
+                table.add_row(escape(r["image"]), "[red]error[/]", "", "", *split, *[""] * len(bundle.labels))
             else:
                 table.add_row(escape(r["image"]), escape(r["label"]), DECISION_STYLE[r["decision"]],
-                              *[f"{r['probabilities'][c]:.3f}" for c in bundle.labels])
-        ui.console.print(table)
+                              escape(r["reason"]), *split, *[f"{r['probabilities'][c]:.3f}" for c in bundle.labels])
+        ui.info(table)
         print_errors(result.errors)
     if result.errors:
         sys.exit(1)
@@ -287,7 +322,7 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
             print_errors([rec], indent="")
         else:
             ui.info(f"{escape(rec['image'])}: {escape(rec['label'])} ({rec['probability']:.3f}) "
-                    f"{DECISION_STYLE[rec['decision']]}")
+                    f"{DECISION_STYLE[rec['decision']]} ({escape(rec['reason'])})")
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -306,29 +341,35 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
             f"({summary.errors} error(s)), {summary.skipped} already in {out}")
 
 
-@click.command()
+@click.command(epilog=environment(*LEARN_ENV))
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Model bundle folder (default: the latest model trained in this cache).")
+              show_default="the latest model trained on DATASET in this cache", help="Model bundle folder.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder (default: DATASET/report).")
+              show_default="./asectl-report/<dataset folder name>", help="Report folder, outside the dataset.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json on stdout.")
 @click.pass_obj
 def report(cache, dataset, model, out, as_json):
-    """Per-class F1, macro-F1 (5-class and binary), confusion matrices, t-SNE and curves on the test split."""
+    """Evaluate a model on its own test split: the decision figures against their targets, each card's
+    decision and its reason, then per-class F1, macro-F1 (5-class and binary), confusion matrices and the
+    ML diagnostics (calibration, t-SNE, curves)."""
+    from asectl.bundle import load_bundle
     from asectl.dataset import load_dataset
     from asectl.report import print_summary
-    from asectl.stages.report import run_report
+    from asectl.stages.models import model_for_dataset
+    from asectl.stages.report import default_report_dir, run_report
 
-    bundle, which = _bundle(cache, model)
-    ds = load_dataset(dataset)
-    summary = run_report(ds, bundle, out or Path(dataset) / "report", cache, model_id=which)
+    if model is not None:
+        bundle, which = load_bundle(model), f"model {model}"
+    else:
+        bundle, which = model_for_dataset(cache, dataset)
+        ui.info(f"using the latest {which}")
+    summary = run_report(load_dataset(dataset), bundle, out or default_report_dir(dataset), cache, model_id=which)
     if as_json:
         click.echo(json.dumps(summary.metrics, default=str))
         return
-    print_summary(summary, ui.console)
-    ui.console.print(f"report written to {summary.html.parent} (report.html, report.md, metrics.json, PNGs)",
-                     highlight=False)
+    print_summary(summary, ui.console, quiet=ui.QUIET)
+    ui.info(f"report written to {escape(str(summary.html.parent))} (report.html, report.md, metrics.json, PNGs)")
 
 
 def register(cli: click.Group) -> None:

@@ -180,5 +180,13 @@ def dataset_id(dataset: Dataset) -> str:
     """A stable name for "the latest run of stage X on this dataset" pointers."""
     from asectl.cache import sha256_bytes
 
-    where = str(dataset.root.resolve()) if dataset.root else "|".join(str(s.path) for s in dataset.samples)
-    return sha256_bytes(where.encode())[:16]
+    if dataset.root:
+        return folder_id(dataset.root)
+    return sha256_bytes("|".join(str(s.path) for s in dataset.samples).encode())[:16]
+
+
+def folder_id(root: str | Path) -> str:
+    """``dataset_id`` of the dataset in folder ``root``, known before the folder is read."""
+    from asectl.cache import sha256_bytes
+
+    return sha256_bytes(str(Path(root).expanduser().resolve()).encode())[:16]

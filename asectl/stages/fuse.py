@@ -24,7 +24,7 @@ from asectl.card import load_spec
 from asectl.dataset import Dataset
 from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 from asectl.stages.align import AlignOutcome, run_align
-from asectl.stages.common import dataset_id
+from asectl.stages.common import dataset_id, folder_id
 
 STAGE = "model"
 
@@ -114,6 +114,7 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                 "encoders": align.summary["encoders"], "heads": pfa["heads"],
                 "replay": align.summary["replay"], "provenance": align.summary["provenance"],
                 "card_spec": {"name": spec.name, "sha256": spec.digest, "toml": Path(spec.source).read_text()},
+                "split": dataset.split_record(),
                 "training": {"dataset": str(dataset.root), "align_key": align.key,
                              "data_fingerprint": _fingerprint(align), "n_train": len(train),
                              "augmented": str(a_aug) if a_aug else None,
@@ -133,10 +134,24 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     else:
         from_cache = True
     bundle = load_bundle(entry.path)
-    cache.set_pointer(LATEST_POINTER, {"key": key, "dataset": str(dataset.root),
-                                       "created": bundle.config["created"]})
-    cache.set_pointer(f"model-{dataset_id(dataset)}", {"key": key})
+    # The dataset a model was trained on is the one its bundle names: a cache hit from a folder of the
+    # same cards (a copy) makes it that folder's model too, but never relabels where it came from.
+    pointer = {"key": key, "dataset": bundle.config["training"]["dataset"], "created": bundle.config["created"]}
+    cache.set_pointer(LATEST_POINTER, pointer)
+    cache.set_pointer(dataset_model_pointer(dataset), pointer)
     return FuseOutcome(key, bundle, align, from_cache)
+
+
+def dataset_model_pointer(dataset: Dataset | str | Path) -> str:
+    """The cache pointer naming the latest model trained on a dataset (a Dataset or its folder)."""
+    return f"model-{folder_id(dataset) if isinstance(dataset, (str, Path)) else dataset_id(dataset)}"
+
+
+def remembered_split_seed(cache: Cache, folder: str | Path) -> int:
+    """The split seed ``align`` last used on the dataset in ``folder`` (0 if none): fuse-train trains on
+    the split that was aligned."""
+    ptr = cache.get_pointer(f"align-{folder_id(folder)}") or {}
+    return int(ptr.get("split_seed") or 0)
 
 
 def _fingerprint(align: AlignOutcome) -> str:

@@ -3,16 +3,13 @@ and prints a rich summary (or JSON). Heavy libraries are imported inside command
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from asectl import __version__, ui
-from asectl.commands._shared import OFFLINE_ENV, environment
 from asectl.errors import AsectlError
 
 # ``asectl --help`` lists the commands in the order a user runs them.
@@ -73,82 +70,6 @@ def cli(ctx: click.Context, cache_dir: Path | None, debug: bool, quiet: bool) ->
     log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
     ctx.obj = Cache(cache_dir)
-
-
-# --- synth -------------------------------------------------------------------------------------------
-@cli.command(epilog=environment(*OFFLINE_ENV))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to write the dataset into.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the generated cards (or of TDA).")
-@click.option("--counts", default=None, show_default="225,92,44,50,44", help="Cards per class normal,type1..type4.")
-@click.option("--test-size", default=None, type=int, show_default="130 of 455, the same share", help="Test cards.")
-@click.option("--difficulty", type=click.Choice(["field", "clean"]), default="field", show_default=True,
-              help="field: severities, label disagreement, acquisition variation (docs/dataset.md); "
-                   "clean: ideal cards.")
-@click.option("--augment", "augment_src", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Instead of generating: apply TDA to this dataset's training split.")
-@click.option("--factor", default=2.0, show_default=True, type=float, help="TDA: training split grows x factor.")
-@click.option("--stats", "stats_source", type=click.Choice(["ocr", "printed"]), default="ocr", show_default=True,
-              help="TDA: per-card stats from the OCR stage, or from truth.jsonl of a generated dataset.")
-@click.option("--engine", default=None, show_default="the one last used on the dataset, else cnocr",
-              help="TDA with --stats ocr: OCR engine.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.pass_obj
-def synth(cache, out, seed, counts, test_size, difficulty, augment_src, factor, stats_source, engine, force,
-          as_json):
-    """Write an ASE-like dataset (cards, labels.csv, truth.jsonl), or augment one with TDA."""
-    from asectl.stages.synth import run_augment, run_generate
-
-    if augment_src is None:
-        summary = run_generate(out, seed=seed, counts=counts, test_size=test_size, force=force,
-                               difficulty=difficulty)
-        msg = f"wrote {summary['cards']} cards ({summary['train']} train / {summary['test']} test) to {out}"
-    else:
-        summary = run_augment(augment_src, out, factor=factor, seed=seed, stats_source=stats_source,
-                              engine=engine, cache=cache, force=force)
-        summary.pop("fits", None)
-        msg = (f"TDA added {summary['added']} training cards: {summary['train']} train / "
-               f"{summary['test']} test (test split copied untouched) in {out}")
-    click.echo(json.dumps(summary)) if as_json else ui.info(msg)
-
-
-# --- cache -------------------------------------------------------------------------------------------
-@cli.group("cache", cls=_Group)
-def cache_group():
-    """See and manage the artifact cache."""
-
-
-@cache_group.command("info", epilog=environment())
-@click.option("--json", "as_json", is_flag=True, help="Print the information as JSON on stdout.")
-@click.pass_obj
-def cache_info(cache, as_json):
-    """Where the cache is and what it holds per stage."""
-    info = cache.info()
-    if as_json:
-        click.echo(json.dumps(info))
-        return
-    from rich.table import Table
-
-    table = Table(title=f"cache: {info['root']}")
-    table.add_column("stage")
-    table.add_column("entries", justify="right")
-    table.add_column("MB", justify="right")
-    for stage, row in info["stages"].items():
-        table.add_row(stage, str(row["entries"]), f"{row['bytes'] / 1e6:.1f}")
-    ui.info(table)
-
-
-@cache_group.command("clear", epilog=environment())
-@click.option("--stage", default=None, show_default="every stage", help="Only this stage's entries.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.pass_obj
-def cache_clear(cache, stage, yes):
-    """Delete cached entries (all, or one stage's)."""
-    if not yes and sys.stdin.isatty():
-        click.confirm(f"Delete {'all' if stage is None else stage} entries in {cache.root}?", abort=True)
-    n = cache.clear(stage)
-    ui.info(f"removed {n} entries from {cache.root}")
 
 
 def _register_stage_commands() -> None:

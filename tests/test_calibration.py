@@ -374,3 +374,38 @@ def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
     order = [index[s.name] for s in preds.samples]
     expected = softmax(np.stack([logits_of(m, order) for m in members]), bundle.temperature).mean(axis=0)
     np.testing.assert_allclose(Predictor(bundle, cache).probabilities(preds.logits), expected, atol=1e-5)
+
+
+def test_predict_moves_the_operating_point_to_the_rule_fuse_train_derives(trained, tmp_path):
+    """`predict --max-miss-rate/--max-defect-error` re-derives the thresholds from the held-out scores the
+    bundle stores: they equal those fuse-train derives for the same targets (a model trained with them),
+    the line says the held-out review share they cost, and without targets the stored rule applies."""
+    from asectl.bundle import load_bundle
+
+    from .calibrated_bundle import FAST
+
+    targets = {"max_miss_rate": 0.1, "max_defect_error": 0.3}
+    other = json.loads(trained["invoke"]("fuse-train", trained["data"], "--json", *FAST, "--max-miss-rate", "0.1",
+                                         "--max-defect-error", "0.3").stdout.splitlines()[-1])["decision"]
+    stored = trained["config"]["decision"]
+    bundle = load_bundle(trained["bundle"])
+    rule, held = bundle.operating_point(**targets)
+    assert rule.to_dict() == {k: other[k] for k in rule.to_dict()} and held == other["held_out"]
+    assert (rule.pass_threshold, rule.defect_threshold) != (stored["pass_threshold"], stored["defect_threshold"])
+    assert bundle.operating_point() == (DecisionRule.from_dict(stored), stored["held_out"])
+
+    new = tmp_path / "new"
+    generate(new, seed=99, counts="2,0,1,1,0")
+    cards = sorted(str(p) for p in (new / "images").glob("*.png"))
+    res = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json", "--max-miss-rate", "0.1",
+                            "--max-defect-error", "0.3")
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    classes = trained["config"]["classes"]
+    assert [r["decision"] for r in recs] == rule.decide([[r["probabilities"][c] for c in classes] for r in recs])
+    share = f"{100 * other['held_out']['review_share']:.1f}%"
+    assert f"held out: review {share}, miss rate" in res.stderr and "(target 10.0%)" in res.stderr
+    plain = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json")
+    assert "held out:" not in plain.stderr
+    assert [json.loads(x)["probabilities"] for x in plain.stdout.splitlines()] == [r["probabilities"] for r in recs]
+    bad = trained["invoke"]("predict", cards[0], "--model", trained["bundle"], "--max-miss-rate", "1.5", code=2)
+    assert "--max-miss-rate 1.5: give a share in [0, 1)" in bad.output

@@ -217,6 +217,9 @@ def _bundle(cache, model: Path | None):
                    "Ctrl-C or SIGTERM (needs --out).")
 @click.option("--poll", type=float, default=None,
               help="With --watch: seconds between looks at the folder (default 0.25).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, metavar="N",
+              help="With --watch: worker processes that read, describe and reason about the next cards while "
+                   "this one fuses the current ones (default: one per core; 0: everything in this process).")
 @click.option("--max-miss-rate", type=float, default=None,
               help="Move the operating point without retraining: thresholds re-derived from the held-out "
                    "scores stored with the model for this miss-rate target (default: the model's own rule).")
@@ -224,7 +227,8 @@ def _bundle(cache, model: Path | None):
               help="The same for the defect-error target (default: the one the model was trained with).")
 @executor_options
 @click.pass_obj
-def predict(cache, images, model, out, as_json, force, watch, poll, max_miss_rate, max_defect_error, executor):
+def predict(cache, images, model, out, as_json, force, watch, poll, workers, max_miss_rate, max_defect_error,
+            executor):
     """Classify card images (files, folders or globs) with a trained model: class, calibrated
     probabilities and a decision (pass, defect or review). With --executor ray, the per-image stages of
     a batch run on a Ray cluster (docs/scale.md)."""
@@ -238,10 +242,10 @@ def predict(cache, images, model, out, as_json, force, watch, poll, max_miss_rat
         if executor.distributed:
             raise ConfigError("--watch classifies each card on this machine as it arrives; use --executor local "
                               "(the Ray executor is for batches)")
-        _watch(cache, model, watch, out, as_json, force, poll, (max_miss_rate, max_defect_error))
+        _watch(cache, model, watch, out, as_json, force, poll, (max_miss_rate, max_defect_error), workers)
         return
-    if poll is not None:
-        raise ConfigError("--poll applies to --watch only")
+    if poll is not None or workers is not None:
+        raise ConfigError(f"{'--poll' if poll is not None else '--workers'} applies to --watch only")
     if not images:
         raise ConfigError("give card images (files, folders or globs), or --watch DIR --out FILE.jsonl")
     bundle, _ = _bundle(cache, model)
@@ -280,15 +284,18 @@ def _operating_point(bundle, max_miss_rate: float | None, max_defect_error: floa
 
 
 def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, force: bool,
-           poll: float | None, targets: tuple[float | None, float | None] = (None, None)) -> None:
-    """predict --watch: one warm Predictor, signals turned into a clean stop after the current cards."""
+           poll: float | None, targets: tuple[float | None, float | None] = (None, None),
+           workers: int | None = None) -> None:
+    """predict --watch: one warm Predictor, signals turned into a clean stop after the current cards; with
+    workers, the per-image stages of the next cards run in them while this process fuses (both cores)."""
     import signal
     import threading
     import time
 
     from asectl.backends.warm import keep_loaded
     from asectl.stages.predict import Predictor
-    from asectl.stages.watch import DEFAULT_POLL, done_names, watch_folder
+    from asectl.stages.watch import DEFAULT_POLL, Preparers, done_names, watch_folder
+    from asectl.workers import usable_cores
 
     bundle, _ = _bundle(cache, model)
     rule = _operating_point(bundle, *targets)
@@ -310,17 +317,29 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
             ui.info(f"{escape(rec['image'])}: {escape(rec['label'])} ({rec['probability']:.3f}) "
                     f"{DECISION_STYLE[rec['decision']]}")
 
+    workers = usable_cores() if workers is None else workers
+    preparers = Preparers(bundle.path, cache.root, force, workers) if workers else None
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with keep_loaded():
             started = time.perf_counter()
-            predictor = Predictor(bundle, cache, force, rule)
-            predictor.warm_up()
-            ui.info(f"models loaded in {time.perf_counter() - started:.1f} s; watching {folder} "
+            # With workers, they compute the per-image records (--force there); this process only fuses.
+            predictor = Predictor(bundle, cache, force and not preparers, rule)
+            if preparers:
+                predictor.encoders()
+                predictor.models()
+                preparers.warm_up()
+            else:
+                predictor.warm_up()
+            ui.info(f"models loaded in {time.perf_counter() - started:.1f} s"
+                    + (f" ({workers} worker(s))" if workers else "") + f"; watching {folder} "
                     f"({len(done_names(out))} card(s) already in {out}); Ctrl-C or SIGTERM stops")
             summary = watch_folder(folder, out, lambda ds: predictor.run(ds).records, should_stop=stop.is_set,
-                                   poll=poll or DEFAULT_POLL, on_record=show, sleep=stop.wait)
+                                   poll=poll or DEFAULT_POLL, on_record=show, sleep=stop.wait,
+                                   prepare=preparers.prepare if preparers else None)
     finally:
+        if preparers:
+            preparers.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     ui.info(f"stopped{' by ' + reason[0] if reason else ''}: {summary.classified} card(s) classified this run "

@@ -4,9 +4,12 @@ with every model loaded once and kept, and append one JSON line per card to FILE
 * A file is read only when it is complete: its size and modification time are the same at two polls in
   a row and it decodes as an image. A file that stays unchanged but undecodable for ``UNREADABLE_AFTER``
   seconds gets an error line (the station learns of it; it is not retried).
-* Each line is flushed and fsync'ed before the next card is looked at, so a line that is in FILE is on
-  disk. A stop request (Ctrl-C, SIGTERM) finishes the cards being classified and writes their lines
-  before returning: no computed result is lost.
+* Each line is flushed and fsync'ed before the next one is written, so a line that is in FILE is on
+  disk. A stop request (Ctrl-C, SIGTERM) finishes the cards handed on (at most ``CHUNKS_AHEAD`` chunks)
+  and writes their lines before returning: no computed result is lost.
+* Both cores: ``Preparers`` are worker processes that compute the next cards' OCR, description and LLM
+  answer into the cache while this process fuses the cards before them; lines are written chunk by
+  chunk in the order the cards became complete (by name within one poll), whichever worker is first.
 * On start, the cards already in FILE (by name) are skipped, and a torn last line (the process was
   killed while writing it) is cut off, so that card is classified again. Restarting never classifies a
   card twice.

@@ -55,6 +55,16 @@ def test_missing_ray_is_one_line_naming_the_extra(small_dataset, monkeypatch):
     assert len(res.output.strip().splitlines()) == 1
 
 
+def test_executors_are_found_by_name_and_ray_is_imported_only_for_ray():
+    from asectl.registry import EXECUTORS
+
+    assert EXECUTORS.names() == ["local", "ray"]
+    probe = ("import sys, asectl.executors as e; s = e.ExecutorSettings.from_sources(kind='local'); "
+             "print(e.make_executor(s).kind, 'asectl.ray_executor' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["local", "False", "False"]
+
+
 def test_executor_settings_come_from_options_then_env_then_config(tmp_path, monkeypatch):
     config = tmp_path / "config.toml"
     config.write_text('[executor]\nkind = "ray"\nworkers = 8\nbatch_size = 16\n')

@@ -82,7 +82,8 @@ def test_watch_usage_errors(tmp_path):
 
     for args, says in ((["--watch", str(tmp_path)], "needs --out"),
                        (["--watch", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "x.png"], "takes no image"),
-                       ([], "give card images"), (["x.png", "--poll", "1"], "--poll applies to --watch only")):
+                       ([], "give card images"), (["x.png", "--poll", "1"], "--poll applies to --watch only"),
+                       (["x.png", "--workers", "2"], "--workers applies to --watch only")):
         res = CliRunner().invoke(cli, ["predict", *args])
         assert res.exit_code == 2 and says in res.output, res.output
 

@@ -409,3 +409,13 @@ def test_predict_moves_the_operating_point_to_the_rule_fuse_train_derives(traine
     assert [json.loads(x)["probabilities"] for x in plain.stdout.splitlines()] == [r["probabilities"] for r in recs]
     bad = trained["invoke"]("predict", cards[0], "--model", trained["bundle"], "--max-miss-rate", "1.5", code=2)
     assert "--max-miss-rate 1.5: give a share in [0, 1)" in bad.output
+    # A model that stores no held-out scores (trained before they were stored) says so, in one line.
+    old = tmp_path / "old-bundle"
+    shutil.copytree(trained["bundle"], old)
+    (old / "held-out.safetensors").unlink()
+    cfg = json.loads((old / "bundle.json").read_text())
+    del cfg["files"]["held-out.safetensors"]
+    (old / "bundle.json").write_text(json.dumps(cfg))
+    res = trained["invoke"]("predict", cards[0], "--model", old, "--max-miss-rate", "0.1", code=2)
+    assert "stores no held-out scores (held-out.safetensors)" in res.output and "retrain it" in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -377,3 +377,48 @@ def test_a_class_smaller_than_the_folds_is_warned_about(asectl_log):
     asectl_log.clear()
     stratified_folds(["normal"] * 10 + ["type1"] * 5, 5, 0)
     assert asectl_log.text == ""
+
+
+def test_predict_moves_the_operating_point_to_the_rule_fuse_train_derives(trained, tmp_path):
+    """`predict --max-miss-rate/--max-defect-error` re-derives the thresholds from the held-out scores the
+    bundle stores: they equal those fuse-train derives for the same targets (a model trained with them),
+    the line says the held-out review share they cost, and without targets the stored rule applies."""
+    from asectl.bundle import load_bundle
+
+    from .calibrated_bundle import FAST
+
+    targets = {"max_miss_rate": 0.1, "max_defect_error": 0.3}
+    other = json.loads(trained["invoke"]("fuse-train", trained["data"], "--json", *FAST, "--max-miss-rate", "0.1",
+                                         "--max-defect-error", "0.3").stdout.splitlines()[-1])["decision"]
+    stored = trained["config"]["decision"]
+    bundle = load_bundle(trained["bundle"])
+    rule, held = bundle.operating_point(**targets)
+    assert rule.to_dict() == {k: other[k] for k in rule.to_dict()} and held == other["held_out"]
+    assert (rule.pass_threshold, rule.defect_threshold) != (stored["pass_threshold"], stored["defect_threshold"])
+    assert bundle.operating_point() == (DecisionRule.from_dict(stored), stored["held_out"])
+
+    new = tmp_path / "new"
+    generate(new, seed=99, counts="2,0,1,1,0")
+    cards = sorted(str(p) for p in (new / "images").glob("*.png"))
+    res = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json", "--max-miss-rate", "0.1",
+                            "--max-defect-error", "0.3")
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    classes = trained["config"]["classes"]
+    assert [r["decision"] for r in recs] == rule.decide([[r["probabilities"][c] for c in classes] for r in recs])
+    share = f"{100 * other['held_out']['review_share']:.1f}%"
+    assert f"held out: review {share}, miss rate" in res.stderr and "(target 10.0%)" in res.stderr
+    plain = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json")
+    assert "held out:" not in plain.stderr
+    assert [json.loads(x)["probabilities"] for x in plain.stdout.splitlines()] == [r["probabilities"] for r in recs]
+    bad = trained["invoke"]("predict", cards[0], "--model", trained["bundle"], "--max-miss-rate", "1.5", code=2)
+    assert "--max-miss-rate 1.5: give a share in [0, 1)" in bad.output
+    # A model that stores no held-out scores (trained before they were stored) says so, in one line.
+    old = tmp_path / "old-bundle"
+    shutil.copytree(trained["bundle"], old)
+    (old / "held-out.safetensors").unlink()
+    cfg = json.loads((old / "bundle.json").read_text())
+    del cfg["files"]["held-out.safetensors"]
+    (old / "bundle.json").write_text(json.dumps(cfg))
+    res = trained["invoke"]("predict", cards[0], "--model", old, "--max-miss-rate", "0.1", code=2)
+    assert "stores no held-out scores (held-out.safetensors)" in res.output and "retrain it" in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -40,12 +40,12 @@ def test_bundle_is_safetensors_and_json_only(trained):
     bundle = trained["root"] / "bundle"
     files = sorted(p.name for p in bundle.rglob("*") if p.is_file())
     members = [f"fusion-{k}.safetensors" for k in range(5)]      # one per calibration fold (default 5)
-    assert files == ["bundle.json", *members, "heads.safetensors"]
+    assert files == ["bundle.json", *members, "heads.safetensors", "held-out.safetensors"]
     cfg = json.loads((bundle / "bundle.json").read_text())
     assert cfg["classes"] == ["normal", "type1", "type2", "type3", "type4"]
     assert "built-in describer" in cfg["provenance"]["descriptions"]
     assert cfg["replay"]["reason"]["priors"]["classes"]
-    assert set(cfg["files"]) == {*members, "heads.safetensors"} and cfg["fusion_members"] == 5
+    assert set(cfg["files"]) == {*members, "heads.safetensors", "held-out.safetensors"} and cfg["fusion_members"] == 5
 
 
 def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):

@@ -193,27 +193,32 @@ def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_erro
 
 def decision_summary(cfg: dict[str, Any]) -> str:
     """Two lines on the calibration and the decision rule, from what the bundle stores (held-out cards)."""
+    from asectl.models.calibration import DecisionRule
+
     cal, dec = cfg["calibration"], cfg["decision"]
-    held = dec["held_out"]
-
-    def share(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}%"
-
-    def thr(v: float | None) -> str:
-        return threshold_text(v, 4, "p >= ")
-
     return (f"calibration: temperature {cal['temperature']:.3f} from the fold models' held-out predictions "
             f"on {cal['n_held_out']} training cards (held-out ECE {cal['held_out_ece']['before']:.3f} -> "
             f"{cal['held_out_ece']['after']:.3f})\n"
-            f"decision: pass if normal with {thr(dec['pass_threshold'])}, defect if a defect class with "
-            f"{thr(dec['defect_threshold'])}, else review; held out: review {share(held['review_share'])}, "
-            f"miss rate {share(held['miss_rate'])} (target {share(dec['max_miss_rate'])}), defect error "
-            f"{share(held['defect_error'])} (target {share(dec['max_defect_error'])}"
-            + (f", met by its upper bound at {100 * dec['defect_confidence']:g}% confidence"
-               if dec.get("defect_confidence") is not None else "") + ")"
+            + operating_point_line(DecisionRule.from_dict(dec), dec["held_out"])
             + ("\nheld-out review share for other --max-miss-rate targets: "
-               + ", ".join(f"{share(r['max_miss_rate'])}: {share(r['review_share'])}" for r in dec["tradeoff"])
+               + ", ".join(f"{_share(r['max_miss_rate'])}: {_share(r['review_share'])}" for r in dec["tradeoff"])
                if dec.get("tradeoff") else ""))
+
+
+def _share(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def operating_point_line(rule, held: dict[str, Any]) -> str:
+    """One line: a decision rule's thresholds and, on the held-out training cards it was chosen on, its
+    review share, miss rate and defect error against its targets."""
+    return (f"decision: pass if normal with {threshold_text(rule.pass_threshold, 4, 'p >= ')}, defect if a "
+            f"defect class with {threshold_text(rule.defect_threshold, 4, 'p >= ')}, else review; held out: "
+            f"review {_share(held['review_share'])}, miss rate {_share(held['miss_rate'])} (target "
+            f"{_share(rule.max_miss_rate)}), defect error {_share(held['defect_error'])} (target "
+            f"{_share(rule.max_defect_error)}"
+            + (f", met by its upper bound at {100 * rule.defect_confidence:g}% confidence"
+               if rule.defect_confidence is not None else "") + ")")
 
 
 DECISION_STYLE = {"pass": "[green]pass[/]", "defect": "[red]defect[/]", "review": "[yellow]review[/]"}
@@ -242,9 +247,18 @@ def _bundle(cache, model: Path | None):
                    "Ctrl-C or SIGTERM (needs --out).")
 @click.option("--poll", type=float, default=None, show_default="0.25",
               help="With --watch: seconds between looks at the folder.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, metavar="N", show_default="one per core",
+              help="With --watch: worker processes that read, describe and reason about the next cards while "
+                   "this one fuses the current ones (0: everything in this process).")
+@click.option("--max-miss-rate", type=float, default=None, show_default="the model's own rule",
+              help="Move the operating point without retraining: thresholds re-derived from the held-out "
+                   "scores stored with the model for this miss-rate target.")
+@click.option("--max-defect-error", type=float, default=None, show_default="the model's own target",
+              help="The same for the defect-error target.")
 @executor_options
 @click.pass_obj
-def predict(cache, images, model, out, as_json, force, watch, poll, executor):
+def predict(cache, images, model, out, as_json, force, watch, poll, workers, max_miss_rate, max_defect_error,
+            executor):
     """Classify card images (files, folders or globs) with a trained model: class, calibrated
     probabilities and a decision (pass, defect or review). With --executor ray, the per-image stages of
     a batch run on a Ray cluster (docs/scale.md)."""
@@ -258,15 +272,16 @@ def predict(cache, images, model, out, as_json, force, watch, poll, executor):
         if executor.distributed:
             raise ConfigError("--watch classifies each card on this machine as it arrives; use --executor local "
                               "(the Ray executor is for batches)")
-        _watch(cache, model, watch, out, as_json, force, poll)
+        _watch(cache, model, watch, out, as_json, force, poll, (max_miss_rate, max_defect_error), workers)
         return
-    if poll is not None:
-        raise ConfigError("--poll applies to --watch only")
+    if poll is not None or workers is not None:
+        raise ConfigError(f"{'--poll' if poll is not None else '--workers'} applies to --watch only")
     if not images:
         raise ConfigError("give card images (files, folders or globs), or --watch DIR --out FILE.jsonl")
     bundle, _ = _bundle(cache, model)
+    rule = _operating_point(bundle, max_miss_rate, max_defect_error)
     ds = load_inputs(images)
-    result = run_predict(ds, bundle, cache, force=force)
+    result = run_predict(ds, bundle, cache, force=force, rule=rule)
     emit_records(result.records, out, as_json)
     if not as_json:
         from rich.table import Table
@@ -294,18 +309,31 @@ def predict(cache, images, model, out, as_json, force, watch, poll, executor):
         sys.exit(1)
 
 
+def _operating_point(bundle, max_miss_rate: float | None, max_defect_error: float | None):
+    """The decision rule predict applies: the bundle's own, or the one re-derived for the given targets,
+    announced with what it costs on the held-out cards."""
+    rule, held = bundle.operating_point(max_miss_rate, max_defect_error)
+    if max_miss_rate is not None or max_defect_error is not None:
+        ui.console.print(operating_point_line(rule, held), highlight=False)
+    return rule
+
+
 def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, force: bool,
-           poll: float | None) -> None:
-    """predict --watch: one warm Predictor, signals turned into a clean stop after the current cards."""
+           poll: float | None, targets: tuple[float | None, float | None] = (None, None),
+           workers: int | None = None) -> None:
+    """predict --watch: one warm Predictor, signals turned into a clean stop after the current cards; with
+    workers, the per-image stages of the next cards run in them while this process fuses (both cores)."""
     import signal
     import threading
     import time
 
     from asectl.backends.warm import keep_loaded
     from asectl.stages.predict import Predictor
-    from asectl.stages.watch import DEFAULT_POLL, done_names, watch_folder
+    from asectl.stages.watch import DEFAULT_POLL, Preparers, done_names, watch_folder
+    from asectl.workers import usable_cores
 
     bundle, _ = _bundle(cache, model)
+    rule = _operating_point(bundle, *targets)
     stop = threading.Event()
     reason: list[str] = []
 
@@ -324,17 +352,29 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
             ui.info(f"{escape(rec['image'])}: {escape(rec['label'])} ({rec['probability']:.3f}) "
                     f"{DECISION_STYLE[rec['decision']]} ({escape(rec['reason'])})")
 
+    workers = usable_cores() if workers is None else workers
+    preparers = Preparers(bundle.path, cache.root, force, workers) if workers else None
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with keep_loaded():
             started = time.perf_counter()
-            predictor = Predictor(bundle, cache, force)
-            predictor.warm_up()
-            ui.info(f"models loaded in {time.perf_counter() - started:.1f} s; watching {folder} "
+            # With workers, they compute the per-image records (--force there); this process only fuses.
+            predictor = Predictor(bundle, cache, force and not preparers, rule)
+            if preparers:
+                predictor.encoders()
+                predictor.models()
+                preparers.warm_up()
+            else:
+                predictor.warm_up()
+            ui.info(f"models loaded in {time.perf_counter() - started:.1f} s"
+                    + (f" ({workers} worker(s))" if workers else "") + f"; watching {folder} "
                     f"({len(done_names(out))} card(s) already in {out}); Ctrl-C or SIGTERM stops")
             summary = watch_folder(folder, out, lambda ds: predictor.run(ds).records, should_stop=stop.is_set,
-                                   poll=poll or DEFAULT_POLL, on_record=show, sleep=stop.wait)
+                                   poll=poll or DEFAULT_POLL, on_record=show, sleep=stop.wait,
+                                   prepare=preparers.prepare if preparers else None)
     finally:
+        if preparers:
+            preparers.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     ui.info(f"stopped{' by ' + reason[0] if reason else ''}: {summary.classified} card(s) classified this run "

@@ -256,6 +256,20 @@ def choose_rule(probs: Any, y: Sequence[int], classes: Sequence[str], max_miss_r
     return DecisionRule(classes, pass_t, defect_t, max_miss_rate, max_defect_error, defect_confidence)
 
 
+def operating_point(probs: Any, y: Sequence[int], stored: DecisionRule, max_miss_rate: float | None = None,
+                    max_defect_error: float | None = None) -> tuple[DecisionRule, dict[str, Any]]:
+    """Move a model's operating point without retraining: the rule ``choose_rule`` derives for other targets
+    from the held-out calibrated probabilities and labels the model stores (those ``fuse-train`` chose
+    ``stored`` on), and how it does on those cards (``decision_stats``: the review share it costs, its miss
+    rate and defect error). A target left None, and the defect confidence, stay the stored ones; the same
+    cards and the same targets give exactly the thresholds ``fuse-train`` derived."""
+    p = np.asarray(probs, dtype=np.float64)
+    rule = choose_rule(p, y, stored.classes, stored.max_miss_rate if max_miss_rate is None else max_miss_rate,
+                       stored.max_defect_error if max_defect_error is None else max_defect_error,
+                       stored.defect_confidence)
+    return rule, decision_stats(rule.decide(p), y, p.argmax(axis=1), stored.classes)
+
+
 def defect_cuts(probs: Any, y: Sequence[int], classes: Sequence[str],
                 defect_confidence: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Where a defect threshold can be cut on held-out cards, from the most confident card decided

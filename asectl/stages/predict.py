@@ -79,13 +79,13 @@ class Predictor:
     """A bundle with its models loaded at most once and kept: a batch or ``--watch`` pays for loading a
     model once, not per card. Nothing is loaded before it is needed, so a fully cached call loads none."""
 
-    def __init__(self, bundle: Bundle, cache: Cache | None = None, force: bool = False):
+    def __init__(self, bundle: Bundle, cache: Cache | None = None, force: bool = False, rule: Any = None):
         self.bundle = bundle
         self.cache = cache or Cache()
         self.force = force
         self.classes = bundle.labels
         self.temperature = bundle.temperature
-        self.rule = bundle.decision_rule()
+        self.rule = rule or bundle.decision_rule()   # another operating point: Bundle.operating_point
         self._encoders: tuple[Any, Any, Any] | None = None
         self._models: tuple[Any, Any] | None = None
 
@@ -160,16 +160,18 @@ class Predictor:
                            self.cache.summary(STAGE))
 
 
-def run_predict(dataset: Dataset, bundle: Bundle, cache: Cache | None = None, force: bool = False) -> StageResult:
-    """Classify every card of ``dataset`` (one call: each model loaded at most once). On the labelled
-    folder the model was trained on, each record says in which of the model's splits the card was
-    (asectl.stages.split): a training card's result is no evidence of how the model does on new ones."""
+def run_predict(dataset: Dataset, bundle: Bundle, cache: Cache | None = None, force: bool = False,
+                rule: Any = None) -> StageResult:
+    """Classify every card of ``dataset`` (one call: each model loaded at most once); ``rule``: a decision
+    rule other than the bundle's stored one (``Bundle.operating_point``). On the labelled folder the model
+    was trained on, each record says in which of the model's splits the card was (asectl.stages.split): a
+    training card's result is no evidence of how the model does on new ones."""
     own = False
     if dataset.labelled and dataset.root is not None:
         from asectl.stages.split import model_split
 
         dataset, own = model_split(dataset, bundle)
-    result = Predictor(bundle, cache, force).run(dataset)
+    result = Predictor(bundle, cache, force, rule).run(dataset)
     if own:
         split = {s.name: s.split for s in dataset.samples}
         for r in result.records:

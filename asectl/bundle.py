@@ -16,7 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file
 from asectl.errors import ConfigError
@@ -70,10 +70,20 @@ class Bundle:
         return p if p.is_file() else None
 
 
-def write_checksums(folder: Path, config: dict[str, Any]) -> None:
+def write_checksums(folder: Path, config: dict[str, Any], name: str = "bundle.json") -> None:
+    """``config`` with the checksum of every file in ``folder``, written as ``name`` (an export: export.json)."""
     config["files"] = {p.relative_to(folder).as_posix(): sha256_file(p)
-                       for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "bundle.json"}
-    (folder / "bundle.json").write_text(json.dumps(config, indent=1, default=str))
+                       for p in sorted(folder.rglob("*")) if p.is_file() and p.name != name}
+    (folder / name).write_text(json.dumps(config, indent=1, default=str))
+
+
+def verify_files(folder: Path, files: Mapping[str, str], remedy: str) -> None:
+    """Every listed file present with its checksum, before anything is deserialised; else a one-line
+    ConfigError naming the file and ``remedy``."""
+    for name, digest in files.items():
+        f = folder / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise ConfigError(f"{f}: missing or damaged (checksum mismatch); {remedy}")
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -89,10 +99,7 @@ def load_bundle(path: str | Path) -> Bundle:
         raise ConfigError(f"{cfg_file}: unreadable bundle description; export the model again") from None
     if config.get("format") != BUNDLE_FORMAT:
         raise ConfigError(f"{p}: bundle format {config.get('format')} is not {BUNDLE_FORMAT}; retrain it")
-    for name, digest in files.items():
-        f = p / name
-        if not f.is_file() or sha256_file(f) != digest:
-            raise ConfigError(f"{f}: missing or damaged (checksum mismatch); export or train the model again")
+    verify_files(p, files, "export or train the model again")
     return Bundle(p, config)
 
 

@@ -189,9 +189,13 @@ def decision_summary(cfg: dict[str, Any]) -> str:
 DECISION_STYLE = {"pass": "[green]pass[/]", "defect": "[red]defect[/]", "review": "[yellow]review[/]"}
 
 
-def _bundle(cache, model: Path | None):
+def _bundle(cache, model: Path | None, exports: bool = False):
+    """The model at ``model`` (a bundle, or with ``exports`` also an export folder), else the latest trained."""
     from asectl.bundle import latest_bundle, load_bundle
+    from asectl.export import is_export, load_export
 
+    if model is not None and exports and is_export(model):
+        return load_export(model), f"exported model {model}"
     if model is not None:
         return load_bundle(model), f"model {model}"
     bundle, which = latest_bundle(cache)
@@ -202,7 +206,8 @@ def _bundle(cache, model: Path | None):
 @click.command()
 @click.argument("images", nargs=-1)
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Model bundle folder (default: the latest model trained in this cache).")
+              help="Model bundle or export folder (`asectl export`; default: the latest model trained in this "
+                   "cache).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Export predictions as JSON lines (with --watch: append one line per card).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
@@ -234,7 +239,7 @@ def predict(cache, images, model, out, as_json, force, watch, poll, executor):
         raise ConfigError("--poll applies to --watch only")
     if not images:
         raise ConfigError("give card images (files, folders or globs), or --watch DIR --out FILE.jsonl")
-    bundle, _ = _bundle(cache, model)
+    bundle, _ = _bundle(cache, model, exports=True)
     ds = load_inputs(images)
     result = run_predict(ds, bundle, cache, force=force)
     emit_records(result.records, out, as_json)
@@ -270,7 +275,7 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
     from asectl.stages.predict import Predictor
     from asectl.stages.watch import DEFAULT_POLL, done_names, watch_folder
 
-    bundle, _ = _bundle(cache, model)
+    bundle, _ = _bundle(cache, model, exports=True)
     stop = threading.Event()
     reason: list[str] = []
 

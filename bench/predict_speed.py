@@ -29,17 +29,19 @@ import psutil
 from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
 
 
-def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None, engine: str = "cnocr") -> Path:
+def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None, engine: str = "cnocr",
+                   counts: str | None = None) -> Path:
     """``model``, else the model last trained on the seed-0 dataset in this cache (bench/calibration.py's),
     else one trained here; exported to ``out``/bundle. With another OCR ``engine``: the seed-0 model
-    trained (or found in the cache) with that engine, the other settings the benchmark's."""
+    trained (or found in the cache) with that engine, the other settings the benchmark's. ``counts``: a
+    smaller seed-0 dataset (cards per class) to train on, for a quicker run."""
     from asectl.bundle import export_bundle, load_bundle
     from asectl.cache import Cache
     from asectl.dataset import load_dataset
     from asectl.stages.common import dataset_id
 
     cache = Cache(cache_dir)
-    ds = load_dataset(dataset(0))
+    ds = load_dataset(dataset(0, counts))
     ptr = cache.get_pointer(f"model-{dataset_id(ds)}")
     entry = cache.get("model", ptr["key"]) if ptr else None
     if model is not None:
@@ -209,6 +211,9 @@ def main() -> None:
     ap.add_argument("--engine", choices=["cnocr", "rapidocr"], default="cnocr",
                     help="OCR engine of the model (default cnocr; rapidocr: a seed-0 model trained with it, "
                          "results in their own section)")
+    ap.add_argument("--counts", default=None,
+                    help="train on a smaller seed-0 dataset, cards per class normal,type1..type4 (default: the "
+                         "455-card one)")
     ap.add_argument("--no-export", action="store_true",
                     help="measure the bundle only (default: the bundle and its export, `asectl export`, in one run)")
     ap.add_argument("--cold", type=int, default=3, help="cold single-card runs (0: skip)")
@@ -221,7 +226,7 @@ def main() -> None:
     out = OUT / f"predict-speed{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir)
-    bundle = trained_bundle(cache_dir, out, args.model, args.engine)
+    bundle = trained_bundle(cache_dir, out, args.model, args.engine, args.counts)
     env = {**os.environ, "ASECTL_CACHE_DIR": str(cache_dir)}
     exe = [sys.executable, "-m", "asectl", "-q"]
     models = {"bundle": bundle}
@@ -233,6 +238,9 @@ def main() -> None:
             **({"export": runs["export"]} if "export" in runs else {})}
     save("predict_speed" + suffix.replace("-", "_"), data)
     model_line = (f"the bundle `{args.model}`" if args.model else
+                  f"a seed-0 quick-profile bundle trained here on the {args.counts} cards per class of a smaller "
+                  "seed-0 field dataset, the benchmark's settings otherwise (the pipeline per card is the same "
+                  "as for the 455-card model)" if args.counts else
                   "seed-0 quick-profile bundle of `bench/calibration.py`" if args.engine == "cnocr" else
                   f"seed-0 quick-profile bundle trained with `--engine {args.engine}` OCR (otherwise the "
                   "benchmark's settings)")

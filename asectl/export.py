@@ -28,7 +28,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from asectl.bundle import verify_files
-from asectl.cache import canonical_json, sha256_bytes
 from asectl.errors import ConfigError
 
 EXPORT_FORMAT = 1
@@ -81,7 +80,6 @@ class ExportedModel:
     manifest: dict[str, Any]
     config: dict[str, Any]                     # the bundle's settings, replay resolved to this folder
     graphs: dict[str, Any]
-    threads: int | None = None                 # onnxruntime intra-op threads (None: its default)
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,10 +88,6 @@ class ExportedModel:
     @property
     def labels(self) -> list[str]:
         return list(self.config["classes"])
-
-    @property
-    def digest(self) -> str:
-        return sha256_bytes(canonical_json(self.manifest).encode())
 
     @property
     def temperature(self) -> float:
@@ -114,8 +108,6 @@ class ExportedModel:
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
-            if self.threads:
-                opts.intra_op_num_threads = int(self.threads)
             opts.log_severity_level = 3          # onnxruntime's own warnings are not the user's business
             try:
                 self._sessions[name] = ort.InferenceSession(str(self.path / name), opts,
@@ -153,6 +145,10 @@ class ExportedModel:
         missing = [m for m in self.modalities if m not in inputs]
         if missing:
             raise ConfigError(f"{self.path}: the model needs inputs for {', '.join(missing)}")
+        unknown = sorted({s["kind"] for s in self.graphs["encoders"].values()} - set(ENCODER_KINDS))
+        if unknown:
+            raise ConfigError(f"{self.path}: encoder kind {', '.join(unknown)} is unknown to this asectl; install "
+                              "the version that exported it")
         return {m: ENCODER_KINDS[spec["kind"]](self, spec, inputs[m]) for m, spec in self.graphs["encoders"].items()}
 
     def align(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

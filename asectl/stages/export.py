@@ -95,7 +95,7 @@ def write_graphs(bundle: Bundle, folder: Path) -> dict[str, Any]:
     """The ONNX graphs of the encoders, the projections and the fold models, and what each one reads."""
     from asectl.models.cmaf import fusion_inputs
 
-    encoders = dict(zip(("image", "vlm", "llm"), bundle_encoders(bundle)))
+    encoders = modality_encoders(bundle)
     specs: dict[str, dict[str, Any]] = {}
     written: dict[int, dict[str, Any]] = {}      # one graph per encoder instance (frozen branches share one)
     for modality, enc in encoders.items():
@@ -113,6 +113,11 @@ def write_graphs(bundle: Bundle, folder: Path) -> dict[str, Any]:
         export_graph(_Positional(member), [_zeros(member.dim) for _ in inputs], folder / graph, inputs, ["logits"])
         fusion.append(graph)
     return {"encoders": specs, "heads": "heads.onnx", "fusion": fusion}
+
+
+def modality_encoders(bundle: Bundle) -> dict[str, Any]:
+    """The bundle's encoders (checked against its identities, fine-tuned states loaded) by modality."""
+    return dict(zip(("image", "vlm", "llm"), bundle_encoders(bundle)))
 
 
 def encoder_graph(enc: Any, folder: Path, modality: str) -> dict[str, Any]:
@@ -262,15 +267,15 @@ def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
     from asectl.models.pfa import align_features
     from asectl.synth import generate
 
-    encoders = dict(zip(("image", "vlm", "llm"), bundle_encoders(bundle)))
+    encoders = modality_encoders(bundle)
     with tempfile.TemporaryDirectory(prefix="asectl-export-") as tmp:
         generate(Path(tmp) / "cards", seed=0, counts="1,1,1,0,0")
         cards = sorted(str(p) for p in (Path(tmp) / "cards" / "images").glob("*.png"))
-        # Every card with every text: the fusion sees combinations of all of them.
+        # Every card with every text, each text branch in another order: the fusion sees mixed inputs.
         n = len(cards) * len(PROBE_TEXTS)
-        texts = [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(n)]
-        inputs = {m: ([cards[i // len(PROBE_TEXTS)] for i in range(n)] if enc.family == "image" else
-                      texts if m == "vlm" else texts[::-1]) for m, enc in encoders.items()}
+        probes = {"image": [cards[i // len(PROBE_TEXTS)] for i in range(n)],
+                  "text": [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(n)]}
+        inputs = {m: probes[enc.family][k:] + probes[enc.family][:k] for k, (m, enc) in enumerate(encoders.items())}
         torch_feats = {m: encoders[m].encode(inputs[m]) for m in encoders}
         onnx_feats = exported.encode(inputs)
     aligned = align_features(bundle.heads(), torch_feats)

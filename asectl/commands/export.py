@@ -31,7 +31,7 @@ def export(cache, model, out, copy_llm, as_json):
         bundle = load_bundle(model)
     else:
         bundle, which = latest_bundle(cache)
-        ui.console.print(f"exporting the latest trained {which}", highlight=False)
+        ui.info(f"exporting the latest trained {which}")
     res = run_export(bundle, out, copy_llm=copy_llm)
     if as_json:
         click.echo(json.dumps({"export": str(res.path), "graphs": res.graphs, "ocr": res.ocr, "llm": res.llm,
@@ -40,9 +40,8 @@ def export(cache, model, out, copy_llm, as_json):
     ocr = res.ocr["engine"] + ("" if res.ocr["engine"] == res.ocr["trained_engine"] else
                                f" (trained with {res.ocr['trained_engine']}; {res.ocr['why']})")
     llm = "copied in" if res.llm["copied"] else f"read from {res.llm['file']}, checked by hash"
-    ui.console.print(f"exported to {res.path}: {res.graphs} ONNX graphs; OCR {ocr}; LLM {llm}; largest "
-                     f"probability difference from the bundle on {res.parity['cases']} generated cases "
-                     f"{res.parity['probabilities']:.1e}", highlight=False, soft_wrap=True)
+    ui.info(f"exported to {res.path}: {res.graphs} ONNX graphs; OCR {ocr}; LLM {llm}; largest probability "
+            f"difference from the bundle on {res.parity['cases']} generated cases {res.parity['probabilities']:.1e}")
 
 
 def register(cli: click.Group) -> None:

@@ -86,14 +86,20 @@ def lines(out: Path) -> set[str]:
     return {json.loads(x)["image"] for x in text[: text.rfind("\n") + 1].splitlines()}
 
 
-def cold_predict(exe: list[str], cards: list[Path], bundle: Path, env: dict) -> list[float]:
-    times = []
+def cold_predict(exe: list[str], cards: list[Path], bundle: Path, env: dict) -> tuple[list[float], list[float]]:
+    """Wall seconds and CPU seconds (user + system of the process and its children) of each cold run."""
+    import resource
+
+    times, cpu = [], []
     for card in cards:
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run([*exe, "predict", str(card), "--model", str(bundle), "--json"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - t0)
-    return times
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return times, cpu
 
 
 def export_model(bundle: Path, out: Path, env: dict, exe: list[str]) -> Path:
@@ -118,7 +124,7 @@ def measure(exe: list[str], model: Path, env: dict, cache_dir: Path, out: Path, 
         return tuple(len(list(Cache(cache_dir).iter_entries(stage))) for stage in ("ocr", "reason"))
 
     before = entries()
-    cold = cold_predict(exe, new_cards(out, card_seed, args.cold), model, env) if args.cold else []
+    cold, cold_cpu = cold_predict(exe, new_cards(out, card_seed, args.cold), model, env) if args.cold else ([], [])
     # New to every stage, the LLM's included: a card read before by another engine keeps its LLM answer.
     if args.cold and any(after - was < args.cold for after, was in zip(entries(), before)):
         raise SystemExit(f"the cards of --card-seed {args.card_seed} were already (partly) in {cache_dir}; "
@@ -166,7 +172,8 @@ def measure(exe: list[str], model: Path, env: dict, cache_dir: Path, out: Path, 
 
     lat_sorted = sorted(latencies)
     p95 = lat_sorted[min(len(lat_sorted) - 1, int(round(0.95 * (len(lat_sorted) - 1))))] if latencies else None
-    return {"card_seed": card_seed, "cold_seconds": cold, "watch_startup_seconds": startup,
+    return {"card_seed": card_seed, "cold_seconds": cold, "cold_cpu_seconds": cold_cpu,
+            "watch_startup_seconds": startup,
             "burst_cards": len(burst), "burst_seconds": burst_seconds, "cards_per_second": len(burst) / burst_seconds,
             "burst_cpu_seconds_per_card": burst_cpu, "load_average_end": os.getloadavg()[0],
             "latencies": latencies, "latency_median": statistics.median(latencies) if latencies else None,
@@ -186,6 +193,8 @@ def table(runs: dict[str, dict], args: argparse.Namespace) -> str:
                  f"at most 3 s from an export: {'met' if statistics.median(export_cold) <= 3 else 'not met'}")
     rows = [(f"cold `asectl predict CARD` (new process, new card), median of {args.cold}", cell(cold, "cold_seconds"),
              cold_goal),
+            ("cold CPU time (user + system of that process)",
+             cell(lambda r: f"{statistics.median(r['cold_cpu_seconds']):.1f} s", "cold_cpu_seconds"), ""),
             ("`--watch` start-up (models loaded, one warm-up card)",
              cell(lambda r: f"{r['watch_startup_seconds']:.1f} s", "watch_startup_seconds"), ""),
             (f"`--watch` throughput, {args.burst} cards dropped at once",
@@ -233,7 +242,7 @@ def main() -> None:
     models = {"bundle": bundle}
     if not args.no_export:
         models["export"] = export_model(bundle, out, env, exe)
-    runs = {name: measure(exe, model, env, cache_dir, out / name, args.card_seed + 10 * k, args)
+    runs = {name: measure(exe, model, env, cache_dir, out / "runs" / name, args.card_seed + 10 * k, args)
             for k, (name, model) in enumerate(models.items())}
     data = {**runs["bundle"], "engine": args.engine, "model": str(args.model or "seed-0 bundle"),
             **({"export": runs["export"]} if "export" in runs else {})}

@@ -85,6 +85,7 @@ def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained
     from asectl.cache import Cache
     from asectl.dataset import Dataset, load_dataset
     from asectl.export import load_export
+    from asectl.stages.ocr import OcrSettings
     from asectl.stages.predict import Predictor
 
     cache = Cache(trained["cache"])
@@ -99,6 +100,8 @@ def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained
     assert np.abs(pa - pb).max() <= 1e-4
     assert by_bundle.rule.decide(pa) == by_export.rule.decide(pb)
     assert [r["decision"] for r in by_bundle.records(test, a)] == [r["decision"] for r in by_export.records(test, b)]
+    # A replay on another OCR engine leaves the engine remembered for the dataset (what align reads) alone.
+    assert OcrSettings.recall(cache, ds).engine == "cnocr"
 
 
 def test_predict_from_an_export_imports_no_torch(trained, exported, tmp_path):

@@ -13,7 +13,8 @@ from asectl import __version__, ui
 from asectl.errors import AsectlError
 
 # ``asectl --help`` lists the commands in the order a user runs them.
-PIPELINE_ORDER = ("synth", "ocr", "describe", "reason", "align", "fuse-train", "predict", "report", "models", "cache")
+PIPELINE_ORDER = ("synth", "ocr", "describe", "reason", "align", "fuse-train", "predict", "report", "export", "models",
+                  "cache")
 
 
 class _Group(click.Group):

@@ -55,7 +55,16 @@ def test_export_writes_graphs_settings_and_checksums(trained, exported):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == sorted([*manifest["files"], "export.json"])
     assert {"heads.onnx", "encoders/image.onnx", *(f"fusion-{k}.onnx" for k in range(5))} <= set(files)
-    assert not any(f.endswith((".safetensors", ".pt", ".pth", ".bin")) for f in files)
+    # No weights outside the graphs; the one safetensors file is the held-out scores (numbers, read without
+    # torch) that let predict move the operating point of an export as of a bundle.
+    assert not any(f.endswith((".safetensors", ".pt", ".pth", ".bin")) for f in files if f != "held-out.safetensors")
+    from asectl.bundle import load_bundle
+    from asectl.export import load_export
+
+    targets = {"max_miss_rate": 0.1, "max_defect_error": 0.3}
+    moved, held = load_export(out).operating_point(**targets)
+    expected = load_bundle(trained["root"] / "bundle").operating_point(**targets)
+    assert (moved.to_dict(), held) == (expected[0].to_dict(), expected[1])
     assert manifest["asectl_version"] == __version__
     model = manifest["model"]
     for key in ("classes", "task", "calibration", "decision", "fusion_members"):

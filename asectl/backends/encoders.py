@@ -34,8 +34,9 @@ import importlib.metadata
 import json
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -404,6 +405,229 @@ class ResNet50(ImageEncoder):
 
     def pooled(self, x: Any) -> Any:
         return self.module(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# An image encoder that learns the cards (quick profile)
+
+
+def range_box(geometry: Any = None) -> tuple[int, int, int, int]:
+    """Pixel box (left, top, right, bottom) around the card's circular plotted range."""
+    from asectl.card import GEOMETRY
+
+    g = geometry or GEOMETRY
+    r = round(g.range_units * g.px_per_unit)
+    cx, cy = g.center_px
+    return (cx - r, cy - r, cx + r, cy + r)
+
+
+def dot_map(img: Any, size: int, box: Sequence[int]) -> np.ndarray:
+    """The plotted range as a dot-density map ``[size, size]`` in [0, 1]: "pinkness" (R - G) / 150 per
+    pixel (the pink dots are 1; the white background, grey circle, axes and black text are 0), clipped,
+    then box-averaged down to ``size`` (440 px -> 88 averages 5 x 5 blocks)."""
+    from PIL import Image
+
+    a = np.asarray(img.convert("RGB").crop(tuple(box)), dtype=np.float32)
+    pink = np.clip((a[..., 0] - a[..., 1]) / 150.0, 0.0, 1.0)
+    return np.asarray(Image.fromarray(pink).resize((size, size), Image.BOX), dtype=np.float32)
+
+
+def _dotmap_network(n_classes: int, dropout: float) -> Any:
+    """Four conv-BN-ReLU blocks (8-16-32-32 channels, three 2x max-pools), a 4 x 4 average pool and a
+    linear classifier: the small CNN of bench/quality.py, 73.2 macro-F1 from scratch on `field` cards."""
+    from torch import nn
+
+    def block(cin: int, cout: int) -> list:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(1, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2),
+                         *block(16, 32), nn.MaxPool2d(2), *block(32, 32), nn.AdaptiveAvgPool2d(4),
+                         nn.Flatten(), nn.Dropout(dropout), nn.Linear(32 * 16, n_classes))
+
+
+def _dotmap_ensemble(members: int, n_classes: int, dropout: float) -> Any:
+    """``members`` networks and the training cards' dot-map mean and std (buffers, so they travel with
+    the weights and a replay standardises exactly as training did)."""
+    import torch
+    from torch import nn
+
+    class DotMapEnsemble(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = nn.ModuleList(_dotmap_network(n_classes, dropout) for _ in range(members))
+            self.register_buffer("mean", torch.zeros(()))
+            self.register_buffer("std", torch.ones(()))
+
+        def standardise(self, x: Any) -> Any:
+            return (x - self.mean) / self.std
+
+        def forward(self, x: Any) -> Any:
+            """Log-probabilities averaged over the members: [n, classes]."""
+            x = self.standardise(x)
+            return torch.stack([m(x).log_softmax(1) for m in self.members]).mean(0)
+
+    return DotMapEnsemble()
+
+
+@IMAGE_ENCODERS.register("cards-cnn")
+class CardsCNN(ImageEncoder):
+    """A small CNN trained on the training cards' dot maps; its feature is the class log-probabilities.
+
+    The paper fine-tunes its image encoder on the ASE training data (section 3.2, 30 warm-up epochs, a
+    GPU); on a CPU the quick profile trains this network from scratch instead (seconds). ``align`` trains
+    it on the training split only, before PFA (``asectl.stages.features.train_image_encoder``); ``fit``
+    never sees any other card.
+
+    Cross-fitting: with ``folds`` = k >= 2 the training cards are cut into k stratified folds (seeded) and
+    one network is trained per fold on the other k - 1; a training card's feature is the log-probability
+    vector of the network that did not see it, so PFA and fusion learn from features that behave as they
+    will on new cards (a network's own training cards get near-certain, over-confident outputs). Any
+    other card's feature is the mean over the k networks. ``folds = 1``: one network on all training
+    cards, whose features are then in-sample for the training cards."""
+
+    learns_from_cards = True
+    normalisation = "dot map (R-G)/150 in [0,1], box-averaged; training mean/std"
+
+    def __init__(self, epochs: int = 30, lr: float = 3e-3, folds: int = 3, map_size: int = 88,
+                 train_batch: int = 32, weight_decay: float = 1e-3, dropout: float = 0.3,
+                 crop: Sequence[int] | None = None, **kwargs: Any):
+        kwargs.pop("input_size", None)
+        super().__init__(crop=crop or range_box(), **kwargs)
+        for name, value in (("epochs", epochs), ("folds", folds), ("map_size", map_size),
+                            ("train_batch", train_batch)):
+            if int(value) < 1:
+                raise ConfigError(f"cards-cnn {name} {value}: must be at least 1")
+        if int(map_size) < 16:
+            raise ConfigError(f"cards-cnn map size {map_size}: use 16 or more (88 is the default)")
+        if not 0 <= float(dropout) < 1 or float(lr) <= 0 or float(weight_decay) < 0:
+            raise ConfigError(f"cards-cnn: need lr > 0 ({lr}), weight decay >= 0 ({weight_decay}) and "
+                              f"dropout in [0, 1) ({dropout})")
+        self.input_size = int(map_size)
+        self.training_params = {"epochs": int(epochs), "lr": float(lr), "folds": int(folds),
+                                "batch_size": int(train_batch), "weight_decay": float(weight_decay),
+                                "dropout": float(dropout), "optimizer": "AdamW, one-cycle schedule",
+                                "loss": "class-weighted cross-entropy"}
+
+    @classmethod
+    def config_options(cls, enc_cfg: Any) -> dict[str, Any]:
+        """Constructor arguments from a profile's ``encoders`` section (``image_*`` training keys)."""
+        return {"epochs": enc_cfg.image_epochs, "lr": enc_cfg.image_train_lr, "folds": enc_cfg.image_folds,
+                "map_size": enc_cfg.image_map_size}
+
+    def weights_identity(self) -> dict[str, Any]:
+        # Nothing pretrained: the weights are the training's, identified by ``finetuned`` once trained.
+        return {"weights": "trained on the training cards", "sha256": None, "training": self.training_params}
+
+    def build(self) -> Any:
+        raise ConfigError("image encoder cards-cnn learns from the training cards: train it with `asectl "
+                          "align` (the bundle then carries its weights), or choose a pretrained encoder "
+                          "with --set encoders.image=efficientnet-lite0")
+
+    def _prepare(self, item: Any) -> np.ndarray:
+        from PIL import Image
+
+        if isinstance(item, (str, Path)):
+            img = load_image(item)
+        elif isinstance(item, np.ndarray):
+            img = Image.fromarray(item.astype(np.uint8))
+        else:
+            img = item
+        return dot_map(img, self.input_size, self.crop)[None]
+
+    def pooled(self, x: Any) -> Any:
+        return self.module(x)
+
+    def _build_trained(self, members: int, n_classes: int) -> Any:
+        self.dim = int(n_classes)
+        self._module = _dotmap_ensemble(members, n_classes, self.training_params["dropout"]).to(self.device)
+        self._module.eval()
+        return self._module
+
+    def load_finetuned(self, path: str | Path) -> None:
+        """Load trained weights; the number of networks and classes is read from the file's shapes."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: weights file not found; give the .safetensors file the training wrote")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+                members = len({n.split(".")[1] for n in names if n.startswith("members.")})
+                last = max((n for n in names if n.startswith("members.0.") and n.endswith(".weight")),
+                           key=lambda n: int(n.split(".")[2]))
+                n_classes = f.get_slice(last).get_shape()[0]
+        except Exception as exc:
+            raise ConfigError(f"{path}: not cards-cnn weights ({type(exc).__name__}: {str(exc)[:160]}); "
+                              "use the file align wrote for this encoder") from None
+        self._build_trained(members, n_classes)
+        super().load_finetuned(path)
+
+    def fit(self, items: Sequence[Any], labels: Sequence[str], seed: int) -> np.ndarray:
+        """Train on ``items`` (the training cards only) with ``labels``; returns their features
+        [n, classes], out-of-fold when cross-fitted. Deterministic for a seed and thread count."""
+        import torch
+        from sklearn.model_selection import StratifiedKFold
+
+        p = self.training_params
+        classes = sorted(set(labels))
+        if len(classes) < 2:
+            raise ConfigError("cards-cnn needs training cards of at least two classes")
+        y = torch.tensor([classes.index(v) for v in labels])
+        x = self.preprocess(items)
+        folds = p["folds"]
+        if folds > 1:
+            if int(torch.bincount(y).max()) < folds:
+                raise ConfigError(f"cards-cnn: {len(y)} training cards are too few for {folds} folds; "
+                                  "set encoders.image_folds lower")
+            splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+            with warnings.catch_warnings():    # a class with fewer cards than folds: some folds lack it
+                warnings.simplefilter("ignore", UserWarning)
+                parts = [(torch.from_numpy(tr), torch.from_numpy(held))
+                         for tr, held in splitter.split(np.zeros(len(y)), y.numpy())]
+        else:
+            parts = [(torch.arange(len(y)), torch.arange(len(y)))]
+        with _seeded(seed):
+            net = self._build_trained(len(parts), len(classes))
+        with torch.no_grad():
+            net.mean.copy_(x.mean())
+            net.std.copy_(x.std().clamp(min=1e-6))
+        xs = net.standardise(x)
+        out = torch.zeros(len(y), len(classes))
+        for k, (tr, held) in enumerate(parts):
+            member = net.members[k]
+            _train_classifier(member, xs[tr], y[tr], len(classes), p, seed + 1 + k)
+            member.eval()
+            with torch.inference_mode():
+                out[held] = member(xs[held]).log_softmax(1)
+        net.eval()
+        self.classes = classes
+        return out.numpy().astype(np.float32)
+
+
+def _train_classifier(net: Any, x: Any, y: Any, n_classes: int, params: Mapping[str, Any], seed: int) -> None:
+    """Class-weighted cross-entropy, AdamW with a one-cycle schedule, seeded batch order (bench/quality.py's
+    recipe for the small CNN)."""
+    import torch
+
+    batch, epochs = params["batch_size"], params["epochs"]
+    steps = epochs * -(-len(y) // batch)
+    opt = torch.optim.AdamW(net.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params["lr"], total_steps=max(steps, 1))
+    counts = torch.bincount(y, minlength=n_classes).float()
+    weight = len(y) / (n_classes * counts.clamp(min=1))
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    with _seeded(seed):     # dropout draws
+        for _ in range(epochs):
+            for idx in torch.randperm(len(y), generator=gen).split(batch):
+                if len(idx) < 2:    # BatchNorm needs two cards; a lone last card waits for the next epoch
+                    continue
+                loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx], weight=weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -84,6 +84,11 @@ class EncoderConfig:
     image_lr: float = 1e-4                # encoder learning rates when fine-tuning
     text_lr: float = 2e-5
     llm_text: str = DEFAULT_LLM_TEXT      # composite | answer (LLM_TEXTS)
+    # cards-cnn (an image encoder trained on the training cards' dot maps in align; backends/encoders.py)
+    image_epochs: int = 30
+    image_train_lr: float = 3e-3
+    image_folds: int = 3                  # cross-fitted networks; 1 = one network on all training cards
+    image_map_size: int = 88              # dot-map side in pixels (the 440-px range averaged 5 x 5)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,7 @@ from asectl.errors import ConfigError, DataError
 from asectl.stages.modalities import (Modalities, ModalitySettings, build_encoders, collect_modalities,
                                      encode_modalities)
 from asectl.stages.common import dataset_id
+from asectl.stages.features import train_image_encoder
 
 log = logging.getLogger("asectl")
 STAGE = "align"
@@ -147,7 +149,16 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
     from asectl.models.pfa import EncoderFeatures, plan_updates, train_pfa, warmup_encoders
 
     enc_cfg = prof.encoders
+    image_training = None
+    if getattr(encoders[0], "learns_from_cards", False):
+        # The image encoder learns from the training cards only (never a test card), before PFA; the
+        # training cards' own features are its out-of-fold ones (asectl.backends.encoders.CardsCNN).
+        own, image_training, image_weights = train_image_encoder(
+            [mods.samples[i] for i in train_index], [rows[i]["label"] for i in train_index], encoders[0],
+            cache, seed)
     encoded = encode_modalities(mods, encoders, cache)      # also the "unaligned" view for reports
+    if image_training is not None:
+        encoded["image"][train_index] = own
     warmup: list = []
     if enc_cfg.finetune:
         img_enc, vlm_enc, llm_enc = encoders
@@ -180,14 +191,17 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
                             str(tmp / f"stage{k}_heads.safetensors"))
             np_save_file({m: np.ascontiguousarray(a) for m, a in st.embeddings.items()},
                          str(tmp / f"stage{k}_embeddings.safetensors"))
+        if image_training is not None:      # the bundle carries it, so predict replays it exactly
+            (tmp / "encoders").mkdir(exist_ok=True)
+            shutil.copyfile(image_weights, tmp / "encoders" / "image.safetensors")
         if enc_cfg.finetune:
-            (tmp / "encoders").mkdir()
+            (tmp / "encoders").mkdir(exist_ok=True)
             for name, enc in zip(("image", "vlm", "llm"), encoders):
                 save_module_state(enc.module, tmp / "encoders" / f"{name}.safetensors")
         summary = {"format": FORMAT, "samples": rows, "dropped": mods.dropped, "replay": mods.replay,
                    "provenance": mods.provenance, "profile": prof.to_dict(),
                    "encoders": [e.identity() for e in encoders], "seed": seed,
-                   "pfa": result.summary(), "warmup": warmup}
+                   "pfa": result.summary(), "warmup": warmup, "image_training": image_training}
         (tmp / "summary.json").write_text(json.dumps(summary, default=str))
         return {"params": {"profile": prof.name, "mode": prof.pfa.mode, "strides": list(prof.pfa.strides),
                            "seed": seed}}

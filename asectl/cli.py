@@ -24,7 +24,7 @@ class _Group(click.Group):
         except AsectlError as exc:
             if ctx.meta.get("asectl.debug"):
                 raise
-            from rich.markup import escape   # a message may hold brackets: pip extras, paths
+            from rich.markup import escape  # a message may hold brackets: pip extras, paths
 
             ui.console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
@@ -74,7 +74,8 @@ def cli(ctx: click.Context, cache_dir: Path | None, debug: bool, quiet: bool) ->
 @click.option("--counts", default=None, help="Cards per class normal,type1..type4 (default 225,92,44,50,44).")
 @click.option("--test-size", default=None, type=int, help="Test cards (default 130 of 455, same share).")
 @click.option("--difficulty", type=click.Choice(["field", "clean"]), default="field", show_default=True,
-              help="field: severities, label disagreement, acquisition variation (docs/dataset.md); clean: ideal cards.")
+              help="field: severities, label disagreement, acquisition variation (docs/dataset.md); "
+                   "clean: ideal cards.")
 @click.option("--augment", "augment_src", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Instead of generating: apply TDA to this dataset's training split.")
 @click.option("--factor", default=2.0, show_default=True, type=float, help="TDA: training split grows x factor.")

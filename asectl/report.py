@@ -119,6 +119,8 @@ def binary_labels(label_names: Sequence[str], y: Sequence[int]) -> list[int]:
 def _view_metrics(labels: Sequence[str], y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, Any]:
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+    from asectl.metrics import macro_f1_from_codes
+
     k = len(labels)
     all_idx = list(range(k))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -134,7 +136,7 @@ def _view_metrics(labels: Sequence[str], y_true: Sequence[int], y_pred: Sequence
     return {
         "labels": list(labels),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "macro_f1": macro_f1_from_codes(y_true, y_pred, k),
         "macro_f1_labels": [labels[i] for i in present],
         "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
         "per_class": per_class,

@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import time
 import multiprocessing as mp
+import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, SETTINGS, dataset, measured_line, save, update_section
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from asectl.cache import Cache  # noqa: E402
-from asectl.dataset import Dataset, load_dataset  # noqa: E402
-from asectl.report import compute_metrics  # noqa: E402
+from _common import OUT, SETTINGS, dataset, load, measured_line, save, update_section
+from asectl.cache import Cache
+from asectl.dataset import Dataset, load_dataset
+from asectl.report import compute_metrics
 
 LABELS = ["normal", "type1", "type2", "type3", "type4"]
 
@@ -202,9 +198,9 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False) -> d
     """Every method on one seed of `field` cards (and, with ``robustness``, across difficulties); the
     modalities come from the cache ``prepare_seed`` filled, so this is training and scoring only, on one
     core."""
-    import oracle
     from sklearn.ensemble import HistGradientBoostingClassifier
 
+    import oracle
     from asectl.synth import read_truth
 
     t_seed = time.perf_counter()
@@ -363,7 +359,7 @@ def main() -> None:
                     help="write the docs section again from bench/results/quality[-fast].json (no run)")
     args = ap.parse_args()
     if args.render:
-        saved = json.loads((ROOT / "bench" / "results" / f"quality{'-fast' * args.fast}.json").read_text())
+        saved = load("quality" + "-fast" * args.fast)
         render(saved["seeds"], saved["robustness_seeds"], saved["fast"], saved["seconds"], saved["per_seed"],
                saved["measured"])
         return

@@ -74,10 +74,10 @@ def tiny_gguf(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_instructblip(tmp_path_factory):
-    """A tiny random InstructBLIP folder (tests/tiny_models.py), shared by every module."""
+    """A tiny random InstructBLIP folder (asectl/testing.py), shared by every module."""
     import torch
 
-    from .tiny_models import build_tiny_instructblip
+    from asectl.testing import build_tiny_instructblip
 
     torch.set_num_threads(1)
     return build_tiny_instructblip(tmp_path_factory.mktemp("vlm") / "tiny-instructblip")

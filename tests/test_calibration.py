@@ -10,27 +10,24 @@ import pytest
 from click.testing import CliRunner
 
 from asectl.cli import cli
-from asectl.models.calibration import (DecisionRule, choose_rule, decision_stats, defect_cuts, error_upper_bound,
-                                       expected_calibration_error, fit_temperature, nll, reliability_bins, softmax,
-                                       stratified_folds)
+from asectl.models.calibration import (
+    DecisionRule,
+    choose_rule,
+    decision_stats,
+    error_upper_bound,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability_bins,
+    softmax,
+    stratified_folds,
+)
 from asectl.stages.fuse import MISS_RATE_TARGETS
 from asectl.synth import generate
+from asectl.testing import CLASSES, fresh_defect_errors, lowest_cut_anywhere
+from asectl.testing import sample_calibrated_cards as sample_cards
 
 from .calibrated_bundle import calibrated_bundle, train
-
-CLASSES = ("normal", "type1", "type2", "type3", "type4")
-
-
-def sample_cards(n: int, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels drawn so that softmax(logits / temperature) are the true class probabilities."""
-    rng = np.random.default_rng(seed)
-    y_mean = rng.integers(0, len(CLASSES), n)
-    logits = rng.normal(0, 1.5, (n, len(CLASSES)))
-    logits[np.arange(n), y_mean] += 3.0
-    cum = np.cumsum(softmax(logits, temperature), axis=1)
-    y = np.minimum((rng.random((n, 1)) > cum).sum(axis=1), len(CLASSES) - 1)
-    return logits, y
-
 
 # ---------------------------------------------------------------------------------------------------
 # The maths
@@ -132,34 +129,14 @@ def test_defect_scan_stops_at_the_first_cut_that_breaks_the_target():
     assert choose_rule(probs, y, CLASSES, 0.01, 0.05).defect_threshold == pytest.approx(0.99 - 24 * 0.001)
 
 
-def _lowest_cut_anywhere(probs, y, target):
-    """The defect threshold as fuse-train chose it before: the lowest cut meeting the target anywhere."""
-    cuts, errors = defect_cuts(probs, y, CLASSES)
-    met = cuts[errors <= target]
-    return float(met[-1]) if len(met) else None
-
-
-def _fresh_defect_errors(rule_of, draws: int, n: int) -> list[float]:
-    """Defect error on 40,000 fresh cards of rules chosen on ``draws`` held-out sets of ``n`` cards."""
-    fresh_logits, fresh_y = sample_cards(40000, 1.0, seed=99)
-    fresh = softmax(fresh_logits)
-    out = []
-    for d in range(draws):
-        logits, y = sample_cards(n, 1.0, seed=1000 + d)
-        rule = rule_of(softmax(logits), y)
-        if rule.defect_threshold is not None:
-            out.append(decision_stats(rule.decide(fresh), fresh_y, fresh.argmax(1), CLASSES)["defect_error"])
-    return out
-
-
 def test_the_defect_threshold_holds_its_target_on_fresh_cards():
     """Chosen on 300 held-out cards (a user's few hundred), over 40 draws: the rule's defect error on fresh
     cards of the same source is within the 5% target on average. Taking the lowest cut that meets the
     target anywhere in the scan (the earlier rule) is not: its cut sits where noise dipped the running
     error, and fresh cards see more errors than the target allows."""
-    now = _fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 40, 300)
-    before = _fresh_defect_errors(lambda p, y: DecisionRule(CLASSES, None, _lowest_cut_anywhere(p, y, 0.05), 0.01,
-                                                            0.05), 40, 300)
+    now = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 40, 300)
+    before = fresh_defect_errors(lambda p, y: DecisionRule(CLASSES, None, lowest_cut_anywhere(p, y, 0.05), 0.01,
+                                                           0.05), 40, 300)
     assert len(now) == len(before) == 40
     assert np.mean(now) <= 0.05 < np.mean(before)
     assert sum(e > 0.05 for e in now) < sum(e > 0.05 for e in before)
@@ -178,9 +155,9 @@ def test_error_upper_bound_and_a_rule_with_confidence():
     # With 3,000 held-out cards the bound grants decisions, and fresh cards see fewer errors, and exceed
     # the target in fewer draws, than with the error itself (measured: 2.7% and 1 of 10, against 4.7%
     # and 3 of 10).
-    bound = _fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05, defect_confidence=0.9), 10,
-                                 3000)
-    point = _fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 10, 3000)
+    bound = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05, defect_confidence=0.9), 10,
+                                3000)
+    point = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 10, 3000)
     assert len(bound) == len(point) == 10
     assert np.mean(bound) < np.mean(point) and sum(e > 0.05 for e in bound) < sum(e > 0.05 for e in point)
 

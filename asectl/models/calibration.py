@@ -164,7 +164,7 @@ class DecisionRule:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DecisionRule":
+    def from_dict(cls, d: Mapping[str, Any]) -> DecisionRule:
         conf = d.get("defect_confidence")
         return cls(tuple(d["classes"]), d["pass_threshold"], d["defect_threshold"], float(d["max_miss_rate"]),
                    float(d["max_defect_error"]), None if conf is None else float(conf))

@@ -226,4 +226,6 @@ def stage_labels(outcome: AlignOutcome) -> list[str]:
         return ["no alignment (random projections)"]
     if pfa["mode"] == "direct":
         return ["direct alignment (100%)"]
-    return [f"PFA stage {s['stage']} ({round(100 * s['fraction'])}%)" for s in pfa["stages"]]
+    from asectl.report import pfa_stage_name
+
+    return [pfa_stage_name(s["stage"], s["fraction"]) for s in pfa["stages"]]

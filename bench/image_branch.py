@@ -29,19 +29,14 @@ section of docs/benchmarks.md."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
 import numpy as np
 
-from _common import OUT, ROOT, RESULTS, dataset, measured_line, save, update_section
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from asectl.cache import Cache  # noqa: E402
-from asectl.dataset import Dataset, load_dataset, order_labels  # noqa: E402
-from tune_profile import macro_f1, summarise, training_folds  # noqa: E402
+from _common import OUT, dataset, load, measured_line, save, update_section
+from asectl.cache import Cache
+from asectl.dataset import Dataset, load_dataset, order_labels
+from tune_profile import macro_f1, summarise, training_folds
 
 VARIANTS = {"cnn-folds3": {"folds": 3, "coords": False}, "cnn-folds1": {"folds": 1, "coords": False},
             "cnn-folds3-coords": {"folds": 3, "coords": True}}
@@ -147,7 +142,7 @@ def main() -> None:
                     help="write the docs section again from bench/results/image_branch.json (no run)")
     args = ap.parse_args()
     if args.render:
-        rec = json.loads((RESULTS / "image_branch.json").read_text())
+        rec = load("image_branch")
         update_section("image-branch", markdown(rec), header=rec["measured"])
         return
     measured = measured_line()
@@ -187,9 +182,9 @@ def main() -> None:
         full[name] = {"seconds": record["seconds"], "cpu_seconds": record.get("cpu_seconds"),
                       "n_train": record["n_train"]}
     fused = fused_scores(folds, cache, classes, seeds) if args.fused else None
-    rec = {"measured": measured, "data": str(root), "fused": fused, "n_train_cards": len(train_only.samples), "folds": args.folds,
-           "fold_seed": args.fold_seed, "seeds": seeds, "variants": variants, "rows": rows, "full_training": full,
-           "chosen": best, "seconds": time.perf_counter() - t0}
+    rec = {"measured": measured, "data": str(root), "fused": fused, "n_train_cards": len(train_only.samples),
+           "folds": args.folds, "fold_seed": args.fold_seed, "seeds": seeds, "variants": variants, "rows": rows,
+           "full_training": full, "chosen": best, "seconds": time.perf_counter() - t0}
     save("image_branch", rec)
     text = markdown(rec)
     if not args.no_docs:

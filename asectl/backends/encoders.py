@@ -516,6 +516,8 @@ class CardsCNN(ImageEncoder):
             raise ConfigError(f"cards-cnn: need lr > 0 ({lr}), weight decay >= 0 ({weight_decay}) and "
                               f"dropout in [0, 1) ({dropout})")
         self.input_size = int(map_size)
+        self._weights_file: Path | None = None
+        self._members = 0
         self.training_params = {"epochs": int(epochs), "lr": float(lr), "folds": int(folds),
                                 "batch_size": int(train_batch), "weight_decay": float(weight_decay),
                                 "dropout": float(dropout), "optimizer": "AdamW, one-cycle schedule",
@@ -534,9 +536,15 @@ class CardsCNN(ImageEncoder):
         return {"weights": "trained on the training cards", "sha256": None, "training": self.training_params}
 
     def build(self) -> Any:
-        raise ConfigError("image encoder cards-cnn learns from the training cards: train it with `asectl "
-                          "align` (the bundle then carries its weights), or choose a pretrained encoder "
-                          "with --set encoders.image=efficientnet-lite0")
+        """The trained networks, from the weights ``load_finetuned`` named (read only now: a replay whose
+        features are all cached never imports torch)."""
+        if self._weights_file is None:
+            raise ConfigError("image encoder cards-cnn learns from the training cards: train it with `asectl "
+                              "align` (the bundle then carries its weights), or choose a pretrained encoder "
+                              "with --set encoders.image=efficientnet-lite0")
+        net = _dotmap_ensemble(self._members, self.dim, self.training_params["dropout"],
+                               self.training_params.get("coords", False))
+        return load_module_state(net, self._weights_file)
 
     def _prepare(self, item: Any) -> np.ndarray:
         from PIL import Image
@@ -552,22 +560,16 @@ class CardsCNN(ImageEncoder):
     def pooled(self, x: Any) -> Any:
         return self.module(x)
 
-    def _build_trained(self, members: int, n_classes: int) -> Any:
-        self.dim = int(n_classes)
-        self._module = _dotmap_ensemble(members, n_classes, self.training_params["dropout"],
-                                        self.training_params.get("coords", False)).to(self.device)
-        self._module.eval()
-        return self._module
-
     def load_finetuned(self, path: str | Path) -> None:
-        """Load trained weights; the number of networks and classes is read from the file's shapes."""
+        """Name the trained weights to use; how many networks and classes, and whether the x/y channels
+        are there, is read from the file's shapes (without torch). The network is built on first use."""
         from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: weights file not found; give the .safetensors file the training wrote")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="numpy") as f:
                 names = list(f.keys())
                 members = len({n.split(".")[1] for n in names if n.startswith("members.")})
                 last = max((n for n in names if n.startswith("members.0.") and n.endswith(".weight")),
@@ -580,8 +582,9 @@ class CardsCNN(ImageEncoder):
         self.training_params.pop("coords", None)
         if coords:
             self.training_params["coords"] = True
-        self._build_trained(members, n_classes)
-        super().load_finetuned(path)
+        self._members, self.dim, self._weights_file = members, int(n_classes), path
+        self._module = None     # built from this file when first needed
+        self._finetuned = {"sha256": file_fingerprint(path)["sha256"]}
 
     def fit(self, items: Sequence[Any], labels: Sequence[str], seed: int) -> np.ndarray:
         """Train on ``items`` (the training cards only) with ``labels``; returns their features
@@ -608,7 +611,8 @@ class CardsCNN(ImageEncoder):
         else:
             parts = [(torch.arange(len(y)), torch.arange(len(y)))]
         with _seeded(seed):
-            net = self._build_trained(len(parts), len(classes))
+            net = _dotmap_ensemble(len(parts), len(classes), p["dropout"], p.get("coords", False)).to(self.device)
+        self._module, self.dim = net, len(classes)
         with torch.no_grad():
             net.mean.copy_(x.mean())
             net.std.copy_(x.std().clamp(min=1e-6))

@@ -104,6 +104,26 @@ def choose(rows: dict) -> str:
     return min(near, key=lambda r: rows[r]["log_loss"]["mean"])
 
 
+def encode_cost(cards: list, cache: Cache, options: dict, seed: int) -> dict:
+    """CPU seconds per card of computing image features with one torch thread (no cache), after the
+    model is loaded: frozen EfficientNet-Lite0 (224 x 224) against trained cards-cnn (an 88 x 88 dot map
+    and its networks), what align and predict pay per card for the image branch."""
+    from asectl.backends.encoders import image_encoder
+    from asectl.stages.features import train_image_encoder
+
+    frozen = image_encoder("efficientnet-lite0")
+    trained = cnn_encoder(options)
+    train_image_encoder(cards, [s.label for s in cards], trained, cache, seed)     # cached: the full training
+    out = {}
+    paths = [str(s.path) for s in cards[:64]]
+    for name, enc in (("efficientnet-lite0", frozen), ("cards-cnn", trained)):
+        enc.encode(paths[:2])       # load the model first
+        start = time.process_time()
+        enc.encode(paths)
+        out[name] = (time.process_time() - start) / len(paths)
+    return out
+
+
 def fused_scores(folds: list[Dataset], cache: Cache, classes: list[str], seeds: list[int]) -> dict:
     """The whole chain (PFA + CMAF, the quick profile's settings) with each image encoder, on the same
     folds: bench/tune_profile.py's fold features (the LLM's priors from the fold's training cards; cards-cnn
@@ -181,10 +201,12 @@ def main() -> None:
                                            cnn_encoder(options), cache, seeds[0])
         full[name] = {"seconds": record["seconds"], "cpu_seconds": record.get("cpu_seconds"),
                       "n_train": record["n_train"]}
+    cost = encode_cost(train_only.samples, cache, variants[best], seeds[0])
     fused = fused_scores(folds, cache, classes, seeds) if args.fused else None
     rec = {"measured": measured, "data": str(root), "fused": fused, "n_train_cards": len(train_only.samples),
            "folds": args.folds, "fold_seed": args.fold_seed, "seeds": seeds, "variants": variants, "rows": rows,
-           "full_training": full, "chosen": best, "seconds": time.perf_counter() - t0}
+           "full_training": full, "encode_cpu_seconds_per_card": cost, "chosen": best,
+           "seconds": time.perf_counter() - t0}
     save("image_branch", rec)
     text = markdown(rec)
     if not args.no_docs:
@@ -225,7 +247,10 @@ def markdown(rec: dict) -> str:
                      f"{np.mean(cpu) if cpu else float('nan'):.1f} |")
     lines += ["", "On the whole training split (what `asectl align` trains on the quickstart's cards): "
               + "; ".join(f"`{k}` {v['seconds']:.1f} s wall, {v['cpu_seconds'] or float('nan'):.1f} s CPU "
-                          f"({v['n_train']} cards)" for k, v in rec["full_training"].items()) + ".", "",
+                          f"({v['n_train']} cards)" for k, v in rec["full_training"].items()) + ". Computing the "
+              "image features of a card (one thread, model loaded): "
+              + "; ".join(f"`{k}` {1000 * v:.0f} CPU ms" for k, v in rec["encode_cpu_seconds_per_card"].items())
+              + ".", "",
               f"Chosen (the highest macro-F1 mean, or within one standard error of it the lowest log-loss): "
               f"`{rec['chosen']}`."]
     if rec.get("fused"):

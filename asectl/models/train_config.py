@@ -8,7 +8,7 @@ pretrained ResNet/BERT weights, so the encoders use the usual fine-tuning rates 
 
 ``quick`` (CPU default) freezes the text encoders: their features are computed once (and cached by the
 stage). Its image encoder is ``cards-cnn``, a small CNN that ``align`` trains on the training cards' dot
-maps before PFA (cross-fitted, with x/y input channels; about 45 CPU s on 325 cards), in place of the
+maps before PFA (three cross-fitted networks; about 40 CPU s on 325 cards), in place of the
 paper's fine-tuned ResNet-50 (section 3.2): chosen over frozen EfficientNet-Lite0 features by
 ``bench/image_branch.py`` on the training split only. The PFA projections and the fusion network train
 on top: seconds on ~325 samples. Its values that
@@ -93,7 +93,7 @@ class EncoderConfig:
     image_train_lr: float = 3e-3
     image_folds: int = 3                  # cross-fitted networks; 1 = one network on all training cards
     image_map_size: int = 88              # dot-map side in pixels (the 440-px range averaged 5 x 5)
-    image_coords: bool = True             # x and y maps as extra input channels (CoordConv)
+    image_coords: bool = False            # x and y maps as extra input channels (CoordConv)
 
 
 @dataclass

@@ -29,11 +29,12 @@ section of docs/benchmarks.md."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 
-from _common import OUT, dataset, load, measured_line, save, update_section
+from _common import OUT, ROOT, dataset, load, measured_line, save, update_section
 from asectl.cache import Cache
 from asectl.dataset import Dataset, load_dataset, order_labels
 from tune_profile import macro_f1, summarise, training_folds
@@ -220,10 +221,12 @@ def markdown(rec: dict) -> str:
     n = len(rec["rows"]["frozen"]["logistic"]["scores"])
     lines = [f"### Image branch: frozen against trained on the cards ({rec['folds']}-fold cross-validation "
              "on the training split)", "",
-             f"Data: `{rec['data']}`; only its {rec['n_train_cards']} training cards were read. Folds stratified "
+             f"Data: `{os.path.relpath(rec['data'], ROOT)}`; only its {rec['n_train_cards']} training cards "
+             "were read. Folds stratified "
              f"with seed {rec['fold_seed']}; CNN training seeds {', '.join(map(str, rec['seeds']))}; 5-class "
              f"macro-F1 on the held-out fold, mean ± std over {n} fold x seed runs (the frozen features have no "
-             "seed: each fold counts once per seed). One torch thread. Run time "
+             "seed: each fold counts once per seed). One torch thread. Training seconds are those of the run "
+             "that trained each network (the weights are cached); this run took "
              f"{rec['seconds'] / 60:.1f} min.", "",
              "| image modality | logistic regression on it: macro-F1 | its log-loss | the CNN's own argmax: "
              "macro-F1 | training s (wall / CPU) |",

@@ -7,6 +7,8 @@
     heads.safetensors    PFA projections + temperature
     fusion-K.safetensors CMAF (or variant) + MLP classifier of cross-validation fold K (K = 0 .. folds-1);
                          the classifier averages their calibrated probabilities
+    held-out.safetensors the held-out calibrated probabilities and true class indices the decision rule was
+                         chosen on, so ``predict --max-miss-rate`` can move the operating point
     encoders/*.safetensors   fine-tuned encoders (paper profile only)
 """
 
@@ -16,18 +18,58 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file
 from asectl.errors import ConfigError
 
-BUNDLE_FORMAT = 3      # 2: calibration temperature and decision rule; 3: the classifier is the fold models' average
+# 2: calibration temperature and decision rule; 3: the classifier is the fold models' average; 4: the split
+# (every card of the dataset, its split and sha256) the model was trained and is to be tested on
+BUNDLE_FORMAT = 4
 FUSION_MEMBER = "fusion-{}.safetensors"
+HELD_OUT_SCORES = "held-out.safetensors"
 LATEST_POINTER = "latest-model"
 
 
+class DecisionSource:
+    """What a bundle and an export share: the stored decision rule and the held-out scores it was chosen on,
+    so either can move its operating point (``path`` and ``config`` come from the subclass)."""
+
+    path: Path
+    config: dict[str, Any]
+
+    def decision_rule(self) -> Any:
+        from asectl.models.calibration import DecisionRule
+
+        return DecisionRule.from_dict(self.config["decision"])
+
+    def held_out_scores(self) -> tuple[Any, Any]:
+        """(calibrated probabilities float64 [n, classes], true class indices int64 [n]) of the held-out
+        training cards the decision rule was chosen on."""
+        from safetensors.numpy import load_file
+
+        path = self.path / HELD_OUT_SCORES
+        if not path.is_file():
+            raise ConfigError(f"{self.path}: this model stores no held-out scores ({HELD_OUT_SCORES}), so its "
+                              "operating point cannot move; retrain it with `asectl fuse-train`, or drop "
+                              "--max-miss-rate/--max-defect-error")
+        arrays = load_file(str(path))
+        return arrays["probabilities"], arrays["labels"]
+
+    def operating_point(self, max_miss_rate: float | None = None,
+                        max_defect_error: float | None = None) -> tuple[Any, dict[str, Any]]:
+        """(decision rule, its held-out decision stats) for these targets: the stored rule when none is
+        given, else re-derived from the held-out scores (asectl.models.calibration.operating_point)."""
+        if max_miss_rate is None and max_defect_error is None:
+            return self.decision_rule(), self.config["decision"]["held_out"]
+        from asectl.models.calibration import operating_point
+
+        return operating_point(*self.held_out_scores(), self.decision_rule(), max_miss_rate, max_defect_error)
+
+
+
 @dataclass
-class Bundle:
+class Bundle(DecisionSource):
     path: Path
     config: dict[str, Any]
 
@@ -44,11 +86,6 @@ class Bundle:
     def temperature(self) -> float:
         """Divides the fusion's logits before the softmax (temperature scaling)."""
         return float(self.config["calibration"]["temperature"])
-
-    def decision_rule(self) -> Any:
-        from asectl.models.calibration import DecisionRule
-
-        return DecisionRule.from_dict(self.config["decision"])
 
     def heads(self) -> Any:
         from safetensors.torch import load_file
@@ -70,10 +107,29 @@ class Bundle:
         return p if p.is_file() else None
 
 
-def write_checksums(folder: Path, config: dict[str, Any]) -> None:
+def write_held_out_scores(folder: Path, probabilities: Any, labels: Any) -> None:
+    """Store the held-out calibrated probabilities and true class indices (``Bundle.held_out_scores``)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"probabilities": np.ascontiguousarray(probabilities, dtype=np.float64),
+               "labels": np.ascontiguousarray(labels, dtype=np.int64)}, str(folder / HELD_OUT_SCORES))
+
+
+def write_checksums(folder: Path, config: dict[str, Any], name: str = "bundle.json") -> None:
+    """``config`` with the checksum of every file in ``folder``, written as ``name`` (an export: export.json)."""
     config["files"] = {p.relative_to(folder).as_posix(): sha256_file(p)
-                       for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "bundle.json"}
-    (folder / "bundle.json").write_text(json.dumps(config, indent=1, default=str))
+                       for p in sorted(folder.rglob("*")) if p.is_file() and p.name != name}
+    (folder / name).write_text(json.dumps(config, indent=1, default=str))
+
+
+def verify_files(folder: Path, files: Mapping[str, str], remedy: str) -> None:
+    """Every listed file present with its checksum, before anything is deserialised; else a one-line
+    ConfigError naming the file and ``remedy``."""
+    for name, digest in files.items():
+        f = folder / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise ConfigError(f"{f}: missing or damaged (checksum mismatch); {remedy}")
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -89,10 +145,7 @@ def load_bundle(path: str | Path) -> Bundle:
         raise ConfigError(f"{cfg_file}: unreadable bundle description; export the model again") from None
     if config.get("format") != BUNDLE_FORMAT:
         raise ConfigError(f"{p}: bundle format {config.get('format')} is not {BUNDLE_FORMAT}; retrain it")
-    for name, digest in files.items():
-        f = p / name
-        if not f.is_file() or sha256_file(f) != digest:
-            raise ConfigError(f"{f}: missing or damaged (checksum mismatch); export or train the model again")
+    verify_files(p, files, "export or train the model again")
     return Bundle(p, config)
 
 
@@ -105,8 +158,12 @@ def latest_bundle(cache: Cache) -> tuple[Bundle, str]:
     if entry is None:
         raise ConfigError(f"the latest model ({ptr['key'][:12]}) is gone from {cache.root}; retrain it or "
                           "pass --model DIR")
-    return load_bundle(entry.path), (f"model {ptr['key'][:12]} trained {ptr.get('created', '?')} on "
-                                     f"{ptr.get('dataset', '?')}")
+    return load_bundle(entry.path), pointer_text(ptr)
+
+
+def pointer_text(ptr: dict[str, Any]) -> str:
+    """Which model a pointer names, e.g. "model 1a2b3c4d5e6f trained 2026-01-01T10:00:00+0000 on data"."""
+    return f"model {ptr['key'][:12]} trained {ptr.get('created', '?')} on {ptr.get('dataset', '?')}"
 
 
 def export_bundle(bundle: Bundle, out: str | Path) -> Path:

@@ -252,7 +252,8 @@ def test_fuse_train_defect_confidence_is_recorded_and_checked(trained):
     assert trained["fuse"]["decision"]["defect_confidence"] is None
     # 24 cards cannot bound a 5% error at 90% confidence: every defect-class card goes to review.
     assert dec["defect_threshold"] is None and dec["held_out"]["counts"]["defect"] == 0
-    again = trained["invoke"]("fuse-train", trained["data"], *FAST, "--defect-confidence", "0.9").output
+    again = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "fuse-train", str(trained["data"]), *FAST,
+                                     "--defect-confidence", "0.9"]).output      # not -q: the summary is info
     assert "from cache" in again and "met by its upper bound at 90% confidence" in again
     res = trained["invoke"]("fuse-train", trained["data"], "--defect-confidence", "1.5", code=2)
     assert "--defect-confidence 1.5" in res.output
@@ -351,3 +352,73 @@ def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
     order = [index[s.name] for s in preds.samples]
     expected = softmax(np.stack([logits_of(m, order) for m in members]), bundle.temperature).mean(axis=0)
     np.testing.assert_allclose(Predictor(bundle, cache).probabilities(preds.logits), expected, atol=1e-5)
+
+
+def test_the_rule_explains_each_decision_with_the_threshold():
+    from asectl.models.calibration import exact_interval
+
+    rule = DecisionRule(CLASSES, 0.96, None, 0.01, 0.05)
+    probs = [[0.91, 0.03, 0.03, 0.02, 0.01], [0.97, 0.01, 0.01, 0.005, 0.005], [0.1, 0.8, 0.05, 0.03, 0.02],
+             [0.95999, 0.04001, 0, 0, 0]]
+    assert rule.explain(probs) == [
+        ("review", "p(normal) 0.9100 < pass threshold 0.9600"),
+        ("pass", "p(normal) 0.9700 >= pass threshold 0.9600"),
+        ("review", "p(type1) 0.8000, no defect threshold (no cut met the defect-error target on held-out cards)"),
+        ("review", "p(normal) 0.95999 < pass threshold 0.96000")]   # digits enough to tell them apart
+    assert rule.decide(probs) == [d for d, _ in rule.explain(probs)]
+    assert exact_interval(0, 0) is None
+    lo, hi = exact_interval(0, 10)
+    assert lo == 0 and hi == pytest.approx(1 - 0.025 ** (1 / 10))
+
+
+def test_a_class_smaller_than_the_folds_is_warned_about(asectl_log):
+    stratified_folds(["normal"] * 10 + ["type1"] * 3 + ["type2"] * 4, 5, 0)
+    assert "fewer training cards than the 5 calibration folds in class type1 (3), type2 (4)" in asectl_log.text
+    asectl_log.clear()
+    stratified_folds(["normal"] * 10 + ["type1"] * 5, 5, 0)
+    assert asectl_log.text == ""
+
+
+def test_predict_moves_the_operating_point_to_the_rule_fuse_train_derives(trained, tmp_path):
+    """`predict --max-miss-rate/--max-defect-error` re-derives the thresholds from the held-out scores the
+    bundle stores: they equal those fuse-train derives for the same targets (a model trained with them),
+    the line says the held-out review share they cost, and without targets the stored rule applies."""
+    from asectl.bundle import load_bundle
+
+    from .calibrated_bundle import FAST
+
+    targets = {"max_miss_rate": 0.1, "max_defect_error": 0.3}
+    other = json.loads(trained["invoke"]("fuse-train", trained["data"], "--json", *FAST, "--max-miss-rate", "0.1",
+                                         "--max-defect-error", "0.3").stdout.splitlines()[-1])["decision"]
+    stored = trained["config"]["decision"]
+    bundle = load_bundle(trained["bundle"])
+    rule, held = bundle.operating_point(**targets)
+    assert rule.to_dict() == {k: other[k] for k in rule.to_dict()} and held == other["held_out"]
+    assert (rule.pass_threshold, rule.defect_threshold) != (stored["pass_threshold"], stored["defect_threshold"])
+    assert bundle.operating_point() == (DecisionRule.from_dict(stored), stored["held_out"])
+
+    new = tmp_path / "new"
+    generate(new, seed=99, counts="2,0,1,1,0")
+    cards = sorted(str(p) for p in (new / "images").glob("*.png"))
+    res = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json", "--max-miss-rate", "0.1",
+                            "--max-defect-error", "0.3")
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    classes = trained["config"]["classes"]
+    assert [r["decision"] for r in recs] == rule.decide([[r["probabilities"][c] for c in classes] for r in recs])
+    share = f"{100 * other['held_out']['review_share']:.1f}%"
+    assert f"held out: review {share}, miss rate" in res.stderr and "(target 10.0%)" in res.stderr
+    plain = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json")
+    assert "held out:" not in plain.stderr
+    assert [json.loads(x)["probabilities"] for x in plain.stdout.splitlines()] == [r["probabilities"] for r in recs]
+    bad = trained["invoke"]("predict", cards[0], "--model", trained["bundle"], "--max-miss-rate", "1.5", code=2)
+    assert "--max-miss-rate 1.5: give a share in [0, 1)" in bad.output
+    # A model that stores no held-out scores (trained before they were stored) says so, in one line.
+    old = tmp_path / "old-bundle"
+    shutil.copytree(trained["bundle"], old)
+    (old / "held-out.safetensors").unlink()
+    cfg = json.loads((old / "bundle.json").read_text())
+    del cfg["files"]["held-out.safetensors"]
+    (old / "bundle.json").write_text(json.dumps(cfg))
+    res = trained["invoke"]("predict", cards[0], "--model", old, "--max-miss-rate", "0.1", code=2)
+    assert "stores no held-out scores (held-out.safetensors)" in res.output and "retrain it" in res.output
+    assert len(res.output.strip().splitlines()) == 1

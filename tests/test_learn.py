@@ -41,12 +41,13 @@ def test_bundle_is_safetensors_and_json_only(trained):
     files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     members = [f"fusion-{k}.safetensors" for k in range(5)]      # one per calibration fold (default 5)
     # encoders/image.safetensors: the quick profile's image encoder is trained on the cards (cards-cnn)
-    assert files == ["bundle.json", "encoders/image.safetensors", *members, "heads.safetensors"]
+    assert files == ["bundle.json", "encoders/image.safetensors", *members, "heads.safetensors",
+                     "held-out.safetensors"]
     cfg = json.loads((bundle / "bundle.json").read_text())
     assert cfg["classes"] == ["normal", "type1", "type2", "type3", "type4"]
     assert "built-in describer" in cfg["provenance"]["descriptions"]
     assert cfg["replay"]["reason"]["priors"]["classes"]
-    assert set(cfg["files"]) == {*members, "heads.safetensors", "encoders/image.safetensors"}
+    assert set(cfg["files"]) == {*members, "heads.safetensors", "held-out.safetensors", "encoders/image.safetensors"}
     assert cfg["fusion_members"] == 5
 
 
@@ -60,9 +61,9 @@ def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):
     for r in recs:
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
         assert r["label"] in r["probabilities"]
-    # Without --model the latest trained model is used, and says so.
-    res = trained["invoke"]("predict", cards[0])
-    assert "using the latest trained model" in res.output
+    # Without --model the latest trained model is used, and says so (unless -q: warnings and errors only).
+    res = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "predict", cards[0]])
+    assert res.exit_code == 0 and "using the latest trained model" in res.output
 
 
 def test_report_writes_all_files(trained):

@@ -109,6 +109,12 @@ class FusionModel(nn.Module):
         return self.mlp(self.fuse(q, k, v))
 
 
+def fusion_inputs(model: FusionModel) -> tuple[str, ...]:
+    """The modalities a fold model takes, in the order of its ``forward`` arguments (an export names its
+    graph's inputs with them)."""
+    return FUSION_INPUTS
+
+
 @dataclasses.dataclass
 class FusionBundle:
     """What prediction needs besides the weights: classes and the task's label mapping."""

@@ -137,6 +137,7 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
             outcome = _train(cache, key, prof, mods, rows, train_index, encoders, seed)
     cache.set_pointer(f"align-{dataset_id(dataset)}", {"key": key, "profile": profile,
                                                         "overrides": dict(overrides or {}), "seed": seed,
+                                                        "split_seed": dataset.split_seed,
                                                         "augmented": str(augmented) if augmented else None})
     return outcome
 

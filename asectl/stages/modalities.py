@@ -152,11 +152,17 @@ def build_encoders(enc_cfg: Any) -> tuple[Any, Any, Any]:
             text_encoder(enc_cfg.text, **txt_kw))
 
 
+def modality_inputs(mods: Modalities) -> dict[str, list[Any]]:
+    """What each branch's encoder reads, by modality: the cards (samples) and the two texts."""
+    return {"image": list(mods.samples), "vlm": list(mods.vlm_texts), "llm": list(mods.llm_texts)}
+
+
 def encode_modalities(mods: Modalities, encoders: tuple[Any, Any, Any], cache: Cache) -> dict[str, np.ndarray]:
     """Frozen features Z_image, Z_vlm, Z_llm for every kept sample (cached per input and encoder)."""
     from asectl.stages.features import image_features, text_features
 
     img_enc, vlm_enc, llm_enc = encoders
-    return {"image": image_features(mods.samples, img_enc, cache),
-            "vlm": text_features(mods.vlm_texts, vlm_enc, cache, "vlm"),
-            "llm": text_features(mods.llm_texts, llm_enc, cache, "llm")}
+    inputs = modality_inputs(mods)
+    return {"image": image_features(inputs["image"], img_enc, cache),
+            "vlm": text_features(inputs["vlm"], vlm_enc, cache, "vlm"),
+            "llm": text_features(inputs["llm"], llm_enc, cache, "llm")}

@@ -272,7 +272,15 @@ def _read_timed(path: Path, engine: str, spec: CardSpec, detector: str) -> dict[
 
 
 def _worker_read(path: Path) -> dict[str, Any] | DataError:
+    from asectl.workers import crash_test_hook
+
+    crash_test_hook(path.name)
     return _read_timed(path, _worker["engine"], _worker["spec"], _worker["detector"])
+
+
+def _poison_card(job: tuple, why: str) -> DataError:
+    """A card whose OCR worker died each time it read it alone: that card's error, the run goes on."""
+    return DataError(f"{job[0]}: {why}")
 
 
 def ocr_pool(engine: str, spec: CardSpec, detector: str, workers: int):
@@ -321,7 +329,7 @@ def run_ocr(dataset: Dataset, settings: OcrSettings | None = None, *, cache: Cac
         # The first chunk is the whole run when it is shorter than a full one (batch_size >= SMALL_RUN).
         if pool is None or (not pool.started and len(samples) < SMALL_RUN):
             return [_read_timed(s.path, engine, card_spec, detector) for s in samples]
-        return pool.run(_worker_read, [(s.path,) for s in samples])
+        return pool.run(_worker_read, [(s.path,) for s in samples], crashed=_poison_card)
 
     def compute(s: Sample) -> dict[str, Any]:
         out = read_many([s])[0]

@@ -16,7 +16,9 @@ from asectl.bundle import Bundle
 from asectl.cache import Cache, make_key, sha256_bytes
 from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError
-from asectl.stages.modalities import build_encoders, collect_modalities, encode_modalities
+from asectl.export import ExportedModel
+from asectl.stages.modalities import (Modalities, build_encoders, collect_modalities, encode_modalities,
+                                      modality_inputs)
 from asectl.stages.common import StageResult
 
 STAGE = "predict"
@@ -80,15 +82,17 @@ class Predictions:
 
 class Predictor:
     """A bundle with its models loaded at most once and kept: a batch or ``--watch`` pays for loading a
-    model once, not per card. Nothing is loaded before it is needed, so a fully cached call loads none."""
+    model once, not per card. Nothing is loaded before it is needed, so a fully cached call loads none.
+    ``bundle`` may be an exported model (asectl.export): its ONNX graphs replace the torch models."""
 
-    def __init__(self, bundle: Bundle, cache: Cache | None = None, force: bool = False):
+    def __init__(self, bundle: Bundle | ExportedModel, cache: Cache | None = None, force: bool = False,
+                 rule: Any = None):
         self.bundle = bundle
         self.cache = cache or Cache()
         self.force = force
         self.classes = bundle.labels
         self.temperature = bundle.temperature
-        self.rule = bundle.decision_rule()
+        self.rule = rule or bundle.decision_rule()   # another operating point: Bundle.operating_point
         self._encoders: tuple[Any, Any, Any] | None = None
         self._models: tuple[Any, Any] | None = None
 
@@ -111,8 +115,11 @@ class Predictor:
 
         from asectl.synth import generate
 
-        self.encoders()
-        self.models()
+        if isinstance(self.bundle, ExportedModel):
+            self.bundle.load()
+        else:
+            self.encoders()
+            self.models()
         force, self.force = self.force, True      # computed, not read from the cache: every model loads
         try:
             with tempfile.TemporaryDirectory(prefix="asectl-warm-up-") as tmp:
@@ -127,9 +134,16 @@ class Predictor:
         mods = collect_modalities(dataset, self.cache, self.bundle.config["replay"], force=self.force, remember=False)
         logits = np.zeros((int(self.bundle.config["fusion_members"]), 0, len(self.classes)), np.float32)
         if mods.samples:
-            feats = encode_modalities(mods, self.encoders(), self.cache)
-            logits = class_logits(self.bundle, feats, self.cache, self.force, models=self.models)
+            logits = self.class_logits(mods)
         return Predictions(list(mods.samples), logits, list(mods.dropped))
+
+    def class_logits(self, mods: Modalities) -> np.ndarray:
+        """Logits [fold models, kept cards, classes]: an export's ONNX graphs (no torch), else the
+        bundle's encoders (cached features), heads and fold models."""
+        if isinstance(self.bundle, ExportedModel):
+            return self.bundle.class_logits(modality_inputs(mods))
+        feats = encode_modalities(mods, self.encoders(), self.cache)
+        return class_logits(self.bundle, feats, self.cache, self.force, models=self.models)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities float64 [n, classes]: the fold models' mean after temperature
@@ -145,14 +159,14 @@ class Predictor:
         return mean_softmax(logits)
 
     def records(self, dataset: Dataset, preds: Predictions) -> list[dict[str, Any]]:
-        """One record per input card, in input order: class, calibrated probabilities and decision, or
-        the error that kept the card out."""
+        """One record per input card, in input order: class, calibrated probabilities, decision and its
+        reason (the threshold it met or missed), or the error that kept the card out."""
         by_name: dict[str, dict[str, Any]] = {d["image"]: d for d in preds.dropped}
         probs = self.probabilities(preds.logits)
-        for s, p, decision in zip(preds.samples, probs, self.rule.decide(probs)):
+        for s, p, (decision, reason) in zip(preds.samples, probs, self.rule.explain(probs)):
             k = int(np.argmax(p))
             by_name[s.name] = {"image": s.name, "label": self.classes[k], "probability": round(float(p[k]), 6),
-                               "decision": decision,
+                               "decision": decision, "reason": reason,
                                "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
                                **({"true_label": s.label} if s.label else {})}
         return [by_name[s.name] for s in dataset.samples if s.name in by_name]
@@ -163,6 +177,20 @@ class Predictor:
                            self.cache.summary(STAGE))
 
 
-def run_predict(dataset: Dataset, bundle: Bundle, cache: Cache | None = None, force: bool = False) -> StageResult:
-    """Classify every card of ``dataset`` (one call: each model loaded at most once)."""
-    return Predictor(bundle, cache, force).run(dataset)
+def run_predict(dataset: Dataset, bundle: Bundle | ExportedModel, cache: Cache | None = None,
+                force: bool = False, rule: Any = None) -> StageResult:
+    """Classify every card of ``dataset`` (one call: each model loaded at most once); ``rule``: a decision
+    rule other than the bundle's stored one (``Bundle.operating_point``). On the labelled folder the model
+    was trained on, each record says in which of the model's splits the card was (asectl.stages.split): a
+    training card's result is no evidence of how the model does on new ones."""
+    own = False
+    if dataset.labelled and dataset.root is not None:
+        from asectl.stages.split import model_split
+
+        dataset, own = model_split(dataset, bundle)
+    result = Predictor(bundle, cache, force, rule).run(dataset)
+    if own:
+        split = {s.name: s.split for s in dataset.samples}
+        for r in result.records:
+            r["split"] = split[r["image"]]
+    return result

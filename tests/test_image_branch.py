@@ -15,7 +15,6 @@ from asectl.errors import ConfigError
 from .conftest import FAST
 
 # A few epochs: the tests check where the weights come from and go, not how good they are.
-CNN = ["--set", "encoders.image=cards-cnn", "--set", "encoders.image_epochs=2"]
 CNN_OVERRIDES = {"encoders.image": "cards-cnn", "encoders.image_epochs": 2,
                  "pfa.epochs_per_stage": 3, "fusion.epochs": 8}
 
@@ -107,36 +106,33 @@ def test_image_branch_never_trains_on_test_cards(default_alignment_after, tmp_pa
     assert weights[0] == weights[1]
 
 
-def test_trained_image_encoder_travels_in_the_bundle_and_predict_replays_it(default_alignment_after, tmp_path):
-    trained = default_alignment_after
+def test_trained_image_encoder_travels_in_the_bundle_and_predict_replays_it(trained, tmp_path):
+    """The shared model was trained with the quick profile's default image encoder, cards-cnn."""
     from asectl.bundle import load_bundle
     from asectl.cache import Cache, sha256_file
     from asectl.stages.align import AlignOutcome
     from asectl.stages.predict import bundle_encoders
 
     inv, data = trained["invoke"], trained["data"]
-    inv("align", data, "--stride", "0.2", *FAST, *CNN)
-    inv("fuse-train", data, "--out", tmp_path / "bundle", *FAST, *CNN)
-    bundle = load_bundle(tmp_path / "bundle")
-    weights = tmp_path / "bundle" / "encoders" / "image.safetensors"
+    bundle = load_bundle(trained["root"] / "bundle")
+    weights = bundle.path / "encoders" / "image.safetensors"
     assert weights.is_file() and "encoders/image.safetensors" in bundle.config["files"]
-    assert sorted(p.name for p in (tmp_path / "bundle" / "encoders").iterdir()) == ["image.safetensors"]
+    assert sorted(p.name for p in (bundle.path / "encoders").iterdir()) == ["image.safetensors"]
     ident = bundle.config["encoders"][0]
     assert ident["encoder"] == "cards-cnn" and ident["finetuned"]["sha256"] == sha256_file(weights)
     # predict's encoder is the trained one: a test card's image feature equals the one align computed.
-    cache = Cache(trained["cache"])
-    entry = cache.get("align", bundle.config["training"]["align_key"])
+    entry = Cache(trained["cache"]).get("align", bundle.config["training"]["align_key"])
     align = AlignOutcome(entry.path, entry.path, entry.read_json("summary.json"), True)
+    assert align.summary["image_training"]["n_train"] == len(align.train_index())
     i = align.splits.index("test")
     replayed = bundle_encoders(bundle)[0]
     assert replayed.identity() == ident
     card = data / align.names[i]
     assert np.allclose(replayed.encode([str(card)])[0], align.raw_features()["image"][i], atol=1e-6)
-    res = inv("predict", card, "--model", tmp_path / "bundle", "--json")
+    res = inv("predict", card, "--model", bundle.path, "--json")
     rec = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("{")))
     assert abs(sum(rec["probabilities"].values()) - 1) < 1e-4
-    report = inv("report", data, "--model", tmp_path / "bundle", "--out", tmp_path / "report")
-    assert report.exit_code == 0
+    inv("report", data, "--model", bundle.path, "--out", tmp_path / "report")
     assert "cards-cnn" in (tmp_path / "report" / "report.md").read_text()
 
 

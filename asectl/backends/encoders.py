@@ -168,11 +168,14 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def prepare_image(item: Any, input_size: int, mean: Sequence[float], std: Sequence[float], resize: str = "pad",
-                  crop: Sequence[int] | None = None) -> np.ndarray:
+def prepare_image(item: Any, input_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD, resize: str = "pad", crop: Sequence[int] | None = None,
+                  kind: str = "rgb", channels: int | None = None) -> np.ndarray:
     """One image (path, PIL image or HxWx3 uint8 array) -> normalised float32 array [3, S, S]: cropped,
     padded to a square with the card's white background (``resize="pad"``), resized, normalised. Needs
-    no torch: an exported model (asectl.export) prepares its images with it too."""
+    no torch: an exported model (asectl.export) prepares its images with it too. ``kind="dot-map"``: the
+    one-channel dot map [1, S, S] of the cropped range instead (``dot_map``; cards-cnn). ``channels``, when
+    given, is what the caller's network expects: a mismatch is a ConfigError, not a shape error later."""
     from PIL import Image
 
     if isinstance(item, (str, Path)):
@@ -181,6 +184,13 @@ def prepare_image(item: Any, input_size: int, mean: Sequence[float], std: Sequen
         img = Image.fromarray(item.astype(np.uint8)).convert("RGB")
     else:
         img = item.convert("RGB")
+    if kind not in ("rgb", "dot-map"):
+        raise ConfigError(f"image preprocessing kind '{kind}': use 'rgb' or 'dot-map'")
+    if channels is not None and channels != (1 if kind == "dot-map" else 3):
+        raise ConfigError(f"image preprocessing '{kind}' gives {1 if kind == 'dot-map' else 3} channels, "
+                          f"not {channels}; the model's preprocessing settings are damaged")
+    if kind == "dot-map":
+        return dot_map(img, input_size, crop)[None]
     if crop:
         img = img.crop(tuple(crop))
     if resize == "pad" and img.width != img.height:
@@ -266,12 +276,13 @@ class ImageEncoder:
 
     # -- data -------------------------------------------------------------------------------------
     def preprocessing(self) -> dict[str, Any]:
-        """What ``prepare_image`` takes for this encoder (an export stores it beside the ONNX graph)."""
+        """What ``prepare_image`` takes for this encoder (an export stores it beside the ONNX graph), and
+        the number of input channels."""
         return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize, "crop": list(self.crop) if self.crop else None}
+                "resize": self.resize, "crop": list(self.crop) if self.crop else None, "channels": 3}
 
     def preprocess(self, batch: Sequence[Any]) -> Any:
-        """Images (paths, PIL images or HxWx3 uint8 arrays) -> normalised tensor [n,3,S,S]."""
+        """Images (paths, PIL images or HxWx3 uint8 arrays) -> normalised tensor [n,C,S,S]."""
         import torch
 
         prep = self.preprocessing()
@@ -446,20 +457,33 @@ def dot_map(img: Any, size: int, box: Sequence[int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pink).resize((size, size), Image.BOX), dtype=np.float32)
 
 
-def _dotmap_network(n_classes: int, dropout: float, in_channels: int = 1) -> Any:
+def _dotmap_network(n_classes: int, dropout: float, in_channels: int, map_size: int) -> Any:
     """Four conv-BN-ReLU blocks (8-16-32-32 channels, three 2x max-pools), a 4 x 4 average pool and a
     linear classifier: the small CNN of bench/quality.py, 73.2 macro-F1 from scratch on `field` cards."""
+    import torch
     from torch import nn
+
+    side = map_size // 8        # after the three max-pools (88 -> 11)
+
+    class BinAverage(nn.Module):
+        """nn.AdaptiveAvgPool2d(4)'s bins (start floor(i*n/4), end ceil((i+1)*n/4)) by slicing, for a fixed
+        input side: the same averages, and exportable to ONNX where 4 does not divide the side."""
+
+        def forward(self, x: Any) -> Any:
+            edges = [((i * side) // 4, -(-((i + 1) * side) // 4)) for i in range(4)]
+            rows = [torch.stack([x[..., r0:r1, c0:c1].mean(dim=(-2, -1)) for c0, c1 in edges], -1)
+                    for r0, r1 in edges]
+            return torch.stack(rows, -2)
 
     def block(cin: int, cout: int) -> list:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
     return nn.Sequential(*block(in_channels, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2),
-                         *block(16, 32), nn.MaxPool2d(2), *block(32, 32), nn.AdaptiveAvgPool2d(4),
+                         *block(16, 32), nn.MaxPool2d(2), *block(32, 32), BinAverage(),
                          nn.Flatten(), nn.Dropout(dropout), nn.Linear(32 * 16, n_classes))
 
 
-def _dotmap_ensemble(members: int, n_classes: int, dropout: float, coords: bool) -> Any:
+def _dotmap_ensemble(members: int, n_classes: int, dropout: float, coords: bool, map_size: int) -> Any:
     """``members`` networks and the training cards' dot-map mean and std (buffers, so they travel with
     the weights and a replay standardises exactly as training did). ``coords``: two more input channels,
     the pixel's x and y in [-1, 1] (CoordConv), so the networks can tell where the dots lie, not only
@@ -470,7 +494,7 @@ def _dotmap_ensemble(members: int, n_classes: int, dropout: float, coords: bool)
     class DotMapEnsemble(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.members = nn.ModuleList(_dotmap_network(n_classes, dropout, 3 if coords else 1)
+            self.members = nn.ModuleList(_dotmap_network(n_classes, dropout, 3 if coords else 1, map_size)
                                          for _ in range(members))
             self.register_buffer("mean", torch.zeros(()))
             self.register_buffer("std", torch.ones(()))
@@ -554,19 +578,11 @@ class CardsCNN(ImageEncoder):
                               "align` (the bundle then carries its weights), or choose a pretrained encoder "
                               "with --set encoders.image=efficientnet-lite0")
         net = _dotmap_ensemble(self._members, self.dim, self.training_params["dropout"],
-                               self.training_params.get("coords", False))
+                               self.training_params.get("coords", False), self.input_size)
         return load_module_state(net, self._weights_file)
 
-    def _prepare(self, item: Any) -> np.ndarray:
-        from PIL import Image
-
-        if isinstance(item, (str, Path)):
-            img = load_image(item)
-        elif isinstance(item, np.ndarray):
-            img = Image.fromarray(item.astype(np.uint8))
-        else:
-            img = item
-        return dot_map(img, self.input_size, self.crop)[None]
+    def preprocessing(self) -> dict[str, Any]:
+        return {"kind": "dot-map", "input_size": self.input_size, "crop": list(self.crop), "channels": 1}
 
     def pooled(self, x: Any) -> Any:
         return self.module(x)
@@ -622,7 +638,8 @@ class CardsCNN(ImageEncoder):
         else:
             parts = [(torch.arange(len(y)), torch.arange(len(y)))]
         with _seeded(seed):
-            net = _dotmap_ensemble(len(parts), len(classes), p["dropout"], p.get("coords", False)).to(self.device)
+            net = _dotmap_ensemble(len(parts), len(classes), p["dropout"], p.get("coords", False),
+                                   self.input_size).to(self.device)
         self._module, self.dim = net, len(classes)
         with torch.no_grad():
             net.mean.copy_(x.mean())

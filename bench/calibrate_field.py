@@ -54,7 +54,8 @@ def main() -> None:
     from asectl.stages.features import image_features
     from asectl.stages.modalities import build_encoders
 
-    encoder = build_encoders(get_profile("quick").encoders)[0]
+    # The frozen pretrained features the generator was calibrated with (not the trained cards-cnn).
+    encoder = build_encoders(get_profile("quick", {"encoders.image": "efficientnet-lite0"}).encoders)[0]
     values = [float(v) for v in args.values.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     default = synth.MILD_SHARE

@@ -65,15 +65,19 @@ def training_folds(dataset: Dataset, folds: int, seed: int) -> list[Dataset]:
     return out
 
 
-def fold_features(fold: Dataset, cache: Cache) -> dict:
-    """Frozen features of one fold's cards; the LLM's priors come from the fold's training cards."""
+def fold_features(fold: Dataset, cache: Cache, overrides: dict | None = None) -> dict:
+    """Features of one fold's cards, as align computes them: the LLM's priors come from the fold's
+    training cards, and an image encoder that learns the cards (the quick profile's ``cards-cnn``) is
+    trained on them (seed 0). ``overrides``: profile keys, e.g. ``{"encoders.image": "efficientnet-lite0"}``."""
     from asectl.models.train_config import get_profile
-    from asectl.stages.modalities import build_encoders, collect_modalities, encode_modalities
+    from asectl.stages.align import encode_for_training
+    from asectl.stages.modalities import build_encoders, collect_modalities
 
     mods = collect_modalities(fold, cache, SETTINGS, remember=False)
-    feats = encode_modalities(mods, build_encoders(get_profile("quick").encoders), cache)
-    return {"feats": feats, "labels": [s.label for s in mods.samples],
-            "inner": [i for i, s in enumerate(mods.samples) if s.split == "train"],
+    inner = [i for i, s in enumerate(mods.samples) if s.split == "train"]
+    feats, _, _ = encode_for_training(mods, build_encoders(get_profile("quick", overrides).encoders), cache,
+                                      inner, seed=0)
+    return {"feats": feats, "labels": [s.label for s in mods.samples], "inner": inner,
             "held": [i for i, s in enumerate(mods.samples) if s.split == "test"],
             "dropped": len(mods.dropped)}
 

@@ -1,7 +1,7 @@
 """align -> fuse-train -> predict -> report end to end on a small generated dataset, through the CLI.
 
-Real OCR, the built-in describer, a tiny random llama GGUF for the LLM branch (fast), and the real frozen
-EfficientNet-Lite0 and MiniLM encoders; a few epochs keep it quick."""
+Real OCR, the built-in describer, a tiny random llama GGUF for the LLM branch (fast), the quick profile's
+image encoder trained on the cards (cards-cnn) and the real frozen MiniLM; a few epochs keep it quick."""
 
 import json
 
@@ -38,14 +38,17 @@ def test_align_rerun_is_cached_and_changed_stride_retrains(trained):
 
 def test_bundle_is_safetensors_and_json_only(trained):
     bundle = trained["root"] / "bundle"
-    files = sorted(p.name for p in bundle.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     members = [f"fusion-{k}.safetensors" for k in range(5)]      # one per calibration fold (default 5)
-    assert files == ["bundle.json", *members, "heads.safetensors", "held-out.safetensors"]
+    # encoders/image.safetensors: the quick profile's image encoder is trained on the cards (cards-cnn)
+    assert files == ["bundle.json", "encoders/image.safetensors", *members, "heads.safetensors",
+                     "held-out.safetensors"]
     cfg = json.loads((bundle / "bundle.json").read_text())
     assert cfg["classes"] == ["normal", "type1", "type2", "type3", "type4"]
     assert "built-in describer" in cfg["provenance"]["descriptions"]
     assert cfg["replay"]["reason"]["priors"]["classes"]
-    assert set(cfg["files"]) == {*members, "heads.safetensors", "held-out.safetensors"} and cfg["fusion_members"] == 5
+    assert set(cfg["files"]) == {*members, "heads.safetensors", "held-out.safetensors", "encoders/image.safetensors"}
+    assert cfg["fusion_members"] == 5
 
 
 def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):

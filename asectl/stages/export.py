@@ -130,7 +130,8 @@ def encoder_graph(enc: Any, folder: Path, modality: str) -> dict[str, Any]:
         prep = enc.preprocessing()
         graph = f"encoders/{modality}.onnx"
         size = int(prep["input_size"])
-        export_graph(_ImageFeatures(enc), [np.zeros((1, 3, size, size), np.float32)], folder / graph, ["pixels"],
+        channels = int(prep.get("channels", 3))
+        export_graph(_ImageFeatures(enc), [np.zeros((1, channels, size, size), np.float32)], folder / graph, ["pixels"],
                      ["features"], dynamic={"pixels": {0: "batch"}})
         return {"kind": "image", "graph": graph, "preprocessing": prep, **base}
     if enc.family == "text":

@@ -1,11 +1,17 @@
 """Frozen encoder features (Eq. 2), cached per input and encoder: the quick profile computes them once.
 
 Image features are keyed by the image bytes, text features by the text itself, both with the encoder's
-identity (name, weights hash, preprocessing). Arrays are stored as safetensors (no pickle)."""
+identity (name, weights hash, preprocessing; a trained encoder's identity holds its trained weights' hash).
+Arrays are stored as safetensors (no pickle).
+
+An image encoder that learns the cards (``cards-cnn``) is trained here first, on the training cards only,
+and its weights cached (``train_image_encoder``)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -18,6 +24,9 @@ from asectl.dataset import Sample
 
 STAGE = "features"
 FORMAT = 1
+TRAIN_STAGE = "image-encoder"
+TRAIN_FORMAT = 1
+WEIGHTS_FILE = "encoder.safetensors"
 
 
 def _cached_encode(keys: Sequence[str], items: Sequence[Any], encode: Callable[[list[Any]], np.ndarray],
@@ -59,3 +68,41 @@ def text_features(texts: Sequence[str], encoder: Any, cache: Cache, branch: str)
     return _cached_encode(keys, list(texts), encoder.encode, cache, getattr(encoder, "batch_size", 32),
                           f"encode {branch} text ({ident.get('name')})",
                           {"params": {"encoder": ident, "branch": branch}})
+
+
+def train_image_encoder(samples: Sequence[Sample], labels: Sequence[str], encoder: Any, cache: Cache,
+                        seed: int) -> tuple[np.ndarray, dict[str, Any], Path]:
+    """Train ``encoder`` (one that ``learns_from_cards``) on ``samples`` with ``labels``, or load the
+    weights an identical training left in the cache; afterwards the encoder's identity names its trained
+    weights' hash, so its features are cached by it. Pass the training cards only: nothing else is read.
+    Returns the training cards' own features (out-of-fold when cross-fitted), the training record (seed,
+    cards, class order, seconds, weights hash) and the cached weights file."""
+    import time
+
+    from safetensors.numpy import save_file as np_save_file
+
+    from asectl.backends.encoders import save_module_state
+
+    ident = encoder.identity()
+    key = make_key(TRAIN_STAGE, format=TRAIN_FORMAT, encoder=ident, seed=seed,
+                   cards=[[sha256_file(s.path), label] for s, label in zip(samples, labels)])
+    entry = cache.get(TRAIN_STAGE, key)
+    if entry is None:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with ui.progress(1, f"train image encoder ({ident.get('encoder')}, {len(samples)} training cards)") as advance:
+            own = encoder.fit([str(s.path) for s in samples], list(labels), seed)
+            advance(1)
+        record = {"encoder": ident, "seed": seed, "n_train": len(samples), "classes": list(encoder.classes),
+                  "seconds": round(time.perf_counter() - start, 2),
+                  "cpu_seconds": round(time.process_time() - cpu_start, 2)}
+
+        def build(tmp):
+            save_module_state(encoder.module, tmp / WEIGHTS_FILE)
+            np_save_file({"z": np.ascontiguousarray(own)}, str(tmp / "train_features.safetensors"))
+            (tmp / "record.json").write_text(json.dumps(record))
+            return {"params": {"encoder": ident.get("encoder"), "seed": seed, "n_train": len(samples)}}
+
+        entry = cache.put_tree(TRAIN_STAGE, key, build)
+    encoder.load_finetuned(entry.file(WEIGHTS_FILE))
+    record = {**entry.read_json("record.json"), "sha256": encoder.identity()["finetuned"]["sha256"]}
+    return st_load(entry.read_bytes("train_features.safetensors"))["z"], record, entry.file(WEIGHTS_FILE)

@@ -135,8 +135,12 @@ def build_encoders(enc_cfg: Any) -> tuple[Any, Any, Any]:
     """(image encoder, VLM-branch text encoder, LLM-branch text encoder): one text encoder instance per
     branch, as in Eq. (2), so fine-tuning (paper profile) adapts each branch separately."""
     from asectl.backends.encoders import image_encoder, text_encoder
+    from asectl.registry import IMAGE_ENCODERS
 
     img_kw: dict[str, Any] = {"device": enc_cfg.device}
+    img_cls = IMAGE_ENCODERS.get(enc_cfg.image)[0]
+    if hasattr(img_cls, "config_options"):      # an encoder trained in align takes its training keys
+        img_kw.update(img_cls.config_options(enc_cfg))
     if enc_cfg.image_weights:
         img_kw["weights"] = enc_cfg.image_weights
     if enc_cfg.image_random_init:

@@ -40,6 +40,9 @@ def bundle_encoders(bundle: Bundle) -> tuple[Any, Any, Any]:
                               "the same weights or retrain")
         if state is not None:
             enc.load_finetuned(state)
+        elif getattr(enc, "learns_from_cards", False):
+            raise ConfigError(f"{bundle.path}: the image encoder {have.get('encoder')} was trained on the cards, "
+                              "but the model has no encoders/image.safetensors; retrain with fuse-train")
     if finetuned[1] is None and finetuned[2] is None and encoders[1].identity() == encoders[2].identity():
         # Frozen text branches are the same model: one instance serves both (one load, half the memory).
         encoders = (encoders[0], encoders[1], encoders[1])

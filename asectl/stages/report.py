@@ -35,8 +35,11 @@ def provenance_lines(bundle: Bundle) -> tuple[dict[str, str], list[str]]:
                          "direct": "direct alignment on all training data",
                          "none": "no alignment (random projections)"}[pfa["mode"]]
     prov["fusion"] = f"{cfg['variant']} ({cfg['task']})"
-    prov["profile"] = cfg["profile"]["name"] + (" (encoders fine-tuned)" if cfg["profile"]["encoders"]["finetune"]
-                                                else " (frozen encoders, cached features)")
+    trained_image = img.get("finetuned") and not cfg["profile"]["encoders"]["finetune"]
+    prov["profile"] = cfg["profile"]["name"] + (
+        " (encoders fine-tuned)" if cfg["profile"]["encoders"]["finetune"]
+        else " (image encoder trained on the training cards, frozen text encoders)" if trained_image
+        else " (frozen encoders, cached features)")
     if cfg["training"].get("augmented"):
         prov["training data"] = f"TDA-augmented: {cfg['training']['augmented']}"
     warnings = []

@@ -51,6 +51,9 @@ def _profile_name(profile: str | None, config_file: Path | None) -> str | None:
         return None
 
 
+BRANCHES_HELP = ("Branches to align and fuse, comma-separated, two or more of image, vlm, llm, stats "
+                 "(default: the profile's encoders.branches).")
+
 _common = [
     click.option("--profile", type=click.Choice(["quick", "paper"]), default=None,
                  help="quick (CPU: frozen, cached features; default) or paper (GPU: fine-tuned encoders)."),
@@ -75,14 +78,15 @@ def _with_common(f):
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--stride", default=None, help="PFA stride: 0.2 (0.2/0.4/.../1) or a list like 0.2/0.6/1.")
 @click.option("--mode", type=click.Choice(["progressive", "direct", "none"]), default=None)
+@click.option("--branches", default=None, metavar="LIST", help=BRANCHES_HELP)
 @_with_common
 @click.pass_obj
-def align(cache, dataset, stride, mode, profile, config_file, sets, seed, augmented, force, as_json):
-    """Progressive feature alignment (PFA) of image, VLM-text and LLM-text features."""
+def align(cache, dataset, stride, mode, branches, profile, config_file, sets, seed, augmented, force, as_json):
+    """Progressive feature alignment (PFA) of image, VLM-text and LLM-text features (and the OCR'd numbers)."""
     from asectl.dataset import load_dataset
     from asectl.stages.align import run_align, stage_labels
 
-    over = _overrides(config_file, sets, **{"pfa.stride": stride, "pfa.mode": mode})
+    over = _overrides(config_file, sets, **{"pfa.stride": stride, "pfa.mode": mode, "encoders.branches": branches})
     ds = load_dataset(dataset, seed=seed or 0)
     out = run_align(ds, cache, profile=_profile_name(profile, config_file) or "quick", overrides=over,
                     seed=seed or 0, augmented=augmented, force=force)
@@ -114,6 +118,10 @@ def _f(v: Any) -> str:
 @click.option("--fusion", type=click.Choice(["cmaf", "cmaf-nosigmoid", "concat"]), default=None,
               help="Fusion module (default cmaf; the others are the paper's Table 5 ablations).")
 @click.option("--task", type=click.Choice(["multiclass", "binary"]), default=None)
+@click.option("--attention", type=click.Choice(["tokens", "chunks"]), default=None,
+              help="What CMAF attends over: one token per branch (across modalities), or chunks of the VLM, "
+                   "LLM and image vectors (the earlier tables; those three branches only). Default: the profile's.")
+@click.option("--branches", default=None, metavar="LIST", help=BRANCHES_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the bundle here.")
 @click.option("--max-miss-rate", type=float, default=DEFAULT_MAX_MISS_RATE, show_default=True,
               help="Decision rule target: at most this share of defective held-out training cards passed as "
@@ -128,7 +136,7 @@ def _f(v: Any) -> str:
               help="Cross-validation folds on the training split for calibration and the decision rule.")
 @_with_common
 @click.pass_obj
-def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_error, defect_confidence,
+def fuse_train(cache, dataset, fusion, task, attention, branches, out, max_miss_rate, max_defect_error, defect_confidence,
                calibration_folds, profile, config_file, sets, seed, augmented, force, as_json):
     """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
     choose the pass/defect/review rule on held-out training cards; store a model bundle."""
@@ -137,15 +145,17 @@ def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_erro
     from asectl.stages.fuse import run_fuse_train
 
     ds = load_dataset(dataset, seed=seed or 0)
-    res = run_fuse_train(ds, cache, fusion=fusion, task=task, augmented=augmented,
-                         profile=_profile_name(profile, config_file), overrides=_overrides(config_file, sets),
+    res = run_fuse_train(ds, cache, fusion=fusion, task=task, attention=attention, augmented=augmented,
+                         profile=_profile_name(profile, config_file),
+                         overrides=_overrides(config_file, sets, **{"encoders.branches": branches}),
                          seed=seed, force=force, max_miss_rate=max_miss_rate, max_defect_error=max_defect_error,
                          calibration_folds=calibration_folds, defect_confidence=defect_confidence)
     cfg = res.bundle.config
     if out is not None:
         export_bundle(res.bundle, out)
     summary = {"model": res.key, "from_cache": res.from_cache, "bundle": str(out or res.bundle.path),
-               "classes": cfg["classes"], "variant": cfg["variant"], "task": cfg["task"],
+               "classes": cfg["classes"], "variant": cfg["variant"], "attention": cfg.get("attention"),
+               "branches": cfg.get("branches"), "task": cfg["task"],
                "n_train": cfg["training"]["n_train"], "metrics": cfg["metrics"],
                "calibration": {k: v for k, v in cfg["calibration"].items() if k != "held_out"},
                "decision": cfg["decision"]}

@@ -39,6 +39,14 @@ PROFILES = ("quick", "paper")
 PFA_MODES = ("progressive", "direct", "none")
 ALIGN_ORDERS = ("sequential", "summed")
 FUSION_VARIANTS = ("cmaf", "cmaf-nosigmoid", "concat")
+# What CMAF attends over: "chunks", the 256-d aligned vectors of VLM (Q), LLM (K) and image (V) cut into
+# `fusion.tokens` chunks each (attention across the chunks of one vector; earlier tables), or "tokens",
+# one token per enabled branch (attention across the modalities; asectl.models.cmaf).
+FUSION_ATTENTIONS = ("chunks", "tokens")
+# The branches (modalities) a model can use: the card image, the VLM's description, the LLM's text, and
+# the OCR'd record's numbers as a standardized vector (asectl.stages.modalities.stats_vectors).
+BRANCHES = ("image", "vlm", "llm", "stats")
+DEFAULT_BRANCHES = ("image", "vlm", "llm")
 TASKS = ("multiclass", "binary")
 # What the LLM-branch text encoder reads: the LLM's answer plus the OCR'd record sentence, from a prompt
 # with the nearest-class hint ("composite"), or the LLM's own answer alone, from a prompt without the
@@ -84,6 +92,8 @@ class EncoderConfig:
     image_lr: float = 1e-4                # encoder learning rates when fine-tuning
     text_lr: float = 2e-5
     llm_text: str = DEFAULT_LLM_TEXT      # composite | answer (LLM_TEXTS)
+    branches: tuple[str, ...] = DEFAULT_BRANCHES   # which of BRANCHES the model aligns and fuses
+    stats_hidden: int = 64                # the stats branch's MLP encoder width (asectl.models.pfa)
 
 
 @dataclass
@@ -130,6 +140,7 @@ class PFAConfig:
 @dataclass
 class FusionConfig:
     variant: str = "cmaf"                 # cmaf | cmaf-nosigmoid | concat
+    attention: str = "chunks"             # chunks | tokens (FUSION_ATTENTIONS); not used by concat
     task: str = "multiclass"              # multiclass | binary (normal vs defective)
     epochs: int = 60
     batch_size: int = 10
@@ -148,6 +159,7 @@ class FusionConfig:
 
     def validate(self, dim: int | None = None) -> None:
         _choice("fusion.variant", self.variant, FUSION_VARIANTS)
+        _choice("fusion.attention", self.attention, FUSION_ATTENTIONS)
         _choice("fusion.task", self.task, TASKS)
         _choice("fusion.class_weight", self.class_weight, ("none", "balanced"))
         for name in ("epochs", "batch_size", "tokens", "heads", "reduced_dim", "mlp_hidden", "lr_decay_every"):
@@ -173,6 +185,8 @@ class TrainProfile:
         self.pfa.validate()
         self.fusion.validate(self.pfa.proj_dim)
         check_llm_text(self.encoders.llm_text)
+        self.encoders.branches = check_branches(self.encoders.branches)
+        _positive("encoders.stats_hidden", self.encoders.stats_hidden)
         if self.encoders.warmup_epochs < 0:
             raise ConfigError("encoders.warmup_epochs: must be 0 or more")
         if self.encoders.warmup_epochs and not self.encoders.finetune:
@@ -294,6 +308,21 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"setting '{path}': expected text, got {value!r}")
         return value
     return value
+
+
+def check_branches(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Branch names (a list, or text like "image,vlm,stats") -> a tuple in ``BRANCHES`` order; at least two,
+    since alignment pairs one branch with the others."""
+    names = value.replace("/", ",").split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in BRANCHES]
+    if unknown:
+        raise ConfigError(f"setting 'encoders.branches': unknown branch {', '.join(unknown)}; choose from "
+                          f"{', '.join(BRANCHES)}")
+    if len(set(names)) < 2:
+        raise ConfigError(f"setting 'encoders.branches' = {','.join(names) or '(none)'}: give at least two of "
+                          f"{', '.join(BRANCHES)}")
+    return tuple(b for b in BRANCHES if b in names)
 
 
 def check_llm_text(value: str) -> None:

@@ -106,8 +106,9 @@ def align(fold: dict, overrides: dict, seed: int):
     from asectl.models.pfa import train_pfa
     from asectl.models.train_config import get_profile
 
-    cfg = get_profile("quick", overrides).pfa
-    return train_pfa(fold["feats"], cfg, seed, train_index=fold["inner"])
+    prof = get_profile("quick", overrides)
+    feats = {m: fold["feats"][m] for m in prof.encoders.branches}
+    return train_pfa(feats, prof.pfa, seed, train_index=fold["inner"], stats_hidden=prof.encoders.stats_hidden)
 
 
 def fuse_score(fold: dict, embeddings: dict, overrides: dict, seed: int, classes: list[str]) -> float:
@@ -116,9 +117,9 @@ def fuse_score(fold: dict, embeddings: dict, overrides: dict, seed: int, classes
 
     cfg = get_profile("quick", overrides).fusion
     inner, held = fold["inner"], fold["held"]
-    model, _ = train_fusion({m: embeddings[m][inner] for m in ("vlm", "llm", "image")},
+    model, _ = train_fusion({m: e[inner] for m, e in embeddings.items()},     # the aligned branches
                             [fold["labels"][i] for i in inner], cfg, seed, classes=classes)
-    proba = predict_proba(model, {m: embeddings[m][held] for m in ("vlm", "llm", "image")})
+    proba = predict_proba(model, {m: e[held] for m, e in embeddings.items()})
     pred = [model.bundle.classes[j] for j in proba.argmax(1)]
     return macro_f1([fold["labels"][i] for i in held], pred, classes)
 
@@ -135,7 +136,7 @@ class Scorer:
     def scores(self, setting: dict) -> list[float]:
         key = self.key(setting)
         if key not in self.done:
-            pfa = {k: v for k, v in setting.items() if k.startswith("pfa.")}
+            pfa = {k: v for k, v in setting.items() if k.startswith(("pfa.", "encoders."))}
             fusion = {k: v for k, v in setting.items() if k.startswith("fusion.")}
             out = []
             for seed in self.seeds:

@@ -134,7 +134,7 @@ def stats_vector(fields: dict) -> list[float]:
 
 # Principal components of the image features beside the OCR'd numbers in the boosting yardstick: chosen
 # by bench/choose_branches.py on the training split of seed 0 (docs/benchmarks.md, "choose-branches").
-IMAGE_PCS = 8
+IMAGE_PCS = 16
 STATS_PCS = f"stats + image PCs: gradient boosting on OCR'd fields + {IMAGE_PCS} image principal components"
 
 

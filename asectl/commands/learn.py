@@ -116,7 +116,8 @@ def _f(v: Any) -> str:
 @click.command("fuse-train")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--fusion", type=click.Choice(["cmaf", "cmaf-nosigmoid", "concat"]), default=None,
-              help="Fusion module (default cmaf; the others are the paper's Table 5 ablations).")
+              help="Fusion module (default: the profile's; quick: concat of its four branches, chosen on the "
+                   "training split; paper: cmaf; cmaf-nosigmoid and concat are the paper's Table 5 ablations).")
 @click.option("--task", type=click.Choice(["multiclass", "binary"]), default=None)
 @click.option("--attention", type=click.Choice(["tokens", "chunks"]), default=None,
               help="What CMAF attends over: one token per branch (across modalities), or chunks of the VLM, "

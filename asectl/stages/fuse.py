@@ -153,11 +153,11 @@ def check_fusion_branches(config: Any, branches: list[str]) -> None:
     """Chunk attention has fixed roles (Q = VLM, K = LLM, V = image): it takes exactly those three branches.
     (Checked here, without importing torch, so a cached rerun stays light.)"""
     from asectl.errors import ConfigError
-    from asectl.models.train_config import DEFAULT_BRANCHES
+    from asectl.models.train_config import PAPER_BRANCHES
 
-    if config.variant != "concat" and config.attention == "chunks" and set(branches) != set(DEFAULT_BRANCHES):
+    if config.variant != "concat" and config.attention == "chunks" and set(branches) != set(PAPER_BRANCHES):
         raise ConfigError(f"--attention chunks attends from VLM (Q) and LLM (K) to image (V) and needs exactly "
-                          f"the branches {','.join(DEFAULT_BRANCHES)} (this alignment has {','.join(branches)}); "
+                          f"the branches {','.join(PAPER_BRANCHES)} (this alignment has {','.join(branches)}); "
                           "use --attention tokens, --fusion concat, or align with those branches")
 
 

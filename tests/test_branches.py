@@ -15,9 +15,6 @@ from asectl.stages.modalities import stats_names, stats_vectors
 
 from .conftest import FAST
 
-STATS = ["--branches", "image,vlm,llm,stats", "--attention", "tokens"]
-
-
 def test_stats_vector_marks_what_ocr_did_not_read():
     spec = default_spec()
     full = {"N": 10, "mu_x": 0.5, "mu_y": -0.25, "sd_x": 1.0, "sd_y": 2.0, "bins": [4, 3, 3, 0, 0, 0, 0, 0, 0]}
@@ -82,13 +79,21 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
     from asectl.bundle import load_bundle
     from asectl.stages.predict import Predictor, bundle_branches
 
+    import shutil
+
+    from asectl.cache import Cache
+
     inv, data = trained["invoke"], trained["data"]
+    reports_before = set(Cache(trained["cache"]).iter_entries("report"))
     try:
         bundles = {}
-        for name, branches in (("four", "image,vlm,llm,stats"), ("two", "image,stats")):
-            out = json.loads(inv("fuse-train", data, "--branches", branches, "--attention", "tokens", "--out",
+        # The quick profile's fusion (concatenation) over four branches; CMAF with token attention over two.
+        for name, branches, fusion in (("four", "image,vlm,llm,stats", []),
+                                       ("two", "image,stats", ["--fusion", "cmaf", "--attention", "tokens"])):
+            out = json.loads(inv("fuse-train", data, "--branches", branches, *fusion, "--out",
                                  tmp_path / name, "--json", *FAST).stdout.splitlines()[-1])
-            assert out["branches"] == branches.split(",") and out["attention"] == "tokens"
+            assert out["branches"] == branches.split(",")
+            assert out["variant"] == ("cmaf" if fusion else "concat") and out["attention"] == "tokens"
             bundles[name] = load_bundle(tmp_path / name)
             cfg = bundles[name].config
             assert cfg["branches"] == branches.split(",") and cfg["profile"]["encoders"]["branches"] == branches.split(",")
@@ -98,7 +103,8 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
         heads = bundles["four"].heads()
         assert heads.stats is not None and float(heads.stats.scale.min()) > 0
         # Chunk attention has fixed roles: it refuses the stats branch with a clear message.
-        res = inv("fuse-train", data, "--branches", "image,vlm,llm,stats", "--attention", "chunks", code=2)
+        res = inv("fuse-train", data, "--branches", "image,vlm,llm,stats", "--fusion", "cmaf", "--attention", "chunks",
+                  code=2)
         assert "--attention tokens" in res.output and "Traceback" not in res.output
 
         inv("report", data, "--model", tmp_path / "two", "--out", tmp_path / "report")
@@ -113,7 +119,6 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
         assert "mu_x" in recs["partly.png"]["warning"] and "warning" not in recs["0000.png"]
         assert abs(sum(recs["partly.png"]["probabilities"].values()) - 1) < 1e-4
         # The replay encodes exactly the bundle's branches, and a changed stats vector changes the answer.
-        from asectl.cache import Cache
         from asectl.dataset import Dataset, Sample
         from asectl.stages.modalities import collect_modalities, encode_modalities
         from asectl.stages.predict import class_logits
@@ -127,5 +132,7 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
             assert sorted(feats) == sorted(bundle.config["branches"])
             shifted = {**feats, "stats": feats["stats"] + 3 * np.nanstd(feats["stats"]) + 1}
             assert not np.allclose(class_logits(bundle, feats, cache), class_logits(bundle, shifted, cache))
-    finally:   # later tests continue from the shared fixture's default alignment
+    finally:   # later tests continue from the shared fixture's default alignment and report entries
         inv("align", data, "--stride", "0.2", *FAST)
+        for entry in set(Cache(trained["cache"]).iter_entries("report")) - reports_before:
+            shutil.rmtree(entry)

@@ -31,12 +31,13 @@ from tune_profile import Scorer, macro_f1, summarise, training_folds
 from asectl.cache import Cache  # noqa: E402
 from asectl.dataset import Dataset, load_dataset, order_labels  # noqa: E402
 
+# Every key named, so a candidate means the same whatever the profile's defaults are.
 CANDIDATES = [
-    {"encoders.branches": "image,vlm,llm", "fusion.attention": "chunks"},
-    {"encoders.branches": "image,vlm,llm", "fusion.attention": "tokens"},
-    {"encoders.branches": "image,vlm,llm,stats", "fusion.attention": "tokens"},
-    {"encoders.branches": "image,vlm,llm,stats", "fusion.variant": "concat"},
-    {"encoders.branches": "image,stats", "fusion.attention": "tokens"},
+    {"encoders.branches": "image,vlm,llm", "fusion.variant": "cmaf", "fusion.attention": "chunks"},
+    {"encoders.branches": "image,vlm,llm", "fusion.variant": "cmaf", "fusion.attention": "tokens"},
+    {"encoders.branches": "image,vlm,llm,stats", "fusion.variant": "cmaf", "fusion.attention": "tokens"},
+    {"encoders.branches": "image,vlm,llm,stats", "fusion.variant": "concat", "fusion.attention": "tokens"},
+    {"encoders.branches": "image,stats", "fusion.variant": "cmaf", "fusion.attention": "tokens"},
 ]
 PCS = [4, 8, 16]
 
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="training seeds")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--name", default="choose-branches",
+                    help="results file and docs section (another name keeps a run on other cards apart)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -110,10 +113,10 @@ def main() -> None:
               "seeds": seeds, "n_train_cards": len(dataset.split("train")), "classes": classes,
               "results": ranked, "chosen": ranked[0]["setting"], "yardsticks": yardsticks,
               "chosen_pcs": best_pcs, "seconds": time.perf_counter() - t0}
-    save("choose_branches", record)
+    save(args.name.replace("-", "_"), record)
     text = markdown(record)
     if not args.no_docs:
-        update_section("choose-branches", text)
+        update_section(args.name, text)
     print(text)
 
 
@@ -129,7 +132,8 @@ def markdown(rec: dict) -> str:
              "| rank | branches | fusion | macro-F1 (held-out folds) |", "|---|---|---|---|"]
     for k, r in enumerate(rec["results"], 1):
         st = r["setting"]
-        fusion = st.get("fusion.variant") or f"cmaf, attention {st.get('fusion.attention')}"
+        fusion = ("concat" if st.get("fusion.variant") == "concat"
+                  else f"{st.get('fusion.variant', 'cmaf')}, attention {st.get('fusion.attention')}")
         lines.append(f"| {k} | {st['encoders.branches']} | {fusion} | {pct(r)} |")
     lines += ["", "Yardsticks on the same folds:", "", "| method | macro-F1 (held-out folds) |", "|---|---|"]
     lines += [f"| {name} | {pct(r)} |" for name, r in rec["yardsticks"].items()]

@@ -56,7 +56,7 @@ def _profile_name(profile: str | None, config_file: Path | None) -> str | None:
 
 
 BRANCHES_HELP = ("Branches to align and fuse, comma-separated, two or more of image, vlm, llm, stats "
-                 "(default: the profile's encoders.branches).")
+                 "(the setting encoders.branches).")
 
 _common = [
     click.option("--profile", type=click.Choice(["quick", "paper"]), default=None, show_default="quick",
@@ -90,7 +90,7 @@ def _with_common(f):
               show_default="the profile's",
               help="progressive (PFA), direct (every training card at once) or none (random projections): the "
                    "paper's ablations.")
-@click.option("--branches", default=None, metavar="LIST", help=BRANCHES_HELP)
+@click.option("--branches", default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
 @_with_common
 @click.pass_obj
 def align(cache, dataset, stride, mode, branches, profile, config_file, sets, seed, split_seed, augmented, force,
@@ -150,7 +150,7 @@ def _f(v: Any) -> str:
 @click.option("--attention", type=click.Choice(["tokens", "chunks"]), default=None, show_default="the profile's",
               help="What CMAF attends over: one token per branch (across modalities), or chunks of the VLM, "
                    "LLM and image vectors (the earlier tables; those three branches only).")
-@click.option("--branches", default=None, metavar="LIST", help=BRANCHES_HELP)
+@click.option("--branches", default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the bundle here.")
 @click.option("--max-miss-rate", type=float, default=DEFAULT_MAX_MISS_RATE, show_default=True,
               help="Decision rule target: at most this share of defective held-out training cards passed as "

@@ -7,6 +7,8 @@
     heads.safetensors    PFA projections + temperature
     fusion-K.safetensors CMAF (or variant) + MLP classifier of cross-validation fold K (K = 0 .. folds-1);
                          the classifier averages their calibrated probabilities
+    held-out.safetensors the held-out calibrated probabilities and true class indices the decision rule was
+                         chosen on, so ``predict --max-miss-rate`` can move the operating point
     encoders/*.safetensors   fine-tuned encoders (paper profile only)
 """
 
@@ -21,8 +23,11 @@ from typing import Any
 from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file
 from asectl.errors import ConfigError
 
-BUNDLE_FORMAT = 3      # 2: calibration temperature and decision rule; 3: the classifier is the fold models' average
+# 2: calibration temperature and decision rule; 3: the classifier is the fold models' average; 4: the split
+# (every card of the dataset, its split and sha256) the model was trained and is to be tested on
+BUNDLE_FORMAT = 4
 FUSION_MEMBER = "fusion-{}.safetensors"
+HELD_OUT_SCORES = "held-out.safetensors"
 LATEST_POINTER = "latest-model"
 
 
@@ -50,6 +55,29 @@ class Bundle:
 
         return DecisionRule.from_dict(self.config["decision"])
 
+    def held_out_scores(self) -> tuple[Any, Any]:
+        """(calibrated probabilities float64 [n, classes], true class indices int64 [n]) of the held-out
+        training cards the decision rule was chosen on."""
+        from safetensors.numpy import load_file
+
+        path = self.path / HELD_OUT_SCORES
+        if not path.is_file():
+            raise ConfigError(f"{self.path}: this model stores no held-out scores ({HELD_OUT_SCORES}), so its "
+                              "operating point cannot move; retrain it with `asectl fuse-train`, or drop "
+                              "--max-miss-rate/--max-defect-error")
+        arrays = load_file(str(path))
+        return arrays["probabilities"], arrays["labels"]
+
+    def operating_point(self, max_miss_rate: float | None = None,
+                        max_defect_error: float | None = None) -> tuple[Any, dict[str, Any]]:
+        """(decision rule, its held-out decision stats) for these targets: the stored rule when none is
+        given, else re-derived from the held-out scores (asectl.models.calibration.operating_point)."""
+        if max_miss_rate is None and max_defect_error is None:
+            return self.decision_rule(), self.config["decision"]["held_out"]
+        from asectl.models.calibration import operating_point
+
+        return operating_point(*self.held_out_scores(), self.decision_rule(), max_miss_rate, max_defect_error)
+
     def heads(self) -> Any:
         from safetensors.torch import load_file
 
@@ -68,6 +96,15 @@ class Bundle:
     def encoder_state(self, name: str) -> Path | None:
         p = self.path / "encoders" / f"{name}.safetensors"
         return p if p.is_file() else None
+
+
+def write_held_out_scores(folder: Path, probabilities: Any, labels: Any) -> None:
+    """Store the held-out calibrated probabilities and true class indices (``Bundle.held_out_scores``)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"probabilities": np.ascontiguousarray(probabilities, dtype=np.float64),
+               "labels": np.ascontiguousarray(labels, dtype=np.int64)}, str(folder / HELD_OUT_SCORES))
 
 
 def write_checksums(folder: Path, config: dict[str, Any]) -> None:
@@ -105,8 +142,12 @@ def latest_bundle(cache: Cache) -> tuple[Bundle, str]:
     if entry is None:
         raise ConfigError(f"the latest model ({ptr['key'][:12]}) is gone from {cache.root}; retrain it or "
                           "pass --model DIR")
-    return load_bundle(entry.path), (f"model {ptr['key'][:12]} trained {ptr.get('created', '?')} on "
-                                     f"{ptr.get('dataset', '?')}")
+    return load_bundle(entry.path), pointer_text(ptr)
+
+
+def pointer_text(ptr: dict[str, Any]) -> str:
+    """Which model a pointer names, e.g. "model 1a2b3c4d5e6f trained 2026-01-01T10:00:00+0000 on data"."""
+    return f"model {ptr['key'][:12]} trained {ptr.get('created', '?')} on {ptr.get('dataset', '?')}"
 
 
 def export_bundle(bundle: Bundle, out: str | Path) -> Path:

@@ -64,6 +64,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _file_hash_memo[memo_key]
 
 
+def forget_file_hashes() -> None:
+    """Drop sha256_file's memo, so that every file is hashed again as in a new process (benchmarks)."""
+    _file_hash_memo.clear()
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 

@@ -61,7 +61,7 @@ DEFAULT_SPEC_PATH = Path(__file__).parent / "specs" / "default.toml"
 class FieldSpec:
     name: str
     kind: str                  # "int" or "float"
-    pattern: "regex.Pattern"
+    pattern: regex.Pattern
     template: str | None
 
 
@@ -70,7 +70,7 @@ class CardSpec:
     name: str
     fields: tuple[FieldSpec, ...]
     bin_edges: tuple[float, ...]
-    bin_pattern: "regex.Pattern | None"
+    bin_pattern: regex.Pattern | None
     bin_template: str | None
     source: str                 # path of the TOML, recorded in artifact metadata
     digest: str                 # hash of the TOML text, part of cache keys
@@ -87,15 +87,16 @@ class CardSpec:
         out = [f.template.format(**printed) for f in self.fields if f.template]
         if self.bin_template:
             for lo, hi, count in zip(self.bin_edges[:-1], self.bin_edges[1:], printed["bins"]):
-                out.append(self.bin_template.format(lo=_num(lo), hi=_num(hi), count=count))
+                out.append(self.bin_template.format(lo=number_text(lo), hi=number_text(hi), count=count))
         return out
 
 
-def _num(x: float) -> str:
+def number_text(x: float) -> str:
+    """A number as a card prints it: whole numbers without a decimal point."""
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def _compile(pattern: str, where: str) -> "regex.Pattern":
+def _compile(pattern: str, where: str) -> regex.Pattern:
     # The `regex` engine (not `re`) because a user's spec may hold a pattern with catastrophic
     # backtracking: `regex` can stop a match after a timeout (see PATTERN_TIMEOUT), `re` cannot.
     try:
@@ -104,7 +105,7 @@ def _compile(pattern: str, where: str) -> "regex.Pattern":
         raise ConfigError(f"{where}: invalid regular expression ({exc})") from None
 
 
-def search(pattern: "regex.Pattern", text: str) -> "regex.Match | None":
+def search(pattern: regex.Pattern, text: str) -> regex.Match | None:
     """``pattern.search(text)`` bounded in time; raises TimeoutError past PATTERN_TIMEOUT seconds."""
     return pattern.search(text, timeout=PATTERN_TIMEOUT)
 

@@ -3,9 +3,7 @@ and prints a rich summary (or JSON). Heavy libraries are imported inside command
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +12,17 @@ import click
 from asectl import __version__, ui
 from asectl.errors import AsectlError
 
+# ``asectl --help`` lists the commands in the order a user runs them.
+PIPELINE_ORDER = ("synth", "ocr", "describe", "reason", "align", "fuse-train", "predict", "report", "models", "cache")
+
 
 class _Group(click.Group):
-    """Turns AsectlError into one line on stderr and its exit code; --debug shows the traceback."""
+    """Turns AsectlError into one line on stderr and its exit code; --debug shows the traceback. Lists
+    its commands in pipeline order."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(super().list_commands(ctx),
+                      key=lambda n: (PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else len(PIPELINE_ORDER), n))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -24,7 +30,7 @@ class _Group(click.Group):
         except AsectlError as exc:
             if ctx.meta.get("asectl.debug"):
                 raise
-            from rich.markup import escape   # a message may hold brackets: pip extras, paths
+            from rich.markup import escape  # a message may hold brackets: pip extras, paths
 
             ui.console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
@@ -48,7 +54,7 @@ class _Logging(logging.Handler):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="asectl")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="ASECTL_CACHE_DIR",
-              help="Artifact cache folder (default: the user cache dir; env ASECTL_CACHE_DIR).")
+              show_envvar=True, show_default="the user cache folder", help="Artifact cache folder.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors (no progress bars).")
 @click.pass_context
@@ -64,81 +70,6 @@ def cli(ctx: click.Context, cache_dir: Path | None, debug: bool, quiet: bool) ->
     log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
     ctx.obj = Cache(cache_dir)
-
-
-# --- synth -------------------------------------------------------------------------------------------
-@cli.command()
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to write the dataset into.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--counts", default=None, help="Cards per class normal,type1..type4 (default 225,92,44,50,44).")
-@click.option("--test-size", default=None, type=int, help="Test cards (default 130 of 455, same share).")
-@click.option("--difficulty", type=click.Choice(["field", "clean"]), default="field", show_default=True,
-              help="field: severities, label disagreement, acquisition variation (docs/dataset.md); clean: ideal cards.")
-@click.option("--augment", "augment_src", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Instead of generating: apply TDA to this dataset's training split.")
-@click.option("--factor", default=2.0, show_default=True, type=float, help="TDA: training split grows x factor.")
-@click.option("--stats", "stats_source", type=click.Choice(["ocr", "printed"]), default="ocr", show_default=True,
-              help="TDA: per-card stats from the OCR stage, or from truth.jsonl of a generated dataset.")
-@click.option("--engine", default=None,
-              help="TDA with --stats ocr: OCR engine (default: the one last used on the dataset, else cnocr).")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.pass_obj
-def synth(cache, out, seed, counts, test_size, difficulty, augment_src, factor, stats_source, engine, force,
-          as_json):
-    """Write an ASE-like dataset (cards, labels.csv, truth.jsonl), or augment one with TDA."""
-    from asectl.stages.synth import run_augment, run_generate
-
-    if augment_src is None:
-        summary = run_generate(out, seed=seed, counts=counts, test_size=test_size, force=force,
-                               difficulty=difficulty)
-        msg = f"wrote {summary['cards']} cards ({summary['train']} train / {summary['test']} test) to {out}"
-    else:
-        summary = run_augment(augment_src, out, factor=factor, seed=seed, stats_source=stats_source,
-                              engine=engine, cache=cache, force=force)
-        summary.pop("fits", None)
-        msg = (f"TDA added {summary['added']} training cards: {summary['train']} train / "
-               f"{summary['test']} test (test split copied untouched) in {out}")
-    click.echo(json.dumps(summary)) if as_json else ui.info(msg)
-
-
-# --- cache -------------------------------------------------------------------------------------------
-@cli.group("cache", cls=_Group)
-def cache_group():
-    """See and manage the artifact cache."""
-
-
-@cache_group.command("info")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-def cache_info(cache, as_json):
-    """Where the cache is and what it holds per stage."""
-    info = cache.info()
-    if as_json:
-        click.echo(json.dumps(info))
-        return
-    from rich.table import Table
-
-    table = Table(title=f"cache: {info['root']}")
-    table.add_column("stage")
-    table.add_column("entries", justify="right")
-    table.add_column("MB", justify="right")
-    for stage, row in info["stages"].items():
-        table.add_row(stage, str(row["entries"]), f"{row['bytes'] / 1e6:.1f}")
-    ui.console.print(table)
-
-
-@cache_group.command("clear")
-@click.option("--stage", default=None, help="Only this stage's entries.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.pass_obj
-def cache_clear(cache, stage, yes):
-    """Delete cached entries (all, or one stage's)."""
-    if not yes and sys.stdin.isatty():
-        click.confirm(f"Delete {'all' if stage is None else stage} entries in {cache.root}?", abort=True)
-    n = cache.clear(stage)
-    ui.info(f"removed {n} entries from {cache.root}")
 
 
 def _register_stage_commands() -> None:

@@ -7,10 +7,11 @@ import csv
 import glob
 import hashlib
 import io
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -22,6 +23,13 @@ DEFAULT_LABELS = ("normal", "type1", "type2", "type3", "type4")
 NORMAL = "normal"
 SPLITS = ("train", "test")
 LABELS_FILE = "labels.csv"
+# Share of a folder without labels.csv held out as test: the paper's 130 test cards of 455 (paper lines
+# 189 and 204; the paper does not say how its split was drawn: here stratified and seeded).
+TEST_FRACTION = 130 / 455
+# Files asectl writes into an output folder (report, exported bundle): a folder holding one of them is
+# asectl's output, never a class of cards.
+OUTPUT_MARKERS = ("report.html", "metrics.json", "bundle.json")
+log = logging.getLogger("asectl")
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class Dataset:
     root: Path | None = None
     source: str = "images"          # "labels.csv", "imagefolder" or "images"
     labels: list[str] = field(default_factory=list)
+    split_seed: int | None = None   # the seed of an ImageFolder's stratified split (None: labels.csv's)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -54,10 +63,29 @@ class Dataset:
         rows = [(s.name, s.label, s.split, sha256_file(s.path)) for s in self.samples]
         return hashlib.sha256(canonical_json(rows).encode()).hexdigest()
 
+    def split_text(self) -> str:
+        """How the cards are split, e.g. "44 train / 17 test, stratified, split seed 0"."""
+        return split_text([s.split for s in self.samples], self.source, self.split_seed)
+
+    def split_record(self) -> dict[str, Any]:
+        """What a model stores of the split it was trained on: every card's name, label, split and
+        sha256, and how the split was made (asectl.stages.split checks a folder against it)."""
+        return {"source": self.source, "split_seed": self.split_seed,
+                "cards": [{"image": s.name, "label": s.label, "split": s.split, "sha256": sha256_file(s.path)}
+                          for s in self.samples]}
+
     def class_counts(self, split: str | None = None) -> dict[str, int]:
         rows = self.samples if split is None else self.split(split)
         c = Counter(s.label for s in rows)
         return {lab: c.get(lab, 0) for lab in self.labels}
+
+
+def split_text(splits: Sequence[str | None], source: str, split_seed: int | None) -> str:
+    """A split as people read it: counts and how it was made (a Dataset's, or one a model stored)."""
+    counts = f"{list(splits).count('train')} train / {list(splits).count('test')} test"
+    if split_seed is not None:
+        return f"{counts}, stratified, split seed {split_seed}"
+    return f"{counts}, from {LABELS_FILE}" if source == LABELS_FILE else counts
 
 
 def binary_label(label: str) -> str:
@@ -158,26 +186,43 @@ def _check_label_coverage(ds: Dataset, where: Path) -> None:
         raise DataError(f"{where}: test label(s) {', '.join(unknown)} never appear in the train split")
 
 
-def read_image_folder(root: Path, test_fraction: float = 130 / 455, seed: int = 0) -> Dataset:
-    rows = []
+def class_folders(root: Path) -> list[Path]:
+    """The class sub-folders of an ImageFolder: hidden folders and folders asectl wrote (a report or an
+    exported bundle, told by OUTPUT_MARKERS) are skipped, with a warning naming them."""
+    folders = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(sub.iterdir()):
-            if f.is_file() and is_image_path(f):
-                rows.append((f, f"{sub.name}/{f.name}", sub.name))
+        marker = next((m for m in OUTPUT_MARKERS if (sub / m).is_file()), None)
+        if marker is not None:
+            log.warning("%s: skipped, not a class (asectl output: it holds %s)", sub, marker)
+        else:
+            folders.append(sub)
+    return folders
+
+
+def read_image_folder(root: Path, test_fraction: float = TEST_FRACTION, split_seed: int = 0) -> Dataset:
+    """``<label>/<image>`` folders, split into train and test by ``stratified_split`` seeded with
+    ``split_seed`` (a seed of its own: the training seed never moves a card between the splits)."""
+    rows = []
+    for sub in class_folders(root):
+        images = [f for f in sorted(sub.iterdir()) if f.is_file() and is_image_path(f)]
+        if not images:
+            log.warning("%s: empty class folder (no images), skipped", sub)
+        rows += [(f, f"{sub.name}/{f.name}", sub.name) for f in images]
     if not rows:
         raise DataError(f"{root}: no {LABELS_FILE} and no <label>/<image> sub-folders; see docs/dataset.md")
     labels = [r[2] for r in rows]
     test_size = max(1, round(len(rows) * test_fraction))
-    splits = stratified_split(labels, test_size, seed) if len(rows) > 1 else ["train"]
+    splits = stratified_split(labels, test_size, split_seed) if len(rows) > 1 else ["train"]
     samples = [Sample(f.resolve(), name, lab, sp) for (f, name, lab), sp in zip(rows, splits)]
-    ds = Dataset(samples, root, "imagefolder", order_labels(labels))
+    ds = Dataset(samples, root, "imagefolder", order_labels(labels), split_seed=int(split_seed))
     _check_label_coverage(ds, root)
     return ds
 
 
-def load_dataset(path: str | Path, seed: int = 0, require_train: bool = True) -> Dataset:
+def load_dataset(path: str | Path, split_seed: int = 0, require_train: bool = True) -> Dataset:
     """A labelled dataset folder (labels.csv or ImageFolder). ``require_train``: the training stages need
-    a train split covering every test label; the per-image stages read any labelled folder."""
+    a train split covering every test label; the per-image stages read any labelled folder.
+    ``split_seed`` seeds the split of a folder without labels.csv (labels.csv names its own split)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"{root}: dataset folder not found")
@@ -185,15 +230,15 @@ def load_dataset(path: str | Path, seed: int = 0, require_train: bool = True) ->
         raise DataError(f"{root}: expected a dataset folder with {LABELS_FILE}")
     if (root / LABELS_FILE).is_file():
         return read_labels_csv(root, require_train)
-    return read_image_folder(root, seed=seed)
+    return read_image_folder(root, split_seed=split_seed)
 
 
-def load_inputs(inputs: Sequence[str | Path], seed: int = 0) -> Dataset:
+def load_inputs(inputs: Sequence[str | Path], split_seed: int = 0) -> Dataset:
     """What a stage command accepts: one dataset folder, or image files / folders / globs."""
     if len(inputs) == 1:
         p = Path(inputs[0]).expanduser()
         if p.is_dir() and ((p / LABELS_FILE).is_file() or any(c.is_dir() for c in p.iterdir())):
-            return load_dataset(p, seed=seed, require_train=False)
+            return load_dataset(p, split_seed=split_seed, require_train=False)
     files: list[Path] = []
     for item in inputs:
         p = Path(item).expanduser()

@@ -1,5 +1,6 @@
 """Where the per-image stages compute what is not cached: here (``local``: this process and its worker
-pools, asectl/workers.py) or on a Ray cluster (``ray``: asectl/ray_executor.py, imported only then).
+pools, asectl/workers.py) or on a Ray cluster (``ray``: asectl/ray_executor.py, imported only then). Each
+executor registers itself under its name in ``asectl.registry.EXECUTORS``, where ``make_executor`` finds it.
 
 A stage describes its computation as a ``Work``: a function that runs once per worker and returns the
 function that computes a batch of jobs (an OCR engine, a VLM or a GGUF LLM loaded once, then cards or
@@ -23,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from asectl.errors import ConfigError
+from asectl.registry import EXECUTORS
 
-EXECUTORS = ("local", "ray")
 CONFIG_ENV = "ASECTL_CONFIG"
 CONFIG_TABLE = "executor"
 INSTALL_HINT = 'pip install -e ".[ray]"'
@@ -90,8 +91,8 @@ class ExecutorSettings:
                "num_gpus_per_worker": ("--num-gpus-per-worker", "ASECTL_NUM_GPUS_PER_WORKER")}
 
     def __post_init__(self) -> None:
-        if self.kind not in EXECUTORS:
-            raise ConfigError(f"executor {self.kind!r}: choose one of {', '.join(EXECUTORS)}")
+        if self.kind not in EXECUTORS.names():
+            raise ConfigError(f"executor {self.kind!r}: choose one of {', '.join(EXECUTORS.names())}")
         for name in ("workers", "batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -176,8 +177,12 @@ class Work:
     meta: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8          # jobs per batch unless --ray-batch-size says otherwise
     cpus: float = 1.0            # cores one worker keeps busy (its thread count)
+    # On the driver, the result of a job whose worker process died each time it ran it (a poison card): the
+    # job's error record; None stops the run instead. Importable, like ``load``.
+    lost: Callable[[Job, str], Any] | None = None
 
 
+@EXECUTORS.register("local")
 class Executor:
     """The local executor: stages compute their misses themselves (in-process or with their own worker
     pools). ``distributed`` executors take ``Work`` instead, through ``map``."""
@@ -213,15 +218,13 @@ def check_same(what: str, here: Any, driver: Any) -> None:
 
 
 def make_executor(settings: ExecutorSettings | None = None) -> Executor:
-    """The executor ``settings`` ask for. Ray is imported here only for ``kind == "ray"``; without it
-    installed, one ConfigError saying how to install it."""
+    """The executor ``settings`` ask for, found by its name in ``asectl.registry.EXECUTORS``. Ray is imported
+    only for ``kind == "ray"``; without it installed, one ConfigError saying how to install it."""
     settings = settings or ExecutorSettings()
     if settings.kind == "local":
         return LOCAL
-    require_ray()
-    from asectl.ray_executor import RayExecutor
-
-    return RayExecutor(settings)
+    kind, _ = EXECUTORS.get(settings.kind)
+    return kind(settings)
 
 
 def require_ray() -> None:
@@ -256,5 +259,5 @@ def using(executor: Executor) -> Iterator[Executor]:
         executor.close()
 
 
-__all__ = ["EXECUTORS", "ExecutorSettings", "Executor", "Job", "Work", "LOCAL", "make_executor", "require_ray",
+__all__ = ["ExecutorSettings", "Executor", "Job", "Work", "LOCAL", "make_executor", "require_ray",
            "resolve", "using", "check_same", "config_path", "read_config_table"]

@@ -1,21 +1,27 @@
 """The Ray executor (``--executor ray``): a stage's ``Work`` as a Ray Data pipeline whose workers are an actor
 pool. Each actor loads the stage's engine once, computes batches of jobs and stores every result in the
 shared content-addressed cache itself, so nothing a worker finished depends on the driver living on.
-Imported only when the Ray executor is chosen (asectl.executors.make_executor). docs/scale.md."""
+Imported only when the Ray executor is chosen (it registers itself in asectl.registry.EXECUTORS, which
+imports it on demand for asectl.executors.make_executor). docs/scale.md."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from asectl.cache import Cache, write_atomic
-from asectl.errors import AsectlError, ConfigError
-from asectl.executors import INSTALL_HINT, Executor, ExecutorSettings, Job, Work
+from asectl.errors import AsectlError, ConfigError, describe_exception
+from asectl.executors import INSTALL_HINT, Executor, ExecutorSettings, Job, Work, require_ray
+from asectl.registry import EXECUTORS
+from asectl.workers import CRASH_RETRIES, CRASH_TEST_ENV, died_alone
 
+require_ray()   # not installed: one line saying how to install it
 try:
     import ray
     import ray.data
@@ -24,6 +30,55 @@ except ImportError as exc:   # installed, but broken (a missing dependency of Ra
     raise ConfigError(f"--executor ray: Ray does not import ({exc}); run `{INSTALL_HINT}`") from None
 
 PROBE_TIMEOUT_S = 120
+PROBE_CONNECT_S = 5.0   # a cluster's GCS port accepts a connection at once; a dead or filtered one never does
+JOIN_TIMEOUT_S = 20.0   # the longest ray.init may take to join a cluster that answers (usually under 2 s)
+
+
+def reachable(address: str) -> None:
+    """ConfigError naming ``address`` unless something accepts a TCP connection at its host and port
+    (``HOST:PORT`` or ``ray://HOST:PORT``; other forms, such as ``auto``, are left to Ray)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        where = urlsplit(address if "://" in address else f"//{address}")
+        host, port = where.hostname, where.port
+    except ValueError:   # a port that is not a number
+        raise ConfigError(f"--ray-address {address}: not HOST:PORT (e.g. 10.0.0.5:6379); fix the address") from None
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=PROBE_CONNECT_S).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ConfigError(f"--ray-address {address}: nothing answers at {host}:{port} ({why} within "
+                          f"{PROBE_CONNECT_S:g} s); start the cluster with `ray start --head` or fix the address "
+                          "(docs/scale.md)") from None
+
+
+def join_within(seconds: float, **init: Any) -> None:
+    """``ray.init(**init)``, or a ConfigError after ``seconds``: a port that answers but is no Ray cluster
+    (or one that hangs) keeps ray.init retrying for minutes, and it cannot be interrupted. It runs in a
+    daemon thread that is abandoned, still waiting, when the time is up."""
+    import threading
+
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            ray.init(**init)
+        except BaseException as exc:   # handed to the caller's thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=join, name="ray-join", daemon=True).start()
+    if not done.wait(seconds):
+        raise ConfigError(f"--ray-address {init.get('address')}: no Ray cluster answered there within {seconds:g} s; "
+                          "check the address (`ray status` on the cluster shows it) (docs/scale.md)")
+    if failure:
+        raise failure[0]
 
 
 class _Failure:
@@ -60,6 +115,9 @@ def _worker_class(work: Work, cache_root: str) -> type:
                 payload = [pickle.dumps(r) for r in results]
             except AsectlError as exc:
                 payload = [pickle.dumps(_Failure(exc))] * len(jobs)
+            except Exception as exc:   # a fault in the stage's code: the run stops, the batch is not dropped
+                failure = ConfigError(f"{work.name} failed: {describe_exception(exc)}")
+                payload = [pickle.dumps(_Failure(failure))] * len(jobs)
             return {"index": batch["index"], "result": np.array(payload, dtype=object)}
 
     CardWorker.__qualname__ = CardWorker.__name__ = f"{work.stage.title().replace('-', '')}Worker"
@@ -75,6 +133,7 @@ def _write_probe(path: str, token: str) -> str | None:
     return None
 
 
+@EXECUTORS.register("ray")
 class RayExecutor(Executor):
     kind = "ray"
     distributed = True
@@ -87,7 +146,9 @@ class RayExecutor(Executor):
     # -- the cluster -----------------------------------------------------------------------------------
     def connect(self) -> None:
         """Join the cluster at --ray-address; without one, a running cluster if there is one, else start a
-        Ray instance on this machine (one CPU per usable core)."""
+        Ray instance on this machine (one CPU per usable core). A wrong or unreachable address is one
+        ConfigError naming it within ``PROBE_CONNECT_S + JOIN_TIMEOUT_S`` seconds: Ray itself would retry for
+        minutes, printing connection warnings."""
         self._quiet_ray_data()
         if ray.is_initialized():
             return
@@ -95,7 +156,8 @@ class RayExecutor(Executor):
         address = self.settings.address
         try:
             if address:
-                ray.init(address=address, **quiet)
+                reachable(address)
+                join_within(JOIN_TIMEOUT_S, address=address, **quiet)
             else:
                 try:
                     ray.init(address="auto", **quiet)
@@ -104,6 +166,8 @@ class RayExecutor(Executor):
 
                     ray.init(num_cpus=usable_cores(), include_dashboard=False, **quiet)
                     self._started_here = True
+        except ConfigError:
+            raise
         except Exception as exc:   # Ray raises ConnectionError, RuntimeError, ValueError ... for a bad address
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ConfigError(f"--ray-address {address or 'auto'}: cannot join a Ray cluster ({first}); start one "
@@ -115,7 +179,10 @@ class RayExecutor(Executor):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        # A batch whose worker died beyond its retries is dropped, not the end of the run (``map``); Ray
+        # Data's log of each such drop (a traceback) is left out, the job's error record says it.
+        ctx.max_errored_blocks = -1
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
     def close(self) -> None:
         if self._started_here and ray.is_initialized():
@@ -173,24 +240,53 @@ class RayExecutor(Executor):
     # -- a stage's work --------------------------------------------------------------------------------
     def map(self, work: Work, jobs: Sequence[Job], cache: Cache) -> Iterator[tuple[int, Any]]:
         """(position in ``jobs``, result) for every job, in the order they finish; the workers have stored
-        the results (counted in ``cache.stats`` here). Close the iterator to stop early."""
+        the results (counted in ``cache.stats`` here). Close the iterator to stop early.
+
+        A worker process that dies is restarted (its engine loaded again) by Ray. Its batch is dropped when
+        the batch holds several jobs, else run again up to ``CRASH_RETRIES`` times; the jobs of dropped
+        batches are then run again one per batch, so a job that kills its worker every time (a poison card)
+        is found and the others complete. Its result is ``work.lost(job, why)`` (a card's error record), or
+        without ``lost`` one ConfigError that stops the run."""
         self.connect()
         root = Path(cache.root).absolute()   # not resolve(): each node follows its own links to the share
         self.check_shared_cache(root)
         if not jobs:
             return
         batch_size = self.settings.batch_size or work.batch_size
-        n_batches = math.ceil(len(jobs) / batch_size)
+        done: set[int] = set()
+        # A lost batch of several jobs is not retried as it is: the isolation round retries its jobs alone.
+        yield from self._run(work, jobs, range(len(jobs)), root, cache, batch_size,
+                             0 if batch_size > 1 else CRASH_RETRIES, done)
+        if len(done) < len(jobs) and batch_size > 1:
+            lost = [i for i in range(len(jobs)) if i not in done]
+            yield from self._run(work, jobs, lost, root, cache, 1, CRASH_RETRIES, done)
+        why = died_alone(work.name)
+        for i in range(len(jobs)):
+            if i in done:
+                continue
+            if work.lost is None:
+                raise ConfigError(f"{why}; what finished is cached: check the cluster with `ray status` and rerun")
+            yield i, work.lost(jobs[i], why)
+
+    def _run(self, work: Work, jobs: Sequence[Job], todo: Sequence[int], root: Path, cache: Cache, batch_size: int,
+             retries: int, done: set[int]) -> Iterator[tuple[int, Any]]:
+        """One Ray Data pass over the jobs at positions ``todo``, each batch retried up to ``retries`` times
+        when its worker dies, then dropped; ``done`` collects the positions answered."""
+        n_batches = math.ceil(len(todo) / batch_size)
         workers = min(self._workers(work), n_batches)
-        items = [{"index": i, "job": pickle.dumps(job)} for i, job in enumerate(jobs)]
+        items = [{"index": i, "job": pickle.dumps(jobs[i])} for i in todo]
         resources: dict[str, Any] = {"num_cpus": work.cpus}
         if self.settings.num_gpus_per_worker:
             resources["num_gpus"] = self.settings.num_gpus_per_worker
-        # Ray Data's own fault tolerance: a worker process that dies is restarted (its engine loaded again)
-        # and its batches are retried, without limit.
-        results = ray.data.from_items(items, override_num_blocks=n_batches).map_batches(
-            _worker_class(work, str(root)), batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
-            **resources)
+        if os.environ.get(CRASH_TEST_ENV):   # the test hook reaches the workers of a cluster started earlier
+            resources["runtime_env"] = {"env_vars": {CRASH_TEST_ENV: os.environ[CRASH_TEST_ENV]}}
+        with warnings.catch_warnings():
+            # Ray Data 2.60 takes the actors' task retries (default: without limit) only among the remote
+            # arguments it calls deprecated, to be removed in Ray 2.64; it names no replacement yet.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            results = ray.data.from_items(items, override_num_blocks=n_batches).map_batches(
+                _worker_class(work, str(root)), batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=workers), max_task_retries=retries, **resources)
         try:
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                 for index, payload in zip(batch["index"], batch["result"]):
@@ -199,6 +295,7 @@ class RayExecutor(Executor):
                         raise result.error
                     if isinstance(result, dict) and not result.get("error"):
                         cache._count(work.stage, "put")   # stored by the worker, counted here
+                    done.add(int(index))
                     yield int(index), result
         except ray.exceptions.RayActorError as exc:
             raise ConfigError(f"{work.name} process on the Ray cluster died and could not be restarted "

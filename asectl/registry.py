@@ -1,8 +1,10 @@
-"""Name -> backend class registries, one per family (ocr, vlm, llm, image-encoder, text-encoder).
+"""Name -> backend class registries, one per family (ocr, vlm, llm, image-encoder, text-encoder, executor).
 
 Built-in backends register themselves with the same decorator a third-party package would use; a
 package can also expose an ``asectl.plugins`` entry point whose module registers its backends on import.
-Model choice is therefore data (a name in a config or bundle), not an if-chain.
+Model choice is therefore data (a name in a config or bundle), not an if-chain. A built-in whose module
+imports something heavy or optional (the Ray executor) is named with its module and imported only when
+it is asked for by name.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ def _load_plugins() -> None:
 
 
 class Registry:
-    def __init__(self, family: str, builtin_module: str):
+    def __init__(self, family: str, builtin_module: str, on_demand: dict[str, str] | None = None):
         self.family = family
         self._builtin_module = builtin_module
+        self._on_demand = dict(on_demand or {})   # name -> module that registers it when imported
         self._items: dict[str, tuple[type, dict[str, Any]]] = {}
 
     def register(self, name: str, **defaults: Any) -> Callable[[type], type]:
@@ -44,10 +47,12 @@ class Registry:
 
     def names(self) -> list[str]:
         self._ensure()
-        return sorted(self._items)
+        return sorted(set(self._items) | set(self._on_demand))
 
     def get(self, name: str) -> tuple[type, dict[str, Any]]:
         self._ensure()
+        if name not in self._items and name in self._on_demand:
+            importlib.import_module(self._on_demand[name])
         if name not in self._items:
             raise ConfigError(f"unknown {self.family} backend '{name}'; choose one of: {', '.join(self.names())}")
         return self._items[name]
@@ -62,3 +67,5 @@ VLMS = Registry("vision-language model", "asectl.backends.vlm")
 LLMS = Registry("LLM", "asectl.backends.llm")
 IMAGE_ENCODERS = Registry("image encoder", "asectl.backends.encoders")
 TEXT_ENCODERS = Registry("text encoder", "asectl.backends.encoders")
+# Where the per-image stages compute their cache misses (asectl/executors.py); Ray only when asked for.
+EXECUTORS = Registry("executor", "asectl.executors", on_demand={"ray": "asectl.ray_executor"})

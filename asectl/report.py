@@ -42,8 +42,6 @@ BINARY_LABELS = ("normal", "defective")
 CLASS_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
                  "tab:gray", "tab:olive", "tab:cyan")
 TSNE_MIN_SAMPLES = 4
-# Rows of the misclassified-samples table in report.html/report.md (metrics.json keeps every prediction).
-MAX_ERROR_ROWS = 100
 FILES = {"html": "report.html", "markdown": "report.md", "metrics": "metrics.json",
          "confusion": "confusion.png", "confusion_binary": "confusion_binary.png", "tsne": "tsne.png",
          "curves": "curves.png", "calibration": "calibration.png"}
@@ -94,6 +92,10 @@ class ReportInput:
     calibration: Mapping[str, Any] | None = None
     decision_rule: Mapping[str, Any] | None = None
     decisions: Sequence[str] | None = None
+    # Why each card got its decision (DecisionRule.explain), and a small image of each card for the
+    # per-card table (data: URIs from card_thumbnail), in test-split order.
+    reasons: Sequence[str] | None = None
+    thumbnails: Sequence[str] | None = None
 
 
 @dataclass
@@ -119,6 +121,8 @@ def binary_labels(label_names: Sequence[str], y: Sequence[int]) -> list[int]:
 def _view_metrics(labels: Sequence[str], y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, Any]:
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+    from asectl.metrics import macro_f1_from_codes
+
     k = len(labels)
     all_idx = list(range(k))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -134,7 +138,7 @@ def _view_metrics(labels: Sequence[str], y_true: Sequence[int], y_pred: Sequence
     return {
         "labels": list(labels),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "macro_f1": macro_f1_from_codes(y_true, y_pred, k),
         "macro_f1_labels": [labels[i] for i in present],
         "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
         "per_class": per_class,
@@ -458,9 +462,63 @@ def calibration_metrics(data: "ReportInput", labels: Sequence[str]) -> tuple[dic
     if data.decision_rule is not None and data.decisions is not None:
         if len(data.decisions) != len(y):
             raise DataError(f"report: {len(y)} predictions but {len(data.decisions)} decisions")
-        decision = {**dict(data.decision_rule),
-                    "test": decision_stats(data.decisions, y, np.asarray(list(data.y_pred)), labels)}
+        test_stats = decision_stats(data.decisions, y, np.asarray(list(data.y_pred)), labels)
+        decision = {**dict(data.decision_rule), "test": test_stats,
+                    "figures": decision_figures(test_stats, data.decision_rule)}
     return calibration, decision
+
+
+# The figures a line decides on, in the order the report shows them: (name, numerator and denominator
+# keys of decision_stats, target key of the rule, what the denominator counts).
+DECISION_FIGURES = (("miss rate", "n_missed", "n_defective", "max_miss_rate", "defective cards"),
+                    ("review share", "n_review", "n", None, "cards"),
+                    ("defect error", "n_wrong_defect", "n_defect_decisions", "max_defect_error", "defect decisions"))
+INTERVAL_CONFIDENCE = 0.95
+
+
+def decision_figures(stats: Mapping[str, Any], rule: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Miss rate, review share and defect error on the test split, each with its exact (Clopper-Pearson)
+    95% interval, its target, the held-out training cards' figure, whether the test split exceeds the
+    target, and whether the split is too small to show the target is met (with none wrong, the interval
+    still reaches above it)."""
+    from asectl.models.calibration import exact_interval
+
+    counts = {**stats, "n_review": stats["counts"]["review"]}
+    held = rule.get("held_out") or {}
+    rows = []
+    for name, k_key, n_key, target_key, unit in DECISION_FIGURES:
+        k, n = int(counts[k_key]), int(counts[n_key])
+        target = None if target_key is None else float(rule[target_key])
+        value = k / n if n else None
+        interval = exact_interval(k, n, INTERVAL_CONFIDENCE)
+        best_case = exact_interval(0, n, INTERVAL_CONFIDENCE)
+        rows.append({"name": name, "k": k, "n": n, "unit": unit, "value": value,
+                     "interval": list(interval) if interval else None, "target": target,
+                     "held_out": held.get(name.replace(" ", "_")),
+                     "exceeded": bool(target is not None and value is not None and value > target),
+                     "too_few": bool(target is not None and best_case is not None and best_case[1] > target)})
+    return rows
+
+
+def figure_warnings(figures: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A sentence for each target the test split exceeds, and for each it is too small to check."""
+    out = []
+    for f in figures:
+        if f["exceeded"]:
+            out.append(f"test {f['name']} {_rate(f['value'], f['k'], f['n'])} exceeds its target of at most "
+                       f"{_rate(f['target'])}")
+        if f["too_few"]:
+            out.append(f"{f['n']} {f['unit']} on the test split are too few to check the {f['name']} target of "
+                       f"{_rate(f['target'])}: with none wrong, the exact {INTERVAL_CONFIDENCE:.0%} interval still "
+                       f"reaches {_rate(exact_upper(f['n']))}")
+    return out
+
+
+def exact_upper(n: int) -> float:
+    """The upper end of the exact interval of 0 of ``n``."""
+    from asectl.models.calibration import exact_interval
+
+    return exact_interval(0, n, INTERVAL_CONFIDENCE)[1]
 
 
 def reliability_png(test: Mapping[str, Any] | None) -> bytes:
@@ -548,11 +606,15 @@ def render_report(data: ReportInput) -> dict[str, bytes]:
     metrics["dataset"] = data.dataset
     metrics["dataset_fingerprint"] = data.dataset_fingerprint
     metrics["seeds"] = {str(k): int(v) for k, v in data.seeds.items()}
-    metrics["warnings"] = [str(w) for w in data.warnings]
     metrics["calibration"], metrics["decision"] = calibration_metrics(data, labels)
+    flags = figure_warnings(metrics["decision"]["figures"]) if metrics["decision"] else []
+    metrics["warnings"] = [str(w) for w in data.warnings] + flags
     if data.decisions is not None:
         for row, decision in zip(metrics["predictions"], data.decisions):
             row["decision"] = str(decision)
+    if data.reasons is not None:
+        for row, reason in zip(metrics["predictions"], data.reasons):
+            row["reason"] = str(reason)
 
     pngs = {"confusion": confusion_png(metrics["multiclass"], "Multi-class confusion matrix")}
     if metrics["binary"]:
@@ -640,10 +702,6 @@ def _context(data: ReportInput, metrics: Mapping[str, Any]) -> dict[str, Any]:
     multi, binary = metrics["multiclass"], metrics["binary"]
     headline = headline_rows(metrics)
     views = [("Multi-class", multi)] + ([("Binary (normal vs defective)", binary)] if binary else [])
-    errors = sorted((p for p in metrics["predictions"] if not p["correct"]),
-                    key=lambda p: -p.get("confidence", 0.0))
-    error_rows = [[p["image"], p["true"], p["pred"],
-                   f"{p['confidence']:.3f}" if "confidence" in p else "—"] for p in errors[:MAX_ERROR_ROWS]]
     stage_rows = [[s.name, str(s.n_train) if s.n_train is not None else "—", str(len(s.itc_loss)),
                    _fmt_loss(s.itc_loss[-1] if len(s.itc_loss) else None),
                    _fmt_loss(s.val_loss) if s.val_loss is not None else "— (D_pend empty)"]
@@ -654,7 +712,7 @@ def _context(data: ReportInput, metrics: Mapping[str, Any]) -> dict[str, Any]:
             ("seeds", ", ".join(f"{k}={v}" for k, v in data.seeds.items()) or "—")]
     return {
         "title": data.title,
-        "warnings": [str(w) for w in data.warnings],
+        "warnings": list(metrics["warnings"]),         # the input's, and the decision figures' flags
         "n_test": metrics["n_test"],
         "accuracy": _pct(multi["accuracy"]),
         "macro_multi": _pct(multi["macro_f1"]),
@@ -665,7 +723,6 @@ def _context(data: ReportInput, metrics: Mapping[str, Any]) -> dict[str, Any]:
                    "weighted": _pct(v["weighted_f1"]), "accuracy": _pct(v["accuracy"]),
                    "confusion": _confusion_rows(v)} for t, v in views],
         "per_class_header": PER_CLASS_HEADER,
-        "errors": error_rows, "n_errors": len(errors), "max_error_rows": MAX_ERROR_ROWS,
         "stage_rows": stage_rows,
         "fusion_last": (f"{len(data.fusion_curve)} epochs; last epoch loss {_fmt_loss(last_fusion.get('loss'))}, "
                         f"training accuracy {_pct(last_fusion['accuracy']) if 'accuracy' in last_fusion else '—'} %"
@@ -675,7 +732,71 @@ def _context(data: ReportInput, metrics: Mapping[str, Any]) -> dict[str, Any]:
         "tsne": metrics["tsne"],
         "tsne_stages": ", ".join(metrics["tsne"]["stages"]) or "none",
         "calibration": _calibration_context(metrics),
+        "decisions": _decisions_context(metrics),
+        "cards": card_rows(metrics, data.thumbnails),
     }
+
+
+FIGURES_HEADER = ["figure", "test split", "exact 95% interval", "target", "held-out training cards", "status"]
+CARDS_HEADER = ["image", "true label", "class", "probability", "decision", "reason", "flag"]
+# Per-card table order: what the line must look at first.
+CARD_GROUPS = ("missed defect", "wrong defect", "review", "misclassified", "")
+
+
+def _decisions_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The opening section: the decision figures against their targets (None without a decision rule)."""
+    dec = metrics.get("decision")
+    if not dec or "figures" not in dec:
+        return None
+    rows, flags = [], []
+    for f in dec["figures"]:
+        interval = "—" if f["interval"] is None else f"{_rate(f['interval'][0])} – {_rate(f['interval'][1])}"
+        status = ("OVER TARGET" if f["exceeded"] else "too few cards to check" if f["too_few"] else
+                  "within target" if f["target"] is not None and f["value"] is not None else "—")
+        rows.append({"cells": [f["name"], _rate(f["value"], f["k"], f["n"]), interval,
+                               "—" if f["target"] is None else f"at most {_rate(f['target'])}",
+                               _rate(f["held_out"]), status], "exceeded": f["exceeded"]})
+        if f["exceeded"]:
+            flags.append(f"The test {f['name']}, {_rate(f['value'], f['k'], f['n'])}, exceeds its target of at "
+                         f"most {_rate(f['target'])}.")
+
+    def when(v: float | None) -> str:
+        return "never (no threshold met its target on held-out cards)" if v is None else f"with p ≥ {v:.4f}"
+
+    rule = (f"pass: top class normal {when(dec['pass_threshold'])}; defect: top class a defect class "
+            f"{when(dec['defect_threshold'])}; otherwise review (thresholds chosen on held-out training cards). "
+            f"Miss rate: defective cards passed, over defective cards; review share: cards sent to review, over "
+            f"all cards; defect error: cards decided defect whose true class differs, over defect decisions.")
+    return {"rows": rows, "flags": flags, "rule": rule, "n": dec["test"]["n"]}
+
+
+def card_rows(metrics: Mapping[str, Any], thumbnails: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per test card for the per-card table, passed defects first, then wrong defect decisions,
+    cards sent to review, other misclassified cards, the rest; most confident first within each."""
+    rows = []
+    for i, p in enumerate(metrics["predictions"]):
+        decision = p.get("decision")
+        flag = ("missed defect" if decision == "pass" and p["true"] != NORMAL else
+                "wrong defect" if decision == "defect" and not p["correct"] else
+                "review" if decision == "review" else "" if p["correct"] else "misclassified")
+        rows.append({"thumbnail": thumbnails[i] if thumbnails else None, "flag": flag,
+                     "confidence": p.get("confidence", 0.0),
+                     "cells": [p["image"], p["true"], p["pred"],
+                               f"{p['confidence']:.4f}" if "confidence" in p else "—", decision or "—",
+                               p.get("reason", "—"), flag if flag != "review" else ""]})
+    return sorted(rows, key=lambda r: (CARD_GROUPS.index(r["flag"]), -r["confidence"]))
+
+
+def card_thumbnail(path: str | Path, height: int = 48) -> str:
+    """A small PNG of a card as a data: URI, for the per-card table of report.html."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((height * 4, height))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 TRADEOFF_HEADER = ["miss-rate target", "pass threshold", "review share", "miss rate"]
@@ -749,13 +870,22 @@ def _markdown(ctx: Mapping[str, Any], metrics: Mapping[str, Any], pngs: Mapping[
         out.append(f"> **Warning:** {w}")
     if ctx["warnings"]:
         out.append("")
-    out += ["## Results", "", format_metrics_markdown(metrics, detail=True).rstrip(), ""]
+    dec = ctx["decisions"]
+    if dec:
+        out += [f"## Decisions on the test split ({dec['n']} cards)", ""]
+        out += [f"> **OVER TARGET:** {flag}" for flag in dec["flags"]] + ([""] if dec["flags"] else [])
+        out += [_md_table(FIGURES_HEADER, [r["cells"] for r in dec["rows"]]), "", dec["rule"], ""]
+    out += ["## Cards", "", f"{len(ctx['cards'])} test cards: defective cards passed first, then wrong defect "
+            "decisions, cards sent to review, other misclassified cards and the rest.", "",
+            _md_table(CARDS_HEADER, [r["cells"] for r in ctx["cards"]]), ""]
+    out += ["## Classification", "", format_metrics_markdown(metrics, detail=True).rstrip(), ""]
     out += ["![Multi-class confusion matrix](confusion.png)", ""]
     if "confusion_binary" in pngs:
         out += ["![Binary confusion matrix](confusion_binary.png)", ""]
+    out += ["## ML diagnostics", ""]
     cal = ctx["calibration"]
     if cal:
-        out += ["## Confidence and decisions", "", cal["text"], "",
+        out += ["### Confidence and decisions", "", cal["text"], "",
                 _md_table(["", "before calibration", "after calibration"], cal["ece_rows"]), "",
                 "![Reliability diagrams](calibration.png)", ""]
         if cal["rule_text"]:
@@ -764,16 +894,8 @@ def _markdown(ctx: Mapping[str, Any], metrics: Mapping[str, Any], pngs: Mapping[
         if cal["tradeoff_rows"]:
             out += [f"Other miss-rate targets on the held-out training cards (same defect target): {TRADEOFF_NOTE}",
                     "", _md_table(TRADEOFF_HEADER, cal["tradeoff_rows"]), ""]
-    out += ["## Misclassified test samples", ""]
-    if ctx["errors"]:
-        note = (f" (the {ctx['max_error_rows']} most confident of {ctx['n_errors']}; all are in metrics.json)"
-                if ctx["n_errors"] > ctx["max_error_rows"] else "")
-        out += [f"{ctx['n_errors']} of {ctx['n_test']} misclassified{note}.", "",
-                _md_table(["image", "true", "predicted", "confidence"], ctx["errors"]), ""]
-    else:
-        out += ["None.", ""]
-    out += ["## Image embeddings (t-SNE)", "", _tsne_caption(ctx), "", "![t-SNE of image embeddings](tsne.png)",
-            "", "## Training", ""]
+    out += ["### Image embeddings (t-SNE)", "", _tsne_caption(ctx), "", "![t-SNE of image embeddings](tsne.png)",
+            "", "### Training", ""]
     if ctx["stage_rows"]:
         out += [_md_table(["stage", "training pairs", "epochs", "final ITC loss", "ITC loss on D_pend"],
                           ctx["stage_rows"]), ""]
@@ -801,7 +923,8 @@ def _html(ctx: Mapping[str, Any], metrics: Mapping[str, Any], pngs: Mapping[str,
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     images = {k: "data:image/png;base64," + base64.b64encode(v).decode("ascii") for k, v in pngs.items()}
     return env.from_string(source).render(**ctx, images=images, tsne_caption=_tsne_caption(ctx),
-                                          tradeoff_header=TRADEOFF_HEADER, tradeoff_note=TRADEOFF_NOTE)
+                                          tradeoff_header=TRADEOFF_HEADER, tradeoff_note=TRADEOFF_NOTE,
+                                          figures_header=FIGURES_HEADER, cards_header=CARDS_HEADER)
 
 
 def _summary_text(metrics: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
@@ -815,14 +938,29 @@ def _summary_text(metrics: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def print_summary(summary: ReportSummary, console: Any = None) -> None:
-    """Per-class F1, macro-F1 (multi-class and binary) and provenance as rich tables."""
+def print_summary(summary: ReportSummary, console: Any = None, quiet: bool = False) -> None:
+    """The decision figures against their targets first, then per-class F1, macro-F1 (multi-class and
+    binary) and provenance as rich tables; ``quiet``: the warnings only (flags on exceeded targets
+    included)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     metrics = summary.metrics
+    for w in metrics["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    if quiet:
+        return
+    figures = (metrics.get("decision") or {}).get("figures")
+    if figures:
+        table = Table(title=f"Decisions on the test split: {metrics['decision']['test']['n']} cards",
+                      title_justify="left")
+        for col in FIGURES_HEADER:
+            table.add_column(col, justify="left" if col in ("figure", "status") else "right")
+        for row in _decisions_context(metrics)["rows"]:
+            table.add_row(*map(escape, row["cells"]), style="bold red" if row["exceeded"] else None)
+        console.print(table)
     multi, binary = metrics["multiclass"], metrics["binary"]
     table = Table(title=f"Test split: {metrics['n_test']} samples", title_justify="left")
     for col in PER_CLASS_HEADER:
@@ -848,8 +986,6 @@ def print_summary(summary: ReportSummary, console: Any = None) -> None:
     line = _decision_line(metrics)
     if line:
         console.print(escape(line), highlight=False)
-    for w in metrics["warnings"]:
-        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     console.print(f"report: {escape(str(summary.paths['html']))}", highlight=False)
 
 

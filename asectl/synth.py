@@ -23,8 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asectl.card import (GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points,
-                         render_card)
+from asectl.card import GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points, render_card
 from asectl.dataset import DEFAULT_LABELS, Dataset, stratified_split
 from asectl.errors import ConfigError, DataError
 
@@ -368,6 +367,60 @@ def _undo_small_flips(labels: list[str], gen: list[str]) -> None:
         labels[small[0]] = gen[small[0]]
 
 
+def match_label_counts(labels: list[str], label_probs: list[dict[str, float]], target: dict[str, int],
+                       generating: list[str]) -> None:
+    """Relabel a few cards, in place, so the label counts equal ``target`` exactly (the paper's Table 1
+    gives N per labelled class, line 98; with the drawn flips they drift by a few cards).
+
+    Each step moves one unit from a label with too many cards to one with too few along the shortest
+    chain of relabellings (breadth-first over the labels), where a card may only take a label it could
+    have been given (its probability is positive): a flipped card going back to its generating class
+    always qualifies, so a chain exists from every surplus to some deficit. So that the share of labels
+    differing from the generating class stays as drawn, a link prefers a new flip while fewer cards
+    differ than were drawn, and a flip undone otherwise; then the card most likely to carry the new
+    label; ties go to the lower index, so the result is deterministic."""
+    from collections import deque
+
+    drawn_differing = sum(lab != g for lab, g in zip(labels, generating))
+
+    def best_card(src: str, dst: str) -> int | None:
+        prefer_new_flip = sum(lab != g for lab, g in zip(labels, generating)) < drawn_differing
+        options = [((dst == generating[i]) == prefer_new_flip, -label_probs[i].get(dst, 0.0), i)
+                   for i, lab in enumerate(labels) if lab == src and label_probs[i].get(dst, 0.0) > 0]
+        return min(options)[2] if options else None
+
+    while True:
+        have = {lab: 0 for lab in target}
+        for lab in labels:
+            have[lab] = have.get(lab, 0) + 1
+        surplus = [lab for lab in sorted(have) if have[lab] > target.get(lab, 0)]
+        if not surplus:
+            return
+        deficit = {lab for lab in target if have[lab] < target[lab]}
+        # Breadth-first from the surplus labels; prev[label] = (label it came from, card that moves).
+        prev: dict[str, tuple[str, int] | None] = {lab: None for lab in surplus}
+        queue, reached = deque(surplus), None
+        while queue and reached is None:
+            src = queue.popleft()
+            for dst in sorted(target):
+                if dst in prev:
+                    continue
+                card = best_card(src, dst)
+                if card is not None:
+                    prev[dst] = (src, card)
+                    if dst in deficit:
+                        reached = dst
+                        break
+                    queue.append(dst)
+        if reached is None:
+            raise RuntimeError(f"cannot match the label counts {target} (labels {have})")
+        node = reached
+        while prev[node] is not None:
+            src, card = prev[node]
+            labels[card] = node
+            node = src
+
+
 def _acquisition(rng: np.random.Generator, n_lines: int) -> dict[str, Any]:
     size = int(rng.choice(FONT_SIZES))
     step = int(round(1.5 * size))
@@ -387,7 +440,7 @@ def _acquisition(rng: np.random.Generator, n_lines: int) -> dict[str, Any]:
     }
 
 
-def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list["SampledCard"]:
+def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list[SampledCard]:
     design = field_design()
     rng = np.random.default_rng(seed)
     drawn: list[dict[str, Any]] = []
@@ -398,14 +451,16 @@ def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list["Sa
     scores = np.array([max(b for b, _ in d["candidates"]) for d in drawn])
     scale = disagreement_scale(scores)
     gen = [d["generating_class"] for d in drawn]
-    labels = []
+    labels, label_probs = [], []
     for d in drawn:
         probs = label_probabilities(d["candidates"], d["generating_class"], scale)
         names = sorted(probs)
         p = np.array([float(probs[k]) for k in names])
         labels.append(names[int(rng.choice(len(names), p=p / p.sum()))])
+        label_probs.append({k: float(v) for k, v in probs.items()})
     _undo_small_flips(labels, gen)
-    for d, lab in zip(drawn, labels):
+    match_label_counts(labels, label_probs, dict(zip(DEFAULT_LABELS, counts)), gen)
+    for d in drawn:
         d["latent"]["disagreement_scale"] = scale
         alt_b, alt = max(d["candidates"], key=lambda t: t[0])
         d["disagreement"] = {"alternative": alt, "probability": min(1.0, scale * alt_b)}

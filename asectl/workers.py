@@ -46,10 +46,36 @@ def process_pool(workers: int, initializer: Callable[..., None], initargs: tuple
                                initializer=_start, initargs=(initializer, initargs))
 
 
+# Times a job whose worker process died on it alone is tried again, in a fresh worker, before that death is the
+# job's result: with none a card would be blamed for one death it only happened to be near (memory pressure
+# from elsewhere); a card that kills its worker every time costs 1 + this many worker starts.
+CRASH_RETRIES = 2
+# A documented test hook, off by default (unset): a worker given a card of this file name kills itself, as
+# the kernel does to a process out of memory, so tests exercise a real dying worker (tests/test_workers.py).
+CRASH_TEST_ENV = "ASECTL_TEST_KILL_WORKER_ON"
+
+
+def died_alone(name: str) -> str:
+    """Why a job (a card) failed when its worker died each time it ran alone; ``name`` is the worker's."""
+    return (f"{name} process died each time it ran this alone ({CRASH_RETRIES + 1} times: out of memory, or a "
+            "crash in native code)")
+
+
+def crash_test_hook(name: str) -> None:
+    """In a worker process, before it computes the card ``name``: the ``CRASH_TEST_ENV`` test hook."""
+    if name and name == os.environ.get(CRASH_TEST_ENV):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class WorkerPool:
-    """``process_pool`` for a stage: jobs answered in order, and a worker that dies (killed for memory,
-    crashed in native code) becomes one ConfigError naming the stage and the fix instead of a traceback.
-    No process starts before the first ``run``, so a stage can make its pool up front at no cost."""
+    """``process_pool`` for a stage: jobs answered in order. A worker that dies (killed for memory, crashed
+    in native code) takes the jobs in flight with it: each is run again alone in a fresh worker, up to
+    1 + ``CRASH_RETRIES`` times, so the rest of the run completes and a job that kills its worker every time
+    (a poison card) is found; its result is then ``crashed(job, why)``, or without ``crashed`` one
+    ConfigError naming the stage and the fix instead of a traceback. No process starts before the first
+    ``run``, so a stage can make its pool up front at no cost."""
 
     def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple, *, name: str, fix: str):
         self.workers = workers
@@ -62,18 +88,45 @@ class WorkerPool:
     def started(self) -> bool:
         return self._pool is not None
 
-    def run(self, fn: Callable[..., Any], jobs: Sequence[tuple]) -> list[Any]:
-        from concurrent.futures.process import BrokenProcessPool
-
+    def _fresh(self) -> "ProcessPoolExecutor":
         if self._pool is None:
             self._pool = process_pool(self.workers, *self._setup)
-        futures = [self._pool.submit(fn, *job) for job in jobs]
-        try:
-            return [f.result() for f in futures]
-        except BrokenProcessPool:
-            raise ConfigError(f"{self.name} process died (out of memory? its error, if any, is above); the cards "
-                              f"done so far are cached: {self.fix}") from None
+        return self._pool
 
-    def close(self) -> None:
+    def _discard(self) -> None:
+        """Drop a pool a dead worker broke (its other workers are stopped); the next job starts a fresh one."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def run(self, fn: Callable[..., Any], jobs: Sequence[tuple],
+            crashed: Callable[[tuple, str], Any] | None = None) -> list[Any]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._fresh()
+        futures = [pool.submit(fn, *job) for job in jobs]
+        results: list[Any] = [None] * len(jobs)
+        lost: list[int] = []          # jobs in flight (or queued) when a worker died
+        for i, f in enumerate(futures):
+            try:
+                results[i] = f.result()
+            except BrokenProcessPool:
+                lost.append(i)
+        if lost:
+            self._discard()
+        for i in lost:   # one at a time, so a death is that job's own
+            for _ in range(1 + CRASH_RETRIES):
+                try:
+                    results[i] = self._fresh().submit(fn, *jobs[i]).result()
+                    break
+                except BrokenProcessPool:
+                    self._discard()
+            else:
+                if crashed is None:
+                    raise ConfigError(f"{self.name} process died (out of memory? its error, if any, is above); "
+                                      f"the cards done so far are cached: {self.fix}")
+                results[i] = crashed(jobs[i], died_alone(self.name))
+        return results
+
+    def close(self) -> None:
+        self._discard()

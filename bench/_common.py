@@ -1,4 +1,8 @@
-"""Shared bits of the benchmark scripts: fixed datasets, machine description, docs/benchmarks.md sections."""
+"""Shared bits of the benchmark scripts: fixed datasets, machine description, saved results,
+docs/benchmarks.md sections.
+
+The scripts are ordinary clients of the installed ``asectl`` package (public names only) and import this
+module as a sibling: run them as ``python bench/NAME.py`` from the repository root."""
 
 from __future__ import annotations
 
@@ -7,13 +11,22 @@ import os
 import platform
 import re
 import shlex
+import string
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
+# Committed: each run's summary, what docs/benchmarks.md quotes and enough to render its section again.
 RESULTS = ROOT / "bench" / "results"
+# Not committed (bench/out is ignored): a run's per-card output, for diagnosis and for scoring other rules.
+RAW = OUT / "results"
+SUMMARY_LIMIT = 200_000      # bytes per summary file (tests/test_layout.py checks the committed ones)
+# Per-card label lists (true and predicted class of each test card) are kept in a summary, since the
+# intervals and paired tests are computed from them, but packed: one character per card.
+PACKED_KEYS = ("y_true", "y_pred")
+CODES = string.digits + string.ascii_lowercase
 BENCH_MD = ROOT / "docs" / "benchmarks.md"
 START_LOAD = os.getloadavg()[0]      # when the script started (the scripts import this module first)
 # The per-image stage settings every quality benchmark uses: CnOCR, the built-in describer, the default
@@ -59,11 +72,65 @@ def measured_line() -> str:
     return f"_Measured {time.strftime('%Y-%m-%d')} with `{command()}` on {machine()}._"
 
 
-def save(name: str, data: dict) -> Path:
+def save(name: str, data: dict, raw: dict | None = None) -> Path:
+    """Write the summary ``bench/results/NAME.json`` (lists under PACKED_KEYS packed) and, given ``raw``,
+    the run's per-card output ``bench/out/results/NAME.json``. A summary over SUMMARY_LIMIT is still
+    written (a long run is not lost) but reported: move its per-card parts into ``raw``."""
+    if raw is not None:
+        RAW.mkdir(parents=True, exist_ok=True)
+        (RAW / f"{name}.json").write_text(json.dumps(raw, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=1))
+    path.write_text(json.dumps(pack_labels(data), indent=1))
+    if path.stat().st_size > SUMMARY_LIMIT:
+        print(f"warning: {path} is {path.stat().st_size / 1000:.0f} KB, over the {SUMMARY_LIMIT // 1000} KB "
+              "a committed summary may take; save its per-card parts with save(..., raw=...)", file=sys.stderr)
     return path
+
+
+def load(name: str) -> dict:
+    """A saved summary, label lists unpacked (as the run that saved it held them)."""
+    return unpack_labels(json.loads((RESULTS / f"{name}.json").read_text()))
+
+
+def load_raw(name: str) -> dict:
+    """A run's per-card output (``save(..., raw=...)``); only on the machine that ran it."""
+    path = RAW / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: it is written by the run that saves '{name}' (per-card output is "
+                         "not committed); run that benchmark here first")
+    return json.loads(path.read_text())
+
+
+def pack_labels(data):
+    """``data`` with every list of strings under a PACKED_KEYS key stored as ``{"labels": [...], "codes":
+    "0210..."}`` (one character per entry: the index of its label)."""
+    if isinstance(data, dict):
+        return {k: _packed(v) if k in PACKED_KEYS and _packable(v) else pack_labels(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [pack_labels(v) for v in data]
+    return data
+
+
+def unpack_labels(data):
+    """The inverse of ``pack_labels``."""
+    if isinstance(data, dict):
+        if set(data) == {"labels", "codes"} and isinstance(data["codes"], str):
+            return [data["labels"][CODES.index(code)] for code in data["codes"]]
+        return {k: unpack_labels(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [unpack_labels(v) for v in data]
+    return data
+
+
+def _packable(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, str) for v in values) and len(set(values)) <= len(CODES)
+
+
+def _packed(values: list[str]) -> dict:
+    labels = sorted(set(values))
+    index = {label: i for i, label in enumerate(labels)}
+    return {"labels": labels, "codes": "".join(CODES[index[v]] for v in values)}
 
 
 def update_section(name: str, markdown: str, header: str | None = None) -> None:

@@ -15,19 +15,15 @@ for the numbers below. Results: bench/results/NAME.json and the NAME section of 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from asectl.cache import Cache  # noqa: E402
-from asectl.dataset import Dataset, load_dataset  # noqa: E402
-from asectl.models.calibration import threshold_text  # noqa: E402
+from _common import OUT, SETTINGS, dataset, save, update_section
+from asectl.cache import Cache
+from asectl.dataset import Dataset, load_dataset
+from asectl.models.calibration import threshold_text
 
 
 def run_seed(seed: int, cache: Cache) -> dict:
@@ -57,7 +53,8 @@ def run_seed(seed: int, cache: Cache) -> dict:
                 "decision": cfg["decision"]["held_out"]},
             "thresholds": {"pass": cfg["decision"]["pass_threshold"], "defect": cfg["decision"]["defect_threshold"]},
             "test": {"accuracy": float((after.argmax(1) == y).mean()),
-                     "ece_before": expected_calibration_error(before, y), "ece_after": expected_calibration_error(after, y),
+                     "ece_before": expected_calibration_error(before, y),
+                     "ece_after": expected_calibration_error(after, y),
                      "mean_confidence_before": float(before.max(1).mean()),
                      "mean_confidence_after": float(after.max(1).mean()),
                      "decision": decision_stats(decisions, y, after.argmax(1), classes)},
@@ -100,16 +97,21 @@ def main() -> None:
          _ms([r["test"]["ece_before"] for r in per_seed])),
         ("ECE, calibrated", _ms([r["held_out"]["ece"]["after"] for r in per_seed]),
          _ms([r["test"]["ece_after"] for r in per_seed])),
-        ("NLL plain -> calibrated", " / ".join(f"{r['held_out']['nll']['before']:.4f} -> {r['held_out']['nll']['after']:.4f}"
-                                                for r in per_seed), ""),
-        ("misclassified cards", _count([{"e": r["held_out"]["errors"], "n": r["held_out"]["n"]} for r in per_seed], "e", "n"),
-         _count([{"e": round((1 - r["test"]["accuracy"]) * r["n_test"]), "n": r["n_test"]} for r in per_seed], "e", "n")),
-        ("review share", _ms([d["review_share"] for d in held], 2, True), _ms([d["review_share"] for d in test], 2, True)),
+        ("NLL plain -> calibrated",
+         " / ".join(f"{r['held_out']['nll']['before']:.4f} -> {r['held_out']['nll']['after']:.4f}" for r in per_seed),
+         ""),
+        ("misclassified cards",
+         _count([{"e": r["held_out"]["errors"], "n": r["held_out"]["n"]} for r in per_seed], "e", "n"),
+         _count([{"e": round((1 - r["test"]["accuracy"]) * r["n_test"]), "n": r["n_test"]} for r in per_seed],
+                "e", "n")),
+        ("review share", _ms([d["review_share"] for d in held], 2, True),
+         _ms([d["review_share"] for d in test], 2, True)),
         ("review cards", _count([d["counts"] | {"n": d["n"]} for d in held], "review", "n"),
          _count([d["counts"] | {"n": d["n"]} for d in test], "review", "n")),
         ("miss rate (target <= 1 %): defective cards passed", _count(held, "n_missed", "n_defective"),
          _count(test, "n_missed", "n_defective")),
-        ("defect error (target <= 5 %): defect decisions of another class", _count(held, "n_wrong_defect", "n_defect_decisions"),
+        ("defect error (target <= 5 %): defect decisions of another class",
+         _count(held, "n_wrong_defect", "n_defect_decisions"),
          _count(test, "n_wrong_defect", "n_defect_decisions")),
     ]
     table = ["| | held-out training cards (out-of-fold) | test split |", "|---|---|---|"]
@@ -118,7 +120,8 @@ def main() -> None:
            "|---|---|---|---|---|---|---|"]
     for r in per_seed:
         d = r["test"]["decision"]
-        per.append(f"| {r['seed']} | {r['temperature']:.3f} | {r['test']['ece_before']:.4f} | {r['test']['ece_after']:.4f} | "
+        per.append(f"| {r['seed']} | {r['temperature']:.3f} | {r['test']['ece_before']:.4f} | "
+                   f"{r['test']['ece_after']:.4f} | "
                    f"{d['counts']['review']}/{d['n']} | {d['n_missed']}/{d['n_defective']} | "
                    f"{threshold_text(r['thresholds']['pass'])} / {threshold_text(r['thresholds']['defect'])} |")
     cached = [r["seed"] for r in per_seed if r["from_cache"]]

@@ -30,24 +30,26 @@ cards. The test split is not read. The LLM texts and frozen encoder features are
 benchmark's models (the LLM's class priors were computed over all training cards, the outer fold's
 included: a small leak shared by every candidate; ``--outer-priors inner`` answers the outer cards again
 with priors of the inner cards only). Results: bench/results/calibration_method[-inner-priors][-test].json
-(each outer fit's calibrated out-of-fold probabilities of the inner cards included, so that another
-rule can be scored without training again) and the ``calibration-method[-inner-priors][-test]``
-sections of docs/benchmarks.md."""
+(the scores) and the ``calibration-method[-inner-priors][-test]`` sections of docs/benchmarks.md; each
+outer fit's per-card output (its calibrated out-of-fold probabilities of the inner cards, so that another
+rule can be scored without training again, and with --diagnose-test its test probabilities) goes to
+bench/out/results/ under the same name, not committed. The rows of the runs docs/benchmarks.md quotes are
+in the repository's history (bench/results/calibration_method*.json at commit 4186cad)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
+from _common import OUT, SETTINGS, dataset, save, update_section
 
-sys.path.insert(0, str(ROOT / "bench"))
-
+FOLDS = 5
+VALIDATION_SHARE = 0.2
+MODS = ("vlm", "llm", "image")
 # The fold average's defect threshold with its held-out error's exact upper bound at these confidences
 # (asectl.models.calibration.choose_rule's defect_confidence) instead of the error itself.
 CONFIDENCES = (0.5, 0.8, 0.9)
@@ -60,12 +62,12 @@ METHODS = ("fusion-cv, final", "fusion-cv, fold average", LOWEST_CUT, *BOUNDED, 
 def lowest_cut_rule(probs: np.ndarray, y: np.ndarray, classes: list[str]):
     """The defect threshold as `fuse-train` chose it before: the lowest cut whose held-out defect error
     meets the target anywhere in the scan, not the end of the first run of cuts that meet it."""
-    from asectl.models.calibration import DecisionRule, choose_rule, defect_cuts
+    from asectl.models.calibration import DecisionRule, choose_rule
+    from asectl.testing import lowest_cut_anywhere
 
     rule = choose_rule(probs, y, classes)
-    cuts, errors = defect_cuts(probs, y, classes)
-    met = cuts[errors <= rule.max_defect_error]
-    return DecisionRule(rule.classes, rule.pass_threshold, float(met[-1]) if len(met) else None,
+    return DecisionRule(rule.classes, rule.pass_threshold,
+                        lowest_cut_anywhere(probs, y, rule.max_defect_error, tuple(classes)),
                         rule.max_miss_rate, rule.max_defect_error)
 
 
@@ -169,8 +171,8 @@ def outer_llm_features(ds, align, inner: np.ndarray, test: np.ndarray, cache, ll
 
     from asectl.dataset import Dataset
     from asectl.models.train_config import get_profile
-    from asectl.stages.modalities import ModalitySettings, build_encoders, collect_modalities
     from asectl.stages.features import text_features
+    from asectl.stages.modalities import ModalitySettings, build_encoders, collect_modalities
     from asectl.stages.ocr import run_ocr
     from asectl.stages.reason import priors_from_dataset
 
@@ -200,8 +202,7 @@ def train_pfa_embeddings(raw: dict, fit: np.ndarray, prof, seed: int) -> dict:
 def score(rows: list[dict], method: str, on_test: bool = False) -> dict:
     """Pooled figures of one candidate on the outer folds (or, ``on_test``, on the test split: each outer
     fold's fitted candidate classifies the same test cards, so those are counted once per outer fold)."""
-    from sklearn.metrics import f1_score
-
+    from asectl.metrics import macro_f1_from_codes
     from asectl.models.calibration import DecisionRule, decision_stats, expected_calibration_error
 
     if on_test:
@@ -218,8 +219,8 @@ def score(rows: list[dict], method: str, on_test: bool = False) -> dict:
     y, p = np.concatenate(ys), np.concatenate(ps)
     tot = {k: sum(d[k] for d in per) for k in ("n", "n_defective", "n_missed", "n_defect_decisions", "n_wrong_defect")}
     tot["n_review"] = sum(d["counts"]["review"] for d in per)
-    f1 = [f1_score(r["y"], np.asarray(r["methods"][method]["probs"]).argmax(1), average="macro",
-                   labels=list(range(len(r["classes"]))), zero_division=0) for r in rows]
+    f1 = [macro_f1_from_codes(r["y"], np.asarray(r["methods"][method]["probs"]).argmax(1), len(r["classes"]))
+          for r in rows]
     return {**tot, "ece": expected_calibration_error(p, y), "accuracy": float((p.argmax(1) == y).mean()),
             "macro_f1_mean": float(np.mean(f1)), "macro_f1_sd": float(np.std(f1, ddof=1)) if len(f1) > 1 else 0.0}
 
@@ -255,9 +256,9 @@ def main() -> None:
     test_scores = {m: score(rows, m, on_test=True) for m in METHODS} if args.diagnose_test else None
     inner = args.outer_priors == "inner"
     suffix = ("-inner-priors" if inner else "") + ("-test" if args.diagnose_test else "")
-    save("calibration_method" + suffix,
-         {"seeds": seeds, "outer_priors": args.outer_priors, "folds": FOLDS, "validation_share": VALIDATION_SHARE,
-          "scores": scores, "test_scores": test_scores, "rows": rows, "seconds": total})
+    summary = {"seeds": seeds, "outer_priors": args.outer_priors, "folds": FOLDS, "validation_share": VALIDATION_SHARE,
+               "scores": scores, "test_scores": test_scores, "seconds": total}
+    save("calibration_method" + suffix, summary, raw={**summary, "rows": rows})
 
     def table(scores: dict) -> str:
         out = ["| candidate | miss rate (target <= 1 %) | defect error (target <= 5 %) | review share | ECE | "

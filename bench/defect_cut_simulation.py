@@ -3,30 +3,26 @@ scores (no model, no data: seconds).
 
     python bench/defect_cut_simulation.py
 
-Scores and labels come from tests/test_calibration.py's generator (labels drawn from softmax(logits), so
-the scores are calibrated). Each draw is a held-out set of N cards; a rule is chosen on it with
+Scores and labels come from ``asectl.testing.sample_calibrated_cards`` (labels drawn from softmax(logits),
+so the scores are calibrated). Each draw is a held-out set of N cards; a rule is chosen on it with
 `--max-defect-error 0.05` and applied to 40,000 fresh cards of the same source, whose defect error is
-then known almost exactly. The same helpers back the test that asserts the direction of these figures.
+then known almost exactly. The same helpers back the test in tests/test_calibration.py that asserts the
+direction of these figures.
 Results: bench/results/defect_cut_simulation.json and the ``defect-cut-simulation`` section of
 docs/benchmarks.md."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
-from _common import ROOT, save, update_section
-
-sys.path.insert(0, str(ROOT))
-
-from asectl.models.calibration import DecisionRule, choose_rule  # noqa: E402
-from tests.test_calibration import CLASSES, _fresh_defect_errors, _lowest_cut_anywhere  # noqa: E402
+from _common import save, update_section
+from asectl.models.calibration import DecisionRule, choose_rule
+from asectl.testing import CLASSES, fresh_defect_errors, lowest_cut_anywhere
 
 TARGET = 0.05
 RULES = {
     "lowest cut that meets the target anywhere (until this change)":
-        lambda p, y: DecisionRule(CLASSES, None, _lowest_cut_anywhere(p, y, TARGET), 0.01, TARGET),
+        lambda p, y: DecisionRule(CLASSES, None, lowest_cut_anywhere(p, y, TARGET), 0.01, TARGET),
     "first cut that breaks the target (now)": lambda p, y: choose_rule(p, y, CLASSES, 0.01, TARGET),
     "first cut that breaks it, 90% upper bound (--defect-confidence 0.9)":
         lambda p, y: choose_rule(p, y, CLASSES, 0.01, TARGET, defect_confidence=0.9),
@@ -40,7 +36,7 @@ def main() -> None:
     results, rows = [], []
     for n, draws in SETUPS:
         for name, rule in RULES.items():
-            errors = _fresh_defect_errors(rule, draws, n)
+            errors = fresh_defect_errors(rule, draws, n)
             over = sum(e > TARGET for e in errors)
             results.append({"held_out": n, "draws": draws, "rule": name, "granted": len(errors),
                             "errors": errors, "over_target": over})

@@ -3,9 +3,9 @@
     python bench/defect_error_diagnosis.py --cache-dir bench/out/qcache-field
 
 Reads the test split, for diagnosis only: nothing is chosen here. Needs the models of bench/quality.py
-(or bench/calibration.py) in the cache and bench/results/calibration_method-test.json (written by
-``python bench/calibration_method.py --seeds 0,1,2,3,4 --cache-dir bench/out/qcache-field
---diagnose-test``). Per seed it checks:
+(or bench/calibration.py) in the cache and the per-card output bench/out/results/calibration_method-test.json
+(written by ``python bench/calibration_method.py --seeds 0,1,2,3,4 --cache-dir bench/out/qcache-field
+--diagnose-test``; not committed). Per seed it checks:
 
 * the replay: ``predict``'s logits for the test cards against the fold models applied to the align
   stage's embeddings of the same cards (largest absolute difference);
@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, RESULTS, ROOT, SETTINGS, dataset, save, update_section
-
-sys.path.insert(0, str(ROOT / "bench"))
+from _common import OUT, RAW, SETTINGS, dataset, save, update_section
 
 METHOD = "fusion-cv, fold average"
 MODS = ("vlm", "llm", "image")
@@ -113,8 +110,12 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
-    ap.add_argument("--results", type=Path, default=RESULTS / "calibration_method-test.json")
+    ap.add_argument("--results", type=Path, default=RAW / "calibration_method-test.json",
+                    help="per-card output of bench/calibration_method.py --diagnose-test")
     args = ap.parse_args()
+    if not args.results.is_file():
+        raise SystemExit(f"{args.results} is missing: run bench/calibration_method.py --diagnose-test first "
+                         "(its per-card output is not committed)")
     res = json.loads(args.results.read_text())
     cache = Cache(Path(args.cache_dir))
     per_seed = [run_seed(s, [r for r in res["rows"] if r["seed"] == s], cache) for s in res["seeds"]]
@@ -136,7 +137,8 @@ def main() -> None:
         rows.append(f"| {r['seed']} | {r['replay_max_abs_logit_diff']:.2g} | {r['shipped']['wrong']} / "
                     f"{r['shipped']['defect']} ({r['shipped']['wrong_disagreeing']}) | {r['outer_wrong']} / "
                     f"{r['outer_defect']} | {r['test_wrong']} / {r['test_defect']} | "
-                    f"{sp['train']['disagreeing']}/{sp['train']['n']} / {sp['test']['disagreeing']}/{sp['test']['n']} | "
+                    f"{sp['train']['disagreeing']}/{sp['train']['n']} / "
+                    f"{sp['test']['disagreeing']}/{sp['test']['n']} | "
                     f"{sp['train']['mean_severity']:.3f} / {sp['test']['mean_severity']:.3f} |")
     cards = ["| seed | card | inspector label | generating class | decided | probability | severity |",
              "|---|---|---|---|---|---|---|"]
@@ -152,9 +154,10 @@ fits classified it.
 
 {chr(10).join(rows)}
 
-Totals: shipped models {shipped['wrong']} wrong of {shipped['defect']} `defect` decisions, {shipped['wrong_disagreeing']}
-of them on cards whose inspector label differs from the generating class. Outer fits: {total('outer_wrong')} of
-{total('outer_defect')} distinct outer cards ({total('outer_wrong_disagreeing')} disagreeing) against
+Totals: shipped models {shipped['wrong']} wrong of {shipped['defect']} `defect` decisions,
+{shipped['wrong_disagreeing']} of them on cards whose inspector label differs from the generating class.
+Outer fits: {total('outer_wrong')} of {total('outer_defect')} distinct outer cards
+({total('outer_wrong_disagreeing')} disagreeing) against
 {total('test_wrong')} of {total('test_defect')} distinct test cards ({total('test_wrong_disagreeing')} disagreeing);
 Fisher's exact test p = {p_value:.3f}.
 

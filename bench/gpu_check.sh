@@ -29,7 +29,7 @@ PYEOF
 VLM_DIR=${1:-}
 if [ -z "$VLM_DIR" ]; then
   VLM_DIR="$WORK/tiny-instructblip"
-  $PY -c "import sys; sys.path.insert(0, '.'); from tests.tiny_models import build_tiny_instructblip as b; b('$VLM_DIR')"
+  $PY -c "from asectl.testing import build_tiny_instructblip as b; b('$VLM_DIR')"
 fi
 t0=$(date +%s.%N)
 .venv/bin/asectl -q describe "$WORK/data" --vlm instructblip --vlm-model "$VLM_DIR" --device cuda \

@@ -11,23 +11,13 @@ from typing import Sequence
 
 import numpy as np
 
+from asectl.metrics import label_codes, macro_f1_from_codes
+
 Predictions = tuple[Sequence[str], Sequence[str]]     # (true labels, predicted labels) of one seed's test cards
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Macro-F1 over the classes present in y_true or y_pred (scikit-learn's default), from codes."""
-    cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-    tp = np.diag(cm).astype(float)
-    support, predicted = cm.sum(1), cm.sum(0)
-    present = (support + predicted) > 0
-    denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float(f1[present].mean()) if present.any() else 0.0
-
-
 def _codes(labels: Sequence[str], preds: Sequence[Predictions]) -> list[tuple[np.ndarray, np.ndarray]]:
-    index = {c: i for i, c in enumerate(labels)}
-    return [(np.array([index[t] for t in yt]), np.array([index[p] for p in yp])) for yt, yp in preds]
+    return [(label_codes(yt, labels), label_codes(yp, labels)) for yt, yp in preds]
 
 
 def _replicates(labels: Sequence[str], runs: Sequence[Sequence[Predictions]], reps: int, seed: int) -> np.ndarray:
@@ -42,7 +32,7 @@ def _replicates(labels: Sequence[str], runs: Sequence[Sequence[Predictions]], re
         for r in range(reps):
             idx = rng.integers(0, n, n)
             for m, c in enumerate(coded):
-                out[r, m] += macro_f1(c[s][0][idx], c[s][1][idx], k) / n_seeds
+                out[r, m] += macro_f1_from_codes(c[s][0][idx], c[s][1][idx], k) / n_seeds
     return out
 
 
@@ -63,7 +53,7 @@ def paired_test(labels: Sequence[str], a: Sequence[Predictions], b: Sequence[Pre
     rep = _replicates(labels, [a, b], reps, seed)
     diff = rep[:, 0] - rep[:, 1]
     k = len(labels)
-    observed = float(np.mean([macro_f1(*ca, k) - macro_f1(*cb, k)
+    observed = float(np.mean([macro_f1_from_codes(*ca, k) - macro_f1_from_codes(*cb, k)
                               for ca, cb in zip(_codes(labels, a), _codes(labels, b))]))
     p = 2 * min(float(np.mean(diff <= 0)), float(np.mean(diff >= 0)))
     return {"difference": observed, "low": float(np.percentile(diff, 2.5)), "high": float(np.percentile(diff, 97.5)),

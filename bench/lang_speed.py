@@ -10,19 +10,15 @@ time is not counted."""
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 
-from _common import ROOT, dataset, save, update_section
-
-sys.path.insert(0, str(ROOT))
-
-from asectl.cache import Cache  # noqa: E402
-from asectl.dataset import Dataset, load_dataset  # noqa: E402
-from asectl.stages.describe import run_describe  # noqa: E402
-from asectl.stages.reason import run_reason  # noqa: E402
-from asectl.synth import read_truth  # noqa: E402
+from _common import dataset, save, update_section
+from asectl.cache import Cache
+from asectl.dataset import Dataset, load_dataset
+from asectl.stages.describe import run_describe
+from asectl.stages.reason import run_reason
+from asectl.synth import read_truth
 
 
 def subset(ds: Dataset, n: int) -> Dataset:
@@ -46,7 +42,7 @@ def main() -> None:
         dt = time.perf_counter() - t0
         rows["describe builtin"] = {"cards": len(ds), "seconds": dt, "images_per_s": len(ds) / dt}
 
-        from tests.tiny_models import build_tiny_instructblip
+        from asectl.testing import build_tiny_instructblip
 
         folder = build_tiny_instructblip(f"{tmp}/tiny-instructblip")
         t0 = time.perf_counter()
@@ -60,8 +56,8 @@ def main() -> None:
         for threads in (int(t) for t in args.threads.split(",")):
             t0 = time.perf_counter()
             # Priors from the full training split, as in a real run; only the subset is reasoned about.
-            from asectl.stages.reason import build_priors
             from asectl.card import default_spec
+            from asectl.stages.reason import build_priors
 
             priors = build_priors([fields[s.name] for s in full.split("train")],
                                   [s.label for s in full.split("train")], list(default_spec().bin_edges), "normal")
@@ -97,10 +93,12 @@ def main() -> None:
             lines.append(f"| {k} | {v['cards']} | {v['seconds']:.1f} | {v['seconds_per_card']:.2f} s/card | "
                          f"{v['answers_generated']} answers generated (cards with alike prompts share one); per "
                          f"answer {v['prompt_tokens_evaluated_per_answer']:.0f} prompt tokens evaluated at "
-                         f"{v['prompt_tokens_per_s'] or 0:.0f} tok/s, {v['generated_tokens_per_answer']:.0f} answer tokens in "
+                         f"{v['prompt_tokens_per_s'] or 0:.0f} tok/s, "
+                         f"{v['generated_tokens_per_answer']:.0f} answer tokens in "
                          f"{v.get('decode_calls_per_answer', 0):.1f} decode calls, "
                          f"{v['generated_tokens_per_s'] or 0:.0f} tok/s |")
-    update_section("lang-speed", "### Language stages (cold cache; reason uses printed stats, no OCR; tokens/s are per process, wall s includes loading the models)\n\n"
+    update_section("lang-speed", "### Language stages (cold cache; reason uses printed stats, no OCR; tokens/s are "
+                   "per process, wall s includes loading the models)\n\n"
                    + "\n".join(lines))
 
 

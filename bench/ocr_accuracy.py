@@ -12,7 +12,6 @@ import tempfile
 import time
 
 from _common import dataset, save, update_section
-
 from asectl.backends.ocr import get_engine
 from asectl.cache import Cache
 from asectl.dataset import Dataset, load_dataset

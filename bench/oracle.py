@@ -42,10 +42,26 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from asectl.synth import (CENTER_JITTER, CLASS_MODELS, DEFECTS, SECONDARY_MAX, SECONDARY_SHARE,
-                          SHAPE_NUISANCE, TABLE1, TILT_SD, VAR_JITTER, WEAK_EDGE, WEAK_SHAPE_SHARE,
-                          defect_borderline, field_design, label_probabilities, mechanism_params,
-                          normal_borderline, severity_pdf, shape_gain)
+from asectl.synth import (
+    CENTER_JITTER,
+    CLASS_MODELS,
+    DEFECTS,
+    SECONDARY_MAX,
+    SECONDARY_SHARE,
+    SHAPE_NUISANCE,
+    TABLE1,
+    TILT_SD,
+    VAR_JITTER,
+    WEAK_EDGE,
+    WEAK_SHAPE_SHARE,
+    defect_borderline,
+    field_design,
+    label_probabilities,
+    mechanism_params,
+    normal_borderline,
+    severity_pdf,
+    shape_gain,
+)
 
 SEVERITY_GRID = 400
 SECONDARY_GRID = 60
@@ -161,7 +177,6 @@ def main() -> None:
     """Macro-F1 of the oracle on the test split of generated datasets (the ceiling bench/quality.py reports)."""
     import argparse
     import json
-    import tempfile
 
     from asectl.report import compute_metrics
     from asectl.synth import sample_cards

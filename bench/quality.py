@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import time
 import multiprocessing as mp
+import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, SETTINGS, dataset, measured_line, save, update_section
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from asectl.cache import Cache  # noqa: E402
-from asectl.dataset import Dataset, load_dataset  # noqa: E402
-from asectl.report import compute_metrics  # noqa: E402
+from _common import OUT, SETTINGS, dataset, load, measured_line, save, update_section
+from asectl.cache import Cache
+from asectl.dataset import Dataset, load_dataset
+from asectl.report import compute_metrics
 
 LABELS = ["normal", "type1", "type2", "type3", "type4"]
 
@@ -222,9 +218,9 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False, subs
     modalities come from the cache ``prepare_seed`` filled, so this is training and scoring only, on one
     core. ``subset="branches"``: only what the branch and attention ablations need without TDA (the
     baselines on the composite modalities, the oracle, the fused rows with tda=0)."""
-    import oracle
     from sklearn.ensemble import HistGradientBoostingClassifier
 
+    import oracle
     from asectl.synth import read_truth
 
     t_seed = time.perf_counter()
@@ -399,8 +395,7 @@ def main() -> None:
     name = "quality" + ("-fast" if args.fast else "") + ("-branches" if args.subset == "branches" else "")
     show = render_branches if args.subset == "branches" else render
     if args.render:
-        saved = json.loads(((OUT if args.subset == "branches" else ROOT / "bench" / "results") / f"{name}.json")
-                           .read_text())
+        saved = load(name)
         show(saved["seeds"], saved["robustness_seeds"], saved["fast"], saved["seconds"], saved["per_seed"],
              saved["measured"])
         return
@@ -436,14 +431,7 @@ def main() -> None:
     total = time.perf_counter() - t0
     record = {"seeds": seeds, "robustness_seeds": rob_seeds, "fast": args.fast, "seconds": total,
               "per_seed": per_seed, "measured": measured}
-    if args.subset == "branches":   # per-card predictions stay out of git; the summary goes in
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / f"{name}.json").write_text(json.dumps(record))
-        save(name, {**record, "per_seed": [{k: ({m: v[m] for m in ("macro_f1", "binary_macro_f1", "per_class_f1")}
-                                                if isinstance(v, dict) else v) for k, v in r.items()}
-                                           for r in per_seed]})
-    else:
-        save(name, record)
+    save(name, record)
     show(seeds, rob_seeds, args.fast, total, per_seed, measured)
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 import _common
-from _common import OUT, RESULTS, ROOT, dataset, machine, save, update_section
+from _common import OUT, ROOT, dataset, load, machine, save, update_section
 
 VOLATILE = {"seconds", "timing"}
 PREDICT_WORKERS = (8, 64, 512)
@@ -86,8 +86,7 @@ def engine_load_seconds(stage: str) -> float:
 def driver_cost(stage: str, data: Path, cache_root: Path) -> tuple[float, dict]:
     """Seconds per card of the stage's serial part on the driver (image hash, cache lookups; reason: the
     card records made from cached answers), as (wall on all cards - wall on one card) / (cards - 1)."""
-    import asectl.cache as cache_module
-    from asectl.cache import Cache
+    from asectl.cache import Cache, forget_file_hashes
     from asectl.dataset import Dataset, load_dataset
     from asectl.stages.ocr import run_ocr
     from asectl.stages.reason import run_reason
@@ -97,7 +96,7 @@ def driver_cost(stage: str, data: Path, cache_root: Path) -> tuple[float, dict]:
     walls = {}
     priors = None
     for name, part in (("all", ds), ("one", one)):
-        cache_module._file_hash_memo.clear()   # hash every image again, as a new command would
+        forget_file_hashes()   # hash every image again, as a new command would
         if stage == "reason":
             shutil.rmtree(cache_root / "entries" / "reason", ignore_errors=True)
         t0 = time.perf_counter()
@@ -165,7 +164,7 @@ def main() -> None:
                     help="analyse the runs saved in bench/results/scale.json (and --out) again, without measuring")
     args = ap.parse_args()
     if args.analyse_only:
-        report(json.loads((RESULTS / "scale.json").read_text()), Path(args.out), args.no_docs)
+        report(load("scale"), Path(args.out), args.no_docs)
         return
 
     import ray

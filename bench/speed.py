@@ -58,7 +58,8 @@ def main() -> None:
     data, new = out / "data", out / "new-card"
     steps = [
         ("synth", [*exe, "synth", "--out", data, "--seed", "0"], 455),
-        ("synth (new card)", [*exe, "synth", "--out", new, "--seed", "1000", "--counts", "1,0,1,0,0", "--test-size", "1"], 2),
+        ("synth (new card)",
+         [*exe, "synth", "--out", new, "--seed", "1000", "--counts", "1,0,1,0,0", "--test-size", "1"], 2),
         ("ocr (cnocr)", [*exe, "ocr", data], 455),
         ("describe (built-in)", [*exe, "describe", data], 455),
         ("reason (SmolLM2-135M)", [*exe, "reason", data], 455),
@@ -80,7 +81,7 @@ def main() -> None:
     cold = sum(r["seconds"] for r in rows)
     # The fully cached rerun: every stage again on the same data and cache (what a second quickstart does).
     t0 = time.perf_counter()
-    for name, cmd, n in steps:
+    for name, cmd, _count in steps:
         if name.startswith("synth"):
             continue
         run([str(c) for c in cmd], env)

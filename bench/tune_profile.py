@@ -30,18 +30,15 @@ import argparse
 import dataclasses
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, ROOT, SETTINGS, save, update_section
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from asectl.cache import Cache  # noqa: E402
-from asectl.dataset import Dataset, load_dataset, order_labels  # noqa: E402
+from _common import OUT, SETTINGS, save, update_section
+from asectl.cache import Cache
+from asectl.dataset import Dataset, load_dataset, order_labels
+from asectl.metrics import macro_f1
 
 GRID = {"pfa.lr": [1e-3, 3e-3, 1e-2], "fusion.lr": [1e-3, 3e-3, 1e-2], "fusion.class_weight": ["none", "balanced"]}
 SMALL_GRID = {"pfa.lr": [1e-3, 1e-2], "fusion.lr": [3e-3, 1e-2], "fusion.class_weight": ["none", "balanced"]}
@@ -94,12 +91,6 @@ def plant_mismatches(fold: dict, seed: int) -> tuple[dict, set[int]]:
         for m in ("llm", "vlm"):
             feats[m][i] = fold["feats"][m][donor]
     return feats, set(planted)
-
-
-def macro_f1(y_true: list[str], y_pred: list[str], classes: list[str]) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0))
 
 
 def align(fold: dict, overrides: dict, seed: int):

@@ -74,10 +74,10 @@ def tiny_gguf(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_instructblip(tmp_path_factory):
-    """A tiny random InstructBLIP folder (tests/tiny_models.py), shared by every module."""
+    """A tiny random InstructBLIP folder (asectl/testing.py), shared by every module."""
     import torch
 
-    from .tiny_models import build_tiny_instructblip
+    from asectl.testing import build_tiny_instructblip
 
     torch.set_num_threads(1)
     return build_tiny_instructblip(tmp_path_factory.mktemp("vlm") / "tiny-instructblip")
@@ -107,3 +107,17 @@ def trained(tmp_path_factory, tiny_gguf):
     fuse = invoke("fuse-train", data, "--out", root / "bundle", "--json", *FAST)
     return {"root": root, "data": data, "cache": cache, "invoke": invoke,
             "align": json.loads(align.stdout.splitlines()[-1]), "fuse": json.loads(fuse.stdout.splitlines()[-1])}
+
+
+@pytest.fixture
+def asectl_log(caplog):
+    """caplog on the "asectl" logger itself: a CLI run in this process stops it propagating to the root."""
+    import logging
+
+    log = logging.getLogger("asectl")
+    log.addHandler(caplog.handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    yield caplog
+    log.removeHandler(caplog.handler)
+    log.setLevel(level)

@@ -10,27 +10,24 @@ import pytest
 from click.testing import CliRunner
 
 from asectl.cli import cli
-from asectl.models.calibration import (DecisionRule, choose_rule, decision_stats, defect_cuts, error_upper_bound,
-                                       expected_calibration_error, fit_temperature, nll, reliability_bins, softmax,
-                                       stratified_folds)
+from asectl.models.calibration import (
+    DecisionRule,
+    choose_rule,
+    decision_stats,
+    error_upper_bound,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability_bins,
+    softmax,
+    stratified_folds,
+)
 from asectl.stages.fuse import MISS_RATE_TARGETS
 from asectl.synth import generate
+from asectl.testing import CLASSES, fresh_defect_errors, lowest_cut_anywhere
+from asectl.testing import sample_calibrated_cards as sample_cards
 
 from .calibrated_bundle import calibrated_bundle, train
-
-CLASSES = ("normal", "type1", "type2", "type3", "type4")
-
-
-def sample_cards(n: int, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels drawn so that softmax(logits / temperature) are the true class probabilities."""
-    rng = np.random.default_rng(seed)
-    y_mean = rng.integers(0, len(CLASSES), n)
-    logits = rng.normal(0, 1.5, (n, len(CLASSES)))
-    logits[np.arange(n), y_mean] += 3.0
-    cum = np.cumsum(softmax(logits, temperature), axis=1)
-    y = np.minimum((rng.random((n, 1)) > cum).sum(axis=1), len(CLASSES) - 1)
-    return logits, y
-
 
 # ---------------------------------------------------------------------------------------------------
 # The maths
@@ -132,34 +129,14 @@ def test_defect_scan_stops_at_the_first_cut_that_breaks_the_target():
     assert choose_rule(probs, y, CLASSES, 0.01, 0.05).defect_threshold == pytest.approx(0.99 - 24 * 0.001)
 
 
-def _lowest_cut_anywhere(probs, y, target):
-    """The defect threshold as fuse-train chose it before: the lowest cut meeting the target anywhere."""
-    cuts, errors = defect_cuts(probs, y, CLASSES)
-    met = cuts[errors <= target]
-    return float(met[-1]) if len(met) else None
-
-
-def _fresh_defect_errors(rule_of, draws: int, n: int) -> list[float]:
-    """Defect error on 40,000 fresh cards of rules chosen on ``draws`` held-out sets of ``n`` cards."""
-    fresh_logits, fresh_y = sample_cards(40000, 1.0, seed=99)
-    fresh = softmax(fresh_logits)
-    out = []
-    for d in range(draws):
-        logits, y = sample_cards(n, 1.0, seed=1000 + d)
-        rule = rule_of(softmax(logits), y)
-        if rule.defect_threshold is not None:
-            out.append(decision_stats(rule.decide(fresh), fresh_y, fresh.argmax(1), CLASSES)["defect_error"])
-    return out
-
-
 def test_the_defect_threshold_holds_its_target_on_fresh_cards():
     """Chosen on 300 held-out cards (a user's few hundred), over 40 draws: the rule's defect error on fresh
     cards of the same source is within the 5% target on average. Taking the lowest cut that meets the
     target anywhere in the scan (the earlier rule) is not: its cut sits where noise dipped the running
     error, and fresh cards see more errors than the target allows."""
-    now = _fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 40, 300)
-    before = _fresh_defect_errors(lambda p, y: DecisionRule(CLASSES, None, _lowest_cut_anywhere(p, y, 0.05), 0.01,
-                                                            0.05), 40, 300)
+    now = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 40, 300)
+    before = fresh_defect_errors(lambda p, y: DecisionRule(CLASSES, None, lowest_cut_anywhere(p, y, 0.05), 0.01,
+                                                           0.05), 40, 300)
     assert len(now) == len(before) == 40
     assert np.mean(now) <= 0.05 < np.mean(before)
     assert sum(e > 0.05 for e in now) < sum(e > 0.05 for e in before)
@@ -178,9 +155,9 @@ def test_error_upper_bound_and_a_rule_with_confidence():
     # With 3,000 held-out cards the bound grants decisions, and fresh cards see fewer errors, and exceed
     # the target in fewer draws, than with the error itself (measured: 2.7% and 1 of 10, against 4.7%
     # and 3 of 10).
-    bound = _fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05, defect_confidence=0.9), 10,
-                                 3000)
-    point = _fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 10, 3000)
+    bound = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05, defect_confidence=0.9), 10,
+                                3000)
+    point = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 10, 3000)
     assert len(bound) == len(point) == 10
     assert np.mean(bound) < np.mean(point) and sum(e > 0.05 for e in bound) < sum(e > 0.05 for e in point)
 
@@ -275,7 +252,8 @@ def test_fuse_train_defect_confidence_is_recorded_and_checked(trained):
     assert trained["fuse"]["decision"]["defect_confidence"] is None
     # 24 cards cannot bound a 5% error at 90% confidence: every defect-class card goes to review.
     assert dec["defect_threshold"] is None and dec["held_out"]["counts"]["defect"] == 0
-    again = trained["invoke"]("fuse-train", trained["data"], *FAST, "--defect-confidence", "0.9").output
+    again = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "fuse-train", str(trained["data"]), *FAST,
+                                     "--defect-confidence", "0.9"]).output      # not -q: the summary is info
     assert "from cache" in again and "met by its upper bound at 90% confidence" in again
     res = trained["invoke"]("fuse-train", trained["data"], "--defect-confidence", "1.5", code=2)
     assert "--defect-confidence 1.5" in res.output
@@ -374,3 +352,73 @@ def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
     order = [index[s.name] for s in preds.samples]
     expected = softmax(np.stack([logits_of(m, order) for m in members]), bundle.temperature).mean(axis=0)
     np.testing.assert_allclose(Predictor(bundle, cache).probabilities(preds.logits), expected, atol=1e-5)
+
+
+def test_the_rule_explains_each_decision_with_the_threshold():
+    from asectl.models.calibration import exact_interval
+
+    rule = DecisionRule(CLASSES, 0.96, None, 0.01, 0.05)
+    probs = [[0.91, 0.03, 0.03, 0.02, 0.01], [0.97, 0.01, 0.01, 0.005, 0.005], [0.1, 0.8, 0.05, 0.03, 0.02],
+             [0.95999, 0.04001, 0, 0, 0]]
+    assert rule.explain(probs) == [
+        ("review", "p(normal) 0.9100 < pass threshold 0.9600"),
+        ("pass", "p(normal) 0.9700 >= pass threshold 0.9600"),
+        ("review", "p(type1) 0.8000, no defect threshold (no cut met the defect-error target on held-out cards)"),
+        ("review", "p(normal) 0.95999 < pass threshold 0.96000")]   # digits enough to tell them apart
+    assert rule.decide(probs) == [d for d, _ in rule.explain(probs)]
+    assert exact_interval(0, 0) is None
+    lo, hi = exact_interval(0, 10)
+    assert lo == 0 and hi == pytest.approx(1 - 0.025 ** (1 / 10))
+
+
+def test_a_class_smaller_than_the_folds_is_warned_about(asectl_log):
+    stratified_folds(["normal"] * 10 + ["type1"] * 3 + ["type2"] * 4, 5, 0)
+    assert "fewer training cards than the 5 calibration folds in class type1 (3), type2 (4)" in asectl_log.text
+    asectl_log.clear()
+    stratified_folds(["normal"] * 10 + ["type1"] * 5, 5, 0)
+    assert asectl_log.text == ""
+
+
+def test_predict_moves_the_operating_point_to_the_rule_fuse_train_derives(trained, tmp_path):
+    """`predict --max-miss-rate/--max-defect-error` re-derives the thresholds from the held-out scores the
+    bundle stores: they equal those fuse-train derives for the same targets (a model trained with them),
+    the line says the held-out review share they cost, and without targets the stored rule applies."""
+    from asectl.bundle import load_bundle
+
+    from .calibrated_bundle import FAST
+
+    targets = {"max_miss_rate": 0.1, "max_defect_error": 0.3}
+    other = json.loads(trained["invoke"]("fuse-train", trained["data"], "--json", *FAST, "--max-miss-rate", "0.1",
+                                         "--max-defect-error", "0.3").stdout.splitlines()[-1])["decision"]
+    stored = trained["config"]["decision"]
+    bundle = load_bundle(trained["bundle"])
+    rule, held = bundle.operating_point(**targets)
+    assert rule.to_dict() == {k: other[k] for k in rule.to_dict()} and held == other["held_out"]
+    assert (rule.pass_threshold, rule.defect_threshold) != (stored["pass_threshold"], stored["defect_threshold"])
+    assert bundle.operating_point() == (DecisionRule.from_dict(stored), stored["held_out"])
+
+    new = tmp_path / "new"
+    generate(new, seed=99, counts="2,0,1,1,0")
+    cards = sorted(str(p) for p in (new / "images").glob("*.png"))
+    res = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json", "--max-miss-rate", "0.1",
+                            "--max-defect-error", "0.3")
+    recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    classes = trained["config"]["classes"]
+    assert [r["decision"] for r in recs] == rule.decide([[r["probabilities"][c] for c in classes] for r in recs])
+    share = f"{100 * other['held_out']['review_share']:.1f}%"
+    assert f"held out: review {share}, miss rate" in res.stderr and "(target 10.0%)" in res.stderr
+    plain = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json")
+    assert "held out:" not in plain.stderr
+    assert [json.loads(x)["probabilities"] for x in plain.stdout.splitlines()] == [r["probabilities"] for r in recs]
+    bad = trained["invoke"]("predict", cards[0], "--model", trained["bundle"], "--max-miss-rate", "1.5", code=2)
+    assert "--max-miss-rate 1.5: give a share in [0, 1)" in bad.output
+    # A model that stores no held-out scores (trained before they were stored) says so, in one line.
+    old = tmp_path / "old-bundle"
+    shutil.copytree(trained["bundle"], old)
+    (old / "held-out.safetensors").unlink()
+    cfg = json.loads((old / "bundle.json").read_text())
+    del cfg["files"]["held-out.safetensors"]
+    (old / "bundle.json").write_text(json.dumps(cfg))
+    res = trained["invoke"]("predict", cards[0], "--model", old, "--max-miss-rate", "0.1", code=2)
+    assert "stores no held-out scores (held-out.safetensors)" in res.output and "retrain it" in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -63,7 +63,7 @@ def test_image_folder_layout_split_is_stratified_and_seeded(tmp_path):
         image, label, _ = line.split(",")
         (folder / label).mkdir(parents=True, exist_ok=True)
         (folder / label / image.split("/")[-1]).write_bytes((src / image).read_bytes())
-    a, b, c = load_dataset(folder, seed=1), load_dataset(folder, seed=1), load_dataset(folder, seed=2)
+    a, b, c = load_dataset(folder, split_seed=1), load_dataset(folder, split_seed=1), load_dataset(folder, split_seed=2)
     assert a.source == "imagefolder"
     assert [s.split for s in a.samples] == [s.split for s in b.samples]
     assert [s.split for s in a.samples] != [s.split for s in c.samples]

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-
 FAST_GEN = ["--max-new-tokens", "6", "--num-beams", "1"]
 
 

@@ -11,8 +11,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from asectl.cli import cli
-from asectl.synth import (FIELD_N_RANGE, LABEL_DISAGREEMENT, MILD_EDGE, SECONDARY_SHARE, TABLE1, generate,
-                          sample_cards)
+from asectl.synth import (
+    FIELD_N_RANGE,
+    LABEL_DISAGREEMENT,
+    MILD_EDGE,
+    SECONDARY_SHARE,
+    TABLE1,
+    generate,
+    match_label_counts,
+    sample_cards,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +63,19 @@ def test_disagreement_share_is_the_stated_one():
     # Mild defects are the ones passed as normal.
     missed = [c for c in differ if c.label == "normal"]
     assert missed and all(c.truth_extra["severity"] < MILD_EDGE for c in missed)
+
+
+def test_label_counts_are_matched_along_a_chain_of_possible_labels():
+    """normal has one card too many and type2 one too few, but no normal card can be labelled type2: the
+    unit moves normal -> type1 -> type2, each card only to a label it could have been given."""
+    labels = ["normal", "normal", "normal", "type1", "type1", "type2"]
+    probs = [{"normal": 1.0}, {"normal": 0.9, "type1": 0.1}, {"normal": 0.6, "type1": 0.4},
+             {"type1": 1.0}, {"type1": 0.7, "type2": 0.3}, {"type2": 1.0}]
+    generating = ["normal", "normal", "normal", "type1", "type1", "type2"]
+    match_label_counts(labels, probs, {"normal": 2, "type1": 2, "type2": 2}, generating)
+    assert labels == ["normal", "normal", "type1", "type1", "type2", "type2"]
+    for lab, p in zip(labels, probs):
+        assert p.get(lab, 0) > 0
 
 
 def test_severity_scales_the_defect():

@@ -40,12 +40,12 @@ def test_bundle_is_safetensors_and_json_only(trained):
     bundle = trained["root"] / "bundle"
     files = sorted(p.name for p in bundle.rglob("*") if p.is_file())
     members = [f"fusion-{k}.safetensors" for k in range(5)]      # one per calibration fold (default 5)
-    assert files == ["bundle.json", *members, "heads.safetensors"]
+    assert files == ["bundle.json", *members, "heads.safetensors", "held-out.safetensors"]
     cfg = json.loads((bundle / "bundle.json").read_text())
     assert cfg["classes"] == ["normal", "type1", "type2", "type3", "type4"]
     assert "built-in describer" in cfg["provenance"]["descriptions"]
     assert cfg["replay"]["reason"]["priors"]["classes"]
-    assert set(cfg["files"]) == {*members, "heads.safetensors"} and cfg["fusion_members"] == 5
+    assert set(cfg["files"]) == {*members, "heads.safetensors", "held-out.safetensors"} and cfg["fusion_members"] == 5
 
 
 def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):
@@ -58,9 +58,9 @@ def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):
     for r in recs:
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
         assert r["label"] in r["probabilities"]
-    # Without --model the latest trained model is used, and says so.
-    res = trained["invoke"]("predict", cards[0])
-    assert "using the latest trained model" in res.output
+    # Without --model the latest trained model is used, and says so (unless -q: warnings and errors only).
+    res = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "predict", cards[0]])
+    assert res.exit_code == 0 and "using the latest trained model" in res.output
 
 
 def test_report_writes_all_files(trained):

@@ -28,8 +28,15 @@ def test_answer_only_text_is_the_composite_without_the_record():
 
 def test_hint_free_prompt_has_no_nearest_class_line(small_dataset):
     from asectl.dataset import load_dataset
-    from asectl.stages.reason import (DEFAULT_PROMPT, HINT_PLACEHOLDERS, build_priors, card_levels,
-                                      card_summary, hint_free_prompt, load_prompt)
+    from asectl.stages.reason import (
+        DEFAULT_PROMPT,
+        HINT_PLACEHOLDERS,
+        build_priors,
+        card_levels,
+        card_summary,
+        hint_free_prompt,
+        load_prompt,
+)
     from asectl.synth import read_truth
 
     assert hint_free_prompt(DEFAULT_PROMPT) == "reason-v3"

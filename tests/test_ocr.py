@@ -6,11 +6,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
+from asectl.backends.ocr import TextLine
 from asectl.card import GEOMETRY, _font, default_spec, load_spec
 from asectl.cli import cli
-from asectl.dataset import load_dataset
 from asectl.stages.ocr import group_rows, parse_record
-from asectl.backends.ocr import TextLine
 from asectl.synth import read_truth
 
 
@@ -96,7 +95,8 @@ def test_parse_tolerates_spacing_and_split_boxes():
 
 def test_consistency_checks_are_warnings():
     rows = ["N = 10", "MEAN X = 0.00", "MEAN Y = 0.00", "STD X = -1.00", "STD Y = 1.00"] + \
-           [f"R {lo} TO {hi} = 1" for lo, hi in [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 10), (10, 20)]]
+           [f"R {lo} TO {hi} = 1"
+            for lo, hi in [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 10), (10, 20)]]
     fields, missing, warnings, _ = parse_record(rows, default_spec())
     assert missing == []
     assert any("add to 9, not N = 10" in w for w in warnings)

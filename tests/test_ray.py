@@ -55,6 +55,16 @@ def test_missing_ray_is_one_line_naming_the_extra(small_dataset, monkeypatch):
     assert len(res.output.strip().splitlines()) == 1
 
 
+def test_executors_are_found_by_name_and_ray_is_imported_only_for_ray():
+    from asectl.registry import EXECUTORS
+
+    assert EXECUTORS.names() == ["local", "ray"]
+    probe = ("import sys, asectl.executors as e; s = e.ExecutorSettings.from_sources(kind='local'); "
+             "print(e.make_executor(s).kind, 'asectl.ray_executor' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["local", "False", "False"]
+
+
 def test_executor_settings_come_from_options_then_env_then_config(tmp_path, monkeypatch):
     config = tmp_path / "config.toml"
     config.write_text('[executor]\nkind = "ray"\nworkers = 8\nbatch_size = 16\n')
@@ -285,3 +295,72 @@ def test_a_cache_the_workers_do_not_share_stops_the_run_naming_the_fix(ray_home,
         run_ocr(load_dataset(small_dataset), cache=Cache("/proc/self/cwd/cache"), executor=ray_executor())
     assert not entries(tmp_path / "cache", "ocr") and not entries(ray_home / "cache", "ocr")
     assert list((ray_home / "cache" / "tmp").glob("shared-check-*"))   # the worker did write, elsewhere
+
+
+# --- a wrong address, a poison card, batch predict -----------------------------------------------------
+def _asectl(*args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asectl", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+
+
+def test_an_unreachable_ray_address_fails_at_once_naming_it(small_dataset, tmp_path):
+    """Nothing listens at the address: one line naming it, in seconds (Ray alone kept retrying for minutes)."""
+    pytest.importorskip("ray.data")
+    started = time.monotonic()
+    res = _asectl("--cache-dir", tmp_path, "ocr", small_dataset, "--executor", "ray", "--ray-address", "127.0.0.1:1")
+    assert res.returncode == 2 and time.monotonic() - started < 30, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: --ray-address 127.0.0.1:1: nothing answers at 127.0.0.1:1 (Connection refused within 5 s); start "
+        "the cluster with `ray start --head` or fix the address (docs/scale.md)"]
+
+
+@pytest.mark.slow
+def test_an_address_that_answers_but_is_no_ray_cluster_fails_within_30_s(small_dataset, tmp_path):
+    """A port that accepts connections and never answers (as a hung or foreign service): ray.init would
+    retry for minutes; the run ends with one error line naming the address within 30 s."""
+    pytest.importorskip("ray.data")
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        res = _asectl("--cache-dir", tmp_path, "ocr", small_dataset, "--executor", "ray", "--ray-address", address)
+    assert res.returncode == 2 and time.monotonic() - started < 30, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: --ray-address {address}: no Ray cluster answered there within 20 s; check the address (`ray "
+        "status` on the cluster shows it) (docs/scale.md)")
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_batch_predict_on_ray_equals_local_and_a_poison_card_fails_alone(ray_home, tiny_gguf, tmp_path_factory,
+                                                                         tmp_path, monkeypatch):
+    """`predict --executor ray` on new cards gives the local records; a card whose OCR worker is killed each
+    time it reads it (the documented test hook, forwarded to the Ray workers) is that card's error record
+    after bounded retries, and the other cards are classified."""
+    from asectl.synth import generate
+    from asectl.workers import CRASH_RETRIES, CRASH_TEST_ENV
+
+    from .calibrated_bundle import calibrated_bundle, cli_runner
+
+    trained = calibrated_bundle(tmp_path_factory, tiny_gguf)
+    generate(tmp_path / "new", seed=99, counts="1,1,1,0,1")
+    cards = sorted((tmp_path / "new" / "images").glob("*.png"))
+    poison = cards[1].name
+
+    def predict(cache: Path, *extra: str, code: int = 0) -> list[dict]:
+        res = cli_runner(cache)("predict", *cards, "--model", trained["bundle"], "--json", *extra, code=code)
+        return [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+
+    local = predict(tmp_path / "local")
+    monkeypatch.setenv(CRASH_TEST_ENV, poison)
+    on_ray = predict(tmp_path / "ray", "--executor", "ray", "--ray-batch-size", "2", code=1)
+    assert [r["image"] for r in on_ray] == [c.name for c in cards]
+    bad = on_ray[1]
+    assert set(bad) == {"image", "error"} and f"{cards[1]}: an OCR worker process died each time it ran this alone " \
+                                                 f"({CRASH_RETRIES + 1} times" in bad["error"], bad
+    assert on_ray[:1] + on_ray[2:] == local[:1] + local[2:]
+    assert not entries(tmp_path / "ray", "ocr").keys() - entries(tmp_path / "local", "ocr").keys()
+    assert len(entries(tmp_path / "ray", "ocr")) == len(cards) - 1   # the poison card is not cached

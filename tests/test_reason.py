@@ -227,7 +227,8 @@ def test_parse_answer_never_raises():
 # --- priors, prompt, schema --------------------------------------------------------------------------
 def test_build_priors_per_class_stats_are_json_and_use_only_train(small_dataset, truth):
     records = [{"N": 100, "mu_x": 0.0, "mu_y": 1.0, "sd_x": 2.0, "sd_y": 2.0, "bins": [50, 50, 0, 0, 0, 0, 0, 0, 0]},
-               {"N": 300, "mu_x": 2.0, "mu_y": 1.0, "sd_x": 4.0, "sd_y": 2.0, "bins": [0, 0, 0, 0, 0, 0, 100, 100, 100]},
+               {"N": 300, "mu_x": 2.0, "mu_y": 1.0, "sd_x": 4.0, "sd_y": 2.0,
+                "bins": [0, 0, 0, 0, 0, 0, 100, 100, 100]},
                {"N": 200, "mu_x": 9.0, "mu_y": -3.0, "sd_x": 3.0},                      # partly read: no bins
                {}]                                                                        # nothing read
     priors = R.build_priors(records, ["normal", "normal", "type2", "type2"])
@@ -260,7 +261,8 @@ def test_check_priors_rejects_malformed():
 
 def test_prompt_is_a_versioned_file_with_known_placeholders(tmp_path, small_dataset, truth, priors):
     name = "images/0000.png"
-    values = {"card": R.card_summary(truth[name], priors), "record": R.record_sentence(truth[name], priors["bin_edges"]),
+    values = {"card": R.card_summary(truth[name], priors),
+              "record": R.record_sentence(truth[name], priors["bin_edges"]),
               "deviation": R.deviation_text(truth[name], priors), "priors": R.priors_text(priors),
               "n_train": priors["cards"], "labels": "normal, type1"}
     tpl = R.load_prompt()
@@ -276,7 +278,8 @@ def test_prompt_is_a_versioned_file_with_known_placeholders(tmp_path, small_data
         words = words.replace(label, "")
     assert not any(c.isdigit() for c in words)
     prefix = tpl.shared_prefix(**values)
-    assert prefix[0] == messages[0] and user.startswith(prefix[1]["content"]) and values["card"] not in prefix[1]["content"]
+    assert (prefix[0] == messages[0] and user.startswith(prefix[1]["content"])
+            and values["card"] not in prefix[1]["content"])
 
     v1 = R.load_prompt("reason-v1")
     user = v1.messages(**values)[1]["content"]
@@ -301,7 +304,7 @@ def test_record_sentence_says_what_ocr_missed():
 
 def test_card_summary_levels_and_unread_fields(priors):
     normal = priors["classes"]["normal"]
-    spread = lambda f: R._scale(priors, normal, f)  # noqa: E731
+    spread = lambda f: R.deviation_scale(priors, normal, f)  # noqa: E731
     fields = {"mu_x": normal["mean"]["mu_x"], "mu_y": normal["mean"]["mu_y"] + 10 * spread("mu_y"),
               "sd_x": normal["mean"]["sd_x"] - 2 * spread("sd_x")}
     text = R.card_summary(fields, priors)
@@ -400,9 +403,8 @@ def test_checks_before_loading_are_remembered_per_file_state(tiny_gguf, tmp_path
     import os
     import shutil
 
-    from asectl.backends import llm as L
-
     from asectl import cache as cache_module
+    from asectl.backends import llm as L
 
     model = tmp_path / "m.gguf"
     shutil.copy(tiny_gguf, model)

@@ -42,7 +42,7 @@ def check_cache(cache: Path) -> int:
             try:
                 c._verify(entry)
             except CorruptEntry as exc:  # pragma: no cover - the failure this test exists to catch
-                raise AssertionError(f"corrupt entry after kill: {entry}: {exc}")
+                raise AssertionError(f"corrupt entry after kill: {entry}: {exc}") from exc
             n += 1
     return n
 
@@ -194,5 +194,5 @@ def test_pickled_weights_are_refused(tmp_path):
     from asectl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not a readable weights file"):
-        image_encoder("resnet50", weights=str(bad)).module
+        _ = image_encoder("resnet50", weights=str(bad)).module     # the property loads the weights
     assert not (tmp_path / "pwned").exists()

@@ -251,3 +251,67 @@ def test_report_from_real_alignment_and_fusion_runs(tmp_path):
     assert m["curves"]["fusion"][-1]["epoch"] == 3
     assert m["multiclass"]["macro_f1"] == pytest.approx(
         f1_score(data.y_true, data.y_pred, average="macro", zero_division=0))
+
+
+# --- the report for the line: decision figures against their targets, the per-card table -------------
+def decided_input(**overrides) -> ReportInput:
+    """Ten test cards with calibrated probabilities and the decisions and reasons of a real rule; card 0
+    is a defective card the rule passes (a miss), so the miss-rate target of 1% is exceeded."""
+    from asectl.models.calibration import DecisionRule, decision_stats
+
+    rng = np.random.default_rng(1)
+    y_true = [1, 0, 0, 0, 2, 3, 4, 1, 0, 2]
+    probs = rng.dirichlet(np.ones(5) * 0.3, size=len(y_true))
+    probs[0] = [0.9, 0.04, 0.03, 0.02, 0.01]          # a type1 card the model is sure is normal
+    probs[1] = [0.55, 0.2, 0.1, 0.1, 0.05]            # a normal card below the pass threshold: review
+    rule = DecisionRule(tuple(LABELS), 0.6, 0.7, 0.01, 0.05)
+    explained = rule.explain(probs)
+    held, y_held = rng.dirichlet(np.ones(5) * 0.3, size=40), rng.integers(0, 5, 40)    # "held-out" cards
+    fields = dict(label_names=LABELS, y_true=y_true, y_pred=probs.argmax(1).tolist(),
+                  image_names=[f"cards/{i:02d}.png" for i in range(len(y_true))], probs=probs,
+                  probs_uncalibrated=probs, decisions=[d for d, _ in explained], reasons=[r for _, r in explained],
+                  calibration={"temperature": 1.0, "folds": 5, "n_held_out": 40, "seed": 0},
+                  decision_rule={**rule.to_dict(), "held_out": decision_stats(rule.decide(held), y_held,
+                                                                                held.argmax(1), LABELS)})
+    fields.update(overrides)
+    return ReportInput(**fields)
+
+
+def test_an_exceeded_target_is_flagged_first_with_exact_intervals(tmp_path):
+    from scipy.stats import beta
+
+    summary = build_report(decided_input(), tmp_path / "r")
+    figures = {f["name"]: f for f in summary.metrics["decision"]["figures"]}
+    miss = figures["miss rate"]
+    n_def = sum(1 for y in decided_input().y_true if y != 0)
+    assert (miss["k"], miss["n"], miss["exceeded"]) == (1, n_def, True)
+    # Clopper-Pearson from the beta quantiles, an independent reference for binomtest's exact interval.
+    assert miss["interval"] == pytest.approx([beta.ppf(0.025, 1, n_def), beta.ppf(0.975, 2, n_def - 1)])
+    assert figures["review share"]["target"] is None and not figures["review share"]["exceeded"]
+    # Six defective cards cannot show a 1% miss rate even with none missed: said, not hidden.
+    assert miss["too_few"] and any("too few to check the miss rate target" in w for w in summary.metrics["warnings"])
+    html = summary.paths["html"].read_text()
+    md = summary.paths["markdown"].read_text()
+    for text in (html, md):
+        assert "OVER TARGET" in text and "exceeds its target of at most 1.00 %" in text
+        # The decisions open the report; ECE and t-SNE come later, under ML diagnostics.
+        assert text.index("Decisions on the test split") < text.index("Cards") < text.index("ML diagnostics") \
+            < text.index("t-SNE")
+    assert f"1/{n_def}" in md
+
+
+def test_the_per_card_table_lists_passed_defects_first_with_the_reason(tmp_path):
+    data = decided_input(thumbnails=[f"data:image/png;base64,{i}" for i in range(10)])
+    summary = build_report(data, tmp_path / "r")
+    preds = summary.metrics["predictions"]
+    assert preds[0]["decision"] == "pass" and preds[0]["reason"] == "p(normal) 0.9000 >= pass threshold 0.6000"
+    assert preds[1]["decision"] == "review" and preds[1]["reason"] == "p(normal) 0.5500 < pass threshold 0.6000"
+    md = summary.paths["markdown"].read_text()
+    table = md[md.index("## Cards"):md.index("## Classification")]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| cards/")]
+    assert len(rows) == 10 and rows[0].startswith("| cards/00.png | type1 | normal | 0.9000 | pass |")
+    assert "missed defect" in rows[0]
+    reviews = [i for i, r in enumerate(rows) if "| review |" in r]
+    assert reviews == list(range(reviews[0], reviews[0] + len(reviews)))   # the review cards together
+    html = summary.paths["html"].read_text()
+    assert html.count('src="data:image/png;base64,') == 10 + 5    # a thumbnail per card, and the 5 figures

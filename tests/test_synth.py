@@ -27,10 +27,12 @@ def test_table1_statistics(seed, difficulty):
 
 @pytest.mark.parametrize("difficulty", ["field", "clean"])
 def test_default_class_counts_and_stratified_split(difficulty):
-    """--counts are cards per generating class; the split is stratified by the (inspector) label."""
+    """--counts are cards per generating class and, as in the paper's Table 1, per inspector label too;
+    the split is stratified by the (inspector) label."""
     cards = sample_cards(0, difficulty=difficulty)
     for label, n in zip(TABLE1, (225, 92, 44, 50, 44)):
         assert sum((c.generating_class or c.label) == label for c in cards) == n
+        assert sum(c.label == label for c in cards) == n
         of_label = [c for c in cards if c.label == label]
         n_test = sum(c.split == "test" for c in of_label)
         assert abs(n_test - len(of_label) * 130 / 455) <= 1

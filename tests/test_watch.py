@@ -82,7 +82,8 @@ def test_watch_usage_errors(tmp_path):
 
     for args, says in ((["--watch", str(tmp_path)], "needs --out"),
                        (["--watch", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "x.png"], "takes no image"),
-                       ([], "give card images"), (["x.png", "--poll", "1"], "--poll applies to --watch only")):
+                       ([], "give card images"), (["x.png", "--poll", "1"], "--poll applies to --watch only"),
+                       (["x.png", "--workers", "2"], "--workers applies to --watch only")):
         res = CliRunner().invoke(cli, ["predict", *args])
         assert res.exit_code == 2 and says in res.output, res.output
 
@@ -143,10 +144,10 @@ def _wait_for(predicate, proc, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _start(trained, inbox: Path, out: Path, log: Path) -> subprocess.Popen:
+def _start(trained, inbox: Path, out: Path, log: Path, **env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "asectl", "--cache-dir", str(trained["cache"]), "predict", "--watch", str(inbox),
-           "--out", str(out), "--model", str(trained["bundle"]), "--poll", "0.1"]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=dict(os.environ))
+           "--out", str(out), "--model", str(trained["bundle"]), "--poll", "0.1", "--workers", "2"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**os.environ, **env})
 
 
 def _stop(proc: subprocess.Popen) -> int:
@@ -159,6 +160,11 @@ def _stop(proc: subprocess.Popen) -> int:
 
 
 def test_watch_classifies_appearing_files_survives_sigterm_and_resumes(trained, new_cards, tmp_path):
+    """Two worker processes read, describe and reason about the next cards while the watcher fuses: every
+    card is written exactly once across a SIGTERM and a restart, in the order the cards became ready; a
+    card that kills its worker each time (the test hook) is one error line after bounded retries."""
+    from asectl.workers import CRASH_TEST_ENV
+
     a, b, c, d, e, f, g = new_cards
     inbox, out, log = tmp_path / "inbox", tmp_path / "out.jsonl", tmp_path / "watch.log"
     inbox.mkdir()
@@ -192,11 +198,11 @@ def test_watch_classifies_appearing_files_survives_sigterm_and_resumes(trained, 
     assert "stopped by SIGTERM" in stderr
     assert f"{len(first_run) - 1} card(s) classified this run" in stderr    # every result it made is written
 
-    proc = _start(trained, inbox, out, log)
+    proc = _start(trained, inbox, out, log, **{CRASH_TEST_ENV: g.name})
     try:
         _wait_for(lambda: "watching" in log.read_text(), proc, 240, "the restarted watcher")
         shutil.copy(g, inbox)
-        _wait_for(lambda: {d.name, e.name, f.name, g.name} <= _names(out), proc, 120, "d, e, f, g")
+        _wait_for(lambda: {d.name, e.name, f.name, g.name} <= _names(out), proc, 240, "d, e, f, g")
         time.sleep(0.5)
     finally:
         code = _stop(proc)
@@ -204,5 +210,10 @@ def test_watch_classifies_appearing_files_survives_sigterm_and_resumes(trained, 
     final = _lines(out)
     assert sorted(r["image"] for r in final) == sorted(p.name for p in new_cards)     # each card once
     assert final[: len(first_run)] == first_run
+    poison = next(r for r in final if r["image"] == g.name)
+    assert set(poison) == {"image", "error"} and "a watch worker process died each time it ran this alone" in \
+        poison["error"]
     for r in final[1:]:
+        if r is poison:
+            continue
         assert r["decision"] in ("pass", "defect", "review") and abs(sum(r["probabilities"].values()) - 1) < 1e-4

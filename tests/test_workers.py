@@ -85,3 +85,34 @@ def test_a_batch_returns_a_bad_cards_error_in_its_place(tmp_path):
     assert [r["n"] for r in (recs[0], recs[2])] == [5, 5] and all("seconds" in r for r in (recs[0], recs[2]))
     again = run_per_image("t", samples, {}, one, cache, batch=batch, batch_size=4)
     assert len(calls) == 1 and again == recs   # the good cards were cached, the bad one was not
+
+
+def _read_logged(name: str, log: str) -> str:
+    """A worker's job: note the attempt, then the test hook (kills this worker for the poison card)."""
+    from asectl.workers import crash_test_hook
+
+    with open(log, "a") as f:
+        f.write(name + "\n")
+    crash_test_hook(name)
+    return name.upper()
+
+
+def test_a_poison_job_fails_alone_after_bounded_retries(tmp_path, monkeypatch):
+    """A job whose worker process really dies (SIGKILL, the test hook) every time: the other jobs, including
+    those in flight when it died, get their results; it is run alone 1 + CRASH_RETRIES times, then its
+    result is ``crashed``'s; the pool works on afterwards."""
+    from asectl.workers import CRASH_RETRIES, CRASH_TEST_ENV, WorkerPool
+
+    monkeypatch.setenv(CRASH_TEST_ENV, "poison.png")
+    log = tmp_path / "attempts.log"
+    names = ["a.png", "b.png", "poison.png", "c.png", "d.png", "e.png"]
+    pool = WorkerPool(2, time.sleep, (0,), name="an OCR worker", fix="rerun")
+    try:
+        results = pool.run(_read_logged, [(n, str(log)) for n in names], crashed=lambda job, why: f"{job[0]}: {why}")
+        assert results[:2] + results[3:] == [n.upper() for n in names if n != "poison.png"]
+        assert results[2] == (f"poison.png: an OCR worker process died each time it ran this alone "
+                              f"({CRASH_RETRIES + 1} times: out of memory, or a crash in native code)")
+        assert log.read_text().split().count("poison.png") == 1 + 1 + CRASH_RETRIES   # in the batch, then alone
+        assert pool.run(_read_logged, [("f.png", str(log))]) == ["F.PNG"]
+    finally:
+        pool.close()

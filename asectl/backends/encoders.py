@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from asectl.backends.identity import file_fingerprint, model_fingerprint
+from asectl.environment import env_flag
 from asectl.errors import ConfigError
 from asectl.imageio import load_image
 from asectl.registry import IMAGE_ENCODERS, TEXT_ENCODERS
@@ -74,8 +75,7 @@ def resolve_device(device: str | None) -> str:
 
 def hf_offline() -> bool:
     """True when the user (or a test) switched Hugging Face to offline mode."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(env_flag(v) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _package_version(dist: str) -> str | None:
@@ -590,8 +590,4 @@ def image_encoder(name: str = DEFAULT_IMAGE_ENCODER, **kwargs: Any) -> ImageEnco
 def text_encoder(name: str = DEFAULT_TEXT_ENCODER, **kwargs: Any) -> TextEncoder:
     """Create a registered text encoder by name (``**kwargs`` go to its constructor)."""
     return TEXT_ENCODERS.create(name, **kwargs)
-
-
-def encoder_names() -> dict[str, list[str]]:
-    return {"image": IMAGE_ENCODERS.names(), "text": TEXT_ENCODERS.names()}
 

@@ -128,7 +128,8 @@ def llama_cpp_version() -> str:
 
 
 def _read_gguf_info(p: Path) -> GGUFInfo:
-    fix = "pass --llm-model with the path of a .gguf file (convert other formats with llama.cpp's convert_hf_to_gguf.py)"
+    fix = ("pass --llm-model with the path of a .gguf file (convert other formats with llama.cpp's "
+           "convert_hf_to_gguf.py)")
     if not p.exists():
         raise ConfigError(f"{p}: LLM model file not found; {fix}")
     if not p.is_file():
@@ -564,7 +565,7 @@ class LlamaCppLLM(LLM):
 _worker: dict[str, Any] = {}
 
 
-def _worker_init(llm: "LlamaCppLLM", fields: list[Field]) -> None:
+def _worker_init(llm: LlamaCppLLM, fields: list[Field]) -> None:
     llm.load()
     _worker["llm"] = llm
     _worker["fields"] = fields
@@ -590,7 +591,7 @@ def default_workers(n_threads: int | None, n_gpu_layers: int) -> int:
 class LLMPool:
     """``workers`` processes, each with its own copy of the model, answering chat requests in order."""
 
-    def __init__(self, llm: "LlamaCppLLM", workers: int, fields: list[Field]):
+    def __init__(self, llm: LlamaCppLLM, workers: int, fields: list[Field]):
         import copy
 
         from asectl.workers import WorkerPool

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from asectl.cache import canonical_json
+from asectl.environment import env_flag
 from asectl.errors import ConfigError
 from asectl.registry import VLMS
 
@@ -209,10 +210,6 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 @VLMS.register("instructblip")
 class InstructBlipVLM(VLM):
     """InstructBLIP through transformers. The model loads on the first ``describe`` call, so a run whose
@@ -227,7 +224,7 @@ class InstructBlipVLM(VLM):
             raise ConfigError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
         self.generation = generation_params(generation)
         if allow_download is None:
-            allow_download = _env_flag(ALLOW_DOWNLOAD_ENV)
+            allow_download = env_flag(ALLOW_DOWNLOAD_ENV)
         self.model_id, self.folder = resolve_model_folder(model, allow_download)
         self.config = check_instructblip_folder(self.folder)
         cuda = _cuda_available()

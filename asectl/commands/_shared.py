@@ -11,6 +11,18 @@ import click
 from rich.markup import escape
 
 from asectl import ui
+from asectl.cache import ENV_VAR as CACHE_ENV
+from asectl.executors import CONFIG_ENV, ExecutorSettings
+
+# Environment variables, listed in the help of each command that reads them.
+EXECUTOR_ENV = tuple(env for _, env in ExecutorSettings.SOURCES.values()) + (CONFIG_ENV,)
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")      # encoders and VLM: no model hub when set
+VLM_ENV = ("ASECTL_VLM_MODEL", "ASECTL_ALLOW_DOWNLOAD")         # asectl.backends.vlm
+
+
+def environment(*names: str) -> str:
+    """A command's help epilog: the environment variables it reads (the cache folder's: every command)."""
+    return "Environment: " + ", ".join(dict.fromkeys((CACHE_ENV, *names))) + "."
 
 _PER_IMAGE_OPTIONS = [
     click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Export records as JSON lines."),
@@ -32,17 +44,18 @@ def per_image_options(f):
 # environment, then to the [executor] table of the user config file.
 _EXECUTOR_OPTIONS = [
     click.option("--executor", "executor_kind", type=click.Choice(["local", "ray"]), default=None,
-                 help="Where uncached cards are computed: local (this machine; default) or ray (a Ray cluster, "
+                 show_default="local",
+                 help="Where uncached cards are computed: local (this machine) or ray (a Ray cluster, "
                       "needs pip install -e \".[ray]\"; docs/scale.md). Env ASECTL_EXECUTOR."),
     click.option("--ray-address", default=None, metavar="ADDR",
-                 help="Ray cluster to join (default: the one running, else a Ray instance on this machine). "
-                      "Env ASECTL_RAY_ADDRESS."),
+                 show_default="the cluster running, else a Ray instance on this machine",
+                 help="Ray cluster to join. Env ASECTL_RAY_ADDRESS."),
     click.option("--ray-workers", type=click.IntRange(min=1), default=None, metavar="N",
-                 help="Ray workers, each loading the model once (default: one per CPU in the cluster, or per "
-                      "--num-gpus-per-worker GPUs). Env ASECTL_RAY_WORKERS."),
+                 show_default="one per CPU in the cluster, or per --num-gpus-per-worker GPUs",
+                 help="Ray workers, each loading the model once. Env ASECTL_RAY_WORKERS."),
     click.option("--ray-batch-size", type=click.IntRange(min=1), default=None, metavar="N",
-                 help="Cards per Ray batch (default: the stage's). Env ASECTL_RAY_BATCH_SIZE."),
-    click.option("--num-gpus-per-worker", type=click.FloatRange(min=0), default=None, metavar="G",
+                 show_default="the stage's", help="Cards per Ray batch. Env ASECTL_RAY_BATCH_SIZE."),
+    click.option("--num-gpus-per-worker", type=click.FloatRange(min=0), default=None, metavar="G", show_default="0",
                  help="GPUs each Ray worker reserves, for CUDA backends (InstructBLIP, reason --n-gpu-layers). "
                       "Env ASECTL_NUM_GPUS_PER_WORKER."),
 ]

@@ -2,34 +2,42 @@
 
 from __future__ import annotations
 
-
 import click
 
 from asectl import ui
 from asectl.backends.vlm import MODEL_ENV
-from asectl.commands._shared import emit_records, finish, per_image_options
+from asectl.commands._shared import (
+    EXECUTOR_ENV,
+    OFFLINE_ENV,
+    VLM_ENV,
+    emit_records,
+    environment,
+    finish,
+    per_image_options,
+)
 from asectl.stages.describe import DEFAULT_BATCH_SIZE, DescribeSettings
 
 _DEFAULT = DescribeSettings()
 
 
-@click.command()
+@click.command(epilog=environment(*VLM_ENV, *OFFLINE_ENV, *EXECUTOR_ENV))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--vlm", "vlm_name", default=None,
-              help="Backend: instructblip or builtin (default: instructblip when a model is configured, "
-                   "else builtin).")
+@click.option("--vlm", "vlm_name", default=None, show_default="instructblip when a model is configured, else builtin",
+              help="Backend: instructblip or builtin.")
 @click.option("--vlm-model", "vlm_model", default=None,
               help=f"InstructBLIP model folder (or a Hugging Face id already in the local cache); env {MODEL_ENV}.")
 @click.option("--prompt", default=_DEFAULT.prompt, show_default=True, help="Question asked about each card.")
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
               help="Images per generate call (lower it after a CUDA out-of-memory error).")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default=_DEFAULT.device, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
-              help="Longest answer in tokens (default 256).")
-@click.option("--num-beams", type=click.IntRange(min=1), default=None, help="Beam search width (default 5).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default=_DEFAULT.device, show_default=True,
+              help="Where the VLM runs (auto: CUDA when available).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, show_default="256",
+              help="Longest answer in tokens.")
+@click.option("--num-beams", type=click.IntRange(min=1), default=None, show_default="5", help="Beam search width.")
 @click.option("--load-8bit", is_flag=True, help="Load the weights in 8 bits (CUDA; needs bitsandbytes, accelerate).")
 @click.option("--allow-download", is_flag=True,
-              help="Let a Hugging Face model id be downloaded (default: local folders and the local cache only).")
+              help="Let a Hugging Face model id be downloaded (without it: local folders and the local cache "
+                   "only).")
 @per_image_options
 @click.pass_obj
 def describe(cache, inputs, vlm_name, vlm_model, prompt, batch_size, device, max_new_tokens, num_beams,

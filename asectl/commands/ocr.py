@@ -6,21 +6,21 @@ from pathlib import Path
 
 import click
 
-from asectl.commands._shared import emit_records, finish, per_image_options
+from asectl.commands._shared import EXECUTOR_ENV, emit_records, environment, finish, per_image_options
 from asectl.stages.ocr import DETECTORS, OcrSettings
 
 _DEFAULT = OcrSettings()
 
 
-@click.command()
+@click.command(epilog=environment(*EXECUTOR_ENV))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--engine", default=_DEFAULT.engine, show_default=True, help="OCR engine: cnocr or rapidocr.")
-@click.option("--spec", type=click.Path(dir_okay=False, path_type=Path),
-              help="Card spec TOML for another record layout (default: docs/card-format.md).")
+@click.option("--spec", type=click.Path(dir_okay=False, path_type=Path), show_default="docs/card-format.md",
+              help="Card spec TOML for another record layout.")
 @click.option("--detector", type=click.Choice(DETECTORS), default=_DEFAULT.detector, show_default=True,
               help="auto: cut clean text lines directly, else the engine's text detector; model: always the detector.")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Processes reading cards (default: one per core); the records do not depend on it.")
+@click.option("--workers", type=click.IntRange(min=1), show_default="one per core",
+              help="Processes reading cards; the records do not depend on it.")
 @per_image_options
 @click.pass_obj
 def ocr(cache, inputs, engine, spec, detector, workers, out, as_json, force, strict, executor):

@@ -115,6 +115,27 @@ def threshold_text(value: float | None, digits: int = 4, prefix: str = "") -> st
     return "never" if value is None else f"{prefix}{value:.{digits}f}"
 
 
+def compared(value: float, threshold: float) -> tuple[str, str]:
+    """Both numbers with 4 decimals, or as many more as it takes to tell them apart (a probability just
+    under its threshold must not read "0.9600 < 0.9600")."""
+    for digits in range(4, 17):
+        a, b = f"{value:.{digits}f}", f"{threshold:.{digits}f}"
+        if a != b or value == threshold:
+            return a, b
+    return repr(value), repr(threshold)
+
+
+def exact_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Two-sided exact (Clopper-Pearson) interval of a rate seen as ``k`` of ``n`` (None when n is 0):
+    how far a figure measured on a few cards can be from the rate on all cards."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return None
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
 def check_target(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value < 1.0:
@@ -144,18 +165,26 @@ class DecisionRule:
     defect_confidence: float | None = None
 
     def decide(self, probs: Any) -> list[str]:
+        return [decision for decision, _ in self.explain(probs)]
+
+    def explain(self, probs: Any) -> list[tuple[str, str]]:
+        """Each card's decision and its reason, the threshold it met or missed, e.g. ("review",
+        "p(normal) 0.9100 < pass threshold 0.9600"): what report and predict show beside a decision."""
         p = np.atleast_2d(np.asarray(probs, dtype=np.float64))
-        top = p.argmax(axis=1)
-        conf = p.max(axis=1)
         normal = self.classes.index(NORMAL) if NORMAL in self.classes else -1
         out = []
-        for k, c in zip(top, conf):
-            if k == normal:
-                ok = self.pass_threshold is not None and c >= self.pass_threshold
-                out.append("pass" if ok else "review")
+        for k, c in zip(p.argmax(axis=1), p.max(axis=1)):
+            kind, threshold, target = (("pass", self.pass_threshold, "miss-rate") if k == normal else
+                                       ("defect", self.defect_threshold, "defect-error"))
+            if threshold is None:
+                out.append(("review", f"p({self.classes[k]}) {c:.4f}, no {kind} threshold (no cut met the "
+                                      f"{target} target on held-out cards)"))
+                continue
+            value, cut = compared(float(c), threshold)
+            if c >= threshold:
+                out.append((kind, f"p({self.classes[k]}) {value} >= {kind} threshold {cut}"))
             else:
-                ok = self.defect_threshold is not None and c >= self.defect_threshold
-                out.append("defect" if ok else "review")
+                out.append(("review", f"p({self.classes[k]}) {value} < {kind} threshold {cut}"))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,7 +193,7 @@ class DecisionRule:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DecisionRule":
+    def from_dict(cls, d: Mapping[str, Any]) -> DecisionRule:
         conf = d.get("defect_confidence")
         return cls(tuple(d["classes"]), d["pass_threshold"], d["defect_threshold"], float(d["max_miss_rate"]),
                    float(d["max_defect_error"]), None if conf is None else float(conf))
@@ -227,6 +256,20 @@ def choose_rule(probs: Any, y: Sequence[int], classes: Sequence[str], max_miss_r
     return DecisionRule(classes, pass_t, defect_t, max_miss_rate, max_defect_error, defect_confidence)
 
 
+def operating_point(probs: Any, y: Sequence[int], stored: DecisionRule, max_miss_rate: float | None = None,
+                    max_defect_error: float | None = None) -> tuple[DecisionRule, dict[str, Any]]:
+    """Move a model's operating point without retraining: the rule ``choose_rule`` derives for other targets
+    from the held-out calibrated probabilities and labels the model stores (those ``fuse-train`` chose
+    ``stored`` on), and how it does on those cards (``decision_stats``: the review share it costs, its miss
+    rate and defect error). A target left None, and the defect confidence, stay the stored ones; the same
+    cards and the same targets give exactly the thresholds ``fuse-train`` derived."""
+    p = np.asarray(probs, dtype=np.float64)
+    rule = choose_rule(p, y, stored.classes, stored.max_miss_rate if max_miss_rate is None else max_miss_rate,
+                       stored.max_defect_error if max_defect_error is None else max_defect_error,
+                       stored.defect_confidence)
+    return rule, decision_stats(rule.decide(p), y, p.argmax(axis=1), stored.classes)
+
+
 def defect_cuts(probs: Any, y: Sequence[int], classes: Sequence[str],
                 defect_confidence: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Where a defect threshold can be cut on held-out cards, from the most confident card decided
@@ -285,6 +328,15 @@ def stratified_folds(labels: Sequence[str], folds: int, seed: int) -> np.ndarray
         raise DataError(f"{len(y)} training cards are too few for {folds}-fold calibration; add training "
                         "cards or lower --calibration-folds")
     out = np.zeros(len(y), dtype=np.int64)
+    counts = dict(zip(*np.unique(y, return_counts=True)))
+    few = {c: int(n) for c, n in counts.items() if n < folds}
+    if few and len(few) < len(counts):
+        import logging
+
+        logging.getLogger("asectl").warning(
+            "fewer training cards than the %d calibration folds in class %s: some folds hold none of them "
+            "out, so the temperature and thresholds rest on very few of them (add training cards or lower "
+            "--calibration-folds)", folds, ", ".join(f"{c} ({n})" for c, n in sorted(few.items())))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)   # "least populated class has only n members"
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

@@ -186,7 +186,7 @@ class TrainProfile:
     pfa: PFAConfig = field(default_factory=PFAConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
-    def validate(self) -> "TrainProfile":
+    def validate(self) -> TrainProfile:
         self.pfa.validate()
         self.fusion.validate(self.pfa.proj_dim)
         check_llm_text(self.encoders.llm_text)

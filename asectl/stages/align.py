@@ -137,6 +137,7 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
             outcome = _train(cache, key, prof, mods, rows, train_index, encoders, seed)
     cache.set_pointer(f"align-{dataset_id(dataset)}", {"key": key, "profile": profile,
                                                         "overrides": dict(overrides or {}), "seed": seed,
+                                                        "split_seed": dataset.split_seed,
                                                         "augmented": str(augmented) if augmented else None})
     return outcome
 
@@ -209,4 +210,6 @@ def stage_labels(outcome: AlignOutcome) -> list[str]:
         return ["no alignment (random projections)"]
     if pfa["mode"] == "direct":
         return ["direct alignment (100%)"]
-    return [f"PFA stage {s['stage']} ({round(100 * s['fraction'])}%)" for s in pfa["stages"]]
+    from asectl.report import pfa_stage_name
+
+    return [pfa_stage_name(s["stage"], s["fraction"]) for s in pfa["stages"]]

@@ -86,7 +86,7 @@ def run_per_image(
                 keys[i] = key
         if misses and remote is not None and executor.distributed:
             work = Work(remote.name, stage, _per_image_worker, (remote.load, remote.args),
-                        {"params": identity, **(meta or {})}, remote.batch_size, remote.cpus)
+                        {"params": identity, **(meta or {})}, remote.batch_size, remote.cpus, _lost_card)
             jobs = [Job(keys[i], samples[i], {"input": samples[i].name}) for i in misses]
             with contextlib.closing(executor.map(work, jobs, cache)) as results:   # closing stops the workers
                 for n, rec in results:
@@ -125,6 +125,11 @@ class Remote:
     args: tuple = ()
     batch_size: int = 8       # cards per batch unless --ray-batch-size says otherwise
     cpus: float = 1.0         # cores one worker keeps busy
+
+
+def _lost_card(job: Job, why: str) -> dict[str, Any]:
+    """The error record of a card whose worker died each time it computed it: the rest of the run goes on."""
+    return {"image": job.meta["input"], "error": f"{job.item.path}: {why}"}
 
 
 def _per_image_worker(load: Callable[..., Any], args: tuple) -> Callable[[list[Sample]], list[dict[str, Any]]]:
@@ -180,5 +185,13 @@ def dataset_id(dataset: Dataset) -> str:
     """A stable name for "the latest run of stage X on this dataset" pointers."""
     from asectl.cache import sha256_bytes
 
-    where = str(dataset.root.resolve()) if dataset.root else "|".join(str(s.path) for s in dataset.samples)
-    return sha256_bytes(where.encode())[:16]
+    if dataset.root:
+        return folder_id(dataset.root)
+    return sha256_bytes("|".join(str(s.path) for s in dataset.samples).encode())[:16]
+
+
+def folder_id(root: str | Path) -> str:
+    """``dataset_id`` of the dataset in folder ``root``, known before the folder is read."""
+    from asectl.cache import sha256_bytes
+
+    return sha256_bytes(str(Path(root).expanduser().resolve()).encode())[:16]

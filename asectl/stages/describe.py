@@ -22,8 +22,8 @@ from asectl.backends.vlm import DEFAULT_PROMPT, VLM, make_vlm
 from asectl.cache import Cache
 from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
-from asectl.imageio import load_image
 from asectl.executors import Executor
+from asectl.imageio import load_image
 from asectl.stages.common import Remote, StageResult, run_per_image
 from asectl.stages.settings import REPLAY_ONLY, StageSettings
 
@@ -54,7 +54,7 @@ class DescribeSettings(StageSettings):
         return make_vlm(self.vlm, self.model, device=self.device, generation=self.generation,
                         load_8bit=self.load_8bit, allow_download=self.allow_download)
 
-    def resolved(self, backend: VLM) -> "DescribeSettings":
+    def resolved(self, backend: VLM) -> DescribeSettings:
         """These settings with the backend actually chosen (not the default rule) and the model's
         resolved location: what a later stage on the same dataset must use to get the same texts."""
         ident = backend.identity()
@@ -64,7 +64,7 @@ class DescribeSettings(StageSettings):
         return self.replace(vlm=ident["backend"], model=str(folder) if folder is not None else ident["model"]["id"])
 
     @classmethod
-    def replay(cls, params: Mapping[str, Any]) -> "DescribeSettings":
+    def replay(cls, params: Mapping[str, Any]) -> DescribeSettings:
         """The settings that repeat a run from its ``StageResult.params`` (as a trained bundle stores
         them): same backend, model (checked by content hash), prompt and generation."""
         vlm = params["vlm"]
@@ -120,7 +120,8 @@ def run_describe(
 
     ``settings`` (or single ``choices`` such as ``vlm="instructblip", model=PATH``) say what runs; a run
     on a dataset folder is remembered for the later stages on it (``remember=False``: a replay, which
-    leaves them). ``backend``: an already created backend to reuse (e.g. to keep a loaded model between calls) instead of making one from the settings.
+    leaves them). ``backend``: an already created backend to reuse (e.g. to keep a loaded model between
+    calls) instead of making one from the settings.
     A bad image becomes an error record; a configuration problem raises ConfigError before anything is
     cached. ``executor``: where the misses are described (asectl.executors; default local)."""
     if isinstance(choices.get("vlm"), VLM):   # a backend object given where a name may go

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from asectl import __version__, ui
-from asectl.bundle import BUNDLE_FORMAT, FUSION_MEMBER, LATEST_POINTER, Bundle, load_bundle, write_checksums
+from asectl.bundle import (BUNDLE_FORMAT, FUSION_MEMBER, LATEST_POINTER, Bundle, load_bundle, write_checksums,
+                           write_held_out_scores)
 from asectl.cache import Cache, make_key
 from asectl.card import load_spec
 from asectl.dataset import Dataset
 from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 from asectl.stages.align import AlignOutcome, run_align
-from asectl.stages.common import dataset_id
+from asectl.stages.common import dataset_id, folder_id
 
 STAGE = "model"
 
@@ -44,7 +45,8 @@ def align_args(cache: Cache, dataset: Dataset) -> dict[str, Any]:
 
 
 def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str | None = None,
-                   task: str | None = None, attention: str | None = None, augmented: str | Path | None = None, profile: str | None = None,
+                   task: str | None = None, attention: str | None = None, augmented: str | Path | None = None,
+                   profile: str | None = None,
                    overrides: Mapping[str, Any] | None = None, seed: int | None = None,
                    force: bool = False, max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
                    max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
@@ -75,7 +77,9 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                "max_defect_error": check_target("max_defect_error", max_defect_error)}
     # defect_scan names how the defect threshold is chosen (asectl.models.calibration.choose_rule), so
     # models whose rule was chosen the earlier way ("lowest cut") are not reused.
+    # held_out_scores: the bundle stores the held-out scores (predict --max-miss-rate), so older models are not reused.
     calib_args = {"method": "temperature", "folds": int(calibration_folds), **targets, "defect_scan": "first-failure",
+                  "held_out_scores": True,
                   "defect_confidence": None if defect_confidence is None else check_confidence(defect_confidence)}
     key = make_key(STAGE, format=BUNDLE_FORMAT, align=align.key, fusion=prof.to_dict()["fusion"], seed=a_seed,
                    calibration=calib_args)
@@ -96,6 +100,7 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
             members, histories, calibration, decision = calibrate(
                 feats, labels, names, [n in real for n in names], prof.fusion, a_seed,
                 map_labels(labels, prof.fusion.task)[1], prof.encoders.device, calib_args)
+        held_out_scores = decision.pop("held_out_scores")
         history = mean_history(histories)
         spec_arg = align.summary["replay"]["ocr"].get("spec")
         spec = load_spec(spec_arg)
@@ -106,6 +111,7 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
             shutil.copyfile(align.path / "heads.safetensors", tmp / "heads.safetensors")
             for k, member in enumerate(members):
                 save_fusion(member, tmp / FUSION_MEMBER.format(k))
+            write_held_out_scores(tmp, *held_out_scores)
             if (align.path / "encoders").is_dir():
                 shutil.copytree(align.path / "encoders", tmp / "encoders")
             pfa = align.summary["pfa"]
@@ -119,6 +125,7 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                 "encoders": align.summary["encoders"], "heads": pfa["heads"],
                 "replay": align.summary["replay"], "provenance": align.summary["provenance"],
                 "card_spec": {"name": spec.name, "sha256": spec.digest, "toml": Path(spec.source).read_text()},
+                "split": dataset.split_record(),
                 "training": {"dataset": str(dataset.root), "align_key": align.key,
                              "data_fingerprint": _fingerprint(align), "n_train": len(train),
                              "augmented": str(a_aug) if a_aug else None,
@@ -138,9 +145,11 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     else:
         from_cache = True
     bundle = load_bundle(entry.path)
-    cache.set_pointer(LATEST_POINTER, {"key": key, "dataset": str(dataset.root),
-                                       "created": bundle.config["created"]})
-    cache.set_pointer(f"model-{dataset_id(dataset)}", {"key": key})
+    # The dataset a model was trained on is the one its bundle names: a cache hit from a folder of the
+    # same cards (a copy) makes it that folder's model too, but never relabels where it came from.
+    pointer = {"key": key, "dataset": bundle.config["training"]["dataset"], "created": bundle.config["created"]}
+    cache.set_pointer(LATEST_POINTER, pointer)
+    cache.set_pointer(dataset_model_pointer(dataset), pointer)
     return FuseOutcome(key, bundle, align, from_cache)
 
 
@@ -161,6 +170,18 @@ def check_fusion_branches(config: Any, branches: list[str]) -> None:
                           "use --attention tokens, --fusion concat, or align with those branches")
 
 
+def dataset_model_pointer(dataset: Dataset | str | Path) -> str:
+    """The cache pointer naming the latest model trained on a dataset (a Dataset or its folder)."""
+    return f"model-{folder_id(dataset) if isinstance(dataset, (str, Path)) else dataset_id(dataset)}"
+
+
+def remembered_split_seed(cache: Cache, folder: str | Path) -> int:
+    """The split seed ``align`` last used on the dataset in ``folder`` (0 if none): fuse-train trains on
+    the split that was aligned."""
+    ptr = cache.get_pointer(f"align-{folder_id(folder)}") or {}
+    return int(ptr.get("split_seed") or 0)
+
+
 def _fingerprint(align: AlignOutcome) -> str:
     from asectl.cache import canonical_json, sha256_bytes
 
@@ -174,7 +195,8 @@ def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], hel
     the training cards: k fold models (each trained like a single model would be: same settings, same
     seed, on the other folds), their out-of-fold logits on the cards marked ``held_out`` (the user's own
     cards; TDA's only train), the temperature minimising those logits' NLL and the rule chosen on them.
-    Returns (fold models, their training histories, calibration record, decision record)."""
+    Returns (fold models, their training histories, calibration record, decision record); the decision
+    record's ``held_out_scores`` are the (calibrated probabilities, true class indices) the rule was chosen on."""
     import numpy as np
 
     from asectl.models.calibration import (choose_rule, decision_stats, expected_calibration_error,
@@ -218,7 +240,8 @@ def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], hel
                    "held_out_accuracy": float((top == y_s).mean()), "held_out_errors": int((top != y_s).sum())}
     decision = {**rule.to_dict(), "held_out": decision_stats(rule.decide(after), y_s, top, classes),
                 "tradeoff": miss_rate_tradeoff(after, y_s, classes, args["max_defect_error"],
-                                               args["defect_confidence"])}
+                                               args["defect_confidence"]),
+                "held_out_scores": (after, y_s)}   # stored in the bundle as arrays, not in bundle.json
     return members, histories, calibration, decision
 
 

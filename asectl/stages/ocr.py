@@ -9,8 +9,8 @@ import math
 import re
 import time
 import unicodedata
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,11 +18,11 @@ from PIL import Image
 
 from asectl.backends.ocr import TextLine, engine_identity, get_engine
 from asectl.cache import Cache
-from asectl.card import PATTERN_TIMEOUT, CardSpec, default_spec, load_spec, search
+from asectl.card import PATTERN_TIMEOUT, CardSpec, default_spec, load_spec, number_text, search
 from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
-from asectl.imageio import load_image
 from asectl.executors import Executor, resolve
+from asectl.imageio import load_image
 from asectl.stages.common import Remote, StageResult, run_per_image
 from asectl.stages.settings import StageSettings
 
@@ -172,7 +172,7 @@ def parse_record(rows: Sequence[str], spec: CardSpec) -> tuple[dict[str, Any], l
         if len(bins) == spec.n_bins:
             fields["bins"] = [bins[i] for i in range(spec.n_bins)]
         else:
-            lost = [f"{_fmt(spec.bin_edges[i])}-{_fmt(spec.bin_edges[i + 1])}"
+            lost = [f"{number_text(spec.bin_edges[i])}-{number_text(spec.bin_edges[i + 1])}"
                     for i in range(spec.n_bins) if i not in bins]
             missing.append("bins")
             warnings.append(f"bins: no count read for interval(s) {', '.join(lost)}")
@@ -212,10 +212,6 @@ def _convert(text: str, kind: str) -> int | float | None:
 
 def _edge_key(x: Any) -> float:
     return round(float(x), 6)
-
-
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def read_card(image_path: Path, engine_name: str, spec: CardSpec, detector: str = "auto") -> dict[str, Any]:
@@ -276,7 +272,15 @@ def _read_timed(path: Path, engine: str, spec: CardSpec, detector: str) -> dict[
 
 
 def _worker_read(path: Path) -> dict[str, Any] | DataError:
+    from asectl.workers import crash_test_hook
+
+    crash_test_hook(path.name)
     return _read_timed(path, _worker["engine"], _worker["spec"], _worker["detector"])
+
+
+def _poison_card(job: tuple, why: str) -> DataError:
+    """A card whose OCR worker died each time it read it alone: that card's error, the run goes on."""
+    return DataError(f"{job[0]}: {why}")
 
 
 def ocr_pool(engine: str, spec: CardSpec, detector: str, workers: int):
@@ -325,7 +329,7 @@ def run_ocr(dataset: Dataset, settings: OcrSettings | None = None, *, cache: Cac
         # The first chunk is the whole run when it is shorter than a full one (batch_size >= SMALL_RUN).
         if pool is None or (not pool.started and len(samples) < SMALL_RUN):
             return [_read_timed(s.path, engine, card_spec, detector) for s in samples]
-        return pool.run(_worker_read, [(s.path,) for s in samples])
+        return pool.run(_worker_read, [(s.path,) for s in samples], crashed=_poison_card)
 
     def compute(s: Sample) -> dict[str, Any]:
         out = read_many([s])[0]

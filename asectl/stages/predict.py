@@ -85,13 +85,13 @@ class Predictor:
     """A bundle with its models loaded at most once and kept: a batch or ``--watch`` pays for loading a
     model once, not per card. Nothing is loaded before it is needed, so a fully cached call loads none."""
 
-    def __init__(self, bundle: Bundle, cache: Cache | None = None, force: bool = False):
+    def __init__(self, bundle: Bundle, cache: Cache | None = None, force: bool = False, rule: Any = None):
         self.bundle = bundle
         self.cache = cache or Cache()
         self.force = force
         self.classes = bundle.labels
         self.temperature = bundle.temperature
-        self.rule = bundle.decision_rule()
+        self.rule = rule or bundle.decision_rule()   # another operating point: Bundle.operating_point
         self._encoders: tuple[Any, Any, Any] | None = None
         self._models: tuple[Any, Any] | None = None
 
@@ -148,14 +148,14 @@ class Predictor:
         return mean_softmax(logits)
 
     def records(self, dataset: Dataset, preds: Predictions) -> list[dict[str, Any]]:
-        """One record per input card, in input order: class, calibrated probabilities and decision, or
-        the error that kept the card out."""
+        """One record per input card, in input order: class, calibrated probabilities, decision and its
+        reason (the threshold it met or missed), or the error that kept the card out."""
         by_name: dict[str, dict[str, Any]] = {d["image"]: d for d in preds.dropped}
         probs = self.probabilities(preds.logits)
-        for s, p, decision in zip(preds.samples, probs, self.rule.decide(probs)):
+        for s, p, (decision, reason) in zip(preds.samples, probs, self.rule.explain(probs)):
             k = int(np.argmax(p))
             by_name[s.name] = {"image": s.name, "label": self.classes[k], "probability": round(float(p[k]), 6),
-                               "decision": decision,
+                               "decision": decision, "reason": reason,
                                "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
                                **({"true_label": s.label} if s.label else {})}
             if s.name in preds.partial:
@@ -169,6 +169,20 @@ class Predictor:
                            self.cache.summary(STAGE))
 
 
-def run_predict(dataset: Dataset, bundle: Bundle, cache: Cache | None = None, force: bool = False) -> StageResult:
-    """Classify every card of ``dataset`` (one call: each model loaded at most once)."""
-    return Predictor(bundle, cache, force).run(dataset)
+def run_predict(dataset: Dataset, bundle: Bundle, cache: Cache | None = None, force: bool = False,
+                rule: Any = None) -> StageResult:
+    """Classify every card of ``dataset`` (one call: each model loaded at most once); ``rule``: a decision
+    rule other than the bundle's stored one (``Bundle.operating_point``). On the labelled folder the model
+    was trained on, each record says in which of the model's splits the card was (asectl.stages.split): a
+    training card's result is no evidence of how the model does on new ones."""
+    own = False
+    if dataset.labelled and dataset.root is not None:
+        from asectl.stages.split import model_split
+
+        dataset, own = model_split(dataset, bundle)
+    result = Predictor(bundle, cache, force, rule).run(dataset)
+    if own:
+        split = {s.name: s.split for s in dataset.samples}
+        for r in result.records:
+            r["split"] = split[r["image"]]
+    return result

@@ -9,10 +9,11 @@ from asectl.bundle import Bundle
 from asectl.cache import Cache
 from asectl.dataset import Dataset, binary_label
 from asectl.errors import ConfigError, DataError
-from asectl.report import (FILES, ReportInput, ReportSummary, pfa_stage_name, render_report, report_key_parts,
-                           stage_curves_from_pfa, write_report)
+from asectl.report import (FILES, ReportInput, ReportSummary, card_thumbnail, pfa_stage_name, render_report,
+                           report_key_parts, stage_curves_from_pfa, write_report)
 from asectl.stages.align import AlignOutcome
 from asectl.stages.predict import Predictor
+from asectl.stages.split import model_split, split_summary
 
 
 def bundle_alignment(bundle: Bundle, cache: Cache) -> AlignOutcome | None:
@@ -73,9 +74,26 @@ def cached_tsne(cache: Cache, x: Any, seed: int) -> Any:
     return xy
 
 
+REPORTS_FOLDER = "asectl-report"
+
+
+def default_report_dir(dataset_folder: str | Path) -> Path:
+    """Where a report goes without --out: ./asectl-report/<dataset name>, outside the dataset (a report
+    inside it would be read as a class of cards by the next run on a folder without labels.csv)."""
+    folder = Path(dataset_folder).expanduser().resolve()
+    out = Path(REPORTS_FOLDER) / folder.name
+    if folder == out.resolve() or folder in out.resolve().parents:
+        raise ConfigError(f"{out}: the default report folder would lie inside the dataset {folder}; run from "
+                          "another folder or pass --out DIR outside the dataset")
+    return out
+
+
 def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cache | None = None,
                model_id: str | None = None) -> ReportSummary:
+    """Evaluate ``bundle`` on the test split it was trained with (asectl.stages.split); a folder of other
+    cards is evaluated on its own test split."""
     cache = cache or Cache()
+    dataset, own = model_split(dataset, bundle)
     test = dataset.split("test")
     if not test:
         raise DataError(f"{dataset.root}: no test split to evaluate; mark rows with split=test")
@@ -114,6 +132,8 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
         emb_split = align.splits
         curves = stage_curves_from_pfa(pfa)
     prov, warnings = provenance_lines(bundle)
+    prov["test split"] = (f"the model's own: {split_summary(bundle.config['split'])}" if own else
+                          f"cards the model never saw: this folder's test split ({dataset.split_text()})")
     if align is None:
         warnings.append("alignment entry not in this cache: t-SNE and PFA curves omitted (rerun `asectl align`)")
     cal = bundle.config["calibration"]
@@ -124,18 +144,24 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
     if errors:
         warnings.append(f"{len(errors)} test card(s) could not be classified and are left out "
                         f"(first: {errors[0]['error']})")
+    explained = predictor.rule.explain(probs)
     data = ReportInput(
         label_names=classes, y_true=y_true, y_pred=y_pred, image_names=[s.name for s in preds.samples],
         probs=probs, probs_uncalibrated=predictor.uncalibrated(preds.logits),
         calibration=bundle.config["calibration"],
         decision_rule=bundle.config["decision"],
-        decisions=predictor.rule.decide(probs),
+        decisions=[decision for decision, _ in explained], reasons=[reason for _, reason in explained],
+        thumbnails=[card_thumbnail(s.path) for s in preds.samples],
         embeddings=embeddings, embedding_labels=emb_labels, embedding_split=emb_split, pfa_curves=curves,
         fusion_curve=bundle.config.get("fusion_history", []), provenance=prov, model_id=model_id,
         dataset_fingerprint=bundle.config["training"].get("data_fingerprint"),
         seeds={"training": bundle.config["seed"]}, warnings=warnings, dataset=str(dataset.root),
         tsne_seed=bundle.config["seed"], tsne=lambda x, seed: cached_tsne(cache, x, seed))
-    return write_report(cached_report_files(cache, data), Path(out_dir))
+    summary = write_report(cached_report_files(cache, data), Path(out_dir))
+    from asectl.stages.models import record_report
+
+    record_report(cache, bundle, str(dataset.root), summary.metrics, summary.html.parent)
+    return summary
 
 
 def cached_report_files(cache: Cache, data: ReportInput) -> dict[str, bytes]:

@@ -27,7 +27,7 @@ def run_augment(source: str | Path, out: str | Path, factor: float = 2.0, seed: 
                 force: bool = False) -> dict[str, Any]:
     """TDA over a dataset folder; per-card stats come from the OCR stage (cached; the OCR settings last
     used on the dataset, ``engine`` changed if given) or truth.jsonl."""
-    dataset = load_dataset(source, seed=seed)
+    dataset = load_dataset(source)      # the split of a folder without labels.csv: split seed 0, whatever the TDA seed
     if stats_source == "printed":
         truth = read_truth(dataset.root)
         missing = [s.name for s in dataset.samples if s.name not in truth]

@@ -4,9 +4,12 @@ with every model loaded once and kept, and append one JSON line per card to FILE
 * A file is read only when it is complete: its size and modification time are the same at two polls in
   a row and it decodes as an image. A file that stays unchanged but undecodable for ``UNREADABLE_AFTER``
   seconds gets an error line (the station learns of it; it is not retried).
-* Each line is flushed and fsync'ed before the next card is looked at, so a line that is in FILE is on
-  disk. A stop request (Ctrl-C, SIGTERM) finishes the cards being classified and writes their lines
-  before returning: no computed result is lost.
+* Each line is flushed and fsync'ed before the next one is written, so a line that is in FILE is on
+  disk. A stop request (Ctrl-C, SIGTERM) finishes the cards handed on (at most ``CHUNKS_AHEAD`` chunks)
+  and writes their lines before returning: no computed result is lost.
+* Both cores: ``Preparers`` are worker processes that compute the next cards' OCR, description and LLM
+  answer into the cache while this process fuses the cards before them; lines are written chunk by
+  chunk in the order the cards became complete (by name within one poll), whichever worker is first.
 * On start, the cards already in FILE (by name) are skipped, and a torn last line (the process was
   killed while writing it) is cut off, so that card is classified again. Restarting never classifies a
   card twice.
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -131,12 +137,23 @@ class JsonlAppender:
         self._f.close()
 
 
+# Chunks handed to the preparers and not yet written: the next cards are read and reasoned about while the
+# current ones are fused, and a stop waits for at most this many chunks.
+CHUNKS_AHEAD = 2
+
+
 def watch_folder(folder: str | Path, out: str | Path, classify: Callable[[Dataset], list[dict[str, Any]]], *,
                  should_stop: Callable[[], bool], poll: float = DEFAULT_POLL, batch: int = DEFAULT_BATCH,
                  on_record: Callable[[dict[str, Any]], None] | None = None,
-                 sleep: Callable[[float], Any] = time.sleep) -> WatchSummary:
+                 sleep: Callable[[float], Any] = time.sleep,
+                 prepare: Callable[[list[Path]], list[Future]] | None = None) -> WatchSummary:
     """Watch ``folder`` until ``should_stop()``; ``classify(dataset)`` returns one record per card (as
-    ``Predictor.run(...).records``). ``sleep`` waits between polls (a stop event's ``wait`` wakes early)."""
+    ``Predictor.run(...).records``). ``sleep`` waits between polls (a stop event's ``wait`` wakes early).
+
+    ``prepare(paths)`` (optional, ``Preparers.prepare``) starts the per-image stages of each card elsewhere
+    and returns one future per card: None when its records are cached, else the card's error record. Up
+    to ``CHUNKS_AHEAD`` chunks are prepared while the oldest is classified, and lines are written chunk
+    by chunk in the order the cards became ready (by name within one poll)."""
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: --watch needs an existing folder")
@@ -146,31 +163,149 @@ def watch_folder(folder: str | Path, out: str | Path, classify: Callable[[Datase
     watcher = FolderWatch(folder, done)
     summary = WatchSummary(skipped=len(done))
     writer = JsonlAppender(out)
+    ahead: deque[tuple[list[Path], list[Future] | None]] = deque()
 
     def emit(rec: dict[str, Any]) -> None:
         writer.write(rec)
-        watcher.done.add(rec["image"])
         summary.classified += 1
         summary.errors += bool(rec.get("error"))
         summary.names.append(rec["image"])
         if on_record:
             on_record(rec)
 
+    def write_oldest() -> None:
+        chunk, prepared = ahead.popleft()
+        failed = {p.name: f.result() for p, f in zip(chunk, prepared or []) if f.result() is not None}
+        ok = [Sample(p.resolve(), p.name) for p in chunk if p.name not in failed]
+        by_name = {r["image"]: r for r in classify(Dataset(ok, None, "images", []))} if ok else {}
+        for p in chunk:
+            emit(failed.get(p.name) or by_name[p.name])
+
+    def ready_to_write() -> bool:
+        return bool(ahead) and all(f.done() for f in ahead[0][1] or [])
+
     try:
         while not should_stop():
             ready, broken = watcher.poll()
             for rec in broken:
                 emit(rec)
-            # A stop request between batches ends the run; the batch being classified is finished first.
+            # A chunk handed on is marked done at once: the next poll does not return its cards again.
             for start in range(0, len(ready), batch):
-                chunk = ready[start:start + batch]
-                samples = [Sample(p.resolve(), p.name) for p in chunk]
-                for rec in classify(Dataset(samples, None, "images", [])):
-                    emit(rec)
-                if should_stop():
+                if len(ahead) >= CHUNKS_AHEAD:
                     break
-            if not ready:
+                chunk = ready[start:start + batch]
+                watcher.done.update(p.name for p in chunk)
+                ahead.append((chunk, prepare(chunk) if prepare else None))
+            wrote = False
+            # A stop request between chunks ends the run; the chunks handed on are finished first (below).
+            while ready_to_write() and not should_stop():
+                write_oldest()
+                wrote = True
+            if not wrote:
                 sleep(poll)
+        while ahead:
+            write_oldest()
     finally:
         writer.close()
     return summary
+
+
+# --- the preparers: OCR, describe and reason of the next cards in worker processes -----------------------
+_prepared: dict[str, Any] = {}
+
+
+def _preparer_init(bundle_path: str, cache_root: str, force: bool, threads: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group: the parent decides
+    _prepared.update(bundle=bundle_path, cache=cache_root, force=force, threads=threads)
+
+
+def _preparer_setup() -> tuple[Any, Any]:
+    """(replay settings, cache) of this worker, its models kept loaded for its life (``keep_loaded``)."""
+    if "replay" not in _prepared:
+        import contextlib
+
+        from asectl.backends.ocr import get_engine
+        from asectl.backends.warm import keep_loaded
+        from asectl.bundle import load_bundle
+        from asectl.cache import Cache
+        from asectl.stages.modalities import ModalitySettings
+
+        replay = load_bundle(_prepared["bundle"]).config["replay"]
+        # The OCR engine with this worker's share of the cores (the engine is made once per process).
+        get_engine(ModalitySettings.from_dict(replay).ocr.engine, threads=_prepared["threads"])
+        stack = contextlib.ExitStack()
+        stack.enter_context(keep_loaded())
+        _prepared.update(replay=replay, cache_obj=Cache(_prepared["cache"]), stack=stack)
+    return _prepared["replay"], _prepared["cache_obj"]
+
+
+def _prepare_card(path: str, force: bool | None = None) -> dict[str, Any] | None:
+    """In a worker: the card's OCR, describe and reason records, computed into the cache; None, or the
+    card's error record when one is missing."""
+    from asectl.stages.modalities import collect_modalities
+    from asectl.workers import crash_test_hook
+
+    crash_test_hook(Path(path).name)
+    replay, cache = _preparer_setup()
+    card = Path(path)
+    mods = collect_modalities(Dataset([Sample(card, card.name)], None, "images", []), cache, replay,
+                              force=_prepared["force"] if force is None else force, remember=False)
+    return mods.dropped[0] if mods.dropped else None
+
+
+def _warm_up() -> None:
+    """In a worker: load its models now, through a generated card (its records are dropped)."""
+    import tempfile
+
+    from asectl.synth import generate
+
+    with tempfile.TemporaryDirectory(prefix="asectl-warm-up-") as tmp:
+        generate(Path(tmp) / "card", seed=0, counts="1,1,0,0,0")
+        _prepare_card(str(sorted((Path(tmp) / "card" / "images").glob("*.png"))[0]), force=True)
+
+
+class Preparers:
+    """``workers`` worker processes, each with a bundle's OCR engine, describer and LLM loaded once, that
+    compute the per-image records of cards into the cache while this process fuses the cards before them.
+    Each is a pool of its own (asectl.workers.WorkerPool), so a card that kills its worker every time is
+    retried a bounded number of times and becomes that card's error record without touching the other's
+    cards."""
+
+    def __init__(self, bundle_path: Path, cache_root: Path, force: bool, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from asectl.workers import WorkerPool, usable_cores
+
+        threads = max(1, usable_cores() // workers)
+        self._pools = [WorkerPool(1, _preparer_init, (str(bundle_path), str(cache_root), force, threads),
+                                  name="a watch worker", fix="rerun with fewer --workers") for _ in range(workers)]
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for pool in self._pools:
+            self._free.put(pool)
+        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="watch-worker")
+
+    def warm_up(self) -> None:
+        """Start every worker and load its models (a model that fails to load stops here, with its error)."""
+        for f in [self._threads.submit(pool.run, _warm_up, [()]) for pool in self._pools]:
+            f.result()
+
+    def prepare(self, paths: list[Path]) -> list[Future]:
+        return [self._threads.submit(self._one, p) for p in paths]
+
+    def _one(self, path: Path) -> dict[str, Any] | None:
+        pool = self._free.get()   # as many threads as pools: one is free
+        try:
+            return pool.run(_prepare_card, [(str(path),)], crashed=_lost_card)[0]
+        finally:
+            self._free.put(pool)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools:
+            pool.close()
+
+
+def _lost_card(job: tuple, why: str) -> dict[str, Any]:
+    return {"image": Path(job[0]).name, "error": f"{job[0]}: {why}"}

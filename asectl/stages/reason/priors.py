@@ -25,11 +25,8 @@ FIELD_WORDS = {"N": "N", "mu_x": "mean x", "mu_y": "mean y", "sd_x": "sd x", "sd
 
 
 # --- a record's numbers ------------------------------------------------------------------------------
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def _fmt(value: Any, field: str) -> str:
+def field_text(value: Any, field: str) -> str:
+    """A field's value as the prompt shows it: N whole, shares in percent, positions with two decimals."""
     if field == "N":
         return str(round(value))
     if field in SHARE_FEATURES:
@@ -37,17 +34,19 @@ def _fmt(value: Any, field: str) -> str:
     return f"{float(value):.2f}"
 
 
-def _usable(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): a field the OCR read."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _bins(fields: Mapping[str, Any], edges: Sequence[float]) -> list[int] | None:
+def radius_counts(fields: Mapping[str, Any], edges: Sequence[float]) -> list[int] | None:
+    """The record's hole counts per radius interval, or None unless all of them were read."""
     bins = fields.get("bins")
-    if isinstance(bins, list) and len(bins) == len(edges) - 1 and all(_usable(b) for b in bins):
+    if isinstance(bins, list) and len(bins) == len(edges) - 1 and all(is_number(b) for b in bins):
         return [int(b) for b in bins]
     return None
 
-def _near_far(edges: Sequence[float]) -> tuple[int, int] | None:
+def near_far_intervals(edges: Sequence[float]) -> tuple[int, int] | None:
     """Radius intervals summarised as "near the centre" (the first two) and "far out" (the last three),
     when the spec has five or more: the full radius profile is too long for a small model's prompt."""
     return (2, len(edges) - 4) if len(edges) - 1 >= 5 else None
@@ -56,8 +55,8 @@ def _near_far(edges: Sequence[float]) -> tuple[int, int] | None:
 def card_features(fields: Mapping[str, Any], edges: Sequence[float]) -> dict[str, float]:
     """The numbers priors and comparisons use: the readable scalar fields, plus the share of holes near
     the centre and far out (from the radius counts)."""
-    out = {f: float(fields[f]) for f in SCALAR_FIELDS if _usable(fields.get(f))}
-    bins, nf = _bins(fields, edges), _near_far(edges)
+    out = {f: float(fields[f]) for f in SCALAR_FIELDS if is_number(fields.get(f))}
+    bins, nf = radius_counts(fields, edges), near_far_intervals(edges)
     if bins is not None and nf is not None and sum(bins) > 0:
         total = float(sum(bins))
         out["near"] = sum(bins[:nf[0]]) / total
@@ -100,7 +99,7 @@ def build_priors(records: Sequence[Mapping[str, Any]], labels: Sequence[str],
                 sd[f] = _r(vals.std(ddof=1)) if len(vals) > 1 else 0.0
                 n_values[f] = int(len(vals))
         shares = [np.array(b, dtype=np.float64) / sum(b)
-                  for b in (_bins(records[i], edges) for i in idx) if b and sum(b) > 0]
+                  for b in (radius_counts(records[i], edges) for i in idx) if b and sum(b) > 0]
         classes[label] = {"cards": len(idx), "mean": mean, "sd": sd, "values": n_values,
                           "bin_share": [_r(x) for x in np.mean(shares, axis=0)] if shares else None}
     if not classes:
@@ -130,19 +129,19 @@ def check_priors(priors: Any, where: str = "priors") -> dict[str, Any]:
     if not isinstance(classes, dict) or not classes:
         raise ConfigError(f"{where}: priors have no 'classes'; {rebuild}")
     edges = priors.get("bin_edges")
-    if not isinstance(edges, list) or not all(_usable(e) for e in edges):
+    if not isinstance(edges, list) or not all(is_number(e) for e in edges):
         raise ConfigError(f"{where}: priors lack numeric 'bin_edges'; {rebuild}")
     pooled = priors.get("pooled_sd", {})
-    if not isinstance(pooled, dict) or not all(k in PRIOR_FEATURES and _usable(v) for k, v in pooled.items()):
+    if not isinstance(pooled, dict) or not all(k in PRIOR_FEATURES and is_number(v) for k, v in pooled.items()):
         raise ConfigError(f"{where}: priors have a malformed 'pooled_sd'; {rebuild}")
     for label, c in classes.items():
         ok = (isinstance(label, str) and label and isinstance(c, dict) and isinstance(c.get("cards"), int)
               and all(isinstance(c.get(k), dict) and set(c[k]) <= set(PRIOR_FEATURES)
-                      and all(_usable(v) for v in c[k].values()) for k in ("mean", "sd", "values"))
+                      and all(is_number(v) for v in c[k].values()) for k in ("mean", "sd", "values"))
               and set(c["sd"]) == set(c["mean"])
               and (c.get("bin_share") is None or (isinstance(c["bin_share"], list)
                                                   and len(c["bin_share"]) == len(edges) - 1
-                                                  and all(_usable(v) for v in c["bin_share"]))))
+                                                  and all(is_number(v) for v in c["bin_share"]))))
         if not ok:
             raise ConfigError(f"{where}: priors of class '{label}' are malformed (need cards, and mean, sd and "
                               f"values per feature); {rebuild}")
@@ -153,7 +152,7 @@ def priors_sha256(priors: Mapping[str, Any]) -> str:
     return sha256_bytes(canonical_json(priors).encode())
 
 
-def _scale(priors: Mapping[str, Any], c: Mapping[str, Any], f: str) -> float:
+def deviation_scale(priors: Mapping[str, Any], c: Mapping[str, Any], f: str) -> float:
     """The spread a deviation is measured in: the class's own sd when it has two or more values, else the
     pooled sd; never zero."""
     own = c["sd"].get(f, 0.0) if c["values"].get(f, 0) > 1 else 0.0
@@ -161,21 +160,23 @@ def _scale(priors: Mapping[str, Any], c: Mapping[str, Any], f: str) -> float:
     return max(own or priors.get("pooled_sd", {}).get(f, 0.0), floor)
 
 
-def _z(value: float, priors: Mapping[str, Any], c: Mapping[str, Any], f: str) -> float:
-    return (value - c["mean"][f]) / _scale(priors, c, f)
+def z_score(value: float, priors: Mapping[str, Any], c: Mapping[str, Any], f: str) -> float:
+    """How far ``value`` of feature ``f`` lies from class ``c``'s mean, in its ``deviation_scale``."""
+    return (value - c["mean"][f]) / deviation_scale(priors, c, f)
 
 
 def class_distances(features: Mapping[str, float], priors: Mapping[str, Any]) -> dict[str, float]:
     """Root mean square z-score of a card's features against each class's typical statistics."""
     out = {}
     for label, c in priors["classes"].items():
-        zs = [_z(v, priors, c, f) for f, v in features.items() if f in SHOWN_FEATURES and f in c["mean"]]
+        zs = [z_score(v, priors, c, f) for f, v in features.items() if f in SHOWN_FEATURES and f in c["mean"]]
         if zs:
             out[label] = round(float(np.sqrt(np.mean(np.square(zs)))), 2)
     return out
 
 
-def _check_train_split(dataset: Dataset) -> list[Sample]:
+def labelled_training_cards(dataset: Dataset) -> list[Sample]:
+    """The training split the priors come from; a ConfigError when it is missing or unlabelled."""
     train = dataset.split("train")
     if not train or any(s.label is None for s in train):
         raise ConfigError("reason needs prior knowledge from a labelled training split: pass a dataset folder "
@@ -187,7 +188,7 @@ def _check_train_split(dataset: Dataset) -> list[Sample]:
 def priors_from_dataset(dataset: Dataset, stats: Mapping[str, Mapping[str, Any]],
                         bin_edges: Sequence[float]) -> dict[str, Any]:
     """Priors from the training split of a labelled dataset (never the test split)."""
-    train = _check_train_split(dataset)
+    train = labelled_training_cards(dataset)
     recs, labels, skipped = [], [], []
     for s in train:
         rec = stats.get(s.name) or {}

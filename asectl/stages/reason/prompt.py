@@ -11,9 +11,20 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from asectl.cache import sha256_bytes
+from asectl.card import number_text
 from asectl.errors import ConfigError
-from asectl.stages.reason.priors import (FIELD_WORDS, SHARE_FEATURES, SHOWN_FEATURES, _bins, _fmt, _near_far,
-                                         _num, _scale, _usable, _z, card_features, class_distances)
+from asectl.stages.reason.priors import (
+    FIELD_WORDS,
+    SHOWN_FEATURES,
+    card_features,
+    class_distances,
+    deviation_scale,
+    field_text,
+    is_number,
+    near_far_intervals,
+    radius_counts,
+    z_score,
+)
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent.parent / "prompts"
 DEFAULT_PROMPT = "reason-v2"
@@ -107,8 +118,9 @@ def load_prompt(name: str | Path = DEFAULT_PROMPT) -> PromptTemplate:
 
 # --- answer schema -----------------------------------------------------------------------------------
 def answer_schema(labels: Sequence[str]) -> dict[str, Any]:
-    """The JSON schema answers are decoded within (asectl.backends.json_decode). Property order is the order the model writes them in:
-    the categorical judgement first, the rationale last (it then explains the choices made)."""
+    """The JSON schema answers are decoded within (asectl.backends.json_decode). Property order is the
+    order the model writes them in: the categorical judgement first, the rationale last (it then explains
+    the choices made)."""
     enum = lambda values: {"type": "string", "enum": list(values)}  # noqa: E731
     props = {"verdict": enum(VERDICTS), "deviation_kind": enum(DEVIATION_KINDS), "axis": enum(AXES),
              "severity": enum(SEVERITIES), "closest_class": enum(labels),
@@ -182,14 +194,15 @@ def hint_free_prompt(prompt: str) -> str:
 def record_sentence(fields: Mapping[str, Any], bin_edges: Sequence[float]) -> str:
     """g(OCR(image)): the parsed record written out; fields OCR could not read say so."""
     def val(f: str) -> str:
-        return _fmt(fields[f], f) if _usable(fields.get(f)) else "not read"
+        return field_text(fields[f], f) if is_number(fields.get(f)) else "not read"
 
     # Compact on purpose: a small model's tokenizer spends one token per digit, and the card-specific
     # part of the prompt is evaluated for every card.
     parts = [f"N {val('N')} holes", f"mean x {val('mu_x')}, y {val('mu_y')}", f"sd x {val('sd_x')}, y {val('sd_y')}"]
-    bins = _bins(fields, bin_edges)
+    bins = radius_counts(fields, bin_edges)
     if bins is not None:
-        intervals = " ".join(f"{_num(lo)}-{_num(hi)}:{c}" for lo, hi, c in zip(bin_edges, bin_edges[1:], bins))
+        intervals = " ".join(f"{number_text(lo)}-{number_text(hi)}:{c}"
+                             for lo, hi, c in zip(bin_edges, bin_edges[1:], bins))
         parts.append(f"holes by radius {intervals}")
     elif bin_edges:
         parts.append("holes by radius not read")
@@ -199,14 +212,15 @@ def record_sentence(fields: Mapping[str, Any], bin_edges: Sequence[float]) -> st
 def priors_text(priors: Mapping[str, Any]) -> str:
     """One line per class: typical value ± spread of each shown feature. N is kept in the priors dict but
     not shown: it says nothing about where the holes are."""
-    nf = _near_far(priors["bin_edges"])
+    nf = near_far_intervals(priors["bin_edges"])
     edges = priors["bin_edges"]
     lines = []
     if nf is not None:
-        lines.append(f"(near = share of holes at radius < {_num(edges[nf[0]])}, "
-                     f"far = share at radius >= {_num(edges[nf[1]])})")
+        lines.append(f"(near = share of holes at radius < {number_text(edges[nf[0]])}, "
+                     f"far = share at radius >= {number_text(edges[nf[1]])})")
     for label, c in priors["classes"].items():
-        stats = ", ".join(f"{FIELD_WORDS[f]} {_fmt(c['mean'][f], f)}±{_fmt(_scale(priors, c, f), f)}"
+        stats = ", ".join(f"{FIELD_WORDS[f]} {field_text(c['mean'][f], f)}"
+                          f"±{field_text(deviation_scale(priors, c, f), f)}"
                           for f in SHOWN_FEATURES if f in c["mean"])
         tag = " = normal cards" if label == priors.get("normal_label") and label != "normal" else ""
         lines.append(f"- {label}{tag} ({c['cards']} card{'s' * (c['cards'] != 1)}): {stats}")
@@ -223,7 +237,7 @@ def deviation_text(fields: Mapping[str, Any], priors: Mapping[str, Any]) -> str:
         for f in SHOWN_FEATURES:
             if f not in feats or f not in normal["mean"]:
                 continue
-            z = _z(feats[f], priors, normal, f)
+            z = z_score(feats[f], priors, normal, f)
             # The normal range itself is in the priors above; repeating it per card only costs tokens.
             how = "" if abs(z) <= 1.5 else f" {'far ' if abs(z) > 3 else ''}{'above' if z > 0 else 'below'}"
             parts.append(f"{FIELD_WORDS[f]} {z:+.1f} sd{how}")
@@ -254,7 +268,7 @@ def _levels_line(fields: Mapping[str, Any], priors: Mapping[str, Any]) -> str:
     parts = []
     for f in SHOWN_FEATURES:
         if normal and f in feats and f in normal["mean"]:
-            parts.append(f"{FIELD_WORDS[f]} {_level(_z(feats[f], priors, normal, f))}")
+            parts.append(f"{FIELD_WORDS[f]} {_level(z_score(feats[f], priors, normal, f))}")
         elif f not in feats:
             parts.append(f"{FIELD_WORDS[f]} not read")
     return ", ".join(parts) + "." if parts else ""

@@ -20,12 +20,28 @@ from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.executors import Executor, Job, Work, resolve
 from asectl.stages.common import StageResult, run_per_image
-from asectl.stages.reason.priors import (SCALAR_FIELDS, _bins, _check_train_split, _usable, check_priors,
-                                         priors_from_dataset, priors_sha256)
-from asectl.stages.reason.prompt import (DEFAULT_PROMPT, answer_schema, answer_text, card_levels, card_summary,
-                                         deviation_text, load_prompt, parse_answer, priors_text,
-                                         record_sentence)
 from asectl.stages.ocr import OcrSettings
+from asectl.stages.reason.priors import (
+    SCALAR_FIELDS,
+    check_priors,
+    is_number,
+    labelled_training_cards,
+    priors_from_dataset,
+    priors_sha256,
+    radius_counts,
+)
+from asectl.stages.reason.prompt import (
+    DEFAULT_PROMPT,
+    answer_schema,
+    answer_text,
+    card_levels,
+    card_summary,
+    deviation_text,
+    load_prompt,
+    parse_answer,
+    priors_text,
+    record_sentence,
+)
 from asectl.stages.settings import REPLAY_ONLY, StageSettings
 
 STAGE = "reason"
@@ -69,15 +85,16 @@ class ReasonSettings(StageSettings):
             object.__setattr__(self, "prompt", str(prompt.resolve()))
         self.sampling()   # validate early: a bad value fails before any model loads
 
-    def sampling(self) -> "Sampling":
+    def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.seed, self.top_k, self.top_p, self.min_p, self.repeat_penalty,
                         self.max_tokens)
 
     @classmethod
-    def replay(cls, params: Mapping[str, Any]) -> "ReasonSettings":
+    def replay(cls, params: Mapping[str, Any]) -> ReasonSettings:
         """The settings that repeat a run from its ``StageResult.params`` (as a trained bundle stores
         them), refusing a different model file or prompt."""
-        return cls(llm=params["backend"].get("backend", "llama-cpp"), llm_model=params["backend"]["path"], chat_format=params["backend"]["chat_format"],
+        return cls(llm=params["backend"].get("backend", "llama-cpp"), llm_model=params["backend"]["path"],
+                   chat_format=params["backend"]["chat_format"],
                    prompt=params["prompt"]["ref"], priors=params["priors"], n_ctx=params.get("n_ctx"),
                    expect_model_hash=params["backend"]["hash"], expect_prompt_sha256=params["prompt"]["sha256"],
                    **params["sampling"])
@@ -133,10 +150,11 @@ def run_reason(
 
     ``settings`` (or single ``choices`` such as ``llm_model=``, ``max_tokens=``) say what runs; a run on
     a dataset folder is remembered for the later stages on it (``remember=False``: a replay, which
-    leaves them). Stats come from the OCR stage run with ``ocr`` settings, or from ``fields`` (image name -> record fields, e.g. a generated dataset's printed
-    truth) when given. Priors default to the dataset's training split; pass stored priors for images
-    outside a dataset. ``n_threads``, ``n_gpu_layers``, ``workers`` and ``executor`` (asectl.executors:
-    where OCR and the answers run) change the speed, not the answers."""
+    leaves them). Stats come from the OCR stage run with ``ocr`` settings, or from ``fields`` (image name ->
+    record fields, e.g. a generated dataset's printed truth) when given. Priors default to the dataset's
+    training split; pass stored priors for images outside a dataset. ``n_threads``, ``n_gpu_layers``,
+    ``workers`` and ``executor`` (asectl.executors: where OCR and the answers run) change the speed, not
+    the answers."""
     from asectl.backends.json_decode import object_fields
     from asectl.backends.llm import LLMPool, default_workers, make_llm
     from asectl.stages.ocr import run_ocr
@@ -158,7 +176,7 @@ def run_reason(
                           f"{settings.expect_model_hash[:12]}); pass --llm-model with the original GGUF")
     priors = settings.priors
     if priors is None:
-        _check_train_split(dataset)  # before OCR: fail in a second, not after reading every card
+        labelled_training_cards(dataset)  # before OCR: fail in a second, not after reading every card
     edges = list(ocr.card_spec().bin_edges)
     if fields is not None:
         stats = {s.name: {"image": s.name, "fields": dict(fields[s.name])} for s in dataset.samples
@@ -196,7 +214,7 @@ def run_reason(
         if strict and rec.get("error"):
             raise DataError(rec["error"])
         f = rec.get("fields") or {}
-        if not any(_usable(f.get(k)) for k in SCALAR_FIELDS) and _bins(f, edges) is None:
+        if not any(is_number(f.get(k)) for k in SCALAR_FIELDS) and radius_counts(f, edges) is None:
             # A partly read record (OCR reports an error but has fields) is still reasoned about.
             raise DataError(f"{rec['error']} (reason needs the card's record)" if rec.get("error") else
                             f"{sample.path}: OCR read no field of the record; check the card with `asectl ocr`")

@@ -1,15 +1,25 @@
-"""Tiny, randomly initialised models built inside the tests: no weights are ever downloaded.
+"""Material for tests and benchmarks, built on the spot: no weights are ever downloaded.
 
 ``build_tiny_instructblip(folder)`` writes a complete InstructBLIP folder (config, safetensors weights,
 language-model tokenizer, Q-Former tokenizer, image processor, processor config) that
 ``InstructBlipProcessor.from_pretrained`` / ``InstructBlipForConditionalGeneration.from_pretrained`` load
 like a real checkpoint. The tokenizers are trained here on a few sentences. Its answers are random words;
 it exists to exercise the real loading, batching, generation and caching code paths (also on a GPU).
+
+``sample_calibrated_cards`` draws logits and labels whose softmax is the true class probability (calibrated
+scores without a model), and ``fresh_defect_errors`` measures how a way of choosing the decision rule on
+held-out cards holds its defect-error target on fresh cards of the same source. tests/test_calibration.py
+asserts the direction of these figures; bench/defect_cut_simulation.py reports them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from asectl.models.calibration import DecisionRule, decision_stats, defect_cuts, softmax
 
 # Words the tiny tokenizers know: enough for the default prompt and a few answers.
 _SENTENCES = [
@@ -58,9 +68,15 @@ def build_tiny_instructblip(folder: str | Path, seed: int = 0, image_size: int =
                             num_query_tokens: int = 4) -> Path:
     """Write a tiny random InstructBLIP (Llama text model) to ``folder`` and return the folder."""
     import torch
-    from transformers import (BlipImageProcessor, InstructBlipConfig, InstructBlipForConditionalGeneration,
-                              InstructBlipProcessor, InstructBlipQFormerConfig, InstructBlipVisionConfig,
-                              LlamaConfig)
+    from transformers import (
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+        LlamaConfig,
+)
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,3 +105,44 @@ def build_tiny_instructblip(folder: str | Path, seed: int = 0, image_size: int =
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# Simulated calibrated scores
+
+CLASSES = ("normal", "type1", "type2", "type3", "type4")
+
+
+def sample_calibrated_cards(n: int, temperature: float, seed: int,
+                            classes: tuple[str, ...] = CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels drawn so that softmax(logits / temperature) are the true class probabilities."""
+    rng = np.random.default_rng(seed)
+    y_mean = rng.integers(0, len(classes), n)
+    logits = rng.normal(0, 1.5, (n, len(classes)))
+    logits[np.arange(n), y_mean] += 3.0
+    cum = np.cumsum(softmax(logits, temperature), axis=1)
+    y = np.minimum((rng.random((n, 1)) > cum).sum(axis=1), len(classes) - 1)
+    return logits, y
+
+
+def lowest_cut_anywhere(probs: np.ndarray, y: np.ndarray, target: float,
+                        classes: tuple[str, ...] = CLASSES) -> float | None:
+    """The defect threshold as fuse-train chose it before: the lowest cut meeting the target anywhere."""
+    cuts, errors = defect_cuts(probs, y, classes)
+    met = cuts[errors <= target]
+    return float(met[-1]) if len(met) else None
+
+
+def fresh_defect_errors(rule_of: Callable[[np.ndarray, np.ndarray], DecisionRule], draws: int, n: int,
+                        classes: tuple[str, ...] = CLASSES) -> list[float]:
+    """Defect error on 40,000 fresh cards of rules chosen on ``draws`` held-out sets of ``n`` cards
+    (``rule_of(probs, y)``); a draw whose rule grants no defect decision is left out."""
+    fresh_logits, fresh_y = sample_calibrated_cards(40000, 1.0, seed=99, classes=classes)
+    fresh = softmax(fresh_logits)
+    out = []
+    for d in range(draws):
+        logits, y = sample_calibrated_cards(n, 1.0, seed=1000 + d, classes=classes)
+        rule = rule_of(softmax(logits), y)
+        if rule.defect_threshold is not None:
+            out.append(decision_stats(rule.decide(fresh), fresh_y, fresh.argmax(1), classes)["defect_error"])
+    return out

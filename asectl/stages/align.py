@@ -169,7 +169,7 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
                                      head_lr=prof.pfa.lr, encoder_lrs=lrs, device=enc_cfg.device)
     else:
         features, lrs = encoded, None
-    total = sum(ph["epochs"] for ph in plan_updates(prof.pfa, len(train_index))["phases"])  # epochs: any pair count
+    total = sum(ph["epochs"] for ph in plan_updates(prof.pfa, len(train_index))["phases"])
     with ui.progress(total, f"align ({prof.pfa.mode})") as advance:
         result = train_pfa(features, prof.pfa, seed, train_index=train_index, device=enc_cfg.device,
                            encoder_lrs=lrs, stats_hidden=enc_cfg.stats_hidden,

@@ -18,7 +18,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file
 from asectl.errors import ConfigError
@@ -31,24 +31,12 @@ HELD_OUT_SCORES = "held-out.safetensors"
 LATEST_POINTER = "latest-model"
 
 
-@dataclass
-class Bundle:
+class DecisionSource:
+    """What a bundle and an export share: the stored decision rule and the held-out scores it was chosen on,
+    so either can move its operating point (``path`` and ``config`` come from the subclass)."""
+
     path: Path
     config: dict[str, Any]
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.config["classes"])
-
-    @property
-    def digest(self) -> str:
-        """Content identity: bundle.json holds the checksum of every file (verified on loading)."""
-        return sha256_bytes(canonical_json(self.config).encode())
-
-    @property
-    def temperature(self) -> float:
-        """Divides the fusion's logits before the softmax (temperature scaling)."""
-        return float(self.config["calibration"]["temperature"])
 
     def decision_rule(self) -> Any:
         from asectl.models.calibration import DecisionRule
@@ -77,6 +65,27 @@ class Bundle:
         from asectl.models.calibration import operating_point
 
         return operating_point(*self.held_out_scores(), self.decision_rule(), max_miss_rate, max_defect_error)
+
+
+
+@dataclass
+class Bundle(DecisionSource):
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def digest(self) -> str:
+        """Content identity: bundle.json holds the checksum of every file (verified on loading)."""
+        return sha256_bytes(canonical_json(self.config).encode())
+
+    @property
+    def temperature(self) -> float:
+        """Divides the fusion's logits before the softmax (temperature scaling)."""
+        return float(self.config["calibration"]["temperature"])
 
     def heads(self) -> Any:
         from safetensors.torch import load_file
@@ -107,10 +116,20 @@ def write_held_out_scores(folder: Path, probabilities: Any, labels: Any) -> None
                "labels": np.ascontiguousarray(labels, dtype=np.int64)}, str(folder / HELD_OUT_SCORES))
 
 
-def write_checksums(folder: Path, config: dict[str, Any]) -> None:
+def write_checksums(folder: Path, config: dict[str, Any], name: str = "bundle.json") -> None:
+    """``config`` with the checksum of every file in ``folder``, written as ``name`` (an export: export.json)."""
     config["files"] = {p.relative_to(folder).as_posix(): sha256_file(p)
-                       for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "bundle.json"}
-    (folder / "bundle.json").write_text(json.dumps(config, indent=1, default=str))
+                       for p in sorted(folder.rglob("*")) if p.is_file() and p.name != name}
+    (folder / name).write_text(json.dumps(config, indent=1, default=str))
+
+
+def verify_files(folder: Path, files: Mapping[str, str], remedy: str) -> None:
+    """Every listed file present with its checksum, before anything is deserialised; else a one-line
+    ConfigError naming the file and ``remedy``."""
+    for name, digest in files.items():
+        f = folder / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise ConfigError(f"{f}: missing or damaged (checksum mismatch); {remedy}")
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -126,10 +145,7 @@ def load_bundle(path: str | Path) -> Bundle:
         raise ConfigError(f"{cfg_file}: unreadable bundle description; export the model again") from None
     if config.get("format") != BUNDLE_FORMAT:
         raise ConfigError(f"{p}: bundle format {config.get('format')} is not {BUNDLE_FORMAT}; retrain it")
-    for name, digest in files.items():
-        f = p / name
-        if not f.is_file() or sha256_file(f) != digest:
-            raise ConfigError(f"{f}: missing or damaged (checksum mismatch); export or train the model again")
+    verify_files(p, files, "export or train the model again")
     return Bundle(p, config)
 
 

@@ -29,17 +29,19 @@ import psutil
 from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
 
 
-def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None, engine: str = "cnocr") -> Path:
+def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None, engine: str = "cnocr",
+                   counts: str | None = None) -> Path:
     """``model``, else the model last trained on the seed-0 dataset in this cache (bench/calibration.py's),
     else one trained here; exported to ``out``/bundle. With another OCR ``engine``: the seed-0 model
-    trained (or found in the cache) with that engine, the other settings the benchmark's."""
+    trained (or found in the cache) with that engine, the other settings the benchmark's. ``counts``: a
+    smaller seed-0 dataset (cards per class) to train on, for a quicker run."""
     from asectl.bundle import export_bundle, load_bundle
     from asectl.cache import Cache
     from asectl.dataset import load_dataset
     from asectl.stages.common import dataset_id
 
     cache = Cache(cache_dir)
-    ds = load_dataset(dataset(0))
+    ds = load_dataset(dataset(0, counts))
     ptr = cache.get_pointer(f"model-{dataset_id(ds)}")
     entry = cache.get("model", ptr["key"]) if ptr else None
     if model is not None:
@@ -84,47 +86,45 @@ def lines(out: Path) -> set[str]:
     return {json.loads(x)["image"] for x in text[: text.rfind("\n") + 1].splitlines()}
 
 
-def cold_predict(exe: list[str], cards: list[Path], bundle: Path, env: dict) -> list[float]:
-    times = []
+def cold_predict(exe: list[str], cards: list[Path], bundle: Path, env: dict) -> tuple[list[float], list[float]]:
+    """Wall seconds and CPU seconds (user + system of the process and its children) of each cold run."""
+    import resource
+
+    times, cpu = [], []
     for card in cards:
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run([*exe, "predict", str(card), "--model", str(bundle), "--json"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - t0)
-    return times
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return times, cpu
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cache-dir", default=str(OUT / "cache"))
-    ap.add_argument("--burst", type=int, default=40, help="cards dropped at once (throughput)")
-    ap.add_argument("--trickle", type=int, default=20, help="cards dropped one at a time (latency)")
-    ap.add_argument("--gap", type=float, default=1.5, help="seconds between trickled cards")
-    ap.add_argument("--model", type=Path, default=None, help="a model bundle folder (default: see above)")
-    ap.add_argument("--engine", choices=["cnocr", "rapidocr"], default="cnocr",
-                    help="OCR engine of the model (default cnocr; rapidocr: a seed-0 model trained with it, "
-                         "results in their own section)")
-    ap.add_argument("--cold", type=int, default=3, help="cold single-card runs (0: skip)")
-    ap.add_argument("--card-seed", type=int, default=500,
-                    help="generator seed of the new cards (seed, seed+1, seed+2); a rerun on the same cache "
-                         "needs another one, so that the cards are new to it")
-    args = ap.parse_args()
-    suffix = "" if args.engine == "cnocr" else f"-{args.engine}"
-    out = OUT / f"predict-speed{suffix}"
+def export_model(bundle: Path, out: Path, env: dict, exe: list[str]) -> Path:
+    """The bundle as an export folder (``asectl export``), written once per run."""
+    target = out / "export"
+    shutil.rmtree(target, ignore_errors=True)
+    subprocess.run([*exe, "export", "--model", str(bundle), "--out", str(target)], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return target
+
+
+def measure(exe: list[str], model: Path, env: dict, cache_dir: Path, out: Path, card_seed: int,
+            args: argparse.Namespace) -> dict:
+    """Cold single cards, then a warm watcher (start-up, a burst, a trickle) with ``model`` on cards of
+    ``card_seed`` .. ``card_seed`` + 2, new to the cache."""
+    from asectl.cache import Cache
+
     shutil.rmtree(out / "inbox", ignore_errors=True)
     (out / "inbox").mkdir(parents=True)
-    cache_dir = Path(args.cache_dir)
-    bundle = trained_bundle(cache_dir, out, args.model, args.engine)
-    env = {**os.environ, "ASECTL_CACHE_DIR": str(cache_dir)}
-    exe = [sys.executable, "-m", "asectl", "-q"]
-
-    from asectl.cache import Cache
 
     def entries() -> tuple[int, int]:
         return tuple(len(list(Cache(cache_dir).iter_entries(stage))) for stage in ("ocr", "reason"))
 
     before = entries()
-    cold = cold_predict(exe, new_cards(out, args.card_seed, args.cold), bundle, env) if args.cold else []
+    cold, cold_cpu = cold_predict(exe, new_cards(out, card_seed, args.cold), model, env) if args.cold else ([], [])
     # New to every stage, the LLM's included: a card read before by another engine keeps its LLM answer.
     if args.cold and any(after - was < args.cold for after, was in zip(entries(), before)):
         raise SystemExit(f"the cards of --card-seed {args.card_seed} were already (partly) in {cache_dir}; "
@@ -135,7 +135,7 @@ def main() -> None:
     log = open(out / "watch.log", "w")
     t_start = time.perf_counter()
     proc = psutil.Popen([sys.executable, "-m", "asectl", "predict", "--watch", str(inbox), "--out", str(results),
-                         "--model", str(bundle)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+                         "--model", str(model)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     peak = 0.0
     try:
         while "watching" not in (out / "watch.log").read_text():
@@ -146,7 +146,7 @@ def main() -> None:
 
         # Throughput: a burst of cards at once. CPU seconds per card (the watcher's user + system time)
         # say what the cards cost apart from what other programs on the machine take from it.
-        burst = new_cards(out, args.card_seed + 1, args.burst)
+        burst = new_cards(out, card_seed + 1, args.burst)
         cpu0 = sum(proc.cpu_times()[:2])
         t0 = min(drop(c, inbox, f"burst-{i:03d}.png") for i, c in enumerate(burst))
         while len(lines(results)) < len(burst):
@@ -157,7 +157,7 @@ def main() -> None:
 
         # Latency: one card at a time, slower than the watcher's pace, so no card waits for another.
         latencies = []
-        for i, c in enumerate(new_cards(out, args.card_seed + 2, args.trickle)):
+        for i, c in enumerate(new_cards(out, card_seed + 2, args.trickle)):
             name = f"trickle-{i:03d}.png"
             t_drop = drop(c, inbox, name)
             while name not in lines(results):
@@ -171,41 +171,99 @@ def main() -> None:
         log.close()
 
     lat_sorted = sorted(latencies)
-    p95 = lat_sorted[min(len(lat_sorted) - 1, int(round(0.95 * (len(lat_sorted) - 1))))]
-    data = {"card_seed": args.card_seed, "cold_seconds": cold, "watch_startup_seconds": startup,
-            "burst_cards": len(burst),
-            "burst_seconds": burst_seconds, "cards_per_second": len(burst) / burst_seconds,
+    p95 = lat_sorted[min(len(lat_sorted) - 1, int(round(0.95 * (len(lat_sorted) - 1))))] if latencies else None
+    return {"card_seed": card_seed, "cold_seconds": cold, "cold_cpu_seconds": cold_cpu,
+            "watch_startup_seconds": startup,
+            "burst_cards": len(burst), "burst_seconds": burst_seconds, "cards_per_second": len(burst) / burst_seconds,
             "burst_cpu_seconds_per_card": burst_cpu, "load_average_end": os.getloadavg()[0],
-            "latencies": latencies, "latency_median": statistics.median(latencies), "latency_p95": p95,
-            "watch_peak_rss_mib": peak, "poll_seconds": 0.25}
-    data["engine"] = args.engine
+            "latencies": latencies, "latency_median": statistics.median(latencies) if latencies else None,
+            "latency_p95": p95, "watch_peak_rss_mib": peak, "poll_seconds": 0.25}
+
+
+def table(runs: dict[str, dict], args: argparse.Namespace) -> str:
+    """One row per measure, one column per model path (bundle, export)."""
+    def cell(fmt, key):
+        return [fmt(r) if r.get(key) not in (None, []) else "-" for r in runs.values()]
+
+    def cold(r):
+        return f"**{statistics.median(r['cold_seconds']):.1f} s** ({', '.join(f'{t:.1f}' for t in r['cold_seconds'])})"
+
+    export_cold = runs.get("export", {}).get("cold_seconds")
+    cold_goal = ("at most 3 s" if not export_cold else
+                 f"at most 3 s from an export: {'met' if statistics.median(export_cold) <= 3 else 'not met'}")
+    rows = [(f"cold `asectl predict CARD` (new process, new card), median of {args.cold}", cell(cold, "cold_seconds"),
+             cold_goal),
+            ("cold CPU time (user + system of that process)",
+             cell(lambda r: f"{statistics.median(r['cold_cpu_seconds']):.1f} s", "cold_cpu_seconds"), ""),
+            ("`--watch` start-up (models loaded, one warm-up card)",
+             cell(lambda r: f"{r['watch_startup_seconds']:.1f} s", "watch_startup_seconds"), ""),
+            (f"`--watch` throughput, {args.burst} cards dropped at once",
+             cell(lambda r: f"**{r['cards_per_second']:.2f} cards/s** ({r['burst_seconds']:.1f} s)",
+                  "cards_per_second"),
+             "at least 4"),
+            ("`--watch` CPU time per card in that burst (user + system of the watcher)",
+             cell(lambda r: f"{r['burst_cpu_seconds_per_card']:.2f} s", "burst_cpu_seconds_per_card"), ""),
+            (f"`--watch` latency, card appears -> its JSON line, {args.trickle} cards {args.gap:g} s apart",
+             cell(lambda r: f"median **{r['latency_median']:.2f} s**, p95 **{r['latency_p95']:.2f} s**",
+                  "latency_median"), ""),
+            ("`--watch` peak memory", cell(lambda r: f"{r['watch_peak_rss_mib']:.0f} MiB", "watch_peak_rss_mib"), "")]
+    head = "| measure | " + " | ".join(runs) + " | goal |\n|---|" + "---|" * len(runs) + "---|\n"
+    return head + "".join(f"| {name} | " + " | ".join(cells) + f" | {goal} |\n" for name, cells, goal in rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache-dir", default=str(OUT / "cache"))
+    ap.add_argument("--burst", type=int, default=40, help="cards dropped at once (throughput)")
+    ap.add_argument("--trickle", type=int, default=20, help="cards dropped one at a time (latency)")
+    ap.add_argument("--gap", type=float, default=1.5, help="seconds between trickled cards")
+    ap.add_argument("--model", type=Path, default=None, help="a model bundle folder (default: see above)")
+    ap.add_argument("--engine", choices=["cnocr", "rapidocr"], default="cnocr",
+                    help="OCR engine of the model (default cnocr; rapidocr: a seed-0 model trained with it, "
+                         "results in their own section)")
+    ap.add_argument("--counts", default=None,
+                    help="train on a smaller seed-0 dataset, cards per class normal,type1..type4 (default: the "
+                         "455-card one)")
+    ap.add_argument("--no-export", action="store_true",
+                    help="measure the bundle only (default: the bundle and its export, `asectl export`, in one run)")
+    ap.add_argument("--cold", type=int, default=3, help="cold single-card runs (0: skip)")
+    ap.add_argument("--card-seed", type=int, default=500,
+                    help="generator seed of the new cards: the bundle's are seed .. seed+2, the export's "
+                         "seed+10 .. seed+12; a rerun on the same cache needs another one, so that the cards are new "
+                         "to it")
+    args = ap.parse_args()
+    suffix = ("" if args.engine == "cnocr" else f"-{args.engine}") + ("" if args.no_export else "-export")
+    out = OUT / f"predict-speed{suffix}"
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir)
+    bundle = trained_bundle(cache_dir, out, args.model, args.engine, args.counts)
+    env = {**os.environ, "ASECTL_CACHE_DIR": str(cache_dir)}
+    exe = [sys.executable, "-m", "asectl", "-q"]
+    models = {"bundle": bundle}
+    if not args.no_export:
+        models["export"] = export_model(bundle, out, env, exe)
+    runs = {name: measure(exe, model, env, cache_dir, out / "runs" / name, args.card_seed + 10 * k, args)
+            for k, (name, model) in enumerate(models.items())}
+    data = {**runs["bundle"], "engine": args.engine, "model": str(args.model or "seed-0 bundle"),
+            **({"export": runs["export"]} if "export" in runs else {})}
     save("predict_speed" + suffix.replace("-", "_"), data)
-    cold_row = ""
-    if cold:
-        cold_med = statistics.median(cold)
-        cold_row = (f"| cold `asectl predict CARD` (new process, new card), median of {len(cold)} | "
-                    f"**{cold_med:.1f} s** ({', '.join(f'{t:.1f}' for t in cold)}) | "
-                    f"at most 3 s: {'met' if cold_med <= 3 else 'not met'} |\n")
-    rate = data["cards_per_second"]
-    throughput = f"**{rate:.2f} cards/s** ({burst_seconds:.1f} s) | at least 4: {'met' if rate >= 4 else 'not met'}"
-    latency = f"median **{data['latency_median']:.2f} s**, p95 **{p95:.2f} s**"
-    model_line = ("seed-0 quick-profile bundle of `bench/calibration.py`" if args.engine == "cnocr" else
+    model_line = (f"the bundle `{args.model}`" if args.model else
+                  f"a seed-0 quick-profile bundle trained here on the {args.counts} cards per class of a smaller "
+                  "seed-0 field dataset, the benchmark's settings otherwise (the pipeline per card is the same "
+                  "as for the 455-card model)" if args.counts else
+                  "seed-0 quick-profile bundle of `bench/calibration.py`" if args.engine == "cnocr" else
                   f"seed-0 quick-profile bundle trained with `--engine {args.engine}` OCR (otherwise the "
                   "benchmark's settings)")
+    paths = ("" if args.no_export else " Columns: the bundle, and the same model exported with `asectl export` "
+             "(ONNX graphs, rapidocr for cnocr, no torch), measured one after the other in this run, each on cards "
+             "of its own.")
     md = f"""### Prediction speed: cold single card and a warm `--watch` station{
-    f" (OCR engine {args.engine})" if suffix else ""}
+    f" (OCR engine {args.engine})" if args.engine != "cnocr" else ""}{"" if args.no_export else ", bundle and export"}
 
-Model: {model_line}. Every card is new to the cache. 2 cores,
-shared with whatever else runs (load average at start above, {data['load_average_end']:.2f} at the end).
+Model: {model_line}. Every card is new to the cache.{paths} 2 cores, shared with whatever else runs (load
+average at start above, {os.getloadavg()[0]:.2f} at the end).
 
-| measure | result | goal |
-|---|---|---|
-{cold_row}| `--watch` start-up (models loaded, one warm-up card) | {startup:.1f} s | |
-| `--watch` throughput, {len(burst)} cards dropped at once | {throughput} |
-| `--watch` CPU time per card in that burst (user + system of the watcher) | {burst_cpu:.2f} s | |
-| `--watch` latency, card appears -> its JSON line, {len(latencies)} cards {args.gap:g} s apart | {latency} | |
-| `--watch` peak memory | {peak:.0f} MiB | |
-"""
+{table(runs, args)}"""
     update_section("predict-speed" + suffix, md)
     print(md)
 

@@ -32,14 +32,14 @@ LAYERS = (
     ("entry", ("asectl.cli", "asectl.__main__", "asectl.testing")),
     ("commands", ("asectl.commands",)),
     ("stages", ("asectl.stages",)),
-    ("libraries", ("asectl.backends", "asectl.models", "asectl.bundle", "asectl.report", "asectl.metrics")),
+    ("libraries", ("asectl.backends", "asectl.models", "asectl.bundle", "asectl.export", "asectl.report",
+                   "asectl.metrics")),
     ("domain", ("asectl.synth", "asectl.card", "asectl.dataset")),
     ("base", ("asectl.cache", "asectl.executors", "asectl.ray_executor", "asectl.workers", "asectl.registry",
               "asectl.imageio", "asectl.ui", "asectl.environment", "asectl.errors", "asectl")),
 )
-# Known exception, to be removed by executors found through the registry (issue #22): the local/ray
-# executors import each other (executors.resolve builds the Ray one; ray_executor subclasses Executor).
-KNOWN_CIRCLES = {frozenset({"asectl.executors", "asectl.ray_executor"})}
+# No known exception: executors are found through asectl.registry.EXECUTORS (the local/ray circle is gone).
+KNOWN_CIRCLES: set[frozenset[str]] = set()
 # bench's results limit (bench/_common.py SUMMARY_LIMIT): summaries only, per-card output under bench/out.
 SUMMARY_LIMIT = 200_000
 

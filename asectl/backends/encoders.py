@@ -164,6 +164,32 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def prepare_image(item: Any, input_size: int, mean: Sequence[float], std: Sequence[float], resize: str = "pad",
+                  crop: Sequence[int] | None = None) -> np.ndarray:
+    """One image (path, PIL image or HxWx3 uint8 array) -> normalised float32 array [3, S, S]: cropped,
+    padded to a square with the card's white background (``resize="pad"``), resized, normalised. Needs
+    no torch: an exported model (asectl.export) prepares its images with it too."""
+    from PIL import Image
+
+    if isinstance(item, (str, Path)):
+        img = load_image(item)
+    elif isinstance(item, np.ndarray):
+        img = Image.fromarray(item.astype(np.uint8)).convert("RGB")
+    else:
+        img = item.convert("RGB")
+    if crop:
+        img = img.crop(tuple(crop))
+    if resize == "pad" and img.width != img.height:
+        side = max(img.width, img.height)
+        canvas = Image.new("RGB", (side, side), _PAD_RGB)
+        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        img = canvas
+    img = img.resize((input_size, input_size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return arr.transpose(2, 0, 1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Image encoders
 
@@ -235,32 +261,17 @@ class ImageEncoder:
         self._finetuned = {"sha256": file_fingerprint(path)["sha256"]}
 
     # -- data -------------------------------------------------------------------------------------
-    def _prepare(self, item: Any) -> np.ndarray:
-        from PIL import Image
-
-        if isinstance(item, (str, Path)):
-            img = load_image(item)
-        elif isinstance(item, np.ndarray):
-            img = Image.fromarray(item.astype(np.uint8)).convert("RGB")
-        else:
-            img = item.convert("RGB")
-        if self.crop:
-            img = img.crop(self.crop)
-        if self.resize == "pad" and img.width != img.height:
-            side = max(img.width, img.height)
-            canvas = Image.new("RGB", (side, side), _PAD_RGB)
-            canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-            img = canvas
-        img = img.resize((self.input_size, self.input_size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return arr.transpose(2, 0, 1)
+    def preprocessing(self) -> dict[str, Any]:
+        """What ``prepare_image`` takes for this encoder (an export stores it beside the ONNX graph)."""
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize, "crop": list(self.crop) if self.crop else None}
 
     def preprocess(self, batch: Sequence[Any]) -> Any:
         """Images (paths, PIL images or HxWx3 uint8 arrays) -> normalised tensor [n,3,S,S]."""
         import torch
 
-        return torch.from_numpy(np.stack([self._prepare(b) for b in batch])).to(self.device)
+        prep = self.preprocessing()
+        return torch.from_numpy(np.stack([prepare_image(b, **prep) for b in batch])).to(self.device)
 
     def encode(self, batch: Sequence[Any]) -> np.ndarray:
         return frozen_encode(self.module, batch, self.batch_size, self.dim,
@@ -522,16 +533,20 @@ class TextEncoder:
         self._finetuned = {"sha256": file_fingerprint(path)["sha256"]}
 
     def _pooled(self, texts: Sequence[str]) -> Any:
-        import torch.nn.functional as F
-
         enc = self.tokenizer([str(t) for t in texts], padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        hidden = self.module(**enc).last_hidden_state
+        return self.pool(self.module(**enc).last_hidden_state, enc["attention_mask"])
+
+    def pool(self, hidden: Any, attention_mask: Any) -> Any:
+        """Token states [n, tokens, dim] -> one feature per text: mean over the real tokens (or [CLS]),
+        L2-normalised when ``normalize``. An export traces it into the encoder's ONNX graph."""
+        import torch.nn.functional as F
+
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
 

@@ -238,9 +238,13 @@ def operating_point_line(rule, held: dict[str, Any]) -> str:
 DECISION_STYLE = {"pass": "[green]pass[/]", "defect": "[red]defect[/]", "review": "[yellow]review[/]"}
 
 
-def _bundle(cache, model: Path | None):
+def _bundle(cache, model: Path | None, exports: bool = False):
+    """The model at ``model`` (a bundle, or with ``exports`` also an export folder), else the latest trained."""
     from asectl.bundle import latest_bundle, load_bundle
+    from asectl.export import is_export, load_export
 
+    if model is not None and exports and is_export(model):
+        return load_export(model), f"exported model {model}"
     if model is not None:
         return load_bundle(model), f"model {model}"
     bundle, which = latest_bundle(cache)
@@ -251,7 +255,8 @@ def _bundle(cache, model: Path | None):
 @click.command(epilog=environment(*LEARN_ENV, *EXECUTOR_ENV))
 @click.argument("images", nargs=-1)
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              show_default="the latest model trained in this cache", help="Model bundle folder.")
+              show_default="the latest model trained in this cache",
+              help="Model bundle or export folder (`asectl export`).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Export predictions as JSON lines (with --watch: append one line per card).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
@@ -292,7 +297,7 @@ def predict(cache, images, model, out, as_json, force, watch, poll, workers, max
         raise ConfigError(f"{'--poll' if poll is not None else '--workers'} applies to --watch only")
     if not images:
         raise ConfigError("give card images (files, folders or globs), or --watch DIR --out FILE.jsonl")
-    bundle, _ = _bundle(cache, model)
+    bundle, _ = _bundle(cache, model, exports=True)
     rule = _operating_point(bundle, max_miss_rate, max_defect_error)
     ds = load_inputs(images)
     result = run_predict(ds, bundle, cache, force=force, rule=rule)
@@ -346,7 +351,7 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
     from asectl.stages.watch import DEFAULT_POLL, Preparers, done_names, watch_folder
     from asectl.workers import usable_cores
 
-    bundle, _ = _bundle(cache, model)
+    bundle, _ = _bundle(cache, model, exports=True)
     rule = _operating_point(bundle, *targets)
     stop = threading.Event()
     reason: list[str] = []

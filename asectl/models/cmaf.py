@@ -61,7 +61,7 @@ FUSION_INPUTS = ("vlm", "llm", "image")
 FUSION_ORDER = (*FUSION_INPUTS, "stats")
 
 
-def fusion_inputs(branches: Any) -> tuple[str, ...]:
+def ordered_inputs(branches: Any) -> tuple[str, ...]:
     """The fusion's inputs among ``branches``, in ``FUSION_ORDER``."""
     return tuple(m for m in FUSION_ORDER if m in branches)
 
@@ -78,7 +78,7 @@ class FusionModel(nn.Module):
             raise ConfigError(f"fusion variant '{variant}': use cmaf, cmaf-nosigmoid or concat")
         if attention not in ("chunks", "tokens"):
             raise ConfigError(f"fusion attention '{attention}': use chunks or tokens")
-        self.inputs = fusion_inputs(inputs)
+        self.inputs = ordered_inputs(inputs)
         if len(self.inputs) < 2 or len(self.inputs) != len(inputs):
             raise ConfigError(f"fusion inputs {list(inputs)}: give two or more of {', '.join(FUSION_ORDER)}")
         if variant != "concat" and attention == "chunks" and self.inputs != FUSION_INPUTS:
@@ -156,6 +156,12 @@ class FusionModel(nn.Module):
         return self.mlp(self.fuse(*xs))
 
 
+def fusion_inputs(model: FusionModel) -> tuple[str, ...]:
+    """The modalities a fold model takes, in the order of its ``forward`` arguments (an export names its
+    graph's inputs with them)."""
+    return tuple(model.inputs)
+
+
 @dataclasses.dataclass
 class FusionBundle:
     """What prediction needs besides the weights: classes and the task's label mapping."""
@@ -169,7 +175,7 @@ def _inputs(features: Mapping[str, Any] | Sequence[Any],
             inputs: Sequence[str] | None = None) -> list[np.ndarray]:
     """The aligned feature arrays of ``inputs`` (default: every fusion input present), in order."""
     if isinstance(features, Mapping):
-        inputs = fusion_inputs(features) if inputs is None else tuple(inputs)
+        inputs = ordered_inputs(features) if inputs is None else tuple(inputs)
         missing = [m for m in inputs if m not in features]
         if missing or len(inputs) < 2:
             raise DataError(f"fusion needs aligned features for {', '.join(inputs or FUSION_INPUTS)}; "
@@ -228,7 +234,7 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
     normal/defective. Returns (model, history); ``model.bundle`` holds classes and task, and history
     has one row per epoch (loss, accuracy, lr, and val_loss/val_accuracy when validation data is given)."""
     config = config or FusionConfig()
-    inputs = fusion_inputs(features)
+    inputs = ordered_inputs(features)
     missing = [m for m in FUSION_INPUTS if m not in inputs]
     if config.variant != "concat" and config.attention == "chunks" and missing:
         raise DataError(f"chunk attention needs aligned features for {', '.join(FUSION_INPUTS)}; missing {missing}")

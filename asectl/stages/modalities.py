@@ -188,6 +188,13 @@ def build_encoders(enc_cfg: Any) -> tuple[Any, Any, Any]:
             text_encoder(enc_cfg.text, **txt_kw))
 
 
+def modality_inputs(mods: Modalities) -> dict[str, Any]:
+    """What each branch reads, by modality: the cards (samples), the two texts, and the record's numbers
+    (``stats``, an array: it has no encoder graph, its standardization and MLP are part of the heads)."""
+    return {"image": list(mods.samples), "vlm": list(mods.vlm_texts), "llm": list(mods.llm_texts),
+            "stats": mods.stats}
+
+
 def encode_modalities(mods: Modalities, encoders: tuple[Any, Any, Any], cache: Cache,
                       branches: Sequence[str] = BRANCHES) -> dict[str, np.ndarray]:
     """Frozen features Z_image, Z_vlm, Z_llm (cached per input and encoder) and the raw stats vectors
@@ -195,8 +202,9 @@ def encode_modalities(mods: Modalities, encoders: tuple[Any, Any, Any], cache: C
     from asectl.stages.features import image_features, text_features
 
     img_enc, vlm_enc, llm_enc = encoders
-    make = {"image": lambda: image_features(mods.samples, img_enc, cache),
-            "vlm": lambda: text_features(mods.vlm_texts, vlm_enc, cache, "vlm"),
-            "llm": lambda: text_features(mods.llm_texts, llm_enc, cache, "llm"),
-            "stats": lambda: mods.stats}
+    inputs = modality_inputs(mods)
+    make = {"image": lambda: image_features(inputs["image"], img_enc, cache),
+            "vlm": lambda: text_features(inputs["vlm"], vlm_enc, cache, "vlm"),
+            "llm": lambda: text_features(inputs["llm"], llm_enc, cache, "llm"),
+            "stats": lambda: inputs["stats"]}
     return {b: make[b]() for b in BRANCHES if b in branches}

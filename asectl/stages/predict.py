@@ -16,7 +16,9 @@ from asectl.bundle import Bundle
 from asectl.cache import Cache, make_key, sha256_bytes
 from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError
-from asectl.stages.modalities import build_encoders, collect_modalities, encode_modalities
+from asectl.export import ExportedModel
+from asectl.stages.modalities import (Modalities, build_encoders, collect_modalities, encode_modalities,
+                                      modality_inputs)
 from asectl.stages.common import StageResult
 
 STAGE = "predict"
@@ -83,9 +85,11 @@ class Predictions:
 
 class Predictor:
     """A bundle with its models loaded at most once and kept: a batch or ``--watch`` pays for loading a
-    model once, not per card. Nothing is loaded before it is needed, so a fully cached call loads none."""
+    model once, not per card. Nothing is loaded before it is needed, so a fully cached call loads none.
+    ``bundle`` may be an exported model (asectl.export): its ONNX graphs replace the torch models."""
 
-    def __init__(self, bundle: Bundle, cache: Cache | None = None, force: bool = False, rule: Any = None):
+    def __init__(self, bundle: Bundle | ExportedModel, cache: Cache | None = None, force: bool = False,
+                 rule: Any = None):
         self.bundle = bundle
         self.cache = cache or Cache()
         self.force = force
@@ -114,8 +118,11 @@ class Predictor:
 
         from asectl.synth import generate
 
-        self.encoders()
-        self.models()
+        if isinstance(self.bundle, ExportedModel):
+            self.bundle.load()
+        else:
+            self.encoders()
+            self.models()
         force, self.force = self.force, True      # computed, not read from the cache: every model loads
         try:
             with tempfile.TemporaryDirectory(prefix="asectl-warm-up-") as tmp:
@@ -130,9 +137,16 @@ class Predictor:
         mods = collect_modalities(dataset, self.cache, self.bundle.config["replay"], force=self.force, remember=False)
         logits = np.zeros((int(self.bundle.config["fusion_members"]), 0, len(self.classes)), np.float32)
         if mods.samples:
-            feats = encode_modalities(mods, self.encoders(), self.cache, bundle_branches(self.bundle))
-            logits = class_logits(self.bundle, feats, self.cache, self.force, models=self.models)
+            logits = self.class_logits(mods)
         return Predictions(list(mods.samples), logits, list(mods.dropped), dict(mods.partial))
+
+    def class_logits(self, mods: Modalities) -> np.ndarray:
+        """Logits [fold models, kept cards, classes]: an export's ONNX graphs (no torch), else the
+        bundle's encoders (cached features), heads and fold models."""
+        if isinstance(self.bundle, ExportedModel):
+            return self.bundle.class_logits(modality_inputs(mods))
+        feats = encode_modalities(mods, self.encoders(), self.cache, bundle_branches(self.bundle))
+        return class_logits(self.bundle, feats, self.cache, self.force, models=self.models)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities float64 [n, classes]: the fold models' mean after temperature
@@ -169,8 +183,8 @@ class Predictor:
                            self.cache.summary(STAGE))
 
 
-def run_predict(dataset: Dataset, bundle: Bundle, cache: Cache | None = None, force: bool = False,
-                rule: Any = None) -> StageResult:
+def run_predict(dataset: Dataset, bundle: Bundle | ExportedModel, cache: Cache | None = None,
+                force: bool = False, rule: Any = None) -> StageResult:
     """Classify every card of ``dataset`` (one call: each model loaded at most once); ``rule``: a decision
     rule other than the bundle's stored one (``Bundle.operating_point``). On the labelled folder the model
     was trained on, each record says in which of the model's splits the card was (asectl.stages.split): a

@@ -184,7 +184,8 @@ def run_reason(
         given = {s.name: fields.get(s.name) for s in dataset.samples}
         stats_identity = {"source": "given", "sha256": sha256_bytes(canonical_json(given).encode())}
     else:
-        result = run_ocr(dataset, ocr, cache=cache, strict=strict, executor=executor)
+        # A replay (predict, maybe on another OCR engine) leaves the dataset's remembered OCR settings alone.
+        result = run_ocr(dataset, ocr, cache=cache, strict=strict, executor=executor, remember=remember)
         stats, stats_identity = result.by_image(), {"source": "ocr", "ocr": result.params}
     if priors is None:
         priors = priors_from_dataset(dataset, stats, edges)

@@ -1,0 +1,206 @@
+"""Exported models: a folder that classifies cards with ONNX graphs, onnxruntime and the OCR and LLM engines
+alone, without torch or transformers (``asectl export``, docs/export.md). Written by
+``asectl.stages.export.run_export`` from a trained bundle (asectl/bundle.py); read here.
+
+    export.json             manifest: asectl version, the bundle it came from, the model's settings (classes,
+                            task, calibration temperature, decision rule with its held-out cards, the replay
+                            settings of OCR, describer and LLM with its priors), the graph of each modality
+                            and what its encoder reads, the parity measured at export time, every file's
+                            checksum
+    encoders/*.onnx         one graph per encoder: image -> pooled features; token ids -> pooled features
+    encoders/*.json         the text encoders' tokenizers (the ``tokenizers`` library's format)
+    heads.onnx              the PFA projections (paper section 3.3), one named input and output per modality
+    fusion-K.onnx           fold model K: CMAF + MLP (section 3.4), aligned features by modality -> logits
+    card-spec.toml          the card spec the OCR'd record is parsed with
+    llm/*.gguf, prompt.txt  the LLM and a prompt template file, when they were copied in (``--copy-llm``)
+
+Every graph takes a dict of named inputs, one per modality, so a model with another modality exports and
+runs without a change here: each modality names its encoder kind (``ENCODER_KINDS``) and its graph.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from asectl.bundle import DecisionSource, verify_files
+from asectl.errors import ConfigError
+
+EXPORT_FORMAT = 1
+MANIFEST = "export.json"
+# Batches of the encoders' graphs (the bundle path's defaults: asectl.backends.encoders).
+IMAGE_BATCH = 16
+TEXT_BATCH = 32
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_export(path: str | Path) -> ExportedModel:
+    """Open an export folder, verifying every file's checksum first."""
+    p = Path(path)
+    manifest_file = p / MANIFEST
+    if not manifest_file.is_file():
+        raise ConfigError(f"{p}: not an exported model (no {MANIFEST}); write one with `asectl export --out DIR`")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files, model, graphs = manifest["files"], manifest["model"], manifest["graphs"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{manifest_file}: unreadable manifest; export the model again") from None
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"{p}: export format {manifest.get('format')} is not {EXPORT_FORMAT}; export the model "
+                          "again with this asectl")
+    verify_files(p, files, "export the model again with `asectl export`")
+    return ExportedModel(p, manifest, model, graphs)
+
+
+def resolve_replay(folder: Path, replay: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored replay settings with the export's own files (card spec, a copied LLM or prompt) made
+    absolute; paths outside the export (an LLM that was not copied) stay as stored."""
+    out = json.loads(json.dumps(replay))
+    for stage, key in (("ocr", "spec"), ("reason", "llm_model"), ("reason", "prompt")):
+        value = (out.get(stage) or {}).get(key)
+        if isinstance(value, str) and value.startswith("./"):
+            out[stage][key] = str(folder / value[2:])
+    return out
+
+
+@dataclass
+class ExportedModel(DecisionSource):
+    """An export folder, read like a bundle by ``asectl.stages.predict.Predictor`` (``labels``,
+    ``temperature``, ``decision_rule()``, ``config``), with ``class_logits`` in place of torch models.
+    Sessions are created on first use and kept."""
+
+    path: Path
+    manifest: dict[str, Any]
+    config: dict[str, Any]                     # the bundle's settings, replay resolved to this folder
+    graphs: dict[str, Any]
+    _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.config = {**self.config, "replay": resolve_replay(self.path, self.config["replay"])}
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.config["calibration"]["temperature"])
+
+    @property
+    def modalities(self) -> list[str]:
+        """The model's inputs by name, in the order the graphs list them."""
+        return list(self.graphs["encoders"])
+
+    def session(self, name: str) -> Any:
+        if name not in self._sessions:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3          # onnxruntime's own warnings are not the user's business
+            try:
+                self._sessions[name] = ort.InferenceSession(str(self.path / name), opts,
+                                                            providers=["CPUExecutionProvider"])
+            except Exception as exc:   # a graph that passed its checksum but does not load: wrong onnxruntime
+                raise ConfigError(f"{self.path / name}: onnxruntime cannot load it ({type(exc).__name__}: "
+                                  f"{str(exc)[:160]}); install onnxruntime>=1.16 or export again") from None
+        return self._sessions[name]
+
+    def load(self) -> None:
+        """Create every session now (``--watch`` warms up before its first card)."""
+        for spec in self.graphs["encoders"].values():
+            self.session(spec["graph"])
+            if spec.get("tokenizer"):
+                self.tokenizer(spec)
+        self.session(self.graphs["heads"])
+        for g in self.graphs["fusion"]:
+            self.session(g)
+
+    def tokenizer(self, spec: Mapping[str, Any]) -> Any:
+        key = "tokenizer:" + spec["tokenizer"]
+        if key not in self._sessions:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(self.path / spec["tokenizer"]))
+            tok.enable_truncation(int(spec["max_length"]))
+            tok.enable_padding(pad_id=int(spec["pad_id"]), pad_token=spec["pad_token"])
+            self._sessions[key] = tok
+        return self._sessions[key]
+
+    # -- inference --------------------------------------------------------------------------------
+    def encode(self, inputs: Mapping[str, Sequence[Any]]) -> dict[str, np.ndarray]:
+        """Encoder features by modality, float32 [n, dim], from what each encoder reads (``inputs``:
+        modality -> card images or texts, asectl.stages.modalities.modality_inputs)."""
+        missing = [m for m in self.modalities if m not in inputs]
+        if missing:
+            raise ConfigError(f"{self.path}: the model needs inputs for {', '.join(missing)}")
+        unknown = sorted({s["kind"] for s in self.graphs["encoders"].values()} - set(ENCODER_KINDS))
+        if unknown:
+            raise ConfigError(f"{self.path}: encoder kind {', '.join(unknown)} is unknown to this asectl; install "
+                              "the version that exported it")
+        features = {m: ENCODER_KINDS[spec["kind"]](self, spec, inputs[m]) for m, spec in self.graphs["encoders"].items()}
+        if inputs.get("stats") is not None:      # the record's numbers: no encoder graph, the heads take them
+            features["stats"] = np.asarray(inputs["stats"], dtype=np.float32)
+        return features
+
+    def align(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The PFA projections: aligned, L2-normalised features by modality (the graph's outputs are in the
+        order of its inputs)."""
+        sess = self.session(self.graphs["heads"])
+        names = [i.name for i in sess.get_inputs()]
+        feeds = {m: np.ascontiguousarray(features[m], dtype=np.float32) for m in names}
+        return dict(zip(names, sess.run(None, feeds)))
+
+    def fold_logits(self, aligned: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Logits float32 [fold models, n, classes] before calibration."""
+        out = []
+        for graph in self.graphs["fusion"]:
+            sess = self.session(graph)
+            feeds = {i.name: np.ascontiguousarray(aligned[i.name], dtype=np.float32) for i in sess.get_inputs()}
+            out.append(sess.run(None, feeds)[0])
+        return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+    def class_logits(self, inputs: Mapping[str, Sequence[Any]]) -> np.ndarray:
+        """Encoders, projections and fold models over the cards' inputs: logits [members, n, classes]."""
+        return self.fold_logits(self.align(self.encode(inputs)))
+
+
+def image_features(model: ExportedModel, spec: Mapping[str, Any], items: Sequence[Any]) -> np.ndarray:
+    """Card images (samples with ``.path``, paths, PIL images) through the image encoder's graph."""
+    from asectl.backends.encoders import prepare_image
+
+    sess = model.session(spec["graph"])
+    name = sess.get_inputs()[0].name
+    out = [np.zeros((0, int(spec["dim"])), np.float32)]
+    for s in range(0, len(items), IMAGE_BATCH):
+        batch = np.stack([prepare_image(getattr(it, "path", it), **spec["preprocessing"])
+                          for it in items[s:s + IMAGE_BATCH]])
+        out.append(sess.run(None, {name: batch})[0])
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def text_features(model: ExportedModel, spec: Mapping[str, Any], texts: Sequence[str]) -> np.ndarray:
+    """Texts through the tokenizer and the text encoder's graph (pooling inside the graph)."""
+    sess = model.session(spec["graph"])
+    tok = model.tokenizer(spec)
+    wanted = {i.name for i in sess.get_inputs()}
+    out = [np.zeros((0, int(spec["dim"])), np.float32)]
+    for s in range(0, len(texts), TEXT_BATCH):
+        enc = tok.encode_batch([str(t) for t in texts[s:s + TEXT_BATCH]])
+        feeds = {"input_ids": [e.ids for e in enc], "attention_mask": [e.attention_mask for e in enc],
+                 "token_type_ids": [e.type_ids for e in enc]}
+        out.append(sess.run(None, {k: np.asarray(v, dtype=np.int64) for k, v in feeds.items() if k in wanted})[0])
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+# What each kind of encoder reads and how its graph is fed; a new modality's encoder kind is added here.
+ENCODER_KINDS: dict[str, Callable[[ExportedModel, Mapping[str, Any], Sequence[Any]], np.ndarray]] = {
+    "image": image_features,
+    "text": text_features,
+}

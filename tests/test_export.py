@@ -1,0 +1,167 @@
+"""asectl export: the trained model of tests/conftest.py's ``trained`` fixture (24 generated cards, real OCR,
+the built-in describer, a tiny random llama GGUF, the real frozen EfficientNet-Lite0 and MiniLM) written as
+ONNX graphs, and predict from that folder: the bundle's probabilities and decisions, without torch."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from asectl.cli import cli
+from asectl.synth import generate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HEAVY = ("torch", "torchvision", "transformers", "cnocr", "cnstd")
+# Reports at exit which heavy packages the process ever imported.
+IMPORT_REPORT = f"""
+import atexit, json, sys
+atexit.register(lambda: sys.stderr.write("IMPORTED " + json.dumps(sorted(
+    m for m in sys.modules if m.split(".")[0] in {HEAVY!r})) + "\\n"))
+"""
+# The CLI as a station runs it.
+CLI = IMPORT_REPORT + """
+from asectl.cli import main
+sys.argv = ["asectl", *sys.argv[1:]]
+main()
+"""
+
+
+def imported(stderr: str) -> list[str]:
+    return json.loads(re.search(r"IMPORTED (.*)", stderr).group(1))
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "line-model"
+    res = trained["invoke"]("export", "--model", trained["root"] / "bundle", "--out", out, "--copy-llm", "--json")
+    return {"path": out, "summary": json.loads(res.stdout.splitlines()[-1])}
+
+
+def test_export_writes_graphs_settings_and_checksums(trained, exported):
+    from asectl import __version__
+    from asectl.models.cmaf import FUSION_INPUTS
+
+    out = exported["path"]
+    manifest = json.loads((out / "export.json").read_text())
+    bundle_cfg = json.loads((trained["root"] / "bundle" / "bundle.json").read_text())
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == sorted([*manifest["files"], "export.json"])
+    assert {"heads.onnx", "encoders/image.onnx", *(f"fusion-{k}.onnx" for k in range(5))} <= set(files)
+    assert not any(f.endswith((".safetensors", ".pt", ".pth", ".bin")) for f in files)
+    assert manifest["asectl_version"] == __version__
+    model = manifest["model"]
+    for key in ("classes", "task", "calibration", "decision", "fusion_members"):
+        assert model[key] == bundle_cfg[key], key
+    # What predict replays: OCR engine without torch, the same card spec, describer, LLM file, prompt, priors.
+    assert manifest["ocr"] == {"engine": "rapidocr", "trained_engine": "cnocr", "why": manifest["ocr"]["why"]}
+    assert "6370/6370" in manifest["ocr"]["why"]
+    assert model["replay"]["ocr"]["engine"] == "rapidocr"
+    for key in ("expect_model_hash", "expect_prompt_sha256", "priors", "max_tokens", "prompt"):
+        assert model["replay"]["reason"][key] == bundle_cfg["replay"]["reason"][key], key
+    assert model["replay"]["reason"]["llm_model"] == "./llm/tiny.gguf"      # --copy-llm
+    assert model["replay"]["describe"] == bundle_cfg["replay"]["describe"]
+    # The frozen text branches share one graph; each graph's inputs are named by modality.
+    graphs = manifest["graphs"]
+    assert graphs["encoders"]["vlm"] == graphs["encoders"]["llm"]
+    import onnxruntime as ort
+
+    fusion = ort.InferenceSession(str(out / graphs["fusion"][0]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in fusion.get_inputs()] == list(FUSION_INPUTS)
+    heads = ort.InferenceSession(str(out / graphs["heads"]), providers=["CPUExecutionProvider"])
+    assert sorted(i.name for i in heads.get_inputs()) == sorted(graphs["encoders"])
+    assert exported["summary"]["parity"]["probabilities"] <= 1e-4
+
+
+def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained, exported):
+    from asectl.bundle import load_bundle
+    from asectl.cache import Cache
+    from asectl.dataset import Dataset, load_dataset
+    from asectl.export import load_export
+    from asectl.stages.ocr import OcrSettings
+    from asectl.stages.predict import Predictor
+
+    cache = Cache(trained["cache"])
+    ds = load_dataset(trained["data"])
+    test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
+    by_bundle = Predictor(load_bundle(trained["root"] / "bundle"), cache)
+    by_export = Predictor(load_export(exported["path"]), cache)
+    by_export.warm_up()          # what --watch does first: every session created
+    a, b = by_bundle.classify(test), by_export.classify(test)
+    assert [s.name for s in a.samples] == [s.name for s in b.samples] and len(a.samples) == len(test.samples)
+    pa, pb = by_bundle.probabilities(a.logits), by_export.probabilities(b.logits)
+    assert np.abs(pa - pb).max() <= 1e-4
+    assert by_bundle.rule.decide(pa) == by_export.rule.decide(pb)
+    assert [r["decision"] for r in by_bundle.records(test, a)] == [r["decision"] for r in by_export.records(test, b)]
+    # A replay on another OCR engine leaves the engine remembered for the dataset (what align reads) alone.
+    assert OcrSettings.recall(cache, ds).engine == "cnocr"
+
+
+def test_predict_from_an_export_imports_no_torch(trained, exported, tmp_path):
+    """The export (its LLM copied in), moved to another folder, classifies cards new to every stage in a
+    fresh process that never imports torch or transformers; its records are the bundle's."""
+    moved = tmp_path / "station" / "model"
+    shutil.copytree(exported["path"], moved)
+    assert (moved / "llm" / "tiny.gguf").is_file()
+    new = tmp_path / "new"
+    generate(new, seed=99, counts="1,0,0,1,0")
+    cards = sorted(str(p) for p in (new / "images").glob("*.png"))
+    env = {**os.environ, "ASECTL_CACHE_DIR": str(tmp_path / "station-cache")}
+    run = subprocess.run([sys.executable, "-c", CLI, "-q", "predict", *cards,
+                          "--model", str(moved), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert imported(run.stderr) == []
+    records = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
+    res = trained["invoke"]("predict", *cards, "--model", trained["root"] / "bundle", "--json")
+    expected = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert [r["image"] for r in records] == [r["image"] for r in expected] and len(records) == 2
+    for r, e in zip(records, expected):
+        assert r["decision"] == e["decision"] and r["label"] == e["label"]
+        assert max(abs(r["probabilities"][c] - e["probabilities"][c]) for c in e["probabilities"]) <= 1e-4
+    # docs/export.md's Python snippet, on the same cards and station cache: the same answers, no torch.
+    snippet = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "export.md").read_text(), re.S).group(1)
+    snippet = snippet.replace('"line-model"', repr(str(moved))).replace('["new-card.png"]', repr(cards))
+    run = subprocess.run([sys.executable, "-c", IMPORT_REPORT + snippet], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert imported(run.stderr) == []
+    printed = [line.split() for line in run.stdout.splitlines()]
+    assert [(p[0], p[1], p[3]) for p in printed] == [(e["image"], e["label"], e["decision"]) for e in expected]
+    assert all(abs(float(p[2]) - e["probability"]) <= 1e-4 for p, e in zip(printed, expected))
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete", "manifest"])
+def test_damaged_or_missing_export_file_is_one_line_naming_it(trained, exported, tmp_path, damage):
+    copy = tmp_path / "model"
+    shutil.copytree(exported["path"], copy)
+    victim = {"flip": "fusion-2.onnx", "delete": "encoders/image.onnx", "manifest": "export.json"}[damage]
+    if damage == "flip":
+        with open(copy / victim, "r+b") as f:
+            f.seek(300)
+            f.write(b"\x00\x01\x02")
+    elif damage == "delete":
+        (copy / victim).unlink()
+    else:
+        (copy / victim).write_text('{"format": 1, "files": ')
+    res = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "predict",
+                                   str(trained["data"] / "images" / "0000.png"), "--model", str(copy)])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.output
+    assert str(copy / victim) in " ".join(res.output.split()) or victim in res.output
+    if damage != "manifest":
+        assert "checksum" in res.output
+
+
+def test_export_refuses_a_non_empty_folder(trained, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep")
+    res = trained["invoke"]("export", "--model", trained["root"] / "bundle", "--out", tmp_path / "taken", code=2)
+    assert "not an empty folder" in res.output and (tmp_path / "taken" / "notes.txt").read_text() == "keep"

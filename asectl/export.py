@@ -144,7 +144,11 @@ class ExportedModel(DecisionSource):
         if unknown:
             raise ConfigError(f"{self.path}: encoder kind {', '.join(unknown)} is unknown to this asectl; install "
                               "the version that exported it")
-        return {m: ENCODER_KINDS[spec["kind"]](self, spec, inputs[m]) for m, spec in self.graphs["encoders"].items()}
+        features = {m: ENCODER_KINDS[spec["kind"]](self, spec, inputs[m])
+                    for m, spec in self.graphs["encoders"].items()}
+        if inputs.get("stats") is not None:      # the record's numbers: no encoder graph, the heads take them
+            features["stats"] = np.asarray(inputs["stats"], dtype=np.float32)
+        return features
 
     def align(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The PFA projections: aligned, L2-normalised features by modality (the graph's outputs are in the

@@ -128,6 +128,34 @@ def stats_vector(fields: dict) -> list[float]:
     return [fields["N"], fields["mu_x"], fields["mu_y"], fields["sd_x"], fields["sd_y"], *fields["bins"]]
 
 
+# Principal components of the image features beside the OCR'd numbers in the boosting yardstick: chosen
+# by bench/choose_branches.py on the training split of seed 0 (docs/benchmarks.md, "choose-branches").
+IMAGE_PCS = 16
+STATS_PCS = f"stats + image PCs: gradient boosting on OCR'd fields + {IMAGE_PCS} image principal components"
+
+
+def boosting_with_image_pcs(xs, image, tr, te, ytr, seed: int) -> list[str]:
+    """Gradient boosting on the OCR'd numbers plus a few principal components of the frozen image features
+    (PCA fitted on the training cards): the simple recipe that does well on tabular-plus-image data."""
+    from sklearn.decomposition import PCA
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    pca = PCA(IMAGE_PCS, random_state=seed).fit(image[tr])
+    x = np.hstack([xs, pca.transform(image)])
+    return list(HistGradientBoostingClassifier(random_state=seed).fit(x[tr], ytr).predict(x[te]))
+
+
+EARLIER = {"encoders.branches": "image,vlm,llm", "fusion.attention": "chunks"}
+# The fused rows of the branch and attention ablations (PFA + TDA unless the key says tda=0).
+BRANCH_ROWS = {
+    "attention tokens tda=1": {"fusion.attention": "tokens"},
+    "branches +stats tokens tda=1": {"encoders.branches": "image,vlm,llm,stats", "fusion.attention": "tokens"},
+    "attention tokens tda=0": {"fusion.attention": "tokens"},
+    "branches +stats tokens tda=0": {"encoders.branches": "image,vlm,llm,stats", "fusion.attention": "tokens"},
+    "branches +stats concat tda=0": {"encoders.branches": "image,vlm,llm,stats"},
+}
+
+
 ANSWER_ONLY = {**SETTINGS, "llm_text": "answer"}
 # The single-modality image rows and the frozen ablation use the pretrained image encoder's features.
 FROZEN_IMAGE = {"encoders.image": "efficientnet-lite0"}
@@ -194,10 +222,11 @@ def _fused(ds, aug_root: Path, cache: Cache, seed: int, over: dict, fusion: str,
     return scores([truth_lab[r["image"]] for r in recs], [r["label"] for r in recs])
 
 
-def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False) -> dict:
+def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False, subset: str = "all") -> dict:
     """Every method on one seed of `field` cards (and, with ``robustness``, across difficulties); the
     modalities come from the cache ``prepare_seed`` filled, so this is training and scoring only, on one
-    core."""
+    core. ``subset="branches"``: only what the branch and attention ablations need without TDA (the
+    baselines on the composite modalities, the oracle, the fused rows with tda=0)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     import oracle
@@ -218,17 +247,20 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False) -> d
                       ("VLM text only: MiniLM features + logistic regression", "vlm"),
                       ("LLM text only: MiniLM features + logistic regression", "llm")):
         results[name] = scores(yte, logistic(feats[key][tr], ytr, feats[key][te]))
-    a_mods, a_feats = _features(ds, cache, ANSWER_ONLY)
-    a_tr, a_te = _split(a_mods, "train"), _split(a_mods, "test")
-    results["LLM answer only: MiniLM features + logistic regression"] = scores(
-        [a_mods.samples[i].label for i in a_te],
-        logistic(a_feats["llm"][a_tr], [a_mods.samples[i].label for i in a_tr], a_feats["llm"][a_te]))
+    if subset == "all":
+        a_mods, a_feats = _features(ds, cache, ANSWER_ONLY)
+        a_tr, a_te = _split(a_mods, "train"), _split(a_mods, "test")
+        results["LLM answer only: MiniLM features + logistic regression"] = scores(
+            [a_mods.samples[i].label for i in a_te],
+            logistic(a_feats["llm"][a_tr], [a_mods.samples[i].label for i in a_tr], a_feats["llm"][a_te]))
     xs = np.array([stats_vector(f) for f in mods.ocr_fields])
     gb = HistGradientBoostingClassifier(random_state=seed).fit(xs[tr], ytr)
     results["stats only: gradient boosting on OCR'd fields"] = scores(yte, list(gb.predict(xs[te])))
-    results["image only: small CNN trained on the cards"] = scores(
-        yte, small_cnn([mods.samples[i].path for i in tr], ytr, [mods.samples[i].path for i in te], seed,
-                       epochs=10 if fast else 30))
+    results[STATS_PCS] = scores(yte, boosting_with_image_pcs(xs, feats["image"], tr, te, ytr, seed))
+    if subset == "all":
+        results["image only: small CNN trained on the cards"] = scores(
+            yte, small_cnn([mods.samples[i].path for i in tr], ytr, [mods.samples[i].path for i in te], seed,
+                           epochs=10 if fast else 30))
 
     # The oracle: Bayes-optimal given each test card's true latent parameters (it predicts the most
     # likely inspector label, so label disagreement costs it too).
@@ -246,9 +278,19 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False) -> d
     full = [0.2, 0.4, 0.6, 0.8, 1.0]
 
     def pipeline(mode: str, strides, fusion: str, tda: bool, **extra) -> dict:
-        return _fused(ds, aug_root, cache, seed, {**epochs, "pfa.mode": mode, "pfa.strides": strides, **extra},
-                      fusion, tda)
+        # The paper's branches and chunk attention unless a row says otherwise: the earlier tables' setting,
+        # whatever the profile's default is now.
+        return _fused(ds, aug_root, cache, seed, {**epochs, **EARLIER, "pfa.mode": mode, "pfa.strides": strides,
+                                                  **extra}, fusion, tda)
 
+    for key, extra in BRANCH_ROWS.items():
+        if subset == "all" or key.endswith("tda=0"):
+            results[key] = pipeline("progressive", full, "concat" if "concat" in key else "cmaf",
+                                    key.endswith("tda=1"), **extra)
+    if subset == "branches":
+        results["grid pfa=1 cmaf=1 tda=0"] = pipeline("progressive", full, "cmaf", False)
+        results["_seconds"] = time.perf_counter() - t_seed
+        return results
     for pfa in (1, 0):
         for cmaf in (1, 0):
             for tda in (0, 1):
@@ -274,7 +316,7 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False) -> d
         clean_test = Dataset(clean.split("test"), clean.root, clean.source, clean.labels)
         c_xs = np.array([stats_vector(f) for f in c_mods.ocr_fields])
         c_gb = HistGradientBoostingClassifier(random_state=seed).fit(c_xs[c_tr], c_ytr)
-        over = {**epochs, "pfa.mode": "progressive", "pfa.strides": full}
+        over = {**epochs, **EARLIER, "pfa.mode": "progressive", "pfa.strides": full}
         results["robust image clean->clean"] = scores(c_yte, logistic(c_feats["image"][c_tr], c_ytr,
                                                                       c_feats["image"][c_te]))
         results["robust image clean->field"] = scores(yte, logistic(c_feats["image"][c_tr], c_ytr, feats["image"][te]))
@@ -332,9 +374,9 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _run_seed_job(job: tuple[int, str, bool, bool]) -> dict:
-    seed, cache_dir, fast, robustness = job
-    return run_seed(seed, Cache(cache_dir), fast, robustness)
+def _run_seed_job(job: tuple[int, str, bool, bool, str]) -> dict:
+    seed, cache_dir, fast, robustness, subset = job
+    return run_seed(seed, Cache(cache_dir), fast, robustness, subset)
 
 
 SINGLE = ("image only: EfficientNet-Lite0 features + logistic regression", "image only: small CNN trained on the cards",
@@ -355,16 +397,21 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="seeds trained at once, one core each (default: the number of cores)")
+    ap.add_argument("--subset", choices=["all", "branches"], default="all",
+                    help="branches: only the branch and attention ablations without TDA and the baselines they "
+                         "need (composite modalities only; a partial run), written to its own section")
     ap.add_argument("--render", action="store_true",
                     help="write the docs section again from bench/results/quality[-fast].json (no run)")
     args = ap.parse_args()
+    name = "quality" + ("-fast" if args.fast else "") + ("-branches" if args.subset == "branches" else "")
+    show = render_branches if args.subset == "branches" else render
     if args.render:
-        saved = load("quality" + "-fast" * args.fast)
-        render(saved["seeds"], saved["robustness_seeds"], saved["fast"], saved["seconds"], saved["per_seed"],
-               saved["measured"])
+        saved = load(name)
+        show(saved["seeds"], saved["robustness_seeds"], saved["fast"], saved["seconds"], saved["per_seed"],
+             saved["measured"])
         return
     seeds = [int(s) for s in (args.seeds or ("0" if args.fast else "0,1,2,3,4")).split(",")]
-    rob_default = "" if args.fast else "0,1,2"
+    rob_default = "" if args.fast or args.subset == "branches" else "0,1,2"
     rob_seeds = [int(s) for s in (args.robustness_seeds if args.robustness_seeds is not None else rob_default).split(",")
                  if s.strip() and int(s) in seeds]
     cache = Cache(args.cache_dir)
@@ -375,7 +422,10 @@ def main() -> None:
     prep = {}
     for seed in seeds:
         t = time.perf_counter()
-        prepare_seed(seed, cache, "field")
+        if args.subset == "branches":
+            _features(load_dataset(dataset(seed)), cache)
+        else:
+            prepare_seed(seed, cache, "field")
         if seed in rob_seeds:
             prepare_seed(seed, cache, "clean")
         prep[seed] = time.perf_counter() - t
@@ -383,17 +433,17 @@ def main() -> None:
     jobs = max(1, min(args.jobs, len(seeds)))
     per_seed = []
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
-        for seed, r in zip(seeds, pool.map(_run_seed_job, [(s, args.cache_dir, args.fast, s in rob_seeds)
-                                                           for s in seeds])):
+        for seed, r in zip(seeds, pool.map(_run_seed_job, [(s, args.cache_dir, args.fast, s in rob_seeds,
+                                                            args.subset) for s in seeds])):
             r["_prepare_seconds"] = prep[seed]
             per_seed.append(r)
             print(f"seed {seed}: trained and scored in {r['_seconds']:.0f} s;", json.dumps(
                 {k: round(v["macro_f1"], 4) for k, v in r.items() if isinstance(v, dict)}), flush=True)
     total = time.perf_counter() - t0
-    save("quality" + ("-fast" if args.fast else ""), {"seeds": seeds, "robustness_seeds": rob_seeds,
-                                                       "fast": args.fast, "seconds": total, "per_seed": per_seed,
-                                                       "measured": measured})
-    render(seeds, rob_seeds, args.fast, total, per_seed, measured)
+    record = {"seeds": seeds, "robustness_seeds": rob_seeds, "fast": args.fast, "seconds": total,
+              "per_seed": per_seed, "measured": measured}
+    save(name, record)
+    show(seeds, rob_seeds, args.fast, total, per_seed, measured)
 
 
 def render(seeds: list[int], rob_seeds: list[int], fast: bool, total: float, per_seed: list[dict],
@@ -503,6 +553,47 @@ Best fused configuration: `{best_key}` at {100 * mean(best_key):.2f}; best singl
 {100 * (mean(PROPOSED) - mean(best_single)):+.2f} points (goal: at least +5).
 """
     update_section("quality" + ("-fast" if fast else ""), text, measured)
+    print(text)
+
+
+def render_branches(seeds: list[int], rob_seeds: list[int], fast: bool, total: float, per_seed: list[dict],
+                    measured: str) -> None:
+    """The docs/benchmarks.md section of a ``--subset branches`` run: the stats branch on and off, token
+    against chunk attention, and the boosting yardsticks, all without TDA."""
+    n = len(seeds)
+    rows = [("oracle (Bayes-optimal on true latent parameters)", ORACLE, None),
+            ("image only: EfficientNet-Lite0 + logistic regression", SINGLE[0], None),
+            ("stats only: gradient boosting on OCR'd fields", SINGLE[2], None),
+            (f"gradient boosting on OCR'd fields + {IMAGE_PCS} image principal components", STATS_PCS, None),
+            ("VLM text only (built-in describer) + logistic regression", SINGLE[3], None),
+            ("LLM text only, composite + logistic regression", SINGLE[4], None),
+            ("PFA + CMAF, chunk attention, branches image/vlm/llm (the earlier default)", "grid pfa=1 cmaf=1 tda=0",
+             None),
+            ("PFA + CMAF, token attention, branches image/vlm/llm", "attention tokens tda=0", None),
+            ("PFA + CMAF, token attention, branches image/vlm/llm/stats", "branches +stats tokens tda=0", None),
+            ("PFA + concatenation, branches image/vlm/llm/stats", "branches +stats concat tda=0", None)]
+    effects = [("stats branch on vs off (token attention)", "branches +stats tokens tda=0", "attention tokens tda=0"),
+               ("token vs chunk attention (image/vlm/llm)", "attention tokens tda=0", "grid pfa=1 cmaf=1 tda=0"),
+               ("token attention vs concatenation (with stats)", "branches +stats tokens tda=0",
+                "branches +stats concat tda=0"),
+               ("fused with stats (tokens) vs boosting on numbers + image PCs", "branches +stats tokens tda=0",
+                STATS_PCS),
+               ("fused with stats (tokens) vs boosting on the numbers alone", "branches +stats tokens tda=0", SINGLE[2]),
+               ("oracle vs fused with stats (tokens)", ORACLE, "branches +stats tokens tda=0")]
+    text = f"""### Branches and attention on generated `field` cards (partial run: {n} seed{'s' * (n > 1)}: {', '.join(map(str, seeds))}{', fast mode' if fast else ''}, no TDA)
+
+A partial run: {'seed ' if n == 1 else 'seeds '}{', '.join(map(str, seeds))} only (not the five seeds of the section
+above), every fused row without TDA, and the single fusion settings of the quick profile otherwise. Same
+cards, split, modalities and metrics as the section above (`--subset branches` of bench/quality.py).
+Run time: {total / 60:.1f} min.
+
+{table(rows, per_seed)}
+
+Effects (5-class macro-F1, first minus second; paired bootstrap over the same test cards):
+
+{chr(10).join(f"- {name}: {effect(per_seed, a, b)}" for name, a, b in effects)}
+"""
+    update_section("quality-branches" + ("-fast" if fast else ""), text, measured)
     print(text)
 
 

@@ -75,8 +75,8 @@ def fold_features(fold: Dataset, cache: Cache, overrides: dict | None = None) ->
 
     mods = collect_modalities(fold, cache, SETTINGS, remember=False)
     inner = [i for i, s in enumerate(mods.samples) if s.split == "train"]
-    feats, _, _ = encode_for_training(mods, build_encoders(get_profile("quick", overrides).encoders), cache,
-                                      inner, seed=0)
+    enc = get_profile("quick", overrides).encoders
+    feats, _, _ = encode_for_training(mods, build_encoders(enc), cache, inner, seed=0, branches=enc.branches)
     return {"feats": feats, "labels": [s.label for s in mods.samples], "inner": inner,
             "held": [i for i, s in enumerate(mods.samples) if s.split == "test"],
             "dropped": len(mods.dropped)}
@@ -101,8 +101,9 @@ def align(fold: dict, overrides: dict, seed: int):
     from asectl.models.pfa import train_pfa
     from asectl.models.train_config import get_profile
 
-    cfg = get_profile("quick", overrides).pfa
-    return train_pfa(fold["feats"], cfg, seed, train_index=fold["inner"])
+    prof = get_profile("quick", overrides)
+    feats = {m: fold["feats"][m] for m in prof.encoders.branches}
+    return train_pfa(feats, prof.pfa, seed, train_index=fold["inner"], stats_hidden=prof.encoders.stats_hidden)
 
 
 def fuse_score(fold: dict, embeddings: dict, overrides: dict, seed: int, classes: list[str]) -> float:
@@ -111,9 +112,9 @@ def fuse_score(fold: dict, embeddings: dict, overrides: dict, seed: int, classes
 
     cfg = get_profile("quick", overrides).fusion
     inner, held = fold["inner"], fold["held"]
-    model, _ = train_fusion({m: embeddings[m][inner] for m in ("vlm", "llm", "image")},
+    model, _ = train_fusion({m: e[inner] for m, e in embeddings.items()},     # the aligned branches
                             [fold["labels"][i] for i in inner], cfg, seed, classes=classes)
-    proba = predict_proba(model, {m: embeddings[m][held] for m in ("vlm", "llm", "image")})
+    proba = predict_proba(model, {m: e[held] for m, e in embeddings.items()})
     pred = [model.bundle.classes[j] for j in proba.argmax(1)]
     return macro_f1([fold["labels"][i] for i in held], pred, classes)
 
@@ -130,7 +131,7 @@ class Scorer:
     def scores(self, setting: dict) -> list[float]:
         key = self.key(setting)
         if key not in self.done:
-            pfa = {k: v for k, v in setting.items() if k.startswith("pfa.")}
+            pfa = {k: v for k, v in setting.items() if k.startswith(("pfa.", "encoders."))}
             fusion = {k: v for k, v in setting.items() if k.startswith("fusion.")}
             out = []
             for seed in self.seeds:

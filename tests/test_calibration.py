@@ -329,7 +329,7 @@ def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
     index = {name: i for i, name in enumerate(align.names)}
 
     def logits_of(model, rows):
-        return predict_logits(model, {m: emb[m][rows] for m in ("vlm", "llm", "image")})
+        return predict_logits(model, {m: e[rows] for m, e in emb.items()})     # the bundle's branches
 
     # Each fold's held-out cards in training order, as fuse-train classified them (the same batches, so
     # the same floats: a threshold sits exactly at a held-out card's confidence).

@@ -73,10 +73,11 @@ def test_variants_shapes_and_nosigmoid_is_the_raw_projection():
         FusionModel(256, 2, "average")
 
 
-@pytest.mark.parametrize("variant", ["cmaf", "cmaf-nosigmoid", "concat"])
-def test_fusion_training_separates_synthetic_classes(variant):
+@pytest.mark.parametrize("variant,attention", [("cmaf", "chunks"), ("cmaf-nosigmoid", "chunks"), ("concat", "chunks"),
+                                               ("cmaf", "tokens")])
+def test_fusion_training_separates_synthetic_classes(variant, attention):
     feats, labels = separable(200)
-    cfg = FusionConfig(variant=variant, epochs=15, lr=3e-3, batch_size=10)
+    cfg = FusionConfig(variant=variant, epochs=15, lr=3e-3, batch_size=10, attention=attention)
     model, history = train_fusion(rows(feats, slice(0, 150)), labels[:150], cfg, seed=0)
     assert history["classes"] == CLASSES and len(history["epochs"]) == 15
     assert history["epochs"][-1]["loss"] < history["epochs"][0]["loss"]
@@ -88,7 +89,33 @@ def test_fusion_training_separates_synthetic_classes(variant):
     assert accuracy >= 0.9, accuracy
     if variant == "cmaf":
         w = fusion_weights(model, rows(feats, slice(150, 200)))
-        assert w.shape == (50, 8, 3) and (w > 0).all() and (w < 1).all()
+        shape = (50, 8, 3) if attention == "chunks" else (50, 3)
+        assert w.shape == shape and (w > 0).all() and (w < 1).all()
+
+
+def test_token_attention_runs_across_modalities_with_one_gate_each():
+    torch.manual_seed(0)
+    inputs = ("vlm", "llm", "image", "stats")
+    model = FusionModel(256, 5, "cmaf", attention="tokens", inputs=inputs)
+    with torch.no_grad():
+        model.branch_embedding.normal_()
+    xs = [torch.nn.functional.normalize(torch.randn(6, 256), dim=1) for _ in inputs]
+    w = model.fusion_weights(*xs)
+    assert w.shape == (6, 4) and (w > 0).all() and (w < 1).all()
+    # Eq. (8) for M modalities: Z = sum_m W_m X_m.
+    manual = sum(w[:, m:m + 1] * xs[m] for m in range(4)) * model.input_scale
+    assert torch.allclose(model.fuse(*xs), manual, atol=1e-5)
+    # Attention crosses modalities: changing the stats token changes the image's gate.
+    changed = model.fusion_weights(*xs[:3], xs[3] + 1.0)
+    assert not torch.allclose(changed[:, 2], w[:, 2])
+    # Chunk attention has fixed roles and refuses other inputs; token attention takes any two or more.
+    with pytest.raises(ConfigError, match="attention tokens"):
+        FusionModel(256, 5, "cmaf", attention="chunks", inputs=inputs)
+    feats, labels = separable(60)
+    feats["stats"] = feats["image"][::-1].copy()
+    model, history = train_fusion({m: feats[m] for m in ("image", "stats")}, labels,
+                                  FusionConfig(attention="tokens", epochs=3), seed=0)
+    assert model.inputs == ("image", "stats") and history["inputs"] == ["image", "stats"]
 
 
 def test_fusion_is_deterministic_and_records_validation():

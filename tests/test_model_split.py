@@ -213,7 +213,8 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
     commands = [("synth", "--out", tmp_path / "synth", "--counts", "1,1,1,1,1", "--test-size", "1"),
                 ("ocr", data), ("describe", data), ("reason", data, "--llm-model", gguf, "--max-tokens", "32"),
                 ("align", data, "--stride", "0.5", "--seed", "3", "--split-seed", "3", *FAST),
-                ("fuse-train", data, *FAST), ("predict", data), ("report", data), ("models", "list"),
+                ("fuse-train", data, *FAST), ("predict", data), ("report", data),
+                ("export", "--out", tmp_path / "export"), ("models", "list"),
                 ("cache", "info"), ("cache", "clear", "--stage", "no-such-stage", "--yes")]
     seen = set()
     for args in commands:

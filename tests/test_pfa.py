@@ -261,8 +261,10 @@ def test_sequential_and_summed_orders_differ_but_both_train():
 
 def test_bad_inputs_are_reported():
     feats = correlated_features(10)
-    with pytest.raises(ConfigError, match="missing vlm"):
-        train_pfa({"image": feats["image"], "llm": feats["llm"]}, PFAConfig())
+    with pytest.raises(ConfigError, match="at least two"):
+        train_pfa({"image": feats["image"]}, PFAConfig())
+    with pytest.raises(ConfigError, match="at least two"):
+        train_pfa({**feats, "audio": feats["llm"]}, PFAConfig())
     with pytest.raises(DataError):
         train_pfa({**feats, "vlm": feats["vlm"][:5]}, PFAConfig())
     with pytest.raises(DataError):

@@ -55,6 +55,9 @@ def _profile_name(profile: str | None, config_file: Path | None) -> str | None:
         return None
 
 
+BRANCHES_HELP = ("Branches to align and fuse, comma-separated, two or more of image, vlm, llm, stats "
+                 "(the setting encoders.branches).")
+
 _common = [
     click.option("--profile", type=click.Choice(["quick", "paper"]), default=None, show_default="quick",
                  help="quick (CPU: frozen, cached features) or paper (GPU: fine-tuned encoders)."),
@@ -87,13 +90,15 @@ def _with_common(f):
               show_default="the profile's",
               help="progressive (PFA), direct (every training card at once) or none (random projections): the "
                    "paper's ablations.")
+@click.option("--branches", default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
 @_with_common
 @click.pass_obj
-def align(cache, dataset, stride, mode, profile, config_file, sets, seed, split_seed, augmented, force, as_json):
-    """Progressive feature alignment (PFA) of image, VLM-text and LLM-text features."""
+def align(cache, dataset, stride, mode, branches, profile, config_file, sets, seed, split_seed, augmented, force,
+          as_json):
+    """Progressive feature alignment (PFA) of image, VLM-text and LLM-text features (and the OCR'd numbers)."""
     from asectl.stages.align import run_align, stage_labels
 
-    over = _overrides(config_file, sets, **{"pfa.stride": stride, "pfa.mode": mode})
+    over = _overrides(config_file, sets, **{"pfa.stride": stride, "pfa.mode": mode, "encoders.branches": branches})
     ds = _training_data(dataset, 0 if split_seed is None else split_seed, split_seed is not None)
     out = run_align(ds, cache, profile=_profile_name(profile, config_file) or "quick", overrides=over,
                     seed=seed or 0, augmented=augmented, force=force)
@@ -137,9 +142,15 @@ def _f(v: Any) -> str:
 @click.command("fuse-train", epilog=environment(*LEARN_ENV))
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--fusion", type=click.Choice(["cmaf", "cmaf-nosigmoid", "concat"]), default=None,
-              show_default="cmaf", help="Fusion module (the others are the paper's Table 5 ablations).")
+              show_default="the profile's",
+              help="Fusion module (quick profile: concat of its four branches, chosen on the training split; "
+                   "paper: cmaf; cmaf-nosigmoid and concat are the paper's Table 5 ablations).")
 @click.option("--task", type=click.Choice(["multiclass", "binary"]), default=None, show_default="multiclass",
               help="multiclass (every class) or binary (normal against defective).")
+@click.option("--attention", type=click.Choice(["tokens", "chunks"]), default=None, show_default="the profile's",
+              help="What CMAF attends over: one token per branch (across modalities), or chunks of the VLM, "
+                   "LLM and image vectors (the earlier tables; those three branches only).")
+@click.option("--branches", default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the bundle here.")
 @click.option("--max-miss-rate", type=float, default=DEFAULT_MAX_MISS_RATE, show_default=True,
               help="Decision rule target: at most this share of defective held-out training cards passed as "
@@ -155,8 +166,9 @@ def _f(v: Any) -> str:
               help="Cross-validation folds on the training split for calibration and the decision rule.")
 @_with_common
 @click.pass_obj
-def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_error, defect_confidence,
-               calibration_folds, profile, config_file, sets, seed, split_seed, augmented, force, as_json):
+def fuse_train(cache, dataset, fusion, task, attention, branches, out, max_miss_rate, max_defect_error,
+               defect_confidence, calibration_folds, profile, config_file, sets, seed, split_seed, augmented, force,
+               as_json):
     """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
     choose the pass/defect/review rule on held-out training cards; store a model bundle."""
     from asectl.bundle import export_bundle
@@ -165,15 +177,17 @@ def fuse_train(cache, dataset, fusion, task, out, max_miss_rate, max_defect_erro
 
     ds = _training_data(dataset, remembered_split_seed(cache, dataset) if split_seed is None else split_seed,
                         split_seed is not None)
-    res = run_fuse_train(ds, cache, fusion=fusion, task=task, augmented=augmented,
-                         profile=_profile_name(profile, config_file), overrides=_overrides(config_file, sets),
+    res = run_fuse_train(ds, cache, fusion=fusion, task=task, attention=attention, augmented=augmented,
+                         profile=_profile_name(profile, config_file),
+                         overrides=_overrides(config_file, sets, **{"encoders.branches": branches}),
                          seed=seed, force=force, max_miss_rate=max_miss_rate, max_defect_error=max_defect_error,
                          calibration_folds=calibration_folds, defect_confidence=defect_confidence)
     cfg = res.bundle.config
     if out is not None:
         export_bundle(res.bundle, out)
     summary = {"model": res.key, "from_cache": res.from_cache, "bundle": str(out or res.bundle.path),
-               "classes": cfg["classes"], "variant": cfg["variant"], "task": cfg["task"],
+               "classes": cfg["classes"], "variant": cfg["variant"], "attention": cfg.get("attention"),
+               "branches": cfg.get("branches"), "task": cfg["task"],
                "n_train": cfg["training"]["n_train"], "trained_on": cfg["training"]["dataset"],
                "split": split_summary(cfg["split"]), "metrics": cfg["metrics"],
                "calibration": {k: v for k, v in cfg["calibration"].items() if k != "held_out"},

@@ -22,6 +22,18 @@ Variants (the paper's Table 5):
   (unbounded, may be negative), the literal "w/o sigmoid" ablation.
 * ``concat``: direct concatenation [Q, K, V] (768-d) into the same MLP, no fusion network.
 
+Attention (``fusion.attention``):
+
+* ``chunks`` (the above; the earlier tables): Q, K, V are the VLM, LLM and image vectors, each cut into
+  ``tokens`` chunks, so attention runs across the chunks of one vector, never across modalities. It
+  needs exactly those three branches.
+* ``tokens``: each enabled branch (vlm, llm, image, stats; two or more) is one token, its aligned
+  256-d vector plus a learned branch embedding. Q, K and V are per-token projections of the same M
+  tokens (attention across modalities, ``M x M`` per head), ``C`` the attended values of each token,
+  and W of Eq. (7) generalised to M modalities is one gate per modality, ``W = sigmoid(Proj(C))`` of
+  shape ``b x M`` (raw with ``cmaf-nosigmoid``); Eq. (8) becomes ``Z_fused = sum_m W_m X_m``. This
+  extends the paper, whose Eq. (6)-(8) fix three modalities with fixed roles.
+
 ``train_fusion`` takes aligned features {"vlm", "llm", "image"} and labels (class names or indices);
 ``task="binary"`` maps the five classes to normal vs defective first.
 """
@@ -43,23 +55,42 @@ from asectl.errors import ConfigError, DataError
 from asectl.models.seeding import fork_rng
 from asectl.models.train_config import FusionConfig
 
-# Q, K, V of Eq. (6), in the order of W's channels in Eq. (8).
+# Q, K, V of Eq. (6), in the order of W's channels in Eq. (8); then the stats branch (token attention and
+# concatenation take any two or more of them, in this order).
 FUSION_INPUTS = ("vlm", "llm", "image")
+FUSION_ORDER = (*FUSION_INPUTS, "stats")
+
+
+def ordered_inputs(branches: Any) -> tuple[str, ...]:
+    """The fusion's inputs among ``branches``, in ``FUSION_ORDER``."""
+    return tuple(m for m in FUSION_ORDER if m in branches)
 
 
 class FusionModel(nn.Module):
-    """CMAF (or plain concatenation) + MLP classifier over aligned vlm/llm/image features."""
+    """CMAF (or plain concatenation) + MLP classifier over aligned features of ``inputs`` (the branches,
+    in ``FUSION_ORDER``); ``attention`` chunks (Q = vlm, K = llm, V = image) or tokens (one per input)."""
 
     def __init__(self, dim: int, n_classes: int, variant: str = "cmaf", tokens: int = 8, heads: int = 4,
-                 reduced_dim: int = 16, mlp_hidden: int = 128, dropout: float = 0.1):
+                 reduced_dim: int = 16, mlp_hidden: int = 128, dropout: float = 0.1, attention: str = "chunks",
+                 inputs: Sequence[str] = FUSION_INPUTS):
         super().__init__()
         if variant not in ("cmaf", "cmaf-nosigmoid", "concat"):
             raise ConfigError(f"fusion variant '{variant}': use cmaf, cmaf-nosigmoid or concat")
-        if dim % tokens:
+        if attention not in ("chunks", "tokens"):
+            raise ConfigError(f"fusion attention '{attention}': use chunks or tokens")
+        self.inputs = ordered_inputs(inputs)
+        if len(self.inputs) < 2 or len(self.inputs) != len(inputs):
+            raise ConfigError(f"fusion inputs {list(inputs)}: give two or more of {', '.join(FUSION_ORDER)}")
+        if variant != "concat" and attention == "chunks" and self.inputs != FUSION_INPUTS:
+            raise ConfigError(f"fusion attention chunks attends from VLM (Q) and LLM (K) to image (V) and needs "
+                              f"exactly those branches (got {', '.join(self.inputs)}); use attention tokens "
+                              "or the concat fusion")
+        if attention == "chunks" and dim % tokens:
             raise ConfigError(f"fusion tokens {tokens}: must divide the feature dimension {dim}")
-        self.dim, self.n_classes, self.variant = int(dim), int(n_classes), variant
-        self.tokens, self.heads, self.reduced_dim = int(tokens), int(heads), int(reduced_dim)
-        self.channels = self.dim // self.tokens
+        self.dim, self.n_classes, self.variant, self.attention = int(dim), int(n_classes), variant, attention
+        self.tokens = int(tokens) if attention == "chunks" else len(self.inputs)
+        self.heads, self.reduced_dim = int(heads), int(reduced_dim)
+        self.channels = self.dim // self.tokens if attention == "chunks" else self.dim
         # Aligned features are unit vectors (components ~ 1/sqrt(dim)); scaled by sqrt(dim) every
         # component is of order 1, so the fusion weights and the MLP do not have to grow to undo the scale.
         self.input_scale = math.sqrt(self.dim)
@@ -69,13 +100,15 @@ class FusionModel(nn.Module):
             self.proj_q = nn.Linear(self.channels, hr)
             self.proj_k = nn.Linear(self.channels, hr)
             self.proj_v = nn.Linear(self.channels, hr)
-            self.proj_c = nn.Linear(hr, 3)
-        in_dim = self.dim * 3 if variant == "concat" else self.dim
+            self.proj_c = nn.Linear(hr, 3 if attention == "chunks" else 1)
+            if attention == "tokens":   # which branch a token comes from: the projections are shared
+                self.branch_embedding = nn.Parameter(torch.zeros(len(self.inputs), self.dim))
+        in_dim = self.dim * len(self.inputs) if variant == "concat" else self.dim
         self.mlp = nn.Sequential(nn.Linear(in_dim, mlp_hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(mlp_hidden, n_classes))
         self.hparams = {"dim": self.dim, "n_classes": self.n_classes, "variant": variant, "tokens": tokens,
                         "heads": heads, "reduced_dim": reduced_dim, "mlp_hidden": mlp_hidden,
-                        "dropout": dropout}
+                        "dropout": dropout, "attention": attention, "inputs": list(self.inputs)}
 
     def _tok(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], self.tokens, self.channels) * self.input_scale
@@ -84,35 +117,49 @@ class FusionModel(nn.Module):
         b, t, _ = x.shape
         return x.reshape(b, t, self.heads, self.reduced_dim).transpose(1, 2)     # b, h, t, r
 
-    def fusion_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """W of Eq. (7): [b, tokens, 3] (channels: VLM, LLM, image)."""
-        if self.variant == "concat":
-            raise ConfigError("the concat variant has no fusion weights")
-        qt, kt, vt = self._tok(q), self._tok(k), self._tok(v)   # [b, tokens, channels]
+    def _attend(self, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+        """Eq. (6)-(7): multi-head attention of query tokens over key tokens, then Proj; [b, t, channels of W]."""
         qh = self._split_heads(self.proj_q(qt))
         kh = self._split_heads(self.proj_k(kt))
         vh = self._split_heads(self.proj_v(vt))
         attn = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(self.reduced_dim), dim=-1)
-        c = (attn @ vh).transpose(1, 2).reshape(q.shape[0], self.tokens, self.heads * self.reduced_dim)
+        c = (attn @ vh).transpose(1, 2).reshape(qt.shape[0], qt.shape[1], self.heads * self.reduced_dim)
         w = self.proj_c(c)
         return torch.sigmoid(w) if self.variant == "cmaf" else w
 
-    def fuse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Z_fused of Eq. (8) (or the concatenation): [b, dim] or [b, 3*dim]."""
+    def _modality_tokens(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(xs, dim=1) * self.input_scale             # [b, M, dim]
+
+    def fusion_weights(self, *xs: torch.Tensor) -> torch.Tensor:
+        """W of Eq. (7): chunks [b, tokens, 3] (channels: VLM, LLM, image); tokens [b, M] (one gate per
+        input, in ``inputs`` order)."""
         if self.variant == "concat":
-            return torch.cat([q, k, v], dim=-1) * self.input_scale
-        w = self.fusion_weights(q, k, v)
+            raise ConfigError("the concat variant has no fusion weights")
+        if self.attention == "tokens":
+            t = self._modality_tokens(xs) + self.branch_embedding
+            return self._attend(t, t, t)[..., 0]
+        q, k, v = xs
+        return self._attend(self._tok(q), self._tok(k), self._tok(v))
+
+    def fuse(self, *xs: torch.Tensor) -> torch.Tensor:
+        """Z_fused of Eq. (8) (or the concatenation): [b, dim] or [b, M*dim]."""
+        if self.variant == "concat":
+            return torch.cat(xs, dim=-1) * self.input_scale
+        w = self.fusion_weights(*xs)
+        if self.attention == "tokens":
+            return (w.unsqueeze(-1) * self._modality_tokens(xs)).sum(1)
+        q, k, v = xs
         z = (w[..., 0:1] * self._tok(q) + w[..., 1:2] * self._tok(k) + w[..., 2:3] * self._tok(v))
         return z.reshape(q.shape[0], self.dim)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.fuse(q, k, v))
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.fuse(*xs))
 
 
 def fusion_inputs(model: FusionModel) -> tuple[str, ...]:
     """The modalities a fold model takes, in the order of its ``forward`` arguments (an export names its
     graph's inputs with them)."""
-    return FUSION_INPUTS
+    return tuple(model.inputs)
 
 
 @dataclasses.dataclass
@@ -124,21 +171,24 @@ class FusionBundle:
     hparams: dict[str, Any]
 
 
-def _inputs(features: Mapping[str, Any] | Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _inputs(features: Mapping[str, Any] | Sequence[Any],
+            inputs: Sequence[str] | None = None) -> list[np.ndarray]:
+    """The aligned feature arrays of ``inputs`` (default: every fusion input present), in order."""
     if isinstance(features, Mapping):
-        missing = [m for m in FUSION_INPUTS if m not in features]
-        if missing:
-            raise DataError(f"fusion needs aligned features for {', '.join(FUSION_INPUTS)}; missing {missing}")
-        arrs = [np.asarray(features[m], dtype=np.float32) for m in FUSION_INPUTS]
+        inputs = ordered_inputs(features) if inputs is None else tuple(inputs)
+        missing = [m for m in inputs if m not in features]
+        if missing or len(inputs) < 2:
+            raise DataError(f"fusion needs aligned features for {', '.join(inputs or FUSION_INPUTS)}; "
+                            f"missing {missing or 'two or more branches'}")
+        arrs = [np.asarray(features[m], dtype=np.float32) for m in inputs]
     else:
         arrs = [np.asarray(a, dtype=np.float32) for a in features]
-        if len(arrs) != 3:
-            raise DataError("fusion needs three feature arrays (vlm, llm, image)")
+        if len(arrs) < 2:
+            raise DataError("fusion needs two or more feature arrays (vlm, llm, image, stats)")
     shapes = {a.shape for a in arrs}
     if len(shapes) != 1 or arrs[0].ndim != 2:
-        raise DataError(f"vlm, llm and image features must be 2-d arrays of one shape; got "
-                        f"{[a.shape for a in arrs]}")
-    return arrs[0], arrs[1], arrs[2]
+        raise DataError(f"the fusion's features must be 2-d arrays of one shape; got {[a.shape for a in arrs]}")
+    return arrs
 
 
 def map_labels(labels: Sequence[Any], task: str = "multiclass",
@@ -178,36 +228,42 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
                  on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[FusionModel, dict[str, Any]]:
     """Train CMAF (or a variant) + MLP with cross-entropy. Deterministic for a given seed.
 
-    ``features``: {"vlm", "llm", "image"} -> float arrays [n, d] (aligned features).
+    ``features``: {"vlm", "llm", "image"} (and "stats", or any two or more of them with
+    ``config.attention = "tokens"`` or concat) -> float arrays [n, d] (aligned features).
     ``labels``: class names (or indices into ``classes``); ``config.task="binary"`` maps to
     normal/defective. Returns (model, history); ``model.bundle`` holds classes and task, and history
     has one row per epoch (loss, accuracy, lr, and val_loss/val_accuracy when validation data is given)."""
     config = config or FusionConfig()
-    q, k, v = _inputs(features)
-    config.validate(q.shape[1])
+    inputs = ordered_inputs(features)
+    missing = [m for m in FUSION_INPUTS if m not in inputs]
+    if config.variant != "concat" and config.attention == "chunks" and missing:
+        raise DataError(f"chunk attention needs aligned features for {', '.join(FUSION_INPUTS)}; missing {missing}")
+    xs = _inputs(features, inputs)
+    config.validate(xs[0].shape[1])
     y, classes = map_labels(labels, config.task, classes)
-    if len(y) != len(q):
-        raise DataError(f"{len(q)} feature rows but {len(y)} labels")
+    if len(y) != len(xs[0]):
+        raise DataError(f"{len(xs[0])} feature rows but {len(y)} labels")
     if len(classes) < 2:
         raise DataError(f"fusion training needs at least two classes; got {classes}")
     val = None
     if val_features is not None and val_labels is not None:
-        vq, vk, vv = _inputs(val_features)
+        vxs = [torch.from_numpy(a).to(device) for a in _inputs(val_features, inputs)]
         vy, _ = map_labels(val_labels, config.task, classes)
-        val = (torch.from_numpy(vq).to(device), torch.from_numpy(vk).to(device),
-               torch.from_numpy(vv).to(device), torch.from_numpy(vy).to(device))
+        val = (vxs, torch.from_numpy(vy).to(device))
     weight = None
     if config.class_weight == "balanced":
         counts = np.bincount(y, minlength=len(classes)).astype(np.float64)
         w = np.where(counts > 0, len(y) / (len(classes) * np.maximum(counts, 1)), 0.0)
         weight = torch.tensor(w, dtype=torch.float32, device=device)
-    tq, tk, tv = (torch.from_numpy(a).to(device) for a in (q, k, v))
+    txs = [torch.from_numpy(a).to(device) for a in xs]
     ty = torch.from_numpy(y).to(device)
     history: dict[str, Any] = {"classes": classes, "task": config.task, "variant": config.variant,
+                               "attention": config.attention, "inputs": list(inputs),
                                "seed": seed, "n_train": int(len(y)), "epochs": []}
     with fork_rng(seed, device):
-        model = FusionModel(q.shape[1], len(classes), config.variant, config.tokens, config.heads,
-                            config.reduced_dim, config.mlp_hidden, config.dropout).to(device)
+        model = FusionModel(xs[0].shape[1], len(classes), config.variant, config.tokens, config.heads,
+                            config.reduced_dim, config.mlp_hidden, config.dropout, config.attention,
+                            inputs).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                                 weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.lr_decay_every, gamma=config.lr_decay)
@@ -219,7 +275,7 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
             total, correct = 0.0, 0
             for s in range(0, len(y), config.batch_size):
                 idx = perm[s:s + config.batch_size].to(device)
-                logits = model(tq[idx], tk[idx], tv[idx])
+                logits = model(*(t[idx] for t in txs))
                 loss = F.cross_entropy(logits, ty[idx], weight=weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -232,9 +288,9 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
             if val is not None:
                 model.eval()
                 with torch.no_grad():
-                    vlogits = model(val[0], val[1], val[2])
-                    row["val_loss"] = float(F.cross_entropy(vlogits, val[3]).item())
-                    row["val_accuracy"] = float((vlogits.argmax(1) == val[3]).float().mean().item())
+                    vlogits = model(*val[0])
+                    row["val_loss"] = float(F.cross_entropy(vlogits, val[1]).item())
+                    row["val_accuracy"] = float((vlogits.argmax(1) == val[1]).float().mean().item())
             history["epochs"].append(row)
             if on_epoch:
                 on_epoch(row)
@@ -245,23 +301,23 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
 
 def _batched(model: FusionModel, features: Mapping[str, Any], fn: Callable[..., torch.Tensor], tail_shape: tuple[int, ...],
              batch_size: int) -> np.ndarray:
-    """Run ``fn(q, k, v)`` in eval mode over the samples in batches; [n, ...] float32 array."""
-    q, k, v = _inputs(features)
-    if q.shape[1] != model.dim:
-        raise DataError(f"features are {q.shape[1]}-d; this fusion model expects {model.dim}-d")
+    """Run ``fn(*inputs)`` in eval mode over the samples in batches; [n, ...] float32 array."""
+    xs = _inputs(features, model.inputs) if isinstance(features, Mapping) else _inputs(features)
+    if xs[0].shape[1] != model.dim:
+        raise DataError(f"features are {xs[0].shape[1]}-d; this fusion model expects {model.dim}-d")
     device = next(model.parameters()).device
     model.eval()
     out = []
     with torch.inference_mode():
-        for s in range(0, len(q), batch_size):
-            args = [torch.from_numpy(a[s:s + batch_size]).to(device) for a in (q, k, v)]
+        for s in range(0, len(xs[0]), batch_size):
+            args = [torch.from_numpy(a[s:s + batch_size]).to(device) for a in xs]
             out.append(fn(*args).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, *tail_shape), np.float32)
 
 
 def predict_proba(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
     """Class probabilities float32 [n, n_classes], columns in ``model.bundle.classes`` order."""
-    return _batched(model, features, lambda q, k, v: torch.softmax(model(q, k, v), dim=-1),
+    return _batched(model, features, lambda *xs: torch.softmax(model(*xs), dim=-1),
                     (model.n_classes,), batch_size)
 
 
@@ -272,8 +328,10 @@ def predict_logits(model: FusionModel, features: Mapping[str, Any], batch_size: 
 
 
 def fusion_weights(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
-    """W of Eq. (7) per sample: float32 [n, tokens, 3] (VLM, LLM, image). Not for ``concat``."""
-    return _batched(model, features, model.fusion_weights, (model.tokens, 3), batch_size)
+    """W of Eq. (7) per sample: float32 [n, tokens, 3] (VLM, LLM, image) with chunk attention, [n, M] (one
+    gate per input) with token attention. Not for ``concat``."""
+    tail = (model.tokens, 3) if model.attention == "chunks" else (len(model.inputs),)
+    return _batched(model, features, model.fusion_weights, tail, batch_size)
 
 
 def save_fusion(model: FusionModel, path: str | Path) -> Path:

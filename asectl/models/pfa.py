@@ -4,6 +4,17 @@ Projection heads map Z_image, Z_vlm and Z_llm to 256-d; the image-text contrasti
 Eq. (3)-(5) aligns (image, LLM text) and (image, VLM text); a progressive training strategy (PTS) grows
 the training subset stage by stage, hardest (least self-similar) pairs first.
 
+**The stats branch (an extension of the paper).** The paper's record reaches the model only as text
+g(OCR(image)) inside the LLM's prompt. Here the OCR'd numbers can also be a branch of their own,
+``stats`` (asectl.stages.modalities.stats_vectors): each entry standardized with the mean and standard
+deviation of the training cards (fitted here on ``train_index`` only and stored as buffers of the heads,
+so a bundle replays them), a missing entry set to 0 and flagged in a mask that is appended, then a small
+MLP encoder (``StatsEncoder``) and a projection to 256-d like the other branches. Eq. (5) gains a third
+ITC term, L_total = L_llm + L_vlm + L_stats, with L_stats the ITC loss of (image, stats) as Eq. (4); in
+``sequential`` order it is the third step of each batch. Self-similarity averages the cosines of every
+pair. The set of branches is a setting (``encoders.branches``): the first of image, vlm, llm, stats
+present is the anchor every other branch is aligned with (the image, when it is on, as in the paper).
+
 Precise definitions (the paper leaves these open):
 
 * **Projection**: one ``Linear(d_modality, 256)`` per modality (as in CLIP/ALBEF); the aligned feature
@@ -65,10 +76,19 @@ from torch import nn
 
 from asectl.errors import ConfigError, DataError
 from asectl.models.seeding import fork_rng
-from asectl.models.train_config import PFAConfig, stride_fractions  # noqa: F401  (re-exported)
+from asectl.models.train_config import BRANCHES, PFAConfig, stride_fractions  # noqa: F401  (re-exported)
 
-MODALITIES = ("image", "llm", "vlm")
+MODALITIES = ("image", "llm", "vlm")          # the paper's three
 TEXT_MODALITIES = ("llm", "vlm")     # aligned in this order with the image: Eq. (4), section 3.3
+PAIR_ORDER = ("llm", "vlm", "stats")          # the paper's order, then the stats extension
+
+
+def alignment_pairs(branches: Sequence[str]) -> tuple[str, list[str]]:
+    """(anchor, the branches aligned with it, in order): the image when it is a branch, else the first."""
+    present = [b for b in BRANCHES if b in branches]
+    anchor = "image" if "image" in present else present[0]
+    return anchor, [m for m in PAIR_ORDER if m in present and m != anchor] + \
+        [m for m in present if m not in PAIR_ORDER and m != anchor]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,13 +103,15 @@ def stage_counts(n_train: int, fractions: Sequence[float]) -> list[int]:
     return [min(n_train, max(1, math.ceil(round(f * n_train, 6)))) for f in fractions]
 
 
-def self_similarity(image: Any, llm: Any, vlm: Any) -> np.ndarray:
-    """Per-pair self-similarity: mean of cos(image, llm) and cos(image, vlm), row by row."""
+def self_similarity(anchor: Any, *others: Any) -> np.ndarray:
+    """Per-sample self-similarity: the mean cosine of the anchor (image) with each other branch (the
+    paper: cos(image, llm) and cos(image, vlm)), row by row."""
     def unit(x: Any) -> torch.Tensor:
         t = torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x).float()
         return F.normalize(t, dim=-1)
-    i, l, v = unit(image), unit(llm), unit(vlm)
-    return (0.5 * ((i * l).sum(-1) + (i * v).sum(-1))).detach().cpu().numpy().astype(np.float64)
+    a = unit(anchor)
+    cos = torch.stack([(a * unit(o)).sum(-1) for o in others])
+    return cos.mean(0).detach().cpu().numpy().astype(np.float64)
 
 
 def rank_lowest_first(similarity: Sequence[float]) -> np.ndarray:
@@ -115,18 +137,61 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, tau: torch.Tensor 
 # Modules
 
 
+class StatsEncoder(nn.Module):
+    """The stats branch's encoder: standardize with the training cards' mean and sd (buffers, fitted by
+    ``fit``), zero and flag what OCR did not read (NaN in), then a two-layer MLP to ``hidden``."""
+
+    def __init__(self, n_fields: int, hidden: int = 64):
+        super().__init__()
+        self.n_fields, self.dim = int(n_fields), int(hidden)
+        self.register_buffer("mean", torch.zeros(self.n_fields))
+        self.register_buffer("scale", torch.ones(self.n_fields))
+        self.net = nn.Sequential(nn.Linear(2 * self.n_fields, self.dim), nn.ReLU(), nn.Linear(self.dim, self.dim),
+                                 nn.ReLU())
+
+    def fit(self, x: np.ndarray) -> None:
+        """Mean and sd per entry over the rows given (the training cards), ignoring what was not read; an
+        entry never read, or constant, keeps scale 1."""
+        x = np.asarray(x, dtype=np.float64)
+        seen = ~np.isnan(x)
+        count = seen.sum(0)
+        mean = np.where(count > 0, np.nansum(x, 0) / np.maximum(count, 1), 0.0)
+        var = np.where(count > 1, np.nansum((x - mean) ** 2, 0) / np.maximum(count - 1, 1), 0.0)
+        sd = np.sqrt(var)
+        with torch.no_grad():
+            self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+            self.scale.copy_(torch.as_tensor(np.where(sd > 1e-12, sd, 1.0), dtype=torch.float32))
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, 2 * n_fields]: the standardized values (0 where missing) and the missing-field mask."""
+        missing = torch.isnan(x)
+        z = torch.where(missing, torch.zeros_like(x), (x - self.mean) / self.scale)
+        return torch.cat([z, missing.to(z.dtype)], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.standardize(x))
+
+
 class AlignmentHeads(nn.Module):
-    """One linear projection per modality to ``proj_dim`` and the learnable temperature."""
+    """One linear projection per branch to ``proj_dim`` (the stats branch: its MLP encoder first) and the
+    learnable temperature."""
 
     def __init__(self, dims: Mapping[str, int], proj_dim: int = 256, tau_init: float = 0.07,
-                 tau_min: float = 0.01, tau_max: float = 0.5):
+                 tau_min: float = 0.01, tau_max: float = 0.5, stats_hidden: int = 64):
         super().__init__()
-        missing = [m for m in MODALITIES if m not in dims]
-        if missing:
-            raise ConfigError(f"alignment needs features for {', '.join(MODALITIES)}; missing {missing}")
-        self.dims = {m: int(dims[m]) for m in MODALITIES}
+        unknown = [m for m in dims if m not in BRANCHES]
+        if unknown or len(dims) < 2:
+            raise ConfigError(f"alignment needs features for at least two of {', '.join(BRANCHES)}; got "
+                              f"{', '.join(dims) or 'none'}")
+        # Created in the paper's order (image, llm, vlm), then stats: a seed initialises the paper's three
+        # projections as it did before the stats branch existed.
+        self.branches = tuple(b for b in (*MODALITIES, "stats") if b in dims)
+        self.dims = {m: int(dims[m]) for m in self.branches}
         self.proj_dim = int(proj_dim)
-        self.proj = nn.ModuleDict({m: nn.Linear(self.dims[m], self.proj_dim) for m in MODALITIES})
+        self.stats_hidden = int(stats_hidden)
+        self.stats = StatsEncoder(self.dims["stats"], self.stats_hidden) if "stats" in self.dims else None
+        self.proj = nn.ModuleDict({m: nn.Linear(self.stats_hidden if m == "stats" else self.dims[m], self.proj_dim)
+                                   for m in self.branches})
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau_init), dtype=torch.float32))
         self.log_tau_min = math.log(tau_min)
         self.log_tau_max = math.log(tau_max)
@@ -140,29 +205,32 @@ class AlignmentHeads(nn.Module):
             self.log_tau.clamp_(self.log_tau_min, self.log_tau_max)
 
     def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """Aligned (L2-normalised) 256-d features of one modality."""
+        """Aligned (L2-normalised) 256-d features of one branch."""
+        if modality == "stats":
+            x = self.stats(x)
         return F.normalize(self.proj[modality](x), dim=-1)
 
     def meta(self) -> dict[str, Any]:
         return {"dims": self.dims, "proj_dim": self.proj_dim, "tau_min": math.exp(self.log_tau_min),
-                "tau_max": math.exp(self.log_tau_max)}
+                "tau_max": math.exp(self.log_tau_max), "stats_hidden": self.stats_hidden}
 
     @classmethod
     def from_checkpoint(cls, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> "AlignmentHeads":
         """Rebuild heads from a stage checkpoint and ``meta()`` (e.g. for prediction)."""
-        heads = cls(meta["dims"], meta["proj_dim"], tau_min=meta["tau_min"], tau_max=meta["tau_max"])
+        heads = cls(meta["dims"], meta["proj_dim"], tau_min=meta["tau_min"], tau_max=meta["tau_max"],
+                    stats_hidden=meta.get("stats_hidden", 64))
         heads.load_state_dict(dict(state))
         return heads
 
 
 def align_features(heads: AlignmentHeads, features: Mapping[str, np.ndarray],
                    batch_size: int = 1024) -> dict[str, np.ndarray]:
-    """Project precomputed encoder features with trained heads: {modality: float32 [n, proj_dim]}."""
+    """Project precomputed encoder features with trained heads: {branch: float32 [n, proj_dim]}."""
     heads.eval()
     device = next(heads.parameters()).device
     out: dict[str, np.ndarray] = {}
     with torch.inference_mode():
-        for m in MODALITIES:
+        for m in heads.branches:
             x = np.asarray(features[m], dtype=np.float32)
             if x.ndim != 2 or x.shape[1] != heads.dims[m]:
                 raise DataError(f"{m} features have shape {x.shape}; the alignment expects "
@@ -247,15 +315,16 @@ class PFAStage:
     added_indices: list[int]            # added at this stage, lowest self-similarity first
     added_similarity: list[float]       # their self-similarity when ranked
     epochs: int
-    curve: list[dict[str, float]]       # per epoch: loss (L_total), loss_llm, loss_vlm, lr, tau
+    curve: list[dict[str, float]]       # per epoch: loss (L_total), loss_<branch> per aligned pair, lr, tau
     val_loss: float | None              # ITC L_total on D_pend; None when D_pend is empty
-    val_loss_llm: float | None
+    val_loss_llm: float | None          # None also when the branch is off
     val_loss_vlm: float | None
     val_note: str | None
     tau: float
     checkpoint: dict[str, torch.Tensor]  # projections + log_tau (state dict, CPU)
     embeddings: dict[str, np.ndarray]    # aligned features of ALL samples after the stage
     updates: int = 0                     # optimiser steps taken in this stage
+    val_loss_stats: float | None = None  # the stats extension's ITC term on D_pend
 
     @property
     def n_train(self) -> int:
@@ -268,7 +337,8 @@ class PFAStage:
                 "tau": self.tau,
                 "final_loss": self.curve[-1]["loss"] if self.curve else None,
                 "val_loss": self.val_loss, "val_loss_llm": self.val_loss_llm,
-                "val_loss_vlm": self.val_loss_vlm, "val_note": self.val_note, "curve": self.curve}
+                "val_loss_vlm": self.val_loss_vlm, "val_loss_stats": self.val_loss_stats,
+                "val_note": self.val_note, "curve": self.curve}
 
 
 @dataclass
@@ -297,7 +367,8 @@ class PFAResult:
         return self.rank_warmup.get("updates", 0) + sum(s.updates for s in self.stages)
 
     def summary(self) -> dict[str, Any]:
-        return {"mode": self.mode, "seed": self.seed, "fractions": self.fractions, "counts": self.counts,
+        return {"mode": self.mode, "seed": self.seed, "branches": list(self.heads.branches),
+                "fractions": self.fractions, "counts": self.counts,
                 "n_train": len(self.train_indices), "tau": self.stages[-1].tau,
                 "heads": self.heads.meta(), "config": self.config,
                 "rank_warmup": self.rank_warmup,
@@ -320,14 +391,15 @@ def _batches(order: Sequence[int], size: int) -> list[list[int]]:
     return out
 
 
-def plan_updates(config: PFAConfig, n_train: int) -> dict[str, Any]:
+def plan_updates(config: PFAConfig, n_train: int, n_pairs: int = 2) -> dict[str, Any]:
     """Every phase's epochs and batches, the optimiser steps, and the decay points, before training.
 
     Phases: ``{"stage", "n_pairs", "epochs", "batches", "last_epoch_batches"}``, stage 0 being the ranking
     warm-up. ``decay_after``: batch counts (cumulative, whole alignment) after which the rate is
-    multiplied by ``lr_decay``. ``updates``: optimiser steps (two per batch with ``sequential`` order).
+    multiplied by ``lr_decay``. ``updates``: optimiser steps (one per aligned pair and batch with
+    ``sequential`` order: two for the paper's pairs, three with the stats branch).
     ``progressive_updates``: what ``progressive`` with the same settings takes, the budget of ``direct``."""
-    per_batch = 2 if config.align_order == "sequential" else 1
+    per_batch = n_pairs if config.align_order == "sequential" else 1
     n_batches = lambda m: len(_batches(range(m), config.batch_size))     # noqa: E731
     counts = stage_counts(n_train, list(config.strides))
     prog = [{"stage": 0, "n_pairs": n_train, "epochs": config.rank_warmup_epochs}]
@@ -367,15 +439,19 @@ class _Aligner:
     """Holds sources, heads, optimiser and scheduler; runs epochs and evaluations."""
 
     def __init__(self, sources: dict[str, Any], config: PFAConfig, seed: int, device: str,
-                 encoder_lrs: Mapping[str, float] | None, decay_after: Sequence[int] = ()):
+                 encoder_lrs: Mapping[str, float] | None, decay_after: Sequence[int] = (),
+                 train: Sequence[int] = (), stats_hidden: int = 64):
         self.sources = sources
         self.config = config
         self.device = device
+        self.anchor, self.pairs = alignment_pairs(list(sources))
         self.heads = AlignmentHeads({m: s.dim for m, s in sources.items()}, config.proj_dim,
-                                    config.tau_init, config.tau_min, config.tau_max).to(device)
+                                    config.tau_init, config.tau_min, config.tau_max, stats_hidden).to(device)
+        if "stats" in sources:     # standardization from the training cards only
+            self.heads.stats.fit(sources["stats"].array[np.asarray(train, dtype=np.int64)])
         param_groups = [{"params": list(self.heads.parameters()), "lr": config.lr}]
         seen = {id(p) for p in self.heads.parameters()}
-        for m in MODALITIES:
+        for m in self.heads.branches:
             params = [p for p in sources[m].parameters() if id(p) not in seen]
             seen.update(id(p) for p in params)
             if params:
@@ -391,7 +467,7 @@ class _Aligner:
         self.epoch = 0
 
     def _pair_loss(self, modality: str, idx: list[int], train: bool) -> torch.Tensor:
-        img = self.heads("image", self.sources["image"].get(idx, train).to(self.device))
+        img = self.heads(self.anchor, self.sources[self.anchor].get(idx, train).to(self.device))
         txt = self.heads(modality, self.sources[modality].get(idx, train).to(self.device))
         return itc_loss(img, txt, self.heads.tau)
 
@@ -409,19 +485,19 @@ class _Aligner:
         self.heads.train()
         perm = torch.randperm(len(indices), generator=generator).tolist()
         order = [indices[p] for p in perm]
-        totals = {"llm": 0.0, "vlm": 0.0}
+        totals = {m: 0.0 for m in self.pairs}
         count = 0
         lr = self.optimizer.param_groups[0]["lr"]
         for idx in _batches(order, self.config.batch_size)[:max_batches]:
             if self.config.align_order == "sequential":
-                for m in TEXT_MODALITIES:       # first (I, LLM), then (I, VLM)
+                for m in self.pairs:       # first (I, LLM), then (I, VLM), then (I, stats)
                     loss = self._pair_loss(m, idx, train=True)
                     self._step(loss)
                     totals[m] += loss.item() * len(idx)
             else:
-                losses = {m: self._pair_loss(m, idx, train=True) for m in TEXT_MODALITIES}
-                self._step(losses["llm"] + losses["vlm"])
-                for m in TEXT_MODALITIES:
+                losses = {m: self._pair_loss(m, idx, train=True) for m in self.pairs}
+                self._step(sum(losses.values()))
+                for m in self.pairs:
                     totals[m] += losses[m].item() * len(idx)
             count += len(idx)
             self.batches += 1
@@ -429,30 +505,31 @@ class _Aligner:
                 for group in self.optimizer.param_groups:
                     group["lr"] *= self.config.lr_decay
         self.epoch += 1
-        llm, vlm = totals["llm"] / max(count, 1), totals["vlm"] / max(count, 1)
-        return {"epoch": self.epoch, "loss": llm + vlm, "loss_llm": llm, "loss_vlm": vlm, "lr": lr,
+        losses = {f"loss_{m}": t / max(count, 1) for m, t in totals.items()}
+        return {"epoch": self.epoch, "loss": sum(losses.values()), **losses, "lr": lr,
                 "tau": float(self.heads.tau.item()), "pairs": count, "updates": self.updates}
 
     @torch.no_grad()
-    def evaluate(self, indices: Sequence[int]) -> tuple[float, float, float] | None:
-        """ITC losses on ``indices`` (sorted, batches of the training batch size), sample-weighted."""
+    def evaluate(self, indices: Sequence[int]) -> tuple[float, dict[str, float]] | None:
+        """ITC losses on ``indices`` (sorted, batches of the training batch size), sample-weighted: the
+        total and one per aligned pair."""
         if not indices:
             return None
         self.heads.eval()
-        totals = {"llm": 0.0, "vlm": 0.0}
+        totals = {m: 0.0 for m in self.pairs}
         for idx in _batches(sorted(indices), self.config.batch_size):
-            for m in TEXT_MODALITIES:
+            for m in self.pairs:
                 totals[m] += self._pair_loss(m, idx, train=False).item() * len(idx)
-        llm, vlm = totals["llm"] / len(indices), totals["vlm"] / len(indices)
-        return llm + vlm, llm, vlm
+        per = {m: t / len(indices) for m, t in totals.items()}
+        return sum(per.values()), per
 
     @torch.no_grad()
     def embed(self, indices: Sequence[int] | None = None, batch: int = 256) -> dict[str, np.ndarray]:
         self.heads.eval()
-        n = len(self.sources["image"])
+        n = len(self.sources[self.anchor])
         indices = list(range(n)) if indices is None else list(indices)
         out = {}
-        for m in MODALITIES:
+        for m in self.heads.branches:
             parts = [self.heads(m, self.sources[m].get(indices[s:s + batch], train=False).to(self.device))
                      .cpu().numpy()
                      for s in range(0, len(indices), batch)]
@@ -461,7 +538,7 @@ class _Aligner:
 
     def similarity(self, indices: Sequence[int]) -> np.ndarray:
         e = self.embed(indices)
-        return self_similarity(e["image"], e["llm"], e["vlm"])
+        return self_similarity(e[self.anchor], *(e[m] for m in self.pairs))
 
     def checkpoint(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.heads.state_dict().items()}
@@ -469,25 +546,30 @@ class _Aligner:
 
 def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed: int = 0, *,
               train_index: Sequence[int] | None = None, device: str = "cpu",
-              encoder_lrs: Mapping[str, float] | None = None,
+              encoder_lrs: Mapping[str, float] | None = None, stats_hidden: int = 64,
               on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> PFAResult:
-    """Align image, LLM-text and VLM-text features (PFA). Deterministic for a given seed.
+    """Align image, LLM-text and VLM-text features (PFA), and the stats vectors when given (the
+    extension above). Deterministic for a given seed.
 
-    ``features``: {"image", "llm", "vlm"} -> a float array [N, d] (frozen features, quick profile), or
-    an ``EncoderFeatures`` (encoder + raw inputs; fine-tuned with the heads, paper profile).
+    ``features``: {branch: a float array [N, d]} (frozen features, quick profile; "stats": raw record
+    vectors, NaN where not read), or an ``EncoderFeatures`` (encoder + raw inputs; fine-tuned with the
+    heads, paper profile), for two or more of ``BRANCHES`` (the paper: image, llm, vlm).
     ``train_index``: positions of D_train among the N samples (default: all); embeddings are returned
     for all N (test samples included) after every stage. ``encoder_lrs``: {"image": lr, "text": lr}
     for trainable encoders. ``on_epoch(stage_index, curve_row)`` reports progress (stage 0: the
     ranking warm-up). The optimiser steps follow ``plan_updates(config, len(train_index))``."""
     config = config or PFAConfig()
     config.validate()
-    sources = {m: as_source(features[m], device) if m in features else None for m in MODALITIES}
-    missing = [m for m, s in sources.items() if s is None]
-    if missing:
-        raise ConfigError(f"alignment needs features for {', '.join(MODALITIES)}; missing {', '.join(missing)}")
-    n = len(sources["image"])
+    unknown = [m for m in features if m not in BRANCHES]
+    if unknown or len(features) < 2:
+        raise ConfigError(f"alignment needs features for at least two of {', '.join(BRANCHES)}; got "
+                          f"{', '.join(features) or 'none'}")
+    sources = {m: as_source(features[m], device) for m in BRANCHES if m in features}
+    if "stats" in sources and not isinstance(sources["stats"], FixedFeatures):
+        raise ConfigError("the stats branch takes the record vectors as an array")
+    n = len(next(iter(sources.values())))
     if any(len(s) != n for s in sources.values()):
-        raise DataError("image, LLM and VLM features must have one row per sample each; got "
+        raise DataError("every branch's features must have one row per sample; got "
                         + ", ".join(f"{m}={len(s)}" for m, s in sources.items()))
     train = list(range(n)) if train_index is None else [int(i) for i in train_index]
     if not train:
@@ -497,10 +579,10 @@ def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed
 
     fractions = list(config.strides) if config.mode == "progressive" else [1.0]
     counts = stage_counts(len(train), fractions)
-    plan = plan_updates(config, len(train))
+    plan = plan_updates(config, len(train), len(alignment_pairs(list(sources))[1]))
     warmup: dict[str, Any] = {}
     with fork_rng(seed, device):
-        aligner = _Aligner(sources, config, seed, device, encoder_lrs, plan["decay_after"])
+        aligner = _Aligner(sources, config, seed, device, encoder_lrs, plan["decay_after"], train, stats_hidden)
         generator = torch.Generator().manual_seed(seed)
         if config.mode == "progressive":
             # Rank in a space that means something: projections warmed with ITC on all of D_train.
@@ -562,8 +644,9 @@ def _stage_record(aligner: _Aligner, index: int, fraction: float, train: list[in
                   updates: int) -> PFAStage:
     return PFAStage(index=index, fraction=fraction, train_indices=list(train), pend_indices=list(pend),
                     added_indices=list(added), added_similarity=list(added_sim), epochs=epochs,
-                    curve=curve, val_loss=val[0] if val else None, val_loss_llm=val[1] if val else None,
-                    val_loss_vlm=val[2] if val else None, val_note=note,
+                    curve=curve, val_loss=val[0] if val else None, val_loss_llm=val[1].get("llm") if val else None,
+                    val_loss_vlm=val[1].get("vlm") if val else None,
+                    val_loss_stats=val[1].get("stats") if val else None, val_note=note,
                     tau=float(aligner.heads.tau.item()), checkpoint=aligner.checkpoint(),
                     embeddings=aligner.embed(), updates=updates)
 

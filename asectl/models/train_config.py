@@ -22,6 +22,11 @@ test split (docs/benchmarks.md, "How each default was chosen"):
 * Fusion: lr 3e-3 (grid 1e-3 / 3e-3 / 1e-2), unweighted cross-entropy (against class-balanced), no
   dropout (against 0.1 and 0.3); the paper's 60 epochs, batch 10 and step decay. The best few settings
   lie within one standard error of each other: the choice is weakly determined; re-tune on real cards.
+* Branches and fusion (``bench/choose_branches.py``, the same kind of cross-validation): the OCR'd numbers
+  as a fourth branch (``stats``) beside image, VLM and LLM text, fused by concatenation (71.70) rather
+  than CMAF with token attention (71.26, within one standard error) or the paper's three branches (68.76
+  with token attention, 67.51 with the chunk attention of the earlier default). ``--fusion cmaf`` then
+  attends across the four modality tokens. The paper profile keeps the paper's three branches and CMAF.
 
 Overrides come from a TOML table or CLI options as a (nested or dotted) dict:
 ``{"pfa": {"lr": 0.01}, "fusion.epochs": 30, "pfa.stride": 0.2, "pfa.strides": [0.2, 0.6, 1]}``.
@@ -43,6 +48,14 @@ PROFILES = ("quick", "paper")
 PFA_MODES = ("progressive", "direct", "none")
 ALIGN_ORDERS = ("sequential", "summed")
 FUSION_VARIANTS = ("cmaf", "cmaf-nosigmoid", "concat")
+# What CMAF attends over: "chunks", the 256-d aligned vectors of VLM (Q), LLM (K) and image (V) cut into
+# `fusion.tokens` chunks each (attention across the chunks of one vector; earlier tables), or "tokens",
+# one token per enabled branch (attention across the modalities; asectl.models.cmaf).
+FUSION_ATTENTIONS = ("chunks", "tokens")
+# The branches (modalities) a model can use: the card image, the VLM's description, the LLM's text, and
+# the OCR'd record's numbers as a standardized vector (asectl.stages.modalities.stats_vectors).
+BRANCHES = ("image", "vlm", "llm", "stats")
+PAPER_BRANCHES = ("image", "vlm", "llm")
 TASKS = ("multiclass", "binary")
 # What the LLM-branch text encoder reads: the LLM's answer plus the OCR'd record sentence, from a prompt
 # with the nearest-class hint ("composite"), or the LLM's own answer alone, from a prompt without the
@@ -94,6 +107,8 @@ class EncoderConfig:
     image_folds: int = 3                  # cross-fitted networks; 1 = one network on all training cards
     image_map_size: int = 88              # dot-map side in pixels (the 440-px range averaged 5 x 5)
     image_coords: bool = False            # x and y maps as extra input channels (CoordConv)
+    branches: tuple[str, ...] = PAPER_BRANCHES   # which of BRANCHES the model aligns and fuses
+    stats_hidden: int = 64                # the stats branch's MLP encoder width (asectl.models.pfa)
 
 
 @dataclass
@@ -140,6 +155,7 @@ class PFAConfig:
 @dataclass
 class FusionConfig:
     variant: str = "cmaf"                 # cmaf | cmaf-nosigmoid | concat
+    attention: str = "chunks"             # chunks | tokens (FUSION_ATTENTIONS); not used by concat
     task: str = "multiclass"              # multiclass | binary (normal vs defective)
     epochs: int = 60
     batch_size: int = 10
@@ -158,6 +174,7 @@ class FusionConfig:
 
     def validate(self, dim: int | None = None) -> None:
         _choice("fusion.variant", self.variant, FUSION_VARIANTS)
+        _choice("fusion.attention", self.attention, FUSION_ATTENTIONS)
         _choice("fusion.task", self.task, TASKS)
         _choice("fusion.class_weight", self.class_weight, ("none", "balanced"))
         for name in ("epochs", "batch_size", "tokens", "heads", "reduced_dim", "mlp_hidden", "lr_decay_every"):
@@ -183,6 +200,8 @@ class TrainProfile:
         self.pfa.validate()
         self.fusion.validate(self.pfa.proj_dim)
         check_llm_text(self.encoders.llm_text)
+        self.encoders.branches = check_branches(self.encoders.branches)
+        _positive("encoders.stats_hidden", self.encoders.stats_hidden)
         if self.encoders.warmup_epochs < 0:
             raise ConfigError("encoders.warmup_epochs: must be 0 or more")
         if self.encoders.warmup_epochs and not self.encoders.finetune:
@@ -194,12 +213,18 @@ class TrainProfile:
         return dataclasses.asdict(self)
 
 
+QUICK_BRANCHES = ("image", "vlm", "llm", "stats")
+
+
 def quick_profile() -> TrainProfile:
+    # Branches and fusion: bench/choose_branches.py (training-split cross-validation, seed 0): the four
+    # branches concatenated 71.70, with token attention 71.26, the paper's three with token / chunk
+    # attention 68.76 / 67.51. Token attention is what `--fusion cmaf` uses with these branches.
     return TrainProfile(
         name="quick",
-        encoders=EncoderConfig(image="cards-cnn"),
+        encoders=EncoderConfig(image="cards-cnn", branches=QUICK_BRANCHES),
         pfa=PFAConfig(batch_size=32),
-        fusion=FusionConfig(lr=3e-3, dropout=0.0),
+        fusion=FusionConfig(lr=3e-3, dropout=0.0, variant="concat", attention="tokens"),
     )
 
 
@@ -304,6 +329,21 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"setting '{path}': expected text, got {value!r}")
         return value
     return value
+
+
+def check_branches(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Branch names (a list, or text like "image,vlm,stats") -> a tuple in ``BRANCHES`` order; at least two,
+    since alignment pairs one branch with the others."""
+    names = value.replace("/", ",").split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in BRANCHES]
+    if unknown:
+        raise ConfigError(f"setting 'encoders.branches': unknown branch {', '.join(unknown)}; choose from "
+                          f"{', '.join(BRANCHES)}")
+    if len(set(names)) < 2:
+        raise ConfigError(f"setting 'encoders.branches' = {','.join(names) or '(none)'}: give at least two of "
+                          f"{', '.join(BRANCHES)}")
+    return tuple(b for b in BRANCHES if b in names)
 
 
 def check_llm_text(value: str) -> None:

@@ -1,7 +1,9 @@
 """``asectl align``: progressive feature alignment (PFA, paper section 3.3) over a labelled dataset.
 
-Runs (or finds in the cache) OCR, descriptions and LLM reasoning for every card, encodes the three
-modalities, and trains the 256-d projections with the ITC loss on the training split, stage by stage.
+Runs (or finds in the cache) OCR, descriptions and LLM reasoning for every card, encodes the branches
+the profile names (``encoders.branches``: image, vlm, llm, and the OCR'd numbers as ``stats``), and trains
+the 256-d projections (the stats branch: its MLP encoder too, standardized on the training cards) with the
+ITC loss on the training split, stage by stage.
 The result (final and per-stage projections, per-stage embeddings of every card for the t-SNE of Fig. 8,
 curves and D_pend losses) is one cache entry; ``fuse-train`` and ``report`` find it by key."""
 
@@ -13,7 +15,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from safetensors.numpy import load_file as np_load_file
@@ -23,6 +25,7 @@ from asectl import ui
 from asectl.cache import Cache, make_key, sha256_file
 from asectl.dataset import Dataset, load_dataset
 from asectl.errors import ConfigError, DataError
+from asectl.models.train_config import BRANCHES
 from asectl.stages.modalities import (Modalities, ModalitySettings, build_encoders, collect_modalities,
                                      encode_modalities)
 from asectl.stages.common import dataset_id
@@ -30,7 +33,7 @@ from asectl.stages.features import train_image_encoder
 
 log = logging.getLogger("asectl")
 STAGE = "align"
-FORMAT = 2                  # 2: ranking warm-up, update-matched direct mode, update counts
+FORMAT = 3                  # 2: ranking warm-up, update-matched direct mode, update counts; 3: branches
 
 
 @dataclass
@@ -142,18 +145,19 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
     return outcome
 
 
-def encode_for_training(mods: Modalities, encoders: tuple, cache: Cache, train_index: list[int],
-                        seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, Path | None]:
-    """The three feature matrices a learning stage trains on. An image encoder that learns the cards is
-    trained first, on the cards at ``train_index`` only (never a test card), and their rows are its own
-    out-of-fold features (asectl.backends.encoders.CardsCNN). Returns the features, the image encoder's
-    training record and weights file (None for a pretrained encoder)."""
+def encode_for_training(mods: Modalities, encoders: tuple, cache: Cache, train_index: list[int], seed: int,
+                        branches: Sequence[str] = BRANCHES,
+                        ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, Path | None]:
+    """The feature matrices of ``branches`` a learning stage trains on. An image encoder that learns the
+    cards is trained first, on the cards at ``train_index`` only (never a test card), and their rows are its
+    own out-of-fold features (asectl.backends.encoders.CardsCNN). Returns the features, the image encoder's
+    training record and weights file (None for a pretrained encoder or no image branch)."""
     image_training = image_weights = None
-    if getattr(encoders[0], "learns_from_cards", False):
+    if "image" in branches and getattr(encoders[0], "learns_from_cards", False):
         own, image_training, image_weights = train_image_encoder(
             [mods.samples[i] for i in train_index], [mods.samples[i].label for i in train_index], encoders[0],
             cache, seed)
-    encoded = encode_modalities(mods, encoders, cache)
+    encoded = encode_modalities(mods, encoders, cache, branches)
     if image_training is not None:
         encoded["image"][train_index] = own
     return encoded, image_training, image_weights
@@ -167,20 +171,22 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
     from asectl.models.pfa import EncoderFeatures, plan_updates, train_pfa, warmup_encoders
 
     enc_cfg = prof.encoders
+    branches = enc_cfg.branches
     # also the "unaligned" view for reports
-    encoded, image_training, image_weights = encode_for_training(mods, encoders, cache, train_index, seed)
+    encoded, image_training, image_weights = encode_for_training(mods, encoders, cache, train_index, seed, branches)
     warmup: list = []
     if enc_cfg.finetune:
         img_enc, vlm_enc, llm_enc = encoders
-        features: dict[str, Any] = {
-            "image": EncoderFeatures(img_enc, [str(s.path) for s in mods.samples]),
-            "vlm": EncoderFeatures(vlm_enc, mods.vlm_texts),
-            "llm": EncoderFeatures(llm_enc, mods.llm_texts)}
+        tuned = {"image": EncoderFeatures(img_enc, [str(s.path) for s in mods.samples]),
+                 "vlm": EncoderFeatures(vlm_enc, mods.vlm_texts),
+                 "llm": EncoderFeatures(llm_enc, mods.llm_texts)}
+        tuned = {m: f for m, f in tuned.items() if m in branches}
+        features: dict[str, Any] = {**tuned, **({"stats": encoded["stats"]} if "stats" in branches else {})}
         lrs = {"image": enc_cfg.image_lr, "text": enc_cfg.text_lr}
-        if enc_cfg.warmup_epochs:
+        if enc_cfg.warmup_epochs and tuned:
             labels_all = sorted({r["label"] for r in rows})
             y = [labels_all.index(r["label"]) for r in rows]
-            warmup = warmup_encoders(features, y, epochs=enc_cfg.warmup_epochs, seed=seed,
+            warmup = warmup_encoders(tuned, y, epochs=enc_cfg.warmup_epochs, seed=seed,
                                      train_index=train_index, batch_size=prof.pfa.batch_size,
                                      head_lr=prof.pfa.lr, encoder_lrs=lrs, device=enc_cfg.device)
     else:
@@ -188,7 +194,7 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
     total = sum(ph["epochs"] for ph in plan_updates(prof.pfa, len(train_index))["phases"])
     with ui.progress(total, f"align ({prof.pfa.mode})") as advance:
         result = train_pfa(features, prof.pfa, seed, train_index=train_index, device=enc_cfg.device,
-                           encoder_lrs=lrs,
+                           encoder_lrs=lrs, stats_hidden=enc_cfg.stats_hidden,
                            on_epoch=lambda stage, row: advance(
                                status=f"{f'stage {stage}' if stage else 'ranking warm-up'} loss {row['loss']:.3f}"))
 
@@ -207,8 +213,10 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
         if enc_cfg.finetune:
             (tmp / "encoders").mkdir(exist_ok=True)
             for name, enc in zip(("image", "vlm", "llm"), encoders):
-                save_module_state(enc.module, tmp / "encoders" / f"{name}.safetensors")
-        summary = {"format": FORMAT, "samples": rows, "dropped": mods.dropped, "replay": mods.replay,
+                if name in branches:
+                    save_module_state(enc.module, tmp / "encoders" / f"{name}.safetensors")
+        summary = {"format": FORMAT, "samples": rows, "dropped": mods.dropped, "partial": mods.partial,
+                   "branches": list(branches), "stats_fields": mods.stats_names, "replay": mods.replay,
                    "provenance": mods.provenance, "profile": prof.to_dict(),
                    "encoders": [e.identity() for e in encoders], "seed": seed,
                    "pfa": result.summary(), "warmup": warmup, "image_training": image_training}

@@ -280,8 +280,15 @@ def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
                   "text": [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(n)]}
         inputs = {m: probes[enc.family][k:] + probes[enc.family][:k] for k, (m, enc) in enumerate(encoders.items())}
         torch_feats = {m: encoders[m].encode(inputs[m]) for m in encoders}
+        heads = bundle.heads()
+        if heads.stats is not None:   # the record's numbers around the training cards' mean, a field unread
+            rng = np.random.default_rng(0)
+            numbers = heads.stats.mean.numpy() + heads.stats.scale.numpy() * rng.normal(size=(n, heads.dims["stats"]))
+            numbers = numbers.astype(np.float32)
+            numbers[::2, 1] = np.nan
+            inputs["stats"] = torch_feats["stats"] = numbers
         onnx_feats = exported.encode(inputs)
-    aligned = align_features(bundle.heads(), torch_feats)
+    aligned = align_features(heads, torch_feats)
     torch_logits = np.stack([predict_logits(member, aligned) for member in bundle.fusion_members()])
     onnx_logits = exported.fold_logits(exported.align(onnx_feats))
     t = bundle.temperature

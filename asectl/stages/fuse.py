@@ -45,7 +45,8 @@ def align_args(cache: Cache, dataset: Dataset) -> dict[str, Any]:
 
 
 def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str | None = None,
-                   task: str | None = None, augmented: str | Path | None = None, profile: str | None = None,
+                   task: str | None = None, attention: str | None = None, augmented: str | Path | None = None,
+                   profile: str | None = None,
                    overrides: Mapping[str, Any] | None = None, seed: int | None = None,
                    force: bool = False, max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
                    max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
@@ -65,9 +66,13 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     f_over = {k: v for k, v in (overrides or {}).items() if k.startswith("fusion.")}
     if fusion:
         f_over["fusion.variant"] = fusion
+    if attention:
+        f_over["fusion.attention"] = attention
     if task:
         f_over["fusion.task"] = task
     prof = get_profile(a_profile, {**a_over, **f_over, "seed": a_seed})
+    branches = align_branches(align)
+    check_fusion_branches(prof.fusion, branches)
     targets = {"max_miss_rate": check_target("max_miss_rate", max_miss_rate),
                "max_defect_error": check_target("max_defect_error", max_defect_error)}
     # defect_scan names how the defect threshold is chosen (asectl.models.calibration.choose_rule), so
@@ -85,7 +90,7 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
 
         train = align.train_index()
         emb = align.embeddings()
-        feats = {m: emb[m][train] for m in ("vlm", "llm", "image")}
+        feats = {m: emb[m][train] for m in branches}
         labels = [align.labels[i] for i in train]
         names = [align.names[i] for i in train]
         # Cards TDA added train the fold models but are not held-out evidence: the temperature and the
@@ -114,7 +119,8 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                 "format": BUNDLE_FORMAT, "asectl_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "classes": members[0].bundle.classes, "task": members[0].bundle.task,
-                "variant": prof.fusion.variant, "fusion_members": len(members),
+                "variant": prof.fusion.variant, "attention": prof.fusion.attention, "branches": list(branches),
+                "stats_fields": align.summary.get("stats_fields", []), "fusion_members": len(members),
                 "profile": prof.to_dict(), "seed": a_seed,
                 "encoders": align.summary["encoders"], "heads": pfa["heads"],
                 "replay": align.summary["replay"], "provenance": align.summary["provenance"],
@@ -145,6 +151,23 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     cache.set_pointer(LATEST_POINTER, pointer)
     cache.set_pointer(dataset_model_pointer(dataset), pointer)
     return FuseOutcome(key, bundle, align, from_cache)
+
+
+def align_branches(align: AlignOutcome) -> list[str]:
+    """The branches an alignment was trained with (the paper's three for entries before branches existed)."""
+    return list(align.summary.get("branches") or align.summary["pfa"].get("branches") or ("image", "llm", "vlm"))
+
+
+def check_fusion_branches(config: Any, branches: list[str]) -> None:
+    """Chunk attention has fixed roles (Q = VLM, K = LLM, V = image): it takes exactly those three branches.
+    (Checked here, without importing torch, so a cached rerun stays light.)"""
+    from asectl.errors import ConfigError
+    from asectl.models.train_config import PAPER_BRANCHES
+
+    if config.variant != "concat" and config.attention == "chunks" and set(branches) != set(PAPER_BRANCHES):
+        raise ConfigError(f"--attention chunks attends from VLM (Q) and LLM (K) to image (V) and needs exactly "
+                          f"the branches {','.join(PAPER_BRANCHES)} (this alignment has {','.join(branches)}); "
+                          "use --attention tokens, --fusion concat, or align with those branches")
 
 
 def dataset_model_pointer(dataset: Dataset | str | Path) -> str:

@@ -1,8 +1,10 @@
-"""The three modalities of a card set, and the settings that make them.
+"""The modalities of a card set, and the settings that make them.
 
 ``collect_modalities`` runs (or finds in the cache) OCR, descriptions and LLM reasoning for a set of
 samples with one ``ModalitySettings`` (what each per-image stage last ran with on the dataset, or a
-bundle's stored replay settings); ``encode_modalities`` turns them into the three feature matrices.
+bundle's stored replay settings); ``encode_modalities`` turns them into one feature matrix per branch
+(``asectl.models.train_config.BRANCHES``): image, VLM text, LLM text, and ``stats``, the OCR'd record's
+numbers as a vector (``stats_vectors``; missing fields are NaN, masked by the stats encoder).
 The learning stages and ``predict`` call these; nothing here imports a command or a learning stage.
 """
 
@@ -10,13 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from asectl.cache import Cache
+from asectl.card import CardSpec
 from asectl.dataset import Dataset, Sample
-from asectl.models.train_config import DEFAULT_LLM_TEXT, check_llm_text
+from asectl.models.train_config import BRANCHES, DEFAULT_LLM_TEXT, check_llm_text
 from asectl.stages.describe import DescribeSettings
 from asectl.stages.ocr import OcrSettings
 from asectl.stages.reason import ReasonSettings
@@ -65,6 +68,9 @@ class Modalities:
     dropped: list[dict[str, Any]] = field(default_factory=list)      # {"image", "error"}
     replay: dict[str, dict[str, Any]] = field(default_factory=dict)  # settings that repeat each stage
     provenance: dict[str, str] = field(default_factory=dict)
+    partial: dict[str, list[str]] = field(default_factory=dict)     # image -> record fields OCR did not read
+    stats: np.ndarray | None = None       # stats_vectors(ocr_fields): [n, len(stats_names)], NaN = not read
+    stats_names: list[str] = field(default_factory=list)
 
 
 def collect_modalities(dataset: Dataset, cache: Cache,
@@ -91,13 +97,17 @@ def collect_modalities(dataset: Dataset, cache: Cache,
     reas = run_reason(dataset, reason_settings, ocr=settings.ocr, cache=cache, force=force,
                       remember=remember and not answer_only)
     by = [ocr.by_image(), desc.by_image(), reas.by_image()]
-    keep, fields, vlm, llm, dropped = [], [], [], [], []
+    keep, fields, vlm, llm, dropped, partial = [], [], [], [], [], {}
     for s in dataset.samples:
         recs = [b.get(s.name, {"error": f"{s.path}: no record"}) for b in by]
-        err = next((r["error"] for r in recs if r.get("error")), None)
+        # A partly read record (some fields, the rest missing) still serves: its missing numbers are masked.
+        read_partly = bool(recs[0].get("fields")) and bool(recs[0].get("missing"))
+        err = next((r["error"] for r in recs[int(read_partly):] if r.get("error")), None)
         if err:
             dropped.append({"image": s.name, "error": err})
             continue
+        if read_partly:
+            partial[s.name] = list(recs[0]["missing"])
         keep.append(s)
         fields.append(recs[0]["fields"])
         vlm.append(recs[1]["text"])
@@ -105,6 +115,9 @@ def collect_modalities(dataset: Dataset, cache: Cache,
     if dropped:
         log.warning("%d of %d cards lack a modality and are left out (first: %s)", len(dropped),
                     len(dataset.samples), dropped[0]["error"])
+    for name, missing in partial.items():
+        log.warning("%s: OCR did not read %s; classified with those numbers masked", name, ", ".join(missing))
+    spec = settings.ocr.card_spec()
     replay = ModalitySettings(settings.ocr, DescribeSettings.replay(desc.params), ReasonSettings.replay(reas.params),
                               settings.llm_text)
     prov = provenance(ocr.params, desc.params, reas.params)
@@ -112,7 +125,34 @@ def collect_modalities(dataset: Dataset, cache: Cache,
     prov["LLM text"] = (f"answer only: the LLM's own answer (prompt {prompt}, no nearest-class hint, "
                         "no record sentence)" if answer_only else
                         f"composite: the LLM's answer and the OCR'd record sentence (prompt {prompt})")
-    return Modalities(keep, fields, vlm, llm, dropped, replay.as_dict(), prov)
+    return Modalities(keep, fields, vlm, llm, dropped=dropped, replay=replay.as_dict(), provenance=prov,
+                      partial=partial, stats=stats_vectors(fields, spec), stats_names=stats_names(spec))
+
+
+def stats_names(spec: CardSpec) -> list[str]:
+    """The entries of a stats vector: each scalar field of the card spec, each radius bin's count, and each
+    bin's share of the counted holes (the shape of the radial profile, whatever N is)."""
+    bins = [f"bin{k}" for k in range(spec.n_bins)]
+    return [*spec.field_names(), *bins, *(f"{b}_share" for b in bins)]
+
+
+def stats_vectors(records: list[Mapping[str, Any]], spec: CardSpec) -> np.ndarray:
+    """The OCR'd records as numbers, float32 [n, len(stats_names(spec))]; a field OCR did not read (or
+    could not convert to a finite number) is NaN, which the stats encoder masks."""
+    out = np.full((len(records), len(stats_names(spec))), np.nan, dtype=np.float32)
+    names = spec.field_names()
+    for i, rec in enumerate(records):
+        for j, name in enumerate(names):
+            v = rec.get(name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+                out[i, j] = v
+        bins = rec.get("bins")
+        if spec.n_bins and isinstance(bins, list) and len(bins) == spec.n_bins:
+            counts = np.asarray(bins, dtype=np.float64)
+            out[i, len(names):len(names) + spec.n_bins] = counts
+            if counts.sum() > 0:
+                out[i, len(names) + spec.n_bins:] = counts / counts.sum()
+    return out
 
 
 def provenance(ocr_params: Mapping[str, Any], desc_params: Mapping[str, Any],
@@ -152,17 +192,23 @@ def build_encoders(enc_cfg: Any) -> tuple[Any, Any, Any]:
             text_encoder(enc_cfg.text, **txt_kw))
 
 
-def modality_inputs(mods: Modalities) -> dict[str, list[Any]]:
-    """What each branch's encoder reads, by modality: the cards (samples) and the two texts."""
-    return {"image": list(mods.samples), "vlm": list(mods.vlm_texts), "llm": list(mods.llm_texts)}
+def modality_inputs(mods: Modalities) -> dict[str, Any]:
+    """What each branch reads, by modality: the cards (samples), the two texts, and the record's numbers
+    (``stats``, an array: it has no encoder graph, its standardization and MLP are part of the heads)."""
+    return {"image": list(mods.samples), "vlm": list(mods.vlm_texts), "llm": list(mods.llm_texts),
+            "stats": mods.stats}
 
 
-def encode_modalities(mods: Modalities, encoders: tuple[Any, Any, Any], cache: Cache) -> dict[str, np.ndarray]:
-    """Frozen features Z_image, Z_vlm, Z_llm for every kept sample (cached per input and encoder)."""
+def encode_modalities(mods: Modalities, encoders: tuple[Any, Any, Any], cache: Cache,
+                      branches: Sequence[str] = BRANCHES) -> dict[str, np.ndarray]:
+    """Frozen features Z_image, Z_vlm, Z_llm (cached per input and encoder) and the raw stats vectors
+    (standardized by the stats encoder, which trains), for every kept sample and each of ``branches``."""
     from asectl.stages.features import image_features, text_features
 
     img_enc, vlm_enc, llm_enc = encoders
     inputs = modality_inputs(mods)
-    return {"image": image_features(inputs["image"], img_enc, cache),
-            "vlm": text_features(inputs["vlm"], vlm_enc, cache, "vlm"),
-            "llm": text_features(inputs["llm"], llm_enc, cache, "llm")}
+    make = {"image": lambda: image_features(inputs["image"], img_enc, cache),
+            "vlm": lambda: text_features(inputs["vlm"], vlm_enc, cache, "vlm"),
+            "llm": lambda: text_features(inputs["llm"], llm_enc, cache, "llm"),
+            "stats": lambda: inputs["stats"]}
+    return {b: make[b]() for b in BRANCHES if b in branches}

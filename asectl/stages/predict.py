@@ -7,7 +7,7 @@ gets the bundle's decision: pass, defect or review (asectl.models.calibration)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -49,6 +49,11 @@ def bundle_encoders(bundle: Bundle) -> tuple[Any, Any, Any]:
     return encoders
 
 
+def bundle_branches(bundle: Bundle) -> list[str]:
+    """The branches the bundle's model uses (the paper's three for bundles made before branches existed)."""
+    return list(bundle.config.get("branches") or ("image", "vlm", "llm"))
+
+
 def class_logits(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cache, force: bool = False,
                  models: Callable[[], tuple[Any, Any]] | None = None) -> np.ndarray:
     """Heads and fold models over the encoder features: logits float32 [members, n, classes], one cache
@@ -78,6 +83,7 @@ class Predictions:
     samples: list[Sample]               # the cards classified, in input order
     logits: np.ndarray                  # [fold models, len(samples), classes], before calibration
     dropped: list[dict[str, Any]]       # {"image", "error"}: cards that lack a modality
+    partial: dict[str, list[str]] = field(default_factory=dict)   # image -> record fields OCR did not read
 
 
 class Predictor:
@@ -135,14 +141,14 @@ class Predictor:
         logits = np.zeros((int(self.bundle.config["fusion_members"]), 0, len(self.classes)), np.float32)
         if mods.samples:
             logits = self.class_logits(mods)
-        return Predictions(list(mods.samples), logits, list(mods.dropped))
+        return Predictions(list(mods.samples), logits, list(mods.dropped), dict(mods.partial))
 
     def class_logits(self, mods: Modalities) -> np.ndarray:
         """Logits [fold models, kept cards, classes]: an export's ONNX graphs (no torch), else the
         bundle's encoders (cached features), heads and fold models."""
         if isinstance(self.bundle, ExportedModel):
             return self.bundle.class_logits(modality_inputs(mods))
-        feats = encode_modalities(mods, self.encoders(), self.cache)
+        feats = encode_modalities(mods, self.encoders(), self.cache, bundle_branches(self.bundle))
         return class_logits(self.bundle, feats, self.cache, self.force, models=self.models)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
@@ -169,6 +175,9 @@ class Predictor:
                                "decision": decision, "reason": reason,
                                "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
                                **({"true_label": s.label} if s.label else {})}
+            if s.name in preds.partial:
+                by_name[s.name]["warning"] = (f"OCR did not read {', '.join(preds.partial[s.name])}; classified "
+                                              "with those numbers masked")
         return [by_name[s.name] for s in dataset.samples if s.name in by_name]
 
     def run(self, dataset: Dataset) -> StageResult:

@@ -34,7 +34,14 @@ def provenance_lines(bundle: Bundle) -> tuple[dict[str, str], list[str]]:
     prov["alignment"] = {"progressive": f"PFA, progressive, fractions {strides}",
                          "direct": "direct alignment on all training data",
                          "none": "no alignment (random projections)"}[pfa["mode"]]
-    prov["fusion"] = f"{cfg['variant']} ({cfg['task']})"
+    branches = cfg.get("branches") or ["image", "vlm", "llm"]
+    prov["branches"] = ", ".join(branches) + ("" if "stats" not in branches else
+                                              " (stats: the OCR'd numbers, standardized on the training cards, "
+                                              "missing fields masked)")
+    attention = cfg.get("attention") or "chunks"
+    prov["fusion"] = (f"{cfg['variant']} ({cfg['task']})" if cfg["variant"] == "concat" else
+                      f"{cfg['variant']}, attention across {'modality tokens' if attention == 'tokens' else 'chunks'} "
+                      f"({cfg['task']})")
     trained_image = img.get("finetuned") and not cfg["profile"]["encoders"]["finetune"]
     prov["profile"] = cfg["profile"]["name"] + (
         " (encoders fine-tuned)" if cfg["profile"]["encoders"]["finetune"]
@@ -118,9 +125,11 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
     curves: list = []
     if align is not None:
         pfa = align.summary["pfa"]
-        embeddings["unaligned"] = align.raw_features()["image"]
+        raw = align.raw_features()
+        view = next(m for m in ("image", "vlm", "llm", "stats") if m in raw)   # the image, unless it is off
+        embeddings["unaligned"] = raw[view]
         for k, st in enumerate(pfa["stages"], start=1):
-            embeddings[pfa_stage_name(st["stage"], st["fraction"], pfa["mode"])] = align.embeddings(k)["image"]
+            embeddings[pfa_stage_name(st["stage"], st["fraction"], pfa["mode"])] = align.embeddings(k)[view]
         names = [binary_label(lab) if binary else lab for lab in align.labels]
         emb_labels = [classes.index(n) if n in classes else 0 for n in names]
         emb_split = align.splits

@@ -1,6 +1,6 @@
 """Choose the quick profile's branches and CMAF attention by cross-validation on the training split.
 
-    python bench/choose_branches.py --data D --cache-dir /work/benchcache
+    python bench/choose_branches.py --data D --cache-dir bench/out/cache
 
 Only the training split of D is read. Its cards are cut into stratified folds (bench/tune_profile.py's
 ``training_folds``); for each fold, PFA trains on the other folds (the held-out cards are only embedded)

@@ -1,9 +1,9 @@
 """The image branch on its own: frozen EfficientNet-Lite0 features against the cards-cnn encoder trained on
 the cards, by cross-validation on the training split only.
 
-    python bench/image_branch.py --cache-dir /work/benchcache            # seed-0 `field` cards, 3 folds, seeds 0,1
+    python bench/image_branch.py --cache-dir bench/out/cache            # seed-0 `field` cards, 3 folds, seeds 0,1
     python bench/image_branch.py --data D --folds 3 --seeds 0 --variants cnn-folds3
-    python bench/image_branch.py --cache-dir /work/benchcache --fused   # also the whole chain with each
+    python bench/image_branch.py --cache-dir bench/out/cache --fused   # also the whole chain with each
 
 Only the training split of the data is loaded: the test cards are never read. The training split is cut
 into stratified folds (``--fold-seed``, bench/tune_profile.py's ``training_folds``); for each fold the

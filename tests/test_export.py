@@ -47,7 +47,7 @@ def exported(trained, tmp_path_factory):
 
 def test_export_writes_graphs_settings_and_checksums(trained, exported):
     from asectl import __version__
-    from asectl.models.cmaf import FUSION_INPUTS
+    from asectl.models.cmaf import fusion_inputs
 
     out = exported["path"]
     manifest = json.loads((out / "export.json").read_text())
@@ -83,9 +83,13 @@ def test_export_writes_graphs_settings_and_checksums(trained, exported):
     import onnxruntime as ort
 
     fusion = ort.InferenceSession(str(out / graphs["fusion"][0]), providers=["CPUExecutionProvider"])
-    assert [i.name for i in fusion.get_inputs()] == list(FUSION_INPUTS)
+    member = load_bundle(trained["root"] / "bundle").fusion_members()[0]
+    assert [i.name for i in fusion.get_inputs()] == list(fusion_inputs(member))
+    assert set(fusion_inputs(member)) == set(bundle_cfg["branches"])
     heads = ort.InferenceSession(str(out / graphs["heads"]), providers=["CPUExecutionProvider"])
-    assert sorted(i.name for i in heads.get_inputs()) == sorted(graphs["encoders"])
+    assert sorted(i.name for i in heads.get_inputs()) == sorted(bundle_cfg["branches"])
+    # Every branch but the record's numbers has an encoder graph; the heads graph standardizes the numbers.
+    assert sorted(graphs["encoders"]) == sorted(b for b in bundle_cfg["branches"] if b != "stats")
     assert exported["summary"]["parity"]["probabilities"] <= 1e-4
 
 

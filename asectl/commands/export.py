@@ -8,16 +8,17 @@ from pathlib import Path
 import click
 
 from asectl import ui
+from asectl.commands._shared import OFFLINE_ENV, environment
 
 
-@click.command("export")
+@click.command("export", epilog=environment(*OFFLINE_ENV))
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Model bundle folder (default: the latest model trained in this cache).")
+              show_default="the latest model trained in this cache", help="Model bundle folder.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder to write the export into (must not exist, or be empty).")
 @click.option("--copy-llm", is_flag=True,
-              help="Copy the LLM's GGUF file into the export, so the folder is all a station needs (default: "
-                   "its path is stored and its hash checked when predicting).")
+              help="Copy the LLM's GGUF file into the export, so the folder is all a station needs; without it, "
+                   "its path is stored and its hash checked when predicting.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_obj
 def export(cache, model, out, copy_llm, as_json):

@@ -266,9 +266,10 @@ def _bundle(cache, model: Path | None, exports: bool = False):
                    "Ctrl-C or SIGTERM (needs --out).")
 @click.option("--poll", type=float, default=None, show_default="0.25",
               help="With --watch: seconds between looks at the folder.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, metavar="N", show_default="one per core",
+@click.option("--workers", type=click.IntRange(min=0), default=None, metavar="N",
+              show_default="0, everything in this process",
               help="With --watch: worker processes that read, describe and reason about the next cards while "
-                   "this one fuses the current ones (0: everything in this process).")
+                   "this one fuses the current ones (not yet reliable on SIGTERM: docs/predict.md).")
 @click.option("--max-miss-rate", type=float, default=None, show_default="the model's own rule",
               help="Move the operating point without retraining: thresholds re-derived from the held-out "
                    "scores stored with the model for this miss-rate target.")
@@ -349,7 +350,6 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
     from asectl.backends.warm import keep_loaded
     from asectl.stages.predict import Predictor
     from asectl.stages.watch import DEFAULT_POLL, Preparers, done_names, watch_folder
-    from asectl.workers import usable_cores
 
     bundle, _ = _bundle(cache, model, exports=True)
     rule = _operating_point(bundle, *targets)
@@ -371,7 +371,7 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
             ui.info(f"{escape(rec['image'])}: {escape(rec['label'])} ({rec['probability']:.3f}) "
                     f"{DECISION_STYLE[rec['decision']]} ({escape(rec['reason'])})")
 
-    workers = usable_cores() if workers is None else workers
+    workers = 0 if workers is None else workers     # worker processes are opt-in: docs/predict.md
     preparers = Preparers(bundle.path, cache.root, force, workers) if workers else None
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -159,9 +159,11 @@ def _stop(proc: subprocess.Popen) -> int:
             proc.kill()
 
 
-def test_watch_in_one_process_survives_sigterm_and_resumes(trained, new_cards, tmp_path):
-    """The default watcher (`--workers 0`, everything in one process): every card is written exactly once
-    across a SIGTERM and a restart."""
+def _sigterm_and_resume(trained, new_cards, tmp_path, workers: int, final_wait: float,
+                        restart_env: dict[str, str]) -> list[dict]:
+    """a.png classified by an earlier run (whose next line was cut), b.png, c.png half written, then d-f;
+    SIGTERM while they are classified, a restart (with ``restart_env``) that gets g.png too. Checks the
+    first run's lines and that every card is written once; returns the final lines."""
     a, b, c, d, e, f, g = new_cards
     inbox, out, log = tmp_path / "inbox", tmp_path / "out.jsonl", tmp_path / "watch.log"
     inbox.mkdir()
@@ -173,7 +175,7 @@ def test_watch_in_one_process_survives_sigterm_and_resumes(trained, new_cards, t
     c_bytes = c.read_bytes()
     (inbox / c.name).write_bytes(c_bytes[: len(c_bytes) // 2])      # still being written
 
-    proc = _start(trained, inbox, out, log, workers=0)
+    proc = _start(trained, inbox, out, log, workers=workers)
     try:
         _wait_for(lambda: b.name in _names(out), proc, 240, "b.png's line")
         time.sleep(1.0)                                   # ten more polls: the half-written file stays out
@@ -195,11 +197,11 @@ def test_watch_in_one_process_survives_sigterm_and_resumes(trained, new_cards, t
     assert "stopped by SIGTERM" in stderr
     assert f"{len(first_run) - 1} card(s) classified this run" in stderr    # every result it made is written
 
-    proc = _start(trained, inbox, out, log, workers=0)
+    proc = _start(trained, inbox, out, log, workers=workers, **restart_env)
     try:
         _wait_for(lambda: "watching" in log.read_text(), proc, 240, "the restarted watcher")
         shutil.copy(g, inbox)
-        _wait_for(lambda: {d.name, e.name, f.name, g.name} <= _names(out), proc, 120, "d, e, f, g")
+        _wait_for(lambda: {d.name, e.name, f.name, g.name} <= _names(out), proc, final_wait, "d, e, f, g")
         time.sleep(0.5)
     finally:
         code = _stop(proc)
@@ -207,6 +209,13 @@ def test_watch_in_one_process_survives_sigterm_and_resumes(trained, new_cards, t
     final = _lines(out)
     assert sorted(r["image"] for r in final) == sorted(p.name for p in new_cards)     # each card once
     assert final[: len(first_run)] == first_run
+    return final
+
+
+def test_watch_in_one_process_survives_sigterm_and_resumes(trained, new_cards, tmp_path):
+    """The default watcher (`--workers 0`, everything in one process): every card is written exactly once
+    across a SIGTERM and a restart."""
+    final = _sigterm_and_resume(trained, new_cards, tmp_path, workers=0, final_wait=120, restart_env={})
     for r in final[1:]:
         assert r["decision"] in ("pass", "defect", "review") and abs(sum(r["probabilities"].values()) - 1) < 1e-4
 
@@ -220,51 +229,9 @@ def test_watch_classifies_appearing_files_survives_sigterm_and_resumes(trained, 
     card that kills its worker each time (the test hook) is one error line after bounded retries."""
     from asectl.workers import CRASH_TEST_ENV
 
-    a, b, c, d, e, f, g = new_cards
-    inbox, out, log = tmp_path / "inbox", tmp_path / "out.jsonl", tmp_path / "watch.log"
-    inbox.mkdir()
-    # A previous run classified a.png and was killed while writing the next line.
-    previous = {"image": a.name, "label": "normal", "decision": "pass", "from": "previous run"}
-    out.write_text(json.dumps(previous) + "\n" + '{"image": "' + b.name + '", "lab')
-    shutil.copy(a, inbox)
-    shutil.copy(b, inbox)
-    c_bytes = c.read_bytes()
-    (inbox / c.name).write_bytes(c_bytes[: len(c_bytes) // 2])      # still being written
-
-    proc = _start(trained, inbox, out, log)
-    try:
-        _wait_for(lambda: b.name in _names(out), proc, 240, "b.png's line")
-        time.sleep(1.0)                                   # ten more polls: the half-written file stays out
-        assert c.name not in _names(out)
-        with open(inbox / c.name, "ab") as fh:
-            fh.write(c_bytes[len(c_bytes) // 2:])
-        _wait_for(lambda: c.name in _names(out), proc, 120, "c.png's line")
-        for p in (d, e, f):
-            shutil.copy(p, inbox)
-        time.sleep(0.3)                                   # SIGTERM lands while they are being classified
-    finally:
-        code = _stop(proc)
-    assert code == 0, log.read_text()
-    first_run = _lines(out)                               # every line complete JSON (or _lines raises)
-    names = [r["image"] for r in first_run]
-    assert len(names) == len(set(names)) and names[:3] == [a.name, b.name, c.name]
-    assert first_run[0] == previous                       # skipped, not classified again
-    stderr = log.read_text()
-    assert "stopped by SIGTERM" in stderr
-    assert f"{len(first_run) - 1} card(s) classified this run" in stderr    # every result it made is written
-
-    proc = _start(trained, inbox, out, log, **{CRASH_TEST_ENV: g.name})
-    try:
-        _wait_for(lambda: "watching" in log.read_text(), proc, 240, "the restarted watcher")
-        shutil.copy(g, inbox)
-        _wait_for(lambda: {d.name, e.name, f.name, g.name} <= _names(out), proc, 240, "d, e, f, g")
-        time.sleep(0.5)
-    finally:
-        code = _stop(proc)
-    assert code == 0, log.read_text()
-    final = _lines(out)
-    assert sorted(r["image"] for r in final) == sorted(p.name for p in new_cards)     # each card once
-    assert final[: len(first_run)] == first_run
+    g = new_cards[-1]
+    final = _sigterm_and_resume(trained, new_cards, tmp_path, workers=2, final_wait=240,
+                                restart_env={CRASH_TEST_ENV: g.name})
     poison = next(r for r in final if r["image"] == g.name)
     assert set(poison) == {"image", "error"} and "a watch worker process died each time it ran this alone" in \
         poison["error"]

@@ -14,7 +14,7 @@ from asectl.errors import AsectlError
 
 # ``asectl --help`` lists the commands in the order a user runs them.
 PIPELINE_ORDER = ("synth", "ocr", "describe", "reason", "align", "fuse-train", "predict", "report", "export", "models",
-                  "cache")
+                  "cache", "config")
 
 
 class _Group(click.Group):
@@ -79,10 +79,13 @@ def _register_stage_commands() -> None:
     import pkgutil
 
     import asectl.commands
+    from asectl.commands.config import config_option, leaf_commands
 
     for info in sorted(pkgutil.iter_modules(asectl.commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):   # _shared: helpers, not commands
             importlib.import_module(f"asectl.commands.{info.name}").register(cli)
+    for command in leaf_commands(cli).values():    # every command reads the settings layer (docs/config.md)
+        config_option(command)
 
 
 _register_stage_commands()

@@ -10,8 +10,9 @@ other's cache, and whatever a worker finished survives a driver that is killed (
 
 Settings come from, highest first: the command line, environment variables (``ASECTL_EXECUTOR``,
 ``ASECTL_RAY_ADDRESS``, ``ASECTL_RAY_WORKERS``, ``ASECTL_RAY_BATCH_SIZE``, ``ASECTL_NUM_GPUS_PER_WORKER``),
-the ``[executor]`` table of the user config file (``ASECTL_CONFIG``, default
-``~/.config/asectl/config.toml``), the defaults here.
+``--config FILE``'s and then the user config file's ``[executor]`` table, the defaults here: the order
+of every setting (asectl/settings.py). Commands get the values through that layer (``from_values``);
+``from_sources`` reads the same sources for library callers.
 """
 
 from __future__ import annotations
@@ -25,47 +26,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from asectl.errors import ConfigError
 from asectl.registry import EXECUTORS
+from asectl.settings import ENVIRONMENT, read_toml, user_config
 
-CONFIG_ENV = "ASECTL_CONFIG"
 CONFIG_TABLE = "executor"
 INSTALL_HINT = 'pip install -e ".[ray]"'
-
-
-def config_path() -> Path:
-    """The user config file: ASECTL_CONFIG, else config.toml in the user config folder."""
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir("asectl")) / "config.toml"
-
-
-def read_config_table(table: str, path: Path | None = None) -> dict[str, Any]:
-    """One table of the user config file ({} when the file or the table is absent)."""
-    try:
-        import tomllib
-    except ImportError:   # Python 3.10
-        import tomli as tomllib
-
-    path = path or config_path()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if os.environ.get(CONFIG_ENV):   # named explicitly: a missing file is a mistake
-            raise ConfigError(f"{path}: no such config file ({CONFIG_ENV}); fix the path or unset "
-                              f"{CONFIG_ENV}") from None
-        return {}
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc}); fix or remove it") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc}); fix or remove it") from None
-    value = data.get(table, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: '{table}' must be a table ([{table}]); fix the config file")
-    return value
 
 
 @dataclass(frozen=True)
@@ -84,11 +48,10 @@ class ExecutorSettings:
     num_gpus_per_worker: float = 0.0
 
     # the option and the environment variable of each setting (its key in [executor] is its name)
-    SOURCES = {"kind": ("--executor", "ASECTL_EXECUTOR"),
-               "address": ("--ray-address", "ASECTL_RAY_ADDRESS"),
-               "workers": ("--ray-workers", "ASECTL_RAY_WORKERS"),
-               "batch_size": ("--ray-batch-size", "ASECTL_RAY_BATCH_SIZE"),
-               "num_gpus_per_worker": ("--num-gpus-per-worker", "ASECTL_NUM_GPUS_PER_WORKER")}
+    SOURCES = {name: (option, ENVIRONMENT[f"{CONFIG_TABLE}.{name}"])
+               for name, option in (("kind", "--executor"), ("address", "--ray-address"),
+                                    ("workers", "--ray-workers"), ("batch_size", "--ray-batch-size"),
+                                    ("num_gpus_per_worker", "--num-gpus-per-worker"))}
 
     def __post_init__(self) -> None:
         if self.kind not in EXECUTORS.names():
@@ -109,8 +72,10 @@ class ExecutorSettings:
     def from_sources(cls, config: Path | None = None, **given: Any) -> "ExecutorSettings":
         """Settings from the command line (``given``, None = not given), then the environment, then the
         config file's [executor] table, then the defaults."""
-        path = config or config_path()
-        table = read_config_table(CONFIG_TABLE, path)
+        path, data = user_config() if config is None else (config, read_toml(config, required=True))
+        table = data.get(CONFIG_TABLE, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: '{CONFIG_TABLE}' must be a table ([{CONFIG_TABLE}]); fix the config file")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(table) - names)
         if unknown:
@@ -128,10 +93,17 @@ class ExecutorSettings:
             elif name in table:
                 values[name] = table[name]
                 origins.add(f"{path} [{CONFIG_TABLE}] {name}")
-        # Ray settings from the environment or the config file wait for a Ray run; on the command line
+        return cls.from_values(values, {k for k, v in given.items() if v is not None}, origins)
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any], command_line: set[str], origins: set[str] = frozenset()
+                    ) -> "ExecutorSettings":
+        """Settings from resolved ``values``; ``command_line``: the names given as options, ``origins``:
+        where the others came from (for messages)."""
+        # Ray settings from the environment or a config file wait for a Ray run; on the command line
         # with a local run they are a mistake (reported by __post_init__).
         if values.get("kind", "local") == "local":
-            values = {k: v for k, v in values.items() if k == "kind" or given.get(k) is not None}
+            values = {k: v for k, v in values.items() if k == "kind" or k in command_line}
         try:
             return cls(**values)
         except ConfigError as exc:
@@ -260,4 +232,4 @@ def using(executor: Executor) -> Iterator[Executor]:
 
 
 __all__ = ["ExecutorSettings", "Executor", "Job", "Work", "LOCAL", "make_executor", "require_ray",
-           "resolve", "using", "check_same", "config_path", "read_config_table"]
+           "resolve", "using", "check_same"]

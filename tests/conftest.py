@@ -22,6 +22,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     return cache_dir
 
 
+@pytest.fixture(autouse=True)
+def _isolated_user_config(tmp_path_factory, monkeypatch):
+    """No test reads the user's config file (asectl/settings.py): the user config folder is a fresh one."""
+    folder = tmp_path_factory.mktemp("asectl-config-home")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(folder))
+    monkeypatch.delenv("ASECTL_CONFIG", raising=False)
+    return folder / "asectl" / "config.toml"
+
+
 @pytest.fixture
 def cache(_isolated_cache):
     from asectl.cache import Cache

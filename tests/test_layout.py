@@ -9,7 +9,7 @@ Layers, top to bottom (a module may import its own layer and the layers below it
     libraries   asectl.backends.*, asectl.models.*, asectl.bundle, asectl.report, asectl.metrics
     domain      asectl.synth, asectl.card, asectl.dataset
     base        asectl.cache, asectl.executors, asectl.ray_executor, asectl.workers, asectl.registry,
-                asectl.imageio, asectl.ui, asectl.environment, asectl.errors, asectl (the version)
+                asectl.imageio, asectl.ui, asectl.environment, asectl.settings, asectl.errors, asectl (the version)
 
 Every import counts, also those inside functions (the package imports heavy libraries lazily).
 """
@@ -36,7 +36,7 @@ LAYERS = (
                    "asectl.metrics")),
     ("domain", ("asectl.synth", "asectl.card", "asectl.dataset")),
     ("base", ("asectl.cache", "asectl.executors", "asectl.ray_executor", "asectl.workers", "asectl.registry",
-              "asectl.imageio", "asectl.ui", "asectl.environment", "asectl.errors", "asectl")),
+              "asectl.imageio", "asectl.ui", "asectl.environment", "asectl.settings", "asectl.errors", "asectl")),
 )
 # No known exception: executors are found through asectl.registry.EXECUTORS (the local/ray circle is gone).
 KNOWN_CIRCLES: set[frozenset[str]] = set()

@@ -29,16 +29,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from asectl.cache import canonical_json
-from asectl.environment import env_flag
 from asectl.errors import ConfigError
 from asectl.registry import VLMS
+from asectl.settings import ENVIRONMENT
 
 log = logging.getLogger("asectl")
 
 # The paper's VLM prompt (section 3.2), verbatim.
 DEFAULT_PROMPT = "Please comprehensively describe the distribution and shape of the image"
-MODEL_ENV = "ASECTL_VLM_MODEL"
-ALLOW_DOWNLOAD_ENV = "ASECTL_ALLOW_DOWNLOAD"
+# Named in messages; read by the settings layer (asectl/settings.py), which passes the values down.
+MODEL_ENV = ENVIRONMENT["describe.vlm_model"]
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -61,8 +61,8 @@ class VLM:
 
 
 def default_vlm_name(model: str | os.PathLike | None = None) -> str:
-    """``instructblip`` when a model is given (argument or ASECTL_VLM_MODEL), otherwise ``builtin``."""
-    return "instructblip" if (model or os.environ.get(MODEL_ENV)) else "builtin"
+    """``instructblip`` when a model is given, otherwise ``builtin``."""
+    return "instructblip" if model else "builtin"
 
 
 def make_vlm(name: str | None = None, model: str | os.PathLike | None = None, *, device: str = "auto",
@@ -158,7 +158,6 @@ def _looks_like_hub_id(text: str) -> bool:
 def resolve_model_folder(model: str | os.PathLike | None, allow_download: bool = False) -> tuple[str, Path]:
     """(model id as given, local folder). A hub id is looked up in the local Hugging Face cache and is
     only downloaded when ``allow_download`` is set."""
-    model = model or os.environ.get(MODEL_ENV)
     if not model:
         raise ConfigError(f"no InstructBLIP model given; pass --vlm-model PATH (or set {MODEL_ENV}), "
                           "or use --vlm builtin")
@@ -223,9 +222,7 @@ class InstructBlipVLM(VLM):
         if device not in DEVICES:
             raise ConfigError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
         self.generation = generation_params(generation)
-        if allow_download is None:
-            allow_download = env_flag(ALLOW_DOWNLOAD_ENV)
-        self.model_id, self.folder = resolve_model_folder(model, allow_download)
+        self.model_id, self.folder = resolve_model_folder(model, bool(allow_download))
         self.config = check_instructblip_folder(self.folder)
         cuda = _cuda_available()
         if device == "cuda" and not cuda:

@@ -11,8 +11,8 @@ import click
 from rich.markup import escape
 
 from asectl import ui
-from asectl.commands._shared import (EXECUTOR_ENV, OFFLINE_ENV, VLM_ENV, environment, executor_options,
-                                     print_errors)
+from asectl.commands._shared import EXECUTOR_ENV, OFFLINE_ENV, VLM_ENV, environment, executor_options, print_errors
+from asectl.commands.config import ProfileValue, SettingOption, profile_overrides
 from asectl.errors import ConfigError
 from asectl.models.calibration import (DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE,
                                        threshold_text)
@@ -21,49 +21,16 @@ from asectl.models.calibration import (DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DE
 LEARN_ENV = (*VLM_ENV, *OFFLINE_ENV)
 
 
-def _overrides(config_file: Path | None, sets: tuple[str, ...], **named: Any) -> dict[str, Any]:
-    """TOML config file, then --set key=value pairs, then named options (highest precedence)."""
-    out: dict[str, Any] = {}
-    if config_file is not None:
-        import tomllib
-
-        try:
-            out.update(tomllib.loads(config_file.read_text()))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{config_file}: not a readable TOML config ({exc})") from None
-        out.pop("profile", None)
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. --set pfa.lr=0.001")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except ValueError:
-            out[k.strip()] = v
-    out.update({k: v for k, v in named.items() if v is not None})
-    return out
-
-
-def _profile_name(profile: str | None, config_file: Path | None) -> str | None:
-    if profile or config_file is None:
-        return profile
-    import tomllib
-
-    try:
-        return tomllib.loads(config_file.read_text()).get("profile")
-    except Exception:  # reported properly by _overrides
-        return None
-
-
 BRANCHES_HELP = ("Branches to align and fuse, comma-separated, two or more of image, vlm, llm, stats "
                  "(the setting encoders.branches).")
 
 _common = [
-    click.option("--profile", type=click.Choice(["quick", "paper"]), default=None, show_default="quick",
+    click.option("--profile", cls=SettingOption, setting="profile", type=click.Choice(["quick", "paper"]),
+                 default=None, show_default="quick",
                  help="quick (CPU: frozen, cached features) or paper (GPU: fine-tuned encoders)."),
-    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                 help="TOML file of hyperparameters ([pfa], [fusion], [encoders] tables)."),
-    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyperparameter."),
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                 help="Override one hyperparameter ([pfa], [fusion] and [encoders] keys of --config, e.g. "
+                      "pfa.lr=0.001)."),
     click.option("--seed", type=int, default=None, show_default="0; fuse-train: the one align last used",
                  help="Training seed."),
     click.option("--split-seed", type=int, default=None, show_default="0; fuse-train: the one align last used",
@@ -84,23 +51,24 @@ def _with_common(f):
 
 @click.command(epilog=environment(*LEARN_ENV))
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--stride", default=None, show_default="the profile's",
-              help="PFA stride: 0.2 (0.2/0.4/.../1) or a list like 0.2/0.6/1.")
-@click.option("--mode", type=click.Choice(["progressive", "direct", "none"]), default=None,
+@click.option("--stride", cls=SettingOption, setting="pfa.strides", type=ProfileValue("pfa.strides"), default=None,
+              metavar="FRACTIONS", show_default="the profile's",
+              help="PFA stride: 0.2 (0.2/0.4/.../1) or a list like 0.2/0.6/1 (or 0.2,0.6,1).")
+@click.option("--mode", cls=SettingOption, setting="pfa.mode", type=click.Choice(["progressive", "direct", "none"]),
+              default=None,
               show_default="the profile's",
               help="progressive (PFA), direct (every training card at once) or none (random projections): the "
                    "paper's ablations.")
-@click.option("--branches", default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
+@click.option("--branches", cls=SettingOption, setting="encoders.branches", type=ProfileValue("encoders.branches"),
+              default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
 @_with_common
 @click.pass_obj
-def align(cache, dataset, stride, mode, branches, profile, config_file, sets, seed, split_seed, augmented, force,
-          as_json):
+def align(cache, dataset, stride, mode, branches, profile, sets, seed, split_seed, augmented, force, as_json):
     """Progressive feature alignment (PFA) of image, VLM-text and LLM-text features (and the OCR'd numbers)."""
     from asectl.stages.align import run_align, stage_labels
 
-    over = _overrides(config_file, sets, **{"pfa.stride": stride, "pfa.mode": mode, "encoders.branches": branches})
     ds = _training_data(dataset, 0 if split_seed is None else split_seed, split_seed is not None)
-    out = run_align(ds, cache, profile=_profile_name(profile, config_file) or "quick", overrides=over,
+    out = run_align(ds, cache, profile=profile or "quick", overrides=profile_overrides(sets),
                     seed=seed or 0, augmented=augmented, force=force)
     pfa = out.summary["pfa"]
     if as_json:
@@ -141,16 +109,20 @@ def _f(v: Any) -> str:
 
 @click.command("fuse-train", epilog=environment(*LEARN_ENV))
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--fusion", type=click.Choice(["cmaf", "cmaf-nosigmoid", "concat"]), default=None,
+@click.option("--fusion", cls=SettingOption, setting="fusion.variant",
+              type=click.Choice(["cmaf", "cmaf-nosigmoid", "concat"]), default=None,
               show_default="the profile's",
               help="Fusion module (quick profile: concat of its four branches, chosen on the training split; "
                    "paper: cmaf; cmaf-nosigmoid and concat are the paper's Table 5 ablations).")
-@click.option("--task", type=click.Choice(["multiclass", "binary"]), default=None, show_default="multiclass",
+@click.option("--task", cls=SettingOption, setting="fusion.task", type=click.Choice(["multiclass", "binary"]),
+              default=None, show_default="multiclass",
               help="multiclass (every class) or binary (normal against defective).")
-@click.option("--attention", type=click.Choice(["tokens", "chunks"]), default=None, show_default="the profile's",
+@click.option("--attention", cls=SettingOption, setting="fusion.attention", type=click.Choice(["tokens", "chunks"]),
+              default=None, show_default="the profile's",
               help="What CMAF attends over: one token per branch (across modalities), or chunks of the VLM, "
                    "LLM and image vectors (the earlier tables; those three branches only).")
-@click.option("--branches", default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
+@click.option("--branches", cls=SettingOption, setting="encoders.branches", type=ProfileValue("encoders.branches"),
+              default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the bundle here.")
 @click.option("--max-miss-rate", type=float, default=DEFAULT_MAX_MISS_RATE, show_default=True,
               help="Decision rule target: at most this share of defective held-out training cards passed as "
@@ -167,8 +139,7 @@ def _f(v: Any) -> str:
 @_with_common
 @click.pass_obj
 def fuse_train(cache, dataset, fusion, task, attention, branches, out, max_miss_rate, max_defect_error,
-               defect_confidence, calibration_folds, profile, config_file, sets, seed, split_seed, augmented, force,
-               as_json):
+               defect_confidence, calibration_folds, profile, sets, seed, split_seed, augmented, force, as_json):
     """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
     choose the pass/defect/review rule on held-out training cards; store a model bundle."""
     from asectl.bundle import export_bundle
@@ -178,8 +149,7 @@ def fuse_train(cache, dataset, fusion, task, attention, branches, out, max_miss_
     ds = _training_data(dataset, remembered_split_seed(cache, dataset) if split_seed is None else split_seed,
                         split_seed is not None)
     res = run_fuse_train(ds, cache, fusion=fusion, task=task, attention=attention, augmented=augmented,
-                         profile=_profile_name(profile, config_file),
-                         overrides=_overrides(config_file, sets, **{"encoders.branches": branches}),
+                         profile=profile, overrides=profile_overrides(sets),
                          seed=seed, force=force, max_miss_rate=max_miss_rate, max_defect_error=max_defect_error,
                          calibration_folds=calibration_folds, defect_confidence=defect_confidence)
     cfg = res.bundle.config

@@ -30,7 +30,11 @@ test split (docs/benchmarks.md, "How each default was chosen"):
 
 Overrides come from a TOML table or CLI options as a (nested or dotted) dict:
 ``{"pfa": {"lr": 0.01}, "fusion.epochs": 30, "pfa.stride": 0.2, "pfa.strides": [0.2, 0.6, 1]}``.
-An unknown key or a value of the wrong type is a ConfigError naming the key.
+Each value is checked and converted by its field's type (``coerce_setting``; a field may name its own
+parser with ``Annotated``, as ``pfa.strides`` does); an unknown key or a value of the wrong type is a
+ConfigError naming the key. These sections are part of the one settings layer (asectl/settings.py,
+docs/config.md): ``[pfa]``, ``[fusion]`` and ``[encoders]`` of a config file, ``--set``, and the options
+bound to them (``--stride``, ``--mode``, ...).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Mapping, Sequence
 
 from asectl.errors import ConfigError
 
@@ -87,6 +91,20 @@ def stride_fractions(stride: float | Sequence[float]) -> list[float]:
     return fr
 
 
+def parse_strides(value: float | str | Sequence[float]) -> tuple[float, ...]:
+    """The stage fractions from a stride (0.2), a list ([0.2, 0.6, 1]) or their text ("0.2", "0.2/0.6/1",
+    "0.2,0.6,1"): the type of ``pfa.strides``, on the command line and in config files alike."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace("/", ",").split(",") if p.strip()]
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"setting 'pfa.strides' = {value!r}: give a stride such as 0.2 or fractions such "
+                              "as 0.2/0.6/1") from None
+        value = numbers[0] if len(numbers) == 1 else numbers
+    return tuple(stride_fractions(value))
+
+
 @dataclass
 class EncoderConfig:
     image: str = "efficientnet-lite0"
@@ -114,7 +132,10 @@ class EncoderConfig:
 @dataclass
 class PFAConfig:
     mode: str = "progressive"             # progressive | direct | none
-    strides: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)   # cumulative fractions of D_train
+    # cumulative fractions of D_train; ``pfa.stride`` is another name for it (a single stride reads as
+    # its fractions)
+    strides: Annotated[tuple[float, ...], parse_strides] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    ALIASES: ClassVar[dict[str, str]] = {"stride": "strides"}
     epochs_per_stage: int = 15
     direct_epochs: int | None = None      # direct mode; None = as many updates as progressive (see pfa.py)
     rank_warmup_epochs: int = 8           # ITC epochs on all of D_train before stage 1 ranks the pairs
@@ -260,12 +281,12 @@ def apply_overrides(obj: Any, overrides: Mapping[str, Any], where: str = "") -> 
             nested.setdefault(head, {}).update(value)
         else:
             nested[head] = value
-    hints = typing.get_type_hints(type(obj))
+    hints = typing.get_type_hints(type(obj), include_extras=True)
     names = {f.name for f in dataclasses.fields(obj)}
+    aliases = getattr(type(obj), "ALIASES", {})
     for key, value in nested.items():
+        key = aliases.get(key, key)
         path = f"{where}{key}"
-        if key == "stride" and "strides" in names:      # convenience: one stride -> fractions
-            key, path = "strides", f"{where}strides"
         if key not in names:
             raise ConfigError(f"unknown setting '{path}'; valid: {', '.join(sorted(names))}")
         current = getattr(obj, key)
@@ -279,8 +300,11 @@ def apply_overrides(obj: Any, overrides: Mapping[str, Any], where: str = "") -> 
 
 
 def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint`` (text from --set or the environment is parsed), else a ConfigError."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Annotated:      # a field with its own parser
+        return hint.__metadata__[0](value)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             if type(None) in args:
@@ -288,13 +312,6 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(path, value, inner[0])
     if origin is tuple:
-        if path.endswith("strides") and isinstance(value, str) and not any(c in value for c in "/,"):
-            try:
-                value = float(value)     # "--stride 0.2" from the command line
-            except ValueError:
-                pass
-        if path.endswith("strides") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)     # a single stride; PFAConfig.validate expands it
         if isinstance(value, str):
             value = [v for v in value.replace("/", ",").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -329,6 +346,35 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"setting '{path}': expected text, got {value!r}")
         return value
     return value
+
+
+SECTIONS = ("encoders", "pfa", "fusion")
+
+
+def canonical_key(key: str) -> str:
+    """A profile key as the profile names it: underscores for dashes, aliases (``pfa.stride``) resolved."""
+    section, _, name = key.replace("-", "_").partition(".")
+    aliases = {"pfa": PFAConfig.ALIASES}.get(section, {})
+    return f"{section}.{aliases.get(name, name)}" if name else section
+
+
+def is_profile_key(key: str) -> bool:
+    return key.partition(".")[0] in SECTIONS
+
+
+def coerce_setting(key: str, value: Any) -> Any:
+    """``value`` checked and converted for profile key ``key`` (e.g. "pfa.strides", "0.2/0.6/1" ->
+    (0.2, 0.6, 1.0)); a ConfigError names an unknown key or a wrong type."""
+    section, _, name = canonical_key(key).partition(".")
+    profile = quick_profile()
+    apply_overrides(profile, {f"{section}.{name}": value})
+    return getattr(getattr(profile, section), name)
+
+
+def profile_settings(profile: TrainProfile) -> dict[str, Any]:
+    """Every hyperparameter of ``profile`` by dotted key (``pfa.lr``, ``fusion.epochs``, ...)."""
+    return {f"{section}.{f.name}": getattr(getattr(profile, section), f.name) for section in SECTIONS
+            for f in dataclasses.fields(getattr(profile, section))}
 
 
 def check_branches(value: str | Sequence[str]) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.executors import Executor
 from asectl.imageio import load_image
+from asectl.settings import environment_switch, environment_value
 from asectl.stages.common import Remote, StageResult, run_per_image
 from asectl.stages.settings import REPLAY_ONLY, StageSettings
 
@@ -51,8 +52,14 @@ class DescribeSettings(StageSettings):
     expect_model_hash: str | None = field(default=None, metadata=REPLAY_ONLY)
 
     def backend(self) -> VLM:
-        return make_vlm(self.vlm, self.model, device=self.device, generation=self.generation,
-                        load_8bit=self.load_8bit, allow_download=self.allow_download)
+        """The backend; a model or download permission left unset comes from the environment (the settings
+        layer, asectl/settings.py: ASECTL_VLM_MODEL, ASECTL_ALLOW_DOWNLOAD), here rather than in the backend."""
+        model = self.model or environment_value("describe.vlm_model")
+        allow = self.allow_download
+        if allow is None:
+            allow = environment_switch("describe.allow_download")
+        return make_vlm(self.vlm, model, device=self.device, generation=self.generation,
+                        load_8bit=self.load_8bit, allow_download=allow)
 
     def resolved(self, backend: VLM) -> DescribeSettings:
         """These settings with the backend actually chosen (not the default rule) and the model's

@@ -215,7 +215,7 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
                 ("align", data, "--stride", "0.5", "--seed", "3", "--split-seed", "3", *FAST),
                 ("fuse-train", data, *FAST), ("predict", data), ("report", data),
                 ("export", "--out", tmp_path / "export"), ("models", "list"),
-                ("cache", "info"), ("cache", "clear", "--stage", "no-such-stage", "--yes")]
+                ("cache", "info"), ("cache", "clear", "--stage", "no-such-stage", "--yes"), ("config", "show", "ocr")]
     seen = set()
     for args in commands:
         res = subprocess.run([sys.executable, "-m", "asectl", "--cache-dir", str(f["cache"]), "-q", *map(str, args)],
@@ -223,10 +223,10 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
         assert res.returncode == 0, (args, res.stderr)
         assert res.stdout == "", (args, res.stdout)
         assert all(line.startswith("warning:") for line in res.stderr.splitlines()), (args, res.stderr)
-        seen.add(" ".join(map(str, args[:2])) if args[0] in ("models", "cache") else args[0])
+        seen.add(" ".join(map(str, args[:2])) if args[0] in ("models", "cache", "config") else args[0])
     from asectl.cli import PIPELINE_ORDER, cli
 
-    groups = {"models": "models list", "cache": "cache info"}
+    groups = {"models": "models list", "cache": "cache info", "config": "config show"}
     assert {groups.get(c, c) for c in PIPELINE_ORDER} <= seen | {"cache clear"}
     assert (tmp_path / "asectl-report" / "mydata" / "report.html").is_file()
     assert set(cli.commands) == set(PIPELINE_ORDER)       # every command is in the pipeline order and tested

@@ -279,7 +279,7 @@ def config_show(ctx, command, as_json):
     for s in rows:
         table.add_row(s.key, s.option or "", escape(repr(s.value) if isinstance(s.value, str) else str(s.value)),
                       s.source)
-    ui.console.print(table)
+    ui.info(table)
 
 
 def register(cli: click.Group) -> None:

@@ -63,7 +63,6 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                                               if k.startswith(("pfa.", "encoders."))}}
     a_seed = prev.get("seed", 0) if seed is None else seed
     a_aug = augmented if augmented is not None else prev.get("augmented")
-    align = run_align(dataset, cache, profile=a_profile, overrides=a_over, seed=a_seed, augmented=a_aug)
     f_over = {k: v for k, v in (overrides or {}).items() if k.startswith("fusion.")}
     if fusion:
         f_over["fusion.variant"] = fusion
@@ -74,9 +73,10 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     if task:
         f_over["fusion.task"] = task
     prof = get_profile(a_profile, {**a_over, **f_over, "seed": a_seed})
+    end_to_end = check_end_to_end(prof)      # before align: a refused setting costs no alignment
+    align = run_align(dataset, cache, profile=a_profile, overrides=a_over, seed=a_seed, augmented=a_aug)
     branches = align_branches(align)
     check_fusion_branches(prof.fusion, branches)
-    end_to_end = check_end_to_end(prof)
     targets = {"max_miss_rate": check_target("max_miss_rate", max_miss_rate),
                "max_defect_error": check_target("max_defect_error", max_defect_error)}
     # defect_scan names how the defect threshold is chosen (asectl.models.calibration.choose_rule), so

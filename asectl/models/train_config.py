@@ -27,6 +27,8 @@ test split (docs/benchmarks.md, "How each default was chosen"):
   than CMAF with token attention (71.26, within one standard error) or the paper's three branches (68.76
   with token attention, 67.51 with the chunk attention of the earlier default). ``--fusion cmaf`` then
   attends across the four modality tokens. The paper profile keeps the paper's three branches and CMAF.
+* Projection heads (``bench/choose_heads.py``, the same kind of cross-validation): frozen (66.78) kept over
+  training them end to end (``fusion.projections``; 67.65, +0.87 with a paired standard error of 0.78).
 
 Overrides come from a TOML table or CLI options as a (nested or dotted) dict:
 ``{"pfa": {"lr": 0.01}, "fusion.epochs": 30, "pfa.stride": 0.2, "pfa.strides": [0.2, 0.6, 1]}``.

@@ -35,7 +35,9 @@ Attention (``fusion.attention``):
   extends the paper, whose Eq. (6)-(8) fix three modalities with fixed roles.
 
 ``train_fusion`` takes aligned features {"vlm", "llm", "image"} and labels (class names or indices);
-``task="binary"`` maps the five classes to normal vs defective first.
+``task="binary"`` maps the five classes to normal vs defective first. With ``projections = "end-to-end"``
+it takes the encoder features and the alignment's heads instead, and the model trains its own copy of the
+heads with two adapters (asectl.models.adapters); such a model reads encoder features wherever it is used.
 """
 
 from __future__ import annotations

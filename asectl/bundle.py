@@ -6,7 +6,8 @@
                          were fitted on), file checksums
     heads.safetensors    PFA projections + temperature
     fusion-K.safetensors CMAF (or variant) + MLP classifier of cross-validation fold K (K = 0 .. folds-1);
-                         the classifier averages their calibrated probabilities
+                         the classifier averages their calibrated probabilities. Trained end to end (format 5):
+                         also the fold's own projection heads and adapters, which replace heads.safetensors
     held-out.safetensors the held-out calibrated probabilities and true class indices the decision rule was
                          chosen on, so ``predict --max-miss-rate`` can move the operating point
     encoders/*.safetensors   fine-tuned encoders (paper profile only)
@@ -26,6 +27,11 @@ from asectl.errors import ConfigError
 # 2: calibration temperature and decision rule; 3: the classifier is the fold models' average; 4: the split
 # (every card of the dataset, its split and sha256) the model was trained and is to be tested on
 BUNDLE_FORMAT = 4
+# 5: as 4, with fold models trained end to end, each carrying its own projection heads and adapters
+# (asectl.models.adapters). Frozen-head models stay format 4, so their cache keys and bundles are unchanged
+# and an older asectl, which would read the fold models without their heads, refuses the new ones.
+END_TO_END_FORMAT = 5
+READABLE_FORMATS = (BUNDLE_FORMAT, END_TO_END_FORMAT)
 FUSION_MEMBER = "fusion-{}.safetensors"
 HELD_OUT_SCORES = "held-out.safetensors"
 LATEST_POINTER = "latest-model"
@@ -107,6 +113,16 @@ class Bundle(DecisionSource):
         return p if p.is_file() else None
 
 
+def bundle_format(end_to_end: bool) -> int:
+    """The format a bundle is written in: ``END_TO_END_FORMAT`` for fold models trained end to end."""
+    return END_TO_END_FORMAT if end_to_end else BUNDLE_FORMAT
+
+
+def heads_training(config: Mapping[str, Any]) -> str:
+    """How a bundle's projection heads were trained: "frozen" (as align left them) or "end-to-end"."""
+    return (config.get("projections") or {}).get("training", "frozen")
+
+
 def write_held_out_scores(folder: Path, probabilities: Any, labels: Any) -> None:
     """Store the held-out calibrated probabilities and true class indices (``Bundle.held_out_scores``)."""
     import numpy as np
@@ -143,8 +159,9 @@ def load_bundle(path: str | Path) -> Bundle:
         files = config["files"]
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{cfg_file}: unreadable bundle description; export the model again") from None
-    if config.get("format") != BUNDLE_FORMAT:
-        raise ConfigError(f"{p}: bundle format {config.get('format')} is not {BUNDLE_FORMAT}; retrain it")
+    if config.get("format") not in READABLE_FORMATS:
+        raise ConfigError(f"{p}: bundle format {config.get('format')} is not {BUNDLE_FORMAT} or {END_TO_END_FORMAT}; "
+                          "retrain it")
     verify_files(p, files, "export or train the model again")
     return Bundle(p, config)
 

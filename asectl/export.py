@@ -10,7 +10,9 @@ alone, without torch or transformers (``asectl export``, docs/export.md). Writte
     encoders/*.onnx         one graph per encoder: image -> pooled features; token ids -> pooled features
     encoders/*.json         the text encoders' tokenizers (the ``tokenizers`` library's format)
     heads.onnx              the PFA projections (paper section 3.3), one named input and output per modality
-    fusion-K.onnx           fold model K: CMAF + MLP (section 3.4), aligned features by modality -> logits
+    fusion-K.onnx           fold model K: CMAF + MLP (section 3.4), aligned features by modality -> logits;
+                            trained end to end (format 2): its own heads and adapters too, encoder features by
+                            modality -> logits, and no heads.onnx
     card-spec.toml          the card spec the OCR'd record is parsed with
     llm/*.gguf, prompt.txt  the LLM and a prompt template file, when they were copied in (``--copy-llm``)
 
@@ -31,6 +33,10 @@ from asectl.bundle import DecisionSource, verify_files
 from asectl.errors import ConfigError
 
 EXPORT_FORMAT = 1
+# 2: fold models trained end to end, each graph with its own projection heads and adapters (no heads.onnx);
+# an older asectl would feed them aligned features, so it is refused. Frozen-head exports stay format 1.
+END_TO_END_EXPORT_FORMAT = 2
+READABLE_FORMATS = (EXPORT_FORMAT, END_TO_END_EXPORT_FORMAT)
 MANIFEST = "export.json"
 # Batches of the encoders' graphs (the bundle path's defaults: asectl.backends.encoders).
 IMAGE_BATCH = 16
@@ -52,11 +58,17 @@ def load_export(path: str | Path) -> ExportedModel:
         files, model, graphs = manifest["files"], manifest["model"], manifest["graphs"]
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{manifest_file}: unreadable manifest; export the model again") from None
-    if manifest.get("format") != EXPORT_FORMAT:
-        raise ConfigError(f"{p}: export format {manifest.get('format')} is not {EXPORT_FORMAT}; export the model "
-                          "again with this asectl")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise ConfigError(f"{p}: export format {manifest.get('format')} is not {EXPORT_FORMAT} or "
+                          f"{END_TO_END_EXPORT_FORMAT}; export the model again with this asectl")
     verify_files(p, files, "export the model again with `asectl export`")
     return ExportedModel(p, manifest, model, graphs)
+
+
+def export_format(graphs: Mapping[str, Any]) -> int:
+    """The format an export with these graphs is written in: without a shared heads graph, its fold models
+    were trained end to end."""
+    return EXPORT_FORMAT if graphs.get("heads") else END_TO_END_EXPORT_FORMAT
 
 
 def resolve_replay(folder: Path, replay: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,7 +130,8 @@ class ExportedModel(DecisionSource):
             self.session(spec["graph"])
             if spec.get("tokenizer"):
                 self.tokenizer(spec)
-        self.session(self.graphs["heads"])
+        if self.graphs.get("heads"):
+            self.session(self.graphs["heads"])
         for g in self.graphs["fusion"]:
             self.session(g)
 
@@ -158,18 +171,20 @@ class ExportedModel(DecisionSource):
         feeds = {m: np.ascontiguousarray(features[m], dtype=np.float32) for m in names}
         return dict(zip(names, sess.run(None, feeds)))
 
-    def fold_logits(self, aligned: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Logits float32 [fold models, n, classes] before calibration."""
+    def fold_logits(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Logits float32 [fold models, n, classes] before calibration, from the encoder features: through the
+        heads graph, or, for fold models trained end to end, through each fold graph's own heads."""
+        inputs = self.align(features) if self.graphs.get("heads") else features
         out = []
         for graph in self.graphs["fusion"]:
             sess = self.session(graph)
-            feeds = {i.name: np.ascontiguousarray(aligned[i.name], dtype=np.float32) for i in sess.get_inputs()}
+            feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32) for i in sess.get_inputs()}
             out.append(sess.run(None, feeds)[0])
         return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
     def class_logits(self, inputs: Mapping[str, Sequence[Any]]) -> np.ndarray:
         """Encoders, projections and fold models over the cards' inputs: logits [members, n, classes]."""
-        return self.fold_logits(self.align(self.encode(inputs)))
+        return self.fold_logits(self.encode(inputs))
 
 
 def image_features(model: ExportedModel, spec: Mapping[str, Any], items: Sequence[Any]) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -79,31 +80,46 @@ def boosting_scores(folds: list[dict], seeds: list[int], classes: list[str], pcs
     return out
 
 
-def main() -> None:
-    import torch
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def cv_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a cross-validation on the training split (this script's and choose_heads.py's)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data", required=True, help="a labelled dataset folder; only its training split is read")
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--fold-seed", type=int, default=0)
     ap.add_argument("--seeds", default="0", help="training seeds")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
     ap.add_argument("--no-docs", action="store_true")
-    ap.add_argument("--name", default="choose-branches",
-                    help="results file and docs section (another name keeps a run on other cards apart)")
-    args = ap.parse_args()
+    return ap
+
+
+def score_candidates(args: argparse.Namespace, candidates: list[dict],
+                     make_folds: Callable[[Dataset, Cache, int, int], list[dict]]) -> tuple:
+    """The dataset, its training classes, the training seeds, the folds (``make_folds``) and one row per
+    candidate setting with its cross-validated scores (tune_profile.py's ``Scorer``)."""
+    import torch
+
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     dataset = load_dataset(args.data)
     classes = order_labels(s.label for s in dataset.split("train"))
-    folds = shared_folds(dataset, Cache(args.cache_dir), args.folds, args.fold_seed)
+    folds = make_folds(dataset, Cache(args.cache_dir), args.folds, args.fold_seed)
     print(f"modalities ready in {time.perf_counter() - t0:.0f} s", flush=True)
     scorer = Scorer(folds, seeds, classes)
     rows = []
-    for setting in CANDIDATES:
+    for setting in candidates:
         rows.append({"setting": setting, **summarise(scorer.scores(setting))})
         print(setting, f"{100 * rows[-1]['mean']:.2f}", f"at {time.perf_counter() - t0:.0f} s", flush=True)
+    return dataset, classes, seeds, folds, rows
+
+
+def main() -> None:
+    ap = cv_arguments(__doc__.split("\n\n")[0])
+    ap.add_argument("--name", default="choose-branches",
+                    help="results file and docs section (another name keeps a run on other cards apart)")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    dataset, classes, seeds, folds, rows = score_candidates(args, CANDIDATES, shared_folds)
     ranked = sorted(rows, key=lambda r: -r["mean"])
     yardsticks = {f"gradient boosting on the OCR'd numbers{f' + {k} image PCs' if k else ''}":
                   summarise(boosting_scores(folds, seeds, classes, k)) for k in [0, *PCS]}

@@ -32,6 +32,7 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,14 +107,20 @@ def align(fold: dict, overrides: dict, seed: int):
     return train_pfa(feats, prof.pfa, seed, train_index=fold["inner"], stats_hidden=prof.encoders.stats_hidden)
 
 
-def fuse_score(fold: dict, embeddings: dict, overrides: dict, seed: int, classes: list[str]) -> float:
+def fuse_score(fold: dict, embeddings: dict, overrides: dict, seed: int, classes: list[str],
+               heads: object = None) -> float:
+    """Macro-F1 on the held-out cards of one fusion model trained on the fold's other cards: on the aligned
+    branches (``embeddings``), or, with ``fusion.projections = end-to-end``, on the encoder features
+    through a copy of the alignment's ``heads`` trained with it."""
     from asectl.models.cmaf import predict_proba, train_fusion
     from asectl.models.train_config import get_profile
 
     cfg = get_profile("quick", overrides).fusion
+    if cfg.projections == "end-to-end":
+        embeddings = {m: fold["feats"][m] for m in embeddings}
     inner, held = fold["inner"], fold["held"]
-    model, _ = train_fusion({m: e[inner] for m, e in embeddings.items()},     # the aligned branches
-                            [fold["labels"][i] for i in inner], cfg, seed, classes=classes)
+    model, _ = train_fusion({m: e[inner] for m, e in embeddings.items()},
+                            [fold["labels"][i] for i in inner], cfg, seed, classes=classes, heads=heads)
     proba = predict_proba(model, {m: e[held] for m, e in embeddings.items()})
     pred = [model.bundle.classes[j] for j in proba.argmax(1)]
     return macro_f1([fold["labels"][i] for i in held], pred, classes)
@@ -126,7 +133,7 @@ class Scorer:
     def __init__(self, folds: list[dict], seeds: list[int], classes: list[str]):
         self.folds, self.seeds, self.classes = folds, seeds, classes
         self.done: dict[str, list[float]] = {}
-        self._aligned: dict[tuple[str, int, int], dict] = {}
+        self._aligned: dict[tuple[str, int, int], Any] = {}      # PFA results
 
     def scores(self, setting: dict) -> list[float]:
         key = self.key(setting)
@@ -138,8 +145,9 @@ class Scorer:
                 for k, fold in enumerate(self.folds):
                     memo = (self.key(pfa), seed, k)
                     if memo not in self._aligned:
-                        self._aligned[memo] = align(fold, pfa, seed).embeddings
-                    out.append(fuse_score(fold, self._aligned[memo], fusion, seed, self.classes))
+                        self._aligned[memo] = align(fold, pfa, seed)
+                    result = self._aligned[memo]
+                    out.append(fuse_score(fold, result.embeddings, fusion, seed, self.classes, heads=result.heads))
             self.done[key] = out
         return self.done[key]
 

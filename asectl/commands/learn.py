@@ -121,6 +121,10 @@ def _f(v: Any) -> str:
               default=None, show_default="the profile's",
               help="What CMAF attends over: one token per branch (across modalities), or chunks of the VLM, "
                    "LLM and image vectors (the earlier tables; those three branches only).")
+@click.option("--heads", "projections", cls=SettingOption, setting="fusion.projections",
+              type=click.Choice(["frozen", "end-to-end"]), default=None, show_default="the profile's",
+              help="The PFA projection heads: frozen as align left them, or trained end to end with the fusion "
+                   "through two adapters on the text branches (paper section 3.2; docs/fuse-train.md).")
 @click.option("--branches", cls=SettingOption, setting="encoders.branches", type=ProfileValue("encoders.branches"),
               default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the bundle here.")
@@ -138,18 +142,18 @@ def _f(v: Any) -> str:
               help="Cross-validation folds on the training split for calibration and the decision rule.")
 @_with_common
 @click.pass_obj
-def fuse_train(cache, dataset, fusion, task, attention, branches, out, max_miss_rate, max_defect_error,
+def fuse_train(cache, dataset, fusion, task, attention, projections, branches, out, max_miss_rate, max_defect_error,
                defect_confidence, calibration_folds, profile, sets, seed, split_seed, augmented, force, as_json):
     """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
     choose the pass/defect/review rule on held-out training cards; store a model bundle."""
-    from asectl.bundle import export_bundle
+    from asectl.bundle import export_bundle, heads_training
     from asectl.stages.fuse import remembered_split_seed, run_fuse_train
     from asectl.stages.split import split_summary
 
     ds = _training_data(dataset, remembered_split_seed(cache, dataset) if split_seed is None else split_seed,
                         split_seed is not None)
-    res = run_fuse_train(ds, cache, fusion=fusion, task=task, attention=attention, augmented=augmented,
-                         profile=profile, overrides=profile_overrides(sets),
+    res = run_fuse_train(ds, cache, fusion=fusion, task=task, attention=attention, projections=projections,
+                         augmented=augmented, profile=profile, overrides=profile_overrides(sets),
                          seed=seed, force=force, max_miss_rate=max_miss_rate, max_defect_error=max_defect_error,
                          calibration_folds=calibration_folds, defect_confidence=defect_confidence)
     cfg = res.bundle.config
@@ -157,6 +161,7 @@ def fuse_train(cache, dataset, fusion, task, attention, branches, out, max_miss_
         export_bundle(res.bundle, out)
     summary = {"model": res.key, "from_cache": res.from_cache, "bundle": str(out or res.bundle.path),
                "classes": cfg["classes"], "variant": cfg["variant"], "attention": cfg.get("attention"),
+               "heads": heads_training(cfg),
                "branches": cfg.get("branches"), "task": cfg["task"],
                "n_train": cfg["training"]["n_train"], "trained_on": cfg["training"]["dataset"],
                "split": split_summary(cfg["split"]), "metrics": cfg["metrics"],
@@ -168,7 +173,8 @@ def fuse_train(cache, dataset, fusion, task, attention, branches, out, max_miss_
     ui.info(
         f"fuse-train: model {res.key[:12]} ({'from cache' if res.from_cache else 'trained'} on "
         f"{escape(cfg['training']['dataset'])}, split {split_summary(cfg['split'])}), "
-        f"{cfg['variant']} / {cfg['task']} on {cfg['training']['n_train']} training cards, the average of "
+        f"{cfg['variant']} / {cfg['task']}, {heads_training(cfg)} heads, on {cfg['training']['n_train']} training "
+        "cards, the average of "
         f"{cfg['fusion_members']} fold models; last-epoch train accuracy "
         f"{cfg['metrics']['train_accuracy_last_epoch']:.3f} (their mean)"
         + (f"; exported to {out}" if out else ""))

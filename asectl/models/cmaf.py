@@ -35,7 +35,9 @@ Attention (``fusion.attention``):
   extends the paper, whose Eq. (6)-(8) fix three modalities with fixed roles.
 
 ``train_fusion`` takes aligned features {"vlm", "llm", "image"} and labels (class names or indices);
-``task="binary"`` maps the five classes to normal vs defective first.
+``task="binary"`` maps the five classes to normal vs defective first. With ``projections = "end-to-end"``
+it takes the encoder features and the alignment's heads instead, and the model trains its own copy of the
+heads with two adapters (asectl.models.adapters); such a model reads encoder features wherever it is used.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class FusionModel(nn.Module):
         self.hparams = {"dim": self.dim, "n_classes": self.n_classes, "variant": variant, "tokens": tokens,
                         "heads": heads, "reduced_dim": reduced_dim, "mlp_hidden": mlp_hidden,
                         "dropout": dropout, "attention": attention, "inputs": list(self.inputs)}
+        # Trained end to end: this model's own projection heads and adapters (asectl.models.adapters), and
+        # it reads encoder features; None: it reads the alignment's aligned features.
+        self.projections: nn.Module | None = None
 
     def _tok(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], self.tokens, self.channels) * self.input_scale
@@ -152,8 +157,15 @@ class FusionModel(nn.Module):
         z = (w[..., 0:1] * self._tok(q) + w[..., 1:2] * self._tok(k) + w[..., 2:3] * self._tok(v))
         return z.reshape(q.shape[0], self.dim)
 
+    def project(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """This model's inputs: encoder features through its own heads and adapters (trained end to end),
+        or the aligned features as given."""
+        if self.projections is None:
+            return list(xs)
+        return [self.projections(m, x) for m, x in zip(self.inputs, xs)]
+
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.fuse(*xs))
+        return self.mlp(self.fuse(*self.project(xs)))
 
 
 def fusion_inputs(model: FusionModel) -> tuple[str, ...]:
@@ -191,6 +203,34 @@ def _inputs(features: Mapping[str, Any] | Sequence[Any],
     return arrs
 
 
+def _encoder_inputs(features: Mapping[str, Any], inputs: Sequence[str], dims: Mapping[str, int]) -> list[np.ndarray]:
+    """The encoder feature arrays of ``inputs`` for a model that projects them itself (trained end to end),
+    checked against its heads' input widths."""
+    missing = [m for m in inputs if m not in features or m not in dims]
+    if missing:
+        raise DataError(f"fusion trained end to end needs encoder features and projection heads for "
+                        f"{', '.join(inputs)}; missing {missing}")
+    arrs = [np.asarray(features[m], dtype=np.float32) for m in inputs]
+    for m, a in zip(inputs, arrs):
+        if a.ndim != 2 or a.shape[1] != dims[m]:
+            raise DataError(f"{m} features have shape {a.shape}; the projection heads read [n, {dims[m]}] "
+                            "(aligned features where encoder features belong?)")
+    if len({len(a) for a in arrs}) != 1:
+        raise DataError(f"the fusion's features need one row per sample; got {[len(a) for a in arrs]}")
+    return arrs
+
+
+def model_inputs(model: FusionModel, features: Mapping[str, Any] | Sequence[Any]) -> list[np.ndarray]:
+    """The arrays ``model`` reads, in its input order: encoder features for a model trained end to end,
+    else aligned features of its width."""
+    if model.projections is not None:
+        return _encoder_inputs(features, model.inputs, model.projections.dims)
+    xs = _inputs(features, model.inputs) if isinstance(features, Mapping) else _inputs(features)
+    if xs[0].shape[1] != model.dim:
+        raise DataError(f"features are {xs[0].shape[1]}-d; this fusion model expects {model.dim}-d")
+    return xs
+
+
 def map_labels(labels: Sequence[Any], task: str = "multiclass",
                classes: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Class names (or indices with ``classes``) -> (indices, classes). Binary: normal vs defective."""
@@ -224,12 +264,15 @@ def map_labels(labels: Sequence[Any], task: str = "multiclass",
 def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: FusionConfig | None = None,
                  seed: int = 0, *, classes: Sequence[str] | None = None,
                  val_features: Mapping[str, Any] | None = None, val_labels: Sequence[Any] | None = None,
-                 device: str = "cpu",
+                 device: str = "cpu", heads: Any = None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[FusionModel, dict[str, Any]]:
     """Train CMAF (or a variant) + MLP with cross-entropy. Deterministic for a given seed.
 
     ``features``: {"vlm", "llm", "image"} (and "stats", or any two or more of them with
-    ``config.attention = "tokens"`` or concat) -> float arrays [n, d] (aligned features).
+    ``config.attention = "tokens"`` or concat) -> float arrays [n, d] (aligned features). With
+    ``config.projections = "end-to-end"`` they are the encoder features instead, and ``heads`` the
+    alignment's ``AlignmentHeads``: a copy of them with two adapters trains with the fusion and becomes the
+    model's ``projections`` (asectl.models.adapters); the ``heads`` given are left unchanged.
     ``labels``: class names (or indices into ``classes``); ``config.task="binary"`` maps to
     normal/defective. Returns (model, history); ``model.bundle`` holds classes and task, and history
     has one row per epoch (loss, accuracy, lr, and val_loss/val_accuracy when validation data is given)."""
@@ -238,8 +281,13 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
     missing = [m for m in FUSION_INPUTS if m not in inputs]
     if config.variant != "concat" and config.attention == "chunks" and missing:
         raise DataError(f"chunk attention needs aligned features for {', '.join(FUSION_INPUTS)}; missing {missing}")
-    xs = _inputs(features, inputs)
-    config.validate(xs[0].shape[1])
+    end_to_end = config.projections == "end-to-end"
+    if end_to_end and heads is None:
+        raise ConfigError("fusion.projections = end-to-end trains the alignment's projection heads: give them")
+    read = (lambda f: _encoder_inputs(f, inputs, heads.dims)) if end_to_end else (lambda f: _inputs(f, inputs))
+    xs = read(features)
+    dim = heads.proj_dim if end_to_end else xs[0].shape[1]
+    config.validate(dim)
     y, classes = map_labels(labels, config.task, classes)
     if len(y) != len(xs[0]):
         raise DataError(f"{len(xs[0])} feature rows but {len(y)} labels")
@@ -247,7 +295,7 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
         raise DataError(f"fusion training needs at least two classes; got {classes}")
     val = None
     if val_features is not None and val_labels is not None:
-        vxs = [torch.from_numpy(a).to(device) for a in _inputs(val_features, inputs)]
+        vxs = [torch.from_numpy(a).to(device) for a in read(val_features)]
         vy, _ = map_labels(val_labels, config.task, classes)
         val = (vxs, torch.from_numpy(vy).to(device))
     weight = None
@@ -258,13 +306,24 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
     txs = [torch.from_numpy(a).to(device) for a in xs]
     ty = torch.from_numpy(y).to(device)
     history: dict[str, Any] = {"classes": classes, "task": config.task, "variant": config.variant,
-                               "attention": config.attention, "inputs": list(inputs),
+                               "attention": config.attention, "projections": config.projections,
+                               "inputs": list(inputs),
                                "seed": seed, "n_train": int(len(y)), "epochs": []}
     with fork_rng(seed, device):
-        model = FusionModel(xs[0].shape[1], len(classes), config.variant, config.tokens, config.heads,
+        model = FusionModel(dim, len(classes), config.variant, config.tokens, config.heads,
                             config.reduced_dim, config.mlp_hidden, config.dropout, config.attention,
                             inputs).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+        params: Any = model.parameters()
+        if end_to_end:
+            import copy
+
+            from asectl.models.adapters import AdaptedHeads
+
+            params = [{"params": list(model.parameters())}]     # first group: the fusion's lr in the history
+            model.projections = AdaptedHeads(copy.deepcopy(heads), config.adapter_dim).to(device)
+            params += [{"params": model.projections.adapter_parameters()},
+                       {"params": model.projections.head_parameters(), "lr": config.projections_lr}]
+        opt = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                                 weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.lr_decay_every, gamma=config.lr_decay)
         gen = torch.Generator().manual_seed(seed)
@@ -302,9 +361,7 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
 def _batched(model: FusionModel, features: Mapping[str, Any], fn: Callable[..., torch.Tensor], tail_shape: tuple[int, ...],
              batch_size: int) -> np.ndarray:
     """Run ``fn(*inputs)`` in eval mode over the samples in batches; [n, ...] float32 array."""
-    xs = _inputs(features, model.inputs) if isinstance(features, Mapping) else _inputs(features)
-    if xs[0].shape[1] != model.dim:
-        raise DataError(f"features are {xs[0].shape[1]}-d; this fusion model expects {model.dim}-d")
+    xs = model_inputs(model, features)
     device = next(model.parameters()).device
     model.eval()
     out = []
@@ -331,7 +388,22 @@ def fusion_weights(model: FusionModel, features: Mapping[str, Any], batch_size: 
     """W of Eq. (7) per sample: float32 [n, tokens, 3] (VLM, LLM, image) with chunk attention, [n, M] (one
     gate per input) with token attention. Not for ``concat``."""
     tail = (model.tokens, 3) if model.attention == "chunks" else (len(model.inputs),)
-    return _batched(model, features, model.fusion_weights, tail, batch_size)
+    return _batched(model, features, lambda *xs: model.fusion_weights(*model.project(xs)), tail, batch_size)
+
+
+def fold_logits(members: Sequence[FusionModel], features: Mapping[str, Any], heads: Any = None) -> np.ndarray:
+    """Logits float32 [members, n, classes] of fold models over encoder features: a model trained end to end
+    projects them with its own heads and adapters, the others read them through the alignment's ``heads``
+    (projected once)."""
+    from asectl.models.pfa import align_features
+
+    aligned = None
+    out = []
+    for member in members:
+        if member.projections is None and aligned is None:
+            aligned = align_features(heads, features)
+        out.append(predict_logits(member, features if member.projections is not None else aligned))
+    return np.ascontiguousarray(np.stack(out))
 
 
 def save_fusion(model: FusionModel, path: str | Path) -> Path:
@@ -341,7 +413,9 @@ def save_fusion(model: FusionModel, path: str | Path) -> Path:
     bundle = getattr(model, "bundle", None)
     meta = {"asectl_fusion": json.dumps({"classes": bundle.classes if bundle else None,
                                          "task": bundle.task if bundle else None,
-                                         "hparams": model.hparams})}
+                                         "hparams": model.hparams,
+                                         **({"projections": model.projections.meta()}
+                                            if model.projections is not None else {})})}
     return save_module_state(model, path, metadata=meta)
 
 
@@ -359,6 +433,10 @@ def load_fusion(path: str | Path) -> FusionModel:
     except Exception:
         raise ConfigError(f"{path}: not a fusion model file written by asectl; retrain it") from None
     model = FusionModel(**meta["hparams"])
+    if meta.get("projections"):          # trained end to end: its own heads and adapters
+        from asectl.models.adapters import AdaptedHeads
+
+        model.projections = AdaptedHeads.from_meta(meta["projections"])
     load_module_state(model, path)
     model.eval()
     model.bundle = FusionBundle(classes=meta["classes"], task=meta["task"], hparams=meta["hparams"])

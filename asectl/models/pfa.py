@@ -215,10 +215,15 @@ class AlignmentHeads(nn.Module):
                 "tau_max": math.exp(self.log_tau_max), "stats_hidden": self.stats_hidden}
 
     @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "AlignmentHeads":
+        """Heads of the shape ``meta()`` describes (weights still to be loaded)."""
+        return cls(meta["dims"], meta["proj_dim"], tau_min=meta["tau_min"], tau_max=meta["tau_max"],
+                   stats_hidden=meta.get("stats_hidden", 64))
+
+    @classmethod
     def from_checkpoint(cls, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> "AlignmentHeads":
         """Rebuild heads from a stage checkpoint and ``meta()`` (e.g. for prediction)."""
-        heads = cls(meta["dims"], meta["proj_dim"], tau_min=meta["tau_min"], tau_max=meta["tau_max"],
-                    stats_hidden=meta.get("stats_hidden", 64))
+        heads = cls.from_meta(meta)
         heads.load_state_dict(dict(state))
         return heads
 

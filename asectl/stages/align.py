@@ -72,6 +72,12 @@ class AlignOutcome:
 
         return load_file(str(self.path / "heads.safetensors"))
 
+    def heads(self) -> Any:
+        """The final projection heads (``AlignmentHeads``), which map ``raw_features()`` to ``embeddings()``."""
+        from asectl.models.pfa import AlignmentHeads
+
+        return AlignmentHeads.from_checkpoint(self.heads_state(), self.summary["pfa"]["heads"])
+
 
 def resolve_training_dataset(dataset: Dataset, augmented: str | Path | None) -> Dataset:
     """With ``--augmented A``: train on A's training split. A's test split must be D's, byte for byte,

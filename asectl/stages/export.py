@@ -29,7 +29,7 @@ from torch import nn
 from asectl import __version__
 from asectl.bundle import FUSION_MEMBER, HELD_OUT_SCORES, Bundle, write_checksums
 from asectl.errors import AsectlError, ConfigError
-from asectl.export import EXPORT_FORMAT, MANIFEST, ExportedModel
+from asectl.export import MANIFEST, ExportedModel, export_format
 from asectl.stages.predict import bundle_encoders
 
 OPSET = 17
@@ -75,7 +75,7 @@ def run_export(bundle: Bundle, out: str | Path, *, copy_llm: bool = False) -> Ex
             shutil.copyfile(bundle.path / HELD_OUT_SCORES, tmp / HELD_OUT_SCORES)
         model = {k: v for k, v in bundle.config.items() if k != "files"}
         model["replay"] = replay
-        manifest = {"format": EXPORT_FORMAT, "asectl_version": __version__,
+        manifest = {"format": export_format(graphs), "asectl_version": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "bundle": {"path": str(bundle.path), "digest": bundle.digest,
                                "asectl_version": bundle.config.get("asectl_version")},
@@ -88,13 +88,16 @@ def run_export(bundle: Bundle, out: str | Path, *, copy_llm: bool = False) -> Ex
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ExportSummary(out, 1 + len(graphs["fusion"]) + len({s["graph"] for s in graphs["encoders"].values()}),
+    encoder_graphs = {s["graph"] for s in graphs["encoders"].values()}
+    return ExportSummary(out, bool(graphs["heads"]) + len(graphs["fusion"]) + len(encoder_graphs),
                          ocr, llm, manifest["parity"])
 
 
 # --- graphs --------------------------------------------------------------------------------------------
 def write_graphs(bundle: Bundle, folder: Path) -> dict[str, Any]:
-    """The ONNX graphs of the encoders, the projections and the fold models, and what each one reads."""
+    """The ONNX graphs of the encoders, the projections and the fold models, and what each one reads. Fold
+    models trained end to end carry their own heads and adapters: their graphs read the encoder features and
+    there is no shared heads graph (``heads`` None)."""
     from asectl.models.cmaf import fusion_inputs
 
     encoders = modality_encoders(bundle)
@@ -104,17 +107,22 @@ def write_graphs(bundle: Bundle, folder: Path) -> dict[str, Any]:
         if id(enc) not in written:
             written[id(enc)] = encoder_graph(enc, folder, modality)
         specs[modality] = written[id(enc)]
-    heads = bundle.heads()
-    names = list(heads.dims)
-    export_graph(_Heads(heads, names), [_zeros(heads.dims[m]) for m in names], folder / "heads.onnx", names,
-                 [f"{m}_aligned" for m in names])
+    members = bundle.fusion_members()
+    shared = None
+    if any(member.projections is None for member in members):
+        heads = bundle.heads()
+        names = list(heads.dims)
+        export_graph(_Heads(heads, names), [_zeros(heads.dims[m]) for m in names], folder / "heads.onnx", names,
+                     [f"{m}_aligned" for m in names])
+        shared = "heads.onnx"
     fusion = []
-    for k, member in enumerate(bundle.fusion_members()):
+    for k, member in enumerate(members):
         inputs = list(fusion_inputs(member))
         graph = Path(FUSION_MEMBER.format(k)).with_suffix(".onnx").name
-        export_graph(_Positional(member), [_zeros(member.dim) for _ in inputs], folder / graph, inputs, ["logits"])
+        widths = member.projections.dims if member.projections is not None else dict.fromkeys(inputs, member.dim)
+        export_graph(_Positional(member), [_zeros(widths[m]) for m in inputs], folder / graph, inputs, ["logits"])
         fusion.append(graph)
-    return {"encoders": specs, "heads": "heads.onnx", "fusion": fusion}
+    return {"encoders": specs, "heads": shared, "fusion": fusion}
 
 
 def modality_encoders(bundle: Bundle) -> dict[str, Any]:
@@ -266,8 +274,7 @@ def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
     import tempfile
 
     from asectl.models.calibration import mean_softmax
-    from asectl.models.cmaf import predict_logits
-    from asectl.models.pfa import align_features
+    from asectl.models.cmaf import fold_logits
     from asectl.synth import generate
 
     encoders = modality_encoders(bundle)
@@ -280,7 +287,7 @@ def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
                   "text": [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(n)]}
         inputs = {m: probes[enc.family][k:] + probes[enc.family][:k] for k, (m, enc) in enumerate(encoders.items())}
         torch_feats = {m: encoders[m].encode(inputs[m]) for m in encoders}
-        heads = bundle.heads()
+        heads = bundle.heads()      # the stats standardization: the same in every fold model's heads
         if heads.stats is not None:   # the record's numbers around the training cards' mean, a field unread
             rng = np.random.default_rng(0)
             numbers = heads.stats.mean.numpy() + heads.stats.scale.numpy() * rng.normal(size=(n, heads.dims["stats"]))
@@ -288,9 +295,8 @@ def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
             numbers[::2, 1] = np.nan
             inputs["stats"] = torch_feats["stats"] = numbers
         onnx_feats = exported.encode(inputs)
-    aligned = align_features(heads, torch_feats)
-    torch_logits = np.stack([predict_logits(member, aligned) for member in bundle.fusion_members()])
-    onnx_logits = exported.fold_logits(exported.align(onnx_feats))
+    torch_logits = fold_logits(bundle.fusion_members(), torch_feats, heads)
+    onnx_logits = exported.fold_logits(onnx_feats)
     t = bundle.temperature
     diff = {"cases": n,
             "features": max(float(np.abs(torch_feats[m] - onnx_feats[m]).max()) for m in encoders),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from asectl import __version__, ui
-from asectl.bundle import (BUNDLE_FORMAT, FUSION_MEMBER, LATEST_POINTER, Bundle, load_bundle, write_checksums,
+from asectl.bundle import (FUSION_MEMBER, LATEST_POINTER, Bundle, bundle_format, load_bundle, write_checksums,
                            write_held_out_scores)
 from asectl.cache import Cache, make_key
 from asectl.card import load_spec
@@ -45,7 +45,8 @@ def align_args(cache: Cache, dataset: Dataset) -> dict[str, Any]:
 
 
 def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str | None = None,
-                   task: str | None = None, attention: str | None = None, augmented: str | Path | None = None,
+                   task: str | None = None, attention: str | None = None, projections: str | None = None,
+                   augmented: str | Path | None = None,
                    profile: str | None = None,
                    overrides: Mapping[str, Any] | None = None, seed: int | None = None,
                    force: bool = False, max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
@@ -62,15 +63,18 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                                               if k.startswith(("pfa.", "encoders."))}}
     a_seed = prev.get("seed", 0) if seed is None else seed
     a_aug = augmented if augmented is not None else prev.get("augmented")
-    align = run_align(dataset, cache, profile=a_profile, overrides=a_over, seed=a_seed, augmented=a_aug)
     f_over = {k: v for k, v in (overrides or {}).items() if k.startswith("fusion.")}
     if fusion:
         f_over["fusion.variant"] = fusion
     if attention:
         f_over["fusion.attention"] = attention
+    if projections:
+        f_over["fusion.projections"] = projections
     if task:
         f_over["fusion.task"] = task
     prof = get_profile(a_profile, {**a_over, **f_over, "seed": a_seed})
+    end_to_end = check_end_to_end(prof)      # before align: a refused setting costs no alignment
+    align = run_align(dataset, cache, profile=a_profile, overrides=a_over, seed=a_seed, augmented=a_aug)
     branches = align_branches(align)
     check_fusion_branches(prof.fusion, branches)
     targets = {"max_miss_rate": check_target("max_miss_rate", max_miss_rate),
@@ -81,15 +85,19 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     calib_args = {"method": "temperature", "folds": int(calibration_folds), **targets, "defect_scan": "first-failure",
                   "held_out_scores": True,
                   "defect_confidence": None if defect_confidence is None else check_confidence(defect_confidence)}
-    key = make_key(STAGE, format=BUNDLE_FORMAT, align=align.key, fusion=prof.to_dict()["fusion"], seed=a_seed,
-                   calibration=calib_args)
+    # A frozen profile's dict leaves the end-to-end settings out (TrainProfile.to_dict): frozen models keep
+    # the keys they had before end-to-end training existed.
+    key = make_key(STAGE, format=bundle_format(end_to_end), align=align.key, fusion=prof.to_dict()["fusion"],
+                   seed=a_seed, calibration=calib_args)
     entry = None if force else cache.get(STAGE, key)
     if entry is None:
         from asectl.models.cmaf import map_labels, save_fusion
         from asectl.models.seeding import cpu_training_threads
 
         train = align.train_index()
-        emb = align.embeddings()
+        # End to end: the encoder features, projected by each fold model's own heads and adapters; frozen:
+        # the alignment's aligned features.
+        emb = align.raw_features() if end_to_end else align.embeddings()
         feats = {m: emb[m][train] for m in branches}
         labels = [align.labels[i] for i in train]
         names = [align.names[i] for i in train]
@@ -99,7 +107,8 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
         with cpu_training_threads(prof.encoders.device):
             members, histories, calibration, decision = calibrate(
                 feats, labels, names, [n in real for n in names], prof.fusion, a_seed,
-                map_labels(labels, prof.fusion.task)[1], prof.encoders.device, calib_args)
+                map_labels(labels, prof.fusion.task)[1], prof.encoders.device, calib_args,
+                heads=align.heads() if end_to_end else None)
         held_out_scores = decision.pop("held_out_scores")
         history = mean_history(histories)
         spec_arg = align.summary["replay"]["ocr"].get("spec")
@@ -116,10 +125,11 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                 shutil.copytree(align.path / "encoders", tmp / "encoders")
             pfa = align.summary["pfa"]
             config = {
-                "format": BUNDLE_FORMAT, "asectl_version": __version__,
+                "format": bundle_format(end_to_end), "asectl_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "classes": members[0].bundle.classes, "task": members[0].bundle.task,
                 "variant": prof.fusion.variant, "attention": prof.fusion.attention, "branches": list(branches),
+                **({"projections": end_to_end_record(members[0], prof.fusion)} if end_to_end else {}),
                 "stats_fields": align.summary.get("stats_fields", []), "fusion_members": len(members),
                 "profile": prof.to_dict(), "seed": a_seed,
                 "encoders": align.summary["encoders"], "heads": pfa["heads"],
@@ -151,6 +161,27 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     cache.set_pointer(LATEST_POINTER, pointer)
     cache.set_pointer(dataset_model_pointer(dataset), pointer)
     return FuseOutcome(key, bundle, align, from_cache)
+
+
+def check_end_to_end(prof: Any) -> bool:
+    """Whether the fusion trains the projection heads too (asectl.models.adapters). That reads align's cached
+    encoder features, which are not those of encoders fine-tuned in align: such a profile is refused."""
+    from asectl.errors import ConfigError
+
+    if prof.fusion.projections != "end-to-end":
+        return False
+    if prof.encoders.finetune:
+        raise ConfigError("--heads end-to-end trains the projection heads on align's cached encoder features, but "
+                          "this profile fine-tunes its encoders in align (encoders.finetune); use --heads frozen "
+                          "or --set encoders.finetune=false")
+    return True
+
+
+def end_to_end_record(member: Any, config: Any) -> dict[str, Any]:
+    """What bundle.json says of heads trained end to end (each fold model carries its own)."""
+    meta = member.projections.meta()
+    return {"training": "end-to-end", "heads_lr": config.projections_lr, "adapter_dim": meta["adapter_dim"],
+            "adapters": meta["adapters"], "stored": "in each fold model (fusion-K.safetensors)"}
 
 
 def align_branches(align: AlignOutcome) -> list[str]:
@@ -189,14 +220,16 @@ def _fingerprint(align: AlignOutcome) -> str:
 
 
 def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], held_out: list[bool], config: Any,
-              seed: int, classes: list[str], device: str,
-              args: Mapping[str, Any]) -> tuple[list[Any], list[list[dict]], dict[str, Any], dict[str, Any]]:
+              seed: int, classes: list[str], device: str, args: Mapping[str, Any],
+              heads: Any = None) -> tuple[list[Any], list[list[dict]], dict[str, Any], dict[str, Any]]:
     """The classifier, its temperature and its decision rule from a stratified k-fold cross-validation on
     the training cards: k fold models (each trained like a single model would be: same settings, same
     seed, on the other folds), their out-of-fold logits on the cards marked ``held_out`` (the user's own
     cards; TDA's only train), the temperature minimising those logits' NLL and the rule chosen on them.
-    Returns (fold models, their training histories, calibration record, decision record); the decision
-    record's ``held_out_scores`` are the (calibrated probabilities, true class indices) the rule was chosen on."""
+    ``heads``: the alignment's heads, which fold models trained end to end start from (``feats`` are then
+    encoder features). Returns (fold models, their training histories, calibration record, decision
+    record); the decision record's ``held_out_scores`` are the (calibrated probabilities, true class
+    indices) the rule was chosen on."""
     import numpy as np
 
     from asectl.models.calibration import (choose_rule, decision_stats, expected_calibration_error,
@@ -213,7 +246,7 @@ def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], hel
             fit, held = fold != k, fold == k
             model, history = train_fusion(
                 {m: v[fit] for m, v in feats.items()}, [labels[i] for i in np.flatnonzero(fit)], config, seed,
-                classes=classes, device=device,
+                classes=classes, device=device, heads=heads,
                 on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"))
             logits[held] = predict_logits(model, {m: v[held] for m, v in feats.items()})
             members.append(model)

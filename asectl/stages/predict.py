@@ -68,12 +68,10 @@ def class_logits(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cache, for
     entry = None if force else cache.get(STAGE, key)
     if entry is not None:
         return st_load(entry.read_bytes("logits.safetensors"))["logits"]
-    from asectl.models.cmaf import predict_logits
-    from asectl.models.pfa import align_features
+    from asectl.models.cmaf import fold_logits
 
     heads, members = models() if models else (bundle.heads(), bundle.fusion_members())
-    aligned = align_features(heads, arrays)
-    logits = np.ascontiguousarray(np.stack([predict_logits(m, aligned) for m in members]))
+    logits = fold_logits(members, arrays, heads)     # fold models trained end to end project with their own heads
     cache.put(STAGE, key, {"logits.safetensors": st_save({"logits": logits})}, {"params": {"bundle": bundle.digest}})
     return logits
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from asectl.bundle import Bundle
+from asectl.bundle import Bundle, heads_training
 from asectl.cache import Cache
 from asectl.dataset import Dataset, binary_label
 from asectl.errors import ConfigError, DataError
@@ -42,6 +42,12 @@ def provenance_lines(bundle: Bundle) -> tuple[dict[str, str], list[str]]:
     prov["fusion"] = (f"{cfg['variant']} ({cfg['task']})" if cfg["variant"] == "concat" else
                       f"{cfg['variant']}, attention across {'modality tokens' if attention == 'tokens' else 'chunks'} "
                       f"({cfg['task']})")
+    if heads_training(cfg) == "end-to-end":
+        e2e = cfg["projections"]
+        prov["projection heads"] = (f"trained end to end with the fusion (lr {e2e['heads_lr']:g}), adapters on "
+                                    f"{', '.join(e2e['adapters']) or 'no branch'} ({e2e['adapter_dim']} wide)")
+    else:
+        prov["projection heads"] = "frozen (as the alignment left them)"
     trained_image = img.get("finetuned") and not cfg["profile"]["encoders"]["finetune"]
     prov["profile"] = cfg["profile"]["name"] + (
         " (encoders fine-tuned)" if cfg["profile"]["encoders"]["finetune"]

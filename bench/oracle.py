@@ -262,7 +262,8 @@ def main() -> None:
         for seed in seeds:
             rows[seed] = decision_floor(seed, args.difficulty)
             t = rows[seed]["test"]
-            print(json.dumps({"seed": seed, "review_share": t["review_share"], "miss": [t["n_missed"], t["n_defective"]],
+            print(json.dumps({"seed": seed, "review_share": t["review_share"],
+                              "miss": [t["n_missed"], t["n_defective"]],
                               "defect_wrong": [t["n_wrong_defect"], t["n_defect_decisions"]],
                               "macro_f1": rows[seed]["macro_f1_accuracy_optimal"],
                               "macro_f1_tuned": rows[seed]["macro_f1_macro_tuned"]}))

@@ -4,7 +4,7 @@ module, and bench/ as an ordinary client of the package (docs/design.md, "Layers
 Layers, top to bottom (a module may import its own layer and the layers below it):
 
     entry       asectl.cli, asectl.__main__, asectl.testing (test material: nothing in the package imports it)
-    commands    asectl.commands.*                 one module per group of subcommands, thin over the stages
+    commands    asectl.commands.*                 one module per subcommand or group, thin over the stages
     stages      asectl.stages.*                   run_* library functions, settings, the modality glue
     libraries   asectl.backends.*, asectl.models.*, asectl.bundle, asectl.report, asectl.metrics
     domain      asectl.synth, asectl.card, asectl.dataset

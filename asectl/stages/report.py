@@ -183,7 +183,8 @@ def cached_report_files(cache: Cache, data: ReportInput) -> dict[str, bytes]:
     from asectl import report as report_code
     from asectl.cache import make_key, sha256_bytes
 
-    code = (Path(report_code.__file__).read_bytes()
+    # Every module of the report package (sorted, so the key is stable), then the template.
+    code = (b"".join(p.read_bytes() for p in sorted(Path(report_code.__file__).parent.glob("*.py")))
             + resources.files("asectl").joinpath("report_template.html").read_bytes())
     key = make_key("report", input=report_key_parts(data), code=sha256_bytes(code),
                    libraries={lib: version(lib) for lib in ("matplotlib", "pillow", "scikit-learn", "jinja2")})

@@ -29,7 +29,10 @@ from asectl.stages.settings import StageSettings
 STAGE = "ocr"
 FORMAT = 1
 BINARISE_THRESHOLD = 128
-DETECTORS = ("auto", "model")   # auto: cut clean text lines directly, else the engine's detector
+# auto: cut clean text lines directly, else the engine's detector; model: always the detector; auto-checked:
+# as auto, and a card whose cut lines miss a field is read again by the detector (a mode of its own, so its
+# records, which can differ from auto's, have keys of their own and auto's cached records stay valid).
+DETECTORS = ("auto", "model", "auto-checked")
 _DASHES = dict.fromkeys(map(ord, "\u2212\u2013\u2014\u2012\u2010\u2011"), "-")
 
 
@@ -229,13 +232,12 @@ def read_card(image_path: Path, engine_name: str, spec: CardSpec, detector: str 
     """OCR one card file and parse it. A card with no readable record raises DataError; a partly read
     record is returned with ``error`` set (so it is reported and never cached)."""
     binary = binarise(load_image(image_path))
-    boxes = cut_lines(binary) if detector == "auto" else None
-    lines = read_text(binary, engine_name, detector, boxes)
+    boxes = cut_lines(binary) if detector in ("auto", "auto-checked") else None
+    lines = read_text(binary, engine_name, "model", boxes)   # the cut lines, else the detector
     fields, missing, warnings, unparsed = parse_record(group_rows(lines), spec)
-    if boxes is not None and (missing or not fields):
-        # The cut lines did not give the whole record (e.g. two lines cut as one): the engine's detector
-        # reads the card again, and its reading is kept when it misses fewer fields. Such a record was an
-        # error before (never cached), so records already cached stay valid under the same key.
+    if detector == "auto-checked" and boxes is not None and (missing or not fields):
+        # The cut lines did not give the whole record (e.g. a rule under the lines spoiled some): the
+        # engine's detector reads the card again, and its reading is kept when it misses fewer fields.
         again = read_text(binary, engine_name, "model")
         parsed = parse_record(group_rows(again), spec)
         if (len(parsed[1]), -len(parsed[0])) < (len(missing), -len(fields)):

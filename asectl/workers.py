@@ -54,7 +54,8 @@ EXIT_TIMEOUT = 30.0
 
 def shut_down(pool: "ProcessPoolExecutor", timeout: float = EXIT_TIMEOUT) -> None:
     """``pool.shutdown(cancel_futures=True)`` that returns within about ``timeout`` seconds: workers not
-    gone by then are killed (SIGKILL). Jobs still queued are cancelled; running ones are waited for."""
+    gone by then are killed (SIGKILL). Jobs still queued are cancelled; one still running after the timeout
+    is lost with its worker (``WorkerPool`` closes between runs, when none is running)."""
     import time
 
     processes = list((pool._processes or {}).values())   # the stdlib's own record of its workers

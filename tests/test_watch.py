@@ -220,7 +220,7 @@ def test_watch_in_one_process_survives_sigterm_and_resumes(trained, new_cards, t
         assert r["decision"] in ("pass", "defect", "review") and abs(sum(r["probabilities"].values()) - 1) < 1e-4
 
 
-# Slow: it takes about 4 minutes on 2 shared cores, and in one of three clean-clone runs the watcher with two
+# Slow: it takes 3 to 4.5 minutes on 2 shared cores, and in one of three clean-clone runs the watcher with two
 # workers did not exit within 120 s of SIGTERM (not reproduced in three later runs; the default is --workers 0
 # until the cause is found; docs/predict.md).
 @pytest.mark.slow

@@ -46,6 +46,32 @@ def process_pool(workers: int, initializer: Callable[..., None], initargs: tuple
                                initializer=_start, initargs=(initializer, initargs))
 
 
+# Seconds the workers of a pool being closed may take to exit. Every result has been delivered by then, so a
+# worker still alive after this (hung in its interpreter's exit: a library's thread that never ends, a native
+# destructor waiting) is killed, rather than keep its parent, a watcher stopping on SIGTERM, from exiting.
+EXIT_TIMEOUT = 30.0
+
+
+def shut_down(pool: "ProcessPoolExecutor", timeout: float = EXIT_TIMEOUT) -> None:
+    """``pool.shutdown(cancel_futures=True)`` that returns within about ``timeout`` seconds: workers not
+    gone by then are killed (SIGKILL). Jobs still queued are cancelled; one still running after the timeout
+    is lost with its worker (``WorkerPool`` closes between runs, when none is running)."""
+    import time
+
+    processes = list((pool._processes or {}).values())   # the stdlib's own record of its workers
+    manager = pool._executor_manager_thread
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + timeout
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if manager is not None:
+        manager.join()   # it ends once its workers have
+
+
 # Times a job whose worker process died on it alone is tried again, in a fresh worker, before that death is the
 # job's result: with none a card would be blamed for one death it only happened to be near (memory pressure
 # from elsewhere); a card that kills its worker every time costs 1 + this many worker starts.
@@ -77,8 +103,10 @@ class WorkerPool:
     ConfigError naming the stage and the fix instead of a traceback. No process starts before the first
     ``run``, so a stage can make its pool up front at no cost."""
 
-    def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple, *, name: str, fix: str):
+    def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple, *, name: str, fix: str,
+                 exit_timeout: float = EXIT_TIMEOUT):
         self.workers = workers
+        self.exit_timeout = exit_timeout   # seconds its workers may take to exit on close (``shut_down``)
         self.name = name   # who the workers are, e.g. "an OCR worker"
         self.fix = fix     # what the user can do, e.g. "rerun with fewer workers (asectl ocr --workers N)"
         self._setup = (initializer, initargs)
@@ -96,7 +124,7 @@ class WorkerPool:
     def _discard(self) -> None:
         """Drop a pool a dead worker broke (its other workers are stopped); the next job starts a fresh one."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            shut_down(self._pool, self.exit_timeout)
             self._pool = None
 
     def run(self, fn: Callable[..., Any], jobs: Sequence[tuple],

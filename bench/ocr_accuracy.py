@@ -1,6 +1,7 @@
 """OCR accuracy and speed against truth.jsonl on the default 455 generated cards.
 
     python bench/ocr_accuracy.py [--seed 0] [--difficulty field|clean] [--engines cnocr,rapidocr] [--limit N]
+                                 [--detector auto|model|auto-checked]
 
 Counts every printed number (N, four statistics and the radius-interval counts) read exactly, cards
 read fully exactly, and seconds per image with a cold cache (engine loading excluded)."""
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--engines", default="cnocr,rapidocr")
     ap.add_argument("--limit", type=int, default=None, help="only the first N cards (quick check)")
     ap.add_argument("--difficulty", default="field", choices=["field", "clean"], help="generated cards to read")
+    ap.add_argument("--detector", default="auto", help="how the text is found (asectl ocr --detector)")
     args = ap.parse_args()
     root = dataset(args.seed, difficulty=args.difficulty)
     ds = load_dataset(root)
@@ -40,7 +42,7 @@ def main() -> None:
         get_engine(engine)   # load once, outside the timing
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            result = run_ocr(ds, engine=engine, cache=Cache(tmp))
+            result = run_ocr(ds, engine=engine, detector=args.detector, cache=Cache(tmp))
             seconds = time.perf_counter() - t0
         n_num = n_ok = cards_ok = 0
         misreads = []
@@ -61,15 +63,17 @@ def main() -> None:
         print(engine, {k: v for k, v in rows[engine].items() if k != "examples_of_misreads"})
     # Clean-card results keep their earlier names; field cards get their own.
     tag = "" if args.difficulty == "clean" else f"_{args.difficulty}"
-    save(f"ocr_accuracy{tag}_seed{args.seed}", rows)
+    mode = "" if args.detector == "auto" else "_" + args.detector.replace("-", "_")
+    save(f"ocr_accuracy{tag}_seed{args.seed}{mode}", rows)
     lines = ["| engine | cards | numbers read exactly | cards fully exact | s / image (cold cache) |",
              "|---|---|---|---|---|"]
     for engine, r in rows.items():
         lines.append(f"| {engine} | {r['cards']} | {r['numbers_exact']}/{r['numbers']} "
                      f"({r['numbers_exact_pct']:.2f}%) | {r['cards_exact']} ({r['cards_exact_pct']:.1f}%) "
                      f"| {r['seconds_per_image']:.2f} |")
-    title = "OCR accuracy" + (f" on {args.difficulty} cards" if tag else "")
-    update_section("ocr-accuracy" + tag.replace("_", "-"),
+    title = "OCR accuracy" + (f" on {args.difficulty} cards" if tag else "") + (
+        f" (--detector {args.detector})" if mode else "")
+    update_section("ocr-accuracy" + (tag + mode).replace("_", "-"),
                    f"### {title} (target: at least 99.5% of numbers exact)\n\n" + "\n".join(lines))
 
 

@@ -13,6 +13,10 @@ one's shares its answer, docs/reason.md). Components are timed by wrapping the f
 of a card's CPU time is the rest (cache reads and writes, hashing, prompts, parsing). Two cores can
 classify at most 2 / (CPU s per card) cards/s, however the work is spread over them.
 
+The OCR of the same cards is timed again with the engine's own text detector (`--detector model`) instead
+of the line cutter that `--detector auto` (the default) uses on a clean printed record: what cutting the
+record's lines out directly saves, and whether the records agree.
+
 Cold: a new Python process importing what `asectl predict` imports (the fastest of 5), plus one card's CPU
 seconds spread perfectly over 2 cores: a lower bound, since loading the models is left out.
 
@@ -105,6 +109,14 @@ def main() -> None:
 
     spent: dict[str, float] = defaultdict(float)
     timed(spent, "OCR", ocr_mod, "read_card")
+    answers: list[dict] = []     # what each LLM answer spent its time on (tokens, prompt and decode calls)
+    answer = llm_mod.LlamaCppLLM.answer
+
+    def kept_answer(self, *args, **kwargs):
+        out = answer(self, *args, **kwargs)
+        answers.append({"tokens": out["tokens"], "timing": out["timing"]})
+        return out
+    llm_mod.LlamaCppLLM.answer = kept_answer
     timed(spent, "LLM answer", llm_mod.LlamaCppLLM, "answer")
     timed(spent, "describe", describe_mod, "run_describe")
     timed(spent, "encoders", predict_mod, "encode_modalities")
@@ -115,6 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="asectl-floor-") as tmp, warm.keep_loaded():
         predictor = predict_mod.Predictor(bundle, Cache(Path(tmp)))
         predictor.warm_up()
+        answers.clear()
         for card in cards:
             spent.clear()
             c0, w0 = time.process_time(), time.perf_counter()
@@ -123,7 +136,29 @@ def main() -> None:
             rows.append({"card": card.name, "cpu": time.process_time() - c0, "wall": time.perf_counter() - w0,
                          **{p: spent[p] for p in PARTS}})
 
+    # The same cards' OCR with the engine's text detector, on the warm engine: what the line cutter saves.
+    ocr_settings = ocr_mod.OcrSettings.from_dict(bundle.config["replay"]["ocr"])
+    detector_cpu, same_fields = [], 0
+    for card in cards:
+        cut = ocr_mod.read_card(card, engine, ocr_settings.card_spec(), "auto")
+        c0 = time.process_time()
+        detected = ocr_mod.read_card(card, engine, ocr_settings.card_spec(), "model")
+        detector_cpu.append(time.process_time() - c0)
+        same_fields += cut["fields"] == detected["fields"]
+
+    # The LLM answer split: the card's own prompt tokens (the shared prefix is reused) against the decode
+    # calls of the answer (one per real choice, each a pass over all the weights).
+    k = max(len(answers), 1)
+    llm_split = {"answers": len(answers),
+                 "card_prompt_tokens": sum(a["tokens"]["prompt"] - a["tokens"]["prompt_reused"] for a in answers) / k,
+                 "prefix_tokens": sum(a["tokens"]["prompt_reused"] for a in answers) / k,
+                 "answer_tokens": sum(a["tokens"]["completion"] for a in answers) / k,
+                 "decode_calls": sum(a["timing"]["decode_calls"] for a in answers) / k,
+                 "prompt_ms": sum(a["timing"]["prompt_ms"] for a in answers) / k,
+                 "generate_ms": sum(a["timing"]["generate_ms"] for a in answers) / k}
+
     n = len(rows)
+    det_cpu = sum(detector_cpu) / n
     mean = {k: sum(r[k] for r in rows) / n for k in ("cpu", "wall", *PARTS)}
     rest = mean["cpu"] - sum(mean[p] for p in PARTS)
     most = 2 / mean["cpu"]
@@ -134,7 +169,8 @@ def main() -> None:
     cold = {e: sec + mean["cpu"] / 2 for e, sec in cold_imports.items()}
     data = {"cards": n, "card_seed": args.card_seed, "engine": engine, "rows": rows, "mean": mean, "rest": rest,
             "max_cards_per_second_2_cores": most, "cpu_without_llm": no_llm, "imports": imports,
-            "cold_lower_bound": cold}
+            "cold_lower_bound": cold, "ocr_detector_model_cpu": det_cpu,
+            "ocr_detector_same_fields": same_fields, "llm_split": llm_split}
     save("predict_floor", data)
 
     part_rows = "\n".join(f"| {p} | {mean[p]:.3f} | {100 * mean[p] / mean['cpu']:.0f}% |" for p in PARTS)
@@ -149,6 +185,16 @@ is computed), each library on one thread, so CPU seconds are the work itself.
 {part_rows}
 | the rest (cache, hashing, prompt, parsing) | {rest:.3f} | {100 * rest / mean['cpu']:.0f}% |
 | **a card** | **{mean['cpu']:.3f}** (wall {mean['wall']:.3f} s) | |
+
+OCR recognises the record's lines cut straight out of the binarised card (`--detector auto`, no text
+detector); with the engine's text detector instead (`--detector model`) the same cards cost
+{det_cpu:.3f} CPU s each, and {same_fields} of {n} give the same fields.
+
+The LLM answer of a card ({llm_split['answers']} computed): the shared prompt prefix
+({llm_split['prefix_tokens']:.0f} tokens) is restored, not evaluated; the card's own
+{llm_split['card_prompt_tokens']:.0f} prompt tokens and the answer's opening take {llm_split['prompt_ms']:.0f} ms, and
+{llm_split['decode_calls']:.1f} decode calls (one per choice the model makes, {llm_split['answer_tokens']:.0f} answer
+tokens in all) {llm_split['generate_ms']:.0f} ms (wall, mean per answer).
 
 **At most {most:.2f} cards/s on 2 cores** (2 / {mean['cpu']:.3f} CPU s), whatever the scheduling, when
 every card needs its own LLM answer; the goal of 4 needs at most 0.5 CPU s per card. Without the LLM

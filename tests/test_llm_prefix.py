@@ -98,3 +98,28 @@ def test_prefix_memo_key_changes_with_the_context_size(tiny_gguf, _isolated_cach
         assert llm.prefix_source == "evaluated"
         llm.close()
     assert len(list((_isolated_cache / LlamaCppLLM.PREFIX_MEMO).glob("*.bin"))) == 2
+
+
+def test_answers_with_the_shared_prefix_reused_equal_answers_computed_from_scratch(tiny_gguf, _isolated_cache):
+    """Reusing the evaluated prefix (kept in the context, and restored from disk by a new process) is a pure
+    speed-up: each answer equals the one computed with the whole prompt evaluated anew, in any card order."""
+    from asectl.backends.json_decode import Field
+    from asectl.backends.llm import LlamaCppLLM
+
+    _old_enough(tiny_gguf)
+    fields = [Field("verdict", ("normal", "defect")), Field("kind", ("none", "shift", "spread")),
+              Field("rationale", None, 1, 40)]
+    sampling = {"temperature": 0.0, "max_tokens": 96, "seed": 0}
+    texts = ["N 90", "N 400, mean x 1.2", "N 131, mean x -0.21", "sd y 3.5, far high", "N 90"]
+
+    scratch = LlamaCppLLM(tiny_gguf, n_ctx=2048)
+    alone = [scratch.answer(card(t), fields, sampling) for t in texts]
+    assert all(a["tokens"]["prompt_reused"] == 0 for a in alone)
+    scratch.close()
+    for order in (texts, texts[::-1]):
+        llm = LlamaCppLLM(tiny_gguf, n_ctx=2048)
+        reused = {t: llm.answer(card(t), fields, sampling, prefix_messages=PREFIX) for t in order}
+        assert all(r["tokens"]["prompt_reused"] > 8 for r in reused.values())
+        assert [reused[t]["raw"] for t in texts] == [a["raw"] for a in alone]
+        llm.close()
+    assert len({a["raw"] for a in alone}) > 1     # the cards' answers differ: the comparison can fail

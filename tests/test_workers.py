@@ -116,3 +116,28 @@ def test_a_poison_job_fails_alone_after_bounded_retries(tmp_path, monkeypatch):
         assert pool.run(_read_logged, [("f.png", str(log))]) == ["F.PNG"]
     finally:
         pool.close()
+
+
+def hold_exit() -> None:
+    """A worker initializer that leaves a thread which never ends and is not a daemon: the worker then hangs
+    in its exit, as one does when a library leaves such a thread (or a destructor that waits) behind."""
+    import threading
+
+    threading.Thread(target=threading.Event().wait, daemon=False).start()
+
+
+def test_a_worker_that_hangs_at_exit_is_killed_when_its_pool_closes():
+    """Closing a pool returns within its exit timeout even when a worker never exits by itself (a stopping
+    watcher must exit); every result was delivered before."""
+    from asectl.workers import WorkerPool
+
+    pool = WorkerPool(1, hold_exit, (), name="a watch worker", fix="rerun with fewer --workers", exit_timeout=2)
+    try:
+        assert pool.run(abs, [(-2,)]) == [2]
+        pid = pool.run(os.getpid, [()])[0]
+    finally:
+        t0 = time.monotonic()
+        pool.close()
+        waited = time.monotonic() - t0
+    assert 2 <= waited < 20        # it waited out the timeout: the worker did not exit on its own
+    assert not _alive(pid)

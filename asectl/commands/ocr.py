@@ -18,7 +18,9 @@ _DEFAULT = OcrSettings()
 @click.option("--spec", type=click.Path(dir_okay=False, path_type=Path), show_default="docs/card-format.md",
               help="Card spec TOML for another record layout.")
 @click.option("--detector", type=click.Choice(DETECTORS), default=_DEFAULT.detector, show_default=True,
-              help="auto: cut clean text lines directly, else the engine's text detector; model: always the detector.")
+              metavar="MODE",
+              help="auto: cut clean text lines directly, else the engine's text detector; model: always the detector; "
+                   "auto-checked: as auto, and a card whose cut lines miss a field is read again by the detector.")
 @click.option("--workers", type=click.IntRange(min=1), show_default="one per core",
               help="Processes reading cards; the records do not depend on it.")
 @per_image_options

@@ -29,7 +29,10 @@ from asectl.stages.settings import StageSettings
 STAGE = "ocr"
 FORMAT = 1
 BINARISE_THRESHOLD = 128
-DETECTORS = ("auto", "model")   # auto: cut clean text lines directly, else the engine's detector
+# auto: cut clean text lines directly, else the engine's detector; model: always the detector; auto-checked:
+# as auto, and a card whose cut lines miss a field is read again by the detector (a mode of its own, so its
+# records, which can differ from auto's, have keys of their own and auto's cached records stay valid).
+DETECTORS = ("auto", "model", "auto-checked")
 _DASHES = dict.fromkeys(map(ord, "\u2212\u2013\u2014\u2012\u2010\u2011"), "-")
 
 
@@ -94,17 +97,28 @@ def segment_lines(ink: np.ndarray) -> list[tuple[int, int, int, int]] | None:
     return boxes or None
 
 
-def read_text(binary: Image.Image, engine_name: str, detector: str = "auto") -> list[TextLine]:
+def cut_lines(binary: Image.Image) -> list[tuple[int, int, int, int]] | None:
+    """The padded boxes of the clean text lines of a binarised card, or None if it has none."""
+    boxes = segment_lines(np.asarray(binary.convert("L")) < 128)
+    if boxes is None:
+        return None
+    wid, hgt = binary.size
+    return [(max(x0 - _PAD, 0), max(y0 - _PAD, 0), min(x1 + _PAD, wid), min(y1 + _PAD, hgt))
+            for x0, y0, x1, y1 in boxes]
+
+
+def read_text(binary: Image.Image, engine_name: str, detector: str = "auto",
+              boxes: list[tuple[int, int, int, int]] | None = None) -> list[TextLine]:
+    """The text lines of a binarised card: recognised in ``boxes`` (e.g. from ``cut_lines``) without the
+    detector when given, else found by the engine's detector (``detector`` "model") or cut (``auto``)."""
     engine = get_engine(engine_name)
-    boxes = segment_lines(np.asarray(binary.convert("L")) < 128) if detector == "auto" else None
+    if boxes is None and detector == "auto":
+        boxes = cut_lines(binary)
     if boxes is None:
         return engine.read(binary)
     arr = np.asarray(binary.convert("RGB"))
-    hgt, wid = arr.shape[:2]
-    padded = [(max(x0 - _PAD, 0), max(y0 - _PAD, 0), min(x1 + _PAD, wid), min(y1 + _PAD, hgt))
-              for x0, y0, x1, y1 in boxes]
-    texts = engine.recognize([np.ascontiguousarray(arr[b[1]:b[3], b[0]:b[2]]) for b in padded])
-    return [TextLine(t, sc, tuple(float(v) for v in b)) for (t, sc), b in zip(texts, padded) if t.strip()]
+    texts = engine.recognize([np.ascontiguousarray(arr[b[1]:b[3], b[0]:b[2]]) for b in boxes])
+    return [TextLine(t, sc, tuple(float(v) for v in b)) for (t, sc), b in zip(texts, boxes) if t.strip()]
 
 
 def group_rows(lines: Sequence[TextLine]) -> list[str]:
@@ -217,10 +231,17 @@ def _edge_key(x: Any) -> float:
 def read_card(image_path: Path, engine_name: str, spec: CardSpec, detector: str = "auto") -> dict[str, Any]:
     """OCR one card file and parse it. A card with no readable record raises DataError; a partly read
     record is returned with ``error`` set (so it is reported and never cached)."""
-    img = load_image(image_path)
-    lines = read_text(binarise(img), engine_name, detector)
-    rows = group_rows(lines)
-    fields, missing, warnings, unparsed = parse_record(rows, spec)
+    binary = binarise(load_image(image_path))
+    boxes = cut_lines(binary) if detector in ("auto", "auto-checked") else None
+    lines = read_text(binary, engine_name, "model", boxes)   # the cut lines, else the detector
+    fields, missing, warnings, unparsed = parse_record(group_rows(lines), spec)
+    if detector == "auto-checked" and boxes is not None and (missing or not fields):
+        # The cut lines did not give the whole record (e.g. a rule under the lines spoiled some): the
+        # engine's detector reads the card again, and its reading is kept when it misses fewer fields.
+        again = read_text(binary, engine_name, "model")
+        parsed = parse_record(group_rows(again), spec)
+        if (len(parsed[1]), -len(parsed[0])) < (len(missing), -len(fields)):
+            lines, (fields, missing, warnings, unparsed) = again, parsed
     if not fields:
         raise DataError(f"{image_path}: no printed record found (OCR read {len(lines)} text boxes, none "
                         f"matched the card spec '{spec.name}'); check the image or pass --spec")

@@ -168,3 +168,42 @@ def test_fusion_input_errors():
         train_fusion(feats, ["normal"] * 10)
     with pytest.raises(ConfigError):
         train_fusion(feats, labels, FusionConfig(variant="sum"))
+
+
+def test_logistic_classifier_is_scikit_learns_regression_folded_into_the_linear_layer(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    feats, labels = separable(120, seed=3)
+    config = FusionConfig(variant="concat", classifier="logistic", logistic_c=0.05)
+    model, history = train_fusion(rows(feats, slice(0, 90)), labels[:90], config, seed=0, classes=CLASSES)
+    z = np.hstack([feats[m] for m in ("vlm", "llm", "image")]).astype(np.float64) * 16.0   # concat x sqrt(256)
+    scaler = StandardScaler().fit(z[:90])
+    ref = LogisticRegression(C=0.05, max_iter=5000).fit(scaler.transform(z[:90]), map_labels(labels[:90])[0])
+    expected = ref.predict_proba(scaler.transform(z[90:]))
+    got = predict_proba(model, rows(feats, slice(90, None)))
+    assert np.abs(got - expected).max() < 1e-4
+    assert history["classifier"]["kind"] == "logistic" and len(history["epochs"]) == 1
+    save_fusion(model, tmp_path / "f.safetensors")       # predict and export load it like any fusion model
+    again = predict_proba(load_fusion(tmp_path / "f.safetensors"), rows(feats, slice(90, None)))
+    assert np.array_equal(again, got)
+    binary, _ = train_fusion(rows(feats, slice(0, 90)), labels[:90],
+                             FusionConfig(variant="concat", classifier="logistic", task="binary"), seed=0)
+    assert predict_proba(binary, rows(feats, slice(90, None))).shape == (30, 2)
+
+
+def test_logistic_classifier_needs_concat_and_frozen_heads_and_keeps_mlp_keys():
+    from asectl.models.train_config import get_profile
+
+    for bad in ({"variant": "cmaf"}, {"projections": "end-to-end"}):
+        with pytest.raises(ConfigError, match="fusion.classifier logistic"):
+            FusionConfig(**{"variant": "concat", "classifier": "logistic", **bad}).validate(256)
+    mlp = get_profile("quick", {"fusion.classifier": "mlp"}).to_dict()["fusion"]
+    assert "classifier" not in mlp and "logistic_c" not in mlp     # models trained before the option keep their keys
+    logistic = get_profile("quick", {"fusion.classifier": "logistic"}).to_dict()["fusion"]
+    assert logistic["classifier"] == "logistic" and logistic["logistic_c"] > 0
+    assert get_profile("quick").to_dict()["fusion"] == logistic            # auto: logistic for concat, frozen heads
+    for over in ({"fusion.variant": "cmaf"}, {"fusion.projections": "end-to-end"}):
+        assert get_profile("quick", over).fusion.resolved_classifier() == "mlp"
+        assert "classifier" not in get_profile("quick", over).to_dict()["fusion"]
+    assert get_profile("paper", {"fusion.variant": "concat"}).fusion.resolved_classifier() == "mlp"

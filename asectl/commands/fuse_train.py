@@ -33,6 +33,11 @@ from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEF
               type=click.Choice(["frozen", "end-to-end"]), default=None, show_default="the profile's",
               help="The PFA projection heads: frozen as align left them, or trained end to end with the fusion "
                    "through two adapters on the text branches (paper section 3.2; docs/fuse-train.md).")
+@click.option("--classifier", cls=SettingOption, setting="fusion.classifier",
+              type=click.Choice(["mlp", "logistic"]), default=None, show_default="the profile's",
+              help="The classifier on the fused vector: the MLP trained with the fusion, or an L2 logistic "
+                   "regression fitted exactly on the concatenated aligned features (concat fusion, frozen heads; "
+                   "docs/fuse-train.md).")
 @click.option("--branches", cls=SettingOption, setting="encoders.branches", type=ProfileValue("encoders.branches"),
               default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the bundle here.")
@@ -50,8 +55,9 @@ from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEF
               help="Cross-validation folds on the training split for calibration and the decision rule.")
 @training_options
 @click.pass_obj
-def fuse_train(cache, dataset, fusion, task, attention, projections, branches, out, max_miss_rate, max_defect_error,
-               defect_confidence, calibration_folds, profile, sets, seed, split_seed, augmented, force, as_json):
+def fuse_train(cache, dataset, fusion, task, attention, projections, classifier, branches, out, max_miss_rate,
+               max_defect_error, defect_confidence, calibration_folds, profile, sets, seed, split_seed, augmented,
+               force, as_json):
     """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
     choose the pass/defect/review rule on held-out training cards; store a model bundle."""
     from asectl.bundle import export_bundle, heads_training

@@ -106,8 +106,11 @@ class FusionModel(nn.Module):
             if attention == "tokens":   # which branch a token comes from: the projections are shared
                 self.branch_embedding = nn.Parameter(torch.zeros(len(self.inputs), self.dim))
         in_dim = self.dim * len(self.inputs) if variant == "concat" else self.dim
-        self.mlp = nn.Sequential(nn.Linear(in_dim, mlp_hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(mlp_hidden, n_classes))
+        # mlp_hidden 0: a linear classifier (multinomial logistic regression on the fused vector), which
+        # over-fits a few hundred cards less than the hidden layer does (docs/benchmarks.md).
+        self.mlp = (nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes)) if mlp_hidden == 0 else
+                    nn.Sequential(nn.Linear(in_dim, mlp_hidden), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(mlp_hidden, n_classes)))
         self.hparams = {"dim": self.dim, "n_classes": self.n_classes, "variant": variant, "tokens": tokens,
                         "heads": heads, "reduced_dim": reduced_dim, "mlp_hidden": mlp_hidden,
                         "dropout": dropout, "attention": attention, "inputs": list(self.inputs)}
@@ -309,6 +312,8 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
                                "attention": config.attention, "projections": config.projections,
                                "inputs": list(inputs),
                                "seed": seed, "n_train": int(len(y)), "epochs": []}
+    if config.resolved_classifier() == "logistic":
+        return _fit_logistic(xs, y, classes, config, inputs, dim, history, on_epoch), history
     with fork_rng(seed, device):
         model = FusionModel(dim, len(classes), config.variant, config.tokens, config.heads,
                             config.reduced_dim, config.mlp_hidden, config.dropout, config.attention,
@@ -356,6 +361,51 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
     model.eval()
     model.bundle = FusionBundle(classes=list(classes), task=config.task, hparams=dict(model.hparams))
     return model, history
+
+
+def _fit_logistic(xs: Sequence[np.ndarray], y: np.ndarray, classes: list[str], config: FusionConfig,
+                  inputs: Sequence[str], dim: int, history: dict[str, Any],
+                  on_epoch: Callable[[dict[str, float]], None] | None) -> FusionModel:
+    """``fusion.classifier = logistic``: a multinomial logistic regression with an L2 penalty
+    (``fusion.logistic_c``) fitted exactly by L-BFGS (scikit-learn) on the standardized concatenation the
+    concat fusion forms, then written into the fusion model's linear classifier with the standardization
+    folded in, so prediction, export and calibration use it like any fusion model. Deterministic (no
+    sampling). The hidden layer's AdamW training over-fits a few hundred cards (train accuracy 1.0):
+    bench/choose_classifier.py compares the two on held-out training folds."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    model = FusionModel(dim, len(classes), "concat", config.tokens, config.heads, config.reduced_dim, 0, 0.0,
+                        config.attention, inputs)
+    with torch.no_grad():
+        z = model.fuse(*(torch.from_numpy(a) for a in xs)).double().numpy()
+    scaler = StandardScaler().fit(z)
+    present = np.unique(y)
+    lr = LogisticRegression(C=config.logistic_c, max_iter=5000,
+                            class_weight="balanced" if config.class_weight == "balanced" else None)
+    lr.fit(scaler.transform(z), y)
+    coef = np.zeros((len(classes), z.shape[1]))
+    bias = np.full(len(classes), -1e4)          # a class without training cards is never predicted
+    if len(present) == 2:                        # scikit-learn keeps one row for two classes
+        coef[present[1]], bias[present[0]], bias[present[1]] = lr.coef_[0], 0.0, lr.intercept_[0]
+    else:
+        coef[present], bias[present] = lr.coef_, lr.intercept_
+    weight = coef / scaler.scale_
+    with torch.no_grad():
+        linear = model.mlp[-1]
+        linear.weight.copy_(torch.from_numpy(weight))
+        linear.bias.copy_(torch.from_numpy(bias - weight @ scaler.mean_))
+    model.eval()
+    with torch.no_grad():
+        logits = model(*(torch.from_numpy(a) for a in xs)).double()
+    row = {"epoch": 1, "loss": float(F.cross_entropy(logits, torch.from_numpy(y)).item()),
+           "accuracy": float((logits.argmax(1).numpy() == y).mean()), "lr": 0.0}
+    history["epochs"].append(row)
+    history["classifier"] = {"kind": "logistic", "C": config.logistic_c, "iterations": int(np.max(lr.n_iter_))}
+    if on_epoch:
+        on_epoch(row)
+    model.bundle = FusionBundle(classes=list(classes), task=config.task, hparams=dict(model.hparams))
+    return model
 
 
 def _batched(model: FusionModel, features: Mapping[str, Any], fn: Callable[..., torch.Tensor], tail_shape: tuple[int, ...],

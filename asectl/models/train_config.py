@@ -64,6 +64,12 @@ FUSION_PROJECTIONS = ("frozen", "end-to-end")
 # Settings that only end-to-end training reads: left out of a frozen profile's dict (TrainProfile.to_dict), so
 # the cache keys and bundles of frozen models stay what they were before end-to-end training existed.
 END_TO_END_FIELDS = ("projections", "projections_lr", "adapter_dim")
+# The fusion's classifier: "mlp", the hidden layer trained by AdamW with the fusion network (the paper's
+# "MLP and cross-entropy"), or "logistic", a multinomial logistic regression with an L2 penalty fitted
+# exactly (L-BFGS, scikit-learn) on the standardized concatenated aligned features (asectl.models.cmaf).
+# "auto": logistic where it applies (the concat fusion with frozen heads), else mlp.
+FUSION_CLASSIFIERS = ("auto", "mlp", "logistic")
+LOGISTIC_FIELDS = ("classifier", "logistic_c")
 # The branches (modalities) a model can use: the card image, the VLM's description, the LLM's text, and
 # the OCR'd record's numbers as a standardized vector (asectl.stages.modalities.stats_vectors).
 BRANCHES = ("image", "vlm", "llm", "stats")
@@ -203,6 +209,17 @@ class FusionConfig:
     projections: str = "frozen"           # frozen | end-to-end (FUSION_PROJECTIONS)
     projections_lr: float = 3e-4          # end-to-end: the projection heads' rate (the adapters take lr)
     adapter_dim: int = 32                 # end-to-end: the adapters' bottleneck width
+    classifier: str = "mlp"               # auto | mlp | logistic (FUSION_CLASSIFIERS; logistic: concat, frozen heads)
+    logistic_c: float = 1e-3              # logistic: inverse L2 strength (bench/choose_classifier.py)
+
+    def logistic_applies(self) -> bool:
+        return self.variant == "concat" and self.projections == "frozen"
+
+    def resolved_classifier(self) -> str:
+        """The classifier this configuration trains: "auto" is logistic where it applies, else mlp."""
+        if self.classifier == "auto":
+            return "logistic" if self.logistic_applies() else "mlp"
+        return self.classifier
 
     def validate(self, dim: int | None = None) -> None:
         _choice("fusion.variant", self.variant, FUSION_VARIANTS)
@@ -210,9 +227,15 @@ class FusionConfig:
         _choice("fusion.task", self.task, TASKS)
         _choice("fusion.class_weight", self.class_weight, ("none", "balanced"))
         _choice("fusion.projections", self.projections, FUSION_PROJECTIONS)
-        for name in ("epochs", "batch_size", "tokens", "heads", "reduced_dim", "mlp_hidden", "lr_decay_every",
-                     "adapter_dim"):
+        _choice("fusion.classifier", self.classifier, FUSION_CLASSIFIERS)
+        _positive("fusion.logistic_c", self.logistic_c)
+        if self.classifier == "logistic" and not self.logistic_applies():
+            raise ConfigError("fusion.classifier logistic is fitted on the concatenated aligned features: use it "
+                              "with fusion.variant concat and frozen projection heads")
+        for name in ("epochs", "batch_size", "tokens", "heads", "reduced_dim", "lr_decay_every", "adapter_dim"):
             _positive(f"fusion.{name}", getattr(self, name))
+        if self.mlp_hidden < 0:
+            raise ConfigError(f"fusion.mlp_hidden {self.mlp_hidden}: give 0 (a linear classifier) or a width")
         _positive("fusion.lr", self.lr)
         _positive("fusion.projections_lr", self.projections_lr)
         if not 0 <= self.dropout < 1:
@@ -249,6 +272,11 @@ class TrainProfile:
         if self.fusion.projections == "frozen":
             for name in END_TO_END_FIELDS:
                 del out["fusion"][name]
+        if self.fusion.resolved_classifier() == "mlp":     # models trained before the option keep their keys
+            for name in LOGISTIC_FIELDS:
+                del out["fusion"][name]
+        else:
+            out["fusion"]["classifier"] = "logistic"
         return out
 
 
@@ -263,7 +291,7 @@ def quick_profile() -> TrainProfile:
         name="quick",
         encoders=EncoderConfig(image="cards-cnn", branches=QUICK_BRANCHES),
         pfa=PFAConfig(batch_size=32),
-        fusion=FusionConfig(lr=3e-3, dropout=0.0, variant="concat", attention="tokens"),
+        fusion=FusionConfig(lr=3e-3, dropout=0.0, variant="concat", attention="tokens", classifier="auto"),
     )
 
 
@@ -273,7 +301,7 @@ def paper_profile() -> TrainProfile:
         encoders=EncoderConfig(image="resnet50", text="bert-base", device="cuda", batch_size=32,
                                finetune=True, warmup_epochs=30),
         pfa=PFAConfig(),        # the paper's values; the ranking warm-up (unspecified there) as quick's
-        fusion=FusionConfig(),
+        fusion=FusionConfig(classifier="mlp"),      # the paper's "MLP and cross-entropy", also for --fusion concat
     )
 
 

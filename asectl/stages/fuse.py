@@ -129,6 +129,7 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "classes": members[0].bundle.classes, "task": members[0].bundle.task,
                 "variant": prof.fusion.variant, "attention": prof.fusion.attention, "branches": list(branches),
+                "classifier": prof.fusion.resolved_classifier(),
                 **({"projections": end_to_end_record(members[0], prof.fusion)} if end_to_end else {}),
                 "stats_fields": align.summary.get("stats_fields", []), "fusion_members": len(members),
                 "profile": prof.to_dict(), "seed": a_seed,
@@ -240,7 +241,8 @@ def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], hel
     fold = stratified_folds([classes[i] for i in y], args["folds"], seed)
     logits = np.zeros((len(y), len(classes)), dtype=np.float64)
     members, histories = [], []
-    with ui.progress(args["folds"] * config.epochs, f"fuse-train ({config.variant}, {args['folds']} fold models)") \
+    steps = 1 if config.resolved_classifier() == "logistic" else config.epochs      # the logistic fit is one step
+    with ui.progress(args["folds"] * steps, f"fuse-train ({config.variant}, {args['folds']} fold models)") \
             as advance:
         for k in range(args["folds"]):
             fit, held = fold != k, fold == k

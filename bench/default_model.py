@@ -1,0 +1,143 @@
+"""The shipped default against the earlier default, the printed numbers alone and the oracle, on the test split.
+
+    python bench/default_model.py [--seeds 0] [--cache-dir C]
+
+Per generator seed: the default generated `field` cards (bench/out/ds-field-seed<N>, 325 train / 130 test), the
+quick profile as shipped and with the earlier fusion classifier (`fusion.classifier mlp`), each trained with
+`fuse-train` and scored on the test split through `asectl`'s own predictor (the calibrated fold-model average
+and the stored decision rule, as `report` and `predict` use them); gradient boosting on the OCR'd numbers;
+and the oracle (accuracy-optimal: the most probable label given the true latent parameters, with its own
+decision rule chosen on the training cards' posteriors, bench/oracle.py). Macro-F1, paired bootstrap
+differences over the same test cards (bench/intervals.py), and the line's figures at the stored targets:
+review share, miss rate, defect error. Every setting was chosen on training folds before this script read a
+test card. Results: bench/results/default_model.json and the ``default-model`` section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+import oracle
+from _common import OUT, dataset, save, update_section
+from asectl.cache import Cache
+from asectl.dataset import Dataset, load_dataset
+from asectl.metrics import macro_f1_from_codes
+from asectl.models.calibration import choose_rule, decision_stats
+from intervals import bootstrap_interval, paired_test
+
+CLASSES = ["normal", "type1", "type2", "type3", "type4"]
+ROWS = {"default (logistic classifier)": {}, "earlier default (MLP classifier)": {"fusion.classifier": "mlp"}}
+BOOSTING = "gradient boosting on the OCR'd numbers"
+ORACLE = "oracle (accuracy-optimal, true latent parameters)"
+
+
+def run_seed(seed: int, cache: Cache) -> dict:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from asectl.stages.fuse import run_fuse_train
+    from asectl.stages.predict import Predictor
+    from asectl.synth import read_truth
+
+    root = dataset(seed)
+    ds = load_dataset(root)
+    test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
+    out: dict = {}
+    align = None
+    for name, over in ROWS.items():
+        res = run_fuse_train(ds, cache, overrides=over)
+        align = res.align
+        predictor = Predictor(res.bundle, cache)
+        preds = predictor.classify(test)
+        probs = predictor.probabilities(preds.logits)
+        truth = {s.name: s.label for s in test.samples}
+        y = np.array([CLASSES.index(truth[s.name]) for s in preds.samples])
+        decisions = predictor.rule.decide(probs)
+        out[name] = {"y_true": [CLASSES[i] for i in y], "y_pred": [CLASSES[i] for i in probs.argmax(axis=1)],
+                     "macro_f1": macro_f1_from_codes(y, probs.argmax(axis=1), 5),
+                     "decisions": decision_stats(decisions, y, probs.argmax(axis=1), CLASSES),
+                     "held_out": res.bundle.config["decision"]["held_out"], "n_dropped": len(preds.dropped)}
+    # The printed numbers: the align entry's stats vectors (every card; the same cards in the same order).
+    names = align.names
+    stats = align.raw_features()["stats"]
+    tr = [i for i, s in enumerate(align.splits) if s == "train"]
+    te_names = out["default (logistic classifier)"]["y_true"]
+    index = {n: i for i, n in enumerate(names)}
+    test_names = [s.name for s in test.samples if s.name in index]
+    te = [index[n] for n in test_names]
+    y_tr = [align.labels[i] for i in tr]
+    gb = HistGradientBoostingClassifier(random_state=seed).fit(stats[tr], y_tr)
+    out[BOOSTING] = {"y_true": [align.labels[i] for i in te], "y_pred": list(gb.predict(stats[te]))}
+    latents = read_truth(root)
+    p_tr = oracle.posteriors([latents[names[i]]["latent"] for i in tr], y_tr, CLASSES)
+    p_te = oracle.posteriors([latents[n]["latent"] for n in test_names], y_tr, CLASSES)
+    y_te = np.array([CLASSES.index(align.labels[i]) for i in te])
+    rule = choose_rule(p_tr, np.array([CLASSES.index(c) for c in y_tr]), CLASSES)
+    out[ORACLE] = {"y_true": [CLASSES[i] for i in y_te], "y_pred": [CLASSES[i] for i in p_te.argmax(axis=1)],
+                   "decisions": decision_stats(rule.decide(p_te), y_te, p_te.argmax(axis=1), CLASSES)}
+    for row in (BOOSTING, ORACLE):
+        out[row]["macro_f1"] = macro_f1_from_codes([CLASSES.index(c) for c in out[row]["y_true"]],
+                                                   [CLASSES.index(c) for c in out[row]["y_pred"]], 5)
+    if len(te_names) != len(test_names):
+        raise SystemExit(f"seed {seed}: the fused model scored {len(te_names)} test cards, the numbers "
+                         f"{len(test_names)}: compare on the same cards")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--cache-dir", default=str(OUT / "cache"))
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    cache = Cache(Path(args.cache_dir))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed = {seed: run_seed(seed, cache) for seed in seeds}
+    rows = list(next(iter(per_seed.values())))
+    summary = {}
+    for row in rows:
+        preds = [(per_seed[s][row]["y_true"], per_seed[s][row]["y_pred"]) for s in seeds]
+        summary[row] = {"macro_f1": [per_seed[s][row]["macro_f1"] for s in seeds],
+                        "interval": bootstrap_interval(CLASSES, preds),
+                        "decisions": [per_seed[s][row].get("decisions") for s in seeds]}
+        print(row, summary[row]["macro_f1"], flush=True)
+    pairs = [("default (logistic classifier)", "earlier default (MLP classifier)"),
+             ("default (logistic classifier)", BOOSTING), (ORACLE, "default (logistic classifier)")]
+    tests = {f"{a} vs {b}": paired_test(CLASSES, [(per_seed[s][a]["y_true"], per_seed[s][a]["y_pred"]) for s in seeds],
+                                        [(per_seed[s][b]["y_true"], per_seed[s][b]["y_pred"]) for s in seeds])
+             for a, b in pairs}
+    rec = {"seeds": seeds, "rows": summary, "paired": tests,
+           "per_card": {s: {r: {k: per_seed[s][r][k] for k in ("y_true", "y_pred")} for r in rows} for s in seeds}}
+    save("default_model", rec)
+    if not args.no_docs:
+        update_section("default-model", markdown(rec))
+
+
+def markdown(rec: dict) -> str:
+    seeds = ", ".join(str(s) for s in rec["seeds"])
+    lines = [f"### The default on the test split (seeds {seeds}, `field`, no TDA)", "",
+             "| method | 5-class macro-F1 (per seed) | 95% interval | review share | miss rate | defect error |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rec["rows"].items():
+        v = 100 * np.asarray(r["macro_f1"])
+        dec = [d for d in r["decisions"] if d]
+        if dec:
+            n = sum(d["n"] for d in dec)
+            review = f"{sum(d['counts']['review'] for d in dec)}/{n}"
+            miss = f"{sum(d['n_missed'] for d in dec)}/{sum(d['n_defective'] for d in dec)}"
+            derr = f"{sum(d['n_wrong_defect'] for d in dec)}/{sum(d['n_defect_decisions'] for d in dec)}"
+        else:
+            review = miss = derr = "-"
+        lo, hi = r["interval"]
+        lines.append(f"| {name} | {v.mean():.2f} ({', '.join(f'{x:.1f}' for x in v)}) | [{100 * lo:.1f}, "
+                     f"{100 * hi:.1f}] | {review} | {miss} | {derr} |")
+    lines += ["", "Paired differences (5-class macro-F1, same test cards, 95% paired bootstrap):", ""]
+    for name, t in rec["paired"].items():
+        lines.append(f"- {name}: {100 * t['difference']:+.2f} [{100 * t['low']:+.2f}, {100 * t['high']:+.2f}], "
+                     f"p = {t['p_value']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,16 +1,16 @@
 """Model bundles: everything ``predict`` needs, as safetensors weights + one JSON file. No pickle.
 
-    bundle.json          labels, task, encoders, replay settings of ocr/describe/reason (with the LLM
-                         priors), card spec, training data fingerprint, seeds, metrics, the calibration
-                         temperature and the pass/defect/review rule (with the held-out cards they
-                         were fitted on), file checksums
-    heads.safetensors    PFA projections + temperature
-    fusion-K.safetensors CMAF (or variant) + MLP classifier of cross-validation fold K (K = 0 .. folds-1);
-                         the classifier averages their calibrated probabilities. Trained end to end (format 5):
-                         also the fold's own projection heads and adapters, which replace heads.safetensors
-    held-out.safetensors the held-out calibrated probabilities and true class indices the decision rule was
-                         chosen on, so ``predict --max-miss-rate`` can move the operating point
-    encoders/*.safetensors   fine-tuned encoders (paper profile only)
+bundle.json          labels, task, encoders, replay settings of ocr/describe/reason (with the LLM
+                     priors), card spec, training data fingerprint, seeds, metrics, the calibration
+                     temperature and the pass/defect/review rule (with the held-out cards they
+                     were fitted on), file checksums
+heads.safetensors    PFA projections + temperature
+fusion-K.safetensors CMAF (or variant) + MLP classifier of cross-validation fold K (K = 0 .. folds-1);
+                     the classifier averages their calibrated probabilities. Trained end to end (format 5):
+                     also the fold's own projection heads and adapters, which replace heads.safetensors
+held-out.safetensors the held-out calibrated probabilities and true class indices the decision rule was
+                     chosen on, so ``predict --max-miss-rate`` can move the operating point
+encoders/*.safetensors   fine-tuned encoders (paper profile only)
 """
 
 from __future__ import annotations
@@ -56,14 +56,17 @@ class DecisionSource:
 
         path = self.path / HELD_OUT_SCORES
         if not path.is_file():
-            raise ConfigError(f"{self.path}: this model stores no held-out scores ({HELD_OUT_SCORES}), so its "
-                              "operating point cannot move; retrain it with `asectl fuse-train`, or drop "
-                              "--max-miss-rate/--max-defect-error")
+            raise ConfigError(
+                f"{self.path}: this model stores no held-out scores ({HELD_OUT_SCORES}), so its "
+                "operating point cannot move; retrain it with `asectl fuse-train`, or drop "
+                "--max-miss-rate/--max-defect-error"
+            )
         arrays = load_file(str(path))
         return arrays["probabilities"], arrays["labels"]
 
-    def operating_point(self, max_miss_rate: float | None = None,
-                        max_defect_error: float | None = None) -> tuple[Any, dict[str, Any]]:
+    def operating_point(
+        self, max_miss_rate: float | None = None, max_defect_error: float | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         """(decision rule, its held-out decision stats) for these targets: the stored rule when none is
         given, else re-derived from the held-out scores (asectl.models.calibration.operating_point)."""
         if max_miss_rate is None and max_defect_error is None:
@@ -71,7 +74,6 @@ class DecisionSource:
         from asectl.models.calibration import operating_point
 
         return operating_point(*self.held_out_scores(), self.decision_rule(), max_miss_rate, max_defect_error)
-
 
 
 @dataclass
@@ -98,8 +100,7 @@ class Bundle(DecisionSource):
 
         from asectl.models.pfa import AlignmentHeads
 
-        return AlignmentHeads.from_checkpoint(load_file(str(self.path / "heads.safetensors")),
-                                              self.config["heads"])
+        return AlignmentHeads.from_checkpoint(load_file(str(self.path / "heads.safetensors")), self.config["heads"])
 
     def fusion_members(self) -> list[Any]:
         """The fold models whose calibrated probabilities the classifier averages."""
@@ -128,14 +129,22 @@ def write_held_out_scores(folder: Path, probabilities: Any, labels: Any) -> None
     import numpy as np
     from safetensors.numpy import save_file
 
-    save_file({"probabilities": np.ascontiguousarray(probabilities, dtype=np.float64),
-               "labels": np.ascontiguousarray(labels, dtype=np.int64)}, str(folder / HELD_OUT_SCORES))
+    save_file(
+        {
+            "probabilities": np.ascontiguousarray(probabilities, dtype=np.float64),
+            "labels": np.ascontiguousarray(labels, dtype=np.int64),
+        },
+        str(folder / HELD_OUT_SCORES),
+    )
 
 
 def write_checksums(folder: Path, config: dict[str, Any], name: str = "bundle.json") -> None:
     """``config`` with the checksum of every file in ``folder``, written as ``name`` (an export: export.json)."""
-    config["files"] = {p.relative_to(folder).as_posix(): sha256_file(p)
-                       for p in sorted(folder.rglob("*")) if p.is_file() and p.name != name}
+    config["files"] = {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != name
+    }
     (folder / name).write_text(json.dumps(config, indent=1, default=str))
 
 
@@ -160,8 +169,9 @@ def load_bundle(path: str | Path) -> Bundle:
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{cfg_file}: unreadable bundle description; export the model again") from None
     if config.get("format") not in READABLE_FORMATS:
-        raise ConfigError(f"{p}: bundle format {config.get('format')} is not {BUNDLE_FORMAT} or {END_TO_END_FORMAT}; "
-                          "retrain it")
+        raise ConfigError(
+            f"{p}: bundle format {config.get('format')} is not {BUNDLE_FORMAT} or {END_TO_END_FORMAT}; retrain it"
+        )
     verify_files(p, files, "export or train the model again")
     return Bundle(p, config)
 
@@ -173,8 +183,9 @@ def latest_bundle(cache: Cache) -> tuple[Bundle, str]:
         raise ConfigError(f"no trained model in {cache.root}; run `asectl fuse-train DATASET` or pass --model DIR")
     entry = cache.get("model", ptr["key"])
     if entry is None:
-        raise ConfigError(f"the latest model ({ptr['key'][:12]}) is gone from {cache.root}; retrain it or "
-                          "pass --model DIR")
+        raise ConfigError(
+            f"the latest model ({ptr['key'][:12]}) is gone from {cache.root}; retrain it or pass --model DIR"
+        )
     return load_bundle(entry.path), pointer_text(ptr)
 
 

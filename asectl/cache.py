@@ -135,8 +135,9 @@ def read_memo_bytes(kind: str, key: list) -> bytes | None:
     return body if len(digest) == 32 and hashlib.sha256(body).digest() == digest else None
 
 
-def write_memo_bytes(kind: str, key: list, data: bytes, st: os.stat_result, *, suffix: str = ".bin",
-                     checked: bool = True) -> None:
+def write_memo_bytes(
+    kind: str, key: list, data: bytes, st: os.stat_result, *, suffix: str = ".bin", checked: bool = True
+) -> None:
     """Keep ``data`` for ``key`` (with a sha256 in front when ``checked``) unless the file (``st``) is too
     new; failures are ignored."""
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= _RACY_NS:
@@ -155,7 +156,7 @@ class CorruptEntry(Exception):
 class Entry:
     path: Path
     meta: dict
-    verified: dict[str, bytes] = field(default_factory=dict, repr=False)   # name -> bytes checked on get
+    verified: dict[str, bytes] = field(default_factory=dict, repr=False)  # name -> bytes checked on get
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -230,7 +231,7 @@ class Cache:
         try:
             meta = self._verify(path, verified)
         except CorruptEntry as exc:
-            if not path.exists():   # no entry at all (checked only now: most lookups are hits)
+            if not path.exists():  # no entry at all (checked only now: most lookups are hits)
                 self._count(stage, "miss")
                 return None
             log.warning("cache entry %s/%s is corrupt (%s); it will be rebuilt", stage, key[:12], exc)
@@ -290,8 +291,7 @@ class Cache:
             (tmp / name).write_bytes(data)
         return self._finish(tmp, stage, key, meta or {})
 
-    def put_json(self, stage: str, key: str, obj: Any, meta: dict | None = None,
-                 name: str = "record.json") -> Entry:
+    def put_json(self, stage: str, key: str, obj: Any, meta: dict | None = None, name: str = "record.json") -> Entry:
         return self.put(stage, key, {name: json.dumps(obj, default=str).encode()}, meta)
 
     def put_tree(self, stage: str, key: str, build: Callable[[Path], dict | None]) -> Entry:

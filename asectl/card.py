@@ -29,10 +29,10 @@ else:  # pragma: no cover
 class Geometry:
     width: int = 720
     height: int = 480
-    center_px: tuple[int, int] = (240, 240)   # pixel of the range centre (x right, y down)
-    range_units: float = 20.0                 # radius of the fixed circular range, in units
-    px_per_unit: float = 11.0                 # so the range circle has a radius of 220 px
-    dot_radius: int = 2                       # each hole is a filled disc of 5 px diameter
+    center_px: tuple[int, int] = (240, 240)  # pixel of the range centre (x right, y down)
+    range_units: float = 20.0  # radius of the fixed circular range, in units
+    px_per_unit: float = 11.0  # so the range circle has a radius of 220 px
+    dot_radius: int = 2  # each hole is a filled disc of 5 px diameter
     dot_rgb: tuple[int, int, int] = (255, 105, 180)
     range_rgb: tuple[int, int, int] = (170, 170, 170)
     axis_rgb: tuple[int, int, int] = (215, 215, 215)
@@ -53,14 +53,14 @@ class Geometry:
 
 
 GEOMETRY = Geometry()
-PATTERN_TIMEOUT = 0.25   # seconds one card-spec pattern may spend on one OCR'd row
+PATTERN_TIMEOUT = 0.25  # seconds one card-spec pattern may spend on one OCR'd row
 DEFAULT_SPEC_PATH = Path(__file__).parent / "specs" / "default.toml"
 
 
 @dataclass(frozen=True)
 class FieldSpec:
     name: str
-    kind: str                  # "int" or "float"
+    kind: str  # "int" or "float"
     pattern: regex.Pattern
     template: str | None
 
@@ -72,8 +72,8 @@ class CardSpec:
     bin_edges: tuple[float, ...]
     bin_pattern: regex.Pattern | None
     bin_template: str | None
-    source: str                 # path of the TOML, recorded in artifact metadata
-    digest: str                 # hash of the TOML text, part of cache keys
+    source: str  # path of the TOML, recorded in artifact metadata
+    digest: str  # hash of the TOML text, part of cache keys
 
     @property
     def n_bins(self) -> int:
@@ -184,17 +184,18 @@ def record_from_points(points: np.ndarray, edges: tuple[float, ...] | None = Non
 
 def _round2(x: float) -> float:
     v = round(float(x), 2)
-    return 0.0 if v == 0 else v     # never print "-0.00"
+    return 0.0 if v == 0 else v  # never print "-0.00"
 
 
-@lru_cache(maxsize=8)   # the field difficulty draws six text sizes
+@lru_cache(maxsize=8)  # the field difficulty draws six text sizes
 def _font(size: int) -> ImageFont.ImageFont:
     # Pillow's embedded scalable font: identical on every machine with the same Pillow, no system fonts.
     return ImageFont.load_default(size=size)
 
 
-def render_card(points: np.ndarray, printed: dict[str, Any], spec: CardSpec | None = None,
-                geometry: Geometry = GEOMETRY) -> Image.Image:
+def render_card(
+    points: np.ndarray, printed: dict[str, Any], spec: CardSpec | None = None, geometry: Geometry = GEOMETRY
+) -> Image.Image:
     g = geometry
     spec = spec or default_spec()
     img = Image.new("RGB", (g.width, g.height), (255, 255, 255))
@@ -214,8 +215,9 @@ def render_card(points: np.ndarray, printed: dict[str, Any], spec: CardSpec | No
     return img
 
 
-def acquire(img: Image.Image, light_gain=(1.0, 1.0, 1.0), noise_sd: float = 0.0,
-            jpeg_quality: int | None = None, seed: int = 0) -> Image.Image:
+def acquire(
+    img: Image.Image, light_gain=(1.0, 1.0, 1.0), noise_sd: float = 0.0, jpeg_quality: int | None = None, seed: int = 0
+) -> Image.Image:
     """A rendered card as a camera and an image pipeline deliver it: a lighting gain per colour channel
     (background tint), Gaussian pixel noise (sd on the 0-255 scale, seeded), a JPEG round trip."""
     import io
@@ -244,8 +246,20 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["GEOMETRY", "Geometry", "CardSpec", "load_spec", "default_spec", "record_from_points",
-           "render_card", "acquire", "inside_range", "png_bytes", "dot_mask", "dot_pixels"]
+__all__ = [
+    "GEOMETRY",
+    "Geometry",
+    "CardSpec",
+    "load_spec",
+    "default_spec",
+    "record_from_points",
+    "render_card",
+    "acquire",
+    "inside_range",
+    "png_bytes",
+    "dot_mask",
+    "dot_pixels",
+]
 
 
 def dot_mask(img: Image.Image) -> np.ndarray:

@@ -13,8 +13,20 @@ from asectl import __version__, ui
 from asectl.errors import AsectlError
 
 # ``asectl --help`` lists the commands in the order a user runs them.
-PIPELINE_ORDER = ("synth", "ocr", "describe", "reason", "align", "fuse-train", "predict", "report", "export", "models",
-                  "cache", "config")
+PIPELINE_ORDER = (
+    "synth",
+    "ocr",
+    "describe",
+    "reason",
+    "align",
+    "fuse-train",
+    "predict",
+    "report",
+    "export",
+    "models",
+    "cache",
+    "config",
+)
 
 
 class _Group(click.Group):
@@ -22,8 +34,10 @@ class _Group(click.Group):
     its commands in pipeline order."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(super().list_commands(ctx),
-                      key=lambda n: (PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else len(PIPELINE_ORDER), n))
+        return sorted(
+            super().list_commands(ctx),
+            key=lambda n: (PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else len(PIPELINE_ORDER), n),
+        )
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -48,14 +62,21 @@ class _Group(click.Group):
 class _Logging(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         style = "yellow" if record.levelno >= logging.WARNING else "dim"
-        ui.console.print(f"[{style}]{record.levelname.lower()}:[/] {record.getMessage()}", highlight=False,
-                         soft_wrap=True)
+        ui.console.print(
+            f"[{style}]{record.levelname.lower()}:[/] {record.getMessage()}", highlight=False, soft_wrap=True
+        )
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="asectl")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="ASECTL_CACHE_DIR",
-              show_envvar=True, show_default="the user cache folder", help="Artifact cache folder.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="ASECTL_CACHE_DIR",
+    show_envvar=True,
+    show_default="the user cache folder",
+    help="Artifact cache folder.",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors (no progress bars).")
 @click.pass_context
@@ -82,9 +103,9 @@ def _register_stage_commands() -> None:
     from asectl.commands.config import config_option, leaf_commands
 
     for info in sorted(pkgutil.iter_modules(asectl.commands.__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):   # _shared: helpers, not commands
+        if not info.name.startswith("_"):  # _shared: helpers, not commands
             importlib.import_module(f"asectl.commands.{info.name}").register(cli)
-    for command in leaf_commands(cli).values():    # every command reads the settings layer (docs/config.md)
+    for command in leaf_commands(cli).values():  # every command reads the settings layer (docs/config.md)
         config_option(command)
 
 

@@ -34,8 +34,8 @@ log = logging.getLogger("asectl")
 
 @dataclass(frozen=True)
 class Sample:
-    path: Path            # absolute path of the image file
-    name: str             # path relative to the dataset root (or the file name), used in records
+    path: Path  # absolute path of the image file
+    name: str  # path relative to the dataset root (or the file name), used in records
     label: str | None = None
     split: str | None = None
 
@@ -44,9 +44,9 @@ class Sample:
 class Dataset:
     samples: list[Sample]
     root: Path | None = None
-    source: str = "images"          # "labels.csv", "imagefolder" or "images"
+    source: str = "images"  # "labels.csv", "imagefolder" or "images"
     labels: list[str] = field(default_factory=list)
-    split_seed: int | None = None   # the seed of an ImageFolder's stratified split (None: labels.csv's)
+    split_seed: int | None = None  # the seed of an ImageFolder's stratified split (None: labels.csv's)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -70,9 +70,14 @@ class Dataset:
     def split_record(self) -> dict[str, Any]:
         """What a model stores of the split it was trained on: every card's name, label, split and
         sha256, and how the split was made (asectl.stages.split checks a folder against it)."""
-        return {"source": self.source, "split_seed": self.split_seed,
-                "cards": [{"image": s.name, "label": s.label, "split": s.split, "sha256": sha256_file(s.path)}
-                          for s in self.samples]}
+        return {
+            "source": self.source,
+            "split_seed": self.split_seed,
+            "cards": [
+                {"image": s.name, "label": s.label, "split": s.split, "sha256": sha256_file(s.path)}
+                for s in self.samples
+            ],
+        }
 
     def class_counts(self, split: str | None = None) -> dict[str, int]:
         rows = self.samples if split is None else self.split(split)
@@ -151,8 +156,7 @@ def read_labels_csv(root: Path, require_train: bool = True) -> Dataset:
     cols = [c.strip() for c in (reader.fieldnames or [])]
     missing = [c for c in ("image", "label", "split") if c not in cols]
     if missing:
-        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
-                        "the header must be image,label,split")
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header must be image,label,split")
     samples, seen, real_root = [], {}, root.resolve()
     for lineno, row in enumerate(reader, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}

@@ -48,10 +48,16 @@ class ExecutorSettings:
     num_gpus_per_worker: float = 0.0
 
     # the option and the environment variable of each setting (its key in [executor] is its name)
-    SOURCES = {name: (option, ENVIRONMENT[f"{CONFIG_TABLE}.{name}"])
-               for name, option in (("kind", "--executor"), ("address", "--ray-address"),
-                                    ("workers", "--ray-workers"), ("batch_size", "--ray-batch-size"),
-                                    ("num_gpus_per_worker", "--num-gpus-per-worker"))}
+    SOURCES = {
+        name: (option, ENVIRONMENT[f"{CONFIG_TABLE}.{name}"])
+        for name, option in (
+            ("kind", "--executor"),
+            ("address", "--ray-address"),
+            ("workers", "--ray-workers"),
+            ("batch_size", "--ray-batch-size"),
+            ("num_gpus_per_worker", "--num-gpus-per-worker"),
+        )
+    }
 
     def __post_init__(self) -> None:
         if self.kind not in EXECUTORS.names():
@@ -64,8 +70,11 @@ class ExecutorSettings:
         if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not (math.isfinite(gpus) and gpus >= 0):
             raise ConfigError(f"--num-gpus-per-worker {gpus!r}: must be 0 or more (fractions share a GPU)")
         if self.kind == "local" and (self.workers or self.batch_size or self.address or gpus):
-            given = [self.SOURCES[n][0] for n in ("address", "workers", "batch_size", "num_gpus_per_worker")
-                     if getattr(self, n)]
+            given = [
+                self.SOURCES[n][0]
+                for n in ("address", "workers", "batch_size", "num_gpus_per_worker")
+                if getattr(self, n)
+            ]
             raise ConfigError(f"{', '.join(given)} apply to the Ray executor; add --executor ray (or drop them)")
 
     @classmethod
@@ -79,10 +88,11 @@ class ExecutorSettings:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(table) - names)
         if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} in [{CONFIG_TABLE}]; use "
-                              f"{', '.join(sorted(names))}")
+            raise ConfigError(
+                f"{path}: unknown key(s) {', '.join(unknown)} in [{CONFIG_TABLE}]; use {', '.join(sorted(names))}"
+            )
         values: dict[str, Any] = {}
-        origins: set[str] = set()   # where values other than the command line's came from, for messages
+        origins: set[str] = set()  # where values other than the command line's came from, for messages
         for name in names:
             env = cls.SOURCES[name][1]
             if given.get(name) is not None:
@@ -96,8 +106,9 @@ class ExecutorSettings:
         return cls.from_values(values, {k for k, v in given.items() if v is not None}, origins)
 
     @classmethod
-    def from_values(cls, values: dict[str, Any], command_line: set[str], origins: set[str] = frozenset()
-                    ) -> "ExecutorSettings":
+    def from_values(
+        cls, values: dict[str, Any], command_line: set[str], origins: set[str] = frozenset()
+    ) -> "ExecutorSettings":
         """Settings from resolved ``values``; ``command_line``: the names given as options, ``origins``:
         where the others came from (for messages)."""
         # Ray settings from the environment or a config file wait for a Ray run; on the command line
@@ -147,8 +158,8 @@ class Work:
     load: Callable[..., Callable[[list[Any]], list[Any]]]
     args: tuple = ()
     meta: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 8          # jobs per batch unless --ray-batch-size says otherwise
-    cpus: float = 1.0            # cores one worker keeps busy (its thread count)
+    batch_size: int = 8  # jobs per batch unless --ray-batch-size says otherwise
+    cpus: float = 1.0  # cores one worker keeps busy (its thread count)
     # On the driver, the result of a job whose worker process died each time it ran it (a poison card): the
     # job's error record; None stops the run instead. Importable, like ``load``.
     lost: Callable[[Job, str], Any] | None = None
@@ -182,11 +193,16 @@ def check_same(what: str, here: Any, driver: Any) -> None:
         return
     import socket
 
-    differ = ([k for k in sorted(set(here) | set(driver)) if here.get(k) != driver.get(k)]
-              if isinstance(here, dict) and isinstance(driver, dict) else [])
-    raise ConfigError(f"{what} on node {socket.gethostname()} is not the one this run started with"
-                      + (f" (differs in {', '.join(differ)})" if differ else "")
-                      + "; install the same asectl environment and model files on every node (docs/scale.md)")
+    differ = (
+        [k for k in sorted(set(here) | set(driver)) if here.get(k) != driver.get(k)]
+        if isinstance(here, dict) and isinstance(driver, dict)
+        else []
+    )
+    raise ConfigError(
+        f"{what} on node {socket.gethostname()} is not the one this run started with"
+        + (f" (differs in {', '.join(differ)})" if differ else "")
+        + "; install the same asectl environment and model files on every node (docs/scale.md)"
+    )
 
 
 def make_executor(settings: ExecutorSettings | None = None) -> Executor:
@@ -208,8 +224,9 @@ def require_ray() -> None:
     except (ImportError, ValueError):
         missing = True
     if missing:
-        raise ConfigError(f"--executor ray needs Ray, which is not installed; run `{INSTALL_HINT}` (or use "
-                          "--executor local)")
+        raise ConfigError(
+            f"--executor ray needs Ray, which is not installed; run `{INSTALL_HINT}` (or use --executor local)"
+        )
 
 
 def resolve(executor: Executor | None) -> Executor:
@@ -231,5 +248,15 @@ def using(executor: Executor) -> Iterator[Executor]:
         executor.close()
 
 
-__all__ = ["ExecutorSettings", "Executor", "Job", "Work", "LOCAL", "make_executor", "require_ray",
-           "resolve", "using", "check_same"]
+__all__ = [
+    "ExecutorSettings",
+    "Executor",
+    "Job",
+    "Work",
+    "LOCAL",
+    "make_executor",
+    "require_ray",
+    "resolve",
+    "using",
+    "check_same",
+]

@@ -59,8 +59,10 @@ def load_export(path: str | Path) -> ExportedModel:
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{manifest_file}: unreadable manifest; export the model again") from None
     if manifest.get("format") not in READABLE_FORMATS:
-        raise ConfigError(f"{p}: export format {manifest.get('format')} is not {EXPORT_FORMAT} or "
-                          f"{END_TO_END_EXPORT_FORMAT}; export the model again with this asectl")
+        raise ConfigError(
+            f"{p}: export format {manifest.get('format')} is not {EXPORT_FORMAT} or "
+            f"{END_TO_END_EXPORT_FORMAT}; export the model again with this asectl"
+        )
     verify_files(p, files, "export the model again with `asectl export`")
     return ExportedModel(p, manifest, model, graphs)
 
@@ -90,7 +92,7 @@ class ExportedModel(DecisionSource):
 
     path: Path
     manifest: dict[str, Any]
-    config: dict[str, Any]                     # the bundle's settings, replay resolved to this folder
+    config: dict[str, Any]  # the bundle's settings, replay resolved to this folder
     graphs: dict[str, Any]
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -115,13 +117,16 @@ class ExportedModel(DecisionSource):
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
-            opts.log_severity_level = 3          # onnxruntime's own warnings are not the user's business
+            opts.log_severity_level = 3  # onnxruntime's own warnings are not the user's business
             try:
-                self._sessions[name] = ort.InferenceSession(str(self.path / name), opts,
-                                                            providers=["CPUExecutionProvider"])
-            except Exception as exc:   # a graph that passed its checksum but does not load: wrong onnxruntime
-                raise ConfigError(f"{self.path / name}: onnxruntime cannot load it ({type(exc).__name__}: "
-                                  f"{str(exc)[:160]}); install onnxruntime>=1.16 or export again") from None
+                self._sessions[name] = ort.InferenceSession(
+                    str(self.path / name), opts, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # a graph that passed its checksum but does not load: wrong onnxruntime
+                raise ConfigError(
+                    f"{self.path / name}: onnxruntime cannot load it ({type(exc).__name__}: "
+                    f"{str(exc)[:160]}); install onnxruntime>=1.16 or export again"
+                ) from None
         return self._sessions[name]
 
     def load(self) -> None:
@@ -155,11 +160,14 @@ class ExportedModel(DecisionSource):
             raise ConfigError(f"{self.path}: the model needs inputs for {', '.join(missing)}")
         unknown = sorted({s["kind"] for s in self.graphs["encoders"].values()} - set(ENCODER_KINDS))
         if unknown:
-            raise ConfigError(f"{self.path}: encoder kind {', '.join(unknown)} is unknown to this asectl; install "
-                              "the version that exported it")
-        features = {m: ENCODER_KINDS[spec["kind"]](self, spec, inputs[m])
-                    for m, spec in self.graphs["encoders"].items()}
-        if inputs.get("stats") is not None:      # the record's numbers: no encoder graph, the heads take them
+            raise ConfigError(
+                f"{self.path}: encoder kind {', '.join(unknown)} is unknown to this asectl; install "
+                "the version that exported it"
+            )
+        features = {
+            m: ENCODER_KINDS[spec["kind"]](self, spec, inputs[m]) for m, spec in self.graphs["encoders"].items()
+        }
+        if inputs.get("stats") is not None:  # the record's numbers: no encoder graph, the heads take them
             features["stats"] = np.asarray(inputs["stats"], dtype=np.float32)
         return features
 
@@ -195,8 +203,9 @@ def image_features(model: ExportedModel, spec: Mapping[str, Any], items: Sequenc
     name = sess.get_inputs()[0].name
     out = [np.zeros((0, int(spec["dim"])), np.float32)]
     for s in range(0, len(items), IMAGE_BATCH):
-        batch = np.stack([prepare_image(getattr(it, "path", it), **spec["preprocessing"])
-                          for it in items[s:s + IMAGE_BATCH]])
+        batch = np.stack(
+            [prepare_image(getattr(it, "path", it), **spec["preprocessing"]) for it in items[s : s + IMAGE_BATCH]]
+        )
         out.append(sess.run(None, {name: batch})[0])
     return np.concatenate(out).astype(np.float32, copy=False)
 
@@ -208,9 +217,12 @@ def text_features(model: ExportedModel, spec: Mapping[str, Any], texts: Sequence
     wanted = {i.name for i in sess.get_inputs()}
     out = [np.zeros((0, int(spec["dim"])), np.float32)]
     for s in range(0, len(texts), TEXT_BATCH):
-        enc = tok.encode_batch([str(t) for t in texts[s:s + TEXT_BATCH]])
-        feeds = {"input_ids": [e.ids for e in enc], "attention_mask": [e.attention_mask for e in enc],
-                 "token_type_ids": [e.type_ids for e in enc]}
+        enc = tok.encode_batch([str(t) for t in texts[s : s + TEXT_BATCH]])
+        feeds = {
+            "input_ids": [e.ids for e in enc],
+            "attention_mask": [e.attention_mask for e in enc],
+            "token_type_ids": [e.type_ids for e in enc],
+        }
         out.append(sess.run(None, {k: np.asarray(v, dtype=np.int64) for k, v in feeds.items() if k in wanted})[0])
     return np.concatenate(out).astype(np.float32, copy=False)
 

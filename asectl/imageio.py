@@ -33,7 +33,8 @@ def load_image(path: str | Path) -> Image.Image:
                 if w * h > MAX_PIXELS:
                     raise DataError(
                         f"{p}: image is {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel limit "
-                        "(possible decompression bomb); downscale it before use")
+                        "(possible decompression bomb); downscale it before use"
+                    )
                 im.load()
                 return _to_rgb(im)
     except DataError:

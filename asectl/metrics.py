@@ -22,7 +22,7 @@ def macro_f1_from_codes(true_codes: Any, pred_codes: Any, n_classes: int) -> flo
     cm = np.bincount(true_codes * n_classes + pred_codes, minlength=n_classes * n_classes)
     cm = cm.reshape(n_classes, n_classes)
     tp = np.diag(cm).astype(float)
-    denom = cm.sum(1) + cm.sum(0)          # support + predicted
+    denom = cm.sum(1) + cm.sum(0)  # support + predicted
     present = denom > 0
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
     return float(f1[present].mean()) if present.any() else 0.0

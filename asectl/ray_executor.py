@@ -21,17 +21,17 @@ from asectl.executors import INSTALL_HINT, Executor, ExecutorSettings, Job, Work
 from asectl.registry import EXECUTORS
 from asectl.workers import CRASH_RETRIES, CRASH_TEST_ENV, died_alone
 
-require_ray()   # not installed: one line saying how to install it
+require_ray()  # not installed: one line saying how to install it
 try:
     import ray
     import ray.data
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-except ImportError as exc:   # installed, but broken (a missing dependency of Ray Data)
+except ImportError as exc:  # installed, but broken (a missing dependency of Ray Data)
     raise ConfigError(f"--executor ray: Ray does not import ({exc}); run `{INSTALL_HINT}`") from None
 
 PROBE_TIMEOUT_S = 120
-PROBE_CONNECT_S = 5.0   # a cluster's GCS port accepts a connection at once; a dead or filtered one never does
-JOIN_TIMEOUT_S = 20.0   # the longest ray.init may take to join a cluster that answers (usually under 2 s)
+PROBE_CONNECT_S = 5.0  # a cluster's GCS port accepts a connection at once; a dead or filtered one never does
+JOIN_TIMEOUT_S = 20.0  # the longest ray.init may take to join a cluster that answers (usually under 2 s)
 
 
 def reachable(address: str) -> None:
@@ -43,7 +43,7 @@ def reachable(address: str) -> None:
     try:
         where = urlsplit(address if "://" in address else f"//{address}")
         host, port = where.hostname, where.port
-    except ValueError:   # a port that is not a number
+    except ValueError:  # a port that is not a number
         raise ConfigError(f"--ray-address {address}: not HOST:PORT (e.g. 10.0.0.5:6379); fix the address") from None
     if not host or port is None:
         return
@@ -51,9 +51,11 @@ def reachable(address: str) -> None:
         socket.create_connection((host, port), timeout=PROBE_CONNECT_S).close()
     except OSError as exc:
         why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise ConfigError(f"--ray-address {address}: nothing answers at {host}:{port} ({why} within "
-                          f"{PROBE_CONNECT_S:g} s); start the cluster with `ray start --head` or fix the address "
-                          "(docs/scale.md)") from None
+        raise ConfigError(
+            f"--ray-address {address}: nothing answers at {host}:{port} ({why} within "
+            f"{PROBE_CONNECT_S:g} s); start the cluster with `ray start --head` or fix the address "
+            "(docs/scale.md)"
+        ) from None
 
 
 def join_within(seconds: float, **init: Any) -> None:
@@ -68,15 +70,17 @@ def join_within(seconds: float, **init: Any) -> None:
     def join() -> None:
         try:
             ray.init(**init)
-        except BaseException as exc:   # handed to the caller's thread
+        except BaseException as exc:  # handed to the caller's thread
             failure.append(exc)
         finally:
             done.set()
 
     threading.Thread(target=join, name="ray-join", daemon=True).start()
     if not done.wait(seconds):
-        raise ConfigError(f"--ray-address {init.get('address')}: no Ray cluster answered there within {seconds:g} s; "
-                          "check the address (`ray status` on the cluster shows it) (docs/scale.md)")
+        raise ConfigError(
+            f"--ray-address {init.get('address')}: no Ray cluster answered there within {seconds:g} s; "
+            "check the address (`ray status` on the cluster shows it) (docs/scale.md)"
+        )
     if failure:
         raise failure[0]
 
@@ -97,8 +101,8 @@ def _worker_class(work: Work, cache_root: str) -> type:
             self.cache = Cache(cache_root)
             self.failure: AsectlError | None = None
             try:
-                self.compute = work.load(*work.args)   # the engine, once per worker
-            except AsectlError as exc:   # reported with the first batch, as the error of the run
+                self.compute = work.load(*work.args)  # the engine, once per worker
+            except AsectlError as exc:  # reported with the first batch, as the error of the run
                 self.failure = exc
 
         def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +119,7 @@ def _worker_class(work: Work, cache_root: str) -> type:
                 payload = [pickle.dumps(r) for r in results]
             except AsectlError as exc:
                 payload = [pickle.dumps(_Failure(exc))] * len(jobs)
-            except Exception as exc:   # a fault in the stage's code: the run stops, the batch is not dropped
+            except Exception as exc:  # a fault in the stage's code: the run stops, the batch is not dropped
                 failure = ConfigError(f"{work.name} failed: {describe_exception(exc)}")
                 payload = [pickle.dumps(_Failure(failure))] * len(jobs)
             return {"index": batch["index"], "result": np.array(payload, dtype=object)}
@@ -168,10 +172,12 @@ class RayExecutor(Executor):
                     self._started_here = True
         except ConfigError:
             raise
-        except Exception as exc:   # Ray raises ConnectionError, RuntimeError, ValueError ... for a bad address
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError ... for a bad address
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise ConfigError(f"--ray-address {address or 'auto'}: cannot join a Ray cluster ({first}); start one "
-                              "with `ray start --head` or fix the address (docs/scale.md)") from None
+            raise ConfigError(
+                f"--ray-address {address or 'auto'}: cannot join a Ray cluster ({first}); start one "
+                "with `ray start --head` or fix the address (docs/scale.md)"
+            ) from None
 
     @staticmethod
     def _quiet_ray_data() -> None:
@@ -198,13 +204,19 @@ class RayExecutor(Executor):
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         tokens = {n["NodeID"]: f"{uuid.uuid4().hex}-{n['NodeID'][:12]}" for n in nodes}
         paths = {nid: root / "tmp" / f"shared-check-{tok}" for nid, tok in tokens.items()}
-        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(paths[n["NodeID"]]), tokens[n["NodeID"]]) for n in nodes}
+        refs = {
+            n["NodeID"]: probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(paths[n["NodeID"]]), tokens[n["NodeID"]])
+            for n in nodes
+        }
         try:
             answers = dict(zip(refs, ray.get(list(refs.values()), timeout=PROBE_TIMEOUT_S)))
         except ray.exceptions.GetTimeoutError:
-            raise ConfigError(f"a Ray node did not answer the cache check within {PROBE_TIMEOUT_S} s; check the "
-                              "cluster with `ray status`") from None
+            raise ConfigError(
+                f"a Ray node did not answer the cache check within {PROBE_TIMEOUT_S} s; check the "
+                "cluster with `ray status`"
+            ) from None
         for n in nodes:
             nid = n["NodeID"]
             problem = answers[nid]
@@ -220,7 +232,8 @@ class RayExecutor(Executor):
                 raise ConfigError(
                     f"the cache folder {root} is not shared with Ray node {n.get('NodeManagerAddress', nid[:12])}: "
                     f"{problem}; put the cache on storage every node mounts at the same path (e.g. NFS) and "
-                    "pass that path with --cache-dir or ASECTL_CACHE_DIR (docs/scale.md)")
+                    "pass that path with --cache-dir or ASECTL_CACHE_DIR (docs/scale.md)"
+                )
         self._checked.add(str(root))
 
     def _workers(self, work: Work) -> int:
@@ -232,8 +245,10 @@ class RayExecutor(Executor):
         gpus = self.settings.num_gpus_per_worker
         if gpus:
             if not total.get("GPU"):
-                raise ConfigError("--num-gpus-per-worker: the Ray cluster has no GPUs (`ray status` lists its "
-                                  "resources); drop the option or add GPU nodes")
+                raise ConfigError(
+                    "--num-gpus-per-worker: the Ray cluster has no GPUs (`ray status` lists its "
+                    "resources); drop the option or add GPU nodes"
+                )
             return max(1, int(total["GPU"] // gpus))
         return max(1, int(total.get("CPU", 1) // work.cpus))
 
@@ -248,15 +263,16 @@ class RayExecutor(Executor):
         is found and the others complete. Its result is ``work.lost(job, why)`` (a card's error record), or
         without ``lost`` one ConfigError that stops the run."""
         self.connect()
-        root = Path(cache.root).absolute()   # not resolve(): each node follows its own links to the share
+        root = Path(cache.root).absolute()  # not resolve(): each node follows its own links to the share
         self.check_shared_cache(root)
         if not jobs:
             return
         batch_size = self.settings.batch_size or work.batch_size
         done: set[int] = set()
         # A lost batch of several jobs is not retried as it is: the isolation round retries its jobs alone.
-        yield from self._run(work, jobs, range(len(jobs)), root, cache, batch_size,
-                             0 if batch_size > 1 else CRASH_RETRIES, done)
+        yield from self._run(
+            work, jobs, range(len(jobs)), root, cache, batch_size, 0 if batch_size > 1 else CRASH_RETRIES, done
+        )
         if len(done) < len(jobs) and batch_size > 1:
             lost = [i for i in range(len(jobs)) if i not in done]
             yield from self._run(work, jobs, lost, root, cache, 1, CRASH_RETRIES, done)
@@ -268,8 +284,17 @@ class RayExecutor(Executor):
                 raise ConfigError(f"{why}; what finished is cached: check the cluster with `ray status` and rerun")
             yield i, work.lost(jobs[i], why)
 
-    def _run(self, work: Work, jobs: Sequence[Job], todo: Sequence[int], root: Path, cache: Cache, batch_size: int,
-             retries: int, done: set[int]) -> Iterator[tuple[int, Any]]:
+    def _run(
+        self,
+        work: Work,
+        jobs: Sequence[Job],
+        todo: Sequence[int],
+        root: Path,
+        cache: Cache,
+        batch_size: int,
+        retries: int,
+        done: set[int],
+    ) -> Iterator[tuple[int, Any]]:
         """One Ray Data pass over the jobs at positions ``todo``, each batch retried up to ``retries`` times
         when its worker dies, then dropped; ``done`` collects the positions answered."""
         n_batches = math.ceil(len(todo) / batch_size)
@@ -278,15 +303,19 @@ class RayExecutor(Executor):
         resources: dict[str, Any] = {"num_cpus": work.cpus}
         if self.settings.num_gpus_per_worker:
             resources["num_gpus"] = self.settings.num_gpus_per_worker
-        if os.environ.get(CRASH_TEST_ENV):   # the test hook reaches the workers of a cluster started earlier
+        if os.environ.get(CRASH_TEST_ENV):  # the test hook reaches the workers of a cluster started earlier
             resources["runtime_env"] = {"env_vars": {CRASH_TEST_ENV: os.environ[CRASH_TEST_ENV]}}
         with warnings.catch_warnings():
             # Ray Data 2.60 takes the actors' task retries (default: without limit) only among the remote
             # arguments it calls deprecated, to be removed in Ray 2.64; it names no replacement yet.
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             results = ray.data.from_items(items, override_num_blocks=n_batches).map_batches(
-                _worker_class(work, str(root)), batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=workers), max_task_retries=retries, **resources)
+                _worker_class(work, str(root)),
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                max_task_retries=retries,
+                **resources,
+            )
         try:
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                 for index, payload in zip(batch["index"], batch["result"]):
@@ -294,13 +323,15 @@ class RayExecutor(Executor):
                     if isinstance(result, _Failure):
                         raise result.error
                     if isinstance(result, dict) and not result.get("error"):
-                        cache._count(work.stage, "put")   # stored by the worker, counted here
+                        cache._count(work.stage, "put")  # stored by the worker, counted here
                     done.add(int(index))
                     yield int(index), result
         except ray.exceptions.RayActorError as exc:
-            raise ConfigError(f"{work.name} process on the Ray cluster died and could not be restarted "
-                              f"({exc.__class__.__name__}); what finished is cached: check the cluster with `ray "
-                              "status` and rerun") from None
+            raise ConfigError(
+                f"{work.name} process on the Ray cluster died and could not be restarted "
+                f"({exc.__class__.__name__}); what finished is cached: check the cluster with `ray "
+                "status` and rerun"
+            ) from None
 
 
 __all__ = ["RayExecutor"]

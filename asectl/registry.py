@@ -31,7 +31,7 @@ class Registry:
     def __init__(self, family: str, builtin_module: str, on_demand: dict[str, str] | None = None):
         self.family = family
         self._builtin_module = builtin_module
-        self._on_demand = dict(on_demand or {})   # name -> module that registers it when imported
+        self._on_demand = dict(on_demand or {})  # name -> module that registers it when imported
         self._items: dict[str, tuple[type, dict[str, Any]]] = {}
 
     def register(self, name: str, **defaults: Any) -> Callable[[type], type]:
@@ -39,6 +39,7 @@ class Registry:
             self._items[name] = (cls, defaults)
             cls.registry_name = name
             return cls
+
         return deco
 
     def _ensure(self) -> None:

@@ -66,15 +66,17 @@ def read_toml(path: Path, required: bool) -> dict[str, Any]:
     """A TOML config file as a dict ({} when it is absent and not ``required``); errors name the file."""
     try:
         import tomllib
-    except ImportError:   # Python 3.10
+    except ImportError:  # Python 3.10
         import tomli as tomllib
 
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if required:
-            raise ConfigError(f"{path}: no such config file; fix the path"
-                              + (f" or unset {CONFIG_ENV}" if path == user_config_path() else "")) from None
+            raise ConfigError(
+                f"{path}: no such config file; fix the path"
+                + (f" or unset {CONFIG_ENV}" if path == user_config_path() else "")
+            ) from None
         return {}
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc}); fix or remove it") from None
@@ -130,15 +132,21 @@ def file_layers(config_file: Path | None, canonical=lambda key: key) -> list[Lay
     path, data = user_config()
     layers = [Layer(USER_CONFIG, path, {canonical(k): v for k, v in flatten(data)})]
     if config_file is not None:
-        layers.append(Layer(CONFIG_OPTION, config_file,
-                            {canonical(k): v for k, v in flatten(read_toml(config_file, required=True))}))
+        layers.append(
+            Layer(
+                CONFIG_OPTION, config_file, {canonical(k): v for k, v in flatten(read_toml(config_file, required=True))}
+            )
+        )
     return layers
 
 
 def environment_layers() -> list[Layer]:
     """One layer per environment variable that is set (its source says which)."""
-    return [Layer(env_source(ENVIRONMENT[key]), None, {key: value}) for key in ENVIRONMENT
-            if (value := environment_value(key)) is not None]
+    return [
+        Layer(env_source(ENVIRONMENT[key]), None, {key: value})
+        for key in ENVIRONMENT
+        if (value := environment_value(key)) is not None
+    ]
 
 
 @dataclass(frozen=True)
@@ -153,8 +161,12 @@ class Setting:
 
     def as_dict(self) -> dict[str, Any]:
         value = list(self.value) if isinstance(self.value, tuple) else self.value
-        return {"key": self.key, "option": self.option, "value": value if _plain(value) else str(value),
-                "source": self.source}
+        return {
+            "key": self.key,
+            "option": self.option,
+            "value": value if _plain(value) else str(value),
+            "source": self.source,
+        }
 
 
 def _plain(value: Any) -> bool:
@@ -168,6 +180,23 @@ def sources_record(settings: list[Setting]) -> dict[str, str]:
     return {s.key: s.source for s in settings if s.source != DEFAULT}
 
 
-__all__ = ["CONFIG_ENV", "DEFAULT", "USER_CONFIG", "CONFIG_OPTION", "COMMAND_LINE", "ENVIRONMENT", "Layer",
-           "Setting", "env_source", "user_config_path", "read_toml", "user_config", "flatten", "environment_value",
-           "environment_switch", "file_layers", "environment_layers", "sources_record"]
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT",
+    "USER_CONFIG",
+    "CONFIG_OPTION",
+    "COMMAND_LINE",
+    "ENVIRONMENT",
+    "Layer",
+    "Setting",
+    "env_source",
+    "user_config_path",
+    "read_toml",
+    "user_config",
+    "flatten",
+    "environment_value",
+    "environment_switch",
+    "file_layers",
+    "environment_layers",
+    "sources_record",
+]

@@ -37,11 +37,11 @@ TABLE1 = {
     "type3": (-1.10, 0.65, 8.14, 6.44),
     "type4": (-0.21, -0.01, 9.44, 8.77),
 }
-CENTER_JITTER = 0.6        # sd of the per-card centre offset (units)
-VAR_JITTER = 0.2           # sd of the log of the per-card variance multiplier
-N_RANGE = (250, 450)       # holes per card, inclusive
-RING_WIDTH = 0.25          # ring radius sd as a fraction of the ring radius
-CLUSTER_SHARE = 0.75       # share of the variance (along the cluster axis) due to cluster separation
+CENTER_JITTER = 0.6  # sd of the per-card centre offset (units)
+VAR_JITTER = 0.2  # sd of the log of the per-card variance multiplier
+N_RANGE = (250, 450)  # holes per card, inclusive
+RING_WIDTH = 0.25  # ring radius sd as a fraction of the ring radius
+CLUSTER_SHARE = 0.75  # share of the variance (along the cluster axis) due to cluster separation
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class ClassModel:
     label: str
     mean: tuple[float, float]
     var: tuple[float, float]
-    shape: str                 # "gaussian", "two-cluster" or "ring"
-    rho_mean: float = 0.0      # gaussian: per-card correlation ~ N(rho_mean, rho_sd)
+    shape: str  # "gaussian", "two-cluster" or "ring"
+    rho_mean: float = 0.0  # gaussian: per-card correlation ~ N(rho_mean, rho_sd)
     rho_sd: float = 0.0
 
 
@@ -115,8 +115,9 @@ def _draw(lat: dict[str, Any], n: int, rng: np.random.Generator) -> np.ndarray:
         # card's per-axis variance, so the mixture keeps it (docs/dataset.md, "Field difficulty").
         on_ring = rng.random(n) < lat["ring_share"]
         pts = np.empty((n, 2))
-        pts[~on_ring] = _two_clusters((cx, cy), (vx, vy), lat["cluster_share"], lat["theta"], lat["rho"],
-                                      int(n - on_ring.sum()), rng)
+        pts[~on_ring] = _two_clusters(
+            (cx, cy), (vx, vy), lat["cluster_share"], lat["theta"], lat["rho"], int(n - on_ring.sum()), rng
+        )
         pts[on_ring] = _ring((cx, cy), (vx, vy), int(on_ring.sum()), rng)
         return pts
     if shape == "tda-gaussian":
@@ -125,8 +126,7 @@ def _draw(lat: dict[str, Any], n: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _two_clusters(center, var, share: float, t: float, rho: float, n: int,
-                  rng: np.random.Generator) -> np.ndarray:
+def _two_clusters(center, var, share: float, t: float, rho: float, n: int, rng: np.random.Generator) -> np.ndarray:
     """Two equal clusters at centre +/- d(cos t, sin t); d chosen so that ``share`` of the variance along
     the cluster axis is separation and the total variance per axis is ``var``. Within a cluster the
     axes correlate with ``rho``."""
@@ -137,7 +137,7 @@ def _two_clusters(center, var, share: float, t: float, rho: float, n: int,
     side = rng.choice([-1.0, 1.0], size=n)
     z = rng.normal(size=(n, 2))
     if rho:
-        z[:, 1] = rho * z[:, 0] + math.sqrt(1.0 - rho ** 2) * z[:, 1]
+        z[:, 1] = rho * z[:, 0] + math.sqrt(1.0 - rho**2) * z[:, 1]
     base = z * np.sqrt([sx2, sy2])
     return base + np.array([cx, cy]) + side[:, None] * d * np.array([math.cos(t), math.sin(t)])
 
@@ -145,7 +145,7 @@ def _two_clusters(center, var, share: float, t: float, rho: float, n: int,
 def _ring(center, var, n: int, rng: np.random.Generator) -> np.ndarray:
     """Elliptic ring: radius ~ |N(r0, (RING_WIDTH r0)^2)|, angle uniform; E[x^2] = E[r^2]/2 = vx gives r0."""
     (cx, cy), (vx, vy) = center, var
-    r0 = math.sqrt(2.0 * vx / (1.0 + RING_WIDTH ** 2))
+    r0 = math.sqrt(2.0 * vx / (1.0 + RING_WIDTH**2))
     r = np.abs(rng.normal(r0, RING_WIDTH * r0, size=n))
     phi = rng.uniform(0.0, 2.0 * math.pi, size=n)
     b = math.sqrt(vy / vx)
@@ -159,34 +159,34 @@ def _ring(center, var, n: int, rng: np.random.Generator) -> np.ndarray:
 
 DIFFICULTIES = ("field", "clean")
 DEFECTS = ("type1", "type2", "type3", "type4")
-FIELD_N_RANGE = (60, 600)        # holes per card, log-uniform (small panels give noisy printed statistics)
+FIELD_N_RANGE = (60, 600)  # holes per card, log-uniform (small panels give noisy printed statistics)
 # Severity s in [0, 1] of a defect (0: not visible, 1: gross): mild ~ U(0, MILD_EDGE) for a share
 # MILD_SHARE of the defective cards, else ~ U(MILD_EDGE, 1). MILD_SHARE is the one calibrated knob
 # (docs/dataset.md, "Calibration"); every other value below is set from stated realism, not tuned.
 MILD_SHARE = 0.3
 MILD_EDGE = 0.3
-SECONDARY_SHARE = 0.15           # defective cards that also carry a second defect class's mechanism ...
-SECONDARY_MAX = 0.6              # ... at severity ~ U(0, SECONDARY_MAX)
-WEAK_SHAPE_SHARE = 0.25          # cluster (type3) / ring (type4) mechanisms whose shape is weakly expressed:
-WEAK_EDGE = 0.4                  # expression e ~ U(0, WEAK_EDGE) if weak, else e = 1
-SHAPE_NUISANCE = 0.15            # every card: cluster share and ring share each ~ U(0, SHAPE_NUISANCE)
-CLUSTER_GAIN = 0.8               # cluster share added at severity 1, expression 1 (at most 0.95 in all)
-RING_GAIN = 1.0 - SHAPE_NUISANCE # ring share added at severity 1, expression 1 (at most 1 in all)
-TILT_FULL = {"type1": 0.6, "type2": -0.65}   # correlation of x and y a mechanism adds at severity 1
-TILT_SD = 0.08                   # per-card correlation noise
-LABEL_DISAGREEMENT = 0.08        # expected share of inspector labels that differ from the generating class
-NORMAL_TAIL = 0.10               # normal cards in this upper tail of their jitter are borderline
-CENTRING_ROUNDS = 3              # label-group centring passes on the drawn holes (Table 1 by label)
+SECONDARY_SHARE = 0.15  # defective cards that also carry a second defect class's mechanism ...
+SECONDARY_MAX = 0.6  # ... at severity ~ U(0, SECONDARY_MAX)
+WEAK_SHAPE_SHARE = 0.25  # cluster (type3) / ring (type4) mechanisms whose shape is weakly expressed:
+WEAK_EDGE = 0.4  # expression e ~ U(0, WEAK_EDGE) if weak, else e = 1
+SHAPE_NUISANCE = 0.15  # every card: cluster share and ring share each ~ U(0, SHAPE_NUISANCE)
+CLUSTER_GAIN = 0.8  # cluster share added at severity 1, expression 1 (at most 0.95 in all)
+RING_GAIN = 1.0 - SHAPE_NUISANCE  # ring share added at severity 1, expression 1 (at most 1 in all)
+TILT_FULL = {"type1": 0.6, "type2": -0.65}  # correlation of x and y a mechanism adds at severity 1
+TILT_SD = 0.08  # per-card correlation noise
+LABEL_DISAGREEMENT = 0.08  # expected share of inspector labels that differ from the generating class
+NORMAL_TAIL = 0.10  # normal cards in this upper tail of their jitter are borderline
+CENTRING_ROUNDS = 3  # label-group centring passes on the drawn holes (Table 1 by label)
 # Acquisition: lighting (a gain per colour channel), dot and text colour, text position and size,
 # pixel noise, JPEG compression. Dots and background stay brighter than the OCR binarisation threshold.
 LIGHT_GAIN = (0.94, 1.0)
 DOT_RGB_RANGE = ((240, 255), (125, 145), (190, 215))
 TEXT_RGB_MAX = 60
-FONT_SIZES = (18, 20, 21, 23)    # px; sizes the bundled OCR engines read exactly (see docs/dataset.md)
-TEXT_X_SHIFT = 20                # px either side of the layout's text column
-TEXT_MARGIN = 8                  # px kept free above and below the text block
-NOISE_SD_MAX = 2.5               # Gaussian pixel noise, sd ~ U(0, NOISE_SD_MAX) (0-255 scale)
-JPEG_QUALITY_RANGE = (85, 95)    # round trip through JPEG at a quality drawn from this range
+FONT_SIZES = (18, 20, 21, 23)  # px; sizes the bundled OCR engines read exactly (see docs/dataset.md)
+TEXT_X_SHIFT = 20  # px either side of the layout's text column
+TEXT_MARGIN = 8  # px kept free above and below the text block
+NOISE_SD_MAX = 2.5  # Gaussian pixel noise, sd ~ U(0, NOISE_SD_MAX) (0-255 scale)
+JPEG_QUALITY_RANGE = (85, 95)  # round trip through JPEG at a quality drawn from this range
 
 
 def check_difficulty(difficulty: str) -> str:
@@ -221,8 +221,9 @@ def field_design() -> dict[str, dict[str, list[float]]]:
     a = mean_severity() * np.eye(k) + w * (np.ones((k, k)) - np.eye(k))
     d_mean = np.linalg.solve(a, np.array([np.array(TABLE1[c][:2]) - m0 for c in DEFECTS]))
     d_var = np.linalg.solve(a, np.array([np.array(TABLE1[c][2:]) - v0 for c in DEFECTS]))
-    return {c: {"mean": [float(x) for x in d_mean[i]], "var": [float(x) for x in d_var[i]]}
-            for i, c in enumerate(DEFECTS)}
+    return {
+        c: {"mean": [float(x) for x in d_mean[i]], "var": [float(x) for x in d_var[i]]} for i, c in enumerate(DEFECTS)
+    }
 
 
 def mechanism_params(mechanisms: dict[str, Any], design: dict) -> tuple[list, list, Any]:
@@ -243,8 +244,9 @@ def _normal_direction(deviation: np.ndarray, design: dict) -> str:
     v0 = np.array(TABLE1["normal"][2:])
     best, best_dot = DEFECTS[0], -math.inf
     for c in DEFECTS:
-        d = np.concatenate([np.array(design[c]["mean"]) / CENTER_JITTER,
-                            np.log1p(np.array(design[c]["var"]) / v0) / VAR_JITTER])
+        d = np.concatenate(
+            [np.array(design[c]["mean"]) / CENTER_JITTER, np.log1p(np.array(design[c]["var"]) / v0) / VAR_JITTER]
+        )
         dot = float(deviation @ d / np.linalg.norm(d))
         if dot > best_dot:
             best, best_dot = c, dot
@@ -255,12 +257,13 @@ def normal_borderline(deviation: np.ndarray, design: dict) -> tuple[float, str]:
     """(borderline score, alternative) of a normal card from its standardised jitter (offset / CENTER_JITTER,
     log variance multiplier / VAR_JITTER): 0 below the NORMAL_TAIL upper tail, rising to 1 far in it."""
     q = float(deviation @ deviation)
-    tail = math.exp(-q / 2) * (1 + q / 2)     # chi-square survival function with 4 degrees of freedom
+    tail = math.exp(-q / 2) * (1 + q / 2)  # chi-square survival function with 4 degrees of freedom
     return max(0.0, 1.0 - tail / NORMAL_TAIL), _normal_direction(deviation, design)
 
 
-def defect_borderline(gen_class: str, s: Any, weak: bool = False, secondary: str | None = None,
-                      s2: Any = 0.0) -> list[tuple[Any, str]]:
+def defect_borderline(
+    gen_class: str, s: Any, weak: bool = False, secondary: str | None = None, s2: Any = 0.0
+) -> list[tuple[Any, str]]:
     """Borderline candidates (score in [0, 1], alternative label) of a defective card:
     a mild defect may be passed as normal, a weakly shaped cluster/ring called the other of the two,
     and a second mechanism nearly as strong as the first named instead."""
@@ -307,7 +310,7 @@ def _field_latent(gen_class: str, design: dict, rng: np.random.Generator) -> dic
     """Every random choice of one card of the field model (the holes and pixels are drawn later)."""
     offset = rng.normal(0.0, CENTER_JITTER, size=2)
     log_mult = rng.normal(0.0, VAR_JITTER, size=2)
-    nuisance = rng.uniform(0.0, SHAPE_NUISANCE, size=2)          # cluster share, ring share
+    nuisance = rng.uniform(0.0, SHAPE_NUISANCE, size=2)  # cluster share, ring share
     tilt_noise = rng.normal(0.0, TILT_SD)
     theta = rng.uniform(0.0, math.pi)
     n = int(round(math.exp(rng.uniform(math.log(FIELD_N_RANGE[0]), math.log(FIELD_N_RANGE[1])))))
@@ -349,9 +352,15 @@ def _field_latent(gen_class: str, design: dict, rng: np.random.Generator) -> dic
         "ring_share": shares[1],
         "n": n,
     }
-    return {"latent": latent, "generating_class": gen_class, "severity": mechanisms.get(gen_class, 0.0),
-            "mechanisms": mechanisms, "expression": expression, "weak_shape": weak,
-            "candidates": [(float(b), alt) for b, alt in candidates]}
+    return {
+        "latent": latent,
+        "generating_class": gen_class,
+        "severity": mechanisms.get(gen_class, 0.0),
+        "mechanisms": mechanisms,
+        "expression": expression,
+        "weak_shape": weak,
+        "candidates": [(float(b), alt) for b, alt in candidates],
+    }
 
 
 def _undo_small_flips(labels: list[str], gen: list[str]) -> None:
@@ -367,8 +376,9 @@ def _undo_small_flips(labels: list[str], gen: list[str]) -> None:
         labels[small[0]] = gen[small[0]]
 
 
-def match_label_counts(labels: list[str], label_probs: list[dict[str, float]], target: dict[str, int],
-                       generating: list[str]) -> None:
+def match_label_counts(
+    labels: list[str], label_probs: list[dict[str, float]], target: dict[str, int], generating: list[str]
+) -> None:
     """Relabel a few cards, in place, so the label counts equal ``target`` exactly (the paper's Table 1
     gives N per labelled class, line 98; with the drawn flips they drift by a few cards).
 
@@ -385,8 +395,11 @@ def match_label_counts(labels: list[str], label_probs: list[dict[str, float]], t
 
     def best_card(src: str, dst: str) -> int | None:
         prefer_new_flip = sum(lab != g for lab, g in zip(labels, generating)) < drawn_differing
-        options = [((dst == generating[i]) == prefer_new_flip, -label_probs[i].get(dst, 0.0), i)
-                   for i, lab in enumerate(labels) if lab == src and label_probs[i].get(dst, 0.0) > 0]
+        options = [
+            ((dst == generating[i]) == prefer_new_flip, -label_probs[i].get(dst, 0.0), i)
+            for i, lab in enumerate(labels)
+            if lab == src and label_probs[i].get(dst, 0.0) > 0
+        ]
         return min(options)[2] if options else None
 
     while True:
@@ -482,15 +495,27 @@ def _field_cards(seed: int, counts: tuple[int, ...], test_size: int) -> list[Sam
                 for ax in range(2):
                     lats[i]["center"][ax] += target[ax] - float(mu[ax])
                     lats[i]["var"][ax] *= target[2 + ax] / float(var[ax])
-    spec_lines = len(default_spec().lines({"N": 0, "mu_x": 0.0, "mu_y": 0.0, "sd_x": 0.0, "sd_y": 0.0,
-                                           "bins": [0] * default_spec().n_bins}))
+    spec_lines = len(
+        default_spec().lines(
+            {"N": 0, "mu_x": 0.0, "mu_y": 0.0, "sd_x": 0.0, "sd_y": 0.0, "bins": [0] * default_spec().n_bins}
+        )
+    )
     cards = []
     for i, (d, label, split) in enumerate(zip(drawn, labels, splits)):
         pts = sample_points(d["latent"], np.random.default_rng([seed, i]))
         extra = {k: d[k] for k in ("severity", "mechanisms", "expression", "weak_shape", "disagreement")}
-        cards.append(SampledCard(label, split, d["latent"], pts, record_from_points(pts),
-                                 generating_class=d["generating_class"], truth_extra=extra,
-                                 acquisition=_acquisition(np.random.default_rng([seed, i, 1]), spec_lines)))
+        cards.append(
+            SampledCard(
+                label,
+                split,
+                d["latent"],
+                pts,
+                record_from_points(pts),
+                generating_class=d["generating_class"],
+                truth_extra=extra,
+                acquisition=_acquisition(np.random.default_rng([seed, i, 1]), spec_lines),
+            )
+        )
     return cards
 
 
@@ -536,25 +561,28 @@ def parse_counts(text: str | Sequence[int] | None) -> tuple[int, ...]:
     else:
         counts = tuple(int(x) for x in text)
     if len(counts) != len(DEFAULT_LABELS) or any(c < 0 for c in counts) or sum(counts) < 2:
-        raise ConfigError(f"--counts {text!r}: need {len(DEFAULT_LABELS)} non-negative numbers "
-                          f"({','.join(DEFAULT_LABELS)}) adding to at least 2")
+        raise ConfigError(
+            f"--counts {text!r}: need {len(DEFAULT_LABELS)} non-negative numbers "
+            f"({','.join(DEFAULT_LABELS)}) adding to at least 2"
+        )
     return counts
 
 
 @dataclass
 class SampledCard:
-    label: str                                 # the inspector's label (labels.csv)
+    label: str  # the inspector's label (labels.csv)
     split: str
     latent: dict[str, Any]
     points: np.ndarray
     printed: dict[str, Any]
-    generating_class: str | None = None        # field: the class whose model drew the card
+    generating_class: str | None = None  # field: the class whose model drew the card
     truth_extra: dict[str, Any] | None = None  # field: severity, mechanisms, disagreement, ...
     acquisition: dict[str, Any] | None = None  # field: how the card is rendered and captured
 
 
-def sample_cards(seed: int = 0, counts: str | Sequence[int] | None = None,
-                 test_size: int | None = None, difficulty: str = "field") -> list[SampledCard]:
+def sample_cards(
+    seed: int = 0, counts: str | Sequence[int] | None = None, test_size: int | None = None, difficulty: str = "field"
+) -> list[SampledCard]:
     """Everything about a generated dataset except the pixels (fast; used by tests and benchmarks)."""
     check_difficulty(difficulty)
     counts = parse_counts(counts)
@@ -587,31 +615,62 @@ def render_sampled(card: SampledCard) -> bytes:
     if card.acquisition is None:
         return png_bytes(render_card(card.points, card.printed))
     a = card.acquisition
-    geometry = replace(GEOMETRY, dot_rgb=tuple(a["dot_rgb"]), text_rgb=tuple(a["text_rgb"]),
-                       text_x=a["text_x"], text_top=a["text_top"], line_step=a["line_step"],
-                       font_size=a["font_size"])
+    geometry = replace(
+        GEOMETRY,
+        dot_rgb=tuple(a["dot_rgb"]),
+        text_rgb=tuple(a["text_rgb"]),
+        text_x=a["text_x"],
+        text_top=a["text_top"],
+        line_step=a["line_step"],
+        font_size=a["font_size"],
+    )
     img = render_card(card.points, card.printed, geometry=geometry)
     return png_bytes(acquire(img, a["light_gain"], a["noise_sd"], a["jpeg_quality"], a["noise_seed"]))
 
 
 def field_parameters() -> dict[str, Any]:
     """Every field-model parameter, as recorded in synth.json."""
-    return {"n_range": list(FIELD_N_RANGE), "mild_share": MILD_SHARE, "mild_edge": MILD_EDGE,
-            "mean_severity": mean_severity(), "secondary_share": SECONDARY_SHARE,
-            "secondary_max": SECONDARY_MAX, "weak_shape_share": WEAK_SHAPE_SHARE, "weak_edge": WEAK_EDGE,
-            "shape_nuisance": SHAPE_NUISANCE, "cluster_gain": CLUSTER_GAIN, "ring_gain": RING_GAIN,
-            "ring_width": RING_WIDTH,
-            "tilt_full": TILT_FULL, "tilt_sd": TILT_SD, "label_disagreement": LABEL_DISAGREEMENT,
-            "normal_tail": NORMAL_TAIL, "centring_rounds": CENTRING_ROUNDS, "design": field_design(),
-            "acquisition": {"light_gain": list(LIGHT_GAIN), "dot_rgb_range": [list(r) for r in DOT_RGB_RANGE],
-                            "text_rgb_max": TEXT_RGB_MAX, "font_sizes": list(FONT_SIZES),
-                            "text_x_shift": TEXT_X_SHIFT, "text_margin": TEXT_MARGIN,
-                            "noise_sd_max": NOISE_SD_MAX, "jpeg_quality_range": list(JPEG_QUALITY_RANGE)}}
+    return {
+        "n_range": list(FIELD_N_RANGE),
+        "mild_share": MILD_SHARE,
+        "mild_edge": MILD_EDGE,
+        "mean_severity": mean_severity(),
+        "secondary_share": SECONDARY_SHARE,
+        "secondary_max": SECONDARY_MAX,
+        "weak_shape_share": WEAK_SHAPE_SHARE,
+        "weak_edge": WEAK_EDGE,
+        "shape_nuisance": SHAPE_NUISANCE,
+        "cluster_gain": CLUSTER_GAIN,
+        "ring_gain": RING_GAIN,
+        "ring_width": RING_WIDTH,
+        "tilt_full": TILT_FULL,
+        "tilt_sd": TILT_SD,
+        "label_disagreement": LABEL_DISAGREEMENT,
+        "normal_tail": NORMAL_TAIL,
+        "centring_rounds": CENTRING_ROUNDS,
+        "design": field_design(),
+        "acquisition": {
+            "light_gain": list(LIGHT_GAIN),
+            "dot_rgb_range": [list(r) for r in DOT_RGB_RANGE],
+            "text_rgb_max": TEXT_RGB_MAX,
+            "font_sizes": list(FONT_SIZES),
+            "text_x_shift": TEXT_X_SHIFT,
+            "text_margin": TEXT_MARGIN,
+            "noise_sd_max": NOISE_SD_MAX,
+            "jpeg_quality_range": list(JPEG_QUALITY_RANGE),
+        },
+    }
 
 
-def generate(out: str | Path, seed: int = 0, counts: str | Sequence[int] | None = None,
-             test_size: int | None = None, force: bool = False,
-             progress: Callable[[int], None] | None = None, difficulty: str = "field") -> dict[str, Any]:
+def generate(
+    out: str | Path,
+    seed: int = 0,
+    counts: str | Sequence[int] | None = None,
+    test_size: int | None = None,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+    difficulty: str = "field",
+) -> dict[str, Any]:
     """Write an ASE-like dataset: images/, labels.csv, truth.jsonl, synth.json. Returns a summary."""
     counts = parse_counts(counts)
     cards = sample_cards(seed, counts, test_size, difficulty)
@@ -624,18 +683,31 @@ def generate(out: str | Path, seed: int = 0, counts: str | Sequence[int] | None 
         rows.append((name, c.label, c.split))
         row = {"image": name, "label": c.label, "split": c.split, "printed": c.printed, "latent": c.latent}
         if c.generating_class is not None:
-            row = {"image": name, "label": c.label, "generating_class": c.generating_class,
-                   **(c.truth_extra or {}), "split": c.split, "printed": c.printed, "latent": c.latent,
-                   "acquisition": c.acquisition}
+            row = {
+                "image": name,
+                "label": c.label,
+                "generating_class": c.generating_class,
+                **(c.truth_extra or {}),
+                "split": c.split,
+                "printed": c.printed,
+                "latent": c.latent,
+                "acquisition": c.acquisition,
+            }
         truth.append(row)
         if progress:
             progress(1)
     n_test = sum(c.split == "test" for c in cards)
-    params = {"seed": seed, "difficulty": difficulty, "counts": list(counts), "test_size": n_test,
-              "center_jitter": CENTER_JITTER, "var_jitter": VAR_JITTER,
-              "n_range": list(N_RANGE if difficulty == "clean" else FIELD_N_RANGE),
-              "class_models": {k: asdict(v) for k, v in CLASS_MODELS.items()},
-              "geometry": asdict(GEOMETRY)}
+    params = {
+        "seed": seed,
+        "difficulty": difficulty,
+        "counts": list(counts),
+        "test_size": n_test,
+        "center_jitter": CENTER_JITTER,
+        "var_jitter": VAR_JITTER,
+        "n_range": list(N_RANGE if difficulty == "clean" else FIELD_N_RANGE),
+        "class_models": {k: asdict(v) for k, v in CLASS_MODELS.items()},
+        "geometry": asdict(GEOMETRY),
+    }
     if difficulty == "field":
         params["field"] = field_parameters()
         params["label_counts"] = {lab: sum(c.label == lab for c in cards) for lab in DEFAULT_LABELS}
@@ -668,8 +740,9 @@ def card_correlation(img) -> float:
     return 0.0 if not np.isfinite(c) else float(c)
 
 
-def fit_class_gaussians(records: Sequence[dict], labels: Sequence[str],
-                        correlations: Sequence[float]) -> dict[str, dict[str, Any]]:
+def fit_class_gaussians(
+    records: Sequence[dict], labels: Sequence[str], correlations: Sequence[float]
+) -> dict[str, dict[str, Any]]:
     """Per class: mean of per-card means, mean of per-card variances, sigma_xy from the mean correlation."""
     fits: dict[str, dict[str, Any]] = {}
     for label in sorted(set(labels)):
@@ -678,16 +751,25 @@ def fit_class_gaussians(records: Sequence[dict], labels: Sequence[str],
         var = np.mean([[records[i]["sd_x"] ** 2, records[i]["sd_y"] ** 2] for i in idx], axis=0)
         rho = float(np.mean([correlations[i] for i in idx]))
         sxy = rho * math.sqrt(var[0] * var[1])
-        fits[label] = {"mu": [float(mu[0]), float(mu[1])],
-                       "cov": [[float(var[0]), sxy], [sxy, float(var[1])]],
-                       "n_values": sorted(int(records[i]["N"]) for i in idx),
-                       "cards": len(idx)}
+        fits[label] = {
+            "mu": [float(mu[0]), float(mu[1])],
+            "cov": [[float(var[0]), sxy], [sxy, float(var[1])]],
+            "n_values": sorted(int(records[i]["N"]) for i in idx),
+            "cards": len(idx),
+        }
     return fits
 
 
-def augment(dataset: Dataset, records: Sequence[dict], out: str | Path, factor: float = 2.0,
-            seed: int = 0, force: bool = False, stats_source: str = "ocr",
-            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def augment(
+    dataset: Dataset,
+    records: Sequence[dict],
+    out: str | Path,
+    factor: float = 2.0,
+    seed: int = 0,
+    force: bool = False,
+    stats_source: str = "ocr",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """TDA: fit N(mu_cls, Sigma_cls) on the training split and add (factor-1) x train new training cards.
 
     ``records`` holds the parsed record of every sample in ``dataset`` (same order): OCR'd fields or
@@ -704,8 +786,9 @@ def augment(dataset: Dataset, records: Sequence[dict], out: str | Path, factor: 
         rec = records[i]
         missing = [k for k in need if not isinstance(rec.get(k), (int, float)) or not math.isfinite(rec[k])]
         if missing:
-            raise DataError(f"{dataset.samples[i].path}: record lacks {', '.join(missing)}; "
-                            "fix or drop this card before augmenting")
+            raise DataError(
+                f"{dataset.samples[i].path}: record lacks {', '.join(missing)}; fix or drop this card before augmenting"
+            )
     train_labels = [dataset.samples[i].label for i in train_idx]
     corrs = [card_correlation(load_image(dataset.samples[i].path)) for i in train_idx]
     fits = fit_class_gaussians([records[i] for i in train_idx], train_labels, corrs)
@@ -727,9 +810,14 @@ def augment(dataset: Dataset, records: Sequence[dict], out: str | Path, factor: 
     for k, i in enumerate(parents):
         label = dataset.samples[i].label
         fit = fits[label]
-        lat = {"shape": "tda-gaussian", "center": fit["mu"], "cov": fit["cov"],
-               "var": [fit["cov"][0][0], fit["cov"][1][1]], "n": int(rng.choice(fit["n_values"])),
-               "tda": True}
+        lat = {
+            "shape": "tda-gaussian",
+            "center": fit["mu"],
+            "cov": fit["cov"],
+            "var": [fit["cov"][0][0], fit["cov"][1][1]],
+            "n": int(rng.choice(fit["n_values"])),
+            "tda": True,
+        }
         pts = sample_points(lat, np.random.default_rng([seed, 1_000_003, k]))
         printed = record_from_points(pts)
         name = f"images/tda-{k:04d}.png"
@@ -738,12 +826,28 @@ def augment(dataset: Dataset, records: Sequence[dict], out: str | Path, factor: 
         truth.append({"image": name, "label": label, "split": "train", "printed": printed, "latent": lat})
         if progress:
             progress(1)
-    _write_meta(tmp, rows, truth, {"generator": "asectl.synth.augment", "source": str(dataset.root),
-                                   "source_fingerprint": dataset.fingerprint(), "factor": factor,
-                                   "seed": seed, "stats_source": stats_source, "class_fits": fits})
+    _write_meta(
+        tmp,
+        rows,
+        truth,
+        {
+            "generator": "asectl.synth.augment",
+            "source": str(dataset.root),
+            "source_fingerprint": dataset.fingerprint(),
+            "factor": factor,
+            "seed": seed,
+            "stats_source": stats_source,
+            "class_fits": fits,
+        },
+    )
     _commit_out(tmp, out)
-    return {"out": str(out), "added": n_new, "train": len(train_idx) + n_new,
-            "test": len(dataset.samples) - len(train_idx), "fits": fits}
+    return {
+        "out": str(out),
+        "added": n_new,
+        "train": len(train_idx) + n_new,
+        "test": len(dataset.samples) - len(train_idx),
+        "fits": fits,
+    }
 
 
 def _read_truth(root: Path) -> dict[str, dict]:

@@ -41,8 +41,14 @@ def _train_lm_tokenizer():
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
     tok.train_from_iterator(_SENTENCES, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+    )
 
 
 def _train_qformer_tokenizer():
@@ -54,18 +60,24 @@ def _train_qformer_tokenizer():
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    tok.train_from_iterator(_SENTENCES, trainer=trainers.WordPieceTrainer(vocab_size=200,
-                                                                          special_tokens=specials))
+    tok.train_from_iterator(_SENTENCES, trainer=trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
-def build_tiny_instructblip(folder: str | Path, seed: int = 0, image_size: int = 32,
-                            num_query_tokens: int = 4) -> Path:
+def build_tiny_instructblip(folder: str | Path, seed: int = 0, image_size: int = 32, num_query_tokens: int = 4) -> Path:
     """Write a tiny random InstructBLIP (Llama text model) to ``folder`` and return the folder."""
     import torch
     from transformers import (
@@ -76,7 +88,7 @@ def build_tiny_instructblip(folder: str | Path, seed: int = 0, image_size: int =
         InstructBlipQFormerConfig,
         InstructBlipVisionConfig,
         LlamaConfig,
-)
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,22 +96,49 @@ def build_tiny_instructblip(folder: str | Path, seed: int = 0, image_size: int =
     qformer_tokenizer = _train_qformer_tokenizer()
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     # The processor adds the "<image>" token to the language-model tokenizer.
-    processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                      qformer_tokenizer=qformer_tokenizer, num_query_tokens=num_query_tokens)
+    processor = InstructBlipProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        qformer_tokenizer=qformer_tokenizer,
+        num_query_tokens=num_query_tokens,
+    )
     vocab = len(tokenizer)
-    text_config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-    vision_config = InstructBlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=2, image_size=image_size, patch_size=8)
-    qformer_config = InstructBlipQFormerConfig(vocab_size=len(qformer_tokenizer), hidden_size=32,
-                                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                               max_position_embeddings=128,
-                                               pad_token_id=qformer_tokenizer.pad_token_id)
-    config = InstructBlipConfig(vision_config=vision_config, qformer_config=qformer_config,
-                                text_config=text_config, num_query_tokens=num_query_tokens,
-                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    text_config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = InstructBlipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+    )
+    qformer_config = InstructBlipQFormerConfig(
+        vocab_size=len(qformer_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=qformer_tokenizer.pad_token_id,
+    )
+    config = InstructBlipConfig(
+        vision_config=vision_config,
+        qformer_config=qformer_config,
+        text_config=text_config,
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
@@ -113,8 +152,9 @@ def build_tiny_instructblip(folder: str | Path, seed: int = 0, image_size: int =
 CLASSES = ("normal", "type1", "type2", "type3", "type4")
 
 
-def sample_calibrated_cards(n: int, temperature: float, seed: int,
-                            classes: tuple[str, ...] = CLASSES) -> tuple[np.ndarray, np.ndarray]:
+def sample_calibrated_cards(
+    n: int, temperature: float, seed: int, classes: tuple[str, ...] = CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels drawn so that softmax(logits / temperature) are the true class probabilities."""
     rng = np.random.default_rng(seed)
     y_mean = rng.integers(0, len(classes), n)
@@ -125,16 +165,18 @@ def sample_calibrated_cards(n: int, temperature: float, seed: int,
     return logits, y
 
 
-def lowest_cut_anywhere(probs: np.ndarray, y: np.ndarray, target: float,
-                        classes: tuple[str, ...] = CLASSES) -> float | None:
+def lowest_cut_anywhere(
+    probs: np.ndarray, y: np.ndarray, target: float, classes: tuple[str, ...] = CLASSES
+) -> float | None:
     """The defect threshold as fuse-train chose it before: the lowest cut meeting the target anywhere."""
     cuts, errors = defect_cuts(probs, y, classes)
     met = cuts[errors <= target]
     return float(met[-1]) if len(met) else None
 
 
-def fresh_defect_errors(rule_of: Callable[[np.ndarray, np.ndarray], DecisionRule], draws: int, n: int,
-                        classes: tuple[str, ...] = CLASSES) -> list[float]:
+def fresh_defect_errors(
+    rule_of: Callable[[np.ndarray, np.ndarray], DecisionRule], draws: int, n: int, classes: tuple[str, ...] = CLASSES
+) -> list[float]:
     """Defect error on 40,000 fresh cards of rules chosen on ``draws`` held-out sets of ``n`` cards
     (``rule_of(probs, y)``); a draw whose rule grants no defect decision is left out."""
     fresh_logits, fresh_y = sample_calibrated_cards(40000, 1.0, seed=99, classes=classes)

@@ -43,8 +43,14 @@ def progress(total: int, description: str) -> Iterator[Callable[..., None]]:
     if QUIET or total <= 0 or not console.is_terminal:
         yield lambda n=1, **_: None
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(description, total=total, status="")
 

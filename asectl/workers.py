@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from asectl.errors import ConfigError
 
-if TYPE_CHECKING:   # multiprocessing is imported only when workers start: cached runs start none
+if TYPE_CHECKING:  # multiprocessing is imported only when workers start: cached runs start none
     from concurrent.futures import ProcessPoolExecutor
 
 
@@ -42,8 +42,9 @@ def process_pool(workers: int, initializer: Callable[..., None], initargs: tuple
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=_start, initargs=(initializer, initargs))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_start, initargs=(initializer, initargs)
+    )
 
 
 # Seconds the workers of a pool being closed may take to exit. Every result has been delivered by then, so a
@@ -58,7 +59,7 @@ def shut_down(pool: "ProcessPoolExecutor", timeout: float = EXIT_TIMEOUT) -> Non
     is lost with its worker (``WorkerPool`` closes between runs, when none is running)."""
     import time
 
-    processes = list((pool._processes or {}).values())   # the stdlib's own record of its workers
+    processes = list((pool._processes or {}).values())  # the stdlib's own record of its workers
     manager = pool._executor_manager_thread
     pool.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + timeout
@@ -69,7 +70,7 @@ def shut_down(pool: "ProcessPoolExecutor", timeout: float = EXIT_TIMEOUT) -> Non
             proc.kill()
             proc.join()
     if manager is not None:
-        manager.join()   # it ends once its workers have
+        manager.join()  # it ends once its workers have
 
 
 # Times a job whose worker process died on it alone is tried again, in a fresh worker, before that death is the
@@ -83,8 +84,10 @@ CRASH_TEST_ENV = "ASECTL_TEST_KILL_WORKER_ON"
 
 def died_alone(name: str) -> str:
     """Why a job (a card) failed when its worker died each time it ran alone; ``name`` is the worker's."""
-    return (f"{name} process died each time it ran this alone ({CRASH_RETRIES + 1} times: out of memory, or a "
-            "crash in native code)")
+    return (
+        f"{name} process died each time it ran this alone ({CRASH_RETRIES + 1} times: out of memory, or a "
+        "crash in native code)"
+    )
 
 
 def crash_test_hook(name: str) -> None:
@@ -103,12 +106,20 @@ class WorkerPool:
     ConfigError naming the stage and the fix instead of a traceback. No process starts before the first
     ``run``, so a stage can make its pool up front at no cost."""
 
-    def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple, *, name: str, fix: str,
-                 exit_timeout: float = EXIT_TIMEOUT):
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[..., None],
+        initargs: tuple,
+        *,
+        name: str,
+        fix: str,
+        exit_timeout: float = EXIT_TIMEOUT,
+    ):
         self.workers = workers
-        self.exit_timeout = exit_timeout   # seconds its workers may take to exit on close (``shut_down``)
-        self.name = name   # who the workers are, e.g. "an OCR worker"
-        self.fix = fix     # what the user can do, e.g. "rerun with fewer workers (asectl ocr --workers N)"
+        self.exit_timeout = exit_timeout  # seconds its workers may take to exit on close (``shut_down``)
+        self.name = name  # who the workers are, e.g. "an OCR worker"
+        self.fix = fix  # what the user can do, e.g. "rerun with fewer workers (asectl ocr --workers N)"
         self._setup = (initializer, initargs)
         self._pool: ProcessPoolExecutor | None = None
 
@@ -127,14 +138,15 @@ class WorkerPool:
             shut_down(self._pool, self.exit_timeout)
             self._pool = None
 
-    def run(self, fn: Callable[..., Any], jobs: Sequence[tuple],
-            crashed: Callable[[tuple, str], Any] | None = None) -> list[Any]:
+    def run(
+        self, fn: Callable[..., Any], jobs: Sequence[tuple], crashed: Callable[[tuple, str], Any] | None = None
+    ) -> list[Any]:
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._fresh()
         futures = [pool.submit(fn, *job) for job in jobs]
         results: list[Any] = [None] * len(jobs)
-        lost: list[int] = []          # jobs in flight (or queued) when a worker died
+        lost: list[int] = []  # jobs in flight (or queued) when a worker died
         for i, f in enumerate(futures):
             try:
                 results[i] = f.result()
@@ -142,7 +154,7 @@ class WorkerPool:
                 lost.append(i)
         if lost:
             self._discard()
-        for i in lost:   # one at a time, so a death is that job's own
+        for i in lost:  # one at a time, so a death is that job's own
             for _ in range(1 + CRASH_RETRIES):
                 try:
                     results[i] = self._fresh().submit(fn, *jobs[i]).result()
@@ -151,8 +163,10 @@ class WorkerPool:
                     self._discard()
             else:
                 if crashed is None:
-                    raise ConfigError(f"{self.name} process died (out of memory? its error, if any, is above); "
-                                      f"the cards done so far are cached: {self.fix}")
+                    raise ConfigError(
+                        f"{self.name} process died (out of memory? its error, if any, is above); "
+                        f"the cards done so far are cached: {self.fix}"
+                    )
                 results[i] = crashed(jobs[i], died_alone(self.name))
         return results
 

@@ -22,13 +22,13 @@ OUT = ROOT / "bench" / "out"
 RESULTS = ROOT / "bench" / "results"
 # Not committed (bench/out is ignored): a run's per-card output, for diagnosis and for scoring other rules.
 RAW = OUT / "results"
-SUMMARY_LIMIT = 200_000      # bytes per summary file (tests/test_layout.py checks the committed ones)
+SUMMARY_LIMIT = 200_000  # bytes per summary file (tests/test_layout.py checks the committed ones)
 # Per-card label lists (true and predicted class of each test card) are kept in a summary, since the
 # intervals and paired tests are computed from them, but packed: one character per card.
 PACKED_KEYS = ("y_true", "y_pred")
 CODES = string.digits + string.ascii_lowercase
 BENCH_MD = ROOT / "docs" / "benchmarks.md"
-START_LOAD = os.getloadavg()[0]      # when the script started (the scripts import this module first)
+START_LOAD = os.getloadavg()[0]  # when the script started (the scripts import this module first)
 # The per-image stage settings every quality benchmark uses: CnOCR, the built-in describer, the default
 # reasoning (SmolLM2-135M).
 SETTINGS = {"ocr": {"engine": "cnocr"}, "describe": {"vlm": "builtin"}, "reason": {}}
@@ -60,8 +60,10 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, load average at start {START_LOAD:.2f}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, load average at start {START_LOAD:.2f}"
+    )
 
 
 def command() -> str:
@@ -83,8 +85,11 @@ def save(name: str, data: dict, raw: dict | None = None) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(pack_labels(data), indent=1))
     if path.stat().st_size > SUMMARY_LIMIT:
-        print(f"warning: {path} is {path.stat().st_size / 1000:.0f} KB, over the {SUMMARY_LIMIT // 1000} KB "
-              "a committed summary may take; save its per-card parts with save(..., raw=...)", file=sys.stderr)
+        print(
+            f"warning: {path} is {path.stat().st_size / 1000:.0f} KB, over the {SUMMARY_LIMIT // 1000} KB "
+            "a committed summary may take; save its per-card parts with save(..., raw=...)",
+            file=sys.stderr,
+        )
     return path
 
 
@@ -97,8 +102,10 @@ def load_raw(name: str) -> dict:
     """A run's per-card output (``save(..., raw=...)``); only on the machine that ran it."""
     path = RAW / f"{name}.json"
     if not path.is_file():
-        raise SystemExit(f"{path} is missing: it is written by the run that saves '{name}' (per-card output is "
-                         "not committed); run that benchmark here first")
+        raise SystemExit(
+            f"{path} is missing: it is written by the run that saves '{name}' (per-card output is "
+            "not committed); run that benchmark here first"
+        )
     return json.loads(path.read_text())
 
 

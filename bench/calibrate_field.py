@@ -26,8 +26,8 @@ from asectl.cache import Cache
 from asectl.dataset import load_dataset
 from asectl.metrics import macro_f1
 
-TARGET = 64.58            # paper Table 2, EfficientNet-b6a, 5-class macro-F1
-RANGE = (39.96, 64.58)    # the paper's vision-only methods, Table 2 (DeiT-B to EfficientNet-b6a)
+TARGET = 64.58  # paper Table 2, EfficientNet-b6a, 5-class macro-F1
+RANGE = (39.96, 64.58)  # the paper's vision-only methods, Table 2 (DeiT-B to EfficientNet-b6a)
 
 
 def cv_macro_f1(features: np.ndarray, labels: list[str], folds: int, seed: int) -> float:
@@ -72,22 +72,45 @@ def main() -> None:
                 train = load_dataset(root).split("train")
                 feats = image_features(train, encoder, cache)
                 scores.append(cv_macro_f1(feats, [s.label for s in train], args.folds, seed))
-                print(f"MILD_SHARE={value} seed={seed}: CV macro-F1 {scores[-1]:.2f} on {len(train)} training "
-                      f"cards ({time.perf_counter() - t0:.0f} s)", flush=True)
-            rows.append({"mild_share": value, "cv_macro_f1": scores, "mean": float(np.mean(scores)),
-                         "std": float(np.std(scores))})
+                print(
+                    f"MILD_SHARE={value} seed={seed}: CV macro-F1 {scores[-1]:.2f} on {len(train)} training "
+                    f"cards ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+            rows.append(
+                {
+                    "mild_share": value,
+                    "cv_macro_f1": scores,
+                    "mean": float(np.mean(scores)),
+                    "std": float(np.std(scores)),
+                }
+            )
     synth.MILD_SHARE = default
     inside = [r for r in rows if RANGE[0] <= r["mean"] <= RANGE[1]]
     best = min(inside or rows, key=lambda r: abs(r["mean"] - TARGET))
     print("\n| MILD_SHARE | CV macro-F1 per seed | mean ± std |\n|---|---|---|")
     for r in rows:
-        print(f"| {r['mild_share']} | {', '.join(f'{x:.2f}' for x in r['cv_macro_f1'])} | "
-              f"{r['mean']:.2f} ± {r['std']:.2f} |")
-    print(f"\nnearest the target {TARGET} within {RANGE}: MILD_SHARE = {best['mild_share']} "
-          f"({'inside' if inside else 'NO value inside'} the range); module default now {default}")
-    save("calibrate_field", {"command": command(), "target": TARGET, "range": list(RANGE), "folds": args.folds,
-                             "seeds": seeds, "rows": rows, "chosen": best["mild_share"],
-                             "default_when_run": default})
+        print(
+            f"| {r['mild_share']} | {', '.join(f'{x:.2f}' for x in r['cv_macro_f1'])} | "
+            f"{r['mean']:.2f} ± {r['std']:.2f} |"
+        )
+    print(
+        f"\nnearest the target {TARGET} within {RANGE}: MILD_SHARE = {best['mild_share']} "
+        f"({'inside' if inside else 'NO value inside'} the range); module default now {default}"
+    )
+    save(
+        "calibrate_field",
+        {
+            "command": command(),
+            "target": TARGET,
+            "range": list(RANGE),
+            "folds": args.folds,
+            "seeds": seeds,
+            "rows": rows,
+            "chosen": best["mild_share"],
+            "default_when_run": default,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -46,20 +46,32 @@ def run_seed(seed: int, cache: Cache) -> dict:
     y = np.array([classes.index(s.label) for s in preds.samples])
     before, after = predictor.uncalibrated(preds.logits), predictor.probabilities(preds.logits)
     decisions = predictor.rule.decide(after)
-    return {"seed": seed, "n_test": len(y), "n_dropped": len(preds.dropped),
-            "temperature": cfg["calibration"]["temperature"], "held_out": {
-                "n": cfg["calibration"]["n_held_out"], "errors": cfg["calibration"]["held_out_errors"],
-                "ece": cfg["calibration"]["held_out_ece"], "nll": cfg["calibration"]["held_out_nll"],
-                "decision": cfg["decision"]["held_out"]},
-            "thresholds": {"pass": cfg["decision"]["pass_threshold"], "defect": cfg["decision"]["defect_threshold"]},
-            "test": {"accuracy": float((after.argmax(1) == y).mean()),
-                     "ece_before": expected_calibration_error(before, y),
-                     "ece_after": expected_calibration_error(after, y),
-                     "mean_confidence_before": float(before.max(1).mean()),
-                     "mean_confidence_after": float(after.max(1).mean()),
-                     "decision": decision_stats(decisions, y, after.argmax(1), classes)},
-            "fuse_train_seconds": fuse_seconds, "seconds": time.perf_counter() - t0,
-            "model": res.key, "from_cache": res.from_cache}
+    return {
+        "seed": seed,
+        "n_test": len(y),
+        "n_dropped": len(preds.dropped),
+        "temperature": cfg["calibration"]["temperature"],
+        "held_out": {
+            "n": cfg["calibration"]["n_held_out"],
+            "errors": cfg["calibration"]["held_out_errors"],
+            "ece": cfg["calibration"]["held_out_ece"],
+            "nll": cfg["calibration"]["held_out_nll"],
+            "decision": cfg["decision"]["held_out"],
+        },
+        "thresholds": {"pass": cfg["decision"]["pass_threshold"], "defect": cfg["decision"]["defect_threshold"]},
+        "test": {
+            "accuracy": float((after.argmax(1) == y).mean()),
+            "ece_before": expected_calibration_error(before, y),
+            "ece_after": expected_calibration_error(after, y),
+            "mean_confidence_before": float(before.max(1).mean()),
+            "mean_confidence_after": float(after.max(1).mean()),
+            "decision": decision_stats(decisions, y, after.argmax(1), classes),
+        },
+        "fuse_train_seconds": fuse_seconds,
+        "seconds": time.perf_counter() - t0,
+        "model": res.key,
+        "from_cache": res.from_cache,
+    }
 
 
 def _ms(vals: list[float], digits: int = 4, pct: bool = False) -> str:
@@ -78,9 +90,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
-    ap.add_argument("--name", default="calibration",
-                    help="results file and docs/benchmarks.md section, e.g. calibration-replication for seeds "
-                         "other than the benchmark's")
+    ap.add_argument(
+        "--name",
+        default="calibration",
+        help="results file and docs/benchmarks.md section, e.g. calibration-replication for seeds "
+        "other than the benchmark's",
+    )
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     cache = Cache(Path(args.cache_dir))
@@ -93,42 +108,74 @@ def main() -> None:
     test = [r["test"]["decision"] for r in per_seed]
     rows = [
         ("temperature T", _ms([r["temperature"] for r in per_seed], 3), ""),
-        ("ECE, plain softmax", _ms([r["held_out"]["ece"]["before"] for r in per_seed]),
-         _ms([r["test"]["ece_before"] for r in per_seed])),
-        ("ECE, calibrated", _ms([r["held_out"]["ece"]["after"] for r in per_seed]),
-         _ms([r["test"]["ece_after"] for r in per_seed])),
-        ("NLL plain -> calibrated",
-         " / ".join(f"{r['held_out']['nll']['before']:.4f} -> {r['held_out']['nll']['after']:.4f}" for r in per_seed),
-         ""),
-        ("misclassified cards",
-         _count([{"e": r["held_out"]["errors"], "n": r["held_out"]["n"]} for r in per_seed], "e", "n"),
-         _count([{"e": round((1 - r["test"]["accuracy"]) * r["n_test"]), "n": r["n_test"]} for r in per_seed],
-                "e", "n")),
-        ("review share", _ms([d["review_share"] for d in held], 2, True),
-         _ms([d["review_share"] for d in test], 2, True)),
-        ("review cards", _count([d["counts"] | {"n": d["n"]} for d in held], "review", "n"),
-         _count([d["counts"] | {"n": d["n"]} for d in test], "review", "n")),
-        ("miss rate (target <= 1 %): defective cards passed", _count(held, "n_missed", "n_defective"),
-         _count(test, "n_missed", "n_defective")),
-        ("defect error (target <= 5 %): defect decisions of another class",
-         _count(held, "n_wrong_defect", "n_defect_decisions"),
-         _count(test, "n_wrong_defect", "n_defect_decisions")),
+        (
+            "ECE, plain softmax",
+            _ms([r["held_out"]["ece"]["before"] for r in per_seed]),
+            _ms([r["test"]["ece_before"] for r in per_seed]),
+        ),
+        (
+            "ECE, calibrated",
+            _ms([r["held_out"]["ece"]["after"] for r in per_seed]),
+            _ms([r["test"]["ece_after"] for r in per_seed]),
+        ),
+        (
+            "NLL plain -> calibrated",
+            " / ".join(
+                f"{r['held_out']['nll']['before']:.4f} -> {r['held_out']['nll']['after']:.4f}" for r in per_seed
+            ),
+            "",
+        ),
+        (
+            "misclassified cards",
+            _count([{"e": r["held_out"]["errors"], "n": r["held_out"]["n"]} for r in per_seed], "e", "n"),
+            _count(
+                [{"e": round((1 - r["test"]["accuracy"]) * r["n_test"]), "n": r["n_test"]} for r in per_seed], "e", "n"
+            ),
+        ),
+        (
+            "review share",
+            _ms([d["review_share"] for d in held], 2, True),
+            _ms([d["review_share"] for d in test], 2, True),
+        ),
+        (
+            "review cards",
+            _count([d["counts"] | {"n": d["n"]} for d in held], "review", "n"),
+            _count([d["counts"] | {"n": d["n"]} for d in test], "review", "n"),
+        ),
+        (
+            "miss rate (target <= 1 %): defective cards passed",
+            _count(held, "n_missed", "n_defective"),
+            _count(test, "n_missed", "n_defective"),
+        ),
+        (
+            "defect error (target <= 5 %): defect decisions of another class",
+            _count(held, "n_wrong_defect", "n_defect_decisions"),
+            _count(test, "n_wrong_defect", "n_defect_decisions"),
+        ),
     ]
     table = ["| | held-out training cards (out-of-fold) | test split |", "|---|---|---|"]
     table += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    per = ["| seed | T | test ECE before | test ECE after | test review | test misses | thresholds pass / defect |",
-           "|---|---|---|---|---|---|---|"]
+    per = [
+        "| seed | T | test ECE before | test ECE after | test review | test misses | thresholds pass / defect |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in per_seed:
         d = r["test"]["decision"]
-        per.append(f"| {r['seed']} | {r['temperature']:.3f} | {r['test']['ece_before']:.4f} | "
-                   f"{r['test']['ece_after']:.4f} | "
-                   f"{d['counts']['review']}/{d['n']} | {d['n_missed']}/{d['n_defective']} | "
-                   f"{threshold_text(r['thresholds']['pass'])} / {threshold_text(r['thresholds']['defect'])} |")
+        per.append(
+            f"| {r['seed']} | {r['temperature']:.3f} | {r['test']['ece_before']:.4f} | "
+            f"{r['test']['ece_after']:.4f} | "
+            f"{d['counts']['review']}/{d['n']} | {d['n_missed']}/{d['n_defective']} | "
+            f"{threshold_text(r['thresholds']['pass'])} / {threshold_text(r['thresholds']['defect'])} |"
+        )
     cached = [r["seed"] for r in per_seed if r["from_cache"]]
-    trained_note = (f"; the models of seeds {', '.join(map(str, cached))} came from the cache (trained earlier with "
-                    "the same settings, e.g. by bench/quality.py, whose `PFA + CMAF, no TDA` rows are these models), "
-                    "so only their test cards were classified here" if cached else "")
-    md = f"""### Calibration and the decision rule ({len(seeds)} seeds: {', '.join(map(str, seeds))})
+    trained_note = (
+        f"; the models of seeds {', '.join(map(str, cached))} came from the cache (trained earlier with "
+        "the same settings, e.g. by bench/quality.py, whose `PFA + CMAF, no TDA` rows are these models), "
+        "so only their test cards were classified here"
+        if cached
+        else ""
+    )
+    md = f"""### Calibration and the decision rule ({len(seeds)} seeds: {", ".join(map(str, seeds))})
 
 Default 455 generated cards per seed (325 train / 130 test; cards whose record OCR cannot read are left
 out), quick profile, default `fuse-train` (5-fold

@@ -55,8 +55,15 @@ MODS = ("vlm", "llm", "image")
 CONFIDENCES = (0.5, 0.8, 0.9)
 BOUNDED = tuple(f"fusion-cv, fold average, bound {c}" for c in CONFIDENCES)
 LOWEST_CUT = "fusion-cv, fold average, lowest cut"
-METHODS = ("fusion-cv, final", "fusion-cv, fold average", LOWEST_CUT, *BOUNDED, "chain-cv, final",
-           "chain-cv, fold average", "validation split")
+METHODS = (
+    "fusion-cv, final",
+    "fusion-cv, fold average",
+    LOWEST_CUT,
+    *BOUNDED,
+    "chain-cv, final",
+    "chain-cv, fold average",
+    "validation split",
+)
 
 
 def lowest_cut_rule(probs: np.ndarray, y: np.ndarray, classes: list[str]):
@@ -66,9 +73,13 @@ def lowest_cut_rule(probs: np.ndarray, y: np.ndarray, classes: list[str]):
     from asectl.testing import lowest_cut_anywhere
 
     rule = choose_rule(probs, y, classes)
-    return DecisionRule(rule.classes, rule.pass_threshold,
-                        lowest_cut_anywhere(probs, y, rule.max_defect_error, tuple(classes)),
-                        rule.max_miss_rate, rule.max_defect_error)
+    return DecisionRule(
+        rule.classes,
+        rule.pass_threshold,
+        lowest_cut_anywhere(probs, y, rule.max_defect_error, tuple(classes)),
+        rule.max_miss_rate,
+        rule.max_defect_error,
+    )
 
 
 def _chain(raw: dict, fit: np.ndarray, labels: list[str], classes: list[str], prof, seed: int):
@@ -80,8 +91,9 @@ def _chain(raw: dict, fit: np.ndarray, labels: list[str], classes: list[str], pr
 def _fusion(emb: dict, fit: np.ndarray, labels: list[str], classes: list[str], prof, seed: int):
     from asectl.models.cmaf import predict_logits, train_fusion
 
-    model, _ = train_fusion({m: emb[m][fit] for m in MODS}, [labels[i] for i in fit], prof.fusion, seed,
-                            classes=classes)
+    model, _ = train_fusion(
+        {m: emb[m][fit] for m in MODS}, [labels[i] for i in fit], prof.fusion, seed, classes=classes
+    )
     return lambda idx: predict_logits(model, {m: emb[m][idx] for m in MODS})
 
 
@@ -129,9 +141,11 @@ def run_outer(args: tuple) -> dict:
         oof_f[inner_fold == k] = fold_fusions[-1](held)
         fold_chains.append(_chain(raw, fit, labels, classes, prof, seed))
         oof_c[inner_fold == k] = fold_chains[-1](held)
-    for name, oof, final, members in (("fusion-cv", oof_f, final_fusion, fold_fusions),
-                                      # the chain on every inner card is PFA on them + the final fusion
-                                      ("chain-cv", oof_c, final_fusion, fold_chains)):
+    for name, oof, final, members in (
+        ("fusion-cv", oof_f, final_fusion, fold_fusions),
+        # the chain on every inner card is PFA on them + the final fusion
+        ("chain-cv", oof_c, final_fusion, fold_chains),
+    ):
         t, rule = fit_rule(oof, inner)
         out[f"{name}, final"] = (softmax(final(test), t), t, rule)
         average = mean_softmax([m(test) for m in members], t)
@@ -155,12 +169,20 @@ def run_outer(args: tuple) -> dict:
     if test_split is not None:
         diag["validation split"] = softmax(model(test_split), t)
     # The fusion-cv out-of-fold probabilities the rules were chosen on: other rules can be scored from them.
-    return {"seed": seed, "outer": outer_k, "y": y_all[test].tolist(), "classes": classes,
-            "inner_y": y_all[inner].tolist(), "inner_probs": inner_oof.tolist(),
-            **({"test_y": y_all[test_split].tolist(), "test_probs": {m: p.tolist() for m, p in diag.items()}}
-               if test_split is not None else {}),
-            "methods": {m: {"probs": p.tolist(), "temperature": t, "rule": r.to_dict()}
-                        for m, (p, t, r) in out.items()}}
+    return {
+        "seed": seed,
+        "outer": outer_k,
+        "y": y_all[test].tolist(),
+        "classes": classes,
+        "inner_y": y_all[inner].tolist(),
+        "inner_probs": inner_oof.tolist(),
+        **(
+            {"test_y": y_all[test_split].tolist(), "test_probs": {m: p.tolist() for m, p in diag.items()}}
+            if test_split is not None
+            else {}
+        ),
+        "methods": {m: {"probs": p.tolist(), "temperature": t, "rule": r.to_dict()} for m, (p, t, r) in out.items()},
+    }
 
 
 def outer_llm_features(ds, align, inner: np.ndarray, test: np.ndarray, cache, llm: np.ndarray) -> np.ndarray:
@@ -178,13 +200,15 @@ def outer_llm_features(ds, align, inner: np.ndarray, test: np.ndarray, cache, ll
 
     by_name = {s.name: s for s in ds.samples}
     inner_names = {align.names[i] for i in inner}
-    inner_ds = Dataset([dataclasses.replace(by_name[n], split="train") for n in sorted(inner_names)], ds.root,
-                       ds.source, ds.labels)
+    inner_ds = Dataset(
+        [dataclasses.replace(by_name[n], split="train") for n in sorted(inner_names)], ds.root, ds.source, ds.labels
+    )
     settings = ModalitySettings.from_dict(SETTINGS)
     ocr = run_ocr(inner_ds, settings.ocr, cache=cache, remember=False).by_image()
     priors = priors_from_dataset(inner_ds, ocr, list(settings.ocr.card_spec().bin_edges))
-    outer_ds = Dataset([dataclasses.replace(by_name[align.names[i]], split="test") for i in test], ds.root,
-                       ds.source, ds.labels)
+    outer_ds = Dataset(
+        [dataclasses.replace(by_name[align.names[i]], split="test") for i in test], ds.root, ds.source, ds.labels
+    )
     mods = collect_modalities(outer_ds, cache, SETTINGS, priors=priors, remember=False)
     assert [s.name for s in mods.samples] == [align.names[i] for i in test], "an outer card lost a modality"
     encoder = build_encoders(get_profile("quick").encoders)[2]
@@ -206,8 +230,10 @@ def score(rows: list[dict], method: str, on_test: bool = False) -> dict:
     from asectl.models.calibration import DecisionRule, decision_stats, expected_calibration_error
 
     if on_test:
-        rows = [{**r, "y": r["test_y"], "methods": {m: {**v, "probs": r["test_probs"][m]}
-                                                    for m, v in r["methods"].items()}} for r in rows]
+        rows = [
+            {**r, "y": r["test_y"], "methods": {m: {**v, "probs": r["test_probs"][m]} for m, v in r["methods"].items()}}
+            for r in rows
+        ]
     per, ys, ps = [], [], []
     for r in rows:
         m = r["methods"][method]
@@ -219,10 +245,17 @@ def score(rows: list[dict], method: str, on_test: bool = False) -> dict:
     y, p = np.concatenate(ys), np.concatenate(ps)
     tot = {k: sum(d[k] for d in per) for k in ("n", "n_defective", "n_missed", "n_defect_decisions", "n_wrong_defect")}
     tot["n_review"] = sum(d["counts"]["review"] for d in per)
-    f1 = [macro_f1_from_codes(r["y"], np.asarray(r["methods"][method]["probs"]).argmax(1), len(r["classes"]))
-          for r in rows]
-    return {**tot, "ece": expected_calibration_error(p, y), "accuracy": float((p.argmax(1) == y).mean()),
-            "macro_f1_mean": float(np.mean(f1)), "macro_f1_sd": float(np.std(f1, ddof=1)) if len(f1) > 1 else 0.0}
+    f1 = [
+        macro_f1_from_codes(r["y"], np.asarray(r["methods"][method]["probs"]).argmax(1), len(r["classes"]))
+        for r in rows
+    ]
+    return {
+        **tot,
+        "ece": expected_calibration_error(p, y),
+        "accuracy": float((p.argmax(1) == y).mean()),
+        "macro_f1_mean": float(np.mean(f1)),
+        "macro_f1_sd": float(np.std(f1, ddof=1)) if len(f1) > 1 else 0.0,
+    }
 
 
 def _ci(k: int, n: int) -> str:
@@ -239,12 +272,19 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--outer-priors", choices=["all", "inner"], default="all",
-                    help="the outer fold's LLM texts: as cached (priors of every training card) or answered "
-                         "again with priors of the inner cards only, as a new card's are")
-    ap.add_argument("--diagnose-test", action="store_true",
-                    help="also classify the test split with every fitted candidate: reads the test split, to "
-                         "see whether it behaves like the outer folds (never used to choose)")
+    ap.add_argument(
+        "--outer-priors",
+        choices=["all", "inner"],
+        default="all",
+        help="the outer fold's LLM texts: as cached (priors of every training card) or answered "
+        "again with priors of the inner cards only, as a new card's are",
+    )
+    ap.add_argument(
+        "--diagnose-test",
+        action="store_true",
+        help="also classify the test split with every fitted candidate: reads the test split, to "
+        "see whether it behaves like the outer folds (never used to choose)",
+    )
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
@@ -256,30 +296,49 @@ def main() -> None:
     test_scores = {m: score(rows, m, on_test=True) for m in METHODS} if args.diagnose_test else None
     inner = args.outer_priors == "inner"
     suffix = ("-inner-priors" if inner else "") + ("-test" if args.diagnose_test else "")
-    summary = {"seeds": seeds, "outer_priors": args.outer_priors, "folds": FOLDS, "validation_share": VALIDATION_SHARE,
-               "scores": scores, "test_scores": test_scores, "seconds": total}
+    summary = {
+        "seeds": seeds,
+        "outer_priors": args.outer_priors,
+        "folds": FOLDS,
+        "validation_share": VALIDATION_SHARE,
+        "scores": scores,
+        "test_scores": test_scores,
+        "seconds": total,
+    }
     save("calibration_method" + suffix, summary, raw={**summary, "rows": rows})
 
     def table(scores: dict) -> str:
-        out = ["| candidate | miss rate (target <= 1 %) | defect error (target <= 5 %) | review share | ECE | "
-               "accuracy | macro-F1 (mean ± sd over fits) |", "|---|---|---|---|---|---|---|"]
+        out = [
+            "| candidate | miss rate (target <= 1 %) | defect error (target <= 5 %) | review share | ECE | "
+            "accuracy | macro-F1 (mean ± sd over fits) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for m, s in scores.items():
-            out.append(f"| {m} | {_ci(s['n_missed'], s['n_defective'])} | "
-                       f"{_ci(s['n_wrong_defect'], s['n_defect_decisions'])} | {100 * s['n_review'] / s['n']:.1f}% | "
-                       f"{s['ece']:.3f} | {100 * s['accuracy']:.1f}% | {100 * s['macro_f1_mean']:.2f} ± "
-                       f"{100 * s['macro_f1_sd']:.2f} |")
+            out.append(
+                f"| {m} | {_ci(s['n_missed'], s['n_defective'])} | "
+                f"{_ci(s['n_wrong_defect'], s['n_defect_decisions'])} | {100 * s['n_review'] / s['n']:.1f}% | "
+                f"{s['ece']:.3f} | {100 * s['accuracy']:.1f}% | {100 * s['macro_f1_mean']:.2f} ± "
+                f"{100 * s['macro_f1_sd']:.2f} |"
+            )
         return "\n".join(out)
-    priors_note = ("The outer fold's LLM texts were answered again with priors of the inner cards only, as a "
-                   "new card's are." if inner else "The outer fold's LLM texts are the cached ones (priors of "
-                   "every training card, the outer fold's included).")
-    test_note = ("The test split is not read." if test_scores is None else
-                 "Diagnosis only (nothing is chosen on it): every fitted candidate also classified the test "
-                 "split, second table (the same 130 test cards per seed, counted once per outer fold).")
-    md = f"""### How the temperature and thresholds are fitted (training split{
-    ' and, for diagnosis, test split' if test_scores else ' only'}, {len(seeds)} seeds{
-    ", outer fold answered with inner priors" if inner else ""})
 
-Seeds {', '.join(map(str, seeds))}; each seed's 325 training cards cut into {FOLDS} outer folds (stratified),
+    priors_note = (
+        "The outer fold's LLM texts were answered again with priors of the inner cards only, as a new card's are."
+        if inner
+        else "The outer fold's LLM texts are the cached ones (priors of "
+        "every training card, the outer fold's included)."
+    )
+    test_note = (
+        "The test split is not read."
+        if test_scores is None
+        else "Diagnosis only (nothing is chosen on it): every fitted candidate also classified the test "
+        "split, second table (the same 130 test cards per seed, counted once per outer fold)."
+    )
+    md = f"""### How the temperature and thresholds are fitted (training split{
+        " and, for diagnosis, test split" if test_scores else " only"
+    }, {len(seeds)} seeds{", outer fold answered with inner priors" if inner else ""})
+
+Seeds {", ".join(map(str, seeds))}; each seed's 325 training cards cut into {FOLDS} outer folds (stratified),
 each outer fold classified by every candidate fitted on the other four ({FOLDS} inner folds; validation
 share {VALIDATION_SHARE:.0%}); counts summed over outer folds and seeds, 95% exact binomial intervals.
 Targets: `--max-miss-rate 0.01`, `--max-defect-error 0.05`. {priors_note} {test_note}

@@ -54,10 +54,15 @@ def shared_folds(dataset: Dataset, cache: Cache, folds: int, fold_seed: int) -> 
     out = []
     for fold in training_folds(train_only, folds, fold_seed):
         held = {s.name for s in fold.samples if s.split == "test"}
-        out.append({"feats": feats, "labels": [s.label for s in mods.samples],
-                    "inner": [index[s.name] for s in fold.samples if s.name in index and s.name not in held],
-                    "held": [index[s.name] for s in fold.samples if s.name in index and s.name in held],
-                    "dropped": len(mods.dropped)})
+        out.append(
+            {
+                "feats": feats,
+                "labels": [s.label for s in mods.samples],
+                "inner": [index[s.name] for s in fold.samples if s.name in index and s.name not in held],
+                "held": [index[s.name] for s in fold.samples if s.name in index and s.name in held],
+                "dropped": len(mods.dropped),
+            }
+        )
     return out
 
 
@@ -92,8 +97,9 @@ def cv_arguments(description: str) -> argparse.ArgumentParser:
     return ap
 
 
-def score_candidates(args: argparse.Namespace, candidates: list[dict],
-                     make_folds: Callable[[Dataset, Cache, int, int], list[dict]]) -> tuple:
+def score_candidates(
+    args: argparse.Namespace, candidates: list[dict], make_folds: Callable[[Dataset, Cache, int, int], list[dict]]
+) -> tuple:
     """The dataset, its training classes, the training seeds, the folds (``make_folds``) and one row per
     candidate setting with its cross-validated scores (tune_profile.py's ``Scorer``)."""
     import torch
@@ -115,19 +121,35 @@ def score_candidates(args: argparse.Namespace, candidates: list[dict],
 
 def main() -> None:
     ap = cv_arguments(__doc__.split("\n\n")[0])
-    ap.add_argument("--name", default="choose-branches",
-                    help="results file and docs section (another name keeps a run on other cards apart)")
+    ap.add_argument(
+        "--name",
+        default="choose-branches",
+        help="results file and docs section (another name keeps a run on other cards apart)",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
     dataset, classes, seeds, folds, rows = score_candidates(args, CANDIDATES, shared_folds)
     ranked = sorted(rows, key=lambda r: -r["mean"])
-    yardsticks = {f"gradient boosting on the OCR'd numbers{f' + {k} image PCs' if k else ''}":
-                  summarise(boosting_scores(folds, seeds, classes, k)) for k in [0, *PCS]}
+    yardsticks = {
+        f"gradient boosting on the OCR'd numbers{f' + {k} image PCs' if k else ''}": summarise(
+            boosting_scores(folds, seeds, classes, k)
+        )
+        for k in [0, *PCS]
+    }
     best_pcs = max(PCS, key=lambda k: yardsticks[f"gradient boosting on the OCR'd numbers + {k} image PCs"]["mean"])
-    record = {"data": str(Path(args.data).resolve()), "folds": args.folds, "fold_seed": args.fold_seed,
-              "seeds": seeds, "n_train_cards": len(dataset.split("train")), "classes": classes,
-              "results": ranked, "chosen": ranked[0]["setting"], "yardsticks": yardsticks,
-              "chosen_pcs": best_pcs, "seconds": time.perf_counter() - t0}
+    record = {
+        "data": str(Path(args.data).resolve()),
+        "folds": args.folds,
+        "fold_seed": args.fold_seed,
+        "seeds": seeds,
+        "n_train_cards": len(dataset.split("train")),
+        "classes": classes,
+        "results": ranked,
+        "chosen": ranked[0]["setting"],
+        "yardsticks": yardsticks,
+        "chosen_pcs": best_pcs,
+        "seconds": time.perf_counter() - t0,
+    }
     save(args.name.replace("-", "_"), record)
     text = markdown(record)
     if not args.no_docs:
@@ -136,26 +158,37 @@ def main() -> None:
 
 
 def markdown(rec: dict) -> str:
-    pct = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"   # noqa: E731
+    pct = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"  # noqa: E731
     n = len(rec["results"][0]["scores"])
-    lines = [f"### Branches and attention chosen on the training split ({rec['folds']}-fold cross-validation)", "",
-             f"Data: `{rec['data']}`; only its {rec['n_train_cards']} training cards were read. Folds stratified "
-             f"with seed {rec['fold_seed']}; training seeds {', '.join(map(str, rec['seeds']))}; 5-class macro-F1 "
-             f"on the held-out fold, mean ± std over {n} fold x seed runs; one fusion model per fold (no fold "
-             "ensemble, no TDA). The LLM text's class priors come from the whole training split (see the "
-             f"script's docstring). Run time: {rec['seconds'] / 60:.1f} min.", "",
-             "| rank | branches | fusion | macro-F1 (held-out folds) |", "|---|---|---|---|"]
+    lines = [
+        f"### Branches and attention chosen on the training split ({rec['folds']}-fold cross-validation)",
+        "",
+        f"Data: `{rec['data']}`; only its {rec['n_train_cards']} training cards were read. Folds stratified "
+        f"with seed {rec['fold_seed']}; training seeds {', '.join(map(str, rec['seeds']))}; 5-class macro-F1 "
+        f"on the held-out fold, mean ± std over {n} fold x seed runs; one fusion model per fold (no fold "
+        "ensemble, no TDA). The LLM text's class priors come from the whole training split (see the "
+        f"script's docstring). Run time: {rec['seconds'] / 60:.1f} min.",
+        "",
+        "| rank | branches | fusion | macro-F1 (held-out folds) |",
+        "|---|---|---|---|",
+    ]
     for k, r in enumerate(rec["results"], 1):
         st = r["setting"]
-        fusion = ("concat" if st.get("fusion.variant") == "concat"
-                  else f"{st.get('fusion.variant', 'cmaf')}, attention {st.get('fusion.attention')}")
+        fusion = (
+            "concat"
+            if st.get("fusion.variant") == "concat"
+            else f"{st.get('fusion.variant', 'cmaf')}, attention {st.get('fusion.attention')}"
+        )
         lines.append(f"| {k} | {st['encoders.branches']} | {fusion} | {pct(r)} |")
     lines += ["", "Yardsticks on the same folds:", "", "| method | macro-F1 (held-out folds) |", "|---|---|"]
     lines += [f"| {name} | {pct(r)} |" for name, r in rec["yardsticks"].items()]
     best = rec["results"][0]
-    lines += ["", f"Chosen: {', '.join(f'`{k} = {v}`' for k, v in rec['chosen'].items())} "
-              f"({100 * best['mean']:.2f}, standard error {100 * best['sem']:.2f}); image principal components "
-              f"for the boosting yardstick: {rec['chosen_pcs']}."]
+    lines += [
+        "",
+        f"Chosen: {', '.join(f'`{k} = {v}`' for k, v in rec['chosen'].items())} "
+        f"({100 * best['mean']:.2f}, standard error {100 * best['sem']:.2f}); image principal components "
+        f"for the boosting yardstick: {rec['chosen_pcs']}.",
+    ]
     return "\n".join(lines)
 
 

@@ -62,14 +62,23 @@ def main() -> None:
             start = time.process_time()
             logits = np.zeros((len(y), len(classes)))
             for k in range(5):
-                model, _ = train_fusion({b: v[fold != k] for b, v in feats.items()},
-                                        [classes[i] for i in y[fold != k]], config, args.seed, classes=classes)
+                model, _ = train_fusion(
+                    {b: v[fold != k] for b, v in feats.items()},
+                    [classes[i] for i in y[fold != k]],
+                    config,
+                    args.seed,
+                    classes=classes,
+                )
                 logits[fold == k] = predict_logits(model, {b: v[fold == k] for b, v in feats.items()})
             seconds[name] += time.process_time() - start
             rows[name].append(macro_f1_from_codes(y, logits.argmax(axis=1), len(classes)))
             print(f"fold seed {fold_seed} {name}: {100 * rows[name][-1]:.2f}", flush=True)
-    rec = {"data": data.name, "fold_seeds": args.fold_seeds, "branches": out.bundle.config["branches"],
-           "rows": {name: {"macro_f1": v, "cpu_seconds": seconds[name]} for name, v in rows.items()}}
+    rec = {
+        "data": data.name,
+        "fold_seeds": args.fold_seeds,
+        "branches": out.bundle.config["branches"],
+        "rows": {name: {"macro_f1": v, "cpu_seconds": seconds[name]} for name, v in rows.items()},
+    }
     save("choose_classifier", rec)
     if not args.no_docs:
         update_section("choose-classifier", markdown(rec))
@@ -77,17 +86,23 @@ def main() -> None:
 
 def markdown(rec: dict) -> str:
     base = rec["rows"]["mlp (AdamW, the earlier default)"]["macro_f1"]
-    lines = [f"### The fusion's classifier chosen on the training split (5-fold, fold seeds {rec['fold_seeds']})",
-             "",
-             f"Cards: `{rec['data']}`, training split only; branches {', '.join(rec['branches'])} "
-             "concatenated; macro-F1 of the held-out folds, mean ± std over fold seeds, and the paired "
-             "difference from the MLP.", "",
-             "| classifier | macro-F1 | minus MLP (per fold seed) | CPU s (all folds and seeds) |", "|---|---|---|---|"]
+    lines = [
+        f"### The fusion's classifier chosen on the training split (5-fold, fold seeds {rec['fold_seeds']})",
+        "",
+        f"Cards: `{rec['data']}`, training split only; branches {', '.join(rec['branches'])} "
+        "concatenated; macro-F1 of the held-out folds, mean ± std over fold seeds, and the paired "
+        "difference from the MLP.",
+        "",
+        "| classifier | macro-F1 | minus MLP (per fold seed) | CPU s (all folds and seeds) |",
+        "|---|---|---|---|",
+    ]
     for name, r in rec["rows"].items():
         v = np.asarray(r["macro_f1"]) * 100
         diff = v - np.asarray(base) * 100
-        lines.append(f"| {name} | {v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0:.2f} | "
-                     f"{diff.mean():+.2f} ({', '.join(f'{d:+.1f}' for d in diff)}) | {r['cpu_seconds']:.0f} |")
+        lines.append(
+            f"| {name} | {v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0:.2f} | "
+            f"{diff.mean():+.2f} ({', '.join(f'{d:+.1f}' for d in diff)}) | {r['cpu_seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -24,8 +24,11 @@ from choose_branches import cv_arguments, score_candidates
 from tune_profile import summarise, training_folds
 
 # The default rate of the heads (a tenth of the fusion's), and the fusion's own rate for them.
-CANDIDATES = [{"fusion.projections": "frozen"}, {"fusion.projections": "end-to-end"},
-              {"fusion.projections": "end-to-end", "fusion.projections_lr": 3e-3}]
+CANDIDATES = [
+    {"fusion.projections": "frozen"},
+    {"fusion.projections": "end-to-end"},
+    {"fusion.projections": "end-to-end", "fusion.projections_lr": 3e-3},
+]
 
 
 def folds_with_features(dataset: Dataset, cache: Cache, folds: int, fold_seed: int) -> list[dict]:
@@ -44,9 +47,15 @@ def folds_with_features(dataset: Dataset, cache: Cache, folds: int, fold_seed: i
         held = {s.name for s in fold.samples if s.split == "test"}
         inner = [index[s.name] for s in fold.samples if s.name in index and s.name not in held]
         feats, _, _ = encode_for_training(mods, build_encoders(enc), cache, inner, seed=0, branches=enc.branches)
-        out.append({"feats": feats, "labels": [s.label for s in mods.samples], "inner": inner,
-                    "held": [index[s.name] for s in fold.samples if s.name in index and s.name in held],
-                    "dropped": len(mods.dropped)})
+        out.append(
+            {
+                "feats": feats,
+                "labels": [s.label for s in mods.samples],
+                "inner": inner,
+                "held": [index[s.name] for s in fold.samples if s.name in index and s.name in held],
+                "dropped": len(mods.dropped),
+            }
+        )
     return out
 
 
@@ -55,11 +64,18 @@ def main() -> None:
     t0 = time.perf_counter()
     dataset, classes, seeds, _, rows = score_candidates(args, CANDIDATES, folds_with_features)
     frozen = rows[0]["scores"]
-    for r in rows[1:]:         # paired by fold and seed: the same alignment under both
+    for r in rows[1:]:  # paired by fold and seed: the same alignment under both
         r["minus_frozen"] = summarise([b - a for a, b in zip(frozen, r["scores"])])
-    record = {"data": args.data, "folds": args.folds, "fold_seed": args.fold_seed,
-              "seeds": seeds, "n_train_cards": len(dataset.split("train")), "classes": classes,
-              "results": rows, "seconds": time.perf_counter() - t0}
+    record = {
+        "data": args.data,
+        "folds": args.folds,
+        "fold_seed": args.fold_seed,
+        "seeds": seeds,
+        "n_train_cards": len(dataset.split("train")),
+        "classes": classes,
+        "results": rows,
+        "seconds": time.perf_counter() - t0,
+    }
     save("choose_heads", record)
     text = markdown(record)
     if not args.no_docs:
@@ -68,16 +84,20 @@ def main() -> None:
 
 
 def markdown(rec: dict) -> str:
-    pct = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"   # noqa: E731
+    pct = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"  # noqa: E731
     n = len(rec["results"][0]["scores"])
-    lines = [f"### Frozen or end-to-end projection heads ({rec['folds']}-fold cross-validation on the training split)",
-             "", f"Data: `{rec['data']}`; only its {rec['n_train_cards']} training cards were read. Folds "
-             f"stratified with seed {rec['fold_seed']}; training seeds {', '.join(map(str, rec['seeds']))}; the "
-             "quick profile otherwise (four branches, concatenation, fusion lr 3e-3); 5-class macro-F1 on the "
-             f"held-out fold, mean ± std over {n} fold x seed runs, one fusion model per fold. Run time: "
-             f"{rec['seconds'] / 60:.1f} min.", "",
-             "| heads | heads' lr | macro-F1 (held-out folds) | minus frozen, paired (standard error) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"### Frozen or end-to-end projection heads ({rec['folds']}-fold cross-validation on the training split)",
+        "",
+        f"Data: `{rec['data']}`; only its {rec['n_train_cards']} training cards were read. Folds "
+        f"stratified with seed {rec['fold_seed']}; training seeds {', '.join(map(str, rec['seeds']))}; the "
+        "quick profile otherwise (four branches, concatenation, fusion lr 3e-3); 5-class macro-F1 on the "
+        f"held-out fold, mean ± std over {n} fold x seed runs, one fusion model per fold. Run time: "
+        f"{rec['seconds'] / 60:.1f} min.",
+        "",
+        "| heads | heads' lr | macro-F1 (held-out folds) | minus frozen, paired (standard error) |",
+        "|---|---|---|---|",
+    ]
     for r in rec["results"]:
         st, d = r["setting"], r.get("minus_frozen")
         lr = "-" if st["fusion.projections"] == "frozen" else f"{st.get('fusion.projections_lr', 3e-4):g}"

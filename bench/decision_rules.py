@@ -64,7 +64,7 @@ def nested_mondrian_pass(p: np.ndarray, y: np.ndarray, fold: np.ndarray, alpha: 
         for c in range(1, p.shape[1]):
             scores = np.sort(p[(fold != k) & (y == c), c])
             rank = int(np.floor(alpha * (len(scores) + 1)))
-            ok &= p[held, c] < (scores[rank - 1] if rank >= 1 else -np.inf)   # class c left out of the set
+            ok &= p[held, c] < (scores[rank - 1] if rank >= 1 else -np.inf)  # class c left out of the set
         passed[held] = ok
     return passed
 
@@ -114,11 +114,13 @@ def main() -> None:
         raise SystemExit("the bundle's held-out cards are not the align entry's training cards in order")
     scorers = {
         "fused default model (its held-out probabilities)": np.asarray(held_p),
-        "boosting on the OCR'd numbers": out_of_fold(lambda: HistGradientBoostingClassifier(random_state=0),
-                                                     raw["stats"], y, fold, k),
+        "boosting on the OCR'd numbers": out_of_fold(
+            lambda: HistGradientBoostingClassifier(random_state=0), raw["stats"], y, fold, k
+        ),
         "logistic regression on the OCR'd numbers": out_of_fold(logistic(1.0), raw["stats"], y, fold, k),
         "logistic regression on the aligned features, concatenated (C 0.01)": out_of_fold(
-            logistic(0.01), np.hstack([aligned[b] for b in sorted(aligned)]), y, fold, k),
+            logistic(0.01), np.hstack([aligned[b] for b in sorted(aligned)]), y, fold, k
+        ),
     }
     truth = data / "truth.jsonl"
     if truth.is_file():
@@ -127,18 +129,39 @@ def main() -> None:
 
         latents = read_truth(data)
         scorers["oracle (true latent parameters)"] = oracle.posteriors(
-            [latents[align.names[i]]["latent"] for i in train], [classes[i] for i in y], classes)
+            [latents[align.names[i]]["latent"] for i in train], [classes[i] for i in y], classes
+        )
     rows = []
     for name, p in scorers.items():
-        row = {"scorer": name, "macro_f1": macro_f1_from_codes(y, p.argmax(axis=1), k), "n": len(y),
-               "n_normal": int((~defective).sum()), "n_defective": int(defective.sum())}
-        for rule, passed in [("threshold", nested_threshold_pass(p[:, 0], defective, fold)),
-                             *[(f"mondrian {a}", nested_mondrian_pass(p, y, fold, a)) for a in (0.01, 0.05)]]:
-            row[rule] = {"pass_share": float(passed.mean()), "normal_passed": int((passed & ~defective).sum()),
-                         "missed": int((passed & defective).sum())}
+        row = {
+            "scorer": name,
+            "macro_f1": macro_f1_from_codes(y, p.argmax(axis=1), k),
+            "n": len(y),
+            "n_normal": int((~defective).sum()),
+            "n_defective": int(defective.sum()),
+        }
+        for rule, passed in [
+            ("threshold", nested_threshold_pass(p[:, 0], defective, fold)),
+            *[(f"mondrian {a}", nested_mondrian_pass(p, y, fold, a)) for a in (0.01, 0.05)],
+        ]:
+            row[rule] = {
+                "pass_share": float(passed.mean()),
+                "normal_passed": int((passed & ~defective).sum()),
+                "missed": int((passed & defective).sum()),
+            }
         st = nested_rule(p, y, fold, classes)
-        row["choose_rule"] = {key: st[key] for key in ("review_share", "pass_share", "defect_share", "n_missed",
-                                                         "n_defective", "n_wrong_defect", "n_defect_decisions")}
+        row["choose_rule"] = {
+            key: st[key]
+            for key in (
+                "review_share",
+                "pass_share",
+                "defect_share",
+                "n_missed",
+                "n_defective",
+                "n_wrong_defect",
+                "n_defect_decisions",
+            )
+        }
         rows.append(row)
         print(name, {key: row[key] for key in ("macro_f1", "threshold", "choose_rule")}, flush=True)
     rec = {"data": data.name, "folds": args.folds, "fold_seed": args.fold_seed, "rows": rows}
@@ -148,19 +171,25 @@ def main() -> None:
 
 
 def markdown(rec: dict) -> str:
-    lines = [f"### Which scores leave clear cards alone (training split, {rec['folds']}-fold, nested)", "",
-             "Pass shares at most 1% of defective cards passed, each threshold set on the other folds; "
-             "the whole rule's review share at 1% miss and 5% defect error.", "",
-             "| scorer | out-of-fold macro-F1 | pass share, threshold on p(normal) | normal passed / missed | "
-             "pass share, Mondrian 0.01 / 0.05 | whole rule: review share | misses | wrong defect decisions |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### Which scores leave clear cards alone (training split, {rec['folds']}-fold, nested)",
+        "",
+        "Pass shares at most 1% of defective cards passed, each threshold set on the other folds; "
+        "the whole rule's review share at 1% miss and 5% defect error.",
+        "",
+        "| scorer | out-of-fold macro-F1 | pass share, threshold on p(normal) | normal passed / missed | "
+        "pass share, Mondrian 0.01 / 0.05 | whole rule: review share | misses | wrong defect decisions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rec["rows"]:
         t, c = r["threshold"], r["choose_rule"]
-        lines.append(f"| {r['scorer']} | {100 * r['macro_f1']:.2f} | {100 * t['pass_share']:.1f}% | "
-                     f"{t['normal_passed']}/{r['n_normal']} / {t['missed']}/{r['n_defective']} | "
-                     f"{100 * r['mondrian 0.01']['pass_share']:.1f}% / {100 * r['mondrian 0.05']['pass_share']:.1f}% | "
-                     f"{100 * c['review_share']:.1f}% | {c['n_missed']}/{c['n_defective']} | "
-                     f"{c['n_wrong_defect']}/{c['n_defect_decisions']} |")
+        lines.append(
+            f"| {r['scorer']} | {100 * r['macro_f1']:.2f} | {100 * t['pass_share']:.1f}% | "
+            f"{t['normal_passed']}/{r['n_normal']} / {t['missed']}/{r['n_defective']} | "
+            f"{100 * r['mondrian 0.01']['pass_share']:.1f}% / {100 * r['mondrian 0.05']['pass_share']:.1f}% | "
+            f"{100 * c['review_share']:.1f}% | {c['n_missed']}/{c['n_defective']} | "
+            f"{c['n_wrong_defect']}/{c['n_defect_decisions']} |"
+        )
     return "\n".join(lines)
 
 

@@ -54,10 +54,14 @@ def run_seed(seed: int, cache: Cache) -> dict:
         truth = {s.name: s.label for s in test.samples}
         y = np.array([CLASSES.index(truth[s.name]) for s in preds.samples])
         decisions = predictor.rule.decide(probs)
-        out[name] = {"y_true": [CLASSES[i] for i in y], "y_pred": [CLASSES[i] for i in probs.argmax(axis=1)],
-                     "macro_f1": macro_f1_from_codes(y, probs.argmax(axis=1), 5),
-                     "decisions": decision_stats(decisions, y, probs.argmax(axis=1), CLASSES),
-                     "held_out": res.bundle.config["decision"]["held_out"], "n_dropped": len(preds.dropped)}
+        out[name] = {
+            "y_true": [CLASSES[i] for i in y],
+            "y_pred": [CLASSES[i] for i in probs.argmax(axis=1)],
+            "macro_f1": macro_f1_from_codes(y, probs.argmax(axis=1), 5),
+            "decisions": decision_stats(decisions, y, probs.argmax(axis=1), CLASSES),
+            "held_out": res.bundle.config["decision"]["held_out"],
+            "n_dropped": len(preds.dropped),
+        }
     # The printed numbers: the align entry's stats vectors (every card; the same cards in the same order).
     names = align.names
     stats = align.raw_features()["stats"]
@@ -74,14 +78,20 @@ def run_seed(seed: int, cache: Cache) -> dict:
     p_te = oracle.posteriors([latents[n]["latent"] for n in test_names], y_tr, CLASSES)
     y_te = np.array([CLASSES.index(align.labels[i]) for i in te])
     rule = choose_rule(p_tr, np.array([CLASSES.index(c) for c in y_tr]), CLASSES)
-    out[ORACLE] = {"y_true": [CLASSES[i] for i in y_te], "y_pred": [CLASSES[i] for i in p_te.argmax(axis=1)],
-                   "decisions": decision_stats(rule.decide(p_te), y_te, p_te.argmax(axis=1), CLASSES)}
+    out[ORACLE] = {
+        "y_true": [CLASSES[i] for i in y_te],
+        "y_pred": [CLASSES[i] for i in p_te.argmax(axis=1)],
+        "decisions": decision_stats(rule.decide(p_te), y_te, p_te.argmax(axis=1), CLASSES),
+    }
     for row in (BOOSTING, ORACLE):
-        out[row]["macro_f1"] = macro_f1_from_codes([CLASSES.index(c) for c in out[row]["y_true"]],
-                                                   [CLASSES.index(c) for c in out[row]["y_pred"]], 5)
+        out[row]["macro_f1"] = macro_f1_from_codes(
+            [CLASSES.index(c) for c in out[row]["y_true"]], [CLASSES.index(c) for c in out[row]["y_pred"]], 5
+        )
     if len(te_names) != len(test_names):
-        raise SystemExit(f"seed {seed}: the fused model scored {len(te_names)} test cards, the numbers "
-                         f"{len(test_names)}: compare on the same cards")
+        raise SystemExit(
+            f"seed {seed}: the fused model scored {len(te_names)} test cards, the numbers "
+            f"{len(test_names)}: compare on the same cards"
+        )
     return out
 
 
@@ -98,17 +108,31 @@ def main() -> None:
     summary = {}
     for row in rows:
         preds = [(per_seed[s][row]["y_true"], per_seed[s][row]["y_pred"]) for s in seeds]
-        summary[row] = {"macro_f1": [per_seed[s][row]["macro_f1"] for s in seeds],
-                        "interval": bootstrap_interval(CLASSES, preds),
-                        "decisions": [per_seed[s][row].get("decisions") for s in seeds]}
+        summary[row] = {
+            "macro_f1": [per_seed[s][row]["macro_f1"] for s in seeds],
+            "interval": bootstrap_interval(CLASSES, preds),
+            "decisions": [per_seed[s][row].get("decisions") for s in seeds],
+        }
         print(row, summary[row]["macro_f1"], flush=True)
-    pairs = [("default (logistic classifier)", "earlier default (MLP classifier)"),
-             ("default (logistic classifier)", BOOSTING), (ORACLE, "default (logistic classifier)")]
-    tests = {f"{a} vs {b}": paired_test(CLASSES, [(per_seed[s][a]["y_true"], per_seed[s][a]["y_pred"]) for s in seeds],
-                                        [(per_seed[s][b]["y_true"], per_seed[s][b]["y_pred"]) for s in seeds])
-             for a, b in pairs}
-    rec = {"seeds": seeds, "rows": summary, "paired": tests,
-           "per_card": {s: {r: {k: per_seed[s][r][k] for k in ("y_true", "y_pred")} for r in rows} for s in seeds}}
+    pairs = [
+        ("default (logistic classifier)", "earlier default (MLP classifier)"),
+        ("default (logistic classifier)", BOOSTING),
+        (ORACLE, "default (logistic classifier)"),
+    ]
+    tests = {
+        f"{a} vs {b}": paired_test(
+            CLASSES,
+            [(per_seed[s][a]["y_true"], per_seed[s][a]["y_pred"]) for s in seeds],
+            [(per_seed[s][b]["y_true"], per_seed[s][b]["y_pred"]) for s in seeds],
+        )
+        for a, b in pairs
+    }
+    rec = {
+        "seeds": seeds,
+        "rows": summary,
+        "paired": tests,
+        "per_card": {s: {r: {k: per_seed[s][r][k] for k in ("y_true", "y_pred")} for r in rows} for s in seeds},
+    }
     save("default_model", rec)
     if not args.no_docs:
         update_section("default-model", markdown(rec))
@@ -116,9 +140,12 @@ def main() -> None:
 
 def markdown(rec: dict) -> str:
     seeds = ", ".join(str(s) for s in rec["seeds"])
-    lines = [f"### The default on the test split (seeds {seeds}, `field`, no TDA)", "",
-             "| method | 5-class macro-F1 (per seed) | 95% interval | review share | miss rate | defect error |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"### The default on the test split (seeds {seeds}, `field`, no TDA)",
+        "",
+        "| method | 5-class macro-F1 (per seed) | 95% interval | review share | miss rate | defect error |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in rec["rows"].items():
         v = 100 * np.asarray(r["macro_f1"])
         dec = [d for d in r["decisions"] if d]
@@ -130,12 +157,16 @@ def markdown(rec: dict) -> str:
         else:
             review = miss = derr = "-"
         lo, hi = r["interval"]
-        lines.append(f"| {name} | {v.mean():.2f} ({', '.join(f'{x:.1f}' for x in v)}) | [{100 * lo:.1f}, "
-                     f"{100 * hi:.1f}] | {review} | {miss} | {derr} |")
+        lines.append(
+            f"| {name} | {v.mean():.2f} ({', '.join(f'{x:.1f}' for x in v)}) | [{100 * lo:.1f}, "
+            f"{100 * hi:.1f}] | {review} | {miss} | {derr} |"
+        )
     lines += ["", "Paired differences (5-class macro-F1, same test cards, 95% paired bootstrap):", ""]
     for name, t in rec["paired"].items():
-        lines.append(f"- {name}: {100 * t['difference']:+.2f} [{100 * t['low']:+.2f}, {100 * t['high']:+.2f}], "
-                     f"p = {t['p_value']:.3f}")
+        lines.append(
+            f"- {name}: {100 * t['difference']:+.2f} [{100 * t['low']:+.2f}, {100 * t['high']:+.2f}], "
+            f"p = {t['p_value']:.3f}"
+        )
     return "\n".join(lines)
 
 

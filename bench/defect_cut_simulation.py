@@ -21,15 +21,19 @@ from asectl.testing import CLASSES, fresh_defect_errors, lowest_cut_anywhere
 
 TARGET = 0.05
 RULES = {
-    "lowest cut that meets the target anywhere (until this change)":
-        lambda p, y: DecisionRule(CLASSES, None, lowest_cut_anywhere(p, y, TARGET), 0.01, TARGET),
+    "lowest cut that meets the target anywhere (until this change)": lambda p, y: DecisionRule(
+        CLASSES, None, lowest_cut_anywhere(p, y, TARGET), 0.01, TARGET
+    ),
     "first cut that breaks the target (now)": lambda p, y: choose_rule(p, y, CLASSES, 0.01, TARGET),
-    "first cut that breaks it, 90% upper bound (--defect-confidence 0.9)":
-        lambda p, y: choose_rule(p, y, CLASSES, 0.01, TARGET, defect_confidence=0.9),
+    "first cut that breaks it, 90% upper bound (--defect-confidence 0.9)": lambda p, y: choose_rule(
+        p, y, CLASSES, 0.01, TARGET, defect_confidence=0.9
+    ),
 }
-SETUPS = ((300, 40), (3000, 10))      # held-out cards per draw, draws
-HEADER = ("| held-out cards N | how the cut is chosen | draws with a defect threshold | mean defect error on fresh "
-          "cards | draws over the target |\n|---|---|---|---|---|")
+SETUPS = ((300, 40), (3000, 10))  # held-out cards per draw, draws
+HEADER = (
+    "| held-out cards N | how the cut is chosen | draws with a defect threshold | mean defect error on fresh "
+    "cards | draws over the target |\n|---|---|---|---|---|"
+)
 
 
 def main() -> None:
@@ -38,8 +42,16 @@ def main() -> None:
         for name, rule in RULES.items():
             errors = fresh_defect_errors(rule, draws, n)
             over = sum(e > TARGET for e in errors)
-            results.append({"held_out": n, "draws": draws, "rule": name, "granted": len(errors),
-                            "errors": errors, "over_target": over})
+            results.append(
+                {
+                    "held_out": n,
+                    "draws": draws,
+                    "rule": name,
+                    "granted": len(errors),
+                    "errors": errors,
+                    "over_target": over,
+                }
+            )
             mean = f"{100 * np.mean(errors):.1f}%" if errors else "-"
             rows.append(f"| {n} | {name} | {len(errors)} of {draws} | {mean} | {over} of {len(errors)} |")
     save("defect_cut_simulation", {"target": TARGET, "results": results})

@@ -69,21 +69,30 @@ def run_seed(seed: int, rows: list[dict], cache) -> dict:
                 shipped["wrong"] += 1
                 shipped["wrong_disagreeing"] += disagrees(truth[s.name])
                 t = truth[s.name]
-                wrong_cards.append({"seed": seed, "card": s.name, "label": s.label,
-                                    "generating_class": t.get("generating_class"),
-                                    "decided": bundle.labels[int(p.argmax())], "probability": float(p.max()),
-                                    "severity": t.get("severity")})
+                wrong_cards.append(
+                    {
+                        "seed": seed,
+                        "card": s.name,
+                        "label": s.label,
+                        "generating_class": t.get("generating_class"),
+                        "decided": bundle.labels[int(p.argmax())],
+                        "probability": float(p.max()),
+                        "severity": t.get("severity"),
+                    }
+                )
 
     # The outer cross-validation's fits: which distinct cards they decided `defect`, and wrongly.
     train = np.asarray(align.train_index())
-    outer_fold = stratified_folds([align.labels[i] for i in train], 5, seed + 1000)   # as calibration_method.py
+    outer_fold = stratified_folds([align.labels[i] for i in train], 5, seed + 1000)  # as calibration_method.py
     test_names = [n for n, sp in zip(align.names, align.splits) if sp == "test"]
     outer, test = {"defect": set(), "wrong": set()}, {"defect": set(), "wrong": set()}
     for r in rows:
         rule = DecisionRule.from_dict(r["methods"][METHOD]["rule"])
         outer_names = [align.names[i] for i in train[outer_fold == r["outer"]]]
-        for names, p, y, seen in ((outer_names, r["methods"][METHOD]["probs"], r["y"], outer),
-                                  (test_names, r["test_probs"][METHOD], r["test_y"], test)):
+        for names, p, y, seen in (
+            (outer_names, r["methods"][METHOD]["probs"], r["y"], outer),
+            (test_names, r["test_probs"][METHOD], r["test_y"], test),
+        ):
             p = np.asarray(p)
             for n, pp, yy, d in zip(names, p, y, rule.decide(p)):
                 if d == "defect":
@@ -93,14 +102,23 @@ def run_seed(seed: int, rows: list[dict], cache) -> dict:
     split = {}
     for sp in ("train", "test"):
         cards = [t for t in truth.values() if t["split"] == sp]
-        split[sp] = {"n": len(cards), "disagreeing": sum(map(disagrees, cards)),
-                     "mean_severity": float(np.mean([t["severity"] for t in cards
-                                                     if isinstance(t.get("severity"), (int, float))]))}
-    return {"seed": seed, "replay_max_abs_logit_diff": float(np.abs(replayed - preds.logits).max()),
-            "shipped": shipped, "shipped_wrong_cards": wrong_cards, "split": split,
-            **{f"{k}_{w}": len(v[w]) for k, v in (("outer", outer), ("test", test)) for w in ("defect", "wrong")},
-            "outer_wrong_disagreeing": sum(disagrees(truth[n]) for n in outer["wrong"]),
-            "test_wrong_disagreeing": sum(disagrees(truth[n]) for n in test["wrong"])}
+        split[sp] = {
+            "n": len(cards),
+            "disagreeing": sum(map(disagrees, cards)),
+            "mean_severity": float(
+                np.mean([t["severity"] for t in cards if isinstance(t.get("severity"), (int, float))])
+            ),
+        }
+    return {
+        "seed": seed,
+        "replay_max_abs_logit_diff": float(np.abs(replayed - preds.logits).max()),
+        "shipped": shipped,
+        "shipped_wrong_cards": wrong_cards,
+        "split": split,
+        **{f"{k}_{w}": len(v[w]) for k, v in (("outer", outer), ("test", test)) for w in ("defect", "wrong")},
+        "outer_wrong_disagreeing": sum(disagrees(truth[n]) for n in outer["wrong"]),
+        "test_wrong_disagreeing": sum(disagrees(truth[n]) for n in test["wrong"]),
+    }
 
 
 def main() -> None:
@@ -110,12 +128,18 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
-    ap.add_argument("--results", type=Path, default=RAW / "calibration_method-test.json",
-                    help="per-card output of bench/calibration_method.py --diagnose-test")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=RAW / "calibration_method-test.json",
+        help="per-card output of bench/calibration_method.py --diagnose-test",
+    )
     args = ap.parse_args()
     if not args.results.is_file():
-        raise SystemExit(f"{args.results} is missing: run bench/calibration_method.py --diagnose-test first "
-                         "(its per-card output is not committed)")
+        raise SystemExit(
+            f"{args.results} is missing: run bench/calibration_method.py --diagnose-test first "
+            "(its per-card output is not committed)"
+        )
     res = json.loads(args.results.read_text())
     cache = Cache(Path(args.cache_dir))
     per_seed = [run_seed(s, [r for r in res["rows"] if r["seed"] == s], cache) for s in res["seeds"]]
@@ -123,29 +147,42 @@ def main() -> None:
     def total(key: str) -> int:
         return sum(r[key] for r in per_seed)
 
-    table = [[total("outer_wrong"), total("outer_defect") - total("outer_wrong")],
-             [total("test_wrong"), total("test_defect") - total("test_wrong")]]
+    table = [
+        [total("outer_wrong"), total("outer_defect") - total("outer_wrong")],
+        [total("test_wrong"), total("test_defect") - total("test_wrong")],
+    ]
     p_value = float(fisher_exact(table)[1])
     shipped = {k: sum(r["shipped"][k] for r in per_seed) for k in ("defect", "wrong", "wrong_disagreeing")}
-    save("defect_error_diagnosis", {"seeds": res["seeds"], "per_seed": per_seed, "fisher_p": p_value,
-                                    "shipped": shipped})
-    rows = ["| seed | replay: max abs logit difference | shipped models: wrong / `defect` decisions (label "
-            "disagrees) | outer fits, distinct cards: wrong / `defect` | test, distinct cards: wrong / `defect` "
-            "| label disagreement train / test | mean severity train / test |", "|---|---|---|---|---|---|---|"]
+    save(
+        "defect_error_diagnosis", {"seeds": res["seeds"], "per_seed": per_seed, "fisher_p": p_value, "shipped": shipped}
+    )
+    rows = [
+        "| seed | replay: max abs logit difference | shipped models: wrong / `defect` decisions (label "
+        "disagrees) | outer fits, distinct cards: wrong / `defect` | test, distinct cards: wrong / `defect` "
+        "| label disagreement train / test | mean severity train / test |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in per_seed:
         sp = r["split"]
-        rows.append(f"| {r['seed']} | {r['replay_max_abs_logit_diff']:.2g} | {r['shipped']['wrong']} / "
-                    f"{r['shipped']['defect']} ({r['shipped']['wrong_disagreeing']}) | {r['outer_wrong']} / "
-                    f"{r['outer_defect']} | {r['test_wrong']} / {r['test_defect']} | "
-                    f"{sp['train']['disagreeing']}/{sp['train']['n']} / "
-                    f"{sp['test']['disagreeing']}/{sp['test']['n']} | "
-                    f"{sp['train']['mean_severity']:.3f} / {sp['test']['mean_severity']:.3f} |")
-    cards = ["| seed | card | inspector label | generating class | decided | probability | severity |",
-             "|---|---|---|---|---|---|---|"]
-    cards += [f"| {c['seed']} | {c['card']} | {c['label']} | {c['generating_class']} | {c['decided']} | "
-              f"{c['probability']:.3f} | {'-' if c['severity'] is None else format(c['severity'], '.2f')} |"
-              for r in per_seed for c in r["shipped_wrong_cards"]]
-    md = f"""### Diagnosis of the defect error on the test split (seeds {', '.join(map(str, res['seeds']))})
+        rows.append(
+            f"| {r['seed']} | {r['replay_max_abs_logit_diff']:.2g} | {r['shipped']['wrong']} / "
+            f"{r['shipped']['defect']} ({r['shipped']['wrong_disagreeing']}) | {r['outer_wrong']} / "
+            f"{r['outer_defect']} | {r['test_wrong']} / {r['test_defect']} | "
+            f"{sp['train']['disagreeing']}/{sp['train']['n']} / "
+            f"{sp['test']['disagreeing']}/{sp['test']['n']} | "
+            f"{sp['train']['mean_severity']:.3f} / {sp['test']['mean_severity']:.3f} |"
+        )
+    cards = [
+        "| seed | card | inspector label | generating class | decided | probability | severity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cards += [
+        f"| {c['seed']} | {c['card']} | {c['label']} | {c['generating_class']} | {c['decided']} | "
+        f"{c['probability']:.3f} | {'-' if c['severity'] is None else format(c['severity'], '.2f')} |"
+        for r in per_seed
+        for c in r["shipped_wrong_cards"]
+    ]
+    md = f"""### Diagnosis of the defect error on the test split (seeds {", ".join(map(str, res["seeds"]))})
 
 Reads the test split for diagnosis only; nothing is chosen on it. "Shipped models": each seed's
 `PFA + CMAF, no TDA` bundle (the calibration section's). "Outer fits": the `{METHOD}` candidate of
@@ -154,11 +191,11 @@ fits classified it.
 
 {chr(10).join(rows)}
 
-Totals: shipped models {shipped['wrong']} wrong of {shipped['defect']} `defect` decisions,
-{shipped['wrong_disagreeing']} of them on cards whose inspector label differs from the generating class.
-Outer fits: {total('outer_wrong')} of {total('outer_defect')} distinct outer cards
-({total('outer_wrong_disagreeing')} disagreeing) against
-{total('test_wrong')} of {total('test_defect')} distinct test cards ({total('test_wrong_disagreeing')} disagreeing);
+Totals: shipped models {shipped["wrong"]} wrong of {shipped["defect"]} `defect` decisions,
+{shipped["wrong_disagreeing"]} of them on cards whose inspector label differs from the generating class.
+Outer fits: {total("outer_wrong")} of {total("outer_defect")} distinct outer cards
+({total("outer_wrong_disagreeing")} disagreeing) against
+{total("test_wrong")} of {total("test_defect")} distinct test cards ({total("test_wrong_disagreeing")} disagreeing);
 Fisher's exact test p = {p_value:.3f}.
 
 The shipped models' wrong `defect` decisions:

@@ -47,21 +47,28 @@ def main() -> None:
         predictor = Predictor(model, cache)
         preds = predictor.classify(test)
         probs = predictor.probabilities(preds.logits)
-        rows[name] = {"names": [s.name for s in preds.samples], "probs": probs,
-                      "decisions": predictor.rule.decide(probs), "top": probs.argmax(axis=1).tolist()}
+        rows[name] = {
+            "names": [s.name for s in preds.samples],
+            "probs": probs,
+            "decisions": predictor.rule.decide(probs),
+            "top": probs.argmax(axis=1).tolist(),
+        }
     a, b = rows["bundle"], rows["export"]
     if a["names"] != b["names"]:
         raise SystemExit(f"the two paths kept other cards: {len(a['names'])} and {len(b['names'])}")
     labels = bundle.labels
     truth = [labels.index(s.label) for s in test.samples if s.name in set(a["names"])]
     f1 = {k: compute_metrics(labels, truth, r["top"])["multiclass"]["macro_f1"] for k, r in rows.items()}
-    data = {"cards": len(a["names"]), "max_probability_difference": float(np.abs(a["probs"] - b["probs"]).max()),
-            "decisions_differing": sum(x != y for x, y in zip(a["decisions"], b["decisions"])),
-            "classes_differing": sum(x != y for x, y in zip(a["top"], b["top"])),
-            "macro_f1": f1, "decisions": {k: {d: r["decisions"].count(d) for d in ("pass", "defect", "review")}
-                                          for k, r in rows.items()},
-            "model": str(args.model or f"seed-0 bundle (counts {args.counts or 'default'})"),
-            "ocr": exported.manifest["ocr"]}
+    data = {
+        "cards": len(a["names"]),
+        "max_probability_difference": float(np.abs(a["probs"] - b["probs"]).max()),
+        "decisions_differing": sum(x != y for x, y in zip(a["decisions"], b["decisions"])),
+        "classes_differing": sum(x != y for x, y in zip(a["top"], b["top"])),
+        "macro_f1": f1,
+        "decisions": {k: {d: r["decisions"].count(d) for d in ("pass", "defect", "review")} for k, r in rows.items()},
+        "model": str(args.model or f"seed-0 bundle (counts {args.counts or 'default'})"),
+        "ocr": exported.manifest["ocr"],
+    }
     save("export_parity", data)
 
     def counts(path: str) -> str:
@@ -70,17 +77,18 @@ def main() -> None:
     md = f"""### An export against its bundle on the same test cards
 
 Model: {"the bundle `" + str(args.model) + "`" if args.model else "the seed-0 bundle of the cache"}{
-    f", trained on the {args.counts} cards per class of a smaller seed-0 field dataset" if args.counts else ""}.
-Each path classified the dataset's {data['cards']} test cards in its own way: the bundle with cnocr and the
-torch models, the export with {data['ocr']['engine']} and its ONNX graphs.
+        f", trained on the {args.counts} cards per class of a smaller seed-0 field dataset" if args.counts else ""
+    }.
+Each path classified the dataset's {data["cards"]} test cards in its own way: the bundle with cnocr and the
+torch models, the export with {data["ocr"]["engine"]} and its ONNX graphs.
 
 | measure | result | goal |
 |---|---|---|
-| largest difference of a calibrated probability | {data['max_probability_difference']:.1e} | at most 1e-4 |
-| cards whose decision differs | {data['decisions_differing']} of {data['cards']} | 0 |
-| cards whose class differs | {data['classes_differing']} of {data['cards']} | 0 |
-| macro-F1, bundle / export | {100 * f1['bundle']:.2f} / {100 * f1['export']:.2f} | equal |
-| decisions, bundle / export (pass, defect, review) | {counts('bundle')} / {counts('export')} | |
+| largest difference of a calibrated probability | {data["max_probability_difference"]:.1e} | at most 1e-4 |
+| cards whose decision differs | {data["decisions_differing"]} of {data["cards"]} | 0 |
+| cards whose class differs | {data["classes_differing"]} of {data["cards"]} | 0 |
+| macro-F1, bundle / export | {100 * f1["bundle"]:.2f} / {100 * f1["export"]:.2f} | equal |
+| decisions, bundle / export (pass, defect, review) | {counts("bundle")} / {counts("export")} | |
 """
     update_section("export-parity", md)
     print(md)

@@ -13,7 +13,7 @@ import numpy as np
 
 from asectl.metrics import label_codes, macro_f1_from_codes
 
-Predictions = tuple[Sequence[str], Sequence[str]]     # (true labels, predicted labels) of one seed's test cards
+Predictions = tuple[Sequence[str], Sequence[str]]  # (true labels, predicted labels) of one seed's test cards
 
 
 def _codes(labels: Sequence[str], preds: Sequence[Predictions]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -36,15 +36,17 @@ def _replicates(labels: Sequence[str], runs: Sequence[Sequence[Predictions]], re
     return out
 
 
-def bootstrap_interval(labels: Sequence[str], preds: Sequence[Predictions], reps: int = 2000,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    labels: Sequence[str], preds: Sequence[Predictions], reps: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """95% percentile interval of the mean-over-seeds macro-F1."""
     rep = _replicates(labels, [preds], reps, seed)[:, 0]
     return float(np.percentile(rep, 2.5)), float(np.percentile(rep, 97.5))
 
 
-def paired_test(labels: Sequence[str], a: Sequence[Predictions], b: Sequence[Predictions], reps: int = 2000,
-                seed: int = 0) -> dict[str, float]:
+def paired_test(
+    labels: Sequence[str], a: Sequence[Predictions], b: Sequence[Predictions], reps: int = 2000, seed: int = 0
+) -> dict[str, float]:
     """Macro-F1 of ``a`` minus ``b`` (mean over seeds), its 95% paired-bootstrap interval, and a two-sided
     bootstrap p-value for "no difference" (twice the smaller share of replicates on either side of 0)."""
     for (ta, _), (tb, _) in zip(a, b):
@@ -53,8 +55,19 @@ def paired_test(labels: Sequence[str], a: Sequence[Predictions], b: Sequence[Pre
     rep = _replicates(labels, [a, b], reps, seed)
     diff = rep[:, 0] - rep[:, 1]
     k = len(labels)
-    observed = float(np.mean([macro_f1_from_codes(*ca, k) - macro_f1_from_codes(*cb, k)
-                              for ca, cb in zip(_codes(labels, a), _codes(labels, b))]))
+    observed = float(
+        np.mean(
+            [
+                macro_f1_from_codes(*ca, k) - macro_f1_from_codes(*cb, k)
+                for ca, cb in zip(_codes(labels, a), _codes(labels, b))
+            ]
+        )
+    )
     p = 2 * min(float(np.mean(diff <= 0)), float(np.mean(diff >= 0)))
-    return {"difference": observed, "low": float(np.percentile(diff, 2.5)), "high": float(np.percentile(diff, 97.5)),
-            "p_value": min(1.0, p), "replicates": reps}
+    return {
+        "difference": observed,
+        "low": float(np.percentile(diff, 2.5)),
+        "high": float(np.percentile(diff, 97.5)),
+        "p_value": min(1.0, p),
+        "replicates": reps,
+    }

@@ -46,11 +46,21 @@ def main() -> None:
 
         folder = build_tiny_instructblip(f"{tmp}/tiny-instructblip")
         t0 = time.perf_counter()
-        run_describe(ds, vlm="instructblip", model=folder, device="cpu", batch_size=8,
-                     generation={"max_new_tokens": 32, "num_beams": 1}, cache=Cache(f"{tmp}/c2"))
+        run_describe(
+            ds,
+            vlm="instructblip",
+            model=folder,
+            device="cpu",
+            batch_size=8,
+            generation={"max_new_tokens": 32, "num_beams": 1},
+            cache=Cache(f"{tmp}/c2"),
+        )
         dt = time.perf_counter() - t0
         rows["describe tiny InstructBLIP (CPU, fp32, batch 8, 32 new tokens, greedy)"] = {
-            "cards": len(ds), "seconds": dt, "images_per_s": len(ds) / dt}
+            "cards": len(ds),
+            "seconds": dt,
+            "images_per_s": len(ds) / dt,
+        }
 
         fields = {s.name: truth[s.name]["printed"] for s in full.samples}
         for threads in (int(t) for t in args.threads.split(",")):
@@ -59,8 +69,12 @@ def main() -> None:
             from asectl.card import default_spec
             from asectl.stages.reason import build_priors
 
-            priors = build_priors([fields[s.name] for s in full.split("train")],
-                                  [s.label for s in full.split("train")], list(default_spec().bin_edges), "normal")
+            priors = build_priors(
+                [fields[s.name] for s in full.split("train")],
+                [s.label for s in full.split("train")],
+                list(default_spec().bin_edges),
+                "normal",
+            )
             res = run_reason(ds, n_threads=threads, fields=fields, priors=priors, cache=Cache(f"{tmp}/r{threads}"))
             dt = time.perf_counter() - t0
             recs = [r for r in res.records if not r.get("error")]
@@ -75,13 +89,16 @@ def main() -> None:
 
             workers = default_workers(threads, 0)
             rows[f"reason SmolLM2-135M Q4_1, {workers} worker process(es) x {threads} thread(s)"] = {
-                "cards": len(recs), "answers_generated": len(made), "seconds": dt,
+                "cards": len(recs),
+                "answers_generated": len(made),
+                "seconds": dt,
                 "seconds_per_card": dt / max(len(recs), 1),
                 "prompt_tokens_evaluated_per_answer": prompt / max(len(made), 1),
                 "prompt_tokens_per_s": prompt / (p_ms / 1000) if p_ms else None,
                 "generated_tokens_per_answer": gen / max(len(made), 1),
                 "decode_calls_per_answer": calls / max(len(made), 1),
-                "generated_tokens_per_s": gen / (g_ms / 1000) if g_ms else None}
+                "generated_tokens_per_s": gen / (g_ms / 1000) if g_ms else None,
+            }
     for k, v in rows.items():
         print(k, v)
     save("lang_speed", rows)
@@ -90,16 +107,20 @@ def main() -> None:
         if "images_per_s" in v:
             lines.append(f"| {k} | {v['cards']} | {v['seconds']:.1f} | {v['images_per_s']:.2f} images/s | |")
         else:
-            lines.append(f"| {k} | {v['cards']} | {v['seconds']:.1f} | {v['seconds_per_card']:.2f} s/card | "
-                         f"{v['answers_generated']} answers generated (cards with alike prompts share one); per "
-                         f"answer {v['prompt_tokens_evaluated_per_answer']:.0f} prompt tokens evaluated at "
-                         f"{v['prompt_tokens_per_s'] or 0:.0f} tok/s, "
-                         f"{v['generated_tokens_per_answer']:.0f} answer tokens in "
-                         f"{v.get('decode_calls_per_answer', 0):.1f} decode calls, "
-                         f"{v['generated_tokens_per_s'] or 0:.0f} tok/s |")
-    update_section("lang-speed", "### Language stages (cold cache; reason uses printed stats, no OCR; tokens/s are "
-                   "per process, wall s includes loading the models)\n\n"
-                   + "\n".join(lines))
+            lines.append(
+                f"| {k} | {v['cards']} | {v['seconds']:.1f} | {v['seconds_per_card']:.2f} s/card | "
+                f"{v['answers_generated']} answers generated (cards with alike prompts share one); per "
+                f"answer {v['prompt_tokens_evaluated_per_answer']:.0f} prompt tokens evaluated at "
+                f"{v['prompt_tokens_per_s'] or 0:.0f} tok/s, "
+                f"{v['generated_tokens_per_answer']:.0f} answer tokens in "
+                f"{v.get('decode_calls_per_answer', 0):.1f} decode calls, "
+                f"{v['generated_tokens_per_s'] or 0:.0f} tok/s |"
+            )
+    update_section(
+        "lang-speed",
+        "### Language stages (cold cache; reason uses printed stats, no OCR; tokens/s are "
+        "per process, wall s includes loading the models)\n\n" + "\n".join(lines),
+    )
 
 
 if __name__ == "__main__":

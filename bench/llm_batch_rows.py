@@ -31,23 +31,29 @@ def main() -> None:
     system = load_prompt().system.template.strip()
     tokens = llm.tokenize((system + "\n").encode() * args.repeats)[:1000]
     llm.eval(tokens)
-    whole = np.array(llm.scores[:len(tokens)], copy=True)
+    whole = np.array(llm.scores[: len(tokens)], copy=True)
     rows = {}
     for step in (1, 2, 3, 7):
         llm.reset()
         llm._ctx.kv_cache_clear()
         for i in range(0, len(tokens), step):
-            llm.eval(tokens[i:i + step])
-        split = np.array(llm.scores[:len(tokens)], copy=True)
-        rows[step] = {"identical_positions": int((split == whole).all(axis=1).sum()),
-                      "max_abs_difference": float(np.abs(split - whole).max())}
+            llm.eval(tokens[i : i + step])
+        split = np.array(llm.scores[: len(tokens)], copy=True)
+        rows[step] = {
+            "identical_positions": int((split == whole).all(axis=1).sum()),
+            "max_abs_difference": float(np.abs(split - whole).max()),
+        }
         print(step, rows[step])
     llm.close()
     save("llm_batch_rows", {"model": path.name, "tokens": len(tokens), "calls_of": rows})
-    table = "\n".join(f"| {step} | {r['identical_positions']} of {len(tokens)} | {r['max_abs_difference']:.3g} |"
-                      for step, r in rows.items())
+    table = "\n".join(
+        f"| {step} | {r['identical_positions']} of {len(tokens)} | {r['max_abs_difference']:.3g} |"
+        for step, r in rows.items()
+    )
     title = f"Does a token's result depend on how the prompt is split into decode calls? ({path.name}, one thread)"
-    update_section("llm-batch-rows", f"""### {title}
+    update_section(
+        "llm-batch-rows",
+        f"""### {title}
 
 {len(tokens)} tokens of the reason prompt evaluated in one decode call, then again in calls of a few tokens
 each; positions whose logits are bit for bit the single call's:
@@ -55,7 +61,8 @@ each; positions whose logits are bit for bit the single call's:
 | tokens per call | identical positions | largest logit difference |
 |---|---|---|
 {table}
-""")
+""",
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def main() -> None:
     truth = read_truth(root)
     rows = {}
     for engine in args.engines.split(","):
-        get_engine(engine)   # load once, outside the timing
+        get_engine(engine)  # load once, outside the timing
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             result = run_ocr(ds, engine=engine, detector=args.detector, cache=Cache(tmp))
@@ -54,27 +54,41 @@ def main() -> None:
             n_ok += sum(ok)
             cards_ok += all(ok)
             if not all(ok) and len(misreads) < 5:
-                misreads.append({"image": rec["image"], "error": rec.get("error"),
-                                 "warnings": rec.get("warnings")})
-        rows[engine] = {"cards": len(result.records), "numbers": n_num, "numbers_exact": n_ok,
-                        "numbers_exact_pct": 100 * n_ok / n_num, "cards_exact": cards_ok,
-                        "cards_exact_pct": 100 * cards_ok / len(result.records),
-                        "seconds_per_image": seconds / len(result.records), "examples_of_misreads": misreads}
+                misreads.append({"image": rec["image"], "error": rec.get("error"), "warnings": rec.get("warnings")})
+        rows[engine] = {
+            "cards": len(result.records),
+            "numbers": n_num,
+            "numbers_exact": n_ok,
+            "numbers_exact_pct": 100 * n_ok / n_num,
+            "cards_exact": cards_ok,
+            "cards_exact_pct": 100 * cards_ok / len(result.records),
+            "seconds_per_image": seconds / len(result.records),
+            "examples_of_misreads": misreads,
+        }
         print(engine, {k: v for k, v in rows[engine].items() if k != "examples_of_misreads"})
     # Clean-card results keep their earlier names; field cards get their own.
     tag = "" if args.difficulty == "clean" else f"_{args.difficulty}"
     mode = "" if args.detector == "auto" else "_" + args.detector.replace("-", "_")
     save(f"ocr_accuracy{tag}_seed{args.seed}{mode}", rows)
-    lines = ["| engine | cards | numbers read exactly | cards fully exact | s / image (cold cache) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| engine | cards | numbers read exactly | cards fully exact | s / image (cold cache) |",
+        "|---|---|---|---|---|",
+    ]
     for engine, r in rows.items():
-        lines.append(f"| {engine} | {r['cards']} | {r['numbers_exact']}/{r['numbers']} "
-                     f"({r['numbers_exact_pct']:.2f}%) | {r['cards_exact']} ({r['cards_exact_pct']:.1f}%) "
-                     f"| {r['seconds_per_image']:.2f} |")
-    title = "OCR accuracy" + (f" on {args.difficulty} cards" if tag else "") + (
-        f" (--detector {args.detector})" if mode else "")
-    update_section("ocr-accuracy" + (tag + mode).replace("_", "-"),
-                   f"### {title} (target: at least 99.5% of numbers exact)\n\n" + "\n".join(lines))
+        lines.append(
+            f"| {engine} | {r['cards']} | {r['numbers_exact']}/{r['numbers']} "
+            f"({r['numbers_exact_pct']:.2f}%) | {r['cards_exact']} ({r['cards_exact_pct']:.1f}%) "
+            f"| {r['seconds_per_image']:.2f} |"
+        )
+    title = (
+        "OCR accuracy"
+        + (f" on {args.difficulty} cards" if tag else "")
+        + (f" (--detector {args.detector})" if mode else "")
+    )
+    update_section(
+        "ocr-accuracy" + (tag + mode).replace("_", "-"),
+        f"### {title} (target: at least 99.5% of numbers exact)\n\n" + "\n".join(lines),
+    )
 
 
 if __name__ == "__main__":

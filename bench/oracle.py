@@ -99,25 +99,28 @@ def _shape_density(share: float, gain_x_severity, weak: bool | None):
     return WEAK_SHAPE_SHARE * weak_d if weak else (1 - WEAK_SHAPE_SHARE) * typical
 
 
-def field_label_posterior(z: Mapping, prior: Mapping[str, float], labels: Sequence[str],
-                          design: dict | None = None) -> np.ndarray:
+def field_label_posterior(
+    z: Mapping, prior: Mapping[str, float], labels: Sequence[str], design: dict | None = None
+) -> np.ndarray:
     """P(inspector label | latent) over ``labels`` for a field card (see the module docstring)."""
     design = design or field_design()
     scale = float(z.get("disagreement_scale", 0.0))
     centre, var, rho = np.asarray(z["center"]), np.asarray(z["var"]), float(z["rho"])
     shares = {"type3": float(z["cluster_share"]), "type4": float(z["ring_share"])}
     nu = SHAPE_NUISANCE
-    terms: list[tuple[np.ndarray, dict]] = []     # (log weight array, label probabilities)
+    terms: list[tuple[np.ndarray, dict]] = []  # (log weight array, label probabilities)
 
     m0, v0 = np.array(TABLE1["normal"][:2]), np.array(TABLE1["normal"][2:])
     if prior.get("normal", 0) > 0:
         offset, log_mult = centre - m0, np.log(var / v0)
-        ll = (_log_normal(offset, CENTER_JITTER).sum() + _log_normal(log_mult, VAR_JITTER).sum()
-              + _log_normal(rho, TILT_SD))
+        ll = (
+            _log_normal(offset, CENTER_JITTER).sum()
+            + _log_normal(log_mult, VAR_JITTER).sum()
+            + _log_normal(rho, TILT_SD)
+        )
         ll += sum(math.log(1 / nu) if 0 <= shares[m] <= nu else -math.inf for m in shares)
         b, alt = normal_borderline(np.concatenate([offset / CENTER_JITTER, log_mult / VAR_JITTER]), design)
-        terms.append((np.array(math.log(prior["normal"]) + ll),
-                      label_probabilities([(b, alt)], "normal", scale)))
+        terms.append((np.array(math.log(prior["normal"]) + ll), label_probabilities([(b, alt)], "normal", scale)))
 
     s = ((np.arange(SEVERITY_GRID) + 0.5) / SEVERITY_GRID)[:, None]
     log_ps = np.log(np.maximum(severity_pdf(s), 1e-300)) - math.log(SEVERITY_GRID)
@@ -132,10 +135,13 @@ def field_label_posterior(z: Mapping, prior: Mapping[str, float], labels: Sequen
                 s2, log_w = s2_grid, math.log(SECONDARY_SHARE / (len(DEFECTS) - 1)) - math.log(SECONDARY_GRID)
             mech = {c: s} if c2 is None else {c: s, c2: s2}
             mc, mv, tilt = mechanism_params(mech, design)
-            ll = (_log_normal(centre[0] - mc[0], CENTER_JITTER) + _log_normal(centre[1] - mc[1], CENTER_JITTER)
-                  + _log_normal(np.log(var[0]) - np.log(mv[0]), VAR_JITTER)
-                  + _log_normal(np.log(var[1]) - np.log(mv[1]), VAR_JITTER)
-                  + _log_normal(rho - np.broadcast_to(tilt, np.broadcast(s, s2).shape), TILT_SD))
+            ll = (
+                _log_normal(centre[0] - mc[0], CENTER_JITTER)
+                + _log_normal(centre[1] - mc[1], CENTER_JITTER)
+                + _log_normal(np.log(var[0]) - np.log(mv[0]), VAR_JITTER)
+                + _log_normal(np.log(var[1]) - np.log(mv[1]), VAR_JITTER)
+                + _log_normal(rho - np.broadcast_to(tilt, np.broadcast(s, s2).shape), TILT_SD)
+            )
             with np.errstate(divide="ignore"):
                 for m in ("type3", "type4"):
                     if m in mech and m != c:
@@ -197,7 +203,7 @@ def macro_f1_weights(post: np.ndarray, y: Sequence[int], rounds: int = 3) -> np.
 
     best = score(w)
     for _ in range(rounds):
-        for c in range(1, k):           # weights are relative: the first class stays at 1
+        for c in range(1, k):  # weights are relative: the first class stays at 1
             for g in grid:
                 v = w.copy()
                 v[c] = g
@@ -207,8 +213,9 @@ def macro_f1_weights(post: np.ndarray, y: Sequence[int], rounds: int = 3) -> np.
     return w
 
 
-def decision_floor(seed: int, difficulty: str = "field", max_miss_rate: float = 0.01,
-                   max_defect_error: float = 0.05) -> dict:
+def decision_floor(
+    seed: int, difficulty: str = "field", max_miss_rate: float = 0.01, max_defect_error: float = 0.05
+) -> dict:
     """What the oracle's own posterior allows at the line's targets: the decision rule asectl uses
     (asectl.models.calibration.choose_rule) chosen on the training cards' oracle posteriors, then applied
     to the test cards: its review share, miss rate and defect error. No decision rule of a model that sees
@@ -231,11 +238,18 @@ def decision_floor(seed: int, difficulty: str = "field", max_miss_rate: float = 
     on_train = decision_stats(rule.decide(p_tr), y_tr, p_tr.argmax(axis=1), labels)
     on_test = decision_stats(rule.decide(p_te), y_te, p_te.argmax(axis=1), labels)
     w = macro_f1_weights(p_tr, y_tr)
-    return {"seed": seed, "difficulty": difficulty, "n_train": len(train), "n_test": len(test),
-            "macro_f1_accuracy_optimal": macro_f1_from_codes(y_te, p_te.argmax(axis=1), len(labels)),
-            "macro_f1_weights_from_train": [float(x) for x in w],
-            "macro_f1_macro_tuned": macro_f1_from_codes(y_te, (p_te * w).argmax(axis=1), len(labels)),
-            "rule": rule.to_dict(), "train": on_train, "test": on_test}
+    return {
+        "seed": seed,
+        "difficulty": difficulty,
+        "n_train": len(train),
+        "n_test": len(test),
+        "macro_f1_accuracy_optimal": macro_f1_from_codes(y_te, p_te.argmax(axis=1), len(labels)),
+        "macro_f1_weights_from_train": [float(x) for x in w],
+        "macro_f1_macro_tuned": macro_f1_from_codes(y_te, (p_te * w).argmax(axis=1), len(labels)),
+        "rule": rule.to_dict(),
+        "train": on_train,
+        "test": on_test,
+    }
 
 
 def main() -> None:
@@ -250,8 +264,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--difficulty", default="field", choices=["field", "clean"])
-    ap.add_argument("--decisions", action="store_true",
-                    help="the oracle's review share at the 1%% miss / 5%% defect-error targets")
+    ap.add_argument(
+        "--decisions", action="store_true", help="the oracle's review share at the 1%% miss / 5%% defect-error targets"
+    )
     args = ap.parse_args()
     labels = list(TABLE1)
     rows = {}
@@ -262,11 +277,18 @@ def main() -> None:
         for seed in seeds:
             rows[seed] = decision_floor(seed, args.difficulty)
             t = rows[seed]["test"]
-            print(json.dumps({"seed": seed, "review_share": t["review_share"],
-                              "miss": [t["n_missed"], t["n_defective"]],
-                              "defect_wrong": [t["n_wrong_defect"], t["n_defect_decisions"]],
-                              "macro_f1": rows[seed]["macro_f1_accuracy_optimal"],
-                              "macro_f1_tuned": rows[seed]["macro_f1_macro_tuned"]}))
+            print(
+                json.dumps(
+                    {
+                        "seed": seed,
+                        "review_share": t["review_share"],
+                        "miss": [t["n_missed"], t["n_defective"]],
+                        "defect_wrong": [t["n_wrong_defect"], t["n_defect_decisions"]],
+                        "macro_f1": rows[seed]["macro_f1_accuracy_optimal"],
+                        "macro_f1_tuned": rows[seed]["macro_f1_macro_tuned"],
+                    }
+                )
+            )
         save(f"oracle_decisions_{args.difficulty}", {"command": command(), "seeds": rows})
         return
     for seed in seeds:
@@ -276,8 +298,11 @@ def main() -> None:
         pred = predict([c.latent for c in test], train, labels)
         m = compute_metrics(labels, [labels.index(c.label) for c in test], [labels.index(p) for p in pred])
         agree = sum(c.label == (c.generating_class or c.label) for c in test) / len(test)
-        rows[seed] = {"macro_f1": m["multiclass"]["macro_f1"], "binary_macro_f1": m["binary"]["macro_f1"],
-                      "test_labels_equal_generating_class": agree}
+        rows[seed] = {
+            "macro_f1": m["multiclass"]["macro_f1"],
+            "binary_macro_f1": m["binary"]["macro_f1"],
+            "test_labels_equal_generating_class": agree,
+        }
         print(json.dumps({"seed": seed, "difficulty": args.difficulty, **rows[seed]}))
     save(f"oracle_{args.difficulty}", {"command": command(), "seeds": rows})
 

@@ -42,13 +42,15 @@ from _common import OUT, save, update_section
 
 PARTS = ("OCR", "LLM answer", "describe", "encoders", "fusion")
 # What `asectl predict` imports before it reads a card (commands -> stages -> backends).
-IMPORTS = {"Python alone": "pass",
-           "+ asectl CLI": "import asectl.cli",
-           "+ numpy, PIL, onnxruntime, llama_cpp": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp",
-           "+ torch": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp, torch",
-           "+ transformers": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp, torch, transformers",
-           "+ cnocr (CnSTD, torchvision)": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp, torch, "
-                                           "transformers, cnocr"}
+IMPORTS = {
+    "Python alone": "pass",
+    "+ asectl CLI": "import asectl.cli",
+    "+ numpy, PIL, onnxruntime, llama_cpp": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp",
+    "+ torch": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp, torch",
+    "+ transformers": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp, torch, transformers",
+    "+ cnocr (CnSTD, torchvision)": "import asectl.cli, numpy, PIL.Image, onnxruntime, llama_cpp, torch, "
+    "transformers, cnocr",
+}
 
 
 def timed(spent: dict, part: str, owner, name: str) -> None:
@@ -61,6 +63,7 @@ def timed(spent: dict, part: str, owner, name: str) -> None:
             return inner(*args, **kwargs)
         finally:
             spent[part] += time.process_time() - t0
+
     setattr(owner, name, wrapper)
 
 
@@ -70,7 +73,7 @@ def import_seconds(statement: str, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", statement], check=True)
         times.append(time.perf_counter() - t0)
-    return min(times)     # the best of several: a lower bound is what this measures
+    return min(times)  # the best of several: a lower bound is what this measures
 
 
 def main() -> None:
@@ -105,17 +108,19 @@ def main() -> None:
         if self._llm is None:
             self.n_threads = self.n_threads_batch = 1
         return load(self)
+
     llm_mod.LlamaCppLLM.load = load_one_thread
 
     spent: dict[str, float] = defaultdict(float)
     timed(spent, "OCR", ocr_mod, "read_card")
-    answers: list[dict] = []     # what each LLM answer spent its time on (tokens, prompt and decode calls)
+    answers: list[dict] = []  # what each LLM answer spent its time on (tokens, prompt and decode calls)
     answer = llm_mod.LlamaCppLLM.answer
 
     def kept_answer(self, *args, **kwargs):
         out = answer(self, *args, **kwargs)
         answers.append({"tokens": out["tokens"], "timing": out["timing"]})
         return out
+
     llm_mod.LlamaCppLLM.answer = kept_answer
     timed(spent, "LLM answer", llm_mod.LlamaCppLLM, "answer")
     timed(spent, "describe", describe_mod, "run_describe")
@@ -133,8 +138,14 @@ def main() -> None:
             c0, w0 = time.process_time(), time.perf_counter()
             res = predictor.run(Dataset([Sample(card, card.name)], None, "images", []))
             assert res.records and "error" not in res.records[0], res.records
-            rows.append({"card": card.name, "cpu": time.process_time() - c0, "wall": time.perf_counter() - w0,
-                         **{p: spent[p] for p in PARTS}})
+            rows.append(
+                {
+                    "card": card.name,
+                    "cpu": time.process_time() - c0,
+                    "wall": time.perf_counter() - w0,
+                    **{p: spent[p] for p in PARTS},
+                }
+            )
 
     # The same cards' OCR with the engine's text detector, on the warm engine: what the line cutter saves.
     ocr_settings = ocr_mod.OcrSettings.from_dict(bundle.config["replay"]["ocr"])
@@ -149,13 +160,15 @@ def main() -> None:
     # The LLM answer split: the card's own prompt tokens (the shared prefix is reused) against the decode
     # calls of the answer (one per real choice, each a pass over all the weights).
     k = max(len(answers), 1)
-    llm_split = {"answers": len(answers),
-                 "card_prompt_tokens": sum(a["tokens"]["prompt"] - a["tokens"]["prompt_reused"] for a in answers) / k,
-                 "prefix_tokens": sum(a["tokens"]["prompt_reused"] for a in answers) / k,
-                 "answer_tokens": sum(a["tokens"]["completion"] for a in answers) / k,
-                 "decode_calls": sum(a["timing"]["decode_calls"] for a in answers) / k,
-                 "prompt_ms": sum(a["timing"]["prompt_ms"] for a in answers) / k,
-                 "generate_ms": sum(a["timing"]["generate_ms"] for a in answers) / k}
+    llm_split = {
+        "answers": len(answers),
+        "card_prompt_tokens": sum(a["tokens"]["prompt"] - a["tokens"]["prompt_reused"] for a in answers) / k,
+        "prefix_tokens": sum(a["tokens"]["prompt_reused"] for a in answers) / k,
+        "answer_tokens": sum(a["tokens"]["completion"] for a in answers) / k,
+        "decode_calls": sum(a["timing"]["decode_calls"] for a in answers) / k,
+        "prompt_ms": sum(a["timing"]["prompt_ms"] for a in answers) / k,
+        "generate_ms": sum(a["timing"]["generate_ms"] for a in answers) / k,
+    }
 
     n = len(rows)
     det_cpu = sum(detector_cpu) / n
@@ -164,13 +177,26 @@ def main() -> None:
     most = 2 / mean["cpu"]
     no_llm = mean["cpu"] - mean["LLM answer"]
     # rapidocr needs no CnOCR import; both need torch and transformers for the encoders.
-    cold_imports = {e: imports["+ transformers" if e == "rapidocr" else "+ cnocr (CnSTD, torchvision)"]
-                    for e in ("cnocr", "rapidocr")}
+    cold_imports = {
+        e: imports["+ transformers" if e == "rapidocr" else "+ cnocr (CnSTD, torchvision)"]
+        for e in ("cnocr", "rapidocr")
+    }
     cold = {e: sec + mean["cpu"] / 2 for e, sec in cold_imports.items()}
-    data = {"cards": n, "card_seed": args.card_seed, "engine": engine, "rows": rows, "mean": mean, "rest": rest,
-            "max_cards_per_second_2_cores": most, "cpu_without_llm": no_llm, "imports": imports,
-            "cold_lower_bound": cold, "ocr_detector_model_cpu": det_cpu,
-            "ocr_detector_same_fields": same_fields, "llm_split": llm_split}
+    data = {
+        "cards": n,
+        "card_seed": args.card_seed,
+        "engine": engine,
+        "rows": rows,
+        "mean": mean,
+        "rest": rest,
+        "max_cards_per_second_2_cores": most,
+        "cpu_without_llm": no_llm,
+        "imports": imports,
+        "cold_lower_bound": cold,
+        "ocr_detector_model_cpu": det_cpu,
+        "ocr_detector_same_fields": same_fields,
+        "llm_split": llm_split,
+    }
     save("predict_floor", data)
 
     part_rows = "\n".join(f"| {p} | {mean[p]:.3f} | {100 * mean[p] / mean['cpu']:.0f}% |" for p in PARTS)
@@ -183,20 +209,20 @@ is computed), each library on one thread, so CPU seconds are the work itself.
 | part of a card | CPU s per card (mean) | share |
 |---|---|---|
 {part_rows}
-| the rest (cache, hashing, prompt, parsing) | {rest:.3f} | {100 * rest / mean['cpu']:.0f}% |
-| **a card** | **{mean['cpu']:.3f}** (wall {mean['wall']:.3f} s) | |
+| the rest (cache, hashing, prompt, parsing) | {rest:.3f} | {100 * rest / mean["cpu"]:.0f}% |
+| **a card** | **{mean["cpu"]:.3f}** (wall {mean["wall"]:.3f} s) | |
 
 OCR recognises the record's lines cut straight out of the binarised card (`--detector auto`, no text
 detector); with the engine's text detector instead (`--detector model`) the same cards cost
 {det_cpu:.3f} CPU s each, and {same_fields} of {n} give the same fields.
 
-The LLM answer of a card ({llm_split['answers']} computed): the shared prompt prefix
-({llm_split['prefix_tokens']:.0f} tokens) is restored, not evaluated; the card's own
-{llm_split['card_prompt_tokens']:.0f} prompt tokens and the answer's opening take {llm_split['prompt_ms']:.0f} ms, and
-{llm_split['decode_calls']:.1f} decode calls (one per choice the model makes, {llm_split['answer_tokens']:.0f} answer
-tokens in all) {llm_split['generate_ms']:.0f} ms (wall, mean per answer).
+The LLM answer of a card ({llm_split["answers"]} computed): the shared prompt prefix
+({llm_split["prefix_tokens"]:.0f} tokens) is restored, not evaluated; the card's own
+{llm_split["card_prompt_tokens"]:.0f} prompt tokens and the answer's opening take {llm_split["prompt_ms"]:.0f} ms, and
+{llm_split["decode_calls"]:.1f} decode calls (one per choice the model makes, {llm_split["answer_tokens"]:.0f} answer
+tokens in all) {llm_split["generate_ms"]:.0f} ms (wall, mean per answer).
 
-**At most {most:.2f} cards/s on 2 cores** (2 / {mean['cpu']:.3f} CPU s), whatever the scheduling, when
+**At most {most:.2f} cards/s on 2 cores** (2 / {mean["cpu"]:.3f} CPU s), whatever the scheduling, when
 every card needs its own LLM answer; the goal of 4 needs at most 0.5 CPU s per card. Without the LLM
 answer a card still costs {no_llm:.3f} CPU s: even if every answer were shared with an earlier card, at
 most {2 / no_llm:.2f} cards/s.
@@ -207,8 +233,8 @@ most {2 / no_llm:.2f} cards/s.
 
 Each row includes the rows above it. **Cold lower bound with `rapidocr`**, the engine that imports least
 (no CnOCR): the imports up to transformers plus one card's CPU seconds spread perfectly over 2 cores
-({mean['cpu'] / 2:.2f} s), loading no model: **{cold['rapidocr']:.1f} s**, against the goal of 3 s. With
-`cnocr` the imports alone take {cold_imports['cnocr']:.1f} s.
+({mean["cpu"] / 2:.2f} s), loading no model: **{cold["rapidocr"]:.1f} s**, against the goal of 3 s. With
+`cnocr` the imports alone take {cold_imports["cnocr"]:.1f} s.
 """
     update_section("predict-floor", md)
     print(md)

@@ -29,8 +29,9 @@ import psutil
 from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
 
 
-def trained_bundle(cache_dir: Path, out: Path, model: Path | None = None, engine: str = "cnocr",
-                   counts: str | None = None) -> Path:
+def trained_bundle(
+    cache_dir: Path, out: Path, model: Path | None = None, engine: str = "cnocr", counts: str | None = None
+) -> Path:
     """``model``, else the model last trained on the seed-0 dataset in this cache (bench/calibration.py's),
     else one trained here; exported to ``out``/bundle. With another OCR ``engine``: the seed-0 model
     trained (or found in the cache) with that engine, the other settings the benchmark's. ``counts``: a
@@ -94,8 +95,13 @@ def cold_predict(exe: list[str], cards: list[Path], bundle: Path, env: dict) -> 
     for card in cards:
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        subprocess.run([*exe, "predict", str(card), "--model", str(bundle), "--json"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [*exe, "predict", str(card), "--model", str(bundle), "--json"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         times.append(time.perf_counter() - t0)
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
@@ -106,13 +112,15 @@ def export_model(bundle: Path, out: Path, env: dict, exe: list[str]) -> Path:
     """The bundle as an export folder (``asectl export``), written once per run."""
     target = out / "export"
     shutil.rmtree(target, ignore_errors=True)
-    subprocess.run([*exe, "export", "--model", str(bundle), "--out", str(target)], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*exe, "export", "--model", str(bundle), "--out", str(target)], env=env, check=True, stdout=subprocess.DEVNULL
+    )
     return target
 
 
-def measure(exe: list[str], model: Path, env: dict, cache_dir: Path, out: Path, card_seed: int,
-            args: argparse.Namespace) -> dict:
+def measure(
+    exe: list[str], model: Path, env: dict, cache_dir: Path, out: Path, card_seed: int, args: argparse.Namespace
+) -> dict:
     """Cold single cards, then a warm watcher (start-up, a burst, a trickle) with ``model`` on cards of
     ``card_seed`` .. ``card_seed`` + 2, new to the cache."""
     from asectl.cache import Cache
@@ -127,15 +135,32 @@ def measure(exe: list[str], model: Path, env: dict, cache_dir: Path, out: Path, 
     cold, cold_cpu = cold_predict(exe, new_cards(out, card_seed, args.cold), model, env) if args.cold else ([], [])
     # New to every stage, the LLM's included: a card read before by another engine keeps its LLM answer.
     if args.cold and any(after - was < args.cold for after, was in zip(entries(), before)):
-        raise SystemExit(f"the cards of --card-seed {args.card_seed} were already (partly) in {cache_dir}; "
-                         "pass another")
+        raise SystemExit(
+            f"the cards of --card-seed {args.card_seed} were already (partly) in {cache_dir}; pass another"
+        )
 
     inbox, results = out / "inbox", out / "decisions.jsonl"
     results.unlink(missing_ok=True)
     log = open(out / "watch.log", "w")
     t_start = time.perf_counter()
-    proc = psutil.Popen([sys.executable, "-m", "asectl", "predict", "--watch", str(inbox), "--out", str(results),
-                         "--model", str(model)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    proc = psutil.Popen(
+        [
+            sys.executable,
+            "-m",
+            "asectl",
+            "predict",
+            "--watch",
+            str(inbox),
+            "--out",
+            str(results),
+            "--model",
+            str(model),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     peak = 0.0
     try:
         while "watching" not in (out / "watch.log").read_text():
@@ -172,16 +197,27 @@ def measure(exe: list[str], model: Path, env: dict, cache_dir: Path, out: Path, 
 
     lat_sorted = sorted(latencies)
     p95 = lat_sorted[min(len(lat_sorted) - 1, int(round(0.95 * (len(lat_sorted) - 1))))] if latencies else None
-    return {"card_seed": card_seed, "cold_seconds": cold, "cold_cpu_seconds": cold_cpu,
-            "watch_startup_seconds": startup,
-            "burst_cards": len(burst), "burst_seconds": burst_seconds, "cards_per_second": len(burst) / burst_seconds,
-            "burst_cpu_seconds_per_card": burst_cpu, "load_average_end": os.getloadavg()[0],
-            "latencies": latencies, "latency_median": statistics.median(latencies) if latencies else None,
-            "latency_p95": p95, "watch_peak_rss_mib": peak, "poll_seconds": 0.25}
+    return {
+        "card_seed": card_seed,
+        "cold_seconds": cold,
+        "cold_cpu_seconds": cold_cpu,
+        "watch_startup_seconds": startup,
+        "burst_cards": len(burst),
+        "burst_seconds": burst_seconds,
+        "cards_per_second": len(burst) / burst_seconds,
+        "burst_cpu_seconds_per_card": burst_cpu,
+        "load_average_end": os.getloadavg()[0],
+        "latencies": latencies,
+        "latency_median": statistics.median(latencies) if latencies else None,
+        "latency_p95": p95,
+        "watch_peak_rss_mib": peak,
+        "poll_seconds": 0.25,
+    }
 
 
 def table(runs: dict[str, dict], args: argparse.Namespace) -> str:
     """One row per measure, one column per model path (bundle, export)."""
+
     def cell(fmt, key):
         return [fmt(r) if r.get(key) not in (None, []) else "-" for r in runs.values()]
 
@@ -189,24 +225,46 @@ def table(runs: dict[str, dict], args: argparse.Namespace) -> str:
         return f"**{statistics.median(r['cold_seconds']):.1f} s** ({', '.join(f'{t:.1f}' for t in r['cold_seconds'])})"
 
     export_cold = runs.get("export", {}).get("cold_seconds")
-    cold_goal = ("at most 3 s" if not export_cold else
-                 f"at most 3 s from an export: {'met' if statistics.median(export_cold) <= 3 else 'not met'}")
-    rows = [(f"cold `asectl predict CARD` (new process, new card), median of {args.cold}", cell(cold, "cold_seconds"),
-             cold_goal),
-            ("cold CPU time (user + system of that process)",
-             cell(lambda r: f"{statistics.median(r['cold_cpu_seconds']):.1f} s", "cold_cpu_seconds"), ""),
-            ("`--watch` start-up (models loaded, one warm-up card)",
-             cell(lambda r: f"{r['watch_startup_seconds']:.1f} s", "watch_startup_seconds"), ""),
-            (f"`--watch` throughput, {args.burst} cards dropped at once",
-             cell(lambda r: f"**{r['cards_per_second']:.2f} cards/s** ({r['burst_seconds']:.1f} s)",
-                  "cards_per_second"),
-             "at least 4"),
-            ("`--watch` CPU time per card in that burst (user + system of the watcher)",
-             cell(lambda r: f"{r['burst_cpu_seconds_per_card']:.2f} s", "burst_cpu_seconds_per_card"), ""),
-            (f"`--watch` latency, card appears -> its JSON line, {args.trickle} cards {args.gap:g} s apart",
-             cell(lambda r: f"median **{r['latency_median']:.2f} s**, p95 **{r['latency_p95']:.2f} s**",
-                  "latency_median"), ""),
-            ("`--watch` peak memory", cell(lambda r: f"{r['watch_peak_rss_mib']:.0f} MiB", "watch_peak_rss_mib"), "")]
+    cold_goal = (
+        "at most 3 s"
+        if not export_cold
+        else f"at most 3 s from an export: {'met' if statistics.median(export_cold) <= 3 else 'not met'}"
+    )
+    rows = [
+        (
+            f"cold `asectl predict CARD` (new process, new card), median of {args.cold}",
+            cell(cold, "cold_seconds"),
+            cold_goal,
+        ),
+        (
+            "cold CPU time (user + system of that process)",
+            cell(lambda r: f"{statistics.median(r['cold_cpu_seconds']):.1f} s", "cold_cpu_seconds"),
+            "",
+        ),
+        (
+            "`--watch` start-up (models loaded, one warm-up card)",
+            cell(lambda r: f"{r['watch_startup_seconds']:.1f} s", "watch_startup_seconds"),
+            "",
+        ),
+        (
+            f"`--watch` throughput, {args.burst} cards dropped at once",
+            cell(lambda r: f"**{r['cards_per_second']:.2f} cards/s** ({r['burst_seconds']:.1f} s)", "cards_per_second"),
+            "at least 4",
+        ),
+        (
+            "`--watch` CPU time per card in that burst (user + system of the watcher)",
+            cell(lambda r: f"{r['burst_cpu_seconds_per_card']:.2f} s", "burst_cpu_seconds_per_card"),
+            "",
+        ),
+        (
+            f"`--watch` latency, card appears -> its JSON line, {args.trickle} cards {args.gap:g} s apart",
+            cell(
+                lambda r: f"median **{r['latency_median']:.2f} s**, p95 **{r['latency_p95']:.2f} s**", "latency_median"
+            ),
+            "",
+        ),
+        ("`--watch` peak memory", cell(lambda r: f"{r['watch_peak_rss_mib']:.0f} MiB", "watch_peak_rss_mib"), ""),
+    ]
     head = "| measure | " + " | ".join(runs) + " | goal |\n|---|" + "---|" * len(runs) + "---|\n"
     return head + "".join(f"| {name} | " + " | ".join(cells) + f" | {goal} |\n" for name, cells, goal in rows)
 
@@ -218,19 +276,32 @@ def main() -> None:
     ap.add_argument("--trickle", type=int, default=20, help="cards dropped one at a time (latency)")
     ap.add_argument("--gap", type=float, default=1.5, help="seconds between trickled cards")
     ap.add_argument("--model", type=Path, default=None, help="a model bundle folder (default: see above)")
-    ap.add_argument("--engine", choices=["cnocr", "rapidocr"], default="cnocr",
-                    help="OCR engine of the model (default cnocr; rapidocr: a seed-0 model trained with it, "
-                         "results in their own section)")
-    ap.add_argument("--counts", default=None,
-                    help="train on a smaller seed-0 dataset, cards per class normal,type1..type4 (default: the "
-                         "455-card one)")
-    ap.add_argument("--no-export", action="store_true",
-                    help="measure the bundle only (default: the bundle and its export, `asectl export`, in one run)")
+    ap.add_argument(
+        "--engine",
+        choices=["cnocr", "rapidocr"],
+        default="cnocr",
+        help="OCR engine of the model (default cnocr; rapidocr: a seed-0 model trained with it, "
+        "results in their own section)",
+    )
+    ap.add_argument(
+        "--counts",
+        default=None,
+        help="train on a smaller seed-0 dataset, cards per class normal,type1..type4 (default: the 455-card one)",
+    )
+    ap.add_argument(
+        "--no-export",
+        action="store_true",
+        help="measure the bundle only (default: the bundle and its export, `asectl export`, in one run)",
+    )
     ap.add_argument("--cold", type=int, default=3, help="cold single-card runs (0: skip)")
-    ap.add_argument("--card-seed", type=int, default=500,
-                    help="generator seed of the new cards: the bundle's are seed .. seed+2, the export's "
-                         "seed+10 .. seed+12; a rerun on the same cache needs another one, so that the cards are new "
-                         "to it")
+    ap.add_argument(
+        "--card-seed",
+        type=int,
+        default=500,
+        help="generator seed of the new cards: the bundle's are seed .. seed+2, the export's "
+        "seed+10 .. seed+12; a rerun on the same cache needs another one, so that the cards are new "
+        "to it",
+    )
     args = ap.parse_args()
     suffix = ("" if args.engine == "cnocr" else f"-{args.engine}") + ("" if args.no_export else "-export")
     out = OUT / f"predict-speed{suffix}"
@@ -242,23 +313,39 @@ def main() -> None:
     models = {"bundle": bundle}
     if not args.no_export:
         models["export"] = export_model(bundle, out, env, exe)
-    runs = {name: measure(exe, model, env, cache_dir, out / "runs" / name, args.card_seed + 10 * k, args)
-            for k, (name, model) in enumerate(models.items())}
-    data = {**runs["bundle"], "engine": args.engine, "model": str(args.model or "seed-0 bundle"),
-            **({"export": runs["export"]} if "export" in runs else {})}
+    runs = {
+        name: measure(exe, model, env, cache_dir, out / "runs" / name, args.card_seed + 10 * k, args)
+        for k, (name, model) in enumerate(models.items())
+    }
+    data = {
+        **runs["bundle"],
+        "engine": args.engine,
+        "model": str(args.model or "seed-0 bundle"),
+        **({"export": runs["export"]} if "export" in runs else {}),
+    }
     save("predict_speed" + suffix.replace("-", "_"), data)
-    model_line = (f"the bundle `{args.model}`" if args.model else
-                  f"a seed-0 quick-profile bundle trained here on the {args.counts} cards per class of a smaller "
-                  "seed-0 field dataset, the benchmark's settings otherwise (the pipeline per card is the same "
-                  "as for the 455-card model)" if args.counts else
-                  "seed-0 quick-profile bundle of `bench/calibration.py`" if args.engine == "cnocr" else
-                  f"seed-0 quick-profile bundle trained with `--engine {args.engine}` OCR (otherwise the "
-                  "benchmark's settings)")
-    paths = ("" if args.no_export else " Columns: the bundle, and the same model exported with `asectl export` "
-             "(ONNX graphs, rapidocr for cnocr, no torch), measured one after the other in this run, each on cards "
-             "of its own.")
+    model_line = (
+        f"the bundle `{args.model}`"
+        if args.model
+        else f"a seed-0 quick-profile bundle trained here on the {args.counts} cards per class of a smaller "
+        "seed-0 field dataset, the benchmark's settings otherwise (the pipeline per card is the same "
+        "as for the 455-card model)"
+        if args.counts
+        else "seed-0 quick-profile bundle of `bench/calibration.py`"
+        if args.engine == "cnocr"
+        else f"seed-0 quick-profile bundle trained with `--engine {args.engine}` OCR (otherwise the "
+        "benchmark's settings)"
+    )
+    paths = (
+        ""
+        if args.no_export
+        else " Columns: the bundle, and the same model exported with `asectl export` "
+        "(ONNX graphs, rapidocr for cnocr, no torch), measured one after the other in this run, each on cards "
+        "of its own."
+    )
     md = f"""### Prediction speed: cold single card and a warm `--watch` station{
-    f" (OCR engine {args.engine})" if args.engine != "cnocr" else ""}{"" if args.no_export else ", bundle and export"}
+        f" (OCR engine {args.engine})" if args.engine != "cnocr" else ""
+    }{"" if args.no_export else ", bundle and export"}
 
 Model: {model_line}. Every card is new to the cache.{paths} 2 cores, shared with whatever else runs (load
 average at start above, {os.getloadavg()[0]:.2f} at the end).

@@ -35,12 +35,25 @@ LABELS = ["normal", "type1", "type2", "type3", "type4"]
 
 # The paper's numbers (ASE data, real VLM/LLM): macro-F1 binary / 5-class, in percent.
 PAPER = {
-    "table2": {"EfficientNet-b6a (image only)": (77.48, 64.58), "Proposed (PFA+CMAF)": (85.65, 75.91),
-               "Proposed with TDA": (92.52, 80.77)},
-    "table3": {(1, 0, 0): (83.47, 69.72), (0, 1, 0): (78.19, 64.58), (1, 1, 0): (85.65, 75.91),
-               (0, 1, 1): (80.60, 69.19), (1, 0, 1): (86.50, 76.64), (1, 1, 1): (92.52, 80.77)},
-    "table4": {"none": (80.60, 64.19), "direct": (84.76, 70.45), "0.2/0.6/1": (90.46, 78.13),
-               "0.2/0.4/0.6/0.8/1": (92.52, 80.77)},
+    "table2": {
+        "EfficientNet-b6a (image only)": (77.48, 64.58),
+        "Proposed (PFA+CMAF)": (85.65, 75.91),
+        "Proposed with TDA": (92.52, 80.77),
+    },
+    "table3": {
+        (1, 0, 0): (83.47, 69.72),
+        (0, 1, 0): (78.19, 64.58),
+        (1, 1, 0): (85.65, 75.91),
+        (0, 1, 1): (80.60, 69.19),
+        (1, 0, 1): (86.50, 76.64),
+        (1, 1, 1): (92.52, 80.77),
+    },
+    "table4": {
+        "none": (80.60, 64.19),
+        "direct": (84.76, 70.45),
+        "0.2/0.6/1": (90.46, 78.13),
+        "0.2/0.4/0.6/0.8/1": (92.52, 80.77),
+    },
     "table5": {"concat": (86.50, 76.44), "cmaf-nosigmoid": (87.56, 77.56), "cmaf": (92.52, 80.77)},
 }
 
@@ -48,9 +61,13 @@ PAPER = {
 def scores(y_true: list[str], y_pred: list[str]) -> dict:
     """Metrics, and the predictions themselves (for the bootstrap intervals and the paired test)."""
     m = compute_metrics(LABELS, [LABELS.index(t) for t in y_true], [LABELS.index(p) for p in y_pred])
-    return {"macro_f1": m["multiclass"]["macro_f1"], "binary_macro_f1": m["binary"]["macro_f1"],
-            "per_class_f1": {c: m["multiclass"]["per_class"][c]["f1"] for c in LABELS},
-            "y_true": list(y_true), "y_pred": list(y_pred)}
+    return {
+        "macro_f1": m["multiclass"]["macro_f1"],
+        "binary_macro_f1": m["binary"]["macro_f1"],
+        "per_class_f1": {c: m["multiclass"]["per_class"][c]["f1"] for c in LABELS},
+        "y_true": list(y_true),
+        "y_pred": list(y_pred),
+    }
 
 
 def logistic(xtr, ytr, xte) -> list[str]:
@@ -76,7 +93,7 @@ def small_cnn(train_paths, ytr, test_paths, seed: int, epochs: int) -> list[str]
 
     from asectl.imageio import load_image
 
-    size, box = 88, 5   # crop (20, 20, 460, 460) is 440 px; 440 / 5 = 88
+    size, box = 88, 5  # crop (20, 20, 460, 460) is 440 px; 440 / 5 = 88
 
     def load(paths):
         out = []
@@ -97,11 +114,19 @@ def small_cnn(train_paths, ytr, test_paths, seed: int, epochs: int) -> list[str]
         mean, std = xtr.mean(), xtr.std()
         xtr, xte = (xtr - mean) / std, (xte - mean) / std
         y = torch.tensor([LABELS.index(v) for v in ytr])
-        net = nn.Sequential(*block(1, 8), nn.MaxPool2d(2),       # 44
-                            *block(8, 16), nn.MaxPool2d(2),      # 22
-                            *block(16, 32), nn.MaxPool2d(2),     # 11
-                            *block(32, 32), nn.AdaptiveAvgPool2d(4),
-                            nn.Flatten(), nn.Dropout(0.3), nn.Linear(32 * 16, len(LABELS)))
+        net = nn.Sequential(
+            *block(1, 8),
+            nn.MaxPool2d(2),  # 44
+            *block(8, 16),
+            nn.MaxPool2d(2),  # 22
+            *block(16, 32),
+            nn.MaxPool2d(2),  # 11
+            *block(32, 32),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(32 * 16, len(LABELS)),
+        )
         batch = 32
         steps = epochs * -(-len(y) // batch)
         opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
@@ -212,10 +237,12 @@ def _fused(ds, aug_root: Path, cache: Cache, seed: int, over: dict, fusion: str,
     from asectl.stages.predict import run_predict
 
     settings = {**SETTINGS, "llm_text": over.get("encoders.llm_text", "composite")}
-    run_align(ds, cache, profile="quick", overrides=over, seed=seed, augmented=aug_root if tda else None,
-              settings=settings)
-    res = run_fuse_train(ds, cache, fusion=fusion, profile="quick", overrides=over, seed=seed,
-                         augmented=aug_root if tda else None)
+    run_align(
+        ds, cache, profile="quick", overrides=over, seed=seed, augmented=aug_root if tda else None, settings=settings
+    )
+    res = run_fuse_train(
+        ds, cache, fusion=fusion, profile="quick", overrides=over, seed=seed, augmented=aug_root if tda else None
+    )
     test_ds = test_ds or Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
     truth_lab = {s.name: s.label for s in test_ds.samples}
     recs = [r for r in run_predict(test_ds, res.bundle, cache).records if not r.get("error")]
@@ -243,24 +270,34 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False, subs
     tr, te = _split(mods, "train"), _split(mods, "test")
     ytr = [mods.samples[i].label for i in tr]
     yte = [mods.samples[i].label for i in te]
-    for name, key in (("image only: EfficientNet-Lite0 features + logistic regression", "image"),
-                      ("VLM text only: MiniLM features + logistic regression", "vlm"),
-                      ("LLM text only: MiniLM features + logistic regression", "llm")):
+    for name, key in (
+        ("image only: EfficientNet-Lite0 features + logistic regression", "image"),
+        ("VLM text only: MiniLM features + logistic regression", "vlm"),
+        ("LLM text only: MiniLM features + logistic regression", "llm"),
+    ):
         results[name] = scores(yte, logistic(feats[key][tr], ytr, feats[key][te]))
     if subset == "all":
         a_mods, a_feats = _features(ds, cache, ANSWER_ONLY)
         a_tr, a_te = _split(a_mods, "train"), _split(a_mods, "test")
         results["LLM answer only: MiniLM features + logistic regression"] = scores(
             [a_mods.samples[i].label for i in a_te],
-            logistic(a_feats["llm"][a_tr], [a_mods.samples[i].label for i in a_tr], a_feats["llm"][a_te]))
+            logistic(a_feats["llm"][a_tr], [a_mods.samples[i].label for i in a_tr], a_feats["llm"][a_te]),
+        )
     xs = np.array([stats_vector(f) for f in mods.ocr_fields])
     gb = HistGradientBoostingClassifier(random_state=seed).fit(xs[tr], ytr)
     results["stats only: gradient boosting on OCR'd fields"] = scores(yte, list(gb.predict(xs[te])))
     results[STATS_PCS] = scores(yte, boosting_with_image_pcs(xs, feats["image"], tr, te, ytr, seed))
     if subset == "all":
         results["image only: small CNN trained on the cards"] = scores(
-            yte, small_cnn([mods.samples[i].path for i in tr], ytr, [mods.samples[i].path for i in te], seed,
-                           epochs=10 if fast else 30))
+            yte,
+            small_cnn(
+                [mods.samples[i].path for i in tr],
+                ytr,
+                [mods.samples[i].path for i in te],
+                seed,
+                epochs=10 if fast else 30,
+            ),
+        )
 
     # The oracle: Bayes-optimal given each test card's true latent parameters (it predicts the most
     # likely inspector label, so label disagreement costs it too).
@@ -273,20 +310,34 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False, subs
     from asectl.models.train_config import get_profile
 
     prof = get_profile("quick")
-    epochs = ({"pfa.epochs_per_stage": max(1, prof.pfa.epochs_per_stage // 2),
-               "fusion.epochs": max(1, prof.fusion.epochs // 2)} if fast else {})
+    epochs = (
+        {
+            "pfa.epochs_per_stage": max(1, prof.pfa.epochs_per_stage // 2),
+            "fusion.epochs": max(1, prof.fusion.epochs // 2),
+        }
+        if fast
+        else {}
+    )
     full = [0.2, 0.4, 0.6, 0.8, 1.0]
 
     def pipeline(mode: str, strides, fusion: str, tda: bool, **extra) -> dict:
         # The paper's branches and chunk attention unless a row says otherwise: the earlier tables' setting,
         # whatever the profile's default is now.
-        return _fused(ds, aug_root, cache, seed, {**epochs, **EARLIER, "pfa.mode": mode, "pfa.strides": strides,
-                                                  **extra}, fusion, tda)
+        return _fused(
+            ds,
+            aug_root,
+            cache,
+            seed,
+            {**epochs, **EARLIER, "pfa.mode": mode, "pfa.strides": strides, **extra},
+            fusion,
+            tda,
+        )
 
     for key, extra in BRANCH_ROWS.items():
         if subset == "all" or key.endswith("tda=0"):
-            results[key] = pipeline("progressive", full, "concat" if "concat" in key else "cmaf",
-                                    key.endswith("tda=1"), **extra)
+            results[key] = pipeline(
+                "progressive", full, "concat" if "concat" in key else "cmaf", key.endswith("tda=1"), **extra
+            )
     if subset == "branches":
         results["grid pfa=1 cmaf=1 tda=0"] = pipeline("progressive", full, "cmaf", False)
         results["_seconds"] = time.perf_counter() - t_seed
@@ -295,17 +346,18 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False, subs
         for cmaf in (1, 0):
             for tda in (0, 1):
                 key = f"grid pfa={pfa} cmaf={cmaf} tda={tda}"
-                results[key] = pipeline("progressive" if pfa else "none", full, "cmaf" if cmaf else "concat",
-                                        bool(tda))
+                results[key] = pipeline("progressive" if pfa else "none", full, "cmaf" if cmaf else "concat", bool(tda))
     results["stride direct"] = pipeline("direct", full, "cmaf", True)
     results["stride 0.2/0.6/1"] = pipeline("progressive", [0.2, 0.6, 1.0], "cmaf", True)
     results["fusion cmaf-nosigmoid"] = pipeline("progressive", full, "cmaf-nosigmoid", True)
-    results["llm answer only pfa=1 cmaf=1 tda=1"] = pipeline("progressive", full, "cmaf", True,
-                                                            **{"encoders.llm_text": "answer"})
-    results["other image encoder pfa=1 cmaf=1 tda=1"] = pipeline("progressive", full, "cmaf", True,
-                                                                **{"encoders.image": other_image_encoder()})
+    results["llm answer only pfa=1 cmaf=1 tda=1"] = pipeline(
+        "progressive", full, "cmaf", True, **{"encoders.llm_text": "answer"}
+    )
+    results["other image encoder pfa=1 cmaf=1 tda=1"] = pipeline(
+        "progressive", full, "cmaf", True, **{"encoders.image": other_image_encoder()}
+    )
 
-    if robustness:   # train on one difficulty, test on the other (same seed, same methods)
+    if robustness:  # train on one difficulty, test on the other (same seed, same methods)
         clean = load_dataset(dataset(seed, difficulty="clean"))
         clean_aug = OUT / f"ds-clean-seed{seed}-tda"
         c_mods, c_feats = _features(clean, cache)
@@ -317,8 +369,9 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False, subs
         c_xs = np.array([stats_vector(f) for f in c_mods.ocr_fields])
         c_gb = HistGradientBoostingClassifier(random_state=seed).fit(c_xs[c_tr], c_ytr)
         over = {**epochs, **EARLIER, "pfa.mode": "progressive", "pfa.strides": full}
-        results["robust image clean->clean"] = scores(c_yte, logistic(c_feats["image"][c_tr], c_ytr,
-                                                                      c_feats["image"][c_te]))
+        results["robust image clean->clean"] = scores(
+            c_yte, logistic(c_feats["image"][c_tr], c_ytr, c_feats["image"][c_te])
+        )
         results["robust image clean->field"] = scores(yte, logistic(c_feats["image"][c_tr], c_ytr, feats["image"][te]))
         results["robust image field->clean"] = scores(c_yte, logistic(feats["image"][tr], ytr, c_feats["image"][c_te]))
         results["robust stats clean->clean"] = scores(c_yte, list(c_gb.predict(c_xs[c_te])))
@@ -348,13 +401,18 @@ def interval(per_seed: list[dict], key: str) -> str:
 
 
 def table(rows: list[tuple[str, str, tuple | None]], per_seed: list[dict]) -> str:
-    out = ["| method | ours: macro-F1 binary | ours: macro-F1 5-class | 95% interval (5-class) "
-           "| paper (ASE): binary / 5-class |", "|---|---|---|---|---|"]
+    out = [
+        "| method | ours: macro-F1 binary | ours: macro-F1 5-class | 95% interval (5-class) "
+        "| paper (ASE): binary / 5-class |",
+        "|---|---|---|---|---|",
+    ]
     for label, key, paper in rows:
         b = [r[key]["binary_macro_f1"] for r in per_seed]
         m = [r[key]["macro_f1"] for r in per_seed]
-        out.append(f"| {label} | {fmt(b)} | {fmt(m)} | {interval(per_seed, key)} "
-                   f"| {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '-'} |")
+        out.append(
+            f"| {label} | {fmt(b)} | {fmt(m)} | {interval(per_seed, key)} "
+            f"| {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '-'} |"
+        )
     return "\n".join(out)
 
 
@@ -364,8 +422,10 @@ def effect(per_seed: list[dict], a: str, b: str) -> str:
 
     t = paired_test(LABELS, preds(per_seed, a), preds(per_seed, b))
     per = ", ".join(f"{100 * (r[a]['macro_f1'] - r[b]['macro_f1']):+.1f}" for r in per_seed)
-    return (f"{100 * t['difference']:+.2f} points [{100 * t['low']:+.2f}, {100 * t['high']:+.2f}], "
-            f"p = {t['p_value']:.3f} (per seed: {per})")
+    return (
+        f"{100 * t['difference']:+.2f} points [{100 * t['low']:+.2f}, {100 * t['high']:+.2f}], "
+        f"p = {t['p_value']:.3f} (per seed: {per})"
+    )
 
 
 def _one_thread() -> None:
@@ -379,10 +439,14 @@ def _run_seed_job(job: tuple[int, str, bool, bool, str]) -> dict:
     return run_seed(seed, Cache(cache_dir), fast, robustness, subset)
 
 
-SINGLE = ("image only: EfficientNet-Lite0 features + logistic regression", "image only: small CNN trained on the cards",
-          "stats only: gradient boosting on OCR'd fields", "VLM text only: MiniLM features + logistic regression",
-          "LLM text only: MiniLM features + logistic regression",
-          "LLM answer only: MiniLM features + logistic regression")
+SINGLE = (
+    "image only: EfficientNet-Lite0 features + logistic regression",
+    "image only: small CNN trained on the cards",
+    "stats only: gradient boosting on OCR'd fields",
+    "VLM text only: MiniLM features + logistic regression",
+    "LLM text only: MiniLM features + logistic regression",
+    "LLM answer only: MiniLM features + logistic regression",
+)
 ORACLE = "oracle (true latent parameters)"
 PROPOSED = "grid pfa=1 cmaf=1 tda=1"
 
@@ -390,30 +454,52 @@ PROPOSED = "grid pfa=1 cmaf=1 tda=1"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default=None, help="comma-separated generator seeds (default 0,1,2,3,4; --fast: 0)")
-    ap.add_argument("--robustness-seeds", default=None,
-                    help="seeds that also train on clean and test on field and the reverse (default: 0,1,2; "
-                         "--fast: none)")
+    ap.add_argument(
+        "--robustness-seeds",
+        default=None,
+        help="seeds that also train on clean and test on field and the reverse (default: 0,1,2; --fast: none)",
+    )
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
-    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
-                    help="seeds trained at once, one core each (default: the number of cores)")
-    ap.add_argument("--subset", choices=["all", "branches"], default="all",
-                    help="branches: only the branch and attention ablations without TDA and the baselines they "
-                         "need (composite modalities only; a partial run), written to its own section")
-    ap.add_argument("--render", action="store_true",
-                    help="write the docs section again from bench/results/quality[-fast].json (no run)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="seeds trained at once, one core each (default: the number of cores)",
+    )
+    ap.add_argument(
+        "--subset",
+        choices=["all", "branches"],
+        default="all",
+        help="branches: only the branch and attention ablations without TDA and the baselines they "
+        "need (composite modalities only; a partial run), written to its own section",
+    )
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="write the docs section again from bench/results/quality[-fast].json (no run)",
+    )
     args = ap.parse_args()
     name = "quality" + ("-fast" if args.fast else "") + ("-branches" if args.subset == "branches" else "")
     show = render_branches if args.subset == "branches" else render
     if args.render:
         saved = load(name)
-        show(saved["seeds"], saved["robustness_seeds"], saved["fast"], saved["seconds"], saved["per_seed"],
-             saved["measured"])
+        show(
+            saved["seeds"],
+            saved["robustness_seeds"],
+            saved["fast"],
+            saved["seconds"],
+            saved["per_seed"],
+            saved["measured"],
+        )
         return
     seeds = [int(s) for s in (args.seeds or ("0" if args.fast else "0,1,2,3,4")).split(",")]
     rob_default = "" if args.fast or args.subset == "branches" else "0,1,2"
-    rob_seeds = [int(s) for s in (args.robustness_seeds if args.robustness_seeds is not None else rob_default).split(",")
-                 if s.strip() and int(s) in seeds]
+    rob_seeds = [
+        int(s)
+        for s in (args.robustness_seeds if args.robustness_seeds is not None else rob_default).split(",")
+        if s.strip() and int(s) in seeds
+    ]
     cache = Cache(args.cache_dir)
     t0 = time.perf_counter()
     measured = measured_line()
@@ -433,27 +519,41 @@ def main() -> None:
     jobs = max(1, min(args.jobs, len(seeds)))
     per_seed = []
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
-        for seed, r in zip(seeds, pool.map(_run_seed_job, [(s, args.cache_dir, args.fast, s in rob_seeds,
-                                                            args.subset) for s in seeds])):
+        for seed, r in zip(
+            seeds, pool.map(_run_seed_job, [(s, args.cache_dir, args.fast, s in rob_seeds, args.subset) for s in seeds])
+        ):
             r["_prepare_seconds"] = prep[seed]
             per_seed.append(r)
-            print(f"seed {seed}: trained and scored in {r['_seconds']:.0f} s;", json.dumps(
-                {k: round(v["macro_f1"], 4) for k, v in r.items() if isinstance(v, dict)}), flush=True)
+            print(
+                f"seed {seed}: trained and scored in {r['_seconds']:.0f} s;",
+                json.dumps({k: round(v["macro_f1"], 4) for k, v in r.items() if isinstance(v, dict)}),
+                flush=True,
+            )
     total = time.perf_counter() - t0
-    record = {"seeds": seeds, "robustness_seeds": rob_seeds, "fast": args.fast, "seconds": total,
-              "per_seed": per_seed, "measured": measured}
+    record = {
+        "seeds": seeds,
+        "robustness_seeds": rob_seeds,
+        "fast": args.fast,
+        "seconds": total,
+        "per_seed": per_seed,
+        "measured": measured,
+    }
     save(name, record)
     show(seeds, rob_seeds, args.fast, total, per_seed, measured)
 
 
-def render(seeds: list[int], rob_seeds: list[int], fast: bool, total: float, per_seed: list[dict],
-           measured: str) -> None:
+def render(
+    seeds: list[int], rob_seeds: list[int], fast: bool, total: float, per_seed: list[dict], measured: str
+) -> None:
     """The docs/benchmarks.md section of a run (``measured``: its "Measured ..." line)."""
     n = len(seeds)
     main_rows = [
         ("oracle (Bayes-optimal on true latent parameters)", ORACLE, None),
-        ("image only: EfficientNet-Lite0 + logistic regression", SINGLE[0],
-         PAPER["table2"]["EfficientNet-b6a (image only)"]),
+        (
+            "image only: EfficientNet-Lite0 + logistic regression",
+            SINGLE[0],
+            PAPER["table2"]["EfficientNet-b6a (image only)"],
+        ),
         ("image only: small CNN", SINGLE[1], None),
         ("stats only: gradient boosting on OCR'd fields", SINGLE[2], None),
         ("VLM text only (built-in describer) + logistic regression", SINGLE[3], None),
@@ -464,57 +564,85 @@ def render(seeds: list[int], rob_seeds: list[int], fast: bool, total: float, per
         ("PFA + CMAF, no TDA", "grid pfa=1 cmaf=1 tda=0", PAPER["table2"]["Proposed (PFA+CMAF)"]),
         ("PFA + CMAF, TDA (LLM text: composite)", PROPOSED, PAPER["table2"]["Proposed with TDA"]),
         ("PFA + CMAF, TDA (LLM text: answer only)", "llm answer only pfa=1 cmaf=1 tda=1", None),
-        (f"PFA + CMAF, TDA (image encoder: {other_image_encoder()})", "other image encoder pfa=1 cmaf=1 tda=1",
-         None),
+        (f"PFA + CMAF, TDA (image encoder: {other_image_encoder()})", "other image encoder pfa=1 cmaf=1 tda=1", None),
     ]
-    grid_rows = [(f"PFA {'✓' if p else '-'} / CMAF {'✓' if c else '-'} / TDA {'✓' if t else '-'}",
-                  f"grid pfa={p} cmaf={c} tda={t}", PAPER["table3"].get((p, c, t)))
-                 for p in (1, 0) for c in (1, 0) for t in (0, 1)]
-    stride_rows = [("without alignment (untrained projections, same update count)", "grid pfa=0 cmaf=1 tda=1",
-                    PAPER["table4"]["none"]),
-                   ("direct alignment (whole, same update count)", "stride direct", PAPER["table4"]["direct"]),
-                   ("PFA 0.2/0.6/1", "stride 0.2/0.6/1", PAPER["table4"]["0.2/0.6/1"]),
-                   ("PFA 0.2/0.4/0.6/0.8/1", PROPOSED, PAPER["table4"]["0.2/0.4/0.6/0.8/1"])]
-    fusion_rows = [("direct concatenation", "grid pfa=1 cmaf=0 tda=1", PAPER["table5"]["concat"]),
-                   ("CMAF without sigmoid", "fusion cmaf-nosigmoid", PAPER["table5"]["cmaf-nosigmoid"]),
-                   ("CMAF with sigmoid", PROPOSED, PAPER["table5"]["cmaf"])]
-    main_rows = [row for row in main_rows if row[1] in per_seed[0]]     # a run before a row existed
+    grid_rows = [
+        (
+            f"PFA {'✓' if p else '-'} / CMAF {'✓' if c else '-'} / TDA {'✓' if t else '-'}",
+            f"grid pfa={p} cmaf={c} tda={t}",
+            PAPER["table3"].get((p, c, t)),
+        )
+        for p in (1, 0)
+        for c in (1, 0)
+        for t in (0, 1)
+    ]
+    stride_rows = [
+        (
+            "without alignment (untrained projections, same update count)",
+            "grid pfa=0 cmaf=1 tda=1",
+            PAPER["table4"]["none"],
+        ),
+        ("direct alignment (whole, same update count)", "stride direct", PAPER["table4"]["direct"]),
+        ("PFA 0.2/0.6/1", "stride 0.2/0.6/1", PAPER["table4"]["0.2/0.6/1"]),
+        ("PFA 0.2/0.4/0.6/0.8/1", PROPOSED, PAPER["table4"]["0.2/0.4/0.6/0.8/1"]),
+    ]
+    fusion_rows = [
+        ("direct concatenation", "grid pfa=1 cmaf=0 tda=1", PAPER["table5"]["concat"]),
+        ("CMAF without sigmoid", "fusion cmaf-nosigmoid", PAPER["table5"]["cmaf-nosigmoid"]),
+        ("CMAF with sigmoid", PROPOSED, PAPER["table5"]["cmaf"]),
+    ]
+    main_rows = [row for row in main_rows if row[1] in per_seed[0]]  # a run before a row existed
     mean = lambda k: float(np.mean([r[k]["macro_f1"] for r in per_seed]))  # noqa: E731
     best_single = max(SINGLE, key=mean)
     best_key = max((k for k in per_seed[0] if k.startswith(("grid", "stride", "fusion", "llm answer"))), key=mean)
     per_class = ["| method | " + " | ".join(LABELS) + " |", "|---" * (len(LABELS) + 1) + "|"]
     for label, key, _ in main_rows:
-        per_class.append(f"| {label} | " + " | ".join(fmt([r[key]["per_class_f1"][c] for r in per_seed])
-                                                     for c in LABELS) + " |")
-    effects = [("PFA + CMAF + TDA vs the best single modality", PROPOSED, best_single),
-               ("PFA (progressive vs no alignment, with CMAF + TDA)", PROPOSED, "grid pfa=0 cmaf=1 tda=1"),
-               ("progressive vs direct alignment (with CMAF + TDA)", PROPOSED, "stride direct"),
-               ("CMAF vs concatenation (with PFA + TDA)", PROPOSED, "grid pfa=1 cmaf=0 tda=1"),
-               ("TDA (with PFA + CMAF)", PROPOSED, "grid pfa=1 cmaf=1 tda=0"),
-               ("PFA + CMAF without TDA vs the best single modality", "grid pfa=1 cmaf=1 tda=0", best_single),
-               ("CMAF vs concatenation (with PFA, no TDA)", "grid pfa=1 cmaf=1 tda=0", "grid pfa=1 cmaf=0 tda=0"),
-               ("image only: small CNN vs frozen EfficientNet-Lite0 + LR", SINGLE[1], SINGLE[0]),
-               ("LLM text composite vs answer only (with PFA + CMAF + TDA)", PROPOSED,
-                "llm answer only pfa=1 cmaf=1 tda=1"),
-               (f"image encoder: the default vs {other_image_encoder()} (with PFA + CMAF + TDA)", PROPOSED,
-                "other image encoder pfa=1 cmaf=1 tda=1"),
-               ("oracle vs PFA + CMAF + TDA", ORACLE, PROPOSED)]
-    effect_lines = "\n".join(f"- {name}: {effect(per_seed, a, b)}" for name, a, b in effects
-                             if a in per_seed[0] and b in per_seed[0])
+        per_class.append(
+            f"| {label} | " + " | ".join(fmt([r[key]["per_class_f1"][c] for r in per_seed]) for c in LABELS) + " |"
+        )
+    effects = [
+        ("PFA + CMAF + TDA vs the best single modality", PROPOSED, best_single),
+        ("PFA (progressive vs no alignment, with CMAF + TDA)", PROPOSED, "grid pfa=0 cmaf=1 tda=1"),
+        ("progressive vs direct alignment (with CMAF + TDA)", PROPOSED, "stride direct"),
+        ("CMAF vs concatenation (with PFA + TDA)", PROPOSED, "grid pfa=1 cmaf=0 tda=1"),
+        ("TDA (with PFA + CMAF)", PROPOSED, "grid pfa=1 cmaf=1 tda=0"),
+        ("PFA + CMAF without TDA vs the best single modality", "grid pfa=1 cmaf=1 tda=0", best_single),
+        ("CMAF vs concatenation (with PFA, no TDA)", "grid pfa=1 cmaf=1 tda=0", "grid pfa=1 cmaf=0 tda=0"),
+        ("image only: small CNN vs frozen EfficientNet-Lite0 + LR", SINGLE[1], SINGLE[0]),
+        ("LLM text composite vs answer only (with PFA + CMAF + TDA)", PROPOSED, "llm answer only pfa=1 cmaf=1 tda=1"),
+        (
+            f"image encoder: the default vs {other_image_encoder()} (with PFA + CMAF + TDA)",
+            PROPOSED,
+            "other image encoder pfa=1 cmaf=1 tda=1",
+        ),
+        ("oracle vs PFA + CMAF + TDA", ORACLE, PROPOSED),
+    ]
+    effect_lines = "\n".join(
+        f"- {name}: {effect(per_seed, a, b)}" for name, a, b in effects if a in per_seed[0] and b in per_seed[0]
+    )
     rob = [r for r in per_seed if "robust fused clean->field" in r]
     rob_text = ""
     if rob:
-        rob_rows = ["| method | trained clean, tested clean | trained clean, tested field | "
-                    "trained field, tested field | trained field, tested clean |", "|---|---|---|---|---|"]
-        for label, short, field_key in (("image only: EfficientNet-Lite0 + LR", "image", SINGLE[0]),
-                                        ("stats only: gradient boosting", "stats", SINGLE[2]),
-                                        ("PFA + CMAF + TDA", "fused", PROPOSED)):
+        rob_rows = [
+            "| method | trained clean, tested clean | trained clean, tested field | "
+            "trained field, tested field | trained field, tested clean |",
+            "|---|---|---|---|---|",
+        ]
+        for label, short, field_key in (
+            ("image only: EfficientNet-Lite0 + LR", "image", SINGLE[0]),
+            ("stats only: gradient boosting", "stats", SINGLE[2]),
+            ("PFA + CMAF + TDA", "fused", PROPOSED),
+        ):
             cell = lambda k: f"{fmt([r[k]['macro_f1'] for r in rob])} {interval(rob, k)}"  # noqa: E731
-            rob_rows.append(f"| {label} | {cell(f'robust {short} clean->clean')} | {cell(f'robust {short} clean->field')} "
-                            f"| {cell(field_key)} | {cell(f'robust {short} field->clean')} |")
-        rob_text = (f"\nRobustness (5-class macro-F1, seeds {', '.join(str(s) for s in rob_seeds)}; the same "
-                    "seed's clean and field datasets):\n\n" + "\n".join(rob_rows) + "\n")
-    text = f"""### Quality on generated `field` cards ({n} seed{'s' * (n > 1)}: {', '.join(map(str, seeds))}{', fast mode' if fast else ''})
+            rob_rows.append(
+                f"| {label} | {cell(f'robust {short} clean->clean')} | {cell(f'robust {short} clean->field')} "
+                f"| {cell(field_key)} | {cell(f'robust {short} field->clean')} |"
+            )
+        rob_text = (
+            f"\nRobustness (5-class macro-F1, seeds {', '.join(str(s) for s in rob_seeds)}; the same "
+            "seed's clean and field datasets):\n\n" + "\n".join(rob_rows) + "\n"
+        )
+    text = f"""### Quality on generated `field` cards ({n} seed{"s" * (n > 1)}: {", ".join(map(str, seeds))}{", fast mode" if fast else ""})
 
 Synthetic cards from `asectl synth` at the default `field` difficulty (docs/dataset.md), **not** the
 paper's private ASE data: the paper's numbers are shown beside ours for orientation only. Macro-F1 in
@@ -556,33 +684,39 @@ Best fused configuration: `{best_key}` at {100 * mean(best_key):.2f}; best singl
     print(text)
 
 
-def render_branches(seeds: list[int], rob_seeds: list[int], fast: bool, total: float, per_seed: list[dict],
-                    measured: str) -> None:
+def render_branches(
+    seeds: list[int], rob_seeds: list[int], fast: bool, total: float, per_seed: list[dict], measured: str
+) -> None:
     """The docs/benchmarks.md section of a ``--subset branches`` run: the stats branch on and off, token
     against chunk attention, and the boosting yardsticks, all without TDA."""
     n = len(seeds)
-    rows = [("oracle (Bayes-optimal on true latent parameters)", ORACLE, None),
-            ("image only: EfficientNet-Lite0 + logistic regression", SINGLE[0], None),
-            ("stats only: gradient boosting on OCR'd fields", SINGLE[2], None),
-            (f"gradient boosting on OCR'd fields + {IMAGE_PCS} image principal components", STATS_PCS, None),
-            ("VLM text only (built-in describer) + logistic regression", SINGLE[3], None),
-            ("LLM text only, composite + logistic regression", SINGLE[4], None),
-            ("PFA + CMAF, chunk attention, branches image/vlm/llm (the earlier default)", "grid pfa=1 cmaf=1 tda=0",
-             None),
-            ("PFA + CMAF, token attention, branches image/vlm/llm", "attention tokens tda=0", None),
-            ("PFA + CMAF, token attention, branches image/vlm/llm/stats", "branches +stats tokens tda=0", None),
-            ("PFA + concatenation, branches image/vlm/llm/stats", "branches +stats concat tda=0", None)]
-    effects = [("stats branch on vs off (token attention)", "branches +stats tokens tda=0", "attention tokens tda=0"),
-               ("token vs chunk attention (image/vlm/llm)", "attention tokens tda=0", "grid pfa=1 cmaf=1 tda=0"),
-               ("token attention vs concatenation (with stats)", "branches +stats tokens tda=0",
-                "branches +stats concat tda=0"),
-               ("fused with stats (tokens) vs boosting on numbers + image PCs", "branches +stats tokens tda=0",
-                STATS_PCS),
-               ("fused with stats (tokens) vs boosting on the numbers alone", "branches +stats tokens tda=0", SINGLE[2]),
-               ("oracle vs fused with stats (tokens)", ORACLE, "branches +stats tokens tda=0")]
-    text = f"""### Branches and attention on generated `field` cards (partial run: {n} seed{'s' * (n > 1)}: {', '.join(map(str, seeds))}{', fast mode' if fast else ''}, no TDA)
+    rows = [
+        ("oracle (Bayes-optimal on true latent parameters)", ORACLE, None),
+        ("image only: EfficientNet-Lite0 + logistic regression", SINGLE[0], None),
+        ("stats only: gradient boosting on OCR'd fields", SINGLE[2], None),
+        (f"gradient boosting on OCR'd fields + {IMAGE_PCS} image principal components", STATS_PCS, None),
+        ("VLM text only (built-in describer) + logistic regression", SINGLE[3], None),
+        ("LLM text only, composite + logistic regression", SINGLE[4], None),
+        ("PFA + CMAF, chunk attention, branches image/vlm/llm (the earlier default)", "grid pfa=1 cmaf=1 tda=0", None),
+        ("PFA + CMAF, token attention, branches image/vlm/llm", "attention tokens tda=0", None),
+        ("PFA + CMAF, token attention, branches image/vlm/llm/stats", "branches +stats tokens tda=0", None),
+        ("PFA + concatenation, branches image/vlm/llm/stats", "branches +stats concat tda=0", None),
+    ]
+    effects = [
+        ("stats branch on vs off (token attention)", "branches +stats tokens tda=0", "attention tokens tda=0"),
+        ("token vs chunk attention (image/vlm/llm)", "attention tokens tda=0", "grid pfa=1 cmaf=1 tda=0"),
+        (
+            "token attention vs concatenation (with stats)",
+            "branches +stats tokens tda=0",
+            "branches +stats concat tda=0",
+        ),
+        ("fused with stats (tokens) vs boosting on numbers + image PCs", "branches +stats tokens tda=0", STATS_PCS),
+        ("fused with stats (tokens) vs boosting on the numbers alone", "branches +stats tokens tda=0", SINGLE[2]),
+        ("oracle vs fused with stats (tokens)", ORACLE, "branches +stats tokens tda=0"),
+    ]
+    text = f"""### Branches and attention on generated `field` cards (partial run: {n} seed{"s" * (n > 1)}: {", ".join(map(str, seeds))}{", fast mode" if fast else ""}, no TDA)
 
-A partial run: {'seed ' if n == 1 else 'seeds '}{', '.join(map(str, seeds))} only (not the five seeds of the section
+A partial run: {"seed " if n == 1 else "seeds "}{", ".join(map(str, seeds))} only (not the five seeds of the section
 above), every fused row without TDA, and the single fusion settings of the quick profile otherwise. Same
 cards, split, modalities and metrics as the section above (`--subset branches` of bench/quality.py).
 Run time: {total / 60:.1f} min.

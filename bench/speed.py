@@ -58,8 +58,11 @@ def main() -> None:
     data, new = out / "data", out / "new-card"
     steps = [
         ("synth", [*exe, "synth", "--out", data, "--seed", "0"], 455),
-        ("synth (new card)",
-         [*exe, "synth", "--out", new, "--seed", "1000", "--counts", "1,0,1,0,0", "--test-size", "1"], 2),
+        (
+            "synth (new card)",
+            [*exe, "synth", "--out", new, "--seed", "1000", "--counts", "1,0,1,0,0", "--test-size", "1"],
+            2,
+        ),
         ("ocr (cnocr)", [*exe, "ocr", data], 455),
         ("describe (built-in)", [*exe, "describe", data], 455),
         ("reason (SmolLM2-135M)", [*exe, "reason", data], 455),
@@ -72,7 +75,7 @@ def main() -> None:
     for name, cmd, n in steps:
         sec, mem = run([str(c) for c in cmd], env)
         rows.append({"stage": name, "seconds": sec, "items": n, "per_s": n / sec, "peak_mib": mem})
-        if name.startswith("reason"):   # cards whose prompts read alike share one answer
+        if name.startswith("reason"):  # cards whose prompts read alike share one answer
             from asectl.cache import Cache
             from asectl.stages.reason import ANSWER_STAGE
 
@@ -87,19 +90,25 @@ def main() -> None:
         run([str(c) for c in cmd], env)
     cached = time.perf_counter() - t0
     warm, _ = run([*exe, "predict", str(new / "images" / "0000.png")], env)
-    result = {"stages": rows, "cold_total_seconds": cold, "cached_rerun_seconds": cached,
-              "warm_predict_seconds": warm}
+    result = {"stages": rows, "cold_total_seconds": cold, "cached_rerun_seconds": cached, "warm_predict_seconds": warm}
     save("speed", result)
     lines = ["| stage | items | wall s | items/s | peak memory (MiB) |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {r['items']} | {r['seconds']:.1f} | {r['per_s']:.2f} | {r['peak_mib']:.0f} |")
-    text = ("### Speed of the quick pipeline (455 cards, one process per stage, cold cache)\n\n" + "\n".join(lines)
-            + f"\n\n- whole quick pipeline, cold: **{cold / 60:.1f} min** (goal: at most 10 min)\n"
-            f"- every stage again, fully cached: **{cached:.1f} s** for 7 commands "
-            f"(goal: at most 5 s; each command starts Python and reads its entries back, no model is loaded)\n"
-            f"- warm `predict` of one card (all its steps cached): **{warm:.2f} s** including process start\n"
-            + "".join(f"- {r['stage']}: {r['answers_generated']} answers generated for {r['items']} cards (cards "
-                      "whose prompts read alike share one)\n" for r in rows if "answers_generated" in r))
+    text = (
+        "### Speed of the quick pipeline (455 cards, one process per stage, cold cache)\n\n"
+        + "\n".join(lines)
+        + f"\n\n- whole quick pipeline, cold: **{cold / 60:.1f} min** (goal: at most 10 min)\n"
+        f"- every stage again, fully cached: **{cached:.1f} s** for 7 commands "
+        f"(goal: at most 5 s; each command starts Python and reads its entries back, no model is loaded)\n"
+        f"- warm `predict` of one card (all its steps cached): **{warm:.2f} s** including process start\n"
+        + "".join(
+            f"- {r['stage']}: {r['answers_generated']} answers generated for {r['items']} cards (cards "
+            "whose prompts read alike share one)\n"
+            for r in rows
+            if "answers_generated" in r
+        )
+    )
     update_section("speed", text)
     print(text)
 

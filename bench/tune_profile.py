@@ -46,7 +46,7 @@ SMALL_GRID = {"pfa.lr": [1e-3, 1e-2], "fusion.lr": [3e-3, 1e-2], "fusion.class_w
 # Values the paper does not give, checked one at a time around the grid's winner (step 1b).
 ONE_AT_A_TIME = {"pfa.batch_size": [10, 32], "fusion.dropout": [0.0, 0.1, 0.3]}
 WARMUPS = [0, 1, 2, 4, 8]
-PLANTED_SHARE = 0.2      # share of training pairs given another class's texts (step 2), = stage 1's size
+PLANTED_SHARE = 0.2  # share of training pairs given another class's texts (step 2), = stage 1's size
 RECALL_SHARE = 0.9
 
 
@@ -78,9 +78,13 @@ def fold_features(fold: Dataset, cache: Cache, overrides: dict | None = None) ->
     inner = [i for i, s in enumerate(mods.samples) if s.split == "train"]
     enc = get_profile("quick", overrides).encoders
     feats, _, _ = encode_for_training(mods, build_encoders(enc), cache, inner, seed=0, branches=enc.branches)
-    return {"feats": feats, "labels": [s.label for s in mods.samples], "inner": inner,
-            "held": [i for i, s in enumerate(mods.samples) if s.split == "test"],
-            "dropped": len(mods.dropped)}
+    return {
+        "feats": feats,
+        "labels": [s.label for s in mods.samples],
+        "inner": inner,
+        "held": [i for i, s in enumerate(mods.samples) if s.split == "test"],
+        "dropped": len(mods.dropped),
+    }
 
 
 def plant_mismatches(fold: dict, seed: int) -> tuple[dict, set[int]]:
@@ -107,8 +111,9 @@ def align(fold: dict, overrides: dict, seed: int):
     return train_pfa(feats, prof.pfa, seed, train_index=fold["inner"], stats_hidden=prof.encoders.stats_hidden)
 
 
-def fuse_score(fold: dict, embeddings: dict, overrides: dict, seed: int, classes: list[str],
-               heads: object = None) -> float:
+def fuse_score(
+    fold: dict, embeddings: dict, overrides: dict, seed: int, classes: list[str], heads: object = None
+) -> float:
     """Macro-F1 on the held-out cards of one fusion model trained on the fold's other cards: on the aligned
     branches (``embeddings``), or, with ``fusion.projections = end-to-end``, on the encoder features
     through a copy of the alignment's ``heads`` trained with it."""
@@ -119,8 +124,14 @@ def fuse_score(fold: dict, embeddings: dict, overrides: dict, seed: int, classes
     if cfg.projections == "end-to-end":
         embeddings = {m: fold["feats"][m] for m in embeddings}
     inner, held = fold["inner"], fold["held"]
-    model, _ = train_fusion({m: e[inner] for m, e in embeddings.items()},
-                            [fold["labels"][i] for i in inner], cfg, seed, classes=classes, heads=heads)
+    model, _ = train_fusion(
+        {m: e[inner] for m, e in embeddings.items()},
+        [fold["labels"][i] for i in inner],
+        cfg,
+        seed,
+        classes=classes,
+        heads=heads,
+    )
     proba = predict_proba(model, {m: e[held] for m, e in embeddings.items()})
     pred = [model.bundle.classes[j] for j in proba.argmax(1)]
     return macro_f1([fold["labels"][i] for i in held], pred, classes)
@@ -133,7 +144,7 @@ class Scorer:
     def __init__(self, folds: list[dict], seeds: list[int], classes: list[str]):
         self.folds, self.seeds, self.classes = folds, seeds, classes
         self.done: dict[str, list[float]] = {}
-        self._aligned: dict[tuple[str, int, int], Any] = {}      # PFA results
+        self._aligned: dict[tuple[str, int, int], Any] = {}  # PFA results
 
     def scores(self, setting: dict) -> list[float]:
         key = self.key(setting)
@@ -168,8 +179,12 @@ class Scorer:
 
 def summarise(scores: list[float]) -> dict:
     a = np.asarray(scores)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "sem": float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0, "scores": a.tolist()}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        "sem": float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0,
+        "scores": a.tolist(),
+    }
 
 
 def main() -> None:
@@ -197,8 +212,11 @@ def main() -> None:
     for k, fold in enumerate(training_folds(train_only, args.folds, args.fold_seed)):
         t = time.perf_counter()
         folds.append(fold_features(fold, cache))
-        print(f"fold {k}: {len(folds[-1]['inner'])} training / {len(folds[-1]['held'])} held-out cards, "
-              f"modalities and features in {time.perf_counter() - t:.0f} s", flush=True)
+        print(
+            f"fold {k}: {len(folds[-1]['inner'])} training / {len(folds[-1]['held'])} held-out cards, "
+            f"modalities and features in {time.perf_counter() - t:.0f} s",
+            flush=True,
+        )
     t_modalities = time.perf_counter() - t0
 
     scorer = Scorer(folds, seeds, classes)
@@ -231,8 +249,11 @@ def main() -> None:
             for e in WARMUPS:
                 over = {**pfa_over, "pfa.rank_warmup_epochs": e}
                 # Only stage 1's pick matters here: one epoch per stage, two stages.
-                first = align({**fold, "feats": planted_feats},
-                              {**over, "pfa.epochs_per_stage": 1, "pfa.strides": [PLANTED_SHARE, 1.0]}, seed)
+                first = align(
+                    {**fold, "feats": planted_feats},
+                    {**over, "pfa.epochs_per_stage": 1, "pfa.strides": [PLANTED_SHARE, 1.0]},
+                    seed,
+                )
                 warm[e]["recall"].append(len(planted & set(first.stages[0].train_indices)) / len(planted))
         print(f"warm-up ranking check, seed {seed}: done at {time.perf_counter() - t0:.0f} s", flush=True)
     for e in WARMUPS:
@@ -243,17 +264,30 @@ def main() -> None:
 
     from asectl.models.train_config import get_profile
 
-    record = {"data": str(Path(args.data).resolve()), "synth": _synth_params(Path(args.data)),
-              "base_profile": get_profile("quick").to_dict(),    # what every unlisted key was
-              "folds": args.folds, "fold_seed": args.fold_seed, "seeds": seeds, "grid": grid,
-              "settings": SETTINGS, "n_train_cards": len(train_only), "classes": classes,
-              "results": results, "best": best, "within_one_sem": [r["setting"] for r in within],
-              "one_at_a_time": one_at_a_time,
-              "warmup": {str(e): {"planted_recall": summarise(v["recall"]), "macro_f1": summarise(v["macro_f1"])}
-                         for e, v in warm.items()},
-              "planted_share": PLANTED_SHARE,
-              "chosen": chosen,
-              "seconds": total, "seconds_modalities": t_modalities}
+    record = {
+        "data": str(Path(args.data).resolve()),
+        "synth": _synth_params(Path(args.data)),
+        "base_profile": get_profile("quick").to_dict(),  # what every unlisted key was
+        "folds": args.folds,
+        "fold_seed": args.fold_seed,
+        "seeds": seeds,
+        "grid": grid,
+        "settings": SETTINGS,
+        "n_train_cards": len(train_only),
+        "classes": classes,
+        "results": results,
+        "best": best,
+        "within_one_sem": [r["setting"] for r in within],
+        "one_at_a_time": one_at_a_time,
+        "warmup": {
+            str(e): {"planted_recall": summarise(v["recall"]), "macro_f1": summarise(v["macro_f1"])}
+            for e, v in warm.items()
+        },
+        "planted_share": PLANTED_SHARE,
+        "chosen": chosen,
+        "seconds": total,
+        "seconds_modalities": t_modalities,
+    }
     save("tune_profile" + ("-small" if args.small else ""), record)
     text = _markdown(record)
     if not args.no_docs:
@@ -268,46 +302,65 @@ def _synth_params(root: Path) -> dict:
     from asectl.cache import sha256_file
 
     params = json.loads(path.read_text())
-    return {**{k: params[k] for k in ("seed", "difficulty", "counts", "test_size") if k in params},
-            "synth.json sha256": sha256_file(path)[:12]}
+    return {
+        **{k: params[k] for k in ("seed", "difficulty", "counts", "test_size") if k in params},
+        "synth.json sha256": sha256_file(path)[:12],
+    }
 
 
 def _markdown(rec: dict) -> str:
-    pct = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"   # noqa: E731
+    pct = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"  # noqa: E731
     keys = list(rec["grid"])
     n_scores = len(rec["results"][0]["scores"])
-    lines = [f"### Quick-profile defaults chosen on the training split ({rec['folds']}-fold cross-validation)",
-             "",
-             f"Data: `{rec['data']}` ({', '.join(f'{k} {v}' for k, v in rec['synth'].items())}); only its "
-             f"{rec['n_train_cards']} training cards were read. Folds stratified with seed {rec['fold_seed']}; "
-             f"training seeds {', '.join(map(str, rec['seeds']))}; each score is the 5-class macro-F1 on the "
-             f"held-out fold (mean ± std over {n_scores} fold x seed runs). Grid: "
-             + "; ".join(f"`{k}` {', '.join(map(str, v))}" for k, v in rec["grid"].items())
-             + f". Run time: {rec['seconds'] / 60:.1f} min ({rec['seconds_modalities'] / 60:.1f} min of it "
-             "modalities and features).", "",
-             "| rank | " + " | ".join(f"`{k}`" for k in keys) + " | macro-F1 (held-out folds) |",
-             "|---" * (len(keys) + 2) + "|"]
+    lines = [
+        f"### Quick-profile defaults chosen on the training split ({rec['folds']}-fold cross-validation)",
+        "",
+        f"Data: `{rec['data']}` ({', '.join(f'{k} {v}' for k, v in rec['synth'].items())}); only its "
+        f"{rec['n_train_cards']} training cards were read. Folds stratified with seed {rec['fold_seed']}; "
+        f"training seeds {', '.join(map(str, rec['seeds']))}; each score is the 5-class macro-F1 on the "
+        f"held-out fold (mean ± std over {n_scores} fold x seed runs). Grid: "
+        + "; ".join(f"`{k}` {', '.join(map(str, v))}" for k, v in rec["grid"].items())
+        + f". Run time: {rec['seconds'] / 60:.1f} min ({rec['seconds_modalities'] / 60:.1f} min of it "
+        "modalities and features).",
+        "",
+        "| rank | " + " | ".join(f"`{k}`" for k in keys) + " | macro-F1 (held-out folds) |",
+        "|---" * (len(keys) + 2) + "|",
+    ]
     shown = rec["results"][:10] + ([rec["results"][-1]] if len(rec["results"]) > 10 else [])
     for r in shown:
         rank = rec["results"].index(r) + 1
         lines.append(f"| {rank} | " + " | ".join(str(r["setting"][k]) for k in keys) + f" | {pct(r)} |")
-    lines += ["", f"{len(rec['within_one_sem'])} of {len(rec['results'])} settings lie within one standard "
-              f"error ({100 * rec['best']['sem']:.2f} points) of the best.", ""]
+    lines += [
+        "",
+        f"{len(rec['within_one_sem'])} of {len(rec['results'])} settings lie within one standard "
+        f"error ({100 * rec['best']['sem']:.2f} points) of the best.",
+        "",
+    ]
     for key, rows in rec["one_at_a_time"].items():
-        lines += [f"`{key}`, the others as chosen above: "
-                  + "; ".join(f"{r['value']}: {pct(r)}" for r in sorted(rows, key=lambda r: r["value"])) + ".", ""]
-    lines += [f"Ranking warm-up (with the chosen learning rates and loss weighting): share of the planted "
-              f"mismatched pairs ({int(100 * rec['planted_share'])}% of each fold's training pairs given the "
-              f"texts of a card of another class) that stage 1 takes (chance: {rec['planted_share']:.2f}), and "
-              "the macro-F1 of the whole chain on the unplanted features.", "",
-              "| `pfa.rank_warmup_epochs` | planted pairs in stage 1 | macro-F1 (held-out folds) |",
-              "|---|---|---|"]
+        lines += [
+            f"`{key}`, the others as chosen above: "
+            + "; ".join(f"{r['value']}: {pct(r)}" for r in sorted(rows, key=lambda r: r["value"]))
+            + ".",
+            "",
+        ]
+    lines += [
+        f"Ranking warm-up (with the chosen learning rates and loss weighting): share of the planted "
+        f"mismatched pairs ({int(100 * rec['planted_share'])}% of each fold's training pairs given the "
+        f"texts of a card of another class) that stage 1 takes (chance: {rec['planted_share']:.2f}), and "
+        "the macro-F1 of the whole chain on the unplanted features.",
+        "",
+        "| `pfa.rank_warmup_epochs` | planted pairs in stage 1 | macro-F1 (held-out folds) |",
+        "|---|---|---|",
+    ]
     for e, v in rec["warmup"].items():
         r = v["planted_recall"]
         lines.append(f"| {e} | {r['mean']:.2f} ± {r['std']:.2f} | {pct(v['macro_f1'])} |")
-    lines += ["", "Chosen (the quick profile's defaults): "
-              + ", ".join(f"`{k} = {v}`" for k, v in rec["chosen"].items())
-              + f" (warm-up: the fewest epochs whose share reaches {int(100 * RECALL_SHARE)}% of the best)."]
+    lines += [
+        "",
+        "Chosen (the quick profile's defaults): "
+        + ", ".join(f"`{k} = {v}`" for k, v in rec["chosen"].items())
+        + f" (warm-up: the fewest epochs whose share reaches {int(100 * RECALL_SHARE)}% of the best).",
+    ]
     return "\n".join(lines)
 
 

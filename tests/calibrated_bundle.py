@@ -43,6 +43,13 @@ def calibrated_bundle(tmp_path_factory, gguf: Path) -> dict:
         generate(data, seed=11, counts="8,4,4,4,4", force=True)
         fuse = train(invoke, data, gguf, "--out", bundle)
         summary.write_text(json.dumps(fuse))
-    return {"root": root, "cache": cache, "data": data, "bundle": bundle, "gguf": gguf, "invoke": invoke,
-            "fuse": json.loads(summary.read_text()),
-            "config": json.loads((bundle / "bundle.json").read_text())}
+    return {
+        "root": root,
+        "cache": cache,
+        "data": data,
+        "bundle": bundle,
+        "gguf": gguf,
+        "invoke": invoke,
+        "fuse": json.loads(summary.read_text()),
+        "config": json.loads((bundle / "bundle.json").read_text()),
+    }

@@ -114,8 +114,14 @@ def trained(tmp_path_factory, tiny_gguf):
     data, cache, invoke = reasoned_dataset(root, tiny_gguf)
     align = invoke("align", data, "--stride", "0.2", "--json", *FAST)
     fuse = invoke("fuse-train", data, "--out", root / "bundle", "--json", *FAST)
-    return {"root": root, "data": data, "cache": cache, "invoke": invoke,
-            "align": json.loads(align.stdout.splitlines()[-1]), "fuse": json.loads(fuse.stdout.splitlines()[-1])}
+    return {
+        "root": root,
+        "data": data,
+        "cache": cache,
+        "invoke": invoke,
+        "align": json.loads(align.stdout.splitlines()[-1]),
+        "fuse": json.loads(fuse.stdout.splitlines()[-1]),
+    }
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ from .test_ocr import render_text_card
 
 def _png_header_only(path, w, h):
     """A PNG that declares w x h pixels (a decompression bomb needs no real pixel data to claim that)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
     return path
@@ -49,9 +51,14 @@ def test_each_bad_input_gets_an_error_record_and_the_run_goes_on(small_dataset, 
     assert "Traceback" not in res.output
     records = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert "error" not in records["0000.png"] and records["0000.png"]["fields"]["N"] > 0
-    expect = {"text.png": "not an image", "empty.png": "empty file", "truncated.png": "truncated",
-              "bomb.png": "decompression bomb", "blank.png": "no printed record",
-              "unreadable.png": "could not read mu_x"}
+    expect = {
+        "text.png": "not an image",
+        "empty.png": "empty file",
+        "truncated.png": "truncated",
+        "bomb.png": "decompression bomb",
+        "blank.png": "no printed record",
+        "unreadable.png": "could not read mu_x",
+    }
     for name, needle in expect.items():
         err = records[name]["error"]
         assert needle in err and name in err and "\n" not in err, (name, err)
@@ -61,8 +68,9 @@ def test_each_bad_input_gets_an_error_record_and_the_run_goes_on(small_dataset, 
 
 def test_strict_stops_at_the_first_bad_image(small_dataset, tmp_path):
     bad = make_bad_inputs(tmp_path / "in", small_dataset / "images" / "0000.png")
-    res = CliRunner().invoke(cli, ["ocr", str(bad["empty.png"]), str(small_dataset / "images" / "0001.png"),
-                                   "--strict"])
+    res = CliRunner().invoke(
+        cli, ["ocr", str(bad["empty.png"]), str(small_dataset / "images" / "0001.png"), "--strict"]
+    )
     assert res.exit_code == 1 and "empty.png: empty file" in res.output
     assert "0001.png" not in res.output
 

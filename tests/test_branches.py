@@ -35,9 +35,12 @@ def test_stats_standardization_uses_training_cards_only():
 
     rng = np.random.default_rng(0)
     n, train = 30, list(range(20))
-    feats = {"image": rng.normal(size=(n, 12)), "vlm": rng.normal(size=(n, 8)),
-             "stats": rng.normal(3.0, 2.0, size=(n, 6)).astype(np.float32)}
-    feats["stats"][2, 1] = np.nan                       # a training card with a field not read
+    feats = {
+        "image": rng.normal(size=(n, 12)),
+        "vlm": rng.normal(size=(n, 8)),
+        "stats": rng.normal(3.0, 2.0, size=(n, 6)).astype(np.float32),
+    }
+    feats["stats"][2, 1] = np.nan  # a training card with a field not read
     config = PFAConfig(epochs_per_stage=1, rank_warmup_epochs=1, batch_size=8)
     res = train_pfa(feats, config, seed=0, train_index=train)
     x = feats["stats"][train].astype(np.float64)
@@ -88,10 +91,15 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
     try:
         bundles = {}
         # The quick profile's fusion (concatenation) over four branches; CMAF with token attention over two.
-        for name, branches, fusion in (("four", "image,vlm,llm,stats", []),
-                                       ("two", "image,stats", ["--fusion", "cmaf", "--attention", "tokens"])):
-            out = json.loads(inv("fuse-train", data, "--branches", branches, *fusion, "--out",
-                                 tmp_path / name, "--json", *FAST).stdout.splitlines()[-1])
+        for name, branches, fusion in (
+            ("four", "image,vlm,llm,stats", []),
+            ("two", "image,stats", ["--fusion", "cmaf", "--attention", "tokens"]),
+        ):
+            out = json.loads(
+                inv(
+                    "fuse-train", data, "--branches", branches, *fusion, "--out", tmp_path / name, "--json", *FAST
+                ).stdout.splitlines()[-1]
+            )
             assert out["branches"] == branches.split(",")
             assert out["variant"] == ("cmaf" if fusion else "concat") and out["attention"] == "tokens"
             bundles[name] = load_bundle(tmp_path / name)
@@ -104,8 +112,9 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
         heads = bundles["four"].heads()
         assert heads.stats is not None and float(heads.stats.scale.min()) > 0
         # Chunk attention has fixed roles: it refuses the stats branch with a clear message.
-        res = inv("fuse-train", data, "--branches", "image,vlm,llm,stats", "--fusion", "cmaf", "--attention", "chunks",
-                  code=2)
+        res = inv(
+            "fuse-train", data, "--branches", "image,vlm,llm,stats", "--fusion", "cmaf", "--attention", "chunks", code=2
+        )
         assert "--attention tokens" in res.output and "Traceback" not in res.output
 
         inv("report", data, "--model", tmp_path / "two", "--out", tmp_path / "report")
@@ -127,13 +136,14 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
         cache = Cache(trained["cache"])
         for bundle in bundles.values():
             pred = Predictor(bundle, cache)
-            mods = collect_modalities(Dataset([Sample(good, good.name)], None, "images", []), cache,
-                                      bundle.config["replay"], remember=False)
+            mods = collect_modalities(
+                Dataset([Sample(good, good.name)], None, "images", []), cache, bundle.config["replay"], remember=False
+            )
             feats = encode_modalities(mods, pred.encoders(), cache, bundle_branches(bundle))
             assert sorted(feats) == sorted(bundle.config["branches"])
             shifted = {**feats, "stats": feats["stats"] + 3 * np.nanstd(feats["stats"]) + 1}
             assert not np.allclose(class_logits(bundle, feats, cache), class_logits(bundle, shifted, cache))
-    finally:   # later tests continue from the shared fixture's default alignment and report entries
+    finally:  # later tests continue from the shared fixture's default alignment and report entries
         inv("align", data, "--stride", "0.2", *FAST)
         for entry in set(Cache(trained["cache"]).iter_entries("report")) - reports_before:
             shutil.rmtree(entry)

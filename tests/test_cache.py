@@ -23,7 +23,7 @@ def test_keys_change_with_parameters():
 def test_corrupt_entry_is_detected_and_discarded(cache, caplog):
     key = make_key("demo", input="x")
     entry = cache.put_json("demo", key, {"value": [1, 2, 3]})
-    (entry.path / "record.json").write_text('{"value": [1, 2, 4]}')   # same size, other bytes
+    (entry.path / "record.json").write_text('{"value": [1, 2, 4]}')  # same size, other bytes
     assert cache.get("demo", key) is None
     assert cache.stats["rebuilt"] == 1
     assert not entry.path.exists()
@@ -52,7 +52,7 @@ def test_truncated_and_missing_files_are_misses(cache):
 def test_concurrent_put_of_same_key_keeps_one_valid_entry(cache):
     key = make_key("demo", input="same")
     cache.put_json("demo", key, {"v": 1})
-    cache.put_json("demo", key, {"v": 1})     # second writer loses the rename race gracefully
+    cache.put_json("demo", key, {"v": 1})  # second writer loses the rename race gracefully
     assert cache.get_json("demo", key) == {"v": 1}
     assert not any(cache.tmp_dir.iterdir())
 
@@ -100,10 +100,10 @@ def test_file_memos_skip_a_file_changed_in_the_last_seconds(tmp_path, monkeypatc
     f.write_bytes(b"weights")
     key, st = file_state(f)
     write_memo("facts", key, {"n": 1}, st)
-    assert read_memo("facts", key) is None          # too new
+    assert read_memo("facts", key) is None  # too new
     ten_s = 10 * 10**9
     old = SimpleNamespace(st_mtime_ns=st.st_mtime_ns - ten_s, st_ctime_ns=st.st_ctime_ns - ten_s)
-    write_memo("facts", key, {"n": 1}, old)   # the same file, as if it had not changed for ten seconds
+    write_memo("facts", key, {"n": 1}, old)  # the same file, as if it had not changed for ten seconds
     assert read_memo("facts", key) == {"n": 1}
     f.write_bytes(b"other weights")
     assert file_state(f)[0] != key and read_memo("facts", file_state(f)[0]) is None

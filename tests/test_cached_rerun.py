@@ -35,8 +35,12 @@ def trained_default(trained):
 
 
 def _heavy_modules(cache, *args) -> list[str]:
-    res = subprocess.run([sys.executable, "-c", _RUN, "--cache-dir", str(cache), "-q", *map(str, args)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", _RUN, "--cache-dir", str(cache), "-q", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.splitlines()[-1])
 
@@ -47,9 +51,12 @@ def test_cached_learning_commands_import_no_model_library(trained_default, tmp_p
     card = data / "images" / "0001.png"
     trained["invoke"]("report", data, "--out", tmp_path / "first")
     trained["invoke"]("predict", card)
-    for args in (("align", data, "--stride", "0.2", *FAST), ("fuse-train", data, *FAST),
-                 ("report", data, "--out", tmp_path / "again"),
-                 ("predict", card)):
+    for args in (
+        ("align", data, "--stride", "0.2", *FAST),
+        ("fuse-train", data, *FAST),
+        ("report", data, "--out", tmp_path / "again"),
+        ("predict", card),
+    ):
         assert _heavy_modules(cache, *args) == [], args[0]
     for f in (tmp_path / "first").iterdir():
         assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name

@@ -65,8 +65,7 @@ def test_ece_and_reliability_bins_by_hand():
 
 
 def test_rule_decides_pass_defect_review():
-    rule = DecisionRule(CLASSES, pass_threshold=0.9, defect_threshold=0.7, max_miss_rate=0.01,
-                        max_defect_error=0.05)
+    rule = DecisionRule(CLASSES, pass_threshold=0.9, defect_threshold=0.7, max_miss_rate=0.01, max_defect_error=0.05)
     probs = [[0.95, 0.05, 0, 0, 0], [0.85, 0.15, 0, 0, 0], [0.1, 0.8, 0.1, 0, 0], [0.2, 0.3, 0.5, 0, 0]]
     assert rule.decide(probs) == ["pass", "review", "defect", "review"]
     never = DecisionRule(CLASSES, None, None, 0.01, 0.05)
@@ -135,8 +134,9 @@ def test_the_defect_threshold_holds_its_target_on_fresh_cards():
     target anywhere in the scan (the earlier rule) is not: its cut sits where noise dipped the running
     error, and fresh cards see more errors than the target allows."""
     now = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 40, 300)
-    before = fresh_defect_errors(lambda p, y: DecisionRule(CLASSES, None, lowest_cut_anywhere(p, y, 0.05), 0.01,
-                                                           0.05), 40, 300)
+    before = fresh_defect_errors(
+        lambda p, y: DecisionRule(CLASSES, None, lowest_cut_anywhere(p, y, 0.05), 0.01, 0.05), 40, 300
+    )
     assert len(now) == len(before) == 40
     assert np.mean(now) <= 0.05 < np.mean(before)
     assert sum(e > 0.05 for e in now) < sum(e > 0.05 for e in before)
@@ -155,8 +155,7 @@ def test_error_upper_bound_and_a_rule_with_confidence():
     # With 3,000 held-out cards the bound grants decisions, and fresh cards see fewer errors, and exceed
     # the target in fewer draws, than with the error itself (measured: 2.7% and 1 of 10, against 4.7%
     # and 3 of 10).
-    bound = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05, defect_confidence=0.9), 10,
-                                3000)
+    bound = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05, defect_confidence=0.9), 10, 3000)
     point = fresh_defect_errors(lambda p, y: choose_rule(p, y, CLASSES, 0.01, 0.05), 10, 3000)
     assert len(bound) == len(point) == 10
     assert np.mean(bound) < np.mean(point) and sum(e > 0.05 for e in bound) < sum(e > 0.05 for e in point)
@@ -236,7 +235,7 @@ def test_test_labels_do_not_change_the_calibration(trained, tmp_path):
         w.writeheader()
         w.writerows(rows)
     other = train(trained["invoke"], copy, trained["gguf"])
-    assert not other["from_cache"] and other["model"] != trained["fuse"]["model"]   # trained again
+    assert not other["from_cache"] and other["model"] != trained["fuse"]["model"]  # trained again
     for key in ("temperature", "folds", "n_held_out", "held_out_nll", "held_out_ece"):
         assert other["calibration"][key] == trained["fuse"]["calibration"][key], key
     assert other["decision"] == trained["fuse"]["decision"]
@@ -245,15 +244,32 @@ def test_test_labels_do_not_change_the_calibration(trained, tmp_path):
 def test_fuse_train_defect_confidence_is_recorded_and_checked(trained):
     from .calibrated_bundle import FAST
 
-    out = json.loads(trained["invoke"]("fuse-train", trained["data"], "--json", *FAST, "--defect-confidence", "0.9")
-                     .stdout.splitlines()[-1])
+    out = json.loads(
+        trained["invoke"](
+            "fuse-train", trained["data"], "--json", *FAST, "--defect-confidence", "0.9"
+        ).stdout.splitlines()[-1]
+    )
     dec = out["decision"]
     assert dec["defect_confidence"] == 0.9 and out["model"] != trained["fuse"]["model"]
     assert trained["fuse"]["decision"]["defect_confidence"] is None
     # 24 cards cannot bound a 5% error at 90% confidence: every defect-class card goes to review.
     assert dec["defect_threshold"] is None and dec["held_out"]["counts"]["defect"] == 0
-    again = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "fuse-train", str(trained["data"]), *FAST,
-                                     "--defect-confidence", "0.9"]).output      # not -q: the summary is info
+    again = (
+        CliRunner()
+        .invoke(
+            cli,
+            [
+                "--cache-dir",
+                str(trained["cache"]),
+                "fuse-train",
+                str(trained["data"]),
+                *FAST,
+                "--defect-confidence",
+                "0.9",
+            ],
+        )
+        .output
+    )  # not -q: the summary is info
     assert "from cache" in again and "met by its upper bound at 90% confidence" in again
     res = trained["invoke"]("fuse-train", trained["data"], "--defect-confidence", "1.5", code=2)
     assert "--defect-confidence 1.5" in res.output
@@ -295,7 +311,7 @@ def test_report_shows_calibration_and_decisions(trained):
     metrics = json.loads((out / "metrics.json").read_text())
     cal, dec = metrics["calibration"], metrics["decision"]
     assert cal["temperature"] == trained["config"]["calibration"]["temperature"]
-    assert "held_out" not in cal       # the report carries figures, not the list of training cards
+    assert "held_out" not in cal  # the report carries figures, not the list of training cards
     n_test = metrics["n_test"]
     assert sum(b["count"] for b in cal["test"]["bins_after"]) == n_test
     assert 0 <= cal["test"]["ece_before"] <= 1 and 0 <= cal["test"]["ece_after"] <= 1
@@ -329,7 +345,7 @@ def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
     index = {name: i for i, name in enumerate(align.names)}
 
     def logits_of(model, rows):
-        return predict_logits(model, {m: e[rows] for m, e in emb.items()})     # the bundle's branches
+        return predict_logits(model, {m: e[rows] for m, e in emb.items()})  # the bundle's branches
 
     # Each fold's held-out cards in training order, as fuse-train classified them (the same batches, so
     # the same floats: a threshold sits exactly at a held-out card's confidence).
@@ -358,13 +374,18 @@ def test_the_rule_explains_each_decision_with_the_threshold():
     from asectl.models.calibration import exact_interval
 
     rule = DecisionRule(CLASSES, 0.96, None, 0.01, 0.05)
-    probs = [[0.91, 0.03, 0.03, 0.02, 0.01], [0.97, 0.01, 0.01, 0.005, 0.005], [0.1, 0.8, 0.05, 0.03, 0.02],
-             [0.95999, 0.04001, 0, 0, 0]]
+    probs = [
+        [0.91, 0.03, 0.03, 0.02, 0.01],
+        [0.97, 0.01, 0.01, 0.005, 0.005],
+        [0.1, 0.8, 0.05, 0.03, 0.02],
+        [0.95999, 0.04001, 0, 0, 0],
+    ]
     assert rule.explain(probs) == [
         ("review", "p(normal) 0.9100 < pass threshold 0.9600"),
         ("pass", "p(normal) 0.9700 >= pass threshold 0.9600"),
         ("review", "p(type1) 0.8000, no defect threshold (no cut met the defect-error target on held-out cards)"),
-        ("review", "p(normal) 0.95999 < pass threshold 0.96000")]   # digits enough to tell them apart
+        ("review", "p(normal) 0.95999 < pass threshold 0.96000"),
+    ]  # digits enough to tell them apart
     assert rule.decide(probs) == [d for d, _ in rule.explain(probs)]
     assert exact_interval(0, 0) is None
     lo, hi = exact_interval(0, 10)
@@ -388,8 +409,11 @@ def test_predict_moves_the_operating_point_to_the_rule_fuse_train_derives(traine
     from .calibrated_bundle import FAST
 
     targets = {"max_miss_rate": 0.1, "max_defect_error": 0.3}
-    other = json.loads(trained["invoke"]("fuse-train", trained["data"], "--json", *FAST, "--max-miss-rate", "0.1",
-                                         "--max-defect-error", "0.3").stdout.splitlines()[-1])["decision"]
+    other = json.loads(
+        trained["invoke"](
+            "fuse-train", trained["data"], "--json", *FAST, "--max-miss-rate", "0.1", "--max-defect-error", "0.3"
+        ).stdout.splitlines()[-1]
+    )["decision"]
     stored = trained["config"]["decision"]
     bundle = load_bundle(trained["bundle"])
     rule, held = bundle.operating_point(**targets)
@@ -400,8 +424,9 @@ def test_predict_moves_the_operating_point_to_the_rule_fuse_train_derives(traine
     new = tmp_path / "new"
     generate(new, seed=99, counts="2,0,1,1,0")
     cards = sorted(str(p) for p in (new / "images").glob("*.png"))
-    res = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json", "--max-miss-rate", "0.1",
-                            "--max-defect-error", "0.3")
+    res = trained["invoke"](
+        "predict", *cards, "--model", trained["bundle"], "--json", "--max-miss-rate", "0.1", "--max-defect-error", "0.3"
+    )
     recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     classes = trained["config"]["classes"]
     assert [r["decision"] for r in recs] == rule.decide([[r["probabilities"][c] for c in classes] for r in recs])

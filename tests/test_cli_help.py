@@ -25,15 +25,26 @@ def test_every_option_has_help_and_defaults_are_shown_one_way():
             where = f"{' '.join(path)} {p.opts[-1]}"
             assert p.help, f"{where}: no help"
             assert not re.search(r"\(default", p.help, re.I), f"{where}: a default in the help text, not show_default"
-            has_default = not p.is_flag and p.default is not None and p.default is not click.core.UNSET \
-                and not p.multiple and not p.required
+            has_default = (
+                not p.is_flag
+                and p.default is not None
+                and p.default is not click.core.UNSET
+                and not p.multiple
+                and not p.required
+            )
             if has_default:
                 assert p.show_default, f"{where}: default {p.default!r} not shown"
 
 
 def test_each_command_lists_the_environment_it_reads():
-    expected = {"describe": "ASECTL_VLM_MODEL", "ocr": "ASECTL_EXECUTOR", "reason": "ASECTL_EXECUTOR",
-                "predict": "ASECTL_EXECUTOR", "align": "HF_HUB_OFFLINE", "report": "HF_HUB_OFFLINE"}
+    expected = {
+        "describe": "ASECTL_VLM_MODEL",
+        "ocr": "ASECTL_EXECUTOR",
+        "reason": "ASECTL_EXECUTOR",
+        "predict": "ASECTL_EXECUTOR",
+        "align": "HF_HUB_OFFLINE",
+        "report": "HF_HUB_OFFLINE",
+    }
     for path, _cmd in commands():
         text = CliRunner().invoke(cli, [*path[1:], "--help"], terminal_width=200).output
         assert "Environment: ASECTL_CACHE_DIR" in text, path

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from asectl.errors import ConfigError, DataError
-from asectl.models.cmaf import (FusionModel, fusion_weights, load_fusion, map_labels, predict_proba,
-                                save_fusion, train_fusion)
+from asectl.models.cmaf import (
+    FusionModel,
+    fusion_weights,
+    load_fusion,
+    map_labels,
+    predict_proba,
+    save_fusion,
+    train_fusion,
+)
 from asectl.models.train_config import FusionConfig
 
 CLASSES = ["normal", "type1", "type2", "type3", "type4"]
@@ -42,7 +49,7 @@ def test_cmaf_weights_are_sigmoid_gates_and_eq8_holds():
     assert (w > 0).all() and (w < 1).all()
     # Eq. (8): Z = W1*Q + W2*K + W3*V, each token's weight broadcast over its 32 channels.
     s = model.input_scale
-    manual = (w[..., 0:1] * q.view(6, 8, 32) + w[..., 1:2] * k.view(6, 8, 32) + w[..., 2:3] * v.view(6, 8, 32))
+    manual = w[..., 0:1] * q.view(6, 8, 32) + w[..., 1:2] * k.view(6, 8, 32) + w[..., 2:3] * v.view(6, 8, 32)
     assert torch.allclose(model.fuse(q, k, v), manual.reshape(6, 256) * s, atol=1e-5)
     assert model(q, k, v).shape == (6, 5)
     # Attention is over tokens: changing one token of K changes the weights of other tokens too.
@@ -73,8 +80,9 @@ def test_variants_shapes_and_nosigmoid_is_the_raw_projection():
         FusionModel(256, 2, "average")
 
 
-@pytest.mark.parametrize("variant,attention", [("cmaf", "chunks"), ("cmaf-nosigmoid", "chunks"), ("concat", "chunks"),
-                                               ("cmaf", "tokens")])
+@pytest.mark.parametrize(
+    "variant,attention", [("cmaf", "chunks"), ("cmaf-nosigmoid", "chunks"), ("concat", "chunks"), ("cmaf", "tokens")]
+)
 def test_fusion_training_separates_synthetic_classes(variant, attention):
     feats, labels = separable(200)
     cfg = FusionConfig(variant=variant, epochs=15, lr=3e-3, batch_size=10, attention=attention)
@@ -103,7 +111,7 @@ def test_token_attention_runs_across_modalities_with_one_gate_each():
     w = model.fusion_weights(*xs)
     assert w.shape == (6, 4) and (w > 0).all() and (w < 1).all()
     # Eq. (8) for M modalities: Z = sum_m W_m X_m.
-    manual = sum(w[:, m:m + 1] * xs[m] for m in range(4)) * model.input_scale
+    manual = sum(w[:, m : m + 1] * xs[m] for m in range(4)) * model.input_scale
     assert torch.allclose(model.fuse(*xs), manual, atol=1e-5)
     # Attention crosses modalities: changing the stats token changes the image's gate.
     changed = model.fusion_weights(*xs[:3], xs[3] + 1.0)
@@ -113,8 +121,9 @@ def test_token_attention_runs_across_modalities_with_one_gate_each():
         FusionModel(256, 5, "cmaf", attention="chunks", inputs=inputs)
     feats, labels = separable(60)
     feats["stats"] = feats["image"][::-1].copy()
-    model, history = train_fusion({m: feats[m] for m in ("image", "stats")}, labels,
-                                  FusionConfig(attention="tokens", epochs=3), seed=0)
+    model, history = train_fusion(
+        {m: feats[m] for m in ("image", "stats")}, labels, FusionConfig(attention="tokens", epochs=3), seed=0
+    )
     assert model.inputs == ("image", "stats") and history["inputs"] == ["image", "stats"]
 
 
@@ -177,18 +186,22 @@ def test_logistic_classifier_is_scikit_learns_regression_folded_into_the_linear_
     feats, labels = separable(120, seed=3)
     config = FusionConfig(variant="concat", classifier="logistic", logistic_c=0.05)
     model, history = train_fusion(rows(feats, slice(0, 90)), labels[:90], config, seed=0, classes=CLASSES)
-    z = np.hstack([feats[m] for m in ("vlm", "llm", "image")]).astype(np.float64) * 16.0   # concat x sqrt(256)
+    z = np.hstack([feats[m] for m in ("vlm", "llm", "image")]).astype(np.float64) * 16.0  # concat x sqrt(256)
     scaler = StandardScaler().fit(z[:90])
     ref = LogisticRegression(C=0.05, max_iter=5000).fit(scaler.transform(z[:90]), map_labels(labels[:90])[0])
     expected = ref.predict_proba(scaler.transform(z[90:]))
     got = predict_proba(model, rows(feats, slice(90, None)))
     assert np.abs(got - expected).max() < 1e-4
     assert history["classifier"]["kind"] == "logistic" and len(history["epochs"]) == 1
-    save_fusion(model, tmp_path / "f.safetensors")       # predict and export load it like any fusion model
+    save_fusion(model, tmp_path / "f.safetensors")  # predict and export load it like any fusion model
     again = predict_proba(load_fusion(tmp_path / "f.safetensors"), rows(feats, slice(90, None)))
     assert np.array_equal(again, got)
-    binary, _ = train_fusion(rows(feats, slice(0, 90)), labels[:90],
-                             FusionConfig(variant="concat", classifier="logistic", task="binary"), seed=0)
+    binary, _ = train_fusion(
+        rows(feats, slice(0, 90)),
+        labels[:90],
+        FusionConfig(variant="concat", classifier="logistic", task="binary"),
+        seed=0,
+    )
     assert predict_proba(binary, rows(feats, slice(90, None))).shape == (30, 2)
 
 
@@ -199,10 +212,10 @@ def test_logistic_classifier_needs_concat_and_frozen_heads_and_keeps_mlp_keys():
         with pytest.raises(ConfigError, match="fusion.classifier logistic"):
             FusionConfig(**{"variant": "concat", "classifier": "logistic", **bad}).validate(256)
     mlp = get_profile("quick", {"fusion.classifier": "mlp"}).to_dict()["fusion"]
-    assert "classifier" not in mlp and "logistic_c" not in mlp     # models trained before the option keep their keys
+    assert "classifier" not in mlp and "logistic_c" not in mlp  # models trained before the option keep their keys
     logistic = get_profile("quick", {"fusion.classifier": "logistic"}).to_dict()["fusion"]
     assert logistic["classifier"] == "logistic" and logistic["logistic_c"] > 0
-    assert get_profile("quick").to_dict()["fusion"] == logistic            # auto: logistic for concat, frozen heads
+    assert get_profile("quick").to_dict()["fusion"] == logistic  # auto: logistic for concat, frozen heads
     for over in ({"fusion.variant": "cmaf"}, {"fusion.projections": "end-to-end"}):
         assert get_profile("quick", over).fusion.resolved_classifier() == "mlp"
         assert "classifier" not in get_profile("quick", over).to_dict()["fusion"]

@@ -20,17 +20,20 @@ def test_labels_csv_roundtrip(small_dataset):
     assert len(ds.fingerprint()) == 64
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("image,label\na.png,normal\n", "missing column"),
-    ("image,label,split\n../x.png,normal,train\n", "leaves the dataset folder"),
-    ("image,label,split\n/etc/passwd,normal,train\n", "leaves the dataset folder"),
-    ("image,label,split\na.png,normal,train\na.png,normal,train\n", "duplicate row"),
-    ("image,label,split\na.png,normal,validation\n", "not train or test"),
-    ("image,label,split\nzz.png,normal,train\n", "not found"),
-    ("image,label,split\na.png,normal,train\nb.png,weird,test\n", "never appear in the train split"),
-    ("image,label,split\na.png,,train\n", "empty label"),
-    ("image,label,split\n", "no rows"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("image,label\na.png,normal\n", "missing column"),
+        ("image,label,split\n../x.png,normal,train\n", "leaves the dataset folder"),
+        ("image,label,split\n/etc/passwd,normal,train\n", "leaves the dataset folder"),
+        ("image,label,split\na.png,normal,train\na.png,normal,train\n", "duplicate row"),
+        ("image,label,split\na.png,normal,validation\n", "not train or test"),
+        ("image,label,split\nzz.png,normal,train\n", "not found"),
+        ("image,label,split\na.png,normal,train\nb.png,weird,test\n", "never appear in the train split"),
+        ("image,label,split\na.png,,train\n", "empty label"),
+        ("image,label,split\n", "no rows"),
+    ],
+)
 def test_bad_labels_csv(tmp_path, text, needle):
     root = _write(tmp_path / "ds", text)
     with pytest.raises(DataError) as err:

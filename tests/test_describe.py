@@ -57,8 +57,18 @@ def test_instructblip_cli_end_to_end_and_cache(tiny_instructblip, three_cards, _
     from asectl.backends.identity import model_fingerprint
     from asectl.backends.vlm import DEFAULT_PROMPT
 
-    first = invoke("describe", *three_cards, "--vlm", "instructblip", "--vlm-model", tiny_instructblip,
-                   *FAST_GEN, "--batch-size", "2", "--json")
+    first = invoke(
+        "describe",
+        *three_cards,
+        "--vlm",
+        "instructblip",
+        "--vlm-model",
+        tiny_instructblip,
+        *FAST_GEN,
+        "--batch-size",
+        "2",
+        "--json",
+    )
     assert first.exit_code == 0, first.output
     records = json_records(first)
     assert [r["image"] for r in records] == ["0000.png", "0001.png", "0002.png"]
@@ -75,12 +85,21 @@ def test_instructblip_cli_end_to_end_and_cache(tiny_instructblip, three_cards, _
 
     again = invoke("describe", *three_cards, "--vlm-model", tiny_instructblip, *FAST_GEN, "--json")
     assert again.exit_code == 0, again.output
-    assert "3 from cache, 0 computed" in again.output      # --vlm defaults to instructblip given a model
+    assert "3 from cache, 0 computed" in again.output  # --vlm defaults to instructblip given a model
     assert [r["text"] for r in json_records(again)] == [r["text"] for r in records]
 
     # Another generation setting is another identity: computed, not served from the first run.
-    longer = invoke("describe", *three_cards, "--vlm-model", tiny_instructblip, "--max-new-tokens", "7",
-                    "--num-beams", "1", "--json")
+    longer = invoke(
+        "describe",
+        *three_cards,
+        "--vlm-model",
+        tiny_instructblip,
+        "--max-new-tokens",
+        "7",
+        "--num-beams",
+        "1",
+        "--json",
+    )
     assert longer.exit_code == 0 and "0 from cache, 3 computed" in longer.output
 
 
@@ -91,10 +110,11 @@ def test_instructblip_batched_equals_one_by_one(tiny_instructblip, small_dataset
     ds = load_inputs([str(small_dataset / "images" / f"{i:04d}.png") for i in range(3, 6)])
     gen = {"max_new_tokens": 5, "num_beams": 1}
     one = run_describe(ds, vlm="instructblip", model=tiny_instructblip, generation=gen, batch_size=1, cache=cache)
-    batched = run_describe(ds, vlm="instructblip", model=tiny_instructblip, generation=gen, batch_size=3,
-                           cache=cache, force=True)
+    batched = run_describe(
+        ds, vlm="instructblip", model=tiny_instructblip, generation=gen, batch_size=3, cache=cache, force=True
+    )
     assert [r["text"] for r in one.records] == [r["text"] for r in batched.records]
-    assert one.params["vlm"]["dtype"] == "float32"          # CPU path
+    assert one.params["vlm"]["dtype"] == "float32"  # CPU path
     assert one.params["vlm"]["quantization"] is None
 
 
@@ -180,11 +200,14 @@ def test_device_cuda_without_cuda(three_cards, tiny_instructblip, _isolated_cach
     assert describe_entries(_isolated_cache) == 0
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--vlm", "nosuch"], "unknown vision-language model backend 'nosuch'"),
-    (["--vlm", "builtin", "--vlm-model", "x"], "uses no model"),
-    (["--prompt", "  "], "--prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--vlm", "nosuch"], "unknown vision-language model backend 'nosuch'"),
+        (["--vlm", "builtin", "--vlm-model", "x"], "uses no model"),
+        (["--prompt", "  "], "--prompt is empty"),
+    ],
+)
 def test_bad_options(three_cards, _isolated_cache, args, needle):
     assert_one_line_error(invoke("describe", *three_cards, *args), needle)
     assert describe_entries(_isolated_cache) == 0
@@ -201,7 +224,7 @@ def test_bad_image_becomes_error_record(small_dataset, tmp_path, _isolated_cache
     records = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert "empty file" in records["bad.png"]["error"]
     assert records["good.png"]["text"].startswith("[Built-in describer")
-    assert describe_entries(_isolated_cache) == 1          # errors are never cached
+    assert describe_entries(_isolated_cache) == 1  # errors are never cached
     strict = invoke("describe", good, bad, "--strict", "--force")
     assert strict.exit_code == 1 and "empty file" in strict.output
 
@@ -217,13 +240,12 @@ def described_cards(tmp_path_factory):
     from asectl.synth import generate, read_truth
 
     root = tmp_path_factory.mktemp("truth") / "cards"
-    generate(root, seed=3, counts="20,20,20,30,20", difficulty="clean")   # judged against clean shapes
+    generate(root, seed=3, counts="20,20,20,30,20", difficulty="clean")  # judged against clean shapes
     vlm = BuiltinDescriber()
     rows = []
     for name, truth in sorted(read_truth(root).items()):
         text = vlm.describe([load_image(root / name)], "ignored")[0]
-        rows.append({"label": truth["label"], "latent": truth["latent"], "text": text,
-                     "m": vlm.last_measurements[0]})
+        rows.append({"label": truth["label"], "latent": truth["latent"], "text": text, "m": vlm.last_measurements[0]})
     return rows
 
 
@@ -250,8 +272,10 @@ def separation_ratio(latent: dict) -> float:
 def test_builtin_texts_say_they_are_not_a_vlm(described_cards):
     from asectl.backends.vlm import BuiltinDescriber
 
-    assert all(r["text"].startswith("[Built-in describer") and "not written by a vision-language model" in r["text"]
-               for r in described_cards)
+    assert all(
+        r["text"].startswith("[Built-in describer") and "not written by a vision-language model" in r["text"]
+        for r in described_cards
+    )
     ident = BuiltinDescriber().identity()
     assert ident["backend"] == "builtin" and len(ident["model"]["hash"]) == 64
 
@@ -274,14 +298,16 @@ def test_builtin_direction_matches_true_centre(described_cards):
 
 
 def test_builtin_centred_cards(described_cards):
-    near = [r for r in described_cards if r["latent"]["shape"] == "gaussian"
-            and math.hypot(*r["latent"]["center"]) < 0.8]
+    near = [
+        r for r in described_cards if r["latent"]["shape"] == "gaussian" and math.hypot(*r["latent"]["center"]) < 0.8
+    ]
     assert len(near) >= 8
     assert share(near, lambda r: "are centred" in r["text"]) >= 0.9
     # Judged against each card's true centre, not its class: the generator's per-card jitter puts a
     # few "normal" cards 2 units off centre, and saying so is right.
-    close = [r for r in described_cards if r["latent"]["shape"] == "gaussian"
-             and math.hypot(*r["latent"]["center"]) < 1.5]
+    close = [
+        r for r in described_cards if r["latent"]["shape"] == "gaussian" and math.hypot(*r["latent"]["center"]) < 1.5
+    ]
     assert len(close) >= 15
     assert share(close, lambda r: "are shifted" in r["text"]) <= 0.05
 
@@ -367,8 +393,20 @@ def test_later_stages_reuse_and_replay(tiny_instructblip, small_dataset, cache, 
     from asectl.errors import ConfigError
     from asectl.stages.describe import DescribeSettings, run_describe
 
-    ran = invoke("--cache-dir", cache.root, "describe", small_dataset, "--vlm-model", tiny_instructblip,
-                 "--max-new-tokens", "3", "--num-beams", "1", "--batch-size", "5")
+    ran = invoke(
+        "--cache-dir",
+        cache.root,
+        "describe",
+        small_dataset,
+        "--vlm-model",
+        tiny_instructblip,
+        "--max-new-tokens",
+        "3",
+        "--num-beams",
+        "1",
+        "--batch-size",
+        "5",
+    )
     assert ran.exit_code == 0, ran.output
     ds = load_dataset(small_dataset)
     settings = DescribeSettings.recall(cache, ds)
@@ -387,4 +425,5 @@ def test_later_stages_reuse_and_replay(tiny_instructblip, small_dataset, cache, 
         run_describe(ds, DescribeSettings.replay(reused.params).replace(model=str(other)), cache=cache)
     builtin = run_describe(ds, vlm="builtin", cache=cache)
     assert DescribeSettings.replay(builtin.params) == DescribeSettings(
-        vlm="builtin", prompt=builtin.params["prompt"], expect_model_hash=builtin.params["model"]["hash"])
+        vlm="builtin", prompt=builtin.params["prompt"], expect_model_hash=builtin.params["model"]["hash"]
+    )

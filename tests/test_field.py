@@ -69,8 +69,14 @@ def test_label_counts_are_matched_along_a_chain_of_possible_labels():
     """normal has one card too many and type2 one too few, but no normal card can be labelled type2: the
     unit moves normal -> type1 -> type2, each card only to a label it could have been given."""
     labels = ["normal", "normal", "normal", "type1", "type1", "type2"]
-    probs = [{"normal": 1.0}, {"normal": 0.9, "type1": 0.1}, {"normal": 0.6, "type1": 0.4},
-             {"type1": 1.0}, {"type1": 0.7, "type2": 0.3}, {"type2": 1.0}]
+    probs = [
+        {"normal": 1.0},
+        {"normal": 0.9, "type1": 0.1},
+        {"normal": 0.6, "type1": 0.4},
+        {"type1": 1.0},
+        {"type1": 0.7, "type2": 0.3},
+        {"type2": 1.0},
+    ]
     generating = ["normal", "normal", "normal", "type1", "type1", "type2"]
     match_label_counts(labels, probs, {"normal": 2, "type1": 2, "type2": 2}, generating)
     assert labels == ["normal", "normal", "type1", "type1", "type2", "type2"]
@@ -108,16 +114,18 @@ def test_shapes_are_typical_not_certain():
     combined = sum(len(c.truth_extra["mechanisms"]) == 2 for c in defective) / len(defective)
     assert 0.5 * SECONDARY_SHARE < combined < 1.5 * SECONDARY_SHARE
     gross3 = [c for c in defective if c.generating_class == "type3" and c.truth_extra["severity"] > 0.7]
-    assert any(c.latent["cluster_share"] < 0.35 for c in gross3)      # nearly unimodal two-cluster cards
-    assert any(c.latent["cluster_share"] > 0.6 for c in gross3)       # and clearly split ones
+    assert any(c.latent["cluster_share"] < 0.35 for c in gross3)  # nearly unimodal two-cluster cards
+    assert any(c.latent["cluster_share"] > 0.6 for c in gross3)  # and clearly split ones
     gross4 = [c for c in defective if c.generating_class == "type4" and c.truth_extra["severity"] > 0.7]
     assert any(c.latent["ring_share"] < 0.4 for c in gross4) and any(c.latent["ring_share"] > 0.7 for c in gross4)
 
 
 # Digests of the clean output (seed 3, counts 5,4,3,3,3) written by the generator before the field
 # difficulty existed: clean must stay those bytes.
-CLEAN_DIGESTS = {"labels.csv": "77ab931ad4162a2d08845a1bf1eaa5256d629cfc69b59e998dee2a67e547191c",
-                 "truth.jsonl": "314a240469a3323a9050d2ac01c873ace1d8ff9fb4c1fd26a0b43f3b0190c9cf"}
+CLEAN_DIGESTS = {
+    "labels.csv": "77ab931ad4162a2d08845a1bf1eaa5256d629cfc69b59e998dee2a67e547191c",
+    "truth.jsonl": "314a240469a3323a9050d2ac01c873ace1d8ff9fb4c1fd26a0b43f3b0190c9cf",
+}
 
 
 def test_clean_is_the_data_it_was(tmp_path):
@@ -140,8 +148,8 @@ def test_acquisition_varies_between_cards(field_ds):
         a = np.asarray(Image.open(field_ds / t["image"]).convert("RGB"), dtype=np.float64)
         corners.add(tuple(np.rint(a[440:470, 680:710].mean(axis=(0, 1))).astype(int)))
         patches.append(a[440:470, 680:710, 1].std())
-    assert len(corners) > len(truth) // 2                     # background tint differs between cards
-    assert max(patches) > 0.5                                 # pixel noise
+    assert len(corners) > len(truth) // 2  # background tint differs between cards
+    assert max(patches) > 0.5  # pixel noise
     assert len({t["acquisition"]["font_size"] for t in truth}) > 1
     assert len({t["acquisition"]["text_x"] for t in truth}) > 1
 

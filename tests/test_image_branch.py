@@ -15,8 +15,12 @@ from asectl.errors import ConfigError
 from .conftest import FAST
 
 # A few epochs: the tests check where the weights come from and go, not how good they are.
-CNN_OVERRIDES = {"encoders.image": "cards-cnn", "encoders.image_epochs": 2,
-                 "pfa.epochs_per_stage": 3, "fusion.epochs": 8}
+CNN_OVERRIDES = {
+    "encoders.image": "cards-cnn",
+    "encoders.image_epochs": 2,
+    "pfa.epochs_per_stage": 3,
+    "fusion.epochs": 8,
+}
 
 
 @pytest.fixture
@@ -97,7 +101,7 @@ def test_image_branch_never_trains_on_test_cards(default_alignment_after, tmp_pa
     assert [s.label for s in altered.split("test")] != [s.label for s in original.split("test")]
     weights = []
     for data in (original, altered):
-        cache.clear("image-encoder")            # train again, not read the other run's weights
+        cache.clear("image-encoder")  # train again, not read the other run's weights
         out = run_align(data, cache, overrides=CNN_OVERRIDES, settings=settings)
         assert not out.from_cache
         train_names = {s.name for s in data.split("train")}

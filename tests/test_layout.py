@@ -32,11 +32,27 @@ LAYERS = (
     ("entry", ("asectl.cli", "asectl.__main__", "asectl.testing")),
     ("commands", ("asectl.commands",)),
     ("stages", ("asectl.stages",)),
-    ("libraries", ("asectl.backends", "asectl.models", "asectl.bundle", "asectl.export", "asectl.report",
-                   "asectl.metrics")),
+    (
+        "libraries",
+        ("asectl.backends", "asectl.models", "asectl.bundle", "asectl.export", "asectl.report", "asectl.metrics"),
+    ),
     ("domain", ("asectl.synth", "asectl.card", "asectl.dataset")),
-    ("base", ("asectl.cache", "asectl.executors", "asectl.ray_executor", "asectl.workers", "asectl.registry",
-              "asectl.imageio", "asectl.ui", "asectl.environment", "asectl.settings", "asectl.errors", "asectl")),
+    (
+        "base",
+        (
+            "asectl.cache",
+            "asectl.executors",
+            "asectl.ray_executor",
+            "asectl.workers",
+            "asectl.registry",
+            "asectl.imageio",
+            "asectl.ui",
+            "asectl.environment",
+            "asectl.settings",
+            "asectl.errors",
+            "asectl",
+        ),
+    ),
 )
 # No known exception: executors are found through asectl.registry.EXECUTORS (the local/ray circle is gone).
 KNOWN_CIRCLES: set[frozenset[str]] = set()
@@ -74,15 +90,23 @@ def imports(path: Path, name: str) -> list[tuple[str, str | None, int]]:
 
 
 def layer_of(module: str) -> int:
-    best = max(((len(prefix), i) for i, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
-                if module == prefix or module.startswith(prefix + ".")), default=None)
+    best = max(
+        (
+            (len(prefix), i)
+            for i, (_, prefixes) in enumerate(LAYERS)
+            for prefix in prefixes
+            if module == prefix or module.startswith(prefix + ".")
+        ),
+        default=None,
+    )
     assert best is not None, f"{module} is in no layer: add it to LAYERS here and to docs/design.md"
     return best[1]
 
 
 def package_graph() -> dict[str, set[str]]:
-    return {name: {m for m, _, _ in imports(path, name) if m in MODULES and m != name}
-            for name, path in MODULES.items()}
+    return {
+        name: {m for m, _, _ in imports(path, name) if m in MODULES and m != name} for name, path in MODULES.items()
+    }
 
 
 def test_every_module_has_a_layer_and_imports_only_downward():
@@ -90,8 +114,7 @@ def test_every_module_has_a_layer_and_imports_only_downward():
     for name, targets in package_graph().items():
         for target in targets:
             if layer_of(target) < layer_of(name):
-                wrong.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} "
-                             f"({LAYERS[layer_of(target)][0]})")
+                wrong.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})")
     assert not wrong, "imports that run upward:\n" + "\n".join(sorted(wrong))
 
 
@@ -102,7 +125,7 @@ def test_no_circles_between_modules():
     stack: list[str] = []
     circles = []
 
-    def visit(v: str) -> None:      # Tarjan's strongly connected components
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
         index[v] = low[v] = len(index)
         stack.append(v)
         for w in graph[v]:
@@ -139,7 +162,7 @@ def _crossings(path: Path, name: str) -> list[str]:
     modules_bound = {}
     ours = {"asectl"} | ({p.stem for p in BENCH.glob("*.py")} if name.startswith("bench.") else set())
     for module, imported, line in imports(path, name):
-        if module.split(".")[0] not in ours:      # a third-party library's private parts are its business
+        if module.split(".")[0] not in ours:  # a third-party library's private parts are its business
             continue
         if imported is not None and _private(imported):
             found.append(f"{path.relative_to(ROOT)}:{line} imports {imported} from {module}")
@@ -149,13 +172,22 @@ def _crossings(path: Path, name: str) -> list[str]:
                 found.append(f"{path.relative_to(ROOT)}:{line} imports the private module {module}")
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("asectl"):
-            modules_bound.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
-                                  if f"{node.module}.{a.name}" in MODULES})
+            modules_bound.update(
+                {
+                    a.asname or a.name: f"{node.module}.{a.name}"
+                    for a in node.names
+                    if f"{node.module}.{a.name}" in MODULES
+                }
+            )
         elif isinstance(node, ast.Import):
             modules_bound.update({a.asname: a.name for a in node.names if a.asname and a.name in MODULES})
     for node in ast.walk(ast.parse(path.read_text())):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id in modules_bound and _private(node.attr)):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules_bound
+            and _private(node.attr)
+        ):
             found.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {modules_bound[node.value.id]}.{node.attr}")
     return found
 
@@ -187,12 +219,19 @@ def test_bench_results_are_small_summaries_that_load():
     big = [f"{p.name}: {p.stat().st_size} bytes" for p in files if p.stat().st_size >= SUMMARY_LIMIT]
     assert not big, f"over {SUMMARY_LIMIT} bytes: {big}"
     # Run as the scripts run (from bench/); packing what load() gives is the file again.
-    code = ("import json, sys, _common\n"
-            "for name in sys.argv[1:]:\n"
-            "    saved = json.loads((_common.RESULTS / (name + '.json')).read_text())\n"
-            "    assert _common.pack_labels(_common.load(name)) == saved, name\n")
-    res = subprocess.run([sys.executable, "-c", code, *(p.stem for p in files if p.suffix == ".json")],
-                         cwd=BENCH, capture_output=True, text=True, timeout=120)
+    code = (
+        "import json, sys, _common\n"
+        "for name in sys.argv[1:]:\n"
+        "    saved = json.loads((_common.RESULTS / (name + '.json')).read_text())\n"
+        "    assert _common.pack_labels(_common.load(name)) == saved, name\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, *(p.stem for p in files if p.suffix == ".json")],
+        cwd=BENCH,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
 
 

@@ -39,10 +39,9 @@ def test_align_rerun_is_cached_and_changed_stride_retrains(trained):
 def test_bundle_is_safetensors_and_json_only(trained):
     bundle = trained["root"] / "bundle"
     files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
-    members = [f"fusion-{k}.safetensors" for k in range(5)]      # one per calibration fold (default 5)
+    members = [f"fusion-{k}.safetensors" for k in range(5)]  # one per calibration fold (default 5)
     # encoders/image.safetensors: the quick profile's image encoder is trained on the cards (cards-cnn)
-    assert files == ["bundle.json", "encoders/image.safetensors", *members, "heads.safetensors",
-                     "held-out.safetensors"]
+    assert files == ["bundle.json", "encoders/image.safetensors", *members, "heads.safetensors", "held-out.safetensors"]
     cfg = json.loads((bundle / "bundle.json").read_text())
     assert cfg["classes"] == ["normal", "type1", "type2", "type3", "type4"]
     assert "built-in describer" in cfg["provenance"]["descriptions"]
@@ -69,8 +68,15 @@ def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):
 def test_report_writes_all_files(trained):
     out = trained["root"] / "report"
     trained["invoke"]("report", trained["data"], "--out", out)
-    for name in ("report.html", "report.md", "metrics.json", "confusion.png", "confusion_binary.png",
-                 "tsne.png", "curves.png"):
+    for name in (
+        "report.html",
+        "report.md",
+        "metrics.json",
+        "confusion.png",
+        "confusion_binary.png",
+        "tsne.png",
+        "curves.png",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["multiclass"]["macro_f1"] <= 1
@@ -91,8 +97,9 @@ def test_ablation_modes_and_fusions(trained):
 
 
 def test_predict_without_any_model_is_a_usage_error(tmp_path, small_dataset):
-    res = CliRunner().invoke(cli, ["--cache-dir", str(tmp_path / "empty"), "predict",
-                                   str(small_dataset / "images" / "0000.png")])
+    res = CliRunner().invoke(
+        cli, ["--cache-dir", str(tmp_path / "empty"), "predict", str(small_dataset / "images" / "0000.png")]
+    )
     assert res.exit_code == 2 and "no trained model" in res.output
 
 
@@ -115,7 +122,9 @@ def test_fuse_train_on_a_tda_augmented_training_split(trained):
     before = {p.name for p in (trained["cache"] / "entries" / "reason").glob("*/*")}
     res = inv("fuse-train", data, "--augmented", aug, "--json", *FAST)
     out = json.loads(res.stdout.splitlines()[-1])
-    cfg = json.loads((root / "cache" / "entries" / "model" / out["model"][:2] / out["model"] / "bundle.json").read_text())
+    cfg = json.loads(
+        (root / "cache" / "entries" / "model" / out["model"][:2] / out["model"] / "bundle.json").read_text()
+    )
     assert cfg["training"]["augmented"] == str(aug)
     n_real = sum(1 for line in (data / "labels.csv").read_text().splitlines()[1:] if line.endswith(",train"))
     assert out["n_train"] == n_real + round(0.5 * n_real)
@@ -131,8 +140,9 @@ def test_fuse_train_on_a_tda_augmented_training_split(trained):
     # A test split that is not the dataset's own is refused.
     other = root / "other"
     generate(other, seed=12, counts="2,2,2,2,2")
-    bad = CliRunner().invoke(cli, ["--cache-dir", str(trained["cache"]), "fuse-train", str(data), "--augmented",
-                                   str(other)])
+    bad = CliRunner().invoke(
+        cli, ["--cache-dir", str(trained["cache"]), "fuse-train", str(data), "--augmented", str(other)]
+    )
     assert bad.exit_code == 2 and "test split differs" in bad.output
 
 
@@ -144,9 +154,22 @@ def test_paper_profile_through_the_cli(trained, tmp_path):
     from .test_encoders import make_tiny_bert
 
     bert = make_tiny_bert(tmp_path / "bert")
-    paper = ["--profile", "paper", "--set", "encoders.device=cpu", "--set", "encoders.image_random_init=true",
-             "--set", f"encoders.text_path={bert}",
-             "--set", "encoders.warmup_epochs=1", "--set", "pfa.epochs_per_stage=1", "--set", "fusion.epochs=2"]
+    paper = [
+        "--profile",
+        "paper",
+        "--set",
+        "encoders.device=cpu",
+        "--set",
+        "encoders.image_random_init=true",
+        "--set",
+        f"encoders.text_path={bert}",
+        "--set",
+        "encoders.warmup_epochs=1",
+        "--set",
+        "pfa.epochs_per_stage=1",
+        "--set",
+        "fusion.epochs=2",
+    ]
     inv, data = trained["invoke"], trained["data"]
     align = json.loads(inv("align", data, "--stride", "0.5/1", "--json", *paper).stdout.splitlines()[-1])
     assert [s["n_train"] for s in align["stages"]][-1] == align["stages"][-1]["n_train"] and len(align["stages"]) == 2

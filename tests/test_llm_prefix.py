@@ -59,8 +59,9 @@ def test_prefix_restored_from_disk_gives_the_same_logits_and_answers(tiny_gguf, 
     restored = _logits_after(second, card("N 131, mean x -0.21"))
     assert second.prefix_source == "restored"
     np.testing.assert_array_equal(restored, evaluated)
-    assert [second.answer(card(t), fields, sampling, prefix_messages=PREFIX)["raw"]
-            for t in ("N 90", "N 400")] == answers
+    assert [
+        second.answer(card(t), fields, sampling, prefix_messages=PREFIX)["raw"] for t in ("N 90", "N 400")
+    ] == answers
     second.close()
 
     # The prefix matters (the check above could not pass with empty cells): without it the logits differ.
@@ -107,8 +108,11 @@ def test_answers_with_the_shared_prefix_reused_equal_answers_computed_from_scrat
     from asectl.backends.llm import LlamaCppLLM
 
     _old_enough(tiny_gguf)
-    fields = [Field("verdict", ("normal", "defect")), Field("kind", ("none", "shift", "spread")),
-              Field("rationale", None, 1, 40)]
+    fields = [
+        Field("verdict", ("normal", "defect")),
+        Field("kind", ("none", "shift", "spread")),
+        Field("rationale", None, 1, 40),
+    ]
     sampling = {"temperature": 0.0, "max_tokens": 96, "seed": 0}
     texts = ["N 90", "N 400, mean x 1.2", "N 131, mean x -0.21", "sd y 3.5, far high", "N 90"]
 
@@ -122,4 +126,4 @@ def test_answers_with_the_shared_prefix_reused_equal_answers_computed_from_scrat
         assert all(r["tokens"]["prompt_reused"] > 8 for r in reused.values())
         assert [reused[t]["raw"] for t in texts] == [a["raw"] for a in alone]
         llm.close()
-    assert len({a["raw"] for a in alone}) > 1     # the cards' answers differ: the comparison can fail
+    assert len({a["raw"] for a in alone}) > 1  # the cards' answers differ: the comparison can fail

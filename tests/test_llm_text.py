@@ -13,8 +13,14 @@ from asectl.errors import ConfigError
 
 from .conftest import reasoned_dataset
 
-ANSWER = {"verdict": "defective", "deviation_kind": "shift", "axis": "x", "severity": "high",
-          "closest_class": "type1", "rationale": "mean x far above."}
+ANSWER = {
+    "verdict": "defective",
+    "deviation_kind": "shift",
+    "axis": "x",
+    "severity": "high",
+    "closest_class": "type1",
+    "rationale": "mean x far above.",
+}
 
 
 def test_answer_only_text_is_the_composite_without_the_record():
@@ -36,7 +42,7 @@ def test_hint_free_prompt_has_no_nearest_class_line(small_dataset):
         card_summary,
         hint_free_prompt,
         load_prompt,
-)
+    )
     from asectl.synth import read_truth
 
     assert hint_free_prompt(DEFAULT_PROMPT) == "reason-v3"
@@ -52,8 +58,9 @@ def test_hint_free_prompt_has_no_nearest_class_line(small_dataset):
     levels = card_levels(card, priors)
     assert "Nearest class profiles" in card_summary(card, priors) and "Nearest" not in levels
     assert card_summary(card, priors).startswith(levels)
-    messages = v3.messages(card="HINT", card_levels=levels, record="", deviation="HINT", priors="", n_train=1,
-                           labels="normal, type1")
+    messages = v3.messages(
+        card="HINT", card_levels=levels, record="", deviation="HINT", priors="", n_train=1, labels="normal, type1"
+    )
     assert "HINT" not in json.dumps(messages) and messages[-1]["content"].endswith(levels)
 
 
@@ -101,8 +108,18 @@ def test_answer_only_branch_from_align_to_predict(learned):
 
 
 def test_bad_llm_text_is_one_line_error(learned):
-    res = CliRunner().invoke(cli, ["--cache-dir", str(learned["cache"]), "align", str(learned["data"]),
-                                   "--set", "encoders.llm_text=record", *learned["fast"]])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "--cache-dir",
+            str(learned["cache"]),
+            "align",
+            str(learned["data"]),
+            "--set",
+            "encoders.llm_text=record",
+            *learned["fast"],
+        ],
+    )
     assert res.exit_code != 0 and "encoders.llm_text" in res.output and "composite, answer" in res.output
 
 

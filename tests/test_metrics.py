@@ -12,7 +12,7 @@ def test_macro_f1_equals_scikit_learn_on_random_predictions():
     for _ in range(300):
         k = int(rng.integers(2, 6))
         n = int(rng.integers(1, 40))
-        y_true, y_pred = rng.integers(0, k, n), rng.integers(0, k - 1, n)   # some classes never predicted
+        y_true, y_pred = rng.integers(0, k, n), rng.integers(0, k - 1, n)  # some classes never predicted
         want = f1_score(y_true, y_pred, average="macro", zero_division=0)
         assert macro_f1_from_codes(y_true, y_pred, k) == pytest.approx(want, abs=1e-12)
 

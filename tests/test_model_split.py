@@ -46,7 +46,7 @@ def test_the_split_seed_is_its_own_and_the_model_split_wins(folder):
     assert [s.split for s in a.samples] != [s.split for s in b.samples]
     assert b.split_text() == "13 train / 5 test, stratified, split seed 3"
     bundle = fake_bundle(b)
-    mine, own = model_split(a, bundle)          # read with seed 0, the model's split (seed 3) is used
+    mine, own = model_split(a, bundle)  # read with seed 0, the model's split (seed 3) is used
     assert own and [s.split for s in mine.samples] == [s.split for s in b.samples] and mine.split_seed == 3
 
 
@@ -92,8 +92,15 @@ def folder_model(tmp_path_factory, tiny_gguf):
     invoke("describe", data)
     align = invoke("align", data, "--stride", "0.5", "--seed", "3", "--split-seed", "3", *FAST)
     fuse = json.loads(invoke("fuse-train", data, "--json", *FAST).stdout.splitlines()[-1])
-    return {"root": root, "data": data, "cache": cache, "invoke": invoke, "fuse": fuse, "align": align,
-            "gguf": tiny_gguf}
+    return {
+        "root": root,
+        "data": data,
+        "cache": cache,
+        "invoke": invoke,
+        "fuse": fuse,
+        "align": align,
+        "gguf": tiny_gguf,
+    }
 
 
 def test_training_prints_and_the_bundle_records_the_split(folder_model):
@@ -113,17 +120,16 @@ def test_report_scores_the_models_own_test_cards_never_training_cards(folder_mod
     train = {c["image"] for c in cfg["split"]["cards"] if c["split"] == "train"}
     test = {c["image"] for c in cfg["split"]["cards"] if c["split"] == "test"}
     seed0_test = {s.name for s in load_dataset(f["data"]).split("test")}
-    assert seed0_test & train          # the split report used to make would score training cards
+    assert seed0_test & train  # the split report used to make would score training cards
     monkeypatch.chdir(tmp_path)
-    res = f["invoke"]("report", f["data"], "--json")   # no --model: the latest model trained on this folder
-    out = tmp_path / "asectl-report" / "mydata"        # the default folder: outside the dataset
+    res = f["invoke"]("report", f["data"], "--json")  # no --model: the latest model trained on this folder
+    out = tmp_path / "asectl-report" / "mydata"  # the default folder: outside the dataset
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(res.stdout.splitlines()[-1])["n_test"] == metrics["n_test"] == len(test)
     assert {p["image"] for p in metrics["predictions"]} == test
     assert "split seed 3" in metrics["provenance"]["test split"]
     # predict on the labelled folder says which cards the model trained on.
-    recs = [json.loads(x) for x in f["invoke"]("predict", f["data"], "--json").stdout.splitlines()
-            if x.startswith("{")]
+    recs = [json.loads(x) for x in f["invoke"]("predict", f["data"], "--json").stdout.splitlines() if x.startswith("{")]
     assert {r["image"] for r in recs if r["split"] == "train"} == train
 
 
@@ -163,7 +169,7 @@ def test_a_cache_hit_keeps_provenance_and_models_list_shows_it(folder_model, tmp
     f["invoke"]("align", copy, "--stride", "0.5", "--seed", "3", "--split-seed", "3", *FAST)
     hit = json.loads(f["invoke"]("fuse-train", copy, "--json", *FAST).stdout.splitlines()[-1])
     assert hit["from_cache"] and hit["model"] == f["fuse"]["model"]
-    assert hit["trained_on"] == str(f["data"])            # not relabelled as trained on the copy
+    assert hit["trained_on"] == str(f["data"])  # not relabelled as trained on the copy
     models = json.loads(f["invoke"]("models", "list", "--json").stdout)
     mine = next(m for m in models if m["id"] == f["fuse"]["model"])
     assert mine["dataset"] == str(f["data"]) and mine["classes"] == f["fuse"]["classes"]
@@ -186,8 +192,7 @@ def test_predict_gives_the_reason_for_each_decision(folder_model):
     f = folder_model
     cfg = json.loads((Path(f["fuse"]["bundle"]) / "bundle.json").read_text())
     rule = DecisionRule.from_dict(cfg["decision"])
-    recs = [json.loads(x) for x in f["invoke"]("predict", f["data"], "--json").stdout.splitlines()
-            if x.startswith("{")]
+    recs = [json.loads(x) for x in f["invoke"]("predict", f["data"], "--json").stdout.splitlines() if x.startswith("{")]
     for r in recs:
         probs = [r["probabilities"][c] for c in cfg["classes"]]
         decision, reason = rule.explain([probs])[0]
@@ -210,16 +215,31 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
 
     f = folder_model
     data, gguf = f["data"], f["gguf"]
-    commands = [("synth", "--out", tmp_path / "synth", "--counts", "1,1,1,1,1", "--test-size", "1"),
-                ("ocr", data), ("describe", data), ("reason", data, "--llm-model", gguf, "--max-tokens", "32"),
-                ("align", data, "--stride", "0.5", "--seed", "3", "--split-seed", "3", *FAST),
-                ("fuse-train", data, *FAST), ("predict", data), ("report", data),
-                ("export", "--out", tmp_path / "export"), ("models", "list"),
-                ("cache", "info"), ("cache", "clear", "--stage", "no-such-stage", "--yes"), ("config", "show", "ocr")]
+    commands = [
+        ("synth", "--out", tmp_path / "synth", "--counts", "1,1,1,1,1", "--test-size", "1"),
+        ("ocr", data),
+        ("describe", data),
+        ("reason", data, "--llm-model", gguf, "--max-tokens", "32"),
+        ("align", data, "--stride", "0.5", "--seed", "3", "--split-seed", "3", *FAST),
+        ("fuse-train", data, *FAST),
+        ("predict", data),
+        ("report", data),
+        ("export", "--out", tmp_path / "export"),
+        ("models", "list"),
+        ("cache", "info"),
+        ("cache", "clear", "--stage", "no-such-stage", "--yes"),
+        ("config", "show", "ocr"),
+    ]
     seen = set()
     for args in commands:
-        res = subprocess.run([sys.executable, "-m", "asectl", "--cache-dir", str(f["cache"]), "-q", *map(str, args)],
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        res = subprocess.run(
+            [sys.executable, "-m", "asectl", "--cache-dir", str(f["cache"]), "-q", *map(str, args)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+        )
         assert res.returncode == 0, (args, res.stderr)
         assert res.stdout == "", (args, res.stdout)
         assert all(line.startswith("warning:") for line in res.stderr.splitlines()), (args, res.stderr)
@@ -229,4 +249,4 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
     groups = {"models": "models list", "cache": "cache info", "config": "config show"}
     assert {groups.get(c, c) for c in PIPELINE_ORDER} <= seen | {"cache clear"}
     assert (tmp_path / "asectl-report" / "mydata" / "report.html").is_file()
-    assert set(cli.commands) == set(PIPELINE_ORDER)       # every command is in the pipeline order and tested
+    assert set(cli.commands) == set(PIPELINE_ORDER)  # every command is in the pipeline order and tested

@@ -60,15 +60,27 @@ def test_corrupt_cache_entry_is_rebuilt(small_dataset, tmp_path):
     second = runner.invoke(cli, args)
     assert second.exit_code == 0
     assert "corrupt" in second.output and "1 corrupt entries rebuilt" in second.output
-    assert json.loads(first.stdout.splitlines()[0])["fields"] == json.loads(
-        [x for x in second.stdout.splitlines() if x.startswith("{")][0])["fields"]
+    assert (
+        json.loads(first.stdout.splitlines()[0])["fields"]
+        == json.loads([x for x in second.stdout.splitlines() if x.startswith("{")][0])["fields"]
+    )
 
 
 def test_rapidocr_engine_reads_cards(small_dataset, tmp_path):
     truth = read_truth(small_dataset)
     names = ["images/0002.png", "images/0003.png"]
-    res = CliRunner().invoke(cli, ["--cache-dir", str(tmp_path), "ocr", "--engine", "rapidocr", "--json",
-                                   *[str(small_dataset / n) for n in names]])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "--cache-dir",
+            str(tmp_path),
+            "ocr",
+            "--engine",
+            "rapidocr",
+            "--json",
+            *[str(small_dataset / n) for n in names],
+        ],
+    )
     assert res.exit_code == 0, res.output
     recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     for r, n in zip(recs, names):
@@ -81,10 +93,14 @@ def test_unknown_engine_is_a_usage_error(small_dataset):
 
 
 def test_parse_tolerates_spacing_and_split_boxes():
-    lines = [TextLine("N = 12", 0.9, (0, 0, 50, 20)),
-             TextLine("MEANX =", 0.9, (0, 30, 60, 50)), TextLine("\u22120.50", 0.9, (70, 31, 120, 49)),
-             TextLine("MEAN Y = 1.25", 0.9, (0, 60, 100, 80)),
-             TextLine("STD X = 2.00", 0.9, (0, 90, 100, 110)), TextLine("STD Y = 1.00", 0.9, (0, 120, 100, 140))]
+    lines = [
+        TextLine("N = 12", 0.9, (0, 0, 50, 20)),
+        TextLine("MEANX =", 0.9, (0, 30, 60, 50)),
+        TextLine("\u22120.50", 0.9, (70, 31, 120, 49)),
+        TextLine("MEAN Y = 1.25", 0.9, (0, 60, 100, 80)),
+        TextLine("STD X = 2.00", 0.9, (0, 90, 100, 110)),
+        TextLine("STD Y = 1.00", 0.9, (0, 120, 100, 140)),
+    ]
     counts = [1, 2, 3, 6, 0, 0, 0, 0, 0]
     for i, (lo, hi) in enumerate([(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 10), (10, 20)]):
         lines.append(TextLine(f"R{lo} TO{hi} = {counts[i]}", 0.9, (0, 150 + 30 * i, 100, 170 + 30 * i)))
@@ -94,9 +110,9 @@ def test_parse_tolerates_spacing_and_split_boxes():
 
 
 def test_consistency_checks_are_warnings():
-    rows = ["N = 10", "MEAN X = 0.00", "MEAN Y = 0.00", "STD X = -1.00", "STD Y = 1.00"] + \
-           [f"R {lo} TO {hi} = 1"
-            for lo, hi in [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 10), (10, 20)]]
+    rows = ["N = 10", "MEAN X = 0.00", "MEAN Y = 0.00", "STD X = -1.00", "STD Y = 1.00"] + [
+        f"R {lo} TO {hi} = 1" for lo, hi in [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 10), (10, 20)]
+    ]
     fields, missing, warnings, _ = parse_record(rows, default_spec())
     assert missing == []
     assert any("add to 9, not N = 10" in w for w in warnings)
@@ -111,11 +127,14 @@ def test_custom_spec(tmp_path):
     assert fields == {"count": 42} and missing == [] and unparsed == ["other text"]
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("[fields.x]\npattern = '('\n", "invalid regular expression"),
-    ("[fields.x]\npattern = 'abc'\n", "(?P<value>"),
-    ("not toml ===", "not a valid TOML"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("[fields.x]\npattern = '('\n", "invalid regular expression"),
+        ("[fields.x]\npattern = 'abc'\n", "(?P<value>"),
+        ("not toml ===", "not a valid TOML"),
+    ],
+)
 def test_bad_spec_is_a_config_error(tmp_path, small_dataset, body, needle):
     f = tmp_path / "bad.toml"
     f.write_text(body)
@@ -125,8 +144,9 @@ def test_bad_spec_is_a_config_error(tmp_path, small_dataset, body, needle):
 
 def test_ocr_on_augmented_cards(small_dataset, tmp_path):
     out = tmp_path / "aug"
-    CliRunner().invoke(cli, ["synth", "--augment", str(small_dataset), "--out", str(out), "--stats", "printed",
-                             "--factor", "1.3"])
+    CliRunner().invoke(
+        cli, ["synth", "--augment", str(small_dataset), "--out", str(out), "--stats", "printed", "--factor", "1.3"]
+    )
     truth = read_truth(out)
     tda = sorted(n for n in truth if "tda-" in n)[:2]
     res = CliRunner().invoke(cli, ["ocr", "--json", *[str(out / n) for n in tda]])
@@ -138,8 +158,12 @@ def render_text_card(path, lines):
     img = Image.new("RGB", (GEOMETRY.width, GEOMETRY.height), "white")
     d = ImageDraw.Draw(img)
     for i, line in enumerate(lines):
-        d.text((GEOMETRY.text_x, GEOMETRY.text_top + i * GEOMETRY.line_step), line, fill="black",
-               font=_font(GEOMETRY.font_size))
+        d.text(
+            (GEOMETRY.text_x, GEOMETRY.text_top + i * GEOMETRY.line_step),
+            line,
+            fill="black",
+            font=_font(GEOMETRY.font_size),
+        )
     img.save(path)
     return path
 
@@ -161,8 +185,9 @@ def test_workers_give_the_same_records_and_keys(small_dataset, tmp_path, monkeyp
     runs = {}
     for workers in (1, 2):
         cache = Cache(tmp_path / f"cache{workers}")
-        recs = ocr_stage.run_ocr(load_inputs([str(p) for p in inputs]), cache=cache, engine="rapidocr",
-                                 workers=workers).records
+        recs = ocr_stage.run_ocr(
+            load_inputs([str(p) for p in inputs]), cache=cache, engine="rapidocr", workers=workers
+        ).records
         keys = sorted(e.name for e in cache.iter_entries("ocr"))
         runs[workers] = [{**r, "seconds": "?"} if "seconds" in r else r for r in recs], keys
     assert runs[2] == runs[1]
@@ -195,8 +220,10 @@ def ruled_card(path):
     from asectl.card import record_from_points, render_card
 
     g = GEOMETRY
-    img = render_card(np.random.default_rng(0).normal(0, 3, size=(300, 2)),
-                      record_from_points(np.random.default_rng(0).normal(0, 3, size=(300, 2))))
+    img = render_card(
+        np.random.default_rng(0).normal(0, 3, size=(300, 2)),
+        record_from_points(np.random.default_rng(0).normal(0, 3, size=(300, 2))),
+    )
     draw = ImageDraw.Draw(img)
     for i in range(14):
         y = g.text_top + i * g.line_step + 19
@@ -213,7 +240,7 @@ def test_incomplete_cut_record_falls_back_to_the_detector(tmp_path):
     from asectl.stages.ocr import binarise, cut_lines, read_card
 
     path = ruled_card(tmp_path / "ruled.png")
-    assert cut_lines(binarise(load_image(path))) is not None   # the cutter accepts the card
+    assert cut_lines(binarise(load_image(path))) is not None  # the cutter accepts the card
     cut, checked, detected = (read_card(path, "rapidocr", default_spec(), d) for d in ("auto", "auto-checked", "model"))
     assert len(detected["missing"]) < len(cut["missing"])
-    assert checked == detected and "error" in checked   # still a partly read card, reported as one
+    assert checked == detected and "error" in checked  # still a partly read card, reported as one

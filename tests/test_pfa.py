@@ -10,9 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from asectl.errors import ConfigError, DataError
-from asectl.models.pfa import (AlignmentHeads, align_features, itc_loss, plan_updates,
-                               rank_lowest_first, self_similarity, stage_counts, stride_fractions,
-                               train_pfa)
+from asectl.models.pfa import (
+    AlignmentHeads,
+    align_features,
+    itc_loss,
+    plan_updates,
+    rank_lowest_first,
+    self_similarity,
+    stage_counts,
+    stride_fractions,
+    train_pfa,
+)
 from asectl.models.train_config import PFAConfig, get_profile
 
 
@@ -26,13 +34,14 @@ def correlated_features(n: int = 60, seed: int = 0, shared_vlm: bool = False) ->
     views = {}
     for name, dim in (("image", 40), ("llm", 24), ("vlm", 32)):
         views[name] = (latent @ rng.normal(size=(8, dim)) + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
-    if shared_vlm:   # only 3 distinct VLM texts, as when answers repeat per class
+    if shared_vlm:  # only 3 distinct VLM texts, as when answers repeat per class
         base = rng.normal(size=(3, 32)).astype(np.float32)
         views["vlm"] = base[np.arange(n) % 3]
     return views
 
 
 # -- schedule ----------------------------------------------------------------------------------------
+
 
 def test_stride_schedule_is_exact():
     assert stride_fractions(0.2) == [0.2, 0.4, 0.6, 0.8, 1.0]
@@ -41,7 +50,7 @@ def test_stride_schedule_is_exact():
     # Table 4's custom schedule; ceil, with float noise (0.6 * 325 = 195.00000000000003) kept out.
     assert stride_fractions([0.2, 0.6, 1]) == [0.2, 0.6, 1.0]
     assert stage_counts(325, [0.2, 0.6, 1.0]) == [65, 195, 325]
-    assert stage_counts(7, stride_fractions(0.2)) == [2, 3, 5, 6, 7]        # ceil(1.4)=2, ceil(2.8)=3, ...
+    assert stage_counts(7, stride_fractions(0.2)) == [2, 3, 5, 6, 7]  # ceil(1.4)=2, ceil(2.8)=3, ...
     assert stride_fractions(0.3) == [0.3, 0.6, 0.9, 1.0]
     assert stride_fractions(1.0) == [1.0]
     assert stage_counts(3, [0.2, 1.0]) == [1, 3]
@@ -80,6 +89,7 @@ def test_itc_loss_is_the_symmetric_cross_entropy():
 
 # -- training -----------------------------------------------------------------------------------------
 
+
 def test_progressive_alignment_trains_and_reports_per_stage():
     feats = correlated_features(60)
     train = list(range(50))
@@ -92,7 +102,7 @@ def test_progressive_alignment_trains_and_reports_per_stage():
         assert sorted(s.train_indices + s.pend_indices) == train
         assert len(s.curve) == 4
         for m in ("image", "llm", "vlm"):
-            assert s.embeddings[m].shape == (60, 256)          # all samples, test ones included
+            assert s.embeddings[m].shape == (60, 256)  # all samples, test ones included
             np.testing.assert_allclose(np.linalg.norm(s.embeddings[m], axis=1), 1.0, atol=1e-5)
         assert set(s.checkpoint) >= {"log_tau", "proj.image.weight", "proj.llm.weight", "proj.vlm.weight"}
     # Nested subsets: each stage keeps the previous one's pairs.
@@ -138,24 +148,25 @@ def test_first_stage_takes_the_lowest_self_similarity_pairs():
     order = [train[i] for i in rank_lowest_first(res.initial_similarity)]
     assert res.counts == [7, 21, 35]
     assert res.stages[0].train_indices == order[:7]
-    assert res.stages[1].train_indices == order[:21]         # without re-ranking: the stage-1 order
+    assert res.stages[1].train_indices == order[:21]  # without re-ranking: the stage-1 order
     assert res.stages[0].added_similarity == sorted(res.stages[0].added_similarity)
     # The ranking similarity is the definition: mean of the two image-text cosines of the projections
     # after the ranking warm-up (the heads of a run with no stage epochs, same seed).
-    warm_only = train_pfa(feats, PFAConfig(batch_size=8, strides=(1.0,), epochs_per_stage=1), seed=1,
-                          train_index=train)
+    warm_only = train_pfa(feats, PFAConfig(batch_size=8, strides=(1.0,), epochs_per_stage=1), seed=1, train_index=train)
     assert warm_only.rank_warmup["epochs"] == cfg.rank_warmup_epochs == len(warm_only.rank_warmup["curve"]) > 0
     np.testing.assert_allclose(warm_only.initial_similarity, res.initial_similarity, atol=1e-6)
     # With no warm-up, stage 1 ranks with the seeded initial projections.
-    cold = train_pfa(feats, PFAConfig(batch_size=8, epochs_per_stage=1, rank_warmup_epochs=0), seed=1,
-                     train_index=train)
+    cold = train_pfa(
+        feats, PFAConfig(batch_size=8, epochs_per_stage=1, rank_warmup_epochs=0), seed=1, train_index=train
+    )
     heads = AlignmentHeads({"image": 40, "llm": 24, "vlm": 32})
     heads.load_state_dict(train_pfa(feats, PFAConfig(mode="none"), seed=1, train_index=train).stages[0].checkpoint)
     e = align_features(heads, {m: f[train] for m, f in feats.items()})
     np.testing.assert_allclose(self_similarity(e["image"], e["llm"], e["vlm"]), cold.initial_similarity, atol=1e-5)
     # With re-ranking (default), later stages rank D_pend with the current projections: still lowest first.
-    rr = train_pfa(feats, PFAConfig(batch_size=8, epochs_per_stage=1, strides=(0.2, 0.6, 1.0)), seed=1,
-                   train_index=train)
+    rr = train_pfa(
+        feats, PFAConfig(batch_size=8, epochs_per_stage=1, strides=(0.2, 0.6, 1.0)), seed=1, train_index=train
+    )
     assert rr.stages[1].added_similarity == sorted(rr.stages[1].added_similarity)
 
 
@@ -176,28 +187,32 @@ def test_direct_and_none_modes():
     none = train_pfa(feats, PFAConfig(mode="none"), seed=0)
     assert none.stages[0].curve == [] and none.stages[0].n_train == 0
     assert none.stages[0].tau == pytest.approx(0.07)
-    assert none.stages[0].val_loss is not None          # loss of the untrained heads on D_train
+    assert none.stages[0].val_loss is not None  # loss of the untrained heads on D_train
     assert none.summary()["mode"] == "none"
     assert none.summary()["updates"]["total"] == 0 and none.summary()["updates"]["progressive_budget"] > 0
 
 
-@pytest.mark.parametrize("n, cfg", [
-    (325, dict(batch_size=32)),                                           # the quick profile's shape
-    (37, dict(batch_size=10, strides=(0.2, 0.6, 1.0), epochs_per_stage=3, lr_decay_every=2)),
-    (50, dict(batch_size=7, epochs_per_stage=2, align_order="summed", rank_warmup_epochs=1)),
-])
+@pytest.mark.parametrize(
+    "n, cfg",
+    [
+        (325, dict(batch_size=32)),  # the quick profile's shape
+        (37, dict(batch_size=10, strides=(0.2, 0.6, 1.0), epochs_per_stage=3, lr_decay_every=2)),
+        (50, dict(batch_size=7, epochs_per_stage=2, align_order="summed", rank_warmup_epochs=1)),
+    ],
+)
 def test_direct_gets_the_progressive_update_budget_and_decay_points(n, cfg):
     """Table 4 compares the order of the data, not the amount of training: the plan fixes the steps."""
     rng = np.random.default_rng(0)
     feats = {m: rng.normal(size=(n, d)).astype(np.float32) for m, d in (("image", 12), ("llm", 6), ("vlm", 8))}
     cfg = {"epochs_per_stage": 1, **cfg}
-    runs = {mode: train_pfa(feats, PFAConfig(mode=mode, proj_dim=16, **cfg), seed=0)
-            for mode in ("progressive", "direct")}
+    runs = {
+        mode: train_pfa(feats, PFAConfig(mode=mode, proj_dim=16, **cfg), seed=0) for mode in ("progressive", "direct")
+    }
     plans = {mode: plan_updates(PFAConfig(mode=mode, **cfg), n) for mode in runs}
     assert plans["direct"]["updates"] == plans["progressive"]["updates"] == plans["direct"]["progressive_updates"]
     assert plans["direct"]["decay_after"] == plans["progressive"]["decay_after"]
     for mode, res in runs.items():
-        assert res.updates == plans[mode]["updates"]                 # what ran is what was planned
+        assert res.updates == plans[mode]["updates"]  # what ran is what was planned
         assert res.summary()["updates"]["total"] == res.updates
         curve = res.rank_warmup.get("curve", []) + [r for s in res.stages for r in s.curve]
         assert curve[-1]["updates"] == res.updates
@@ -213,7 +228,7 @@ def planted_difficulty(n: int = 200, seed: int = 0) -> tuple[dict[str, np.ndarra
     rng = np.random.default_rng(seed)
     latent = rng.normal(size=(n, 8))
     difficulty = rng.uniform(size=n)
-    other = latent[(np.arange(n) + rng.integers(1, n, size=n)) % n]        # never the card itself
+    other = latent[(np.arange(n) + rng.integers(1, n, size=n)) % n]  # never the card itself
     text_latent = (1 - difficulty)[:, None] * latent + difficulty[:, None] * other
     feats = {"image": latent @ rng.normal(size=(8, 40))}
     for name, dim in (("llm", 24), ("vlm", 32)):
@@ -242,7 +257,7 @@ def test_first_stage_picks_the_planted_hardest_pairs(seed):
         return rho, overlap
 
     rho, overlap = first_stage()
-    assert rho < -0.6 and overlap > 2 * chance, (rho, overlap)   # low self-similarity = hard pair
+    assert rho < -0.6 and overlap > 2 * chance, (rho, overlap)  # low self-similarity = hard pair
     rho0, overlap0 = first_stage(**{"pfa.rank_warmup_epochs": 0})
     assert rho0 > -0.3 and overlap0 < 1.75 * chance, (rho0, overlap0)
 
@@ -281,15 +296,17 @@ def test_heads_checkpoint_round_trips_through_safetensors(tmp_path):
     path = save_module_state(res.heads, tmp_path / "heads.safetensors", metadata={"kind": "pfa"})
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
-    assert raw[8:9] == b"{" and b"log_tau" in raw[8:8 + header_len]       # safetensors, not a pickle
+    assert raw[8:9] == b"{" and b"log_tau" in raw[8 : 8 + header_len]  # safetensors, not a pickle
     fresh = AlignmentHeads.from_checkpoint(
-        {k: torch.zeros_like(v) for k, v in res.stages[-1].checkpoint.items()}, res.heads.meta())
+        {k: torch.zeros_like(v) for k, v in res.stages[-1].checkpoint.items()}, res.heads.meta()
+    )
     load_module_state(fresh, path)
     again = align_features(fresh, feats)
     np.testing.assert_allclose(again["image"], res.embeddings["image"], atol=1e-6)
 
 
 # -- profiles ------------------------------------------------------------------------------------------
+
 
 def test_profiles_and_overrides():
     paper = get_profile("paper")
@@ -300,25 +317,29 @@ def test_profiles_and_overrides():
     assert paper.pfa.lr_decay == 0.75 and paper.pfa.lr_decay_every == 15
     assert paper.fusion.epochs == 60 and paper.fusion.batch_size == 10
     assert paper.pfa.strides == (0.2, 0.4, 0.6, 0.8, 1.0)
-    quick = get_profile("quick", {"pfa": {"lr": 0.01}, "fusion.epochs": 30, "pfa.stride": "0.2/0.6/1",
-                                  "seed": 7, "encoders.finetune": "false"})
+    quick = get_profile(
+        "quick",
+        {"pfa": {"lr": 0.01}, "fusion.epochs": 30, "pfa.stride": "0.2/0.6/1", "seed": 7, "encoders.finetune": "false"},
+    )
     assert quick.pfa.lr == 0.01 and quick.fusion.epochs == 30 and quick.seed == 7
     assert quick.pfa.strides == (0.2, 0.6, 1.0)
     assert get_profile("quick", {"pfa.stride": 0.25}).pfa.strides == (0.25, 0.5, 0.75, 1.0)
     assert plan_updates(get_profile("quick").pfa, 325)["phases"][1:] == [
         {"stage": k, "n_pairs": c, "epochs": 15, "batches": 15 * b, "last_epoch_batches": b}
-        for k, (c, b) in enumerate(zip((65, 130, 195, 260, 325), (2, 5, 7, 9, 11)), start=1)]
+        for k, (c, b) in enumerate(zip((65, 130, 195, 260, 325), (2, 5, 7, 9, 11)), start=1)
+    ]
     with pytest.raises(ConfigError, match="pfa.lrr"):
         get_profile("quick", {"pfa.lrr": 1})
     with pytest.raises(ConfigError, match="pfa.epochs_per_stage"):
         get_profile("quick", {"pfa": {"epochs_per_stage": "many"}})
     with pytest.raises(ConfigError):
-        get_profile("quick", {"fusion.tokens": 7})          # must divide 256
+        get_profile("quick", {"fusion.tokens": 7})  # must divide 256
     with pytest.raises(ConfigError):
         get_profile("fastest")
 
 
 # -- paper profile: encoders fine-tuned with the heads ---------------------------------------------------
+
 
 def test_encoders_fine_tune_in_warmup_and_alignment(tmp_path, small_dataset):
     import importlib.util
@@ -335,25 +356,42 @@ def test_encoders_fine_tune_in_warmup_and_alignment(tmp_path, small_dataset):
 
     paths = card_paths(small_dataset, 6)
     bert = make_tiny_bert(tmp_path / "bert")
-    img = image_encoder("efficientnet-lite0", input_size=64)     # small input: a fast CPU test
-    llm_enc = text_encoder("bert-base", path=bert)      # f_text^LLM and f_text^VLM: two separate copies
+    img = image_encoder("efficientnet-lite0", input_size=64)  # small input: a fast CPU test
+    llm_enc = text_encoder("bert-base", path=bert)  # f_text^LLM and f_text^VLM: two separate copies
     vlm_enc = text_encoder("bert-base", path=bert)
-    llm_texts = ["the drilling looks normal", "the distribution is shifted to the right",
-                 "two separate clusters of holes", "the drilling looks normal",
-                 "pink dots form a ring around the centre", "the drilling looks defective"]
-    vlm_texts = ["pink dots in the centre", "dots to the right", "two clusters", "dots in the centre",
-                 "a ring of dots", "dots spread out"]
-    sources = {"image": EncoderFeatures(img, paths), "llm": EncoderFeatures(llm_enc, llm_texts),
-               "vlm": EncoderFeatures(vlm_enc, vlm_texts)}
+    llm_texts = [
+        "the drilling looks normal",
+        "the distribution is shifted to the right",
+        "two separate clusters of holes",
+        "the drilling looks normal",
+        "pink dots form a ring around the centre",
+        "the drilling looks defective",
+    ]
+    vlm_texts = [
+        "pink dots in the centre",
+        "dots to the right",
+        "two clusters",
+        "dots in the centre",
+        "a ring of dots",
+        "dots spread out",
+    ]
+    sources = {
+        "image": EncoderFeatures(img, paths),
+        "llm": EncoderFeatures(llm_enc, llm_texts),
+        "vlm": EncoderFeatures(vlm_enc, vlm_texts),
+    }
 
     def snapshot():
-        return {"image": img.module._conv_stem.weight.detach().clone(),
-                "llm": llm_enc.module.embeddings.word_embeddings.weight.detach().clone(),
-                "vlm": vlm_enc.module.embeddings.word_embeddings.weight.detach().clone()}
+        return {
+            "image": img.module._conv_stem.weight.detach().clone(),
+            "llm": llm_enc.module.embeddings.word_embeddings.weight.detach().clone(),
+            "vlm": vlm_enc.module.embeddings.word_embeddings.weight.detach().clone(),
+        }
 
     start = snapshot()
-    history = warmup_encoders(sources, [0, 1, 2, 0, 3, 1], epochs=1, batch_size=3, seed=0,
-                              encoder_lrs={"image": 1e-3, "text": 1e-3})
+    history = warmup_encoders(
+        sources, [0, 1, 2, 0, 3, 1], epochs=1, batch_size=3, seed=0, encoder_lrs={"image": 1e-3, "text": 1e-3}
+    )
     assert len(history) == 1 and set(history[0]) == {"epoch", "loss_image", "loss_llm", "loss_vlm"}
     warmed = snapshot()
     for m in start:

@@ -21,13 +21,12 @@ from asectl.cli import cli
 from asectl.errors import ConfigError
 from asectl.executors import ExecutorSettings, check_same
 
-VOLATILE = {"seconds", "timing"}   # measured durations: the only fields a recomputation may change
+VOLATILE = {"seconds", "timing"}  # measured durations: the only fields a recomputation may change
 
 
 def canonical(records: list[dict]) -> list[str]:
     """Records as the bytes they are stored and exported as, without measured durations."""
-    return [json.dumps({k: v for k, v in r.items() if k not in VOLATILE}, sort_keys=True, default=str)
-            for r in records]
+    return [json.dumps({k: v for k, v in r.items() if k not in VOLATILE}, sort_keys=True, default=str) for r in records]
 
 
 def entries(cache_root: Path, stage: str) -> dict[str, Path]:
@@ -40,15 +39,14 @@ def stored(cache_root: Path, stage: str) -> dict[str, str]:
     out = {}
     for key, path in entries(cache_root, stage).items():
         record = json.loads((path / "record.json").read_bytes())
-        meta = {k: v for k, v in json.loads((path / "meta.json").read_bytes()).items()
-                if k not in ("created", "files")}
+        meta = {k: v for k, v in json.loads((path / "meta.json").read_bytes()).items() if k not in ("created", "files")}
         out[key] = canonical([record])[0] + json.dumps(meta, sort_keys=True)
     return out
 
 
 # --- without a cluster -------------------------------------------------------------------------------
 def test_missing_ray_is_one_line_naming_the_extra(small_dataset, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)   # as if Ray were not installed: `import ray` fails
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: `import ray` fails
     res = CliRunner().invoke(cli, ["ocr", str(small_dataset), "--executor", "ray"])
     assert res.exit_code == 2, res.output
     assert 'pip install -e ".[ray]"' in res.output and "Traceback" not in res.output
@@ -59,8 +57,10 @@ def test_executors_are_found_by_name_and_ray_is_imported_only_for_ray():
     from asectl.registry import EXECUTORS
 
     assert EXECUTORS.names() == ["local", "ray"]
-    probe = ("import sys, asectl.executors as e; s = e.ExecutorSettings.from_sources(kind='local'); "
-             "print(e.make_executor(s).kind, 'asectl.ray_executor' in sys.modules, 'ray' in sys.modules)")
+    probe = (
+        "import sys, asectl.executors as e; s = e.ExecutorSettings.from_sources(kind='local'); "
+        "print(e.make_executor(s).kind, 'asectl.ray_executor' in sys.modules, 'ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["local", "False", "False"]
 
@@ -69,8 +69,13 @@ def test_executor_settings_come_from_options_then_env_then_config(tmp_path, monk
     config = tmp_path / "config.toml"
     config.write_text('[executor]\nkind = "ray"\nworkers = 8\nbatch_size = 16\n')
     monkeypatch.setenv("ASECTL_CONFIG", str(config))
-    for var in ("ASECTL_EXECUTOR", "ASECTL_RAY_ADDRESS", "ASECTL_RAY_WORKERS", "ASECTL_RAY_BATCH_SIZE",
-                "ASECTL_NUM_GPUS_PER_WORKER"):
+    for var in (
+        "ASECTL_EXECUTOR",
+        "ASECTL_RAY_ADDRESS",
+        "ASECTL_RAY_WORKERS",
+        "ASECTL_RAY_BATCH_SIZE",
+        "ASECTL_NUM_GPUS_PER_WORKER",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert ExecutorSettings.from_sources() == ExecutorSettings("ray", None, 8, 16, 0.0)
     monkeypatch.setenv("ASECTL_RAY_WORKERS", "3")
@@ -93,8 +98,11 @@ def test_executor_settings_come_from_options_then_env_then_config(tmp_path, monk
     config.write_text("")
     monkeypatch.setenv("ASECTL_CONFIG", str(config))
     monkeypatch.setenv("ASECTL_EXECUTOR", "cluster")
-    with pytest.raises(ConfigError, match=r"executor 'cluster': choose one of local, ray \(settings from "
-                                          r"ASECTL_EXECUTOR"):
+    with pytest.raises(
+        ConfigError,
+        match=r"executor 'cluster': choose one of local, ray \(settings from "
+        r"ASECTL_EXECUTOR",
+    ):
         ExecutorSettings.from_sources()
 
 
@@ -152,7 +160,7 @@ def test_ocr_on_ray_stores_the_local_records_under_the_same_keys(ray_home, small
     ok = [r for r in local_records if not r.get("error")]
     assert canonical(result.records) == canonical(local_records) and len(ok) >= 8
     assert cache.summary("ocr") == f"0 from cache, {len(ok)} computed"
-    assert stored(tmp_path / "ray", "ocr") == stored(local_root, "ocr")   # same keys, records and metadata
+    assert stored(tmp_path / "ray", "ocr") == stored(local_root, "ocr")  # same keys, records and metadata
     # Each executor hits the other's cache and returns exactly what is stored there.
     again = Cache(tmp_path / "ray")
     hits = run_ocr(ds, cache=again, workers=1).records
@@ -246,7 +254,7 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(ray_home, small_dataset,
     assert canonical(result.records) == canonical(local_records)
     after = entries(root, "ocr")
     assert len(after) == n_ok
-    assert all(after[k].stat().st_ino == ino for k, ino in killed["entries"].items())   # kept, not redone
+    assert all(after[k].stat().st_ino == ino for k, ino in killed["entries"].items())  # kept, not redone
 
 
 @pytest.mark.slow
@@ -261,15 +269,33 @@ def test_a_killed_driver_loses_nothing_computed(ray_home, small_dataset, local_o
 
     root = tmp_path / "cache"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "asectl", "--cache-dir", str(root), "-q", "ocr", str(small_dataset), "--executor",
-         "ray", "--ray-address", ray.get_runtime_context().gcs_address, "--ray-batch-size", "1",
-         "--ray-workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "asectl",
+            "--cache-dir",
+            str(root),
+            "-q",
+            "ocr",
+            str(small_dataset),
+            "--executor",
+            "ray",
+            "--ray-address",
+            ray.get_runtime_context().gcs_address,
+            "--ray-batch-size",
+            "1",
+            "--ray-workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while len(entries(root, "ocr")) < 2 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    time.sleep(3)   # the killed driver's workers are ended by Ray; a batch in flight may still land
+    time.sleep(3)  # the killed driver's workers are ended by Ray; a batch in flight may still land
     done = entries(root, "ocr")
     local_records, _ = local_ocr
     n_ok = sum(1 for r in local_records if not r.get("error"))
@@ -289,18 +315,26 @@ def test_a_cache_the_workers_do_not_share_stops_the_run_naming_the_fix(ray_home,
     from asectl.stages.ocr import run_ocr
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"the cache folder /proc/self/cwd/cache is not shared with Ray node .*: a "
-                                          r"file a worker wrote there is not visible to this process; put the cache "
-                                          r"on storage every node mounts at the same path .* --cache-dir"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the cache folder /proc/self/cwd/cache is not shared with Ray node .*: a "
+        r"file a worker wrote there is not visible to this process; put the cache "
+        r"on storage every node mounts at the same path .* --cache-dir",
+    ):
         run_ocr(load_dataset(small_dataset), cache=Cache("/proc/self/cwd/cache"), executor=ray_executor())
     assert not entries(tmp_path / "cache", "ocr") and not entries(ray_home / "cache", "ocr")
-    assert list((ray_home / "cache" / "tmp").glob("shared-check-*"))   # the worker did write, elsewhere
+    assert list((ray_home / "cache" / "tmp").glob("shared-check-*"))  # the worker did write, elsewhere
 
 
 # --- a wrong address, a poison card, batch predict -----------------------------------------------------
 def _asectl(*args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "asectl", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "asectl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
 
 
 def test_an_unreachable_ray_address_fails_at_once_naming_it(small_dataset, tmp_path):
@@ -311,7 +345,8 @@ def test_an_unreachable_ray_address_fails_at_once_naming_it(small_dataset, tmp_p
     assert res.returncode == 2 and time.monotonic() - started < 30, res.stderr
     assert res.stderr.strip().splitlines() == [
         "error: --ray-address 127.0.0.1:1: nothing answers at 127.0.0.1:1 (Connection refused within 5 s); start "
-        "the cluster with `ray start --head` or fix the address (docs/scale.md)"]
+        "the cluster with `ray start --head` or fix the address (docs/scale.md)"
+    ]
 
 
 @pytest.mark.slow
@@ -330,13 +365,15 @@ def test_an_address_that_answers_but_is_no_ray_cluster_fails_within_30_s(small_d
     assert res.returncode == 2 and time.monotonic() - started < 30, res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: --ray-address {address}: no Ray cluster answered there within 20 s; check the address (`ray "
-        "status` on the cluster shows it) (docs/scale.md)")
+        "status` on the cluster shows it) (docs/scale.md)"
+    )
     assert "Traceback" not in res.stderr
 
 
 @pytest.mark.slow
-def test_batch_predict_on_ray_equals_local_and_a_poison_card_fails_alone(ray_home, tiny_gguf, tmp_path_factory,
-                                                                         tmp_path, monkeypatch):
+def test_batch_predict_on_ray_equals_local_and_a_poison_card_fails_alone(
+    ray_home, tiny_gguf, tmp_path_factory, tmp_path, monkeypatch
+):
     """`predict --executor ray` on new cards gives the local records; a card whose OCR worker is killed each
     time it reads it (the documented test hook, forwarded to the Ray workers) is that card's error record
     after bounded retries, and the other cards are classified."""
@@ -359,8 +396,11 @@ def test_batch_predict_on_ray_equals_local_and_a_poison_card_fails_alone(ray_hom
     on_ray = predict(tmp_path / "ray", "--executor", "ray", "--ray-batch-size", "2", code=1)
     assert [r["image"] for r in on_ray] == [c.name for c in cards]
     bad = on_ray[1]
-    assert set(bad) == {"image", "error"} and f"{cards[1]}: an OCR worker process died each time it ran this alone " \
-                                                 f"({CRASH_RETRIES + 1} times" in bad["error"], bad
+    assert (
+        set(bad) == {"image", "error"}
+        and f"{cards[1]}: an OCR worker process died each time it ran this alone ({CRASH_RETRIES + 1} times"
+        in bad["error"]
+    ), bad
     assert on_ray[:1] + on_ray[2:] == local[:1] + local[2:]
     assert not entries(tmp_path / "ray", "ocr").keys() - entries(tmp_path / "local", "ocr").keys()
-    assert len(entries(tmp_path / "ray", "ocr")) == len(cards) - 1   # the poison card is not cached
+    assert len(entries(tmp_path / "ray", "ocr")) == len(cards) - 1  # the poison card is not cached

@@ -55,16 +55,29 @@ def _check_answer(answer: dict, labels) -> None:
 
 
 # --- CLI end to end (real OCR) -----------------------------------------------------------------------
-def test_cli_reason_tiny_gguf_end_to_end_then_cache_hit(tiny_gguf, small_dataset, truth, priors, tmp_path,
-                                                         _isolated_cache):
+def test_cli_reason_tiny_gguf_end_to_end_then_cache_hit(
+    tiny_gguf, small_dataset, truth, priors, tmp_path, _isolated_cache
+):
     from asectl.cli import cli
 
     priors_file = tmp_path / "priors.json"
     priors_file.write_text(json.dumps(priors))
     images = [str(small_dataset / "images" / n) for n in ("0000.png", "0001.png")]
     out = tmp_path / "reason.jsonl"
-    args = ["reason", *images, "--llm-model", str(tiny_gguf), "--n-ctx", str(TINY["n_ctx"]),
-            "--max-tokens", str(TINY["max_tokens"]), "--priors", str(priors_file), "--out", str(out)]
+    args = [
+        "reason",
+        *images,
+        "--llm-model",
+        str(tiny_gguf),
+        "--n-ctx",
+        str(TINY["n_ctx"]),
+        "--max-tokens",
+        str(TINY["max_tokens"]),
+        "--priors",
+        str(priors_file),
+        "--out",
+        str(out),
+    ]
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -84,7 +97,7 @@ def test_cli_reason_tiny_gguf_end_to_end_then_cache_hit(tiny_gguf, small_dataset
         assert r["sampling"]["temperature"] == 0.0 and r["sampling"]["max_tokens"] == TINY["max_tokens"]
         assert r["tokens"]["prompt"] > 500 and r["tokens"]["completion"] > 10
         assert r["finish_reason"] == "stop" and r["warnings"] == []
-    assert "0 from cache, 2 computed" in first.output          # the reason entries of 2 cards
+    assert "0 from cache, 2 computed" in first.output  # the reason entries of 2 cards
 
     second = CliRunner().invoke(cli, [*args, "--json"])
     assert second.exit_code == 0, second.output
@@ -95,8 +108,9 @@ def test_cli_reason_tiny_gguf_end_to_end_then_cache_hit(tiny_gguf, small_dataset
 
 # --- bad inputs: exit 2, one line, nothing cached ----------------------------------------------------
 @pytest.mark.parametrize("kind", ["missing", "not-gguf", "unknown-arch"])
-def test_cli_bad_model_file_exits_2_with_one_line_and_caches_nothing(kind, small_dataset, tmp_path, priors,
-                                                                     _isolated_cache):
+def test_cli_bad_model_file_exits_2_with_one_line_and_caches_nothing(
+    kind, small_dataset, tmp_path, priors, _isolated_cache
+):
     from asectl.cli import cli
 
     if kind == "missing":
@@ -108,8 +122,10 @@ def test_cli_bad_model_file_exits_2_with_one_line_and_caches_nothing(kind, small
         model, expect = write_fake_arch(tmp_path / "fake.gguf"), "architecture 'asectl-no-such-arch'"
     priors_file = tmp_path / "priors.json"
     priors_file.write_text(json.dumps(priors))
-    result = CliRunner().invoke(cli, ["reason", str(small_dataset / "images" / "0000.png"), "--llm-model",
-                                      str(model), "--priors", str(priors_file)])
+    result = CliRunner().invoke(
+        cli,
+        ["reason", str(small_dataset / "images" / "0000.png"), "--llm-model", str(model), "--priors", str(priors_file)],
+    )
     assert result.exit_code == 2, result.output
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], result.stderr
@@ -120,8 +136,9 @@ def test_cli_bad_model_file_exits_2_with_one_line_and_caches_nothing(kind, small
 def test_unlabelled_images_without_priors_fail_before_ocr(tiny_gguf, small_dataset, _isolated_cache):
     from asectl.cli import cli
 
-    result = CliRunner().invoke(cli, ["reason", str(small_dataset / "images" / "0000.png"),
-                                      "--llm-model", str(tiny_gguf)])
+    result = CliRunner().invoke(
+        cli, ["reason", str(small_dataset / "images" / "0000.png"), "--llm-model", str(tiny_gguf)]
+    )
     assert result.exit_code == 2 and "labelled training split" in result.stderr
     assert _entries(_isolated_cache) == []
 
@@ -137,8 +154,10 @@ def test_chat_template_in_gguf_runs_sandboxed_and_hostile_one_is_refused(tmp_pat
     assert isinstance(env, jinja2.sandbox.ImmutableSandboxedEnvironment)
 
     marker = tmp_path / "pwned"
-    hostile = ("{{ cycler.__init__.__globals__.os.popen('touch " + str(marker) + "').read() }}"
-               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    hostile = (
+        "{{ cycler.__init__.__globals__.os.popen('touch " + str(marker) + "').read() }}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     model = write_tiny_llama(tmp_path / "hostile.gguf", chat_template=hostile)
     with pytest.raises(ConfigError, match="unsafe operation, blocked by the jinja2 sandbox"):
         LlamaCppLLM(model)
@@ -146,8 +165,10 @@ def test_chat_template_in_gguf_runs_sandboxed_and_hostile_one_is_refused(tmp_pat
     # A built-in format ignores the embedded template.
     assert LlamaCppLLM(model, chat_format="llama-2").chat_format == "llama-2"
 
-    benign = write_tiny_llama(tmp_path / "templated.gguf",
-                              chat_template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    benign = write_tiny_llama(
+        tmp_path / "templated.gguf",
+        chat_template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}",
+    )
     assert LlamaCppLLM(benign).chat_format == "chat_template.default"
 
 
@@ -158,7 +179,7 @@ def test_chat_format_from_metadata_or_option(tmp_path):
     def info(arch="llama", name=None, template=None):
         return GGUFInfo(tmp_path / "m.gguf", arch, name, None, template, 4096, "<s>", "</s>")
 
-    assert resolve_chat_format(info(name="LLaMA v2 7B Chat"))[0] == "llama-2"      # typical LLaMA2 GGUF
+    assert resolve_chat_format(info(name="LLaMA v2 7B Chat"))[0] == "llama-2"  # typical LLaMA2 GGUF
     assert resolve_chat_format(info(name="Llama-2-7b-chat-hf"))[0] == "llama-2"
     assert resolve_chat_format(info(name="Mistral-7B-Instruct-v0.2"))[0] == "mistral-instruct"
     assert resolve_chat_format(info(arch="qwen2", name="x"))[0] == "chatml"
@@ -203,8 +224,9 @@ def test_run_reason_is_deterministic_and_replayable(tiny_gguf, small_dataset, tr
 
 def test_answer_cut_by_max_tokens_is_recorded_not_raised(tiny_gguf, small_dataset, truth, priors, cache):
     one = _subset(small_dataset, 1)
-    rec = R.run_reason(one, llm_model=tiny_gguf, fields=truth, priors=priors, cache=cache, n_ctx=8192,
-                       max_tokens=32).records[0]
+    rec = R.run_reason(
+        one, llm_model=tiny_gguf, fields=truth, priors=priors, cache=cache, n_ctx=8192, max_tokens=32
+    ).records[0]
     assert rec["json"] is None and rec["finish_reason"] == "length"
     assert any("cut off" in w for w in rec["warnings"]) and any("not valid JSON" in w for w in rec["warnings"])
     assert rec["raw"].startswith("{") and rec["text"].startswith("Record: N ")
@@ -212,8 +234,14 @@ def test_answer_cut_by_max_tokens_is_recorded_not_raised(tiny_gguf, small_datase
 
 def test_parse_answer_never_raises():
     labels = ["normal", "type1"]
-    good = {"verdict": "defective", "deviation_kind": "shift", "axis": "x", "severity": "high",
-            "closest_class": "type1", "rationale": "mean x\x07 is 4 sd above normal"}
+    good = {
+        "verdict": "defective",
+        "deviation_kind": "shift",
+        "axis": "x",
+        "severity": "high",
+        "closest_class": "type1",
+        "rationale": "mean x\x07 is 4 sd above normal",
+    }
     answer, warnings = R.parse_answer(json.dumps(good), labels)
     assert warnings == [] and answer["rationale"] == "mean x is 4 sd above normal"
     assert R.parse_answer("not json", labels)[0] is None
@@ -226,11 +254,12 @@ def test_parse_answer_never_raises():
 
 # --- priors, prompt, schema --------------------------------------------------------------------------
 def test_build_priors_per_class_stats_are_json_and_use_only_train(small_dataset, truth):
-    records = [{"N": 100, "mu_x": 0.0, "mu_y": 1.0, "sd_x": 2.0, "sd_y": 2.0, "bins": [50, 50, 0, 0, 0, 0, 0, 0, 0]},
-               {"N": 300, "mu_x": 2.0, "mu_y": 1.0, "sd_x": 4.0, "sd_y": 2.0,
-                "bins": [0, 0, 0, 0, 0, 0, 100, 100, 100]},
-               {"N": 200, "mu_x": 9.0, "mu_y": -3.0, "sd_x": 3.0},                      # partly read: no bins
-               {}]                                                                        # nothing read
+    records = [
+        {"N": 100, "mu_x": 0.0, "mu_y": 1.0, "sd_x": 2.0, "sd_y": 2.0, "bins": [50, 50, 0, 0, 0, 0, 0, 0, 0]},
+        {"N": 300, "mu_x": 2.0, "mu_y": 1.0, "sd_x": 4.0, "sd_y": 2.0, "bins": [0, 0, 0, 0, 0, 0, 100, 100, 100]},
+        {"N": 200, "mu_x": 9.0, "mu_y": -3.0, "sd_x": 3.0},  # partly read: no bins
+        {},
+    ]  # nothing read
     priors = R.build_priors(records, ["normal", "normal", "type2", "type2"])
     assert json.loads(json.dumps(priors)) == priors and R.check_priors(priors) is priors
     normal = priors["classes"]["normal"]
@@ -253,18 +282,26 @@ def test_build_priors_per_class_stats_are_json_and_use_only_train(small_dataset,
 
 def test_check_priors_rejects_malformed():
     good = R.build_priors([{"N": 1, "mu_x": 0.0, "mu_y": 0.0, "sd_x": 1.0, "sd_y": 1.0}], ["normal"])
-    for bad in ({}, {**good, "format": "x"}, {**good, "classes": {}},
-                {**good, "classes": {"normal": {**good["classes"]["normal"], "mean": {"mu_x": "zero"}}}}):
+    for bad in (
+        {},
+        {**good, "format": "x"},
+        {**good, "classes": {}},
+        {**good, "classes": {"normal": {**good["classes"]["normal"], "mean": {"mu_x": "zero"}}}},
+    ):
         with pytest.raises(ConfigError):
             R.check_priors(bad)
 
 
 def test_prompt_is_a_versioned_file_with_known_placeholders(tmp_path, small_dataset, truth, priors):
     name = "images/0000.png"
-    values = {"card": R.card_summary(truth[name], priors),
-              "record": R.record_sentence(truth[name], priors["bin_edges"]),
-              "deviation": R.deviation_text(truth[name], priors), "priors": R.priors_text(priors),
-              "n_train": priors["cards"], "labels": "normal, type1"}
+    values = {
+        "card": R.card_summary(truth[name], priors),
+        "record": R.record_sentence(truth[name], priors["bin_edges"]),
+        "deviation": R.deviation_text(truth[name], priors),
+        "priors": R.priors_text(priors),
+        "n_train": priors["cards"],
+        "labels": "normal, type1",
+    }
     tpl = R.load_prompt()
     assert tpl.name == "reason-v2" and tpl.sha256 == sha256_file(R.PROMPTS_DIR / "reason-v2.txt")
     messages = tpl.messages(**values)
@@ -278,8 +315,11 @@ def test_prompt_is_a_versioned_file_with_known_placeholders(tmp_path, small_data
         words = words.replace(label, "")
     assert not any(c.isdigit() for c in words)
     prefix = tpl.shared_prefix(**values)
-    assert (prefix[0] == messages[0] and user.startswith(prefix[1]["content"])
-            and values["card"] not in prefix[1]["content"])
+    assert (
+        prefix[0] == messages[0]
+        and user.startswith(prefix[1]["content"])
+        and values["card"] not in prefix[1]["content"]
+    )
 
     v1 = R.load_prompt("reason-v1")
     user = v1.messages(**values)[1]["content"]
@@ -305,8 +345,11 @@ def test_record_sentence_says_what_ocr_missed():
 def test_card_summary_levels_and_unread_fields(priors):
     normal = priors["classes"]["normal"]
     spread = lambda f: R.deviation_scale(priors, normal, f)  # noqa: E731
-    fields = {"mu_x": normal["mean"]["mu_x"], "mu_y": normal["mean"]["mu_y"] + 10 * spread("mu_y"),
-              "sd_x": normal["mean"]["sd_x"] - 2 * spread("sd_x")}
+    fields = {
+        "mu_x": normal["mean"]["mu_x"],
+        "mu_y": normal["mean"]["mu_y"] + 10 * spread("mu_y"),
+        "sd_x": normal["mean"]["sd_x"] - 2 * spread("sd_x"),
+    }
     text = R.card_summary(fields, priors)
     assert "mean x typical" in text and "mean y very high" in text and "sd x low" in text
     assert "sd y not read" in text and "near not read" in text
@@ -321,8 +364,11 @@ def test_object_fields_from_the_answer_schema():
     assert [f.name for f in fields] == list(R.ANSWER_KEYS)
     assert fields[4] == Field("closest_class", ("normal", "type1"))
     assert fields[5] == Field("rationale", None, 1, R.RATIONALE_MAX_CHARS)
-    for bad in ({"type": "array"}, {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
-                {"type": "object", "properties": {"a": {"type": "string"}}, "required": []}):
+    for bad in (
+        {"type": "array"},
+        {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+        {"type": "object", "properties": {"a": {"type": "string"}}, "required": []},
+    ):
         with pytest.raises(ConfigError):
             object_fields(bad)
 
@@ -336,7 +382,7 @@ def tiny_llm(tiny_gguf):
     llm.close()
 
 
-@pytest.mark.parametrize("text", ["normal", '", "axis": "', " spaced words", "{\"a\": \"", "type3"])
+@pytest.mark.parametrize("text", ["normal", '", "axis": "', " spaced words", '{"a": "', "type3"])
 def test_decoder_spells_fixed_text_exactly_with_a_sentencepiece_vocabulary(tiny_llm, text):
     from asectl.backends.json_decode import Field, JsonObjectDecoder
 
@@ -350,20 +396,30 @@ def test_decoder_answers_stay_in_the_schema_and_repeat_for_a_seed(tiny_llm, temp
     enums (shared first tokens included) and the string limits, and repeat exactly for the same seed."""
     from asectl.backends.json_decode import Field
 
-    fields = [Field("kind", ("type1", "type2", "type10", "normal")), Field("note", None, 3, 12),
-              Field("axis", ("x", "y"))]
+    fields = [
+        Field("kind", ("type1", "type2", "type10", "normal")),
+        Field("note", None, 3, 12),
+        Field("axis", ("x", "y")),
+    ]
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "judge the card"}]
     answers = set()
     for seed in range(6):
-        sampling = {"temperature": temperature, "seed": seed, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
-                    "repeat_penalty": 1.1, "max_tokens": 200}
+        sampling = {
+            "temperature": temperature,
+            "seed": seed,
+            "top_k": 40,
+            "top_p": 0.95,
+            "min_p": 0.05,
+            "repeat_penalty": 1.1,
+            "max_tokens": 200,
+        }
         out = tiny_llm.answer(messages, fields, sampling)
         assert tiny_llm.answer(messages, fields, sampling)["raw"] == out["raw"]
         obj = json.loads(out["raw"])
         assert list(obj) == ["kind", "note", "axis"] and out["finish_reason"] == "stop"
         assert obj["kind"] in fields[0].options and obj["axis"] in ("x", "y")
         assert len(obj["note"]) <= 12 and len(obj["note"].strip()) >= 3
-        assert out["tokens"]["completion"] > out["timing"]["decode_calls"] > 0   # fixed text costs no call
+        assert out["tokens"]["completion"] > out["timing"]["decode_calls"] > 0  # fixed text costs no call
         answers.add(out["raw"])
     assert len(answers) > 1 if temperature else len(answers) == 1
 
@@ -408,7 +464,7 @@ def test_checks_before_loading_are_remembered_per_file_state(tiny_gguf, tmp_path
 
     model = tmp_path / "m.gguf"
     shutil.copy(tiny_gguf, model)
-    monkeypatch.setattr(cache_module, "_RACY_NS", 0)   # the copy is seconds old: memoise it all the same
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)  # the copy is seconds old: memoise it all the same
     L.LlamaCppLLM(model)
     calls = []
     monkeypatch.setattr(L, "check_architecture", lambda info: calls.append(info.path))
@@ -419,44 +475,56 @@ def test_checks_before_loading_are_remembered_per_file_state(tiny_gguf, tmp_path
     assert calls == [model]
 
 
-def test_cards_whose_prompts_read_alike_share_one_exact_answer(tmp_path, small_dataset, truth, priors,
-                                                               monkeypatch, tiny_gguf):
+def test_cards_whose_prompts_read_alike_share_one_exact_answer(
+    tmp_path, small_dataset, truth, priors, monkeypatch, tiny_gguf
+):
     """Two cards whose summaries read alike get one generated answer, identical to the one the second
     card gets on its own; a later run takes it from the cache; worker processes share it the same way."""
     from asectl.cache import Cache
 
     ds = load_dataset(small_dataset)
     a, b = ds.samples[0], ds.samples[1]
-    near_a = {**truth[a.name], "mu_x": truth[a.name]["mu_x"] + 0.01}   # a different record, same levels
-    other = next(s for s in ds.samples[2:] if R.card_summary(truth[s.name], priors) !=
-                 R.card_summary(truth[a.name], priors))
+    near_a = {**truth[a.name], "mu_x": truth[a.name]["mu_x"] + 0.01}  # a different record, same levels
+    other = next(
+        s for s in ds.samples[2:] if R.card_summary(truth[s.name], priors) != R.card_summary(truth[a.name], priors)
+    )
     assert R.card_summary(near_a, priors) == R.card_summary(truth[a.name], priors)
     fields = {a.name: truth[a.name], b.name: near_a, other.name: truth[other.name]}
     sub = lambda *s: Dataset(list(s), ds.root, ds.source, ds.labels)  # noqa: E731
 
-    both = R.run_reason(sub(a, b), fields=fields, priors=priors, cache=Cache(tmp_path / "c1"), workers=1,
-                        llm_model=tiny_gguf, **TINY)
+    both = R.run_reason(
+        sub(a, b), fields=fields, priors=priors, cache=Cache(tmp_path / "c1"), workers=1, llm_model=tiny_gguf, **TINY
+    )
     ra, rb = both.records
     assert both.params["answers_generated"] == 1
     assert (ra["answer_shared"], rb["answer_shared"]) == (False, True) and rb["seconds"] == 0.0
     assert rb["raw"] == ra["raw"] and rb["fields"] == near_a and "Record: N" in rb["text"]
 
-    alone = R.run_reason(sub(b), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1,
-                         llm_model=tiny_gguf, **TINY)
+    alone = R.run_reason(
+        sub(b), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1, llm_model=tiny_gguf, **TINY
+    )
     assert alone.params["answers_generated"] == 1 and not alone.records[0]["answer_shared"]
     assert alone.records[0]["raw"] == rb["raw"]
 
     from asectl.backends.llm import LlamaCppLLM
 
-    with monkeypatch.context() as m:   # a new card whose prompt was answered before loads no model
+    with monkeypatch.context() as m:  # a new card whose prompt was answered before loads no model
         m.setattr(LlamaCppLLM, "load", lambda self: pytest.fail("the model was loaded"))
-        later = R.run_reason(sub(a), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1,
-                         llm_model=tiny_gguf, **TINY)
+        later = R.run_reason(
+            sub(a), fields=fields, priors=priors, cache=Cache(tmp_path / "c2"), workers=1, llm_model=tiny_gguf, **TINY
+        )
     assert later.params["answers_generated"] == 0 and later.records[0]["answer_shared"]
     assert later.records[0]["raw"] == ra["raw"]
 
-    pooled = R.run_reason(sub(a, other, b), fields=fields, priors=priors, cache=Cache(tmp_path / "c3"), workers=2,
-                          llm_model=tiny_gguf, **TINY)
+    pooled = R.run_reason(
+        sub(a, other, b),
+        fields=fields,
+        priors=priors,
+        cache=Cache(tmp_path / "c3"),
+        workers=2,
+        llm_model=tiny_gguf,
+        **TINY,
+    )
     assert pooled.params["answers_generated"] == 2
     assert [r["answer_shared"] for r in pooled.records] == [False, False, True]
     assert pooled.records[2]["raw"] == rb["raw"]

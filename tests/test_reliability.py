@@ -97,8 +97,9 @@ def _killed_run_matches(data, tmp_path, stage, seed):
 
 
 # The describe case runs by default (seconds); ocr and reason repeat the same check on slower stages.
-@pytest.mark.parametrize("stage", [pytest.param("ocr", marks=pytest.mark.slow), "describe",
-                                   pytest.param("reason", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stage", [pytest.param("ocr", marks=pytest.mark.slow), "describe", pytest.param("reason", marks=pytest.mark.slow)]
+)
 def test_killed_stage_resumes_to_the_same_result(data, tmp_path, stage):
     _killed_run_matches(data, tmp_path, stage, seed=0)
 
@@ -161,8 +162,7 @@ def test_killed_training_predict_and_report_resume_to_the_same_results(data, tmp
 @pytest.mark.slow
 def test_two_processes_on_one_cache(data, tmp_path):
     cache = tmp_path / "cache"
-    procs = [asectl(cache, "ocr", data / "data", "--out", tmp_path / f"out{i}.jsonl", wait=False)
-             for i in range(2)]
+    procs = [asectl(cache, "ocr", data / "data", "--out", tmp_path / f"out{i}.jsonl", wait=False) for i in range(2)]
     assert [p.wait(timeout=600) for p in procs] == [0, 0]
     assert records(tmp_path / "out0.jsonl") == records(tmp_path / "out1.jsonl")
     assert check_cache(cache) == len(records(tmp_path / "out0.jsonl"))
@@ -176,7 +176,7 @@ def test_catastrophic_card_spec_pattern_is_bounded(tmp_path, data):
     t0 = time.perf_counter()
     res = asectl(tmp_path / "c", "ocr", card, "--spec", spec, "--json")
     assert time.perf_counter() - t0 < 120
-    assert res.returncode == 1      # nothing matched: an error record, not a hang
+    assert res.returncode == 1  # nothing matched: an error record, not a hang
     assert "Traceback" not in res.stderr
 
 
@@ -194,5 +194,5 @@ def test_pickled_weights_are_refused(tmp_path):
     from asectl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not a readable weights file"):
-        _ = image_encoder("resnet50", weights=str(bad)).module     # the property loads the weights
+        _ = image_encoder("resnet50", weights=str(bad)).module  # the property loads the weights
     assert not (tmp_path / "pwned").exists()

@@ -11,14 +11,30 @@ import pytest
 from sklearn.metrics import f1_score
 
 from asectl.errors import DataError
-from asectl.report import (BINARY_LABELS, FILES, ReportInput, StageCurve, binary_labels, build_report,
-                           compute_metrics, format_metrics_markdown, pfa_stage_name, print_summary,
-                           stage_curves_from_pfa, tsne_perplexity, tsne_png)
+from asectl.report import (
+    BINARY_LABELS,
+    FILES,
+    ReportInput,
+    StageCurve,
+    binary_labels,
+    build_report,
+    compute_metrics,
+    format_metrics_markdown,
+    pfa_stage_name,
+    print_summary,
+    stage_curves_from_pfa,
+    tsne_perplexity,
+    tsne_png,
+)
 
 LABELS = ["normal", "type1", "type2", "type3", "type4"]
-PROVENANCE = {"ocr": "cnocr 2.3.3 (PP-OCRv6 small)", "descriptions": "built-in describer (not a VLM)",
-              "reasoning": "SmolLM2-135M-Instruct Q4_1 GGUF", "alignment": "progressive, stride 0.2",
-              "fusion": "cmaf"}
+PROVENANCE = {
+    "ocr": "cnocr 2.3.3 (PP-OCRv6 small)",
+    "descriptions": "built-in describer (not a VLM)",
+    "reasoning": "SmolLM2-135M-Instruct Q4_1 GGUF",
+    "alignment": "progressive, stride 0.2",
+    "fusion": "cmaf",
+}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -31,19 +47,32 @@ def synthetic_input(n_test: int = 30, n_embed: int = 40, seed: int = 0, **overri
     probs /= probs.sum(1, keepdims=True)
     emb_labels = rng.integers(0, 5, n_embed).tolist()
     centres = rng.normal(size=(5, 16)) * 3
-    embeddings = {"unaligned": rng.normal(size=(n_embed, 16)),
-                  "PFA stage 1 (50%)": rng.normal(size=(n_embed, 16)) + centres[emb_labels] * 0.3,
-                  "PFA stage 2 (100%)": rng.normal(size=(n_embed, 16)) + centres[emb_labels]}
+    embeddings = {
+        "unaligned": rng.normal(size=(n_embed, 16)),
+        "PFA stage 1 (50%)": rng.normal(size=(n_embed, 16)) + centres[emb_labels] * 0.3,
+        "PFA stage 2 (100%)": rng.normal(size=(n_embed, 16)) + centres[emb_labels],
+    }
     fields = dict(
-        label_names=LABELS, y_true=y_true, y_pred=y_pred, image_names=[f"cards/{i:04d}.png" for i in range(n_test)],
-        probs=probs, embeddings=embeddings, embedding_labels=emb_labels,
+        label_names=LABELS,
+        y_true=y_true,
+        y_pred=y_pred,
+        image_names=[f"cards/{i:04d}.png" for i in range(n_test)],
+        probs=probs,
+        embeddings=embeddings,
+        embedding_labels=emb_labels,
         embedding_split=["train"] * (n_embed - n_embed // 4) + ["test"] * (n_embed // 4),
-        pfa_curves=[StageCurve("PFA stage 1 (50%)", [3.1, 2.8, 2.5], val_loss=2.9, n_train=10),
-                    StageCurve("PFA stage 2 (100%)", [2.7, 2.2, 1.9], val_loss=None, n_train=20)],
+        pfa_curves=[
+            StageCurve("PFA stage 1 (50%)", [3.1, 2.8, 2.5], val_loss=2.9, n_train=10),
+            StageCurve("PFA stage 2 (100%)", [2.7, 2.2, 1.9], val_loss=None, n_train=20),
+        ],
         fusion_curve=[{"epoch": e, "loss": 1.6 / e, "accuracy": min(1.0, 0.2 * e)} for e in range(1, 6)],
-        provenance=PROVENANCE, model_id="bundle-3f2a", dataset_fingerprint="sha256:00ff",
-        seeds={"split": 0, "pfa": 1, "fusion": 2}, warnings=["image encoder randomly initialised"],
-        title="Test report")
+        provenance=PROVENANCE,
+        model_id="bundle-3f2a",
+        dataset_fingerprint="sha256:00ff",
+        seeds={"split": 0, "pfa": 1, "fusion": 2},
+        warnings=["image encoder randomly initialised"],
+        title="Test report",
+    )
     fields.update(overrides)
     return ReportInput(**fields)
 
@@ -74,7 +103,7 @@ def test_html_is_self_contained(built):
     assert not re.search(r"url\(\s*['\"]?\s*(https?:)?//", html, re.I)
     assert "<script" not in html.lower() and "<link" not in html.lower()
     sources = re.findall(r'<img[^>]*src="([^"]+)"', html)
-    assert len(sources) == 4       # confusion, binary confusion, t-SNE, curves
+    assert len(sources) == 4  # confusion, binary confusion, t-SNE, curves
     embedded = set()
     for src in sources:
         assert src.startswith("data:image/png;base64,")
@@ -150,18 +179,30 @@ def test_six_samples_and_a_class_never_predicted(tmp_path):
     # type4 is neither true nor predicted; type3 is true once but never predicted (zero division).
     y_true = [0, 0, 1, 2, 3, 1]
     y_pred = [0, 1, 1, 2, 0, 1]
-    data = synthetic_input(n_test=6, n_embed=6, y_true=y_true, y_pred=y_pred, probs=None,
-                           embedding_split=None,
-                           fusion_curve=[{"epoch": 1, "loss": float("nan"), "accuracy": 0.5}])
+    data = synthetic_input(
+        n_test=6,
+        n_embed=6,
+        y_true=y_true,
+        y_pred=y_pred,
+        probs=None,
+        embedding_split=None,
+        fusion_curve=[{"epoch": 1, "loss": float("nan"), "accuracy": 0.5}],
+    )
     summary = build_report(data, tmp_path / "small")
     m = json.loads(summary.paths["metrics"].read_text())
     multi = m["multiclass"]
     assert multi["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
     assert multi["macro_f1_labels"] == ["normal", "type1", "type2", "type3"]
-    assert multi["per_class"]["type4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0,
-                                           "predicted": 0, "in_macro": False}
+    assert multi["per_class"]["type4"] == {
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 0,
+        "predicted": 0,
+        "in_macro": False,
+    }
     assert multi["per_class"]["type3"]["f1"] == 0.0 and multi["per_class"]["type3"]["in_macro"]
-    assert m["curves"]["fusion"][0]["loss"] is None          # NaN is not JSON
+    assert m["curves"]["fusion"][0]["loss"] is None  # NaN is not JSON
     assert m["tsne"]["perplexity"] < 6
     assert summary.paths["tsne"].read_bytes().startswith(PNG_MAGIC)
     md = summary.paths["markdown"].read_text()
@@ -182,14 +223,17 @@ def test_tsne_with_too_few_samples_draws_a_note():
     assert tsne_perplexity(6) < 6 and tsne_perplexity(1000) == 30
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"y_pred": [0, 1]}, "predictions"),
-    ({"y_true": [0, 7, 1, 1, 1, 1]}, "outside the 5 classes"),
-    ({"probs": np.ones((6, 4))}, "expected (6, 5)"),
-    ({"image_names": ["a"]}, "image names"),
-    ({"embedding_labels": [0, 1]}, "embedding labels"),
-    ({"y_true": [], "y_pred": [], "image_names": [], "probs": None}, "test split is empty"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"y_pred": [0, 1]}, "predictions"),
+        ({"y_true": [0, 7, 1, 1, 1, 1]}, "outside the 5 classes"),
+        ({"probs": np.ones((6, 4))}, "expected (6, 5)"),
+        ({"image_names": ["a"]}, "image names"),
+        ({"embedding_labels": [0, 1]}, "embedding labels"),
+        ({"y_true": [], "y_pred": [], "image_names": [], "probs": None}, "test split is empty"),
+    ],
+)
 def test_bad_input_is_a_data_error(tmp_path, change, message):
     data = synthetic_input(n_test=6, n_embed=6, **change)
     with pytest.raises(DataError, match=re.escape(message)):
@@ -226,8 +270,12 @@ def test_report_from_real_alignment_and_fusion_runs(tmp_path):
     n, n_train = 20, 15
     labels = [i % 5 for i in range(n)]
     feats = {m: rng.normal(size=(n, 12)).astype(np.float32) for m in ("image", "llm", "vlm")}
-    pfa = train_pfa(feats, PFAConfig(strides=(0.5, 1.0), epochs_per_stage=2, batch_size=5, proj_dim=32),
-                    seed=0, train_index=range(n_train))
+    pfa = train_pfa(
+        feats,
+        PFAConfig(strides=(0.5, 1.0), epochs_per_stage=2, batch_size=5, proj_dim=32),
+        seed=0,
+        train_index=range(n_train),
+    )
     curves = stage_curves_from_pfa(pfa.summary())
     assert [c.name for c in curves] == ["PFA stage 1 (50%)", "PFA stage 2 (100%)"]
     assert curves[0].val_loss is not None and curves[1].val_loss is None
@@ -235,22 +283,32 @@ def test_report_from_real_alignment_and_fusion_runs(tmp_path):
     aligned = pfa.embeddings
     train_feats = {m: aligned[m][:n_train] for m in ("image", "llm", "vlm")}
     test_feats = {m: aligned[m][n_train:] for m in ("image", "llm", "vlm")}
-    model, history = train_fusion(train_feats, [LABELS[y] for y in labels[:n_train]],
-                                  FusionConfig(epochs=3, batch_size=5), seed=0, classes=LABELS)
+    model, history = train_fusion(
+        train_feats, [LABELS[y] for y in labels[:n_train]], FusionConfig(epochs=3, batch_size=5), seed=0, classes=LABELS
+    )
     probs = predict_proba(model, test_feats)
     embeddings = {"unaligned": feats["image"]}
     embeddings.update({pfa_stage_name(s.index, s.fraction): s.embeddings["image"] for s in pfa.stages})
-    data = ReportInput(label_names=LABELS, y_true=labels[n_train:], y_pred=probs.argmax(1).tolist(),
-                       image_names=[f"{i}.png" for i in range(n_train, n)], probs=probs,
-                       embeddings=embeddings, embedding_labels=labels,
-                       embedding_split=["train"] * n_train + ["test"] * (n - n_train),
-                       pfa_curves=curves, fusion_curve=history["epochs"], provenance=PROVENANCE)
+    data = ReportInput(
+        label_names=LABELS,
+        y_true=labels[n_train:],
+        y_pred=probs.argmax(1).tolist(),
+        image_names=[f"{i}.png" for i in range(n_train, n)],
+        probs=probs,
+        embeddings=embeddings,
+        embedding_labels=labels,
+        embedding_split=["train"] * n_train + ["test"] * (n - n_train),
+        pfa_curves=curves,
+        fusion_curve=history["epochs"],
+        provenance=PROVENANCE,
+    )
     summary = build_report(data, tmp_path / "e2e")
     m = summary.metrics
     assert m["tsne"]["stages"] == ["unaligned", "PFA stage 1 (50%)", "PFA stage 2 (100%)"]
     assert m["curves"]["fusion"][-1]["epoch"] == 3
     assert m["multiclass"]["macro_f1"] == pytest.approx(
-        f1_score(data.y_true, data.y_pred, average="macro", zero_division=0))
+        f1_score(data.y_true, data.y_pred, average="macro", zero_division=0)
+    )
 
 
 # --- the report for the line: decision figures against their targets, the per-card table -------------
@@ -262,17 +320,23 @@ def decided_input(**overrides) -> ReportInput:
     rng = np.random.default_rng(1)
     y_true = [1, 0, 0, 0, 2, 3, 4, 1, 0, 2]
     probs = rng.dirichlet(np.ones(5) * 0.3, size=len(y_true))
-    probs[0] = [0.9, 0.04, 0.03, 0.02, 0.01]          # a type1 card the model is sure is normal
-    probs[1] = [0.55, 0.2, 0.1, 0.1, 0.05]            # a normal card below the pass threshold: review
+    probs[0] = [0.9, 0.04, 0.03, 0.02, 0.01]  # a type1 card the model is sure is normal
+    probs[1] = [0.55, 0.2, 0.1, 0.1, 0.05]  # a normal card below the pass threshold: review
     rule = DecisionRule(tuple(LABELS), 0.6, 0.7, 0.01, 0.05)
     explained = rule.explain(probs)
-    held, y_held = rng.dirichlet(np.ones(5) * 0.3, size=40), rng.integers(0, 5, 40)    # "held-out" cards
-    fields = dict(label_names=LABELS, y_true=y_true, y_pred=probs.argmax(1).tolist(),
-                  image_names=[f"cards/{i:02d}.png" for i in range(len(y_true))], probs=probs,
-                  probs_uncalibrated=probs, decisions=[d for d, _ in explained], reasons=[r for _, r in explained],
-                  calibration={"temperature": 1.0, "folds": 5, "n_held_out": 40, "seed": 0},
-                  decision_rule={**rule.to_dict(), "held_out": decision_stats(rule.decide(held), y_held,
-                                                                                held.argmax(1), LABELS)})
+    held, y_held = rng.dirichlet(np.ones(5) * 0.3, size=40), rng.integers(0, 5, 40)  # "held-out" cards
+    fields = dict(
+        label_names=LABELS,
+        y_true=y_true,
+        y_pred=probs.argmax(1).tolist(),
+        image_names=[f"cards/{i:02d}.png" for i in range(len(y_true))],
+        probs=probs,
+        probs_uncalibrated=probs,
+        decisions=[d for d, _ in explained],
+        reasons=[r for _, r in explained],
+        calibration={"temperature": 1.0, "folds": 5, "n_held_out": 40, "seed": 0},
+        decision_rule={**rule.to_dict(), "held_out": decision_stats(rule.decide(held), y_held, held.argmax(1), LABELS)},
+    )
     fields.update(overrides)
     return ReportInput(**fields)
 
@@ -295,8 +359,12 @@ def test_an_exceeded_target_is_flagged_first_with_exact_intervals(tmp_path):
     for text in (html, md):
         assert "OVER TARGET" in text and "exceeds its target of at most 1.00 %" in text
         # The decisions open the report; ECE and t-SNE come later, under ML diagnostics.
-        assert text.index("Decisions on the test split") < text.index("Cards") < text.index("ML diagnostics") \
+        assert (
+            text.index("Decisions on the test split")
+            < text.index("Cards")
+            < text.index("ML diagnostics")
             < text.index("t-SNE")
+        )
     assert f"1/{n_def}" in md
 
 
@@ -307,11 +375,11 @@ def test_the_per_card_table_lists_passed_defects_first_with_the_reason(tmp_path)
     assert preds[0]["decision"] == "pass" and preds[0]["reason"] == "p(normal) 0.9000 >= pass threshold 0.6000"
     assert preds[1]["decision"] == "review" and preds[1]["reason"] == "p(normal) 0.5500 < pass threshold 0.6000"
     md = summary.paths["markdown"].read_text()
-    table = md[md.index("## Cards"):md.index("## Classification")]
+    table = md[md.index("## Cards") : md.index("## Classification")]
     rows = [ln for ln in table.splitlines() if ln.startswith("| cards/")]
     assert len(rows) == 10 and rows[0].startswith("| cards/00.png | type1 | normal | 0.9000 | pass |")
     assert "missed defect" in rows[0]
     reviews = [i for i, r in enumerate(rows) if "| review |" in r]
-    assert reviews == list(range(reviews[0], reviews[0] + len(reviews)))   # the review cards together
+    assert reviews == list(range(reviews[0], reviews[0] + len(reviews)))  # the review cards together
     html = summary.paths["html"].read_text()
-    assert html.count('src="data:image/png;base64,') == 10 + 5    # a thumbnail per card, and the 5 figures
+    assert html.count('src="data:image/png;base64,') == 10 + 5  # a thumbnail per card, and the 5 figures

@@ -35,7 +35,7 @@ def test_every_option_of_every_command_appears_in_config_show_with_its_source():
                 assert row is not None, f"{path} {p.opts[-1]}: not in `asectl config show {path}`"
                 assert row["option"] == p.opts[-1]
                 assert row["source"] in SOURCES or row["source"].startswith(("env ", "default (profile"))
-        if path == "align":      # a training command also lists every hyperparameter of its profile
+        if path == "align":  # a training command also lists every hyperparameter of its profile
             assert rows["pfa.lr"]["source"] == "default (profile quick)" and rows["fusion.epochs"]["value"] == 60
 
 
@@ -68,12 +68,16 @@ def test_each_level_overrides_the_one_below_on_a_real_command(tmp_path, monkeypa
     assert kind(*args, "--executor", "local") == "local"
 
 
-@pytest.mark.parametrize("text, key", [('[ocr]\nengin = "cnocr"\n', "ocr.engin"),
-                                       ('[ocr]\nworkers = "many"\n', "ocr.workers"),
-                                       ('[pfa]\nepochs_per_stage = "many"\n', "pfa.epochs_per_stage"),
-                                       ("[fusion]\nlr = true\n", "fusion.lr")])
-def test_a_bad_key_or_type_in_a_config_file_is_one_line_naming_file_and_key(tmp_path, text, key,
-                                                                            _isolated_user_config):
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[ocr]\nengin = "cnocr"\n', "ocr.engin"),
+        ('[ocr]\nworkers = "many"\n', "ocr.workers"),
+        ('[pfa]\nepochs_per_stage = "many"\n', "pfa.epochs_per_stage"),
+        ("[fusion]\nlr = true\n", "fusion.lr"),
+    ],
+)
+def test_a_bad_key_or_type_in_a_config_file_is_one_line_naming_file_and_key(tmp_path, text, key, _isolated_user_config):
     bad = tmp_path / "bad.toml"
     bad.write_text(text)
     for args in (["models", "list", "--config", str(bad)], ["config", "show", "ocr", "--config", str(bad)]):
@@ -81,7 +85,7 @@ def test_a_bad_key_or_type_in_a_config_file_is_one_line_naming_file_and_key(tmp_
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1 and str(bad) in res.output and key in res.output
     _isolated_user_config.parent.mkdir(parents=True)
-    _isolated_user_config.write_text(text)          # the user config file is checked the same way
+    _isolated_user_config.write_text(text)  # the user config file is checked the same way
     res = CliRunner().invoke(cli, ["models", "list"])
     assert res.exit_code == 2 and str(_isolated_user_config) in res.output and key in res.output
 
@@ -94,13 +98,19 @@ def profile_from_align_options(*args):
 
 
 def test_stride_is_a_list_of_floats_from_the_command_line():
-    for text, strides in (("0.2/0.6/1", (0.2, 0.6, 1.0)), ("0.2,0.6,1", (0.2, 0.6, 1.0)),
-                          ("0.25", (0.25, 0.5, 0.75, 1.0))):
+    for text, strides in (
+        ("0.2/0.6/1", (0.2, 0.6, 1.0)),
+        ("0.2,0.6,1", (0.2, 0.6, 1.0)),
+        ("0.25", (0.25, 0.5, 0.75, 1.0)),
+    ):
         pfa = profile_from_align_options("--stride", text).pfa
         assert pfa.strides == strides and all(type(f) is float for f in pfa.strides)
     # the command line outranks --set, which outranks nothing typed by name: the same checker for both
     assert profile_from_align_options("--set", "pfa.strides=0.5/1", "--stride", "0.2/0.6/1").pfa.strides == (
-        0.2, 0.6, 1.0)
+        0.2,
+        0.6,
+        1.0,
+    )
     assert profile_from_align_options("--set", "pfa.stride=0.5").pfa.strides == (0.5, 1.0)
     res = CliRunner().invoke(cli, ["align", ".", "--stride", "0.2/0.6"])
     assert res.exit_code == 2 and "last fraction must be 1" in res.output
@@ -114,6 +124,6 @@ def test_default_settings_build_the_same_profile_as_before(tmp_path):
     assert profile_from_align_options().to_dict() == quick
     assert profile_from_align_options("--stride", "0.2").to_dict() == quick
     given = tmp_path / "hp.toml"
-    given.write_text("profile = \"paper\"\n[pfa]\nlr = 0.005\n")
+    given.write_text('profile = "paper"\n[pfa]\nlr = 0.005\n')
     paper = profile_from_align_options("--config", given)
     assert paper.name == "paper" and paper.pfa.lr == 0.005

@@ -21,7 +21,7 @@ from .conftest import cli_invoker
 
 FAST = ["--set", "pfa.epochs_per_stage=2", "--set", "fusion.epochs=4"]
 SPEC = Path(__file__).resolve().parent.parent / "asectl" / "specs" / "default.toml"
-TINY_LLM_NAME = "asectl tiny llama"     # general.name inside tests/tiny_gguf.py's file
+TINY_LLM_NAME = "asectl tiny llama"  # general.name inside tests/tiny_gguf.py's file
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def chain(tmp_path_factory, tiny_gguf, tiny_instructblip):
     the sequence a user runs by hand, with no option repeated after the per-image stages."""
     root = tmp_path_factory.mktemp("chain")
     data = root / "data"
-    generate(data, seed=5, counts="6,6,6,6,6", test_size=5, difficulty="clean")   # settings, not data, under test
+    generate(data, seed=5, counts="6,6,6,6,6", test_size=5, difficulty="clean")  # settings, not data, under test
     spec = root / "my-spec.toml"
     shutil.copyfile(SPEC, spec)
     cache = root / "cache"
@@ -41,8 +41,14 @@ def chain(tmp_path_factory, tiny_gguf, tiny_instructblip):
     invoke("align", data, *FAST)
     invoke("fuse-train", data, "--out", root / "bundle", *FAST)
     invoke("report", data, "--out", root / "report")
-    return {"root": root, "data": data, "spec": spec, "cache": cache, "invoke": invoke,
-            "bundle": json.loads((root / "bundle" / "bundle.json").read_text())}
+    return {
+        "root": root,
+        "data": data,
+        "spec": spec,
+        "cache": cache,
+        "invoke": invoke,
+        "bundle": json.loads((root / "bundle" / "bundle.json").read_text()),
+    }
 
 
 def test_learning_stages_use_the_models_the_per_image_stages_ran(chain, tiny_gguf, tiny_instructblip):
@@ -76,8 +82,17 @@ def test_per_image_stages_and_predict_read_a_test_only_folder(chain, tiny_gguf, 
     # Priors come from the training split, so a folder without one takes them from a trained bundle.
     no_priors = invoke("reason", evalset, "--llm-model", tiny_gguf, code=2)
     assert "--priors" in no_priors.output
-    reason = invoke("reason", evalset, "--llm-model", tiny_gguf, "--max-tokens", "32",
-                    "--priors", chain["root"] / "bundle", "--json")
+    reason = invoke(
+        "reason",
+        evalset,
+        "--llm-model",
+        tiny_gguf,
+        "--max-tokens",
+        "32",
+        "--priors",
+        chain["root"] / "bundle",
+        "--json",
+    )
     assert len([ln for ln in reason.stdout.splitlines() if ln.startswith("{")]) == 30
     pred = invoke("predict", evalset, "--model", chain["root"] / "bundle", "--json")
     recs = [json.loads(ln) for ln in pred.stdout.splitlines() if ln.startswith("{")]
@@ -96,7 +111,7 @@ def test_predict_replays_without_changing_what_the_dataset_remembers(chain):
     before = ModalitySettings.recall(cache, ds)
     chain["invoke"]("predict", chain["data"], "--model", chain["root"] / "bundle")
     assert ModalitySettings.recall(cache, ds) == before
-    assert before.reason.expect_model_hash is None    # replay checks are not remembered as choices
+    assert before.reason.expect_model_hash is None  # replay checks are not remembered as choices
 
 
 def test_settings_hold_the_defaults_and_round_trip():
@@ -117,13 +132,24 @@ def test_settings_hold_the_defaults_and_round_trip():
 # --- output for scripts -------------------------------------------------------------------------------
 def _run(*args, cwd=None):
     env = {**os.environ, "COLUMNS": ""}
-    return subprocess.run([sys.executable, "-m", "asectl", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "asectl", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def test_quiet_success_prints_nothing(tmp_path):
-    res = _run("-q", "--cache-dir", tmp_path / "c", "synth", "--out", tmp_path / "d", "--counts", "1,1,1,1,1",
-               "--test-size", "1")
+    res = _run(
+        "-q",
+        "--cache-dir",
+        tmp_path / "c",
+        "synth",
+        "--out",
+        tmp_path / "d",
+        "--counts",
+        "1,1,1,1,1",
+        "--test-size",
+        "1",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout == "" and res.stderr == ""
 
@@ -133,9 +159,9 @@ def test_piped_output_has_no_bar_residue_or_wrapping(small_dataset, tmp_path):
     res = _run("--cache-dir", long_cache, "describe", small_dataset)
     assert res.returncode == 0, res.stderr
     lines = res.stderr.splitlines()
-    assert lines and all(ln.strip() for ln in lines), res.stderr     # no blank lines left by progress bars
+    assert lines and all(ln.strip() for ln in lines), res.stderr  # no blank lines left by progress bars
     info = _run("--cache-dir", long_cache, "cache", "info")
-    assert str(long_cache) in info.stderr                               # a table title longer than 80 columns
+    assert str(long_cache) in info.stderr  # a table title longer than 80 columns
     assert len(max(info.stderr.splitlines(), key=len)) > 80
 
 
@@ -166,8 +192,17 @@ def test_imports_run_downward_only():
             assert "asectl.cli" not in mods, f"{rel} imports asectl.cli"
         if not rel.startswith("commands/") and rel != "cli.py":
             assert not any(m.startswith("asectl.commands") for m in mods), f"{rel} imports a command module"
-        lower = rel.startswith(("backends/", "models/", "stages/ocr", "stages/describe", "stages/reason",
-                                "stages/common", "stages/settings")) or rel in ("cache.py", "dataset.py", "card.py")
+        lower = rel.startswith(
+            (
+                "backends/",
+                "models/",
+                "stages/ocr",
+                "stages/describe",
+                "stages/reason",
+                "stages/common",
+                "stages/settings",
+            )
+        ) or rel in ("cache.py", "dataset.py", "card.py")
         if lower:
             assert not any(m.startswith("asectl.stages.modalities") for m in mods), f"{rel} imports the glue"
         if rel.startswith(("backends/", "models/")) or rel in ("cache.py", "dataset.py", "card.py"):

@@ -19,8 +19,12 @@ def test_table1_statistics(seed, difficulty):
     assert sum(c.split == "test" for c in cards) == 130
     for label, expected in TABLE1.items():
         rows = [c.printed for c in cards if c.label == label]
-        got = (np.mean([r["mu_x"] for r in rows]), np.mean([r["mu_y"] for r in rows]),
-               np.mean([r["sd_x"] ** 2 for r in rows]), np.mean([r["sd_y"] ** 2 for r in rows]))
+        got = (
+            np.mean([r["mu_x"] for r in rows]),
+            np.mean([r["mu_y"] for r in rows]),
+            np.mean([r["sd_x"] ** 2 for r in rows]),
+            np.mean([r["sd_y"] ** 2 for r in rows]),
+        )
         for g, e in zip(got, expected):
             assert abs(g - e) <= max(0.05 * abs(e), 0.15), (label, got, expected)
 
@@ -41,16 +45,24 @@ def test_default_class_counts_and_stratified_split(difficulty):
 def test_shapes_differ_between_classes():
     cards = sample_cards(0, "30,30,30,30,30", difficulty="clean")
     shapes = {c.label: c.latent["shape"] for c in cards}
-    assert shapes == {"normal": "gaussian", "type1": "gaussian", "type2": "gaussian",
-                      "type3": "two-cluster", "type4": "ring"}
+    assert shapes == {
+        "normal": "gaussian",
+        "type1": "gaussian",
+        "type2": "gaussian",
+        "type3": "two-cluster",
+        "type4": "ring",
+    }
     # type1 tilts one way and type2 the other: a shape cue no printed number carries.
-    corr = {lab: np.mean([np.corrcoef(c.points.T)[0, 1] for c in cards if c.label == lab])
-            for lab in ("type1", "type2")}
+    corr = {
+        lab: np.mean([np.corrcoef(c.points.T)[0, 1] for c in cards if c.label == lab]) for lab in ("type1", "type2")
+    }
     assert corr["type1"] > 0.25 and corr["type2"] < -0.25
+
     # A ring has few holes near its own centre compared with a Gaussian of similar spread.
     def centre_share(c):
         d = np.hypot(*(c.points - c.points.mean(axis=0)).T)
         return np.mean(d < 1.0)
+
     ring = np.mean([centre_share(c) for c in cards if c.label == "type4"])
     normal = np.mean([centre_share(c) for c in cards if c.label == "normal"])
     assert ring < normal / 2

@@ -17,8 +17,9 @@ def _truth(root):
 def test_tda_doubles_train_and_leaves_test_untouched(tmp_path):
     src, out = tmp_path / "src", tmp_path / "aug"
     generate(src, seed=2, counts="12,6,4,4,4")
-    res = CliRunner().invoke(cli, ["synth", "--augment", str(src), "--factor", "2", "--out", str(out),
-                                   "--stats", "printed", "--seed", "5"])
+    res = CliRunner().invoke(
+        cli, ["synth", "--augment", str(src), "--factor", "2", "--out", str(out), "--stats", "printed", "--seed", "5"]
+    )
     assert res.exit_code == 0, res.output
     before, after = load_dataset(src), load_dataset(out)
     assert len(after.split("train")) == 2 * len(before.split("train"))
@@ -88,8 +89,9 @@ def test_tda_keeps_the_sign_of_sigma_xy(tmp_path):
 def test_tda_rejects_bad_factor(tmp_path):
     src = tmp_path / "src"
     generate(src, seed=1, counts="2,2,2,2,2")
-    res = CliRunner().invoke(cli, ["synth", "--augment", str(src), "--out", str(tmp_path / "o"),
-                                   "--factor", "0.5", "--stats", "printed"])
+    res = CliRunner().invoke(
+        cli, ["synth", "--augment", str(src), "--out", str(tmp_path / "o"), "--factor", "0.5", "--stats", "printed"]
+    )
     assert res.exit_code == 2 and "--factor" in res.output
 
 

@@ -53,17 +53,17 @@ def test_a_file_is_ready_when_unchanged_for_two_polls_and_decodable(tmp_path, ne
     folder = tmp_path / "in"
     folder.mkdir()
     w = watch.FolderWatch(folder, done={"old.png"})
-    (folder / "old.png").write_bytes(data)                  # already classified
-    (folder / ".card.png.tmp").write_bytes(data)            # a writer's temporary name
+    (folder / "old.png").write_bytes(data)  # already classified
+    (folder / ".card.png.tmp").write_bytes(data)  # a writer's temporary name
     (folder / "notes.txt").write_text("x")
     (folder / "half.png").write_bytes(data[: len(data) // 2])
     (folder / "whole.png").write_bytes(data)
-    assert w.poll() == ([], [])                              # first sight: not yet known to be stable
-    assert w.poll() == ([folder / "whole.png"], [])          # half.png is stable but does not decode
-    with open(folder / "half.png", "ab") as f:               # the writer finishes
-        f.write(data[len(data) // 2:])
+    assert w.poll() == ([], [])  # first sight: not yet known to be stable
+    assert w.poll() == ([folder / "whole.png"], [])  # half.png is stable but does not decode
+    with open(folder / "half.png", "ab") as f:  # the writer finishes
+        f.write(data[len(data) // 2 :])
     w.done.add("whole.png")
-    assert w.poll() == ([], [])                              # changed since the last poll
+    assert w.poll() == ([], [])  # changed since the last poll
     assert w.poll() == ([folder / "half.png"], [])
     # A file that stays undecodable becomes one error record, then is left alone.
     monkeypatch.setattr(watch, "UNREADABLE_AFTER", 0.0)
@@ -80,10 +80,13 @@ def test_watch_usage_errors(tmp_path):
 
     from asectl.cli import cli
 
-    for args, says in ((["--watch", str(tmp_path)], "needs --out"),
-                       (["--watch", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "x.png"], "takes no image"),
-                       ([], "give card images"), (["x.png", "--poll", "1"], "--poll applies to --watch only"),
-                       (["x.png", "--workers", "2"], "--workers applies to --watch only")):
+    for args, says in (
+        (["--watch", str(tmp_path)], "needs --out"),
+        (["--watch", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "x.png"], "takes no image"),
+        ([], "give card images"),
+        (["x.png", "--poll", "1"], "--poll applies to --watch only"),
+        (["x.png", "--workers", "2"], "--workers applies to --watch only"),
+    ):
         res = CliRunner().invoke(cli, ["predict", *args])
         assert res.exit_code == 2 and says in res.output, res.output
 
@@ -93,12 +96,12 @@ def test_kept_backends_stay_loaded_until_the_block_ends(tiny_gguf):
 
     outside = make_llm("llama-cpp", tiny_gguf)
     with warm.keep_loaded():
-        assert default_workers(None, 0) == 1                 # stages run in this process
+        assert default_workers(None, 0) == 1  # stages run in this process
         llm = make_llm("llama-cpp", tiny_gguf)
         llm.load()
-        llm.close()                                          # a stage's end: stays loaded
+        llm.close()  # a stage's end: stays loaded
         assert llm._llm is not None and make_llm("llama-cpp", tiny_gguf) is llm and llm is not outside
-    assert llm._llm is None                                  # the block's end frees it
+    assert llm._llm is None  # the block's end frees it
 
 
 def test_a_warm_predictor_loads_each_model_once(trained, new_cards):
@@ -145,8 +148,24 @@ def _wait_for(predicate, proc, timeout: float, what: str) -> None:
 
 
 def _start(trained, inbox: Path, out: Path, log: Path, workers: int = 2, **env: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "asectl", "--cache-dir", str(trained["cache"]), "predict", "--watch", str(inbox),
-           "--out", str(out), "--model", str(trained["bundle"]), "--poll", "0.1", "--workers", str(workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "asectl",
+        "--cache-dir",
+        str(trained["cache"]),
+        "predict",
+        "--watch",
+        str(inbox),
+        "--out",
+        str(out),
+        "--model",
+        str(trained["bundle"]),
+        "--poll",
+        "0.1",
+        "--workers",
+        str(workers),
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**os.environ, **env})
 
 
@@ -159,8 +178,9 @@ def _stop(proc: subprocess.Popen) -> int:
             proc.kill()
 
 
-def _sigterm_and_resume(trained, new_cards, tmp_path, workers: int, final_wait: float,
-                        restart_env: dict[str, str]) -> list[dict]:
+def _sigterm_and_resume(
+    trained, new_cards, tmp_path, workers: int, final_wait: float, restart_env: dict[str, str]
+) -> list[dict]:
     """a.png classified by an earlier run (whose next line was cut), b.png, c.png half written, then d-f;
     SIGTERM while they are classified, a restart (with ``restart_env``) that gets g.png too. Checks the
     first run's lines and that every card is written once; returns the final lines."""
@@ -173,29 +193,29 @@ def _sigterm_and_resume(trained, new_cards, tmp_path, workers: int, final_wait: 
     shutil.copy(a, inbox)
     shutil.copy(b, inbox)
     c_bytes = c.read_bytes()
-    (inbox / c.name).write_bytes(c_bytes[: len(c_bytes) // 2])      # still being written
+    (inbox / c.name).write_bytes(c_bytes[: len(c_bytes) // 2])  # still being written
 
     proc = _start(trained, inbox, out, log, workers=workers)
     try:
         _wait_for(lambda: b.name in _names(out), proc, 240, "b.png's line")
-        time.sleep(1.0)                                   # ten more polls: the half-written file stays out
+        time.sleep(1.0)  # ten more polls: the half-written file stays out
         assert c.name not in _names(out)
         with open(inbox / c.name, "ab") as fh:
-            fh.write(c_bytes[len(c_bytes) // 2:])
+            fh.write(c_bytes[len(c_bytes) // 2 :])
         _wait_for(lambda: c.name in _names(out), proc, 120, "c.png's line")
         for p in (d, e, f):
             shutil.copy(p, inbox)
-        time.sleep(0.3)                                   # SIGTERM lands while they are being classified
+        time.sleep(0.3)  # SIGTERM lands while they are being classified
     finally:
         code = _stop(proc)
     assert code == 0, log.read_text()
-    first_run = _lines(out)                               # every line complete JSON (or _lines raises)
+    first_run = _lines(out)  # every line complete JSON (or _lines raises)
     names = [r["image"] for r in first_run]
     assert len(names) == len(set(names)) and names[:3] == [a.name, b.name, c.name]
-    assert first_run[0] == previous                       # skipped, not classified again
+    assert first_run[0] == previous  # skipped, not classified again
     stderr = log.read_text()
     assert "stopped by SIGTERM" in stderr
-    assert f"{len(first_run) - 1} card(s) classified this run" in stderr    # every result it made is written
+    assert f"{len(first_run) - 1} card(s) classified this run" in stderr  # every result it made is written
 
     proc = _start(trained, inbox, out, log, workers=workers, **restart_env)
     try:
@@ -207,7 +227,7 @@ def _sigterm_and_resume(trained, new_cards, tmp_path, workers: int, final_wait: 
         code = _stop(proc)
     assert code == 0, log.read_text()
     final = _lines(out)
-    assert sorted(r["image"] for r in final) == sorted(p.name for p in new_cards)     # each card once
+    assert sorted(r["image"] for r in final) == sorted(p.name for p in new_cards)  # each card once
     assert final[: len(first_run)] == first_run
     return final
 
@@ -231,11 +251,14 @@ def test_watch_classifies_appearing_files_survives_sigterm_and_resumes(trained, 
     from asectl.workers import CRASH_TEST_ENV
 
     g = new_cards[-1]
-    final = _sigterm_and_resume(trained, new_cards, tmp_path, workers=2, final_wait=240,
-                                restart_env={CRASH_TEST_ENV: g.name})
+    final = _sigterm_and_resume(
+        trained, new_cards, tmp_path, workers=2, final_wait=240, restart_env={CRASH_TEST_ENV: g.name}
+    )
     poison = next(r for r in final if r["image"] == g.name)
-    assert set(poison) == {"image", "error"} and "a watch worker process died each time it ran this alone" in \
-        poison["error"]
+    assert (
+        set(poison) == {"image", "error"}
+        and "a watch worker process died each time it ran this alone" in poison["error"]
+    )
     for r in final[1:]:
         if r is poison:
             continue

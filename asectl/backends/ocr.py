@@ -27,7 +27,7 @@ CLS_MODEL = "ch_ppocr_mobile_v2.0_cls_mobile.onnx"
 class TextLine:
     text: str
     score: float
-    box: tuple[float, float, float, float]   # x0, y0, x1, y1 in pixels
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "score": round(self.score, 4), "box": [round(v, 1) for v in self.box]}
@@ -99,21 +99,34 @@ class CnOcrEngine(OCREngine):
         _quiet_ocr_logs()
         more = {"engine_cfg": _ort_threads(threads)}
         # rec_lang_type "en": the printed records are ASCII; model files are given by path (no download).
-        self._ocr = CnOcr(rec_model_name="multi_PP-OCRv6_small", rec_model_fp=str(self.rec_path),
-                          rec_lang_type="en", det_model_name="multi_PP-OCRv6_det_small",
-                          det_model_fp=str(self.det_path), rec_more_configs=more, det_more_configs=more)
+        self._ocr = CnOcr(
+            rec_model_name="multi_PP-OCRv6_small",
+            rec_model_fp=str(self.rec_path),
+            rec_lang_type="en",
+            det_model_name="multi_PP-OCRv6_det_small",
+            det_model_fp=str(self.det_path),
+            rec_more_configs=more,
+            det_more_configs=more,
+        )
 
     @classmethod
     def static_identity(cls) -> dict[str, Any]:
-        return {"engine": "cnocr", "cnocr": version("cnocr"), "cnstd": version("cnstd"),
-                "rec_lang": "en",
-                "det_model": {"file": DET_MODEL, **file_fingerprint(_model_file(DET_MODEL))},
-                "rec_model": {"file": REC_MODEL, **file_fingerprint(_model_file(REC_MODEL))}}
+        return {
+            "engine": "cnocr",
+            "cnocr": version("cnocr"),
+            "cnstd": version("cnstd"),
+            "rec_lang": "en",
+            "det_model": {"file": DET_MODEL, **file_fingerprint(_model_file(DET_MODEL))},
+            "rec_model": {"file": REC_MODEL, **file_fingerprint(_model_file(REC_MODEL))},
+        }
 
     def read(self, image: Image.Image) -> list[TextLine]:
         out = self._ocr.ocr(image)
-        return [TextLine(str(o["text"]), float(o["score"]), _box(o["position"])) for o in out
-                if o.get("position") is not None]
+        return [
+            TextLine(str(o["text"]), float(o["score"]), _box(o["position"]))
+            for o in out
+            if o.get("position") is not None
+        ]
 
     def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
         out = self._ocr.ocr_for_single_lines(crops, batch_size=16)
@@ -128,18 +141,26 @@ class RapidOcrEngine(OCREngine):
 
         self.det_path, self.rec_path = _model_file(DET_MODEL), _model_file(REC_MODEL)
         self.cls_path = _model_file(CLS_MODEL)
-        params = {"Global.log_level": "warning", "Global.use_cls": False,
-                  "Det.model_path": str(self.det_path), "Rec.model_path": str(self.rec_path),
-                  "Cls.model_path": str(self.cls_path),
-                  **{f"EngineConfig.onnxruntime.{k}": v for k, v in _ort_threads(threads).items()}}
+        params = {
+            "Global.log_level": "warning",
+            "Global.use_cls": False,
+            "Det.model_path": str(self.det_path),
+            "Rec.model_path": str(self.rec_path),
+            "Cls.model_path": str(self.cls_path),
+            **{f"EngineConfig.onnxruntime.{k}": v for k, v in _ort_threads(threads).items()},
+        }
         self._ocr = RapidOCR(params=params)
         _quiet_ocr_logs()
 
     @classmethod
     def static_identity(cls) -> dict[str, Any]:
-        return {"engine": "rapidocr", "rapidocr": version("rapidocr"), "use_cls": False,
-                "det_model": {"file": DET_MODEL, **file_fingerprint(_model_file(DET_MODEL))},
-                "rec_model": {"file": REC_MODEL, **file_fingerprint(_model_file(REC_MODEL))}}
+        return {
+            "engine": "rapidocr",
+            "rapidocr": version("rapidocr"),
+            "use_cls": False,
+            "det_model": {"file": DET_MODEL, **file_fingerprint(_model_file(DET_MODEL))},
+            "rec_model": {"file": REC_MODEL, **file_fingerprint(_model_file(REC_MODEL))},
+        }
 
     def read(self, image: Image.Image) -> list[TextLine]:
         res = self._ocr(np.asarray(image.convert("RGB")))

@@ -65,9 +65,15 @@ def default_vlm_name(model: str | os.PathLike | None = None) -> str:
     return "instructblip" if model else "builtin"
 
 
-def make_vlm(name: str | None = None, model: str | os.PathLike | None = None, *, device: str = "auto",
-             generation: dict[str, Any] | None = None, load_8bit: bool = False,
-             allow_download: bool | None = None) -> VLM:
+def make_vlm(
+    name: str | None = None,
+    model: str | os.PathLike | None = None,
+    *,
+    device: str = "auto",
+    generation: dict[str, Any] | None = None,
+    load_8bit: bool = False,
+    allow_download: bool | None = None,
+) -> VLM:
     """Create a backend by registry name (None: see ``default_vlm_name``)."""
     name = name or default_vlm_name(model)
     cls, _ = VLMS.get(name)
@@ -81,13 +87,26 @@ def make_vlm(name: str | None = None, model: str | os.PathLike | None = None, *,
         return VLMS.create(name)
     from asectl.backends import warm
 
-    return warm.kept("vlm", lambda: VLMS.create(name, model=model, device=device, generation=generation,
-                                                load_8bit=load_8bit, allow_download=allow_download),
-                     name=name, model=str(model), device=device, generation=generation, load_8bit=load_8bit)
+    return warm.kept(
+        "vlm",
+        lambda: VLMS.create(
+            name, model=model, device=device, generation=generation, load_8bit=load_8bit, allow_download=allow_download
+        ),
+        name=name,
+        model=str(model),
+        device=device,
+        generation=generation,
+        load_8bit=load_8bit,
+    )
 
 
-def vlm_from_identity(identity: dict[str, Any], model: str | os.PathLike | None = None, *,
-                      device: str = "auto", allow_download: bool | None = None) -> VLM:
+def vlm_from_identity(
+    identity: dict[str, Any],
+    model: str | os.PathLike | None = None,
+    *,
+    device: str = "auto",
+    allow_download: bool | None = None,
+) -> VLM:
     """Rebuild the backend a recorded ``identity`` describes (e.g. from a model bundle) and check that the
     model files are the same ones (content hash). ``model`` overrides the recorded path or id."""
     try:
@@ -98,14 +117,21 @@ def vlm_from_identity(identity: dict[str, Any], model: str | os.PathLike | None 
     if name == "builtin":
         vlm = make_vlm("builtin")
     else:
-        vlm = make_vlm(name, model or recorded.get("id"), device=device,
-                       generation=identity.get("generation"), load_8bit=identity.get("quantization") == "8bit",
-                       allow_download=allow_download)
+        vlm = make_vlm(
+            name,
+            model or recorded.get("id"),
+            device=device,
+            generation=identity.get("generation"),
+            load_8bit=identity.get("quantization") == "8bit",
+            allow_download=allow_download,
+        )
     now = vlm.identity()["model"]
     if recorded.get("hash") and now.get("hash") != recorded["hash"]:
-        raise ConfigError(f"VLM model {now.get('id')} has content hash {str(now.get('hash'))[:12]}, but the "
-                          f"results were made with {str(recorded['hash'])[:12]} ({recorded.get('id')}); "
-                          "pass the same model with --vlm-model")
+        raise ConfigError(
+            f"VLM model {now.get('id')} has content hash {str(now.get('hash'))[:12]}, but the "
+            f"results were made with {str(recorded['hash'])[:12]} ({recorded.get('id')}); "
+            "pass the same model with --vlm-model"
+        )
     return vlm
 
 
@@ -122,9 +148,17 @@ DEFAULT_GENERATION: dict[str, Any] = {
     "length_penalty": 1.0,
 }
 _GENERATION_TYPES: dict[str, type] = {
-    "max_new_tokens": int, "min_new_tokens": int, "num_beams": int, "do_sample": bool,
-    "repetition_penalty": float, "length_penalty": float, "temperature": float, "top_p": float,
-    "top_k": int, "no_repeat_ngram_size": int, "seed": int,
+    "max_new_tokens": int,
+    "min_new_tokens": int,
+    "num_beams": int,
+    "do_sample": bool,
+    "repetition_penalty": float,
+    "length_penalty": float,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "no_repeat_ngram_size": int,
+    "seed": int,
 }
 
 
@@ -145,30 +179,31 @@ def generation_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, not {value}")
         params[key] = value
     if params.get("do_sample"):
-        params.setdefault("seed", 0)   # sampled answers must still be reproducible
+        params.setdefault("seed", 0)  # sampled answers must still be reproducible
     return params
 
 
 def _looks_like_hub_id(text: str) -> bool:
     parts = text.split("/")
-    return (len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
-            and not any(c in text for c in "\\:"))
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not any(c in text for c in "\\:")
 
 
 def resolve_model_folder(model: str | os.PathLike | None, allow_download: bool = False) -> tuple[str, Path]:
     """(model id as given, local folder). A hub id is looked up in the local Hugging Face cache and is
     only downloaded when ``allow_download`` is set."""
     if not model:
-        raise ConfigError(f"no InstructBLIP model given; pass --vlm-model PATH (or set {MODEL_ENV}), "
-                          "or use --vlm builtin")
+        raise ConfigError(
+            f"no InstructBLIP model given; pass --vlm-model PATH (or set {MODEL_ENV}), or use --vlm builtin"
+        )
     text = str(model)
     path = Path(text).expanduser()
     if path.exists():
         # The absolute path, so a model bundle can replay it from any working directory.
         return str(path.resolve()), path.resolve()
     if not _looks_like_hub_id(text):
-        raise ConfigError(f"{path}: InstructBLIP model folder not found; check --vlm-model (or {MODEL_ENV}) "
-                          "or use --vlm builtin")
+        raise ConfigError(
+            f"{path}: InstructBLIP model folder not found; check --vlm-model (or {MODEL_ENV}) or use --vlm builtin"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
@@ -177,10 +212,14 @@ def resolve_model_folder(model: str | os.PathLike | None, allow_download: bool =
         folder = snapshot_download(text, local_files_only=not allow_download)
     except Exception as exc:  # LocalEntryNotFoundError, network and auth errors
         if allow_download:
-            raise ConfigError(f"{text}: download failed ({type(exc).__name__}); check the model id and the "
-                              "network, or give a local folder") from None
-        raise ConfigError(f"{text}: not a local folder and not in the Hugging Face cache; download it once "
-                          f"(hf download {text}) or pass --allow-download, or give a local folder") from None
+            raise ConfigError(
+                f"{text}: download failed ({type(exc).__name__}); check the model id and the "
+                "network, or give a local folder"
+            ) from None
+        raise ConfigError(
+            f"{text}: not a local folder and not in the Hugging Face cache; download it once "
+            f"(hf download {text}) or pass --allow-download, or give a local folder"
+        ) from None
     return text, Path(folder).resolve()
 
 
@@ -190,16 +229,20 @@ def check_instructblip_folder(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{folder}: is a file; --vlm-model needs an InstructBLIP model folder")
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise ConfigError(f"{folder}: no config.json, so not a transformers model folder; pass an InstructBLIP "
-                          "model folder (e.g. a local copy of Salesforce/instructblip-vicuna-7b)")
+        raise ConfigError(
+            f"{folder}: no config.json, so not a transformers model folder; pass an InstructBLIP "
+            "model folder (e.g. a local copy of Salesforce/instructblip-vicuna-7b)"
+        )
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{cfg_path}: unreadable ({type(exc).__name__}); re-download the model") from None
     model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
     if model_type != "instructblip":
-        raise ConfigError(f"{folder}: config.json has model_type '{model_type}', not 'instructblip'; pass an "
-                          "InstructBLIP model folder or use --vlm builtin")
+        raise ConfigError(
+            f"{folder}: config.json has model_type '{model_type}', not 'instructblip'; pass an "
+            "InstructBLIP model folder or use --vlm builtin"
+        )
     return cfg
 
 
@@ -214,9 +257,14 @@ class InstructBlipVLM(VLM):
     """InstructBLIP through transformers. The model loads on the first ``describe`` call, so a run whose
     every image is cached never touches the weights."""
 
-    def __init__(self, model: str | os.PathLike | None = None, device: str = "auto",
-                 generation: dict[str, Any] | None = None, load_8bit: bool = False,
-                 allow_download: bool | None = None):
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        device: str = "auto",
+        generation: dict[str, Any] | None = None,
+        load_8bit: bool = False,
+        allow_download: bool | None = None,
+    ):
         from asectl.backends.identity import model_fingerprint
 
         if device not in DEVICES:
@@ -226,18 +274,23 @@ class InstructBlipVLM(VLM):
         self.config = check_instructblip_folder(self.folder)
         cuda = _cuda_available()
         if device == "cuda" and not cuda:
-            raise ConfigError("--device cuda: no CUDA device is available to torch; use --device cpu "
-                              "(slow for InstructBLIP) or run on a machine with an NVIDIA GPU")
+            raise ConfigError(
+                "--device cuda: no CUDA device is available to torch; use --device cpu "
+                "(slow for InstructBLIP) or run on a machine with an NVIDIA GPU"
+            )
         self.device = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
         self.load_8bit = bool(load_8bit)
         if self.load_8bit:
             if self.device != "cuda":
-                raise ConfigError("--load-8bit needs a CUDA device (bitsandbytes 8-bit kernels); drop --load-8bit "
-                                  "on the CPU")
+                raise ConfigError(
+                    "--load-8bit needs a CUDA device (bitsandbytes 8-bit kernels); drop --load-8bit on the CPU"
+                )
             missing = [p for p in ("bitsandbytes", "accelerate") if importlib.util.find_spec(p) is None]
             if missing:
-                raise ConfigError(f"--load-8bit needs the {' and '.join(missing)} package(s); "
-                                  f"pip install {' '.join(missing)}, or drop --load-8bit")
+                raise ConfigError(
+                    f"--load-8bit needs the {' and '.join(missing)} package(s); "
+                    f"pip install {' '.join(missing)}, or drop --load-8bit"
+                )
         self.dtype = self._pick_dtype()
         self.model_hash = model_fingerprint(self.folder)
         self._model = None
@@ -247,15 +300,19 @@ class InstructBlipVLM(VLM):
 
     def _pick_dtype(self) -> str:
         if self.device == "cpu":
-            return "float32"     # half precision on the CPU is slower and less accurate
+            return "float32"  # half precision on the CPU is slower and less accurate
         import torch
 
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "instructblip", "model": {"id": self.model_id, "hash": self.model_hash},
-                "dtype": self.dtype, "quantization": "8bit" if self.load_8bit else None,
-                "generation": dict(self.generation)}
+        return {
+            "backend": "instructblip",
+            "model": {"id": self.model_id, "hash": self.model_hash},
+            "dtype": self.dtype,
+            "quantization": "8bit" if self.load_8bit else None,
+            "generation": dict(self.generation),
+        }
 
     # -- loading ------------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -278,7 +335,7 @@ class InstructBlipVLM(VLM):
         from transformers.utils import logging as hf_logging
 
         bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()    # asectl draws its own progress; keep stderr to one bar
+        hf_logging.disable_progress_bar()  # asectl draws its own progress; keep stderr to one bar
         t0 = time.perf_counter()
         try:
             processor = InstructBlipProcessor.from_pretrained(self.folder, local_files_only=True)
@@ -287,14 +344,17 @@ class InstructBlipVLM(VLM):
                 model = model.to(self.device)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            raise ConfigError(f"CUDA out of memory loading {self.model_id}; use --load-8bit or a GPU with more "
-                              "memory") from None
+            raise ConfigError(
+                f"CUDA out of memory loading {self.model_id}; use --load-8bit or a GPU with more memory"
+            ) from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
             # transformers' messages run to several sentences about the hub; the first names the problem.
             text = str(exc).strip()
             first = text.splitlines()[0].split(". ")[0][:200] if text else type(exc).__name__
-            raise ConfigError(f"{self.folder}: could not load the InstructBLIP model ({first}); check that the "
-                              "folder is a complete checkpoint (config, weights, tokenizers, processor)") from None
+            raise ConfigError(
+                f"{self.folder}: could not load the InstructBLIP model ({first}); check that the "
+                "folder is a complete checkpoint (config, weights, tokenizers, processor)"
+            ) from None
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -302,13 +362,21 @@ class InstructBlipVLM(VLM):
         if getattr(processor, "num_query_tokens", None) is None:
             # Older processor configs lack it; the model config has the authoritative value.
             processor.num_query_tokens = model.config.num_query_tokens
-        processor.tokenizer.padding_side = "left"   # decoder-only generation continues from the right edge
+        processor.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
         self._processor, self._model = processor, model
-        log.info("loaded InstructBLIP %s on %s (%s%s) in %.1f s", self.model_id, self.device, self.dtype,
-                 ", 8-bit" if self.load_8bit else "", time.perf_counter() - t0)
+        log.info(
+            "loaded InstructBLIP %s on %s (%s%s) in %.1f s",
+            self.model_id,
+            self.device,
+            self.dtype,
+            ", 8-bit" if self.load_8bit else "",
+            time.perf_counter() - t0,
+        )
         if self.device == "cpu":
-            log.warning("running InstructBLIP on the CPU: expect minutes per image for a 7B model; use a CUDA "
-                        "machine, or --vlm builtin for quick model-free descriptions")
+            log.warning(
+                "running InstructBLIP on the CPU: expect minutes per image for a 7B model; use a CUDA "
+                "machine, or --vlm builtin for quick model-free descriptions"
+            )
 
     # -- generation ---------------------------------------------------------------------------------
     def describe(self, images: Sequence[Any], prompt: str) -> list[str]:
@@ -324,24 +392,29 @@ class InstructBlipVLM(VLM):
             torch.manual_seed(seed)
         inputs = processor(images=list(images), text=[prompt] * len(images), return_tensors="pt", padding=True)
         model_dtype = next(model.parameters()).dtype if not self.load_8bit else getattr(torch, self.dtype)
-        inputs = {k: (v.to(self.device, model_dtype) if k == "pixel_values" else v.to(self.device))
-                  for k, v in inputs.items()}
+        inputs = {
+            k: (v.to(self.device, model_dtype) if k == "pixel_values" else v.to(self.device)) for k, v in inputs.items()
+        }
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 out = model.generate(**inputs, **gen)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            raise ConfigError(f"CUDA out of memory describing {len(images)} images at once; lower --batch-size "
-                              f"(now {len(images)}) or use --load-8bit") from None
+            raise ConfigError(
+                f"CUDA out of memory describing {len(images)} images at once; lower --batch-size "
+                f"(now {len(images)}) or use --load-8bit"
+            ) from None
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             text = str(exc).strip()
             first = text.splitlines()[0][:200] if text else type(exc).__name__
-            raise ConfigError(f"InstructBLIP generation failed with {self.model_id} ({first}); check that the model "
-                              "folder is complete and the generation settings are valid") from None
+            raise ConfigError(
+                f"InstructBLIP generation failed with {self.model_id} ({first}); check that the model "
+                "folder is complete and the generation settings are valid"
+            ) from None
         if not model.config.text_config.is_encoder_decoder:
             # Decoder-only language models return the prompt tokens before the answer.
-            out = out[:, inputs["input_ids"].shape[1]:]
+            out = out[:, inputs["input_ids"].shape[1] :]
         self._gen_seconds += time.perf_counter() - t0
         pad = processor.tokenizer.pad_token_id
         self._tokens += int((out != pad).sum()) if pad is not None else int(out.numel())
@@ -364,27 +437,27 @@ class BuiltinParams:
     on generated cards). Part of the identity, so changing one invalidates cached texts."""
 
     version: int = 1
-    min_dot_pixels: int = 40            # fewer pink pixels than about two dots: "no dots found"
-    centred_below: float = 1.0          # centroid offset (units) below which the cloud is "centred"
-    shifted_from: float = 2.0           # offsets in [centred_below, shifted_from) are "slightly off-centre"
-    axis_share: float = 0.35            # an axis is named when |offset_axis| >= share * offset ...
-    axis_named_from: float = 1.0        # ... or when |offset_axis| >= this many units
-    slight_axis_share: float = 0.55     # a named axis is "slightly" when below this share of the larger one
-    compact_below: float = 2.6          # mean pixel spread (units) below which the cloud is "compact"
-    broad_below: float = 3.4            # ...below this "moderately broad", else "broad"
-    axis_ratio_named: float = 1.15      # sd_x / sd_y beyond which "wider horizontally/vertically" is said
-    round_below: float = 1.25           # major/minor spread ratio below which the cloud is "round"
-    elongated_from: float = 1.6         # ...ratios in between are "slightly elongated"
-    tilt_corr: float = 0.15             # |x-y correlation| from which a tilt direction is stated
-    ring_inner_ratio: float = 0.45      # inner fill / densest shell fill below which the centre is hollow
-    density_sigma_px: float = 3.0       # blur of the dot mask before inverting coverage to density
-    density_clip: float = 0.98          # coverage cap before -log(1 - coverage) (saturated areas)
-    profile_bin: float = 0.25           # projection profile bin (units)
-    profile_sigma: float = 0.5          # projection profile smoothing (units)
-    cluster_dip: float = 0.74           # valley / smaller peak below which the profile has two clusters
-    cluster_min_gap: float = 2.0        # the two peaks must be at least this far apart (units)
-    cluster_peak_share: float = 0.3     # each peak must reach this share of the profile maximum
-    outlier_distance: float = 4.0       # Mahalanobis distance beyond which a dot is an isolated outlier
+    min_dot_pixels: int = 40  # fewer pink pixels than about two dots: "no dots found"
+    centred_below: float = 1.0  # centroid offset (units) below which the cloud is "centred"
+    shifted_from: float = 2.0  # offsets in [centred_below, shifted_from) are "slightly off-centre"
+    axis_share: float = 0.35  # an axis is named when |offset_axis| >= share * offset ...
+    axis_named_from: float = 1.0  # ... or when |offset_axis| >= this many units
+    slight_axis_share: float = 0.55  # a named axis is "slightly" when below this share of the larger one
+    compact_below: float = 2.6  # mean pixel spread (units) below which the cloud is "compact"
+    broad_below: float = 3.4  # ...below this "moderately broad", else "broad"
+    axis_ratio_named: float = 1.15  # sd_x / sd_y beyond which "wider horizontally/vertically" is said
+    round_below: float = 1.25  # major/minor spread ratio below which the cloud is "round"
+    elongated_from: float = 1.6  # ...ratios in between are "slightly elongated"
+    tilt_corr: float = 0.15  # |x-y correlation| from which a tilt direction is stated
+    ring_inner_ratio: float = 0.45  # inner fill / densest shell fill below which the centre is hollow
+    density_sigma_px: float = 3.0  # blur of the dot mask before inverting coverage to density
+    density_clip: float = 0.98  # coverage cap before -log(1 - coverage) (saturated areas)
+    profile_bin: float = 0.25  # projection profile bin (units)
+    profile_sigma: float = 0.5  # projection profile smoothing (units)
+    cluster_dip: float = 0.74  # valley / smaller peak below which the profile has two clusters
+    cluster_min_gap: float = 2.0  # the two peaks must be at least this far apart (units)
+    cluster_peak_share: float = 0.3  # each peak must reach this share of the profile maximum
+    outlier_distance: float = 4.0  # Mahalanobis distance beyond which a dot is an isolated outlier
 
     def digest(self) -> str:
         return hashlib.sha256(canonical_json({"describer": "asectl.builtin", **asdict(self)}).encode()).hexdigest()
@@ -435,7 +508,7 @@ def measure_dots(img, params: BuiltinParams | None = None, geometry=None) -> dic
     evals, evecs = np.linalg.eigh(cov)
     major = evecs[:, 1]
     angle = math.degrees(math.atan2(major[1], major[0]))
-    angle = (angle + 90.0) % 180.0 - 90.0            # major-axis direction in [-90, 90)
+    angle = (angle + 90.0) % 180.0 - 90.0  # major-axis direction in [-90, 90)
     sd = np.sqrt(np.diag(cov))
     corr = float(cov[0, 1] / (sd[0] * sd[1])) if sd.all() else 0.0
     inv = np.linalg.inv(cov)
@@ -468,8 +541,9 @@ def measure_dots(img, params: BuiltinParams | None = None, geometry=None) -> dic
     }
 
 
-def _two_cluster_profile(mask_img: np.ndarray, inside: np.ndarray, grid: np.ndarray, centroid: np.ndarray,
-                         p: BuiltinParams) -> dict[str, Any]:
+def _two_cluster_profile(
+    mask_img: np.ndarray, inside: np.ndarray, grid: np.ndarray, centroid: np.ndarray, p: BuiltinParams
+) -> dict[str, Any]:
     """Deepest valley between two peaks of the dot-density profile, over projection directions.
 
     Pink coverage saturates where dots pile up, which flattens peaks. Inverting the Boolean-model
@@ -490,20 +564,26 @@ def _two_cluster_profile(mask_img: np.ndarray, inside: np.ndarray, grid: np.ndar
         hist, _ = np.histogram(xy @ u, edges, weights=w)
         prof = np.convolve(hist, kern, mode="same")
         top = prof.max()
-        peaks = [i for i in range(1, len(prof) - 1)
-                 if prof[i] >= prof[i - 1] and prof[i] > prof[i + 1] and prof[i] >= p.cluster_peak_share * top]
+        peaks = [
+            i
+            for i in range(1, len(prof) - 1)
+            if prof[i] >= prof[i - 1] and prof[i] > prof[i + 1] and prof[i] >= p.cluster_peak_share * top
+        ]
         if len(peaks) < 2:
             continue
         a, b = sorted(sorted(peaks, key=lambda i: -prof[i])[:2])
         gap = (b - a) * p.profile_bin
         if gap < p.cluster_min_gap:
             continue
-        dip = float(prof[a:b + 1].min() / min(prof[a], prof[b]))
+        dip = float(prof[a : b + 1].min() / min(prof[a], prof[b]))
         if dip < best["cluster_dip"]:
             centres = [(edges[i] + p.profile_bin / 2) * u + centroid for i in (a, b)]
-            best = {"cluster_dip": round(dip, 3), "cluster_axis_deg": float((deg + 90) % 180 - 90),
-                    "cluster_gap": round(gap, 2),
-                    "cluster_centres": [[round(float(c[0]), 2), round(float(c[1]), 2)] for c in centres]}
+            best = {
+                "cluster_dip": round(dip, 3),
+                "cluster_axis_deg": float((deg + 90) % 180 - 90),
+                "cluster_gap": round(gap, 2),
+                "cluster_centres": [[round(float(c[0]), 2), round(float(c[1]), 2)] for c in centres],
+            }
     return best
 
 
@@ -523,16 +603,21 @@ def _tilt_words(angle: float) -> str:
         return "lying almost horizontally"
     if abs(angle) > 75:
         return "standing almost vertically"
-    return f"rising to the right at about {abs(angle):.0f} degrees" if angle > 0 else \
-        f"falling to the right at about {abs(angle):.0f} degrees"
+    return (
+        f"rising to the right at about {abs(angle):.0f} degrees"
+        if angle > 0
+        else f"falling to the right at about {abs(angle):.0f} degrees"
+    )
 
 
 def compose_description(m: dict[str, Any], p: BuiltinParams | None = None) -> str:
     """Sentences about the distribution and shape, each decided by one measurement (docs/describe.md)."""
     p = p or BuiltinParams()
     if not m.get("found"):
-        return (f"{BUILTIN_NOTE} No pink hole-position dots were found inside the circular range "
-                f"({m.get('dot_pixels', 0)} pink pixels), so nothing can be said about their distribution or shape.")
+        return (
+            f"{BUILTIN_NOTE} No pink hole-position dots were found inside the circular range "
+            f"({m.get('dot_pixels', 0)} pink pixels), so nothing can be said about their distribution or shape."
+        )
     s = [BUILTIN_NOTE]
     cx, cy = m["centroid"]
     off = m["offset"]
@@ -551,19 +636,25 @@ def compose_description(m: dict[str, Any], p: BuiltinParams | None = None) -> st
         axes = ", wider horizontally than vertically"
     elif sdy > p.axis_ratio_named * sdx:
         axes = ", taller vertically than horizontally"
-    s.append(f"The spread is {size}: standard deviation about {sdx:.1f} units horizontally and {sdy:.1f} "
-             f"vertically (the range radius is 20){axes}.")
+    s.append(
+        f"The spread is {size}: standard deviation about {sdx:.1f} units horizontally and {sdy:.1f} "
+        f"vertically (the range radius is 20){axes}."
+    )
     ring = m["inner_fill_ratio"] < p.ring_inner_ratio
     two = (not ring) and m["cluster_dip"] < p.cluster_dip
     ratio, corr = m["axis_ratio"], m["corr"]
     if ring:
-        s.append(f"The dots form a ring around a hollow centre: few dots lie near the middle of the group, "
-                 f"most lie about {m['ring_radius']:.1f} units from it.")
+        s.append(
+            f"The dots form a ring around a hollow centre: few dots lie near the middle of the group, "
+            f"most lie about {m['ring_radius']:.1f} units from it."
+        )
     elif two:
         c1, c2 = m["cluster_centres"]
-        s.append(f"The dots form two clusters, {m['cluster_gap']:.1f} units apart along a line "
-                 f"{_tilt_words(m['cluster_axis_deg'])}, around ({c1[0]:+.1f}, {c1[1]:+.1f}) and "
-                 f"({c2[0]:+.1f}, {c2[1]:+.1f}), with fewer dots between them.")
+        s.append(
+            f"The dots form two clusters, {m['cluster_gap']:.1f} units apart along a line "
+            f"{_tilt_words(m['cluster_axis_deg'])}, around ({c1[0]:+.1f}, {c1[1]:+.1f}) and "
+            f"({c2[0]:+.1f}, {c2[1]:+.1f}), with fewer dots between them."
+        )
     else:
         s.append("The dots form a single group, densest in the middle and thinning out towards the edges.")
     if ratio < p.round_below:
@@ -571,14 +662,18 @@ def compose_description(m: dict[str, Any], p: BuiltinParams | None = None) -> st
     else:
         shape = "slightly elongated" if ratio < p.elongated_from else "elongated"
         if abs(corr) >= p.tilt_corr:
-            s.append(f"It is {shape} (ratio {ratio:.2f}) and tilted, its long axis "
-                     f"{_tilt_words(m['major_axis_deg'])} (x-y correlation {corr:+.2f}).")
+            s.append(
+                f"It is {shape} (ratio {ratio:.2f}) and tilted, its long axis "
+                f"{_tilt_words(m['major_axis_deg'])} (x-y correlation {corr:+.2f})."
+            )
         else:
             s.append(f"It is {shape} (ratio {ratio:.2f}), its long axis {_tilt_words(m['major_axis_deg'])}.")
     k = m["outlier_dots"]
     if k:
-        s.append(f"About {k} isolated dot{'s' if k > 1 else ''} lie{'s' if k == 1 else ''} far from the main "
-                 f"group (more than {p.outlier_distance:g} spreads away).")
+        s.append(
+            f"About {k} isolated dot{'s' if k > 1 else ''} lie{'s' if k == 1 else ''} far from the main "
+            f"group (more than {p.outlier_distance:g} spreads away)."
+        )
     else:
         s.append("There are no isolated outliers.")
     return " ".join(s)
@@ -595,9 +690,11 @@ class BuiltinDescriber(VLM):
         self.last_measurements: list[dict[str, Any]] = []
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "builtin",
-                "model": {"id": f"asectl-builtin-describer-v{self.params.version}", "hash": self.params.digest()},
-                "generation": {}}
+        return {
+            "backend": "builtin",
+            "model": {"id": f"asectl-builtin-describer-v{self.params.version}", "hash": self.params.digest()},
+            "generation": {},
+        }
 
     def measure(self, image) -> dict[str, Any]:
         return measure_dots(image, self.params)
@@ -608,6 +705,20 @@ class BuiltinDescriber(VLM):
         return [compose_description(m, self.params) for m in self.last_measurements]
 
 
-__all__ = ["VLM", "DEFAULT_PROMPT", "MODEL_ENV", "DEFAULT_GENERATION", "InstructBlipVLM", "BuiltinDescriber",
-           "BuiltinParams", "make_vlm", "vlm_from_identity", "default_vlm_name", "generation_params",
-           "measure_dots", "compose_description", "resolve_model_folder", "check_instructblip_folder"]
+__all__ = [
+    "VLM",
+    "DEFAULT_PROMPT",
+    "MODEL_ENV",
+    "DEFAULT_GENERATION",
+    "InstructBlipVLM",
+    "BuiltinDescriber",
+    "BuiltinParams",
+    "make_vlm",
+    "vlm_from_identity",
+    "default_vlm_name",
+    "generation_params",
+    "measure_dots",
+    "compose_description",
+    "resolve_model_folder",
+    "check_instructblip_folder",
+]

@@ -18,23 +18,44 @@ from asectl.models.calibration import threshold_text
 LEARN_ENV = (*VLM_ENV, *OFFLINE_ENV)
 
 
-BRANCHES_HELP = ("Branches to align and fuse, comma-separated, two or more of image, vlm, llm, stats "
-                 "(the setting encoders.branches).")
+BRANCHES_HELP = (
+    "Branches to align and fuse, comma-separated, two or more of image, vlm, llm, stats "
+    "(the setting encoders.branches)."
+)
 
 _common = [
-    click.option("--profile", cls=SettingOption, setting="profile", type=click.Choice(["quick", "paper"]),
-                 default=None, show_default="quick",
-                 help="quick (CPU: frozen, cached features) or paper (GPU: fine-tuned encoders)."),
-    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                 help="Override one hyperparameter ([pfa], [fusion] and [encoders] keys of --config, e.g. "
-                      "pfa.lr=0.001)."),
-    click.option("--seed", type=int, default=None, show_default="0; fuse-train: the one align last used",
-                 help="Training seed."),
-    click.option("--split-seed", type=int, default=None, show_default="0; fuse-train: the one align last used",
-                 help="Seed of the stratified train/test split of a folder without labels.csv (README), apart "
-                      "from the training seed. The model keeps its split: report and predict use it."),
-    click.option("--augmented", type=click.Path(exists=True, file_okay=False, path_type=Path),
-                 help="Train on this TDA-augmented copy's training split (same test split)."),
+    click.option(
+        "--profile",
+        cls=SettingOption,
+        setting="profile",
+        type=click.Choice(["quick", "paper"]),
+        default=None,
+        show_default="quick",
+        help="quick (CPU: frozen, cached features) or paper (GPU: fine-tuned encoders).",
+    ),
+    click.option(
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one hyperparameter ([pfa], [fusion] and [encoders] keys of --config, e.g. pfa.lr=0.001).",
+    ),
+    click.option(
+        "--seed", type=int, default=None, show_default="0; fuse-train: the one align last used", help="Training seed."
+    ),
+    click.option(
+        "--split-seed",
+        type=int,
+        default=None,
+        show_default="0; fuse-train: the one align last used",
+        help="Seed of the stratified train/test split of a folder without labels.csv (README), apart "
+        "from the training seed. The model keeps its split: report and predict use it.",
+    ),
+    click.option(
+        "--augmented",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="Train on this TDA-augmented copy's training split (same test split).",
+    ),
     click.option("--force", is_flag=True, help="Retrain even when cached."),
     click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
 ]
@@ -53,8 +74,10 @@ def training_data(folder: Path, split_seed: int, given: bool):
 
     ds = load_dataset(folder, split_seed=split_seed)
     if given and ds.split_seed is None:
-        ui.console.print(f"[yellow]warning:[/] --split-seed ignored: {escape(str(folder))} names its split in "
-                         "labels.csv", highlight=False)
+        ui.console.print(
+            f"[yellow]warning:[/] --split-seed ignored: {escape(str(folder))} names its split in labels.csv",
+            highlight=False,
+        )
     ui.info(f"split: {ds.split_text()}")
     return ds
 
@@ -64,13 +87,18 @@ def decision_summary(cfg: dict[str, Any]) -> str:
     from asectl.models.calibration import DecisionRule
 
     cal, dec = cfg["calibration"], cfg["decision"]
-    return (f"calibration: temperature {cal['temperature']:.3f} from the fold models' held-out predictions "
-            f"on {cal['n_held_out']} training cards (held-out ECE {cal['held_out_ece']['before']:.3f} -> "
-            f"{cal['held_out_ece']['after']:.3f})\n"
-            + operating_point_line(DecisionRule.from_dict(dec), dec["held_out"])
-            + ("\nheld-out review share for other --max-miss-rate targets: "
-               + ", ".join(f"{_share(r['max_miss_rate'])}: {_share(r['review_share'])}" for r in dec["tradeoff"])
-               if dec.get("tradeoff") else ""))
+    return (
+        f"calibration: temperature {cal['temperature']:.3f} from the fold models' held-out predictions "
+        f"on {cal['n_held_out']} training cards (held-out ECE {cal['held_out_ece']['before']:.3f} -> "
+        f"{cal['held_out_ece']['after']:.3f})\n"
+        + operating_point_line(DecisionRule.from_dict(dec), dec["held_out"])
+        + (
+            "\nheld-out review share for other --max-miss-rate targets: "
+            + ", ".join(f"{_share(r['max_miss_rate'])}: {_share(r['review_share'])}" for r in dec["tradeoff"])
+            if dec.get("tradeoff")
+            else ""
+        )
+    )
 
 
 def _share(v: float | None) -> str:
@@ -80,10 +108,16 @@ def _share(v: float | None) -> str:
 def operating_point_line(rule, held: dict[str, Any]) -> str:
     """One line: a decision rule's thresholds and, on the held-out training cards it was chosen on, its
     review share, miss rate and defect error against its targets."""
-    return (f"decision: pass if normal with {threshold_text(rule.pass_threshold, 4, 'p >= ')}, defect if a "
-            f"defect class with {threshold_text(rule.defect_threshold, 4, 'p >= ')}, else review; held out: "
-            f"review {_share(held['review_share'])}, miss rate {_share(held['miss_rate'])} (target "
-            f"{_share(rule.max_miss_rate)}), defect error {_share(held['defect_error'])} (target "
-            f"{_share(rule.max_defect_error)}"
-            + (f", met by its upper bound at {100 * rule.defect_confidence:g}% confidence"
-               if rule.defect_confidence is not None else "") + ")")
+    return (
+        f"decision: pass if normal with {threshold_text(rule.pass_threshold, 4, 'p >= ')}, defect if a "
+        f"defect class with {threshold_text(rule.defect_threshold, 4, 'p >= ')}, else review; held out: "
+        f"review {_share(held['review_share'])}, miss rate {_share(held['miss_rate'])} (target "
+        f"{_share(rule.max_miss_rate)}), defect error {_share(held['defect_error'])} (target "
+        f"{_share(rule.max_defect_error)}"
+        + (
+            f", met by its upper bound at {100 * rule.defect_confidence:g}% confidence"
+            if rule.defect_confidence is not None
+            else ""
+        )
+        + ")"
+    )

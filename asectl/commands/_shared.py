@@ -17,7 +17,7 @@ from asectl.executors import ExecutorSettings
 
 # Environment variables, listed in the help of each command that reads them.
 EXECUTOR_ENV = tuple(env for _, env in ExecutorSettings.SOURCES.values()) + (settings.CONFIG_ENV,)
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")      # encoders and VLM: no model hub when set
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # encoders and VLM: no model hub when set
 VLM_ENV = (settings.ENVIRONMENT["describe.vlm_model"], settings.ENVIRONMENT["describe.allow_download"])
 
 
@@ -40,25 +40,57 @@ def per_image_options(f):
 # Where cache misses are computed (asectl/executors.py, docs/scale.md). Their settings live in the
 # [executor] table of a config file, shared by every command that has them.
 _EXECUTOR_OPTIONS = [
-    click.option("--executor", "executor_kind", cls=SettingOption, setting="executor.kind",
-                 type=click.Choice(["local", "ray"]), default=None,
-                 show_default="local",
-                 help="Where uncached cards are computed: local (this machine) or ray (a Ray cluster, "
-                      "needs pip install -e \".[ray]\"; docs/scale.md). Env ASECTL_EXECUTOR."),
-    click.option("--ray-address", cls=SettingOption, setting="executor.address", default=None, metavar="ADDR",
-                 show_default="the cluster running, else a Ray instance on this machine",
-                 help="Ray cluster to join. Env ASECTL_RAY_ADDRESS."),
-    click.option("--ray-workers", cls=SettingOption, setting="executor.workers", type=click.IntRange(min=1),
-                 default=None, metavar="N",
-                 show_default="one per CPU in the cluster, or per --num-gpus-per-worker GPUs",
-                 help="Ray workers, each loading the model once. Env ASECTL_RAY_WORKERS."),
-    click.option("--ray-batch-size", cls=SettingOption, setting="executor.batch_size",
-                 type=click.IntRange(min=1), default=None, metavar="N",
-                 show_default="the stage's", help="Cards per Ray batch. Env ASECTL_RAY_BATCH_SIZE."),
-    click.option("--num-gpus-per-worker", cls=SettingOption, setting="executor.num_gpus_per_worker",
-                 type=click.FloatRange(min=0), default=None, metavar="G", show_default="0",
-                 help="GPUs each Ray worker reserves, for CUDA backends (InstructBLIP, reason --n-gpu-layers). "
-                      "Env ASECTL_NUM_GPUS_PER_WORKER."),
+    click.option(
+        "--executor",
+        "executor_kind",
+        cls=SettingOption,
+        setting="executor.kind",
+        type=click.Choice(["local", "ray"]),
+        default=None,
+        show_default="local",
+        help="Where uncached cards are computed: local (this machine) or ray (a Ray cluster, "
+        'needs pip install -e ".[ray]"; docs/scale.md). Env ASECTL_EXECUTOR.',
+    ),
+    click.option(
+        "--ray-address",
+        cls=SettingOption,
+        setting="executor.address",
+        default=None,
+        metavar="ADDR",
+        show_default="the cluster running, else a Ray instance on this machine",
+        help="Ray cluster to join. Env ASECTL_RAY_ADDRESS.",
+    ),
+    click.option(
+        "--ray-workers",
+        cls=SettingOption,
+        setting="executor.workers",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        show_default="one per CPU in the cluster, or per --num-gpus-per-worker GPUs",
+        help="Ray workers, each loading the model once. Env ASECTL_RAY_WORKERS.",
+    ),
+    click.option(
+        "--ray-batch-size",
+        cls=SettingOption,
+        setting="executor.batch_size",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        show_default="the stage's",
+        help="Cards per Ray batch. Env ASECTL_RAY_BATCH_SIZE.",
+    ),
+    click.option(
+        "--num-gpus-per-worker",
+        cls=SettingOption,
+        setting="executor.num_gpus_per_worker",
+        type=click.FloatRange(min=0),
+        default=None,
+        metavar="G",
+        show_default="0",
+        help="GPUs each Ray worker reserves, for CUDA backends (InstructBLIP, reason --n-gpu-layers). "
+        "Env ASECTL_NUM_GPUS_PER_WORKER.",
+    ),
 ]
 
 
@@ -71,14 +103,23 @@ def executor_options(f):
     def with_executor(*args, executor_kind, ray_address, ray_workers, ray_batch_size, num_gpus_per_worker, **kwargs):
         from asectl.executors import make_executor, using
 
-        values = {"kind": executor_kind, "address": ray_address, "workers": ray_workers,
-                  "batch_size": ray_batch_size, "num_gpus_per_worker": num_gpus_per_worker}
-        found = {s.key.partition(".")[2]: s.source for s in effective_settings(click.get_current_context())
-                 if s.key.startswith("executor.")}
+        values = {
+            "kind": executor_kind,
+            "address": ray_address,
+            "workers": ray_workers,
+            "batch_size": ray_batch_size,
+            "num_gpus_per_worker": num_gpus_per_worker,
+        }
+        found = {
+            s.key.partition(".")[2]: s.source
+            for s in effective_settings(click.get_current_context())
+            if s.key.startswith("executor.")
+        }
         chosen = ExecutorSettings.from_values(
             {k: v for k, v in values.items() if v is not None},
             command_line={k for k, source in found.items() if source == settings.COMMAND_LINE},
-            origins={source for source in found.values() if source not in (settings.COMMAND_LINE, settings.DEFAULT)})
+            origins={source for source in found.values() if source not in (settings.COMMAND_LINE, settings.DEFAULT)},
+        )
         with using(make_executor(chosen)) as executor:
             return f(*args, executor=executor, **kwargs)
 

@@ -16,16 +16,35 @@ from asectl.commands.config import ProfileValue, SettingOption, profile_override
 
 @click.command(epilog=environment(*LEARN_ENV))
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--stride", cls=SettingOption, setting="pfa.strides", type=ProfileValue("pfa.strides"), default=None,
-              metavar="FRACTIONS", show_default="the profile's",
-              help="PFA stride: 0.2 (0.2/0.4/.../1) or a list like 0.2/0.6/1 (or 0.2,0.6,1).")
-@click.option("--mode", cls=SettingOption, setting="pfa.mode", type=click.Choice(["progressive", "direct", "none"]),
-              default=None,
-              show_default="the profile's",
-              help="progressive (PFA), direct (every training card at once) or none (random projections): the "
-                   "paper's ablations.")
-@click.option("--branches", cls=SettingOption, setting="encoders.branches", type=ProfileValue("encoders.branches"),
-              default=None, metavar="LIST", show_default="the profile's", help=BRANCHES_HELP)
+@click.option(
+    "--stride",
+    cls=SettingOption,
+    setting="pfa.strides",
+    type=ProfileValue("pfa.strides"),
+    default=None,
+    metavar="FRACTIONS",
+    show_default="the profile's",
+    help="PFA stride: 0.2 (0.2/0.4/.../1) or a list like 0.2/0.6/1 (or 0.2,0.6,1).",
+)
+@click.option(
+    "--mode",
+    cls=SettingOption,
+    setting="pfa.mode",
+    type=click.Choice(["progressive", "direct", "none"]),
+    default=None,
+    show_default="the profile's",
+    help="progressive (PFA), direct (every training card at once) or none (random projections): the paper's ablations.",
+)
+@click.option(
+    "--branches",
+    cls=SettingOption,
+    setting="encoders.branches",
+    type=ProfileValue("encoders.branches"),
+    default=None,
+    metavar="LIST",
+    show_default="the profile's",
+    help=BRANCHES_HELP,
+)
 @training_options
 @click.pass_obj
 def align(cache, dataset, stride, mode, branches, profile, sets, seed, split_seed, augmented, force, as_json):
@@ -33,13 +52,29 @@ def align(cache, dataset, stride, mode, branches, profile, sets, seed, split_see
     from asectl.stages.align import run_align, stage_labels
 
     ds = training_data(dataset, 0 if split_seed is None else split_seed, split_seed is not None)
-    out = run_align(ds, cache, profile=profile or "quick", overrides=profile_overrides(sets),
-                    seed=seed or 0, augmented=augmented, force=force)
+    out = run_align(
+        ds,
+        cache,
+        profile=profile or "quick",
+        overrides=profile_overrides(sets),
+        seed=seed or 0,
+        augmented=augmented,
+        force=force,
+    )
     pfa = out.summary["pfa"]
     if as_json:
-        click.echo(json.dumps({"key": out.key, "from_cache": out.from_cache, "split": ds.split_text(), "pfa": {
-            k: v for k, v in pfa.items() if k != "stages"}, "stages": [
-            {k: v for k, v in s.items() if k != "curve"} for s in pfa["stages"]]}, default=str))
+        click.echo(
+            json.dumps(
+                {
+                    "key": out.key,
+                    "from_cache": out.from_cache,
+                    "split": ds.split_text(),
+                    "pfa": {k: v for k, v in pfa.items() if k != "stages"},
+                    "stages": [{k: v for k, v in s.items() if k != "curve"} for s in pfa["stages"]],
+                },
+                default=str,
+            )
+        )
         return
     from rich.table import Table
 
@@ -47,12 +82,14 @@ def align(cache, dataset, stride, mode, branches, profile, sets, seed, split_see
     for col in ("stage", "train pairs", "D_pend", "final ITC loss", "D_pend loss", "tau"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     for name, s in zip(stage_labels(out), pfa["stages"]):
-        table.add_row(name, str(s["n_train"]), str(s["n_pend"]), _f(s["final_loss"]), _f(s["val_loss"]),
-                      f"{s['tau']:.4f}")
+        table.add_row(
+            name, str(s["n_train"]), str(s["n_pend"]), _f(s["final_loss"]), _f(s["val_loss"]), f"{s['tau']:.4f}"
+        )
     ui.info(table)
     if out.summary["dropped"]:
-        ui.console.print(f"[yellow]warning:[/] {len(out.summary['dropped'])} card(s) left out (missing a modality)",
-                         highlight=False)
+        ui.console.print(
+            f"[yellow]warning:[/] {len(out.summary['dropped'])} card(s) left out (missing a modality)", highlight=False
+        )
 
 
 def _f(v: Any) -> str:

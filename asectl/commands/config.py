@@ -21,7 +21,6 @@ def environment(*names: str) -> str:
     return "Environment: " + ", ".join(dict.fromkeys((CACHE_ENV, *names))) + "."
 
 
-
 # --- the settings layer on the command line (asectl/settings.py, docs/config.md) -------------------------
 class SettingOption(click.Option):
     """An option whose setting is not its command's own (``<command>.<name>``): one shared by several
@@ -46,7 +45,7 @@ class ProfileValue(click.ParamType):
         return coerce_setting(self.key, value)
 
 
-STATE = "asectl.settings"      # ctx.meta: what _load_settings found (LayeredSettings)
+STATE = "asectl.settings"  # ctx.meta: what _load_settings found (LayeredSettings)
 
 
 @dataclass
@@ -117,7 +116,7 @@ def layered(ctx: click.Context, cmd: click.Command, path: str, config_file: Path
     own = {option_key(path, p): p for p in command_options(cmd)}
     for layer in layers:
         for key, value in layer.values.items():
-            if layer.path is None and key not in own:   # a variable for other commands: theirs to check
+            if layer.path is None and key not in own:  # a variable for other commands: theirs to check
                 continue
             try:
                 if key in schema:
@@ -154,10 +153,15 @@ def _load_settings(ctx: click.Context, _param: click.Parameter, config_file: Pat
 
 
 config_option = click.option(
-    "--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), is_eager=True,
-    expose_value=False, callback=_load_settings,
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    is_eager=True,
+    expose_value=False,
+    callback=_load_settings,
     help="TOML file of settings: above the user config file, below the environment and the command line "
-         "(docs/config.md; `asectl config show` prints them).")
+    "(docs/config.md; `asectl config show` prints them).",
+)
 
 
 def effective_settings(ctx: click.Context) -> list[settings.Setting]:
@@ -175,9 +179,11 @@ def effective_settings(ctx: click.Context) -> list[settings.Setting]:
             source = settings.COMMAND_LINE if value is not None else settings.DEFAULT
         else:
             value = ctx.params.get(p.name)
-            source = {ParameterSource.COMMANDLINE: settings.COMMAND_LINE,
-                      ParameterSource.DEFAULT_MAP: found.sources.get(key, settings.USER_CONFIG),
-                      ParameterSource.ENVIRONMENT: settings.env_source(str(p.envvar))}.get(origin, settings.DEFAULT)
+            source = {
+                ParameterSource.COMMANDLINE: settings.COMMAND_LINE,
+                ParameterSource.DEFAULT_MAP: found.sources.get(key, settings.USER_CONFIG),
+                ParameterSource.ENVIRONMENT: settings.env_source(str(p.envvar)),
+            }.get(origin, settings.DEFAULT)
         out.append(settings.Setting(key, p.opts[-1] if p.opts else None, value, source))
     return out
 
@@ -204,9 +210,6 @@ def profile_overrides(sets: tuple[str, ...] = ()) -> dict[str, Any]:
     return out
 
 
-
-
-
 @click.group("config")
 def config_group():
     """The settings every command reads: defaults, the user config file, --config, the environment."""
@@ -224,11 +227,13 @@ def command_settings(ctx: click.Context, path: str, cmd: click.Command) -> list[
     for p in command_options(cmd):
         key = option_key(path, p)
         if p.name == "config_file":
-            rows[key] = settings.Setting(key, p.opts[-1], found.config_file,
-                                         settings.COMMAND_LINE if found.config_file else settings.DEFAULT)
+            rows[key] = settings.Setting(
+                key, p.opts[-1], found.config_file, settings.COMMAND_LINE if found.config_file else settings.DEFAULT
+            )
         elif p.name in found.defaults:
-            rows[key] = settings.Setting(key, p.opts[-1], p.type_cast_value(probe, found.defaults[p.name]),
-                                         found.sources[key])
+            rows[key] = settings.Setting(
+                key, p.opts[-1], p.type_cast_value(probe, found.defaults[p.name]), found.sources[key]
+            )
         else:
             rows[key] = settings.Setting(key, p.opts[-1], _default(p, probe), settings.DEFAULT)
     if takes_profile(cmd):
@@ -236,11 +241,12 @@ def command_settings(ctx: click.Context, path: str, cmd: click.Command) -> list[
         for key, value in profile_settings(get_profile(name)).items():
             row = rows.get(key)
             if key in found.profile_values:
-                rows[key] = settings.Setting(key, None, coerce_setting(key, found.profile_values[key]),
-                                             found.sources[key])
+                rows[key] = settings.Setting(
+                    key, None, coerce_setting(key, found.profile_values[key]), found.sources[key]
+                )
             elif row is None:
                 rows[key] = settings.Setting(key, None, value, f"{settings.DEFAULT} (profile {name})")
-            elif row.source == settings.DEFAULT and row.value is None:   # an option bound to a profile key
+            elif row.source == settings.DEFAULT and row.value is None:  # an option bound to a profile key
                 rows[key] = settings.Setting(key, row.option, value, f"{settings.DEFAULT} (profile {name})")
     return list(rows.values())
 
@@ -277,8 +283,9 @@ def config_show(ctx, command, as_json):
     for col in ("setting", "option", "value", "source"):
         table.add_column(col)
     for s in rows:
-        table.add_row(s.key, s.option or "", escape(repr(s.value) if isinstance(s.value, str) else str(s.value)),
-                      s.source)
+        table.add_row(
+            s.key, s.option or "", escape(repr(s.value) if isinstance(s.value, str) else str(s.value)), s.source
+        )
     ui.info(table)
 
 

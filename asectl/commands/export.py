@@ -12,13 +12,24 @@ from asectl.commands._shared import OFFLINE_ENV, environment
 
 
 @click.command("export", epilog=environment(*OFFLINE_ENV))
-@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              show_default="the latest model trained in this cache", help="Model bundle folder.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder to write the export into (must not exist, or be empty).")
-@click.option("--copy-llm", is_flag=True,
-              help="Copy the LLM's GGUF file into the export, so the folder is all a station needs; without it, "
-                   "its path is stored and its hash checked when predicting.")
+@click.option(
+    "--model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    show_default="the latest model trained in this cache",
+    help="Model bundle folder.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder to write the export into (must not exist, or be empty).",
+)
+@click.option(
+    "--copy-llm",
+    is_flag=True,
+    help="Copy the LLM's GGUF file into the export, so the folder is all a station needs; without it, "
+    "its path is stored and its hash checked when predicting.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_obj
 def export(cache, model, out, copy_llm, as_json):
@@ -35,14 +46,23 @@ def export(cache, model, out, copy_llm, as_json):
         ui.info(f"exporting the latest trained {which}")
     res = run_export(bundle, out, copy_llm=copy_llm)
     if as_json:
-        click.echo(json.dumps({"export": str(res.path), "graphs": res.graphs, "ocr": res.ocr, "llm": res.llm,
-                               "parity": res.parity}, default=str))
+        click.echo(
+            json.dumps(
+                {"export": str(res.path), "graphs": res.graphs, "ocr": res.ocr, "llm": res.llm, "parity": res.parity},
+                default=str,
+            )
+        )
         return
-    ocr = res.ocr["engine"] + ("" if res.ocr["engine"] == res.ocr["trained_engine"] else
-                               f" (trained with {res.ocr['trained_engine']}; {res.ocr['why']})")
+    ocr = res.ocr["engine"] + (
+        ""
+        if res.ocr["engine"] == res.ocr["trained_engine"]
+        else f" (trained with {res.ocr['trained_engine']}; {res.ocr['why']})"
+    )
     llm = "copied in" if res.llm["copied"] else f"read from {res.llm['file']}, checked by hash"
-    ui.info(f"exported to {res.path}: {res.graphs} ONNX graphs; OCR {ocr}; LLM {llm}; largest probability "
-            f"difference from the bundle on {res.parity['cases']} generated cases {res.parity['probabilities']:.1e}")
+    ui.info(
+        f"exported to {res.path}: {res.graphs} ONNX graphs; OCR {ocr}; LLM {llm}; largest probability "
+        f"difference from the bundle on {res.parity['cases']} generated cases {res.parity['probabilities']:.1e}"
+    )
 
 
 def register(cli: click.Group) -> None:

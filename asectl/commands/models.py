@@ -36,8 +36,14 @@ def models_list(cache, as_json):
     for m in models:
         t = m["targets"]
         f1 = "-" if m["test_macro_f1"] is None else f"{100 * m['test_macro_f1']:.2f} % on {m['reported_on']}"
-        table.add_row(m["id"][:12], escape(str(m["dataset"])), str(m["created"]), ", ".join(m["classes"] or []),
-                      f"{100 * t['max_miss_rate']:g} % / {100 * t['max_defect_error']:g} %", escape(f1))
+        table.add_row(
+            m["id"][:12],
+            escape(str(m["dataset"])),
+            str(m["created"]),
+            ", ".join(m["classes"] or []),
+            f"{100 * t['max_miss_rate']:g} % / {100 * t['max_defect_error']:g} %",
+            escape(f1),
+        )
     ui.info(table)
     if not models:
         ui.info(f"no trained model in {cache.root}; train one with asectl fuse-train DATASET")

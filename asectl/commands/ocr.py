@@ -15,14 +15,27 @@ _DEFAULT = OcrSettings()
 @click.command(epilog=environment(*EXECUTOR_ENV))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--engine", default=_DEFAULT.engine, show_default=True, help="OCR engine: cnocr or rapidocr.")
-@click.option("--spec", type=click.Path(dir_okay=False, path_type=Path), show_default="docs/card-format.md",
-              help="Card spec TOML for another record layout.")
-@click.option("--detector", type=click.Choice(DETECTORS), default=_DEFAULT.detector, show_default=True,
-              metavar="MODE",
-              help="auto: cut clean text lines directly, else the engine's text detector; model: always the detector; "
-                   "auto-checked: as auto, and a card whose cut lines miss a field is read again by the detector.")
-@click.option("--workers", type=click.IntRange(min=1), show_default="one per core",
-              help="Processes reading cards; the records do not depend on it.")
+@click.option(
+    "--spec",
+    type=click.Path(dir_okay=False, path_type=Path),
+    show_default="docs/card-format.md",
+    help="Card spec TOML for another record layout.",
+)
+@click.option(
+    "--detector",
+    type=click.Choice(DETECTORS),
+    default=_DEFAULT.detector,
+    show_default=True,
+    metavar="MODE",
+    help="auto: cut clean text lines directly, else the engine's text detector; model: always the detector; "
+    "auto-checked: as auto, and a card whose cut lines miss a field is read again by the detector.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    show_default="one per core",
+    help="Processes reading cards; the records do not depend on it.",
+)
 @per_image_options
 @click.pass_obj
 def ocr(cache, inputs, engine, spec, detector, workers, out, as_json, force, strict, executor):
@@ -32,8 +45,9 @@ def ocr(cache, inputs, engine, spec, detector, workers, out, as_json, force, str
     from asectl.stages.ocr import run_ocr
 
     settings = OcrSettings(engine=engine, spec=str(spec) if spec else None, detector=detector)
-    result = run_ocr(load_inputs(inputs), settings, cache=cache, force=force, strict=strict, workers=workers,
-                     executor=executor)
+    result = run_ocr(
+        load_inputs(inputs), settings, cache=cache, force=force, strict=strict, workers=workers, executor=executor
+    )
     emit_records(result.records, out, as_json)
     finish(result, cache)
 

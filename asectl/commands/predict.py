@@ -34,31 +34,56 @@ def _bundle(cache, model: Path | None, exports: bool = False):
 
 @click.command(epilog=environment(*LEARN_ENV, *EXECUTOR_ENV))
 @click.argument("images", nargs=-1)
-@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              show_default="the latest model trained in this cache",
-              help="Model bundle or export folder (`asectl export`).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Export predictions as JSON lines (with --watch: append one line per card).")
+@click.option(
+    "--model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    show_default="the latest model trained in this cache",
+    help="Model bundle or export folder (`asectl export`).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Export predictions as JSON lines (with --watch: append one line per card).",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
 @click.option("--force", is_flag=True, help="Recompute the per-image stages.")
-@click.option("--watch", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Keep the models loaded and classify each new image that appears in this folder, until "
-                   "Ctrl-C or SIGTERM (needs --out).")
-@click.option("--poll", type=float, default=None, show_default="0.25",
-              help="With --watch: seconds between looks at the folder.")
-@click.option("--workers", type=click.IntRange(min=0), default=None, metavar="N",
-              show_default="0, everything in this process",
-              help="With --watch: worker processes that read, describe and reason about the next cards while "
-                   "this one fuses the current ones (not yet reliable on SIGTERM: docs/predict.md).")
-@click.option("--max-miss-rate", type=float, default=None, show_default="the model's own rule",
-              help="Move the operating point without retraining: thresholds re-derived from the held-out "
-                   "scores stored with the model for this miss-rate target.")
-@click.option("--max-defect-error", type=float, default=None, show_default="the model's own target",
-              help="The same for the defect-error target.")
+@click.option(
+    "--watch",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the models loaded and classify each new image that appears in this folder, until "
+    "Ctrl-C or SIGTERM (needs --out).",
+)
+@click.option(
+    "--poll", type=float, default=None, show_default="0.25", help="With --watch: seconds between looks at the folder."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    show_default="0, everything in this process",
+    help="With --watch: worker processes that read, describe and reason about the next cards while "
+    "this one fuses the current ones (not yet reliable on SIGTERM: docs/predict.md).",
+)
+@click.option(
+    "--max-miss-rate",
+    type=float,
+    default=None,
+    show_default="the model's own rule",
+    help="Move the operating point without retraining: thresholds re-derived from the held-out "
+    "scores stored with the model for this miss-rate target.",
+)
+@click.option(
+    "--max-defect-error",
+    type=float,
+    default=None,
+    show_default="the model's own target",
+    help="The same for the defect-error target.",
+)
 @executor_options
 @click.pass_obj
-def predict(cache, images, model, out, as_json, force, watch, poll, workers, max_miss_rate, max_defect_error,
-            executor):
+def predict(cache, images, model, out, as_json, force, watch, poll, workers, max_miss_rate, max_defect_error, executor):
     """Classify card images (files, folders or globs) with a trained model: class, calibrated
     probabilities and a decision (pass, defect or review). With --executor ray, the per-image stages of
     a batch run on a Ray cluster (docs/scale.md)."""
@@ -70,8 +95,10 @@ def predict(cache, images, model, out, as_json, force, watch, poll, workers, max
         if images or out is None:
             raise ConfigError("--watch DIR takes no image arguments and needs --out FILE.jsonl for the results")
         if executor.distributed:
-            raise ConfigError("--watch classifies each card on this machine as it arrives; use --executor local "
-                              "(the Ray executor is for batches)")
+            raise ConfigError(
+                "--watch classifies each card on this machine as it arrives; use --executor local "
+                "(the Ray executor is for batches)"
+            )
         _watch(cache, model, watch, out, as_json, force, poll, (max_miss_rate, max_defect_error), workers)
         return
     if poll is not None or workers is not None:
@@ -91,7 +118,7 @@ def predict(cache, images, model, out, as_json, force, watch, poll, workers, max
         table.add_column("class")
         table.add_column("decision")
         table.add_column("reason")
-        splits = any("split" in r for r in result.records)   # the model's own cards: say which it trained on
+        splits = any("split" in r for r in result.records)  # the model's own cards: say which it trained on
         if splits:
             table.add_column("model's split")
         for c in bundle.labels:
@@ -101,8 +128,14 @@ def predict(cache, images, model, out, as_json, force, watch, poll, workers, max
             if r.get("error"):
                 table.add_row(escape(r["image"]), "[red]error[/]", "", "", *split, *[""] * len(bundle.labels))
             else:
-                table.add_row(escape(r["image"]), escape(r["label"]), DECISION_STYLE[r["decision"]],
-                              escape(r["reason"]), *split, *[f"{r['probabilities'][c]:.3f}" for c in bundle.labels])
+                table.add_row(
+                    escape(r["image"]),
+                    escape(r["label"]),
+                    DECISION_STYLE[r["decision"]],
+                    escape(r["reason"]),
+                    *split,
+                    *[f"{r['probabilities'][c]:.3f}" for c in bundle.labels],
+                )
         ui.info(table)
         print_errors(result.errors)
     if result.errors:
@@ -118,9 +151,17 @@ def _operating_point(bundle, max_miss_rate: float | None, max_defect_error: floa
     return rule
 
 
-def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, force: bool,
-           poll: float | None, targets: tuple[float | None, float | None] = (None, None),
-           workers: int | None = None) -> None:
+def _watch(
+    cache,
+    model: Path | None,
+    folder: Path,
+    out: Path,
+    as_json: bool,
+    force: bool,
+    poll: float | None,
+    targets: tuple[float | None, float | None] = (None, None),
+    workers: int | None = None,
+) -> None:
     """predict --watch: one warm Predictor, signals turned into a clean stop after the current cards; with
     workers, the per-image stages of the next cards run in them while this process fuses (both cores)."""
     import signal
@@ -137,7 +178,7 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
     reason: list[str] = []
 
     def request_stop(signum, _frame):
-        if stop.is_set():            # a second request: stop now
+        if stop.is_set():  # a second request: stop now
             raise KeyboardInterrupt
         reason.append(signal.Signals(signum).name)
         stop.set()
@@ -148,10 +189,12 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
         elif rec.get("error"):
             print_errors([rec], indent="")
         else:
-            ui.info(f"{escape(rec['image'])}: {escape(rec['label'])} ({rec['probability']:.3f}) "
-                    f"{DECISION_STYLE[rec['decision']]} ({escape(rec['reason'])})")
+            ui.info(
+                f"{escape(rec['image'])}: {escape(rec['label'])} ({rec['probability']:.3f}) "
+                f"{DECISION_STYLE[rec['decision']]} ({escape(rec['reason'])})"
+            )
 
-    workers = 0 if workers is None else workers     # worker processes are opt-in: docs/predict.md
+    workers = 0 if workers is None else workers  # worker processes are opt-in: docs/predict.md
     preparers = Preparers(bundle.path, cache.root, force, workers) if workers else None
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -165,19 +208,31 @@ def _watch(cache, model: Path | None, folder: Path, out: Path, as_json: bool, fo
                 preparers.warm_up()
             else:
                 predictor.warm_up()
-            ui.info(f"models loaded in {time.perf_counter() - started:.1f} s"
-                    + (f" ({workers} worker(s))" if workers else "") + f"; watching {folder} "
-                    f"({len(done_names(out))} card(s) already in {out}); Ctrl-C or SIGTERM stops")
-            summary = watch_folder(folder, out, lambda ds: predictor.run(ds).records, should_stop=stop.is_set,
-                                   poll=poll or DEFAULT_POLL, on_record=show, sleep=stop.wait,
-                                   prepare=preparers.prepare if preparers else None)
+            ui.info(
+                f"models loaded in {time.perf_counter() - started:.1f} s"
+                + (f" ({workers} worker(s))" if workers else "")
+                + f"; watching {folder} "
+                f"({len(done_names(out))} card(s) already in {out}); Ctrl-C or SIGTERM stops"
+            )
+            summary = watch_folder(
+                folder,
+                out,
+                lambda ds: predictor.run(ds).records,
+                should_stop=stop.is_set,
+                poll=poll or DEFAULT_POLL,
+                on_record=show,
+                sleep=stop.wait,
+                prepare=preparers.prepare if preparers else None,
+            )
     finally:
         if preparers:
             preparers.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    ui.info(f"stopped{' by ' + reason[0] if reason else ''}: {summary.classified} card(s) classified this run "
-            f"({summary.errors} error(s)), {summary.skipped} already in {out}")
+    ui.info(
+        f"stopped{' by ' + reason[0] if reason else ''}: {summary.classified} card(s) classified this run "
+        f"({summary.errors} error(s)), {summary.skipped} already in {out}"
+    )
 
 
 def register(cli: click.Group) -> None:

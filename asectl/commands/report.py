@@ -15,10 +15,19 @@ from asectl.commands._shared import environment
 
 @click.command(epilog=environment(*LEARN_ENV))
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              show_default="the latest model trained on DATASET in this cache", help="Model bundle folder.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              show_default="./asectl-report/<dataset folder name>", help="Report folder, outside the dataset.")
+@click.option(
+    "--model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    show_default="the latest model trained on DATASET in this cache",
+    help="Model bundle folder.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    show_default="./asectl-report/<dataset folder name>",
+    help="Report folder, outside the dataset.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json on stdout.")
 @click.pass_obj
 def report(cache, dataset, model, out, as_json):

@@ -62,8 +62,9 @@ class AdaptedHeads(nn.Module):
         super().__init__()
         self.alignment = heads
         self.adapter_dim = int(adapter_dim)
-        self.adapters = nn.ModuleDict({m: ResidualAdapter(heads.proj_dim, self.adapter_dim)
-                                       for m in ADAPTED_BRANCHES if m in heads.branches})
+        self.adapters = nn.ModuleDict(
+            {m: ResidualAdapter(heads.proj_dim, self.adapter_dim) for m in ADAPTED_BRANCHES if m in heads.branches}
+        )
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -97,8 +98,7 @@ class AdaptedHeads(nn.Module):
         return list(self.adapters.parameters())
 
     def meta(self) -> dict[str, Any]:
-        return {"alignment": self.alignment.meta(), "adapter_dim": self.adapter_dim,
-                "adapters": list(self.adapters)}
+        return {"alignment": self.alignment.meta(), "adapter_dim": self.adapter_dim, "adapters": list(self.adapters)}
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> AdaptedHeads:

@@ -43,7 +43,7 @@ DECISIONS = ("pass", "defect", "review")
 DEFAULT_MAX_MISS_RATE = 0.01
 DEFAULT_MAX_DEFECT_ERROR = 0.05
 DEFAULT_CALIBRATION_FOLDS = 5
-ECE_BINS = 15                      # Guo et al. 2017 use 15 equal-width confidence bins
+ECE_BINS = 15  # Guo et al. 2017 use 15 equal-width confidence bins
 # log T is searched in [log 0.05, log 20]: wide enough for any model seen so far, and it keeps T finite
 # when every held-out card is right (the likelihood then keeps rising as T shrinks towards 0).
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -81,8 +81,9 @@ def fit_temperature(logits: Any, y: Sequence[int]) -> float:
     if z.ndim != 2 or len(z) != len(y) or len(y) == 0:
         raise DataError(f"temperature scaling needs [n, k] logits and n labels; got {z.shape} and {len(y)}")
     lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
-    res = minimize_scalar(lambda log_t: nll(z, y, math.exp(log_t)), bounds=(lo, hi), method="bounded",
-                          options={"xatol": 1e-4})
+    res = minimize_scalar(
+        lambda log_t: nll(z, y, math.exp(log_t)), bounds=(lo, hi), method="bounded", options={"xatol": 1e-4}
+    )
     return float(math.exp(res.x))
 
 
@@ -98,8 +99,15 @@ def reliability_bins(probs: Any, y: Sequence[int], bins: int = ECE_BINS) -> list
     for b in range(bins):
         m = idx == b
         if m.any():
-            out.append({"lo": b / bins, "hi": (b + 1) / bins, "count": int(m.sum()),
-                        "confidence": float(conf[m].mean()), "accuracy": float(correct[m].mean())})
+            out.append(
+                {
+                    "lo": b / bins,
+                    "hi": (b + 1) / bins,
+                    "count": int(m.sum()),
+                    "confidence": float(conf[m].mean()),
+                    "accuracy": float(correct[m].mean()),
+                }
+            )
     return out
 
 
@@ -156,8 +164,8 @@ class DecisionRule:
     decision (no normal class to pass, or no held-out evidence that the target can be met)."""
 
     classes: tuple[str, ...]
-    pass_threshold: float | None        # pass: top class is normal and p(normal) >= this
-    defect_threshold: float | None      # defect: top class is a defect class and its p >= this
+    pass_threshold: float | None  # pass: top class is normal and p(normal) >= this
+    defect_threshold: float | None  # defect: top class is a defect class and its p >= this
     max_miss_rate: float
     max_defect_error: float
     # The defect threshold's evidence: None, the held-out defect error itself must be at most the target;
@@ -174,11 +182,19 @@ class DecisionRule:
         normal = self.classes.index(NORMAL) if NORMAL in self.classes else -1
         out = []
         for k, c in zip(p.argmax(axis=1), p.max(axis=1)):
-            kind, threshold, target = (("pass", self.pass_threshold, "miss-rate") if k == normal else
-                                       ("defect", self.defect_threshold, "defect-error"))
+            kind, threshold, target = (
+                ("pass", self.pass_threshold, "miss-rate")
+                if k == normal
+                else ("defect", self.defect_threshold, "defect-error")
+            )
             if threshold is None:
-                out.append(("review", f"p({self.classes[k]}) {c:.4f}, no {kind} threshold (no cut met the "
-                                      f"{target} target on held-out cards)"))
+                out.append(
+                    (
+                        "review",
+                        f"p({self.classes[k]}) {c:.4f}, no {kind} threshold (no cut met the "
+                        f"{target} target on held-out cards)",
+                    )
+                )
                 continue
             value, cut = compared(float(c), threshold)
             if c >= threshold:
@@ -195,8 +211,14 @@ class DecisionRule:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DecisionRule:
         conf = d.get("defect_confidence")
-        return cls(tuple(d["classes"]), d["pass_threshold"], d["defect_threshold"], float(d["max_miss_rate"]),
-                   float(d["max_defect_error"]), None if conf is None else float(conf))
+        return cls(
+            tuple(d["classes"]),
+            d["pass_threshold"],
+            d["defect_threshold"],
+            float(d["max_miss_rate"]),
+            float(d["max_defect_error"]),
+            None if conf is None else float(conf),
+        )
 
 
 def _above(v: float) -> float:
@@ -211,14 +233,19 @@ def error_upper_bound(wrong: Any, n: Any, confidence: float) -> np.ndarray:
 
     wrong, n = np.broadcast_arrays(np.asarray(wrong, dtype=np.float64), np.asarray(n, dtype=np.float64))
     bound = np.ones(wrong.shape)
-    some_right = wrong < n          # all wrong: the bound is 1
+    some_right = wrong < n  # all wrong: the bound is 1
     bound[some_right] = beta.ppf(confidence, wrong[some_right] + 1, n[some_right] - wrong[some_right])
     return bound
 
 
-def choose_rule(probs: Any, y: Sequence[int], classes: Sequence[str], max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
-                max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
-                defect_confidence: float | None = None) -> DecisionRule:
+def choose_rule(
+    probs: Any,
+    y: Sequence[int],
+    classes: Sequence[str],
+    max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
+    max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
+    defect_confidence: float | None = None,
+) -> DecisionRule:
     """Thresholds that meet both targets on held-out cards (calibrated ``probs``, true ``y``): the lowest
     pass threshold that does, and the defect threshold where lowering it first breaks its target (module
     docstring). With ``defect_confidence`` c, a defect cut must meet its target with the held-out error's
@@ -256,22 +283,33 @@ def choose_rule(probs: Any, y: Sequence[int], classes: Sequence[str], max_miss_r
     return DecisionRule(classes, pass_t, defect_t, max_miss_rate, max_defect_error, defect_confidence)
 
 
-def operating_point(probs: Any, y: Sequence[int], stored: DecisionRule, max_miss_rate: float | None = None,
-                    max_defect_error: float | None = None) -> tuple[DecisionRule, dict[str, Any]]:
+def operating_point(
+    probs: Any,
+    y: Sequence[int],
+    stored: DecisionRule,
+    max_miss_rate: float | None = None,
+    max_defect_error: float | None = None,
+) -> tuple[DecisionRule, dict[str, Any]]:
     """Move a model's operating point without retraining: the rule ``choose_rule`` derives for other targets
     from the held-out calibrated probabilities and labels the model stores (those ``fuse-train`` chose
     ``stored`` on), and how it does on those cards (``decision_stats``: the review share it costs, its miss
     rate and defect error). A target left None, and the defect confidence, stay the stored ones; the same
     cards and the same targets give exactly the thresholds ``fuse-train`` derived."""
     p = np.asarray(probs, dtype=np.float64)
-    rule = choose_rule(p, y, stored.classes, stored.max_miss_rate if max_miss_rate is None else max_miss_rate,
-                       stored.max_defect_error if max_defect_error is None else max_defect_error,
-                       stored.defect_confidence)
+    rule = choose_rule(
+        p,
+        y,
+        stored.classes,
+        stored.max_miss_rate if max_miss_rate is None else max_miss_rate,
+        stored.max_defect_error if max_defect_error is None else max_defect_error,
+        stored.defect_confidence,
+    )
     return rule, decision_stats(rule.decide(p), y, p.argmax(axis=1), stored.classes)
 
 
-def defect_cuts(probs: Any, y: Sequence[int], classes: Sequence[str],
-                defect_confidence: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def defect_cuts(
+    probs: Any, y: Sequence[int], classes: Sequence[str], defect_confidence: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Where a defect threshold can be cut on held-out cards, from the most confident card decided
     ``defect`` down: each cut's threshold (cards with at least that confidence are admitted; a cut falls
     only between different confidences, equal ones are admitted together) and the defect error of the
@@ -286,12 +324,13 @@ def defect_cuts(probs: Any, y: Sequence[int], classes: Sequence[str],
     wrong = np.cumsum((top[flagged] != y[flagged])[order])
     admitted = np.arange(1, len(order) + 1)
     error = wrong / admitted if defect_confidence is None else error_upper_bound(wrong, admitted, defect_confidence)
-    last_of_equal = np.append(c_sorted[1:] < c_sorted[:-1], True)[:len(order)]
+    last_of_equal = np.append(c_sorted[1:] < c_sorted[:-1], True)[: len(order)]
     return c_sorted[last_of_equal], error[last_of_equal]
 
 
-def decision_stats(decisions: Sequence[str], y: Sequence[int], top: Sequence[int],
-                   classes: Sequence[str]) -> dict[str, Any]:
+def decision_stats(
+    decisions: Sequence[str], y: Sequence[int], top: Sequence[int], classes: Sequence[str]
+) -> dict[str, Any]:
     """How a rule did on labelled cards: shares of each decision, the miss rate (defective cards passed,
     over defective cards) and the defect error (decided defect with another true class, over defect
     decisions). Rates are None where their denominator is 0."""
@@ -305,11 +344,17 @@ def decision_stats(decisions: Sequence[str], y: Sequence[int], top: Sequence[int
     missed = int((defective & (d == "pass")).sum())
     n_defect = int((d == "defect").sum())
     wrong_defect = int(((d == "defect") & (top != y)).sum())
-    return {"n": n, **{f"{k}_share": (float((d == k).mean()) if n else None) for k in DECISIONS},
-            "counts": {k: int((d == k).sum()) for k in DECISIONS},
-            "n_defective": n_def, "n_missed": missed, "miss_rate": missed / n_def if n_def else None,
-            "n_defect_decisions": n_defect, "n_wrong_defect": wrong_defect,
-            "defect_error": wrong_defect / n_defect if n_defect else None}
+    return {
+        "n": n,
+        **{f"{k}_share": (float((d == k).mean()) if n else None) for k in DECISIONS},
+        "counts": {k: int((d == k).sum()) for k in DECISIONS},
+        "n_defective": n_def,
+        "n_missed": missed,
+        "miss_rate": missed / n_def if n_def else None,
+        "n_defect_decisions": n_defect,
+        "n_wrong_defect": wrong_defect,
+        "defect_error": wrong_defect / n_defect if n_defect else None,
+    }
 
 
 def stratified_folds(labels: Sequence[str], folds: int, seed: int) -> np.ndarray:
@@ -325,8 +370,10 @@ def stratified_folds(labels: Sequence[str], folds: int, seed: int) -> np.ndarray
     if folds < 2:
         raise ConfigError(f"--calibration-folds {folds}: use at least 2")
     if len(y) < folds:
-        raise DataError(f"{len(y)} training cards are too few for {folds}-fold calibration; add training "
-                        "cards or lower --calibration-folds")
+        raise DataError(
+            f"{len(y)} training cards are too few for {folds}-fold calibration; add training "
+            "cards or lower --calibration-folds"
+        )
     out = np.zeros(len(y), dtype=np.int64)
     counts = dict(zip(*np.unique(y, return_counts=True)))
     few = {c: int(n) for c, n in counts.items() if n < folds}
@@ -336,18 +383,22 @@ def stratified_folds(labels: Sequence[str], folds: int, seed: int) -> np.ndarray
         logging.getLogger("asectl").warning(
             "fewer training cards than the %d calibration folds in class %s: some folds hold none of them "
             "out, so the temperature and thresholds rest on very few of them (add training cards or lower "
-            "--calibration-folds)", folds, ", ".join(f"{c} ({n})" for c, n in sorted(few.items())))
+            "--calibration-folds)",
+            folds,
+            ", ".join(f"{c} ({n})" for c, n in sorted(few.items())),
+        )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # "least populated class has only n members"
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class has only n members"
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         try:
             for k, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y)):
                 out[held] = k
-        except ValueError:   # every class has fewer cards than folds
+        except ValueError:  # every class has fewer cards than folds
             import logging
 
             logging.getLogger("asectl").warning(
-                "every class has fewer than %d training cards: calibration folds are not stratified", folds)
+                "every class has fewer than %d training cards: calibration folds are not stratified", folds
+            )
             for k, (_, held) in enumerate(KFold(n_splits=folds, shuffle=True, random_state=seed).split(y)):
                 out[held] = k
     return out

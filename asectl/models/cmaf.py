@@ -72,9 +72,19 @@ class FusionModel(nn.Module):
     """CMAF (or plain concatenation) + MLP classifier over aligned features of ``inputs`` (the branches,
     in ``FUSION_ORDER``); ``attention`` chunks (Q = vlm, K = llm, V = image) or tokens (one per input)."""
 
-    def __init__(self, dim: int, n_classes: int, variant: str = "cmaf", tokens: int = 8, heads: int = 4,
-                 reduced_dim: int = 16, mlp_hidden: int = 128, dropout: float = 0.1, attention: str = "chunks",
-                 inputs: Sequence[str] = FUSION_INPUTS):
+    def __init__(
+        self,
+        dim: int,
+        n_classes: int,
+        variant: str = "cmaf",
+        tokens: int = 8,
+        heads: int = 4,
+        reduced_dim: int = 16,
+        mlp_hidden: int = 128,
+        dropout: float = 0.1,
+        attention: str = "chunks",
+        inputs: Sequence[str] = FUSION_INPUTS,
+    ):
         super().__init__()
         if variant not in ("cmaf", "cmaf-nosigmoid", "concat"):
             raise ConfigError(f"fusion variant '{variant}': use cmaf, cmaf-nosigmoid or concat")
@@ -84,9 +94,11 @@ class FusionModel(nn.Module):
         if len(self.inputs) < 2 or len(self.inputs) != len(inputs):
             raise ConfigError(f"fusion inputs {list(inputs)}: give two or more of {', '.join(FUSION_ORDER)}")
         if variant != "concat" and attention == "chunks" and self.inputs != FUSION_INPUTS:
-            raise ConfigError(f"fusion attention chunks attends from VLM (Q) and LLM (K) to image (V) and needs "
-                              f"exactly those branches (got {', '.join(self.inputs)}); use attention tokens "
-                              "or the concat fusion")
+            raise ConfigError(
+                f"fusion attention chunks attends from VLM (Q) and LLM (K) to image (V) and needs "
+                f"exactly those branches (got {', '.join(self.inputs)}); use attention tokens "
+                "or the concat fusion"
+            )
         if attention == "chunks" and dim % tokens:
             raise ConfigError(f"fusion tokens {tokens}: must divide the feature dimension {dim}")
         self.dim, self.n_classes, self.variant, self.attention = int(dim), int(n_classes), variant, attention
@@ -103,17 +115,30 @@ class FusionModel(nn.Module):
             self.proj_k = nn.Linear(self.channels, hr)
             self.proj_v = nn.Linear(self.channels, hr)
             self.proj_c = nn.Linear(hr, 3 if attention == "chunks" else 1)
-            if attention == "tokens":   # which branch a token comes from: the projections are shared
+            if attention == "tokens":  # which branch a token comes from: the projections are shared
                 self.branch_embedding = nn.Parameter(torch.zeros(len(self.inputs), self.dim))
         in_dim = self.dim * len(self.inputs) if variant == "concat" else self.dim
         # mlp_hidden 0: a linear classifier (multinomial logistic regression on the fused vector), which
         # over-fits a few hundred cards less than the hidden layer does (docs/benchmarks.md).
-        self.mlp = (nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes)) if mlp_hidden == 0 else
-                    nn.Sequential(nn.Linear(in_dim, mlp_hidden), nn.ReLU(), nn.Dropout(dropout),
-                                  nn.Linear(mlp_hidden, n_classes)))
-        self.hparams = {"dim": self.dim, "n_classes": self.n_classes, "variant": variant, "tokens": tokens,
-                        "heads": heads, "reduced_dim": reduced_dim, "mlp_hidden": mlp_hidden,
-                        "dropout": dropout, "attention": attention, "inputs": list(self.inputs)}
+        self.mlp = (
+            nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
+            if mlp_hidden == 0
+            else nn.Sequential(
+                nn.Linear(in_dim, mlp_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(mlp_hidden, n_classes)
+            )
+        )
+        self.hparams = {
+            "dim": self.dim,
+            "n_classes": self.n_classes,
+            "variant": variant,
+            "tokens": tokens,
+            "heads": heads,
+            "reduced_dim": reduced_dim,
+            "mlp_hidden": mlp_hidden,
+            "dropout": dropout,
+            "attention": attention,
+            "inputs": list(self.inputs),
+        }
         # Trained end to end: this model's own projection heads and adapters (asectl.models.adapters), and
         # it reads encoder features; None: it reads the alignment's aligned features.
         self.projections: nn.Module | None = None
@@ -123,7 +148,7 @@ class FusionModel(nn.Module):
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        return x.reshape(b, t, self.heads, self.reduced_dim).transpose(1, 2)     # b, h, t, r
+        return x.reshape(b, t, self.heads, self.reduced_dim).transpose(1, 2)  # b, h, t, r
 
     def _attend(self, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
         """Eq. (6)-(7): multi-head attention of query tokens over key tokens, then Proj; [b, t, channels of W]."""
@@ -136,7 +161,7 @@ class FusionModel(nn.Module):
         return torch.sigmoid(w) if self.variant == "cmaf" else w
 
     def _modality_tokens(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(xs, dim=1) * self.input_scale             # [b, M, dim]
+        return torch.stack(xs, dim=1) * self.input_scale  # [b, M, dim]
 
     def fusion_weights(self, *xs: torch.Tensor) -> torch.Tensor:
         """W of Eq. (7): chunks [b, tokens, 3] (channels: VLM, LLM, image); tokens [b, M] (one gate per
@@ -157,7 +182,7 @@ class FusionModel(nn.Module):
         if self.attention == "tokens":
             return (w.unsqueeze(-1) * self._modality_tokens(xs)).sum(1)
         q, k, v = xs
-        z = (w[..., 0:1] * self._tok(q) + w[..., 1:2] * self._tok(k) + w[..., 2:3] * self._tok(v))
+        z = w[..., 0:1] * self._tok(q) + w[..., 1:2] * self._tok(k) + w[..., 2:3] * self._tok(v)
         return z.reshape(q.shape[0], self.dim)
 
     def project(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -186,15 +211,16 @@ class FusionBundle:
     hparams: dict[str, Any]
 
 
-def _inputs(features: Mapping[str, Any] | Sequence[Any],
-            inputs: Sequence[str] | None = None) -> list[np.ndarray]:
+def _inputs(features: Mapping[str, Any] | Sequence[Any], inputs: Sequence[str] | None = None) -> list[np.ndarray]:
     """The aligned feature arrays of ``inputs`` (default: every fusion input present), in order."""
     if isinstance(features, Mapping):
         inputs = ordered_inputs(features) if inputs is None else tuple(inputs)
         missing = [m for m in inputs if m not in features]
         if missing or len(inputs) < 2:
-            raise DataError(f"fusion needs aligned features for {', '.join(inputs or FUSION_INPUTS)}; "
-                            f"missing {missing or 'two or more branches'}")
+            raise DataError(
+                f"fusion needs aligned features for {', '.join(inputs or FUSION_INPUTS)}; "
+                f"missing {missing or 'two or more branches'}"
+            )
         arrs = [np.asarray(features[m], dtype=np.float32) for m in inputs]
     else:
         arrs = [np.asarray(a, dtype=np.float32) for a in features]
@@ -211,13 +237,17 @@ def _encoder_inputs(features: Mapping[str, Any], inputs: Sequence[str], dims: Ma
     checked against its heads' input widths."""
     missing = [m for m in inputs if m not in features or m not in dims]
     if missing:
-        raise DataError(f"fusion trained end to end needs encoder features and projection heads for "
-                        f"{', '.join(inputs)}; missing {missing}")
+        raise DataError(
+            f"fusion trained end to end needs encoder features and projection heads for "
+            f"{', '.join(inputs)}; missing {missing}"
+        )
     arrs = [np.asarray(features[m], dtype=np.float32) for m in inputs]
     for m, a in zip(inputs, arrs):
         if a.ndim != 2 or a.shape[1] != dims[m]:
-            raise DataError(f"{m} features have shape {a.shape}; the projection heads read [n, {dims[m]}] "
-                            "(aligned features where encoder features belong?)")
+            raise DataError(
+                f"{m} features have shape {a.shape}; the projection heads read [n, {dims[m]}] "
+                "(aligned features where encoder features belong?)"
+            )
     if len({len(a) for a in arrs}) != 1:
         raise DataError(f"the fusion's features need one row per sample; got {[len(a) for a in arrs]}")
     return arrs
@@ -234,8 +264,9 @@ def model_inputs(model: FusionModel, features: Mapping[str, Any] | Sequence[Any]
     return xs
 
 
-def map_labels(labels: Sequence[Any], task: str = "multiclass",
-               classes: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+def map_labels(
+    labels: Sequence[Any], task: str = "multiclass", classes: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """Class names (or indices with ``classes``) -> (indices, classes). Binary: normal vs defective."""
     from asectl.dataset import binary_label, order_labels
 
@@ -264,11 +295,19 @@ def map_labels(labels: Sequence[Any], task: str = "multiclass",
     return np.asarray([lookup[x] for x in names], dtype=np.int64), classes
 
 
-def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: FusionConfig | None = None,
-                 seed: int = 0, *, classes: Sequence[str] | None = None,
-                 val_features: Mapping[str, Any] | None = None, val_labels: Sequence[Any] | None = None,
-                 device: str = "cpu", heads: Any = None,
-                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[FusionModel, dict[str, Any]]:
+def train_fusion(
+    features: Mapping[str, Any],
+    labels: Sequence[Any],
+    config: FusionConfig | None = None,
+    seed: int = 0,
+    *,
+    classes: Sequence[str] | None = None,
+    val_features: Mapping[str, Any] | None = None,
+    val_labels: Sequence[Any] | None = None,
+    device: str = "cpu",
+    heads: Any = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[FusionModel, dict[str, Any]]:
     """Train CMAF (or a variant) + MLP with cross-entropy. Deterministic for a given seed.
 
     ``features``: {"vlm", "llm", "image"} (and "stats", or any two or more of them with
@@ -308,28 +347,47 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
         weight = torch.tensor(w, dtype=torch.float32, device=device)
     txs = [torch.from_numpy(a).to(device) for a in xs]
     ty = torch.from_numpy(y).to(device)
-    history: dict[str, Any] = {"classes": classes, "task": config.task, "variant": config.variant,
-                               "attention": config.attention, "projections": config.projections,
-                               "inputs": list(inputs),
-                               "seed": seed, "n_train": int(len(y)), "epochs": []}
+    history: dict[str, Any] = {
+        "classes": classes,
+        "task": config.task,
+        "variant": config.variant,
+        "attention": config.attention,
+        "projections": config.projections,
+        "inputs": list(inputs),
+        "seed": seed,
+        "n_train": int(len(y)),
+        "epochs": [],
+    }
     if config.resolved_classifier() == "logistic":
         return _fit_logistic(xs, y, classes, config, inputs, dim, history, on_epoch), history
     with fork_rng(seed, device):
-        model = FusionModel(dim, len(classes), config.variant, config.tokens, config.heads,
-                            config.reduced_dim, config.mlp_hidden, config.dropout, config.attention,
-                            inputs).to(device)
+        model = FusionModel(
+            dim,
+            len(classes),
+            config.variant,
+            config.tokens,
+            config.heads,
+            config.reduced_dim,
+            config.mlp_hidden,
+            config.dropout,
+            config.attention,
+            inputs,
+        ).to(device)
         params: Any = model.parameters()
         if end_to_end:
             import copy
 
             from asectl.models.adapters import AdaptedHeads
 
-            params = [{"params": list(model.parameters())}]     # first group: the fusion's lr in the history
+            params = [{"params": list(model.parameters())}]  # first group: the fusion's lr in the history
             model.projections = AdaptedHeads(copy.deepcopy(heads), config.adapter_dim).to(device)
-            params += [{"params": model.projections.adapter_parameters()},
-                       {"params": model.projections.head_parameters(), "lr": config.projections_lr}]
-        opt = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
-                                weight_decay=config.weight_decay)
+            params += [
+                {"params": model.projections.adapter_parameters()},
+                {"params": model.projections.head_parameters(), "lr": config.projections_lr},
+            ]
+        opt = torch.optim.AdamW(
+            params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+        )
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.lr_decay_every, gamma=config.lr_decay)
         gen = torch.Generator().manual_seed(seed)
         for epoch in range(1, config.epochs + 1):
@@ -338,7 +396,7 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
             perm = torch.randperm(len(y), generator=gen)
             total, correct = 0.0, 0
             for s in range(0, len(y), config.batch_size):
-                idx = perm[s:s + config.batch_size].to(device)
+                idx = perm[s : s + config.batch_size].to(device)
                 logits = model(*(t[idx] for t in txs))
                 loss = F.cross_entropy(logits, ty[idx], weight=weight)
                 opt.zero_grad(set_to_none=True)
@@ -347,8 +405,7 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
                 total += loss.item() * len(idx)
                 correct += int((logits.argmax(1) == ty[idx]).sum().item())
             sched.step()
-            row: dict[str, float] = {"epoch": epoch, "loss": total / len(y), "accuracy": correct / len(y),
-                                     "lr": lr}
+            row: dict[str, float] = {"epoch": epoch, "loss": total / len(y), "accuracy": correct / len(y), "lr": lr}
             if val is not None:
                 model.eval()
                 with torch.no_grad():
@@ -363,9 +420,16 @@ def train_fusion(features: Mapping[str, Any], labels: Sequence[Any], config: Fus
     return model, history
 
 
-def _fit_logistic(xs: Sequence[np.ndarray], y: np.ndarray, classes: list[str], config: FusionConfig,
-                  inputs: Sequence[str], dim: int, history: dict[str, Any],
-                  on_epoch: Callable[[dict[str, float]], None] | None) -> FusionModel:
+def _fit_logistic(
+    xs: Sequence[np.ndarray],
+    y: np.ndarray,
+    classes: list[str],
+    config: FusionConfig,
+    inputs: Sequence[str],
+    dim: int,
+    history: dict[str, Any],
+    on_epoch: Callable[[dict[str, float]], None] | None,
+) -> FusionModel:
     """``fusion.classifier = logistic``: a multinomial logistic regression with an L2 penalty
     (``fusion.logistic_c``) fitted exactly by L-BFGS (scikit-learn) on the standardized concatenation the
     concat fusion forms, then written into the fusion model's linear classifier with the standardization
@@ -375,18 +439,20 @@ def _fit_logistic(xs: Sequence[np.ndarray], y: np.ndarray, classes: list[str], c
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    model = FusionModel(dim, len(classes), "concat", config.tokens, config.heads, config.reduced_dim, 0, 0.0,
-                        config.attention, inputs)
+    model = FusionModel(
+        dim, len(classes), "concat", config.tokens, config.heads, config.reduced_dim, 0, 0.0, config.attention, inputs
+    )
     with torch.no_grad():
         z = model.fuse(*(torch.from_numpy(a) for a in xs)).double().numpy()
     scaler = StandardScaler().fit(z)
     present = np.unique(y)
-    lr = LogisticRegression(C=config.logistic_c, max_iter=5000,
-                            class_weight="balanced" if config.class_weight == "balanced" else None)
+    lr = LogisticRegression(
+        C=config.logistic_c, max_iter=5000, class_weight="balanced" if config.class_weight == "balanced" else None
+    )
     lr.fit(scaler.transform(z), y)
     coef = np.zeros((len(classes), z.shape[1]))
-    bias = np.full(len(classes), -1e4)          # a class without training cards is never predicted
-    if len(present) == 2:                        # scikit-learn keeps one row for two classes
+    bias = np.full(len(classes), -1e4)  # a class without training cards is never predicted
+    if len(present) == 2:  # scikit-learn keeps one row for two classes
         coef[present[1]], bias[present[0]], bias[present[1]] = lr.coef_[0], 0.0, lr.intercept_[0]
     else:
         coef[present], bias[present] = lr.coef_, lr.intercept_
@@ -398,8 +464,12 @@ def _fit_logistic(xs: Sequence[np.ndarray], y: np.ndarray, classes: list[str], c
     model.eval()
     with torch.no_grad():
         logits = model(*(torch.from_numpy(a) for a in xs)).double()
-    row = {"epoch": 1, "loss": float(F.cross_entropy(logits, torch.from_numpy(y)).item()),
-           "accuracy": float((logits.argmax(1).numpy() == y).mean()), "lr": 0.0}
+    row = {
+        "epoch": 1,
+        "loss": float(F.cross_entropy(logits, torch.from_numpy(y)).item()),
+        "accuracy": float((logits.argmax(1).numpy() == y).mean()),
+        "lr": 0.0,
+    }
     history["epochs"].append(row)
     history["classifier"] = {"kind": "logistic", "C": config.logistic_c, "iterations": int(np.max(lr.n_iter_))}
     if on_epoch:
@@ -408,8 +478,13 @@ def _fit_logistic(xs: Sequence[np.ndarray], y: np.ndarray, classes: list[str], c
     return model
 
 
-def _batched(model: FusionModel, features: Mapping[str, Any], fn: Callable[..., torch.Tensor], tail_shape: tuple[int, ...],
-             batch_size: int) -> np.ndarray:
+def _batched(
+    model: FusionModel,
+    features: Mapping[str, Any],
+    fn: Callable[..., torch.Tensor],
+    tail_shape: tuple[int, ...],
+    batch_size: int,
+) -> np.ndarray:
     """Run ``fn(*inputs)`` in eval mode over the samples in batches; [n, ...] float32 array."""
     xs = model_inputs(model, features)
     device = next(model.parameters()).device
@@ -417,15 +492,14 @@ def _batched(model: FusionModel, features: Mapping[str, Any], fn: Callable[..., 
     out = []
     with torch.inference_mode():
         for s in range(0, len(xs[0]), batch_size):
-            args = [torch.from_numpy(a[s:s + batch_size]).to(device) for a in xs]
+            args = [torch.from_numpy(a[s : s + batch_size]).to(device) for a in xs]
             out.append(fn(*args).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, *tail_shape), np.float32)
 
 
 def predict_proba(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
     """Class probabilities float32 [n, n_classes], columns in ``model.bundle.classes`` order."""
-    return _batched(model, features, lambda *xs: torch.softmax(model(*xs), dim=-1),
-                    (model.n_classes,), batch_size)
+    return _batched(model, features, lambda *xs: torch.softmax(model(*xs), dim=-1), (model.n_classes,), batch_size)
 
 
 def predict_logits(model: FusionModel, features: Mapping[str, Any], batch_size: int = 512) -> np.ndarray:
@@ -461,11 +535,16 @@ def save_fusion(model: FusionModel, path: str | Path) -> Path:
     from asectl.backends.encoders import save_module_state
 
     bundle = getattr(model, "bundle", None)
-    meta = {"asectl_fusion": json.dumps({"classes": bundle.classes if bundle else None,
-                                         "task": bundle.task if bundle else None,
-                                         "hparams": model.hparams,
-                                         **({"projections": model.projections.meta()}
-                                            if model.projections is not None else {})})}
+    meta = {
+        "asectl_fusion": json.dumps(
+            {
+                "classes": bundle.classes if bundle else None,
+                "task": bundle.task if bundle else None,
+                "hparams": model.hparams,
+                **({"projections": model.projections.meta()} if model.projections is not None else {}),
+            }
+        )
+    }
     return save_module_state(model, path, metadata=meta)
 
 
@@ -483,7 +562,7 @@ def load_fusion(path: str | Path) -> FusionModel:
     except Exception:
         raise ConfigError(f"{path}: not a fusion model file written by asectl; retrain it") from None
     model = FusionModel(**meta["hparams"])
-    if meta.get("projections"):          # trained end to end: its own heads and adapters
+    if meta.get("projections"):  # trained end to end: its own heads and adapters
         from asectl.models.adapters import AdaptedHeads
 
         model.projections = AdaptedHeads.from_meta(meta["projections"])

@@ -78,17 +78,18 @@ from asectl.errors import ConfigError, DataError
 from asectl.models.seeding import fork_rng
 from asectl.models.train_config import BRANCHES, PFAConfig, stride_fractions  # noqa: F401  (re-exported)
 
-MODALITIES = ("image", "llm", "vlm")          # the paper's three
-TEXT_MODALITIES = ("llm", "vlm")     # aligned in this order with the image: Eq. (4), section 3.3
-PAIR_ORDER = ("llm", "vlm", "stats")          # the paper's order, then the stats extension
+MODALITIES = ("image", "llm", "vlm")  # the paper's three
+TEXT_MODALITIES = ("llm", "vlm")  # aligned in this order with the image: Eq. (4), section 3.3
+PAIR_ORDER = ("llm", "vlm", "stats")  # the paper's order, then the stats extension
 
 
 def alignment_pairs(branches: Sequence[str]) -> tuple[str, list[str]]:
     """(anchor, the branches aligned with it, in order): the image when it is a branch, else the first."""
     present = [b for b in BRANCHES if b in branches]
     anchor = "image" if "image" in present else present[0]
-    return anchor, [m for m in PAIR_ORDER if m in present and m != anchor] + \
-        [m for m in present if m not in PAIR_ORDER and m != anchor]
+    return anchor, [m for m in PAIR_ORDER if m in present and m != anchor] + [
+        m for m in present if m not in PAIR_ORDER and m != anchor
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,9 +107,11 @@ def stage_counts(n_train: int, fractions: Sequence[float]) -> list[int]:
 def self_similarity(anchor: Any, *others: Any) -> np.ndarray:
     """Per-sample self-similarity: the mean cosine of the anchor (image) with each other branch (the
     paper: cos(image, llm) and cos(image, vlm)), row by row."""
+
     def unit(x: Any) -> torch.Tensor:
         t = torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x).float()
         return F.normalize(t, dim=-1)
+
     a = unit(anchor)
     cos = torch.stack([(a * unit(o)).sum(-1) for o in others])
     return cos.mean(0).detach().cpu().numpy().astype(np.float64)
@@ -119,8 +122,9 @@ def rank_lowest_first(similarity: Sequence[float]) -> np.ndarray:
     return np.argsort(np.asarray(similarity, dtype=np.float64), kind="stable")
 
 
-def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, tau: torch.Tensor | float,
-             targets: torch.Tensor | None = None) -> torch.Tensor:
+def itc_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, tau: torch.Tensor | float, targets: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. (3)-(4): symmetric cross-entropy of the softmax-normalised i2t and t2i cosine similarities."""
     i = F.normalize(image_emb, dim=-1)
     t = F.normalize(text_emb, dim=-1)
@@ -146,8 +150,9 @@ class StatsEncoder(nn.Module):
         self.n_fields, self.dim = int(n_fields), int(hidden)
         self.register_buffer("mean", torch.zeros(self.n_fields))
         self.register_buffer("scale", torch.ones(self.n_fields))
-        self.net = nn.Sequential(nn.Linear(2 * self.n_fields, self.dim), nn.ReLU(), nn.Linear(self.dim, self.dim),
-                                 nn.ReLU())
+        self.net = nn.Sequential(
+            nn.Linear(2 * self.n_fields, self.dim), nn.ReLU(), nn.Linear(self.dim, self.dim), nn.ReLU()
+        )
 
     def fit(self, x: np.ndarray) -> None:
         """Mean and sd per entry over the rows given (the training cards), ignoring what was not read; an
@@ -176,13 +181,21 @@ class AlignmentHeads(nn.Module):
     """One linear projection per branch to ``proj_dim`` (the stats branch: its MLP encoder first) and the
     learnable temperature."""
 
-    def __init__(self, dims: Mapping[str, int], proj_dim: int = 256, tau_init: float = 0.07,
-                 tau_min: float = 0.01, tau_max: float = 0.5, stats_hidden: int = 64):
+    def __init__(
+        self,
+        dims: Mapping[str, int],
+        proj_dim: int = 256,
+        tau_init: float = 0.07,
+        tau_min: float = 0.01,
+        tau_max: float = 0.5,
+        stats_hidden: int = 64,
+    ):
         super().__init__()
         unknown = [m for m in dims if m not in BRANCHES]
         if unknown or len(dims) < 2:
-            raise ConfigError(f"alignment needs features for at least two of {', '.join(BRANCHES)}; got "
-                              f"{', '.join(dims) or 'none'}")
+            raise ConfigError(
+                f"alignment needs features for at least two of {', '.join(BRANCHES)}; got {', '.join(dims) or 'none'}"
+            )
         # Created in the paper's order (image, llm, vlm), then stats: a seed initialises the paper's three
         # projections as it did before the stats branch existed.
         self.branches = tuple(b for b in (*MODALITIES, "stats") if b in dims)
@@ -190,8 +203,9 @@ class AlignmentHeads(nn.Module):
         self.proj_dim = int(proj_dim)
         self.stats_hidden = int(stats_hidden)
         self.stats = StatsEncoder(self.dims["stats"], self.stats_hidden) if "stats" in self.dims else None
-        self.proj = nn.ModuleDict({m: nn.Linear(self.stats_hidden if m == "stats" else self.dims[m], self.proj_dim)
-                                   for m in self.branches})
+        self.proj = nn.ModuleDict(
+            {m: nn.Linear(self.stats_hidden if m == "stats" else self.dims[m], self.proj_dim) for m in self.branches}
+        )
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau_init), dtype=torch.float32))
         self.log_tau_min = math.log(tau_min)
         self.log_tau_max = math.log(tau_max)
@@ -211,14 +225,24 @@ class AlignmentHeads(nn.Module):
         return F.normalize(self.proj[modality](x), dim=-1)
 
     def meta(self) -> dict[str, Any]:
-        return {"dims": self.dims, "proj_dim": self.proj_dim, "tau_min": math.exp(self.log_tau_min),
-                "tau_max": math.exp(self.log_tau_max), "stats_hidden": self.stats_hidden}
+        return {
+            "dims": self.dims,
+            "proj_dim": self.proj_dim,
+            "tau_min": math.exp(self.log_tau_min),
+            "tau_max": math.exp(self.log_tau_max),
+            "stats_hidden": self.stats_hidden,
+        }
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "AlignmentHeads":
         """Heads of the shape ``meta()`` describes (weights still to be loaded)."""
-        return cls(meta["dims"], meta["proj_dim"], tau_min=meta["tau_min"], tau_max=meta["tau_max"],
-                   stats_hidden=meta.get("stats_hidden", 64))
+        return cls(
+            meta["dims"],
+            meta["proj_dim"],
+            tau_min=meta["tau_min"],
+            tau_max=meta["tau_max"],
+            stats_hidden=meta.get("stats_hidden", 64),
+        )
 
     @classmethod
     def from_checkpoint(cls, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> "AlignmentHeads":
@@ -228,8 +252,9 @@ class AlignmentHeads(nn.Module):
         return heads
 
 
-def align_features(heads: AlignmentHeads, features: Mapping[str, np.ndarray],
-                   batch_size: int = 1024) -> dict[str, np.ndarray]:
+def align_features(
+    heads: AlignmentHeads, features: Mapping[str, np.ndarray], batch_size: int = 1024
+) -> dict[str, np.ndarray]:
     """Project precomputed encoder features with trained heads: {branch: float32 [n, proj_dim]}."""
     heads.eval()
     device = next(heads.parameters()).device
@@ -238,10 +263,14 @@ def align_features(heads: AlignmentHeads, features: Mapping[str, np.ndarray],
         for m in heads.branches:
             x = np.asarray(features[m], dtype=np.float32)
             if x.ndim != 2 or x.shape[1] != heads.dims[m]:
-                raise DataError(f"{m} features have shape {x.shape}; the alignment expects "
-                                f"[n, {heads.dims[m]}] (was the same encoder used?)")
-            parts = [heads(m, torch.from_numpy(x[s:s + batch_size]).to(device)).cpu().numpy()
-                     for s in range(0, len(x), batch_size)]
+                raise DataError(
+                    f"{m} features have shape {x.shape}; the alignment expects "
+                    f"[n, {heads.dims[m]}] (was the same encoder used?)"
+                )
+            parts = [
+                heads(m, torch.from_numpy(x[s : s + batch_size]).to(device)).cpu().numpy()
+                for s in range(0, len(x), batch_size)
+            ]
             out[m] = np.concatenate(parts) if parts else np.zeros((0, heads.proj_dim), np.float32)
     return out
 
@@ -291,7 +320,7 @@ class EncoderFeatures:
     def get(self, idx: Sequence[int], train: bool) -> torch.Tensor:
         batch = [self.items[i] for i in idx]
         if train and self.trainable:
-            return self.encoder.forward_train(batch).float()     # on the encoder's device
+            return self.encoder.forward_train(batch).float()  # on the encoder's device
         return torch.from_numpy(self.encoder.encode(batch))
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -313,22 +342,22 @@ def as_source(x: Any, device: str = "cpu") -> FixedFeatures | EncoderFeatures:
 
 @dataclass
 class PFAStage:
-    index: int                          # 1-based; 0 for mode "none"
-    fraction: float                     # cumulative fraction of D_train
-    train_indices: list[int]            # positions (in the full feature arrays) trained on
-    pend_indices: list[int]             # D_pend: training positions not yet added (validation)
-    added_indices: list[int]            # added at this stage, lowest self-similarity first
-    added_similarity: list[float]       # their self-similarity when ranked
+    index: int  # 1-based; 0 for mode "none"
+    fraction: float  # cumulative fraction of D_train
+    train_indices: list[int]  # positions (in the full feature arrays) trained on
+    pend_indices: list[int]  # D_pend: training positions not yet added (validation)
+    added_indices: list[int]  # added at this stage, lowest self-similarity first
+    added_similarity: list[float]  # their self-similarity when ranked
     epochs: int
-    curve: list[dict[str, float]]       # per epoch: loss (L_total), loss_<branch> per aligned pair, lr, tau
-    val_loss: float | None              # ITC L_total on D_pend; None when D_pend is empty
-    val_loss_llm: float | None          # None also when the branch is off
+    curve: list[dict[str, float]]  # per epoch: loss (L_total), loss_<branch> per aligned pair, lr, tau
+    val_loss: float | None  # ITC L_total on D_pend; None when D_pend is empty
+    val_loss_llm: float | None  # None also when the branch is off
     val_loss_vlm: float | None
     val_note: str | None
     tau: float
     checkpoint: dict[str, torch.Tensor]  # projections + log_tau (state dict, CPU)
-    embeddings: dict[str, np.ndarray]    # aligned features of ALL samples after the stage
-    updates: int = 0                     # optimiser steps taken in this stage
+    embeddings: dict[str, np.ndarray]  # aligned features of ALL samples after the stage
+    updates: int = 0  # optimiser steps taken in this stage
     val_loss_stats: float | None = None  # the stats extension's ITC term on D_pend
 
     @property
@@ -337,20 +366,29 @@ class PFAStage:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready record of the stage (no tensors, no embeddings)."""
-        return {"stage": self.index, "fraction": self.fraction, "n_train": self.n_train,
-                "n_pend": len(self.pend_indices), "epochs": self.epochs, "updates": self.updates,
-                "tau": self.tau,
-                "final_loss": self.curve[-1]["loss"] if self.curve else None,
-                "val_loss": self.val_loss, "val_loss_llm": self.val_loss_llm,
-                "val_loss_vlm": self.val_loss_vlm, "val_loss_stats": self.val_loss_stats,
-                "val_note": self.val_note, "curve": self.curve}
+        return {
+            "stage": self.index,
+            "fraction": self.fraction,
+            "n_train": self.n_train,
+            "n_pend": len(self.pend_indices),
+            "epochs": self.epochs,
+            "updates": self.updates,
+            "tau": self.tau,
+            "final_loss": self.curve[-1]["loss"] if self.curve else None,
+            "val_loss": self.val_loss,
+            "val_loss_llm": self.val_loss_llm,
+            "val_loss_vlm": self.val_loss_vlm,
+            "val_loss_stats": self.val_loss_stats,
+            "val_note": self.val_note,
+            "curve": self.curve,
+        }
 
 
 @dataclass
 class PFAResult:
     mode: str
     stages: list[PFAStage]
-    heads: AlignmentHeads                # final projections + temperature
+    heads: AlignmentHeads  # final projections + temperature
     fractions: list[float]
     counts: list[int]
     seed: int
@@ -359,8 +397,8 @@ class PFAResult:
     # Per training pair: the self-similarity stage 1 ranked by (progressive: after the ranking warm-up;
     # other modes: the initial projections).
     initial_similarity: list[float] = field(default_factory=list)
-    rank_warmup: dict[str, Any] = field(default_factory=dict)   # epochs, updates, curve (progressive)
-    plan: dict[str, Any] = field(default_factory=dict)          # plan_updates() for this run
+    rank_warmup: dict[str, Any] = field(default_factory=dict)  # epochs, updates, curve (progressive)
+    plan: dict[str, Any] = field(default_factory=dict)  # plan_updates() for this run
 
     @property
     def embeddings(self) -> dict[str, np.ndarray]:
@@ -372,16 +410,26 @@ class PFAResult:
         return self.rank_warmup.get("updates", 0) + sum(s.updates for s in self.stages)
 
     def summary(self) -> dict[str, Any]:
-        return {"mode": self.mode, "seed": self.seed, "branches": list(self.heads.branches),
-                "fractions": self.fractions, "counts": self.counts,
-                "n_train": len(self.train_indices), "tau": self.stages[-1].tau,
-                "heads": self.heads.meta(), "config": self.config,
-                "rank_warmup": self.rank_warmup,
-                "updates": {"total": self.updates, "rank_warmup": self.rank_warmup.get("updates", 0),
-                            "stages": [s.updates for s in self.stages],
-                            "per_batch": self.plan.get("updates_per_batch"),
-                            "progressive_budget": self.plan.get("progressive_updates")},
-                "stages": [s.summary() for s in self.stages]}
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "branches": list(self.heads.branches),
+            "fractions": self.fractions,
+            "counts": self.counts,
+            "n_train": len(self.train_indices),
+            "tau": self.stages[-1].tau,
+            "heads": self.heads.meta(),
+            "config": self.config,
+            "rank_warmup": self.rank_warmup,
+            "updates": {
+                "total": self.updates,
+                "rank_warmup": self.rank_warmup.get("updates", 0),
+                "stages": [s.updates for s in self.stages],
+                "per_batch": self.plan.get("updates_per_batch"),
+                "progressive_budget": self.plan.get("progressive_updates"),
+            },
+            "stages": [s.summary() for s in self.stages],
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,7 +438,7 @@ class PFAResult:
 
 def _batches(order: Sequence[int], size: int) -> list[list[int]]:
     """Consecutive batches; a trailing batch of one joins the previous (a 1-item batch has no negatives)."""
-    out = [list(order[s:s + size]) for s in range(0, len(order), size)]
+    out = [list(order[s : s + size]) for s in range(0, len(order), size)]
     if len(out) > 1 and len(out[-1]) == 1:
         out[-2].extend(out.pop())
     return out
@@ -405,7 +453,7 @@ def plan_updates(config: PFAConfig, n_train: int, n_pairs: int = 2) -> dict[str,
     ``sequential`` order: two for the paper's pairs, three with the stats branch).
     ``progressive_updates``: what ``progressive`` with the same settings takes, the budget of ``direct``."""
     per_batch = n_pairs if config.align_order == "sequential" else 1
-    n_batches = lambda m: len(_batches(range(m), config.batch_size))     # noqa: E731
+    n_batches = lambda m: len(_batches(range(m), config.batch_size))  # noqa: E731
     counts = stage_counts(n_train, list(config.strides))
     prog = [{"stage": 0, "n_pairs": n_train, "epochs": config.rank_warmup_epochs}]
     prog += [{"stage": k, "n_pairs": c, "epochs": config.epochs_per_stage} for k, c in enumerate(counts, 1)]
@@ -414,7 +462,7 @@ def plan_updates(config: PFAConfig, n_train: int, n_pairs: int = 2) -> dict[str,
         ph["batches"], ph["last_epoch_batches"] = ph["epochs"] * n_batches(ph["n_pairs"]), n_batches(ph["n_pairs"])
         for _ in range(ph["epochs"]):
             done += n_batches(ph["n_pairs"])
-            if ph["stage"]:                       # the warm-up runs at the initial rate
+            if ph["stage"]:  # the warm-up runs at the initial rate
                 stage_epochs += 1
                 if stage_epochs % config.lr_decay_every == 0:
                     prog_decays.append(done)
@@ -425,34 +473,68 @@ def plan_updates(config: PFAConfig, n_train: int, n_pairs: int = 2) -> dict[str,
         phases, decays = [], []
     elif config.direct_epochs is not None:
         nb = n_batches(n_train)
-        phases = [{"stage": 1, "n_pairs": n_train, "epochs": config.direct_epochs,
-                   "batches": config.direct_epochs * nb, "last_epoch_batches": nb}]
+        phases = [
+            {
+                "stage": 1,
+                "n_pairs": n_train,
+                "epochs": config.direct_epochs,
+                "batches": config.direct_epochs * nb,
+                "last_epoch_batches": nb,
+            }
+        ]
         decays = [e * nb for e in range(config.lr_decay_every, config.direct_epochs + 1, config.lr_decay_every)]
     else:
         nb = n_batches(n_train)
         full, rest = divmod(prog_batches, nb)
-        phases = [{"stage": 1, "n_pairs": n_train, "epochs": full + (rest > 0), "batches": prog_batches,
-                   "last_epoch_batches": rest or nb}]
+        phases = [
+            {
+                "stage": 1,
+                "n_pairs": n_train,
+                "epochs": full + (rest > 0),
+                "batches": prog_batches,
+                "last_epoch_batches": rest or nb,
+            }
+        ]
         decays = prog_decays
     batches = sum(ph["batches"] for ph in phases)
-    return {"mode": config.mode, "phases": phases, "decay_after": decays, "batches": batches,
-            "updates_per_batch": per_batch, "updates": batches * per_batch,
-            "progressive_updates": prog_batches * per_batch}
+    return {
+        "mode": config.mode,
+        "phases": phases,
+        "decay_after": decays,
+        "batches": batches,
+        "updates_per_batch": per_batch,
+        "updates": batches * per_batch,
+        "progressive_updates": prog_batches * per_batch,
+    }
 
 
 class _Aligner:
     """Holds sources, heads, optimiser and scheduler; runs epochs and evaluations."""
 
-    def __init__(self, sources: dict[str, Any], config: PFAConfig, seed: int, device: str,
-                 encoder_lrs: Mapping[str, float] | None, decay_after: Sequence[int] = (),
-                 train: Sequence[int] = (), stats_hidden: int = 64):
+    def __init__(
+        self,
+        sources: dict[str, Any],
+        config: PFAConfig,
+        seed: int,
+        device: str,
+        encoder_lrs: Mapping[str, float] | None,
+        decay_after: Sequence[int] = (),
+        train: Sequence[int] = (),
+        stats_hidden: int = 64,
+    ):
         self.sources = sources
         self.config = config
         self.device = device
         self.anchor, self.pairs = alignment_pairs(list(sources))
-        self.heads = AlignmentHeads({m: s.dim for m, s in sources.items()}, config.proj_dim,
-                                    config.tau_init, config.tau_min, config.tau_max, stats_hidden).to(device)
-        if "stats" in sources:     # standardization from the training cards only
+        self.heads = AlignmentHeads(
+            {m: s.dim for m, s in sources.items()},
+            config.proj_dim,
+            config.tau_init,
+            config.tau_min,
+            config.tau_max,
+            stats_hidden,
+        ).to(device)
+        if "stats" in sources:  # standardization from the training cards only
             self.heads.stats.fit(sources["stats"].array[np.asarray(train, dtype=np.int64)])
         param_groups = [{"params": list(self.heads.parameters()), "lr": config.lr}]
         seen = {id(p) for p in self.heads.parameters()}
@@ -463,12 +545,13 @@ class _Aligner:
                 lr = (encoder_lrs or {}).get(sources[m].lr_key(), config.lr)
                 param_groups.append({"params": params, "lr": lr})
         self.trainable_encoders = len(param_groups) > 1
-        self.optimizer = torch.optim.AdamW(param_groups, lr=config.lr, betas=tuple(config.betas),
-                                           eps=config.eps, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            param_groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+        )
         # Step decay by batch count (plan_updates), so a direct run can decay where progressive does.
         self.decay_after = set(decay_after)
         self.batches = 0
-        self.updates = 0          # optimiser steps so far
+        self.updates = 0  # optimiser steps so far
         self.epoch = 0
 
     def _pair_loss(self, modality: str, idx: list[int], train: bool) -> torch.Tensor:
@@ -483,8 +566,9 @@ class _Aligner:
         self.heads.clamp_()
         self.updates += 1
 
-    def train_epoch(self, indices: Sequence[int], generator: torch.Generator,
-                    max_batches: int | None = None) -> dict[str, float]:
+    def train_epoch(
+        self, indices: Sequence[int], generator: torch.Generator, max_batches: int | None = None
+    ) -> dict[str, float]:
         """One pass over ``indices`` in a seeded random order (only its first ``max_batches`` batches
         when given: the cut-short last epoch of a direct run)."""
         self.heads.train()
@@ -495,7 +579,7 @@ class _Aligner:
         lr = self.optimizer.param_groups[0]["lr"]
         for idx in _batches(order, self.config.batch_size)[:max_batches]:
             if self.config.align_order == "sequential":
-                for m in self.pairs:       # first (I, LLM), then (I, VLM), then (I, stats)
+                for m in self.pairs:  # first (I, LLM), then (I, VLM), then (I, stats)
                     loss = self._pair_loss(m, idx, train=True)
                     self._step(loss)
                     totals[m] += loss.item() * len(idx)
@@ -511,8 +595,15 @@ class _Aligner:
                     group["lr"] *= self.config.lr_decay
         self.epoch += 1
         losses = {f"loss_{m}": t / max(count, 1) for m, t in totals.items()}
-        return {"epoch": self.epoch, "loss": sum(losses.values()), **losses, "lr": lr,
-                "tau": float(self.heads.tau.item()), "pairs": count, "updates": self.updates}
+        return {
+            "epoch": self.epoch,
+            "loss": sum(losses.values()),
+            **losses,
+            "lr": lr,
+            "tau": float(self.heads.tau.item()),
+            "pairs": count,
+            "updates": self.updates,
+        }
 
     @torch.no_grad()
     def evaluate(self, indices: Sequence[int]) -> tuple[float, dict[str, float]] | None:
@@ -535,10 +626,11 @@ class _Aligner:
         indices = list(range(n)) if indices is None else list(indices)
         out = {}
         for m in self.heads.branches:
-            parts = [self.heads(m, self.sources[m].get(indices[s:s + batch], train=False).to(self.device))
-                     .cpu().numpy()
-                     for s in range(0, len(indices), batch)]
-            out[m] = (np.concatenate(parts) if parts else np.zeros((0, self.heads.proj_dim), np.float32))
+            parts = [
+                self.heads(m, self.sources[m].get(indices[s : s + batch], train=False).to(self.device)).cpu().numpy()
+                for s in range(0, len(indices), batch)
+            ]
+            out[m] = np.concatenate(parts) if parts else np.zeros((0, self.heads.proj_dim), np.float32)
         return out
 
     def similarity(self, indices: Sequence[int]) -> np.ndarray:
@@ -549,10 +641,17 @@ class _Aligner:
         return {k: v.detach().cpu().clone() for k, v in self.heads.state_dict().items()}
 
 
-def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed: int = 0, *,
-              train_index: Sequence[int] | None = None, device: str = "cpu",
-              encoder_lrs: Mapping[str, float] | None = None, stats_hidden: int = 64,
-              on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> PFAResult:
+def train_pfa(
+    features: Mapping[str, Any],
+    config: PFAConfig | None = None,
+    seed: int = 0,
+    *,
+    train_index: Sequence[int] | None = None,
+    device: str = "cpu",
+    encoder_lrs: Mapping[str, float] | None = None,
+    stats_hidden: int = 64,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> PFAResult:
     """Align image, LLM-text and VLM-text features (PFA), and the stats vectors when given (the
     extension above). Deterministic for a given seed.
 
@@ -567,15 +666,18 @@ def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed
     config.validate()
     unknown = [m for m in features if m not in BRANCHES]
     if unknown or len(features) < 2:
-        raise ConfigError(f"alignment needs features for at least two of {', '.join(BRANCHES)}; got "
-                          f"{', '.join(features) or 'none'}")
+        raise ConfigError(
+            f"alignment needs features for at least two of {', '.join(BRANCHES)}; got {', '.join(features) or 'none'}"
+        )
     sources = {m: as_source(features[m], device) for m in BRANCHES if m in features}
     if "stats" in sources and not isinstance(sources["stats"], FixedFeatures):
         raise ConfigError("the stats branch takes the record vectors as an array")
     n = len(next(iter(sources.values())))
     if any(len(s) != n for s in sources.values()):
-        raise DataError("every branch's features must have one row per sample; got "
-                        + ", ".join(f"{m}={len(s)}" for m, s in sources.items()))
+        raise DataError(
+            "every branch's features must have one row per sample; got "
+            + ", ".join(f"{m}={len(s)}" for m, s in sources.items())
+        )
     train = list(range(n)) if train_index is None else [int(i) for i in train_index]
     if not train:
         raise DataError("PFA needs at least one training sample")
@@ -597,15 +699,43 @@ def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed
         stages: list[PFAStage] = []
         if config.mode == "none":
             val = aligner.evaluate(train)
-            stages.append(_stage_record(aligner, 0, 0.0, [], train, [], [], 0, [], val,
-                                        "mode none: projections untrained; loss over all of D_train", 0))
+            stages.append(
+                _stage_record(
+                    aligner,
+                    0,
+                    0.0,
+                    [],
+                    train,
+                    [],
+                    [],
+                    0,
+                    [],
+                    val,
+                    "mode none: projections untrained; loss over all of D_train",
+                    0,
+                )
+            )
         elif config.mode == "direct":
             phase = plan["phases"][0]
-            curve = _run_epochs(aligner, train, phase["epochs"], generator, 1, on_epoch,
-                                last_epoch_batches=phase["last_epoch_batches"])
-            stages.append(_stage_record(aligner, 1, 1.0, train, [], train, [float(s) for s in initial_sim],
-                                        len(curve), curve, None, "direct: all training data at once; D_pend empty",
-                                        aligner.updates))
+            curve = _run_epochs(
+                aligner, train, phase["epochs"], generator, 1, on_epoch, last_epoch_batches=phase["last_epoch_batches"]
+            )
+            stages.append(
+                _stage_record(
+                    aligner,
+                    1,
+                    1.0,
+                    train,
+                    [],
+                    train,
+                    [float(s) for s in initial_sim],
+                    len(curve),
+                    curve,
+                    None,
+                    "direct: all training data at once; D_pend empty",
+                    aligner.updates,
+                )
+            )
         else:
             order = [train[i] for i in rank_lowest_first(initial_sim)]
             order_sim = {train[i]: float(initial_sim[i]) for i in range(len(train))}
@@ -617,24 +747,53 @@ def train_pfa(features: Mapping[str, Any], config: PFAConfig | None = None, seed
                     sim = aligner.similarity(pending)
                     pending = [pending[i] for i in rank_lowest_first(sim)]
                     order_sim = {p: float(s) for p, s in zip(pending, np.sort(sim, kind="stable"))}
-                added = pending[:count - len(current)]
+                added = pending[: count - len(current)]
                 current = current + added
-                rest = pending[len(added):]
+                rest = pending[len(added) :]
                 before = aligner.updates
                 curve = _run_epochs(aligner, current, config.epochs_per_stage, generator, k, on_epoch)
                 val = aligner.evaluate(rest)
                 note = None if rest else "D_pend is empty at the last stage: no validation loss"
-                stages.append(_stage_record(aligner, k, frac, current, rest, added,
-                                            [order_sim[a] for a in added], config.epochs_per_stage,
-                                            curve, val, note, aligner.updates - before))
-    return PFAResult(mode=config.mode, stages=stages, heads=aligner.heads, fractions=fractions,
-                     counts=counts if config.mode != "none" else [0], seed=seed,
-                     config=_config_dict(config), train_indices=train,
-                     initial_similarity=[float(s) for s in initial_sim], rank_warmup=warmup, plan=plan)
+                stages.append(
+                    _stage_record(
+                        aligner,
+                        k,
+                        frac,
+                        current,
+                        rest,
+                        added,
+                        [order_sim[a] for a in added],
+                        config.epochs_per_stage,
+                        curve,
+                        val,
+                        note,
+                        aligner.updates - before,
+                    )
+                )
+    return PFAResult(
+        mode=config.mode,
+        stages=stages,
+        heads=aligner.heads,
+        fractions=fractions,
+        counts=counts if config.mode != "none" else [0],
+        seed=seed,
+        config=_config_dict(config),
+        train_indices=train,
+        initial_similarity=[float(s) for s in initial_sim],
+        rank_warmup=warmup,
+        plan=plan,
+    )
 
 
-def _run_epochs(aligner: _Aligner, indices: list[int], epochs: int, generator: torch.Generator,
-                stage: int, on_epoch, last_epoch_batches: int | None = None) -> list[dict[str, float]]:
+def _run_epochs(
+    aligner: _Aligner,
+    indices: list[int],
+    epochs: int,
+    generator: torch.Generator,
+    stage: int,
+    on_epoch,
+    last_epoch_batches: int | None = None,
+) -> list[dict[str, float]]:
     curve = []
     for e in range(epochs):
         row = aligner.train_epoch(indices, generator, last_epoch_batches if e == epochs - 1 else None)
@@ -644,16 +803,39 @@ def _run_epochs(aligner: _Aligner, indices: list[int], epochs: int, generator: t
     return curve
 
 
-def _stage_record(aligner: _Aligner, index: int, fraction: float, train: list[int], pend: list[int],
-                  added: list[int], added_sim: list[float], epochs: int, curve, val, note,
-                  updates: int) -> PFAStage:
-    return PFAStage(index=index, fraction=fraction, train_indices=list(train), pend_indices=list(pend),
-                    added_indices=list(added), added_similarity=list(added_sim), epochs=epochs,
-                    curve=curve, val_loss=val[0] if val else None, val_loss_llm=val[1].get("llm") if val else None,
-                    val_loss_vlm=val[1].get("vlm") if val else None,
-                    val_loss_stats=val[1].get("stats") if val else None, val_note=note,
-                    tau=float(aligner.heads.tau.item()), checkpoint=aligner.checkpoint(),
-                    embeddings=aligner.embed(), updates=updates)
+def _stage_record(
+    aligner: _Aligner,
+    index: int,
+    fraction: float,
+    train: list[int],
+    pend: list[int],
+    added: list[int],
+    added_sim: list[float],
+    epochs: int,
+    curve,
+    val,
+    note,
+    updates: int,
+) -> PFAStage:
+    return PFAStage(
+        index=index,
+        fraction=fraction,
+        train_indices=list(train),
+        pend_indices=list(pend),
+        added_indices=list(added),
+        added_similarity=list(added_sim),
+        epochs=epochs,
+        curve=curve,
+        val_loss=val[0] if val else None,
+        val_loss_llm=val[1].get("llm") if val else None,
+        val_loss_vlm=val[1].get("vlm") if val else None,
+        val_loss_stats=val[1].get("stats") if val else None,
+        val_note=note,
+        tau=float(aligner.heads.tau.item()),
+        checkpoint=aligner.checkpoint(),
+        embeddings=aligner.embed(),
+        updates=updates,
+    )
 
 
 def _config_dict(config: PFAConfig) -> dict[str, Any]:
@@ -667,12 +849,22 @@ def _config_dict(config: PFAConfig) -> dict[str, Any]:
 # Paper profile: supervised warm-up of the encoders before alignment
 
 
-def warmup_encoders(sources: Mapping[str, EncoderFeatures], labels: Sequence[int], *, epochs: int,
-                    seed: int = 0, train_index: Sequence[int] | None = None, batch_size: int = 10,
-                    head_lr: float = 1e-2, encoder_lrs: Mapping[str, float] | None = None,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    weight_decay: float = 0.01, device: str = "cpu",
-                    on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+def warmup_encoders(
+    sources: Mapping[str, EncoderFeatures],
+    labels: Sequence[int],
+    *,
+    epochs: int,
+    seed: int = 0,
+    train_index: Sequence[int] | None = None,
+    batch_size: int = 10,
+    head_lr: float = 1e-2,
+    encoder_lrs: Mapping[str, float] | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    device: str = "cpu",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
     """Fine-tune each encoder for ``epochs`` with a temporary linear classifier on the training labels.
 
     The paper warms up "those three encoders" for 30 epochs before alignment without naming the
@@ -702,8 +894,9 @@ def warmup_encoders(sources: Mapping[str, EncoderFeatures], labels: Sequence[int
             totals = {m: 0.0 for m in sources}
             for idx in _batches([train[p] for p in perm], batch_size):
                 y = labels_t[idx].to(device)
-                losses = {m: F.cross_entropy(heads[m](s.get(idx, train=True).to(device)), y)
-                          for m, s in sources.items()}
+                losses = {
+                    m: F.cross_entropy(heads[m](s.get(idx, train=True).to(device)), y) for m, s in sources.items()
+                }
                 opt.zero_grad(set_to_none=True)
                 sum(losses.values()).backward()
                 opt.step()

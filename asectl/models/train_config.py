@@ -117,8 +117,9 @@ def parse_strides(value: float | str | Sequence[float]) -> tuple[float, ...]:
         try:
             numbers = [float(p) for p in parts]
         except ValueError:
-            raise ConfigError(f"setting 'pfa.strides' = {value!r}: give a stride such as 0.2 or fractions such "
-                              "as 0.2/0.6/1") from None
+            raise ConfigError(
+                f"setting 'pfa.strides' = {value!r}: give a stride such as 0.2 or fractions such as 0.2/0.6/1"
+            ) from None
         value = numbers[0] if len(numbers) == 1 else numbers
     return tuple(stride_fractions(value))
 
@@ -126,50 +127,50 @@ def parse_strides(value: float | str | Sequence[float]) -> tuple[float, ...]:
 @dataclass
 class EncoderConfig:
     image: str = "efficientnet-lite0"
-    image_weights: str | None = None      # resnet50: state-dict file or "torchvision:IMAGENET1K_V2"
-    image_random_init: bool = False       # resnet50 only: untrained network, on purpose
+    image_weights: str | None = None  # resnet50: state-dict file or "torchvision:IMAGENET1K_V2"
+    image_random_init: bool = False  # resnet50 only: untrained network, on purpose
     text: str = "minilm"
-    text_path: str | None = None          # bert-base: local folder or hub id
-    device: str = "cpu"                   # cpu, cuda, cuda:N, auto
-    batch_size: int = 32                  # encoding batch (frozen features)
-    finetune: bool = False                # paper: encoders train during warm-up and PFA
-    warmup_epochs: int = 0                # paper: 30 (supervised warm-up before alignment)
-    image_lr: float = 1e-4                # encoder learning rates when fine-tuning
+    text_path: str | None = None  # bert-base: local folder or hub id
+    device: str = "cpu"  # cpu, cuda, cuda:N, auto
+    batch_size: int = 32  # encoding batch (frozen features)
+    finetune: bool = False  # paper: encoders train during warm-up and PFA
+    warmup_epochs: int = 0  # paper: 30 (supervised warm-up before alignment)
+    image_lr: float = 1e-4  # encoder learning rates when fine-tuning
     text_lr: float = 2e-5
-    llm_text: str = DEFAULT_LLM_TEXT      # composite | answer (LLM_TEXTS)
+    llm_text: str = DEFAULT_LLM_TEXT  # composite | answer (LLM_TEXTS)
     # cards-cnn (an image encoder trained on the training cards' dot maps in align; backends/encoders.py)
     image_epochs: int = 30
     image_train_lr: float = 3e-3
-    image_folds: int = 3                  # cross-fitted networks; 1 = one network on all training cards
-    image_map_size: int = 88              # dot-map side in pixels (the 440-px range averaged 5 x 5)
-    image_coords: bool = False            # x and y maps as extra input channels (CoordConv)
-    branches: tuple[str, ...] = PAPER_BRANCHES   # which of BRANCHES the model aligns and fuses
-    stats_hidden: int = 64                # the stats branch's MLP encoder width (asectl.models.pfa)
+    image_folds: int = 3  # cross-fitted networks; 1 = one network on all training cards
+    image_map_size: int = 88  # dot-map side in pixels (the 440-px range averaged 5 x 5)
+    image_coords: bool = False  # x and y maps as extra input channels (CoordConv)
+    branches: tuple[str, ...] = PAPER_BRANCHES  # which of BRANCHES the model aligns and fuses
+    stats_hidden: int = 64  # the stats branch's MLP encoder width (asectl.models.pfa)
 
 
 @dataclass
 class PFAConfig:
-    mode: str = "progressive"             # progressive | direct | none
+    mode: str = "progressive"  # progressive | direct | none
     # cumulative fractions of D_train; ``pfa.stride`` is another name for it (a single stride reads as
     # its fractions)
     strides: Annotated[tuple[float, ...], parse_strides] = (0.2, 0.4, 0.6, 0.8, 1.0)
     ALIASES: ClassVar[dict[str, str]] = {"stride": "strides"}
     epochs_per_stage: int = 15
-    direct_epochs: int | None = None      # direct mode; None = as many updates as progressive (see pfa.py)
-    rank_warmup_epochs: int = 8           # ITC epochs on all of D_train before stage 1 ranks the pairs
+    direct_epochs: int | None = None  # direct mode; None = as many updates as progressive (see pfa.py)
+    rank_warmup_epochs: int = 8  # ITC epochs on all of D_train before stage 1 ranks the pairs
     batch_size: int = 10
     lr: float = 1e-2
     lr_decay: float = 0.75
-    lr_decay_every: int = 15              # epochs, counted over the whole alignment (not per stage)
+    lr_decay_every: int = 15  # epochs, counted over the whole alignment (not per stage)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    weight_decay: float = 0.01            # AdamW's default; the paper gives none
+    weight_decay: float = 0.01  # AdamW's default; the paper gives none
     proj_dim: int = 256
-    tau_init: float = 0.07                # CLIP/ALBEF's initial temperature
+    tau_init: float = 0.07  # CLIP/ALBEF's initial temperature
     tau_min: float = 0.01
     tau_max: float = 0.5
-    align_order: str = "sequential"       # sequential: (I,LLM) step then (I,VLM) step; summed: one step
-    rerank_each_stage: bool = True        # rank D_pend again with the current projections per stage
+    align_order: str = "sequential"  # sequential: (I,LLM) step then (I,VLM) step; summed: one step
+    rerank_each_stage: bool = True  # rank D_pend again with the current projections per stage
 
     def validate(self) -> None:
         _choice("pfa.mode", self.mode, PFA_MODES)
@@ -187,15 +188,17 @@ class PFAConfig:
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"pfa.lr_decay {self.lr_decay}: must be in (0, 1]")
         if not 0 < self.tau_min <= self.tau_init <= self.tau_max:
-            raise ConfigError(f"pfa temperature: need 0 < tau_min ({self.tau_min}) <= tau_init "
-                              f"({self.tau_init}) <= tau_max ({self.tau_max})")
+            raise ConfigError(
+                f"pfa temperature: need 0 < tau_min ({self.tau_min}) <= tau_init "
+                f"({self.tau_init}) <= tau_max ({self.tau_max})"
+            )
 
 
 @dataclass
 class FusionConfig:
-    variant: str = "cmaf"                 # cmaf | cmaf-nosigmoid | concat
-    attention: str = "chunks"             # chunks | tokens (FUSION_ATTENTIONS); not used by concat
-    task: str = "multiclass"              # multiclass | binary (normal vs defective)
+    variant: str = "cmaf"  # cmaf | cmaf-nosigmoid | concat
+    attention: str = "chunks"  # chunks | tokens (FUSION_ATTENTIONS); not used by concat
+    task: str = "multiclass"  # multiclass | binary (normal vs defective)
     epochs: int = 60
     batch_size: int = 10
     lr: float = 1e-2
@@ -204,17 +207,17 @@ class FusionConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.01
-    tokens: int = 8                       # each 256-d aligned vector = 8 tokens of 32 channels
+    tokens: int = 8  # each 256-d aligned vector = 8 tokens of 32 channels
     heads: int = 4
-    reduced_dim: int = 16                 # r in Eq. (7), per head
+    reduced_dim: int = 16  # r in Eq. (7), per head
     mlp_hidden: int = 128
     dropout: float = 0.1
-    class_weight: str = "none"            # none | balanced
-    projections: str = "frozen"           # frozen | end-to-end (FUSION_PROJECTIONS)
-    projections_lr: float = 3e-4          # end-to-end: the projection heads' rate (the adapters take lr)
-    adapter_dim: int = 32                 # end-to-end: the adapters' bottleneck width
-    classifier: str = "mlp"               # auto | mlp | logistic (FUSION_CLASSIFIERS; logistic: concat, frozen heads)
-    logistic_c: float = 1e-3              # logistic: inverse L2 strength (bench/choose_classifier.py)
+    class_weight: str = "none"  # none | balanced
+    projections: str = "frozen"  # frozen | end-to-end (FUSION_PROJECTIONS)
+    projections_lr: float = 3e-4  # end-to-end: the projection heads' rate (the adapters take lr)
+    adapter_dim: int = 32  # end-to-end: the adapters' bottleneck width
+    classifier: str = "mlp"  # auto | mlp | logistic (FUSION_CLASSIFIERS; logistic: concat, frozen heads)
+    logistic_c: float = 1e-3  # logistic: inverse L2 strength (bench/choose_classifier.py)
 
     def logistic_applies(self) -> bool:
         return self.variant == "concat" and self.projections == "frozen"
@@ -234,8 +237,10 @@ class FusionConfig:
         _choice("fusion.classifier", self.classifier, FUSION_CLASSIFIERS)
         _positive("fusion.logistic_c", self.logistic_c)
         if self.classifier == "logistic" and not self.logistic_applies():
-            raise ConfigError("fusion.classifier logistic is fitted on the concatenated aligned features: use it "
-                              "with fusion.variant concat and frozen projection heads")
+            raise ConfigError(
+                "fusion.classifier logistic is fitted on the concatenated aligned features: use it "
+                "with fusion.variant concat and frozen projection heads"
+            )
         for name in ("epochs", "batch_size", "tokens", "heads", "reduced_dim", "lr_decay_every", "adapter_dim"):
             _positive(f"fusion.{name}", getattr(self, name))
         if self.mlp_hidden < 0:
@@ -267,8 +272,7 @@ class TrainProfile:
         if self.encoders.warmup_epochs < 0:
             raise ConfigError("encoders.warmup_epochs: must be 0 or more")
         if self.encoders.warmup_epochs and not self.encoders.finetune:
-            raise ConfigError("encoders.warmup_epochs needs encoders.finetune = true (frozen encoders "
-                              "cannot warm up)")
+            raise ConfigError("encoders.warmup_epochs needs encoders.finetune = true (frozen encoders cannot warm up)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,7 +280,7 @@ class TrainProfile:
         if self.fusion.projections == "frozen":
             for name in END_TO_END_FIELDS:
                 del out["fusion"][name]
-        if self.fusion.resolved_classifier() == "mlp":     # models trained before the option keep their keys
+        if self.fusion.resolved_classifier() == "mlp":  # models trained before the option keep their keys
             for name in LOGISTIC_FIELDS:
                 del out["fusion"][name]
         else:
@@ -302,10 +306,11 @@ def quick_profile() -> TrainProfile:
 def paper_profile() -> TrainProfile:
     return TrainProfile(
         name="paper",
-        encoders=EncoderConfig(image="resnet50", text="bert-base", device="cuda", batch_size=32,
-                               finetune=True, warmup_epochs=30),
-        pfa=PFAConfig(),        # the paper's values; the ranking warm-up (unspecified there) as quick's
-        fusion=FusionConfig(classifier="mlp"),      # the paper's "MLP and cross-entropy", also for --fusion concat
+        encoders=EncoderConfig(
+            image="resnet50", text="bert-base", device="cuda", batch_size=32, finetune=True, warmup_epochs=30
+        ),
+        pfa=PFAConfig(),  # the paper's values; the ranking warm-up (unspecified there) as quick's
+        fusion=FusionConfig(classifier="mlp"),  # the paper's "MLP and cross-entropy", also for --fusion concat
     )
 
 
@@ -353,7 +358,7 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     """``value`` as type ``hint`` (text from --set or the environment is parsed), else a ConfigError."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is Annotated:      # a field with its own parser
+    if origin is Annotated:  # a field with its own parser
         return hint.__metadata__[0](value)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -423,8 +428,11 @@ def coerce_setting(key: str, value: Any) -> Any:
 
 def profile_settings(profile: TrainProfile) -> dict[str, Any]:
     """Every hyperparameter of ``profile`` by dotted key (``pfa.lr``, ``fusion.epochs``, ...)."""
-    return {f"{section}.{f.name}": getattr(getattr(profile, section), f.name) for section in SECTIONS
-            for f in dataclasses.fields(getattr(profile, section))}
+    return {
+        f"{section}.{f.name}": getattr(getattr(profile, section), f.name)
+        for section in SECTIONS
+        for f in dataclasses.fields(getattr(profile, section))
+    }
 
 
 def check_branches(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -434,11 +442,13 @@ def check_branches(value: str | Sequence[str]) -> tuple[str, ...]:
     names = [str(n).strip() for n in names if str(n).strip()]
     unknown = [n for n in names if n not in BRANCHES]
     if unknown:
-        raise ConfigError(f"setting 'encoders.branches': unknown branch {', '.join(unknown)}; choose from "
-                          f"{', '.join(BRANCHES)}")
+        raise ConfigError(
+            f"setting 'encoders.branches': unknown branch {', '.join(unknown)}; choose from {', '.join(BRANCHES)}"
+        )
     if len(set(names)) < 2:
-        raise ConfigError(f"setting 'encoders.branches' = {','.join(names) or '(none)'}: give at least two of "
-                          f"{', '.join(BRANCHES)}")
+        raise ConfigError(
+            f"setting 'encoders.branches' = {','.join(names) or '(none)'}: give at least two of {', '.join(BRANCHES)}"
+        )
     return tuple(b for b in BRANCHES if b in names)
 
 

@@ -38,11 +38,25 @@ def render_report(data: ReportInput) -> dict[str, bytes]:
     embeddings = _check_embeddings(data, len(labels))
     m = len(data.embedding_labels)
     perplexity = tsne_perplexity(m) if m >= TSNE_MIN_SAMPLES else None
-    metrics["tsne"] = {"stages": list(embeddings), "n_samples": m, "perplexity": perplexity, "init": "pca",
-                       "metric": "euclidean", "learning_rate": "auto", "random_state": data.tsne_seed}
+    metrics["tsne"] = {
+        "stages": list(embeddings),
+        "n_samples": m,
+        "perplexity": perplexity,
+        "init": "pca",
+        "metric": "euclidean",
+        "learning_rate": "auto",
+        "random_state": data.tsne_seed,
+    }
     metrics["curves"] = {
-        "pfa": [{"name": s.name, "itc_loss": [_finite(v) for v in s.itc_loss], "val_loss": _finite(s.val_loss),
-                 "n_train": s.n_train} for s in data.pfa_curves],
+        "pfa": [
+            {
+                "name": s.name,
+                "itc_loss": [_finite(v) for v in s.itc_loss],
+                "val_loss": _finite(s.val_loss),
+                "n_train": s.n_train,
+            }
+            for s in data.pfa_curves
+        ],
         "fusion": [{k: _finite(v) for k, v in r.items()} for r in data.fusion_curve],
     }
     metrics["provenance"] = {str(k): str(v) for k, v in data.provenance.items()}
@@ -63,8 +77,7 @@ def render_report(data: ReportInput) -> dict[str, bytes]:
     pngs = {"confusion": confusion_png(metrics["multiclass"], "Multi-class confusion matrix")}
     if metrics["binary"]:
         pngs["confusion_binary"] = confusion_png(metrics["binary"], "Binary confusion matrix")
-    pngs["tsne"] = tsne_png(embeddings, data.embedding_labels, labels, data.embedding_split, data.tsne_seed,
-                            data.tsne)
+    pngs["tsne"] = tsne_png(embeddings, data.embedding_labels, labels, data.embedding_split, data.tsne_seed, data.tsne)
     pngs["curves"] = curves_png(data.pfa_curves, data.fusion_curve)
     pngs["calibration"] = reliability_png(metrics["calibration"]["test"] if metrics["calibration"] else None)
 
@@ -82,10 +95,11 @@ def write_report(files: Mapping[str, bytes], out_dir: Path) -> ReportSummary:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{out_dir}: cannot create the report folder ({e.strerror}); choose another "
-                          "output folder") from None
+        raise ConfigError(
+            f"{out_dir}: cannot create the report folder ({e.strerror}); choose another output folder"
+        ) from None
     paths: dict[str, Path] = {}
-    for key, data in sorted(files.items(), key=lambda kv: kv[0] == "html"):   # report.html last: the one opened
+    for key, data in sorted(files.items(), key=lambda kv: kv[0] == "html"):  # report.html last: the one opened
         paths[key] = out_dir / FILES[key]
         write_atomic(paths[key], data)
     metrics = json.loads(files["metrics"])
@@ -99,8 +113,7 @@ def report_key_parts(data: ReportInput) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         if isinstance(v, np.ndarray):
             a = np.ascontiguousarray(v)
-            return {"sha256": sha256_bytes(a.tobytes()), "shape": list(a.shape),
-                    "dtype": str(a.dtype)}
+            return {"sha256": sha256_bytes(a.tobytes()), "shape": list(a.shape), "dtype": str(a.dtype)}
         if isinstance(v, np.generic):
             return v.item()
         if is_dataclass(v):
@@ -128,8 +141,9 @@ def _check_embeddings(data: ReportInput, k: int) -> dict[str, np.ndarray]:
     for name, x in data.embeddings.items():
         arr = np.asarray(x, dtype=np.float64)
         if arr.ndim != 2 or len(arr) != m:
-            raise DataError(f"report: embeddings {name!r} have shape {arr.shape}, expected ({m}, d) to match "
-                            f"{m} embedding labels")
+            raise DataError(
+                f"report: embeddings {name!r} have shape {arr.shape}, expected ({m}, d) to match {m} embedding labels"
+            )
         if not np.isfinite(arr).all():
             raise DataError(f"report: embeddings {name!r} contain NaN or infinite values")
         out[str(name)] = arr

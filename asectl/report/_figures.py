@@ -12,8 +12,18 @@ import numpy as np
 from asectl.report._records import StageCurve
 
 # Paper Fig. 8: blue, orange, green, red, purple for normal, type1..type4 (matplotlib's tab10 order).
-CLASS_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-                 "tab:gray", "tab:olive", "tab:cyan")
+CLASS_COLOURS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 
 
 TSNE_MIN_SAMPLES = 4
@@ -42,7 +52,8 @@ def confusion_png(view: Mapping[str, Any], title: str) -> bytes:
     fig = _new_figure(1.6 + 0.9 * k, 1.2 + 0.85 * k)
     ax = fig.add_subplot()
     ConfusionMatrixDisplay(np.asarray(view["confusion_matrix"]), display_labels=view["labels"]).plot(
-        ax=ax, cmap="Blues", colorbar=False, values_format="d")
+        ax=ax, cmap="Blues", colorbar=False, values_format="d"
+    )
     ax.set_title(title)
     return _png(fig)
 
@@ -59,13 +70,19 @@ def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
     # One OpenMP thread: the Barnes-Hut gradient slows down by 10-100x when its threads compete with
     # other processes for the cores, and report-sized inputs (hundreds of points) need no more.
     with threadpool_limits(limits=1):
-        return TSNE(n_components=2, perplexity=tsne_perplexity(len(x)), init="pca", learning_rate="auto",
-                    random_state=seed).fit_transform(np.asarray(x, dtype=np.float64))
+        return TSNE(
+            n_components=2, perplexity=tsne_perplexity(len(x)), init="pca", learning_rate="auto", random_state=seed
+        ).fit_transform(np.asarray(x, dtype=np.float64))
 
 
-def tsne_png(embeddings: Mapping[str, np.ndarray], labels: Sequence[int], label_names: Sequence[str],
-             split: Sequence[str] | None, seed: int,
-             tsne: Callable[[np.ndarray, int], np.ndarray] | None = None) -> bytes:
+def tsne_png(
+    embeddings: Mapping[str, np.ndarray],
+    labels: Sequence[int],
+    label_names: Sequence[str],
+    split: Sequence[str] | None,
+    seed: int,
+    tsne: Callable[[np.ndarray, int], np.ndarray] | None = None,
+) -> bytes:
     from matplotlib.lines import Line2D
 
     names = list(embeddings)
@@ -90,16 +107,27 @@ def tsne_png(embeddings: Mapping[str, np.ndarray], labels: Sequence[int], label_
             for is_test, marker in ((False, "o"), (True, "^")):
                 m = (y == c) & (test == is_test)
                 if m.any():
-                    ax.scatter(xy[m, 0], xy[m, 1], s=14 if not is_test else 22, c=colour, marker=marker,
-                               edgecolors="black" if is_test else "none", linewidths=0.4, alpha=0.85)
+                    ax.scatter(
+                        xy[m, 0],
+                        xy[m, 1],
+                        s=14 if not is_test else 22,
+                        c=colour,
+                        marker=marker,
+                        edgecolors="black" if is_test else "none",
+                        linewidths=0.4,
+                        alpha=0.85,
+                    )
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Line2D([], [], marker="o", linestyle="", color=CLASS_COLOURS[c % len(CLASS_COLOURS)], label=n)
-               for c, n in enumerate(label_names)]
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=CLASS_COLOURS[c % len(CLASS_COLOURS)], label=n)
+        for c, n in enumerate(label_names)
+    ]
     if split is not None and test.any():
-        handles += [Line2D([], [], marker="o", linestyle="", color="grey", label="train"),
-                    Line2D([], [], marker="^", linestyle="", color="grey", markeredgecolor="black",
-                           label="test")]
+        handles += [
+            Line2D([], [], marker="o", linestyle="", color="grey", label="train"),
+            Line2D([], [], marker="^", linestyle="", color="grey", markeredgecolor="black", label="test"),
+        ]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     return _png(fig)
 
@@ -121,8 +149,7 @@ def curves_png(pfa: Sequence[StageCurve], fusion: Sequence[Mapping[str, float]])
         losses = [_num(v) for v in stage.itc_loss]
         if losses:
             xs = np.arange(start + 1, start + len(losses) + 1)
-            ax_itc.plot(xs, losses, marker="." if len(losses) < 30 else None, label=stage.name,
-                        color=f"C{i % 10}")
+            ax_itc.plot(xs, losses, marker="." if len(losses) < 30 else None, label=stage.name, color=f"C{i % 10}")
             if start:
                 ax_itc.axvline(start + 0.5, color="grey", linestyle=":", linewidth=0.8)
             start += len(losses)
@@ -141,8 +168,17 @@ def curves_png(pfa: Sequence[StageCurve], fusion: Sequence[Mapping[str, float]])
         ax_val.plot(xs, ys, marker="o")
         for x, (_, v) in zip(xs, vals):
             if v is None:
-                ax_val.annotate("D_pend empty", (x, 0), xycoords=("data", "axes fraction"), ha="center",
-                                va="bottom", fontsize=7, color="grey", xytext=(0, 4), textcoords="offset points")
+                ax_val.annotate(
+                    "D_pend empty",
+                    (x, 0),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color="grey",
+                    xytext=(0, 4),
+                    textcoords="offset points",
+                )
         ax_val.set_xticks(xs, [n for n, _ in vals], rotation=20, ha="right", fontsize=7)
         ax_val.set_ylabel("ITC loss")
     else:
@@ -154,16 +190,22 @@ def curves_png(pfa: Sequence[StageCurve], fusion: Sequence[Mapping[str, float]])
         epochs = [int(r.get("epoch", i + 1)) for i, r in enumerate(rows)]
         ax_fus.plot(epochs, [_num(r.get("loss")) for r in rows], color="C0", label="loss")
         if any("val_loss" in r for r in rows):
-            ax_fus.plot(epochs, [_num(r.get("val_loss")) for r in rows], color="C0", linestyle="--",
-                        label="validation loss")
+            ax_fus.plot(
+                epochs, [_num(r.get("val_loss")) for r in rows], color="C0", linestyle="--", label="validation loss"
+            )
         ax_fus.set_xlabel("epoch")
         ax_fus.set_ylabel("cross-entropy loss", color="C0")
         ax_acc = ax_fus.twinx()
         if any("accuracy" in r for r in rows):
             ax_acc.plot(epochs, [_num(r.get("accuracy")) for r in rows], color="C1", label="accuracy")
         if any("val_accuracy" in r for r in rows):
-            ax_acc.plot(epochs, [_num(r.get("val_accuracy")) for r in rows], color="C1", linestyle="--",
-                        label="validation accuracy")
+            ax_acc.plot(
+                epochs,
+                [_num(r.get("val_accuracy")) for r in rows],
+                color="C1",
+                linestyle="--",
+                label="validation accuracy",
+            )
         ax_acc.set_ylim(0, 1.02)
         ax_acc.set_ylabel("accuracy", color="C1")
         handles = ax_fus.get_legend_handles_labels()[0] + ax_acc.get_legend_handles_labels()[0]
@@ -191,11 +233,11 @@ def reliability_png(test: Mapping[str, Any] | None) -> bytes:
         bins = test[f"bins_{when}"]
         centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfect calibration")
-        ax.bar(centres, [b["accuracy"] for b in bins], width=width * 0.9, color="C0", alpha=0.8,
-               label="accuracy in bin")
+        ax.bar(
+            centres, [b["accuracy"] for b in bins], width=width * 0.9, color="C0", alpha=0.8, label="accuracy in bin"
+        )
         # The gap between a bar's top (accuracy) and its dot (mean confidence) is the miscalibration.
-        ax.scatter(centres, [b["confidence"] for b in bins], color="C3", s=14, zorder=3,
-                   label="mean confidence in bin")
+        ax.scatter(centres, [b["confidence"] for b in bins], color="C3", s=14, zorder=3, label="mean confidence in bin")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("accuracy")

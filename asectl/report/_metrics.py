@@ -27,16 +27,20 @@ def _view_metrics(labels: Sequence[str], y_true: Sequence[int], y_pred: Sequence
 
     k = len(labels)
     all_idx = list(range(k))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=all_idx, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=all_idx, zero_division=0)
     predicted = np.bincount(np.asarray(y_pred, dtype=np.int64), minlength=k)
     # Eq. (12) over scikit-learn's default label set: classes present in y_true or y_pred.
     present = sorted(set(int(v) for v in y_true) | set(int(v) for v in y_pred))
     per_class = {}
     for i, name in enumerate(labels):
-        per_class[name] = {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                           "support": int(support[i]), "predicted": int(predicted[i]),
-                           "in_macro": i in present}
+        per_class[name] = {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+            "predicted": int(predicted[i]),
+            "in_macro": i in present,
+        }
     return {
         "labels": list(labels),
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -48,18 +52,28 @@ def _view_metrics(labels: Sequence[str], y_true: Sequence[int], y_pred: Sequence
     }
 
 
-def compute_metrics(label_names: Sequence[str], y_true: Sequence[int], y_pred: Sequence[int],
-                    probs: Any = None, image_names: Sequence[str] | None = None) -> dict[str, Any]:
+def compute_metrics(
+    label_names: Sequence[str],
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    probs: Any = None,
+    image_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Multi-class and binary metrics (fractions in [0, 1]) plus one record per prediction.
 
     ``binary`` is None when no label is called ``normal`` (no negative class to collapse to)."""
     labels = [str(x) for x in label_names]
     y_true_a, y_pred_a, probs_a = _check_predictions(labels, y_true, y_pred, probs, image_names)
-    metrics: dict[str, Any] = {"format": METRICS_FORMAT, "n_test": int(len(y_true_a)),
-                               "multiclass": _view_metrics(labels, y_true_a, y_pred_a), "binary": None}
+    metrics: dict[str, Any] = {
+        "format": METRICS_FORMAT,
+        "n_test": int(len(y_true_a)),
+        "multiclass": _view_metrics(labels, y_true_a, y_pred_a),
+        "binary": None,
+    }
     if NORMAL in labels:
-        metrics["binary"] = _view_metrics(list(BINARY_LABELS), binary_labels(labels, y_true_a),
-                                          binary_labels(labels, y_pred_a))
+        metrics["binary"] = _view_metrics(
+            list(BINARY_LABELS), binary_labels(labels, y_true_a), binary_labels(labels, y_pred_a)
+        )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(y_true_a))]
     predictions = []
     for i, (t, p) in enumerate(zip(y_true_a, y_pred_a)):
@@ -72,8 +86,9 @@ def compute_metrics(label_names: Sequence[str], y_true: Sequence[int], y_pred: S
     return metrics
 
 
-def _check_predictions(labels: list[str], y_true: Sequence[int], y_pred: Sequence[int], probs: Any,
-                       image_names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _check_predictions(
+    labels: list[str], y_true: Sequence[int], y_pred: Sequence[int], probs: Any, image_names: Sequence[str] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     k = len(labels)
     if k < 2:
         raise DataError(f"report needs at least 2 classes, got {labels}")
@@ -100,8 +115,9 @@ def _check_predictions(labels: list[str], y_true: Sequence[int], y_pred: Sequenc
     return y_true_a, y_pred_a, probs_a
 
 
-def calibration_metrics(data: ReportInput, labels: Sequence[str]) -> tuple[dict[str, Any] | None,
-                                                                        dict[str, Any] | None]:
+def calibration_metrics(
+    data: ReportInput, labels: Sequence[str]
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """ECE and reliability bins on the test split before and after calibration, and how the decision
     rule did on the test split (None, None for a report without calibration)."""
     from asectl.models.calibration import ECE_BINS, decision_stats, expected_calibration_error, reliability_bins
@@ -113,8 +129,9 @@ def calibration_metrics(data: ReportInput, labels: Sequence[str]) -> tuple[dict[
     for when, probs in (("before", data.probs_uncalibrated), ("after", data.probs)):
         p = np.asarray(probs, dtype=np.float64)
         if p.shape != (len(y), len(labels)):
-            raise DataError(f"report: {when}-calibration probabilities have shape {p.shape}, expected "
-                            f"({len(y)}, {len(labels)})")
+            raise DataError(
+                f"report: {when}-calibration probabilities have shape {p.shape}, expected ({len(y)}, {len(labels)})"
+            )
         test[f"ece_{when}"] = expected_calibration_error(p, y)
         test[f"bins_{when}"] = reliability_bins(p, y)
     test["n_bins"] = ECE_BINS
@@ -124,16 +141,21 @@ def calibration_metrics(data: ReportInput, labels: Sequence[str]) -> tuple[dict[
         if len(data.decisions) != len(y):
             raise DataError(f"report: {len(y)} predictions but {len(data.decisions)} decisions")
         test_stats = decision_stats(data.decisions, y, np.asarray(list(data.y_pred)), labels)
-        decision = {**dict(data.decision_rule), "test": test_stats,
-                    "figures": decision_figures(test_stats, data.decision_rule)}
+        decision = {
+            **dict(data.decision_rule),
+            "test": test_stats,
+            "figures": decision_figures(test_stats, data.decision_rule),
+        }
     return calibration, decision
 
 
 # The figures a line decides on, in the order the report shows them: (name, numerator and denominator
 # keys of decision_stats, target key of the rule, what the denominator counts).
-DECISION_FIGURES = (("miss rate", "n_missed", "n_defective", "max_miss_rate", "defective cards"),
-                    ("review share", "n_review", "n", None, "cards"),
-                    ("defect error", "n_wrong_defect", "n_defect_decisions", "max_defect_error", "defect decisions"))
+DECISION_FIGURES = (
+    ("miss rate", "n_missed", "n_defective", "max_miss_rate", "defective cards"),
+    ("review share", "n_review", "n", None, "cards"),
+    ("defect error", "n_wrong_defect", "n_defect_decisions", "max_defect_error", "defect decisions"),
+)
 INTERVAL_CONFIDENCE = 0.95
 
 
@@ -153,11 +175,20 @@ def decision_figures(stats: Mapping[str, Any], rule: Mapping[str, Any]) -> list[
         value = k / n if n else None
         interval = exact_interval(k, n, INTERVAL_CONFIDENCE)
         best_case = exact_interval(0, n, INTERVAL_CONFIDENCE)
-        rows.append({"name": name, "k": k, "n": n, "unit": unit, "value": value,
-                     "interval": list(interval) if interval else None, "target": target,
-                     "held_out": held.get(name.replace(" ", "_")),
-                     "exceeded": bool(target is not None and value is not None and value > target),
-                     "too_few": bool(target is not None and best_case is not None and best_case[1] > target)})
+        rows.append(
+            {
+                "name": name,
+                "k": k,
+                "n": n,
+                "unit": unit,
+                "value": value,
+                "interval": list(interval) if interval else None,
+                "target": target,
+                "held_out": held.get(name.replace(" ", "_")),
+                "exceeded": bool(target is not None and value is not None and value > target),
+                "too_few": bool(target is not None and best_case is not None and best_case[1] > target),
+            }
+        )
     return rows
 
 

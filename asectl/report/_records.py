@@ -8,42 +8,49 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-FILES = {"html": "report.html", "markdown": "report.md", "metrics": "metrics.json",
-         "confusion": "confusion.png", "confusion_binary": "confusion_binary.png", "tsne": "tsne.png",
-         "curves": "curves.png", "calibration": "calibration.png"}
+FILES = {
+    "html": "report.html",
+    "markdown": "report.md",
+    "metrics": "metrics.json",
+    "confusion": "confusion.png",
+    "confusion_binary": "confusion_binary.png",
+    "tsne": "tsne.png",
+    "curves": "curves.png",
+    "calibration": "calibration.png",
+}
 
 
 @dataclass
 class StageCurve:
     """One alignment stage: ITC loss per epoch on its training subset, ITC loss on D_pend after it."""
 
-    name: str                               # e.g. "PFA stage 1 (20%)" or "direct"
-    itc_loss: Sequence[float]               # L_total per epoch
-    val_loss: float | None = None           # on D_pend after the stage; None when D_pend is empty
+    name: str  # e.g. "PFA stage 1 (20%)" or "direct"
+    itc_loss: Sequence[float]  # L_total per epoch
+    val_loss: float | None = None  # on D_pend after the stage; None when D_pend is empty
     n_train: int | None = None
 
 
 @dataclass
 class ReportInput:
-    label_names: Sequence[str]              # class names; index i is label i
-    y_true: Sequence[int]                   # test split, label indices
+    label_names: Sequence[str]  # class names; index i is label i
+    y_true: Sequence[int]  # test split, label indices
     y_pred: Sequence[int]
-    image_names: Sequence[str]              # test split, same order
-    probs: Any = None                       # [n, k] class probabilities (optional)
+    image_names: Sequence[str]  # test split, same order
+    probs: Any = None  # [n, k] class probabilities (optional)
     # Image embeddings per stage, e.g. "unaligned", "PFA stage 1 (20%)", ..., "direct": [m, d] each,
     # over train+test samples; embedding_labels / embedding_split colour and mark the points.
     embeddings: Mapping[str, Any] = field(default_factory=dict)
     embedding_labels: Sequence[int] = ()
     embedding_split: Sequence[str] | None = None
     pfa_curves: Sequence[StageCurve] = ()
-    fusion_curve: Sequence[Mapping[str, float]] = ()   # rows of train_fusion's history["epochs"]
-    provenance: Mapping[str, str] = field(default_factory=dict)   # modality/part -> what produced it
+    fusion_curve: Sequence[Mapping[str, float]] = ()  # rows of train_fusion's history["epochs"]
+    provenance: Mapping[str, str] = field(default_factory=dict)  # modality/part -> what produced it
     model_id: str | None = None
     dataset_fingerprint: str | None = None
     seeds: Mapping[str, int] = field(default_factory=dict)
     warnings: Sequence[str] = ()
     title: str = "asectl report"
-    dataset: str | None = None              # shown in the header (a name or path)
+    dataset: str | None = None  # shown in the header (a name or path)
     tsne_seed: int = 0
     # Optional memo for t-SNE coordinates: (array, seed) -> [n, 2], so an unchanged report is fast.
     tsne: Callable[[np.ndarray, int], np.ndarray] | None = None
@@ -62,9 +69,9 @@ class ReportInput:
 
 @dataclass
 class ReportSummary:
-    paths: dict[str, Path]                  # keys of FILES -> written file
-    metrics: dict[str, Any]                 # the content of metrics.json
-    text: str                               # a few plain lines for a terminal
+    paths: dict[str, Path]  # keys of FILES -> written file
+    metrics: dict[str, Any]  # the content of metrics.json
+    text: str  # a few plain lines for a terminal
 
     @property
     def html(self) -> Path:
@@ -87,7 +94,12 @@ def stage_curves_from_pfa(summary: Mapping[str, Any]) -> list[StageCurve]:
     for s in summary.get("stages", []):
         if mode == "none" or not s.get("curve"):
             continue
-        curves.append(StageCurve(name=pfa_stage_name(s["stage"], s["fraction"], mode),
-                                 itc_loss=[r["loss"] for r in s["curve"]], val_loss=s.get("val_loss"),
-                                 n_train=s.get("n_train")))
+        curves.append(
+            StageCurve(
+                name=pfa_stage_name(s["stage"], s["fraction"], mode),
+                itc_loss=[r["loss"] for r in s["curve"]],
+                val_loss=s.get("val_loss"),
+                n_train=s.get("n_train"),
+            )
+        )
     return curves

@@ -11,9 +11,10 @@ from asectl.report._render import FIGURES_HEADER, PER_CLASS_HEADER, decisions_co
 
 def summary_text(metrics: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
     multi, binary = metrics["multiclass"], metrics["binary"]
-    lines = [f"{metrics['n_test']} test samples: accuracy {pct(multi['accuracy'])} %, macro-F1 "
-             f"{pct(multi['macro_f1'])} (multi-class)"
-             + (f", {pct(binary['macro_f1'])} (binary)" if binary else "")]
+    lines = [
+        f"{metrics['n_test']} test samples: accuracy {pct(multi['accuracy'])} %, macro-F1 "
+        f"{pct(multi['macro_f1'])} (multi-class)" + (f", {pct(binary['macro_f1'])} (binary)" if binary else "")
+    ]
     lines += [line for line in (decision_line(metrics),) if line]
     lines += [f"warning: {w}" for w in metrics["warnings"]]
     lines.append(f"report: {paths['html']}")
@@ -36,8 +37,9 @@ def print_summary(summary: ReportSummary, console: Any = None, quiet: bool = Fal
         return
     figures = (metrics.get("decision") or {}).get("figures")
     if figures:
-        table = Table(title=f"Decisions on the test split: {metrics['decision']['test']['n']} cards",
-                      title_justify="left")
+        table = Table(
+            title=f"Decisions on the test split: {metrics['decision']['test']['n']} cards", title_justify="left"
+        )
         for col in FIGURES_HEADER:
             table.add_column(col, justify="left" if col in ("figure", "status") else "right")
         for row in decisions_context(metrics)["rows"]:
@@ -75,12 +77,16 @@ def decision_line(metrics: Mapping[str, Any]) -> str | None:
     cal, dec = metrics.get("calibration"), metrics.get("decision")
     if not cal:
         return None
-    line = (f"calibration (T = {cal['temperature']:.3f}): test ECE {cal['test']['ece_before']:.4f} before, "
-            f"{cal['test']['ece_after']:.4f} after")
+    line = (
+        f"calibration (T = {cal['temperature']:.3f}): test ECE {cal['test']['ece_before']:.4f} before, "
+        f"{cal['test']['ece_after']:.4f} after"
+    )
     if dec:
         t = dec["test"]
-        line += (f"; decisions on test: review {rate(t['review_share'])}, miss rate "
-                 f"{rate(t['miss_rate'], t['n_missed'], t['n_defective'])} (target at most "
-                 f"{rate(dec['max_miss_rate'])}), defect error "
-                 f"{rate(t['defect_error'], t['n_wrong_defect'], t['n_defect_decisions'])}")
+        line += (
+            f"; decisions on test: review {rate(t['review_share'])}, miss rate "
+            f"{rate(t['miss_rate'], t['n_missed'], t['n_defective'])} (target at most "
+            f"{rate(dec['max_miss_rate'])}), defect error "
+            f"{rate(t['defect_error'], t['n_wrong_defect'], t['n_defect_decisions'])}"
+        )
     return line

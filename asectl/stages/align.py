@@ -26,21 +26,20 @@ from asectl.cache import Cache, make_key, sha256_file
 from asectl.dataset import Dataset, load_dataset
 from asectl.errors import ConfigError, DataError
 from asectl.models.train_config import BRANCHES
-from asectl.stages.modalities import (Modalities, ModalitySettings, build_encoders, collect_modalities,
-                                     encode_modalities)
+from asectl.stages.modalities import Modalities, ModalitySettings, build_encoders, collect_modalities, encode_modalities
 from asectl.stages.common import dataset_id
 from asectl.stages.features import train_image_encoder
 
 log = logging.getLogger("asectl")
 STAGE = "align"
-FORMAT = 3                  # 2: ranking warm-up, update-matched direct mode, update counts; 3: branches
+FORMAT = 3  # 2: ranking warm-up, update-matched direct mode, update counts; 3: branches
 
 
 @dataclass
 class AlignOutcome:
     key: str
-    path: Path                      # the cache entry folder
-    summary: dict[str, Any]         # PFA summary + samples, replay settings, provenance, profile
+    path: Path  # the cache entry folder
+    summary: dict[str, Any]  # PFA summary + samples, replay settings, provenance, profile
     from_cache: bool
 
     @property
@@ -88,8 +87,10 @@ def resolve_training_dataset(dataset: Dataset, augmented: str | Path | None) -> 
     mine = sorted((s.name, s.label, sha256_file(s.path)) for s in dataset.split("test"))
     theirs = sorted((s.name, s.label, sha256_file(s.path)) for s in aug.split("test"))
     if mine != theirs:
-        raise ConfigError(f"{augmented}: its test split differs from {dataset.root}'s; make it with "
-                          f"`asectl synth --augment {dataset.root}`")
+        raise ConfigError(
+            f"{augmented}: its test split differs from {dataset.root}'s; make it with "
+            f"`asectl synth --augment {dataset.root}`"
+        )
     return aug
 
 
@@ -104,13 +105,20 @@ def real_training_priors(dataset: Dataset, cache: Cache, settings: ModalitySetti
 
 
 def _sample_rows(mods: Modalities) -> list[dict[str, Any]]:
-    return [{"image": s.name, "label": s.label, "split": s.split, "sha256": sha256_file(s.path)}
-            for s in mods.samples]
+    return [{"image": s.name, "label": s.label, "split": s.split, "sha256": sha256_file(s.path)} for s in mods.samples]
 
 
-def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "quick",
-              overrides: Mapping[str, Any] | None = None, seed: int = 0, augmented: str | Path | None = None,
-              settings: ModalitySettings | Mapping[str, Any] | None = None, force: bool = False) -> AlignOutcome:
+def run_align(
+    dataset: Dataset,
+    cache: Cache | None = None,
+    *,
+    profile: str = "quick",
+    overrides: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    augmented: str | Path | None = None,
+    settings: ModalitySettings | Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> AlignOutcome:
     """PFA on the training split; ``overrides`` are profile keys (``pfa.mode``, ``pfa.strides``, ...).
     ``settings`` for the per-image stages default to what each last ran with on ``dataset``."""
     from asectl.models.train_config import get_profile
@@ -124,7 +132,7 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
         settings = ModalitySettings.recall(cache, dataset)
     elif not isinstance(settings, ModalitySettings):
         settings = ModalitySettings.from_dict(settings)
-    settings = dataclasses.replace(settings, llm_text=prof.encoders.llm_text)   # what the LLM branch reads
+    settings = dataclasses.replace(settings, llm_text=prof.encoders.llm_text)  # what the LLM branch reads
     # With TDA the LLM's prior knowledge still comes from the real training cards, not the synthetic
     # ones (and the real cards' answers stay cached).
     priors = real_training_priors(dataset, cache, settings) if augmented is not None else None
@@ -134,26 +142,44 @@ def run_align(dataset: Dataset, cache: Cache | None = None, *, profile: str = "q
     if len({rows[i]["label"] for i in train_index}) < 2:
         raise DataError(f"{dataset.root}: the training split needs at least two classes with readable cards")
     encoders = build_encoders(prof.encoders)
-    key = make_key(STAGE, format=FORMAT, samples=rows, replay=mods.replay,
-                   encoders=[e.identity() for e in encoders], profile=prof.to_dict())
+    key = make_key(
+        STAGE,
+        format=FORMAT,
+        samples=rows,
+        replay=mods.replay,
+        encoders=[e.identity() for e in encoders],
+        profile=prof.to_dict(),
+    )
     entry = None if force else cache.get(STAGE, key)
     if entry is not None:
         outcome = AlignOutcome(key, entry.path, entry.read_json("summary.json"), True)
     else:
-        from asectl.models.seeding import cpu_training_threads   # torch: only when training
+        from asectl.models.seeding import cpu_training_threads  # torch: only when training
 
         with cpu_training_threads(prof.encoders.device):
             outcome = _train(cache, key, prof, mods, rows, train_index, encoders, seed)
-    cache.set_pointer(f"align-{dataset_id(dataset)}", {"key": key, "profile": profile,
-                                                        "overrides": dict(overrides or {}), "seed": seed,
-                                                        "split_seed": dataset.split_seed,
-                                                        "augmented": str(augmented) if augmented else None})
+    cache.set_pointer(
+        f"align-{dataset_id(dataset)}",
+        {
+            "key": key,
+            "profile": profile,
+            "overrides": dict(overrides or {}),
+            "seed": seed,
+            "split_seed": dataset.split_seed,
+            "augmented": str(augmented) if augmented else None,
+        },
+    )
     return outcome
 
 
-def encode_for_training(mods: Modalities, encoders: tuple, cache: Cache, train_index: list[int], seed: int,
-                        branches: Sequence[str] = BRANCHES,
-                        ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, Path | None]:
+def encode_for_training(
+    mods: Modalities,
+    encoders: tuple,
+    cache: Cache,
+    train_index: list[int],
+    seed: int,
+    branches: Sequence[str] = BRANCHES,
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, Path | None]:
     """The feature matrices of ``branches`` a learning stage trains on. An image encoder that learns the
     cards is trained first, on the cards at ``train_index`` only (never a test card), and their rows are its
     own out-of-fold features (asectl.backends.encoders.CardsCNN). Returns the features, the image encoder's
@@ -161,16 +187,28 @@ def encode_for_training(mods: Modalities, encoders: tuple, cache: Cache, train_i
     image_training = image_weights = None
     if "image" in branches and getattr(encoders[0], "learns_from_cards", False):
         own, image_training, image_weights = train_image_encoder(
-            [mods.samples[i] for i in train_index], [mods.samples[i].label for i in train_index], encoders[0],
-            cache, seed)
+            [mods.samples[i] for i in train_index],
+            [mods.samples[i].label for i in train_index],
+            encoders[0],
+            cache,
+            seed,
+        )
     encoded = encode_modalities(mods, encoders, cache, branches)
     if image_training is not None:
         encoded["image"][train_index] = own
     return encoded, image_training, image_weights
 
 
-def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict], train_index: list[int],
-           encoders: tuple, seed: int) -> AlignOutcome:
+def _train(
+    cache: Cache,
+    key: str,
+    prof: Any,
+    mods: Modalities,
+    rows: list[dict],
+    train_index: list[int],
+    encoders: tuple,
+    seed: int,
+) -> AlignOutcome:
     from safetensors.torch import save_file as torch_save_file
 
     from asectl.backends.encoders import save_module_state
@@ -183,37 +221,59 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
     warmup: list = []
     if enc_cfg.finetune:
         img_enc, vlm_enc, llm_enc = encoders
-        tuned = {"image": EncoderFeatures(img_enc, [str(s.path) for s in mods.samples]),
-                 "vlm": EncoderFeatures(vlm_enc, mods.vlm_texts),
-                 "llm": EncoderFeatures(llm_enc, mods.llm_texts)}
+        tuned = {
+            "image": EncoderFeatures(img_enc, [str(s.path) for s in mods.samples]),
+            "vlm": EncoderFeatures(vlm_enc, mods.vlm_texts),
+            "llm": EncoderFeatures(llm_enc, mods.llm_texts),
+        }
         tuned = {m: f for m, f in tuned.items() if m in branches}
         features: dict[str, Any] = {**tuned, **({"stats": encoded["stats"]} if "stats" in branches else {})}
         lrs = {"image": enc_cfg.image_lr, "text": enc_cfg.text_lr}
         if enc_cfg.warmup_epochs and tuned:
             labels_all = sorted({r["label"] for r in rows})
             y = [labels_all.index(r["label"]) for r in rows]
-            warmup = warmup_encoders(tuned, y, epochs=enc_cfg.warmup_epochs, seed=seed,
-                                     train_index=train_index, batch_size=prof.pfa.batch_size,
-                                     head_lr=prof.pfa.lr, encoder_lrs=lrs, device=enc_cfg.device)
+            warmup = warmup_encoders(
+                tuned,
+                y,
+                epochs=enc_cfg.warmup_epochs,
+                seed=seed,
+                train_index=train_index,
+                batch_size=prof.pfa.batch_size,
+                head_lr=prof.pfa.lr,
+                encoder_lrs=lrs,
+                device=enc_cfg.device,
+            )
     else:
         features, lrs = encoded, None
     total = sum(ph["epochs"] for ph in plan_updates(prof.pfa, len(train_index))["phases"])
     with ui.progress(total, f"align ({prof.pfa.mode})") as advance:
-        result = train_pfa(features, prof.pfa, seed, train_index=train_index, device=enc_cfg.device,
-                           encoder_lrs=lrs, stats_hidden=enc_cfg.stats_hidden,
-                           on_epoch=lambda stage, row: advance(
-                               status=f"{f'stage {stage}' if stage else 'ranking warm-up'} loss {row['loss']:.3f}"))
+        result = train_pfa(
+            features,
+            prof.pfa,
+            seed,
+            train_index=train_index,
+            device=enc_cfg.device,
+            encoder_lrs=lrs,
+            stats_hidden=enc_cfg.stats_hidden,
+            on_epoch=lambda stage, row: advance(
+                status=f"{f'stage {stage}' if stage else 'ranking warm-up'} loss {row['loss']:.3f}"
+            ),
+        )
 
     def build(tmp: Path) -> dict[str, Any]:
         np_save_file({m: np.ascontiguousarray(a) for m, a in encoded.items()}, str(tmp / "encoded.safetensors"))
-        torch_save_file({k: v.contiguous() for k, v in result.stages[-1].checkpoint.items()},
-                        str(tmp / "heads.safetensors"))
+        torch_save_file(
+            {k: v.contiguous() for k, v in result.stages[-1].checkpoint.items()}, str(tmp / "heads.safetensors")
+        )
         for k, st in enumerate(result.stages, start=1):
-            torch_save_file({n: v.contiguous() for n, v in st.checkpoint.items()},
-                            str(tmp / f"stage{k}_heads.safetensors"))
-            np_save_file({m: np.ascontiguousarray(a) for m, a in st.embeddings.items()},
-                         str(tmp / f"stage{k}_embeddings.safetensors"))
-        if image_training is not None:      # the bundle carries it, so predict replays it exactly
+            torch_save_file(
+                {n: v.contiguous() for n, v in st.checkpoint.items()}, str(tmp / f"stage{k}_heads.safetensors")
+            )
+            np_save_file(
+                {m: np.ascontiguousarray(a) for m, a in st.embeddings.items()},
+                str(tmp / f"stage{k}_embeddings.safetensors"),
+            )
+        if image_training is not None:  # the bundle carries it, so predict replays it exactly
             (tmp / "encoders").mkdir(exist_ok=True)
             shutil.copyfile(image_weights, tmp / "encoders" / "image.safetensors")
         if enc_cfg.finetune:
@@ -221,14 +281,26 @@ def _train(cache: Cache, key: str, prof: Any, mods: Modalities, rows: list[dict]
             for name, enc in zip(("image", "vlm", "llm"), encoders):
                 if name in branches:
                     save_module_state(enc.module, tmp / "encoders" / f"{name}.safetensors")
-        summary = {"format": FORMAT, "samples": rows, "dropped": mods.dropped, "partial": mods.partial,
-                   "branches": list(branches), "stats_fields": mods.stats_names, "replay": mods.replay,
-                   "provenance": mods.provenance, "profile": prof.to_dict(),
-                   "encoders": [e.identity() for e in encoders], "seed": seed,
-                   "pfa": result.summary(), "warmup": warmup, "image_training": image_training}
+        summary = {
+            "format": FORMAT,
+            "samples": rows,
+            "dropped": mods.dropped,
+            "partial": mods.partial,
+            "branches": list(branches),
+            "stats_fields": mods.stats_names,
+            "replay": mods.replay,
+            "provenance": mods.provenance,
+            "profile": prof.to_dict(),
+            "encoders": [e.identity() for e in encoders],
+            "seed": seed,
+            "pfa": result.summary(),
+            "warmup": warmup,
+            "image_training": image_training,
+        }
         (tmp / "summary.json").write_text(json.dumps(summary, default=str))
-        return {"params": {"profile": prof.name, "mode": prof.pfa.mode, "strides": list(prof.pfa.strides),
-                           "seed": seed}}
+        return {
+            "params": {"profile": prof.name, "mode": prof.pfa.mode, "strides": list(prof.pfa.strides), "seed": seed}
+        }
 
     entry = cache.put_tree(STAGE, key, build)
     return AlignOutcome(key, entry.path, entry.read_json("summary.json"), False)

@@ -85,10 +85,18 @@ def run_per_image(
                 misses.append(i)
                 keys[i] = key
         if misses and remote is not None and executor.distributed:
-            work = Work(remote.name, stage, _per_image_worker, (remote.load, remote.args),
-                        {"params": identity, **(meta or {})}, remote.batch_size, remote.cpus, _lost_card)
+            work = Work(
+                remote.name,
+                stage,
+                _per_image_worker,
+                (remote.load, remote.args),
+                {"params": identity, **(meta or {})},
+                remote.batch_size,
+                remote.cpus,
+                _lost_card,
+            )
             jobs = [Job(keys[i], samples[i], {"input": samples[i].name}) for i in misses]
-            with contextlib.closing(executor.map(work, jobs, cache)) as results:   # closing stops the workers
+            with contextlib.closing(executor.map(work, jobs, cache)) as results:  # closing stops the workers
                 for n, rec in results:
                     if rec.get("error") and strict:
                         raise DataError(rec["error"])
@@ -97,7 +105,7 @@ def run_per_image(
             return [r for r in records if r is not None]
         group = batch_size if batch else 1
         for start in range(0, len(misses), group):
-            chunk = misses[start:start + group]
+            chunk = misses[start : start + group]
             results = _compute_chunk([samples[i] for i in chunk], compute, batch, strict)
             for i, rec in zip(chunk, results):
                 s = samples[i]
@@ -105,8 +113,9 @@ def run_per_image(
                 if rec.get("error") and strict:
                     raise DataError(rec["error"])
                 if not rec.get("error"):
-                    cache.put_json(stage, image_key(stage, s, identity), rec,
-                                   {"params": identity, "input": s.name, **(meta or {})})
+                    cache.put_json(
+                        stage, image_key(stage, s, identity), rec, {"params": identity, "input": s.name, **(meta or {})}
+                    )
                 records[i] = rec
             advance(len(chunk), status=status() if status else None)
     return [r for r in records if r is not None]
@@ -120,11 +129,11 @@ class Remote:
     (the card's name, error records for bad cards) and stores them under the same keys and metadata.
     ``load`` must be importable and ``args`` plain data: they are pickled to other machines."""
 
-    name: str                 # who the workers are, for messages ("an OCR worker")
+    name: str  # who the workers are, for messages ("an OCR worker")
     load: Callable[..., Callable[[list[Sample]], list[Any]]]
     args: tuple = ()
-    batch_size: int = 8       # cards per batch unless --ray-batch-size says otherwise
-    cpus: float = 1.0         # cores one worker keeps busy
+    batch_size: int = 8  # cards per batch unless --ray-batch-size says otherwise
+    cpus: float = 1.0  # cores one worker keeps busy
 
 
 def _lost_card(job: Job, why: str) -> dict[str, Any]:
@@ -153,8 +162,10 @@ def _compute_chunk(chunk: list[Sample], compute, batch, strict: bool) -> list[di
             t0 = time.perf_counter()
             out = batch(chunk)
             dt = (time.perf_counter() - t0) / len(chunk)
-            return [_error(s, r, strict) if isinstance(r, DataError) else
-                    {**r, "seconds": round(r.get("seconds", dt), 4)} for s, r in zip(chunk, out)]
+            return [
+                _error(s, r, strict) if isinstance(r, DataError) else {**r, "seconds": round(r.get("seconds", dt), 4)}
+                for s, r in zip(chunk, out)
+            ]
         except DataError:
             pass  # the batch as a whole failed: one at a time, so only the bad image gets an error record
     results = []

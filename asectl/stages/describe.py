@@ -58,8 +58,14 @@ class DescribeSettings(StageSettings):
         allow = self.allow_download
         if allow is None:
             allow = environment_switch("describe.allow_download")
-        return make_vlm(self.vlm, model, device=self.device, generation=self.generation,
-                        load_8bit=self.load_8bit, allow_download=allow)
+        return make_vlm(
+            self.vlm,
+            model,
+            device=self.device,
+            generation=self.generation,
+            load_8bit=self.load_8bit,
+            allow_download=allow,
+        )
 
     def resolved(self, backend: VLM) -> DescribeSettings:
         """These settings with the backend actually chosen (not the default rule) and the model's
@@ -77,22 +83,41 @@ class DescribeSettings(StageSettings):
         vlm = params["vlm"]
         if vlm["backend"] == "builtin":
             return cls(vlm="builtin", prompt=params["prompt"], expect_model_hash=vlm["model"]["hash"])
-        return cls(vlm=vlm["backend"], prompt=params["prompt"], expect_model_hash=vlm["model"]["hash"],
-                   model=vlm["model"]["id"], generation=dict(vlm.get("generation") or {}),
-                   load_8bit=vlm.get("quantization") == "8bit")
+        return cls(
+            vlm=vlm["backend"],
+            prompt=params["prompt"],
+            expect_model_hash=vlm["model"]["hash"],
+            model=vlm["model"]["id"],
+            generation=dict(vlm.get("generation") or {}),
+            load_8bit=vlm.get("quantization") == "8bit",
+        )
 
 
-def describe_identity(vlm: str | VLM | None = None, prompt: str = DEFAULT_PROMPT, *,
-                      model: str | os.PathLike | None = None, device: str = "auto",
-                      generation: dict[str, Any] | None = None, load_8bit: bool = False) -> dict[str, Any]:
+def describe_identity(
+    vlm: str | VLM | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    *,
+    model: str | os.PathLike | None = None,
+    device: str = "auto",
+    generation: dict[str, Any] | None = None,
+    load_8bit: bool = False,
+) -> dict[str, Any]:
     """What a description depends on: the backend identity plus the prompt and the record format.
 
     ``vlm`` is a backend or the same choice ``run_describe`` takes (creating a backend only hashes the
     model; weights load on first use). Store the result in a model bundle;
     ``asectl.backends.vlm.vlm_from_identity(identity["vlm"])`` rebuilds the backend and checks the hash."""
-    backend = vlm if isinstance(vlm, VLM) else DescribeSettings(
-        vlm=vlm, model=None if model is None else str(model), device=device, generation=generation,
-        load_8bit=load_8bit).backend()
+    backend = (
+        vlm
+        if isinstance(vlm, VLM)
+        else DescribeSettings(
+            vlm=vlm,
+            model=None if model is None else str(model),
+            device=device,
+            generation=generation,
+            load_8bit=load_8bit,
+        ).backend()
+    )
     return {"record_format": RECORD_FORMAT, "vlm": backend.identity(), "prompt": _check_prompt(prompt)}
 
 
@@ -131,7 +156,7 @@ def run_describe(
     calls) instead of making one from the settings.
     A bad image becomes an error record; a configuration problem raises ConfigError before anything is
     cached. ``executor``: where the misses are described (asectl.executors; default local)."""
-    if isinstance(choices.get("vlm"), VLM):   # a backend object given where a name may go
+    if isinstance(choices.get("vlm"), VLM):  # a backend object given where a name may go
         backend = choices.pop("vlm")
     settings = (settings or DescribeSettings()).replace(**choices)
     prompt = _check_prompt(settings.prompt)
@@ -143,11 +168,17 @@ def run_describe(
     identity = describe_identity(backend, prompt)
     vlm_id = identity["vlm"]
     if expect_model_hash and vlm_id["model"]["hash"] != expect_model_hash:
-        raise ConfigError(f"{vlm_id['backend']} model {vlm_id['model']['id']} (hash {vlm_id['model']['hash'][:12]}) "
-                          f"is not the one the results were made with ({expect_model_hash[:12]}); pass the "
-                          "original model with --vlm-model")
-    base = {"backend": vlm_id["backend"], "model": dict(vlm_id["model"]), "prompt": prompt,
-            "generation": dict(vlm_id.get("generation") or {})}
+        raise ConfigError(
+            f"{vlm_id['backend']} model {vlm_id['model']['id']} (hash {vlm_id['model']['hash'][:12]}) "
+            f"is not the one the results were made with ({expect_model_hash[:12]}); pass the "
+            "original model with --vlm-model"
+        )
+    base = {
+        "backend": vlm_id["backend"],
+        "model": dict(vlm_id["model"]),
+        "prompt": prompt,
+        "generation": dict(vlm_id.get("generation") or {}),
+    }
 
     def compute(sample: Sample) -> dict[str, Any]:
         out = describe_cards(backend, prompt, base, [sample])[0]
@@ -159,11 +190,26 @@ def run_describe(
         return describe_cards(backend, prompt, base, samples)
 
     records = run_per_image(
-        STAGE, dataset.samples, _cache_identity(identity), compute, cache, force=force, strict=strict,
-        description=f"describe ({vlm_id['backend']})", meta={"vlm": vlm_id},
-        status=backend.status, batch=compute_batch, batch_size=batch_size, executor=executor,
-        remote=Remote("a describe worker", _cluster_describer, (settings.resolved(backend), prompt, base, identity),
-                      batch_size=batch_size))
+        STAGE,
+        dataset.samples,
+        _cache_identity(identity),
+        compute,
+        cache,
+        force=force,
+        strict=strict,
+        description=f"describe ({vlm_id['backend']})",
+        meta={"vlm": vlm_id},
+        status=backend.status,
+        batch=compute_batch,
+        batch_size=batch_size,
+        executor=executor,
+        remote=Remote(
+            "a describe worker",
+            _cluster_describer,
+            (settings.resolved(backend), prompt, base, identity),
+            batch_size=batch_size,
+        ),
+    )
     # A hit may come from the same model stored elsewhere: report where it is now.
     records = [r if r.get("error") else {**r, "model": dict(vlm_id["model"])} for r in records]
     params = {**identity, "backend": vlm_id["backend"], "model": dict(vlm_id["model"]), "batch_size": batch_size}
@@ -172,19 +218,20 @@ def run_describe(
     return StageResult(STAGE, records, params=params, cache_summary=cache.summary(STAGE))
 
 
-def describe_cards(backend: VLM, prompt: str, base: dict[str, Any],
-                   samples: list[Sample]) -> list[dict[str, Any] | DataError]:
+def describe_cards(
+    backend: VLM, prompt: str, base: dict[str, Any], samples: list[Sample]
+) -> list[dict[str, Any] | DataError]:
     """The records of a batch of cards, described together; a card that cannot be loaded gets its
     DataError in its place."""
     loaded: list[Any] = []
     for s in samples:
         try:
             loaded.append(load_image(s.path))
-        except DataError as exc:   # this card gets an error record; the others are described together
+        except DataError as exc:  # this card gets an error record; the others are described together
             loaded.append(exc)
     images = [im for im in loaded if not isinstance(im, DataError)]
     texts = backend.describe(images, prompt) if images else []
-    measured = getattr(backend, "last_measurements", None)   # the built-in describer's numbers behind its texts
+    measured = getattr(backend, "last_measurements", None)  # the built-in describer's numbers behind its texts
     described = iter(range(len(texts)))
     out: list[dict[str, Any] | DataError] = []
     for im in loaded:

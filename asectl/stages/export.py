@@ -33,15 +33,20 @@ from asectl.export import MANIFEST, ExportedModel, export_format
 from asectl.stages.predict import bundle_encoders
 
 OPSET = 17
-PARITY_TOLERANCE = 1e-4        # largest probability difference between the bundle and its export
+PARITY_TOLERANCE = 1e-4  # largest probability difference between the bundle and its export
 # OCR engines that import torch -> the ONNX engine an export reads with instead (records identical on the
 # benchmarks: module docstring).
 ENGINE_WITHOUT_TORCH = {"cnocr": "rapidocr"}
-ENGINE_EVIDENCE = ("bench/ocr_accuracy.py: the cnocr and rapidocr records are identical on every card of the "
-                   "clean and field benchmarks (455 cards each, 6370/6370 numbers; docs/benchmarks.md)")
+ENGINE_EVIDENCE = (
+    "bench/ocr_accuracy.py: the cnocr and rapidocr records are identical on every card of the "
+    "clean and field benchmarks (455 cards each, 6370/6370 numbers; docs/benchmarks.md)"
+)
 # Texts of several lengths for the parity check (padding, and truncation at the encoder's max length).
-PROBE_TEXTS = ("", "The card looks normal: dots evenly spread inside the circle.",
-               " ".join(["The record shows a cluster of dots near the rim and a wider spread than usual."] * 40))
+PROBE_TEXTS = (
+    "",
+    "The card looks normal: dots evenly spread inside the circle.",
+    " ".join(["The record shows a cluster of dots near the rim and a wider spread than usual."] * 40),
+)
 
 
 @dataclass
@@ -62,8 +67,10 @@ def run_export(bundle: Bundle, out: str | Path, *, copy_llm: bool = False) -> Ex
     replay = json.loads(json.dumps(bundle.config["replay"]))
     describer = (replay.get("describe") or {}).get("vlm")
     if describer != "builtin":
-        raise ConfigError(f"the model's describer is {describer}, which needs torch; an export replays the built-in "
-                          "describer only: train with `asectl describe --vlm builtin`, or predict with the bundle")
+        raise ConfigError(
+            f"the model's describer is {describer}, which needs torch; an export replays the built-in "
+            "describer only: train with `asectl describe --vlm builtin`, or predict with the bundle"
+        )
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "encoders").mkdir(parents=True)
@@ -71,16 +78,26 @@ def run_export(bundle: Bundle, out: str | Path, *, copy_llm: bool = False) -> Ex
         graphs = write_graphs(bundle, tmp)
         ocr = export_ocr(replay, bundle, tmp)
         llm = export_llm(replay, tmp, copy_llm)
-        if (bundle.path / HELD_OUT_SCORES).is_file():    # so `predict --max-miss-rate` moves an export's rule too
+        if (bundle.path / HELD_OUT_SCORES).is_file():  # so `predict --max-miss-rate` moves an export's rule too
             shutil.copyfile(bundle.path / HELD_OUT_SCORES, tmp / HELD_OUT_SCORES)
         model = {k: v for k, v in bundle.config.items() if k != "files"}
         model["replay"] = replay
-        manifest = {"format": export_format(graphs), "asectl_version": __version__,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "bundle": {"path": str(bundle.path), "digest": bundle.digest,
-                               "asectl_version": bundle.config.get("asectl_version")},
-                    "opset": OPSET, "versions": _versions(), "ocr": ocr, "llm": llm,
-                    "graphs": graphs, "model": model}
+        manifest = {
+            "format": export_format(graphs),
+            "asectl_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "bundle": {
+                "path": str(bundle.path),
+                "digest": bundle.digest,
+                "asectl_version": bundle.config.get("asectl_version"),
+            },
+            "opset": OPSET,
+            "versions": _versions(),
+            "ocr": ocr,
+            "llm": llm,
+            "graphs": graphs,
+            "model": model,
+        }
         manifest["parity"] = check_parity(bundle, ExportedModel(tmp, manifest, model, graphs))
         write_checksums(tmp, manifest, MANIFEST)
         if out.exists():
@@ -89,8 +106,9 @@ def run_export(bundle: Bundle, out: str | Path, *, copy_llm: bool = False) -> Ex
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     encoder_graphs = {s["graph"] for s in graphs["encoders"].values()}
-    return ExportSummary(out, bool(graphs["heads"]) + len(graphs["fusion"]) + len(encoder_graphs),
-                         ocr, llm, manifest["parity"])
+    return ExportSummary(
+        out, bool(graphs["heads"]) + len(graphs["fusion"]) + len(encoder_graphs), ocr, llm, manifest["parity"]
+    )
 
 
 # --- graphs --------------------------------------------------------------------------------------------
@@ -102,7 +120,7 @@ def write_graphs(bundle: Bundle, folder: Path) -> dict[str, Any]:
 
     encoders = modality_encoders(bundle)
     specs: dict[str, dict[str, Any]] = {}
-    written: dict[int, dict[str, Any]] = {}      # one graph per encoder instance (frozen branches share one)
+    written: dict[int, dict[str, Any]] = {}  # one graph per encoder instance (frozen branches share one)
     for modality, enc in encoders.items():
         if id(enc) not in written:
             written[id(enc)] = encoder_graph(enc, folder, modality)
@@ -112,8 +130,13 @@ def write_graphs(bundle: Bundle, folder: Path) -> dict[str, Any]:
     if any(member.projections is None for member in members):
         heads = bundle.heads()
         names = list(heads.dims)
-        export_graph(_Heads(heads, names), [_zeros(heads.dims[m]) for m in names], folder / "heads.onnx", names,
-                     [f"{m}_aligned" for m in names])
+        export_graph(
+            _Heads(heads, names),
+            [_zeros(heads.dims[m]) for m in names],
+            folder / "heads.onnx",
+            names,
+            [f"{m}_aligned" for m in names],
+        )
         shared = "heads.onnx"
     fusion = []
     for k, member in enumerate(members):
@@ -139,28 +162,55 @@ def encoder_graph(enc: Any, folder: Path, modality: str) -> dict[str, Any]:
         graph = f"encoders/{modality}.onnx"
         size = int(prep["input_size"])
         channels = int(prep.get("channels", 3))
-        export_graph(_ImageFeatures(enc), [np.zeros((1, channels, size, size), np.float32)], folder / graph, ["pixels"],
-                     ["features"], dynamic={"pixels": {0: "batch"}})
+        export_graph(
+            _ImageFeatures(enc),
+            [np.zeros((1, channels, size, size), np.float32)],
+            folder / graph,
+            ["pixels"],
+            ["features"],
+            dynamic={"pixels": {0: "batch"}},
+        )
         return {"kind": "image", "graph": graph, "preprocessing": prep, **base}
     if enc.family == "text":
         tok = enc.tokenizer
         if not getattr(tok, "is_fast", False):
-            raise ConfigError(f"text encoder {ident.get('encoder')}: its tokenizer has no fast (tokenizers) "
-                              "version, which an export needs; use a model folder with tokenizer.json")
+            raise ConfigError(
+                f"text encoder {ident.get('encoder')}: its tokenizer has no fast (tokenizers) "
+                "version, which an export needs; use a model folder with tokenizer.json"
+            )
         tokenizer = f"encoders/{modality}-tokenizer.json"
         tok.backend_tokenizer.save(str(folder / tokenizer))
         inputs = [n for n in tok.model_input_names if n in ("input_ids", "attention_mask", "token_type_ids")]
         sample = tok(["a b c"], return_tensors="np")
         graph = f"encoders/{modality}.onnx"
-        export_graph(_TextFeatures(enc, inputs), [np.asarray(sample[n], np.int64) for n in inputs], folder / graph,
-                     inputs, ["features"], dynamic={n: {0: "batch", 1: "tokens"} for n in inputs})
-        return {"kind": "text", "graph": graph, "tokenizer": tokenizer, "max_length": int(enc.max_length),
-                "pad_id": int(tok.pad_token_id), "pad_token": str(tok.pad_token), **base}
+        export_graph(
+            _TextFeatures(enc, inputs),
+            [np.asarray(sample[n], np.int64) for n in inputs],
+            folder / graph,
+            inputs,
+            ["features"],
+            dynamic={n: {0: "batch", 1: "tokens"} for n in inputs},
+        )
+        return {
+            "kind": "text",
+            "graph": graph,
+            "tokenizer": tokenizer,
+            "max_length": int(enc.max_length),
+            "pad_id": int(tok.pad_token_id),
+            "pad_token": str(tok.pad_token),
+            **base,
+        }
     raise ConfigError(f"encoder family {enc.family!r} ({ident.get('encoder')}): no ONNX export for it yet")
 
 
-def export_graph(module: Any, args: Sequence[np.ndarray], path: Path, inputs: Sequence[str], outputs: Sequence[str],
-                 dynamic: Mapping[str, Mapping[int, str]] | None = None) -> None:
+def export_graph(
+    module: Any,
+    args: Sequence[np.ndarray],
+    path: Path,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    dynamic: Mapping[str, Mapping[int, str]] | None = None,
+) -> None:
     """Trace ``module`` (eval mode) on ``args`` into ``path``; the first axis of every input and output
     is the batch unless ``dynamic`` says more."""
     import torch
@@ -171,9 +221,17 @@ def export_graph(module: Any, args: Sequence[np.ndarray], path: Path, inputs: Se
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # The TorchScript exporter: it needs only the onnx package (torch's dynamo exporter needs onnxscript).
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(torch.from_numpy(a) for a in args), str(path), dynamo=False,
-                          input_names=list(inputs), output_names=list(outputs), dynamic_axes=axes,
-                          opset_version=OPSET, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            tuple(torch.from_numpy(a) for a in args),
+            str(path),
+            dynamo=False,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
 
 
 def _zeros(dim: int) -> np.ndarray:
@@ -228,11 +286,14 @@ def export_ocr(replay: dict[str, Any], bundle: Bundle, folder: Path) -> dict[str
     trained = ocr.get("engine") or "cnocr"
     engine = ENGINE_WITHOUT_TORCH.get(trained, trained)
     ocr["engine"] = engine
-    if ocr.get("spec"):   # a user's card spec: the export carries its own copy (the built-in one ships with asectl)
+    if ocr.get("spec"):  # a user's card spec: the export carries its own copy (the built-in one ships with asectl)
         (folder / "card-spec.toml").write_text(bundle.config["card_spec"]["toml"])
         ocr["spec"] = "./card-spec.toml"
-    return {"engine": engine, "trained_engine": trained,
-            "why": ENGINE_EVIDENCE if engine != trained else "the engine the model was trained with"}
+    return {
+        "engine": engine,
+        "trained_engine": trained,
+        "why": ENGINE_EVIDENCE if engine != trained else "the engine the model was trained with",
+    }
 
 
 def export_llm(replay: dict[str, Any], folder: Path, copy_llm: bool) -> dict[str, Any]:
@@ -242,8 +303,9 @@ def export_llm(replay: dict[str, Any], folder: Path, copy_llm: bool) -> dict[str
     source = Path(str(reason.get("llm_model")))
     if copy_llm:
         if not source.is_file():
-            raise ConfigError(f"{source}: the model's LLM file is not here to copy; export without --copy-llm or "
-                              "put the file back")
+            raise ConfigError(
+                f"{source}: the model's LLM file is not here to copy; export without --copy-llm or put the file back"
+            )
         (folder / "llm").mkdir()
         shutil.copyfile(source, folder / "llm" / source.name)
         reason["llm_model"] = f"./llm/{source.name}"
@@ -251,8 +313,13 @@ def export_llm(replay: dict[str, Any], folder: Path, copy_llm: bool) -> dict[str
     if prompt.suffix == ".txt" and prompt.is_file():
         shutil.copyfile(prompt, folder / "prompt.txt")
         reason["prompt"] = "./prompt.txt"
-    return {"file": reason.get("llm_model"), "sha256": reason.get("expect_model_hash"), "copied": copy_llm,
-            "prompt": reason.get("prompt"), "prompt_sha256": reason.get("expect_prompt_sha256")}
+    return {
+        "file": reason.get("llm_model"),
+        "sha256": reason.get("expect_model_hash"),
+        "copied": copy_llm,
+        "prompt": reason.get("prompt"),
+        "prompt_sha256": reason.get("expect_prompt_sha256"),
+    }
 
 
 def _versions() -> dict[str, str | None]:
@@ -283,12 +350,14 @@ def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
         cards = sorted(str(p) for p in (Path(tmp) / "cards" / "images").glob("*.png"))
         # Every card with every text, each text branch in another order: the fusion sees mixed inputs.
         n = len(cards) * len(PROBE_TEXTS)
-        probes = {"image": [cards[i // len(PROBE_TEXTS)] for i in range(n)],
-                  "text": [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(n)]}
+        probes = {
+            "image": [cards[i // len(PROBE_TEXTS)] for i in range(n)],
+            "text": [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(n)],
+        }
         inputs = {m: probes[enc.family][k:] + probes[enc.family][:k] for k, (m, enc) in enumerate(encoders.items())}
         torch_feats = {m: encoders[m].encode(inputs[m]) for m in encoders}
-        heads = bundle.heads()      # the stats standardization: the same in every fold model's heads
-        if heads.stats is not None:   # the record's numbers around the training cards' mean, a field unread
+        heads = bundle.heads()  # the stats standardization: the same in every fold model's heads
+        if heads.stats is not None:  # the record's numbers around the training cards' mean, a field unread
             rng = np.random.default_rng(0)
             numbers = heads.stats.mean.numpy() + heads.stats.scale.numpy() * rng.normal(size=(n, heads.dims["stats"]))
             numbers = numbers.astype(np.float32)
@@ -298,12 +367,16 @@ def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
     torch_logits = fold_logits(bundle.fusion_members(), torch_feats, heads)
     onnx_logits = exported.fold_logits(onnx_feats)
     t = bundle.temperature
-    diff = {"cases": n,
-            "features": max(float(np.abs(torch_feats[m] - onnx_feats[m]).max()) for m in encoders),
-            "logits": float(np.abs(torch_logits - onnx_logits).max()),
-            "probabilities": float(np.abs(mean_softmax(torch_logits, t) - mean_softmax(onnx_logits, t)).max())}
+    diff = {
+        "cases": n,
+        "features": max(float(np.abs(torch_feats[m] - onnx_feats[m]).max()) for m in encoders),
+        "logits": float(np.abs(torch_logits - onnx_logits).max()),
+        "probabilities": float(np.abs(mean_softmax(torch_logits, t) - mean_softmax(onnx_logits, t)).max()),
+    }
     if not diff["probabilities"] <= PARITY_TOLERANCE:
-        raise AsectlError(f"the exported graphs' probabilities differ from the bundle's by {diff['probabilities']:.2e} "
-                          f"(tolerance {PARITY_TOLERANCE:g}) on generated cards; not exported. Report this with "
-                          f"the versions of torch and onnxruntime ({_versions()})")
+        raise AsectlError(
+            f"the exported graphs' probabilities differ from the bundle's by {diff['probabilities']:.2e} "
+            f"(tolerance {PARITY_TOLERANCE:g}) on generated cards; not exported. Report this with "
+            f"the versions of torch and onnxruntime ({_versions()})"
+        )
     return {**diff, "tolerance": PARITY_TOLERANCE}

@@ -29,8 +29,15 @@ TRAIN_FORMAT = 1
 WEIGHTS_FILE = "encoder.safetensors"
 
 
-def _cached_encode(keys: Sequence[str], items: Sequence[Any], encode: Callable[[list[Any]], np.ndarray],
-                   cache: Cache, batch_size: int, description: str, meta: dict[str, Any]) -> np.ndarray:
+def _cached_encode(
+    keys: Sequence[str],
+    items: Sequence[Any],
+    encode: Callable[[list[Any]], np.ndarray],
+    cache: Cache,
+    batch_size: int,
+    description: str,
+    meta: dict[str, Any],
+) -> np.ndarray:
     out: list[np.ndarray | None] = [None] * len(items)
     misses = []
     for i, key in enumerate(keys):
@@ -42,36 +49,49 @@ def _cached_encode(keys: Sequence[str], items: Sequence[Any], encode: Callable[[
     if misses:
         with ui.progress(len(misses), description) as advance:
             for start in range(0, len(misses), batch_size):
-                chunk = misses[start:start + batch_size]
+                chunk = misses[start : start + batch_size]
                 z = np.asarray(encode([items[i] for i in chunk]), dtype=np.float32)
                 for row, i in zip(z, chunk):
                     out[i] = row
-                    cache.put(STAGE, keys[i], {"feature.safetensors": st_save({"z": np.ascontiguousarray(row)})},
-                              meta)
+                    cache.put(STAGE, keys[i], {"feature.safetensors": st_save({"z": np.ascontiguousarray(row)})}, meta)
                 advance(len(chunk))
     return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def image_features(samples: Sequence[Sample], encoder: Any, cache: Cache) -> np.ndarray:
     ident = encoder.identity()
-    keys = [make_key(STAGE, kind="image", format=FORMAT, input=sha256_file(s.path), encoder=ident)
-            for s in samples]
-    return _cached_encode(keys, [str(s.path) for s in samples], encoder.encode, cache,
-                          getattr(encoder, "batch_size", 16), f"encode images ({ident.get('name')})",
-                          {"params": {"encoder": ident}})
+    keys = [make_key(STAGE, kind="image", format=FORMAT, input=sha256_file(s.path), encoder=ident) for s in samples]
+    return _cached_encode(
+        keys,
+        [str(s.path) for s in samples],
+        encoder.encode,
+        cache,
+        getattr(encoder, "batch_size", 16),
+        f"encode images ({ident.get('name')})",
+        {"params": {"encoder": ident}},
+    )
 
 
 def text_features(texts: Sequence[str], encoder: Any, cache: Cache, branch: str) -> np.ndarray:
     ident = encoder.identity()
-    keys = [make_key(STAGE, kind="text", format=FORMAT, text=hashlib.sha256(t.encode()).hexdigest(),
-                     encoder=ident) for t in texts]
-    return _cached_encode(keys, list(texts), encoder.encode, cache, getattr(encoder, "batch_size", 32),
-                          f"encode {branch} text ({ident.get('name')})",
-                          {"params": {"encoder": ident, "branch": branch}})
+    keys = [
+        make_key(STAGE, kind="text", format=FORMAT, text=hashlib.sha256(t.encode()).hexdigest(), encoder=ident)
+        for t in texts
+    ]
+    return _cached_encode(
+        keys,
+        list(texts),
+        encoder.encode,
+        cache,
+        getattr(encoder, "batch_size", 32),
+        f"encode {branch} text ({ident.get('name')})",
+        {"params": {"encoder": ident, "branch": branch}},
+    )
 
 
-def train_image_encoder(samples: Sequence[Sample], labels: Sequence[str], encoder: Any, cache: Cache,
-                        seed: int) -> tuple[np.ndarray, dict[str, Any], Path]:
+def train_image_encoder(
+    samples: Sequence[Sample], labels: Sequence[str], encoder: Any, cache: Cache, seed: int
+) -> tuple[np.ndarray, dict[str, Any], Path]:
     """Train ``encoder`` (one that ``learns_from_cards``) on ``samples`` with ``labels``, or load the
     weights an identical training left in the cache; afterwards the encoder's identity names its trained
     weights' hash, so its features are cached by it. Pass the training cards only: nothing else is read.
@@ -84,17 +104,27 @@ def train_image_encoder(samples: Sequence[Sample], labels: Sequence[str], encode
     from asectl.backends.encoders import save_module_state
 
     ident = encoder.identity()
-    key = make_key(TRAIN_STAGE, format=TRAIN_FORMAT, encoder=ident, seed=seed,
-                   cards=[[sha256_file(s.path), label] for s, label in zip(samples, labels)])
+    key = make_key(
+        TRAIN_STAGE,
+        format=TRAIN_FORMAT,
+        encoder=ident,
+        seed=seed,
+        cards=[[sha256_file(s.path), label] for s, label in zip(samples, labels)],
+    )
     entry = cache.get(TRAIN_STAGE, key)
     if entry is None:
         start, cpu_start = time.perf_counter(), time.process_time()
         with ui.progress(1, f"train image encoder ({ident.get('encoder')}, {len(samples)} training cards)") as advance:
             own = encoder.fit([str(s.path) for s in samples], list(labels), seed)
             advance(1)
-        record = {"encoder": ident, "seed": seed, "n_train": len(samples), "classes": list(encoder.classes),
-                  "seconds": round(time.perf_counter() - start, 2),
-                  "cpu_seconds": round(time.process_time() - cpu_start, 2)}
+        record = {
+            "encoder": ident,
+            "seed": seed,
+            "n_train": len(samples),
+            "classes": list(encoder.classes),
+            "seconds": round(time.perf_counter() - start, 2),
+            "cpu_seconds": round(time.process_time() - cpu_start, 2),
+        }
 
         def build(tmp):
             save_module_state(encoder.module, tmp / WEIGHTS_FILE)

@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from asectl import __version__, ui
-from asectl.bundle import (FUSION_MEMBER, LATEST_POINTER, Bundle, bundle_format, load_bundle, write_checksums,
-                           write_held_out_scores)
+from asectl.bundle import (
+    FUSION_MEMBER,
+    LATEST_POINTER,
+    Bundle,
+    bundle_format,
+    load_bundle,
+    write_checksums,
+    write_held_out_scores,
+)
 from asectl.cache import Cache, make_key
 from asectl.card import load_spec
 from asectl.dataset import Dataset
@@ -44,23 +51,34 @@ def align_args(cache: Cache, dataset: Dataset) -> dict[str, Any]:
     return {k: ptr[k] for k in ("profile", "overrides", "seed", "augmented") if ptr.get(k) is not None}
 
 
-def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str | None = None,
-                   task: str | None = None, attention: str | None = None, projections: str | None = None,
-                   augmented: str | Path | None = None,
-                   profile: str | None = None,
-                   overrides: Mapping[str, Any] | None = None, seed: int | None = None,
-                   force: bool = False, max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
-                   max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
-                   calibration_folds: int = DEFAULT_CALIBRATION_FOLDS,
-                   defect_confidence: float | None = None) -> FuseOutcome:
+def run_fuse_train(
+    dataset: Dataset,
+    cache: Cache | None = None,
+    *,
+    fusion: str | None = None,
+    task: str | None = None,
+    attention: str | None = None,
+    projections: str | None = None,
+    augmented: str | Path | None = None,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    force: bool = False,
+    max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
+    max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
+    calibration_folds: int = DEFAULT_CALIBRATION_FOLDS,
+    defect_confidence: float | None = None,
+) -> FuseOutcome:
     from asectl.models.calibration import check_confidence, check_target
     from asectl.models.train_config import get_profile
 
     cache = cache or Cache()
     prev = align_args(cache, dataset)
     a_profile = profile or prev.get("profile", "quick")
-    a_over = {**prev.get("overrides", {}), **{k: v for k, v in (overrides or {}).items()
-                                              if k.startswith(("pfa.", "encoders."))}}
+    a_over = {
+        **prev.get("overrides", {}),
+        **{k: v for k, v in (overrides or {}).items() if k.startswith(("pfa.", "encoders."))},
+    }
     a_seed = prev.get("seed", 0) if seed is None else seed
     a_aug = augmented if augmented is not None else prev.get("augmented")
     f_over = {k: v for k, v in (overrides or {}).items() if k.startswith("fusion.")}
@@ -73,22 +91,35 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
     if task:
         f_over["fusion.task"] = task
     prof = get_profile(a_profile, {**a_over, **f_over, "seed": a_seed})
-    end_to_end = check_end_to_end(prof)      # before align: a refused setting costs no alignment
+    end_to_end = check_end_to_end(prof)  # before align: a refused setting costs no alignment
     align = run_align(dataset, cache, profile=a_profile, overrides=a_over, seed=a_seed, augmented=a_aug)
     branches = align_branches(align)
     check_fusion_branches(prof.fusion, branches)
-    targets = {"max_miss_rate": check_target("max_miss_rate", max_miss_rate),
-               "max_defect_error": check_target("max_defect_error", max_defect_error)}
+    targets = {
+        "max_miss_rate": check_target("max_miss_rate", max_miss_rate),
+        "max_defect_error": check_target("max_defect_error", max_defect_error),
+    }
     # defect_scan names how the defect threshold is chosen (asectl.models.calibration.choose_rule), so
     # models whose rule was chosen the earlier way ("lowest cut") are not reused.
     # held_out_scores: the bundle stores the held-out scores (predict --max-miss-rate), so older models are not reused.
-    calib_args = {"method": "temperature", "folds": int(calibration_folds), **targets, "defect_scan": "first-failure",
-                  "held_out_scores": True,
-                  "defect_confidence": None if defect_confidence is None else check_confidence(defect_confidence)}
+    calib_args = {
+        "method": "temperature",
+        "folds": int(calibration_folds),
+        **targets,
+        "defect_scan": "first-failure",
+        "held_out_scores": True,
+        "defect_confidence": None if defect_confidence is None else check_confidence(defect_confidence),
+    }
     # A frozen profile's dict leaves the end-to-end settings out (TrainProfile.to_dict): frozen models keep
     # the keys they had before end-to-end training existed.
-    key = make_key(STAGE, format=bundle_format(end_to_end), align=align.key, fusion=prof.to_dict()["fusion"],
-                   seed=a_seed, calibration=calib_args)
+    key = make_key(
+        STAGE,
+        format=bundle_format(end_to_end),
+        align=align.key,
+        fusion=prof.to_dict()["fusion"],
+        seed=a_seed,
+        calibration=calib_args,
+    )
     entry = None if force else cache.get(STAGE, key)
     if entry is None:
         from asectl.models.cmaf import map_labels, save_fusion
@@ -106,9 +137,17 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
         real = {s.name for s in dataset.split("train")}
         with cpu_training_threads(prof.encoders.device):
             members, histories, calibration, decision = calibrate(
-                feats, labels, names, [n in real for n in names], prof.fusion, a_seed,
-                map_labels(labels, prof.fusion.task)[1], prof.encoders.device, calib_args,
-                heads=align.heads() if end_to_end else None)
+                feats,
+                labels,
+                names,
+                [n in real for n in names],
+                prof.fusion,
+                a_seed,
+                map_labels(labels, prof.fusion.task)[1],
+                prof.encoders.device,
+                calib_args,
+                heads=align.heads() if end_to_end else None,
+            )
         held_out_scores = decision.pop("held_out_scores")
         history = mean_history(histories)
         spec_arg = align.summary["replay"]["ocr"].get("spec")
@@ -125,28 +164,45 @@ def run_fuse_train(dataset: Dataset, cache: Cache | None = None, *, fusion: str 
                 shutil.copytree(align.path / "encoders", tmp / "encoders")
             pfa = align.summary["pfa"]
             config = {
-                "format": bundle_format(end_to_end), "asectl_version": __version__,
+                "format": bundle_format(end_to_end),
+                "asectl_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "classes": members[0].bundle.classes, "task": members[0].bundle.task,
-                "variant": prof.fusion.variant, "attention": prof.fusion.attention, "branches": list(branches),
+                "classes": members[0].bundle.classes,
+                "task": members[0].bundle.task,
+                "variant": prof.fusion.variant,
+                "attention": prof.fusion.attention,
+                "branches": list(branches),
                 "classifier": prof.fusion.resolved_classifier(),
                 **({"projections": end_to_end_record(members[0], prof.fusion)} if end_to_end else {}),
-                "stats_fields": align.summary.get("stats_fields", []), "fusion_members": len(members),
-                "profile": prof.to_dict(), "seed": a_seed,
-                "encoders": align.summary["encoders"], "heads": pfa["heads"],
-                "replay": align.summary["replay"], "provenance": align.summary["provenance"],
+                "stats_fields": align.summary.get("stats_fields", []),
+                "fusion_members": len(members),
+                "profile": prof.to_dict(),
+                "seed": a_seed,
+                "encoders": align.summary["encoders"],
+                "heads": pfa["heads"],
+                "replay": align.summary["replay"],
+                "provenance": align.summary["provenance"],
                 "card_spec": {"name": spec.name, "sha256": spec.digest, "toml": Path(spec.source).read_text()},
                 "split": dataset.split_record(),
-                "training": {"dataset": str(dataset.root), "align_key": align.key,
-                             "data_fingerprint": _fingerprint(align), "n_train": len(train),
-                             "augmented": str(a_aug) if a_aug else None,
-                             "class_counts": {c: labels.count(c) for c in sorted(set(labels))}},
-                "metrics": {"d_pend": [{"stage": s["stage"], "n_pend": s["n_pend"], "val_loss": s["val_loss"],
-                                        "note": s["val_note"]} for s in pfa["stages"]],
-                            "train_accuracy_last_epoch": history[-1]["accuracy"],
-                            "train_loss_last_epoch": history[-1]["loss"]},
+                "training": {
+                    "dataset": str(dataset.root),
+                    "align_key": align.key,
+                    "data_fingerprint": _fingerprint(align),
+                    "n_train": len(train),
+                    "augmented": str(a_aug) if a_aug else None,
+                    "class_counts": {c: labels.count(c) for c in sorted(set(labels))},
+                },
+                "metrics": {
+                    "d_pend": [
+                        {"stage": s["stage"], "n_pend": s["n_pend"], "val_loss": s["val_loss"], "note": s["val_note"]}
+                        for s in pfa["stages"]
+                    ],
+                    "train_accuracy_last_epoch": history[-1]["accuracy"],
+                    "train_loss_last_epoch": history[-1]["loss"],
+                },
                 "fusion_history": history,
-                "calibration": calibration, "decision": decision,
+                "calibration": calibration,
+                "decision": decision,
             }
             write_checksums(tmp, config)
             return {"params": {"align": align.key, "variant": prof.fusion.variant, "task": prof.fusion.task}}
@@ -172,17 +228,24 @@ def check_end_to_end(prof: Any) -> bool:
     if prof.fusion.projections != "end-to-end":
         return False
     if prof.encoders.finetune:
-        raise ConfigError("--heads end-to-end trains the projection heads on align's cached encoder features, but "
-                          "this profile fine-tunes its encoders in align (encoders.finetune); use --heads frozen "
-                          "or --set encoders.finetune=false")
+        raise ConfigError(
+            "--heads end-to-end trains the projection heads on align's cached encoder features, but "
+            "this profile fine-tunes its encoders in align (encoders.finetune); use --heads frozen "
+            "or --set encoders.finetune=false"
+        )
     return True
 
 
 def end_to_end_record(member: Any, config: Any) -> dict[str, Any]:
     """What bundle.json says of heads trained end to end (each fold model carries its own)."""
     meta = member.projections.meta()
-    return {"training": "end-to-end", "heads_lr": config.projections_lr, "adapter_dim": meta["adapter_dim"],
-            "adapters": meta["adapters"], "stored": "in each fold model (fusion-K.safetensors)"}
+    return {
+        "training": "end-to-end",
+        "heads_lr": config.projections_lr,
+        "adapter_dim": meta["adapter_dim"],
+        "adapters": meta["adapters"],
+        "stored": "in each fold model (fusion-K.safetensors)",
+    }
 
 
 def align_branches(align: AlignOutcome) -> list[str]:
@@ -197,9 +260,11 @@ def check_fusion_branches(config: Any, branches: list[str]) -> None:
     from asectl.models.train_config import PAPER_BRANCHES
 
     if config.variant != "concat" and config.attention == "chunks" and set(branches) != set(PAPER_BRANCHES):
-        raise ConfigError(f"--attention chunks attends from VLM (Q) and LLM (K) to image (V) and needs exactly "
-                          f"the branches {','.join(PAPER_BRANCHES)} (this alignment has {','.join(branches)}); "
-                          "use --attention tokens, --fusion concat, or align with those branches")
+        raise ConfigError(
+            f"--attention chunks attends from VLM (Q) and LLM (K) to image (V) and needs exactly "
+            f"the branches {','.join(PAPER_BRANCHES)} (this alignment has {','.join(branches)}); "
+            "use --attention tokens, --fusion concat, or align with those branches"
+        )
 
 
 def dataset_model_pointer(dataset: Dataset | str | Path) -> str:
@@ -220,9 +285,18 @@ def _fingerprint(align: AlignOutcome) -> str:
     return sha256_bytes(canonical_json(align.summary["samples"]).encode())
 
 
-def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], held_out: list[bool], config: Any,
-              seed: int, classes: list[str], device: str, args: Mapping[str, Any],
-              heads: Any = None) -> tuple[list[Any], list[list[dict]], dict[str, Any], dict[str, Any]]:
+def calibrate(
+    feats: Mapping[str, Any],
+    labels: list[str],
+    names: list[str],
+    held_out: list[bool],
+    config: Any,
+    seed: int,
+    classes: list[str],
+    device: str,
+    args: Mapping[str, Any],
+    heads: Any = None,
+) -> tuple[list[Any], list[list[dict]], dict[str, Any], dict[str, Any]]:
     """The classifier, its temperature and its decision rule from a stratified k-fold cross-validation on
     the training cards: k fold models (each trained like a single model would be: same settings, same
     seed, on the other folds), their out-of-fold logits on the cards marked ``held_out`` (the user's own
@@ -233,23 +307,35 @@ def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], hel
     indices) the rule was chosen on."""
     import numpy as np
 
-    from asectl.models.calibration import (choose_rule, decision_stats, expected_calibration_error,
-                                           fit_temperature, nll, softmax, stratified_folds)
+    from asectl.models.calibration import (
+        choose_rule,
+        decision_stats,
+        expected_calibration_error,
+        fit_temperature,
+        nll,
+        softmax,
+        stratified_folds,
+    )
     from asectl.models.cmaf import map_labels, predict_logits, train_fusion
 
     y, _ = map_labels(labels, config.task, classes)
     fold = stratified_folds([classes[i] for i in y], args["folds"], seed)
     logits = np.zeros((len(y), len(classes)), dtype=np.float64)
     members, histories = [], []
-    steps = 1 if config.resolved_classifier() == "logistic" else config.epochs      # the logistic fit is one step
-    with ui.progress(args["folds"] * steps, f"fuse-train ({config.variant}, {args['folds']} fold models)") \
-            as advance:
+    steps = 1 if config.resolved_classifier() == "logistic" else config.epochs  # the logistic fit is one step
+    with ui.progress(args["folds"] * steps, f"fuse-train ({config.variant}, {args['folds']} fold models)") as advance:
         for k in range(args["folds"]):
             fit, held = fold != k, fold == k
             model, history = train_fusion(
-                {m: v[fit] for m, v in feats.items()}, [labels[i] for i in np.flatnonzero(fit)], config, seed,
-                classes=classes, device=device, heads=heads,
-                on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"))
+                {m: v[fit] for m, v in feats.items()},
+                [labels[i] for i in np.flatnonzero(fit)],
+                config,
+                seed,
+                classes=classes,
+                device=device,
+                heads=heads,
+                on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"),
+            )
             logits[held] = predict_logits(model, {m: v[held] for m, v in feats.items()})
             members.append(model)
             histories.append(history["epochs"])
@@ -257,26 +343,38 @@ def calibrate(feats: Mapping[str, Any], labels: list[str], names: list[str], hel
     if not scored.any():
         from asectl.errors import DataError
 
-        raise DataError("no training card of the dataset itself reached fuse-train (only augmented ones); "
-                        "check that OCR reads its cards")
+        raise DataError(
+            "no training card of the dataset itself reached fuse-train (only augmented ones); "
+            "check that OCR reads its cards"
+        )
     z, y_s = logits[scored], y[scored]
     temperature = fit_temperature(z, y_s)
     before, after = softmax(z), softmax(z, temperature)
     rule = choose_rule(after, y_s, classes, args["max_miss_rate"], args["max_defect_error"], args["defect_confidence"])
     top = after.argmax(axis=1)
-    calibration = {"method": "temperature scaling",
-                   "classifier": f"the average of the {args['folds']} fold models", "temperature": temperature,
-                   "folds": args["folds"], "seed": seed,
-                   "n_held_out": int(scored.sum()), "n_augmented": int((~scored).sum()),
-                   "held_out": {n: int(f) for n, f, s in zip(names, fold, scored) if s},
-                   "held_out_nll": {"before": nll(z, y_s), "after": nll(z, y_s, temperature)},
-                   "held_out_ece": {"before": expected_calibration_error(before, y_s),
-                                    "after": expected_calibration_error(after, y_s)},
-                   "held_out_accuracy": float((top == y_s).mean()), "held_out_errors": int((top != y_s).sum())}
-    decision = {**rule.to_dict(), "held_out": decision_stats(rule.decide(after), y_s, top, classes),
-                "tradeoff": miss_rate_tradeoff(after, y_s, classes, args["max_defect_error"],
-                                               args["defect_confidence"]),
-                "held_out_scores": (after, y_s)}   # stored in the bundle as arrays, not in bundle.json
+    calibration = {
+        "method": "temperature scaling",
+        "classifier": f"the average of the {args['folds']} fold models",
+        "temperature": temperature,
+        "folds": args["folds"],
+        "seed": seed,
+        "n_held_out": int(scored.sum()),
+        "n_augmented": int((~scored).sum()),
+        "held_out": {n: int(f) for n, f, s in zip(names, fold, scored) if s},
+        "held_out_nll": {"before": nll(z, y_s), "after": nll(z, y_s, temperature)},
+        "held_out_ece": {
+            "before": expected_calibration_error(before, y_s),
+            "after": expected_calibration_error(after, y_s),
+        },
+        "held_out_accuracy": float((top == y_s).mean()),
+        "held_out_errors": int((top != y_s).sum()),
+    }
+    decision = {
+        **rule.to_dict(),
+        "held_out": decision_stats(rule.decide(after), y_s, top, classes),
+        "tradeoff": miss_rate_tradeoff(after, y_s, classes, args["max_defect_error"], args["defect_confidence"]),
+        "held_out_scores": (after, y_s),
+    }  # stored in the bundle as arrays, not in bundle.json
     return members, histories, calibration, decision
 
 
@@ -284,15 +382,22 @@ def mean_history(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per epoch, the mean over fold models of each figure (loss, accuracy, ...): one training curve."""
     import numpy as np
 
-    return [{key: (row[key] if key == "epoch" else float(np.mean([h[e][key] for h in histories])))
-             for key in row if isinstance(row[key], (int, float))} for e, row in enumerate(histories[0])]
+    return [
+        {
+            key: (row[key] if key == "epoch" else float(np.mean([h[e][key] for h in histories])))
+            for key in row
+            if isinstance(row[key], (int, float))
+        }
+        for e, row in enumerate(histories[0])
+    ]
 
 
 MISS_RATE_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
-def miss_rate_tradeoff(probs: Any, y: Any, classes: list[str], max_defect_error: float,
-                       defect_confidence: float | None = None) -> list[dict[str, Any]]:
+def miss_rate_tradeoff(
+    probs: Any, y: Any, classes: list[str], max_defect_error: float, defect_confidence: float | None = None
+) -> list[dict[str, Any]]:
     """Held-out review share and miss rate for a few other miss-rate targets: what a stricter or looser
     target would cost, without retraining to find out."""
     from asectl.models.calibration import choose_rule, decision_stats
@@ -301,6 +406,12 @@ def miss_rate_tradeoff(probs: Any, y: Any, classes: list[str], max_defect_error:
     for target in MISS_RATE_TARGETS:
         rule = choose_rule(probs, y, classes, target, max_defect_error, defect_confidence)
         st = decision_stats(rule.decide(probs), y, probs.argmax(axis=1), classes)
-        rows.append({"max_miss_rate": target, "pass_threshold": rule.pass_threshold,
-                     "review_share": st["review_share"], "miss_rate": st["miss_rate"]})
+        rows.append(
+            {
+                "max_miss_rate": target,
+                "pass_threshold": rule.pass_threshold,
+                "review_share": st["review_share"],
+                "miss_rate": st["miss_rate"],
+            }
+        )
     return rows

@@ -44,39 +44,55 @@ class ModalitySettings:
     @classmethod
     def recall(cls, cache: Cache, dataset: Dataset) -> "ModalitySettings":
         """What each per-image stage last ran with on ``dataset`` (defaults where it never ran)."""
-        return cls(OcrSettings.recall(cache, dataset), DescribeSettings.recall(cache, dataset),
-                   ReasonSettings.recall(cache, dataset))
+        return cls(
+            OcrSettings.recall(cache, dataset),
+            DescribeSettings.recall(cache, dataset),
+            ReasonSettings.recall(cache, dataset),
+        )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Mapping[str, Any] | None] | None) -> "ModalitySettings":
         """From stored dicts per stage (a bundle's ``replay``, a benchmark's settings)."""
         values = values or {}
-        return cls(OcrSettings.from_dict(values.get("ocr")), DescribeSettings.from_dict(values.get("describe")),
-                   ReasonSettings.from_dict(values.get("reason")), values.get("llm_text") or DEFAULT_LLM_TEXT)
+        return cls(
+            OcrSettings.from_dict(values.get("ocr")),
+            DescribeSettings.from_dict(values.get("describe")),
+            ReasonSettings.from_dict(values.get("reason")),
+            values.get("llm_text") or DEFAULT_LLM_TEXT,
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ocr": self.ocr.as_dict(), "describe": self.describe.as_dict(), "reason": self.reason.as_dict(),
-                "llm_text": self.llm_text}
+        return {
+            "ocr": self.ocr.as_dict(),
+            "describe": self.describe.as_dict(),
+            "reason": self.reason.as_dict(),
+            "llm_text": self.llm_text,
+        }
 
 
 @dataclass
 class Modalities:
-    samples: list[Sample]                 # samples with every modality present, in input order
+    samples: list[Sample]  # samples with every modality present, in input order
     ocr_fields: list[dict[str, Any]]
     vlm_texts: list[str]
     llm_texts: list[str]
-    dropped: list[dict[str, Any]] = field(default_factory=list)      # {"image", "error"}
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # {"image", "error"}
     replay: dict[str, dict[str, Any]] = field(default_factory=dict)  # settings that repeat each stage
     provenance: dict[str, str] = field(default_factory=dict)
-    partial: dict[str, list[str]] = field(default_factory=dict)     # image -> record fields OCR did not read
-    stats: np.ndarray | None = None       # stats_vectors(ocr_fields): [n, len(stats_names)], NaN = not read
+    partial: dict[str, list[str]] = field(default_factory=dict)  # image -> record fields OCR did not read
+    stats: np.ndarray | None = None  # stats_vectors(ocr_fields): [n, len(stats_names)], NaN = not read
     stats_names: list[str] = field(default_factory=list)
 
 
-def collect_modalities(dataset: Dataset, cache: Cache,
-                       settings: ModalitySettings | Mapping[str, Any] | None = None, *,
-                       priors: Mapping[str, Any] | None = None, force: bool = False,
-                       remember: bool = True) -> Modalities:
+def collect_modalities(
+    dataset: Dataset,
+    cache: Cache,
+    settings: ModalitySettings | Mapping[str, Any] | None = None,
+    *,
+    priors: Mapping[str, Any] | None = None,
+    force: bool = False,
+    remember: bool = True,
+) -> Modalities:
     """OCR, describe and reason over every sample (cached). ``settings``: remembered settings, or a
     bundle's stored replay settings (which enforce the exact models). ``priors`` replace the LLM's
     prior knowledge (TDA: the real training cards' priors). A replay (``remember=False``) leaves the
@@ -89,20 +105,21 @@ def collect_modalities(dataset: Dataset, cache: Cache,
         settings = ModalitySettings.from_dict(settings)
     answer_only = settings.llm_text == "answer"
     reason_settings = settings.reason.replace(priors=dict(priors) if priors is not None else None)
-    if answer_only:   # the LLM's own answer: its prompt carries no nearest-class hint
+    if answer_only:  # the LLM's own answer: its prompt carries no nearest-class hint
         reason_settings = reason_settings.replace(prompt=hint_free_prompt(reason_settings.prompt))
     ocr = run_ocr(dataset, settings.ocr, cache=cache, force=force, remember=remember)
     desc = run_describe(dataset, settings.describe, cache=cache, force=force, remember=remember)
     # The hint-free prompt is this branch's, not the user's choice for `asectl reason`: not remembered.
-    reas = run_reason(dataset, reason_settings, ocr=settings.ocr, cache=cache, force=force,
-                      remember=remember and not answer_only)
+    reas = run_reason(
+        dataset, reason_settings, ocr=settings.ocr, cache=cache, force=force, remember=remember and not answer_only
+    )
     by = [ocr.by_image(), desc.by_image(), reas.by_image()]
     keep, fields, vlm, llm, dropped, partial = [], [], [], [], [], {}
     for s in dataset.samples:
         recs = [b.get(s.name, {"error": f"{s.path}: no record"}) for b in by]
         # A partly read record (some fields, the rest missing) still serves: its missing numbers are masked.
         read_partly = bool(recs[0].get("fields")) and bool(recs[0].get("missing"))
-        err = next((r["error"] for r in recs[int(read_partly):] if r.get("error")), None)
+        err = next((r["error"] for r in recs[int(read_partly) :] if r.get("error")), None)
         if err:
             dropped.append({"image": s.name, "error": err})
             continue
@@ -113,20 +130,37 @@ def collect_modalities(dataset: Dataset, cache: Cache,
         vlm.append(recs[1]["text"])
         llm.append(answer_only_text(recs[2].get("json")) if answer_only else recs[2]["text"])
     if dropped:
-        log.warning("%d of %d cards lack a modality and are left out (first: %s)", len(dropped),
-                    len(dataset.samples), dropped[0]["error"])
+        log.warning(
+            "%d of %d cards lack a modality and are left out (first: %s)",
+            len(dropped),
+            len(dataset.samples),
+            dropped[0]["error"],
+        )
     for name, missing in partial.items():
         log.warning("%s: OCR did not read %s; classified with those numbers masked", name, ", ".join(missing))
     spec = settings.ocr.card_spec()
-    replay = ModalitySettings(settings.ocr, DescribeSettings.replay(desc.params), ReasonSettings.replay(reas.params),
-                              settings.llm_text)
+    replay = ModalitySettings(
+        settings.ocr, DescribeSettings.replay(desc.params), ReasonSettings.replay(reas.params), settings.llm_text
+    )
     prov = provenance(ocr.params, desc.params, reas.params)
     prompt = reas.params["prompt"]["name"]
-    prov["LLM text"] = (f"answer only: the LLM's own answer (prompt {prompt}, no nearest-class hint, "
-                        "no record sentence)" if answer_only else
-                        f"composite: the LLM's answer and the OCR'd record sentence (prompt {prompt})")
-    return Modalities(keep, fields, vlm, llm, dropped=dropped, replay=replay.as_dict(), provenance=prov,
-                      partial=partial, stats=stats_vectors(fields, spec), stats_names=stats_names(spec))
+    prov["LLM text"] = (
+        f"answer only: the LLM's own answer (prompt {prompt}, no nearest-class hint, no record sentence)"
+        if answer_only
+        else f"composite: the LLM's answer and the OCR'd record sentence (prompt {prompt})"
+    )
+    return Modalities(
+        keep,
+        fields,
+        vlm,
+        llm,
+        dropped=dropped,
+        replay=replay.as_dict(),
+        provenance=prov,
+        partial=partial,
+        stats=stats_vectors(fields, spec),
+        stats_names=stats_names(spec),
+    )
 
 
 def stats_names(spec: CardSpec) -> list[str]:
@@ -149,14 +183,15 @@ def stats_vectors(records: list[Mapping[str, Any]], spec: CardSpec) -> np.ndarra
         bins = rec.get("bins")
         if spec.n_bins and isinstance(bins, list) and len(bins) == spec.n_bins:
             counts = np.asarray(bins, dtype=np.float64)
-            out[i, len(names):len(names) + spec.n_bins] = counts
+            out[i, len(names) : len(names) + spec.n_bins] = counts
             if counts.sum() > 0:
-                out[i, len(names) + spec.n_bins:] = counts / counts.sum()
+                out[i, len(names) + spec.n_bins :] = counts / counts.sum()
     return out
 
 
-def provenance(ocr_params: Mapping[str, Any], desc_params: Mapping[str, Any],
-               reason_params: Mapping[str, Any]) -> dict[str, str]:
+def provenance(
+    ocr_params: Mapping[str, Any], desc_params: Mapping[str, Any], reason_params: Mapping[str, Any]
+) -> dict[str, str]:
     eng = ocr_params.get("engine", {})
     out = {"ocr": f"{eng.get('engine', '?')} ({eng.get('rec_model', {}).get('file', '?')})"}
     backend = desc_params.get("backend") or desc_params.get("identity", {}).get("backend", "?")
@@ -179,7 +214,7 @@ def build_encoders(enc_cfg: Any) -> tuple[Any, Any, Any]:
 
     img_kw: dict[str, Any] = {"device": enc_cfg.device}
     img_cls = IMAGE_ENCODERS.get(enc_cfg.image)[0]
-    if hasattr(img_cls, "config_options"):      # an encoder trained in align takes its training keys
+    if hasattr(img_cls, "config_options"):  # an encoder trained in align takes its training keys
         img_kw.update(img_cls.config_options(enc_cfg))
     if enc_cfg.image_weights:
         img_kw["weights"] = enc_cfg.image_weights
@@ -188,27 +223,32 @@ def build_encoders(enc_cfg: Any) -> tuple[Any, Any, Any]:
     txt_kw: dict[str, Any] = {"device": enc_cfg.device, "batch_size": enc_cfg.batch_size}
     if enc_cfg.text_path:
         txt_kw["path"] = enc_cfg.text_path
-    return (image_encoder(enc_cfg.image, **img_kw), text_encoder(enc_cfg.text, **txt_kw),
-            text_encoder(enc_cfg.text, **txt_kw))
+    return (
+        image_encoder(enc_cfg.image, **img_kw),
+        text_encoder(enc_cfg.text, **txt_kw),
+        text_encoder(enc_cfg.text, **txt_kw),
+    )
 
 
 def modality_inputs(mods: Modalities) -> dict[str, Any]:
     """What each branch reads, by modality: the cards (samples), the two texts, and the record's numbers
     (``stats``, an array: it has no encoder graph, its standardization and MLP are part of the heads)."""
-    return {"image": list(mods.samples), "vlm": list(mods.vlm_texts), "llm": list(mods.llm_texts),
-            "stats": mods.stats}
+    return {"image": list(mods.samples), "vlm": list(mods.vlm_texts), "llm": list(mods.llm_texts), "stats": mods.stats}
 
 
-def encode_modalities(mods: Modalities, encoders: tuple[Any, Any, Any], cache: Cache,
-                      branches: Sequence[str] = BRANCHES) -> dict[str, np.ndarray]:
+def encode_modalities(
+    mods: Modalities, encoders: tuple[Any, Any, Any], cache: Cache, branches: Sequence[str] = BRANCHES
+) -> dict[str, np.ndarray]:
     """Frozen features Z_image, Z_vlm, Z_llm (cached per input and encoder) and the raw stats vectors
     (standardized by the stats encoder, which trains), for every kept sample and each of ``branches``."""
     from asectl.stages.features import image_features, text_features
 
     img_enc, vlm_enc, llm_enc = encoders
     inputs = modality_inputs(mods)
-    make = {"image": lambda: image_features(inputs["image"], img_enc, cache),
-            "vlm": lambda: text_features(inputs["vlm"], vlm_enc, cache, "vlm"),
-            "llm": lambda: text_features(inputs["llm"], llm_enc, cache, "llm"),
-            "stats": lambda: inputs["stats"]}
+    make = {
+        "image": lambda: image_features(inputs["image"], img_enc, cache),
+        "vlm": lambda: text_features(inputs["vlm"], vlm_enc, cache, "vlm"),
+        "llm": lambda: text_features(inputs["llm"], llm_enc, cache, "llm"),
+        "stats": lambda: inputs["stats"],
+    }
     return {b: make[b]() for b in BRANCHES if b in branches}

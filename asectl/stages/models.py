@@ -12,7 +12,7 @@ from asectl.cache import Cache
 from asectl.errors import ConfigError
 from asectl.stages.fuse import STAGE, dataset_model_pointer
 
-REPORT_POINTER = "report-{}"        # per model (bundle digest): the figures of its latest report
+REPORT_POINTER = "report-{}"  # per model (bundle digest): the figures of its latest report
 
 
 def list_models(cache: Cache) -> list[dict[str, Any]]:
@@ -25,23 +25,38 @@ def list_models(cache: Cache) -> list[dict[str, Any]]:
             bundle = Bundle(path, config)
             dec, training = config["decision"], config["training"]
         except (OSError, ValueError, KeyError, TypeError):
-            continue        # an unfinished or foreign entry: not a model to offer
+            continue  # an unfinished or foreign entry: not a model to offer
         reported = cache.get_pointer(REPORT_POINTER.format(bundle.digest)) or {}
-        rows.append({"id": path.name, "dataset": training.get("dataset"), "created": config.get("created"),
-                     "classes": config.get("classes"), "variant": config.get("variant"), "task": config.get("task"),
-                     "n_train": training.get("n_train"),
-                     "targets": {"max_miss_rate": dec.get("max_miss_rate"),
-                                 "max_defect_error": dec.get("max_defect_error")},
-                     "test_macro_f1": reported.get("macro_f1"), "reported_on": reported.get("dataset"),
-                     "path": str(path)})
+        rows.append(
+            {
+                "id": path.name,
+                "dataset": training.get("dataset"),
+                "created": config.get("created"),
+                "classes": config.get("classes"),
+                "variant": config.get("variant"),
+                "task": config.get("task"),
+                "n_train": training.get("n_train"),
+                "targets": {"max_miss_rate": dec.get("max_miss_rate"), "max_defect_error": dec.get("max_defect_error")},
+                "test_macro_f1": reported.get("macro_f1"),
+                "reported_on": reported.get("dataset"),
+                "path": str(path),
+            }
+        )
     return sorted(rows, key=lambda r: (r["created"] or "", r["id"]), reverse=True)
 
 
 def record_report(cache: Cache, bundle: Bundle, dataset: str, metrics: dict[str, Any], out: Path) -> None:
     """Remember a report's headline figures for ``models list``."""
-    cache.set_pointer(REPORT_POINTER.format(bundle.digest), {
-        "dataset": dataset, "macro_f1": metrics["multiclass"]["macro_f1"], "n_test": metrics["n_test"],
-        "binary_macro_f1": (metrics.get("binary") or {}).get("macro_f1"), "report": str(out)})
+    cache.set_pointer(
+        REPORT_POINTER.format(bundle.digest),
+        {
+            "dataset": dataset,
+            "macro_f1": metrics["multiclass"]["macro_f1"],
+            "n_test": metrics["n_test"],
+            "binary_macro_f1": (metrics.get("binary") or {}).get("macro_f1"),
+            "report": str(out),
+        },
+    )
 
 
 def model_for_dataset(cache: Cache, folder: str | Path) -> tuple[Bundle, str]:
@@ -52,7 +67,9 @@ def model_for_dataset(cache: Cache, folder: str | Path) -> tuple[Bundle, str]:
     if entry is None:
         models = list_models(cache)
         listed = "; ".join(f"{m['id'][:12]} on {m['dataset']}" for m in models[:5])
-        raise ConfigError(f"no model trained on {folder} in {cache.root}; train one (asectl fuse-train {folder}) "
-                          "or pass --model DIR" + (f" (models here: {listed}{' ...' if len(models) > 5 else ''}; "
-                                                   "asectl models list)" if models else ""))
+        raise ConfigError(
+            f"no model trained on {folder} in {cache.root}; train one (asectl fuse-train {folder}) "
+            "or pass --model DIR"
+            + (f" (models here: {listed}{' ...' if len(models) > 5 else ''}; asectl models list)" if models else "")
+        )
     return load_bundle(entry.path), pointer_text(ptr)

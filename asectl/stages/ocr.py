@@ -49,7 +49,7 @@ class OcrSettings(StageSettings):
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
             raise ConfigError(f"--detector {self.detector!r}: choose one of {', '.join(DETECTORS)}")
-        if self.spec is not None:   # remembered and replayed from other folders: store where it is
+        if self.spec is not None:  # remembered and replayed from other folders: store where it is
             object.__setattr__(self, "spec", str(Path(self.spec).expanduser().resolve()))
 
     def card_spec(self) -> CardSpec:
@@ -103,12 +103,14 @@ def cut_lines(binary: Image.Image) -> list[tuple[int, int, int, int]] | None:
     if boxes is None:
         return None
     wid, hgt = binary.size
-    return [(max(x0 - _PAD, 0), max(y0 - _PAD, 0), min(x1 + _PAD, wid), min(y1 + _PAD, hgt))
-            for x0, y0, x1, y1 in boxes]
+    return [
+        (max(x0 - _PAD, 0), max(y0 - _PAD, 0), min(x1 + _PAD, wid), min(y1 + _PAD, hgt)) for x0, y0, x1, y1 in boxes
+    ]
 
 
-def read_text(binary: Image.Image, engine_name: str, detector: str = "auto",
-              boxes: list[tuple[int, int, int, int]] | None = None) -> list[TextLine]:
+def read_text(
+    binary: Image.Image, engine_name: str, detector: str = "auto", boxes: list[tuple[int, int, int, int]] | None = None
+) -> list[TextLine]:
     """The text lines of a binarised card: recognised in ``boxes`` (e.g. from ``cut_lines``) without the
     detector when given, else found by the engine's detector (``detector`` "model") or cut (``auto``)."""
     engine = get_engine(engine_name)
@@ -117,7 +119,7 @@ def read_text(binary: Image.Image, engine_name: str, detector: str = "auto",
     if boxes is None:
         return engine.read(binary)
     arr = np.asarray(binary.convert("RGB"))
-    texts = engine.recognize([np.ascontiguousarray(arr[b[1]:b[3], b[0]:b[2]]) for b in boxes])
+    texts = engine.recognize([np.ascontiguousarray(arr[b[1] : b[3], b[0] : b[2]]) for b in boxes])
     return [TextLine(t, sc, tuple(float(v) for v in b)) for (t, sc), b in zip(texts, boxes) if t.strip()]
 
 
@@ -147,8 +149,9 @@ def parse_record(rows: Sequence[str], spec: CardSpec) -> tuple[dict[str, Any], l
     warnings: list[str] = []
     unparsed: list[str] = []
     bins: dict[int, int] = {}
-    edge_index = {(_edge_key(lo), _edge_key(hi)): i
-                  for i, (lo, hi) in enumerate(zip(spec.bin_edges[:-1], spec.bin_edges[1:]))}
+    edge_index = {
+        (_edge_key(lo), _edge_key(hi)): i for i, (lo, hi) in enumerate(zip(spec.bin_edges[:-1], spec.bin_edges[1:]))
+    }
     for row in rows:
         norm = normalise(row)
         if not norm:
@@ -186,8 +189,11 @@ def parse_record(rows: Sequence[str], spec: CardSpec) -> tuple[dict[str, Any], l
         if len(bins) == spec.n_bins:
             fields["bins"] = [bins[i] for i in range(spec.n_bins)]
         else:
-            lost = [f"{number_text(spec.bin_edges[i])}-{number_text(spec.bin_edges[i + 1])}"
-                    for i in range(spec.n_bins) if i not in bins]
+            lost = [
+                f"{number_text(spec.bin_edges[i])}-{number_text(spec.bin_edges[i + 1])}"
+                for i in range(spec.n_bins)
+                if i not in bins
+            ]
             missing.append("bins")
             warnings.append(f"bins: no count read for interval(s) {', '.join(lost)}")
     warnings += consistency_warnings(fields)
@@ -198,8 +204,10 @@ def _bounded(pattern, text: str, name: str, warnings: list[str]):
     try:
         return search(pattern, text)
     except TimeoutError:
-        warnings.append(f"{name}: pattern gave up after {PATTERN_TIMEOUT} s on '{text}' (catastrophic "
-                        "backtracking?); simplify it in the card spec")
+        warnings.append(
+            f"{name}: pattern gave up after {PATTERN_TIMEOUT} s on '{text}' (catastrophic "
+            "backtracking?); simplify it in the card spec"
+        )
         return None
 
 
@@ -233,7 +241,7 @@ def read_card(image_path: Path, engine_name: str, spec: CardSpec, detector: str 
     record is returned with ``error`` set (so it is reported and never cached)."""
     binary = binarise(load_image(image_path))
     boxes = cut_lines(binary) if detector in ("auto", "auto-checked") else None
-    lines = read_text(binary, engine_name, "model", boxes)   # the cut lines, else the detector
+    lines = read_text(binary, engine_name, "model", boxes)  # the cut lines, else the detector
     fields, missing, warnings, unparsed = parse_record(group_rows(lines), spec)
     if detector == "auto-checked" and boxes is not None and (missing or not fields):
         # The cut lines did not give the whole record (e.g. a rule under the lines spoiled some): the
@@ -243,16 +251,24 @@ def read_card(image_path: Path, engine_name: str, spec: CardSpec, detector: str 
         if (len(parsed[1]), -len(parsed[0])) < (len(missing), -len(fields)):
             lines, (fields, missing, warnings, unparsed) = again, parsed
     if not fields:
-        raise DataError(f"{image_path}: no printed record found (OCR read {len(lines)} text boxes, none "
-                        f"matched the card spec '{spec.name}'); check the image or pass --spec")
-    record: dict[str, Any] = {"fields": fields, "text": [ln.to_dict() for ln in lines],
-                              "missing": missing, "warnings": warnings}
+        raise DataError(
+            f"{image_path}: no printed record found (OCR read {len(lines)} text boxes, none "
+            f"matched the card spec '{spec.name}'); check the image or pass --spec"
+        )
+    record: dict[str, Any] = {
+        "fields": fields,
+        "text": [ln.to_dict() for ln in lines],
+        "missing": missing,
+        "warnings": warnings,
+    }
     if unparsed:
         record["unparsed"] = unparsed
     if missing:
-        record["error"] = (f"{image_path}: could not read {', '.join(missing)}"
-                           + (f" (unparsed: {'; '.join(repr(u) for u in unparsed[:3])})" if unparsed else "")
-                           + "; check the card, or pass --spec for another layout")
+        record["error"] = (
+            f"{image_path}: could not read {', '.join(missing)}"
+            + (f" (unparsed: {'; '.join(repr(u) for u in unparsed[:3])})" if unparsed else "")
+            + "; check the card, or pass --spec for another layout"
+        )
     return record
 
 
@@ -260,8 +276,13 @@ def ocr_identity(settings: OcrSettings | None = None, spec: CardSpec | None = No
     """What a record depends on: engine and model files, binarisation, detector, card spec contents."""
     settings = settings or OcrSettings()
     spec = spec or settings.card_spec()
-    return {"format": FORMAT, "engine": engine_identity(settings.engine), "binarise": BINARISE_THRESHOLD,
-            "detector": settings.detector, "spec": {"name": spec.name, "sha256": spec.digest}}
+    return {
+        "format": FORMAT,
+        "engine": engine_identity(settings.engine),
+        "binarise": BINARISE_THRESHOLD,
+        "detector": settings.detector,
+        "spec": {"name": spec.name, "sha256": spec.digest},
+    }
 
 
 # --- several processes -------------------------------------------------------------------------------
@@ -309,8 +330,13 @@ def ocr_pool(engine: str, spec: CardSpec, detector: str, workers: int):
     any error but a card's DataError stops the run."""
     from asectl.workers import WorkerPool, usable_cores
 
-    return WorkerPool(workers, _worker_init, (engine, spec, detector, max(1, usable_cores() // workers)),
-                      name="an OCR worker", fix="rerun with fewer workers (asectl ocr --workers N)")
+    return WorkerPool(
+        workers,
+        _worker_init,
+        (engine, spec, detector, max(1, usable_cores() // workers)),
+        name="an OCR worker",
+        fix="rerun with fewer workers (asectl ocr --workers N)",
+    )
 
 
 def _cluster_reader(engine: str, spec: CardSpec, detector: str, identity: dict[str, Any]):
@@ -327,9 +353,18 @@ def _worker_read_cards(samples: list[Sample]) -> list[dict[str, Any] | DataError
     return [_worker_read(s.path) for s in samples]
 
 
-def run_ocr(dataset: Dataset, settings: OcrSettings | None = None, *, cache: Cache | None = None,
-            force: bool = False, strict: bool = False, workers: int | None = None,
-            remember: bool = True, executor: Executor | None = None, **choices: Any) -> StageResult:
+def run_ocr(
+    dataset: Dataset,
+    settings: OcrSettings | None = None,
+    *,
+    cache: Cache | None = None,
+    force: bool = False,
+    strict: bool = False,
+    workers: int | None = None,
+    remember: bool = True,
+    executor: Executor | None = None,
+    **choices: Any,
+) -> StageResult:
     """OCR every card of a dataset (or list of images), cached per image, engine and card spec.
     ``choices`` (``engine``, ``spec``, ``detector``) change single settings. ``workers`` processes read
     the cards (default: one per core); they change the speed, not the records. A run on a dataset folder
@@ -342,7 +377,7 @@ def run_ocr(dataset: Dataset, settings: OcrSettings | None = None, *, cache: Cac
     identity = ocr_identity(settings, card_spec)
     from asectl.workers import usable_cores
 
-    n_workers = workers or usable_cores()   # one OCR process per core
+    n_workers = workers or usable_cores()  # one OCR process per core
     executor = resolve(executor)
     pool = ocr_pool(engine, card_spec, detector, n_workers) if n_workers > 1 and not executor.distributed else None
 
@@ -360,11 +395,22 @@ def run_ocr(dataset: Dataset, settings: OcrSettings | None = None, *, cache: Cac
 
     try:
         records = run_per_image(
-            STAGE, dataset.samples, identity, compute, cache, force=force, strict=strict,
-            description=f"ocr ({engine})", meta={"spec_source": card_spec.source},
-            batch=read_many if pool else None, batch_size=CHUNK_PER_WORKER * n_workers, executor=executor,
-            remote=Remote("an OCR worker", _cluster_reader, (engine, card_spec, detector, identity),
-                          batch_size=CHUNK_PER_WORKER))
+            STAGE,
+            dataset.samples,
+            identity,
+            compute,
+            cache,
+            force=force,
+            strict=strict,
+            description=f"ocr ({engine})",
+            meta={"spec_source": card_spec.source},
+            batch=read_many if pool else None,
+            batch_size=CHUNK_PER_WORKER * n_workers,
+            executor=executor,
+            remote=Remote(
+                "an OCR worker", _cluster_reader, (engine, card_spec, detector, identity), batch_size=CHUNK_PER_WORKER
+            ),
+        )
     finally:
         if pool:
             pool.close()

@@ -17,12 +17,11 @@ from asectl.cache import Cache, make_key, sha256_bytes
 from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError
 from asectl.export import ExportedModel
-from asectl.stages.modalities import (Modalities, build_encoders, collect_modalities, encode_modalities,
-                                      modality_inputs)
+from asectl.stages.modalities import Modalities, build_encoders, collect_modalities, encode_modalities, modality_inputs
 from asectl.stages.common import StageResult
 
 STAGE = "predict"
-FORMAT = 3      # 2: logits (calibrated when read), not probabilities; 3: one set per fold model
+FORMAT = 3  # 2: logits (calibrated when read), not probabilities; 3: one set per fold model
 
 
 def bundle_encoders(bundle: Bundle) -> tuple[Any, Any, Any]:
@@ -35,14 +34,18 @@ def bundle_encoders(bundle: Bundle) -> tuple[Any, Any, Any]:
     for enc, want, state in zip(encoders, bundle.config["encoders"], finetuned):
         have = enc.identity()
         if have.get("sha256") != want.get("sha256"):
-            raise ConfigError(f"encoder {have.get('name')} weights ({str(have.get('sha256'))[:12]}) differ from "
-                              f"the ones the model was trained with ({str(want.get('sha256'))[:12]}); install "
-                              "the same weights or retrain")
+            raise ConfigError(
+                f"encoder {have.get('name')} weights ({str(have.get('sha256'))[:12]}) differ from "
+                f"the ones the model was trained with ({str(want.get('sha256'))[:12]}); install "
+                "the same weights or retrain"
+            )
         if state is not None:
             enc.load_finetuned(state)
         elif getattr(enc, "learns_from_cards", False):
-            raise ConfigError(f"{bundle.path}: the image encoder {have.get('encoder')} was trained on the cards, "
-                              "but the model has no encoders/image.safetensors; retrain with fuse-train")
+            raise ConfigError(
+                f"{bundle.path}: the image encoder {have.get('encoder')} was trained on the cards, "
+                "but the model has no encoders/image.safetensors; retrain with fuse-train"
+            )
     if finetuned[1] is None and finetuned[2] is None and encoders[1].identity() == encoders[2].identity():
         # Frozen text branches are the same model: one instance serves both (one load, half the memory).
         encoders = (encoders[0], encoders[1], encoders[1])
@@ -54,8 +57,13 @@ def bundle_branches(bundle: Bundle) -> list[str]:
     return list(bundle.config.get("branches") or ("image", "vlm", "llm"))
 
 
-def class_logits(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cache, force: bool = False,
-                 models: Callable[[], tuple[Any, Any]] | None = None) -> np.ndarray:
+def class_logits(
+    bundle: Bundle,
+    feats: dict[str, np.ndarray],
+    cache: Cache,
+    force: bool = False,
+    models: Callable[[], tuple[Any, Any]] | None = None,
+) -> np.ndarray:
     """Heads and fold models over the encoder features: logits float32 [members, n, classes], one cache
     entry per bundle and exact feature bytes, so a rerun imports no torch. ``models`` returns (heads, fold
     models) on a cache miss (a Predictor's, loaded once), else they are loaded from the bundle."""
@@ -71,17 +79,17 @@ def class_logits(bundle: Bundle, feats: dict[str, np.ndarray], cache: Cache, for
     from asectl.models.cmaf import fold_logits
 
     heads, members = models() if models else (bundle.heads(), bundle.fusion_members())
-    logits = fold_logits(members, arrays, heads)     # fold models trained end to end project with their own heads
+    logits = fold_logits(members, arrays, heads)  # fold models trained end to end project with their own heads
     cache.put(STAGE, key, {"logits.safetensors": st_save({"logits": logits})}, {"params": {"bundle": bundle.digest}})
     return logits
 
 
 @dataclass
 class Predictions:
-    samples: list[Sample]               # the cards classified, in input order
-    logits: np.ndarray                  # [fold models, len(samples), classes], before calibration
-    dropped: list[dict[str, Any]]       # {"image", "error"}: cards that lack a modality
-    partial: dict[str, list[str]] = field(default_factory=dict)   # image -> record fields OCR did not read
+    samples: list[Sample]  # the cards classified, in input order
+    logits: np.ndarray  # [fold models, len(samples), classes], before calibration
+    dropped: list[dict[str, Any]]  # {"image", "error"}: cards that lack a modality
+    partial: dict[str, list[str]] = field(default_factory=dict)  # image -> record fields OCR did not read
 
 
 class Predictor:
@@ -89,14 +97,15 @@ class Predictor:
     model once, not per card. Nothing is loaded before it is needed, so a fully cached call loads none.
     ``bundle`` may be an exported model (asectl.export): its ONNX graphs replace the torch models."""
 
-    def __init__(self, bundle: Bundle | ExportedModel, cache: Cache | None = None, force: bool = False,
-                 rule: Any = None):
+    def __init__(
+        self, bundle: Bundle | ExportedModel, cache: Cache | None = None, force: bool = False, rule: Any = None
+    ):
         self.bundle = bundle
         self.cache = cache or Cache()
         self.force = force
         self.classes = bundle.labels
         self.temperature = bundle.temperature
-        self.rule = rule or bundle.decision_rule()   # another operating point: Bundle.operating_point
+        self.rule = rule or bundle.decision_rule()  # another operating point: Bundle.operating_point
         self._encoders: tuple[Any, Any, Any] | None = None
         self._models: tuple[Any, Any] | None = None
 
@@ -124,7 +133,7 @@ class Predictor:
         else:
             self.encoders()
             self.models()
-        force, self.force = self.force, True      # computed, not read from the cache: every model loads
+        force, self.force = self.force, True  # computed, not read from the cache: every model loads
         try:
             with tempfile.TemporaryDirectory(prefix="asectl-warm-up-") as tmp:
                 generate(Path(tmp) / "card", seed=0, counts="1,1,0,0,0")
@@ -169,23 +178,31 @@ class Predictor:
         probs = self.probabilities(preds.logits)
         for s, p, (decision, reason) in zip(preds.samples, probs, self.rule.explain(probs)):
             k = int(np.argmax(p))
-            by_name[s.name] = {"image": s.name, "label": self.classes[k], "probability": round(float(p[k]), 6),
-                               "decision": decision, "reason": reason,
-                               "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
-                               **({"true_label": s.label} if s.label else {})}
+            by_name[s.name] = {
+                "image": s.name,
+                "label": self.classes[k],
+                "probability": round(float(p[k]), 6),
+                "decision": decision,
+                "reason": reason,
+                "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
+                **({"true_label": s.label} if s.label else {}),
+            }
             if s.name in preds.partial:
-                by_name[s.name]["warning"] = (f"OCR did not read {', '.join(preds.partial[s.name])}; classified "
-                                              "with those numbers masked")
+                by_name[s.name]["warning"] = (
+                    f"OCR did not read {', '.join(preds.partial[s.name])}; classified with those numbers masked"
+                )
         return [by_name[s.name] for s in dataset.samples if s.name in by_name]
 
     def run(self, dataset: Dataset) -> StageResult:
         records = self.records(dataset, self.classify(dataset))
-        return StageResult(STAGE, records, {"classes": self.classes, "task": self.bundle.config["task"]},
-                           self.cache.summary(STAGE))
+        return StageResult(
+            STAGE, records, {"classes": self.classes, "task": self.bundle.config["task"]}, self.cache.summary(STAGE)
+        )
 
 
-def run_predict(dataset: Dataset, bundle: Bundle | ExportedModel, cache: Cache | None = None,
-                force: bool = False, rule: Any = None) -> StageResult:
+def run_predict(
+    dataset: Dataset, bundle: Bundle | ExportedModel, cache: Cache | None = None, force: bool = False, rule: Any = None
+) -> StageResult:
     """Classify every card of ``dataset`` (one call: each model loaded at most once); ``rule``: a decision
     rule other than the bundle's stored one (``Bundle.operating_point``). On the labelled folder the model
     was trained on, each record says in which of the model's splits the card was (asectl.stages.split): a

@@ -9,8 +9,17 @@ from asectl.bundle import Bundle, heads_training
 from asectl.cache import Cache
 from asectl.dataset import Dataset, binary_label
 from asectl.errors import ConfigError, DataError
-from asectl.report import (FILES, ReportInput, ReportSummary, card_thumbnail, pfa_stage_name, render_report,
-                           report_key_parts, stage_curves_from_pfa, write_report)
+from asectl.report import (
+    FILES,
+    ReportInput,
+    ReportSummary,
+    card_thumbnail,
+    pfa_stage_name,
+    render_report,
+    report_key_parts,
+    stage_curves_from_pfa,
+    write_report,
+)
 from asectl.stages.align import AlignOutcome
 from asectl.stages.predict import Predictor
 from asectl.stages.split import model_split, split_summary
@@ -31,28 +40,40 @@ def provenance_lines(bundle: Bundle) -> tuple[dict[str, str], list[str]]:
     prov["text encoders"] = f"{vlm_enc.get('encoder')} ({vlm_enc.get('weights', '?')}), one per text branch"
     pfa = cfg["profile"]["pfa"]
     strides = "/".join(f"{s:g}" for s in pfa["strides"])
-    prov["alignment"] = {"progressive": f"PFA, progressive, fractions {strides}",
-                         "direct": "direct alignment on all training data",
-                         "none": "no alignment (random projections)"}[pfa["mode"]]
+    prov["alignment"] = {
+        "progressive": f"PFA, progressive, fractions {strides}",
+        "direct": "direct alignment on all training data",
+        "none": "no alignment (random projections)",
+    }[pfa["mode"]]
     branches = cfg.get("branches") or ["image", "vlm", "llm"]
-    prov["branches"] = ", ".join(branches) + ("" if "stats" not in branches else
-                                              " (stats: the OCR'd numbers, standardized on the training cards, "
-                                              "missing fields masked)")
+    prov["branches"] = ", ".join(branches) + (
+        ""
+        if "stats" not in branches
+        else " (stats: the OCR'd numbers, standardized on the training cards, missing fields masked)"
+    )
     attention = cfg.get("attention") or "chunks"
-    prov["fusion"] = (f"{cfg['variant']} ({cfg['task']})" if cfg["variant"] == "concat" else
-                      f"{cfg['variant']}, attention across {'modality tokens' if attention == 'tokens' else 'chunks'} "
-                      f"({cfg['task']})")
+    prov["fusion"] = (
+        f"{cfg['variant']} ({cfg['task']})"
+        if cfg["variant"] == "concat"
+        else f"{cfg['variant']}, attention across {'modality tokens' if attention == 'tokens' else 'chunks'} "
+        f"({cfg['task']})"
+    )
     if heads_training(cfg) == "end-to-end":
         e2e = cfg["projections"]
-        prov["projection heads"] = (f"trained end to end with the fusion (lr {e2e['heads_lr']:g}), adapters on "
-                                    f"{', '.join(e2e['adapters']) or 'no branch'} ({e2e['adapter_dim']} wide)")
+        prov["projection heads"] = (
+            f"trained end to end with the fusion (lr {e2e['heads_lr']:g}), adapters on "
+            f"{', '.join(e2e['adapters']) or 'no branch'} ({e2e['adapter_dim']} wide)"
+        )
     else:
         prov["projection heads"] = "frozen (as the alignment left them)"
     trained_image = img.get("finetuned") and not cfg["profile"]["encoders"]["finetune"]
     prov["profile"] = cfg["profile"]["name"] + (
-        " (encoders fine-tuned)" if cfg["profile"]["encoders"]["finetune"]
-        else " (image encoder trained on the training cards, frozen text encoders)" if trained_image
-        else " (frozen encoders, cached features)")
+        " (encoders fine-tuned)"
+        if cfg["profile"]["encoders"]["finetune"]
+        else " (image encoder trained on the training cards, frozen text encoders)"
+        if trained_image
+        else " (frozen encoders, cached features)"
+    )
     if cfg["training"].get("augmented"):
         prov["training data"] = f"TDA-augmented: {cfg['training']['augmented']}"
     warnings = []
@@ -73,8 +94,9 @@ def cached_tsne(cache: Cache, x: Any, seed: int) -> Any:
     from asectl.report import tsne_2d, tsne_perplexity
 
     arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    key = make_key("tsne", data=sha256_bytes(arr.tobytes()), shape=list(arr.shape), seed=seed,
-                   perplexity=tsne_perplexity(len(arr)))
+    key = make_key(
+        "tsne", data=sha256_bytes(arr.tobytes()), shape=list(arr.shape), seed=seed, perplexity=tsne_perplexity(len(arr))
+    )
     entry = cache.get("tsne", key)
     if entry is not None:
         return st_load(entry.read_bytes("xy.safetensors"))["xy"]
@@ -92,13 +114,16 @@ def default_report_dir(dataset_folder: str | Path) -> Path:
     folder = Path(dataset_folder).expanduser().resolve()
     out = Path(REPORTS_FOLDER) / folder.name
     if folder == out.resolve() or folder in out.resolve().parents:
-        raise ConfigError(f"{out}: the default report folder would lie inside the dataset {folder}; run from "
-                          "another folder or pass --out DIR outside the dataset")
+        raise ConfigError(
+            f"{out}: the default report folder would lie inside the dataset {folder}; run from "
+            "another folder or pass --out DIR outside the dataset"
+        )
     return out
 
 
-def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cache | None = None,
-               model_id: str | None = None) -> ReportSummary:
+def run_report(
+    dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cache | None = None, model_id: str | None = None
+) -> ReportSummary:
     """Evaluate ``bundle`` on the test split it was trained with (asectl.stages.split); a folder of other
     cards is evaluated on its own test split."""
     cache = cache or Cache()
@@ -113,14 +138,17 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
     preds = predictor.classify(test_ds)
     errors = preds.dropped
     if not preds.samples:
-        raise DataError(f"{dataset.root}: no test card could be classified (first error: "
-                        f"{errors[0]['error'] if errors else '?'})")
+        raise DataError(
+            f"{dataset.root}: no test card could be classified (first error: {errors[0]['error'] if errors else '?'})"
+        )
     truth = {s.name: (binary_label(s.label) if binary else s.label) for s in test}
     unknown = sorted({truth[s.name] for s in preds.samples} - set(classes))
     if unknown:
-        raise ConfigError(f"test labels {unknown} are not among the model's classes {classes}; "
-                          "was the model trained on another dataset?")
-    probs = predictor.probabilities(preds.logits)          # calibrated: what predict reports
+        raise ConfigError(
+            f"test labels {unknown} are not among the model's classes {classes}; "
+            "was the model trained on another dataset?"
+        )
+    probs = predictor.probabilities(preds.logits)  # calibrated: what predict reports
     y_true = [classes.index(truth[s.name]) for s in preds.samples]
     y_pred = probs.argmax(axis=1).tolist()
 
@@ -132,7 +160,7 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
     if align is not None:
         pfa = align.summary["pfa"]
         raw = align.raw_features()
-        view = next(m for m in ("image", "vlm", "llm", "stats") if m in raw)   # the image, unless it is off
+        view = next(m for m in ("image", "vlm", "llm", "stats") if m in raw)  # the image, unless it is off
         embeddings["unaligned"] = raw[view]
         for k, st in enumerate(pfa["stages"], start=1):
             embeddings[pfa_stage_name(st["stage"], st["fraction"], pfa["mode"])] = align.embeddings(k)[view]
@@ -141,31 +169,51 @@ def run_report(dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cac
         emb_split = align.splits
         curves = stage_curves_from_pfa(pfa)
     prov, warnings = provenance_lines(bundle)
-    prov["test split"] = (f"the model's own: {split_summary(bundle.config['split'])}" if own else
-                          f"cards the model never saw: this folder's test split ({dataset.split_text()})")
+    prov["test split"] = (
+        f"the model's own: {split_summary(bundle.config['split'])}"
+        if own
+        else f"cards the model never saw: this folder's test split ({dataset.split_text()})"
+    )
     if align is None:
         warnings.append("alignment entry not in this cache: t-SNE and PFA curves omitted (rerun `asectl align`)")
     cal = bundle.config["calibration"]
     if cal.get("held_out_errors") == 0:
-        warnings.append(f"no held-out training card was misclassified, so temperature scaling could only sharpen "
-                        f"the probabilities (T = {cal['temperature']:.3f}); their calibration is untested against "
-                        "a single error")
+        warnings.append(
+            f"no held-out training card was misclassified, so temperature scaling could only sharpen "
+            f"the probabilities (T = {cal['temperature']:.3f}); their calibration is untested against "
+            "a single error"
+        )
     if errors:
-        warnings.append(f"{len(errors)} test card(s) could not be classified and are left out "
-                        f"(first: {errors[0]['error']})")
+        warnings.append(
+            f"{len(errors)} test card(s) could not be classified and are left out (first: {errors[0]['error']})"
+        )
     explained = predictor.rule.explain(probs)
     data = ReportInput(
-        label_names=classes, y_true=y_true, y_pred=y_pred, image_names=[s.name for s in preds.samples],
-        probs=probs, probs_uncalibrated=predictor.uncalibrated(preds.logits),
+        label_names=classes,
+        y_true=y_true,
+        y_pred=y_pred,
+        image_names=[s.name for s in preds.samples],
+        probs=probs,
+        probs_uncalibrated=predictor.uncalibrated(preds.logits),
         calibration=bundle.config["calibration"],
         decision_rule=bundle.config["decision"],
-        decisions=[decision for decision, _ in explained], reasons=[reason for _, reason in explained],
+        decisions=[decision for decision, _ in explained],
+        reasons=[reason for _, reason in explained],
         thumbnails=[card_thumbnail(s.path) for s in preds.samples],
-        embeddings=embeddings, embedding_labels=emb_labels, embedding_split=emb_split, pfa_curves=curves,
-        fusion_curve=bundle.config.get("fusion_history", []), provenance=prov, model_id=model_id,
+        embeddings=embeddings,
+        embedding_labels=emb_labels,
+        embedding_split=emb_split,
+        pfa_curves=curves,
+        fusion_curve=bundle.config.get("fusion_history", []),
+        provenance=prov,
+        model_id=model_id,
         dataset_fingerprint=bundle.config["training"].get("data_fingerprint"),
-        seeds={"training": bundle.config["seed"]}, warnings=warnings, dataset=str(dataset.root),
-        tsne_seed=bundle.config["seed"], tsne=lambda x, seed: cached_tsne(cache, x, seed))
+        seeds={"training": bundle.config["seed"]},
+        warnings=warnings,
+        dataset=str(dataset.root),
+        tsne_seed=bundle.config["seed"],
+        tsne=lambda x, seed: cached_tsne(cache, x, seed),
+    )
     summary = write_report(cached_report_files(cache, data), Path(out_dir))
     from asectl.stages.models import record_report
 
@@ -184,10 +232,16 @@ def cached_report_files(cache: Cache, data: ReportInput) -> dict[str, bytes]:
     from asectl.cache import make_key, sha256_bytes
 
     # Every module of the report package (sorted, so the key is stable), then the template.
-    code = (b"".join(p.read_bytes() for p in sorted(Path(report_code.__file__).parent.glob("*.py")))
-            + resources.files("asectl").joinpath("report_template.html").read_bytes())
-    key = make_key("report", input=report_key_parts(data), code=sha256_bytes(code),
-                   libraries={lib: version(lib) for lib in ("matplotlib", "pillow", "scikit-learn", "jinja2")})
+    code = (
+        b"".join(p.read_bytes() for p in sorted(Path(report_code.__file__).parent.glob("*.py")))
+        + resources.files("asectl").joinpath("report_template.html").read_bytes()
+    )
+    key = make_key(
+        "report",
+        input=report_key_parts(data),
+        code=sha256_bytes(code),
+        libraries={lib: version(lib) for lib in ("matplotlib", "pillow", "scikit-learn", "jinja2")},
+    )
     entry = cache.get("report", key)
     if entry is not None:
         return {k: entry.read_bytes(name) for k, name in FILES.items() if name in entry.meta["files"]}

@@ -45,8 +45,9 @@ class StageSettings:
 
     def choices(self) -> dict[str, Any]:
         """The user's choices, without replay-only checks: what is remembered for a dataset."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if not f.metadata.get("replay_only")}
+        return {
+            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("replay_only")
+        }
 
     def remember(self, cache: Cache, dataset: Dataset) -> None:
         """Store these settings for later stages on the same dataset folder (no-op for loose images)."""

@@ -12,7 +12,7 @@ from asectl.cache import sha256_file
 from asectl.dataset import Dataset, split_text
 from asectl.errors import ConfigError
 
-EXAMPLES = 2        # card names quoted in a mismatch message
+EXAMPLES = 2  # card names quoted in a mismatch message
 
 
 def split_summary(record: dict) -> str:
@@ -38,11 +38,15 @@ def model_split(dataset: Dataset, bundle: Bundle) -> tuple[Dataset, bool]:
     extra = sorted(s.name for s, d in zip(dataset.samples, digests) if (s.name, d) not in stored)
     if missing or extra:
         where = bundle.config["training"].get("dataset", "?")
-        parts = ([f"{len(missing)} of its cards missing or changed (e.g. {', '.join(missing[:EXAMPLES])})"]
-                 if missing else []) + ([f"{len(extra)} card(s) it never saw (e.g. {', '.join(extra[:EXAMPLES])})"]
-                                        if extra else [])
-        raise ConfigError(f"{dataset.root}: the cards do not match the split the model was trained with "
-                          f"({'; '.join(parts)}); use the folder it was trained on ({where}), or retrain: "
-                          f"asectl fuse-train {dataset.root}")
+        parts = (
+            [f"{len(missing)} of its cards missing or changed (e.g. {', '.join(missing[:EXAMPLES])})"]
+            if missing
+            else []
+        ) + ([f"{len(extra)} card(s) it never saw (e.g. {', '.join(extra[:EXAMPLES])})"] if extra else [])
+        raise ConfigError(
+            f"{dataset.root}: the cards do not match the split the model was trained with "
+            f"({'; '.join(parts)}); use the folder it was trained on ({where}), or retrain: "
+            f"asectl fuse-train {dataset.root}"
+        )
     samples = [dataclasses.replace(s, split=stored[(s.name, d)]["split"]) for s, d in zip(dataset.samples, digests)]
     return dataclasses.replace(dataset, samples=samples, split_seed=record.get("split_seed")), True

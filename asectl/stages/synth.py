@@ -12,28 +12,44 @@ from asectl.errors import DataError
 from asectl.synth import augment, check_difficulty, generate, parse_counts, read_truth
 
 
-def run_generate(out: str | Path, seed: int = 0, counts: str | Sequence[int] | None = None,
-                 test_size: int | None = None, force: bool = False, difficulty: str = "field") -> dict[str, Any]:
+def run_generate(
+    out: str | Path,
+    seed: int = 0,
+    counts: str | Sequence[int] | None = None,
+    test_size: int | None = None,
+    force: bool = False,
+    difficulty: str = "field",
+) -> dict[str, Any]:
     """Generate a dataset; ``difficulty`` "field" (default) or "clean" (docs/dataset.md)."""
     check_difficulty(difficulty)
     total = sum(parse_counts(counts))
     with ui.progress(total, "synth") as advance:
-        return generate(out, seed=seed, counts=counts, test_size=test_size, force=force, progress=advance,
-                        difficulty=difficulty)
+        return generate(
+            out, seed=seed, counts=counts, test_size=test_size, force=force, progress=advance, difficulty=difficulty
+        )
 
 
-def run_augment(source: str | Path, out: str | Path, factor: float = 2.0, seed: int = 0,
-                stats_source: str = "ocr", engine: str | None = None, cache: Cache | None = None,
-                force: bool = False) -> dict[str, Any]:
+def run_augment(
+    source: str | Path,
+    out: str | Path,
+    factor: float = 2.0,
+    seed: int = 0,
+    stats_source: str = "ocr",
+    engine: str | None = None,
+    cache: Cache | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
     """TDA over a dataset folder; per-card stats come from the OCR stage (cached; the OCR settings last
     used on the dataset, ``engine`` changed if given) or truth.jsonl."""
-    dataset = load_dataset(source)      # the split of a folder without labels.csv: split seed 0, whatever the TDA seed
+    dataset = load_dataset(source)  # the split of a folder without labels.csv: split seed 0, whatever the TDA seed
     if stats_source == "printed":
         truth = read_truth(dataset.root)
         missing = [s.name for s in dataset.samples if s.name not in truth]
         if missing:
-            raise DataError(f"{dataset.root / 'truth.jsonl'}: no printed record for {missing[0]} "
-                            f"(and {len(missing) - 1} more); use --stats ocr")
+            raise DataError(
+                f"{dataset.root / 'truth.jsonl'}: no printed record for {missing[0]} "
+                f"(and {len(missing) - 1} more); use --stats ocr"
+            )
         records = [truth[s.name]["printed"] for s in dataset.samples]
     else:
         from asectl.stages.ocr import OcrSettings, run_ocr
@@ -49,5 +65,6 @@ def run_augment(source: str | Path, out: str | Path, factor: float = 2.0, seed: 
             records.append(rec.get("fields", {}))
     n_new = int(round((factor - 1.0) * len(dataset.split("train"))))
     with ui.progress(n_new, "tda") as advance:
-        return augment(dataset, records, out, factor=factor, seed=seed, force=force,
-                       stats_source=stats_source, progress=advance)
+        return augment(
+            dataset, records, out, factor=factor, seed=seed, force=force, stats_source=stats_source, progress=advance
+        )

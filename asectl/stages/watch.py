@@ -33,16 +33,16 @@ from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.imageio import is_image_path, load_image
 
-DEFAULT_POLL = 0.25            # seconds between looks at the folder
-DEFAULT_BATCH = 8              # most cards classified together (a stop waits for at most this many)
-UNREADABLE_AFTER = 30.0        # seconds a file may stay unchanged and undecodable before it is an error
+DEFAULT_POLL = 0.25  # seconds between looks at the folder
+DEFAULT_BATCH = 8  # most cards classified together (a stop waits for at most this many)
+UNREADABLE_AFTER = 30.0  # seconds a file may stay unchanged and undecodable before it is an error
 
 
 @dataclass
 class WatchSummary:
-    classified: int = 0        # lines written in this run
-    errors: int = 0            # of which error records
-    skipped: int = 0           # cards already in --out when the run started
+    classified: int = 0  # lines written in this run
+    errors: int = 0  # of which error records
+    skipped: int = 0  # cards already in --out when the run started
     names: list[str] = field(default_factory=list)
 
 
@@ -64,8 +64,10 @@ def done_names(out: Path) -> set[str]:
         try:
             names.add(json.loads(line)["image"])
         except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{out}: line {n} is not a prediction record; give --out a file written by "
-                              "`asectl predict --watch` (or a new file)") from None
+            raise ConfigError(
+                f"{out}: line {n} is not a prediction record; give --out a file written by "
+                "`asectl predict --watch` (or a new file)"
+            ) from None
     return names
 
 
@@ -75,7 +77,7 @@ class FolderWatch:
     def __init__(self, folder: Path, done: set[str]):
         self.folder = folder
         self.done = set(done)
-        self._seen: dict[str, tuple[int, int]] = {}        # name -> (size, mtime_ns) at the last poll
+        self._seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) at the last poll
         self._undecodable_since: dict[str, float] = {}
 
     def poll(self) -> tuple[list[Path], list[dict[str, Any]]]:
@@ -94,7 +96,7 @@ class FolderWatch:
                 if not e.is_file():
                     continue
                 st = e.stat()
-            except OSError:        # removed or renamed between listing and stat
+            except OSError:  # removed or renamed between listing and stat
                 continue
             present.add(name)
             state = (st.st_size, st.st_mtime_ns)
@@ -112,7 +114,7 @@ class FolderWatch:
                     self.done.add(name)
                 continue
             ready.append(path)
-        for gone in set(self._seen) - present:     # deleted before it was read
+        for gone in set(self._seen) - present:  # deleted before it was read
             self._seen.pop(gone, None)
             self._undecodable_since.pop(gone, None)
         return ready, broken
@@ -142,11 +144,18 @@ class JsonlAppender:
 CHUNKS_AHEAD = 2
 
 
-def watch_folder(folder: str | Path, out: str | Path, classify: Callable[[Dataset], list[dict[str, Any]]], *,
-                 should_stop: Callable[[], bool], poll: float = DEFAULT_POLL, batch: int = DEFAULT_BATCH,
-                 on_record: Callable[[dict[str, Any]], None] | None = None,
-                 sleep: Callable[[float], Any] = time.sleep,
-                 prepare: Callable[[list[Path]], list[Future]] | None = None) -> WatchSummary:
+def watch_folder(
+    folder: str | Path,
+    out: str | Path,
+    classify: Callable[[Dataset], list[dict[str, Any]]],
+    *,
+    should_stop: Callable[[], bool],
+    poll: float = DEFAULT_POLL,
+    batch: int = DEFAULT_BATCH,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    sleep: Callable[[float], Any] = time.sleep,
+    prepare: Callable[[list[Path]], list[Future]] | None = None,
+) -> WatchSummary:
     """Watch ``folder`` until ``should_stop()``; ``classify(dataset)`` returns one record per card (as
     ``Predictor.run(...).records``). ``sleep`` waits between polls (a stop event's ``wait`` wakes early).
 
@@ -193,7 +202,7 @@ def watch_folder(folder: str | Path, out: str | Path, classify: Callable[[Datase
             for start in range(0, len(ready), batch):
                 if len(ahead) >= CHUNKS_AHEAD:
                     break
-                chunk = ready[start:start + batch]
+                chunk = ready[start : start + batch]
                 watcher.done.update(p.name for p in chunk)
                 ahead.append((chunk, prepare(chunk) if prepare else None))
             wrote = False
@@ -217,7 +226,7 @@ _prepared: dict[str, Any] = {}
 def _preparer_init(bundle_path: str, cache_root: str, force: bool, threads: int) -> None:
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group: the parent decides
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     _prepared.update(bundle=bundle_path, cache=cache_root, force=force, threads=threads)
 
 
@@ -250,8 +259,13 @@ def _prepare_card(path: str, force: bool | None = None) -> dict[str, Any] | None
     crash_test_hook(Path(path).name)
     replay, cache = _preparer_setup()
     card = Path(path)
-    mods = collect_modalities(Dataset([Sample(card, card.name)], None, "images", []), cache, replay,
-                              force=_prepared["force"] if force is None else force, remember=False)
+    mods = collect_modalities(
+        Dataset([Sample(card, card.name)], None, "images", []),
+        cache,
+        replay,
+        force=_prepared["force"] if force is None else force,
+        remember=False,
+    )
     return mods.dropped[0] if mods.dropped else None
 
 
@@ -279,8 +293,16 @@ class Preparers:
         from asectl.workers import WorkerPool, usable_cores
 
         threads = max(1, usable_cores() // workers)
-        self._pools = [WorkerPool(1, _preparer_init, (str(bundle_path), str(cache_root), force, threads),
-                                  name="a watch worker", fix="rerun with fewer --workers") for _ in range(workers)]
+        self._pools = [
+            WorkerPool(
+                1,
+                _preparer_init,
+                (str(bundle_path), str(cache_root), force, threads),
+                name="a watch worker",
+                fix="rerun with fewer --workers",
+            )
+            for _ in range(workers)
+        ]
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for pool in self._pools:
             self._free.put(pool)
@@ -295,7 +317,7 @@ class Preparers:
         return [self._threads.submit(self._one, p) for p in paths]
 
     def _one(self, path: Path) -> dict[str, Any] | None:
-        pool = self._free.get()   # as many threads as pools: one is free
+        pool = self._free.get()  # as many threads as pools: one is free
         try:
             return pool.run(_prepare_card, [(str(path),)], crashed=_lost_card)[0]
         finally:

@@ -17,11 +17,18 @@ log = logging.getLogger("asectl")
 
 PRIORS_FORMAT = "asectl-priors/1"
 SCALAR_FIELDS = ("N", "mu_x", "mu_y", "sd_x", "sd_y")
-SHARE_FEATURES = ("near", "far")            # share of holes near the centre / far out (from the radius counts)
+SHARE_FEATURES = ("near", "far")  # share of holes near the centre / far out (from the radius counts)
 PRIOR_FEATURES = SCALAR_FIELDS + SHARE_FEATURES
-SHOWN_FEATURES = PRIOR_FEATURES[1:]         # N is not a shape feature: kept in priors, not compared
-FIELD_WORDS = {"N": "N", "mu_x": "mean x", "mu_y": "mean y", "sd_x": "sd x", "sd_y": "sd y",
-               "near": "near", "far": "far"}
+SHOWN_FEATURES = PRIOR_FEATURES[1:]  # N is not a shape feature: kept in priors, not compared
+FIELD_WORDS = {
+    "N": "N",
+    "mu_x": "mean x",
+    "mu_y": "mean y",
+    "sd_x": "sd x",
+    "sd_y": "sd y",
+    "near": "near",
+    "far": "far",
+}
 
 
 # --- a record's numbers ------------------------------------------------------------------------------
@@ -46,6 +53,7 @@ def radius_counts(fields: Mapping[str, Any], edges: Sequence[float]) -> list[int
         return [int(b) for b in bins]
     return None
 
+
 def near_far_intervals(edges: Sequence[float]) -> tuple[int, int] | None:
     """Radius intervals summarised as "near the centre" (the first two) and "far out" (the last three),
     when the spec has five or more: the full radius profile is too long for a small model's prompt."""
@@ -59,8 +67,8 @@ def card_features(fields: Mapping[str, Any], edges: Sequence[float]) -> dict[str
     bins, nf = radius_counts(fields, edges), near_far_intervals(edges)
     if bins is not None and nf is not None and sum(bins) > 0:
         total = float(sum(bins))
-        out["near"] = sum(bins[:nf[0]]) / total
-        out["far"] = sum(bins[nf[1]:]) / total
+        out["near"] = sum(bins[: nf[0]]) / total
+        out["far"] = sum(bins[nf[1] :]) / total
     return out
 
 
@@ -69,8 +77,12 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
-def build_priors(records: Sequence[Mapping[str, Any]], labels: Sequence[str],
-                 bin_edges: Sequence[float] | None = None, normal_label: str | None = NORMAL) -> dict[str, Any]:
+def build_priors(
+    records: Sequence[Mapping[str, Any]],
+    labels: Sequence[str],
+    bin_edges: Sequence[float] | None = None,
+    normal_label: str | None = NORMAL,
+) -> dict[str, Any]:
     """Per-class typical statistics of training records (OCR'd fields), as a plain JSON-able dict.
 
     For each label: number of cards, mean and standard deviation of every field (and of the near-centre
@@ -98,10 +110,18 @@ def build_priors(records: Sequence[Mapping[str, Any]], labels: Sequence[str],
                 mean[f] = _r(vals.mean())
                 sd[f] = _r(vals.std(ddof=1)) if len(vals) > 1 else 0.0
                 n_values[f] = int(len(vals))
-        shares = [np.array(b, dtype=np.float64) / sum(b)
-                  for b in (radius_counts(records[i], edges) for i in idx) if b and sum(b) > 0]
-        classes[label] = {"cards": len(idx), "mean": mean, "sd": sd, "values": n_values,
-                          "bin_share": [_r(x) for x in np.mean(shares, axis=0)] if shares else None}
+        shares = [
+            np.array(b, dtype=np.float64) / sum(b)
+            for b in (radius_counts(records[i], edges) for i in idx)
+            if b and sum(b) > 0
+        ]
+        classes[label] = {
+            "cards": len(idx),
+            "mean": mean,
+            "sd": sd,
+            "values": n_values,
+            "bin_share": [_r(x) for x in np.mean(shares, axis=0)] if shares else None,
+        }
     if not classes:
         raise ConfigError("build_priors: no usable training record; the priors need OCR'd training cards")
     pooled = {}
@@ -114,16 +134,24 @@ def build_priors(records: Sequence[Mapping[str, Any]], labels: Sequence[str],
             vals = [feat[f] for feat in feats if f in feat]
             if len(vals) > 1:
                 pooled[f] = _r(np.std(vals, ddof=1))
-    return {"format": PRIORS_FORMAT, "normal_label": normal_label if normal_label in classes else None,
-            "features": list(PRIOR_FEATURES), "bin_edges": edges, "classes": classes, "pooled_sd": pooled,
-            "cards": sum(c["cards"] for c in classes.values())}
+    return {
+        "format": PRIORS_FORMAT,
+        "normal_label": normal_label if normal_label in classes else None,
+        "features": list(PRIOR_FEATURES),
+        "bin_edges": edges,
+        "classes": classes,
+        "pooled_sd": pooled,
+        "cards": sum(c["cards"] for c in classes.values()),
+    }
 
 
 def check_priors(priors: Any, where: str = "priors") -> dict[str, Any]:
     """Validate a priors dict (e.g. read back from a bundle or a --priors file)."""
     if not isinstance(priors, dict) or priors.get("format") != PRIORS_FORMAT:
-        raise ConfigError(f"{where}: not asectl priors (expected format '{PRIORS_FORMAT}'); write them with "
-                          "`asectl reason DATASET --priors-out FILE.json` or build_priors()")
+        raise ConfigError(
+            f"{where}: not asectl priors (expected format '{PRIORS_FORMAT}'); write them with "
+            "`asectl reason DATASET --priors-out FILE.json` or build_priors()"
+        )
     rebuild = "rebuild them from a labelled training split (--priors-out)"
     classes = priors.get("classes")
     if not isinstance(classes, dict) or not classes:
@@ -135,16 +163,32 @@ def check_priors(priors: Any, where: str = "priors") -> dict[str, Any]:
     if not isinstance(pooled, dict) or not all(k in PRIOR_FEATURES and is_number(v) for k, v in pooled.items()):
         raise ConfigError(f"{where}: priors have a malformed 'pooled_sd'; {rebuild}")
     for label, c in classes.items():
-        ok = (isinstance(label, str) and label and isinstance(c, dict) and isinstance(c.get("cards"), int)
-              and all(isinstance(c.get(k), dict) and set(c[k]) <= set(PRIOR_FEATURES)
-                      and all(is_number(v) for v in c[k].values()) for k in ("mean", "sd", "values"))
-              and set(c["sd"]) == set(c["mean"])
-              and (c.get("bin_share") is None or (isinstance(c["bin_share"], list)
-                                                  and len(c["bin_share"]) == len(edges) - 1
-                                                  and all(is_number(v) for v in c["bin_share"]))))
+        ok = (
+            isinstance(label, str)
+            and label
+            and isinstance(c, dict)
+            and isinstance(c.get("cards"), int)
+            and all(
+                isinstance(c.get(k), dict)
+                and set(c[k]) <= set(PRIOR_FEATURES)
+                and all(is_number(v) for v in c[k].values())
+                for k in ("mean", "sd", "values")
+            )
+            and set(c["sd"]) == set(c["mean"])
+            and (
+                c.get("bin_share") is None
+                or (
+                    isinstance(c["bin_share"], list)
+                    and len(c["bin_share"]) == len(edges) - 1
+                    and all(is_number(v) for v in c["bin_share"])
+                )
+            )
+        )
         if not ok:
-            raise ConfigError(f"{where}: priors of class '{label}' are malformed (need cards, and mean, sd and "
-                              f"values per feature); {rebuild}")
+            raise ConfigError(
+                f"{where}: priors of class '{label}' are malformed (need cards, and mean, sd and "
+                f"values per feature); {rebuild}"
+            )
     return priors
 
 
@@ -179,14 +223,17 @@ def labelled_training_cards(dataset: Dataset) -> list[Sample]:
     """The training split the priors come from; a ConfigError when it is missing or unlabelled."""
     train = dataset.split("train")
     if not train or any(s.label is None for s in train):
-        raise ConfigError("reason needs prior knowledge from a labelled training split: pass a dataset folder "
-                          "(labels.csv with split=train rows), or priors from an earlier run "
-                          "(--priors FILE.json written with --priors-out, or a trained model bundle)")
+        raise ConfigError(
+            "reason needs prior knowledge from a labelled training split: pass a dataset folder "
+            "(labels.csv with split=train rows), or priors from an earlier run "
+            "(--priors FILE.json written with --priors-out, or a trained model bundle)"
+        )
     return train
 
 
-def priors_from_dataset(dataset: Dataset, stats: Mapping[str, Mapping[str, Any]],
-                        bin_edges: Sequence[float]) -> dict[str, Any]:
+def priors_from_dataset(
+    dataset: Dataset, stats: Mapping[str, Mapping[str, Any]], bin_edges: Sequence[float]
+) -> dict[str, Any]:
     """Priors from the training split of a labelled dataset (never the test split)."""
     train = labelled_training_cards(dataset)
     recs, labels, skipped = [], [], []
@@ -198,8 +245,7 @@ def priors_from_dataset(dataset: Dataset, stats: Mapping[str, Mapping[str, Any]]
         recs.append(rec["fields"])
         labels.append(s.label)
     if skipped:
-        log.warning("priors: %d training card(s) without a record were left out (first: %s)",
-                    len(skipped), skipped[0])
+        log.warning("priors: %d training card(s) without a record were left out (first: %s)", len(skipped), skipped[0])
     if not recs:
         raise DataError("no training card has a readable record; check the cards with `asectl ocr`")
     return build_priors(recs, labels, bin_edges, NORMAL)

@@ -32,7 +32,7 @@ VERDICTS = ("normal", "defective")
 DEVIATION_KINDS = ("none", "shift", "spread", "tilt", "cluster", "ring", "other")
 AXES = ("x", "y", "both", "none")
 SEVERITIES = ("low", "medium", "high")
-RATIONALE_MAX_CHARS = 48      # a few words: every character of free text costs the small model a decode call
+RATIONALE_MAX_CHARS = 48  # a few words: every character of free text costs the small model a decode call
 ANSWER_KEYS = ("verdict", "deviation_kind", "axis", "severity", "closest_class", "rationale")
 PLACEHOLDERS = ("card", "card_levels", "record", "deviation", "priors", "n_train", "labels")
 # Differ per card: kept at the end of the prompt.
@@ -46,15 +46,17 @@ HINT_FREE_PROMPT = "reason-v3"
 # --- prompt templates --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PromptTemplate:
-    name: str            # e.g. "reason-v1": recorded as prompt_version
-    ref: str             # what to pass back to load_prompt to get it again (name or file path)
-    sha256: str          # hash of the file bytes: part of the cache identity
+    name: str  # e.g. "reason-v1": recorded as prompt_version
+    ref: str  # what to pass back to load_prompt to get it again (name or file path)
+    sha256: str  # hash of the file bytes: part of the cache identity
     system: string.Template
     user: string.Template
 
     def messages(self, **values: Any) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.system.substitute(values).strip()},
-                {"role": "user", "content": self.user.substitute(values).strip()}]
+        return [
+            {"role": "system", "content": self.system.substitute(values).strip()},
+            {"role": "user", "content": self.user.substitute(values).strip()},
+        ]
 
     def placeholders(self) -> set[str]:
         return set(self.system.get_identifiers()) | set(self.user.get_identifiers())
@@ -86,8 +88,10 @@ def load_prompt(name: str | Path = DEFAULT_PROMPT) -> PromptTemplate:
     elif re.fullmatch(r"[\w.-]+", text_name) and (PROMPTS_DIR / f"{text_name}.txt").is_file():
         path, ref = PROMPTS_DIR / f"{text_name}.txt", text_name
     else:
-        raise ConfigError(f"--prompt {text_name}: no such prompt; use one of {', '.join(prompt_names())} "
-                          "or the path of a .txt template (see docs/reason.md)")
+        raise ConfigError(
+            f"--prompt {text_name}: no such prompt; use one of {', '.join(prompt_names())} "
+            "or the path of a .txt template (see docs/reason.md)"
+        )
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -111,8 +115,10 @@ def load_prompt(name: str | Path = DEFAULT_PROMPT) -> PromptTemplate:
         try:
             tpl.substitute({k: "" for k in PLACEHOLDERS})
         except (KeyError, ValueError) as exc:
-            raise ConfigError(f"{path}: [{part}] uses an unknown or malformed placeholder ({exc}); "
-                              f"allowed: {', '.join('$' + k for k in PLACEHOLDERS)}") from None
+            raise ConfigError(
+                f"{path}: [{part}] uses an unknown or malformed placeholder ({exc}); "
+                f"allowed: {', '.join('$' + k for k in PLACEHOLDERS)}"
+            ) from None
     return PromptTemplate(path.stem, ref, sha256_bytes(raw), system, user)
 
 
@@ -122,17 +128,23 @@ def answer_schema(labels: Sequence[str]) -> dict[str, Any]:
     order the model writes them in: the categorical judgement first, the rationale last (it then explains
     the choices made)."""
     enum = lambda values: {"type": "string", "enum": list(values)}  # noqa: E731
-    props = {"verdict": enum(VERDICTS), "deviation_kind": enum(DEVIATION_KINDS), "axis": enum(AXES),
-             "severity": enum(SEVERITIES), "closest_class": enum(labels),
-             "rationale": {"type": "string", "minLength": 1, "maxLength": RATIONALE_MAX_CHARS}}
+    props = {
+        "verdict": enum(VERDICTS),
+        "deviation_kind": enum(DEVIATION_KINDS),
+        "axis": enum(AXES),
+        "severity": enum(SEVERITIES),
+        "closest_class": enum(labels),
+        "rationale": {"type": "string", "minLength": 1, "maxLength": RATIONALE_MAX_CHARS},
+    }
     return {"type": "object", "properties": props, "required": list(ANSWER_KEYS), "additionalProperties": False}
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
-def parse_answer(raw: str, labels: Sequence[str], finish_reason: str | None = None,
-                 max_tokens: int | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+def parse_answer(
+    raw: str, labels: Sequence[str], finish_reason: str | None = None, max_tokens: int | None = None
+) -> tuple[dict[str, Any] | None, list[str]]:
     """(answer, warnings). Never raises: an unusable answer is None plus a warning (raw text is kept)."""
     warnings = []
     if finish_reason == "length":
@@ -144,8 +156,13 @@ def parse_answer(raw: str, labels: Sequence[str], finish_reason: str | None = No
         return None, warnings + [f"LLM output is not valid JSON ({exc}); raw text kept in 'raw'"]
     if not isinstance(obj, dict):
         return None, warnings + ["LLM output is JSON but not an object; raw text kept in 'raw'"]
-    allowed = {"verdict": VERDICTS, "deviation_kind": DEVIATION_KINDS, "axis": AXES, "severity": SEVERITIES,
-               "closest_class": tuple(labels)}
+    allowed = {
+        "verdict": VERDICTS,
+        "deviation_kind": DEVIATION_KINDS,
+        "axis": AXES,
+        "severity": SEVERITIES,
+        "closest_class": tuple(labels),
+    }
     bad = [k for k, values in allowed.items() if obj.get(k) not in values]
     rationale = obj.get("rationale")
     if not isinstance(rationale, str):
@@ -163,11 +180,17 @@ def answer_only_text(answer: dict[str, Any] | None) -> str:
     if answer is None:
         return "No usable answer."
     kind = answer["deviation_kind"]
-    pattern = "no deviation" if kind == "none" else f"{kind} deviation" + (
-        "" if answer["axis"] == "none" else f" along {'both axes' if answer['axis'] == 'both' else answer['axis']}")
+    pattern = (
+        "no deviation"
+        if kind == "none"
+        else f"{kind} deviation"
+        + ("" if answer["axis"] == "none" else f" along {'both axes' if answer['axis'] == 'both' else answer['axis']}")
+    )
     rationale = answer["rationale"].rstrip(".")
-    return (f"Verdict: {answer['verdict']}, {pattern}, {answer['severity']} severity, closest to "
-            f"{answer['closest_class']}. {rationale}.")
+    return (
+        f"Verdict: {answer['verdict']}, {pattern}, {answer['severity']} severity, closest to "
+        f"{answer['closest_class']}. {rationale}."
+    )
 
 
 def answer_text(answer: dict[str, Any] | None, record_sentence: str) -> str:
@@ -184,15 +207,18 @@ def hint_free_prompt(prompt: str) -> str:
         return HINT_FREE_PROMPT
     used = sorted(load_prompt(prompt).placeholders() & set(HINT_PLACEHOLDERS))
     if used:
-        raise ConfigError(f"prompt {prompt} gives the LLM a class hint ({', '.join('$' + u for u in used)}); "
-                          f"with encoders.llm_text = answer use --prompt {HINT_FREE_PROMPT} or a template "
-                          "without those placeholders ($card_levels gives the card without the hint)")
+        raise ConfigError(
+            f"prompt {prompt} gives the LLM a class hint ({', '.join('$' + u for u in used)}); "
+            f"with encoders.llm_text = answer use --prompt {HINT_FREE_PROMPT} or a template "
+            "without those placeholders ($card_levels gives the card without the hint)"
+        )
     return prompt
 
 
 # --- g(.): the record as text ------------------------------------------------------------------------
 def record_sentence(fields: Mapping[str, Any], bin_edges: Sequence[float]) -> str:
     """g(OCR(image)): the parsed record written out; fields OCR could not read say so."""
+
     def val(f: str) -> str:
         return field_text(fields[f], f) if is_number(fields.get(f)) else "not read"
 
@@ -201,8 +227,9 @@ def record_sentence(fields: Mapping[str, Any], bin_edges: Sequence[float]) -> st
     parts = [f"N {val('N')} holes", f"mean x {val('mu_x')}, y {val('mu_y')}", f"sd x {val('sd_x')}, y {val('sd_y')}"]
     bins = radius_counts(fields, bin_edges)
     if bins is not None:
-        intervals = " ".join(f"{number_text(lo)}-{number_text(hi)}:{c}"
-                             for lo, hi, c in zip(bin_edges, bin_edges[1:], bins))
+        intervals = " ".join(
+            f"{number_text(lo)}-{number_text(hi)}:{c}" for lo, hi, c in zip(bin_edges, bin_edges[1:], bins)
+        )
         parts.append(f"holes by radius {intervals}")
     elif bin_edges:
         parts.append("holes by radius not read")
@@ -216,12 +243,16 @@ def priors_text(priors: Mapping[str, Any]) -> str:
     edges = priors["bin_edges"]
     lines = []
     if nf is not None:
-        lines.append(f"(near = share of holes at radius < {number_text(edges[nf[0]])}, "
-                     f"far = share at radius >= {number_text(edges[nf[1]])})")
+        lines.append(
+            f"(near = share of holes at radius < {number_text(edges[nf[0]])}, "
+            f"far = share at radius >= {number_text(edges[nf[1]])})"
+        )
     for label, c in priors["classes"].items():
-        stats = ", ".join(f"{FIELD_WORDS[f]} {field_text(c['mean'][f], f)}"
-                          f"±{field_text(deviation_scale(priors, c, f), f)}"
-                          for f in SHOWN_FEATURES if f in c["mean"])
+        stats = ", ".join(
+            f"{FIELD_WORDS[f]} {field_text(c['mean'][f], f)}±{field_text(deviation_scale(priors, c, f), f)}"
+            for f in SHOWN_FEATURES
+            if f in c["mean"]
+        )
         tag = " = normal cards" if label == priors.get("normal_label") and label != "normal" else ""
         lines.append(f"- {label}{tag} ({c['cards']} card{'s' * (c['cards'] != 1)}): {stats}")
     return "\n".join(lines)

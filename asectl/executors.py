@@ -78,7 +78,7 @@ class ExecutorSettings:
             raise ConfigError(f"{', '.join(given)} apply to the Ray executor; add --executor ray (or drop them)")
 
     @classmethod
-    def from_sources(cls, config: Path | None = None, **given: Any) -> "ExecutorSettings":
+    def from_sources(cls, config: Path | None = None, **given: Any) -> ExecutorSettings:
         """Settings from the command line (``given``, None = not given), then the environment, then the
         config file's [executor] table, then the defaults."""
         path, data = user_config() if config is None else (config, read_toml(config, required=True))
@@ -108,7 +108,7 @@ class ExecutorSettings:
     @classmethod
     def from_values(
         cls, values: dict[str, Any], command_line: set[str], origins: set[str] = frozenset()
-    ) -> "ExecutorSettings":
+    ) -> ExecutorSettings:
         """Settings from resolved ``values``; ``command_line``: the names given as options, ``origins``:
         where the others came from (for messages)."""
         # Ray settings from the environment or a config file wait for a Ray run; on the command line

@@ -35,7 +35,7 @@ def _start(initializer: Callable[..., None], initargs: tuple) -> None:
     initializer(*initargs)
 
 
-def process_pool(workers: int, initializer: Callable[..., None], initargs: tuple = ()) -> "ProcessPoolExecutor":
+def process_pool(workers: int, initializer: Callable[..., None], initargs: tuple = ()) -> ProcessPoolExecutor:
     """``workers`` spawned processes, each set up by ``initializer(*initargs)`` and ended with the parent.
 
     spawn, not fork: the parent may hold torch/onnxruntime thread pools that do not survive a fork."""
@@ -53,7 +53,7 @@ def process_pool(workers: int, initializer: Callable[..., None], initargs: tuple
 EXIT_TIMEOUT = 30.0
 
 
-def shut_down(pool: "ProcessPoolExecutor", timeout: float = EXIT_TIMEOUT) -> None:
+def shut_down(pool: ProcessPoolExecutor, timeout: float = EXIT_TIMEOUT) -> None:
     """``pool.shutdown(cancel_futures=True)`` that returns within about ``timeout`` seconds: workers not
     gone by then are killed (SIGKILL). Jobs still queued are cancelled; one still running after the timeout
     is lost with its worker (``WorkerPool`` closes between runs, when none is running)."""
@@ -127,7 +127,7 @@ class WorkerPool:
     def started(self) -> bool:
         return self._pool is not None
 
-    def _fresh(self) -> "ProcessPoolExecutor":
+    def _fresh(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = process_pool(self.workers, *self._setup)
         return self._pool

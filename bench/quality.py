@@ -11,7 +11,8 @@ cards (bench/intervals.py); PFA + CMAF + TDA is compared with the best single mo
 bootstrap on the same test cards. The robustness table trains on one difficulty and tests on the other
 (``--robustness-seeds``). Every pipeline stage runs through the library (cached in --cache-dir, default
 bench/out/cache, so a rerun only trains): first the modalities of every seed, each stage using all cores,
-then training and scoring with --jobs seeds at once, one core each. Results: bench/results/quality.json and docs/benchmarks.md.
+then training and scoring with --jobs seeds at once, one core each. Results: bench/results/quality.json and
+docs/benchmarks.md.
 Binary macro-F1 is derived from the 5-class predictions (normal vs every defect class)."""
 
 from __future__ import annotations
@@ -642,7 +643,8 @@ def render(
             f"\nRobustness (5-class macro-F1, seeds {', '.join(str(s) for s in rob_seeds)}; the same "
             "seed's clean and field datasets):\n\n" + "\n".join(rob_rows) + "\n"
         )
-    text = f"""### Quality on generated `field` cards ({n} seed{"s" * (n > 1)}: {", ".join(map(str, seeds))}{", fast mode" if fast else ""})
+    seed_list = ", ".join(map(str, seeds)) + (", fast mode" if fast else "")
+    text = f"""### Quality on generated `field` cards ({n} seed{"s" * (n > 1)}: {seed_list})
 
 Synthetic cards from `asectl synth` at the default `field` difficulty (docs/dataset.md), **not** the
 paper's private ASE data: the paper's numbers are shown beside ours for orientation only. Macro-F1 in
@@ -714,7 +716,8 @@ def render_branches(
         ("fused with stats (tokens) vs boosting on the numbers alone", "branches +stats tokens tda=0", SINGLE[2]),
         ("oracle vs fused with stats (tokens)", ORACLE, "branches +stats tokens tda=0"),
     ]
-    text = f"""### Branches and attention on generated `field` cards (partial run: {n} seed{"s" * (n > 1)}: {", ".join(map(str, seeds))}{", fast mode" if fast else ""}, no TDA)
+    seed_list = f"{n} seed{'s' * (n > 1)}: " + ", ".join(map(str, seeds)) + (", fast mode" if fast else "")
+    text = f"""### Branches and attention on generated `field` cards (partial run: {seed_list}, no TDA)
 
 A partial run: {"seed " if n == 1 else "seeds "}{", ".join(map(str, seeds))} only (not the five seeds of the section
 above), every fused row without TDA, and the single fusion settings of the quick profile otherwise. Same

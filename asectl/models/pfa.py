@@ -234,7 +234,7 @@ class AlignmentHeads(nn.Module):
         }
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> "AlignmentHeads":
+    def from_meta(cls, meta: Mapping[str, Any]) -> AlignmentHeads:
         """Heads of the shape ``meta()`` describes (weights still to be loaded)."""
         return cls(
             meta["dims"],
@@ -245,7 +245,7 @@ class AlignmentHeads(nn.Module):
         )
 
     @classmethod
-    def from_checkpoint(cls, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> "AlignmentHeads":
+    def from_checkpoint(cls, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> AlignmentHeads:
         """Rebuild heads from a stage checkpoint and ``meta()`` (e.g. for prediction)."""
         heads = cls.from_meta(meta)
         heads.load_state_dict(dict(state))
@@ -881,7 +881,7 @@ def warmup_encoders(
         heads = nn.ModuleDict({m: nn.Linear(s.dim, n_classes) for m, s in sources.items()}).to(device)
         groups = [{"params": list(heads.parameters()), "lr": head_lr}]
         seen: set[int] = set()
-        for m, s in sources.items():
+        for s in sources.values():
             params = [p for p in s.parameters() if id(p) not in seen]
             seen.update(id(p) for p in params)
             if params:
@@ -900,8 +900,8 @@ def warmup_encoders(
                 opt.zero_grad(set_to_none=True)
                 sum(losses.values()).backward()
                 opt.step()
-                for m, l in losses.items():
-                    totals[m] += l.item() * len(idx)
+                for m, loss in losses.items():
+                    totals[m] += loss.item() * len(idx)
             row = {"epoch": epoch, **{f"loss_{m}": t / len(train) for m, t in totals.items()}}
             history.append(row)
             if on_epoch:

@@ -26,9 +26,9 @@ from asectl.cache import Cache, make_key, sha256_file
 from asectl.dataset import Dataset, load_dataset
 from asectl.errors import ConfigError, DataError
 from asectl.models.train_config import BRANCHES
-from asectl.stages.modalities import Modalities, ModalitySettings, build_encoders, collect_modalities, encode_modalities
 from asectl.stages.common import dataset_id
 from asectl.stages.features import train_image_encoder
+from asectl.stages.modalities import Modalities, ModalitySettings, build_encoders, collect_modalities, encode_modalities
 
 log = logging.getLogger("asectl")
 STAGE = "align"

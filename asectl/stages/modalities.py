@@ -42,7 +42,7 @@ class ModalitySettings:
         check_llm_text(self.llm_text)
 
     @classmethod
-    def recall(cls, cache: Cache, dataset: Dataset) -> "ModalitySettings":
+    def recall(cls, cache: Cache, dataset: Dataset) -> ModalitySettings:
         """What each per-image stage last ran with on ``dataset`` (defaults where it never ran)."""
         return cls(
             OcrSettings.recall(cache, dataset),
@@ -51,7 +51,7 @@ class ModalitySettings:
         )
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Mapping[str, Any] | None] | None) -> "ModalitySettings":
+    def from_dict(cls, values: Mapping[str, Mapping[str, Any] | None] | None) -> ModalitySettings:
         """From stored dicts per stage (a bundle's ``replay``, a benchmark's settings)."""
         values = values or {}
         return cls(

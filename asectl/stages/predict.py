@@ -17,8 +17,8 @@ from asectl.cache import Cache, make_key, sha256_bytes
 from asectl.dataset import Dataset, Sample
 from asectl.errors import ConfigError
 from asectl.export import ExportedModel
-from asectl.stages.modalities import Modalities, build_encoders, collect_modalities, encode_modalities, modality_inputs
 from asectl.stages.common import StageResult
+from asectl.stages.modalities import Modalities, build_encoders, collect_modalities, encode_modalities, modality_inputs
 
 STAGE = "predict"
 FORMAT = 3  # 2: logits (calibrated when read), not probabilities; 3: one set per fold model

@@ -121,7 +121,8 @@ def test_end_to_end_reads_encoder_features_and_needs_the_heads(aligned_toy):
 def test_frozen_profile_keeps_its_settings_and_end_to_end_adds_its_own():
     """A frozen profile's dict (part of align's and fuse-train's cache keys, and the bundle) has no
     end-to-end settings, so frozen models keep the keys they had; end to end names them all."""
-    frozen = get_profile("quick").to_dict()["fusion"]
+    # The same classifier on both sides: the quick profile's "auto" is the MLP with end-to-end heads.
+    frozen = get_profile("quick", {"fusion.classifier": "mlp"}).to_dict()["fusion"]
     e2e = get_profile("quick", {"fusion.projections": "end-to-end"}).to_dict()["fusion"]
     assert not set(END_TO_END_FIELDS) & set(frozen)
     assert {k: e2e[k] for k in END_TO_END_FIELDS} == {

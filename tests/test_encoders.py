@@ -12,7 +12,6 @@ from asectl.backends.encoders import image_encoder, load_module_state, save_modu
 from asectl.errors import ConfigError
 from asectl.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -42,7 +42,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from asectl.synth import (
+from asectl.domain.synth import (
     CENTER_JITTER,
     CLASS_MODELS,
     DEFECTS,
@@ -221,9 +221,9 @@ def decision_floor(
     to the test cards: its review share, miss rate and defect error. No decision rule of a model that sees
     only the card can, on average, send fewer cards to review at the same targets; the issue's goal is a
     model review share at most 1.5 x this one."""
+    from asectl.domain.synth import sample_cards
     from asectl.metrics import macro_f1_from_codes
     from asectl.models.calibration import choose_rule, decision_stats
-    from asectl.synth import sample_cards
 
     labels = list(TABLE1)
     cards = sample_cards(seed, difficulty=difficulty)
@@ -258,8 +258,8 @@ def main() -> None:
     import argparse
     import json
 
+    from asectl.domain.synth import sample_cards
     from asectl.report import compute_metrics
-    from asectl.synth import sample_cards
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--seeds", default="0")

@@ -23,7 +23,7 @@ from safetensors.numpy import save_file as np_save_file
 
 from asectl import ui
 from asectl.cache import Cache, make_key, sha256_file
-from asectl.dataset import Dataset, load_dataset
+from asectl.domain.dataset import Dataset, load_dataset
 from asectl.errors import ConfigError, DataError
 from asectl.models.train_config import BRANCHES
 from asectl.stages.common import dataset_id

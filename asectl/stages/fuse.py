@@ -28,8 +28,8 @@ from asectl.bundle import (
     write_held_out_scores,
 )
 from asectl.cache import Cache, make_key
-from asectl.card import load_spec
-from asectl.dataset import Dataset
+from asectl.domain.card import load_spec
+from asectl.domain.dataset import Dataset
 from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 from asectl.stages.align import AlignOutcome, run_align
 from asectl.stages.common import dataset_id, folder_id

@@ -37,7 +37,7 @@ SETTINGS = {"ocr": {"engine": "cnocr"}, "describe": {"vlm": "builtin"}, "reason"
 def dataset(seed: int = 0, counts: str | None = None, difficulty: str = "field") -> Path:
     """The default generated dataset for a seed, made once and reused (generation is deterministic) while
     the generator's parameters stay those recorded in its synth.json."""
-    from asectl.synth import field_parameters, generate
+    from asectl.domain.synth import field_parameters, generate
 
     name = f"ds-{difficulty}-seed{seed}" + (f"-{counts.replace(',', '-')}" if counts else "")
     path = OUT / name

@@ -1,4 +1,4 @@
-"""Calibrate the field difficulty's one tuned knob, ``asectl.synth.MILD_SHARE``, on training data only.
+"""Calibrate the field difficulty's one tuned knob, ``asectl.domain.synth.MILD_SHARE``, on training data only.
 
     python bench/calibrate_field.py [--values 0.2,0.35,0.5] [--seeds 0,1] [--folds 5] [--cache-dir DIR]
 
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-import asectl.synth as synth
+import asectl.domain.synth as synth
 from _common import command, save
 from asectl.cache import Cache
-from asectl.dataset import load_dataset
+from asectl.domain.dataset import load_dataset
 from asectl.metrics import macro_f1
 
 TARGET = 64.58  # paper Table 2, EfficientNet-b6a, 5-class macro-F1

@@ -22,7 +22,7 @@ import numpy as np
 
 from _common import OUT, SETTINGS, dataset, save, update_section
 from asectl.cache import Cache
-from asectl.dataset import Dataset, load_dataset
+from asectl.domain.dataset import Dataset, load_dataset
 from asectl.models.calibration import threshold_text
 
 

@@ -102,7 +102,7 @@ def run_outer(args: tuple) -> dict:
     import torch
 
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.models.calibration import choose_rule, fit_temperature, mean_softmax, softmax, stratified_folds
     from asectl.models.train_config import get_profile
     from asectl.stages.align import run_align
@@ -191,7 +191,7 @@ def outer_llm_features(ds, align, inner: np.ndarray, test: np.ndarray, cache, ll
     outer fold's included). Needs one LLM answer per outer card (cached)."""
     import dataclasses
 
-    from asectl.dataset import Dataset
+    from asectl.domain.dataset import Dataset
     from asectl.models.train_config import get_profile
     from asectl.stages.features import text_features
     from asectl.stages.modalities import ModalitySettings, build_encoders, collect_modalities

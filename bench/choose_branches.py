@@ -28,7 +28,7 @@ import numpy as np
 
 from _common import OUT, SETTINGS, save, update_section
 from asectl.cache import Cache  # noqa: E402
-from asectl.dataset import Dataset, load_dataset, order_labels  # noqa: E402
+from asectl.domain.dataset import Dataset, load_dataset, order_labels  # noqa: E402
 from tune_profile import Scorer, macro_f1, summarise, training_folds
 
 # Every key named, so a candidate means the same whatever the profile's defaults are.

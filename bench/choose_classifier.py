@@ -22,7 +22,7 @@ import numpy as np
 
 from _common import OUT, dataset, save, update_section
 from asectl.cache import Cache
-from asectl.dataset import load_dataset
+from asectl.domain.dataset import load_dataset
 from asectl.metrics import macro_f1_from_codes
 from asectl.models.calibration import stratified_folds
 from asectl.models.cmaf import predict_logits, train_fusion

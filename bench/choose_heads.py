@@ -19,7 +19,7 @@ import time
 
 from _common import SETTINGS, save, update_section
 from asectl.cache import Cache
-from asectl.dataset import Dataset
+from asectl.domain.dataset import Dataset
 from choose_branches import cv_arguments, score_candidates
 from tune_profile import summarise, training_folds
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from _common import OUT, dataset, save, update_section
 from asectl.cache import Cache
-from asectl.dataset import load_dataset
+from asectl.domain.dataset import load_dataset
 from asectl.metrics import macro_f1_from_codes
 from asectl.models.calibration import choose_rule, decision_stats, stratified_folds
 
@@ -125,7 +125,7 @@ def main() -> None:
     truth = data / "truth.jsonl"
     if truth.is_file():
         import oracle
-        from asectl.synth import read_truth
+        from asectl.domain.synth import read_truth
 
         latents = read_truth(data)
         scorers["oracle (true latent parameters)"] = oracle.posteriors(

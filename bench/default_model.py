@@ -22,7 +22,7 @@ import numpy as np
 import oracle
 from _common import OUT, dataset, save, update_section
 from asectl.cache import Cache
-from asectl.dataset import Dataset, load_dataset
+from asectl.domain.dataset import Dataset, load_dataset
 from asectl.metrics import macro_f1_from_codes
 from asectl.models.calibration import choose_rule, decision_stats
 from intervals import bootstrap_interval, paired_test
@@ -36,9 +36,9 @@ ORACLE = "oracle (accuracy-optimal, true latent parameters)"
 def run_seed(seed: int, cache: Cache) -> dict:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
+    from asectl.domain.synth import read_truth
     from asectl.stages.fuse import run_fuse_train
     from asectl.stages.predict import Predictor
-    from asectl.synth import read_truth
 
     root = dataset(seed)
     ds = load_dataset(root)

@@ -43,7 +43,7 @@ def disagrees(t: dict) -> bool:
 
 
 def run_seed(seed: int, rows: list[dict], cache) -> dict:
-    from asectl.dataset import Dataset, load_dataset
+    from asectl.domain.dataset import Dataset, load_dataset
     from asectl.models.calibration import DecisionRule, stratified_folds
     from asectl.models.cmaf import predict_logits
     from asectl.stages.align import run_align

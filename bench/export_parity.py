@@ -28,7 +28,7 @@ def main() -> None:
 
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
-    from asectl.dataset import Dataset, load_dataset
+    from asectl.domain.dataset import Dataset, load_dataset
     from asectl.export import load_export
     from asectl.report import compute_metrics
     from asectl.stages.export import run_export

@@ -36,7 +36,7 @@ import numpy as np
 
 from _common import OUT, ROOT, dataset, load, measured_line, save, update_section
 from asectl.cache import Cache
-from asectl.dataset import Dataset, load_dataset, order_labels
+from asectl.domain.dataset import Dataset, load_dataset, order_labels
 from tune_profile import macro_f1, summarise, training_folds
 
 VARIANTS = {

@@ -15,10 +15,10 @@ import time
 
 from _common import dataset, save, update_section
 from asectl.cache import Cache
-from asectl.dataset import Dataset, load_dataset
+from asectl.domain.dataset import Dataset, load_dataset
+from asectl.domain.synth import read_truth
 from asectl.stages.describe import run_describe
 from asectl.stages.reason import run_reason
-from asectl.synth import read_truth
 
 
 def subset(ds: Dataset, n: int) -> Dataset:
@@ -66,7 +66,7 @@ def main() -> None:
         for threads in (int(t) for t in args.threads.split(",")):
             t0 = time.perf_counter()
             # Priors from the full training split, as in a real run; only the subset is reasoned about.
-            from asectl.card import default_spec
+            from asectl.domain.card import default_spec
             from asectl.stages.reason import build_priors
 
             priors = build_priors(

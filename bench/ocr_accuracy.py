@@ -15,9 +15,9 @@ import time
 from _common import dataset, save, update_section
 from asectl.backends.ocr import get_engine
 from asectl.cache import Cache
-from asectl.dataset import Dataset, load_dataset
+from asectl.domain.dataset import Dataset, load_dataset
+from asectl.domain.synth import read_truth
 from asectl.stages.ocr import run_ocr
-from asectl.synth import read_truth
 
 
 def numbers(rec: dict) -> list:

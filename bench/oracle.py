@@ -4,7 +4,7 @@ No method can beat it on average, because every method sees only the card drawn 
 For a card with latent parameters z it predicts the most probable label; which model applies is read
 from the latent's ``shape``.
 
-Clean cards (asectl.synth.CLASS_MODELS): argmax_c P(c) p(z | c) with
+Clean cards (asectl.domain.synth.CLASS_MODELS): argmax_c P(c) p(z | c) with
 
 - shape: "two-cluster" only occurs in type3 and "ring" only in type4, so those are certain; "gaussian"
   occurs in normal, type1 and type2;
@@ -24,7 +24,7 @@ the card's own shape is weakly expressed; s and s2 (the two severities) are inte
 p(z | ...) multiplies: centre ~ N(mechanism centre, CENTER_JITTER^2); log variance ~ N(log mechanism
 variance, VAR_JITTER^2); rho ~ N(mechanism tilt, TILT_SD^2); cluster and ring shares from the nuisance
 U(0, SHAPE_NUISANCE) plus the mechanism's gain x severity x expression. P(l | ...) is the generator's own
-disagreement model (asectl.synth.label_probabilities).
+disagreement model (asectl.domain.synth.label_probabilities).
 
 Approximations (also in docs/dataset.md): (1) the generator moves the centres and scales the variances
 of each label group together so class averages match Table 1 (clean: centred jitter; field: label-group
@@ -42,7 +42,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from asectl.synth import (
+from asectl.domain.synth import (
     CENTER_JITTER,
     CLASS_MODELS,
     DEFECTS,
@@ -221,9 +221,9 @@ def decision_floor(
     to the test cards: its review share, miss rate and defect error. No decision rule of a model that sees
     only the card can, on average, send fewer cards to review at the same targets; the issue's goal is a
     model review share at most 1.5 x this one."""
+    from asectl.domain.synth import sample_cards
     from asectl.metrics import macro_f1_from_codes
     from asectl.models.calibration import choose_rule, decision_stats
-    from asectl.synth import sample_cards
 
     labels = list(TABLE1)
     cards = sample_cards(seed, difficulty=difficulty)
@@ -258,8 +258,8 @@ def main() -> None:
     import argparse
     import json
 
+    from asectl.domain.synth import sample_cards
     from asectl.report import compute_metrics
-    from asectl.synth import sample_cards
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--seeds", default="0")

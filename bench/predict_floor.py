@@ -96,7 +96,7 @@ def main() -> None:
     from asectl.backends.ocr import get_engine
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
-    from asectl.dataset import Dataset, Sample
+    from asectl.domain.dataset import Dataset, Sample
     from predict_speed import new_cards
 
     bundle = load_bundle(args.model)

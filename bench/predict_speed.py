@@ -38,7 +38,7 @@ def trained_bundle(
     smaller seed-0 dataset (cards per class) to train on, for a quicker run."""
     from asectl.bundle import export_bundle, load_bundle
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.common import dataset_id
 
     cache = Cache(cache_dir)
@@ -63,7 +63,7 @@ def trained_bundle(
 
 
 def new_cards(out: Path, seed: int, n: int) -> list[Path]:
-    from asectl.synth import generate
+    from asectl.domain.synth import generate
 
     folder = out / f"cards-seed{seed}"
     if not (folder / "labels.csv").exists():

@@ -29,7 +29,7 @@ import numpy as np
 
 from _common import OUT, SETTINGS, dataset, load, measured_line, save, update_section
 from asectl.cache import Cache
-from asectl.dataset import Dataset, load_dataset
+from asectl.domain.dataset import Dataset, load_dataset
 from asectl.report import compute_metrics
 
 LABELS = ["normal", "type1", "type2", "type3", "type4"]
@@ -258,7 +258,7 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False, subs
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     import oracle
-    from asectl.synth import read_truth
+    from asectl.domain.synth import read_truth
 
     t_seed = time.perf_counter()
     root = dataset(seed)

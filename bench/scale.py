@@ -94,7 +94,7 @@ def driver_cost(stage: str, data: Path, cache_root: Path) -> tuple[float, dict]:
     """Seconds per card of the stage's serial part on the driver (image hash, cache lookups; reason: the
     card records made from cached answers), as (wall on all cards - wall on one card) / (cards - 1)."""
     from asectl.cache import Cache, forget_file_hashes
-    from asectl.dataset import Dataset, load_dataset
+    from asectl.domain.dataset import Dataset, load_dataset
     from asectl.stages.ocr import run_ocr
     from asectl.stages.reason import run_reason
 

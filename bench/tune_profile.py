@@ -38,7 +38,7 @@ import numpy as np
 
 from _common import OUT, SETTINGS, save, update_section
 from asectl.cache import Cache
-from asectl.dataset import Dataset, load_dataset, order_labels
+from asectl.domain.dataset import Dataset, load_dataset, order_labels
 from asectl.metrics import macro_f1
 
 GRID = {"pfa.lr": [1e-3, 3e-3, 1e-2], "fusion.lr": [1e-3, 3e-3, 1e-2], "fusion.class_weight": ["none", "balanced"]}

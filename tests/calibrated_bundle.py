@@ -33,7 +33,7 @@ def train(invoke, dataset: Path, gguf: Path, *extra: str) -> dict:
 
 
 def calibrated_bundle(tmp_path_factory, gguf: Path) -> dict:
-    from asectl.synth import generate
+    from asectl.domain.synth import generate
 
     root = tmp_path_factory.getbasetemp() / "calibrated-bundle"
     cache, data, bundle = root / "cache", root / "data", root / "bundle"

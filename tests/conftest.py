@@ -41,7 +41,7 @@ def cache(_isolated_cache):
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """10 generated cards (2 per class), seed 0: shared read-only by tests that only read it."""
-    from asectl.synth import generate
+    from asectl.domain.synth import generate
 
     out = tmp_path_factory.mktemp("ds") / "small"
     generate(out, seed=0, counts="2,2,2,2,2")
@@ -95,7 +95,7 @@ def tiny_instructblip(tmp_path_factory):
 def reasoned_dataset(root, tiny_gguf):
     """(data, cache, invoke): 24 generated cards under ``root`` (seed 11) through reason (the tiny GGUF)
     and describe, in a cache of their own; what the fixtures that train a model start from."""
-    from asectl.synth import generate
+    from asectl.domain.synth import generate
 
     data = root / "data"
     generate(data, seed=11, counts="8,4,4,4,4")

@@ -112,12 +112,12 @@ def test_nan_and_inf_in_records_are_not_used_as_numbers(small_dataset, tmp_path)
 
     import pytest
 
-    from asectl.card import default_spec
-    from asectl.dataset import load_dataset
+    from asectl.domain.card import default_spec
+    from asectl.domain.dataset import load_dataset
+    from asectl.domain.synth import augment, read_truth
     from asectl.errors import DataError
     from asectl.stages.ocr import consistency_warnings
     from asectl.stages.reason import record_sentence
-    from asectl.synth import augment, read_truth
 
     fields = {"N": 10, "mu_x": math.nan, "mu_y": math.inf, "sd_x": 1.0, "sd_y": -1.0, "bins": [10] + [0] * 8}
     warnings = consistency_warnings(fields)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import ImageDraw
 
-from asectl.card import GEOMETRY, default_spec, record_from_points, render_card
+from asectl.domain.card import GEOMETRY, default_spec, record_from_points, render_card
 from asectl.errors import ConfigError
 from asectl.models.train_config import get_profile
 from asectl.stages.modalities import stats_names, stats_vectors
@@ -129,7 +129,7 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
         assert "mu_x" in recs["partly.png"]["warning"] and "warning" not in recs["0000.png"]
         assert abs(sum(recs["partly.png"]["probabilities"].values()) - 1) < 1e-4
         # The replay encodes exactly the bundle's branches, and a changed stats vector changes the answer.
-        from asectl.dataset import Dataset, Sample
+        from asectl.domain.dataset import Dataset, Sample
         from asectl.stages.modalities import collect_modalities, encode_modalities
         from asectl.stages.predict import class_logits
 

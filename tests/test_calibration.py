@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from asectl.cli import cli
+from asectl.domain.synth import generate
 from asectl.models.calibration import (
     DecisionRule,
     choose_rule,
@@ -23,7 +24,6 @@ from asectl.models.calibration import (
     stratified_folds,
 )
 from asectl.stages.fuse import MISS_RATE_TARGETS
-from asectl.synth import generate
 from asectl.testing import CLASSES, fresh_defect_errors, lowest_cut_anywhere
 from asectl.testing import sample_calibrated_cards as sample_cards
 
@@ -330,7 +330,7 @@ def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
     calibrated probabilities (so the rule is applied to the models it was chosen on)."""
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
-    from asectl.dataset import Dataset, load_dataset
+    from asectl.domain.dataset import Dataset, load_dataset
     from asectl.models.cmaf import predict_logits
     from asectl.stages.predict import Predictor
     from asectl.stages.report import bundle_alignment

@@ -1,8 +1,8 @@
 import pytest
 
-from asectl.dataset import load_dataset, load_inputs, stratified_split
+from asectl.domain.dataset import load_dataset, load_inputs, stratified_split
+from asectl.domain.synth import generate
 from asectl.errors import DataError
-from asectl.synth import generate
 
 
 def _write(root, text, images=("a.png", "b.png", "c.png")):

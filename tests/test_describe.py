@@ -104,7 +104,7 @@ def test_instructblip_cli_end_to_end_and_cache(tiny_instructblip, three_cards, _
 
 
 def test_instructblip_batched_equals_one_by_one(tiny_instructblip, small_dataset, cache):
-    from asectl.dataset import load_inputs
+    from asectl.domain.dataset import load_inputs
     from asectl.stages.describe import run_describe
 
     ds = load_inputs([str(small_dataset / "images" / f"{i:04d}.png") for i in range(3, 6)])
@@ -119,7 +119,7 @@ def test_instructblip_batched_equals_one_by_one(tiny_instructblip, small_dataset
 
 
 def test_env_var_selects_instructblip(tiny_instructblip, three_cards, monkeypatch):
-    from asectl.dataset import load_inputs
+    from asectl.domain.dataset import load_inputs
     from asectl.stages.describe import run_describe
 
     monkeypatch.setenv("ASECTL_VLM_MODEL", str(tiny_instructblip))
@@ -236,8 +236,8 @@ def test_bad_image_becomes_error_record(small_dataset, tmp_path, _isolated_cache
 @pytest.fixture(scope="module")
 def described_cards(tmp_path_factory):
     from asectl.backends.vlm import BuiltinDescriber
+    from asectl.domain.synth import generate, read_truth
     from asectl.imageio import load_image
-    from asectl.synth import generate, read_truth
 
     root = tmp_path_factory.mktemp("truth") / "cards"
     generate(root, seed=3, counts="20,20,20,30,20", difficulty="clean")  # judged against clean shapes
@@ -343,7 +343,7 @@ def test_builtin_tilt_sign_matches_rho(described_cards):
 
 def test_builtin_outliers_and_empty_card(described_cards):
     from asectl.backends.vlm import BuiltinDescriber
-    from asectl.card import record_from_points, render_card
+    from asectl.domain.card import record_from_points, render_card
 
     assert share(described_cards, lambda r: "no isolated outliers" in r["text"]) >= 0.85
     rng = np.random.default_rng(0)
@@ -389,7 +389,7 @@ def test_generation_params_are_checked():
 def test_later_stages_reuse_and_replay(tiny_instructblip, small_dataset, cache, tmp_path):
     """What align/fuse-train and predict rely on: the remembered settings of a dataset run and the
     replay arguments from StageResult.params give cache hits; another model is refused."""
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.errors import ConfigError
     from asectl.stages.describe import DescribeSettings, run_describe
 

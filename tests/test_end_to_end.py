@@ -180,7 +180,7 @@ def test_predict_replays_the_end_to_end_bundle(trained, e2e_bundle):
     over align's features gives the held-out probabilities fuse-train chose the decision rule on."""
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
-    from asectl.dataset import Dataset, load_dataset
+    from asectl.domain.dataset import Dataset, load_dataset
     from asectl.models.calibration import mean_softmax, softmax
     from asectl.models.cmaf import fold_logits, predict_logits
     from asectl.stages.align import AlignOutcome
@@ -218,7 +218,7 @@ def test_predict_replays_the_end_to_end_bundle(trained, e2e_bundle):
 def test_export_of_an_end_to_end_bundle_round_trips(trained, e2e_bundle, tmp_path):
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
-    from asectl.dataset import Dataset, load_dataset
+    from asectl.domain.dataset import Dataset, load_dataset
     from asectl.export import END_TO_END_EXPORT_FORMAT, load_export
     from asectl.stages.predict import Predictor
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from asectl.cli import cli
-from asectl.synth import generate
+from asectl.domain.synth import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def test_export_writes_graphs_settings_and_checksums(trained, exported):
 def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained, exported):
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
-    from asectl.dataset import Dataset, load_dataset
+    from asectl.domain.dataset import Dataset, load_dataset
     from asectl.export import load_export
     from asectl.stages.ocr import OcrSettings
     from asectl.stages.predict import Predictor

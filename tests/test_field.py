@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from asectl.cli import cli
-from asectl.synth import (
+from asectl.domain.synth import (
     FIELD_N_RANGE,
     LABEL_DISAGREEMENT,
     MILD_EDGE,

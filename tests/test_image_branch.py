@@ -89,7 +89,7 @@ def test_image_branch_never_trains_on_test_cards(default_alignment_after, tmp_pa
     trained = default_alignment_after
     """Shuffled test labels and altered test images give the byte-identical trained image encoder."""
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.align import run_align
     from asectl.stages.modalities import ModalitySettings
 

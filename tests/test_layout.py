@@ -7,7 +7,7 @@ Layers, top to bottom (a module may import its own layer and the layers below it
     commands    asectl.commands.*                 one module per subcommand or group, thin over the stages
     stages      asectl.stages.*                   run_* library functions, settings, the modality glue
     libraries   asectl.backends.*, asectl.models.*, asectl.bundle, asectl.report, asectl.metrics
-    domain      asectl.synth, asectl.card, asectl.dataset
+    domain      asectl.domain (card, dataset, synth: the card format, datasets, the generator)
     base        asectl.cache, asectl.executors, asectl.ray_executor, asectl.workers, asectl.registry,
                 asectl.imageio, asectl.ui, asectl.environment, asectl.settings, asectl.errors, asectl (the version)
 
@@ -36,7 +36,7 @@ LAYERS = (
         "libraries",
         ("asectl.backends", "asectl.models", "asectl.bundle", "asectl.export", "asectl.report", "asectl.metrics"),
     ),
-    ("domain", ("asectl.synth", "asectl.card", "asectl.dataset")),
+    ("domain", ("asectl.domain",)),
     (
         "base",
         (

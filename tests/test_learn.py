@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from asectl.cli import cli
-from asectl.synth import generate
+from asectl.domain.synth import generate
 
 from .conftest import FAST
 

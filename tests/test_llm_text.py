@@ -33,7 +33,8 @@ def test_answer_only_text_is_the_composite_without_the_record():
 
 
 def test_hint_free_prompt_has_no_nearest_class_line(small_dataset):
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
+    from asectl.domain.synth import read_truth
     from asectl.stages.reason import (
         DEFAULT_PROMPT,
         HINT_PLACEHOLDERS,
@@ -43,7 +44,6 @@ def test_hint_free_prompt_has_no_nearest_class_line(small_dataset):
         hint_free_prompt,
         load_prompt,
     )
-    from asectl.synth import read_truth
 
     assert hint_free_prompt(DEFAULT_PROMPT) == "reason-v3"
     assert hint_free_prompt("reason-v3") == "reason-v3"
@@ -76,7 +76,7 @@ def learned(tmp_path_factory, tiny_gguf):
 def test_answer_only_branch_from_align_to_predict(learned):
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.modalities import ModalitySettings, collect_modalities
     from asectl.stages.reason import ReasonSettings
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from asectl.bundle import Bundle
-from asectl.dataset import load_dataset
+from asectl.domain.dataset import load_dataset
+from asectl.domain.synth import generate
 from asectl.errors import ConfigError
 from asectl.stages.split import model_split
-from asectl.synth import generate
 
 from .conftest import FAST, cli_invoker
 

@@ -7,10 +7,10 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from asectl.backends.ocr import TextLine
-from asectl.card import GEOMETRY, _font, default_spec, load_spec
 from asectl.cli import cli
+from asectl.domain.card import GEOMETRY, _font, default_spec, load_spec
+from asectl.domain.synth import read_truth
 from asectl.stages.ocr import group_rows, parse_record
-from asectl.synth import read_truth
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_workers_give_the_same_records_and_keys(small_dataset, tmp_path, monkeyp
     rapidocr: the same models as cnocr, but workers load it in a second (cnocr imports torch)."""
     import asectl.stages.ocr as ocr_stage
     from asectl.cache import Cache
-    from asectl.dataset import load_inputs
+    from asectl.domain.dataset import load_inputs
 
     (tmp_path / "empty.png").write_bytes(b"")
     partly = render_text_card(tmp_path / "partly.png", ["N = 12", "MEAN X = n/a"])
@@ -217,7 +217,7 @@ def ruled_card(path):
     keeps inside the lines' boxes and which spoils some of them for the recogniser."""
     import numpy as np
 
-    from asectl.card import record_from_points, render_card
+    from asectl.domain.card import record_from_points, render_card
 
     g = GEOMETRY
     img = render_card(

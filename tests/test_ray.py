@@ -140,7 +140,7 @@ def ray_executor(**settings):
 def local_ocr(small_dataset, tmp_path_factory):
     """OCR of the small dataset on the local executor: (records, cache folder)."""
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.ocr import run_ocr
 
     root = tmp_path_factory.mktemp("local-ocr")
@@ -150,7 +150,7 @@ def local_ocr(small_dataset, tmp_path_factory):
 @pytest.mark.slow
 def test_ocr_on_ray_stores_the_local_records_under_the_same_keys(ray_home, small_dataset, local_ocr, tmp_path):
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.ocr import run_ocr
 
     local_records, local_root = local_ocr
@@ -175,7 +175,7 @@ def test_ocr_on_ray_stores_the_local_records_under_the_same_keys(ray_home, small
 @pytest.mark.slow
 def test_builtin_describe_on_ray_equals_local(ray_home, small_dataset, tmp_path):
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.describe import run_describe
 
     ds = load_dataset(small_dataset)
@@ -191,9 +191,9 @@ def test_reason_on_ray_equals_local_with_shared_answers(ray_home, small_dataset,
     """The answers are generated on the cluster, each distinct prompt once; the card records are then made
     in card order, so which cards share an answer is the same as on the local executor."""
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
+    from asectl.domain.synth import read_truth
     from asectl.stages.reason import run_reason
-    from asectl.synth import read_truth
 
     ds = load_dataset(small_dataset)
     truth = {name: row["printed"] for name, row in read_truth(small_dataset).items()}
@@ -225,7 +225,7 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(ray_home, small_dataset,
     run completes with the local records, and the entries stored before the kill are kept as they were."""
     pytest.importorskip("psutil")
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.ocr import run_ocr
 
     root = tmp_path / "ray"
@@ -264,7 +264,7 @@ def test_a_killed_driver_loses_nothing_computed(ray_home, small_dataset, local_o
     import ray
 
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.ocr import run_ocr
 
     root = tmp_path / "cache"
@@ -311,7 +311,7 @@ def test_a_cache_the_workers_do_not_share_stops_the_run_naming_the_fix(ray_home,
     """/proc/self/cwd/cache is a different folder for this process (working folder tmp_path) and for the
     workers (started in ray_home), as node-local storage is on a real cluster."""
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.ocr import run_ocr
 
     monkeypatch.chdir(tmp_path)
@@ -377,7 +377,7 @@ def test_batch_predict_on_ray_equals_local_and_a_poison_card_fails_alone(
     """`predict --executor ray` on new cards gives the local records; a card whose OCR worker is killed each
     time it reads it (the documented test hook, forwarded to the Ray workers) is that card's error record
     after bounded retries, and the other cards are classified."""
-    from asectl.synth import generate
+    from asectl.domain.synth import generate
     from asectl.workers import CRASH_RETRIES, CRASH_TEST_ENV
 
     from .calibrated_bundle import calibrated_bundle, cli_runner

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from asectl.cache import sha256_file
-from asectl.card import default_spec
-from asectl.dataset import Dataset, load_dataset
+from asectl.domain.card import default_spec
+from asectl.domain.dataset import Dataset, load_dataset
+from asectl.domain.synth import read_truth
 from asectl.errors import ConfigError
 from asectl.stages import reason as R
-from asectl.synth import read_truth
 
 from .tiny_gguf import write_fake_arch, write_tiny_llama
 
@@ -438,9 +438,9 @@ def test_default_smollm2_answers_within_the_schema(small_dataset, truth, priors,
 def test_worker_processes_give_the_same_answers_as_one_process(tmp_path, small_dataset, tiny_gguf):
     """Answers do not depend on how many processes share the work, nor on card order."""
     from asectl.cache import Cache
-    from asectl.dataset import Dataset, load_dataset
+    from asectl.domain.dataset import Dataset, load_dataset
+    from asectl.domain.synth import read_truth
     from asectl.stages.reason import run_reason
-    from asectl.synth import read_truth
 
     ds = load_dataset(small_dataset)
     truth = read_truth(small_dataset)

@@ -68,7 +68,7 @@ def kill_at_random(cache: Path, args, seed: int, lo=1.0, hi=8.0) -> float:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from asectl.synth import generate
+    from asectl.domain.synth import generate
 
     root = tmp_path_factory.mktemp("rel")
     generate(root / "data", seed=5, counts="4,3,3,3,3")

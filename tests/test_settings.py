@@ -127,3 +127,36 @@ def test_default_settings_build_the_same_profile_as_before(tmp_path):
     given.write_text('profile = "paper"\n[pfa]\nlr = 0.005\n')
     paper = profile_from_align_options("--config", given)
     assert paper.name == "paper" and paper.pfa.lr == 0.005
+
+
+def test_a_training_run_records_where_each_setting_came_from_outside_its_cache_key(trained, tmp_path):
+    """fuse-train records each setting's source in its bundle (and align's in the align pointer): the
+    command line's --set outranks --config's value for fusion.epochs; what only the file gave says
+    --config; the same settings from other sources give the same model (sources are not in the key)."""
+    import shutil
+
+    from asectl.bundle import load_bundle
+    from asectl.cache import Cache
+
+    from .conftest import cli_invoker
+
+    cache = tmp_path / "cache"  # a copy: the shared model's pointers stay as they are
+    shutil.copytree(trained["cache"], cache)
+    invoke = cli_invoker(cache)
+    given = tmp_path / "fusion.toml"
+    given.write_text("[fusion]\nepochs = 5\nlr = 0.002\n")
+    args = ("fuse-train", trained["data"], "--json")
+    first = json.loads(invoke(*args, "--config", given, "--set", "fusion.epochs=2").stdout.splitlines()[-1])
+    bundle = load_bundle(first["bundle"]).config
+    assert bundle["profile"]["fusion"]["epochs"] == 2 and bundle["profile"]["fusion"]["lr"] == 0.002
+    sources = bundle["settings_sources"]
+    assert sources["fusion.epochs"] == "command line" and sources["fusion.lr"] == "--config"
+    # align's settings (the trained fixture's `align --stride 0.2 --set pfa.epochs_per_stage=3`) come with it
+    assert sources["pfa.strides"] == "command line" and sources["pfa.epochs_per_stage"] == "command line"
+    pointers = [p for p in (cache / "pointers").glob("align-*.json")]
+    assert len(pointers) == 1
+    assert Cache(cache).get_pointer(pointers[0].stem)["settings_sources"]["pfa.strides"] == "command line"
+    # the same values, all from the file: the same model, from the cache
+    given.write_text("[fusion]\nepochs = 2\nlr = 0.002\n")
+    again = json.loads(invoke(*args, "--config", given).stdout.splitlines()[-1])
+    assert again["model"] == first["model"] and again["from_cache"]

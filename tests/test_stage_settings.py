@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from asectl.cli import cli
-from asectl.synth import generate
+from asectl.domain.synth import generate
 
 from .conftest import cli_invoker
 
@@ -104,7 +104,7 @@ def test_per_image_stages_and_predict_read_a_test_only_folder(chain, tiny_gguf, 
 
 def test_predict_replays_without_changing_what_the_dataset_remembers(chain):
     from asectl.cache import Cache
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.stages.modalities import ModalitySettings
 
     cache, ds = Cache(chain["cache"]), load_dataset(chain["data"])

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from asectl.card import default_spec, record_from_points
 from asectl.cli import cli
-from asectl.dataset import load_dataset
-from asectl.synth import TABLE1, generate, sample_cards
+from asectl.domain.card import default_spec, record_from_points
+from asectl.domain.dataset import load_dataset
+from asectl.domain.synth import TABLE1, generate, sample_cards
 
 
 @pytest.mark.parametrize("difficulty", ["field", "clean"])

@@ -3,11 +3,11 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from asectl.card import dot_pixels, record_from_points
 from asectl.cli import cli
-from asectl.dataset import load_dataset
+from asectl.domain.card import dot_pixels, record_from_points
+from asectl.domain.dataset import load_dataset
+from asectl.domain.synth import card_correlation, generate
 from asectl.imageio import load_image
-from asectl.synth import card_correlation, generate
 
 
 def _truth(root):

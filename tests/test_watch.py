@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from asectl.backends import warm
+from asectl.domain.synth import generate
 from asectl.errors import ConfigError
 from asectl.stages import watch
-from asectl.synth import generate
 
 from .calibrated_bundle import calibrated_bundle
 
@@ -107,7 +107,7 @@ def test_kept_backends_stay_loaded_until_the_block_ends(tiny_gguf):
 def test_a_warm_predictor_loads_each_model_once(trained, new_cards):
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
-    from asectl.dataset import load_inputs
+    from asectl.domain.dataset import load_inputs
     from asectl.stages.predict import Predictor
 
     with warm.keep_loaded():

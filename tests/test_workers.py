@@ -58,7 +58,7 @@ def test_a_batch_returns_a_bad_cards_error_in_its_place(tmp_path):
     """run_per_image: a DataError a batch returns becomes that card's error record (not cached, no
     timing); the other cards of the batch keep their results and are cached."""
     from asectl.cache import Cache
-    from asectl.dataset import Sample
+    from asectl.domain.dataset import Sample
     from asectl.errors import DataError
     from asectl.stages.common import run_per_image
 

@@ -487,7 +487,7 @@ class ResNet50(ImageEncoder):
 
 def range_box(geometry: Any = None) -> tuple[int, int, int, int]:
     """Pixel box (left, top, right, bottom) around the card's circular plotted range."""
-    from asectl.card import GEOMETRY
+    from asectl.domain.card import GEOMETRY
 
     g = geometry or GEOMETRY
     r = round(g.range_units * g.px_per_unit)

@@ -490,7 +490,7 @@ def measure_dots(img, params: BuiltinParams | None = None, geometry=None) -> dic
 
     Dots are 5-px discs that overlap in dense areas, so everything here works on pixel moments and on a
     coverage-corrected density map, never on connected components (a dense core is one blob)."""
-    from asectl.card import GEOMETRY, dot_mask
+    from asectl.domain.card import GEOMETRY, dot_mask
 
     p = params or BuiltinParams()
     g = geometry or GEOMETRY

@@ -70,7 +70,7 @@ def training_options(f):
 def training_data(folder: Path, split_seed: int, given: bool):
     """The dataset split with ``split_seed``, the split printed ("44 train / 17 test, stratified, split
     seed 0")."""
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
 
     ds = load_dataset(folder, split_seed=split_seed)
     if given and ds.split_seed is None:

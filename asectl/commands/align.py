@@ -11,7 +11,7 @@ import click
 from asectl import ui
 from asectl.commands._learning import BRANCHES_HELP, LEARN_ENV, training_data, training_options
 from asectl.commands._shared import environment
-from asectl.commands.config import ProfileValue, SettingOption, profile_overrides
+from asectl.commands.config import ProfileValue, SettingOption, profile_overrides, recorded_sources
 
 
 @click.command(epilog=environment(*LEARN_ENV))
@@ -57,6 +57,7 @@ def align(cache, dataset, stride, mode, branches, profile, sets, seed, split_see
         cache,
         profile=profile or "quick",
         overrides=profile_overrides(sets),
+        settings_sources=recorded_sources(sets),
         seed=seed or 0,
         augmented=augmented,
         force=force,

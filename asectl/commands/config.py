@@ -192,22 +192,42 @@ def profile_overrides(sets: tuple[str, ...] = ()) -> dict[str, Any]:
     """The training hyperparameters this command was given, by profile key: the config files' and the
     environment's, then the options bound to profile keys that took their value from them, then
     ``--set KEY=VALUE``, then those options given on the command line (highest)."""
+    return _given_profile_keys(sets)[0]
+
+
+def recorded_sources(sets: tuple[str, ...] = ()) -> dict[str, str]:
+    """What a training artifact records of this command's settings: setting key -> where its value came
+    from, for every option and profile key not at its default (``--set`` keys: the command line). Never a
+    cache key's input: the same settings from another source give the same model."""
+    return {**settings.sources_record(effective_settings(click.get_current_context())), **_given_profile_keys(sets)[1]}
+
+
+def _given_profile_keys(sets: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(profile_overrides' values, each one's source), in the order of precedence."""
     from asectl.models.train_config import canonical_key, is_profile_key
 
     ctx = click.get_current_context()
-    out = dict((ctx.meta.get(STATE) or LayeredSettings()).profile_values)
+    found = ctx.meta.get(STATE) or LayeredSettings()
+    values = dict(found.profile_values)
+    sources = {key: found.sources[key] for key in values}
     bound = [s for s in effective_settings(ctx) if is_profile_key(s.key) and s.value is not None]
-    out.update({s.key: s.value for s in bound if s.source != settings.COMMAND_LINE})
+    for s in bound:
+        if s.source != settings.COMMAND_LINE:
+            values[s.key], sources[s.key] = s.value, s.source
     for item in sets:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. --set pfa.lr=0.001")
         k, v = item.split("=", 1)
+        key = canonical_key(k.strip())
         try:
-            out[canonical_key(k.strip())] = json.loads(v)
+            values[key] = json.loads(v)
         except ValueError:
-            out[canonical_key(k.strip())] = v
-    out.update({s.key: s.value for s in bound if s.source == settings.COMMAND_LINE})
-    return out
+            values[key] = v
+        sources[key] = settings.COMMAND_LINE
+    for s in bound:
+        if s.source == settings.COMMAND_LINE:
+            values[s.key], sources[s.key] = s.value, s.source
+    return values, sources
 
 
 @click.group("config")

@@ -83,7 +83,7 @@ def describe(
     """Describe the dot distribution and shape of cards with a vision-language model (a dataset folder,
     image files or globs). The settings are remembered for the later stages on a dataset folder. See
     docs/describe.md."""
-    from asectl.dataset import load_inputs
+    from asectl.domain.dataset import load_inputs
     from asectl.stages.describe import run_describe
 
     generation = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)) if v is not None}

@@ -11,7 +11,7 @@ from rich.markup import escape
 from asectl import ui
 from asectl.commands._learning import BRANCHES_HELP, LEARN_ENV, decision_summary, training_data, training_options
 from asectl.commands._shared import environment
-from asectl.commands.config import ProfileValue, SettingOption, profile_overrides
+from asectl.commands.config import ProfileValue, SettingOption, profile_overrides, recorded_sources
 from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 
 
@@ -152,6 +152,7 @@ def fuse_train(
         augmented=augmented,
         profile=profile,
         overrides=profile_overrides(sets),
+        settings_sources=recorded_sources(sets),
         seed=seed,
         force=force,
         max_miss_rate=max_miss_rate,
@@ -178,6 +179,7 @@ def fuse_train(
         "metrics": cfg["metrics"],
         "calibration": {k: v for k, v in cfg["calibration"].items() if k != "held_out"},
         "decision": cfg["decision"],
+        "settings_sources": cfg.get("settings_sources", {}),
     }
     if as_json:
         click.echo(json.dumps(summary, default=str))

@@ -41,7 +41,7 @@ _DEFAULT = OcrSettings()
 def ocr(cache, inputs, engine, spec, detector, workers, out, as_json, force, strict, executor):
     """Read the printed records of cards (a dataset folder, image files or globs). The settings are
     remembered for the later stages on a dataset folder."""
-    from asectl.dataset import load_inputs
+    from asectl.domain.dataset import load_inputs
     from asectl.stages.ocr import run_ocr
 
     settings = OcrSettings(engine=engine, spec=str(spec) if spec else None, detector=detector)

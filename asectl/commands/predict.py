@@ -88,7 +88,7 @@ def predict(cache, images, model, out, as_json, force, watch, poll, workers, max
     probabilities and a decision (pass, defect or review). With --executor ray, the per-image stages of
     a batch run on a Ray cluster (docs/scale.md)."""
     from asectl.commands._shared import emit_records
-    from asectl.dataset import load_inputs
+    from asectl.domain.dataset import load_inputs
     from asectl.stages.predict import run_predict
 
     if watch is not None:

@@ -139,7 +139,7 @@ def reason(
     """Reason over the printed records of cards with an LLM (a dataset folder, image files or globs). The
     settings are remembered for the later stages on a dataset folder."""
     from asectl.cache import write_atomic
-    from asectl.dataset import load_inputs
+    from asectl.domain.dataset import load_inputs
     from asectl.stages.reason import run_reason
 
     dataset = load_inputs(inputs)

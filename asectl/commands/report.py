@@ -35,7 +35,7 @@ def report(cache, dataset, model, out, as_json):
     decision and its reason, then per-class F1, macro-F1 (5-class and binary), confusion matrices and the
     ML diagnostics (calibration, t-SNE, curves)."""
     from asectl.bundle import load_bundle
-    from asectl.dataset import load_dataset
+    from asectl.domain.dataset import load_dataset
     from asectl.report import print_summary
     from asectl.stages.models import model_for_dataset
     from asectl.stages.report import default_report_dir, run_report

@@ -268,7 +268,7 @@ def map_labels(
     labels: Sequence[Any], task: str = "multiclass", classes: Sequence[str] | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """Class names (or indices with ``classes``) -> (indices, classes). Binary: normal vs defective."""
-    from asectl.dataset import binary_label, order_labels
+    from asectl.domain.dataset import binary_label, order_labels
 
     labels = list(labels)
     if labels and all(isinstance(x, (int, np.integer)) for x in labels):

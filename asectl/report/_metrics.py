@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from asectl.dataset import NORMAL
+from asectl.domain.dataset import NORMAL
 from asectl.errors import DataError
 from asectl.report._records import ReportInput
 

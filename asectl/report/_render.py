@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from asectl.dataset import NORMAL
+from asectl.domain.dataset import NORMAL
 from asectl.models.calibration import threshold_text
 from asectl.report._metrics import INTERVAL_CONFIDENCE, exact_upper
 from asectl.report._records import ReportInput

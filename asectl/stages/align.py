@@ -23,7 +23,7 @@ from safetensors.numpy import save_file as np_save_file
 
 from asectl import ui
 from asectl.cache import Cache, make_key, sha256_file
-from asectl.dataset import Dataset, load_dataset
+from asectl.domain.dataset import Dataset, load_dataset
 from asectl.errors import ConfigError, DataError
 from asectl.models.train_config import BRANCHES
 from asectl.stages.common import dataset_id
@@ -118,9 +118,12 @@ def run_align(
     augmented: str | Path | None = None,
     settings: ModalitySettings | Mapping[str, Any] | None = None,
     force: bool = False,
+    settings_sources: Mapping[str, str] | None = None,
 ) -> AlignOutcome:
     """PFA on the training split; ``overrides`` are profile keys (``pfa.mode``, ``pfa.strides``, ...).
-    ``settings`` for the per-image stages default to what each last ran with on ``dataset``."""
+    ``settings`` for the per-image stages default to what each last ran with on ``dataset``.
+    ``settings_sources`` (setting key -> where its value came from: asectl.commands.config.recorded_sources)
+    goes into the dataset's align pointer, not into the cache key."""
     from asectl.models.train_config import get_profile
 
     cache = cache or Cache()
@@ -167,6 +170,7 @@ def run_align(
             "seed": seed,
             "split_seed": dataset.split_seed,
             "augmented": str(augmented) if augmented else None,
+            "settings_sources": dict(settings_sources or {}),
         },
     )
     return outcome

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from asectl import ui
 from asectl.cache import Cache, make_key, sha256_file, write_atomic
-from asectl.dataset import Dataset, Sample
+from asectl.domain.dataset import Dataset, Sample
 from asectl.errors import DataError, describe_exception
 from asectl.executors import Executor, Job, Work, resolve
 

@@ -1,6 +1,6 @@
 """``describe``: one vision-language description per card (paper section 3.2, VLM's answer).
 
-    from asectl.dataset import load_inputs
+    from asectl.domain.dataset import load_inputs
     from asectl.stages.describe import run_describe
 
     result = run_describe(load_inputs(["data/"]), vlm="instructblip", model="/models/instructblip-vicuna-7b")
@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from asectl.backends.vlm import DEFAULT_PROMPT, VLM, make_vlm
 from asectl.cache import Cache
-from asectl.dataset import Dataset, Sample
+from asectl.domain.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.executors import Executor
 from asectl.imageio import load_image

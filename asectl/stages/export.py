@@ -340,9 +340,9 @@ def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
     the largest feature, logit and probability differences; refused above ``PARITY_TOLERANCE``."""
     import tempfile
 
+    from asectl.domain.synth import generate
     from asectl.models.calibration import mean_softmax
     from asectl.models.cmaf import fold_logits
-    from asectl.synth import generate
 
     encoders = modality_encoders(bundle)
     with tempfile.TemporaryDirectory(prefix="asectl-export-") as tmp:

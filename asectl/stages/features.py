@@ -20,7 +20,7 @@ from safetensors.numpy import save as st_save
 
 from asectl import ui
 from asectl.cache import Cache, make_key, sha256_file
-from asectl.dataset import Sample
+from asectl.domain.dataset import Sample
 
 STAGE = "features"
 FORMAT = 1

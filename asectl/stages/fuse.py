@@ -28,8 +28,8 @@ from asectl.bundle import (
     write_held_out_scores,
 )
 from asectl.cache import Cache, make_key
-from asectl.card import load_spec
-from asectl.dataset import Dataset
+from asectl.domain.card import load_spec
+from asectl.domain.dataset import Dataset
 from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 from asectl.stages.align import AlignOutcome, run_align
 from asectl.stages.common import dataset_id, folder_id
@@ -48,7 +48,8 @@ class FuseOutcome:
 def align_args(cache: Cache, dataset: Dataset) -> dict[str, Any]:
     """The alignment settings last used on this dataset (so fuse-train continues what align did)."""
     ptr = cache.get_pointer(f"align-{dataset_id(dataset)}") or {}
-    return {k: ptr[k] for k in ("profile", "overrides", "seed", "augmented") if ptr.get(k) is not None}
+    keys = ("profile", "overrides", "seed", "augmented", "settings_sources")
+    return {k: ptr[k] for k in keys if ptr.get(k) is not None}
 
 
 def run_fuse_train(
@@ -68,7 +69,12 @@ def run_fuse_train(
     max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
     calibration_folds: int = DEFAULT_CALIBRATION_FOLDS,
     defect_confidence: float | None = None,
+    settings_sources: Mapping[str, str] | None = None,
 ) -> FuseOutcome:
+    """Train the fusion over the dataset's alignment (run_align with the settings align last used on it,
+    ``overrides``' pfa./encoders. keys above them) and store a bundle. ``settings_sources`` (setting key ->
+    where its value came from) is recorded in the bundle with the align pointer's, never in the cache key:
+    a bundle says where the settings of the run that trained it came from."""
     from asectl.models.calibration import check_confidence, check_target
     from asectl.models.train_config import get_profile
 
@@ -81,6 +87,11 @@ def run_fuse_train(
     }
     a_seed = prev.get("seed", 0) if seed is None else seed
     a_aug = augmented if augmented is not None else prev.get("augmented")
+    given_sources = dict(settings_sources or {})
+    a_sources = {
+        **prev.get("settings_sources", {}),
+        **{k: v for k, v in given_sources.items() if k.startswith(("pfa.", "encoders."))},
+    }
     f_over = {k: v for k, v in (overrides or {}).items() if k.startswith("fusion.")}
     if fusion:
         f_over["fusion.variant"] = fusion
@@ -92,7 +103,15 @@ def run_fuse_train(
         f_over["fusion.task"] = task
     prof = get_profile(a_profile, {**a_over, **f_over, "seed": a_seed})
     end_to_end = check_end_to_end(prof)  # before align: a refused setting costs no alignment
-    align = run_align(dataset, cache, profile=a_profile, overrides=a_over, seed=a_seed, augmented=a_aug)
+    align = run_align(
+        dataset,
+        cache,
+        profile=a_profile,
+        overrides=a_over,
+        seed=a_seed,
+        augmented=a_aug,
+        settings_sources=a_sources,
+    )
     branches = align_branches(align)
     check_fusion_branches(prof.fusion, branches)
     targets = {
@@ -177,6 +196,7 @@ def run_fuse_train(
                 "stats_fields": align.summary.get("stats_fields", []),
                 "fusion_members": len(members),
                 "profile": prof.to_dict(),
+                "settings_sources": {**a_sources, **given_sources},
                 "seed": a_seed,
                 "encoders": align.summary["encoders"],
                 "heads": pfa["heads"],

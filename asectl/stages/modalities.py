@@ -17,8 +17,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from asectl.cache import Cache
-from asectl.card import CardSpec
-from asectl.dataset import Dataset, Sample
+from asectl.domain.card import CardSpec
+from asectl.domain.dataset import Dataset, Sample
 from asectl.models.train_config import BRANCHES, DEFAULT_LLM_TEXT, check_llm_text
 from asectl.stages.describe import DescribeSettings
 from asectl.stages.ocr import OcrSettings

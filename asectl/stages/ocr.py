@@ -18,8 +18,8 @@ from PIL import Image
 
 from asectl.backends.ocr import TextLine, engine_identity, get_engine
 from asectl.cache import Cache
-from asectl.card import PATTERN_TIMEOUT, CardSpec, default_spec, load_spec, number_text, search
-from asectl.dataset import Dataset, Sample
+from asectl.domain.card import PATTERN_TIMEOUT, CardSpec, default_spec, load_spec, number_text, search
+from asectl.domain.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.executors import Executor, resolve
 from asectl.imageio import load_image

@@ -14,7 +14,7 @@ import numpy as np
 
 from asectl.bundle import Bundle
 from asectl.cache import Cache, make_key, sha256_bytes
-from asectl.dataset import Dataset, Sample
+from asectl.domain.dataset import Dataset, Sample
 from asectl.errors import ConfigError
 from asectl.export import ExportedModel
 from asectl.stages.common import StageResult
@@ -126,7 +126,7 @@ class Predictor:
         import tempfile
         from pathlib import Path
 
-        from asectl.synth import generate
+        from asectl.domain.synth import generate
 
         if isinstance(self.bundle, ExportedModel):
             self.bundle.load()

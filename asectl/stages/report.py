@@ -7,7 +7,7 @@ from typing import Any
 
 from asectl.bundle import Bundle, heads_training
 from asectl.cache import Cache
-from asectl.dataset import Dataset, binary_label
+from asectl.domain.dataset import Dataset, binary_label
 from asectl.errors import ConfigError, DataError
 from asectl.report import (
     FILES,

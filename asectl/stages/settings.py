@@ -17,7 +17,7 @@ import dataclasses
 from typing import Any, ClassVar, Mapping, TypeVar
 
 from asectl.cache import Cache
-from asectl.dataset import Dataset
+from asectl.domain.dataset import Dataset
 
 S = TypeVar("S", bound="StageSettings")
 

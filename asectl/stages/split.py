@@ -9,7 +9,7 @@ import dataclasses
 
 from asectl.bundle import Bundle
 from asectl.cache import sha256_file
-from asectl.dataset import Dataset, split_text
+from asectl.domain.dataset import Dataset, split_text
 from asectl.errors import ConfigError
 
 EXAMPLES = 2  # card names quoted in a mismatch message

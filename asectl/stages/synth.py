@@ -7,9 +7,9 @@ from typing import Any, Sequence
 
 from asectl import ui
 from asectl.cache import Cache
-from asectl.dataset import load_dataset
+from asectl.domain.dataset import load_dataset
+from asectl.domain.synth import augment, check_difficulty, generate, parse_counts, read_truth
 from asectl.errors import DataError
-from asectl.synth import augment, check_difficulty, generate, parse_counts, read_truth
 
 
 def run_generate(

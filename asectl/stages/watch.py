@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from asectl.dataset import Dataset, Sample
+from asectl.domain.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.imageio import is_image_path, load_image
 
@@ -273,7 +273,7 @@ def _warm_up() -> None:
     """In a worker: load its models now, through a generated card (its records are dropped)."""
     import tempfile
 
-    from asectl.synth import generate
+    from asectl.domain.synth import generate
 
     with tempfile.TemporaryDirectory(prefix="asectl-warm-up-") as tmp:
         generate(Path(tmp) / "card", seed=0, counts="1,1,0,0,0")

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from asectl.cache import canonical_json, sha256_bytes
-from asectl.dataset import NORMAL, Dataset, Sample, order_labels
+from asectl.domain.dataset import NORMAL, Dataset, Sample, order_labels
 from asectl.errors import ConfigError, DataError
 
 log = logging.getLogger("asectl")
@@ -93,7 +93,7 @@ def build_priors(
     if len(records) != len(labels):
         raise ConfigError(f"build_priors: {len(records)} records but {len(labels)} labels")
     if bin_edges is None:
-        from asectl.card import default_spec
+        from asectl.domain.card import default_spec
 
         bin_edges = default_spec().bin_edges
     edges = [float(e) for e in bin_edges]

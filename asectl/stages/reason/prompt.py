@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from asectl.cache import sha256_bytes
-from asectl.card import number_text
+from asectl.domain.card import number_text
 from asectl.errors import ConfigError
 from asectl.stages.reason.priors import (
     FIELD_WORDS,

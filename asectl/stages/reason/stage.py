@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from asectl import ui
 from asectl.cache import Cache, canonical_json, make_key, sha256_bytes
-from asectl.dataset import Dataset, Sample
+from asectl.domain.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
 from asectl.executors import Executor, Job, Work, resolve
 from asectl.stages.common import StageResult, run_per_image

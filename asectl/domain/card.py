@@ -54,7 +54,7 @@ class Geometry:
 
 GEOMETRY = Geometry()
 PATTERN_TIMEOUT = 0.25  # seconds one card-spec pattern may spend on one OCR'd row
-DEFAULT_SPEC_PATH = Path(__file__).parent / "specs" / "default.toml"
+DEFAULT_SPEC_PATH = Path(__file__).resolve().parent.parent / "specs" / "default.toml"
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asectl.card import GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points, render_card
-from asectl.dataset import DEFAULT_LABELS, Dataset, stratified_split
+from asectl.domain.card import GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points, render_card
+from asectl.domain.dataset import DEFAULT_LABELS, Dataset, stratified_split
 from asectl.errors import ConfigError, DataError
 
 # Paper Table 1: class sizes and class averages of per-card mu_x, mu_y, sd_x^2, sd_y^2.
@@ -712,6 +712,8 @@ def generate(
         params["field"] = field_parameters()
         params["label_counts"] = {lab: sum(c.label == lab for c in cards) for lab in DEFAULT_LABELS}
         params["labels_differing"] = sum(c.label != c.generating_class for c in cards)
+    # The generator's recorded name, not its module path: unchanged by the move to asectl.domain, so synth.json
+    # (and the digests of it docs/benchmarks.md quotes) stays byte-identical.
     _write_meta(tmp, rows, truth, {"generator": "asectl.synth", **params})
     _commit_out(tmp, out)
     return {"out": str(out), "cards": len(cards), "train": len(cards) - n_test, "test": n_test}
@@ -731,7 +733,7 @@ def _write_meta(tmp: Path, rows, truth, params) -> None:
 
 def card_correlation(img) -> float:
     """Correlation of x and y over a card's pink pixels: the sign of sigma_xy, which no printed number carries."""
-    from asectl.card import dot_pixels
+    from asectl.domain.card import dot_pixels
 
     pts = dot_pixels(img)
     if len(pts) < 3:

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from asectl import ui
 from asectl.commands._shared import OFFLINE_ENV, VLM_ENV
-from asectl.commands.config import SettingOption
+from asectl.commands.config import ProfileValue, SettingOption
 from asectl.models.calibration import threshold_text
 
 # What the learning commands read: the encoders (offline switches) and, for cards not yet described, the VLM.
@@ -21,6 +21,18 @@ LEARN_ENV = (*VLM_ENV, *OFFLINE_ENV)
 BRANCHES_HELP = (
     "Branches to align and fuse, comma-separated, two or more of image, vlm, llm, stats "
     "(the setting encoders.branches)."
+)
+
+# align and fuse-train: the same option, bound to the same profile key.
+branches_option = click.option(
+    "--branches",
+    cls=SettingOption,
+    setting="encoders.branches",
+    type=ProfileValue("encoders.branches"),
+    default=None,
+    metavar="LIST",
+    show_default="the profile's",
+    help=BRANCHES_HELP,
 )
 
 _common = [

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from asectl import ui
-from asectl.commands._learning import BRANCHES_HELP, LEARN_ENV, training_data, training_options
+from asectl.commands._learning import LEARN_ENV, branches_option, training_data, training_options
 from asectl.commands._shared import environment
 from asectl.commands.config import ProfileValue, SettingOption, profile_overrides, recorded_sources
 
@@ -35,16 +35,7 @@ from asectl.commands.config import ProfileValue, SettingOption, profile_override
     show_default="the profile's",
     help="progressive (PFA), direct (every training card at once) or none (random projections): the paper's ablations.",
 )
-@click.option(
-    "--branches",
-    cls=SettingOption,
-    setting="encoders.branches",
-    type=ProfileValue("encoders.branches"),
-    default=None,
-    metavar="LIST",
-    show_default="the profile's",
-    help=BRANCHES_HELP,
-)
+@branches_option
 @training_options
 @click.pass_obj
 def align(cache, dataset, stride, mode, branches, profile, sets, seed, split_seed, augmented, force, as_json):

@@ -9,9 +9,9 @@ import click
 from rich.markup import escape
 
 from asectl import ui
-from asectl.commands._learning import BRANCHES_HELP, LEARN_ENV, decision_summary, training_data, training_options
+from asectl.commands._learning import LEARN_ENV, branches_option, decision_summary, training_data, training_options
 from asectl.commands._shared import environment
-from asectl.commands.config import ProfileValue, SettingOption, profile_overrides, recorded_sources
+from asectl.commands.config import SettingOption, profile_overrides, recorded_sources
 from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 
 
@@ -68,16 +68,7 @@ from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEF
     "regression fitted exactly on the concatenated aligned features (concat fusion, frozen heads; "
     "docs/fuse-train.md).",
 )
-@click.option(
-    "--branches",
-    cls=SettingOption,
-    setting="encoders.branches",
-    type=ProfileValue("encoders.branches"),
-    default=None,
-    metavar="LIST",
-    show_default="the profile's",
-    help=BRANCHES_HELP,
-)
+@branches_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the bundle here.")
 @click.option(
     "--max-miss-rate",

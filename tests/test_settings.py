@@ -138,24 +138,14 @@ def test_a_training_run_records_where_each_setting_came_from_outside_its_cache_k
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
 
-    from .conftest import cli_invoker
+    from .conftest import FAST, cli_invoker
 
     cache = tmp_path / "cache"  # a copy: the shared model's pointers stay as they are
     shutil.copytree(trained["cache"], cache)
     invoke = cli_invoker(cache)
     # The fixture's alignment, again (a cache hit): other tests that share the fixture's cache may have
     # aligned since with other options, and the align pointer keeps the last run's sources.
-    invoke(
-        "align",
-        trained["data"],
-        "--stride",
-        "0.2",
-        "--json",
-        "--set",
-        "pfa.epochs_per_stage=3",
-        "--set",
-        "fusion.epochs=8",
-    )
+    invoke("align", trained["data"], "--stride", "0.2", "--json", *FAST)
     given = tmp_path / "fusion.toml"
     given.write_text("[fusion]\nepochs = 5\nlr = 0.002\n")
     args = ("fuse-train", trained["data"], "--json")

@@ -443,7 +443,8 @@ def _fit_logistic(
         dim, len(classes), "concat", config.tokens, config.heads, config.reduced_dim, 0, 0.0, config.attention, inputs
     )
     with torch.no_grad():
-        z = model.fuse(*(torch.from_numpy(a) for a in xs)).double().numpy()
+        fused = model.fuse(*(torch.from_numpy(a) for a in xs))
+    z = fused.double().numpy()
     scaler = StandardScaler().fit(z)
     present = np.unique(y)
     lr = LogisticRegression(
@@ -463,7 +464,7 @@ def _fit_logistic(
         linear.bias.copy_(torch.from_numpy(bias - weight @ scaler.mean_))
     model.eval()
     with torch.no_grad():
-        logits = model(*(torch.from_numpy(a) for a in xs)).double()
+        logits = model.mlp(fused).double()  # the fused vectors above, through the fitted layer
     row = {
         "epoch": 1,
         "loss": float(F.cross_entropy(logits, torch.from_numpy(y)).item()),

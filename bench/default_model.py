@@ -24,7 +24,7 @@ from _common import OUT, dataset, save, update_section
 from asectl.cache import Cache
 from asectl.domain.dataset import Dataset, load_dataset
 from asectl.metrics import macro_f1_from_codes
-from asectl.models.calibration import choose_rule, decision_stats
+from asectl.models.calibration import decision_stats
 from intervals import bootstrap_interval, paired_test
 
 CLASSES = ["normal", "type1", "type2", "type3", "type4"]
@@ -74,14 +74,17 @@ def run_seed(seed: int, cache: Cache) -> dict:
     gb = HistGradientBoostingClassifier(random_state=seed).fit(stats[tr], y_tr)
     out[BOOSTING] = {"y_true": [align.labels[i] for i in te], "y_pred": list(gb.predict(stats[te]))}
     latents = read_truth(root)
-    p_tr = oracle.posteriors([latents[names[i]]["latent"] for i in tr], y_tr, CLASSES)
-    p_te = oracle.posteriors([latents[n]["latent"] for n in test_names], y_tr, CLASSES)
-    y_te = np.array([CLASSES.index(align.labels[i]) for i in te])
-    rule = choose_rule(p_tr, np.array([CLASSES.index(c) for c in y_tr]), CLASSES)
+    floor = oracle.rule_on_posteriors(
+        [latents[names[i]]["latent"] for i in tr],
+        y_tr,
+        [latents[n]["latent"] for n in test_names],
+        [align.labels[i] for i in te],
+        CLASSES,
+    )
     out[ORACLE] = {
-        "y_true": [CLASSES[i] for i in y_te],
-        "y_pred": [CLASSES[i] for i in p_te.argmax(axis=1)],
-        "decisions": decision_stats(rule.decide(p_te), y_te, p_te.argmax(axis=1), CLASSES),
+        "y_true": [CLASSES[i] for i in floor["y_test"]],
+        "y_pred": [CLASSES[i] for i in floor["p_test"].argmax(axis=1)],
+        "decisions": floor["test"],
     }
     for row in (BOOSTING, ORACLE):
         out[row]["macro_f1"] = macro_f1_from_codes(

@@ -213,6 +213,37 @@ def macro_f1_weights(post: np.ndarray, y: Sequence[int], rounds: int = 3) -> np.
     return w
 
 
+def rule_on_posteriors(
+    train_latents: Sequence[Mapping],
+    train_labels: Sequence[str],
+    test_latents: Sequence[Mapping],
+    test_labels: Sequence[str],
+    labels: Sequence[str],
+    max_miss_rate: float = 0.01,
+    max_defect_error: float = 0.05,
+) -> dict:
+    """The oracle's posteriors of training and test cards, asectl's decision rule
+    (asectl.models.calibration.choose_rule) chosen on the training cards' posteriors, and how it decides on
+    both: {"p_train", "p_test", "y_train", "y_test", "rule", "train", "test"} (the last two decision_stats)."""
+    from asectl.models.calibration import choose_rule, decision_stats
+
+    labels = list(labels)
+    p_tr = posteriors(train_latents, train_labels, labels)
+    p_te = posteriors(test_latents, train_labels, labels)
+    y_tr = np.array([labels.index(c) for c in train_labels])
+    y_te = np.array([labels.index(c) for c in test_labels])
+    rule = choose_rule(p_tr, y_tr, labels, max_miss_rate, max_defect_error)
+    return {
+        "p_train": p_tr,
+        "p_test": p_te,
+        "y_train": y_tr,
+        "y_test": y_te,
+        "rule": rule,
+        "train": decision_stats(rule.decide(p_tr), y_tr, p_tr.argmax(axis=1), labels),
+        "test": decision_stats(rule.decide(p_te), y_te, p_te.argmax(axis=1), labels),
+    }
+
+
 def decision_floor(
     seed: int, difficulty: str = "field", max_miss_rate: float = 0.01, max_defect_error: float = 0.05
 ) -> dict:
@@ -223,20 +254,22 @@ def decision_floor(
     model review share at most 1.5 x this one."""
     from asectl.domain.synth import sample_cards
     from asectl.metrics import macro_f1_from_codes
-    from asectl.models.calibration import choose_rule, decision_stats
 
     labels = list(TABLE1)
     cards = sample_cards(seed, difficulty=difficulty)
     train = [c for c in cards if c.split == "train"]
     test = [c for c in cards if c.split == "test"]
-    train_labels = [c.label for c in train]
-    p_tr = posteriors([c.latent for c in train], train_labels, labels)
-    p_te = posteriors([c.latent for c in test], train_labels, labels)
-    y_tr = np.array([labels.index(c.label) for c in train])
-    y_te = np.array([labels.index(c.label) for c in test])
-    rule = choose_rule(p_tr, y_tr, labels, max_miss_rate, max_defect_error)
-    on_train = decision_stats(rule.decide(p_tr), y_tr, p_tr.argmax(axis=1), labels)
-    on_test = decision_stats(rule.decide(p_te), y_te, p_te.argmax(axis=1), labels)
+    d = rule_on_posteriors(
+        [c.latent for c in train],
+        [c.label for c in train],
+        [c.latent for c in test],
+        [c.label for c in test],
+        labels,
+        max_miss_rate,
+        max_defect_error,
+    )
+    p_tr, p_te, y_tr, y_te, rule = d["p_train"], d["p_test"], d["y_train"], d["y_test"], d["rule"]
+    on_train, on_test = d["train"], d["test"]
     w = macro_f1_weights(p_tr, y_tr)
     return {
         "seed": seed,

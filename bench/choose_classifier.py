@@ -1,6 +1,6 @@
 """The fusion's classifier, chosen on the training split: the MLP (AdamW) against an L2 logistic regression.
 
-    python bench/choose_classifier.py [--seed 0] [--fold-seeds 0,1,2] [--cache-dir C]
+    python bench/choose_classifier.py [--seed 0] [--fold-seeds 0,1,2] [--cache-dir C] [--set KEY=VALUE ...]
 
 The data are the default generated `field` cards of the generator seed (bench/out/ds-field-seed0, as
 bench/quality.py makes them); only their training split is read. The default model's alignment is trained (or
@@ -8,8 +8,10 @@ taken from the cache) with `fuse-train`; every candidate classifier then trains 
 4 of 5 stratified folds of the training cards and is scored (macro-F1 of the argmax) on the fifth, for each fold
 seed. One caveat, shared by every candidate: the `cards-cnn` image features of the training cards are those
 `align` computed, out of fold over the whole training split, so the held-out fold's cards took part in training
-the networks that scored the other cards. Results: bench/results/choose_classifier.json and the
-``choose-classifier`` section of docs/benchmarks.md."""
+the networks that scored the other cards. ``--set`` changes the alignment's settings (profile keys, e.g.
+``encoders.dot_pattern=true``); the results of a seed other than 0 or with settings go to files and a section
+named after them. Results: bench/results/choose_classifier[-seedS][-KEY-VALUE].json and the
+``choose-classifier[-seedS][-KEY-VALUE]`` section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -42,11 +44,16 @@ def main() -> None:
     ap.add_argument("--fold-seeds", default="0,1,2")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an alignment setting")
     args = ap.parse_args()
+    settings = dict(kv.split("=", 1) for kv in args.set)
+    tag = (f"-seed{args.seed}" if args.seed else "") + "".join(f"-{k}-{v}" for k, v in sorted(settings.items()))
 
     data = dataset(args.seed)
     # The alignment of the earlier default (the MLP classifier); every candidate reads its aligned features.
-    out = run_fuse_train(load_dataset(data), Cache(Path(args.cache_dir)), overrides={"fusion.classifier": "mlp"})
+    out = run_fuse_train(
+        load_dataset(data), Cache(Path(args.cache_dir)), overrides={**settings, "fusion.classifier": "mlp"}
+    )
     align = out.align
     train = np.array(align.train_index())
     classes = list(out.bundle.config["classes"])
@@ -77,11 +84,12 @@ def main() -> None:
         "data": data.name,
         "fold_seeds": args.fold_seeds,
         "branches": out.bundle.config["branches"],
+        "settings": settings,
         "rows": {name: {"macro_f1": v, "cpu_seconds": seconds[name]} for name, v in rows.items()},
     }
-    save("choose_classifier", rec)
+    save("choose_classifier" + tag, rec)
     if not args.no_docs:
-        update_section("choose-classifier", markdown(rec))
+        update_section("choose-classifier" + tag, markdown(rec))
 
 
 def markdown(rec: dict) -> str:
@@ -90,7 +98,8 @@ def markdown(rec: dict) -> str:
         f"### The fusion's classifier chosen on the training split (5-fold, fold seeds {rec['fold_seeds']})",
         "",
         f"Cards: `{rec['data']}`, training split only; branches {', '.join(rec['branches'])} "
-        "concatenated; macro-F1 of the held-out folds, mean ± std over fold seeds, and the paired "
+        + "".join(f"(`{k} = {v}`) " for k, v in rec.get("settings", {}).items())
+        + "concatenated; macro-F1 of the held-out folds, mean ± std over fold seeds, and the paired "
         "difference from the MLP.",
         "",
         "| classifier | macro-F1 | minus MLP (per fold seed) | CPU s (all folds and seeds) |",

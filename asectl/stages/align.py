@@ -28,7 +28,14 @@ from asectl.errors import ConfigError, DataError
 from asectl.models.train_config import BRANCHES
 from asectl.stages.common import dataset_id
 from asectl.stages.features import train_image_encoder
-from asectl.stages.modalities import Modalities, ModalitySettings, build_encoders, collect_modalities, encode_modalities
+from asectl.stages.modalities import (
+    Modalities,
+    ModalitySettings,
+    build_encoders,
+    collect_modalities,
+    encode_modalities,
+    skipped_stages,
+)
 
 log = logging.getLogger("asectl")
 STAGE = "align"
@@ -135,7 +142,15 @@ def run_align(
         settings = ModalitySettings.recall(cache, dataset)
     elif not isinstance(settings, ModalitySettings):
         settings = ModalitySettings.from_dict(settings)
-    settings = dataclasses.replace(settings, llm_text=prof.encoders.llm_text)  # what the LLM branch reads
+    # what the LLM branch reads, whether the stats branch carries the dot pattern's numbers, and which
+    # per-image stages no branch reads (not run, here or when the model predicts)
+    branches = prof.encoders.branches
+    settings = dataclasses.replace(
+        settings,
+        llm_text=prof.encoders.llm_text,
+        dot_pattern=prof.encoders.dot_pattern and "stats" in branches,
+        skipped_stages=skipped_stages(branches),
+    )
     # With TDA the LLM's prior knowledge still comes from the real training cards, not the synthetic
     # ones (and the real cards' answers stay cached).
     priors = real_training_priors(dataset, cache, settings) if augmented is not None else None

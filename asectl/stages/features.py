@@ -72,6 +72,26 @@ def image_features(samples: Sequence[Sample], encoder: Any, cache: Cache) -> np.
     )
 
 
+def dot_pattern_features(samples: Sequence[Sample], cache: Cache) -> np.ndarray:
+    """The dot pattern's numbers of each card (asectl.domain.dot_pattern), cached per image like a frozen
+    encoder's features: [n, len(PATTERN_NAMES)], NaN where a card shows no dots."""
+    from asectl.domain import dot_pattern
+
+    ident = dot_pattern.identity()
+    keys = [
+        make_key(STAGE, kind="dot-pattern", format=FORMAT, input=sha256_file(s.path), measure=ident) for s in samples
+    ]
+    return _cached_encode(
+        keys,
+        [s.path for s in samples],
+        dot_pattern.pattern_vectors,
+        cache,
+        64,
+        "measure dot patterns",
+        {"params": {"measure": ident}},
+    )
+
+
 def text_features(texts: Sequence[str], encoder: Any, cache: Cache, branch: str) -> np.ndarray:
     ident = encoder.identity()
     keys = [

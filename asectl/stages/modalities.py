@@ -19,27 +19,47 @@ import numpy as np
 from asectl.cache import Cache
 from asectl.domain.card import CardSpec
 from asectl.domain.dataset import Dataset, Sample
+from asectl.errors import ConfigError
 from asectl.models.train_config import BRANCHES, DEFAULT_LLM_TEXT, check_llm_text
 from asectl.stages.describe import DescribeSettings
 from asectl.stages.ocr import OcrSettings
 from asectl.stages.reason import ReasonSettings
 
 log = logging.getLogger("asectl")
+# The per-image stage each text branch reads; a model without that branch need not run it.
+STAGE_OF_BRANCH = {"vlm": "describe", "llm": "reason"}
+SKIPPABLE_STAGES = tuple(STAGE_OF_BRANCH.values())
+
+
+def skipped_stages(branches: Sequence[str]) -> tuple[str, ...]:
+    """The per-image stages no branch of ``branches`` reads."""
+    return tuple(stage for branch, stage in STAGE_OF_BRANCH.items() if branch not in branches)
 
 
 @dataclass(frozen=True)
 class ModalitySettings:
-    """One settings object per per-image stage, and what the LLM-branch text is made of: ``llm_text``
-    (``asectl.models.train_config.LLM_TEXTS``), set from ``encoders.llm_text`` by the learning stages and
-    replayed from a bundle."""
+    """One settings object per per-image stage, what the LLM-branch text is made of (``llm_text``,
+    ``asectl.models.train_config.LLM_TEXTS``) and whether the stats vectors carry the dot pattern's
+    measured numbers after the printed ones (``dot_pattern``, asectl.domain.dot_pattern). The last two are
+    set from ``encoders.llm_text`` and ``encoders.dot_pattern`` by the learning stages and replayed from a
+    bundle. ``skipped_stages``: the per-image stages whose output no branch of the model reads (``describe``
+    without the vlm branch, ``reason`` without the llm branch), which are then not run at all, so a model
+    without the llm branch predicts without loading the LLM."""
 
     ocr: OcrSettings = field(default_factory=OcrSettings)
     describe: DescribeSettings = field(default_factory=DescribeSettings)
     reason: ReasonSettings = field(default_factory=ReasonSettings)
     llm_text: str = DEFAULT_LLM_TEXT
+    dot_pattern: bool = False
+    skipped_stages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_llm_text(self.llm_text)
+        unknown = sorted(set(self.skipped_stages) - set(SKIPPABLE_STAGES))
+        if unknown:
+            raise ConfigError(
+                f"per-image stage {', '.join(unknown)} cannot be skipped; only {', '.join(SKIPPABLE_STAGES)} can"
+            )
 
     @classmethod
     def recall(cls, cache: Cache, dataset: Dataset) -> ModalitySettings:
@@ -59,6 +79,8 @@ class ModalitySettings:
             DescribeSettings.from_dict(values.get("describe")),
             ReasonSettings.from_dict(values.get("reason")),
             values.get("llm_text") or DEFAULT_LLM_TEXT,
+            bool(values.get("dot_pattern", False)),
+            tuple(values.get("skipped_stages") or ()),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,6 +89,9 @@ class ModalitySettings:
             "describe": self.describe.as_dict(),
             "reason": self.reason.as_dict(),
             "llm_text": self.llm_text,
+            # named only when on, so the replay settings (and keys) of earlier models stay what they were
+            **({"dot_pattern": True} if self.dot_pattern else {}),
+            **({"skipped_stages": list(self.skipped_stages)} if self.skipped_stages else {}),
         }
 
 
@@ -108,15 +133,25 @@ def collect_modalities(
     if answer_only:  # the LLM's own answer: its prompt carries no nearest-class hint
         reason_settings = reason_settings.replace(prompt=hint_free_prompt(reason_settings.prompt))
     ocr = run_ocr(dataset, settings.ocr, cache=cache, force=force, remember=remember)
-    desc = run_describe(dataset, settings.describe, cache=cache, force=force, remember=remember)
-    # The hint-free prompt is this branch's, not the user's choice for `asectl reason`: not remembered.
-    reas = run_reason(
-        dataset, reason_settings, ocr=settings.ocr, cache=cache, force=force, remember=remember and not answer_only
+    skip = set(settings.skipped_stages)
+    desc = (
+        None
+        if "describe" in skip
+        else run_describe(dataset, settings.describe, cache=cache, force=force, remember=remember)
     )
-    by = [ocr.by_image(), desc.by_image(), reas.by_image()]
+    # The hint-free prompt is this branch's, not the user's choice for `asectl reason`: not remembered.
+    reas = (
+        None
+        if "reason" in skip
+        else run_reason(
+            dataset, reason_settings, ocr=settings.ocr, cache=cache, force=force, remember=remember and not answer_only
+        )
+    )
+    unread = {"text": "", "json": None}  # what a skipped stage gives each card: nothing any branch reads
+    by = [ocr.by_image(), *(r.by_image() if r is not None else None for r in (desc, reas))]
     keep, fields, vlm, llm, dropped, partial = [], [], [], [], [], {}
     for s in dataset.samples:
-        recs = [b.get(s.name, {"error": f"{s.path}: no record"}) for b in by]
+        recs = [b.get(s.name, {"error": f"{s.path}: no record"}) if b is not None else unread for b in by]
         # A partly read record (some fields, the rest missing) still serves: its missing numbers are masked.
         read_partly = bool(recs[0].get("fields")) and bool(recs[0].get("missing"))
         err = next((r["error"] for r in recs[int(read_partly) :] if r.get("error")), None)
@@ -128,7 +163,7 @@ def collect_modalities(
         keep.append(s)
         fields.append(recs[0]["fields"])
         vlm.append(recs[1]["text"])
-        llm.append(answer_only_text(recs[2].get("json")) if answer_only else recs[2]["text"])
+        llm.append(answer_only_text(recs[2].get("json")) if answer_only and reas is not None else recs[2]["text"])
     if dropped:
         log.warning(
             "%d of %d cards lack a modality and are left out (first: %s)",
@@ -140,15 +175,29 @@ def collect_modalities(
         log.warning("%s: OCR did not read %s; classified with those numbers masked", name, ", ".join(missing))
     spec = settings.ocr.card_spec()
     replay = ModalitySettings(
-        settings.ocr, DescribeSettings.replay(desc.params), ReasonSettings.replay(reas.params), settings.llm_text
+        settings.ocr,
+        DescribeSettings.replay(desc.params) if desc is not None else settings.describe,
+        ReasonSettings.replay(reas.params) if reas is not None else settings.reason,
+        settings.llm_text,
+        settings.dot_pattern,
+        settings.skipped_stages,
     )
-    prov = provenance(ocr.params, desc.params, reas.params)
-    prompt = reas.params["prompt"]["name"]
-    prov["LLM text"] = (
-        f"answer only: the LLM's own answer (prompt {prompt}, no nearest-class hint, no record sentence)"
-        if answer_only
-        else f"composite: the LLM's answer and the OCR'd record sentence (prompt {prompt})"
-    )
+    prov = provenance(ocr.params, desc.params if desc else None, reas.params if reas else None)
+    if reas is not None:
+        prompt = reas.params["prompt"]["name"]
+        prov["LLM text"] = (
+            f"answer only: the LLM's own answer (prompt {prompt}, no nearest-class hint, no record sentence)"
+            if answer_only
+            else f"composite: the LLM's answer and the OCR'd record sentence (prompt {prompt})"
+        )
+    stats, names = stats_vectors(fields, spec), stats_names(spec)
+    if settings.dot_pattern:
+        from asectl.domain.dot_pattern import PATTERN_NAMES
+        from asectl.stages.features import dot_pattern_features
+
+        stats = np.hstack([stats, dot_pattern_features(keep, cache)])
+        names += [f"dots.{n}" for n in PATTERN_NAMES]
+        prov["dot pattern"] = "measured from the pink pixels (asectl.domain.dot_pattern), in the stats branch"
     return Modalities(
         keep,
         fields,
@@ -158,8 +207,8 @@ def collect_modalities(
         replay=replay.as_dict(),
         provenance=prov,
         partial=partial,
-        stats=stats_vectors(fields, spec),
-        stats_names=stats_names(spec),
+        stats=stats,
+        stats_names=names,
     )
 
 
@@ -190,19 +239,29 @@ def stats_vectors(records: list[Mapping[str, Any]], spec: CardSpec) -> np.ndarra
 
 
 def provenance(
-    ocr_params: Mapping[str, Any], desc_params: Mapping[str, Any], reason_params: Mapping[str, Any]
+    ocr_params: Mapping[str, Any], desc_params: Mapping[str, Any] | None, reason_params: Mapping[str, Any] | None
 ) -> dict[str, str]:
+    """One line per per-image stage saying what made its output; None: the stage was skipped (no branch of
+    the model reads it)."""
     eng = ocr_params.get("engine", {})
     out = {"ocr": f"{eng.get('engine', '?')} ({eng.get('rec_model', {}).get('file', '?')})"}
-    backend = desc_params.get("backend") or desc_params.get("identity", {}).get("backend", "?")
-    model = desc_params.get("model") or desc_params.get("identity", {}).get("model", {})
-    if backend == "builtin":
-        out["descriptions"] = "built-in describer (model-free, not a VLM)"
+    if desc_params is None:
+        out["descriptions"] = "not made: the model has no vlm branch"
     else:
-        mid = model.get("id") if isinstance(model, dict) else model
-        out["descriptions"] = f"{backend} ({mid})"
-    rb = reason_params.get("backend", {})
-    out["reasoning"] = f"llama.cpp GGUF {rb.get('id', rb.get('path', '?'))} ({rb.get('chat_format', '?')} chat format)"
+        backend = desc_params.get("backend") or desc_params.get("identity", {}).get("backend", "?")
+        model = desc_params.get("model") or desc_params.get("identity", {}).get("model", {})
+        if backend == "builtin":
+            out["descriptions"] = "built-in describer (model-free, not a VLM)"
+        else:
+            mid = model.get("id") if isinstance(model, dict) else model
+            out["descriptions"] = f"{backend} ({mid})"
+    if reason_params is None:
+        out["reasoning"] = "not run: the model has no llm branch"
+    else:
+        rb = reason_params.get("backend", {})
+        out["reasoning"] = (
+            f"llama.cpp GGUF {rb.get('id', rb.get('path', '?'))} ({rb.get('chat_format', '?')} chat format)"
+        )
     return out
 
 

@@ -8,6 +8,8 @@ heads.safetensors    PFA projections + temperature
 fusion-K.safetensors CMAF (or variant) + MLP classifier of cross-validation fold K (K = 0 .. folds-1);
                      the classifier averages their calibrated probabilities. Trained end to end (format 5):
                      also the fold's own projection heads and adapters, which replace heads.safetensors
+fusion-K.trees.safetensors  the fold model's trees member on the stats numbers, when it has one (format 6;
+                     asectl.models.trees)
 held-out.safetensors the held-out calibrated probabilities and true class indices the decision rule was
                      chosen on, so ``predict --max-miss-rate`` can move the operating point
 encoders/*.safetensors   fine-tuned encoders (paper profile only)
@@ -31,7 +33,10 @@ BUNDLE_FORMAT = 4
 # (asectl.models.adapters). Frozen-head models stay format 4, so their cache keys and bundles are unchanged
 # and an older asectl, which would read the fold models without their heads, refuses the new ones.
 END_TO_END_FORMAT = 5
-READABLE_FORMATS = (BUNDLE_FORMAT, END_TO_END_FORMAT)
+# 6: as 4, each fold model with a trees member on the stats numbers (asectl.models.trees), which an older
+# asectl would leave out of the fold model's answer, so it refuses these.
+TREES_FORMAT = 6
+READABLE_FORMATS = (BUNDLE_FORMAT, END_TO_END_FORMAT, TREES_FORMAT)
 FUSION_MEMBER = "fusion-{}.safetensors"
 HELD_OUT_SCORES = "held-out.safetensors"
 LATEST_POINTER = "latest-model"
@@ -114,9 +119,10 @@ class Bundle(DecisionSource):
         return p if p.is_file() else None
 
 
-def bundle_format(end_to_end: bool) -> int:
-    """The format a bundle is written in: ``END_TO_END_FORMAT`` for fold models trained end to end."""
-    return END_TO_END_FORMAT if end_to_end else BUNDLE_FORMAT
+def bundle_format(end_to_end: bool, trees: bool = False) -> int:
+    """The format a bundle is written in: ``END_TO_END_FORMAT`` for fold models trained end to end,
+    ``TREES_FORMAT`` for fold models with a trees member (the two are not combined: validated)."""
+    return END_TO_END_FORMAT if end_to_end else TREES_FORMAT if trees else BUNDLE_FORMAT
 
 
 def heads_training(config: Mapping[str, Any]) -> str:
@@ -170,7 +176,8 @@ def load_bundle(path: str | Path) -> Bundle:
         raise ConfigError(f"{cfg_file}: unreadable bundle description; export the model again") from None
     if config.get("format") not in READABLE_FORMATS:
         raise ConfigError(
-            f"{p}: bundle format {config.get('format')} is not {BUNDLE_FORMAT} or {END_TO_END_FORMAT}; retrain it"
+            f"{p}: bundle format {config.get('format')} is not one of "
+            f"{', '.join(map(str, READABLE_FORMATS))}; retrain it, or use the asectl that trained it"
         )
     verify_files(p, files, "export or train the model again")
     return Bundle(p, config)

@@ -36,7 +36,10 @@ EXPORT_FORMAT = 1
 # 2: fold models trained end to end, each graph with its own projection heads and adapters (no heads.onnx);
 # an older asectl would feed them aligned features, so it is refused. Frozen-head exports stay format 1.
 END_TO_END_EXPORT_FORMAT = 2
-READABLE_FORMATS = (EXPORT_FORMAT, END_TO_END_EXPORT_FORMAT)
+# 3: as 1, each fold model with a trees member on the stats numbers (``graphs["trees"]``, safetensors arrays
+# evaluated with numpy, asectl.models.trees), which an older asectl would leave out, so it is refused.
+TREES_EXPORT_FORMAT = 3
+READABLE_FORMATS = (EXPORT_FORMAT, END_TO_END_EXPORT_FORMAT, TREES_EXPORT_FORMAT)
 MANIFEST = "export.json"
 # Batches of the encoders' graphs (the bundle path's defaults: asectl.backends.encoders).
 IMAGE_BATCH = 16
@@ -60,8 +63,8 @@ def load_export(path: str | Path) -> ExportedModel:
         raise ConfigError(f"{manifest_file}: unreadable manifest; export the model again") from None
     if manifest.get("format") not in READABLE_FORMATS:
         raise ConfigError(
-            f"{p}: export format {manifest.get('format')} is not {EXPORT_FORMAT} or "
-            f"{END_TO_END_EXPORT_FORMAT}; export the model again with this asectl"
+            f"{p}: export format {manifest.get('format')} is not one of "
+            f"{', '.join(map(str, READABLE_FORMATS))}; export the model again with this asectl"
         )
     verify_files(p, files, "export the model again with `asectl export`")
     return ExportedModel(p, manifest, model, graphs)
@@ -69,7 +72,9 @@ def load_export(path: str | Path) -> ExportedModel:
 
 def export_format(graphs: Mapping[str, Any]) -> int:
     """The format an export with these graphs is written in: without a shared heads graph, its fold models
-    were trained end to end."""
+    were trained end to end; with trees files, its fold models have a trees member."""
+    if any(graphs.get("trees") or ()):
+        return TREES_EXPORT_FORMAT
     return EXPORT_FORMAT if graphs.get("heads") else END_TO_END_EXPORT_FORMAT
 
 
@@ -183,12 +188,29 @@ class ExportedModel(DecisionSource):
         """Logits float32 [fold models, n, classes] before calibration, from the encoder features: through the
         heads graph, or, for fold models trained end to end, through each fold graph's own heads."""
         inputs = self.align(features) if self.graphs.get("heads") else features
+        trees = self.graphs.get("trees") or [None] * len(self.graphs["fusion"])
         out = []
-        for graph in self.graphs["fusion"]:
+        for graph, trees_name in zip(self.graphs["fusion"], trees):
             sess = self.session(graph)
             feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32) for i in sess.get_inputs()}
-            out.append(sess.run(None, feeds)[0])
+            logits = sess.run(None, feeds)[0]
+            if trees_name:  # the fold model's trees member on the stats numbers (asectl.models.trees)
+                from asectl.models.trees import mixed_logits, tree_proba
+
+                member = self.trees(trees_name)
+                p = tree_proba(member, features["stats"])
+                logits = mixed_logits(np.asarray(logits, dtype=np.float64), p, member.params["weight"])
+            out.append(logits)
         return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+    def trees(self, name: str) -> Any:
+        """A fold model's trees member, loaded once."""
+        key = "trees:" + name
+        if key not in self._sessions:
+            from asectl.models.trees import load_trees
+
+            self._sessions[key] = load_trees(self.path / name)
+        return self._sessions[key]
 
     def class_logits(self, inputs: Mapping[str, Sequence[Any]]) -> np.ndarray:
         """Encoders, projections and fold models over the cards' inputs: logits [members, n, classes]."""

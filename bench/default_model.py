@@ -3,14 +3,16 @@
     python bench/default_model.py [--seeds 0] [--cache-dir C]
 
 Per generator seed: the default generated `field` cards (bench/out/ds-field-seed<N>, 325 train / 130 test), the
-quick profile as shipped and with the earlier fusion classifier (`fusion.classifier mlp`), each trained with
-`fuse-train` and scored on the test split through `asectl`'s own predictor (the calibrated fold-model average
-and the stored decision rule, as `report` and `predict` use them); gradient boosting on the OCR'd numbers;
-and the oracle (accuracy-optimal: the most probable label given the true latent parameters, with its own
-decision rule chosen on the training cards' posteriors, bench/oracle.py). Macro-F1, paired bootstrap
-differences over the same test cards (bench/intervals.py), and the line's figures at the stored targets:
-review share, miss rate, defect error. Every setting was chosen on training folds before this script read a
-test card. Results: bench/results/default_model.json and the ``default-model`` section of docs/benchmarks.md."""
+quick profile as shipped, without the dot pattern's numbers (`encoders.dot_pattern false`, the earlier default) and
+without the llm branch (`encoders.branches image,vlm,stats`: no LLM at training or prediction), each trained with
+`fuse-train` and scored on the test split through `asectl`'s own predictor (the calibrated fold-model average and
+the stored decision rule, as `report` and `predict` use them); gradient boosting on the OCR'd printed numbers, on
+the dot pattern's measured numbers (an image-only model) and on both (the strong simple alternative); and the
+oracle (accuracy-optimal: the most probable label given the true latent parameters, with its own decision rule
+chosen on the training cards' posteriors, bench/oracle.py). Macro-F1, paired bootstrap differences over the same
+test cards (bench/intervals.py), and the line's figures at the stored targets: review share, miss rate, defect
+error. Every setting was chosen on training folds before this script read a test card. Results:
+bench/results/default_model.json and the ``default-model`` section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -28,8 +30,13 @@ from asectl.models.calibration import decision_stats
 from intervals import bootstrap_interval, paired_test
 
 CLASSES = ["normal", "type1", "type2", "type3", "type4"]
-ROWS = {"default (logistic classifier)": {}, "earlier default (MLP classifier)": {"fusion.classifier": "mlp"}}
+DEFAULT = "default (stats branch with the dot pattern)"
+EARLIER = "earlier default (printed numbers only in the stats branch)"
+NO_LLM = "default without the llm branch"
+ROWS = {DEFAULT: {}, EARLIER: {"encoders.dot_pattern": False}, NO_LLM: {"encoders.branches": "image,vlm,stats"}}
 BOOSTING = "gradient boosting on the OCR'd numbers"
+BOOSTING_DOTS = "gradient boosting on the dot pattern's numbers (image only)"
+BOOSTING_BOTH = "gradient boosting on the printed and the dot pattern's numbers"
 ORACLE = "oracle (accuracy-optimal, true latent parameters)"
 
 
@@ -44,10 +51,10 @@ def run_seed(seed: int, cache: Cache) -> dict:
     ds = load_dataset(root)
     test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
     out: dict = {}
-    align = None
     for name, over in ROWS.items():
         res = run_fuse_train(ds, cache, overrides=over)
-        align = res.align
+        if name == DEFAULT:
+            default_align, default_fields = res.align, res.bundle.config["stats_fields"]
         predictor = Predictor(res.bundle, cache)
         preds = predictor.classify(test)
         probs = predictor.probabilities(preds.logits)
@@ -62,17 +69,21 @@ def run_seed(seed: int, cache: Cache) -> dict:
             "held_out": res.bundle.config["decision"]["held_out"],
             "n_dropped": len(preds.dropped),
         }
-    # The printed numbers: the align entry's stats vectors (every card; the same cards in the same order).
+    # The numbers: the default's align entry's stats vectors, printed then measured (every card; the same
+    # cards in the same order).
+    align = default_align
     names = align.names
     stats = align.raw_features()["stats"]
+    measured = np.array([f.startswith("dots.") for f in default_fields])
     tr = [i for i, s in enumerate(align.splits) if s == "train"]
-    te_names = out["default (logistic classifier)"]["y_true"]
+    te_names = out[DEFAULT]["y_true"]
     index = {n: i for i, n in enumerate(names)}
     test_names = [s.name for s in test.samples if s.name in index]
     te = [index[n] for n in test_names]
     y_tr = [align.labels[i] for i in tr]
-    gb = HistGradientBoostingClassifier(random_state=seed).fit(stats[tr], y_tr)
-    out[BOOSTING] = {"y_true": [align.labels[i] for i in te], "y_pred": list(gb.predict(stats[te]))}
+    for row, columns in ((BOOSTING, ~measured), (BOOSTING_DOTS, measured), (BOOSTING_BOTH, measured | ~measured)):
+        gb = HistGradientBoostingClassifier(random_state=seed).fit(stats[tr][:, columns], y_tr)
+        out[row] = {"y_true": [align.labels[i] for i in te], "y_pred": list(gb.predict(stats[te][:, columns]))}
     latents = read_truth(root)
     floor = oracle.rule_on_posteriors(
         [latents[names[i]]["latent"] for i in tr],
@@ -86,7 +97,7 @@ def run_seed(seed: int, cache: Cache) -> dict:
         "y_pred": [CLASSES[i] for i in floor["p_test"].argmax(axis=1)],
         "decisions": floor["test"],
     }
-    for row in (BOOSTING, ORACLE):
+    for row in (BOOSTING, BOOSTING_DOTS, BOOSTING_BOTH, ORACLE):
         out[row]["macro_f1"] = macro_f1_from_codes(
             [CLASSES.index(c) for c in out[row]["y_true"]], [CLASSES.index(c) for c in out[row]["y_pred"]], 5
         )
@@ -118,9 +129,12 @@ def main() -> None:
         }
         print(row, summary[row]["macro_f1"], flush=True)
     pairs = [
-        ("default (logistic classifier)", "earlier default (MLP classifier)"),
-        ("default (logistic classifier)", BOOSTING),
-        (ORACLE, "default (logistic classifier)"),
+        (DEFAULT, EARLIER),
+        (DEFAULT, NO_LLM),
+        (DEFAULT, BOOSTING),
+        (DEFAULT, BOOSTING_DOTS),
+        (DEFAULT, BOOSTING_BOTH),
+        (ORACLE, DEFAULT),
     ]
     tests = {
         f"{a} vs {b}": paired_test(

@@ -66,9 +66,9 @@ def test_branch_setting_is_checked():
         get_profile("quick", {"fusion.attention": "rows"})
 
 
-def partly_read_card(path):
+def partly_read_card(path, seed=5):
     """A card whose "MEAN X" line is painted over: OCR reads the rest of the record."""
-    points = np.random.default_rng(5).normal(0.0, 1.5, size=(40, 2))
+    points = np.random.default_rng(seed).normal(0.0, 1.5, size=(40, 2))
     img = render_card(points, record_from_points(points))
     g = GEOMETRY
     top = g.text_top + g.line_step
@@ -108,6 +108,13 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
             assert cfg["branches"] == names and cfg["profile"]["encoders"]["branches"] == names
             assert set(cfg["heads"]["dims"]) == set(branches.split(","))
             assert cfg["stats_fields"][:5] == ["N", "mu_x", "mu_y", "sd_x", "sd_y"]
+        # The quick profile's stats branch carries the dot pattern's numbers, and its fold models a trees
+        # member on them (bundle format 6).
+        four = bundles["four"].config
+        assert [f for f in four["stats_fields"] if f.startswith("dots.")][:2] == ["dots.centroid_x", "dots.centroid_y"]
+        assert four["format"] == 6 and four["numbers_trees"]["weight"] == 0.5
+        assert (tmp_path / "four" / "fusion-0.trees.safetensors").is_file()
+        assert "fusion-0.trees.safetensors" in four["files"]
         # The standardization travels with the heads (fitted on the training cards).
         heads = bundles["four"].heads()
         assert heads.stats is not None and float(heads.stats.scale.min()) > 0
@@ -128,6 +135,21 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
         assert set(recs) == {"0000.png", "partly.png"}
         assert "mu_x" in recs["partly.png"]["warning"] and "warning" not in recs["0000.png"]
         assert abs(sum(recs["partly.png"]["probabilities"].values()) - 1) < 1e-4
+        # A model without the vlm and llm branches runs neither the describer nor the LLM, in training or on
+        # a new card; the four-branch model runs both (its replay skips nothing).
+        assert bundles["two"].config["replay"]["skipped_stages"] == ["describe", "reason"]
+        assert "skipped_stages" not in bundles["four"].config["replay"]
+        cache = Cache(trained["cache"])
+
+        def entries():
+            return {stage: len(list(cache.iter_entries(stage))) for stage in ("describe", "reason")}
+
+        before = entries()
+        new = partly_read_card(tmp_path / "new.png", seed=6)
+        res = inv("predict", new, "--model", tmp_path / "two", "--json")
+        assert json.loads(res.stdout.splitlines()[-1])["image"] == "new.png" and entries() == before
+        inv("predict", new, "--model", tmp_path / "four", "--json")
+        assert all(entries()[stage] > before[stage] for stage in before)
         # The replay encodes exactly the bundle's branches, and a changed stats vector changes the answer.
         from asectl.domain.dataset import Dataset, Sample
         from asectl.stages.modalities import collect_modalities, encode_modalities

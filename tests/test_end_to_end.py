@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from asectl.errors import ConfigError, DataError
-from asectl.models.train_config import END_TO_END_FIELDS, FusionConfig, PFAConfig, get_profile
+from asectl.models.train_config import END_TO_END_FIELDS, TREES_FIELDS, FusionConfig, PFAConfig, get_profile
 
 from .conftest import FAST
 
@@ -130,7 +130,11 @@ def test_frozen_profile_keeps_its_settings_and_end_to_end_adds_its_own():
         "projections_lr": 3e-4,
         "adapter_dim": 32,
     }
-    assert {k: v for k, v in e2e.items() if k not in END_TO_END_FIELDS} == frozen
+    # The trees member needs frozen heads: the frozen quick profile names it, end to end does not.
+    assert frozen["numbers_trees"] is True and not set(TREES_FIELDS) & set(e2e)
+    assert {k: v for k, v in e2e.items() if k not in END_TO_END_FIELDS} == {
+        k: v for k, v in frozen.items() if k not in TREES_FIELDS
+    }
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +154,7 @@ def e2e_bundle(trained, tmp_path_factory):
 
 
 def test_end_to_end_bundle_records_the_option_and_differs_from_frozen(trained, e2e_bundle):
-    from asectl.bundle import END_TO_END_FORMAT, load_bundle
+    from asectl.bundle import END_TO_END_FORMAT, TREES_FORMAT, load_bundle
     from asectl.stages.report import provenance_lines
 
     summary = e2e_bundle["summary"]
@@ -158,7 +162,9 @@ def test_end_to_end_bundle_records_the_option_and_differs_from_frozen(trained, e
     assert summary["model"] != trained["fuse"]["model"]
     bundle, frozen = load_bundle(e2e_bundle["path"]), load_bundle(trained["root"] / "bundle")
     cfg = bundle.config
-    assert cfg["format"] == END_TO_END_FORMAT and frozen.config["format"] == END_TO_END_FORMAT - 1
+    # the frozen quick default has the trees member (format 6); end to end has none
+    assert cfg["format"] == END_TO_END_FORMAT and frozen.config["format"] == TREES_FORMAT
+    assert "numbers_trees" not in cfg and not any(getattr(m, "trees", None) for m in bundle.fusion_members())
     assert cfg["profile"]["fusion"]["projections"] == "end-to-end"
     assert "projections" not in frozen.config and "projections" not in frozen.config["profile"]["fusion"]
     assert cfg["projections"]["training"] == "end-to-end" and cfg["projections"]["adapters"] == ["vlm", "llm"]

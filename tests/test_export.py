@@ -58,9 +58,13 @@ def test_export_writes_graphs_settings_and_checksums(trained, exported):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == sorted([*manifest["files"], "export.json"])
     assert {"heads.onnx", "encoders/image.onnx", *(f"fusion-{k}.onnx" for k in range(5))} <= set(files)
-    # No weights outside the graphs; the one safetensors file is the held-out scores (numbers, read without
-    # torch) that let predict move the operating point of an export as of a bundle.
-    assert not any(f.endswith((".safetensors", ".pt", ".pth", ".bin")) for f in files if f != "held-out.safetensors")
+    # No weights outside the graphs but the fold models' trees members (arrays evaluated with numpy); the other
+    # safetensors file is the held-out scores (numbers, read without torch) that let predict move the operating
+    # point of an export as of a bundle.
+    trees = [f"fusion-{k}.trees.safetensors" for k in range(5)]
+    assert manifest["graphs"]["trees"] == trees and manifest["format"] == 3
+    arrays = {"held-out.safetensors", *trees}
+    assert not any(f.endswith((".safetensors", ".pt", ".pth", ".bin")) for f in files if f not in arrays)
     from asectl.bundle import load_bundle
     from asectl.export import load_export
 

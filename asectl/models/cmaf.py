@@ -527,8 +527,28 @@ def fold_logits(members: Sequence[FusionModel], features: Mapping[str, Any], hea
     for member in members:
         if member.projections is None and aligned is None:
             aligned = align_features(heads, features)
-        out.append(predict_logits(member, features if member.projections is not None else aligned))
+        logits = predict_logits(member, features if member.projections is not None else aligned)
+        out.append(with_trees(member, logits, features))
     return np.ascontiguousarray(np.stack(out))
+
+
+def with_trees(member: Any, logits: np.ndarray, features: Mapping[str, Any]) -> np.ndarray:
+    """A fold model's logits with its trees member (asectl.models.trees) mixed in, when it has one; the
+    trees read the stats branch's raw numbers (``features["stats"]``)."""
+    trees = getattr(member, "trees", None)
+    if trees is None:
+        return logits
+    from asectl.models.trees import mixed_logits, tree_proba
+
+    return mixed_logits(
+        np.asarray(logits, dtype=np.float64), tree_proba(trees, features["stats"]), trees.params["weight"]
+    )
+
+
+def trees_file(path: str | Path) -> Path:
+    """Where a fold model's trees member is stored, beside its weights: fusion-K.trees.safetensors."""
+    path = Path(path)
+    return path.with_name(path.name.replace(".safetensors", ".trees.safetensors"))
 
 
 def save_fusion(model: FusionModel, path: str | Path) -> Path:
@@ -543,9 +563,12 @@ def save_fusion(model: FusionModel, path: str | Path) -> Path:
                 "task": bundle.task if bundle else None,
                 "hparams": model.hparams,
                 **({"projections": model.projections.meta()} if model.projections is not None else {}),
+                **({"trees": trees_file(path).name} if getattr(model, "trees", None) is not None else {}),
             }
         )
     }
+    if getattr(model, "trees", None) is not None:
+        model.trees.save(trees_file(path))
     return save_module_state(model, path, metadata=meta)
 
 
@@ -570,4 +593,8 @@ def load_fusion(path: str | Path) -> FusionModel:
     load_module_state(model, path)
     model.eval()
     model.bundle = FusionBundle(classes=meta["classes"], task=meta["task"], hparams=meta["hparams"])
+    if meta.get("trees"):  # a trees member beside the classifier (asectl.models.trees)
+        from asectl.models.trees import load_trees
+
+        model.trees = load_trees(path.with_name(meta["trees"]))
     return model

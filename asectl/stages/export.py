@@ -116,7 +116,7 @@ def write_graphs(bundle: Bundle, folder: Path) -> dict[str, Any]:
     """The ONNX graphs of the encoders, the projections and the fold models, and what each one reads. Fold
     models trained end to end carry their own heads and adapters: their graphs read the encoder features and
     there is no shared heads graph (``heads`` None)."""
-    from asectl.models.cmaf import fusion_inputs
+    from asectl.models.cmaf import fusion_inputs, trees_file
 
     encoders = modality_encoders(bundle)
     specs: dict[str, dict[str, Any]] = {}
@@ -138,14 +138,18 @@ def write_graphs(bundle: Bundle, folder: Path) -> dict[str, Any]:
             [f"{m}_aligned" for m in names],
         )
         shared = "heads.onnx"
-    fusion = []
+    fusion, trees = [], []
     for k, member in enumerate(members):
         inputs = list(fusion_inputs(member))
         graph = Path(FUSION_MEMBER.format(k)).with_suffix(".onnx").name
         widths = member.projections.dims if member.projections is not None else dict.fromkeys(inputs, member.dim)
         export_graph(_Positional(member), [_zeros(widths[m]) for m in inputs], folder / graph, inputs, ["logits"])
         fusion.append(graph)
-    return {"encoders": specs, "heads": shared, "fusion": fusion}
+        if getattr(member, "trees", None) is not None:  # arrays, evaluated with numpy (no graph)
+            name = trees_file(FUSION_MEMBER.format(k)).name
+            member.trees.save(folder / name)
+            trees.append(name)
+    return {"encoders": specs, "heads": shared, "fusion": fusion, **({"trees": trees} if trees else {})}
 
 
 def modality_encoders(bundle: Bundle) -> dict[str, Any]:

@@ -12,6 +12,7 @@ training folds) and with a validation split. The test split is never read here."
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from asectl.domain.dataset import Dataset
 from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 from asectl.stages.align import AlignOutcome, run_align
 from asectl.stages.common import dataset_id, folder_id
+
+log = logging.getLogger("asectl")
 
 STAGE = "model"
 
@@ -114,6 +117,10 @@ def run_fuse_train(
     )
     branches = align_branches(align)
     check_fusion_branches(prof.fusion, branches)
+    trees = prof.fusion.trees_apply(branches)
+    if prof.fusion.numbers_trees and not trees:
+        prof.fusion.numbers_trees = False  # recorded as not used: the model and its key are those without trees
+        log.info("the trees member is not used: it reads the stats branch and needs frozen heads")
     targets = {
         "max_miss_rate": check_target("max_miss_rate", max_miss_rate),
         "max_defect_error": check_target("max_defect_error", max_defect_error),
@@ -133,7 +140,7 @@ def run_fuse_train(
     # the keys they had before end-to-end training existed.
     key = make_key(
         STAGE,
-        format=bundle_format(end_to_end),
+        format=bundle_format(end_to_end, trees),
         align=align.key,
         fusion=prof.to_dict()["fusion"],
         seed=a_seed,
@@ -166,6 +173,7 @@ def run_fuse_train(
                 prof.encoders.device,
                 calib_args,
                 heads=align.heads() if end_to_end else None,
+                numbers=align.raw_features()["stats"][train] if trees else None,
             )
         held_out_scores = decision.pop("held_out_scores")
         history = mean_history(histories)
@@ -183,7 +191,7 @@ def run_fuse_train(
                 shutil.copytree(align.path / "encoders", tmp / "encoders")
             pfa = align.summary["pfa"]
             config = {
-                "format": bundle_format(end_to_end),
+                "format": bundle_format(end_to_end, trees),
                 "asectl_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "classes": members[0].bundle.classes,
@@ -192,6 +200,7 @@ def run_fuse_train(
                 "attention": prof.fusion.attention,
                 "branches": list(branches),
                 "classifier": prof.fusion.resolved_classifier(),
+                **({"numbers_trees": {"weight": prof.fusion.trees_weight, **members[0].trees.params}} if trees else {}),
                 **({"projections": end_to_end_record(members[0], prof.fusion)} if end_to_end else {}),
                 "stats_fields": align.summary.get("stats_fields", []),
                 "fusion_members": len(members),
@@ -316,15 +325,17 @@ def calibrate(
     device: str,
     args: Mapping[str, Any],
     heads: Any = None,
+    numbers: Any = None,
 ) -> tuple[list[Any], list[list[dict]], dict[str, Any], dict[str, Any]]:
     """The classifier, its temperature and its decision rule from a stratified k-fold cross-validation on
     the training cards: k fold models (each trained like a single model would be: same settings, same
     seed, on the other folds), their out-of-fold logits on the cards marked ``held_out`` (the user's own
     cards; TDA's only train), the temperature minimising those logits' NLL and the rule chosen on them.
     ``heads``: the alignment's heads, which fold models trained end to end start from (``feats`` are then
-    encoder features). Returns (fold models, their training histories, calibration record, decision
-    record); the decision record's ``held_out_scores`` are the (calibrated probabilities, true class
-    indices) the rule was chosen on."""
+    encoder features). ``numbers``: the stats branch's raw vectors of the same cards, which each fold
+    model's trees member learns from when ``config.numbers_trees`` (asectl.models.trees). Returns (fold
+    models, their training histories, calibration record, decision record); the decision record's
+    ``held_out_scores`` are the (calibrated probabilities, true class indices) the rule was chosen on."""
     import numpy as np
 
     from asectl.models.calibration import (
@@ -357,6 +368,13 @@ def calibrate(
                 on_epoch=lambda row: advance(status=f"loss {row['loss']:.3f} acc {row['accuracy']:.2f}"),
             )
             logits[held] = predict_logits(model, {m: v[held] for m, v in feats.items()})
+            if config.numbers_trees:
+                from asectl.models.cmaf import with_trees
+                from asectl.models.trees import fit_numbers_trees
+
+                model.trees = fit_numbers_trees(numbers[fit], y[fit], len(classes), seed)
+                model.trees.params["weight"] = config.trees_weight
+                logits[held] = with_trees(model, logits[held], {"stats": numbers[held]})
             members.append(model)
             histories.append(history["epochs"])
     scored = np.asarray(held_out, dtype=bool)

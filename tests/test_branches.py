@@ -148,6 +148,14 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
         new = partly_read_card(tmp_path / "new.png", seed=6)
         res = inv("predict", new, "--model", tmp_path / "two", "--json")
         assert json.loads(res.stdout.splitlines()[-1])["image"] == "new.png" and entries() == before
+        # Its export carries no LLM, and predicts the same without one.
+        res = inv("export", "--model", tmp_path / "two", "--out", tmp_path / "two-export", "--copy-llm", "--json")
+        assert json.loads(res.stdout.splitlines()[-1])["llm"]["not_needed"] == "the model has no llm branch"
+        assert not (tmp_path / "two-export" / "llm").exists()
+        exported = json.loads(inv("predict", new, "--model", tmp_path / "two-export", "--json").stdout.splitlines()[-1])
+        own = json.loads(inv("predict", new, "--model", tmp_path / "two", "--json").stdout.splitlines()[-1])
+        assert exported["label"] == own["label"] and abs(exported["probability"] - own["probability"]) < 1e-4
+        assert entries() == before
         inv("predict", new, "--model", tmp_path / "four", "--json")
         assert all(entries()[stage] > before[stage] for stage in before)
         # The replay encodes exactly the bundle's branches, and a changed stats vector changes the answer.

@@ -58,7 +58,13 @@ def export(cache, model, out, copy_llm, as_json):
         if res.ocr["engine"] == res.ocr["trained_engine"]
         else f" (trained with {res.ocr['trained_engine']}; {res.ocr['why']})"
     )
-    llm = "copied in" if res.llm["copied"] else f"read from {res.llm['file']}, checked by hash"
+    llm = (
+        res.llm["not_needed"]
+        if res.llm.get("not_needed")
+        else "copied in"
+        if res.llm["copied"]
+        else f"read from {res.llm['file']}, checked by hash"
+    )
     ui.info(
         f"exported to {res.path}: {res.graphs} ONNX graphs; OCR {ocr}; LLM {llm}; largest probability "
         f"difference from the bundle on {res.parity['cases']} generated cases {res.parity['probabilities']:.1e}"

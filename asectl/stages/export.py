@@ -302,7 +302,10 @@ def export_ocr(replay: dict[str, Any], bundle: Bundle, folder: Path) -> dict[str
 
 def export_llm(replay: dict[str, Any], folder: Path, copy_llm: bool) -> dict[str, Any]:
     """The LLM settings of the export (in ``replay``): its GGUF file copied in or referred to by path (checked
-    by hash when predicting either way), a prompt template file copied in."""
+    by hash when predicting either way), a prompt template file copied in. A model without the llm branch
+    needs no LLM: nothing is copied or referred to."""
+    if "reason" in (replay.get("skipped_stages") or ()):
+        return {"file": None, "copied": False, "not_needed": "the model has no llm branch"}
     reason = replay.get("reason") or {}
     source = Path(str(reason.get("llm_model")))
     if copy_llm:

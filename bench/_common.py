@@ -67,7 +67,14 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    """This run's command line, a cache folder shown as ``C`` (a machine's paths stay out of the docs)."""
+    args = list(sys.argv[1:])
+    for i, a in enumerate(args):
+        if a == "--cache-dir" and i + 1 < len(args):
+            args[i + 1] = "C"
+        elif a.startswith("--cache-dir="):
+            args[i] = "--cache-dir=C"
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *args])
 
 
 def measured_line() -> str:

@@ -129,8 +129,6 @@ def markdown(rec: dict) -> str:
     lines = [
         "### What a card can tell: a learner on the exact holes against the oracle",
         "",
-        rec["measured"],
-        "",
         f"How well the exact hole positions reveal each latent parameter the oracle reads (5-fold R^2 on the "
         f"training cards of seed {rec['seeds'][0]}): " + ", ".join(f"{k} {v:.2f}" for k, v in rec["r2"].items()) + ".",
         "",

@@ -94,8 +94,6 @@ def markdown(rec: dict) -> str:
     lines = [
         f"### The dot pattern and the trees member, chosen on the training split (generator seeds {rec['seeds']})",
         "",
-        rec["measured"],
-        "",
         f"`fuse-train`'s 5-fold cross-validation of the training cards, fold seeds {rec['fold_seeds']} per "
         "generator seed; macro-F1 of the out-of-fold argmax, its paired difference from the earlier default "
         "(mean and the range over runs), and the review share of the rule chosen on the same held-out "

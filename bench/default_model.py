@@ -30,10 +30,16 @@ from asectl.models.calibration import decision_stats
 from intervals import bootstrap_interval, paired_test
 
 CLASSES = ["normal", "type1", "type2", "type3", "type4"]
-DEFAULT = "default (stats branch with the dot pattern)"
-EARLIER = "earlier default (printed numbers only in the stats branch)"
+DEFAULT = "default (dot pattern in the stats branch, trees member)"
+EARLIER = "earlier default (printed numbers only, no trees)"
 NO_LLM = "default without the llm branch"
-ROWS = {DEFAULT: {}, EARLIER: {"encoders.dot_pattern": False}, NO_LLM: {"encoders.branches": "image,vlm,stats"}}
+# Every row names all the settings it changes: fuse-train keeps a dataset's earlier alignment overrides.
+FOUR = "image,vlm,llm,stats"
+ROWS = {
+    DEFAULT: {"encoders.branches": FOUR, "encoders.dot_pattern": True, "fusion.numbers_trees": True},
+    EARLIER: {"encoders.branches": FOUR, "encoders.dot_pattern": False, "fusion.numbers_trees": False},
+    NO_LLM: {"encoders.branches": "image,vlm,stats", "encoders.dot_pattern": True, "fusion.numbers_trees": True},
+}
 BOOSTING = "gradient boosting on the OCR'd numbers"
 BOOSTING_DOTS = "gradient boosting on the dot pattern's numbers (image only)"
 BOOSTING_BOTH = "gradient boosting on the printed and the dot pattern's numbers"

@@ -39,7 +39,8 @@ def test_align_rerun_is_cached_and_changed_stride_retrains(trained):
 def test_bundle_is_safetensors_and_json_only(trained):
     bundle = trained["root"] / "bundle"
     files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
-    members = [f"fusion-{k}.safetensors" for k in range(5)]  # one per calibration fold (default 5)
+    # one per calibration fold (default 5), each with its trees member on the stats numbers
+    members = [f"fusion-{k}{part}.safetensors" for k in range(5) for part in ("", ".trees")]
     # encoders/image.safetensors: the quick profile's image encoder is trained on the cards (cards-cnn)
     assert files == ["bundle.json", "encoders/image.safetensors", *members, "heads.safetensors", "held-out.safetensors"]
     cfg = json.loads((bundle / "bundle.json").read_text())

@@ -196,3 +196,40 @@ def test_export_refuses_a_non_empty_folder(trained, tmp_path):
     (tmp_path / "taken" / "notes.txt").write_text("keep")
     res = trained["invoke"]("export", "--model", trained["root"] / "bundle", "--out", tmp_path / "taken", code=2)
     assert "not an empty folder" in res.output and (tmp_path / "taken" / "notes.txt").read_text() == "keep"
+
+
+def test_a_card_the_llm_fails_on_is_its_own_error_line_and_the_watch_goes_on(trained, exported, tmp_path):
+    """A real llama_decode failure (a context window of 256 tokens, smaller than the prompt's shared prefix)
+    on a card whose prompt is new to the cache: a watcher writes that card's error line, naming it and the cause, and
+    classifies a card whose answer is known (a test card of the model's dataset); the exit path
+    (``predict`` exits 1 on error records) is the OCR errors' own."""
+    from asectl.cache import Cache
+    from asectl.domain.dataset import load_dataset
+    from asectl.export import load_export
+    from asectl.stages.predict import Predictor
+    from asectl.stages.watch import watch_folder
+
+    from .test_branches import partly_read_card
+
+    new = partly_read_card(tmp_path / "partly.png")  # "mean x" not read: a prompt no training card had
+    known = load_dataset(trained["data"]).split("test")[0].path
+    model = load_export(exported["path"])
+    model.config["replay"]["reason"]["n_ctx"] = 256  # what predict replays: too small for any new prompt
+    inbox, out = tmp_path / "inbox", tmp_path / "out.jsonl"
+    inbox.mkdir()
+    shutil.copy(new, inbox / "new.png")
+    shutil.copy(known, inbox / "known.png")
+    predictor = Predictor(model, Cache(trained["cache"]))
+    summary = watch_folder(
+        inbox,
+        out,
+        lambda ds: predictor.run(ds).records,
+        should_stop=lambda: out.exists() and len(out.read_text().splitlines()) >= 2,
+        poll=0.01,
+    )
+    lines = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert (summary.classified, summary.errors) == (2, 1)
+    assert lines["known.png"]["decision"] in ("pass", "defect", "review")
+    assert set(lines["new.png"]) == {"image", "error"}
+    assert lines["new.png"]["error"].startswith(f"{(inbox / 'new.png').resolve()}: the LLM tiny.gguf could not answer")
+    assert "llama_decode returned" in lines["new.png"]["error"]

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from asectl.errors import ConfigError
+from asectl.errors import ConfigError, DataError
 
 REPEAT_WINDOW = 64  # tokens a repeat penalty looks back over (llama.cpp's default penalty_last_n)
 
@@ -154,10 +154,14 @@ class JsonObjectDecoder:
         """Evaluate ``prompt_tokens`` (appended to what the context already holds) and decode one answer."""
         llm = self.llm
         max_tokens = int(sampling["max_tokens"])
-        if llm.n_tokens + len(prompt_tokens) + len(self.opening) + 1 > llm.n_ctx():
-            raise ConfigError(
+        # The window asked for: llama.cpp pads its own (llm.n_ctx()) to a multiple of 256, but
+        # llama-cpp-python's token buffer has the size asked for, and eval fails past it.
+        n_ctx = min(llm.n_ctx(), len(llm.input_ids))
+        if llm.n_tokens + len(prompt_tokens) + len(self.opening) + 1 > n_ctx:
+            # This prompt's own failure (another card's may fit): the stage makes it that card's error.
+            raise DataError(
                 f"the prompt ({llm.n_tokens + len(prompt_tokens)} tokens) does not fit the "
-                f"context window ({llm.n_ctx()}); raise --n-ctx"
+                f"context window ({n_ctx}); raise --n-ctx"
             )
         rng = np.random.default_rng(int(sampling.get("seed", 0)))
         answer: list[int] = []
@@ -174,9 +178,9 @@ class JsonObjectDecoder:
 
         def evaluate() -> None:
             nonlocal calls
-            if llm.n_tokens + len(pending) > llm.n_ctx():
-                raise ConfigError(
-                    f"the answer does not fit the context window ({llm.n_ctx()}); raise --n-ctx or lower --max-tokens"
+            if llm.n_tokens + len(pending) > n_ctx:
+                raise DataError(
+                    f"the answer does not fit the context window ({n_ctx}); raise --n-ctx or lower --max-tokens"
                 )
             t0 = time.perf_counter()
             llm.eval(pending)

@@ -96,28 +96,39 @@ def test_export_writes_graphs_settings_and_checksums(trained, exported):
     assert exported["summary"]["parity"]["probabilities"] <= 1e-4
 
 
-def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained, exported):
+@pytest.fixture(scope="module")
+def bundle_on_test_split(trained):
+    """The bundle's predictor, the model's test split and the bundle's predictions on it."""
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
     from asectl.domain.dataset import Dataset, load_dataset
+    from asectl.stages.predict import Predictor
+
+    ds = load_dataset(trained["data"])
+    test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
+    by_bundle = Predictor(load_bundle(trained["root"] / "bundle"), Cache(trained["cache"]))
+    return by_bundle, test, by_bundle.classify(test)
+
+
+def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained, exported, bundle_on_test_split):
+    from asectl.cache import Cache
+    from asectl.domain.dataset import load_dataset
     from asectl.export import load_export
     from asectl.stages.ocr import OcrSettings
     from asectl.stages.predict import Predictor
 
     cache = Cache(trained["cache"])
-    ds = load_dataset(trained["data"])
-    test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
-    by_bundle = Predictor(load_bundle(trained["root"] / "bundle"), cache)
+    by_bundle, test, a = bundle_on_test_split
     by_export = Predictor(load_export(exported["path"]), cache)
     by_export.warm_up()  # what --watch does first: every session created
-    a, b = by_bundle.classify(test), by_export.classify(test)
+    b = by_export.classify(test)
     assert [s.name for s in a.samples] == [s.name for s in b.samples] and len(a.samples) == len(test.samples)
     pa, pb = by_bundle.probabilities(a.logits), by_export.probabilities(b.logits)
     assert np.abs(pa - pb).max() <= 1e-4
     assert by_bundle.rule.decide(pa) == by_export.rule.decide(pb)
     assert [r["decision"] for r in by_bundle.records(test, a)] == [r["decision"] for r in by_export.records(test, b)]
     # A replay on another OCR engine leaves the engine remembered for the dataset (what align reads) alone.
-    assert OcrSettings.recall(cache, ds).engine == "cnocr"
+    assert OcrSettings.recall(cache, load_dataset(trained["data"])).engine == "cnocr"
 
 
 def test_predict_from_an_export_imports_no_torch(trained, exported, tmp_path):
@@ -233,3 +244,30 @@ def test_a_card_the_llm_fails_on_is_its_own_error_line_and_the_watch_goes_on(tra
     assert set(lines["new.png"]) == {"image", "error"}
     assert lines["new.png"]["error"].startswith(f"{(inbox / 'new.png').resolve()}: the LLM tiny.gguf could not answer")
     assert "llama_decode returned" in lines["new.png"]["error"]
+
+
+def test_report_from_an_export_gives_the_bundles_figures(trained, exported, bundle_on_test_split, tmp_path):
+    """`report --model EXPORT` on the model's dataset: the bundle's macro-F1, classes and decisions on its test
+    cards, every part of the report made (the curves from the settings the export carries), and the
+    provenance says it is an export read with rapidocr."""
+    from sklearn.metrics import f1_score
+
+    by_bundle, test, a = bundle_on_test_split
+    res = trained["invoke"]("report", trained["data"], "--model", exported["path"], "--out", tmp_path, "--json")
+    metrics = json.loads(res.stdout.splitlines()[-1])
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    expected = by_bundle.records(test, a)
+    assert [{k: r[k] for k in ("image", "pred", "decision")} for r in metrics["predictions"]] == [
+        {"image": r["image"], "pred": r["label"], "decision": r["decision"]} for r in expected
+    ]
+    labels = by_bundle.classes
+    truth = [labels.index(s.label) for s in a.samples]
+    pred = by_bundle.probabilities(a.logits).argmax(axis=1)
+    assert metrics["multiclass"]["macro_f1"] == pytest.approx(
+        f1_score(truth, pred, labels=range(len(labels)), average="macro", zero_division=0), abs=1e-12
+    )
+    assert [c["name"] for c in metrics["curves"]["pfa"]] and metrics["curves"]["fusion"]  # from the cache, the export
+    assert metrics["provenance"]["exported model"].startswith(str(exported["path"]))
+    assert metrics["provenance"]["ocr"].startswith("rapidocr in place of cnocr")
+    assert not any("cannot" in w or "not in this cache" in w for w in metrics["warnings"])
+    assert {"report.html", "report.md", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}

@@ -390,6 +390,24 @@ def test_decoder_spells_fixed_text_exactly_with_a_sentencepiece_vocabulary(tiny_
     assert b"".join(dec.pieces[t] for t in dec.tokens(text)) == text.encode()
 
 
+def test_the_vocabulary_scan_kept_on_disk_is_the_models(tiny_llm, tmp_path, monkeypatch):
+    """A new process reads the decoder's vocabulary scan from the memo beside the cache: the same token
+    bytes and JSON-safe tokens as scanning the model."""
+    from asectl import cache as cache_module
+    from asectl.backends import json_decode as J
+
+    monkeypatch.setenv("ASECTL_CACHE_DIR", str(tmp_path / "memos"))
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)  # the GGUF is seconds old: keep the scan all the same
+    llm = tiny_llm.load()
+    scanned = J.vocabulary_scan(llm)
+    assert list((tmp_path / "memos" / J.VOCAB_MEMO).iterdir())
+    kept = J.vocabulary_scan(llm)
+    assert kept[0] == scanned[0] and kept[1].tolist() == scanned[1].tolist()
+    vocab = llm._model.vocab
+    assert scanned[0] == [J._piece(vocab, t) for t in range(llm.n_vocab())]
+    assert scanned[1].tolist() == [t for t, p in enumerate(scanned[0]) if J._safe_text(p) is not None]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_decoder_answers_stay_in_the_schema_and_repeat_for_a_seed(tiny_llm, temperature):
     """Random weights make the model's choices arbitrary: every answer must still parse, respect the

@@ -82,6 +82,44 @@ def _safe_text(piece: bytes) -> str | None:
     return text
 
 
+# The vocabulary scan (every token's bytes, and which can sit inside a JSON string as they are) takes about
+# 0.4 s for a 49k-token vocabulary: kept on disk beside the cache per model file state and llama-cpp-python
+# version, so a cold `predict` (a new process) reads it instead.
+VOCAB_MEMO = "llm-vocab"
+
+
+def vocabulary_scan(llm: Any) -> tuple[list[bytes], np.ndarray]:
+    """(each token's bytes, the tokens whose text can sit inside a JSON string as is) of a loaded model."""
+    from safetensors.numpy import load, save
+
+    from asectl.backends.llm import llama_cpp_version
+    from asectl.cache import file_state, read_memo_bytes, write_memo_bytes
+
+    try:
+        key, st = file_state(llm.model_path)
+        key += [llama_cpp_version(), llm.n_vocab(), 1]
+    except OSError:
+        key = st = None
+    data = read_memo_bytes(VOCAB_MEMO, key) if key else None
+    if data is not None:
+        arrays = load(data)
+        ends = np.cumsum(arrays["lengths"]).tolist()
+        blob = arrays["blob"].tobytes()
+        pieces = [blob[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        return pieces, arrays["string_ids"]
+    vocab = llm._model.vocab
+    pieces = [_piece(vocab, t) for t in range(llm.n_vocab())]
+    string_ids = np.array([t for t, p in enumerate(pieces) if _safe_text(p) is not None], dtype=np.int64)
+    if key:
+        arrays = {
+            "lengths": np.array([len(p) for p in pieces], dtype=np.int64),
+            "blob": np.frombuffer(b"".join(pieces) or b"\0", dtype=np.uint8),
+            "string_ids": string_ids,
+        }
+        write_memo_bytes(VOCAB_MEMO, key, save(arrays), st)
+    return pieces, string_ids
+
+
 class JsonObjectDecoder:
     """Decodes answers of one schema with one loaded ``llama_cpp.Llama``; the vocabulary scan and the
     tokenised fixed text are computed once per model."""
@@ -89,13 +127,10 @@ class JsonObjectDecoder:
     def __init__(self, llm: Any, fields: Sequence[Field]):
         self.llm = llm
         self.fields = list(fields)
-        vocab = llm._model.vocab
         self.n_vocab = llm.n_vocab()
-        self.pieces = [_piece(vocab, t) for t in range(self.n_vocab)]
-        safe = [(t, _safe_text(p)) for t, p in enumerate(self.pieces)]
-        self.string_ids = np.array([t for t, s in safe if s is not None], dtype=np.int64)
-        self.string_chars = np.array([len(s) for _, s in safe if s is not None], dtype=np.int64)
-        self.string_text = {t: s for t, s in safe if s is not None}
+        self.pieces, self.string_ids = vocabulary_scan(llm)
+        self.string_text = {int(t): self.pieces[t].decode("utf-8") for t in self.string_ids}
+        self.string_chars = np.array([len(self.string_text[int(t)]) for t in self.string_ids], dtype=np.int64)
         # Fixed text: the opening before the first value, and what follows each value.
         keys = [json.dumps(f.name) + ': "' for f in self.fields]
         self.opening = self.tokens("{" + keys[0])

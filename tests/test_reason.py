@@ -597,3 +597,21 @@ def test_a_prompt_the_llm_cannot_answer_is_that_cards_error(long_and_short, work
     for r, s in zip(decode_failed, (long_, short)):
         assert r["error"].startswith(f"{s.path}: the LLM tiny.gguf could not answer: llama.cpp failed while generating")
         assert "llama_decode returned" in r["error"]
+
+
+def test_process_threads_keep_llama_cpp_to_a_workers_share(tiny_gguf):
+    """``set_process_threads`` (a watcher's preparer workers): LLMs made afterwards without threads of their
+    own use that many for generation and for prompts, in the loaded llama.cpp model too; given threads win."""
+    from asectl.backends.llm import LlamaCppLLM, set_process_threads
+
+    set_process_threads(1)
+    try:
+        llm = LlamaCppLLM(tiny_gguf, n_ctx=512)
+        loaded = llm.load()
+        assert (llm.n_threads, llm.n_threads_batch) == (1, 1)
+        assert (loaded.n_threads, loaded.n_threads_batch) == (1, 1)
+        llm.close()
+        assert LlamaCppLLM(tiny_gguf, n_ctx=512, n_threads=2).n_threads == 2
+    finally:
+        set_process_threads(None)
+    assert LlamaCppLLM(tiny_gguf, n_ctx=512).n_threads_batch is None

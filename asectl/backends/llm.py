@@ -391,6 +391,21 @@ def make_llm(
     )
 
 
+# Threads of the LLMs this process makes when the caller names none (``set_process_threads``), for generation
+# and for prompts alike; None: llama-cpp-python's defaults (half the cores, and every core for prompts).
+_process_threads: int | None = None
+
+
+def set_process_threads(threads: int | None) -> None:
+    """Keep llama.cpp to ``threads`` in this process (a worker process sharing the cores with others, as a
+    watcher's preparers do). llama.cpp's threads spin at every barrier: with more of them than free cores
+    (two workers each running prompts on every core) each waits on the others and a card takes many times
+    longer. Answers do not depend on the thread count (tests/test_reason.py: workers with one thread each
+    answer as one process with the defaults)."""
+    global _process_threads
+    _process_threads = threads
+
+
 @LLMS.register("llama-cpp")
 class LlamaCppLLM(LLM):
     """A GGUF model run by llama-cpp-python. Construct = validate (cheap); the weights load on first use,
@@ -437,14 +452,15 @@ class LlamaCppLLM(LLM):
         self.n_ctx = n_ctx
         # None = llama-cpp-python's default (half the cores). More threads than free cores makes llama.cpp's
         # spinning workers collapse (seen: 20x slower with a second busy process on 2 cores).
-        self.n_threads = n_threads
+        self.n_threads = n_threads if n_threads is not None else _process_threads
         self.n_gpu_layers = n_gpu_layers
         self.seed = seed
         self._llm = None
         self._prefix: tuple[int, ...] | None = None  # tokens of the shared prefix held in the context
         self.prefix_source: str | None = None  # "restored" (from disk) or "evaluated", last time
         self._decoders: dict[tuple[Field, ...], Any] = {}
-        self.n_threads_batch: int | None = None  # prompt threads (None: llama-cpp-python's default)
+        # Prompt threads (None: llama-cpp-python's default, every core).
+        self.n_threads_batch: int | None = _process_threads
 
     @property
     def model_id(self) -> str:

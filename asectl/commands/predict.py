@@ -201,8 +201,7 @@ def _watch(
             # With workers, they compute the per-image records (--force there); this process only fuses.
             predictor = Predictor(bundle, cache, force and not preparers, rule)
             if preparers:
-                predictor.encoders()
-                predictor.models()
+                predictor.load_models()
                 preparers.warm_up()
             else:
                 predictor.warm_up()

@@ -222,7 +222,8 @@ def test_a_card_the_llm_fails_on_is_its_own_error_line_and_the_watch_goes_on(tra
 
     from .test_branches import partly_read_card
 
-    new = partly_read_card(tmp_path / "partly.png")  # "mean x" not read: a prompt no training card had
+    # "mean y" not read: a prompt no training card (nor another test's card) had, so the LLM must answer it.
+    new = partly_read_card(tmp_path / "partly.png", line=2)
     known = load_dataset(trained["data"]).split("test")[0].path
     model = load_export(exported["path"])
     model.config["replay"]["reason"]["n_ctx"] = 256  # what predict replays: too small for any new prompt

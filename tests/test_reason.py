@@ -399,9 +399,10 @@ def test_the_vocabulary_scan_kept_on_disk_is_the_models(tiny_llm, tmp_path, monk
     monkeypatch.setenv("ASECTL_CACHE_DIR", str(tmp_path / "memos"))
     monkeypatch.setattr(cache_module, "_RACY_NS", 0)  # the GGUF is seconds old: keep the scan all the same
     llm = tiny_llm.load()
-    scanned = J.vocabulary_scan(llm)
+    memo = tiny_llm.vocab_memo()
+    scanned = J.vocabulary_scan(llm, memo)
     assert list((tmp_path / "memos" / J.VOCAB_MEMO).iterdir())
-    kept = J.vocabulary_scan(llm)
+    kept = J.vocabulary_scan(llm, memo)
     assert kept[0] == scanned[0] and kept[1].tolist() == scanned[1].tolist()
     vocab = llm._model.vocab
     assert scanned[0] == [J._piece(vocab, t) for t in range(llm.n_vocab())]

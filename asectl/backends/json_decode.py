@@ -88,18 +88,15 @@ def _safe_text(piece: bytes) -> str | None:
 VOCAB_MEMO = "llm-vocab"
 
 
-def vocabulary_scan(llm: Any) -> tuple[list[bytes], np.ndarray]:
-    """(each token's bytes, the tokens whose text can sit inside a JSON string as is) of a loaded model."""
+def vocabulary_scan(llm: Any, memo: tuple[list, Any] | None = None) -> tuple[list[bytes], np.ndarray]:
+    """(each token's bytes, the tokens whose text can sit inside a JSON string as is) of a loaded model.
+    ``memo``: (key, stat) of the model file (``asectl.cache.file_state``, extended by what else the scan
+    depends on) to keep the scan under; None: scanned every time."""
     from safetensors.numpy import load, save
 
-    from asectl.backends.llm import llama_cpp_version
-    from asectl.cache import file_state, read_memo_bytes, write_memo_bytes
+    from asectl.cache import read_memo_bytes, write_memo_bytes
 
-    try:
-        key, st = file_state(llm.model_path)
-        key += [llama_cpp_version(), llm.n_vocab(), 1]
-    except OSError:
-        key = st = None
+    key, st = memo if memo is not None else (None, None)
     data = read_memo_bytes(VOCAB_MEMO, key) if key else None
     if data is not None:
         arrays = load(data)
@@ -124,11 +121,11 @@ class JsonObjectDecoder:
     """Decodes answers of one schema with one loaded ``llama_cpp.Llama``; the vocabulary scan and the
     tokenised fixed text are computed once per model."""
 
-    def __init__(self, llm: Any, fields: Sequence[Field]):
+    def __init__(self, llm: Any, fields: Sequence[Field], vocab_memo: tuple[list, Any] | None = None):
         self.llm = llm
         self.fields = list(fields)
         self.n_vocab = llm.n_vocab()
-        self.pieces, self.string_ids = vocabulary_scan(llm)
+        self.pieces, self.string_ids = vocabulary_scan(llm, vocab_memo)
         self.string_text = {int(t): self.pieces[t].decode("utf-8") for t in self.string_ids}
         self.string_chars = np.array([len(self.string_text[int(t)]) for t in self.string_ids], dtype=np.int64)
         # Fixed text: the opening before the first value, and what follows each value.

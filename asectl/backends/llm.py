@@ -578,6 +578,14 @@ class LlamaCppLLM(LLM):
             self._prefix = key
         return n
 
+    def vocab_memo(self) -> tuple[list, Any] | None:
+        """Where the decoder's vocabulary scan is kept: per model file state, llama-cpp-python and vocabulary."""
+        try:
+            key, st = file_state(self.path)
+        except OSError:
+            return None
+        return key + [llama_cpp_version(), self._llm.n_vocab(), 1], st
+
     # The evaluated shared prefix (its key/value cells) is kept on disk beside the cache's memos, so a new
     # process (a cold `predict`, each reason worker) restores it instead of evaluating some 740 tokens again
     # (about 3 s for SmolLM2 on 2 cores). The key holds everything the cells depend on: the model file, the
@@ -643,7 +651,7 @@ class LlamaCppLLM(LLM):
         llm = self.load()
         key = tuple(fields)
         if key not in self._decoders:
-            self._decoders[key] = JsonObjectDecoder(llm, fields)
+            self._decoders[key] = JsonObjectDecoder(llm, fields, self.vocab_memo())
         # llama.cpp says why a decode failed only in its log: kept, for this card's error, not printed.
         with _llama_log_captured() as lines:
             try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file
+from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file, sha256_file_kept
 from asectl.errors import ConfigError
 
 # 2: calibration temperature and decision rule; 3: the classifier is the fold models' average; 4: the split
@@ -159,7 +159,7 @@ def verify_files(folder: Path, files: Mapping[str, str], remedy: str) -> None:
     ConfigError naming the file and ``remedy``."""
     for name, digest in files.items():
         f = folder / name
-        if not f.is_file() or sha256_file(f) != digest:
+        if not f.is_file() or sha256_file_kept(f) != digest:
             raise ConfigError(f"{f}: missing or damaged (checksum mismatch); {remedy}")
 
 

@@ -148,6 +148,19 @@ def write_memo_bytes(
         pass
 
 
+def sha256_file_kept(path: str | os.PathLike) -> str:
+    """``sha256_file``, also kept on disk beside the cache per ``file_state`` (a rewrite changes the size,
+    mtime, ctime or inode), so a model folder's checksums are not read again by every new process (a cold
+    ``predict``); a file changed in any way is hashed again."""
+    key, st = file_state(path)
+    kept = read_memo("sha256", key)
+    if isinstance(kept, str) and len(kept) == 64:
+        return kept
+    digest = sha256_file(path)
+    write_memo("sha256", key, digest, st)
+    return digest
+
+
 class CorruptEntry(Exception):
     pass
 

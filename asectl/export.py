@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from asectl.bundle import DecisionSource, verify_files
+from asectl.bundle import Bundle, DecisionSource, load_bundle, verify_files
 from asectl.errors import ConfigError
 
 EXPORT_FORMAT = 1
@@ -48,6 +48,13 @@ TEXT_BATCH = 32
 
 def is_export(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def load_model(path: str | Path) -> tuple[Bundle | ExportedModel, str]:
+    """A model folder, bundle or export (``is_export``), and a few words saying which, for messages."""
+    if is_export(path):
+        return load_export(path), f"exported model {path}"
+    return load_bundle(path), f"model {path}"
 
 
 def load_export(path: str | Path) -> ExportedModel:
@@ -107,6 +114,19 @@ class ExportedModel(DecisionSource):
     @property
     def labels(self) -> list[str]:
         return list(self.config["classes"])
+
+    @property
+    def source_digest(self) -> str:
+        """The digest of the bundle it was exported from."""
+        return str(self.manifest["bundle"]["digest"])
+
+    def provenance(self) -> dict[str, str]:
+        """What the export changes in a report's provenance: which model, and the OCR engine it reads with."""
+        ocr = self.manifest.get("ocr") or {}
+        out = {"exported model": f"{self.path} (from bundle {self.source_digest[:12]}, asectl export)"}
+        if ocr.get("engine") and ocr.get("engine") != ocr.get("trained_engine"):
+            out["ocr"] = f"{ocr['engine']} in place of {ocr['trained_engine']} ({ocr.get('why', '')})"
+        return out
 
     @property
     def temperature(self) -> float:

@@ -66,12 +66,12 @@ def test_branch_setting_is_checked():
         get_profile("quick", {"fusion.attention": "rows"})
 
 
-def partly_read_card(path, seed=5):
-    """A card whose "MEAN X" line is painted over: OCR reads the rest of the record."""
+def partly_read_card(path, seed=5, line: int = 1):
+    """A card whose record line ``line`` (1: "MEAN X") is painted over: OCR reads the rest of the record."""
     points = np.random.default_rng(seed).normal(0.0, 1.5, size=(40, 2))
     img = render_card(points, record_from_points(points))
     g = GEOMETRY
-    top = g.text_top + g.line_step
+    top = g.text_top + line * g.line_step
     ImageDraw.Draw(img).rectangle([g.text_x - 2, top - 2, g.width, top + g.line_step - 4], fill="white")
     img.save(path)
     return path

@@ -107,3 +107,22 @@ def test_file_memos_skip_a_file_changed_in_the_last_seconds(tmp_path, monkeypatc
     assert read_memo("facts", key) == {"n": 1}
     f.write_bytes(b"other weights")
     assert file_state(f)[0] != key and read_memo("facts", file_state(f)[0]) is None
+
+
+def test_a_kept_checksum_is_the_files_and_a_change_is_hashed_again(tmp_path, monkeypatch):
+    """``sha256_file_kept`` (what a bundle's and an export's checks use): a new process reads the kept
+    checksum, and a file rewritten in place, even to the same size and mtime, is hashed again."""
+    from asectl import cache as cache_module
+    from asectl.cache import file_state, forget_file_hashes, read_memo, sha256_bytes, sha256_file_kept
+
+    monkeypatch.setenv("ASECTL_CACHE_DIR", str(tmp_path / "memos"))
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)  # the file is seconds old: keep its checksum all the same
+    f = tmp_path / "graph.onnx"
+    f.write_bytes(b"graph one")
+    assert sha256_file_kept(f) == sha256_bytes(b"graph one")
+    assert read_memo("sha256", file_state(f)[0]) == sha256_bytes(b"graph one")
+    st = f.stat()
+    f.write_bytes(b"graph two")  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime: the ctime and contents moved
+    forget_file_hashes()  # as in a new process
+    assert sha256_file_kept(f) == sha256_bytes(b"graph two")

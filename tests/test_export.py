@@ -100,28 +100,39 @@ def test_export_writes_graphs_settings_and_checksums(trained, exported):
     assert exported["summary"]["parity"]["probabilities"] <= 1e-4
 
 
-def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained, exported):
+@pytest.fixture(scope="module")
+def bundle_on_test_split(trained):
+    """The bundle's predictor, the model's test split and the bundle's predictions on it."""
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
     from asectl.domain.dataset import Dataset, load_dataset
+    from asectl.stages.predict import Predictor
+
+    ds = load_dataset(trained["data"])
+    test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
+    by_bundle = Predictor(load_bundle(trained["root"] / "bundle"), Cache(trained["cache"]))
+    return by_bundle, test, by_bundle.classify(test)
+
+
+def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained, exported, bundle_on_test_split):
+    from asectl.cache import Cache
+    from asectl.domain.dataset import load_dataset
     from asectl.export import load_export
     from asectl.stages.ocr import OcrSettings
     from asectl.stages.predict import Predictor
 
     cache = Cache(trained["cache"])
-    ds = load_dataset(trained["data"])
-    test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
-    by_bundle = Predictor(load_bundle(trained["root"] / "bundle"), cache)
+    by_bundle, test, a = bundle_on_test_split
     by_export = Predictor(load_export(exported["path"]), cache)
     by_export.warm_up()  # what --watch does first: every session created
-    a, b = by_bundle.classify(test), by_export.classify(test)
+    b = by_export.classify(test)
     assert [s.name for s in a.samples] == [s.name for s in b.samples] and len(a.samples) == len(test.samples)
     pa, pb = by_bundle.probabilities(a.logits), by_export.probabilities(b.logits)
     assert np.abs(pa - pb).max() <= 1e-4
     assert by_bundle.rule.decide(pa) == by_export.rule.decide(pb)
     assert [r["decision"] for r in by_bundle.records(test, a)] == [r["decision"] for r in by_export.records(test, b)]
     # A replay on another OCR engine leaves the engine remembered for the dataset (what align reads) alone.
-    assert OcrSettings.recall(cache, ds).engine == "cnocr"
+    assert OcrSettings.recall(cache, load_dataset(trained["data"])).engine == "cnocr"
 
 
 def test_predict_from_an_export_imports_no_torch(trained, exported, tmp_path):
@@ -200,3 +211,68 @@ def test_export_refuses_a_non_empty_folder(trained, tmp_path):
     (tmp_path / "taken" / "notes.txt").write_text("keep")
     res = trained["invoke"]("export", "--model", trained["root"] / "bundle", "--out", tmp_path / "taken", code=2)
     assert "not an empty folder" in res.output and (tmp_path / "taken" / "notes.txt").read_text() == "keep"
+
+
+def test_a_card_the_llm_fails_on_is_its_own_error_line_and_the_watch_goes_on(trained, exported, tmp_path):
+    """A real llama_decode failure (a context window of 256 tokens, smaller than the prompt's shared prefix)
+    on a card whose prompt is new to the cache: a watcher writes that card's error line, naming it and the cause, and
+    classifies a card whose answer is known (a test card of the model's dataset); the exit path
+    (``predict`` exits 1 on error records) is the OCR errors' own."""
+    from asectl.cache import Cache
+    from asectl.domain.dataset import load_dataset
+    from asectl.export import load_export
+    from asectl.stages.predict import Predictor
+    from asectl.stages.watch import watch_folder
+
+    from .test_branches import partly_read_card
+
+    # "mean y" not read: a prompt no training card (nor another test's card) had, so the LLM must answer it.
+    new = partly_read_card(tmp_path / "partly.png", line=2)
+    known = load_dataset(trained["data"]).split("test")[0].path
+    model = load_export(exported["path"])
+    model.config["replay"]["reason"]["n_ctx"] = 256  # what predict replays: too small for any new prompt
+    inbox, out = tmp_path / "inbox", tmp_path / "out.jsonl"
+    inbox.mkdir()
+    shutil.copy(new, inbox / "new.png")
+    shutil.copy(known, inbox / "known.png")
+    predictor = Predictor(model, Cache(trained["cache"]))
+    summary = watch_folder(
+        inbox,
+        out,
+        lambda ds: predictor.run(ds).records,
+        should_stop=lambda: out.exists() and len(out.read_text().splitlines()) >= 2,
+        poll=0.01,
+    )
+    lines = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert (summary.classified, summary.errors) == (2, 1)
+    assert lines["known.png"]["decision"] in ("pass", "defect", "review")
+    assert set(lines["new.png"]) == {"image", "error"}
+    assert lines["new.png"]["error"].startswith(f"{(inbox / 'new.png').resolve()}: the LLM tiny.gguf could not answer")
+    assert "llama_decode returned" in lines["new.png"]["error"]
+
+
+def test_report_from_an_export_gives_the_bundles_figures(trained, exported, bundle_on_test_split, tmp_path):
+    """`report --model EXPORT` on the model's dataset: the bundle's macro-F1, classes and decisions on its test
+    cards, every part of the report made (the curves from the settings the export carries), and the
+    provenance says it is an export read with rapidocr."""
+    from sklearn.metrics import f1_score
+
+    by_bundle, test, a = bundle_on_test_split
+    res = trained["invoke"]("report", trained["data"], "--model", exported["path"], "--out", tmp_path, "--json")
+    metrics = json.loads(res.stdout.splitlines()[-1])
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    expected = by_bundle.records(test, a)
+    assert [{k: r[k] for k in ("image", "pred", "decision")} for r in metrics["predictions"]] == [
+        {"image": r["image"], "pred": r["label"], "decision": r["decision"]} for r in expected
+    ]
+    labels = by_bundle.classes
+    truth = [labels.index(s.label) for s in a.samples]
+    pred = by_bundle.probabilities(a.logits).argmax(axis=1)
+    assert metrics["multiclass"]["macro_f1"] == pytest.approx(
+        f1_score(truth, pred, labels=range(len(labels)), average="macro", zero_division=0), abs=1e-12
+    )
+    assert [c["name"] for c in metrics["curves"]["pfa"]] and metrics["curves"]["fusion"]  # from the cache, the export
+    assert metrics["provenance"]["exported model"].startswith(str(exported["path"]))
+    assert metrics["provenance"]["ocr"].startswith("rapidocr in place of cnocr")
+    assert not any("cannot" in w or "not in this cache" in w for w in metrics["warnings"])
+    assert {"report.html", "report.md", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}

@@ -390,6 +390,25 @@ def test_decoder_spells_fixed_text_exactly_with_a_sentencepiece_vocabulary(tiny_
     assert b"".join(dec.pieces[t] for t in dec.tokens(text)) == text.encode()
 
 
+def test_the_vocabulary_scan_kept_on_disk_is_the_models(tiny_llm, tmp_path, monkeypatch):
+    """A new process reads the decoder's vocabulary scan from the memo beside the cache: the same token
+    bytes and JSON-safe tokens as scanning the model."""
+    from asectl import cache as cache_module
+    from asectl.backends import json_decode as J
+
+    monkeypatch.setenv("ASECTL_CACHE_DIR", str(tmp_path / "memos"))
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)  # the GGUF is seconds old: keep the scan all the same
+    llm = tiny_llm.load()
+    memo = tiny_llm.vocab_memo()
+    scanned = J.vocabulary_scan(llm, memo)
+    assert list((tmp_path / "memos" / J.VOCAB_MEMO).iterdir())
+    kept = J.vocabulary_scan(llm, memo)
+    assert kept[0] == scanned[0] and kept[1].tolist() == scanned[1].tolist()
+    vocab = llm._model.vocab
+    assert scanned[0] == [J._piece(vocab, t) for t in range(llm.n_vocab())]
+    assert scanned[1].tolist() == [t for t, p in enumerate(scanned[0]) if J._safe_text(p) is not None]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_decoder_answers_stay_in_the_schema_and_repeat_for_a_seed(tiny_llm, temperature):
     """Random weights make the model's choices arbitrary: every answer must still parse, respect the
@@ -528,3 +547,72 @@ def test_cards_whose_prompts_read_alike_share_one_exact_answer(
     assert pooled.params["answers_generated"] == 2
     assert [r["answer_shared"] for r in pooled.records] == [False, False, True]
     assert pooled.records[2]["raw"] == rb["raw"]
+
+
+@pytest.fixture(scope="module")
+def long_and_short(small_dataset, truth, priors, tiny_gguf, tmp_path_factory):
+    """Two cards with partly read records (only N: a shorter prompt than only the radius counts) and their
+    answers with a wide context window: (long card, short card, run(cache, **settings), wide records)."""
+    from asectl.cache import Cache
+
+    ds = load_dataset(small_dataset)
+    short, long_ = ds.samples[0], ds.samples[1]
+    fields = {short.name: {"N": truth[short.name]["N"]}, long_.name: {"bins": truth[long_.name]["bins"]}}
+    both = Dataset([long_, short], ds.root, ds.source, ds.labels)
+    root = tmp_path_factory.mktemp("context")
+
+    def run(cache: str, **kw):
+        return R.run_reason(
+            both, llm_model=tiny_gguf, fields=fields, priors=priors, cache=Cache(root / cache), max_tokens=32, **kw
+        )
+
+    return long_, short, run, run("wide", n_ctx=8192, workers=1).by_image()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_prompt_the_llm_cannot_answer_is_that_cards_error(long_and_short, workers):
+    """A real llama.cpp condition, no stand-in: the context window holds one card's prompt and its answer but
+    not another's longer prompt. The long card gets an error record naming it and the cause, the other its
+    answer (the same as with a wide window), in this process and in worker processes; the error is not
+    cached. A window smaller than the shared prompt prefix is a llama_decode failure: each card's own error,
+    and the run still completes."""
+    long_, short, run, wide = long_and_short
+    lengths = {name: r["tokens"]["prompt"] for name, r in wide.items()}
+    n_ctx = lengths[short.name] + 33  # its prompt and 32 answer tokens; the long prompt alone does not fit
+    assert lengths[long_.name] >= n_ctx, lengths
+
+    tight = run(f"tight{workers}", n_ctx=n_ctx, workers=workers)
+    by = tight.by_image()
+    assert by[short.name]["raw"] == wide[short.name]["raw"] and not by[short.name].get("error")
+    assert set(by[long_.name]) == {"image", "error"}
+    assert by[long_.name]["error"].startswith(f"{long_.path}: the LLM tiny.gguf could not answer: the prompt (")
+    assert f"does not fit the context window ({n_ctx}); raise --n-ctx" in by[long_.name]["error"]
+    assert tight.params["answers_generated"] == 1
+    if workers > 1:
+        return  # the rest runs in this process only: the workers return each prompt's error the same way
+    again = run(f"tight{workers}", n_ctx=8192, workers=1)  # not cached: a wider window answers it
+    assert again.by_image()[long_.name]["raw"] == wide[long_.name]["raw"]
+
+    decode_failed = run("small", n_ctx=256, workers=workers).records
+    assert [r["image"] for r in decode_failed] == [long_.name, short.name]
+    for r, s in zip(decode_failed, (long_, short)):
+        assert r["error"].startswith(f"{s.path}: the LLM tiny.gguf could not answer: llama.cpp failed while generating")
+        assert "llama_decode returned" in r["error"]
+
+
+def test_process_threads_keep_llama_cpp_to_a_workers_share(tiny_gguf):
+    """``set_process_threads`` (a watcher's preparer workers): LLMs made afterwards without threads of their
+    own use that many for generation and for prompts, in the loaded llama.cpp model too; given threads win."""
+    from asectl.backends.llm import LlamaCppLLM, set_process_threads
+
+    set_process_threads(1)
+    try:
+        llm = LlamaCppLLM(tiny_gguf, n_ctx=512)
+        loaded = llm.load()
+        assert (llm.n_threads, llm.n_threads_batch) == (1, 1)
+        assert (loaded.n_threads, loaded.n_threads_batch) == (1, 1)
+        llm.close()
+        assert LlamaCppLLM(tiny_gguf, n_ctx=512, n_threads=2).n_threads == 2
+    finally:
+        set_process_threads(None)
+    assert LlamaCppLLM(tiny_gguf, n_ctx=512).n_threads_batch is None

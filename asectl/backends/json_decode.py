@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from asectl.errors import ConfigError
+from asectl.errors import ConfigError, DataError
 
 REPEAT_WINDOW = 64  # tokens a repeat penalty looks back over (llama.cpp's default penalty_last_n)
 
@@ -82,20 +82,52 @@ def _safe_text(piece: bytes) -> str | None:
     return text
 
 
+# The vocabulary scan (every token's bytes, and which can sit inside a JSON string as they are) takes about
+# 0.4 s for a 49k-token vocabulary: kept on disk beside the cache per model file state and llama-cpp-python
+# version, so a cold `predict` (a new process) reads it instead.
+VOCAB_MEMO = "llm-vocab"
+
+
+def vocabulary_scan(llm: Any, memo: tuple[list, Any] | None = None) -> tuple[list[bytes], np.ndarray]:
+    """(each token's bytes, the tokens whose text can sit inside a JSON string as is) of a loaded model.
+    ``memo``: (key, stat) of the model file (``asectl.cache.file_state``, extended by what else the scan
+    depends on) to keep the scan under; None: scanned every time."""
+    from safetensors.numpy import load, save
+
+    from asectl.cache import read_memo_bytes, write_memo_bytes
+
+    key, st = memo if memo is not None else (None, None)
+    data = read_memo_bytes(VOCAB_MEMO, key) if key else None
+    if data is not None:
+        arrays = load(data)
+        ends = np.cumsum(arrays["lengths"]).tolist()
+        blob = arrays["blob"].tobytes()
+        pieces = [blob[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        return pieces, arrays["string_ids"]
+    vocab = llm._model.vocab
+    pieces = [_piece(vocab, t) for t in range(llm.n_vocab())]
+    string_ids = np.array([t for t, p in enumerate(pieces) if _safe_text(p) is not None], dtype=np.int64)
+    if key:
+        arrays = {
+            "lengths": np.array([len(p) for p in pieces], dtype=np.int64),
+            "blob": np.frombuffer(b"".join(pieces) or b"\0", dtype=np.uint8),
+            "string_ids": string_ids,
+        }
+        write_memo_bytes(VOCAB_MEMO, key, save(arrays), st)
+    return pieces, string_ids
+
+
 class JsonObjectDecoder:
     """Decodes answers of one schema with one loaded ``llama_cpp.Llama``; the vocabulary scan and the
     tokenised fixed text are computed once per model."""
 
-    def __init__(self, llm: Any, fields: Sequence[Field]):
+    def __init__(self, llm: Any, fields: Sequence[Field], vocab_memo: tuple[list, Any] | None = None):
         self.llm = llm
         self.fields = list(fields)
-        vocab = llm._model.vocab
         self.n_vocab = llm.n_vocab()
-        self.pieces = [_piece(vocab, t) for t in range(self.n_vocab)]
-        safe = [(t, _safe_text(p)) for t, p in enumerate(self.pieces)]
-        self.string_ids = np.array([t for t, s in safe if s is not None], dtype=np.int64)
-        self.string_chars = np.array([len(s) for _, s in safe if s is not None], dtype=np.int64)
-        self.string_text = {t: s for t, s in safe if s is not None}
+        self.pieces, self.string_ids = vocabulary_scan(llm, vocab_memo)
+        self.string_text = {int(t): self.pieces[t].decode("utf-8") for t in self.string_ids}
+        self.string_chars = np.array([len(self.string_text[int(t)]) for t in self.string_ids], dtype=np.int64)
         # Fixed text: the opening before the first value, and what follows each value.
         keys = [json.dumps(f.name) + ': "' for f in self.fields]
         self.opening = self.tokens("{" + keys[0])
@@ -154,10 +186,14 @@ class JsonObjectDecoder:
         """Evaluate ``prompt_tokens`` (appended to what the context already holds) and decode one answer."""
         llm = self.llm
         max_tokens = int(sampling["max_tokens"])
-        if llm.n_tokens + len(prompt_tokens) + len(self.opening) + 1 > llm.n_ctx():
-            raise ConfigError(
+        # The window asked for: llama.cpp pads its own (llm.n_ctx()) to a multiple of 256, but
+        # llama-cpp-python's token buffer has the size asked for, and eval fails past it.
+        n_ctx = min(llm.n_ctx(), len(llm.input_ids))
+        if llm.n_tokens + len(prompt_tokens) + len(self.opening) + 1 > n_ctx:
+            # This prompt's own failure (another card's may fit): the stage makes it that card's error.
+            raise DataError(
                 f"the prompt ({llm.n_tokens + len(prompt_tokens)} tokens) does not fit the "
-                f"context window ({llm.n_ctx()}); raise --n-ctx"
+                f"context window ({n_ctx}); raise --n-ctx"
             )
         rng = np.random.default_rng(int(sampling.get("seed", 0)))
         answer: list[int] = []
@@ -174,9 +210,9 @@ class JsonObjectDecoder:
 
         def evaluate() -> None:
             nonlocal calls
-            if llm.n_tokens + len(pending) > llm.n_ctx():
-                raise ConfigError(
-                    f"the answer does not fit the context window ({llm.n_ctx()}); raise --n-ctx or lower --max-tokens"
+            if llm.n_tokens + len(pending) > n_ctx:
+                raise DataError(
+                    f"the answer does not fit the context window ({n_ctx}); raise --n-ctx or lower --max-tokens"
                 )
             t0 = time.perf_counter()
             llm.eval(pending)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 from asectl.backends.identity import model_fingerprint
 from asectl.backends.json_decode import Field
 from asectl.cache import file_state, read_memo, read_memo_bytes, sha256_bytes, write_memo, write_memo_bytes
-from asectl.errors import ConfigError
+from asectl.errors import ConfigError, DataError
 from asectl.registry import LLMS
 
 log = logging.getLogger("asectl")
@@ -391,6 +391,21 @@ def make_llm(
     )
 
 
+# Threads of the LLMs this process makes when the caller names none (``set_process_threads``), for generation
+# and for prompts alike; None: llama-cpp-python's defaults (half the cores, and every core for prompts).
+_process_threads: int | None = None
+
+
+def set_process_threads(threads: int | None) -> None:
+    """Keep llama.cpp to ``threads`` in this process (a worker process sharing the cores with others, as a
+    watcher's preparers do). llama.cpp's threads spin at every barrier: with more of them than free cores
+    (two workers each running prompts on every core) each waits on the others and a card takes many times
+    longer. Answers do not depend on the thread count (tests/test_reason.py: workers with one thread each
+    answer as one process with the defaults)."""
+    global _process_threads
+    _process_threads = threads
+
+
 @LLMS.register("llama-cpp")
 class LlamaCppLLM(LLM):
     """A GGUF model run by llama-cpp-python. Construct = validate (cheap); the weights load on first use,
@@ -437,14 +452,15 @@ class LlamaCppLLM(LLM):
         self.n_ctx = n_ctx
         # None = llama-cpp-python's default (half the cores). More threads than free cores makes llama.cpp's
         # spinning workers collapse (seen: 20x slower with a second busy process on 2 cores).
-        self.n_threads = n_threads
+        self.n_threads = n_threads if n_threads is not None else _process_threads
         self.n_gpu_layers = n_gpu_layers
         self.seed = seed
         self._llm = None
         self._prefix: tuple[int, ...] | None = None  # tokens of the shared prefix held in the context
         self.prefix_source: str | None = None  # "restored" (from disk) or "evaluated", last time
         self._decoders: dict[tuple[Field, ...], Any] = {}
-        self.n_threads_batch: int | None = None  # prompt threads (None: llama-cpp-python's default)
+        # Prompt threads (None: llama-cpp-python's default, every core).
+        self.n_threads_batch: int | None = _process_threads
 
     @property
     def model_id(self) -> str:
@@ -562,6 +578,14 @@ class LlamaCppLLM(LLM):
             self._prefix = key
         return n
 
+    def vocab_memo(self) -> tuple[list, Any] | None:
+        """Where the decoder's vocabulary scan is kept: per model file state, llama-cpp-python and vocabulary."""
+        try:
+            key, st = file_state(self.path)
+        except OSError:
+            return None
+        return key + [llama_cpp_version(), self._llm.n_vocab(), 1], st
+
     # The evaluated shared prefix (its key/value cells) is kept on disk beside the cache's memos, so a new
     # process (a cold `predict`, each reason worker) restores it instead of evaluating some 740 tokens again
     # (about 3 s for SmolLM2 on 2 cores). The key holds everything the cells depend on: the model file, the
@@ -617,24 +641,39 @@ class LlamaCppLLM(LLM):
         prefix_messages: list[dict[str, str]] | None = None,
     ) -> dict[str, Any]:
         """One JSON answer with the given ``fields`` (see asectl.backends.json_decode); nothing is carried
-        over from the previous call except the evaluated shared prefix (``prefix_messages``)."""
+        over from the previous call except the evaluated shared prefix (``prefix_messages``).
+
+        A failure of this prompt alone (it does not fit the context window, llama_decode fails on it) is a
+        DataError, so the stage makes it that card's error record and goes on with the other cards; the
+        context is cleared first, so the next prompt starts from a known state."""
         from asectl.backends.json_decode import JsonObjectDecoder
 
         llm = self.load()
-        tokens = self.prompt_tokens(messages)
-        reused = self._continue_from_prefix(tokens, self.prompt_tokens(prefix_messages)) if prefix_messages else 0
-        if not reused:
-            llm.reset()
         key = tuple(fields)
         if key not in self._decoders:
-            self._decoders[key] = JsonObjectDecoder(llm, fields)
-        t0 = time.perf_counter()
-        try:
-            out = self._decoders[key].decode(tokens[reused:], sampling)
-        except RuntimeError as exc:  # llama_decode failed: out of memory or context space
-            raise ConfigError(
-                f"{self.path}: llama.cpp failed while generating ({exc}); lower --n-ctx, --max-tokens or --n-gpu-layers"
-            ) from None
+            self._decoders[key] = JsonObjectDecoder(llm, fields, self.vocab_memo())
+        # llama.cpp says why a decode failed only in its log: kept, for this card's error, not printed.
+        with _llama_log_captured() as lines:
+            try:
+                tokens = self.prompt_tokens(messages)
+                reused = 0
+                if prefix_messages:
+                    reused = self._continue_from_prefix(tokens, self.prompt_tokens(prefix_messages))
+                if not reused:
+                    llm.reset()
+                t0 = time.perf_counter()
+                out = self._decoders[key].decode(tokens[reused:], sampling)
+            except (DataError, RuntimeError) as exc:  # RuntimeError: llama_decode failed (memory, context space)
+                self._prefix = None  # the shared prefix is evaluated (or restored) again for the next prompt
+                llm.reset()
+                if isinstance(exc, DataError):
+                    raise DataError(f"the LLM {self.path.name} could not answer: {exc}") from None
+                said = next((line.strip() for line in reversed(lines) if line.strip()), "")
+                raise DataError(
+                    f"the LLM {self.path.name} could not answer: llama.cpp failed while generating ({exc}"
+                    + (f": {said}" if said else "")
+                    + "); raise --n-ctx if the prompt is long, else lower --max-tokens or --n-gpu-layers"
+                ) from None
         return {
             "raw": out.text,
             "finish_reason": out.finish_reason,
@@ -671,8 +710,12 @@ def _worker_init(llm: LlamaCppLLM, fields: list[Field]) -> None:
 
 def _worker_answer(
     messages: list[dict[str, str]], sampling: dict[str, Any], prefix_messages: list[dict[str, str]] | None
-) -> dict[str, Any]:
-    return _worker["llm"].answer(messages, _worker["fields"], sampling, prefix_messages=prefix_messages)
+) -> dict[str, Any] | DataError:
+    """One answer, or this prompt's DataError in its place: the other prompts of the batch go on."""
+    try:
+        return _worker["llm"].answer(messages, _worker["fields"], sampling, prefix_messages=prefix_messages)
+    except DataError as exc:
+        return exc
 
 
 def default_workers(n_threads: int | None, n_gpu_layers: int) -> int:
@@ -710,7 +753,8 @@ class LLMPool:
 
     def answer_many(
         self, jobs: list[tuple[list[dict[str, str]], dict[str, Any], list[dict[str, str]] | None]]
-    ) -> list[dict[str, Any]]:
+    ) -> list[dict[str, Any] | DataError]:
+        """One answer per job, in order; a prompt the LLM could not answer has its DataError in its place."""
         return self._pool.run(_worker_answer, jobs)
 
     def close(self) -> None:

@@ -135,13 +135,15 @@ class CnOcrEngine(OCREngine):
 
 @OCR_ENGINES.register("rapidocr")
 class RapidOcrEngine(OCREngine):
+    """RapidOCR's PP-OCR ONNX models. Its text recogniser is made alone on first use: reading the lines cut
+    out of a card (``--detector auto``, the default) needs neither the detector nor the angle classifier, whose
+    imports and sessions cost a cold start about 0.3 s; the whole pipeline is made on the first ``read``."""
+
     def __init__(self, threads: int | None = None) -> None:
         _quiet_ocr_logs()
-        from rapidocr import RapidOCR
-
         self.det_path, self.rec_path = _model_file(DET_MODEL), _model_file(REC_MODEL)
         self.cls_path = _model_file(CLS_MODEL)
-        params = {
+        self._params = {
             "Global.log_level": "warning",
             "Global.use_cls": False,
             "Det.model_path": str(self.det_path),
@@ -149,8 +151,34 @@ class RapidOcrEngine(OCREngine):
             "Cls.model_path": str(self.cls_path),
             **{f"EngineConfig.onnxruntime.{k}": v for k, v in _ort_threads(threads).items()},
         }
-        self._ocr = RapidOCR(params=params)
-        _quiet_ocr_logs()
+        self._ocr: Any = None  # the whole pipeline, made on the first read()
+        self._rec: Any = None  # its text recogniser
+
+    def _pipeline(self) -> Any:
+        if self._ocr is None:
+            from rapidocr import RapidOCR
+
+            self._ocr = RapidOCR(params=self._params)
+            _quiet_ocr_logs()
+        return self._ocr
+
+    def _recognizer(self) -> Any:
+        """The recogniser RapidOCR would make, with the same settings (as ``RapidOCR._initialize`` sets them)."""
+        if self._rec is None and self._ocr is not None:
+            self._rec = self._ocr.text_rec
+        if self._rec is None:
+            import rapidocr
+            from rapidocr.ch_ppocr_rec import TextRecognizer
+            from rapidocr.utils.parse_parameters import ParseParams
+
+            package = Path(rapidocr.__file__).parent
+            cfg = ParseParams.update_batch(ParseParams.load(package / "config.yaml"), self._params)
+            cfg.Rec.engine_cfg = cfg.EngineConfig[cfg.Rec.engine_type.value]
+            cfg.Rec.font_path = cfg.Global.font_path
+            cfg.Rec.model_root_dir = cfg.Global.model_root_dir or package / "models"
+            _quiet_ocr_logs()
+            self._rec = TextRecognizer(cfg.Rec)
+        return self._rec
 
     @classmethod
     def static_identity(cls) -> dict[str, Any]:
@@ -163,7 +191,7 @@ class RapidOcrEngine(OCREngine):
         }
 
     def read(self, image: Image.Image) -> list[TextLine]:
-        res = self._ocr(np.asarray(image.convert("RGB")))
+        res = self._pipeline()(np.asarray(image.convert("RGB")))
         if res.txts is None or res.boxes is None:
             return []
         return [TextLine(str(t), float(s), _box(b)) for t, s, b in zip(res.txts, res.scores, res.boxes)]
@@ -171,7 +199,7 @@ class RapidOcrEngine(OCREngine):
     def recognize(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
         from rapidocr.ch_ppocr_rec.typings import TextRecInput
 
-        res = self._ocr.text_rec(TextRecInput(img=list(crops)))
+        res = self._recognizer()(TextRecInput(img=list(crops)))
         return [(str(t), float(s)) for t, s in zip(res.txts or (), res.scores or ())]
 
 

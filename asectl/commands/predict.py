@@ -18,15 +18,13 @@ from asectl.errors import ConfigError
 DECISION_STYLE = {"pass": "[green]pass[/]", "defect": "[red]defect[/]", "review": "[yellow]review[/]"}
 
 
-def _bundle(cache, model: Path | None, exports: bool = False):
-    """The model at ``model`` (a bundle, or with ``exports`` also an export folder), else the latest trained."""
-    from asectl.bundle import latest_bundle, load_bundle
-    from asectl.export import is_export, load_export
+def _bundle(cache, model: Path | None):
+    """The model at ``model`` (a bundle or an export folder), else the latest trained."""
+    from asectl.bundle import latest_bundle
+    from asectl.export import load_model
 
-    if model is not None and exports and is_export(model):
-        return load_export(model), f"exported model {model}"
     if model is not None:
-        return load_bundle(model), f"model {model}"
+        return load_model(model)
     bundle, which = latest_bundle(cache)
     ui.info(f"using the latest trained {which}")
     return bundle, which
@@ -105,7 +103,7 @@ def predict(cache, images, model, out, as_json, force, watch, poll, workers, max
         raise ConfigError(f"{'--poll' if poll is not None else '--workers'} applies to --watch only")
     if not images:
         raise ConfigError("give card images (files, folders or globs), or --watch DIR --out FILE.jsonl")
-    bundle, _ = _bundle(cache, model, exports=True)
+    bundle, _ = _bundle(cache, model)
     rule = _operating_point(bundle, max_miss_rate, max_defect_error)
     ds = load_inputs(images)
     result = run_predict(ds, bundle, cache, force=force, rule=rule)
@@ -172,7 +170,7 @@ def _watch(
     from asectl.stages.predict import Predictor
     from asectl.stages.watch import DEFAULT_POLL, Preparers, done_names, watch_folder
 
-    bundle, _ = _bundle(cache, model, exports=True)
+    bundle, _ = _bundle(cache, model)
     rule = _operating_point(bundle, *targets)
     stop = threading.Event()
     reason: list[str] = []
@@ -203,8 +201,7 @@ def _watch(
             # With workers, they compute the per-image records (--force there); this process only fuses.
             predictor = Predictor(bundle, cache, force and not preparers, rule)
             if preparers:
-                predictor.encoders()
-                predictor.models()
+                predictor.load_models()
                 preparers.warm_up()
             else:
                 predictor.warm_up()

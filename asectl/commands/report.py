@@ -19,7 +19,7 @@ from asectl.commands._shared import environment
     "--model",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     show_default="the latest model trained on DATASET in this cache",
-    help="Model bundle folder.",
+    help="Model bundle or export folder (`asectl export`).",
 )
 @click.option(
     "--out",
@@ -34,14 +34,14 @@ def report(cache, dataset, model, out, as_json):
     """Evaluate a model on its own test split: the decision figures against their targets, each card's
     decision and its reason, then per-class F1, macro-F1 (5-class and binary), confusion matrices and the
     ML diagnostics (calibration, t-SNE, curves)."""
-    from asectl.bundle import load_bundle
     from asectl.domain.dataset import load_dataset
+    from asectl.export import load_model
     from asectl.report import print_summary
     from asectl.stages.models import model_for_dataset
     from asectl.stages.report import default_report_dir, run_report
 
     if model is not None:
-        bundle, which = load_bundle(model), f"model {model}"
+        bundle, which = load_model(model)
     else:
         bundle, which = model_for_dataset(cache, dataset)
         ui.info(f"using the latest {which}")

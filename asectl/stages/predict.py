@@ -119,6 +119,15 @@ class Predictor:
             self._models = (self.bundle.heads(), self.bundle.fusion_members())
         return self._models
 
+    def load_models(self) -> None:
+        """Load what fuses the cards now: an export's ONNX sessions, or a bundle's encoders, heads and fold
+        models (``--watch`` with workers, which compute the rest)."""
+        if isinstance(self.bundle, ExportedModel):
+            self.bundle.load()
+        else:
+            self.encoders()
+            self.models()
+
     def warm_up(self) -> None:
         """Load every model now, so that the first real card does not wait for them (``--watch``): one
         generated card is classified through the bundle's pipeline in a temporary folder and its result
@@ -128,11 +137,7 @@ class Predictor:
 
         from asectl.domain.synth import generate
 
-        if isinstance(self.bundle, ExportedModel):
-            self.bundle.load()
-        else:
-            self.encoders()
-            self.models()
+        self.load_models()
         force, self.force = self.force, True  # computed, not read from the cache: every model loads
         try:
             with tempfile.TemporaryDirectory(prefix="asectl-warm-up-") as tmp:

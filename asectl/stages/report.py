@@ -9,6 +9,7 @@ from asectl.bundle import Bundle, heads_training
 from asectl.cache import Cache
 from asectl.domain.dataset import Dataset, binary_label
 from asectl.errors import ConfigError, DataError
+from asectl.export import ExportedModel
 from asectl.report import (
     FILES,
     ReportInput,
@@ -25,14 +26,14 @@ from asectl.stages.predict import Predictor
 from asectl.stages.split import model_split, split_summary
 
 
-def bundle_alignment(bundle: Bundle, cache: Cache) -> AlignOutcome | None:
+def bundle_alignment(bundle: Bundle | ExportedModel, cache: Cache) -> AlignOutcome | None:
     """The alignment entry the bundle was trained from, if it is still in the cache."""
     key = bundle.config["training"]["align_key"]
     entry = cache.get("align", key)
     return None if entry is None else AlignOutcome(key, entry.path, entry.read_json("summary.json"), True)
 
 
-def provenance_lines(bundle: Bundle) -> tuple[dict[str, str], list[str]]:
+def provenance_lines(bundle: Bundle | ExportedModel) -> tuple[dict[str, str], list[str]]:
     cfg = bundle.config
     prov = dict(cfg["provenance"])
     img, vlm_enc, _ = cfg["encoders"]
@@ -122,10 +123,16 @@ def default_report_dir(dataset_folder: str | Path) -> Path:
 
 
 def run_report(
-    dataset: Dataset, bundle: Bundle, out_dir: str | Path, cache: Cache | None = None, model_id: str | None = None
+    dataset: Dataset,
+    bundle: Bundle | ExportedModel,
+    out_dir: str | Path,
+    cache: Cache | None = None,
+    model_id: str | None = None,
 ) -> ReportSummary:
     """Evaluate ``bundle`` on the test split it was trained with (asectl.stages.split); a folder of other
-    cards is evaluated on its own test split."""
+    cards is evaluated on its own test split. An export (asectl.export) is evaluated the same way from its
+    graphs: it carries the bundle's settings (split, calibration, decision rule, training history), so every
+    part of the report is made; the provenance says it is an export and which OCR engine it read with."""
     cache = cache or Cache()
     dataset, own = model_split(dataset, bundle)
     test = dataset.split("test")
@@ -169,6 +176,8 @@ def run_report(
         emb_split = align.splits
         curves = stage_curves_from_pfa(pfa)
     prov, warnings = provenance_lines(bundle)
+    if isinstance(bundle, ExportedModel):
+        prov.update(bundle.provenance())
     prov["test split"] = (
         f"the model's own: {split_summary(bundle.config['split'])}"
         if own
@@ -215,9 +224,10 @@ def run_report(
         tsne=lambda x, seed: cached_tsne(cache, x, seed),
     )
     summary = write_report(cached_report_files(cache, data), Path(out_dir))
-    from asectl.stages.models import record_report
+    if isinstance(bundle, Bundle):  # `models list` lists the bundles in this cache, with their last report
+        from asectl.stages.models import record_report
 
-    record_report(cache, bundle, str(dataset.root), summary.metrics, summary.html.parent)
+        record_report(cache, bundle, str(dataset.root), summary.metrics, summary.html.parent)
     return summary
 
 

@@ -235,15 +235,17 @@ def _preparer_setup() -> tuple[Any, Any]:
     if "replay" not in _prepared:
         import contextlib
 
+        from asectl.backends.llm import set_process_threads
         from asectl.backends.ocr import get_engine
         from asectl.backends.warm import keep_loaded
-        from asectl.bundle import load_bundle
         from asectl.cache import Cache
+        from asectl.export import load_model
         from asectl.stages.modalities import ModalitySettings
 
-        replay = load_bundle(_prepared["bundle"]).config["replay"]
-        # The OCR engine with this worker's share of the cores (the engine is made once per process).
+        replay = load_model(_prepared["bundle"])[0].config["replay"]  # a bundle's, or an export's (resolved)
+        # The OCR engine and the LLM with this worker's share of the cores (the engine is made once per process).
         get_engine(ModalitySettings.from_dict(replay).ocr.engine, threads=_prepared["threads"])
+        set_process_threads(_prepared["threads"])
         stack = contextlib.ExitStack()
         stack.enter_context(keep_loaded())
         _prepared.update(replay=replay, cache_obj=Cache(_prepared["cache"]), stack=stack)

@@ -261,6 +261,9 @@ def run_reason(
 
     answer_identity = {k: identity[k] for k in ("backend", "schema", "decoder", "sampling")}
     answers: dict[str, dict[str, Any]] = {}  # backend outputs by prompt key
+    # Prompts the LLM could not answer (context overflow, llama_decode failure), by key: each card with that
+    # prompt gets an error record naming it; nothing is cached, so a later run tries again.
+    failed: dict[str, str] = {}
     used: set[str] = set()  # keys a card has already taken (or an earlier run computed)
 
     def answer_key(prep: tuple) -> str:
@@ -278,6 +281,9 @@ def run_reason(
         cache.put_json(ANSWER_STAGE, key, out, {"params": answer_identity})
         answers[key] = out
         tally["answers"] += 1
+
+    def card_error(sample: Sample, key: str) -> DataError:
+        return DataError(f"{sample.path}: {failed[key]}")
 
     def finish(prep: tuple, key: str) -> dict[str, Any]:
         _, _, sentence, rec = prep
@@ -313,8 +319,13 @@ def run_reason(
     def compute(sample: Sample) -> dict[str, Any]:
         prep = prepare(sample)
         key = answer_key(prep)
-        if known_answer(key) is None:
-            store_answer(key, llm.answer(prep[0], fields_spec, sampling.as_dict(), prefix_messages=prep[1]))
+        if key not in failed and known_answer(key) is None:
+            try:
+                store_answer(key, llm.answer(prep[0], fields_spec, sampling.as_dict(), prefix_messages=prep[1]))
+            except DataError as exc:  # this prompt's own failure: this card's error, the others go on
+                failed[key] = str(exc)
+        if key in failed:
+            raise card_error(sample, key)
         return finish(prep, key)
 
     n_workers = workers or default_workers(n_threads, n_gpu_layers)
@@ -332,11 +343,17 @@ def run_reason(
             except DataError as exc:
                 preps.append(exc)
         keys = [answer_key(p) if isinstance(p, tuple) else None for p in preps]
-        todo = {k: p for k, p in zip(keys, preps) if k is not None and known_answer(k) is None}
+        todo = {k: p for k, p in zip(keys, preps) if k is not None and k not in failed and known_answer(k) is None}
         if todo:  # each distinct prompt once
             for k, out in zip(todo, pool.answer_many([(p[0], sampling.as_dict(), p[1]) for p in todo.values()])):
-                store_answer(k, out)
-        return [p if k is None else finish(p, k) for k, p in zip(keys, preps)]
+                if isinstance(out, DataError):
+                    failed[k] = str(out)
+                else:
+                    store_answer(k, out)
+        return [
+            p if k is None else card_error(s, k) if k in failed else finish(p, k)
+            for s, k, p in zip(samples, keys, preps)
+        ]
 
     def status() -> str:
         return f"{tally['completion'] / tally['seconds']:.1f} tok/s" if tally["seconds"] > 0 else ""
@@ -376,8 +393,11 @@ def run_reason(
             contextlib.closing(executor.map(work, jobs, cache)) as done,
         ):
             for n, out in done:
-                answers[jobs[n].key] = out
-                tally["answers"] += 1
+                if out.get("error"):  # not cached: the card's error record below, a later run tries again
+                    failed[jobs[n].key] = out["error"]
+                else:
+                    answers[jobs[n].key] = out
+                    tally["answers"] += 1
                 advance()
     try:
         records = run_per_image(
@@ -444,4 +464,11 @@ def _cluster_llm(
     check_same(f"the LLM {path}", llm.identity(), identity)
     if hasattr(llm, "n_threads_batch"):  # llama-cpp-python would use every core of the node for prompts
         llm.n_threads_batch = n_threads
-    return lambda jobs: [llm.answer(m, fields_spec, s, prefix_messages=p) for m, s, p in jobs]
+
+    def answer(messages: list, sampling: dict[str, Any], prefix: list | None) -> dict[str, Any]:
+        try:
+            return llm.answer(messages, fields_spec, sampling, prefix_messages=prefix)
+        except DataError as exc:  # this prompt's failure: an error record, not stored; the batch goes on
+            return {"error": str(exc)}
+
+    return lambda jobs: [answer(m, s, p) for m, s, p in jobs]

@@ -30,12 +30,18 @@ from _common import OUT, ROOT, SETTINGS, dataset, save, update_section
 
 
 def trained_bundle(
-    cache_dir: Path, out: Path, model: Path | None = None, engine: str = "cnocr", counts: str | None = None
+    cache_dir: Path,
+    out: Path,
+    model: Path | None = None,
+    engine: str = "cnocr",
+    counts: str | None = None,
+    overrides: dict | None = None,
 ) -> Path:
     """``model``, else the model last trained on the seed-0 dataset in this cache (bench/calibration.py's),
     else one trained here; exported to ``out``/bundle. With another OCR ``engine``: the seed-0 model
     trained (or found in the cache) with that engine, the other settings the benchmark's. ``counts``: a
-    smaller seed-0 dataset (cards per class) to train on, for a quicker run."""
+    smaller seed-0 dataset (cards per class) to train on, for a quicker run. ``overrides``: settings the
+    model is trained with (profile keys, e.g. ``encoders.branches``), always trained (or found) with them."""
     from asectl.bundle import export_bundle, load_bundle
     from asectl.cache import Cache
     from asectl.domain.dataset import load_dataset
@@ -47,14 +53,14 @@ def trained_bundle(
     entry = cache.get("model", ptr["key"]) if ptr else None
     if model is not None:
         bundle = load_bundle(model)
-    elif entry is not None and engine == "cnocr":
+    elif entry is not None and engine == "cnocr" and not overrides:
         bundle = load_bundle(entry.path)
     else:
         from asectl.stages.align import run_align
         from asectl.stages.fuse import run_fuse_train
 
         run_align(ds, cache, profile="quick", seed=0, settings={**SETTINGS, "ocr": {"engine": engine}})
-        bundle = run_fuse_train(ds, cache, profile="quick", seed=0).bundle
+        bundle = run_fuse_train(ds, cache, profile="quick", seed=0, overrides=overrides or None).bundle
     if bundle.config["replay"]["ocr"].get("engine") != engine:
         raise SystemExit(f"the model's OCR engine is {bundle.config['replay']['ocr'].get('engine')}, not {engine}")
     target = out / "bundle"
@@ -295,6 +301,14 @@ def main() -> None:
     )
     ap.add_argument("--cold", type=int, default=3, help="cold single-card runs (0: skip)")
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train the model with this setting (e.g. encoders.branches=image,vlm,stats); results in a "
+        "section of their own",
+    )
+    ap.add_argument(
         "--card-seed",
         type=int,
         default=500,
@@ -303,11 +317,16 @@ def main() -> None:
         "to it",
     )
     args = ap.parse_args()
-    suffix = ("" if args.engine == "cnocr" else f"-{args.engine}") + ("" if args.no_export else "-export")
+    overrides = dict(item.split("=", 1) for item in args.set)
+    suffix = (
+        ("" if args.engine == "cnocr" else f"-{args.engine}")
+        + ("" if args.no_export else "-export")
+        + ("-" + "-".join(v.replace(",", "-") for v in overrides.values()) if overrides else "")
+    )
     out = OUT / f"predict-speed{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir)
-    bundle = trained_bundle(cache_dir, out, args.model, args.engine, args.counts)
+    bundle = trained_bundle(cache_dir, out, args.model, args.engine, args.counts, overrides)
     env = {**os.environ, "ASECTL_CACHE_DIR": str(cache_dir)}
     exe = [sys.executable, "-m", "asectl", "-q"]
     models = {"bundle": bundle}
@@ -330,6 +349,7 @@ def main() -> None:
         else f"a seed-0 quick-profile bundle trained here on the {args.counts} cards per class of a smaller "
         "seed-0 field dataset, the benchmark's settings otherwise (the pipeline per card is the same "
         "as for the 455-card model)"
+        + (f", trained with {', '.join(f'`{k}={v}`' for k, v in overrides.items())}" if overrides else "")
         if args.counts
         else "seed-0 quick-profile bundle of `bench/calibration.py`"
         if args.engine == "cnocr"

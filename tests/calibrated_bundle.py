@@ -1,27 +1,14 @@
 """One small trained and calibrated model for the tests of calibration, predict decisions and watch mode:
-24 generated cards, real OCR, the built-in describer, a tiny random llama GGUF and the real frozen
+the 24 cards of conftest.read_cards, real OCR, the built-in describer, a tiny random llama GGUF and the real frozen
 encoders, few epochs. Built once per test session (kept under pytest's base temp folder) and shared."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from click.testing import CliRunner
-
-FAST = ["--set", "pfa.epochs_per_stage=3", "--set", "fusion.epochs=8"]
-
-
-def cli_runner(cache: Path):
-    """``invoke(*args, code=0)``: the CLI in this process on ``cache``, asserting the exit code."""
-    from asectl.cli import cli
-
-    def invoke(*args, code: int = 0):
-        res = CliRunner().invoke(cli, ["--cache-dir", str(cache), "-q", *map(str, args)])
-        assert res.exit_code == code, res.output
-        return res
-
-    return invoke
+from .conftest import FAST, cli_invoker, copy_read_cards
 
 
 def train(invoke, dataset: Path, gguf: Path, *extra: str) -> dict:
@@ -33,14 +20,13 @@ def train(invoke, dataset: Path, gguf: Path, *extra: str) -> dict:
 
 
 def calibrated_bundle(tmp_path_factory, gguf: Path) -> dict:
-    from asectl.domain.synth import generate
-
     root = tmp_path_factory.getbasetemp() / "calibrated-bundle"
     cache, data, bundle = root / "cache", root / "data", root / "bundle"
-    invoke = cli_runner(cache)
+    invoke = cli_invoker(cache)
     summary = root / "fuse-train.json"
     if not summary.exists():
-        generate(data, seed=11, counts="8,4,4,4,4", force=True)
+        shutil.rmtree(root, ignore_errors=True)
+        copy_read_cards(tmp_path_factory, root)
         fuse = train(invoke, data, gguf, "--out", bundle)
         summary.write_text(json.dumps(fuse))
     return {

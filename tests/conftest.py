@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -92,14 +93,33 @@ def tiny_instructblip(tmp_path_factory):
     return build_tiny_instructblip(tmp_path_factory.mktemp("vlm") / "tiny-instructblip")
 
 
-def reasoned_dataset(root, tiny_gguf):
-    """(data, cache, invoke): 24 generated cards under ``root`` (seed 11) through reason (the tiny GGUF)
-    and describe, in a cache of their own; what the fixtures that train a model start from."""
+def read_cards(tmp_path_factory):
+    """(data, cache): 24 generated cards (seed 11: 8 normal, 4 per defect class) and a cache holding their
+    OCR records. Read once per session (kept under pytest's base temp folder): every fixture that trains a
+    model starts from a copy (``copy_read_cards``), so no fixture reads these cards again."""
     from asectl.domain.synth import generate
 
-    data = root / "data"
-    generate(data, seed=11, counts="8,4,4,4,4")
-    cache = root / "cache"
+    root = tmp_path_factory.getbasetemp() / "read-cards"
+    if not (root / "done").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        generate(root / "data", seed=11, counts="8,4,4,4,4")
+        cli_invoker(root / "cache")("ocr", root / "data")
+        (root / "done").touch()
+    return root / "data", root / "cache"
+
+
+def copy_read_cards(tmp_path_factory, root):
+    """(data, cache) under ``root``: copies of ``read_cards``' cards and cache, this fixture's own."""
+    data, cache = read_cards(tmp_path_factory)
+    shutil.copytree(data, root / "data")
+    shutil.copytree(cache, root / "cache")
+    return root / "data", root / "cache"
+
+
+def reasoned_dataset(tmp_path_factory, root, tiny_gguf):
+    """(data, cache, invoke): the 24 cards of ``read_cards`` under ``root`` through reason (the tiny GGUF)
+    and describe, in a cache of their own; what the fixtures that train a model start from."""
+    data, cache = copy_read_cards(tmp_path_factory, root)
     invoke = cli_invoker(cache)
     invoke("reason", data, "--llm-model", tiny_gguf, "--max-tokens", "32")
     invoke("describe", data)
@@ -111,7 +131,7 @@ def trained(tmp_path_factory, tiny_gguf):
     """A small dataset through reason (a tiny GGUF), describe, align and fuse-train, through the CLI;
     shared by every module that needs a trained model (tests change only what they restore)."""
     root = tmp_path_factory.mktemp("learn")
-    data, cache, invoke = reasoned_dataset(root, tiny_gguf)
+    data, cache, invoke = reasoned_dataset(tmp_path_factory, root, tiny_gguf)
     align = invoke("align", data, "--stride", "0.2", "--json", *FAST)
     fuse = invoke("fuse-train", data, "--out", root / "bundle", "--json", *FAST)
     return {

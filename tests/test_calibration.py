@@ -242,7 +242,7 @@ def test_test_labels_do_not_change_the_calibration(trained, tmp_path):
 
 
 def test_fuse_train_defect_confidence_is_recorded_and_checked(trained):
-    from .calibrated_bundle import FAST
+    from .conftest import FAST
 
     out = json.loads(
         trained["invoke"](
@@ -406,7 +406,7 @@ def test_predict_moves_the_operating_point_to_the_rule_fuse_train_derives(traine
     the line says the held-out review share they cost, and without targets the stored rule applies."""
     from asectl.bundle import load_bundle
 
-    from .calibrated_bundle import FAST
+    from .conftest import FAST
 
     targets = {"max_miss_rate": 0.1, "max_defect_error": 0.3}
     other = json.loads(

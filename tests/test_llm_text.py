@@ -67,7 +67,7 @@ def test_hint_free_prompt_has_no_nearest_class_line(small_dataset):
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory, tiny_gguf):
     root = tmp_path_factory.mktemp("llm-text")
-    data, cache, invoke = reasoned_dataset(root, tiny_gguf)
+    data, cache, invoke = reasoned_dataset(tmp_path_factory, root, tiny_gguf)
     fast = ["--set", "pfa.epochs_per_stage=2", "--set", "fusion.epochs=4"]
     invoke("fuse-train", data, "--set", "encoders.llm_text=answer", "--out", root / "bundle", *fast)
     return {"root": root, "data": data, "cache": cache, "invoke": invoke, "fast": fast}

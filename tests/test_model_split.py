@@ -17,7 +17,7 @@ from asectl.domain.synth import generate
 from asectl.errors import ConfigError
 from asectl.stages.split import model_split
 
-from .conftest import FAST, cli_invoker
+from .conftest import FAST, cli_invoker, copy_read_cards
 
 
 def image_folder(src: Path, dst: Path) -> Path:
@@ -84,9 +84,8 @@ def test_asectl_output_and_empty_folders_are_not_classes(folder, tmp_path, asect
 @pytest.fixture(scope="module")
 def folder_model(tmp_path_factory, tiny_gguf):
     root = tmp_path_factory.mktemp("split-model")
-    generate(root / "gen", seed=11, counts="8,4,4,4,4")
-    data = image_folder(root / "gen", root / "mydata")
-    cache = root / "cache"
+    gen, cache = copy_read_cards(tmp_path_factory, root)
+    data = image_folder(gen, root / "mydata")
     invoke = cli_invoker(cache)
     invoke("reason", data, "--llm-model", tiny_gguf, "--max-tokens", "32")
     invoke("describe", data)

@@ -380,7 +380,8 @@ def test_batch_predict_on_ray_equals_local_and_a_poison_card_fails_alone(
     from asectl.domain.synth import generate
     from asectl.workers import CRASH_RETRIES, CRASH_TEST_ENV
 
-    from .calibrated_bundle import calibrated_bundle, cli_runner
+    from .calibrated_bundle import calibrated_bundle
+    from .conftest import cli_invoker
 
     trained = calibrated_bundle(tmp_path_factory, tiny_gguf)
     generate(tmp_path / "new", seed=99, counts="1,1,1,0,1")
@@ -388,7 +389,7 @@ def test_batch_predict_on_ray_equals_local_and_a_poison_card_fails_alone(
     poison = cards[1].name
 
     def predict(cache: Path, *extra: str, code: int = 0) -> list[dict]:
-        res = cli_runner(cache)("predict", *cards, "--model", trained["bundle"], "--json", *extra, code=code)
+        res = cli_invoker(cache)("predict", *cards, "--model", trained["bundle"], "--json", *extra, code=code)
         return [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
 
     local = predict(tmp_path / "local")

@@ -1,6 +1,6 @@
 """The least a card costs: what each part of a warm `predict` spends on a card new to every stage, with
 one thread per library, and what that allows on this machine against the goals of
-bench/predict_speed.py (4 cards/s warm, 3 s cold).
+bench/predict_speed.py (3 cards/s warm, 3 s cold).
 
     python bench/predict_floor.py [--cards 12] [--card-seed 1700] [--model DIR]
 
@@ -132,6 +132,7 @@ def main() -> None:
         help="another checkout of asectl (its root): the export's cold runs with its code too, in turn with "
         "this checkout's (before and after a change, under the same load)",
     )
+    ap.add_argument("--tag", default="", help="results and docs section of their own (e.g. no-llm, for another model)")
     args = ap.parse_args()
 
     work = OUT / "predict-floor"
@@ -291,7 +292,7 @@ def main() -> None:
         "cold_single": single,
         "load_average_end": os.getloadavg(),
     }
-    save("predict_floor", data)
+    save("predict_floor" + (f"_{args.tag.replace('-', '_')}" if args.tag else ""), data)
 
     def med(values: list[float]) -> float:
         return statistics.median(values)
@@ -343,6 +344,24 @@ Warm CPU seconds per card by part (one thread per library, {n} new cards each):
 Load average (1, 5, 15 min) at the end: {", ".join(f"{v:.2f}" for v in os.getloadavg())}.
 """
 
+    if llm_split["answers"]:
+        llm_text = f"""The LLM answer of a card ({llm_split["answers"]} computed): the shared prompt prefix
+({llm_split["prefix_tokens"]:.0f} tokens) is restored, not evaluated; the card's own
+{llm_split["card_prompt_tokens"]:.0f} prompt tokens and the answer's opening take {llm_split["prompt_ms"]:.0f} ms, and
+{llm_split["decode_calls"]:.1f} decode calls (one per choice the model makes, {llm_split["answer_tokens"]:.0f} answer
+tokens in all) {llm_split["generate_ms"]:.0f} ms (wall, mean per answer).
+
+**At most {most:.2f} cards/s on 2 cores** (2 / {mean["cpu"]:.3f} CPU s), whatever the scheduling, when
+every card needs its own LLM answer; the goal of 3 needs at most 0.67 CPU s per card. Without the LLM
+answer a card still costs {no_llm:.3f} CPU s: even if every answer were shared with an earlier card, at
+most {2 / no_llm:.2f} cards/s.
+"""
+    else:
+        llm_text = f"""The model has no llm branch: no card needs an LLM answer.
+
+**At most {most:.2f} cards/s on 2 cores** (2 / {mean["cpu"]:.3f} CPU s), whatever the scheduling; the goal
+of 3 needs at most 0.67 CPU s per card.
+"""
     part_rows = "\n".join(f"| {p} | {mean[p]:.3f} | {100 * mean[p] / mean['cpu']:.0f}% |" for p in PARTS)
     import_rows = "\n".join(f"| {label} | {s:.2f} |" for label, s in imports.items())
     md = f"""### What a card costs at the least (one thread per library, {n} new cards, OCR engine {engine})
@@ -360,17 +379,7 @@ OCR recognises the record's lines cut straight out of the binarised card (`--det
 detector); with the engine's text detector instead (`--detector model`) the same cards cost
 {det_cpu:.3f} CPU s each, and {same_fields} of {n} give the same fields.
 
-The LLM answer of a card ({llm_split["answers"]} computed): the shared prompt prefix
-({llm_split["prefix_tokens"]:.0f} tokens) is restored, not evaluated; the card's own
-{llm_split["card_prompt_tokens"]:.0f} prompt tokens and the answer's opening take {llm_split["prompt_ms"]:.0f} ms, and
-{llm_split["decode_calls"]:.1f} decode calls (one per choice the model makes, {llm_split["answer_tokens"]:.0f} answer
-tokens in all) {llm_split["generate_ms"]:.0f} ms (wall, mean per answer).
-
-**At most {most:.2f} cards/s on 2 cores** (2 / {mean["cpu"]:.3f} CPU s), whatever the scheduling, when
-every card needs its own LLM answer; the goal of 4 needs at most 0.5 CPU s per card. Without the LLM
-answer a card still costs {no_llm:.3f} CPU s: even if every answer were shared with an earlier card, at
-most {2 / no_llm:.2f} cards/s.
-
+{llm_text}
 | cold start: a new process importing | seconds (fastest of 5) |
 |---|---|
 {import_rows}
@@ -381,7 +390,7 @@ Each row includes the rows above it. **Cold lower bound with `rapidocr`**, the e
 `cnocr` the imports alone take {cold_imports["cnocr"]:.1f} s.
 
 {side_by_side}"""
-    update_section("predict-floor", md)
+    update_section("predict-floor" + (f"-{args.tag}" if args.tag else ""), md)
     print(md)
 
 

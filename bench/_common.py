@@ -100,6 +100,18 @@ def save(name: str, data: dict, raw: dict | None = None) -> Path:
     return path
 
 
+def publish(name: str, rec: dict, started: float, render, docs: bool = True) -> None:
+    """Finish a run: ``rec`` gains its run time (from ``started``, a perf_counter) and the measured line, is
+    saved as bench/results/NAME.json, and ``render(rec)`` replaces the docs section named NAME with dashes."""
+    import time
+
+    rec["seconds"] = round(time.perf_counter() - started, 1)
+    rec["measured"] = measured_line()
+    save(name, rec)
+    if docs:
+        update_section(name.replace("_", "-"), render(rec))
+
+
 def load(name: str) -> dict:
     """A saved summary, label lists unpacked (as the run that saved it held them)."""
     return unpack_labels(json.loads((RESULTS / f"{name}.json").read_text()))

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 import oracle
-from _common import measured_line, save, update_section
+from _common import publish
 from asectl.metrics import macro_f1_from_codes
 
 CLASSES = ["normal", "type1", "type2", "type3", "type4"]
@@ -117,12 +117,8 @@ def main() -> None:
         "n_train": len(train),
         "r2": r2,
         "rows": rows,
-        "seconds": round(time.perf_counter() - start, 1),
-        "measured": measured_line(),
     }
-    save("card_information", rec)
-    if not args.no_docs:
-        update_section("card-information", markdown(rec))
+    publish("card_information", rec, start, markdown, docs=not args.no_docs)
 
 
 def markdown(rec: dict) -> str:

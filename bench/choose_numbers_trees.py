@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, dataset, measured_line, save, update_section
+from _common import OUT, dataset, publish
 from asectl.cache import Cache
 from asectl.domain.dataset import load_dataset
 from asectl.metrics import macro_f1_from_codes
@@ -81,12 +81,8 @@ def main() -> None:
         "seeds": args.seeds,
         "fold_seeds": fold_seeds,
         "rows": rows,
-        "seconds": round(time.perf_counter() - start, 1),
-        "measured": measured_line(),
     }
-    save("choose_numbers_trees", rec)
-    if not args.no_docs:
-        update_section("choose-numbers-trees", markdown(rec))
+    publish("choose_numbers_trees", rec, start, markdown, docs=not args.no_docs)
 
 
 def markdown(rec: dict) -> str:

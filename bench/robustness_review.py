@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, dataset, measured_line, save, update_section
+from _common import OUT, dataset, publish
 from asectl.cache import Cache
 from asectl.domain.dataset import Dataset, load_dataset
 from asectl.metrics import macro_f1_from_codes
@@ -74,11 +74,7 @@ def main() -> None:
         per_seed[seed] = run_seed(seed, cache)
         d = per_seed[seed]["decisions"]
         print(seed, round(100 * per_seed[seed]["macro_f1"], 2), d["review_share"], d["n_missed"], flush=True)
-    rec = {"seeds": seeds, "per_seed": per_seed, "seconds": round(time.perf_counter() - start, 1)}
-    rec["measured"] = measured_line()
-    save("robustness_review", rec)
-    if not args.no_docs:
-        update_section("robustness-review", markdown(rec))
+    publish("robustness_review", {"seeds": seeds, "per_seed": per_seed}, start, markdown, docs=not args.no_docs)
 
 
 def markdown(rec: dict) -> str:

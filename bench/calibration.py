@@ -170,7 +170,7 @@ def main() -> None:
     cached = [r["seed"] for r in per_seed if r["from_cache"]]
     trained_note = (
         f"; the models of seeds {', '.join(map(str, cached))} came from the cache (trained earlier with "
-        "the same settings, e.g. by bench/quality.py, whose `PFA + CMAF, no TDA` rows are these models), "
+        "the same settings, e.g. by bench/default_model.py), "
         "so only their test cards were classified here"
         if cached
         else ""

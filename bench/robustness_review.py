@@ -30,7 +30,9 @@ def run_seed(seed: int, cache: Cache) -> dict:
     from asectl.stages.predict import Predictor
 
     over = {"encoders.branches": "image,vlm,llm,stats", "encoders.dot_pattern": True, "fusion.numbers_trees": True}
-    model = run_fuse_train(load_dataset(dataset(seed)), cache, overrides=over).bundle  # the default, named in full
+    model = run_fuse_train(
+        load_dataset(dataset(seed)), cache, profile="quick", seed=seed, overrides=over
+    ).bundle  # the default, named in full
     clean = load_dataset(dataset(seed, difficulty="clean"))
     test = Dataset(clean.split("test"), clean.root, clean.source, clean.labels)
     predictor = Predictor(model, cache)

@@ -1,6 +1,7 @@
 """The dot pattern's numbers and the trees member, chosen on the training split.
 
     python bench/choose_numbers_trees.py [--seeds 0,1] [--fold-seeds 0,1,2] [--cache-dir C] [--no-docs]
+    python bench/choose_numbers_trees.py --weights 0.25,0.5,0.75    # the trees member's weight, own section
 
 Per generator seed (the default `field` cards, bench/out/ds-field-seed<N>; only the training split is read): the
 quick profile's alignment with and without the dot pattern's numbers in the stats branch
@@ -10,7 +11,9 @@ member on the stats numbers (`fusion.numbers_trees`, weight 0.5), once per fold 
 out-of-fold argmax, and the review share of the decision rule chosen on those same held-out probabilities at the
 stored targets (in-sample for the rule: a guide, not a promise). The caveat of bench/choose_classifier.py holds:
 the alignment and the cards-cnn features were trained on the whole training split. Results:
-bench/results/choose_numbers_trees.json and the ``choose-numbers-trees`` section of docs/benchmarks.md."""
+bench/results/choose_numbers_trees.json and the ``choose-numbers-trees`` section of docs/benchmarks.md.
+``--weights``: instead, the dot pattern with the trees member at each weight (`fusion.trees_weight`, the
+trees' share of the fold model's probabilities), the first weight the reference; ``choose-trees-weight``."""
 
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ from asectl.domain.dataset import load_dataset
 from asectl.metrics import macro_f1_from_codes
 from asectl.models.train_config import get_profile
 
+# name: (alignment overrides, trees member, its weight); the first is the reference of the differences
 CANDIDATES = {
-    "printed numbers (earlier default)": ({"encoders.dot_pattern": False}, False),
-    "printed + dot pattern": ({"encoders.dot_pattern": True}, False),
-    "printed, with trees": ({"encoders.dot_pattern": False}, True),
-    "printed + dot pattern, with trees": ({"encoders.dot_pattern": True}, True),
+    "printed numbers (earlier default)": ({"encoders.dot_pattern": False}, False, 0.5),
+    "printed + dot pattern": ({"encoders.dot_pattern": True}, False, 0.5),
+    "printed, with trees": ({"encoders.dot_pattern": False}, True, 0.5),
+    "printed + dot pattern, with trees": ({"encoders.dot_pattern": True}, True, 0.5),
 }
 TARGETS = {"max_miss_rate": 0.01, "max_defect_error": 0.05}
 
@@ -43,18 +47,24 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="generator seeds of the default field cards")
     ap.add_argument("--fold-seeds", default="0,1,2")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
+    ap.add_argument("--weights", default=None, help="compare these trees weights instead (comma-separated)")
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args()
     start = time.perf_counter()
     cache = Cache(Path(args.cache_dir))
     fold_seeds = [int(s) for s in args.fold_seeds.split(",")]
-    rows: dict[str, dict[str, list]] = {name: {"macro_f1": [], "review_share": []} for name in CANDIDATES}
+    candidates = (
+        {f"trees weight {w}": ({"encoders.dot_pattern": True}, True, float(w)) for w in args.weights.split(",")}
+        if args.weights
+        else CANDIDATES
+    )
+    rows: dict[str, dict[str, list]] = {name: {"macro_f1": [], "review_share": []} for name in candidates}
     for seed in (int(s) for s in args.seeds.split(",")):
         ds = load_dataset(dataset(seed))
-        for name, (align_over, trees) in CANDIDATES.items():
-            align = run_fuse_train(ds, cache, overrides=align_over).align
+        for name, (align_over, trees, weight) in candidates.items():
+            align = run_fuse_train(ds, cache, profile="quick", seed=seed, overrides=align_over).align
             prof = get_profile("quick", align_over)
-            config = dataclasses.replace(prof.fusion, numbers_trees=trees)
+            config = dataclasses.replace(prof.fusion, numbers_trees=trees, trees_weight=weight)
             train = align.train_index()
             emb, raw = align.embeddings(), align.raw_features()
             feats = {m: emb[m][train] for m in prof.encoders.branches}
@@ -82,20 +92,25 @@ def main() -> None:
         "fold_seeds": fold_seeds,
         "rows": rows,
     }
-    publish("choose_numbers_trees", rec, start, markdown, docs=not args.no_docs)
+    name = "choose_trees_weight" if args.weights else "choose_numbers_trees"
+    publish(name, rec, start, markdown, docs=not args.no_docs)
 
 
 def markdown(rec: dict) -> str:
-    base = np.asarray(rec["rows"]["printed numbers (earlier default)"]["macro_f1"]) * 100
+    reference = next(iter(rec["rows"]))
+    base = np.asarray(rec["rows"][reference]["macro_f1"]) * 100
+    title = (
+        "The trees member's weight" if reference.startswith("trees weight") else "The dot pattern and the trees member"
+    )
     lines = [
-        f"### The dot pattern and the trees member, chosen on the training split (generator seeds {rec['seeds']})",
+        f"### {title}, chosen on the training split (generator seeds {rec['seeds']})",
         "",
         f"`fuse-train`'s 5-fold cross-validation of the training cards, fold seeds {rec['fold_seeds']} per "
-        "generator seed; macro-F1 of the out-of-fold argmax, its paired difference from the earlier default "
+        f"generator seed; macro-F1 of the out-of-fold argmax, its paired difference from `{reference}` "
         "(mean and the range over runs), and the review share of the rule chosen on the same held-out "
         "probabilities (1% miss, 5% defect error).",
         "",
-        "| stats branch and classifier | macro-F1 | minus earlier default (min, max) | review share |",
+        "| stats branch and classifier | macro-F1 | minus the first row (min, max) | review share |",
         "|---|---|---|---|",
     ]
     for name, r in rec["rows"].items():

@@ -3,8 +3,10 @@
     python bench/default_model.py [--seeds 0] [--cache-dir C]
 
 Per generator seed: the default generated `field` cards (bench/out/ds-field-seed<N>, 325 train / 130 test), the
-quick profile as shipped, without the dot pattern's numbers (`encoders.dot_pattern false`, the earlier default) and
-without the llm branch (`encoders.branches image,vlm,stats`: no LLM at training or prediction), each trained with
+quick profile as shipped, without the dot pattern's numbers and the trees member (the earlier default),
+without the llm branch (`encoders.branches image,vlm,stats`: no LLM at training or prediction), and with each
+other part of the default off in turn (the stats branch, the trained image encoder, concatenation for CMAF token
+attention, frozen heads for heads trained end to end), each trained with
 `fuse-train` and scored on the test split through `asectl`'s own predictor (the calibrated fold-model average and
 the stored decision rule, as `report` and `predict` use them); gradient boosting on the OCR'd printed numbers, on
 the dot pattern's measured numbers (an image-only model) and on both (the strong simple alternative); and the
@@ -40,6 +42,16 @@ ROWS = {
     EARLIER: {"encoders.branches": FOUR, "encoders.dot_pattern": False, "fusion.numbers_trees": False},
     NO_LLM: {"encoders.branches": "image,vlm,stats", "encoders.dot_pattern": True, "fusion.numbers_trees": True},
 }
+# Each part of the default off in turn, the rest as the default (the trees member needs the stats branch and
+# frozen heads, so it is off in the rows without them; CMAF and end-to-end heads train the MLP classifier).
+DEFAULT_SETTINGS = ROWS[DEFAULT]
+ABLATIONS = {
+    "default without the stats branch": {**DEFAULT_SETTINGS, "encoders.branches": "image,vlm,llm"},
+    "default with the frozen ImageNet image encoder": {**DEFAULT_SETTINGS, "encoders.image": "efficientnet-lite0"},
+    "default with CMAF token attention": {**DEFAULT_SETTINGS, "fusion.variant": "cmaf"},
+    "default with heads trained end to end": {**DEFAULT_SETTINGS, "fusion.projections": "end-to-end"},
+}
+ROWS.update(ABLATIONS)
 BOOSTING = "gradient boosting on the OCR'd numbers"
 BOOSTING_DOTS = "gradient boosting on the dot pattern's numbers (image only)"
 BOOSTING_BOTH = "gradient boosting on the printed and the dot pattern's numbers"
@@ -139,6 +151,7 @@ def main() -> None:
     pairs = [
         (DEFAULT, EARLIER),
         (DEFAULT, NO_LLM),
+        *((DEFAULT, row) for row in ABLATIONS),
         (DEFAULT, BOOSTING),
         (DEFAULT, BOOSTING_DOTS),
         (DEFAULT, BOOSTING_BOTH),

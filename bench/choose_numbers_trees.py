@@ -1,7 +1,7 @@
 """The dot pattern's numbers and the trees member, chosen on the training split.
 
     python bench/choose_numbers_trees.py [--seeds 0,1] [--fold-seeds 0,1,2] [--cache-dir C] [--no-docs]
-    python bench/choose_numbers_trees.py --weights 0.25,0.5,0.75    # the trees member's weight, own section
+    python bench/choose_numbers_trees.py --compare trees_weight=0.5,0.25,0.75   # one fusion setting, own section
 
 Per generator seed (the default `field` cards, bench/out/ds-field-seed<N>; only the training split is read): the
 quick profile's alignment with and without the dot pattern's numbers in the stats branch
@@ -12,8 +12,9 @@ out-of-fold argmax, and the review share of the decision rule chosen on those sa
 stored targets (in-sample for the rule: a guide, not a promise). The caveat of bench/choose_classifier.py holds:
 the alignment and the cards-cnn features were trained on the whole training split. Results:
 bench/results/choose_numbers_trees.json and the ``choose-numbers-trees`` section of docs/benchmarks.md.
-``--weights``: instead, the dot pattern with the trees member at each weight (`fusion.trees_weight`, the
-trees' share of the fold model's probabilities), the first weight the reference; ``choose-trees-weight``."""
+``--compare FIELD=V1,V2,..``: instead, the default (the dot pattern with the trees member) with the fusion setting
+FIELD at each value (e.g. `trees_weight`, the trees' share of the fold model's probabilities, or `variant`,
+concat or cmaf), the first value the reference; section ``choose-FIELD`` (underscores as dashes)."""
 
 from __future__ import annotations
 
@@ -24,47 +25,51 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, dataset, publish
+from _common import OUT, dataset, publish, train_quick
 from asectl.cache import Cache
 from asectl.domain.dataset import load_dataset
 from asectl.metrics import macro_f1_from_codes
 from asectl.models.train_config import get_profile
 
-# name: (alignment overrides, trees member, its weight); the first is the reference of the differences
+# name: (alignment overrides, fusion settings); the first is the reference of the differences
 CANDIDATES = {
-    "printed numbers (earlier default)": ({"encoders.dot_pattern": False}, False, 0.5),
-    "printed + dot pattern": ({"encoders.dot_pattern": True}, False, 0.5),
-    "printed, with trees": ({"encoders.dot_pattern": False}, True, 0.5),
-    "printed + dot pattern, with trees": ({"encoders.dot_pattern": True}, True, 0.5),
+    "printed numbers (earlier default)": ({"encoders.dot_pattern": False}, {"numbers_trees": False}),
+    "printed + dot pattern": ({"encoders.dot_pattern": True}, {"numbers_trees": False}),
+    "printed, with trees": ({"encoders.dot_pattern": False}, {"numbers_trees": True}),
+    "printed + dot pattern, with trees": ({"encoders.dot_pattern": True}, {"numbers_trees": True}),
 }
 TARGETS = {"max_miss_rate": 0.01, "max_defect_error": 0.05}
 
 
 def main() -> None:
-    from asectl.stages.fuse import calibrate, run_fuse_train
+    from asectl.stages.fuse import calibrate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1", help="generator seeds of the default field cards")
     ap.add_argument("--fold-seeds", default="0,1,2")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
-    ap.add_argument("--weights", default=None, help="compare these trees weights instead (comma-separated)")
+    ap.add_argument("--compare", default=None, metavar="FIELD=V1,V2", help="compare these values of one fusion setting")
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args()
     start = time.perf_counter()
     cache = Cache(Path(args.cache_dir))
     fold_seeds = [int(s) for s in args.fold_seeds.split(",")]
-    candidates = (
-        {f"trees weight {w}": ({"encoders.dot_pattern": True}, True, float(w)) for w in args.weights.split(",")}
-        if args.weights
-        else CANDIDATES
-    )
+    candidates, field = CANDIDATES, None
+    if args.compare:
+        field, values = args.compare.split("=", 1)
+        kind = type(getattr(get_profile("quick").fusion, field))  # an unknown field stops here
+        parse = (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
+        candidates = {
+            f"{field} {v}": ({"encoders.dot_pattern": True}, {"numbers_trees": True, field: parse(v)})
+            for v in values.split(",")
+        }
     rows: dict[str, dict[str, list]] = {name: {"macro_f1": [], "review_share": []} for name in candidates}
     for seed in (int(s) for s in args.seeds.split(",")):
         ds = load_dataset(dataset(seed))
-        for name, (align_over, trees, weight) in candidates.items():
-            align = run_fuse_train(ds, cache, profile="quick", seed=seed, overrides=align_over).align
+        for name, (align_over, fusion_over) in candidates.items():
+            align = train_quick(ds, cache, seed, align_over).align
             prof = get_profile("quick", align_over)
-            config = dataclasses.replace(prof.fusion, numbers_trees=trees, trees_weight=weight)
+            config = dataclasses.replace(prof.fusion, **fusion_over)
             train = align.train_index()
             emb, raw = align.embeddings(), align.raw_features()
             feats = {m: emb[m][train] for m in prof.encoders.branches}
@@ -92,7 +97,8 @@ def main() -> None:
         "fold_seeds": fold_seeds,
         "rows": rows,
     }
-    name = "choose_trees_weight" if args.weights else "choose_numbers_trees"
+    rec["field"] = field
+    name = f"choose_{field}" if field else "choose_numbers_trees"
     publish(name, rec, start, markdown, docs=not args.no_docs)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import oracle
-from _common import OUT, dataset, save, update_section
+from _common import OUT, dataset, save, train_quick, update_section
 from asectl.cache import Cache
 from asectl.domain.dataset import Dataset, load_dataset
 from asectl.metrics import macro_f1_from_codes
@@ -62,7 +62,6 @@ def run_seed(seed: int, cache: Cache) -> dict:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from asectl.domain.synth import read_truth
-    from asectl.stages.fuse import run_fuse_train
     from asectl.stages.predict import Predictor
 
     root = dataset(seed)
@@ -70,9 +69,8 @@ def run_seed(seed: int, cache: Cache) -> dict:
     test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
     out: dict = {}
     for name, over in ROWS.items():
-        # The profile and the training seed named too (the generator seed, as bench/calibration.py and
-        # bench/quality.py train): left out, fuse-train takes them from the dataset's last alignment.
-        res = run_fuse_train(ds, cache, profile="quick", seed=seed, overrides=over)
+        # the training seed is the generator seed, as bench/calibration.py and bench/quality.py train
+        res = train_quick(ds, cache, seed, over)
         if name == DEFAULT:
             default_align, default_fields = res.align, res.bundle.config["stats_fields"]
         predictor = Predictor(res.bundle, cache)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import OUT, dataset, publish
+from _common import OUT, dataset, publish, train_quick
 from asectl.cache import Cache
 from asectl.domain.dataset import Dataset, load_dataset
 from asectl.metrics import macro_f1_from_codes
@@ -26,13 +26,10 @@ from asectl.models.calibration import decision_stats
 
 
 def run_seed(seed: int, cache: Cache) -> dict:
-    from asectl.stages.fuse import run_fuse_train
     from asectl.stages.predict import Predictor
 
     over = {"encoders.branches": "image,vlm,llm,stats", "encoders.dot_pattern": True, "fusion.numbers_trees": True}
-    model = run_fuse_train(
-        load_dataset(dataset(seed)), cache, profile="quick", seed=seed, overrides=over
-    ).bundle  # the default, named in full
+    model = train_quick(load_dataset(dataset(seed)), cache, seed, over).bundle  # the default, named in full
     clean = load_dataset(dataset(seed, difficulty="clean"))
     test = Dataset(clean.split("test"), clean.root, clean.source, clean.labels)
     predictor = Predictor(model, cache)

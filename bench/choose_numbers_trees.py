@@ -105,9 +105,12 @@ def main() -> None:
 def markdown(rec: dict) -> str:
     reference = next(iter(rec["rows"]))
     base = np.asarray(rec["rows"][reference]["macro_f1"]) * 100
-    title = (
-        "The trees member's weight" if reference.startswith("trees weight") else "The dot pattern and the trees member"
-    )
+    titles = {
+        "trees_weight": "The trees member's weight",
+        "variant": "The fusion variant with the dot pattern and trees",
+    }
+    field = rec.get("field")
+    title = titles.get(field, f"fusion.{field}") if field else "The dot pattern and the trees member"
     lines = [
         f"### {title}, chosen on the training split (generator seeds {rec['seeds']})",
         "",

@@ -6,7 +6,7 @@ Per generator seed: the quick default trained with `fuse-train` on the default `
 (bench/out/ds-field-seed<N>, its training split), then `asectl`'s own predictor (calibrated fold-model average,
 stored decision rule at 1% miss and 5% defect error) on the test split of the `clean` cards of the same seed
 (bench/out/ds-clean-seed<N>: the same class models without the field difficulty, docs/dataset.md). This is the
-robustness table's setting (bench/quality.py, "field -> clean") with the line's figures; the issue's goal is a
+robustness table's setting (bench/quality.py, "field -> clean") with the line's figures; the goal is a
 review share of at most 10% with the miss rate held. Nothing is chosen here; each clean test split is read once.
 Results: bench/results/robustness_review.json and the ``robustness-review`` section of docs/benchmarks.md."""
 

@@ -88,6 +88,12 @@ def run_fuse_train(
         **prev.get("overrides", {}),
         **{k: v for k, v in (overrides or {}).items() if k.startswith(("pfa.", "encoders."))},
     }
+    kept = {k: v for k, v in prev.get("overrides", {}).items() if k not in (overrides or {})}
+    if kept:  # settings no one gave this run: say so, an earlier run's --set may be among them
+        log.info(
+            "fuse-train: the dataset's alignment keeps %s from its last run (asectl align DATA starts afresh)",
+            ", ".join(f"{k}={v}" for k, v in sorted(kept.items())),
+        )
     a_seed = prev.get("seed", 0) if seed is None else seed
     a_aug = augmented if augmented is not None else prev.get("augmented")
     given_sources = dict(settings_sources or {})

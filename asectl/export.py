@@ -207,6 +207,8 @@ class ExportedModel(DecisionSource):
     def fold_logits(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         """Logits float32 [fold models, n, classes] before calibration, from the encoder features: through the
         heads graph, or, for fold models trained end to end, through each fold graph's own heads."""
+        from asectl.models.trees import with_trees
+
         inputs = self.align(features) if self.graphs.get("heads") else features
         trees = self.graphs.get("trees") or [None] * len(self.graphs["fusion"])
         out = []
@@ -214,13 +216,8 @@ class ExportedModel(DecisionSource):
             sess = self.session(graph)
             feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32) for i in sess.get_inputs()}
             logits = sess.run(None, feeds)[0]
-            if trees_name:  # the fold model's trees member on the stats numbers (asectl.models.trees)
-                from asectl.models.trees import mixed_logits, tree_proba
-
-                member = self.trees(trees_name)
-                p = tree_proba(member, features["stats"])
-                logits = mixed_logits(np.asarray(logits, dtype=np.float64), p, member.params["weight"])
-            out.append(logits)
+            # the fold model's trees member on the stats numbers, where it has one (asectl.models.trees)
+            out.append(with_trees(self.trees(trees_name) if trees_name else None, logits, features))
         return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
     def trees(self, name: str) -> Any:

@@ -331,7 +331,8 @@ def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
     from asectl.bundle import load_bundle
     from asectl.cache import Cache
     from asectl.domain.dataset import Dataset, load_dataset
-    from asectl.models.cmaf import predict_logits, with_trees
+    from asectl.models.cmaf import predict_logits
+    from asectl.models.trees import with_trees
     from asectl.stages.predict import Predictor
     from asectl.stages.report import bundle_alignment
 
@@ -345,7 +346,11 @@ def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
     index = {name: i for i, name in enumerate(align.names)}
 
     def logits_of(model, rows):  # the bundle's branches, and the fold model's trees member on the numbers
-        return with_trees(model, predict_logits(model, {m: e[rows] for m, e in emb.items()}), {"stats": numbers[rows]})
+        return with_trees(
+            getattr(model, "trees", None),
+            predict_logits(model, {m: e[rows] for m, e in emb.items()}),
+            {"stats": numbers[rows]},
+        )
 
     # Each fold's held-out cards in training order, as fuse-train classified them (the same batches, so
     # the same floats: a threshold sits exactly at a held-out card's confidence).

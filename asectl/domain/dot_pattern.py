@@ -77,10 +77,16 @@ def _range_pixels(size: tuple[int, int], geometry: Any) -> tuple[tuple[int, int,
 
 
 @lru_cache(maxsize=1)
+def _directions() -> tuple[np.ndarray, np.ndarray]:
+    """(cos a, sin a) of the DIRECTIONS projection angles a in [0, pi)."""
+    a = np.linspace(0.0, math.pi, DIRECTIONS, endpoint=False)
+    return np.cos(a), np.sin(a)
+
+
+@lru_cache(maxsize=1)
 def _direction_powers() -> np.ndarray:
     """[DIRECTIONS, 5]: the coefficients of E[x^k y^(4-k)] in E[t^4] for t = x cos a + y sin a."""
-    a = np.linspace(0.0, math.pi, DIRECTIONS, endpoint=False)
-    c, s = np.cos(a), np.sin(a)
+    c, s = _directions()
     return np.stack([math.comb(4, k) * c**k * s ** (4 - k) for k in range(5)], axis=1)
 
 
@@ -90,8 +96,8 @@ def _directional_kurtosis(xy: np.ndarray, w: np.ndarray) -> np.ndarray:
     wxx, wyy, wxy = w * x * x, w * y * y, w * x * y
     m4 = np.array([wyy @ (y * y), wxy @ (y * y), wxx @ (y * y), wxy @ (x * x), wxx @ (x * x)])
     sxx, syy, sxy = wxx.sum(), wyy.sum(), wxy.sum()
-    a = np.linspace(0.0, math.pi, DIRECTIONS, endpoint=False)
-    var = sxx * np.cos(a) ** 2 + syy * np.sin(a) ** 2 + 2 * sxy * np.sin(a) * np.cos(a)
+    c, s = _directions()
+    var = sxx * c**2 + syy * s**2 + 2 * sxy * s * c
     return (_direction_powers() @ m4) / np.maximum(var, 1e-12) ** 2
 
 

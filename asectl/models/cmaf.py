@@ -521,6 +521,7 @@ def fold_logits(members: Sequence[FusionModel], features: Mapping[str, Any], hea
     projects them with its own heads and adapters, the others read them through the alignment's ``heads``
     (projected once)."""
     from asectl.models.pfa import align_features
+    from asectl.models.trees import with_trees
 
     aligned = None
     out = []
@@ -528,21 +529,8 @@ def fold_logits(members: Sequence[FusionModel], features: Mapping[str, Any], hea
         if member.projections is None and aligned is None:
             aligned = align_features(heads, features)
         logits = predict_logits(member, features if member.projections is not None else aligned)
-        out.append(with_trees(member, logits, features))
+        out.append(with_trees(getattr(member, "trees", None), logits, features))
     return np.ascontiguousarray(np.stack(out))
-
-
-def with_trees(member: Any, logits: np.ndarray, features: Mapping[str, Any]) -> np.ndarray:
-    """A fold model's logits with its trees member (asectl.models.trees) mixed in, when it has one; the
-    trees read the stats branch's raw numbers (``features["stats"]``)."""
-    trees = getattr(member, "trees", None)
-    if trees is None:
-        return logits
-    from asectl.models.trees import mixed_logits, tree_proba
-
-    return mixed_logits(
-        np.asarray(logits, dtype=np.float64), tree_proba(trees, features["stats"]), trees.params["weight"]
-    )
 
 
 def trees_file(path: str | Path) -> Path:

@@ -167,4 +167,14 @@ def mixed_logits(fusion_logits: np.ndarray, trees_p: np.ndarray, weight: float) 
     return np.log(np.clip(mixed, 1e-12, None)).astype(np.float32)
 
 
-__all__ = ["NumbersTrees", "fit_numbers_trees", "load_trees", "mixed_logits", "tree_proba"]
+def with_trees(trees: NumbersTrees | None, logits: np.ndarray, features: Any) -> np.ndarray:
+    """A fold model's logits with its trees member mixed in (``mixed_logits``), or as they are without one;
+    the trees read the stats branch's raw numbers, ``features["stats"]``. The one place training, a bundle
+    and an export mix them."""
+    if trees is None:
+        return logits
+    p = tree_proba(trees, features["stats"])
+    return mixed_logits(np.asarray(logits, dtype=np.float64), p, trees.params["weight"])
+
+
+__all__ = ["NumbersTrees", "fit_numbers_trees", "load_trees", "mixed_logits", "tree_proba", "with_trees"]

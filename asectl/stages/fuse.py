@@ -375,12 +375,11 @@ def calibrate(
             )
             logits[held] = predict_logits(model, {m: v[held] for m, v in feats.items()})
             if config.numbers_trees:
-                from asectl.models.cmaf import with_trees
-                from asectl.models.trees import fit_numbers_trees
+                from asectl.models.trees import fit_numbers_trees, with_trees
 
                 model.trees = fit_numbers_trees(numbers[fit], y[fit], len(classes), seed)
                 model.trees.params["weight"] = config.trees_weight
-                logits[held] = with_trees(model, logits[held], {"stats": numbers[held]})
+                logits[held] = with_trees(model.trees, logits[held], {"stats": numbers[held]})
             members.append(model)
             histories.append(history["epochs"])
     scored = np.asarray(held_out, dtype=bool)

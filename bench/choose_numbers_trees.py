@@ -2,6 +2,7 @@
 
     python bench/choose_numbers_trees.py [--seeds 0,1] [--fold-seeds 0,1,2] [--cache-dir C] [--no-docs]
     python bench/choose_numbers_trees.py --compare trees_weight=0.5,0.25,0.75   # one fusion setting, own section
+    python bench/choose_numbers_trees.py --compare trees_l2=0,1 --compare trees_max_leaf_nodes=31,15
 
 Per generator seed (the default `field` cards, bench/out/ds-field-seed<N>; only the training split is read): the
 quick profile's alignment with and without the dot pattern's numbers in the stats branch
@@ -14,7 +15,9 @@ the alignment and the cards-cnn features were trained on the whole training spli
 bench/results/choose_numbers_trees.json and the ``choose-numbers-trees`` section of docs/benchmarks.md.
 ``--compare FIELD=V1,V2,..``: instead, the default (the dot pattern with the trees member) with the fusion setting
 FIELD at each value (e.g. `trees_weight`, the trees' share of the fold model's probabilities, or `variant`,
-concat or cmaf), the first value the reference; section ``choose-FIELD`` (underscores as dashes)."""
+concat or cmaf), the first value the reference; section ``choose-FIELD`` (underscores as dashes). Repeated, the
+fields change together: ``--compare trees_l2=0,1 --compare trees_max_leaf_nodes=31,15`` compares scikit-learn's
+defaults with both set (section ``choose-trees-l2-trees-max-leaf-nodes``)."""
 
 from __future__ import annotations
 
@@ -48,7 +51,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="generator seeds of the default field cards")
     ap.add_argument("--fold-seeds", default="0,1,2")
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
-    ap.add_argument("--compare", default=None, metavar="FIELD=V1,V2", help="compare these values of one fusion setting")
+    ap.add_argument(
+        "--compare",
+        action="append",
+        metavar="FIELD=V1,V2",
+        help="compare these values of a fusion setting; repeated, the i-th values of each field go together",
+    )
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args()
     start = time.perf_counter()
@@ -56,12 +64,22 @@ def main() -> None:
     fold_seeds = [int(s) for s in args.fold_seeds.split(",")]
     candidates, field = CANDIDATES, None
     if args.compare:
-        field, values = args.compare.split("=", 1)
-        kind = type(getattr(get_profile("quick").fusion, field))  # an unknown field stops here
-        parse = (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
+        settings = {}
+        for item in args.compare:
+            name, values = item.split("=", 1)
+            kind = type(getattr(get_profile("quick").fusion, name))  # an unknown field stops here
+            parse = (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
+            settings[name] = [parse(v) for v in values.split(",")]
+        counts = {len(v) for v in settings.values()}
+        if len(counts) != 1:
+            raise SystemExit("--compare: give every field the same number of values (the i-th of each go together)")
+        field = "_".join(settings)
         candidates = {
-            f"{field} {v}": ({"encoders.dot_pattern": True}, {"numbers_trees": True, field: parse(v)})
-            for v in values.split(",")
+            ", ".join(f"{k} {v[i]}" for k, v in settings.items()): (
+                {"encoders.dot_pattern": True},
+                {"numbers_trees": True, **{k: v[i] for k, v in settings.items()}},
+            )
+            for i in range(counts.pop())
         }
     rows: dict[str, dict[str, list]] = {name: {"macro_f1": [], "review_share": []} for name in candidates}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -107,6 +125,8 @@ def markdown(rec: dict) -> str:
     base = np.asarray(rec["rows"][reference]["macro_f1"]) * 100
     titles = {
         "trees_weight": "The trees member's weight",
+        "logistic_c": "The logistic classifier's inverse L2 strength with the dot pattern and trees",
+        "trees_l2_trees_max_leaf_nodes": "The trees member's regularization",
         "variant": "The fusion variant with the dot pattern and trees",
     }
     field = rec.get("field")
@@ -119,15 +139,17 @@ def markdown(rec: dict) -> str:
         "(mean and the range over runs), and the review share of the rule chosen on the same held-out "
         "probabilities (1% miss, 5% defect error).",
         "",
-        "| stats branch and classifier | macro-F1 | minus the first row (min, max) | review share |",
-        "|---|---|---|---|",
+        "| stats branch and classifier | macro-F1 | minus the first row (min, max) | runs ahead of the first row "
+        "| review share |",
+        "|---|---|---|---|---|",
     ]
     for name, r in rec["rows"].items():
         v = np.asarray(r["macro_f1"]) * 100
         d = v - base
+        ahead = "-" if name == reference else f"{int((d > 0).sum())} of {len(d)}"
         lines.append(
             f"| {name} | {v.mean():.2f} ± {v.std(ddof=1):.2f} | {d.mean():+.2f} ({d.min():+.1f}, {d.max():+.1f}) | "
-            f"{100 * np.mean(r['review_share']):.1f}% |"
+            f"{ahead} | {100 * np.mean(r['review_share']):.1f}% |"
         )
     lines += ["", f"Run time: {rec['seconds'] / 60:.1f} min."]
     return "\n".join(lines)

@@ -206,6 +206,46 @@ def test_reason_on_ray_equals_local_with_shared_answers(ray_home, small_dataset,
         assert stored(tmp_path / "ray", stage) == stored(tmp_path / "local", stage)
 
 
+@pytest.mark.slow
+def test_a_prompt_the_llm_cannot_answer_on_ray_is_that_cards_error(ray_home, small_dataset, tiny_gguf, tmp_path):
+    """As on the local executor (tests/test_reason.py): a real llama.cpp condition, a context window that holds
+    one card's prompt and answer but not another's longer prompt. On the cluster the long card gets the same
+    error record, the other card the answer a wide window gives, and the run completes; the error is not
+    cached."""
+    from asectl.cache import Cache
+    from asectl.domain.dataset import Dataset, load_dataset
+    from asectl.domain.synth import read_truth
+    from asectl.stages.reason import build_priors, run_reason
+
+    ds = load_dataset(small_dataset)
+    truth = {name: row["printed"] for name, row in read_truth(small_dataset).items()}
+    train = ds.split("train")
+    priors = build_priors([truth[s.name] for s in train], [s.label for s in train])
+    short, long_ = ds.samples[0], ds.samples[1]
+    # partly read records: only N gives a shorter prompt than only the radius counts
+    fields = {short.name: {"N": truth[short.name]["N"]}, long_.name: {"bins": truth[long_.name]["bins"]}}
+    both = Dataset([long_, short], ds.root, ds.source, ds.labels)
+
+    def run(cache: str, **kw):
+        return run_reason(
+            both, llm_model=tiny_gguf, fields=fields, priors=priors, cache=Cache(tmp_path / cache), max_tokens=32, **kw
+        )
+
+    wide = run("wide", n_ctx=8192, workers=1).by_image()
+    n_ctx = wide[short.name]["tokens"]["prompt"] + 33  # its prompt and 32 answer tokens
+    assert wide[long_.name]["tokens"]["prompt"] >= n_ctx
+
+    local = run("local", n_ctx=n_ctx, workers=1)
+    on_ray = run("ray", n_ctx=n_ctx, executor=ray_executor())
+    by = on_ray.by_image()
+    assert by[short.name]["raw"] == wide[short.name]["raw"] and not by[short.name].get("error")
+    assert by[long_.name] == local.by_image()[long_.name]
+    assert set(by[long_.name]) == {"image", "error"}
+    assert f"does not fit the context window ({n_ctx}); raise --n-ctx" in by[long_.name]["error"]
+    assert canonical(on_ray.records) == canonical(local.records)
+    assert stored(tmp_path / "ray", "reason") == stored(tmp_path / "local", "reason")  # the error is in neither
+
+
 def _ocr_worker_pids() -> set[int]:
     import psutil
 

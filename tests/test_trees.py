@@ -50,3 +50,36 @@ def test_mixture_and_bad_files(tmp_path):
         load_trees(bad)
     with pytest.raises(ValueError, match="read 9 numbers per card"):
         tree_proba(fit_numbers_trees(*_cards(), 5, seed=0), np.zeros((2, 4)))
+
+
+def test_regularization_settings_reach_the_trees_and_are_recorded(tmp_path):
+    """``fusion.trees_l2`` and ``fusion.trees_max_leaf_nodes`` are scikit-learn's ``l2_regularization`` and
+    ``max_leaf_nodes``: the stored trees are that model's exactly, no tree has more leaves than allowed, and
+    the values are recorded with the trees (scikit-learn's defaults as before the settings existed)."""
+    x, y = _cards()
+    new, _ = _cards(n=50, seed=2)
+    trees = fit_numbers_trees(x, y, 5, seed=1, l2=1.0, max_leaf_nodes=4)
+    reference = HistGradientBoostingClassifier(random_state=1, l2_regularization=1.0, max_leaf_nodes=4).fit(x, y)
+    np.testing.assert_allclose(tree_proba(trees, new), reference.predict_proba(new), rtol=0, atol=1e-12)
+    leaves = trees.nodes["is_leaf"].astype(bool)
+    bounds = [*trees.roots[1:], len(leaves)]
+    assert max(int(leaves[a:b].sum()) for a, b in zip(trees.roots, bounds)) <= 4
+    assert trees.params["l2_regularization"] == 1.0 and trees.params["max_leaf_nodes"] == 4
+    assert "defaults" not in trees.params
+    assert load_trees(trees.save(tmp_path / "t.safetensors")).params == trees.params
+    assert fit_numbers_trees(x, y, 5, seed=1).params["defaults"] is True
+
+
+def test_regularization_settings_are_checked_and_keep_earlier_keys():
+    from asectl.models.train_config import get_profile
+
+    quick = get_profile("quick")
+    assert (quick.fusion.trees_l2, quick.fusion.trees_max_leaf_nodes) == (1.0, 15)
+    assert quick.to_dict()["fusion"]["trees_max_leaf_nodes"] == 15
+    # scikit-learn's own values: the profile's dict (and so its cache key) is the one it had before
+    sklearn_values = get_profile("quick", {"fusion.trees_l2": 0, "fusion.trees_max_leaf_nodes": 31}).to_dict()
+    assert "trees_l2" not in sklearn_values["fusion"] and "trees_max_leaf_nodes" not in sklearn_values["fusion"]
+    with pytest.raises(ConfigError, match="fusion.trees_max_leaf_nodes 1: must be 2 or more"):
+        get_profile("quick", {"fusion.trees_max_leaf_nodes": 1})
+    with pytest.raises(ConfigError, match="fusion.trees_l2 -1.0: must be 0 or more"):
+        get_profile("quick", {"fusion.trees_l2": -1})

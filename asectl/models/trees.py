@@ -5,7 +5,8 @@ asectl.stages.modalities) are tabular data, where trees find thresholds and inte
 dip *and* a wide spread) that a linear classifier on the aligned features does not. So, with
 ``fusion.numbers_trees`` on, every fold model is two members trained on the same cards: the fusion
 classifier on the aligned features, and scikit-learn's HistGradientBoostingClassifier on the raw numbers
-(its defaults; a field OCR did not read stays NaN, which the trees route as they learned to). The fold
+(its defaults but for ``fusion.trees_l2`` and ``fusion.trees_max_leaf_nodes``, its L2 penalty on leaf values and
+its most leaves per tree; a field OCR did not read stays NaN, which the trees route as they learned to). The fold
 model's class probabilities are their average, weighted by ``fusion.trees_weight``:
 p = (1 - w) softmax(fusion logits) + w p_trees, and its logits are log p, so calibration, the decision
 rule, `predict` and `export` treat them as any fold model's. This extends the paper (whose classifier is
@@ -117,15 +118,20 @@ def load_trees(path: str | Path) -> NumbersTrees:
     )
 
 
-def fit_numbers_trees(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> NumbersTrees:
-    """Fit scikit-learn's HistGradientBoostingClassifier (its defaults, ``random_state`` = seed) on the
-    numbers ``x`` [n, d] (NaN = not read) with class codes ``y`` in range(n_classes), and keep its trees.
-    A class absent from ``y`` gets probability 0 (the trees' columns are mapped to the model's classes)."""
+def fit_numbers_trees(
+    x: np.ndarray, y: np.ndarray, n_classes: int, seed: int, l2: float = 0.0, max_leaf_nodes: int = 31
+) -> NumbersTrees:
+    """Fit scikit-learn's HistGradientBoostingClassifier (``random_state`` = seed, ``l2_regularization`` =
+    ``l2``, ``max_leaf_nodes``; the rest its defaults) on the numbers ``x`` [n, d] (NaN = not read) with class
+    codes ``y`` in range(n_classes), and keep its trees. A class absent from ``y`` gets probability 0 (the
+    trees' columns are mapped to the model's classes)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y)
-    clf = HistGradientBoostingClassifier(random_state=seed).fit(x, y)
+    clf = HistGradientBoostingClassifier(
+        random_state=seed, l2_regularization=float(l2), max_leaf_nodes=int(max_leaf_nodes)
+    ).fit(x, y)
     present = [int(c) for c in clf.classes_]
     per_iter = clf.n_trees_per_iteration_
     trees = [t for iteration in clf._predictors for t in iteration]  # sklearn keeps no public tree arrays
@@ -139,7 +145,11 @@ def fit_numbers_trees(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -
     for f in ("missing_go_to_left", "is_leaf"):
         nodes[f] = nodes[f].astype(np.uint8)
     baseline = np.asarray(clf._baseline_prediction, dtype=np.float64).ravel()
-    params: dict[str, Any] = {"model": "sklearn HistGradientBoostingClassifier", "defaults": True, "random_state": seed}
+    params: dict[str, Any] = {"model": "sklearn HistGradientBoostingClassifier", "random_state": seed}
+    if (l2, max_leaf_nodes) == (0.0, 31):
+        params["defaults"] = True  # as models trained before the options recorded it
+    else:
+        params.update(l2_regularization=float(l2), max_leaf_nodes=int(max_leaf_nodes))
     if present != list(range(n_classes)):  # a fold without some class: its columns are placed by tree_proba
         params.update(classes_present=present, n_model_classes=n_classes)
     return NumbersTrees(

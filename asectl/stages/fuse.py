@@ -377,7 +377,9 @@ def calibrate(
             if config.numbers_trees:
                 from asectl.models.trees import fit_numbers_trees, with_trees
 
-                model.trees = fit_numbers_trees(numbers[fit], y[fit], len(classes), seed)
+                model.trees = fit_numbers_trees(
+                    numbers[fit], y[fit], len(classes), seed, config.trees_l2, config.trees_max_leaf_nodes
+                )
                 model.trees.params["weight"] = config.trees_weight
                 logits[held] = with_trees(model.trees, logits[held], {"stats": numbers[held]})
             members.append(model)

@@ -2,7 +2,7 @@
 
 bundle.json          labels, task, encoders, replay settings of ocr/describe/reason (with the LLM
                      priors), card spec, training data fingerprint, seeds, metrics, the calibration
-                     temperature and the pass/defect/review rule (with the held-out cards they
+                     temperature and the pass/defect/defective/review rule (with the held-out cards they
                      were fitted on), file checksums
 heads.safetensors    PFA projections + temperature
 fusion-K.safetensors CMAF (or variant) + MLP classifier of cross-validation fold K (K = 0 .. folds-1);
@@ -50,9 +50,20 @@ class DecisionSource:
     config: dict[str, Any]
 
     def decision_rule(self) -> Any:
+        """The stored rule; for a model stored before the ``defective`` decision existed, with the defective
+        threshold ``fuse-train`` now derives from the same held-out scores and targets (the other thresholds
+        come out the same; asectl.models.calibration.operating_point)."""
         from asectl.models.calibration import DecisionRule
 
-        return DecisionRule.from_dict(self.config["decision"])
+        return self._completed()[0] if self._lacks_defective() else DecisionRule.from_dict(self.config["decision"])
+
+    def _lacks_defective(self) -> bool:
+        return "defective_threshold" not in self.config["decision"] and (self.path / HELD_OUT_SCORES).is_file()
+
+    def _completed(self) -> tuple[Any, dict[str, Any]]:
+        from asectl.models.calibration import DecisionRule, operating_point
+
+        return operating_point(*self.held_out_scores(), DecisionRule.from_dict(self.config["decision"]))
 
     def held_out_scores(self) -> tuple[Any, Any]:
         """(calibrated probabilities float64 [n, classes], true class indices int64 [n]) of the held-out
@@ -75,6 +86,8 @@ class DecisionSource:
         """(decision rule, its held-out decision stats) for these targets: the stored rule when none is
         given, else re-derived from the held-out scores (asectl.models.calibration.operating_point)."""
         if max_miss_rate is None and max_defect_error is None:
+            if self._lacks_defective():
+                return self._completed()
             return self.decision_rule(), self.config["decision"]["held_out"]
         from asectl.models.calibration import operating_point
 

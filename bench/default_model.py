@@ -85,7 +85,7 @@ def score_fused(ds: Dataset, test: Dataset, cache: Cache, seed: int, over: dict)
         "y_pred": [CLASSES[i] for i in probs.argmax(axis=1)],
         "macro_f1": macro_f1_from_codes(y, probs.argmax(axis=1), 5),
         "decisions": decision_stats(decisions, y, probs.argmax(axis=1), CLASSES),
-        "held_out": res.bundle.config["decision"]["held_out"],
+        "held_out": res.bundle.operating_point()[1],
         "n_dropped": len(preds.dropped),
     }, res
 
@@ -202,8 +202,9 @@ def markdown(rec: dict, title: str = "The default on the test split") -> str:
     lines = [
         f"### {title} (seeds {seeds}, `field`, no TDA)",
         "",
-        "| method | 5-class macro-F1 (per seed) | 95% interval | review share | miss rate | defect error |",
-        "|---|---|---|---|---|---|",
+        "| method | 5-class macro-F1 (per seed) | 95% interval | review share | miss rate | defect error | "
+        "defective decisions: normal cards among them |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rec["rows"].items():
         v = 100 * np.asarray(r["macro_f1"])
@@ -213,12 +214,17 @@ def markdown(rec: dict, title: str = "The default on the test split") -> str:
             review = f"{sum(d['counts']['review'] for d in dec)}/{n}"
             miss = f"{sum(d['n_missed'] for d in dec)}/{sum(d['n_defective'] for d in dec)}"
             derr = f"{sum(d['n_wrong_defect'] for d in dec)}/{sum(d['n_defect_decisions'] for d in dec)}"
+            dtive = (  # runs from before the `defective` decision have no such figures
+                f"{sum(d['n_wrong_defective'] for d in dec)}/{sum(d['n_defective_decisions'] for d in dec)}"
+                if all("n_defective_decisions" in d for d in dec)
+                else "-"
+            )
         else:
-            review = miss = derr = "-"
+            review = miss = derr = dtive = "-"
         lo, hi = r["interval"]
         lines.append(
             f"| {name} | {v.mean():.2f} ({', '.join(f'{x:.1f}' for x in v)}) | [{100 * lo:.1f}, "
-            f"{100 * hi:.1f}] | {review} | {miss} | {derr} |"
+            f"{100 * hi:.1f}] | {review} | {miss} | {derr} | {dtive} |"
         )
     lines += ["", "Paired differences (5-class macro-F1, same test cards, 95% paired bootstrap):", ""]
     for name, t in rec["paired"].items():

@@ -84,6 +84,8 @@ def markdown(rec: dict) -> str:
     defective = sum(r["decisions"]["n_defective"] for r in rows)
     wrong = sum(r["decisions"]["n_wrong_defect"] for r in rows)
     decided = sum(r["decisions"]["n_defect_decisions"] for r in rows)
+    false_defective = sum(r["decisions"].get("n_wrong_defective", 0) for r in rows)
+    n_defective_dec = sum(r["decisions"].get("n_defective_decisions", 0) for r in rows)
     f1 = [100 * r["macro_f1"] for r in rows]
     lines = [
         "### Trained on `field`, deciding `clean` cards (the line's figures)",
@@ -91,18 +93,20 @@ def markdown(rec: dict) -> str:
         f"Seeds {', '.join(map(str, rec['seeds']))}: the quick default trained on each seed's `field` training "
         "cards, its stored rule (1% miss, 5% defect error) on the same seed's `clean` test cards.",
         "",
-        "| seed | macro-F1 | review | missed / defective | wrong / `defect` decisions |",
-        "|---|---|---|---|---|",
+        "| seed | macro-F1 | review | missed / defective | wrong / `defect` decisions | normal / `defective` "
+        "decisions |",
+        "|---|---|---|---|---|---|",
     ]
     for seed, r in rec["per_seed"].items():
         d = r["decisions"]
         lines.append(
             f"| {seed} | {100 * r['macro_f1']:.2f} | {d['counts']['review']}/{d['n']} | "
-            f"{d['n_missed']}/{d['n_defective']} | {d['n_wrong_defect']}/{d['n_defect_decisions']} |"
+            f"{d['n_missed']}/{d['n_defective']} | {d['n_wrong_defect']}/{d['n_defect_decisions']} | "
+            f"{d.get('n_wrong_defective', 0)}/{d.get('n_defective_decisions', 0)} |"
         )
     lines += [
         f"| all | {np.mean(f1):.2f} | {review}/{n} = {100 * review / n:.1f}% | {missed}/{defective} | "
-        f"{wrong}/{decided} |",
+        f"{wrong}/{decided} | {false_defective}/{n_defective_dec} |",
         "",
         "Where each true class went (per seed: cards sent to review / cards; median p(normal); median probability "
         "of the top class), beside the stored thresholds:",

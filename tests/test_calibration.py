@@ -97,6 +97,56 @@ def test_thresholds_meet_their_targets_and_are_the_lowest_that_do(seed, miss, de
             assert decision_stats(looser.decide(probs), y, top, CLASSES)["defect_error"] > defect_err
 
 
+def test_a_sure_non_normal_card_of_unsure_type_is_decided_defective():
+    """``defective``: a card the pass and defect thresholds leave to review, whose p(defective) = 1 -
+    p(normal) reaches the defective threshold; its reason names the most likely type, to be confirmed.
+    Passed and defect cards keep their decisions; a rule stored before the decision existed has none."""
+    rule = DecisionRule(CLASSES, 0.9, 0.7, 0.01, 0.05, defective_threshold=0.8)
+    probs = [
+        [0.95, 0.05, 0, 0, 0],  # pass
+        [0.1, 0.8, 0.1, 0, 0],  # defect
+        [0.1, 0.45, 0.35, 0.1, 0],  # no type is sure, but it is not normal: defective
+        [0.3, 0.35, 0.35, 0, 0],  # p(defective) 0.7 < 0.8: review
+    ]
+    explained = rule.explain(probs)
+    assert [d for d, _ in explained] == ["pass", "defect", "defective", "review"]
+    assert explained[2][1].startswith("p(defective) 0.9000 >= defective threshold 0.8000; type to confirm")
+    assert "most likely type1" in explained[2][1] and "p(type1) 0.4500 < defect threshold 0.7000" in explained[2][1]
+    assert DecisionRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
+    older = {k: v for k, v in rule.to_dict().items() if k != "defective_threshold"}
+    assert DecisionRule.from_dict(older).defective_threshold is None
+    stats = decision_stats(rule.decide(probs), [0, 1, 0, 2], np.argmax(probs, 1), CLASSES)
+    assert stats["counts"] == {"pass": 1, "defect": 1, "defective": 1, "review": 1}
+    assert (stats["n_defective_decisions"], stats["n_wrong_defective"], stats["defective_error"]) == (1, 1, 1.0)
+    assert stats["miss_rate"] == 0  # a normal card decided defective is no miss
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_defective_threshold_meets_the_target_and_leaves_the_others_alone(seed):
+    """Chosen on held-out cards: among the cards decided defective at most ``max_defect_error`` are normal,
+    the next lower cut breaks that (or admits nothing new), and the pass and defect thresholds, the miss
+    rate and the defect decisions are those of the rule without it."""
+    logits, y = sample_cards(600, 1.0, seed)
+    probs = softmax(logits)
+    rule = choose_rule(probs, y, CLASSES, 0.01, 0.05)
+    plain = choose_rule(probs, y, CLASSES, 0.01, 0.05, defective_decision=False)
+    assert plain.defective_threshold is None and rule.defective_threshold is not None
+    assert (rule.pass_threshold, rule.defect_threshold) == (plain.pass_threshold, plain.defect_threshold)
+    top = probs.argmax(1)
+    with_it = decision_stats(rule.decide(probs), y, top, CLASSES)
+    without = decision_stats(plain.decide(probs), y, top, CLASSES)
+    assert with_it["n_defective_decisions"] > 0 and with_it["defective_error"] <= 0.05
+    assert with_it["review_share"] < without["review_share"]
+    for key in ("n_missed", "n_defect_decisions", "n_wrong_defect"):
+        assert with_it[key] == without[key]
+    left = np.asarray(plain.decide(probs)) == "review"
+    q = 1 - probs[left, 0]
+    lower = q[q < rule.defective_threshold]
+    if len(lower):
+        looser = DecisionRule(CLASSES, rule.pass_threshold, rule.defect_threshold, 0.01, 0.05, None, float(lower.max()))
+        assert decision_stats(looser.decide(probs), y, top, CLASSES)["defective_error"] > 0.05
+
+
 def test_threshold_chosen_on_held_out_cards_holds_on_fresh_cards():
     """Chosen on 20,000 held-out cards, the miss rate on 20,000 fresh cards of the same source stays near
     the 1% target (binomial noise at this size is about 0.1 points)."""
@@ -287,7 +337,7 @@ def test_predict_prints_and_writes_the_decision(trained, tmp_path):
     rule = DecisionRule.from_dict(trained["config"]["decision"])
     for r in recs:
         probs = [r["probabilities"][c] for c in trained["config"]["classes"]]
-        assert abs(sum(probs) - 1) < 1e-4 and r["decision"] in ("pass", "defect", "review")
+        assert abs(sum(probs) - 1) < 1e-4 and r["decision"] in ("pass", "defect", "defective", "review")
         assert r["decision"] == rule.decide([probs])[0]
     table = CliRunner().invoke(cli, ["predict", *cards, "--model", str(bundle)], terminal_width=200)
     assert table.exit_code == 0 and "decision" in table.output
@@ -316,12 +366,20 @@ def test_report_shows_calibration_and_decisions(trained):
     assert sum(b["count"] for b in cal["test"]["bins_after"]) == n_test
     assert 0 <= cal["test"]["ece_before"] <= 1 and 0 <= cal["test"]["ece_after"] <= 1
     assert dec["test"]["n"] == n_test and sum(dec["test"]["counts"].values()) == n_test
-    assert all(p["decision"] in ("pass", "defect", "review") for p in metrics["predictions"])
+    assert all(p["decision"] in ("pass", "defect", "defective", "review") for p in metrics["predictions"])
     assert (out / "calibration.png").stat().st_size > 1000
     html = (out / "report.html").read_text()
     assert "Confidence and decisions" in html and "review share" in html and "miss rate" in html
     assert "Other miss-rate targets" in html
     assert "calibration.png" in (out / "report.md").read_text()
+    # the defective decision: its threshold, share and error, from the rule the cards were decided by
+    stored = trained["config"]["decision"]
+    assert dec["defective_threshold"] == stored["defective_threshold"]
+    assert dec["test"]["counts"]["defective"] == sum(p["decision"] == "defective" for p in metrics["predictions"])
+    figures = {f["name"]: f for f in dec["figures"]}
+    assert figures["defective error"]["n"] == dec["test"]["n_defective_decisions"]
+    assert figures["defective error"]["target"] == stored["max_defect_error"]
+    assert "defective share" in html and "defective error" in html and "type to confirm" in html
 
 
 def test_the_fold_models_that_set_the_rule_are_the_classifier(trained):
@@ -395,6 +453,22 @@ def test_the_rule_explains_each_decision_with_the_threshold():
     assert exact_interval(0, 0) is None
     lo, hi = exact_interval(0, 10)
     assert lo == 0 and hi == pytest.approx(1 - 0.025 ** (1 / 10))
+
+
+def test_a_model_stored_before_the_defective_decision_gets_the_threshold_fuse_train_derives(trained):
+    """A bundle whose stored rule has no defective threshold (trained before the decision existed) decides
+    with the one fuse-train now derives from the same held-out scores and targets; the other thresholds and
+    the held-out figures are what fuse-train stores."""
+    from asectl.bundle import Bundle, load_bundle
+
+    bundle = load_bundle(trained["bundle"])
+    stored = bundle.config["decision"]
+    assert "defective_threshold" in stored and stored["held_out"]["n_defective_decisions"] >= 0
+    older = {k: v for k, v in stored.items() if k != "defective_threshold"}
+    older["held_out"] = {k: v for k, v in stored["held_out"].items() if "defective" not in k}
+    before = Bundle(bundle.path, {**bundle.config, "decision": older})
+    assert before.decision_rule() == bundle.decision_rule() == DecisionRule.from_dict(stored)
+    assert before.operating_point() == (bundle.decision_rule(), stored["held_out"])
 
 
 def test_a_class_smaller_than_the_folds_is_warned_about(asectl_log):

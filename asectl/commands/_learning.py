@@ -122,7 +122,8 @@ def operating_point_line(rule, held: dict[str, Any]) -> str:
     review share, miss rate and defect error against its targets."""
     return (
         f"decision: pass if normal with {threshold_text(rule.pass_threshold, 4, 'p >= ')}, defect if a "
-        f"defect class with {threshold_text(rule.defect_threshold, 4, 'p >= ')}, else review; held out: "
+        f"defect class with {threshold_text(rule.defect_threshold, 4, 'p >= ')}, defective (type to confirm) with "
+        f"{threshold_text(rule.defective_threshold, 4, 'p(defective) >= ')}, else review; held out: "
         f"review {_share(held['review_share'])}, miss rate {_share(held['miss_rate'])} (target "
         f"{_share(rule.max_miss_rate)}), defect error {_share(held['defect_error'])} (target "
         f"{_share(rule.max_defect_error)}"

@@ -125,7 +125,7 @@ def fuse_train(
     as_json,
 ):
     """Train cross-modality attention fusion (CMAF) and the classifier, calibrate its confidence and
-    choose the pass/defect/review rule on held-out training cards; store a model bundle."""
+    choose the pass/defect/defective/review rule on held-out training cards; store a model bundle."""
     from asectl.bundle import export_bundle, heads_training
     from asectl.stages.fuse import remembered_split_seed, run_fuse_train
     from asectl.stages.split import split_summary

@@ -15,7 +15,12 @@ from asectl.commands._learning import LEARN_ENV, operating_point_line
 from asectl.commands._shared import EXECUTOR_ENV, environment, executor_options, print_errors
 from asectl.errors import ConfigError
 
-DECISION_STYLE = {"pass": "[green]pass[/]", "defect": "[red]defect[/]", "review": "[yellow]review[/]"}
+DECISION_STYLE = {
+    "pass": "[green]pass[/]",
+    "defect": "[red]defect[/]",
+    "defective": "[magenta]defective[/]",
+    "review": "[yellow]review[/]",
+}
 
 
 def _bundle(cache, model: Path | None):
@@ -83,7 +88,7 @@ def _bundle(cache, model: Path | None):
 @click.pass_obj
 def predict(cache, images, model, out, as_json, force, watch, poll, workers, max_miss_rate, max_defect_error, executor):
     """Classify card images (files, folders or globs) with a trained model: class, calibrated
-    probabilities and a decision (pass, defect or review). With --executor ray, the per-image stages of
+    probabilities and a decision (pass, defect, defective or review). With --executor ray, the per-image stages of
     a batch run on a Ray cluster (docs/scale.md)."""
     from asectl.commands._shared import emit_records
     from asectl.domain.dataset import load_inputs

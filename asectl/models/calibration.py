@@ -11,10 +11,11 @@ thresholds apply to the models they were chosen on (bench/calibration_method.py)
   scalar T > 0 divides the logits, ``p = softmax(z / T)``, chosen to minimise the negative
   log-likelihood of the held-out cards. It does not change which class is on top, only how sure the
   model says it is.
-* **A decision rule** with three outcomes: ``pass`` (the card is normal and the model is sure of it),
-  ``defect`` (a defect class, and the model is sure of it), ``review`` (anything else: a person looks).
-  Its two thresholds are set on the held-out cards so that few cards go to review while the user's
-  targets are met:
+* **A decision rule** with four outcomes: ``pass`` (the card is normal and the model is sure of it),
+  ``defect`` (a defect class, and the model is sure of it), ``defective`` (the model is sure the card is
+  not normal but not of its type: the line can act on it, its type is to be confirmed), ``review``
+  (anything else: a person looks). Its thresholds are set on the held-out cards so that few cards go to
+  review while the user's targets are met:
 
   - ``max_miss_rate``: at most this share of defective held-out cards is passed as normal (the lowest
     pass threshold that meets it);
@@ -23,7 +24,11 @@ thresholds apply to the models they were chosen on (bench/calibration_method.py)
     down stops at the first cut that breaks the target once one has met it; with a
     ``defect_confidence``, a cut meets the target only if the exact upper bound of its held-out error
     does (for users with enough labelled cards to afford it: with a few hundred, 0.8 grants almost no
-    defect threshold and 0.9 none, bench/calibration_method.py).
+    defect threshold and 0.9 none, bench/calibration_method.py);
+  - the same ``max_defect_error`` for ``defective``: among the held-out cards the two thresholds above
+    leave to review, at most this share of those decided ``defective`` (p(defective) = 1 - p(normal) at or
+    above the defective threshold) is a normal card, the threshold cut the same way (first failure).
+    The type is what a defect decision adds; a line that needs it treats ``defective`` as ``review``.
 
 Only numpy and scipy here: applying a stored rule needs no torch.
 """
@@ -31,7 +36,7 @@ Only numpy and scipy here: applying a stored rule needs no torch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -39,7 +44,7 @@ import numpy as np
 from asectl.domain.dataset import NORMAL
 from asectl.errors import ConfigError, DataError
 
-DECISIONS = ("pass", "defect", "review")
+DECISIONS = ("pass", "defect", "defective", "review")
 DEFAULT_MAX_MISS_RATE = 0.01
 DEFAULT_MAX_DEFECT_ERROR = 0.05
 DEFAULT_CALIBRATION_FOLDS = 5
@@ -160,7 +165,7 @@ def check_confidence(value: float) -> float:
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """pass / defect / review from calibrated probabilities. A threshold of None never grants that
+    """pass / defect / defective / review from calibrated probabilities. A threshold of None never grants that
     decision (no normal class to pass, or no held-out evidence that the target can be met)."""
 
     classes: tuple[str, ...]
@@ -171,6 +176,8 @@ class DecisionRule:
     # The defect threshold's evidence: None, the held-out defect error itself must be at most the target;
     # c, its one-sided exact (Clopper-Pearson) upper bound at confidence c must be.
     defect_confidence: float | None = None
+    # defective: a card neither passed nor decided defect whose p(defective) = 1 - p(normal) >= this
+    defective_threshold: float | None = None
 
     def decide(self, probs: Any) -> list[str]:
         return [decision for decision, _ in self.explain(probs)]
@@ -201,6 +208,18 @@ class DecisionRule:
                 out.append((kind, f"p({self.classes[k]}) {value} >= {kind} threshold {cut}"))
             else:
                 out.append(("review", f"p({self.classes[k]}) {value} < {kind} threshold {cut}"))
+        if normal >= 0 and self.defective_threshold is not None:
+            for i, (decision, reason) in enumerate(out):
+                q = 1.0 - float(p[i, normal])
+                if decision == "review" and q >= self.defective_threshold:
+                    value, cut = compared(q, self.defective_threshold)
+                    types = [j for j in range(p.shape[1]) if j != normal]
+                    likely = max(types, key=lambda j: p[i, j])
+                    out[i] = (
+                        "defective",
+                        f"p(defective) {value} >= defective threshold {cut}; type to confirm (most likely "
+                        f"{self.classes[likely]}, {reason})",
+                    )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +237,7 @@ class DecisionRule:
             float(d["max_miss_rate"]),
             float(d["max_defect_error"]),
             None if conf is None else float(conf),
+            d.get("defective_threshold"),  # None in rules stored before the decision existed
         )
 
 
@@ -245,11 +265,13 @@ def choose_rule(
     max_miss_rate: float = DEFAULT_MAX_MISS_RATE,
     max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
     defect_confidence: float | None = None,
+    defective_decision: bool = True,
 ) -> DecisionRule:
     """Thresholds that meet both targets on held-out cards (calibrated ``probs``, true ``y``): the lowest
     pass threshold that does, and the defect threshold where lowering it first breaks its target (module
     docstring). With ``defect_confidence`` c, a defect cut must meet its target with the held-out error's
-    exact upper bound at confidence c, not with the error itself."""
+    exact upper bound at confidence c, not with the error itself. With ``defective_decision``, also the
+    defective threshold, cut on the cards the other two leave to review."""
     max_miss_rate = check_target("max_miss_rate", max_miss_rate)
     max_defect_error = check_target("max_defect_error", max_defect_error)
     if defect_confidence is not None:
@@ -280,7 +302,19 @@ def choose_rule(
             defect_t = float(cut)
         elif defect_t is not None:
             break
-    return DecisionRule(classes, pass_t, defect_t, max_miss_rate, max_defect_error, defect_confidence)
+    rule = DecisionRule(classes, pass_t, defect_t, max_miss_rate, max_defect_error, defect_confidence)
+    if not defective_decision or normal < 0:
+        return rule
+    # defective: on the held-out cards the two thresholds leave to review, cut p(defective) the same way
+    # (from the most sure card down, stop at the first cut that breaks the target once one has met it).
+    left = np.asarray(rule.decide(p)) == "review"
+    defective_t: float | None = None
+    for cut, error in zip(*_cuts(1.0 - p[left, normal], y[left] == normal, None)):
+        if error <= max_defect_error:
+            defective_t = float(cut)
+        elif defective_t is not None:
+            break
+    return replace(rule, defective_threshold=defective_t)
 
 
 def operating_point(
@@ -319,11 +353,18 @@ def defect_cuts(
     y = np.asarray(y, dtype=np.int64)
     top, conf = p.argmax(axis=1), p.max(axis=1)
     flagged = top != (classes.index(NORMAL) if NORMAL in classes else -1)
-    order = np.argsort(-conf[flagged], kind="stable")
-    c_sorted = conf[flagged][order]
-    wrong = np.cumsum((top[flagged] != y[flagged])[order])
+    return _cuts(conf[flagged], top[flagged] != y[flagged], defect_confidence)
+
+
+def _cuts(score: np.ndarray, wrong: np.ndarray, confidence: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts of a score from the highest down: each cut's threshold (cards scoring at least it are admitted;
+    equal scores together) and the share of ``wrong`` among the admitted, or its exact upper bound at
+    ``confidence``."""
+    order = np.argsort(-score, kind="stable")
+    c_sorted = score[order]
+    n_wrong = np.cumsum(np.asarray(wrong, dtype=bool)[order])
     admitted = np.arange(1, len(order) + 1)
-    error = wrong / admitted if defect_confidence is None else error_upper_bound(wrong, admitted, defect_confidence)
+    error = n_wrong / admitted if confidence is None else error_upper_bound(n_wrong, admitted, confidence)
     last_of_equal = np.append(c_sorted[1:] < c_sorted[:-1], True)[: len(order)]
     return c_sorted[last_of_equal], error[last_of_equal]
 
@@ -332,8 +373,9 @@ def decision_stats(
     decisions: Sequence[str], y: Sequence[int], top: Sequence[int], classes: Sequence[str]
 ) -> dict[str, Any]:
     """How a rule did on labelled cards: shares of each decision, the miss rate (defective cards passed,
-    over defective cards) and the defect error (decided defect with another true class, over defect
-    decisions). Rates are None where their denominator is 0."""
+    over defective cards), the defect error (decided defect with another true class, over defect
+    decisions) and the defective error (normal cards decided defective, over defective decisions). Rates
+    are None where their denominator is 0."""
     d = np.asarray(list(decisions))
     y = np.asarray(y, dtype=np.int64)
     top = np.asarray(top, dtype=np.int64)
@@ -344,6 +386,8 @@ def decision_stats(
     missed = int((defective & (d == "pass")).sum())
     n_defect = int((d == "defect").sum())
     wrong_defect = int(((d == "defect") & (top != y)).sum())
+    n_defective_dec = int((d == "defective").sum())
+    wrong_defective = int(((d == "defective") & ~defective).sum())
     return {
         "n": n,
         **{f"{k}_share": (float((d == k).mean()) if n else None) for k in DECISIONS},
@@ -354,6 +398,9 @@ def decision_stats(
         "n_defect_decisions": n_defect,
         "n_wrong_defect": wrong_defect,
         "defect_error": wrong_defect / n_defect if n_defect else None,
+        "n_defective_decisions": n_defective_dec,
+        "n_wrong_defective": wrong_defective,
+        "defective_error": wrong_defective / n_defective_dec if n_defective_dec else None,
     }
 
 

@@ -155,6 +155,7 @@ DECISION_FIGURES = (
     ("miss rate", "n_missed", "n_defective", "max_miss_rate", "defective cards"),
     ("review share", "n_review", "n", None, "cards"),
     ("defect error", "n_wrong_defect", "n_defect_decisions", "max_defect_error", "defect decisions"),
+    ("defective error", "n_wrong_defective", "n_defective_decisions", "max_defect_error", "defective decisions"),
 )
 INTERVAL_CONFIDENCE = 0.95
 
@@ -170,7 +171,7 @@ def decision_figures(stats: Mapping[str, Any], rule: Mapping[str, Any]) -> list[
     held = rule.get("held_out") or {}
     rows = []
     for name, k_key, n_key, target_key, unit in DECISION_FIGURES:
-        k, n = int(counts[k_key]), int(counts[n_key])
+        k, n = int(counts.get(k_key, 0)), int(counts.get(n_key, 0))  # stats of older models lack defective
         target = None if target_key is None else float(rule[target_key])
         value = k / n if n else None
         interval = exact_interval(k, n, INTERVAL_CONFIDENCE)

@@ -193,7 +193,7 @@ def report_context(data: ReportInput, metrics: Mapping[str, Any]) -> dict[str, A
 FIGURES_HEADER = ["figure", "test split", "exact 95% interval", "target", "held-out training cards", "status"]
 CARDS_HEADER = ["image", "true label", "class", "probability", "decision", "reason", "flag"]
 # Per-card table order: what the line must look at first.
-CARD_GROUPS = ("missed defect", "wrong defect", "review", "misclassified", "")
+CARD_GROUPS = ("missed defect", "wrong defect", "wrong defective", "review", "misclassified", "")
 
 
 def decisions_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -235,11 +235,15 @@ def decisions_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
     def when(v: float | None) -> str:
         return "never (no threshold met its target on held-out cards)" if v is None else f"with p ≥ {v:.4f}"
 
+    defective_t = dec.get("defective_threshold")
+    defective_when = "never" if defective_t is None else f"≥ {defective_t:.4f}"
     rule = (
         f"pass: top class normal {when(dec['pass_threshold'])}; defect: top class a defect class "
-        f"{when(dec['defect_threshold'])}; otherwise review (thresholds chosen on held-out training cards). "
+        f"{when(dec['defect_threshold'])}; defective (type to confirm): any other card with p(defective) = "
+        f"1 - p(normal) {defective_when}; otherwise review (thresholds chosen on held-out training cards). "
         f"Miss rate: defective cards passed, over defective cards; review share: cards sent to review, over "
-        f"all cards; defect error: cards decided defect whose true class differs, over defect decisions."
+        f"all cards; defect error: cards decided defect whose true class differs, over defect decisions; "
+        f"defective error: normal cards decided defective, over defective decisions."
     )
     return {"rows": rows, "flags": flags, "rule": rule, "n": dec["test"]["n"]}
 
@@ -255,6 +259,8 @@ def card_rows(metrics: Mapping[str, Any], thumbnails: Sequence[str] | None = Non
             if decision == "pass" and p["true"] != NORMAL
             else "wrong defect"
             if decision == "defect" and not p["correct"]
+            else "wrong defective"
+            if decision == "defective" and p["true"] == NORMAL
             else "review"
             if decision == "review"
             else ""
@@ -371,6 +377,14 @@ def _calibration_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
             ["defect error"]
             + [rate(v["defect_error"], v["n_wrong_defect"], v["n_defect_decisions"]) for _, v in views],
         ]
+        if all("n_defective_decisions" in v for _, v in views):  # models stored before `defective` lack it
+            out["decision_rows"][2:2] = [
+                ["defective share"] + [rate(v["defective_share"], v["counts"]["defective"], v["n"]) for _, v in views]
+            ]
+            out["decision_rows"].append(
+                ["defective error"]
+                + [rate(v["defective_error"], v["n_wrong_defective"], v["n_defective_decisions"]) for _, v in views]
+            )
         out["tradeoff_rows"] = [
             [
                 rate(r["max_miss_rate"]),

@@ -5,7 +5,7 @@ it is not cached), trains CMAF + MLP with cross-entropy, and stores a model bund
 
 The classifier is the average of the fold models of a k-fold cross-validation on the training split
 (scikit-learn's ``CalibratedClassifierCV(ensemble=True)``): each fold model's held-out predictions fit
-the temperature and the pass/defect/review rule (asectl.models.calibration), and the same fold models
+the temperature and the pass/defect/defective/review rule (asectl.models.calibration), and the same fold models
 classify new cards, so the rule is applied to the models it was chosen on. bench/calibration_method.py
 compared this with one model trained on every card (the rule then missed both targets on held-out
 training folds) and with a validation split. The test split is never read here."""

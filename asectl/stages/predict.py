@@ -3,7 +3,7 @@ trained with (OCR engine and card spec, describer, LLM + priors, encoders, proje
 Every per-image step is cached, and so are the fusion's logits (per bundle and exact encoder features), so
 predicting the same cards twice needs no model at all. The classifier is the bundle's fold models: each
 one's logits are calibrated with the bundle's temperature and the probabilities averaged, and each card
-gets the bundle's decision: pass, defect or review (asectl.models.calibration)."""
+gets the bundle's decision: pass, defect, defective or review (asectl.models.calibration)."""
 
 from __future__ import annotations
 

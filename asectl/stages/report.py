@@ -197,6 +197,7 @@ def run_report(
             f"{len(errors)} test card(s) could not be classified and are left out (first: {errors[0]['error']})"
         )
     explained = predictor.rule.explain(probs)
+    rule, held = bundle.operating_point()  # the stored rule (completed for models older than `defective`)
     data = ReportInput(
         label_names=classes,
         y_true=y_true,
@@ -205,7 +206,7 @@ def run_report(
         probs=probs,
         probs_uncalibrated=predictor.uncalibrated(preds.logits),
         calibration=bundle.config["calibration"],
-        decision_rule=bundle.config["decision"],
+        decision_rule={**bundle.config["decision"], **rule.to_dict(), "held_out": held},
         decisions=[decision for decision, _ in explained],
         reasons=[reason for _, reason in explained],
         thumbnails=[card_thumbnail(s.path) for s in preds.samples],

@@ -48,18 +48,19 @@ def dataset(seed: int = 0, counts: str | None = None, difficulty: str = "field")
     return path
 
 
-def train_quick(ds, cache, seed: int, overrides: dict | None = None):
+def train_quick(ds, cache, seed: int, overrides: dict | None = None, augmented: Path | None = None):
     """``run_fuse_train`` with the quick profile, training seed ``seed`` and exactly ``overrides`` (profile
     keys) over the benchmark's per-image settings: the alignment runs first with the alignment keys among
     them alone, so nothing an earlier run left in the dataset's alignment pointer carries over (fuse-train
-    trains on the alignment a dataset last ran, with its overrides, as `asectl fuse-train` does)."""
+    trains on the alignment a dataset last ran, with its overrides, as `asectl fuse-train` does).
+    ``augmented``: a TDA copy of ``ds`` to train on (`asectl align --augmented`)."""
     from asectl.stages.align import run_align
     from asectl.stages.fuse import run_fuse_train
 
     over = dict(overrides or {})
     align_over = {k: v for k, v in over.items() if k.startswith(("pfa.", "encoders."))}
-    run_align(ds, cache, profile="quick", seed=seed, overrides=align_over, settings=SETTINGS)
-    return run_fuse_train(ds, cache, profile="quick", seed=seed, overrides=over)
+    run_align(ds, cache, profile="quick", seed=seed, overrides=align_over, settings=SETTINGS, augmented=augmented)
+    return run_fuse_train(ds, cache, profile="quick", seed=seed, overrides=over, augmented=augmented)
 
 
 def machine() -> str:

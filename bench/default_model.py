@@ -67,13 +67,16 @@ BOOSTING_BOTH = "gradient boosting on the printed and the dot pattern's numbers"
 ORACLE = "oracle (accuracy-optimal, true latent parameters)"
 
 
-def score_fused(ds: Dataset, test: Dataset, cache: Cache, seed: int, over: dict) -> tuple[dict, object]:
-    """Train the quick profile with ``over`` on ``ds`` (training seed ``seed``) and score ``test`` through
-    ``asectl``'s own predictor: labels, macro-F1 and the stored decision rule's line figures; and the run."""
+def score_fused(
+    ds: Dataset, test: Dataset, cache: Cache, seed: int, over: dict, augmented: Path | None = None
+) -> tuple[dict, object]:
+    """Train the quick profile with ``over`` on ``ds`` (its TDA copy ``augmented`` if given; training seed
+    ``seed``) and score ``test`` through ``asectl``'s own predictor: labels, macro-F1 and the stored decision
+    rule's line figures; and the run."""
     from asectl.stages.predict import Predictor
 
     # the training seed is the generator seed, as bench/calibration.py and bench/quality.py train
-    res = train_quick(ds, cache, seed, over)
+    res = train_quick(ds, cache, seed, over, augmented)
     predictor = Predictor(res.bundle, cache)
     preds = predictor.classify(test)
     probs = predictor.probabilities(preds.logits)
@@ -197,10 +200,10 @@ def summarise(per_seed: dict, seeds: list[int], pairs: list[tuple[str, str]]) ->
     }
 
 
-def markdown(rec: dict, title: str = "The default on the test split") -> str:
+def markdown(rec: dict, title: str = "The default on the test split", tda: str = "no TDA") -> str:
     seeds = ", ".join(str(s) for s in rec["seeds"])
     lines = [
-        f"### {title} (seeds {seeds}, `field`, no TDA)",
+        f"### {title} (seeds {seeds}, `field`, {tda})",
         "",
         "| method | 5-class macro-F1 (per seed) | 95% interval | review share | miss rate | defect error | "
         "defective decisions: normal cards among them |",

@@ -89,9 +89,11 @@ class DecisionSource:
             if self._lacks_defective():
                 return self._completed()
             return self.decision_rule(), self.config["decision"]["held_out"]
-        from asectl.models.calibration import operating_point
+        from asectl.models.calibration import DecisionRule, operating_point
 
-        return operating_point(*self.held_out_scores(), self.decision_rule(), max_miss_rate, max_defect_error)
+        # re-derived whole: only the stored targets and classes are read, so no completed rule is needed
+        stored = DecisionRule.from_dict(self.config["decision"])
+        return operating_point(*self.held_out_scores(), stored, max_miss_rate, max_defect_error)
 
 
 @dataclass

@@ -217,17 +217,17 @@ def markdown(rec: dict, title: str = "The default on the test split", tda: str =
             review = f"{sum(d['counts']['review'] for d in dec)}/{n}"
             miss = f"{sum(d['n_missed'] for d in dec)}/{sum(d['n_defective'] for d in dec)}"
             derr = f"{sum(d['n_wrong_defect'] for d in dec)}/{sum(d['n_defect_decisions'] for d in dec)}"
-            dtive = (  # runs from before the `defective` decision have no such figures
+            false_defective = (  # runs from before the `defective` decision have no such figures
                 f"{sum(d['n_wrong_defective'] for d in dec)}/{sum(d['n_defective_decisions'] for d in dec)}"
                 if all("n_defective_decisions" in d for d in dec)
                 else "-"
             )
         else:
-            review = miss = derr = dtive = "-"
+            review = miss = derr = false_defective = "-"
         lo, hi = r["interval"]
         lines.append(
             f"| {name} | {v.mean():.2f} ({', '.join(f'{x:.1f}' for x in v)}) | [{100 * lo:.1f}, "
-            f"{100 * hi:.1f}] | {review} | {miss} | {derr} | {dtive} |"
+            f"{100 * hi:.1f}] | {review} | {miss} | {derr} | {false_defective} |"
         )
     lines += ["", "Paired differences (5-class macro-F1, same test cards, 95% paired bootstrap):", ""]
     for name, t in rec["paired"].items():

@@ -296,25 +296,26 @@ def choose_rule(
     # The scan stops at the first cut that breaks the target after one has met it. Taking the lowest cut
     # that meets it anywhere instead picks a place where noise dipped the running error under the target,
     # and new cards then see more errors than the target allows (tests/test_calibration.py measures both).
-    defect_t: float | None = None
-    for cut, error in zip(*defect_cuts(p, y, classes, defect_confidence)):
-        if error <= max_defect_error:
-            defect_t = float(cut)
-        elif defect_t is not None:
-            break
+    defect_t = _first_failure(*defect_cuts(p, y, classes, defect_confidence), max_defect_error)
     rule = DecisionRule(classes, pass_t, defect_t, max_miss_rate, max_defect_error, defect_confidence)
     if not defective_decision or normal < 0:
         return rule
-    # defective: on the held-out cards the two thresholds leave to review, cut p(defective) the same way
-    # (from the most sure card down, stop at the first cut that breaks the target once one has met it).
+    # defective: on the held-out cards the two thresholds leave to review, cut p(defective) the same way.
     left = np.asarray(rule.decide(p)) == "review"
-    defective_t: float | None = None
-    for cut, error in zip(*_cuts(1.0 - p[left, normal], y[left] == normal, None)):
-        if error <= max_defect_error:
-            defective_t = float(cut)
-        elif defective_t is not None:
-            break
+    defective_t = _first_failure(*_cuts(1.0 - p[left, normal], y[left] == normal, None), max_defect_error)
     return replace(rule, defective_threshold=defective_t)
+
+
+def _first_failure(cuts: np.ndarray, errors: np.ndarray, target: float) -> float | None:
+    """The lowest of ``cuts`` (highest first) reached before the first whose error breaks ``target`` once
+    one has met it; None if none meets it."""
+    chosen: float | None = None
+    for cut, error in zip(cuts, errors):
+        if error <= target:
+            chosen = float(cut)
+        elif chosen is not None:
+            break
+    return chosen
 
 
 def operating_point(

@@ -230,8 +230,8 @@ class FusionConfig:
     trees_weight: float = 0.5
     # the trees' L2 penalty on leaf values and their most leaves per tree (scikit-learn's l2_regularization
     # and max_leaf_nodes; these defaults are scikit-learn's)
-    trees_l2: float = 0.0
-    trees_max_leaf_nodes: int = 31
+    trees_l2: float = TREES_SKLEARN_DEFAULTS["trees_l2"]
+    trees_max_leaf_nodes: int = TREES_SKLEARN_DEFAULTS["trees_max_leaf_nodes"]
 
     def trees_apply(self, branches: Sequence[str]) -> bool:
         """Whether fold models get the trees member: asked for, with frozen heads (the fold graphs of heads

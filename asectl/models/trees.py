@@ -27,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from asectl.models.train_config import TREES_SKLEARN_DEFAULTS
+
+_SKLEARN = (TREES_SKLEARN_DEFAULTS["trees_l2"], TREES_SKLEARN_DEFAULTS["trees_max_leaf_nodes"])
+
 # The node fields a prediction reads (scikit-learn's TreePredictor nodes carry more).
 NODE_FIELDS = ("value", "feature_idx", "num_threshold", "missing_go_to_left", "left", "right", "is_leaf")
 FORMAT = 1
@@ -119,7 +123,7 @@ def load_trees(path: str | Path) -> NumbersTrees:
 
 
 def fit_numbers_trees(
-    x: np.ndarray, y: np.ndarray, n_classes: int, seed: int, l2: float = 0.0, max_leaf_nodes: int = 31
+    x: np.ndarray, y: np.ndarray, n_classes: int, seed: int, l2: float = _SKLEARN[0], max_leaf_nodes: int = _SKLEARN[1]
 ) -> NumbersTrees:
     """Fit scikit-learn's HistGradientBoostingClassifier (``random_state`` = seed, ``l2_regularization`` =
     ``l2``, ``max_leaf_nodes``; the rest its defaults) on the numbers ``x`` [n, d] (NaN = not read) with class
@@ -146,7 +150,7 @@ def fit_numbers_trees(
         nodes[f] = nodes[f].astype(np.uint8)
     baseline = np.asarray(clf._baseline_prediction, dtype=np.float64).ravel()
     params: dict[str, Any] = {"model": "sklearn HistGradientBoostingClassifier", "random_state": seed}
-    if (l2, max_leaf_nodes) == (0.0, 31):
+    if (l2, max_leaf_nodes) == _SKLEARN:
         params["defaults"] = True  # as models trained before the options recorded it
     else:
         params.update(l2_regularization=float(l2), max_leaf_nodes=int(max_leaf_nodes))

@@ -75,17 +75,18 @@ class DecisionSource:
             raise ConfigError(
                 f"{self.path}: this model stores no held-out scores ({HELD_OUT_SCORES}), so its "
                 "operating point cannot move; retrain it with `asectl fuse-train`, or drop "
-                "--max-miss-rate/--max-defect-error"
+                "--max-miss-rate, --max-defect-error, --max-defective-error and --no-defective"
             )
         arrays = load_file(str(path))
         return arrays["probabilities"], arrays["labels"]
 
-    def operating_point(
-        self, max_miss_rate: float | None = None, max_defect_error: float | None = None
-    ) -> tuple[Any, dict[str, Any]]:
-        """(decision rule, its held-out decision stats) for these targets: the stored rule when none is
-        given, else re-derived from the held-out scores (asectl.models.calibration.operating_point)."""
-        if max_miss_rate is None and max_defect_error is None:
+    def operating_point(self, **targets: Any) -> tuple[Any, dict[str, Any]]:
+        """(decision rule, its held-out decision stats) for these ``targets`` (keywords of
+        asectl.models.calibration.operating_point: max_miss_rate, max_defect_error, max_defective_error,
+        defective_decision): the stored rule when none is given (None), else re-derived from the held-out
+        scores."""
+        given = {k: v for k, v in targets.items() if v is not None}
+        if not given:
             if self._lacks_defective():
                 return self._completed()
             return self.decision_rule(), self.config["decision"]["held_out"]
@@ -93,7 +94,7 @@ class DecisionSource:
 
         # re-derived whole: only the stored targets and classes are read, so no completed rule is needed
         stored = DecisionRule.from_dict(self.config["decision"])
-        return operating_point(*self.held_out_scores(), stored, max_miss_rate, max_defect_error)
+        return operating_point(*self.held_out_scores(), stored, **given)
 
 
 @dataclass

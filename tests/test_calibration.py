@@ -4,6 +4,7 @@ and report end to end on a small generated dataset (tiny LLM, as in test_learn).
 import csv
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from asectl.cli import cli
 from asectl.domain.synth import generate
+from asectl.errors import ConfigError
 from asectl.models.calibration import (
     DecisionRule,
     choose_rule,
@@ -19,6 +21,7 @@ from asectl.models.calibration import (
     expected_calibration_error,
     fit_temperature,
     nll,
+    operating_point,
     reliability_bins,
     softmax,
     stratified_folds,
@@ -145,6 +148,43 @@ def test_the_defective_threshold_meets_the_target_and_leaves_the_others_alone(se
     if len(lower):
         looser = DecisionRule(CLASSES, rule.pass_threshold, rule.defect_threshold, 0.01, 0.05, None, float(lower.max()))
         assert decision_stats(looser.decide(probs), y, top, CLASSES)["defective_error"] > 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_defective_decision_has_its_own_target_and_an_off_switch(seed):
+    """``max_defective_error`` cuts the defective threshold for its own target (met on the held-out cards,
+    broken by the next lower cut), leaving the pass and defect thresholds alone; ``defective_decision``
+    False grants none. Both survive the stored form, and moving the operating point keeps a stored switch."""
+    logits, y = sample_cards(600, 1.0, seed)
+    probs = softmax(logits)
+    top = probs.argmax(1)
+    same = choose_rule(probs, y, CLASSES, 0.01, 0.05)
+    loose = choose_rule(probs, y, CLASSES, 0.01, 0.05, max_defective_error=0.1)
+    off = choose_rule(probs, y, CLASSES, 0.01, 0.05, defective_decision=False, max_defective_error=0.1)
+    assert choose_rule(probs, y, CLASSES, 0.01, 0.05, max_defective_error=0.05).defective_threshold == (
+        same.defective_threshold
+    )
+    assert same.defective_error_target == 0.05 and loose.defective_error_target == 0.1
+    assert loose.defective_threshold < same.defective_threshold and off.defective_threshold is None
+    assert {(r.pass_threshold, r.defect_threshold) for r in (same, loose, off)} == {
+        (same.pass_threshold, same.defect_threshold)
+    }
+    stats = decision_stats(loose.decide(probs), y, top, CLASSES)
+    assert 0.05 < stats["defective_error"] <= 0.1
+    left = np.asarray(off.decide(probs)) == "review"
+    q = 1 - probs[left, 0]
+    lower = q[q < loose.defective_threshold]
+    looser = replace(loose, defective_threshold=float(lower.max()))
+    assert decision_stats(looser.decide(probs), y, top, CLASSES)["defective_error"] > 0.1
+    assert "defective" not in off.decide(probs)
+    assert off.decide(probs) == [d if d != "defective" else "review" for d in same.decide(probs)]
+    for rule in (loose, off):
+        assert DecisionRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
+    assert operating_point(probs, y, off, max_miss_rate=0.05)[0].defective_decision is False
+    assert operating_point(probs, y, off, defective_decision=True)[0] == loose
+    assert operating_point(probs, y, same, max_defective_error=0.1)[0] == loose
+    with pytest.raises(ConfigError, match="--max-defective-error 1.0: give a share"):
+        choose_rule(probs, y, CLASSES, 0.01, 0.05, max_defective_error=1.0)
 
 
 def test_threshold_chosen_on_held_out_cards_holds_on_fresh_cards():
@@ -526,3 +566,44 @@ def test_predict_moves_the_operating_point_to_the_rule_fuse_train_derives(traine
     res = trained["invoke"]("predict", cards[0], "--model", old, "--max-miss-rate", "0.1", code=2)
     assert "stores no held-out scores (held-out.safetensors)" in res.output and "retrain it" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_the_defective_decision_takes_its_own_target_and_turns_off_at_fuse_train_and_predict(trained, tmp_path):
+    """fuse-train --max-defective-error stores the rule predict re-derives for that target from the default
+    model's held-out scores, with the same pass and defect thresholds; predict --no-defective decides no
+    card defective (they go to review), says so, and fuse-train --no-defective stores a rule that does too."""
+    from asectl.bundle import load_bundle
+
+    from .conftest import FAST
+
+    def train(*flags):
+        out = trained["invoke"]("fuse-train", trained["data"], "--json", *FAST, *flags).stdout
+        return json.loads(out.splitlines()[-1])["decision"]
+
+    stored = trained["config"]["decision"]
+    bundle = load_bundle(trained["bundle"])
+    other = train("--max-defective-error", "0.3")
+    rule, held = bundle.operating_point(max_defective_error=0.3)
+    assert rule.to_dict() == {k: other[k] for k in rule.to_dict()} and held == other["held_out"]
+    assert other["max_defective_error"] == 0.3 and stored["max_defective_error"] is None
+    assert (other["pass_threshold"], other["defect_threshold"]) == (
+        stored["pass_threshold"],
+        stored["defect_threshold"],
+    )
+    off = train("--no-defective")
+    assert off["defective_decision"] is False and off["defective_threshold"] is None
+    assert off["held_out"]["n_defective_decisions"] == 0 < stored["held_out"]["n_defective_decisions"]
+    assert (
+        off["held_out"]["counts"]["review"]
+        == stored["held_out"]["counts"]["review"] + stored["held_out"]["counts"]["defective"]
+    )
+
+    new = tmp_path / "new"
+    generate(new, seed=98, counts="2,1,1,1,1")
+    cards = sorted(str(p) for p in (new / "images").glob("*.png"))
+    plain = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json")
+    res = trained["invoke"]("predict", *cards, "--model", trained["bundle"], "--json", "--no-defective")
+    decided = [json.loads(x)["decision"] for x in res.stdout.splitlines() if x.startswith("{")]
+    before = [json.loads(x)["decision"] for x in plain.stdout.splitlines() if x.startswith("{")]
+    assert decided == [d if d != "defective" else "review" for d in before] and "defective" not in decided
+    assert "no defective decision (--no-defective)" in res.stderr

@@ -122,15 +122,24 @@ def operating_point_line(rule, held: dict[str, Any]) -> str:
     review share, miss rate and defect error against its targets."""
     return (
         f"decision: pass if normal with {threshold_text(rule.pass_threshold, 4, 'p >= ')}, defect if a "
-        f"defect class with {threshold_text(rule.defect_threshold, 4, 'p >= ')}, defective (type to confirm) with "
-        f"{threshold_text(rule.defective_threshold, 4, 'p(defective) >= ')}, else review; held out: "
-        f"review {_share(held['review_share'])}, miss rate {_share(held['miss_rate'])} (target "
-        f"{_share(rule.max_miss_rate)}), defect error {_share(held['defect_error'])} (target "
-        f"{_share(rule.max_defect_error)}"
+        f"defect class with {threshold_text(rule.defect_threshold, 4, 'p >= ')}, "
+        + (
+            f"defective (type to confirm) with {threshold_text(rule.defective_threshold, 4, 'p(defective) >= ')}"
+            if rule.defective_decision
+            else "no defective decision (--no-defective)"
+        )
+        + f", else review; held out: review {_share(held['review_share'])}, miss rate "
+        f"{_share(held['miss_rate'])} (target {_share(rule.max_miss_rate)}), defect error "
+        f"{_share(held['defect_error'])} (target {_share(rule.max_defect_error)}"
         + (
             f", met by its upper bound at {100 * rule.defect_confidence:g}% confidence"
             if rule.defect_confidence is not None
             else ""
         )
         + ")"
+        + (
+            f", defective error {_share(held.get('defective_error'))} (target {_share(rule.defective_error_target)})"
+            if rule.defective_decision and "defective_error" in held
+            else ""
+        )
     )

@@ -85,6 +85,22 @@ from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEF
     help="Decision rule target: at most this share of held-out cards decided 'defect' of another class.",
 )
 @click.option(
+    "--max-defective-error",
+    type=float,
+    default=None,
+    show_default="--max-defect-error's",
+    help="Decision rule target for 'defective' (type to confirm): at most this share of held-out cards "
+    "decided 'defective' is normal.",
+)
+@click.option(
+    "--defective/--no-defective",
+    "defective_decision",
+    default=True,
+    show_default=True,
+    help="--no-defective: no 'defective' decision; cards the pass and defect thresholds leave go to "
+    "review (for a line that needs the defect type before it acts).",
+)
+@click.option(
     "--defect-confidence",
     type=float,
     default=None,
@@ -114,6 +130,8 @@ def fuse_train(
     out,
     max_miss_rate,
     max_defect_error,
+    max_defective_error,
+    defective_decision,
     defect_confidence,
     calibration_folds,
     profile,
@@ -150,6 +168,8 @@ def fuse_train(
         max_defect_error=max_defect_error,
         calibration_folds=calibration_folds,
         defect_confidence=defect_confidence,
+        max_defective_error=max_defective_error,
+        defective_decision=defective_decision,
     )
     cfg = res.bundle.config
     if out is not None:

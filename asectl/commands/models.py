@@ -41,7 +41,14 @@ def models_list(cache, as_json):
             escape(str(m["dataset"])),
             str(m["created"]),
             ", ".join(m["classes"] or []),
-            f"{100 * t['max_miss_rate']:g} % / {100 * t['max_defect_error']:g} %",
+            f"{100 * t['max_miss_rate']:g} % / {100 * t['max_defect_error']:g} %"
+            + (
+                " / defective off"
+                if not t["defective_decision"]
+                else ""
+                if t["max_defective_error"] is None
+                else f" / defective {100 * t['max_defective_error']:g} %"
+            ),
             escape(f1),
         )
     ui.info(table)

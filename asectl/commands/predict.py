@@ -84,9 +84,39 @@ def _bundle(cache, model: Path | None):
     show_default="the model's own target",
     help="The same for the defect-error target.",
 )
+@click.option(
+    "--max-defective-error",
+    type=float,
+    default=None,
+    show_default="the model's own target",
+    help="The same for the 'defective' decision's target (normal cards among 'defective' decisions).",
+)
+@click.option(
+    "--defective/--no-defective",
+    "defective_decision",
+    default=None,
+    show_default="the model's own rule",
+    help="--no-defective: no 'defective' decision (type to confirm); those cards go to review, for a line "
+    "that needs the defect type before it acts.",
+)
 @executor_options
 @click.pass_obj
-def predict(cache, images, model, out, as_json, force, watch, poll, workers, max_miss_rate, max_defect_error, executor):
+def predict(
+    cache,
+    images,
+    model,
+    out,
+    as_json,
+    force,
+    watch,
+    poll,
+    workers,
+    max_miss_rate,
+    max_defect_error,
+    max_defective_error,
+    defective_decision,
+    executor,
+):
     """Classify card images (files, folders or globs) with a trained model: class, calibrated
     probabilities and a decision (pass, defect, defective or review). With --executor ray, the per-image stages of
     a batch run on a Ray cluster (docs/scale.md)."""
@@ -94,6 +124,12 @@ def predict(cache, images, model, out, as_json, force, watch, poll, workers, max
     from asectl.domain.dataset import load_inputs
     from asectl.stages.predict import run_predict
 
+    targets = {
+        "max_miss_rate": max_miss_rate,
+        "max_defect_error": max_defect_error,
+        "max_defective_error": max_defective_error,
+        "defective_decision": defective_decision,
+    }
     if watch is not None:
         if images or out is None:
             raise ConfigError("--watch DIR takes no image arguments and needs --out FILE.jsonl for the results")
@@ -102,14 +138,14 @@ def predict(cache, images, model, out, as_json, force, watch, poll, workers, max
                 "--watch classifies each card on this machine as it arrives; use --executor local "
                 "(the Ray executor is for batches)"
             )
-        _watch(cache, model, watch, out, as_json, force, poll, (max_miss_rate, max_defect_error), workers)
+        _watch(cache, model, watch, out, as_json, force, poll, targets, workers)
         return
     if poll is not None or workers is not None:
         raise ConfigError(f"{'--poll' if poll is not None else '--workers'} applies to --watch only")
     if not images:
         raise ConfigError("give card images (files, folders or globs), or --watch DIR --out FILE.jsonl")
     bundle, _ = _bundle(cache, model)
-    rule = _operating_point(bundle, max_miss_rate, max_defect_error)
+    rule = _operating_point(bundle, targets)
     ds = load_inputs(images)
     result = run_predict(ds, bundle, cache, force=force, rule=rule)
     emit_records(result.records, out, as_json)
@@ -145,11 +181,11 @@ def predict(cache, images, model, out, as_json, force, watch, poll, workers, max
         sys.exit(1)
 
 
-def _operating_point(bundle, max_miss_rate: float | None, max_defect_error: float | None):
-    """The decision rule predict applies: the bundle's own, or the one re-derived for the given targets,
-    announced with what it costs on the held-out cards."""
-    rule, held = bundle.operating_point(max_miss_rate, max_defect_error)
-    if max_miss_rate is not None or max_defect_error is not None:
+def _operating_point(bundle, targets: dict[str, Any]):
+    """The decision rule predict applies: the bundle's own, or the one re-derived for the given targets
+    (None: the model's own), announced with what it costs on the held-out cards."""
+    rule, held = bundle.operating_point(**targets)
+    if any(v is not None for v in targets.values()):
         ui.console.print(operating_point_line(rule, held), highlight=False)
     return rule
 
@@ -162,7 +198,7 @@ def _watch(
     as_json: bool,
     force: bool,
     poll: float | None,
-    targets: tuple[float | None, float | None] = (None, None),
+    targets: dict[str, Any] | None = None,
     workers: int | None = None,
 ) -> None:
     """predict --watch: one warm Predictor, signals turned into a clean stop after the current cards; with
@@ -176,7 +212,7 @@ def _watch(
     from asectl.stages.watch import DEFAULT_POLL, Preparers, done_names, watch_folder
 
     bundle, _ = _bundle(cache, model)
-    rule = _operating_point(bundle, *targets)
+    rule = _operating_point(bundle, targets or {})
     stop = threading.Event()
     reason: list[str] = []
 

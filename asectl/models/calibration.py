@@ -25,10 +25,12 @@ thresholds apply to the models they were chosen on (bench/calibration_method.py)
     ``defect_confidence``, a cut meets the target only if the exact upper bound of its held-out error
     does (for users with enough labelled cards to afford it: with a few hundred, 0.8 grants almost no
     defect threshold and 0.9 none, bench/calibration_method.py);
-  - the same ``max_defect_error`` for ``defective``: among the held-out cards the two thresholds above
-    leave to review, at most this share of those decided ``defective`` (p(defective) = 1 - p(normal) at or
-    above the defective threshold) is a normal card, the threshold cut the same way (first failure).
-    The type is what a defect decision adds; a line that needs it treats ``defective`` as ``review``.
+  - ``max_defective_error`` (by default the same share as ``max_defect_error``) for ``defective``: among
+    the held-out cards the two thresholds above leave to review, at most this share of those decided
+    ``defective`` (p(defective) = 1 - p(normal) at or above the defective threshold) is a normal card, the
+    threshold cut the same way (first failure). The type is what a defect decision adds; a line that needs
+    it turns the decision off (``defective_decision`` False: ``--no-defective``), and those cards go to
+    review as before.
 
 Only numpy and scipy here: applying a stored rule needs no torch.
 """
@@ -178,6 +180,14 @@ class DecisionRule:
     defect_confidence: float | None = None
     # defective: a card neither passed nor decided defect whose p(defective) = 1 - p(normal) >= this
     defective_threshold: float | None = None
+    # The defective decision's target; None: max_defect_error's (as every rule stored before it had).
+    max_defective_error: float | None = None
+    # False: the user turned the decision off (such cards go to review); rules stored before it had it on.
+    defective_decision: bool = True
+
+    @property
+    def defective_error_target(self) -> float:
+        return self.max_defect_error if self.max_defective_error is None else self.max_defective_error
 
     def decide(self, probs: Any) -> list[str]:
         return [decision for decision, _ in self.explain(probs)]
@@ -238,6 +248,8 @@ class DecisionRule:
             float(d["max_defect_error"]),
             None if conf is None else float(conf),
             d.get("defective_threshold"),  # None in rules stored before the decision existed
+            None if d.get("max_defective_error") is None else float(d["max_defective_error"]),
+            bool(d.get("defective_decision", True)),
         )
 
 
@@ -266,14 +278,18 @@ def choose_rule(
     max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
     defect_confidence: float | None = None,
     defective_decision: bool = True,
+    max_defective_error: float | None = None,
 ) -> DecisionRule:
     """Thresholds that meet both targets on held-out cards (calibrated ``probs``, true ``y``): the lowest
     pass threshold that does, and the defect threshold where lowering it first breaks its target (module
     docstring). With ``defect_confidence`` c, a defect cut must meet its target with the held-out error's
     exact upper bound at confidence c, not with the error itself. With ``defective_decision``, also the
-    defective threshold, cut on the cards the other two leave to review."""
+    defective threshold, cut on the cards the other two leave to review for ``max_defective_error`` (None:
+    ``max_defect_error``)."""
     max_miss_rate = check_target("max_miss_rate", max_miss_rate)
     max_defect_error = check_target("max_defect_error", max_defect_error)
+    if max_defective_error is not None:
+        max_defective_error = check_target("max_defective_error", max_defective_error)
     if defect_confidence is not None:
         defect_confidence = check_confidence(defect_confidence)
     classes = tuple(str(c) for c in classes)
@@ -297,12 +313,21 @@ def choose_rule(
     # that meets it anywhere instead picks a place where noise dipped the running error under the target,
     # and new cards then see more errors than the target allows (tests/test_calibration.py measures both).
     defect_t = _first_failure(*defect_cuts(p, y, classes, defect_confidence), max_defect_error)
-    rule = DecisionRule(classes, pass_t, defect_t, max_miss_rate, max_defect_error, defect_confidence)
+    rule = DecisionRule(
+        classes,
+        pass_t,
+        defect_t,
+        max_miss_rate,
+        max_defect_error,
+        defect_confidence,
+        max_defective_error=max_defective_error,
+        defective_decision=bool(defective_decision),
+    )
     if not defective_decision or normal < 0:
         return rule
     # defective: on the held-out cards the two thresholds leave to review, cut p(defective) the same way.
     left = np.asarray(rule.decide(p)) == "review"
-    defective_t = _first_failure(*_cuts(1.0 - p[left, normal], y[left] == normal, None), max_defect_error)
+    defective_t = _first_failure(*_cuts(1.0 - p[left, normal], y[left] == normal, None), rule.defective_error_target)
     return replace(rule, defective_threshold=defective_t)
 
 
@@ -324,12 +349,14 @@ def operating_point(
     stored: DecisionRule,
     max_miss_rate: float | None = None,
     max_defect_error: float | None = None,
+    max_defective_error: float | None = None,
+    defective_decision: bool | None = None,
 ) -> tuple[DecisionRule, dict[str, Any]]:
     """Move a model's operating point without retraining: the rule ``choose_rule`` derives for other targets
     from the held-out calibrated probabilities and labels the model stores (those ``fuse-train`` chose
     ``stored`` on), and how it does on those cards (``decision_stats``: the review share it costs, its miss
-    rate and defect error). A target left None, and the defect confidence, stay the stored ones; the same
-    cards and the same targets give exactly the thresholds ``fuse-train`` derived."""
+    rate and defect error). A target or switch left None, and the defect confidence, stay the stored ones;
+    the same cards and the same targets give exactly the thresholds ``fuse-train`` derived."""
     p = np.asarray(probs, dtype=np.float64)
     rule = choose_rule(
         p,
@@ -338,6 +365,8 @@ def operating_point(
         stored.max_miss_rate if max_miss_rate is None else max_miss_rate,
         stored.max_defect_error if max_defect_error is None else max_defect_error,
         stored.defect_confidence,
+        stored.defective_decision if defective_decision is None else defective_decision,
+        stored.max_defective_error if max_defective_error is None else max_defective_error,
     )
     return rule, decision_stats(rule.decide(p), y, p.argmax(axis=1), stored.classes)
 

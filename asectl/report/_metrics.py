@@ -155,7 +155,7 @@ DECISION_FIGURES = (
     ("miss rate", "n_missed", "n_defective", "max_miss_rate", "defective cards"),
     ("review share", "n_review", "n", None, "cards"),
     ("defect error", "n_wrong_defect", "n_defect_decisions", "max_defect_error", "defect decisions"),
-    ("defective error", "n_wrong_defective", "n_defective_decisions", "max_defect_error", "defective decisions"),
+    ("defective error", "n_wrong_defective", "n_defective_decisions", "max_defective_error", "defective decisions"),
 )
 INTERVAL_CONFIDENCE = 0.95
 
@@ -172,7 +172,7 @@ def decision_figures(stats: Mapping[str, Any], rule: Mapping[str, Any]) -> list[
     rows = []
     for name, k_key, n_key, target_key, unit in DECISION_FIGURES:
         k, n = int(counts.get(k_key, 0)), int(counts.get(n_key, 0))  # stats of older models lack defective
-        target = None if target_key is None else float(rule[target_key])
+        target = None if target_key is None else _target(rule, target_key)
         value = k / n if n else None
         interval = exact_interval(k, n, INTERVAL_CONFIDENCE)
         best_case = exact_interval(0, n, INTERVAL_CONFIDENCE)
@@ -191,6 +191,15 @@ def decision_figures(stats: Mapping[str, Any], rule: Mapping[str, Any]) -> list[
             }
         )
     return rows
+
+
+def _target(rule: Mapping[str, Any], key: str) -> float:
+    """A stored rule's target (the defective decision's: the defect error's unless the user gave one)."""
+    from asectl.models.calibration import DecisionRule
+
+    if key == "max_defective_error":
+        return DecisionRule.from_dict(rule).defective_error_target
+    return float(rule[key])
 
 
 def exact_upper(n: int) -> float:

@@ -236,11 +236,16 @@ def decisions_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
         return "never (no threshold met its target on held-out cards)" if v is None else f"with p ≥ {v:.4f}"
 
     defective_t = dec.get("defective_threshold")
-    defective_when = "never" if defective_t is None else f"≥ {defective_t:.4f}"
+    defective = (
+        "no defective decision (turned off with --no-defective)"
+        if not dec.get("defective_decision", True)
+        else "defective (type to confirm): any other card with p(defective) = 1 - p(normal) "
+        + ("never" if defective_t is None else f"≥ {defective_t:.4f}")
+    )
     rule = (
         f"pass: top class normal {when(dec['pass_threshold'])}; defect: top class a defect class "
-        f"{when(dec['defect_threshold'])}; defective (type to confirm): any other card with p(defective) = "
-        f"1 - p(normal) {defective_when}; otherwise review (thresholds chosen on held-out training cards). "
+        f"{when(dec['defect_threshold'])}; {defective}; otherwise review (thresholds chosen on held-out "
+        "training cards). "
         f"Miss rate: defective cards passed, over defective cards; review share: cards sent to review, over "
         f"all cards; defect error: cards decided defect whose true class differs, over defect decisions; "
         f"defective error: normal cards decided defective, over defective decisions."

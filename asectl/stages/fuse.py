@@ -72,6 +72,8 @@ def run_fuse_train(
     max_defect_error: float = DEFAULT_MAX_DEFECT_ERROR,
     calibration_folds: int = DEFAULT_CALIBRATION_FOLDS,
     defect_confidence: float | None = None,
+    max_defective_error: float | None = None,
+    defective_decision: bool = True,
     settings_sources: Mapping[str, str] | None = None,
 ) -> FuseOutcome:
     """Train the fusion over the dataset's alignment (run_align with the settings align last used on it,
@@ -130,6 +132,13 @@ def run_fuse_train(
     targets = {
         "max_miss_rate": check_target("max_miss_rate", max_miss_rate),
         "max_defect_error": check_target("max_defect_error", max_defect_error),
+        # In the key only when given: models trained before these existed keep their keys.
+        **(
+            {}
+            if max_defective_error is None
+            else {"max_defective_error": check_target("max_defective_error", max_defective_error)}
+        ),
+        **({} if defective_decision else {"defective_decision": False}),
     }
     # defect_scan names how the defect threshold is chosen (asectl.models.calibration.choose_rule), so
     # models whose rule was chosen the earlier way ("lowest cut") are not reused.
@@ -395,7 +404,7 @@ def calibrate(
     z, y_s = logits[scored], y[scored]
     temperature = fit_temperature(z, y_s)
     before, after = softmax(z), softmax(z, temperature)
-    rule = choose_rule(after, y_s, classes, args["max_miss_rate"], args["max_defect_error"], args["defect_confidence"])
+    rule = choose_rule(after, y_s, classes, **rule_targets(args))
     top = after.argmax(axis=1)
     calibration = {
         "method": "temperature scaling",
@@ -417,7 +426,7 @@ def calibrate(
     decision = {
         **rule.to_dict(),
         "held_out": decision_stats(rule.decide(after), y_s, top, classes),
-        "tradeoff": miss_rate_tradeoff(after, y_s, classes, args["max_defect_error"], args["defect_confidence"]),
+        "tradeoff": miss_rate_tradeoff(after, y_s, classes, rule_targets(args)),
         "held_out_scores": (after, y_s),
     }  # stored in the bundle as arrays, not in bundle.json
     return members, histories, calibration, decision
@@ -440,16 +449,25 @@ def mean_history(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 MISS_RATE_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
-def miss_rate_tradeoff(
-    probs: Any, y: Any, classes: list[str], max_defect_error: float, defect_confidence: float | None = None
-) -> list[dict[str, Any]]:
-    """Held-out review share and miss rate for a few other miss-rate targets: what a stricter or looser
-    target would cost, without retraining to find out."""
+def rule_targets(args: Mapping[str, Any]) -> dict[str, Any]:
+    """choose_rule's targets and switches from a model's calibration arguments (absent ones: defaults)."""
+    return {
+        "max_miss_rate": args["max_miss_rate"],
+        "max_defect_error": args["max_defect_error"],
+        "defect_confidence": args.get("defect_confidence"),
+        "defective_decision": args.get("defective_decision", True),
+        "max_defective_error": args.get("max_defective_error"),
+    }
+
+
+def miss_rate_tradeoff(probs: Any, y: Any, classes: list[str], targets: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Held-out review share and miss rate for a few other miss-rate targets (the other ``targets`` as
+    given): what a stricter or looser target would cost, without retraining to find out."""
     from asectl.models.calibration import choose_rule, decision_stats
 
     rows = []
     for target in MISS_RATE_TARGETS:
-        rule = choose_rule(probs, y, classes, target, max_defect_error, defect_confidence)
+        rule = choose_rule(probs, y, classes, **{**targets, "max_miss_rate": target})
         st = decision_stats(rule.decide(probs), y, probs.argmax(axis=1), classes)
         rows.append(
             {

@@ -36,7 +36,12 @@ def list_models(cache: Cache) -> list[dict[str, Any]]:
                 "variant": config.get("variant"),
                 "task": config.get("task"),
                 "n_train": training.get("n_train"),
-                "targets": {"max_miss_rate": dec.get("max_miss_rate"), "max_defect_error": dec.get("max_defect_error")},
+                "targets": {
+                    "max_miss_rate": dec.get("max_miss_rate"),
+                    "max_defect_error": dec.get("max_defect_error"),
+                    "max_defective_error": dec.get("max_defective_error"),
+                    "defective_decision": dec.get("defective_decision", True),
+                },
                 "test_macro_f1": reported.get("macro_f1"),
                 "reported_on": reported.get("dataset"),
                 "path": str(path),

@@ -89,7 +89,7 @@ def resolve_replay(folder: Path, replay: Mapping[str, Any]) -> dict[str, Any]:
     """The stored replay settings with the export's own files (card spec, a copied LLM or prompt) made
     absolute; paths outside the export (an LLM that was not copied) stay as stored."""
     out = json.loads(json.dumps(replay))
-    for stage, key in (("ocr", "spec"), ("reason", "llm_model"), ("reason", "prompt")):
+    for stage, key in (("ocr", "spec"), ("ocr", "recogniser"), ("reason", "llm_model"), ("reason", "prompt")):
         value = (out.get(stage) or {}).get(key)
         if isinstance(value, str) and value.startswith("./"):
             out[stage][key] = str(folder / value[2:])

@@ -77,9 +77,14 @@ def test_export_writes_graphs_settings_and_checksums(trained, exported):
     for key in ("classes", "task", "calibration", "decision", "fusion_members"):
         assert model[key] == bundle_cfg[key], key
     # What predict replays: OCR engine without torch, the same card spec, describer, LLM file, prompt, priors.
-    assert manifest["ocr"] == {"engine": "rapidocr", "trained_engine": "cnocr", "why": manifest["ocr"]["why"]}
-    assert "6370/6370" in manifest["ocr"]["why"]
+    ocr = manifest["ocr"]
+    assert {k: ocr[k] for k in ("engine", "trained_engine")} == {"engine": "rapidocr", "trained_engine": "cnocr"}
+    assert "6370/6370" in ocr["why"]
     assert model["replay"]["ocr"]["engine"] == "rapidocr"
+    # The wheel's recogniser cut to printable ASCII (the built-in card spec prints nothing else), in the folder.
+    assert model["replay"]["ocr"]["recogniser"] == ocr["recogniser"]["file"] == "./ocr/rec-ascii.onnx"
+    assert (ocr["recogniser"]["characters"], ocr["recogniser"]["kept"]) == (18710, 96)
+    assert "ocr/rec-ascii.onnx" in manifest["files"] and "the same record" in ocr["recogniser"]["why"]
     for key in ("expect_model_hash", "expect_prompt_sha256", "priors", "max_tokens", "prompt"):
         assert model["replay"]["reason"][key] == bundle_cfg["replay"]["reason"][key], key
     assert model["replay"]["reason"]["llm_model"] == "./llm/tiny.gguf"  # --copy-llm
@@ -174,12 +179,17 @@ def test_predict_from_an_export_imports_no_torch(trained, exported, tmp_path):
     assert all(abs(float(p[2]) - e["probability"]) <= 1e-4 for p, e in zip(printed, expected))
 
 
-@pytest.mark.parametrize("damage", ["flip", "delete", "manifest"])
+@pytest.mark.parametrize("damage", ["flip", "delete", "manifest", "recogniser"])
 def test_damaged_or_missing_export_file_is_one_line_naming_it(trained, exported, tmp_path, damage):
     copy = tmp_path / "model"
     shutil.copytree(exported["path"], copy)
-    victim = {"flip": "fusion-2.onnx", "delete": "encoders/image.onnx", "manifest": "export.json"}[damage]
-    if damage == "flip":
+    victim = {
+        "flip": "fusion-2.onnx",
+        "delete": "encoders/image.onnx",
+        "manifest": "export.json",
+        "recogniser": "ocr/rec-ascii.onnx",
+    }[damage]
+    if damage in ("flip", "recogniser"):
         with open(copy / victim, "r+b") as f:
             f.seek(300)
             f.write(b"\x00\x01\x02")

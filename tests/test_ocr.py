@@ -87,6 +87,68 @@ def test_rapidocr_engine_reads_cards(small_dataset, tmp_path):
         assert r["fields"] == truth[n]["printed"]
 
 
+def test_a_recogniser_cut_to_ascii_reads_the_same_records_under_keys_of_its_own(small_dataset, tmp_path):
+    """``--recogniser`` (here the wheel's cut to printable ASCII, as an export reads with) gives every card the
+    full recogniser's fields, with the text scores barely moved; its records have keys of their own, and the
+    default engine's identity (and so every earlier key) does not change."""
+    from asectl.backends.ocr import REC_MODEL, RapidOcrEngine, ascii_recogniser, bundled_model_dir, engine_identity
+    from asectl.stages.ocr import OcrSettings, ocr_identity
+
+    cut = tmp_path / "rec-ascii.onnx"
+    assert ascii_recogniser(bundled_model_dir() / REC_MODEL, cut)["kept"] == 96
+    runner = CliRunner()
+
+    def read(*more):
+        res = runner.invoke(
+            cli,
+            ["--cache-dir", str(tmp_path / "c"), "ocr", "--engine", "rapidocr", "--json", str(small_dataset), *more],
+        )
+        assert res.exit_code == 0, res.output
+        return [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")], " ".join(res.output.split())
+
+    (full, _), (ascii_, said) = read(), read("--recogniser", str(cut))
+    assert "0 from cache, 10 computed" in said  # its own keys: the full recogniser's records are not reused
+    assert [r["fields"] for r in full] == [r["fields"] for r in ascii_] and len(full) == 10
+    scores = [(a["score"], b["score"]) for f, c in zip(full, ascii_) for a, b in zip(f["text"], c["text"])]
+    assert max(abs(a - b) for a, b in scores) < 0.01 and all(b >= a for a, b in scores)
+    assert (
+        engine_identity("rapidocr")
+        == RapidOcrEngine.static_identity()
+        == engine_identity(OcrSettings(engine="rapidocr").engine_choice())
+    )
+    with_cut = ocr_identity(OcrSettings(engine="rapidocr", recogniser=str(cut)))
+    assert engine_identity("rapidocr")["rec_model"]["file"] == REC_MODEL
+    assert with_cut["engine"]["rec_model"]["file"] == "rec-ascii.onnx"
+    assert with_cut != ocr_identity(OcrSettings(engine="rapidocr"))
+    assert "recogniser" not in OcrSettings(engine="rapidocr").as_dict()  # earlier models' stored settings
+
+
+@pytest.mark.parametrize(
+    "engine, file, needle",
+    [
+        ("rapidocr", "missing.onnx", "missing.onnx: no such text recogniser"),
+        ("cnocr", "present.onnx", "the cnocr engine reads with its own recogniser; pass --engine rapidocr"),
+    ],
+)
+def test_a_recogniser_that_cannot_be_used_is_one_line(small_dataset, tmp_path, engine, file, needle):
+    (tmp_path / "present.onnx").write_bytes(b"onnx")
+    res = CliRunner().invoke(
+        cli,
+        [
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "ocr",
+            str(small_dataset),
+            "--engine",
+            engine,
+            "--recogniser",
+            str(tmp_path / file),
+        ],
+    )
+    assert res.exit_code == 2 and needle in " ".join(res.output.split()), res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 def test_unknown_engine_is_a_usage_error(small_dataset):
     res = CliRunner().invoke(cli, ["ocr", str(small_dataset), "--engine", "tesseract"])
     assert res.exit_code == 2 and "choose one of: cnocr, rapidocr" in res.output

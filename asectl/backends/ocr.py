@@ -23,6 +23,19 @@ REC_MODEL = "PP-OCRv6_rec_small.onnx"
 CLS_MODEL = "ch_ppocr_mobile_v2.0_cls_mobile.onnx"
 
 
+@dataclass(frozen=True)
+class EngineChoice:
+    """An OCR engine by registered name, and where given, an ONNX PP-OCR text recogniser to run instead of
+    the one in the rapidocr wheel (``asectl ocr --recogniser``; an export's cut one). Hashable and
+    picklable: it travels to worker processes and Ray workers as the engine's name did."""
+
+    name: str
+    recogniser: str | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.recogniser is None else f"{self.name}, recogniser {Path(self.recogniser).name}"
+
+
 @dataclass
 class TextLine:
     text: str
@@ -71,14 +84,15 @@ class OCREngine:
     results must not depend on it, since it is no part of the identity."""
 
     registry_name = "?"
+    recogniser: str | None = None  # another text recogniser file (EngineChoice), where the engine takes one
 
     @classmethod
-    def static_identity(cls) -> dict[str, Any]:
+    def static_identity(cls, recogniser: str | None = None) -> dict[str, Any]:
         """Versions and model hashes, computed without loading the engine (cache hits never load it)."""
         raise NotImplementedError
 
     def identity(self) -> dict[str, Any]:
-        return self.static_identity()
+        return self.static_identity(self.recogniser)
 
     def read(self, image: Image.Image) -> list[TextLine]:
         """Detect and recognise every text box of a card."""
@@ -91,7 +105,8 @@ class OCREngine:
 
 @OCR_ENGINES.register("cnocr")
 class CnOcrEngine(OCREngine):
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, recogniser: str | None = None) -> None:
+        self.refuse_recogniser(recogniser)
         _quiet_ocr_logs()
         self.det_path, self.rec_path = _model_file(DET_MODEL), _model_file(REC_MODEL)
         from cnocr import CnOcr
@@ -109,8 +124,17 @@ class CnOcrEngine(OCREngine):
             det_more_configs=more,
         )
 
+    @staticmethod
+    def refuse_recogniser(recogniser: str | None) -> None:
+        if recogniser is not None:
+            raise ConfigError(
+                f"{recogniser}: the cnocr engine reads with its own recogniser; pass --engine rapidocr to "
+                "read with another"
+            )
+
     @classmethod
-    def static_identity(cls) -> dict[str, Any]:
+    def static_identity(cls, recogniser: str | None = None) -> dict[str, Any]:
+        cls.refuse_recogniser(recogniser)
         return {
             "engine": "cnocr",
             "cnocr": version("cnocr"),
@@ -139,9 +163,11 @@ class RapidOcrEngine(OCREngine):
     out of a card (``--detector auto``, the default) needs neither the detector nor the angle classifier, whose
     imports and sessions cost a cold start about 0.3 s; the whole pipeline is made on the first ``read``."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, recogniser: str | None = None) -> None:
         _quiet_ocr_logs()
-        self.det_path, self.rec_path = _model_file(DET_MODEL), _model_file(REC_MODEL)
+        self.recogniser = recogniser
+        self.det_path = _model_file(DET_MODEL)
+        self.rec_path = _model_file(REC_MODEL) if recogniser is None else _recogniser_file(recogniser)
         self.cls_path = _model_file(CLS_MODEL)
         self._params = {
             "Global.log_level": "warning",
@@ -181,13 +207,14 @@ class RapidOcrEngine(OCREngine):
         return self._rec
 
     @classmethod
-    def static_identity(cls) -> dict[str, Any]:
+    def static_identity(cls, recogniser: str | None = None) -> dict[str, Any]:
+        rec = _model_file(REC_MODEL) if recogniser is None else _recogniser_file(recogniser)
         return {
             "engine": "rapidocr",
             "rapidocr": version("rapidocr"),
             "use_cls": False,
             "det_model": {"file": DET_MODEL, **file_fingerprint(_model_file(DET_MODEL))},
-            "rec_model": {"file": REC_MODEL, **file_fingerprint(_model_file(REC_MODEL))},
+            "rec_model": {"file": rec.name, **file_fingerprint(rec)},
         }
 
     def read(self, image: Image.Image) -> list[TextLine]:
@@ -203,18 +230,70 @@ class RapidOcrEngine(OCREngine):
         return [(str(t), float(s)) for t, s in zip(res.txts or (), res.scores or ())]
 
 
-_engines: dict[str, OCREngine] = {}
+def _recogniser_file(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such text recogniser; pass an ONNX PP-OCR recogniser file (--recogniser)")
+    return p
 
 
-def engine_identity(name: str) -> dict[str, Any]:
-    cls, _ = OCR_ENGINES.get(name)
-    return cls.static_identity()
+# The characters a printed record can hold: printable ASCII. PP-OCR's CTC classifier also has index 0 for
+# the blank and, RapidOCR's decoder adds it, a last index for the space.
+PRINTABLE = tuple(chr(c) for c in range(33, 127))
 
 
-def get_engine(name: str, threads: int | None = None) -> OCREngine:
-    """One loaded engine per name per process (loading costs far more than reading one card);
+def ascii_recogniser(source: str | os.PathLike, target: str | os.PathLike) -> dict[str, Any]:
+    """Write ``source`` (an ONNX PP-OCR recogniser with its character list in the metadata) with its last
+    layer (the classifier's weight and bias before the softmax) and its character list cut to printable
+    ASCII. Each time step's most likely character among those kept is the full model's wherever the full
+    model reads ASCII, and the convolutions are untouched; the classifier over 18,710 characters and its
+    softmax were about a sixth of the recogniser's CPU time (bench/ocr_recogniser.py). Needs the onnx
+    package (exporting does; predicting from the written file does not). Returns what was cut."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    chars = next((p.value for p in model.metadata_props if p.key == "character"), "").splitlines()
+    out = model.graph.output[0].type.tensor_type.shape.dim[-1]
+    if not chars or out.dim_value != len(chars) + 2:
+        raise ConfigError(f"{source}: not a PP-OCR CTC recogniser with its character list; cannot cut it")
+    kept = [c for c in chars if c in PRINTABLE]
+    index = np.asarray([0] + [1 + chars.index(c) for c in kept] + [len(chars) + 1])
+    cut = 0
+    for init in model.graph.initializer:
+        if init.dims and init.dims[-1] == out.dim_value:  # the classifier's weight [hidden, chars] and bias
+            a = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a[..., index]), init.name))
+            cut += 1
+    if cut != 2:
+        raise ConfigError(f"{source}: found {cut} classifier tensors, not a weight and a bias; cannot cut it")
+    out.dim_value = len(index)
+    for p in model.metadata_props:
+        if p.key == "character":
+            p.value = "\n".join(kept)
+    onnx.save(model, str(target))
+    return {"characters": len(chars) + 2, "kept": len(index), "kept_set": "printable ASCII, space, CTC blank"}
+
+
+_engines: dict[EngineChoice, OCREngine] = {}
+
+
+def _choice(engine: EngineChoice | str) -> EngineChoice:
+    return engine if isinstance(engine, EngineChoice) else EngineChoice(engine)
+
+
+def engine_identity(engine: EngineChoice | str) -> dict[str, Any]:
+    choice = _choice(engine)
+    cls, _ = OCR_ENGINES.get(choice.name)
+    return cls.static_identity() if choice.recogniser is None else cls.static_identity(choice.recogniser)
+
+
+def get_engine(engine: EngineChoice | str, threads: int | None = None) -> OCREngine:
+    """One loaded engine per choice per process (loading costs far more than reading one card);
     ``threads`` applies when it is first loaded."""
-    if name not in _engines:
+    choice = _choice(engine)
+    if choice not in _engines:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        _engines[name] = OCR_ENGINES.create(name, threads=threads)
-    return _engines[name]
+        more = {} if choice.recogniser is None else {"recogniser": choice.recogniser}
+        _engines[choice] = OCR_ENGINES.create(choice.name, threads=threads, **more)
+    return _engines[choice]

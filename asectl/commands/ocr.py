@@ -31,6 +31,12 @@ _DEFAULT = OcrSettings()
     "auto-checked: as auto, and a card whose cut lines miss a field is read again by the detector.",
 )
 @click.option(
+    "--recogniser",
+    type=click.Path(dir_okay=False, path_type=Path),
+    show_default="the rapidocr wheel's PP-OCRv6 small",
+    help="Another ONNX PP-OCR text recogniser (e.g. one fine-tuned on your cards' font), with --engine rapidocr.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     show_default="one per core",
@@ -38,13 +44,18 @@ _DEFAULT = OcrSettings()
 )
 @per_image_options
 @click.pass_obj
-def ocr(cache, inputs, engine, spec, detector, workers, out, as_json, force, strict, executor):
+def ocr(cache, inputs, engine, spec, detector, recogniser, workers, out, as_json, force, strict, executor):
     """Read the printed records of cards (a dataset folder, image files or globs). The settings are
     remembered for the later stages on a dataset folder."""
     from asectl.domain.dataset import load_inputs
     from asectl.stages.ocr import run_ocr
 
-    settings = OcrSettings(engine=engine, spec=str(spec) if spec else None, detector=detector)
+    settings = OcrSettings(
+        engine=engine,
+        spec=str(spec) if spec else None,
+        detector=detector,
+        recogniser=str(recogniser) if recogniser else None,
+    )
     result = run_ocr(
         load_inputs(inputs), settings, cache=cache, force=force, strict=strict, workers=workers, executor=executor
     )

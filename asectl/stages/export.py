@@ -11,7 +11,12 @@ torch models and the graphs, and the export is refused unless their probabilitie
 OCR: CnOCR imports torch. Where the bundle read its cards with ``cnocr``, the export reads them with
 ``rapidocr``, which runs the same PP-OCR ONNX models: bench/ocr_accuracy.py found both engines' records
 identical on every card of the clean and the field benchmarks (455 cards each, 6370 of 6370 numbers,
-docs/benchmarks.md), so the fields, the LLM's prompts and the texts the encoders read are the same."""
+docs/benchmarks.md), so the fields, the LLM's prompts and the texts the encoders read are the same.
+It reads with the wheel's PP-OCR recogniser cut to printable ASCII (asectl.backends.ocr.ascii_recogniser,
+written into the export), about a sixth less CPU time per card, where the card spec prints ASCII only:
+bench/ocr_recogniser.py found its records identical to the full recogniser's on every card of the clean and
+the field benchmarks (``RECOGNISER_EVIDENCE``). A recogniser the model was trained with (``asectl ocr
+--recogniser``) is copied in as it is."""
 
 from __future__ import annotations
 
@@ -40,6 +45,12 @@ ENGINE_WITHOUT_TORCH = {"cnocr": "rapidocr"}
 ENGINE_EVIDENCE = (
     "bench/ocr_accuracy.py: the cnocr and rapidocr records are identical on every card of the "
     "clean and field benchmarks (455 cards each, 6370/6370 numbers; docs/benchmarks.md)"
+)
+# The ASCII-cut recogniser in an export, and the evidence that it reads the same records as the full one.
+LINE_RECOGNISER = "ocr/rec-ascii.onnx"
+RECOGNISER_EVIDENCE = (
+    "bench/ocr_recogniser.py: the recogniser cut to printable ASCII reads the same record as the full one on "
+    "every card of the clean and field benchmarks (455 cards each; docs/benchmarks.md)"
 )
 # Texts of several lengths for the parity check (padding, and truncation at the encoder's max length).
 PROBE_TEXTS = (
@@ -285,19 +296,52 @@ class _TextFeatures(nn.Module):
 
 # --- settings ------------------------------------------------------------------------------------------
 def export_ocr(replay: dict[str, Any], bundle: Bundle, folder: Path) -> dict[str, Any]:
-    """The OCR settings of the export (in ``replay``): an engine without torch, the card spec copied in."""
+    """The OCR settings of the export (in ``replay``): an engine without torch, the card spec copied in, and
+    the text recogniser it reads with copied in (module docstring)."""
+    from asectl.domain.card import default_spec, load_spec
+
     ocr = replay.setdefault("ocr", {})
     trained = ocr.get("engine") or "cnocr"
     engine = ENGINE_WITHOUT_TORCH.get(trained, trained)
     ocr["engine"] = engine
+    spec = default_spec()
     if ocr.get("spec"):  # a user's card spec: the export carries its own copy (the built-in one ships with asectl)
         (folder / "card-spec.toml").write_text(bundle.config["card_spec"]["toml"])
         ocr["spec"] = "./card-spec.toml"
-    return {
+        spec = load_spec(folder / "card-spec.toml")
+    summary = {
         "engine": engine,
         "trained_engine": trained,
         "why": ENGINE_EVIDENCE if engine != trained else "the engine the model was trained with",
     }
+    if engine == "rapidocr":
+        summary["recogniser"] = export_recogniser(ocr, spec, folder)
+    return summary
+
+
+def export_recogniser(ocr: dict[str, Any], spec: Any, folder: Path) -> dict[str, Any]:
+    """The text recogniser of an export (``ocr["recogniser"]`` set to its copy): the model's own, copied in;
+    else the wheel's cut to printable ASCII where the card spec prints nothing else; else the wheel's."""
+    from asectl.backends.ocr import PRINTABLE, REC_MODEL, ascii_recogniser, bundled_model_dir
+
+    (folder / "ocr").mkdir(exist_ok=True)
+    if ocr.get("recogniser"):
+        source = Path(ocr["recogniser"])
+        if not source.is_file():
+            raise ConfigError(f"{source}: the text recogniser the model was trained with is missing; export it there")
+        shutil.copyfile(source, folder / "ocr" / source.name)
+        ocr["recogniser"] = f"./ocr/{source.name}"
+        return {"file": ocr["recogniser"], "why": "the recogniser the model was trained with"}
+    templates = [f.template or "" for f in spec.fields] + [spec.bin_template or ""]
+    printed = {ch for t in templates for ch in t if ch != " "}
+    if not printed <= set(PRINTABLE):
+        return {
+            "file": None,
+            "why": f"the card spec prints {''.join(sorted(printed - set(PRINTABLE)))[:20]!r}: the full recogniser",
+        }
+    cut = ascii_recogniser(bundled_model_dir() / REC_MODEL, folder / LINE_RECOGNISER)
+    ocr["recogniser"] = f"./{LINE_RECOGNISER}"
+    return {"file": ocr["recogniser"], **cut, "why": RECOGNISER_EVIDENCE}
 
 
 def export_llm(replay: dict[str, Any], folder: Path, copy_llm: bool) -> dict[str, Any]:

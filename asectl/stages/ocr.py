@@ -5,6 +5,7 @@ circle vanish, so the engine sees only the black text."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from asectl.backends.ocr import TextLine, engine_identity, get_engine
+from asectl.backends.ocr import EngineChoice, TextLine, engine_identity, get_engine
 from asectl.cache import Cache
 from asectl.domain.card import PATTERN_TIMEOUT, CardSpec, default_spec, load_spec, number_text, search
 from asectl.domain.dataset import Dataset, Sample
@@ -24,7 +25,7 @@ from asectl.errors import ConfigError, DataError
 from asectl.executors import Executor, resolve
 from asectl.imageio import load_image
 from asectl.stages.common import Remote, StageResult, run_per_image
-from asectl.stages.settings import StageSettings
+from asectl.stages.settings import STORED_WHEN_SET, StageSettings
 
 STAGE = "ocr"
 FORMAT = 1
@@ -39,18 +40,24 @@ _DASHES = dict.fromkeys(map(ord, "\u2212\u2013\u2014\u2012\u2010\u2011"), "-")
 @dataclass(frozen=True)
 class OcrSettings(StageSettings):
     """How cards are read: the engine, the card spec (a TOML path; None = the built-in spec of
-    docs/card-format.md) and the text-line detector. The defaults of ``asectl ocr`` live here only."""
+    docs/card-format.md), the text-line detector and, for the rapidocr engine, another ONNX PP-OCR text
+    recogniser (a path; None = the one in the rapidocr wheel). The defaults of ``asectl ocr`` live here only."""
 
     STAGE = STAGE
     engine: str = "cnocr"
     spec: str | None = None
     detector: str = "auto"
+    recogniser: str | None = dataclasses.field(default=None, metadata=STORED_WHEN_SET)
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
             raise ConfigError(f"--detector {self.detector!r}: choose one of {', '.join(DETECTORS)}")
-        if self.spec is not None:  # remembered and replayed from other folders: store where it is
-            object.__setattr__(self, "spec", str(Path(self.spec).expanduser().resolve()))
+        for name in ("spec", "recogniser"):  # remembered and replayed from other folders: store where it is
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
+
+    def engine_choice(self) -> EngineChoice:
+        return EngineChoice(self.engine, self.recogniser)
 
     def card_spec(self) -> CardSpec:
         return load_spec(self.spec) if self.spec else default_spec()
@@ -109,7 +116,10 @@ def cut_lines(binary: Image.Image) -> list[tuple[int, int, int, int]] | None:
 
 
 def read_text(
-    binary: Image.Image, engine_name: str, detector: str = "auto", boxes: list[tuple[int, int, int, int]] | None = None
+    binary: Image.Image,
+    engine_name: EngineChoice | str,
+    detector: str = "auto",
+    boxes: list[tuple[int, int, int, int]] | None = None,
 ) -> list[TextLine]:
     """The text lines of a binarised card: recognised in ``boxes`` (e.g. from ``cut_lines``) without the
     detector when given, else found by the engine's detector (``detector`` "model") or cut (``auto``)."""
@@ -236,7 +246,9 @@ def _edge_key(x: Any) -> float:
     return round(float(x), 6)
 
 
-def read_card(image_path: Path, engine_name: str, spec: CardSpec, detector: str = "auto") -> dict[str, Any]:
+def read_card(
+    image_path: Path, engine_name: EngineChoice | str, spec: CardSpec, detector: str = "auto"
+) -> dict[str, Any]:
     """OCR one card file and parse it. A card with no readable record raises DataError; a partly read
     record is returned with ``error`` set (so it is reported and never cached)."""
     binary = binarise(load_image(image_path))
@@ -278,7 +290,7 @@ def ocr_identity(settings: OcrSettings | None = None, spec: CardSpec | None = No
     spec = spec or settings.card_spec()
     return {
         "format": FORMAT,
-        "engine": engine_identity(settings.engine),
+        "engine": engine_identity(settings.engine_choice()),
         "binarise": BINARISE_THRESHOLD,
         "detector": settings.detector,
         "spec": {"name": spec.name, "sha256": spec.digest},
@@ -298,12 +310,12 @@ SMALL_RUN = 16
 _worker: dict[str, Any] = {}
 
 
-def _worker_init(engine: str, spec: CardSpec, detector: str, threads: int) -> None:
+def _worker_init(engine: EngineChoice, spec: CardSpec, detector: str, threads: int) -> None:
     get_engine(engine, threads=threads)
     _worker.update(engine=engine, spec=spec, detector=detector)
 
 
-def _read_timed(path: Path, engine: str, spec: CardSpec, detector: str) -> dict[str, Any] | DataError:
+def _read_timed(path: Path, engine: EngineChoice, spec: CardSpec, detector: str) -> dict[str, Any] | DataError:
     """``read_card`` with its seconds; a card's DataError is returned in its place."""
     t0 = time.perf_counter()
     try:
@@ -325,7 +337,7 @@ def _poison_card(job: tuple, why: str) -> DataError:
     return DataError(f"{job[0]}: {why}")
 
 
-def ocr_pool(engine: str, spec: CardSpec, detector: str, workers: int):
+def ocr_pool(engine: EngineChoice, spec: CardSpec, detector: str, workers: int):
     """``workers`` processes, each with its own engine, reading cards in order (as ``_read_timed``);
     any error but a card's DataError stops the run."""
     from asectl.workers import WorkerPool, usable_cores
@@ -339,7 +351,7 @@ def ocr_pool(engine: str, spec: CardSpec, detector: str, workers: int):
     )
 
 
-def _cluster_reader(engine: str, spec: CardSpec, detector: str, identity: dict[str, Any]):
+def _cluster_reader(engine: EngineChoice, spec: CardSpec, detector: str, identity: dict[str, Any]):
     """A Ray worker's reader (asectl.executors): its engine, loaded once with one thread (one worker per
     core), must be the driver's, or the records would differ from a local run's."""
     from asectl.executors import check_same
@@ -372,7 +384,7 @@ def run_ocr(
     ``executor``: where the misses are read (asectl.executors; default local)."""
     cache = cache or Cache()
     settings = (settings or OcrSettings()).replace(**choices)
-    engine, detector = settings.engine, settings.detector
+    engine, detector = settings.engine_choice(), settings.detector
     card_spec = settings.card_spec()
     identity = ocr_identity(settings, card_spec)
     from asectl.workers import usable_cores

@@ -24,6 +24,9 @@ S = TypeVar("S", bound="StageSettings")
 # Field metadata: a replay-only check (an expected model hash) that is stored in bundles but not
 # remembered as a user's choice for the next command on the dataset.
 REPLAY_ONLY = {"replay_only": True}
+# Field metadata: a setting added after models were trained, stored only when set, so the stored settings
+# (and the keys made from them) of earlier models stay what they were.
+STORED_WHEN_SET = {"stored_when_set": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +38,14 @@ class StageSettings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _plain(getattr(self, f.name)) for f in self._stored_fields()}
+
+    def _stored_fields(self) -> list[dataclasses.Field]:
+        return [
+            f
+            for f in dataclasses.fields(self)
+            if not (f.metadata.get("stored_when_set") and getattr(self, f.name) is None)
+        ]
 
     @classmethod
     def from_dict(cls: type[S], values: Mapping[str, Any] | None) -> S:
@@ -46,7 +56,7 @@ class StageSettings:
     def choices(self) -> dict[str, Any]:
         """The user's choices, without replay-only checks: what is remembered for a dataset."""
         return {
-            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("replay_only")
+            f.name: _plain(getattr(self, f.name)) for f in self._stored_fields() if not f.metadata.get("replay_only")
         }
 
     def remember(self, cache: Cache, dataset: Dataset) -> None:
@@ -70,4 +80,4 @@ def _plain(value: Any) -> Any:
     return dict(value) if isinstance(value, Mapping) else value
 
 
-__all__ = ["StageSettings", "REPLAY_ONLY"]
+__all__ = ["StageSettings", "REPLAY_ONLY", "STORED_WHEN_SET"]

@@ -244,7 +244,7 @@ def _preparer_setup() -> tuple[Any, Any]:
 
         replay = load_model(_prepared["bundle"])[0].config["replay"]  # a bundle's, or an export's (resolved)
         # The OCR engine and the LLM with this worker's share of the cores (the engine is made once per process).
-        get_engine(ModalitySettings.from_dict(replay).ocr.engine, threads=_prepared["threads"])
+        get_engine(ModalitySettings.from_dict(replay).ocr.engine_choice(), threads=_prepared["threads"])
         set_process_threads(_prepared["threads"])
         stack = contextlib.ExitStack()
         stack.enter_context(keep_loaded())

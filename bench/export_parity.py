@@ -37,6 +37,14 @@ def main() -> None:
     out = OUT / "export-parity"
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(args.cache_dir)
+    from asectl.models.calibration import DECISIONS
+
+    # where the model lives, with the cache folder masked as in the measured command line
+    model_name = (
+        "the bundle `" + str(args.model).replace(str(Path(args.cache_dir)), "C") + "`"
+        if args.model
+        else "the seed-0 bundle of the cache"
+    )
     bundle = load_bundle(trained_bundle(Path(args.cache_dir), out, args.model, "cnocr", args.counts))
     shutil.rmtree(out / "export", ignore_errors=True)
     exported = load_export(run_export(bundle, out / "export").path)
@@ -65,22 +73,25 @@ def main() -> None:
         "decisions_differing": sum(x != y for x, y in zip(a["decisions"], b["decisions"])),
         "classes_differing": sum(x != y for x, y in zip(a["top"], b["top"])),
         "macro_f1": f1,
-        "decisions": {k: {d: r["decisions"].count(d) for d in ("pass", "defect", "review")} for k, r in rows.items()},
-        "model": str(args.model or f"seed-0 bundle (counts {args.counts or 'default'})"),
+        "decisions": {k: {d: r["decisions"].count(d) for d in DECISIONS} for k, r in rows.items()},
+        "model": model_name,
         "ocr": exported.manifest["ocr"],
     }
     save("export_parity", data)
+    recogniser = (data["ocr"].get("recogniser") or {}).get("file")
 
     def counts(path: str) -> str:
         return ", ".join(str(v) for v in data["decisions"][path].values())
 
     md = f"""### An export against its bundle on the same test cards
 
-Model: {"the bundle `" + str(args.model) + "`" if args.model else "the seed-0 bundle of the cache"}{
+Model: {model_name}{
         f", trained on the {args.counts} cards per class of a smaller seed-0 field dataset" if args.counts else ""
     }.
 Each path classified the dataset's {data["cards"]} test cards in its own way: the bundle with cnocr and the
-torch models, the export with {data["ocr"]["engine"]} and its ONNX graphs.
+torch models, the export with {data["ocr"]["engine"]}{
+        f" (its recogniser `{recogniser}`, cut to printable ASCII)" if recogniser else ""
+    } and its ONNX graphs.
 
 | measure | result | goal |
 |---|---|---|
@@ -88,7 +99,7 @@ torch models, the export with {data["ocr"]["engine"]} and its ONNX graphs.
 | cards whose decision differs | {data["decisions_differing"]} of {data["cards"]} | 0 |
 | cards whose class differs | {data["classes_differing"]} of {data["cards"]} | 0 |
 | macro-F1, bundle / export | {100 * f1["bundle"]:.2f} / {100 * f1["export"]:.2f} | equal |
-| decisions, bundle / export (pass, defect, review) | {counts("bundle")} / {counts("export")} | |
+| decisions, bundle / export ({", ".join(DECISIONS)}) | {counts("bundle")} / {counts("export")} | |
 """
     update_section("export-parity", md)
     print(md)

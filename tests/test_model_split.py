@@ -172,7 +172,12 @@ def test_a_cache_hit_keeps_provenance_and_models_list_shows_it(folder_model, tmp
     models = json.loads(f["invoke"]("models", "list", "--json").stdout)
     mine = next(m for m in models if m["id"] == f["fuse"]["model"])
     assert mine["dataset"] == str(f["data"]) and mine["classes"] == f["fuse"]["classes"]
-    assert mine["targets"] == {"max_miss_rate": 0.01, "max_defect_error": 0.05}
+    assert mine["targets"] == {
+        "max_miss_rate": 0.01,
+        "max_defect_error": 0.05,
+        "max_defective_error": None,
+        "defective_decision": True,
+    }
     f["invoke"]("report", copy, "--out", tmp_path / "r")  # the copy's own model pointer: the same model
     models = json.loads(f["invoke"]("models", "list", "--json").stdout)
     mine = next(m for m in models if m["id"] == f["fuse"]["model"])

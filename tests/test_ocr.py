@@ -128,6 +128,7 @@ def test_a_recogniser_cut_to_ascii_reads_the_same_records_under_keys_of_its_own(
     [
         ("rapidocr", "missing.onnx", "missing.onnx: no such text recogniser"),
         ("cnocr", "present.onnx", "the cnocr engine reads with its own recogniser; pass --engine rapidocr"),
+        ("rapidocr", "present.onnx", "present.onnx: not an ONNX PP-OCR text recogniser with its character list"),
     ],
 )
 def test_a_recogniser_that_cannot_be_used_is_one_line(small_dataset, tmp_path, engine, file, needle):

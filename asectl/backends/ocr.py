@@ -184,7 +184,15 @@ class RapidOcrEngine(OCREngine):
         if self._ocr is None:
             from rapidocr import RapidOCR
 
-            self._ocr = RapidOCR(params=self._params)
+            try:
+                self._ocr = RapidOCR(params=self._params)
+            except Exception as exc:  # as in _recognizer
+                if self.recogniser is None:
+                    raise
+                raise ConfigError(
+                    f"{self.recogniser}: not an ONNX PP-OCR text recogniser with its character list "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); pass another --recogniser"
+                ) from None
             _quiet_ocr_logs()
         return self._ocr
 
@@ -203,7 +211,15 @@ class RapidOcrEngine(OCREngine):
             cfg.Rec.font_path = cfg.Global.font_path
             cfg.Rec.model_root_dir = cfg.Global.model_root_dir or package / "models"
             _quiet_ocr_logs()
-            self._rec = TextRecognizer(cfg.Rec)
+            try:
+                self._rec = TextRecognizer(cfg.Rec)
+            except Exception as exc:  # a file of the user's that is no PP-OCR recogniser
+                if self.recogniser is None:
+                    raise
+                raise ConfigError(
+                    f"{self.recogniser}: not an ONNX PP-OCR text recogniser with its character list "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); pass another --recogniser"
+                ) from None
         return self._rec
 
     @classmethod
@@ -247,7 +263,7 @@ def ascii_recogniser(source: str | os.PathLike, target: str | os.PathLike) -> di
     layer (the classifier's weight and bias before the softmax) and its character list cut to printable
     ASCII. Each time step's most likely character among those kept is the full model's wherever the full
     model reads ASCII, and the convolutions are untouched; the classifier over 18,710 characters and its
-    softmax were about a sixth of the recogniser's CPU time (bench/ocr_recogniser.py). Needs the onnx
+    softmax were about a tenth of the recogniser's CPU time (bench/ocr_recogniser.py). Needs the onnx
     package (exporting does; predicting from the written file does not). Returns what was cut."""
     import onnx
     from onnx import numpy_helper
@@ -268,6 +284,10 @@ def ascii_recogniser(source: str | os.PathLike, target: str | os.PathLike) -> di
     if cut != 2:
         raise ConfigError(f"{source}: found {cut} classifier tensors, not a weight and a bias; cannot cut it")
     out.dim_value = len(index)
+    for info in model.graph.value_info:  # the classifier's intermediate outputs carry the width too
+        dims = info.type.tensor_type.shape.dim
+        if dims and dims[-1].dim_value == len(chars) + 2:
+            dims[-1].dim_value = len(index)
     for p in model.metadata_props:
         if p.key == "character":
             p.value = "\n".join(kept)

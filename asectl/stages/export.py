@@ -13,7 +13,7 @@ OCR: CnOCR imports torch. Where the bundle read its cards with ``cnocr``, the ex
 identical on every card of the clean and the field benchmarks (455 cards each, 6370 of 6370 numbers,
 docs/benchmarks.md), so the fields, the LLM's prompts and the texts the encoders read are the same.
 It reads with the wheel's PP-OCR recogniser cut to printable ASCII (asectl.backends.ocr.ascii_recogniser,
-written into the export), about a sixth less CPU time per card, where the card spec prints ASCII only:
+written into the export), about 11% less recogniser CPU time per card, where the card spec prints ASCII only:
 bench/ocr_recogniser.py found its records identical to the full recogniser's on every card of the clean and
 the field benchmarks (``RECOGNISER_EVIDENCE``). A recogniser the model was trained with (``asectl ocr
 --recogniser``) is copied in as it is."""

@@ -14,6 +14,7 @@ from asectl.cli import cli
 from asectl.domain.synth import generate
 from asectl.errors import ConfigError
 from asectl.models.calibration import (
+    DECISIONS,
     DecisionRule,
     choose_rule,
     decision_stats,
@@ -185,6 +186,27 @@ def test_the_defective_decision_has_its_own_target_and_an_off_switch(seed):
     assert operating_point(probs, y, same, max_defective_error=0.1)[0] == loose
     with pytest.raises(ConfigError, match="--max-defective-error 1.0: give a share"):
         choose_rule(probs, y, CLASSES, 0.01, 0.05, max_defective_error=1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decide_is_explains_decisions(seed):
+    """``decide`` (vectorised, no reasons) gives every card the decision ``explain`` writes a reason for,
+    thresholds met exactly included, with and without each threshold."""
+    logits, y = sample_cards(2000, 1.0, seed)
+    probs = softmax(logits)
+    rule = choose_rule(probs, y, CLASSES, 0.01, 0.05)
+    exact = replace(rule, pass_threshold=float(probs[0].max()), defective_threshold=float(1 - probs[1, 0]))
+    for r in (
+        rule,
+        exact,
+        replace(rule, pass_threshold=None),
+        replace(rule, defect_threshold=None),
+        replace(rule, defective_threshold=None),
+        DecisionRule(("type1", "type2"), None, 0.5, 0.01, 0.05),
+    ):
+        p = probs if "normal" in r.classes else softmax(logits[:, 1:3])
+        assert r.decide(p) == [d for d, _ in r.explain(p)]
+    assert set(rule.decide(probs)) == set(DECISIONS)
 
 
 def test_threshold_chosen_on_held_out_cards_holds_on_fresh_cards():

@@ -234,9 +234,10 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
         ("cache", "clear", "--stage", "no-such-stage", "--yes"),
         ("config", "show", "ocr"),
     ]
-    seen = set()
-    for args in commands:
-        res = subprocess.run(
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(args):
+        return subprocess.run(
             [sys.executable, "-m", "asectl", "--cache-dir", str(f["cache"]), "-q", *map(str, args)],
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -244,6 +245,12 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
             cwd=tmp_path,
             timeout=600,
         )
+
+    # Two at a time: each is a cache hit or writes a folder of its own, and most of each is its imports.
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, commands))
+    seen = set()
+    for args, res in zip(commands, results):
         assert res.returncode == 0, (args, res.stderr)
         assert res.stdout == "", (args, res.stdout)
         assert all(line.startswith("warning:") for line in res.stderr.splitlines()), (args, res.stderr)

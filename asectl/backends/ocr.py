@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -184,17 +184,21 @@ class RapidOcrEngine(OCREngine):
         if self._ocr is None:
             from rapidocr import RapidOCR
 
-            try:
-                self._ocr = RapidOCR(params=self._params)
-            except Exception as exc:  # as in _recognizer
-                if self.recogniser is None:
-                    raise
-                raise ConfigError(
-                    f"{self.recogniser}: not an ONNX PP-OCR text recogniser with its character list "
-                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); pass another --recogniser"
-                ) from None
+            self._ocr = self._made(lambda: RapidOCR(params=self._params))
             _quiet_ocr_logs()
         return self._ocr
+
+    def _made(self, make: Callable[[], Any]) -> Any:
+        """``make()``; where it fails on a recogniser file of the user's (no PP-OCR recogniser), one line."""
+        try:
+            return make()
+        except Exception as exc:
+            if self.recogniser is None:
+                raise
+            raise ConfigError(
+                f"{self.recogniser}: not an ONNX PP-OCR text recogniser with its character list "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); pass another --recogniser"
+            ) from None
 
     def _recognizer(self) -> Any:
         """The recogniser RapidOCR would make, with the same settings (as ``RapidOCR._initialize`` sets them)."""
@@ -211,15 +215,7 @@ class RapidOcrEngine(OCREngine):
             cfg.Rec.font_path = cfg.Global.font_path
             cfg.Rec.model_root_dir = cfg.Global.model_root_dir or package / "models"
             _quiet_ocr_logs()
-            try:
-                self._rec = TextRecognizer(cfg.Rec)
-            except Exception as exc:  # a file of the user's that is no PP-OCR recogniser
-                if self.recogniser is None:
-                    raise
-                raise ConfigError(
-                    f"{self.recogniser}: not an ONNX PP-OCR text recogniser with its character list "
-                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); pass another --recogniser"
-                ) from None
+            self._rec = self._made(lambda: TextRecognizer(cfg.Rec))
         return self._rec
 
     @classmethod

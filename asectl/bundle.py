@@ -50,20 +50,11 @@ class DecisionSource:
     config: dict[str, Any]
 
     def decision_rule(self) -> Any:
-        """The stored rule; for a model stored before the ``defective`` decision existed, with the defective
-        threshold ``fuse-train`` now derives from the same held-out scores and targets (the other thresholds
-        come out the same; asectl.models.calibration.operating_point)."""
-        from asectl.models.calibration import DecisionRule
-
-        return self._completed()[0] if self._lacks_defective() else DecisionRule.from_dict(self.config["decision"])
+        """The stored rule (``operating_point`` with no targets)."""
+        return self.operating_point()[0]
 
     def _lacks_defective(self) -> bool:
         return "defective_threshold" not in self.config["decision"] and (self.path / HELD_OUT_SCORES).is_file()
-
-    def _completed(self) -> tuple[Any, dict[str, Any]]:
-        from asectl.models.calibration import DecisionRule, operating_point
-
-        return operating_point(*self.held_out_scores(), DecisionRule.from_dict(self.config["decision"]))
 
     def held_out_scores(self) -> tuple[Any, Any]:
         """(calibrated probabilities float64 [n, classes], true class indices int64 [n]) of the held-out
@@ -85,16 +76,15 @@ class DecisionSource:
         asectl.models.calibration.operating_point: max_miss_rate, max_defect_error, max_defective_error,
         defective_decision): the stored rule when none is given (None), else re-derived from the held-out
         scores."""
-        given = {k: v for k, v in targets.items() if v is not None}
-        if not given:
-            if self._lacks_defective():
-                return self._completed()
-            return self.decision_rule(), self.config["decision"]["held_out"]
         from asectl.models.calibration import DecisionRule, operating_point
 
-        # re-derived whole: only the stored targets and classes are read, so no completed rule is needed
+        given = {k: v for k, v in targets.items() if v is not None}
         stored = DecisionRule.from_dict(self.config["decision"])
-        return operating_point(*self.held_out_scores(), stored, **given)
+        # A model stored before the ``defective`` decision existed gets the defective threshold fuse-train now
+        # derives from the same held-out scores and targets (the other thresholds come out as stored).
+        if given or self._lacks_defective():
+            return operating_point(*self.held_out_scores(), stored, **given)
+        return stored, self.config["decision"]["held_out"]
 
 
 @dataclass

@@ -45,8 +45,8 @@ def run_seed(seed: int, cache: Cache) -> dict:
     classes = res.bundle.labels
     y = np.array([classes.index(s.label) for s in preds.samples])
     before, after = predictor.uncalibrated(preds.logits), predictor.probabilities(preds.logits)
-    decisions = predictor.rule.decide(after)
-    rule, held = res.bundle.operating_point()  # the stored rule, completed for models older than `defective`
+    rule, held = res.bundle.operating_point()  # the predictor's rule (completed for models older than `defective`)
+    decisions = rule.decide(after)
     return {
         "seed": seed,
         "n_test": len(y),

@@ -190,8 +190,20 @@ def test_the_defective_decision_has_its_own_target_and_an_off_switch(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_decide_is_explains_decisions(seed):
-    """``decide`` (vectorised, no reasons) gives every card the decision ``explain`` writes a reason for,
-    thresholds met exactly included, with and without each threshold."""
+    """``decide`` (vectorised, no reasons) gives every card the rule's decision, card by card as the module
+    docstring defines it, and it is the decision ``explain`` writes a reason for; thresholds met exactly
+    included, with and without each threshold."""
+
+    def by_definition(r, row):
+        k, c = int(np.argmax(row)), float(np.max(row))
+        normal = r.classes.index("normal") if "normal" in r.classes else -1
+        threshold = r.pass_threshold if k == normal else r.defect_threshold
+        if threshold is not None and c >= threshold:
+            return "pass" if k == normal else "defect"
+        if normal >= 0 and r.defective_threshold is not None and 1.0 - float(row[normal]) >= r.defective_threshold:
+            return "defective"
+        return "review"
+
     logits, y = sample_cards(2000, 1.0, seed)
     probs = softmax(logits)
     rule = choose_rule(probs, y, CLASSES, 0.01, 0.05)
@@ -205,6 +217,7 @@ def test_decide_is_explains_decisions(seed):
         DecisionRule(("type1", "type2"), None, 0.5, 0.01, 0.05),
     ):
         p = probs if "normal" in r.classes else softmax(logits[:, 1:3])
+        assert r.decide(p) == [by_definition(r, row) for row in p]
         assert r.decide(p) == [d for d, _ in r.explain(p)]
     assert set(rule.decide(probs)) == set(DECISIONS)
 

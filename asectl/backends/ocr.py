@@ -298,6 +298,8 @@ def _choice(engine: EngineChoice | str) -> EngineChoice:
     return engine if isinstance(engine, EngineChoice) else EngineChoice(engine)
 
 
+# An engine registered by a plugin before recognisers could be chosen takes no ``recogniser``: it is passed
+# only when one is chosen (engine_identity, get_engine).
 def engine_identity(engine: EngineChoice | str) -> dict[str, Any]:
     choice = _choice(engine)
     cls, _ = OCR_ENGINES.get(choice.name)

@@ -190,8 +190,8 @@ class DecisionRule:
         return self.max_defect_error if self.max_defective_error is None else self.max_defective_error
 
     def decide(self, probs: Any) -> list[str]:
-        """Each card's decision: ``explain``'s, with the same comparisons, without writing the reasons (the
-        simulations and benchmarks decide many thousands of cards)."""
+        """Each card's decision, vectorised (the simulations and benchmarks decide many thousands of cards);
+        ``explain`` writes why."""
         p = np.atleast_2d(np.asarray(probs, dtype=np.float64))
         normal = self.classes.index(NORMAL) if NORMAL in self.classes else -1
         top, conf = p.argmax(axis=1), p.max(axis=1)
@@ -211,38 +211,29 @@ class DecisionRule:
         p = np.atleast_2d(np.asarray(probs, dtype=np.float64))
         normal = self.classes.index(NORMAL) if NORMAL in self.classes else -1
         out = []
-        for k, c in zip(p.argmax(axis=1), p.max(axis=1)):
+        # The decisions are decide()'s; this writes why, from the same thresholds.
+        for i, (k, c, decision) in enumerate(zip(p.argmax(axis=1), p.max(axis=1), self.decide(p))):
             kind, threshold, target = (
                 ("pass", self.pass_threshold, "miss-rate")
                 if k == normal
                 else ("defect", self.defect_threshold, "defect-error")
             )
             if threshold is None:
-                out.append(
-                    (
-                        "review",
-                        f"p({self.classes[k]}) {c:.4f}, no {kind} threshold (no cut met the "
-                        f"{target} target on held-out cards)",
-                    )
+                reason = (
+                    f"p({self.classes[k]}) {c:.4f}, no {kind} threshold (no cut met the {target} target on "
+                    "held-out cards)"
                 )
-                continue
-            value, cut = compared(float(c), threshold)
-            if c >= threshold:
-                out.append((kind, f"p({self.classes[k]}) {value} >= {kind} threshold {cut}"))
             else:
-                out.append(("review", f"p({self.classes[k]}) {value} < {kind} threshold {cut}"))
-        if normal >= 0 and self.defective_threshold is not None:
-            for i, (decision, reason) in enumerate(out):
-                q = 1.0 - float(p[i, normal])
-                if decision == "review" and q >= self.defective_threshold:
-                    value, cut = compared(q, self.defective_threshold)
-                    types = [j for j in range(p.shape[1]) if j != normal]
-                    likely = max(types, key=lambda j: p[i, j])
-                    out[i] = (
-                        "defective",
-                        f"p(defective) {value} >= defective threshold {cut}; type to confirm (most likely "
-                        f"{self.classes[likely]}, {reason})",
-                    )
+                value, cut = compared(float(c), threshold)
+                reason = f"p({self.classes[k]}) {value} {'>=' if decision == kind else '<'} {kind} threshold {cut}"
+            if decision == "defective":
+                value, cut = compared(1.0 - float(p[i, normal]), self.defective_threshold)
+                likely = max((j for j in range(p.shape[1]) if j != normal), key=lambda j: p[i, j])
+                reason = (
+                    f"p(defective) {value} >= defective threshold {cut}; type to confirm (most likely "
+                    f"{self.classes[likely]}, {reason})"
+                )
+            out.append((decision, reason))
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -324,11 +324,13 @@ def export_recogniser(ocr: dict[str, Any], spec: Any, folder: Path) -> dict[str,
     else the wheel's cut to printable ASCII where the card spec prints nothing else; else the wheel's."""
     from asectl.backends.ocr import PRINTABLE, REC_MODEL, ascii_recogniser, bundled_model_dir
 
-    (folder / "ocr").mkdir(exist_ok=True)
     if ocr.get("recogniser"):
         source = Path(ocr["recogniser"])
         if not source.is_file():
-            raise ConfigError(f"{source}: the text recogniser the model was trained with is missing; export it there")
+            raise ConfigError(
+                f"{source}: the text recogniser the model was trained with is missing; put it back there to export"
+            )
+        (folder / "ocr").mkdir(exist_ok=True)
         shutil.copyfile(source, folder / "ocr" / source.name)
         ocr["recogniser"] = f"./ocr/{source.name}"
         return {"file": ocr["recogniser"], "why": "the recogniser the model was trained with"}
@@ -339,6 +341,7 @@ def export_recogniser(ocr: dict[str, Any], spec: Any, folder: Path) -> dict[str,
             "file": None,
             "why": f"the card spec prints {''.join(sorted(printed - set(PRINTABLE)))[:20]!r}: the full recogniser",
         }
+    (folder / LINE_RECOGNISER).parent.mkdir(exist_ok=True)
     cut = ascii_recogniser(bundled_model_dir() / REC_MODEL, folder / LINE_RECOGNISER)
     ocr["recogniser"] = f"./{LINE_RECOGNISER}"
     return {"file": ocr["recogniser"], **cut, "why": RECOGNISER_EVIDENCE}

@@ -117,19 +117,19 @@ def cut_lines(binary: Image.Image) -> list[tuple[int, int, int, int]] | None:
 
 def read_text(
     binary: Image.Image,
-    engine_name: EngineChoice | str,
+    engine: EngineChoice | str,
     detector: str = "auto",
     boxes: list[tuple[int, int, int, int]] | None = None,
 ) -> list[TextLine]:
     """The text lines of a binarised card: recognised in ``boxes`` (e.g. from ``cut_lines``) without the
     detector when given, else found by the engine's detector (``detector`` "model") or cut (``auto``)."""
-    engine = get_engine(engine_name)
+    reader = get_engine(engine)
     if boxes is None and detector == "auto":
         boxes = cut_lines(binary)
     if boxes is None:
-        return engine.read(binary)
+        return reader.read(binary)
     arr = np.asarray(binary.convert("RGB"))
-    texts = engine.recognize([np.ascontiguousarray(arr[b[1] : b[3], b[0] : b[2]]) for b in boxes])
+    texts = reader.recognize([np.ascontiguousarray(arr[b[1] : b[3], b[0] : b[2]]) for b in boxes])
     return [TextLine(t, sc, tuple(float(v) for v in b)) for (t, sc), b in zip(texts, boxes) if t.strip()]
 
 
@@ -246,19 +246,17 @@ def _edge_key(x: Any) -> float:
     return round(float(x), 6)
 
 
-def read_card(
-    image_path: Path, engine_name: EngineChoice | str, spec: CardSpec, detector: str = "auto"
-) -> dict[str, Any]:
+def read_card(image_path: Path, engine: EngineChoice | str, spec: CardSpec, detector: str = "auto") -> dict[str, Any]:
     """OCR one card file and parse it. A card with no readable record raises DataError; a partly read
     record is returned with ``error`` set (so it is reported and never cached)."""
     binary = binarise(load_image(image_path))
     boxes = cut_lines(binary) if detector in ("auto", "auto-checked") else None
-    lines = read_text(binary, engine_name, "model", boxes)  # the cut lines, else the detector
+    lines = read_text(binary, engine, "model", boxes)  # the cut lines, else the detector
     fields, missing, warnings, unparsed = parse_record(group_rows(lines), spec)
     if detector == "auto-checked" and boxes is not None and (missing or not fields):
         # The cut lines did not give the whole record (e.g. a rule under the lines spoiled some): the
         # engine's detector reads the card again, and its reading is kept when it misses fewer fields.
-        again = read_text(binary, engine_name, "model")
+        again = read_text(binary, engine, "model")
         parsed = parse_record(group_rows(again), spec)
         if (len(parsed[1]), -len(parsed[0])) < (len(missing), -len(fields)):
             lines, (fields, missing, warnings, unparsed) = again, parsed

@@ -196,8 +196,8 @@ def run_report(
         warnings.append(
             f"{len(errors)} test card(s) could not be classified and are left out (first: {errors[0]['error']})"
         )
-    explained = predictor.rule.explain(probs)
-    rule, held = bundle.operating_point()  # the stored rule (completed for models older than `defective`)
+    rule, held = bundle.operating_point()  # the predictor's rule, with its held-out figures
+    explained = rule.explain(probs)
     data = ReportInput(
         label_names=classes,
         y_true=y_true,

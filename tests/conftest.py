@@ -144,6 +144,14 @@ def trained(tmp_path_factory, tiny_gguf):
     }
 
 
+def make_default_latest(trained) -> None:
+    """The shared fixture's alignment and model are the dataset's latest again (cache hits). Tests in other
+    modules train other ones and leave them latest, and pytest-xdist runs the modules in any order, so a
+    test that relies on the latest ones calls this first."""
+    trained["invoke"]("align", trained["data"], "--stride", "0.2", *FAST)
+    trained["invoke"]("fuse-train", trained["data"], *FAST)
+
+
 @pytest.fixture
 def asectl_log(caplog):
     """caplog on the "asectl" logger itself: a CLI run in this process stops it propagating to the root."""

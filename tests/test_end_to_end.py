@@ -11,7 +11,7 @@ import pytest
 from asectl.errors import ConfigError, DataError
 from asectl.models.train_config import END_TO_END_FIELDS, TREES_FIELDS, FusionConfig, PFAConfig, get_profile
 
-from .conftest import FAST
+from .conftest import FAST, make_default_latest
 
 LABELS = ["normal", "type1", "type2"]
 
@@ -143,6 +143,7 @@ def e2e_bundle(trained, tmp_path_factory):
     the dataset's latest again (a cache hit: its key is unchanged)."""
     out = tmp_path_factory.mktemp("e2e") / "bundle"
     inv = trained["invoke"]
+    make_default_latest(trained)  # trained end to end on the fixture's own alignment
     res = json.loads(
         inv("fuse-train", trained["data"], "--heads", "end-to-end", "--out", out, "--json", *FAST).stdout.splitlines()[
             -1

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from asectl.cli import cli
 from asectl.domain.synth import generate
 
-from .conftest import FAST
+from .conftest import FAST, make_default_latest
 
 
 def test_align_stride_schedule_and_losses(trained):
@@ -87,14 +87,17 @@ def test_report_writes_all_files(trained):
 
 def test_ablation_modes_and_fusions(trained):
     inv, data = trained["invoke"], trained["data"]
-    for mode in ("direct", "none"):
-        res = inv("align", data, "--mode", mode, "--json", *FAST)
-        assert len(json.loads(res.stdout.splitlines()[-1])["stages"]) == 1
-    for fusion in ("concat", "cmaf-nosigmoid"):
-        res = inv("fuse-train", data, "--fusion", fusion, "--json", *FAST)
-        assert json.loads(res.stdout.splitlines()[-1])["variant"] == fusion
-    res = inv("fuse-train", data, "--task", "binary", "--json", *FAST)
-    assert json.loads(res.stdout.splitlines()[-1])["classes"] == ["normal", "defective"]
+    try:
+        for mode in ("direct", "none"):
+            res = inv("align", data, "--mode", mode, "--json", *FAST)
+            assert len(json.loads(res.stdout.splitlines()[-1])["stages"]) == 1
+        for fusion in ("concat", "cmaf-nosigmoid"):
+            res = inv("fuse-train", data, "--fusion", fusion, "--json", *FAST)
+            assert json.loads(res.stdout.splitlines()[-1])["variant"] == fusion
+        res = inv("fuse-train", data, "--task", "binary", "--json", *FAST)
+        assert json.loads(res.stdout.splitlines()[-1])["classes"] == ["normal", "defective"]
+    finally:
+        make_default_latest(trained)
 
 
 def test_predict_without_any_model_is_a_usage_error(tmp_path, small_dataset):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +16,45 @@ from asectl.errors import DataError
 # (a "decompression bomb" would otherwise exhaust memory).
 MAX_PIXELS = 40_000_000
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# A new card is read by OCR, the describer and the image encoder (and, in a watch, by the completeness
+# check): the last decoded cards are kept, so each process decodes a card once. Bounded in bytes.
+DECODED_KEPT_BYTES = 64 << 20
+_decoded: OrderedDict[tuple, Image.Image] = OrderedDict()
+_decoded_lock = threading.Lock()
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as 8-bit RGB. 16-bit, palette, grey and RGBA inputs are converted (alpha on white)."""
+    """Open an image as 8-bit RGB. 16-bit, palette, grey and RGBA inputs are converted (alpha on white).
+    Each call returns an image of its own; a file unchanged since a recent call is not decoded again."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: file not found; check the path")
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise DataError(f"{p}: file not found; check the path") from None
     if p.is_dir():
         raise DataError(f"{p}: is a folder, not an image")
-    if p.stat().st_size == 0:
+    if st.st_size == 0:
         raise DataError(f"{p}: empty file; re-export the image")
+    # A rewritten file has another size, modification time or inode, so it is decoded afresh.
+    key = (str(p.absolute()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    with _decoded_lock:
+        kept = _decoded.get(key)
+        if kept is not None:
+            _decoded.move_to_end(key)
+            return kept.copy()
+    img = _decode(p)
+    size = img.width * img.height * 3
+    with _decoded_lock:
+        if size <= DECODED_KEPT_BYTES:
+            _decoded[key] = img
+            total = sum(im.width * im.height * 3 for im in _decoded.values())
+            while total > DECODED_KEPT_BYTES:
+                _, old = _decoded.popitem(last=False)
+                total -= old.width * old.height * 3
+    return img.copy()
+
+
+def _decode(p: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -4,10 +4,12 @@ import json
 import struct
 import zlib
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from asectl.cli import cli
+from asectl.errors import DataError
 from asectl.imageio import load_image
 
 from .test_ocr import render_text_card
@@ -104,6 +106,30 @@ def test_image_modes_are_converted(tmp_path, small_dataset):
     truth_n = json.loads((small_dataset / "truth.jsonl").read_text().splitlines()[0])["printed"]["N"]
     recs = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     assert all(r["fields"]["N"] == truth_n for r in recs)
+
+
+def test_a_card_decoded_once_is_kept_per_file_version(tmp_path, small_dataset, monkeypatch):
+    """OCR, the describer and the image encoder each load a new card: it is decoded once per process, each
+    caller gets an image of its own, and a rewritten or truncated file is read afresh."""
+    from asectl import imageio
+
+    decoded = []
+    real = imageio._decode
+    monkeypatch.setattr(imageio, "_decode", lambda p: decoded.append(p) or real(p))
+    card = tmp_path / "card.png"
+    card.write_bytes((small_dataset / "images" / "0000.png").read_bytes())
+    first = load_image(card)
+    first.paste((0, 0, 0), (0, 0, 50, 50))  # a caller that draws on its image changes no one else's
+    second = load_image(card)
+    assert decoded == [card] and second is not first and second.getpixel((10, 10)) != (0, 0, 0)
+    assert second.tobytes() == Image.open(small_dataset / "images" / "0000.png").convert("RGB").tobytes()
+    card.write_bytes((small_dataset / "images" / "0001.png").read_bytes())  # the same name, another card
+    third = load_image(card)
+    assert len(decoded) == 2 and third.tobytes() != second.tobytes()
+    data = card.read_bytes()
+    card.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated"):
+        load_image(card)
 
 
 def test_nan_and_inf_in_records_are_not_used_as_numbers(small_dataset, tmp_path):

@@ -93,6 +93,12 @@ def lines(out: Path) -> set[str]:
     return {json.loads(x)["image"] for x in text[: text.rfind("\n") + 1].splitlines()}
 
 
+def code_folder(env: dict) -> Path:
+    """Where ``python -m asectl`` runs: it puts that folder first on sys.path, ahead of PYTHONPATH, so another
+    checkout's code (a baseline, PYTHONPATH) runs from that checkout, this one's from the repository root."""
+    return Path(env["PYTHONPATH"]) if env.get("PYTHONPATH") else ROOT
+
+
 def cold_predict(exe: list[str], cards: list[Path], bundle: Path, env: dict) -> tuple[list[float], list[float]]:
     """Wall seconds and CPU seconds (user + system of the process and its children) of each cold run."""
     import resource
@@ -102,8 +108,9 @@ def cold_predict(exe: list[str], cards: list[Path], bundle: Path, env: dict) -> 
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run(
-            [*exe, "predict", str(card), "--model", str(bundle), "--json"],
+            [*exe, "predict", str(Path(card).resolve()), "--model", str(Path(bundle).resolve()), "--json"],
             env=env,
+            cwd=code_folder(env),
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -174,12 +181,12 @@ def measure(
             "--out",
             str(results),
             "--model",
-            str(model),
+            str(model.resolve()),
             "--workers",
             str(args.workers),
         ],
         env=env,
-        cwd=ROOT,
+        cwd=code_folder(env),
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
@@ -315,6 +322,17 @@ def main() -> None:
         action="store_true",
         help="measure the bundle only (default: the bundle and its export, `asectl export`, in one run)",
     )
+    ap.add_argument(
+        "--no-bundle", action="store_true", help="measure the export only (with --baseline: the code change alone)"
+    )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout of asectl: the export is measured with its code too (PYTHONPATH), the two "
+        "alternating --rounds times, so a change of the code is measured within one run",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="with --baseline: export runs per code, alternating")
     ap.add_argument("--cold", type=int, default=3, help="cold single-card runs (0: skip)")
     ap.add_argument("--workers", type=int, default=0, help="the watcher's --workers (default 0: one process)")
     ap.add_argument("--tag", default="", help="results and docs section of their own (default: from the options)")
@@ -350,18 +368,28 @@ def main() -> None:
     bundle = trained_bundle(cache_dir, out, args.model, args.engine, args.counts, overrides)
     env = {**os.environ, "ASECTL_CACHE_DIR": str(cache_dir)}
     exe = [sys.executable, "-m", "asectl", "-q"]
-    models = {"bundle": bundle}
+    if args.no_bundle and (args.no_export or args.baseline is None and args.rounds > 1):
+        raise SystemExit("--no-bundle measures the export: leave out --no-export (and give --baseline for --rounds)")
+    # (column, model, environment) in the order they run; with --baseline the two codes alternate.
+    plan = [] if args.no_bundle else [("bundle", bundle, env)]
     if not args.no_export:
-        models["export"] = export_model(bundle, out, env, exe)
+        export = export_model(bundle, out, env, exe)
+        base_env = {**env, "PYTHONPATH": str(args.baseline.resolve())} if args.baseline else None
+        for r in range(args.rounds if args.baseline else 1):
+            tag = f" #{r + 1}" if args.rounds > 1 else ""
+            if base_env is not None:
+                plan.append((f"export, baseline code{tag}", export, base_env))
+            plan.append((f"export{tag}", export, env))
     runs = {
-        name: measure(exe, model, env, cache_dir, out / "runs" / name, args.card_seed + 10 * k, args)
-        for k, (name, model) in enumerate(models.items())
+        name: measure(exe, model, run_env, cache_dir, out / "runs" / str(k), args.card_seed + 10 * k, args)
+        for k, (name, model, run_env) in enumerate(plan)
     }
     data = {
-        **runs["bundle"],
+        **runs.get("bundle", {}),
         "engine": args.engine,
         "model": str(args.model or "seed-0 bundle"),
-        **({"export": runs["export"]} if "export" in runs else {}),
+        **({"baseline": str(args.baseline)} if args.baseline else {}),
+        **{name: run for name, run in runs.items() if name != "bundle"},
     }
     save("predict_speed" + suffix.replace("-", "_"), data)
     model_line = (
@@ -380,13 +408,18 @@ def main() -> None:
     paths = (
         ""
         if args.no_export
-        else " Columns: the bundle, and the same model exported with `asectl export` "
-        "(ONNX graphs, rapidocr for cnocr, no torch), measured one after the other in this run, each on cards "
-        "of its own."
+        else f" Columns: {'' if args.no_bundle else 'the bundle, and '}the same model exported with `asectl export` "
+        "(ONNX graphs, rapidocr for cnocr, no torch)"
+        + (
+            f", with this checkout's code and with the code of `{args.baseline}` (baseline), alternating"
+            if args.baseline
+            else ""
+        )
+        + ", measured one after the other in this run, each on cards of its own."
     )
     md = f"""### Prediction speed: cold single card and a warm `--watch` station{
         f" (OCR engine {args.engine})" if args.engine != "cnocr" else ""
-    }{"" if args.no_export else ", bundle and export"}
+    }{"" if args.no_export else ", export" if args.no_bundle else ", bundle and export"}
 
 Model: {model_line}. Every card is new to the cache.{paths} The watcher runs with `--workers {
         args.workers

@@ -94,7 +94,7 @@ def lines(out: Path) -> set[str]:
 
 
 def code_folder(env: dict) -> Path:
-    """Where ``python -m asectl`` runs: it puts that folder first on sys.path, ahead of PYTHONPATH, so another
+    """Where ``python -m asectl`` runs: it searches that folder for modules first, ahead of PYTHONPATH, so another
     checkout's code (a baseline, PYTHONPATH) runs from that checkout, this one's from the repository root."""
     return Path(env["PYTHONPATH"]) if env.get("PYTHONPATH") else ROOT
 

@@ -74,3 +74,19 @@ def test_corrupt_report_entry_is_rebuilt_to_the_same_files(trained_default, tmp_
     assert "corrupt" in res.output
     for f in (tmp_path / "first").iterdir():
         assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_a_cached_report_decodes_no_card(trained_default, tmp_path, monkeypatch):
+    """A cached report copies its files: the per-card thumbnails are not drawn again (they were most of a
+    cached report's time)."""
+    from asectl.report import _records
+
+    trained = trained_default
+    trained["invoke"]("report", trained["data"], "--out", tmp_path / "first")
+
+    def refuse(path, height=48):
+        raise AssertionError(f"{path} was decoded for a cached report")
+
+    monkeypatch.setattr(_records, "card_thumbnail", refuse)
+    trained["invoke"]("report", trained["data"], "--out", tmp_path / "again")
+    assert (tmp_path / "again" / "report.html").read_bytes() == (tmp_path / "first" / "report.html").read_bytes()

@@ -383,3 +383,22 @@ def test_the_per_card_table_lists_passed_defects_first_with_the_reason(tmp_path)
     assert reviews == list(range(reviews[0], reviews[0] + len(reviews)))  # the review cards together
     html = summary.paths["html"].read_text()
     assert html.count('src="data:image/png;base64,') == 10 + 5  # a thumbnail per card, and the 5 figures
+
+
+def test_thumbnails_are_drawn_from_the_cards_and_keyed_by_their_content(tmp_path, small_dataset):
+    """CardImages: the report's key holds the cards' content hashes (the same cards in another folder give
+    the same key, a changed card another), and rendering draws one thumbnail per card from the files."""
+    import shutil
+
+    from asectl.report import CardImages, card_thumbnail, report_key_parts
+
+    cards = [small_dataset / "images" / f"{i:04d}.png" for i in range(10)]
+    moved = [shutil.copyfile(c, tmp_path / c.name) for c in cards]
+    data = decided_input(thumbnails=CardImages(tuple(map(str, cards))))
+    same = decided_input(thumbnails=CardImages(tuple(map(str, moved))))
+    key = report_key_parts(same)
+    assert report_key_parts(data) == key
+    moved[3].write_bytes(cards[4].read_bytes())
+    assert report_key_parts(same) != key
+    html = build_report(data, tmp_path / "r").paths["html"].read_text()
+    assert all(card_thumbnail(c) in html for c in cards)

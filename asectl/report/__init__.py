@@ -47,7 +47,16 @@ from asectl.report._metrics import (
     decision_figures,
     exact_upper,
 )
-from asectl.report._records import FILES, ReportInput, ReportSummary, StageCurve, pfa_stage_name, stage_curves_from_pfa
+from asectl.report._records import (
+    FILES,
+    CardImages,
+    ReportInput,
+    ReportSummary,
+    StageCurve,
+    card_thumbnail,
+    pfa_stage_name,
+    stage_curves_from_pfa,
+)
 from asectl.report._render import (
     CARD_GROUPS,
     CARDS_HEADER,
@@ -56,7 +65,6 @@ from asectl.report._render import (
     TRADEOFF_HEADER,
     TRADEOFF_NOTE,
     card_rows,
-    card_thumbnail,
     figure_warnings,
     format_metrics_markdown,
     headline_rows,

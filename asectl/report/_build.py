@@ -21,7 +21,7 @@ from asectl.report._figures import (
     tsne_png,
 )
 from asectl.report._metrics import calibration_metrics, compute_metrics
-from asectl.report._records import FILES, ReportInput, ReportSummary
+from asectl.report._records import FILES, CardImages, ReportInput, ReportSummary
 from asectl.report._render import figure_warnings, render_html, render_markdown, report_context
 from asectl.report._terminal import summary_text
 
@@ -116,6 +116,8 @@ def report_key_parts(data: ReportInput) -> dict[str, Any]:
             return {"sha256": sha256_bytes(a.tobytes()), "shape": list(a.shape), "dtype": str(a.dtype)}
         if isinstance(v, np.generic):
             return v.item()
+        if isinstance(v, CardImages):  # by content: the same cards elsewhere give the same report
+            return {"card_images_sha256": v.content_hashes()}
         if is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
         if isinstance(v, Mapping):

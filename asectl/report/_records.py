@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -18,6 +20,35 @@ FILES = {
     "curves": "curves.png",
     "calibration": "calibration.png",
 }
+
+
+def card_thumbnail(path: str | Path, height: int = 48) -> str:
+    """A small PNG of a card as a data: URI, for the per-card table of report.html."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((height * 4, height))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass(frozen=True)
+class CardImages:
+    """The test cards' image files, in test-split order. The per-card table's thumbnails are drawn from them
+    only when the report is rendered, so a cached report decodes no card; the report's cache key holds the
+    files' content hashes instead of the thumbnails."""
+
+    paths: tuple[str, ...]
+
+    def thumbnails(self) -> list[str]:
+        return [card_thumbnail(p) for p in self.paths]
+
+    def content_hashes(self) -> list[str]:
+        from asectl.cache import sha256_file
+
+        return [sha256_file(p) for p in self.paths]
 
 
 @dataclass
@@ -62,9 +93,10 @@ class ReportInput:
     decision_rule: Mapping[str, Any] | None = None
     decisions: Sequence[str] | None = None
     # Why each card got its decision (DecisionRule.explain), and a small image of each card for the
-    # per-card table (data: URIs from card_thumbnail), in test-split order.
+    # per-card table (data: URIs from card_thumbnail, or the CardImages to draw them from), in test-split
+    # order.
     reasons: Sequence[str] | None = None
-    thumbnails: Sequence[str] | None = None
+    thumbnails: Sequence[str] | CardImages | None = None
 
 
 @dataclass

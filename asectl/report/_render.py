@@ -4,15 +4,13 @@ jinja template ``asectl/report_template.html``."""
 from __future__ import annotations
 
 import base64
-import io
 from importlib import resources
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from asectl.domain.dataset import NORMAL
 from asectl.models.calibration import threshold_text
 from asectl.report._metrics import INTERVAL_CONFIDENCE, exact_upper
-from asectl.report._records import ReportInput
+from asectl.report._records import CardImages, ReportInput
 
 # ---------------------------------------------------------------------------------------------------
 # Tables (Markdown and the rows shared with HTML and the terminal)
@@ -186,7 +184,9 @@ def report_context(data: ReportInput, metrics: Mapping[str, Any]) -> dict[str, A
         "tsne_stages": ", ".join(metrics["tsne"]["stages"]) or "none",
         "calibration": _calibration_context(metrics),
         "decisions": decisions_context(metrics),
-        "cards": card_rows(metrics, data.thumbnails),
+        "cards": card_rows(
+            metrics, data.thumbnails.thumbnails() if isinstance(data.thumbnails, CardImages) else data.thumbnails
+        ),
     }
 
 
@@ -289,18 +289,6 @@ def card_rows(metrics: Mapping[str, Any], thumbnails: Sequence[str] | None = Non
             }
         )
     return sorted(rows, key=lambda r: (CARD_GROUPS.index(r["flag"]), -r["confidence"]))
-
-
-def card_thumbnail(path: str | Path, height: int = 48) -> str:
-    """A small PNG of a card as a data: URI, for the per-card table of report.html."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((height * 4, height))
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 TRADEOFF_HEADER = ["miss-rate target", "pass threshold", "review share", "miss rate"]

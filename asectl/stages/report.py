@@ -12,9 +12,9 @@ from asectl.errors import ConfigError, DataError
 from asectl.export import ExportedModel
 from asectl.report import (
     FILES,
+    CardImages,
     ReportInput,
     ReportSummary,
-    card_thumbnail,
     pfa_stage_name,
     render_report,
     report_key_parts,
@@ -209,7 +209,7 @@ def run_report(
         decision_rule={**bundle.config["decision"], **rule.to_dict(), "held_out": held},
         decisions=[decision for decision, _ in explained],
         reasons=[reason for _, reason in explained],
-        thumbnails=[card_thumbnail(s.path) for s in preds.samples],
+        thumbnails=CardImages(tuple(str(s.path) for s in preds.samples)),
         embeddings=embeddings,
         embedding_labels=emb_labels,
         embedding_split=emb_split,

@@ -151,7 +151,7 @@ def measure(
     out: Path,
     card_seed: int,
     args: argparse.Namespace,
-    workers: int | None = None,
+    workers: int,
 ) -> dict:
     """Cold single cards, then a warm watcher (start-up, a burst, a trickle) with ``model`` on cards of
     ``card_seed`` .. ``card_seed`` + 2, new to the cache."""
@@ -190,7 +190,7 @@ def measure(
             "--model",
             str(model.resolve()),
             "--workers",
-            str(args.workers if workers is None else workers),
+            str(workers),
         ],
         env=env,
         cwd=code_folder(env),
@@ -248,7 +248,7 @@ def measure(
         "latency_p95": p95,
         "watch_peak_rss_mib": peak,
         "poll_seconds": 0.25,
-        "workers": args.workers if workers is None else workers,
+        "workers": workers,
     }
 
 
@@ -370,11 +370,15 @@ def main() -> None:
         "--card-seed",
         type=int,
         default=500,
-        help="generator seed of the new cards: the bundle's are seed .. seed+2, the export's "
-        "seed+10 .. seed+12; a rerun on the same cache needs another one, so that the cards are new "
-        "to it",
+        help="generator seed of the new cards: the k-th column measured (from 0, in the order they run) "
+        "gets seed+10k .. seed+10k+2; a rerun on the same cache needs another one, so that the cards are "
+        "new to it",
     )
     args = ap.parse_args()
+    if args.no_bundle and args.no_export:
+        raise SystemExit("--no-bundle measures the export: leave out --no-export")
+    if args.rounds > 1 and args.baseline is None:
+        raise SystemExit("--rounds alternates the export's two codes: give --baseline")
     overrides = dict(item.split("=", 1) for item in args.set)
     suffix = (
         ("" if args.engine == "cnocr" else f"-{args.engine}")
@@ -390,28 +394,25 @@ def main() -> None:
     bundle = trained_bundle(cache_dir, out, args.model, args.engine, args.counts, overrides)
     env = {**os.environ, "ASECTL_CACHE_DIR": str(cache_dir)}
     exe = [sys.executable, "-m", "asectl", "-q"]
-    if args.no_bundle and (args.no_export or args.baseline is None and args.rounds > 1):
-        raise SystemExit("--no-bundle measures the export: leave out --no-export (and give --baseline for --rounds)")
-    # (column, model, environment) in the order they run; with --baseline the two codes alternate.
-    plan = [] if args.no_bundle else [("bundle", bundle, env)]
+    # (column, model, environment, the watcher's --workers) in the order they run; with --baseline the two
+    # codes alternate.
+    plan = []
+    if args.reference is not None:
+        name = f"reference: `{args.reference}`, --workers {args.reference_workers}"
+        plan.append((name, args.reference, env, args.reference_workers))
+    if not args.no_bundle:
+        plan.append(("bundle", bundle, env, args.workers))
     if not args.no_export:
         export = export_model(bundle, out, env, exe)
         base_env = {**env, "PYTHONPATH": str(args.baseline.resolve())} if args.baseline else None
-        for r in range(args.rounds if args.baseline else 1):
+        for r in range(args.rounds):
             tag = f" #{r + 1}" if args.rounds > 1 else ""
             if base_env is not None:
-                plan.append((f"export, baseline code{tag}", export, base_env))
-            plan.append((f"export{tag}", export, env))
-    workers = {name: args.workers for name, _, _ in plan}
-    if args.reference is not None:
-        name = f"reference: `{args.reference}`, --workers {args.reference_workers}"
-        plan.insert(0, (name, args.reference, env))
-        workers[name] = args.reference_workers
+                plan.append((f"export, baseline code{tag}", export, base_env, args.workers))
+            plan.append((f"export{tag}", export, env, args.workers))
     runs = {
-        name: measure(
-            exe, model, run_env, cache_dir, out / "runs" / str(k), args.card_seed + 10 * k, args, workers[name]
-        )
-        for k, (name, model, run_env) in enumerate(plan)
+        name: measure(exe, model, run_env, cache_dir, out / "runs" / str(k), args.card_seed + 10 * k, args, workers)
+        for k, (name, model, run_env, workers) in enumerate(plan)
     }
     data = {
         **runs.get("bundle", {}),

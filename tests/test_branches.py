@@ -13,7 +13,7 @@ from asectl.errors import ConfigError
 from asectl.models.train_config import get_profile
 from asectl.stages.modalities import stats_names, stats_vectors
 
-from .conftest import FAST
+from .conftest import FAST, make_default_latest
 
 
 def test_stats_vector_marks_what_ocr_did_not_read():
@@ -173,7 +173,7 @@ def test_branch_switches_reach_bundle_report_and_replay(trained, tmp_path):
             assert sorted(feats) == sorted(bundle.config["branches"])
             shifted = {**feats, "stats": feats["stats"] + 3 * np.nanstd(feats["stats"]) + 1}
             assert not np.allclose(class_logits(bundle, feats, cache), class_logits(bundle, shifted, cache))
-    finally:  # later tests continue from the shared fixture's default alignment and report entries
-        inv("align", data, "--stride", "0.2", *FAST)
+    finally:  # later tests continue from the shared fixture's default alignment, model and report entries
+        make_default_latest(trained)
         for entry in set(Cache(trained["cache"]).iter_entries("report")) - reports_before:
             shutil.rmtree(entry)

@@ -12,7 +12,7 @@ from PIL import Image
 from asectl.backends.encoders import image_encoder
 from asectl.errors import ConfigError
 
-from .conftest import FAST
+from .conftest import FAST, make_default_latest
 
 # A few epochs: the tests check where the weights come from and go, not how good they are.
 CNN_OVERRIDES = {
@@ -25,9 +25,9 @@ CNN_OVERRIDES = {
 
 @pytest.fixture
 def default_alignment_after(trained):
-    """Tests that align the shared dataset with other settings put the default alignment back after."""
+    """Tests that align the shared dataset with other settings put the default alignment and model back after."""
     yield trained
-    trained["invoke"]("align", trained["data"], "--stride", "0.2", *FAST)
+    make_default_latest(trained)
 
 
 def _images(folder, n):

@@ -32,8 +32,7 @@ def test_align_rerun_is_cached_and_changed_stride_retrains(trained):
     res = trained["invoke"]("align", trained["data"], "--stride", "0.2/0.6/1", "--json", *FAST)
     out = json.loads(res.stdout.splitlines()[-1])
     assert out["from_cache"] is False and len(out["stages"]) == 3
-    # Put the default back for the tests that follow (cached).
-    trained["invoke"]("align", trained["data"], "--stride", "0.2", *FAST)
+    make_default_latest(trained)  # the default back for the tests that follow (cached)
 
 
 def test_bundle_is_safetensors_and_json_only(trained):

@@ -167,7 +167,7 @@ class RapidOcrEngine(OCREngine):
         _quiet_ocr_logs()
         self.recogniser = recogniser
         self.det_path = _model_file(DET_MODEL)
-        self.rec_path = _model_file(REC_MODEL) if recogniser is None else _recogniser_file(recogniser)
+        self.rec_path = _recogniser_file(recogniser)
         self.cls_path = _model_file(CLS_MODEL)
         self._params = {
             "Global.log_level": "warning",
@@ -220,7 +220,7 @@ class RapidOcrEngine(OCREngine):
 
     @classmethod
     def static_identity(cls, recogniser: str | None = None) -> dict[str, Any]:
-        rec = _model_file(REC_MODEL) if recogniser is None else _recogniser_file(recogniser)
+        rec = _recogniser_file(recogniser)
         return {
             "engine": "rapidocr",
             "rapidocr": version("rapidocr"),
@@ -242,7 +242,10 @@ class RapidOcrEngine(OCREngine):
         return [(str(t), float(s)) for t, s in zip(res.txts or (), res.scores or ())]
 
 
-def _recogniser_file(path: str) -> Path:
+def _recogniser_file(path: str | None) -> Path:
+    """The text recogniser rapidocr reads with: the user's file (checked to exist), else the wheel's."""
+    if path is None:
+        return _model_file(REC_MODEL)
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such text recogniser; pass an ONNX PP-OCR recogniser file (--recogniser)")

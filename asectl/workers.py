@@ -98,6 +98,20 @@ def crash_test_hook(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _ready() -> bool:
+    """A job that only says a worker started (``WorkerPool`` asks it when a pool broke before any answer)."""
+    return True
+
+
+def could_not_start(name: str, fix: str) -> str:
+    """Why a stage stopped when its workers died before answering anything, and a fresh one could not start."""
+    return (
+        f"{name} process could not start (its error, if any, is above). A Python script that runs asectl must "
+        'do so under `if __name__ == "__main__":`, since each worker starts by importing the script again; '
+        f"otherwise: {fix}"
+    )
+
+
 class WorkerPool:
     """``process_pool`` for a stage: jobs answered in order. A worker that dies (killed for memory, crashed
     in native code) takes the jobs in flight with it: each is run again alone in a fresh worker, up to
@@ -122,6 +136,7 @@ class WorkerPool:
         self.fix = fix  # what the user can do, e.g. "rerun with fewer workers (asectl ocr --workers N)"
         self._setup = (initializer, initargs)
         self._pool: ProcessPoolExecutor | None = None
+        self._answered = False  # whether any worker of this pool has returned a result
 
     @property
     def started(self) -> bool:
@@ -150,10 +165,17 @@ class WorkerPool:
         for i, f in enumerate(futures):
             try:
                 results[i] = f.result()
+                self._answered = True
             except BrokenProcessPool:
                 lost.append(i)
         if lost:
             self._discard()
+            # Workers that died before answering anything may be workers that cannot start at all (an
+            # initializer that fails, a script without a main guard): then retrying each job alone would
+            # only start and lose 1 + CRASH_RETRIES workers per job. A worker that starts and answers means
+            # the jobs killed theirs.
+            if not self._answered and not self._starts():
+                raise ConfigError(could_not_start(self.name, self.fix))
         for i in lost:  # one at a time, so a death is that job's own
             for _ in range(1 + CRASH_RETRIES):
                 try:
@@ -169,6 +191,15 @@ class WorkerPool:
                     )
                 results[i] = crashed(jobs[i], died_alone(self.name))
         return results
+
+    def _starts(self) -> bool:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            self._answered = self._fresh().submit(_ready).result()
+        except BrokenProcessPool:
+            self._discard()
+        return self._answered
 
     def close(self) -> None:
         self._discard()

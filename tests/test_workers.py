@@ -54,6 +54,42 @@ def test_a_worker_that_dies_is_one_config_error_naming_the_fix():
         pool.close()
 
 
+def test_workers_that_cannot_start_are_one_error_not_a_retry_per_job():
+    """An initializer that fails kills every worker before it answers: the pool says so at once (one start
+    checked) instead of retrying each job alone and blaming each one (``crashed``) for the deaths."""
+    import pytest
+
+    from asectl.errors import ConfigError
+    from asectl.workers import WorkerPool
+
+    blamed = []
+    pool = WorkerPool(2, os.chdir, ("/no/such/folder",), name="an OCR worker", fix="rerun with --workers 1")
+    try:
+        with pytest.raises(ConfigError, match="an OCR worker process could not start.*--workers 1"):
+            pool.run(abs, [(-1,), (2,), (-3,)], crashed=lambda job, why: blamed.append(job))
+    finally:
+        pool.close()
+    assert blamed == []
+
+
+UNGUARDED = """
+from asectl.workers import WorkerPool
+pool = WorkerPool(2, abs, (0,), name="an OCR worker", fix="see docs")
+print(pool.run(abs, [(-1,), (-2,)], crashed=lambda job, why: "lost"))
+"""
+
+
+def test_a_script_without_a_main_guard_gets_the_fix_not_lost_cards(tmp_path):
+    """Spawned workers import the calling script again; without `if __name__ == "__main__":` each one dies
+    starting a pool of its own. The script stops with one line naming the fix; no job is reported lost."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "lost" not in res.stdout
+    assert 'if __name__ == "__main__":' in res.stderr.splitlines()[-1]
+
+
 def test_a_batch_returns_a_bad_cards_error_in_its_place(tmp_path):
     """run_per_image: a DataError a batch returns becomes that card's error record (not cached, no
     timing); the other cards of the batch keep their results and are cached."""

@@ -93,9 +93,33 @@ def score_fused(
     }, res
 
 
-def run_seed(seed: int, cache: Cache) -> dict:
+def numbers_rows(align, fields: list[str], test: Dataset, seed: int) -> tuple[dict, list[int], list[str]]:
+    """Gradient boosting on the printed numbers, on the dot pattern's measured numbers (an image-only model)
+    and on both, from the stats vectors of a default model's align entry (``fields``: the bundle's
+    ``stats_fields``): {row: {"y_true", "y_pred", "macro_f1"}}, the training rows and the test cards' names
+    (the same cards in the same order as the fused model's)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
+    stats = align.raw_features()["stats"]
+    measured = np.array([f.startswith("dots.") for f in fields])
+    tr = [i for i, s in enumerate(align.splits) if s == "train"]
+    index = {n: i for i, n in enumerate(align.names)}
+    test_names = [s.name for s in test.samples if s.name in index]
+    te = [index[n] for n in test_names]
+    y_tr = [align.labels[i] for i in tr]
+    out = {}
+    for row, columns in ((BOOSTING, ~measured), (BOOSTING_DOTS, measured), (BOOSTING_BOTH, measured | ~measured)):
+        gb = HistGradientBoostingClassifier(random_state=seed).fit(stats[tr][:, columns], y_tr)
+        y_true, y_pred = [align.labels[i] for i in te], list(gb.predict(stats[te][:, columns]))
+        out[row] = {
+            "y_true": y_true,
+            "y_pred": y_pred,
+            "macro_f1": macro_f1_from_codes([CLASSES.index(c) for c in y_true], [CLASSES.index(c) for c in y_pred], 5),
+        }
+    return out, tr, test_names
+
+
+def run_seed(seed: int, cache: Cache) -> dict:
     from asectl.domain.synth import read_truth
 
     root = dataset(seed)
@@ -108,25 +132,16 @@ def run_seed(seed: int, cache: Cache) -> dict:
             default_align, default_fields = res.align, res.bundle.config["stats_fields"]
     # The numbers: the default's align entry's stats vectors, printed then measured (every card; the same
     # cards in the same order).
+    numbers, tr, test_names = numbers_rows(default_align, default_fields, test, seed)
+    out.update(numbers)
     align = default_align
-    names = align.names
-    stats = align.raw_features()["stats"]
-    measured = np.array([f.startswith("dots.") for f in default_fields])
-    tr = [i for i, s in enumerate(align.splits) if s == "train"]
-    te_names = out[DEFAULT]["y_true"]
-    index = {n: i for i, n in enumerate(names)}
-    test_names = [s.name for s in test.samples if s.name in index]
-    te = [index[n] for n in test_names]
     y_tr = [align.labels[i] for i in tr]
-    for row, columns in ((BOOSTING, ~measured), (BOOSTING_DOTS, measured), (BOOSTING_BOTH, measured | ~measured)):
-        gb = HistGradientBoostingClassifier(random_state=seed).fit(stats[tr][:, columns], y_tr)
-        out[row] = {"y_true": [align.labels[i] for i in te], "y_pred": list(gb.predict(stats[te][:, columns]))}
     latents = read_truth(root)
     floor = oracle.rule_on_posteriors(
-        [latents[names[i]]["latent"] for i in tr],
+        [latents[align.names[i]]["latent"] for i in tr],
         y_tr,
         [latents[n]["latent"] for n in test_names],
-        [align.labels[i] for i in te],
+        out[BOOSTING]["y_true"],
         CLASSES,
     )
     out[ORACLE] = {
@@ -134,13 +149,10 @@ def run_seed(seed: int, cache: Cache) -> dict:
         "y_pred": [CLASSES[i] for i in floor["p_test"].argmax(axis=1)],
         "decisions": floor["test"],
     }
-    for row in (BOOSTING, BOOSTING_DOTS, BOOSTING_BOTH, ORACLE):
-        out[row]["macro_f1"] = macro_f1_from_codes(
-            [CLASSES.index(c) for c in out[row]["y_true"]], [CLASSES.index(c) for c in out[row]["y_pred"]], 5
-        )
-    if len(te_names) != len(test_names):
+    out[ORACLE]["macro_f1"] = macro_f1_from_codes(floor["y_test"], floor["p_test"].argmax(axis=1), 5)
+    if len(out[DEFAULT]["y_true"]) != len(test_names):
         raise SystemExit(
-            f"seed {seed}: the fused model scored {len(te_names)} test cards, the numbers "
+            f"seed {seed}: the fused model scored {len(out[DEFAULT]['y_true'])} test cards, the numbers "
             f"{len(test_names)}: compare on the same cards"
         )
     return out

@@ -23,7 +23,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asectl.domain.card import GEOMETRY, acquire, default_spec, inside_range, png_bytes, record_from_points, render_card
+from asectl.domain.card import (
+    GEOMETRY,
+    NOISY_PNG_LEVEL,
+    acquire,
+    default_spec,
+    inside_range,
+    png_bytes,
+    record_from_points,
+    render_card,
+)
 from asectl.domain.dataset import DEFAULT_LABELS, Dataset, stratified_split
 from asectl.errors import ConfigError, DataError
 
@@ -625,7 +634,8 @@ def render_sampled(card: SampledCard) -> bytes:
         font_size=a["font_size"],
     )
     img = render_card(card.points, card.printed, geometry=geometry)
-    return png_bytes(acquire(img, a["light_gain"], a["noise_sd"], a["jpeg_quality"], a["noise_seed"]))
+    captured = acquire(img, a["light_gain"], a["noise_sd"], a["jpeg_quality"], a["noise_seed"])
+    return png_bytes(captured, compress_level=NOISY_PNG_LEVEL)
 
 
 def field_parameters() -> dict[str, Any]:

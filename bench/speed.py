@@ -67,7 +67,7 @@ def main() -> None:
         ("describe (built-in)", [*exe, "describe", data], 455),
         ("reason (SmolLM2-135M)", [*exe, "reason", data], 455),
         ("align (PFA, stride 0.2)", [*exe, "align", data, "--stride", "0.2"], 455),
-        ("fuse-train (CMAF)", [*exe, "fuse-train", data], 325),
+        ("fuse-train", [*exe, "fuse-train", data], 325),
         ("report", [*exe, "report", data, "--out", out / "report"], 130),
         ("predict (1 new card, cold)", [*exe, "predict", new / "images" / "0000.png"], 1),
     ]

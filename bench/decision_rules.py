@@ -36,7 +36,7 @@ from asectl.cache import Cache
 from asectl.domain.dataset import load_dataset
 from asectl.metrics import macro_f1_from_codes
 from asectl.models.calibration import choose_rule, decision_stats, stratified_folds
-from default_model import DEFAULT_SETTINGS
+from default_model import DEFAULT_SETTINGS, measured_columns
 
 MISS = 0.01
 DEFECT_ERROR = 0.05
@@ -50,12 +50,16 @@ def out_of_fold(make, x: np.ndarray, y: np.ndarray, fold: np.ndarray, classes: i
     return p
 
 
+def pass_cut(p_normal_defective: np.ndarray) -> float:
+    """The lowest cut on p(normal) that passes at most MISS of these defective cards."""
+    d = np.sort(p_normal_defective)[::-1]
+    return float(np.nextafter(d[int(np.floor(MISS * len(d) + 1e-9))], np.inf))
+
+
 def nested_threshold_pass(p_normal: np.ndarray, defective: np.ndarray, fold: np.ndarray) -> np.ndarray:
     passed = np.zeros(len(p_normal), bool)
     for k in np.unique(fold):
-        d = np.sort(p_normal[(fold != k) & defective])[::-1]
-        cut = np.nextafter(d[int(np.floor(MISS * len(d) + 1e-9))], np.inf)
-        passed[fold == k] = p_normal[fold == k] >= cut
+        passed[fold == k] = p_normal[fold == k] >= pass_cut(p_normal[(fold != k) & defective])
     return passed
 
 
@@ -80,17 +84,20 @@ def nested_rule(p: np.ndarray, y: np.ndarray, fold: np.ndarray, classes: list[st
     return decision_stats(list(decisions), y, p.argmax(axis=1), classes)
 
 
+def logistic(c: float):
+    """A function making an unfitted standardised L2 logistic regression of inverse strength ``c``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=c))
+
+
 def pass_scorers() -> dict:
     """Scorers trained for the pass decision alone (normal against every defect class, so no capacity is spent
     on the defect types), fitted on a card's numbers: {name: a function making an unfitted estimator}. Also
     used by bench/robustness_review.py."""
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    def logistic(c):
-        return lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=c))
 
     return {
         "boosting": lambda: HistGradientBoostingClassifier(random_state=0),
@@ -106,9 +113,6 @@ def seed_scores(seed: int, cache: Cache, folds: int, fold_seed: int) -> tuple[di
     """The scorers' out-of-fold scores on one generator seed's training cards: {name: [n, classes]
     probabilities, or [n] p(normal) of a normal-vs-defective scorer}; the labels, the folds, the classes."""
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     data = dataset(seed)
     ds = load_dataset(data)
@@ -121,15 +125,11 @@ def seed_scores(seed: int, cache: Cache, folds: int, fold_seed: int) -> tuple[di
     normal_or_not = (y != classes.index("normal")).astype(int)  # 0: normal, so column 0 is p(normal)
     raw = {k: v[train] for k, v in align.raw_features().items()}
     aligned = {k: v[train] for k, v in align.embeddings().items()}
-    measured = np.array([f.startswith("dots.") for f in out.bundle.config["stats_fields"]])
+    measured = measured_columns(out.bundle.config["stats_fields"])
     printed = raw["stats"][:, ~measured]
     numbers = raw["stats"]  # printed and, with the default's dot pattern, measured
     fold = stratified_folds([classes[i] for i in y], folds, fold_seed)
     k = len(classes)
-
-    def logistic(c):
-        return lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=c))
-
     held_p, held_y = out.bundle.held_out_scores()
     if not np.array_equal(held_y, y):
         raise SystemExit("the bundle's held-out cards are not the align entry's training cards in order")

@@ -93,6 +93,30 @@ def score_fused(
     }, res
 
 
+def measured_columns(fields: list[str]) -> np.ndarray:
+    """Which entries of a stats vector (a bundle's ``stats_fields``) the dot pattern measured; the rest are
+    the printed numbers."""
+    return np.array([f.startswith("dots.") for f in fields])
+
+
+def decision_cells(decisions: list[dict]) -> tuple[str, str, str, str]:
+    """The line's figures of a row over seeds (``decision_stats`` per seed) as table cells: review share,
+    missed / defective, wrong / `defect` decisions, normal / `defective` decisions ("-" when not measured)."""
+    dec = [d for d in decisions if d]
+    if not dec:
+        return "-", "-", "-", "-"
+    n = sum(d["n"] for d in dec)
+    review = f"{sum(d['counts']['review'] for d in dec)}/{n}"
+    miss = f"{sum(d['n_missed'] for d in dec)}/{sum(d['n_defective'] for d in dec)}"
+    derr = f"{sum(d['n_wrong_defect'] for d in dec)}/{sum(d['n_defect_decisions'] for d in dec)}"
+    false_defective = (  # runs from before the `defective` decision have no such figures
+        f"{sum(d['n_wrong_defective'] for d in dec)}/{sum(d['n_defective_decisions'] for d in dec)}"
+        if all("n_defective_decisions" in d for d in dec)
+        else "-"
+    )
+    return review, miss, derr, false_defective
+
+
 def numbers_rows(align, fields: list[str], test: Dataset, seed: int) -> tuple[dict, list[int], list[str]]:
     """Gradient boosting on the printed numbers, on the dot pattern's measured numbers (an image-only model)
     and on both, from the stats vectors of a default model's align entry (``fields``: the bundle's
@@ -101,7 +125,7 @@ def numbers_rows(align, fields: list[str], test: Dataset, seed: int) -> tuple[di
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     stats = align.raw_features()["stats"]
-    measured = np.array([f.startswith("dots.") for f in fields])
+    measured = measured_columns(fields)
     tr = [i for i, s in enumerate(align.splits) if s == "train"]
     index = {n: i for i, n in enumerate(align.names)}
     test_names = [s.name for s in test.samples if s.name in index]
@@ -223,19 +247,7 @@ def markdown(rec: dict, title: str = "The default on the test split", tda: str =
     ]
     for name, r in rec["rows"].items():
         v = 100 * np.asarray(r["macro_f1"])
-        dec = [d for d in r["decisions"] if d]
-        if dec:
-            n = sum(d["n"] for d in dec)
-            review = f"{sum(d['counts']['review'] for d in dec)}/{n}"
-            miss = f"{sum(d['n_missed'] for d in dec)}/{sum(d['n_defective'] for d in dec)}"
-            derr = f"{sum(d['n_wrong_defect'] for d in dec)}/{sum(d['n_defect_decisions'] for d in dec)}"
-            false_defective = (  # runs from before the `defective` decision have no such figures
-                f"{sum(d['n_wrong_defective'] for d in dec)}/{sum(d['n_defective_decisions'] for d in dec)}"
-                if all("n_defective_decisions" in d for d in dec)
-                else "-"
-            )
-        else:
-            review = miss = derr = false_defective = "-"
+        review, miss, derr, false_defective = decision_cells(r["decisions"])
         lo, hi = r["interval"]
         lines.append(
             f"| {name} | {v.mean():.2f} ({', '.join(f'{x:.1f}' for x in v)}) | [{100 * lo:.1f}, "

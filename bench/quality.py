@@ -276,10 +276,12 @@ def _fused(ds, aug_root: Path, cache: Cache, seed: int, over: dict, fusion: str,
     return scores([truth_lab[r["image"]] for r in recs], [r["label"] for r in recs])
 
 
-def shipped_rows(ds, aug_root: Path, cache: Cache, seed: int, epochs: dict) -> tuple[dict, np.ndarray]:
+def shipped_rows(
+    ds, aug_root: Path, cache: Cache, seed: int, epochs: dict, names: list[str]
+) -> tuple[dict, np.ndarray]:
     """The shipped default's rows (``SHIPPED_ROWS``, scored through asectl's own predictor with the stored
-    decision rule) and the boosting rows on its stats vectors; and the dot pattern's numbers of every card
-    of ``ds`` in its order (rows of cards the alignment dropped are NaN)."""
+    decision rule) and the boosting rows on its stats vectors; and the dot pattern's numbers of the cards
+    ``names``, in that order (rows of cards the alignment dropped are NaN)."""
     test = Dataset(ds.split("test"), ds.root, ds.source, ds.labels)
     out = {}
     for key, over in SHIPPED_ROWS.items():
@@ -290,13 +292,13 @@ def shipped_rows(ds, aug_root: Path, cache: Cache, seed: int, epochs: dict) -> t
             align, fields = res.align, res.bundle.config["stats_fields"]
     numbers, _, _ = default_model.numbers_rows(align, fields, test, seed)
     out.update({k: scores(v["y_true"], v["y_pred"]) for k, v in numbers.items()})
-    measured = np.array([f.startswith("dots.") for f in fields])
+    measured = default_model.measured_columns(fields)
     index = {n: i for i, n in enumerate(align.names)}
     stats = align.raw_features()["stats"][:, measured]
-    dots = np.full((len(ds.samples), int(measured.sum())), np.nan)
-    for i, s in enumerate(ds.samples):
-        if s.name in index:
-            dots[i] = stats[index[s.name]]
+    dots = np.full((len(names), int(measured.sum())), np.nan)
+    for i, name in enumerate(names):
+        if name in index:
+            dots[i] = stats[index[name]]
     return out, dots
 
 
@@ -427,10 +429,8 @@ def run_seed(seed: int, cache: Cache, fast: bool, robustness: bool = False, subs
 
     # The shipped default, its parts off in turn and the boosting yardsticks; then the best single modality
     # chosen by cross-validation of the training split (issue: never on the test split).
-    shipped, dots = shipped_rows(ds, aug_root, cache, seed, epochs)
+    shipped, dots_tr = shipped_rows(ds, aug_root, cache, seed, epochs, [mods.samples[i].name for i in tr])
     results.update(shipped)
-    row_of = {s.name: i for i, s in enumerate(ds.samples)}
-    dots_tr = dots[[row_of[mods.samples[i].name] for i in tr]]
     if [a_mods.samples[i].name for i in a_tr] != [mods.samples[i].name for i in tr]:
         raise SystemExit(f"seed {seed}: the answer-only modalities hold other training cards")
     y_arr = np.array(ytr)
@@ -813,12 +813,7 @@ def render_shipped(per_seed: list[dict], cv: dict, best_single: str, chosen_on: 
         "|---|---|---|---|---|---|",
     ]
     for key in rows:
-        dec = [r[key].get("decisions") for r in per_seed]
-        if all(dec):
-            review = f"{sum(d['counts']['review'] for d in dec)}/{sum(d['n'] for d in dec)}"
-            missed = f"{sum(d['n_missed'] for d in dec)}/{sum(d['n_defective'] for d in dec)}"
-        else:
-            review = missed = "-"
+        review, missed, _, _ = default_model.decision_cells([r[key].get("decisions") for r in per_seed])
         lines.append(
             f"| {key} | {fmt([r[key]['binary_macro_f1'] for r in per_seed])} | "
             f"{fmt([r[key]['macro_f1'] for r in per_seed])} | {interval(per_seed, key)} | {review} | {missed} |"

@@ -26,7 +26,7 @@ from asectl.cache import Cache
 from asectl.domain.dataset import Dataset, load_dataset
 from asectl.metrics import macro_f1_from_codes
 from asectl.models.calibration import decision_stats
-from decision_rules import pass_scorers
+from decision_rules import out_of_fold, pass_cut, pass_scorers
 
 
 def clean_pass(run, test: Dataset, cache: Cache, seed: int) -> dict:
@@ -50,12 +50,8 @@ def clean_pass(run, test: Dataset, cache: Cache, seed: int) -> dict:
     clean_defective = np.array([truth[s.name] != "normal" for s in mods.samples])
     out = {}
     for name, make in pass_scorers().items():
-        oof = np.zeros(len(tr))
-        for k in np.unique(fold):
-            scorer = make().fit(x[fold != k], defective[fold != k])
-            oof[fold == k] = scorer.predict_proba(x[fold == k])[:, 0]
-        d = np.sort(oof[defective == 1])[::-1]
-        cut = float(np.nextafter(d[int(np.floor(0.01 * len(d) + 1e-9))], np.inf))
+        oof = out_of_fold(make, x, defective, fold, 2)[:, 0]
+        cut = pass_cut(oof[defective == 1])
         p_clean = make().fit(x, defective).predict_proba(mods.stats)[:, 0]
         passed = p_clean >= cut
         out[name] = {

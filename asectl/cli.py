@@ -20,6 +20,7 @@ PIPELINE_ORDER = (
     "reason",
     "align",
     "fuse-train",
+    "calibrate",
     "predict",
     "report",
     "export",

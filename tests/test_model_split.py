@@ -219,6 +219,8 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
 
     f = folder_model
     data, gguf = f["data"], f["gguf"]
+    line = tmp_path / "line"  # cards of another line, for calibrate
+    generate(line, seed=5, counts="3,2,2,2,2", test_size=5, difficulty="clean")
     commands = [
         ("synth", "--out", tmp_path / "synth", "--counts", "1,1,1,1,1", "--test-size", "1"),
         ("ocr", data),
@@ -226,6 +228,7 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
         ("reason", data, "--llm-model", gguf, "--max-tokens", "32"),
         ("align", data, "--stride", "0.5", "--seed", "3", "--split-seed", "3", *FAST),
         ("fuse-train", data, *FAST),
+        ("calibrate", line, "--model", f["fuse"]["bundle"]),
         ("predict", data),
         ("report", data),
         ("export", "--out", tmp_path / "export"),

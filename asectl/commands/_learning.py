@@ -73,6 +73,50 @@ _common = [
 ]
 
 
+def rule_target_options(how: str):
+    """--max-miss-rate, --max-defect-error, --max-defective-error and --defective/--no-defective, each
+    defaulting to the model's own: predict (a moved operating point) and calibrate (thresholds re-set on a
+    line's cards) take the same four; ``how`` says what the first does with its target."""
+    options = [
+        click.option(
+            "--max-miss-rate",
+            type=float,
+            default=None,
+            show_default="the model's own rule",
+            help=f"{how} for this miss-rate target.",
+        ),
+        click.option(
+            "--max-defect-error",
+            type=float,
+            default=None,
+            show_default="the model's own target",
+            help="The same for the defect-error target.",
+        ),
+        click.option(
+            "--max-defective-error",
+            type=float,
+            default=None,
+            show_default="the model's own target",
+            help="The same for the 'defective' decision's target (normal cards among 'defective' decisions).",
+        ),
+        click.option(
+            "--defective/--no-defective",
+            "defective_decision",
+            default=None,
+            show_default="the model's own rule",
+            help="--no-defective: no 'defective' decision (type to confirm); those cards go to review, for a "
+            "line that needs the defect type before it acts.",
+        ),
+    ]
+
+    def decorate(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
 def training_options(f):
     for opt in reversed(_common):
         f = opt(f)
@@ -117,9 +161,9 @@ def _share(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def operating_point_line(rule, held: dict[str, Any]) -> str:
-    """One line: a decision rule's thresholds and, on the held-out training cards it was chosen on, its
-    review share, miss rate and defect error against its targets."""
+def operating_point_line(rule, held: dict[str, Any], cards: str = "held out") -> str:
+    """One line: a decision rule's thresholds and, on the cards ``held`` describes (by default the held-out
+    training cards it was chosen on), its review share, miss rate and defect error against its targets."""
     return (
         f"decision: pass if normal with {threshold_text(rule.pass_threshold, 4, 'p >= ')}, defect if a "
         f"defect class with {threshold_text(rule.defect_threshold, 4, 'p >= ')}, "
@@ -128,7 +172,7 @@ def operating_point_line(rule, held: dict[str, Any]) -> str:
             if rule.defective_decision
             else "no defective decision (--no-defective)"
         )
-        + f", else review; held out: review {_share(held['review_share'])}, miss rate "
+        + f", else review; {cards}: review {_share(held['review_share'])}, miss rate "
         f"{_share(held['miss_rate'])} (target {_share(rule.max_miss_rate)}), defect error "
         f"{_share(held['defect_error'])} (target {_share(rule.max_defect_error)}"
         + (

@@ -20,8 +20,9 @@ def models_group():
 @click.option("--json", "as_json", is_flag=True, help="Print the models as one JSON list on stdout.")
 @click.pass_obj
 def models_list(cache, as_json):
-    """Each trained model, newest first: id, the dataset it was trained on, date, classes, decision targets
-    and the test macro-F1 of its latest report."""
+    """Each trained model, newest first: id, the dataset it was trained on (and the line its thresholds were
+    re-set on, by `asectl calibrate`), date, classes, decision targets and the test macro-F1 of its latest
+    report."""
     from asectl.stages.models import list_models
 
     models = list_models(cache)
@@ -38,7 +39,8 @@ def models_list(cache, as_json):
         f1 = "-" if m["test_macro_f1"] is None else f"{100 * m['test_macro_f1']:.2f} % on {m['reported_on']}"
         table.add_row(
             m["id"][:12],
-            escape(str(m["dataset"])),
+            escape(str(m["dataset"]))
+            + ("" if not m["thresholds_set_on"] else f" (thresholds set on {escape(m['thresholds_set_on'])})"),
             str(m["created"]),
             ", ".join(m["classes"] or []),
             f"{100 * t['max_miss_rate']:g} % / {100 * t['max_defect_error']:g} %"

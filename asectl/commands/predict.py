@@ -11,7 +11,7 @@ import click
 from rich.markup import escape
 
 from asectl import ui
-from asectl.commands._learning import LEARN_ENV, operating_point_line
+from asectl.commands._learning import LEARN_ENV, operating_point_line, rule_target_options
 from asectl.commands._shared import EXECUTOR_ENV, environment, executor_options, print_errors
 from asectl.errors import ConfigError
 
@@ -69,35 +69,8 @@ def _bundle(cache, model: Path | None):
     help="With --watch: worker processes that read, describe and reason about the next cards while "
     "this one fuses the current ones (not yet reliable on SIGTERM: docs/predict.md).",
 )
-@click.option(
-    "--max-miss-rate",
-    type=float,
-    default=None,
-    show_default="the model's own rule",
-    help="Move the operating point without retraining: thresholds re-derived from the held-out "
-    "scores stored with the model for this miss-rate target.",
-)
-@click.option(
-    "--max-defect-error",
-    type=float,
-    default=None,
-    show_default="the model's own target",
-    help="The same for the defect-error target.",
-)
-@click.option(
-    "--max-defective-error",
-    type=float,
-    default=None,
-    show_default="the model's own target",
-    help="The same for the 'defective' decision's target (normal cards among 'defective' decisions).",
-)
-@click.option(
-    "--defective/--no-defective",
-    "defective_decision",
-    default=None,
-    show_default="the model's own rule",
-    help="--no-defective: no 'defective' decision (type to confirm); those cards go to review, for a line "
-    "that needs the defect type before it acts.",
+@rule_target_options(
+    "Move the operating point without retraining: thresholds re-derived from the held-out scores stored with the model"
 )
 @executor_options
 @click.pass_obj

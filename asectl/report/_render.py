@@ -191,6 +191,20 @@ def report_context(data: ReportInput, metrics: Mapping[str, Any]) -> dict[str, A
 
 
 FIGURES_HEADER = ["figure", "test split", "exact 95% interval", "target", "held-out training cards", "status"]
+HELD_OUT_NAME = FIGURES_HEADER[4]  # the cards a rule was cut on; a re-cut model names the line's instead
+
+
+def held_out_name(metrics: Mapping[str, Any]) -> str:
+    """What the cards the decision rule was cut on are: held-out training cards, or the line's cards of a
+    model whose thresholds were re-set on them (asectl calibrate)."""
+    return (metrics.get("decision") or {}).get("held_out_name") or HELD_OUT_NAME
+
+
+def figures_header(metrics: Mapping[str, Any]) -> list[str]:
+    """FIGURES_HEADER with its cards column named for this model."""
+    return [*FIGURES_HEADER[:4], held_out_name(metrics), *FIGURES_HEADER[5:]]
+
+
 CARDS_HEADER = ["image", "true label", "class", "probability", "decision", "reason", "flag"]
 # Per-card table order: what the line must look at first.
 CARD_GROUPS = ("missed defect", "wrong defect", "wrong defective", "review", "misclassified", "")
@@ -244,8 +258,8 @@ def decisions_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
     )
     rule = (
         f"pass: top class normal {when(dec['pass_threshold'])}; defect: top class a defect class "
-        f"{when(dec['defect_threshold'])}; {defective}; otherwise review (thresholds chosen on held-out "
-        "training cards). "
+        f"{when(dec['defect_threshold'])}; {defective}; otherwise review (thresholds chosen on the "
+        f"{held_out_name(metrics)}). "
         f"Miss rate: defective cards passed, over defective cards; review share: cards sent to review, over "
         f"all cards; defect error: cards decided defect whose true class differs, over defect decisions; "
         f"defective error: normal cards decided defective, over defective decisions."
@@ -348,7 +362,7 @@ def _calibration_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
             f"{thr(dec['defect_threshold'])}; otherwise review. Targets, chosen by the user at training: miss "
             f"rate at most {rate(dec['max_miss_rate'])} (defective cards passed, over defective cards), "
             f"defect error at most {rate(dec['max_defect_error'])} (cards decided defect whose true class "
-            "differs, over defect decisions). On the held-out training cards, the pass threshold is the lowest "
+            f"differs, over defect decisions). On the {held_out_name(metrics)}, the pass threshold is the lowest "
             "that meets its target; the defect threshold is lowered from the most confident card until a cut "
             "first breaks its target"
             + (
@@ -359,7 +373,7 @@ def _calibration_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
             )
             + "."
         )
-        views = [("held-out training cards", dec.get("held_out")), ("test split", dec["test"])]
+        views = [(held_out_name(metrics), dec.get("held_out")), ("test split", dec["test"])]
         views = [(name, v) for name, v in views if v]
         out["decision_header"] = [""] + [f"{name} ({v['n']})" for name, v in views]
         out["decision_rows"] = [
@@ -404,7 +418,7 @@ def render_markdown(ctx: Mapping[str, Any], metrics: Mapping[str, Any], pngs: Ma
     if dec:
         out += [f"## Decisions on the test split ({dec['n']} cards)", ""]
         out += [f"> **OVER TARGET:** {flag}" for flag in dec["flags"]] + ([""] if dec["flags"] else [])
-        out += [_md_table(FIGURES_HEADER, [r["cells"] for r in dec["rows"]]), "", dec["rule"], ""]
+        out += [_md_table(figures_header(metrics), [r["cells"] for r in dec["rows"]]), "", dec["rule"], ""]
     out += [
         "## Cards",
         "",
@@ -440,7 +454,7 @@ def render_markdown(ctx: Mapping[str, Any], metrics: Mapping[str, Any], pngs: Ma
             ]
         if cal["tradeoff_rows"]:
             out += [
-                f"Other miss-rate targets on the held-out training cards (same defect target): {TRADEOFF_NOTE}",
+                f"Other miss-rate targets on the {held_out_name(metrics)} (same defect target): {TRADEOFF_NOTE}",
                 "",
                 _md_table(TRADEOFF_HEADER, cal["tradeoff_rows"]),
                 "",
@@ -491,6 +505,7 @@ def render_html(ctx: Mapping[str, Any], metrics: Mapping[str, Any], pngs: Mappin
         tsne_caption=_tsne_caption(ctx),
         tradeoff_header=TRADEOFF_HEADER,
         tradeoff_note=TRADEOFF_NOTE,
-        figures_header=FIGURES_HEADER,
+        figures_header=figures_header(metrics),
+        held_out_name=held_out_name(metrics),
         cards_header=CARDS_HEADER,
     )

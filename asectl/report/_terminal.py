@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from asectl.report._records import ReportSummary
-from asectl.report._render import FIGURES_HEADER, PER_CLASS_HEADER, decisions_context, pct, per_class_rows, rate
+from asectl.report._render import PER_CLASS_HEADER, decisions_context, figures_header, pct, per_class_rows, rate
 
 
 def summary_text(metrics: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
@@ -40,7 +40,7 @@ def print_summary(summary: ReportSummary, console: Any = None, quiet: bool = Fal
         table = Table(
             title=f"Decisions on the test split: {metrics['decision']['test']['n']} cards", title_justify="left"
         )
-        for col in FIGURES_HEADER:
+        for col in figures_header(metrics):
             table.add_column(col, justify="left" if col in ("figure", "status") else "right")
         for row in decisions_context(metrics)["rows"]:
             table.add_row(*map(escape, row["cells"]), style="bold red" if row["exceeded"] else None)

@@ -31,6 +31,8 @@ def list_models(cache: Cache) -> list[dict[str, Any]]:
             {
                 "id": path.name,
                 "dataset": training.get("dataset"),
+                # a model whose thresholds were re-set on a line's cards (asectl calibrate): that line's folder
+                "thresholds_set_on": (config.get("recalibration") or {}).get("dataset"),
                 "created": config.get("created"),
                 "classes": config.get("classes"),
                 "variant": config.get("variant"),

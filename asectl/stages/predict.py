@@ -210,15 +210,16 @@ def run_predict(
 ) -> StageResult:
     """Classify every card of ``dataset`` (one call: each model loaded at most once); ``rule``: a decision
     rule other than the bundle's stored one (``Bundle.operating_point``). On the labelled folder the model
-    was trained on, each record says in which of the model's splits the card was (asectl.stages.split): a
-    training card's result is no evidence of how the model does on new ones."""
-    own = False
+    was trained on, or the line's folder its thresholds were re-set on, each record says in which of the
+    stored splits the card was (asectl.stages.split): a training card's result is no evidence of how the
+    model does on new ones."""
+    held = None
     if dataset.labelled and dataset.root is not None:
         from asectl.stages.split import model_split
 
-        dataset, own = model_split(dataset, bundle)
+        dataset, held = model_split(dataset, bundle)
     result = Predictor(bundle, cache, force, rule).run(dataset)
-    if own:
+    if held:
         split = {s.name: s.split for s in dataset.samples}
         for r in result.records:
             r["split"] = split[r["image"]]

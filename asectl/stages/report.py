@@ -23,7 +23,7 @@ from asectl.report import (
 )
 from asectl.stages.align import AlignOutcome
 from asectl.stages.predict import Predictor
-from asectl.stages.split import model_split, split_summary
+from asectl.stages.split import THRESHOLDS, TRAINING, model_split, split_summary
 
 
 def bundle_alignment(bundle: Bundle | ExportedModel, cache: Cache) -> AlignOutcome | None:
@@ -134,7 +134,7 @@ def run_report(
     graphs: it carries the bundle's settings (split, calibration, decision rule, training history), so every
     part of the report is made; the provenance says it is an export and which OCR engine it read with."""
     cache = cache or Cache()
-    dataset, own = model_split(dataset, bundle)
+    dataset, held = model_split(dataset, bundle)
     test = dataset.split("test")
     if not test:
         raise DataError(f"{dataset.root}: no test split to evaluate; mark rows with split=test")
@@ -178,11 +178,19 @@ def run_report(
     prov, warnings = provenance_lines(bundle)
     if isinstance(bundle, ExportedModel):
         prov.update(bundle.provenance())
+    recut = bundle.config.get("recalibration")
     prov["test split"] = (
         f"the model's own: {split_summary(bundle.config['split'])}"
-        if own
+        if held == TRAINING
+        else f"the line's cards the thresholds were not set on: {split_summary(recut['split'])}"
+        if held == THRESHOLDS
         else f"cards the model never saw: this folder's test split ({dataset.split_text()})"
     )
+    if recut:
+        prov["decision thresholds"] = (
+            f"re-set on {recut['n_cards']} labelled cards of {recut['dataset']} (asectl calibrate); the fold "
+            "models and temperature are those trained on " + str(bundle.config["training"].get("dataset"))
+        )
     if align is None:
         warnings.append("alignment entry not in this cache: t-SNE and PFA curves omitted (rerun `asectl align`)")
     cal = bundle.config["calibration"]
@@ -206,7 +214,12 @@ def run_report(
         probs=probs,
         probs_uncalibrated=predictor.uncalibrated(preds.logits),
         calibration=bundle.config["calibration"],
-        decision_rule={**bundle.config["decision"], **rule.to_dict(), "held_out": held},
+        decision_rule={
+            **bundle.config["decision"],
+            **rule.to_dict(),
+            "held_out": held,
+            **({"held_out_name": "line's labelled cards"} if recut else {}),
+        },
         decisions=[decision for decision, _ in explained],
         reasons=[reason for _, reason in explained],
         thumbnails=CardImages(tuple(str(s.path) for s in preds.samples)),

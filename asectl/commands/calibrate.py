@@ -1,0 +1,110 @@
+"""``asectl calibrate``: a trained model's decision thresholds re-set on a line's own labelled cards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.markup import escape
+
+from asectl import ui
+from asectl.commands._learning import LEARN_ENV, operating_point_line, rule_target_options
+from asectl.commands._shared import environment
+
+
+@click.command(epilog=environment(*LEARN_ENV))
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    show_default="the latest model trained in this cache",
+    help="Model bundle folder to re-set (its fold models and temperature are kept).",
+)
+@rule_target_options("Cut the thresholds on the line's training cards")
+@click.option(
+    "--split-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the stratified train/test split of a folder without labels.csv; the model keeps the "
+    "split, so report on the folder scores only the cards that did not set the thresholds.",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the new bundle here.")
+@click.option("--force", is_flag=True, help="Re-set even when cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.pass_obj
+def calibrate(
+    cache,
+    dataset,
+    model,
+    max_miss_rate,
+    max_defect_error,
+    max_defective_error,
+    defective_decision,
+    split_seed,
+    out,
+    force,
+    as_json,
+):
+    """Re-set a trained model's decision thresholds on a line's own labelled cards (DATASET's training
+    split), for the same targets, without retraining: for cards unlike those the model was trained on. The
+    new model is stored in the cache and becomes the latest; `asectl report DATASET` then scores it on the
+    line's test split (docs/predict.md)."""
+    from asectl.bundle import export_bundle, latest_bundle, load_bundle
+    from asectl.domain.dataset import load_dataset
+    from asectl.stages.calibrate import run_calibrate
+    from asectl.stages.split import split_summary
+
+    if model is not None:
+        parent = load_bundle(model)
+    else:
+        parent, which = latest_bundle(cache)
+        ui.info(f"re-setting the latest trained {which}")
+    ds = load_dataset(dataset, split_seed=split_seed)
+    res = run_calibrate(
+        ds,
+        parent,
+        cache,
+        max_miss_rate=max_miss_rate,
+        max_defect_error=max_defect_error,
+        max_defective_error=max_defective_error,
+        defective_decision=defective_decision,
+        force=force,
+    )
+    if out is not None:
+        export_bundle(res.bundle, out)
+    recut = res.bundle.config["recalibration"]
+    if as_json:
+        summary = {
+            "model": res.key,
+            "from_cache": res.from_cache,
+            "bundle": str(out or res.bundle.path),
+            "parent": res.parent.digest,
+            "line": recut["dataset"],
+            "split": split_summary(recut["split"]),
+            "n_cards": recut["n_cards"],
+            "n_dropped": recut["n_dropped"],
+            "class_counts": recut["class_counts"],
+            "before": res.before,
+            "decision": res.bundle.config["decision"],
+        }
+        click.echo(json.dumps(summary, default=str))
+        return
+    from asectl.models.calibration import DecisionRule
+
+    ui.info(
+        f"calibrate: model {res.key[:12]} ({'from cache' if res.from_cache else 'thresholds re-set'} on "
+        f"{recut['n_cards']} training cards of {escape(recut['dataset'])}, split {split_summary(recut['split'])})"
+        + (f"; {recut['n_dropped']} card(s) could not be classified" if recut["n_dropped"] else "")
+        + (f"; exported to {out}" if out else "")
+    )
+    parent_rule = DecisionRule.from_dict(res.parent.config["decision"])
+    new_rule = DecisionRule.from_dict(res.bundle.config["decision"])
+    ui.info("before: " + operating_point_line(parent_rule, res.before, "on the line's cards"))
+    ui.info("now: " + operating_point_line(new_rule, res.after, "on the line's cards"))
+    ui.info(f"check it on the line's test split: asectl report {escape(str(dataset))}")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(calibrate)

@@ -28,9 +28,9 @@ from .conftest import make_default_latest
 
 @pytest.fixture(scope="module")
 def line(trained, tmp_path_factory):
-    """24 `clean` cards of another seed (16 train, 8 test), read once; the shared model latest again after."""
+    """15 `clean` cards of another seed (9 train, 6 test), read once; the shared model latest again after."""
     root = tmp_path_factory.mktemp("line") / "line"
-    generate(root, seed=21, counts="8,4,4,4,4", test_size=8, difficulty="clean")
+    generate(root, seed=21, counts="5,3,3,2,2", test_size=5, difficulty="clean")
     yield root
     make_default_latest(trained)
 
@@ -68,7 +68,7 @@ def test_thresholds_are_cut_on_the_line_training_cards_and_nothing_else_changes(
         stored.max_defective_error,
     )
     assert new.decision_rule() == want
-    assert recut["n_cards"] == len(train) == 16
+    assert recut["n_cards"] == len(train) == 9
     held_probs, held_y = new.held_out_scores()
     assert np.allclose(held_probs, probs) and list(held_y) == list(y)
     # the parent's models, temperature and training record; only the rule and its evidence differ
@@ -90,10 +90,10 @@ def test_report_on_the_line_scores_its_test_split_and_a_changed_split_is_refused
     inv = trained["invoke"]
     res = inv("report", line, "--out", tmp_path / "report", "--json")  # the line's model: the re-cut one
     metrics = json.loads(res.stdout.splitlines()[-1])
-    assert metrics["n_test"] == 8
+    assert metrics["n_test"] == 6
     md = (tmp_path / "report" / "report.md").read_text()
     assert "the line's cards the thresholds were not set on" in md
-    assert "line's labelled cards (16)" in md  # the decision table's column: N cards
+    assert "line's labelled cards (9)" in md  # the decision table's column: N cards
     # the same cards with one training card moved to the test split: the stored split wins, so the card
     # that set the thresholds is not scored as a test card
     moved = shutil.copytree(line, tmp_path / "moved")
@@ -102,7 +102,7 @@ def test_report_on_the_line_scores_its_test_split_and_a_changed_split_is_refused
     rows[k] = rows[k][: -len("train")] + "test"
     (moved / "labels.csv").write_text("\n".join(rows) + "\n")
     res = inv("report", moved, "--model", recut["bundle"], "--out", tmp_path / "moved-report", "--json")
-    assert json.loads(res.stdout.splitlines()[-1])["n_test"] == 8
+    assert json.loads(res.stdout.splitlines()[-1])["n_test"] == 6
     # the line's cards and one more: which split it belongs to is unknown, so refused with one line
     grown = shutil.copytree(line, tmp_path / "grown")
     generate(tmp_path / "one", seed=98, counts="2,0,0,0,0", difficulty="clean")
@@ -117,7 +117,7 @@ def test_report_on_the_line_scores_its_test_split_and_a_changed_split_is_refused
     res = inv("predict", line, "--model", recut["bundle"], "--json")
     stored = {c["image"]: c["split"] for c in load_dataset(line).split_record()["cards"]}
     records = [json.loads(x) for x in res.stdout.splitlines()]
-    assert len(records) == 24 and all(r["split"] == stored[r["image"]] for r in records)
+    assert len(records) == 15 and all(r["split"] == stored[r["image"]] for r in records)
     listed = json.loads(inv("models", "list", "--json").stdout)
     assert any(m["thresholds_set_on"] == str(line) for m in listed)
 

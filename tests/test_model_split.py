@@ -220,7 +220,7 @@ def test_quiet_prints_only_warnings_on_every_command_in_a_pipe(folder_model, tmp
     f = folder_model
     data, gguf = f["data"], f["gguf"]
     line = tmp_path / "line"  # cards of another line, for calibrate
-    generate(line, seed=5, counts="3,2,2,2,2", test_size=5, difficulty="clean")
+    generate(line, seed=5, counts="2,2,2,2,2", test_size=5, difficulty="clean")
     commands = [
         ("synth", "--out", tmp_path / "synth", "--counts", "1,1,1,1,1", "--test-size", "1"),
         ("ocr", data),

@@ -306,7 +306,9 @@ def card_rows(metrics: Mapping[str, Any], thumbnails: Sequence[str] | None = Non
 
 
 TRADEOFF_HEADER = ["miss-rate target", "pass threshold", "review share", "miss rate"]
-TRADEOFF_NOTE = "a stricter target sends more cards to review; retrain with --max-miss-rate to use another."
+TRADEOFF_NOTE = (
+    "a stricter target sends more cards to review; asectl predict --max-miss-rate uses another without retraining."
+)
 
 
 def rate(v: float | None, k: int | None = None, n: int | None = None) -> str:
@@ -359,7 +361,7 @@ def _calibration_context(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
 
         out["rule_text"] = (
             f"pass: top class normal with {thr(dec['pass_threshold'])}; defect: top class a defect class with "
-            f"{thr(dec['defect_threshold'])}; otherwise review. Targets, chosen by the user at training: miss "
+            f"{thr(dec['defect_threshold'])}; otherwise review. Targets, chosen by the user: miss "
             f"rate at most {rate(dec['max_miss_rate'])} (defective cards passed, over defective cards), "
             f"defect error at most {rate(dec['max_defect_error'])} (cards decided defect whose true class "
             f"differs, over defect decisions). On the {held_out_name(metrics)}, the pass threshold is the lowest "

@@ -185,6 +185,18 @@ class DecisionRule:
     # False: the user turned the decision off (such cards go to review); rules stored before it had it on.
     defective_decision: bool = True
 
+    def targets(self, **given: Any) -> dict[str, Any]:
+        """``choose_rule``'s targets and switches: this rule's, each replaced by a value given and not None
+        (max_miss_rate, max_defect_error, max_defective_error, defective_decision)."""
+        own = {
+            "max_miss_rate": self.max_miss_rate,
+            "max_defect_error": self.max_defect_error,
+            "defect_confidence": self.defect_confidence,
+            "defective_decision": self.defective_decision,
+            "max_defective_error": self.max_defective_error,
+        }
+        return {**own, **{k: v for k, v in given.items() if v is not None}}
+
     @property
     def defective_error_target(self) -> float:
         return self.max_defect_error if self.max_defective_error is None else self.max_defective_error
@@ -366,11 +378,12 @@ def operating_point(
         p,
         y,
         stored.classes,
-        stored.max_miss_rate if max_miss_rate is None else max_miss_rate,
-        stored.max_defect_error if max_defect_error is None else max_defect_error,
-        stored.defect_confidence,
-        stored.defective_decision if defective_decision is None else defective_decision,
-        stored.max_defective_error if max_defective_error is None else max_defective_error,
+        **stored.targets(
+            max_miss_rate=max_miss_rate,
+            max_defect_error=max_defect_error,
+            max_defective_error=max_defective_error,
+            defective_decision=defective_decision,
+        ),
     )
     return rule, decision_stats(rule.decide(p), y, p.argmax(axis=1), stored.classes)
 

@@ -101,13 +101,12 @@ def run_calibrate(
         )
     cards = check_line_cards(dataset, parent)
     stored = DecisionRule.from_dict(parent.config["decision"])
-    targets = {
-        "max_miss_rate": stored.max_miss_rate if max_miss_rate is None else max_miss_rate,
-        "max_defect_error": stored.max_defect_error if max_defect_error is None else max_defect_error,
-        "defect_confidence": stored.defect_confidence,
-        "defective_decision": stored.defective_decision if defective_decision is None else defective_decision,
-        "max_defective_error": stored.max_defective_error if max_defective_error is None else max_defective_error,
-    }
+    targets = stored.targets(
+        max_miss_rate=max_miss_rate,
+        max_defect_error=max_defect_error,
+        max_defective_error=max_defective_error,
+        defective_decision=defective_decision,
+    )
     split = dataset.split_record()
     key = make_key(
         STAGE,

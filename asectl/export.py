@@ -41,7 +41,9 @@ END_TO_END_EXPORT_FORMAT = 2
 TREES_EXPORT_FORMAT = 3
 READABLE_FORMATS = (EXPORT_FORMAT, END_TO_END_EXPORT_FORMAT, TREES_EXPORT_FORMAT)
 MANIFEST = "export.json"
-# Batches of the encoders' graphs (the bundle path's defaults: asectl.backends.encoders).
+# Items per run of the encoders' graphs. The bundle path encodes one item per pass on a CPU, since it
+# caches each card's features (asectl.backends.encoders.frozen_encode); an export caches none, so it
+# batches for a station's throughput.
 IMAGE_BATCH = 16
 TEXT_BATCH = 32
 

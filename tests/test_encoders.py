@@ -87,6 +87,38 @@ def test_efficientnet_lite0_real_weights_give_deterministic_1280d_features(small
     enc.module.zero_grad(set_to_none=True)
 
 
+def test_a_feature_does_not_depend_on_the_items_encoded_with_it_nor_on_threads(small_dataset):
+    """Features are cached per card: a card's feature must be the same bits whichever cards shared its
+    call and however many threads torch has (batched CPU kernels moved it by up to 1e-5, and a cold
+    rerun then trained another model). The same for a cards-cnn trained with one or two threads."""
+    paths = card_paths(small_dataset, 5)
+    texts = ["the holes are centred", "two separate clusters of holes with a much longer sentence here", "a ring"]
+    threads = torch.get_num_threads()
+    try:
+        for enc, items in ((image_encoder(), paths), (text_encoder(), texts)):
+            together = enc.encode(items)
+            torch.set_num_threads(2)
+            alone = np.concatenate([enc.encode([item]) for item in items[::-1]])[::-1]
+            torch.set_num_threads(1)
+            assert np.array_equal(together, alone), enc.identity()["encoder"]
+        labels = ["normal", "type1"] * 5
+        cards = card_paths(small_dataset, 10)
+        trained = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            enc = image_encoder("cards-cnn", epochs=2, folds=2)
+            own = enc.fit(cards, labels, seed=1)
+            weights = [w.detach().clone() for w in enc.module.parameters()]
+            trained.append((own, weights, enc.encode(cards)))
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    (own1, w1, z1), (own2, w2, z2) = trained
+    assert np.array_equal(own1, own2) and np.array_equal(z1, z2)
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+    assert after == 2  # the caller's thread count is restored
+
+
 def test_image_preprocessing_pads_cards_to_a_square(small_dataset):
     from asectl.imageio import load_image
 
@@ -212,3 +244,22 @@ def test_module_state_round_trips_through_safetensors(tmp_path):
     assert enc.identity()["finetuned"]["sha256"]
     with pytest.raises(ConfigError, match="not found"):
         load_module_state(enc.module, tmp_path / "nothing.safetensors")
+
+
+def test_one_cpu_thread_pins_torch_blas_and_openmp_and_restores_them():
+    """Training, encoding and scoring run under it: BLAS (scikit-learn's logistic regression) and OpenMP
+    (its trees) sums split by thread too, so a model trained with OMP_NUM_THREADS=1 was another model."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from asectl.models.seeding import one_cpu_thread
+
+    with threadpool_limits(limits=2):
+        torch.set_num_threads(2)
+        try:
+            with one_cpu_thread("cpu"):
+                assert torch.get_num_threads() == 1
+                assert {p["num_threads"] for p in threadpool_info()} == {1}
+            assert torch.get_num_threads() == 2
+            assert {p["num_threads"] for p in threadpool_info()} == {2}
+        finally:
+            torch.set_num_threads(1)

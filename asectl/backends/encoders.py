@@ -5,7 +5,9 @@ One small interface per family:
 * ``identity() -> dict``: what a feature depends on (encoder name, weights source, content hash,
   preprocessing, fine-tuned state). It never loads the network, so a fully cached run stays cheap.
 * ``dim``: the feature width.
-* ``encode(batch) -> np.ndarray`` float32 ``[n, dim]``: frozen, eval mode, no gradient, in batches.
+* ``encode(batch) -> np.ndarray`` float32 ``[n, dim]``: frozen, eval mode, no gradient. On a CPU one item
+  per forward pass on one thread, so an item's feature is bit-identical whichever items share the call and
+  however many cores the machine has (features are cached per item); on a GPU ``batch_size`` at a time.
 * ``module``: the ``torch.nn.Module`` (loaded on first use), and ``forward_train(batch) -> Tensor``:
   the same features with gradient and the module in train mode, for fine-tuning (paper profile).
 
@@ -100,19 +102,33 @@ def _seeded(seed: int):
 
 
 def frozen_encode(
-    module: Any, batch: Sequence[Any], batch_size: int, dim: int, forward: Callable[[Sequence[Any]], Any]
+    module: Any,
+    batch: Sequence[Any],
+    batch_size: int,
+    dim: int,
+    forward: Callable[[Sequence[Any]], Any],
+    device: str = "cpu",
 ) -> np.ndarray:
-    """Features of ``batch`` in eval mode without gradients, ``batch_size`` at a time; the module's
-    train/eval mode is restored afterwards (the paper profile fine-tunes the same module)."""
+    """Features of ``batch`` in eval mode without gradients; the module's train/eval mode is restored
+    afterwards (the paper profile fine-tunes the same module).
+
+    On a CPU each item goes through the network alone, on one thread: CPU kernels pick their blocking by
+    the batch's shape and split sums by thread, so a batched item's feature moved with its batch-mates
+    (and padding, for text) by up to 1e-5, which made a cached feature depend on which cards were
+    encoded with it, and a cold rerun train another model (bench/reproducibility.py). On a GPU,
+    ``batch_size`` items per pass."""
     import torch
 
+    from asectl.models.seeding import one_cpu_thread
+
+    step = 1 if str(device) == "cpu" else batch_size
     was_training = module.training
     module.eval()
     out = []
     try:
-        with torch.inference_mode():
-            for start in range(0, len(batch), batch_size):
-                out.append(forward(batch[start : start + batch_size]).float().cpu().numpy())
+        with torch.inference_mode(), one_cpu_thread(device):
+            for start in range(0, len(batch), step):
+                out.append(forward(batch[start : start + step]).float().cpu().numpy())
     finally:
         module.train(was_training)
     if not out:
@@ -323,7 +339,12 @@ class ImageEncoder:
 
     def encode(self, batch: Sequence[Any]) -> np.ndarray:
         return frozen_encode(
-            self.module, batch, self.batch_size, self.dim, lambda part: self.pooled(self.preprocess(part))
+            self.module,
+            batch,
+            self.batch_size,
+            self.dim,
+            lambda part: self.pooled(self.preprocess(part)),
+            self.device,
         )
 
     def forward_train(self, batch: Sequence[Any]) -> Any:
@@ -707,7 +728,14 @@ class CardsCNN(ImageEncoder):
 
     def fit(self, items: Sequence[Any], labels: Sequence[str], seed: int) -> np.ndarray:
         """Train on ``items`` (the training cards only) with ``labels``; returns their features
-        [n, classes], out-of-fold when cross-fitted. Deterministic for a seed and thread count."""
+        [n, classes], out-of-fold when cross-fitted. Bit-identical for a seed on any CPU: it trains on
+        one thread, whoever calls it (the trained weights are cached under a key without a thread count)."""
+        from asectl.models.seeding import one_cpu_thread
+
+        with one_cpu_thread(self.device):
+            return self._fit(items, labels, seed)
+
+    def _fit(self, items: Sequence[Any], labels: Sequence[str], seed: int) -> np.ndarray:
         import torch
         from sklearn.model_selection import StratifiedKFold
 
@@ -937,7 +965,7 @@ class TextEncoder:
         return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
 
     def encode(self, batch: Sequence[str]) -> np.ndarray:
-        return frozen_encode(self.module, batch, self.batch_size, self.dim, self._pooled)
+        return frozen_encode(self.module, batch, self.batch_size, self.dim, self._pooled, self.device)
 
     def forward_train(self, batch: Sequence[str]) -> Any:
         self.module.train()

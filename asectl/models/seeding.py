@@ -19,13 +19,22 @@ def fork_rng(seed: int, device: str):
 
 
 @contextlib.contextmanager
-def cpu_training_threads(device: str):
-    """One torch thread while training small heads on a CPU (more only oversubscribes a 2-core
-    machine); the caller's thread count is restored after."""
+def one_cpu_thread(device: str):
+    """One thread on a CPU inside the block, for torch and for the BLAS and OpenMP pools scikit-learn and
+    numpy use (threadpoolctl); the caller's thread counts are restored after.
+
+    Training and frozen encoding run under it: a CPU kernel's result depends on how many threads split its
+    sums, so without it a model or a cached feature would depend on the machine's cores and on
+    OMP_NUM_THREADS (bench/reproducibility.py), and more threads only oversubscribe a 2-core machine with
+    these small models."""
+    from threadpoolctl import threadpool_limits
+
     threads = torch.get_num_threads()
-    if str(device) == "cpu":
+    cpu = str(device) == "cpu"
+    if cpu:
         torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1) if cpu else contextlib.nullcontext():
+            yield
     finally:
         torch.set_num_threads(threads)

@@ -136,7 +136,7 @@ class EncoderConfig:
     text: str = "minilm"
     text_path: str | None = None  # bert-base: local folder or hub id
     device: str = "cpu"  # cpu, cuda, cuda:N, auto
-    batch_size: int = 32  # encoding batch (frozen features)
+    batch_size: int = 32  # frozen features: items per forward pass on a GPU (one on a CPU: asectl.backends.encoders)
     finetune: bool = False  # paper: encoders train during warm-up and PFA
     warmup_epochs: int = 0  # paper: 30 (supervised warm-up before alignment)
     image_lr: float = 1e-4  # encoder learning rates when fine-tuning

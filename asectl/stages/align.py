@@ -39,7 +39,8 @@ from asectl.stages.modalities import (
 
 log = logging.getLogger("asectl")
 STAGE = "align"
-FORMAT = 3  # 2: ranking warm-up, update-matched direct mode, update counts; 3: branches
+FORMAT = 4  # 2: ranking warm-up, update-matched direct mode, update counts; 3: branches;
+# 4: features computed one card per pass (asectl.stages.features FORMAT 2)
 
 
 @dataclass
@@ -172,9 +173,9 @@ def run_align(
     if entry is not None:
         outcome = AlignOutcome(key, entry.path, entry.read_json("summary.json"), True)
     else:
-        from asectl.models.seeding import cpu_training_threads  # torch: only when training
+        from asectl.models.seeding import one_cpu_thread  # torch: only when training
 
-        with cpu_training_threads(prof.encoders.device):
+        with one_cpu_thread(prof.encoders.device):
             outcome = _train(cache, key, prof, mods, rows, train_index, encoders, seed)
     cache.set_pointer(
         f"align-{dataset_id(dataset)}",

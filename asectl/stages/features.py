@@ -23,9 +23,9 @@ from asectl.cache import Cache, make_key, sha256_file
 from asectl.domain.dataset import Sample
 
 STAGE = "features"
-FORMAT = 1
+FORMAT = 2  # 2: one item per forward pass on one CPU thread (asectl.backends.encoders.frozen_encode)
 TRAIN_STAGE = "image-encoder"
-TRAIN_FORMAT = 1
+TRAIN_FORMAT = 2  # 2: trained on one CPU thread whoever calls it
 WEIGHTS_FILE = "encoder.safetensors"
 
 

@@ -164,7 +164,7 @@ def run_fuse_train(
     entry = None if force else cache.get(STAGE, key)
     if entry is None:
         from asectl.models.cmaf import map_labels, save_fusion
-        from asectl.models.seeding import cpu_training_threads
+        from asectl.models.seeding import one_cpu_thread
 
         train = align.train_index()
         # End to end: the encoder features, projected by each fold model's own heads and adapters; frozen:
@@ -176,7 +176,7 @@ def run_fuse_train(
         # Cards TDA added train the fold models but are not held-out evidence: the temperature and the
         # rule are fitted on the user's own training cards only.
         real = {s.name for s in dataset.split("train")}
-        with cpu_training_threads(prof.encoders.device):
+        with one_cpu_thread(prof.encoders.device):
             members, histories, calibration, decision = calibrate(
                 feats,
                 labels,

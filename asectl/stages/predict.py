@@ -77,9 +77,11 @@ def class_logits(
     if entry is not None:
         return st_load(entry.read_bytes("logits.safetensors"))["logits"]
     from asectl.models.cmaf import fold_logits
+    from asectl.models.seeding import one_cpu_thread
 
     heads, members = models() if models else (bundle.heads(), bundle.fusion_members())
-    logits = fold_logits(members, arrays, heads)  # fold models trained end to end project with their own heads
+    with one_cpu_thread("cpu"):  # the same logits bits on any machine, as training computed them
+        logits = fold_logits(members, arrays, heads)  # fold models trained end to end project with their own heads
     cache.put(STAGE, key, {"logits.safetensors": st_save({"logits": logits})}, {"params": {"bundle": bundle.digest}})
     return logits
 

@@ -1,0 +1,182 @@
+"""Does a model trained from a cache that other runs filled first equal the one a cold cache gives?
+
+    python bench/reproducibility.py [--seed 0] [--subset 150] [--baseline CHECKOUT] [--render]
+
+One generated `field` dataset (seed --seed, the default 455 cards). Its OCR, descriptions and LLM answers
+are computed once into a shared cache (they are text, and the same whatever the order). Then, each in a
+fresh copy of that cache, the learned stages run as the quickstart runs them (`asectl align DATA`,
+`asectl fuse-train DATA`, `asectl report DATA --json`):
+
+* cold: nothing else first;
+* cold again: the same, in a new process and a new copy of the cache;
+* smaller folder first: `asectl align` on a folder of --subset cards of the same dataset (every third
+  card, the same image files) before the whole folder, as a user who tried the tool on a few cards first;
+  their features are then cached from other encoder calls than in the cold run;
+* one thread everywhere: cold, with OMP/MKL/OpenBLAS limited to one thread (a machine with fewer cores).
+
+Each scenario's model (the checksums of all its files), test macro-F1 and per-card test predictions are
+compared with the cold run's. With --baseline CHECKOUT, the same scenarios run with that checkout's code
+too (PYTHONPATH), on copies of the same shared cache.
+Results: bench/results/reproducibility.json and the ``reproducibility`` section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import OUT, dataset, load, measured_line, save, update_section
+from predict_speed import code_folder
+
+SCENARIOS = ("cold", "cold again", "smaller folder first", "one thread everywhere")
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def asectl(env: dict, *args: str) -> str:
+    cmd = [sys.executable, "-m", "asectl", "-q", *args]
+    done = subprocess.run(cmd, env=env, cwd=code_folder(env), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def subset_folder(data: Path, n: int, out: Path) -> Path:
+    """Every third row of ``data``'s labels.csv (at most ``n``) with their image files, as a folder of its
+    own: its cards are encoded in other company than in the whole folder's run."""
+    rows = list(csv.DictReader((data / "labels.csv").open()))[1::3][:n]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        shutil.copy2(data / r["image"], out / r["image"])
+    with (out / "labels.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def run_scenario(name: str, code_env: dict, shared: Path, data: Path, subset: int, work: Path) -> dict:
+    cache = work / "cache"
+    shutil.copytree(shared, cache, copy_function=os.link)  # entries are never rewritten in place
+    env = {**code_env, "ASECTL_CACHE_DIR": str(cache)}
+    if name == "one thread everywhere":
+        env.update(ONE_THREAD)
+    start = time.perf_counter()
+    if name == "smaller folder first":
+        asectl(env, "align", str(subset_folder(data, subset, work / "subset")), "--stride", "0.2")
+    asectl(env, "align", str(data), "--stride", "0.2")
+    asectl(env, "fuse-train", str(data))
+    metrics = json.loads(asectl(env, "report", str(data), "--out", str(work / "report"), "--json"))
+    latest = json.loads(asectl(env, "models", "list", "--json"))[0]
+    files = json.loads((Path(latest["path"]) / "bundle.json").read_text())["files"]
+    return {
+        # the model's content: the checksum of every file of it (the cache id names its inputs, not its bits)
+        "model": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
+        "macro_f1": metrics["multiclass"]["macro_f1"],
+        "per_card": [[p["image"], p["pred"]] for p in metrics["predictions"]],
+        "probs": [p.get("probs") for p in metrics["predictions"]],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def max_gap(probs: list, cold: list) -> float:
+    """The largest difference of one class probability of one test card between two runs."""
+    return max((abs(a - b) for pa, pb in zip(probs, cold) for a, b in zip(pa or [], pb or [])), default=0.0)
+
+
+def summarise(rec: dict) -> dict:
+    """Each run against its code's cold run (same model bits, test cards predicted differently, largest
+    probability gap); the per-card output moves to ``raw`` (not committed). Returns raw."""
+    raw = {}
+    for code, runs in rec["codes"].items():
+        cold = runs["cold"]
+        raw[code] = {name: {"per_card": r["per_card"], "probs": r["probs"]} for name, r in runs.items()}
+        for r in runs.values():
+            r["vs_cold"] = {
+                "same_model": r["model"] == cold["model"],
+                "cards_predicted_differently": sum(a != b for a, b in zip(r["per_card"], cold["per_card"])),
+                "largest_probability_gap": max_gap(r["probs"], cold["probs"]),
+            }
+        for r in runs.values():
+            del r["per_card"], r["probs"]
+    return raw
+
+
+def render(rec: dict) -> str:
+    lines = [
+        "### Reproducibility: a model from a cache other runs filled first, against a cold one",
+        "",
+        f"Dataset: `field`, seed {rec['seed']}, {rec['cards']} cards; smaller folder: {rec['subset']} of them "
+        "(every third card). Each scenario in a fresh copy of one cache holding the OCR, descriptions and LLM answers.",
+        "",
+        "| code | scenario | model | test macro-F1 | same model as cold | test cards predicted differently | "
+        "largest probability difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for code, runs in rec["codes"].items():
+        for name in SCENARIOS:
+            r = runs[name]
+            v = r["vs_cold"]
+            cells = (
+                ["-", "-", "-"]
+                if name == "cold"
+                else [
+                    "yes" if v["same_model"] else "**no**",
+                    str(v["cards_predicted_differently"]),
+                    f"{v['largest_probability_gap']:.2g}",
+                ]
+            )
+            lines.append(f"| {code} | {name} | `{r['model'][:12]}` | {100 * r['macro_f1']:.2f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subset", type=int, default=150)
+    ap.add_argument("--baseline", type=Path, default=None, help="another checkout whose code also runs")
+    ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--render", action="store_true", help="write the docs section again from the saved results")
+    args = ap.parse_args()
+    if args.render:
+        rec = load("reproducibility")
+        update_section("reproducibility", render(rec), header=rec["measured"])
+        return
+    started = time.perf_counter()
+    data = dataset(args.seed)
+    shared = OUT / f"repro-cache-seed{args.seed}"
+    base_env = {k: v for k, v in os.environ.items() if k not in ONE_THREAD}
+    env = {**base_env, "ASECTL_CACHE_DIR": str(shared)}
+    for stage in ("ocr", "describe", "reason"):
+        asectl(env, stage, str(data))
+    codes = {"this": base_env}
+    if args.baseline is not None:
+        codes = {"baseline": {**base_env, "PYTHONPATH": str(args.baseline.resolve())}, **codes}
+    rec = {"seed": args.seed, "subset": args.subset, "cards": sum(1 for _ in (data / "images").glob("*.png"))}
+    rec["codes"] = {}
+    if args.baseline is not None:
+        rec["baseline"] = str(args.baseline)
+    for code, code_env in codes.items():
+        rec["codes"][code] = {}
+        for name in SCENARIOS:
+            with tempfile.TemporaryDirectory(dir=OUT) as work:
+                rec["codes"][code][name] = run_scenario(name, code_env, shared, data, args.subset, Path(work))
+            r = rec["codes"][code][name]
+            print(f"{code:8s} {name:24s} {r['model'][:12]} {100 * r['macro_f1']:.2f} ({r['seconds']} s)", flush=True)
+    raw = summarise(rec)
+    rec["seconds"] = round(time.perf_counter() - started, 1)
+    rec["measured"] = measured_line()
+    save("reproducibility", rec, raw=raw)
+    if not args.no_docs:
+        update_section("reproducibility", render(rec))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from asectl.cache import Cache, canonical_json, sha256_bytes, sha256_file, sha256_file_kept
+from asectl.cache import Cache, canonical_json, new_folder, sha256_bytes, sha256_file, sha256_file_kept
 from asectl.errors import ConfigError
 
 # 2: calibration temperature and decision rule; 3: the classifier is the fold models' average; 4: the split
@@ -208,13 +208,6 @@ def pointer_text(ptr: dict[str, Any]) -> str:
 
 
 def export_bundle(bundle: Bundle, out: str | Path) -> Path:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: folder exists and is not empty; choose another --out")
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(bundle.path, tmp, ignore=shutil.ignore_patterns("meta.json"))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
+    with new_folder(out) as tmp:
+        shutil.copytree(bundle.path, tmp, ignore=shutil.ignore_patterns("meta.json"), dirs_exist_ok=True)
+    return Path(out)

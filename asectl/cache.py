@@ -9,6 +9,7 @@ is discarded, logged, and reported as a miss so the caller recomputes it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import platformdirs
 
@@ -87,6 +88,28 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def new_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder for the user (an exported model) so it is whole or absent: the block writes into an
+    empty hidden sibling, renamed to ``out`` when the block ends and removed when it fails. ``out`` must
+    not exist or be an empty folder, else a ConfigError says so."""
+    from asectl.errors import ConfigError
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: exists and is not an empty folder; choose another --out")
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- small memos about files, beside the entries (docs/cache.md) -------------------------------------

@@ -1,6 +1,7 @@
 """Exported models: a folder that classifies cards with ONNX graphs, onnxruntime and the OCR and LLM engines
 alone, without torch or transformers (``asectl export``, docs/export.md). Written by
-``asectl.stages.export.run_export`` from a trained bundle (asectl/bundle.py); read here.
+``asectl.stages.export.run_export`` from a trained bundle (asectl/bundle.py); read here, and copied here with
+new model settings (``copy_export``: ``asectl calibrate`` re-sets an export's thresholds into a new one).
 
     export.json             manifest: asectl version, the bundle it came from, the model's settings (classes,
                             task, calibration temperature, decision rule with its held-out cards, the replay
@@ -29,7 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from asectl.bundle import Bundle, DecisionSource, load_bundle, verify_files
+from asectl.bundle import Bundle, DecisionSource, load_bundle, verify_files, write_checksums
+from asectl.cache import canonical_json, new_folder, sha256_bytes
 from asectl.errors import ConfigError
 
 EXPORT_FORMAT = 1
@@ -116,6 +118,11 @@ class ExportedModel(DecisionSource):
     @property
     def labels(self) -> list[str]:
         return list(self.config["classes"])
+
+    @property
+    def digest(self) -> str:
+        """Content identity: the manifest holds the checksum of every file (verified on loading)."""
+        return sha256_bytes(canonical_json(self.manifest).encode())
 
     @property
     def source_digest(self) -> str:
@@ -234,6 +241,27 @@ class ExportedModel(DecisionSource):
     def class_logits(self, inputs: Mapping[str, Sequence[Any]]) -> np.ndarray:
         """Encoders, projections and fold models over the cards' inputs: logits [members, n, classes]."""
         return self.fold_logits(self.encode(inputs))
+
+
+def copy_export(
+    parent: ExportedModel, out: str | Path, model: Mapping[str, Any], write_files: Callable[[Path], None]
+) -> ExportedModel:
+    """A copy of the export ``parent`` at ``out`` (written whole or not at all) whose model settings are
+    ``model`` and whose files ``write_files(folder)`` may replace; graphs, tokenizers and the LLM are copied
+    as they are, and the manifest's checksums are written again."""
+    import shutil
+    import time
+
+    with new_folder(out) as tmp:
+        shutil.copytree(parent.path, tmp, ignore=shutil.ignore_patterns(MANIFEST), dirs_exist_ok=True)
+        write_files(tmp)
+        manifest = {
+            **json.loads(json.dumps(parent.manifest)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": dict(model),
+        }
+        write_checksums(tmp, manifest, MANIFEST)
+    return load_export(out)
 
 
 def image_features(model: ExportedModel, spec: Mapping[str, Any], items: Sequence[Any]) -> np.ndarray:

@@ -19,7 +19,8 @@ from asectl.commands._shared import environment
     "--model",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     show_default="the latest model trained in this cache",
-    help="Model bundle folder to re-set (its fold models and temperature are kept).",
+    help="Model bundle or export folder to re-set (its fold models and temperature are kept); an export's "
+    "new thresholds go to a new export folder (--out).",
 )
 @rule_target_options("Cut the thresholds on the line's training cards")
 @click.option(
@@ -30,7 +31,11 @@ from asectl.commands._shared import environment
     help="Seed of the stratified train/test split of a folder without labels.csv; the model keeps the "
     "split, so report on the folder scores only the cards that did not set the thresholds.",
 )
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also export the new bundle here.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A bundle: also copy the new bundle here. An export: write the new export here (required).",
+)
 @click.option("--force", is_flag=True, help="Re-set even when cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_obj
@@ -50,14 +55,16 @@ def calibrate(
     """Re-set a trained model's decision thresholds on a line's own labelled cards (DATASET's training
     split), for the same targets, without retraining: for cards unlike those the model was trained on. The
     new model is stored in the cache and becomes the latest; `asectl report DATASET` then scores it on the
-    line's test split (docs/predict.md)."""
-    from asectl.bundle import export_bundle, latest_bundle, load_bundle
+    line's test split (docs/calibrate.md). An exported model's new thresholds are written as a new export
+    folder (--out), which `predict` and `report --model` take."""
+    from asectl.bundle import Bundle, export_bundle, latest_bundle
     from asectl.domain.dataset import load_dataset
+    from asectl.export import load_model
     from asectl.stages.calibrate import run_calibrate
     from asectl.stages.split import split_summary
 
     if model is not None:
-        parent = load_bundle(model)
+        parent, _ = load_model(model)
     else:
         parent, which = latest_bundle(cache)
         ui.info(f"re-setting the latest trained {which}")
@@ -71,8 +78,10 @@ def calibrate(
         max_defective_error=max_defective_error,
         defective_decision=defective_decision,
         force=force,
+        out=out,
     )
-    if out is not None:
+    exported = not isinstance(parent, Bundle)
+    if out is not None and not exported:
         export_bundle(res.bundle, out)
     recut = res.bundle.config["recalibration"]
     if as_json:
@@ -93,17 +102,19 @@ def calibrate(
         return
     from asectl.models.calibration import DecisionRule
 
+    what = f"exported model {escape(str(out))}" if exported else f"model {res.key[:12]}"
     ui.info(
-        f"calibrate: model {res.key[:12]} ({'from cache' if res.from_cache else 'thresholds re-set'} on "
+        f"calibrate: {what} ({'from cache' if res.from_cache else 'thresholds re-set'} on "
         f"{recut['n_cards']} training cards of {escape(recut['dataset'])}, split {split_summary(recut['split'])})"
         + (f"; {recut['n_dropped']} card(s) could not be classified" if recut["n_dropped"] else "")
-        + (f"; exported to {out}" if out else "")
+        + (f"; exported to {escape(str(out))}" if out and not exported else "")
     )
     parent_rule = DecisionRule.from_dict(res.parent.config["decision"])
     new_rule = DecisionRule.from_dict(res.bundle.config["decision"])
     ui.info("before: " + operating_point_line(parent_rule, res.before, "on the line's cards"))
     ui.info("now: " + operating_point_line(new_rule, res.after, "on the line's cards"))
-    ui.info(f"check it on the line's test split: asectl report {escape(str(dataset))}")
+    check = f"asectl report {escape(str(dataset))}" + (f" --model {escape(str(out))}" if exported else "")
+    ui.info(f"check it on the line's test split: {check}")
 
 
 def register(cli: click.Group) -> None:

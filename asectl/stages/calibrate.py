@@ -35,8 +35,8 @@ FORMAT = 1  # in the key: how the line's cards are scored and the rule cut
 @dataclass
 class CalibrateOutcome:
     key: str
-    bundle: Bundle  # the model with the re-set thresholds
-    parent: Bundle
+    bundle: Any  # the model with the re-set thresholds: a Bundle, or an ExportedModel for an export parent
+    parent: Any  # Bundle or ExportedModel
     before: dict[str, Any]  # the parent's stored rule on the line's cards (decision_stats)
     after: dict[str, Any]  # the re-set rule on the same cards
     dropped: list[dict[str, Any]]  # line cards that could not be classified
@@ -85,19 +85,22 @@ def run_calibrate(
     max_defective_error: float | None = None,
     defective_decision: bool | None = None,
     force: bool = False,
+    out: str | Path | None = None,
 ) -> CalibrateOutcome:
     """Re-set ``parent``'s thresholds on the training split of the line's labelled ``dataset``; a target
-    left None keeps the parent's. Stores and returns the new model (a cache hit when the same model, cards
-    and targets were given before), and makes it the latest model and the line folder's model."""
+    left None keeps the parent's. A bundle: stores and returns the new model (a cache hit when the same
+    model, cards and targets were given before), and makes it the latest model and the line folder's
+    model. An export (asectl.export.ExportedModel): writes the new model as an export folder at ``out``
+    (nothing in the cache; the report and predict take it with --model)."""
     import numpy as np
 
     from asectl.models.calibration import DecisionRule, choose_rule, decision_stats
     from asectl.stages.predict import Predictor
 
-    if not isinstance(parent, Bundle):
+    exported = not isinstance(parent, Bundle)
+    if exported and out is None:
         raise ConfigError(
-            f"{parent.path}: an export cannot be re-cut; re-set the thresholds of the bundle it was exported "
-            "from (asectl models list), then `asectl export` that model"
+            f"{parent.path}: an exported model's re-set thresholds are written as a new export folder; give --out DIR"
         )
     cards = check_line_cards(dataset, parent)
     stored = DecisionRule.from_dict(parent.config["decision"])
@@ -116,7 +119,7 @@ def run_calibrate(
         targets=targets,
     )
     cache = cache or Cache()
-    entry = None if force else cache.get(STAGE, key)
+    entry = None if force or exported else cache.get(STAGE, key)
     if entry is not None:  # the same model, cards and targets: nothing to classify again
         bundle = load_bundle(entry.path)
         recut = bundle.config["recalibration"]
@@ -148,38 +151,43 @@ def run_calibrate(
     before = decision_stats(stored.decide(probs), y, top, classes)
     after = decision_stats(rule.decide(probs), y, top, classes)
 
+    decision = {**rule.to_dict(), "held_out": after, "tradeoff": miss_rate_tradeoff(probs, y, classes, targets)}
+    recalibration = {
+        "what": "decision thresholds re-set on the line's labelled cards (asectl calibrate); the fold "
+        "models and the temperature are the parent's",
+        "parent": {
+            "digest": parent.digest,
+            "path": str(parent.path),
+            "exported": exported,
+            "dataset": parent.config["training"].get("dataset"),
+            "decision": parent.config["decision"],
+        },
+        "dataset": str(dataset.root),
+        "split": split,
+        "n_cards": len(preds.samples),
+        "n_dropped": len(preds.dropped),
+        "class_counts": counts,
+        "targets": targets,
+        "parent_rule_on_these_cards": before,
+    }
+    changes = {"decision": decision, "recalibration": recalibration}
+
+    def line_scores(folder: Path) -> None:
+        write_held_out_scores(folder, probs, y)  # the line's scores: predict --max-miss-rate moves from them
+
+    if exported:
+        from asectl.export import copy_export
+
+        model = copy_export(parent, out, {**parent.manifest["model"], **changes}, line_scores)
+        return CalibrateOutcome(key, model, parent, before, after, preds.dropped, False)
+
     def build(tmp: Path) -> dict[str, Any]:
         for name in parent.config["files"]:
             if name != HELD_OUT_SCORES:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(parent.path / name, tmp / name)
-        write_held_out_scores(tmp, probs, y)  # the line's scores: predict --max-miss-rate moves from them
-        config = {
-            **parent.config,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "decision": {
-                **rule.to_dict(),
-                "held_out": after,
-                "tradeoff": miss_rate_tradeoff(probs, y, classes, targets),
-            },
-            "recalibration": {
-                "what": "decision thresholds re-set on the line's labelled cards (asectl calibrate); the fold "
-                "models and the temperature are the parent's",
-                "parent": {
-                    "digest": parent.digest,
-                    "path": str(parent.path),
-                    "dataset": parent.config["training"].get("dataset"),
-                    "decision": parent.config["decision"],
-                },
-                "dataset": str(dataset.root),
-                "split": split,
-                "n_cards": len(preds.samples),
-                "n_dropped": len(preds.dropped),
-                "class_counts": counts,
-                "targets": targets,
-                "parent_rule_on_these_cards": before,
-            },
-        }
+        line_scores(tmp)
+        config = {**parent.config, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **changes}
         write_checksums(tmp, config)
         return {"params": {"parent": parent.digest, "dataset": str(dataset.root)}}
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from asectl import __version__
 from asectl.bundle import FUSION_MEMBER, HELD_OUT_SCORES, Bundle, write_checksums
+from asectl.cache import new_folder
 from asectl.errors import AsectlError, ConfigError
 from asectl.export import MANIFEST, ExportedModel, export_format
 from asectl.stages.predict import bundle_encoders
@@ -73,19 +74,15 @@ def run_export(bundle: Bundle, out: str | Path, *, copy_llm: bool = False) -> Ex
     """Write ``bundle`` as an export folder at ``out`` (must not exist or be empty). ``copy_llm``: copy the
     LLM's GGUF file in, so the folder is all a station needs; else its path is stored and its hash checked."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: exists and is not an empty folder; choose another --out")
-    replay = json.loads(json.dumps(bundle.config["replay"]))
-    describer = (replay.get("describe") or {}).get("vlm")
-    if describer != "builtin":
-        raise ConfigError(
-            f"the model's describer is {describer}, which needs torch; an export replays the built-in "
-            "describer only: train with `asectl describe --vlm builtin`, or predict with the bundle"
-        )
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "encoders").mkdir(parents=True)
-    try:
+    with new_folder(out) as tmp:
+        replay = json.loads(json.dumps(bundle.config["replay"]))
+        describer = (replay.get("describe") or {}).get("vlm")
+        if describer != "builtin":
+            raise ConfigError(
+                f"the model's describer is {describer}, which needs torch; an export replays the built-in "
+                "describer only: train with `asectl describe --vlm builtin`, or predict with the bundle"
+            )
+        (tmp / "encoders").mkdir()
         graphs = write_graphs(bundle, tmp)
         ocr = export_ocr(replay, bundle, tmp)
         llm = export_llm(replay, tmp, copy_llm)
@@ -111,11 +108,6 @@ def run_export(bundle: Bundle, out: str | Path, *, copy_llm: bool = False) -> Ex
         }
         manifest["parity"] = check_parity(bundle, ExportedModel(tmp, manifest, model, graphs))
         write_checksums(tmp, manifest, MANIFEST)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     encoder_graphs = {s["graph"] for s in graphs["encoders"].values()}
     return ExportSummary(
         out, bool(graphs["heads"]) + len(graphs["fusion"]) + len(encoder_graphs), ocr, llm, manifest["parity"]

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import OUT, dataset, load, measured_line, save, update_section
+from _common import OUT, ROOT, dataset, load, measured_line, save, update_section
 from predict_speed import code_folder
 
 SCENARIOS = ("cold", "cold again", "smaller folder first", "one thread everywhere")
@@ -46,6 +46,14 @@ def asectl(env: dict, *args: str) -> str:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return done.stdout
+
+
+def commit_of(checkout: Path) -> str:
+    """The checkout's commit, with ``-dirty`` when its tracked files differ from it."""
+    git = ["git", "-C", str(checkout)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD"]).returncode != 0
+    return head + ("-dirty" if dirty else "")
 
 
 def subset_folder(data: Path, n: int, out: Path) -> Path:
@@ -114,7 +122,10 @@ def render(rec: dict) -> str:
         "### Reproducibility: a model from a cache other runs filled first, against a cold one",
         "",
         f"Dataset: `field`, seed {rec['seed']}, {rec['cards']} cards; smaller folder: {rec['subset']} of them "
-        "(every third card). Each scenario in a fresh copy of one cache holding the OCR, descriptions and LLM answers.",
+        "(every third card). Each scenario in a fresh copy of one cache holding the OCR, descriptions and LLM answers. "
+        f"Code: this checkout at {rec.get('commit', '?')}"
+        + (f", the baseline at {rec['baseline_commit']}" if rec.get("baseline_commit") else "")
+        + ".",
         "",
         "| code | scenario | model | test macro-F1 | same model as cold | test cards predicted differently | "
         "largest probability difference |",
@@ -161,8 +172,10 @@ def main() -> None:
         codes = {"baseline": {**base_env, "PYTHONPATH": str(args.baseline.resolve())}, **codes}
     rec = {"seed": args.seed, "subset": args.subset, "cards": sum(1 for _ in (data / "images").glob("*.png"))}
     rec["codes"] = {}
+    rec["commit"] = commit_of(ROOT)
     if args.baseline is not None:
         rec["baseline"] = str(args.baseline)
+        rec["baseline_commit"] = commit_of(args.baseline)
     for code, code_env in codes.items():
         rec["codes"][code] = {}
         for name in SCENARIOS:

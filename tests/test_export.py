@@ -292,7 +292,8 @@ def test_report_from_an_export_gives_the_bundles_figures(trained, exported, bund
 def test_calibrate_re_sets_an_exports_thresholds_into_a_new_export(trained, exported, tmp_path):
     """A station holding only an export re-sets its thresholds on its line's labelled cards: a new export
     folder with the rule choose_rule cuts on the export's probabilities of the line's training cards, every
-    other file the parent's, which predict and report use; the cache's models are left alone."""
+    other file the parent's, which predict uses with the line's stored split; the cache's models are left
+    alone."""
     from asectl.bundle import HELD_OUT_SCORES
     from asectl.cache import Cache, sha256_file
     from asectl.domain.dataset import Dataset, load_dataset
@@ -308,28 +309,26 @@ def test_calibrate_re_sets_an_exports_thresholds_into_a_new_export(trained, expo
     assert res.exit_code != 0 and "give --out DIR" in res.output and "Traceback" not in res.output
     new_path = tmp_path / "line-export"
     res = trained["invoke"]("calibrate", line, "--model", exported["path"], "--out", new_path, "--json")
-    summary = json.loads(res.stdout.splitlines()[-1])
+    assert json.loads(res.stdout.splitlines()[-1])["n_cards"] == 6
     parent, new = load_export(exported["path"]), load_export(new_path)  # checksums verified
     ds = load_dataset(line)
     predictor = Predictor(parent, Cache(trained["cache"]))
-    preds = predictor.classify(Dataset(ds.split("train"), line))
+    preds = predictor.classify(Dataset(ds.samples, line))
     probs = predictor.probabilities(preds.logits)
-    y = np.array([parent.labels.index(s.label) for s in preds.samples])
+    train = [i for i, s in enumerate(preds.samples) if s.split == "train"]
+    y = np.array([parent.labels.index(preds.samples[i].label) for i in train])
     stored = DecisionRule.from_dict(parent.config["decision"])
-    want = choose_rule(probs, y, parent.labels, **stored.targets())
-    assert new.decision_rule() == want and summary["n_cards"] == 6
-    assert np.allclose(new.held_out_scores()[0], probs)
+    want = choose_rule(probs[train], y, parent.labels, **stored.targets())
+    assert new.decision_rule() == want and np.allclose(new.held_out_scores()[0], probs[train])
     for name in parent.manifest["files"]:
         if name != HELD_OUT_SCORES:
             assert sha256_file(new.path / name) == sha256_file(parent.path / name), name
     recut = new.config["recalibration"]
     assert recut["parent"]["exported"] and recut["parent"]["digest"] == parent.digest
     assert new.manifest["graphs"] == parent.manifest["graphs"] and (new.path / MANIFEST).is_file()
-    test = ds.split("test")
-    res = trained["invoke"]("predict", *[s.path for s in test], "--model", new_path, "--json")
-    got = [json.loads(r)["decision"] for r in res.stdout.splitlines()]
-    test_preds = predictor.classify(Dataset(test, line))
-    assert got == want.decide(predictor.probabilities(test_preds.logits))
-    res = trained["invoke"]("report", line, "--model", new_path, "--out", tmp_path / "report", "--json")
-    assert json.loads(res.stdout.splitlines()[-1])["n_test"] == 4  # only the cards that did not set them
+    # predict with the new export applies the new rule and knows which cards set it (the line's split)
+    res = trained["invoke"]("predict", line, "--model", new_path, "--json")
+    records = {r["image"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert [records[s.name]["decision"] for s in preds.samples] == want.decide(probs)
+    assert [records[s.name]["split"] for s in preds.samples] == [s.split for s in preds.samples]
     assert json.loads(trained["invoke"]("models", "list", "--json").stdout)[0]["id"] == latest["id"]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 import platformdirs
 
 from asectl import __version__
+from asectl.errors import ConfigError
 
 log = logging.getLogger("asectl")
 
@@ -95,8 +96,6 @@ def new_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Write a folder for the user (an exported model) so it is whole or absent: the block writes into an
     empty hidden sibling, renamed to ``out`` when the block ends and removed when it fails. ``out`` must
     not exist or be an empty folder, else a ConfigError says so."""
-    from asectl.errors import ConfigError
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: exists and is not an empty folder; choose another --out")

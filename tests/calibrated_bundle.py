@@ -1,14 +1,13 @@
 """One small trained and calibrated model for the tests of calibration, predict decisions and watch mode:
 the 24 cards of conftest.read_cards, real OCR, the built-in describer, a tiny random llama GGUF and the real frozen
-encoders, few epochs. Built once per test session (kept under pytest's base temp folder) and shared."""
+encoders, few epochs. Built once per test run and shared."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from .conftest import FAST, cli_invoker, copy_read_cards
+from .conftest import FAST, built_once, cli_invoker, copy_read_cards
 
 
 def train(invoke, dataset: Path, gguf: Path, *extra: str) -> dict:
@@ -20,22 +19,23 @@ def train(invoke, dataset: Path, gguf: Path, *extra: str) -> dict:
 
 
 def calibrated_bundle(tmp_path_factory, gguf: Path) -> dict:
-    root = tmp_path_factory.getbasetemp() / "calibrated-bundle"
+    """Built once per test run (``built_once``) and shared by the workers: its users name the bundle with
+    ``--model`` and train other models only on copies of its cards or under other settings."""
+
+    def build(root: Path) -> None:
+        copy_read_cards(tmp_path_factory, root, gguf)
+        fuse = train(cli_invoker(root / "cache"), root / "data", gguf, "--out", root / "bundle")
+        (root / "fuse-train.json").write_text(json.dumps(fuse))
+
+    root = built_once(tmp_path_factory, "calibrated-bundle", build)
     cache, data, bundle = root / "cache", root / "data", root / "bundle"
-    invoke = cli_invoker(cache)
-    summary = root / "fuse-train.json"
-    if not summary.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        copy_read_cards(tmp_path_factory, root)
-        fuse = train(invoke, data, gguf, "--out", bundle)
-        summary.write_text(json.dumps(fuse))
     return {
         "root": root,
         "cache": cache,
         "data": data,
         "bundle": bundle,
         "gguf": gguf,
-        "invoke": invoke,
-        "fuse": json.loads(summary.read_text()),
+        "invoke": cli_invoker(cache),
+        "fuse": json.loads((root / "fuse-train.json").read_text()),
         "config": json.loads((bundle / "bundle.json").read_text()),
     }

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
-# Epochs of the shared `trained` fixture's align and fuse-train: a few, to keep the default run fast.
-FAST = ["--set", "pfa.epochs_per_stage=3", "--set", "fusion.epochs=8"]
+# Epochs of the trained fixtures' align (PFA and the cards-cnn image encoder) and fuse-train: a few, to keep
+# the default run fast; the tests check where models come from and go, not how good they are.
+FAST = ["--set", "pfa.epochs_per_stage=3", "--set", "fusion.epochs=8", "--set", "encoders.image_epochs=4"]
 
 # Tests must never reach a model hub; every model they use is local or built in the test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,7 +81,8 @@ def tiny_gguf(tmp_path_factory):
     """A tiny random llama GGUF (tests/tiny_gguf.py), shared by every module."""
     from .tiny_gguf import write_tiny_llama
 
-    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    # One file for the run: a model built once (calibrated_bundle) records this path.
+    return built_once(tmp_path_factory, "gguf", lambda root: write_tiny_llama(root / "tiny.gguf")) / "tiny.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -93,24 +96,46 @@ def tiny_instructblip(tmp_path_factory):
     return build_tiny_instructblip(tmp_path_factory.mktemp("vlm") / "tiny-instructblip")
 
 
-def read_cards(tmp_path_factory):
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``name``, made by ``build(folder)`` once per test run and then only read. Under
+    pytest-xdist the workers share the run's base temp folder: the first to ask builds, the others wait on
+    the lock (an expensive fixture, such as the OCR of the shared cards, is not paid once per worker)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    root = base / name
+    with FileLock(str(base / f"{name}.lock")):
+        if not (root / ".built").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            build(root)
+            (root / ".built").touch()
+    return root
+
+
+def read_cards(tmp_path_factory, gguf: Path):
     """(data, cache): 24 generated cards (seed 11: 8 normal, 4 per defect class) and a cache holding their
-    OCR records. Read once per session (kept under pytest's base temp folder): every fixture that trains a
-    model starts from a copy (``copy_read_cards``), so no fixture reads these cards again."""
+    OCR records, descriptions and answers of the tiny GGUF ``gguf``. Made once per test run (``built_once``):
+    every fixture that trains a model starts from a copy (``copy_read_cards``), where its own reason and
+    describe are cache hits."""
     from asectl.domain.synth import generate
 
-    root = tmp_path_factory.getbasetemp() / "read-cards"
-    if not (root / "done").exists():
-        shutil.rmtree(root, ignore_errors=True)
+    def build(root):
         generate(root / "data", seed=11, counts="8,4,4,4,4")
-        cli_invoker(root / "cache")("ocr", root / "data")
-        (root / "done").touch()
+        invoke = cli_invoker(root / "cache")
+        invoke("ocr", root / "data", "--workers", "1")  # in this process: its tests import the engine anyway
+        invoke("reason", root / "data", "--llm-model", gguf, "--max-tokens", "32")
+        invoke("describe", root / "data")
+
+    root = built_once(tmp_path_factory, "read-cards", build)
     return root / "data", root / "cache"
 
 
-def copy_read_cards(tmp_path_factory, root):
+def copy_read_cards(tmp_path_factory, root, gguf: Path):
     """(data, cache) under ``root``: copies of ``read_cards``' cards and cache, this fixture's own."""
-    data, cache = read_cards(tmp_path_factory)
+    data, cache = read_cards(tmp_path_factory, gguf)
     shutil.copytree(data, root / "data")
     shutil.copytree(cache, root / "cache")
     return root / "data", root / "cache"
@@ -119,7 +144,7 @@ def copy_read_cards(tmp_path_factory, root):
 def reasoned_dataset(tmp_path_factory, root, tiny_gguf):
     """(data, cache, invoke): the 24 cards of ``read_cards`` under ``root`` through reason (the tiny GGUF)
     and describe, in a cache of their own; what the fixtures that train a model start from."""
-    data, cache = copy_read_cards(tmp_path_factory, root)
+    data, cache = copy_read_cards(tmp_path_factory, root, tiny_gguf)
     invoke = cli_invoker(cache)
     invoke("reason", data, "--llm-model", tiny_gguf, "--max-tokens", "32")
     invoke("describe", data)

@@ -188,6 +188,11 @@ def test_fuse_train_says_which_alignment_settings_an_earlier_run_left(trained, t
     line = next(r.getMessage() for r in asectl_log.records if "alignment keeps" in r.getMessage())
     assert "pfa.epochs_per_stage=3" in line and "pfa.strides=" in line and "asectl align DATA" in line
     asectl_log.clear()
-    named = {"pfa.epochs_per_stage": 3, "pfa.strides": [0.2, 0.4, 0.6, 0.8, 1.0], "fusion.epochs": 8}
+    named = {
+        "pfa.epochs_per_stage": 3,
+        "pfa.strides": [0.2, 0.4, 0.6, 0.8, 1.0],
+        "fusion.epochs": 8,
+        "encoders.image_epochs": 4,
+    }
     run_fuse_train(ds, Cache(cache), overrides=named)
     assert not any("alignment keeps" in r.getMessage() for r in asectl_log.records)

@@ -19,7 +19,7 @@ from asectl.domain.synth import generate
 
 from .conftest import cli_invoker
 
-FAST = ["--set", "pfa.epochs_per_stage=2", "--set", "fusion.epochs=4"]
+FAST = ["--set", "pfa.epochs_per_stage=2", "--set", "fusion.epochs=4", "--set", "encoders.image_epochs=4"]
 SPEC = Path(__file__).resolve().parent.parent / "asectl" / "specs" / "default.toml"
 TINY_LLM_NAME = "asectl tiny llama"  # general.name inside tests/tiny_gguf.py's file
 
@@ -30,7 +30,7 @@ def chain(tmp_path_factory, tiny_gguf, tiny_instructblip):
     the sequence a user runs by hand, with no option repeated after the per-image stages."""
     root = tmp_path_factory.mktemp("chain")
     data = root / "data"
-    generate(data, seed=5, counts="6,6,6,6,6", test_size=5, difficulty="clean")  # settings, not data, under test
+    generate(data, seed=5, counts="4,4,4,4,4", test_size=5, difficulty="clean")  # settings, not data, under test
     spec = root / "my-spec.toml"
     shutil.copyfile(SPEC, spec)
     cache = root / "cache"
@@ -93,10 +93,10 @@ def test_per_image_stages_and_predict_read_a_test_only_folder(chain, tiny_gguf, 
         chain["root"] / "bundle",
         "--json",
     )
-    assert len([ln for ln in reason.stdout.splitlines() if ln.startswith("{")]) == 30
+    assert len([ln for ln in reason.stdout.splitlines() if ln.startswith("{")]) == 20
     pred = invoke("predict", evalset, "--model", chain["root"] / "bundle", "--json")
     recs = [json.loads(ln) for ln in pred.stdout.splitlines() if ln.startswith("{")]
-    assert len(recs) == 30 and all(r["label"] in chain["bundle"]["classes"] for r in recs)
+    assert len(recs) == 20 and all(r["label"] in chain["bundle"]["classes"] for r in recs)
     # Training still needs a train split, and says so.
     res = invoke("align", evalset, code=1)
     assert "split=train" in res.output

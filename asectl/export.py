@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,11 +43,6 @@ END_TO_END_EXPORT_FORMAT = 2
 TREES_EXPORT_FORMAT = 3
 READABLE_FORMATS = (EXPORT_FORMAT, END_TO_END_EXPORT_FORMAT, TREES_EXPORT_FORMAT)
 MANIFEST = "export.json"
-# Items per run of the encoders' graphs. The bundle path encodes one item per pass on a CPU, since it
-# caches each card's features (asectl.backends.encoders.frozen_encode); an export caches none, so it
-# batches for a station's throughput.
-IMAGE_BATCH = 16
-TEXT_BATCH = 32
 
 
 def is_export(path: str | Path) -> bool:
@@ -265,35 +260,39 @@ def copy_export(
 
 
 def image_features(model: ExportedModel, spec: Mapping[str, Any], items: Sequence[Any]) -> np.ndarray:
-    """Card images (samples with ``.path``, paths, PIL images) through the image encoder's graph."""
+    """Card images (samples with ``.path``, paths, PIL images) through the image encoder's graph, one per
+    run (``_one_per_run``)."""
     from asectl.backends.encoders import prepare_image
 
     sess = model.session(spec["graph"])
     name = sess.get_inputs()[0].name
-    out = [np.zeros((0, int(spec["dim"])), np.float32)]
-    for s in range(0, len(items), IMAGE_BATCH):
-        batch = np.stack(
-            [prepare_image(getattr(it, "path", it), **spec["preprocessing"]) for it in items[s : s + IMAGE_BATCH]]
-        )
-        out.append(sess.run(None, {name: batch})[0])
-    return np.concatenate(out).astype(np.float32, copy=False)
+    runs = (
+        sess.run(None, {name: prepare_image(getattr(it, "path", it), **spec["preprocessing"])[None]})[0] for it in items
+    )
+    return _one_per_run(runs, spec)
 
 
 def text_features(model: ExportedModel, spec: Mapping[str, Any], texts: Sequence[str]) -> np.ndarray:
-    """Texts through the tokenizer and the text encoder's graph (pooling inside the graph)."""
+    """Texts through the tokenizer and the text encoder's graph (pooling inside the graph), one per run
+    (``_one_per_run``): no padding to a batch-mate's length."""
     sess = model.session(spec["graph"])
     tok = model.tokenizer(spec)
     wanted = {i.name for i in sess.get_inputs()}
-    out = [np.zeros((0, int(spec["dim"])), np.float32)]
-    for s in range(0, len(texts), TEXT_BATCH):
-        enc = tok.encode_batch([str(t) for t in texts[s : s + TEXT_BATCH]])
-        feeds = {
-            "input_ids": [e.ids for e in enc],
-            "attention_mask": [e.attention_mask for e in enc],
-            "token_type_ids": [e.type_ids for e in enc],
-        }
-        out.append(sess.run(None, {k: np.asarray(v, dtype=np.int64) for k, v in feeds.items() if k in wanted})[0])
-    return np.concatenate(out).astype(np.float32, copy=False)
+
+    def run(text: str) -> np.ndarray:
+        e = tok.encode(str(text))
+        feeds = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
+        return sess.run(None, {k: np.asarray([v], dtype=np.int64) for k, v in feeds.items() if k in wanted})[0]
+
+    return _one_per_run(map(run, texts), spec)
+
+
+def _one_per_run(runs: Iterable[np.ndarray], spec: Mapping[str, Any]) -> np.ndarray:
+    """float32 [n, dim] from one graph run per item. One item per run, as the bundle's encoders take on a
+    CPU: a card's features are the same bits whichever cards arrive with it (a text padded to a longer
+    batch-mate's length came out a few 1e-8 apart), and on the quickstart's cards batches of 16 images or
+    32 texts were no faster (docs/export.md)."""
+    return np.concatenate([np.zeros((0, int(spec["dim"])), np.float32), *runs]).astype(np.float32, copy=False)
 
 
 # What each kind of encoder reads and how its graph is fed; a new modality's encoder kind is added here.

@@ -119,6 +119,24 @@ def bundle_on_test_split(trained):
     return by_bundle, test, by_bundle.classify(test)
 
 
+def test_a_card_gets_the_same_bits_from_an_export_alone_or_with_other_cards(trained, exported):
+    """Each encoder graph takes one card or text per run: a card classified alone gets the logits it gets
+    among the whole folder (texts padded to a longer batch-mate's length used to move them in the last
+    bits)."""
+    from asectl.cache import Cache
+    from asectl.domain.dataset import Dataset, load_dataset
+    from asectl.export import load_export
+    from asectl.stages.predict import Predictor
+
+    ds = load_dataset(trained["data"])
+    predictor = Predictor(load_export(exported["path"]), Cache(trained["cache"]))
+    together = predictor.classify(Dataset(ds.samples, ds.root))
+    assert len(together.samples) == len(ds.samples) > 2
+    for i in (0, len(together.samples) // 2, len(together.samples) - 1):
+        alone = predictor.classify(Dataset([together.samples[i]], ds.root))
+        assert np.array_equal(alone.logits[:, 0], together.logits[:, i]), together.samples[i].name
+
+
 def test_export_round_trip_gives_the_bundles_probabilities_and_decisions(trained, exported, bundle_on_test_split):
     from asectl.cache import Cache
     from asectl.domain.dataset import load_dataset

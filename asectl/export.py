@@ -176,6 +176,8 @@ class ExportedModel(DecisionSource):
 
             tok = Tokenizer.from_file(str(self.path / spec["tokenizer"]))
             tok.enable_truncation(int(spec["max_length"]))
+            # Not dead with one text per run: the saved file may pad every text to a fixed length (128 for
+            # MiniLM's); this pads to the longest text of the call, the text itself, as the bundle's encoder.
             tok.enable_padding(pad_id=int(spec["pad_id"]), pad_token=spec["pad_token"])
             self._sessions[key] = tok
         return self._sessions[key]

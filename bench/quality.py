@@ -218,10 +218,10 @@ NUMBERS = (default_model.BOOSTING, default_model.BOOSTING_DOTS, default_model.BO
 CV_FOLDS = 3
 
 
-def prepare_seed(seed: int, cache: Cache, difficulty: str = "field") -> Path:
+def prepare_seed(seed: int, cache: Cache, difficulty: str = "field", answer_only: bool = True) -> Path:
     """A seed's dataset, its TDA copy, and every modality and feature both need (the composite LLM text
-    and the answer-only one), cached. Runs in the main process, where OCR and the LLM use one worker
-    process per core."""
+    and, with ``answer_only``, the answer-only one, which only the `field` rows read), cached. Runs in the
+    main process, where OCR and the LLM use one worker process per core."""
     from asectl.models.train_config import get_profile
     from asectl.stages.align import real_training_priors, resolve_training_dataset
     from asectl.stages.modalities import build_encoders, collect_modalities, encode_modalities
@@ -234,7 +234,7 @@ def prepare_seed(seed: int, cache: Cache, difficulty: str = "field") -> Path:
         run_augment(root, aug_root, factor=2.0, seed=seed, stats_source="ocr", cache=cache, force=True)
     encoders = build_encoders(get_profile("quick", FROZEN_IMAGE).encoders)
     priors = real_training_priors(ds, cache, SETTINGS)
-    for settings in (SETTINGS, ANSWER_ONLY):
+    for settings in (SETTINGS, ANSWER_ONLY) if answer_only else (SETTINGS,):
         encode_modalities(collect_modalities(ds, cache, settings), encoders, cache)
         # With TDA, the synthetic cards' LLM answers use priors from the real training cards (as align does).
         aug_mods = collect_modalities(resolve_training_dataset(ds, aug_root), cache, settings, priors=priors)
@@ -614,7 +614,7 @@ def main() -> None:
         else:
             prepare_seed(seed, cache, "field")
         if seed in rob_seeds:
-            prepare_seed(seed, cache, "clean")
+            prepare_seed(seed, cache, "clean", answer_only=False)  # the robustness rows read the composite text
         prep[seed] = time.perf_counter() - t
         print(f"seed {seed}: modalities ready in {prep[seed]:.0f} s", flush=True)
     jobs = max(1, min(args.jobs, len(seeds)))

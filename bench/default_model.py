@@ -17,9 +17,9 @@ test cards (bench/intervals.py), and the line's figures at the stored targets: r
 error. Every setting was chosen on training folds before this script read a test card. Results:
 bench/results/default_model.json and the ``default-model`` section of docs/benchmarks.md.
 
-``--rows default``: the shipped default alone with the boosting rows and the oracle (one model per seed, so
-a cold five-seed rerun of the headline takes about half an hour rather than hours); its results go to
-bench/results/default_model-default.json and the ``default-model-default`` section."""
+``--rows default``: the shipped default alone with the boosting rows and the oracle, one model per seed (a
+cold five-seed rerun of the headline: 47 minutes on 2 cores, most of it the cards' modalities); its results
+go to bench/results/default_model-default.json and the ``default-model-default`` section."""
 
 from __future__ import annotations
 

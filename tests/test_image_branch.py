@@ -79,7 +79,7 @@ def _altered_test_split(data, out):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    for r in test:  # the dot range turned a quarter: other pixels, while the printed record still reads fast
+    for r in test:  # the dot range turned a quarter: other pixels, while the printed record stays upright
         img = out / r["image"]
         card = Image.open(img).convert("RGB")
         square = (0, 0, card.height, card.height)

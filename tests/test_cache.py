@@ -126,3 +126,39 @@ def test_a_kept_checksum_is_the_files_and_a_change_is_hashed_again(tmp_path, mon
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime: the ctime and contents moved
     forget_file_hashes()  # as in a new process
     assert sha256_file_kept(f) == sha256_bytes(b"graph two")
+
+
+def test_a_folders_card_checksums_are_kept_as_one_list_and_a_changed_card_is_hashed_again(tmp_path, monkeypatch):
+    """``remember_file_hashes`` (what every per-image stage calls on its cards): a new process takes the
+    cards' checksums from one kept list without reading a card, and a card rewritten in place, even to the
+    same size and mtime, is hashed again, as are the others, with the list."""
+    from asectl import cache as cache_module
+    from asectl.cache import forget_file_hashes, remember_file_hashes, sha256_bytes, sha256_file, sha256_files
+
+    monkeypatch.setenv("ASECTL_CACHE_DIR", str(tmp_path / "memos"))
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)  # the cards are seconds old: keep the list all the same
+    cards = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, p in enumerate(cards):
+        p.write_bytes(b"card %d" % i)
+    remember_file_hashes(cards)
+    assert [sha256_file(p) for p in cards] == [sha256_bytes(b"card %d" % i) for i in range(3)]
+    assert len(list((tmp_path / "memos" / "sha256-lists").iterdir())) == 1
+
+    read = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: read.append(str(f)) or real_open(f, *a, **k))
+    forget_file_hashes()  # as in a new process
+    remember_file_hashes(cards)
+    assert [sha256_file(p) for p in cards] == [sha256_bytes(b"card %d" % i) for i in range(3)]
+    assert not set(read) & {str(p) for p in cards}  # taken from the kept list
+    monkeypatch.setattr("builtins.open", real_open)
+
+    st = cards[1].stat()
+    cards[1].write_bytes(b"card X")  # same size
+    os.utime(cards[1], ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime: the ctime and contents moved
+    forget_file_hashes()
+    remember_file_hashes(cards)
+    assert sha256_file(cards[1]) == sha256_bytes(b"card X")
+    assert sha256_files(cards) == [sha256_bytes(b) for b in (b"card 0", b"card X", b"card 2")]
+    assert len(list((tmp_path / "memos" / "sha256-lists").iterdir())) == 2
+    remember_file_hashes([*cards, tmp_path / "missing.png"])  # a card that cannot be read: left to sha256_file

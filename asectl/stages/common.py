@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from asectl import ui
-from asectl.cache import Cache, make_key, sha256_file, write_atomic
+from asectl.cache import Cache, make_key, remember_file_hashes, sha256_file, write_atomic
 from asectl.domain.dataset import Dataset, Sample
 from asectl.errors import DataError, describe_exception
 from asectl.executors import Executor, Job, Work, resolve
@@ -69,6 +69,7 @@ def run_per_image(
     misses: list[int] = []
     keys: dict[int, str] = {}
     executor = resolve(executor)
+    remember_file_hashes([s.path for s in samples])
     with ui.progress(len(samples), description or stage) as advance:
         for i, s in enumerate(samples):
             try:

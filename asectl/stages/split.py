@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from asectl.bundle import Bundle
-from asectl.cache import sha256_file
+from asectl.cache import sha256_files
 from asectl.domain.dataset import Dataset, split_text
 from asectl.errors import ConfigError
 
@@ -44,7 +44,7 @@ def model_split(dataset: Dataset, bundle: Bundle) -> tuple[Dataset, str | None]:
     A folder sharing any card (by content) with a stored split must hold exactly that split's cards
     (names and contents; labels may have been corrected since), else a ConfigError says what differs:
     part of its "test" split could be cards the model trained on, or cards that set its thresholds."""
-    digests = [sha256_file(s.path) for s in dataset.samples]
+    digests = sha256_files([s.path for s in dataset.samples])
     for kind, record, where in stored_splits(bundle):
         known = {c["sha256"] for c in record["cards"]}
         if known.intersection(digests):

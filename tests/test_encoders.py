@@ -87,10 +87,12 @@ def test_efficientnet_lite0_real_weights_give_deterministic_1280d_features(small
     enc.module.zero_grad(set_to_none=True)
 
 
-def test_a_feature_does_not_depend_on_the_items_encoded_with_it_nor_on_threads(small_dataset):
+def test_a_feature_does_not_depend_on_the_items_encoded_with_it_nor_on_threads(small_dataset, monkeypatch):
     """Features are cached per card: a card's feature must be the same bits whichever cards shared its
-    call and however many threads torch has (batched CPU kernels moved it by up to 1e-5, and a cold
-    rerun then trained another model). The same for a cards-cnn trained with one or two threads."""
+    call, whether the call's items went through on two Python threads or one, and however many threads
+    torch has (batched CPU kernels moved it by up to 1e-5, and a cold rerun then trained another model).
+    The same for a cards-cnn trained with one or two threads."""
+    monkeypatch.setattr("asectl.workers.usable_cores", lambda: 2)  # a call of several items: two threads
     paths = card_paths(small_dataset, 5)
     texts = ["the holes are centred", "two separate clusters of holes with a much longer sentence here", "a ring"]
     threads = torch.get_num_threads()

@@ -137,6 +137,35 @@ def _run(*args, cwd=None):
     )
 
 
+def test_an_alignments_key_does_not_depend_on_where_its_models_are_installed(tmp_path):
+    """The same GGUF, VLM and prompt files, each recorded with its content hash, at other paths (another
+    virtual environment): the same key material. A card spec is named by its content, wherever it lies."""
+    from asectl.stages.modalities import replay_identity
+
+    def replay(root: Path, spec: Path) -> dict:
+        return {
+            "ocr": {"engine": "cnocr", "spec": str(spec)},
+            "describe": {"model": str(root / "vlm"), "expect_model_hash": "v" * 64},
+            "reason": {
+                "llm_model": str(root / "site-packages" / "llm.gguf"),
+                "expect_model_hash": "m" * 64,
+                "prompt": str(root / "prompt.txt"),
+                "expect_prompt_sha256": "p" * 64,
+            },
+            "llm_text": "composite",
+        }
+
+    for where in ("a", "b", "c"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "spec.toml").write_text("[record]\n" if where != "c" else "[other]\n")
+    a, b, c = (replay(tmp_path / w, tmp_path / w / "spec.toml") for w in ("a", "b", "c"))
+    assert replay_identity(a) == replay_identity(b) != replay_identity(c)  # c: another card spec
+    assert a["reason"]["llm_model"].startswith(str(tmp_path / "a"))  # the replay itself keeps the paths
+    unhashed = replay(tmp_path / "a", tmp_path / "a" / "spec.toml")
+    del unhashed["reason"]["expect_model_hash"]  # no hash recorded: the path stays part of the key
+    assert replay_identity(unhashed)["reason"]["llm_model"] == unhashed["reason"]["llm_model"]
+
+
 def test_quiet_success_prints_nothing(tmp_path):
     res = _run(
         "-q",

@@ -34,6 +34,7 @@ from asectl.stages.modalities import (
     build_encoders,
     collect_modalities,
     encode_modalities,
+    replay_identity,
     skipped_stages,
 )
 
@@ -165,7 +166,7 @@ def run_align(
         STAGE,
         format=FORMAT,
         samples=rows,
-        replay=mods.replay,
+        replay=replay_identity(mods.replay),
         encoders=[e.identity() for e in encoders],
         profile=prof.to_dict(),
     )

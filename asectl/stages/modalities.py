@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -107,6 +108,31 @@ class Modalities:
     partial: dict[str, list[str]] = field(default_factory=dict)  # image -> record fields OCR did not read
     stats: np.ndarray | None = None  # stats_vectors(ocr_fields): [n, len(stats_names)], NaN = not read
     stats_names: list[str] = field(default_factory=list)
+
+
+def replay_identity(replay: Mapping[str, Any]) -> dict[str, Any]:
+    """A replay (``ModalitySettings.as_dict``) for a cache key, free of where things are installed: a model
+    file's or prompt file's path is left out where the replay records its content hash beside it, and the
+    OCR's own card spec and recogniser files are named by their sha256. A model trained with the same
+    packages installed elsewhere (another virtual environment, another machine) gets the same key."""
+    import copy
+
+    from asectl.cache import sha256_file
+
+    found = copy.deepcopy(dict(replay))
+    for stage, path_field, hash_field in (
+        ("reason", "llm_model", "expect_model_hash"),
+        ("reason", "prompt", "expect_prompt_sha256"),
+        ("describe", "model", "expect_model_hash"),
+    ):
+        values = found.get(stage) or {}
+        if values.get(hash_field) and values.get(path_field) and Path(str(values[path_field])).is_absolute():
+            values[path_field] = None
+    for path_field in ("spec", "recogniser"):
+        ocr = found.get("ocr") or {}
+        if ocr.get(path_field):
+            ocr[path_field] = {"sha256": sha256_file(ocr[path_field])}
+    return found
 
 
 def collect_modalities(

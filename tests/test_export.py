@@ -350,3 +350,27 @@ def test_calibrate_re_sets_an_exports_thresholds_into_a_new_export(trained, expo
     assert [records[s.name]["decision"] for s in preds.samples] == want.decide(probs)
     assert [records[s.name]["split"] for s in preds.samples] == [s.split for s in preds.samples]
     assert json.loads(trained["invoke"]("models", "list", "--json").stdout)[0]["id"] == latest["id"]
+
+
+def test_copy_llm_takes_the_packaged_gguf_when_the_recorded_one_is_gone(tiny_gguf, tmp_path, monkeypatch):
+    """A model trained where the package lay elsewhere (another virtual environment, since removed): its
+    export copies the installed packaged GGUF when that is the same file by content, else says the file is
+    not there to copy."""
+    from asectl.backends import llm as llm_module
+    from asectl.backends.identity import model_fingerprint
+    from asectl.errors import ConfigError
+    from asectl.stages.export import export_llm
+
+    monkeypatch.setattr(llm_module, "default_model_path", lambda: tiny_gguf)  # the packaged GGUF, here
+    gone = str(tmp_path / "old-venv" / "tiny.gguf")
+    replay = {"reason": {"llm_model": gone, "expect_model_hash": model_fingerprint(tiny_gguf)}}
+    (tmp_path / "a").mkdir()
+    summary = export_llm(replay, tmp_path / "a", copy_llm=True)
+    assert (
+        summary["file"] == "./llm/tiny.gguf"
+        and (tmp_path / "a" / "llm" / "tiny.gguf").read_bytes() == tiny_gguf.read_bytes()
+    )
+    other = {"reason": {"llm_model": gone, "expect_model_hash": "0" * 64}}
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConfigError, match="not here to copy"):
+        export_llm(other, tmp_path / "b", copy_llm=True)

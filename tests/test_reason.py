@@ -222,6 +222,32 @@ def test_run_reason_is_deterministic_and_replayable(tiny_gguf, small_dataset, tr
         R.run_reason(one, replayed, fields=truth, cache=cache, expect_model_hash="0" * 64)
 
 
+def test_a_replay_whose_gguf_is_gone_takes_the_packaged_one_of_the_same_content(
+    tiny_gguf, small_dataset, truth, priors, cache, tmp_path, monkeypatch
+):
+    """A model trained where the package lay elsewhere (another virtual environment, since removed) records
+    that GGUF's path: its replay runs on the packaged GGUF when that is the same file by content (models
+    are keyed by content, docs/cache.md), and says the file is missing when it is not."""
+    import dataclasses
+    import shutil
+
+    from asectl.backends import llm as llm_module
+
+    one = _subset(small_dataset, 1)
+    elsewhere = tmp_path / "old-venv" / "tiny.gguf"
+    elsewhere.parent.mkdir()
+    shutil.copy(tiny_gguf, elsewhere)
+    first = R.run_reason(one, llm_model=elsewhere, fields=truth, priors=priors, cache=cache, **TINY)
+    replayed = R.ReasonSettings.replay(json.loads(json.dumps(first.params)))
+    shutil.rmtree(elsewhere.parent)
+    monkeypatch.setattr(llm_module, "default_model_path", lambda: tiny_gguf)  # the packaged GGUF, here
+    again = R.run_reason(one, replayed, fields=truth, cache=cache, force=True)
+    assert again.params["backend"]["path"] == str(tiny_gguf) and again.records[0]["json"] == first.records[0]["json"]
+    other = dataclasses.replace(replayed, expect_model_hash="0" * 64)
+    with pytest.raises(ConfigError, match="LLM model file not found"):
+        R.run_reason(one, other, fields=truth, cache=cache, force=True)
+
+
 def test_answer_cut_by_max_tokens_is_recorded_not_raised(tiny_gguf, small_dataset, truth, priors, cache):
     one = _subset(small_dataset, 1)
     rec = R.run_reason(

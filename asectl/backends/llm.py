@@ -100,6 +100,17 @@ def resolve_model_path(llm_model: str | Path | None) -> Path:
     return default_model_path() if llm_model in (None, "") else Path(llm_model).expanduser()
 
 
+def packaged_model_with_hash(sha256: str) -> Path | None:
+    """The packaged default GGUF when its content is ``sha256``, else None: a model trained where the
+    package was installed elsewhere (another virtual environment, since removed) records that path, and
+    replays here on the same file."""
+    try:
+        path = default_model_path()
+    except ConfigError:
+        return None
+    return path if model_fingerprint(path) == sha256 else None
+
+
 def _field(reader: Any, key: str, index: int | None = None) -> Any:
     field = reader.get_field(key)
     if field is None:

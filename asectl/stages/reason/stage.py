@@ -165,7 +165,7 @@ def run_reason(
     ``workers`` and ``executor`` (asectl.executors: where OCR and the answers run) change the speed, not
     the answers."""
     from asectl.backends.json_decode import object_fields
-    from asectl.backends.llm import LLMPool, default_workers, make_llm
+    from asectl.backends.llm import LLMPool, default_workers, make_llm, packaged_model_with_hash
     from asectl.stages.ocr import run_ocr
 
     cache = cache or Cache()
@@ -179,10 +179,15 @@ def run_reason(
             f"prompt {template.ref} changed since the model was trained (sha256 {template.sha256[:12]} "
             f"!= {settings.expect_prompt_sha256[:12]}); retrain, or restore that prompt file"
         )
+    # A replay whose recorded GGUF is gone (the package installed elsewhere then) takes the packaged one
+    # when it is the same file by content; the hash check below holds either way.
+    llm_model = settings.llm_model
+    if llm_model and settings.expect_model_hash and not Path(llm_model).exists():
+        llm_model = packaged_model_with_hash(settings.expect_model_hash) or llm_model
     # Validate the model before anything is computed or cached.
     llm = make_llm(
         settings.llm,
-        settings.llm_model,
+        llm_model,
         chat_format=settings.chat_format,
         n_ctx=settings.n_ctx,
         n_threads=n_threads,

@@ -227,7 +227,7 @@ def test_a_replay_whose_gguf_is_gone_takes_the_packaged_one_of_the_same_content(
 ):
     """A model trained where the package lay elsewhere (another virtual environment, since removed) records
     that GGUF's path: its replay runs on the packaged GGUF when that is the same file by content (models
-    are keyed by content, docs/cache.md), and says the file is missing when it is not."""
+    are keyed by content, docs/cache.md), and says in one line that the file is missing when it is not."""
     import dataclasses
     import shutil
 
@@ -244,7 +244,7 @@ def test_a_replay_whose_gguf_is_gone_takes_the_packaged_one_of_the_same_content(
     again = R.run_reason(one, replayed, fields=truth, cache=cache, force=True)
     assert again.params["backend"]["path"] == str(tiny_gguf) and again.records[0]["json"] == first.records[0]["json"]
     other = dataclasses.replace(replayed, expect_model_hash="0" * 64)
-    with pytest.raises(ConfigError, match="LLM model file not found"):
+    with pytest.raises(ConfigError, match="the LLM this model was trained with is not there .*put the file back"):
         R.run_reason(one, other, fields=truth, cache=cache, force=True)
 
 

@@ -183,7 +183,12 @@ def run_reason(
     # when it is the same file by content; the hash check below holds either way.
     llm_model = settings.llm_model
     if llm_model and settings.expect_model_hash and not Path(llm_model).exists():
-        llm_model = packaged_model_with_hash(settings.expect_model_hash) or llm_model
+        llm_model = packaged_model_with_hash(settings.expect_model_hash)
+        if llm_model is None:
+            raise ConfigError(
+                f"{settings.llm_model}: the LLM this model was trained with is not there (sha256 "
+                f"{settings.expect_model_hash[:12]}); put the file back at that path, or train the model again"
+            )
     # Validate the model before anything is computed or cached.
     llm = make_llm(
         settings.llm,

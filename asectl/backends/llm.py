@@ -100,15 +100,18 @@ def resolve_model_path(llm_model: str | Path | None) -> Path:
     return default_model_path() if llm_model in (None, "") else Path(llm_model).expanduser()
 
 
-def packaged_model_with_hash(sha256: str) -> Path | None:
-    """The packaged default GGUF when its content is ``sha256``, else None: a model trained where the
-    package was installed elsewhere (another virtual environment, since removed) records that path, and
-    replays here on the same file."""
+def replay_model_path(recorded: str | Path, sha256: str) -> Path | None:
+    """Where a replay finds the GGUF it recorded: that path while the file is there, else the packaged
+    default GGUF when its content is ``sha256`` (a model trained where the package was installed elsewhere,
+    another virtual environment since removed, replays here on the same file), else None."""
+    path = Path(recorded).expanduser()
+    if path.exists():
+        return path
     try:
-        path = default_model_path()
+        packaged = default_model_path()
     except ConfigError:
         return None
-    return path if model_fingerprint(path) == sha256 else None
+    return packaged if model_fingerprint(packaged) == sha256 else None
 
 
 def _field(reader: Any, key: str, index: int | None = None) -> Any:

@@ -347,10 +347,10 @@ def export_llm(replay: dict[str, Any], folder: Path, copy_llm: bool) -> dict[str
         return {"file": None, "copied": False, "not_needed": "the model has no llm branch"}
     reason = replay.get("reason") or {}
     source = Path(str(reason.get("llm_model")))
-    if copy_llm and not source.is_file() and reason.get("expect_model_hash"):
-        from asectl.backends.llm import packaged_model_with_hash  # trained with the package installed elsewhere
+    if copy_llm and reason.get("expect_model_hash"):
+        from asectl.backends.llm import replay_model_path  # trained with the package installed elsewhere
 
-        source = packaged_model_with_hash(reason["expect_model_hash"]) or source
+        source = replay_model_path(source, reason["expect_model_hash"]) or source
     if copy_llm:
         if not source.is_file():
             raise ConfigError(

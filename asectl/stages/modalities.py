@@ -128,8 +128,8 @@ def replay_identity(replay: Mapping[str, Any]) -> dict[str, Any]:
         values = found.get(stage) or {}
         if values.get(hash_field) and values.get(path_field) and Path(str(values[path_field])).is_absolute():
             values[path_field] = None
+    ocr = found.get("ocr") or {}
     for path_field in ("spec", "recogniser"):
-        ocr = found.get("ocr") or {}
         if ocr.get(path_field):
             ocr[path_field] = {"sha256": sha256_file(ocr[path_field])}
     return found

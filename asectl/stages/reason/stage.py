@@ -165,7 +165,7 @@ def run_reason(
     ``workers`` and ``executor`` (asectl.executors: where OCR and the answers run) change the speed, not
     the answers."""
     from asectl.backends.json_decode import object_fields
-    from asectl.backends.llm import LLMPool, default_workers, make_llm, packaged_model_with_hash
+    from asectl.backends.llm import LLMPool, default_workers, make_llm, replay_model_path
     from asectl.stages.ocr import run_ocr
 
     cache = cache or Cache()
@@ -182,8 +182,8 @@ def run_reason(
     # A replay whose recorded GGUF is gone (the package installed elsewhere then) takes the packaged one
     # when it is the same file by content; the hash check below holds either way.
     llm_model = settings.llm_model
-    if llm_model and settings.expect_model_hash and not Path(llm_model).exists():
-        llm_model = packaged_model_with_hash(settings.expect_model_hash)
+    if llm_model and settings.expect_model_hash:
+        llm_model = replay_model_path(llm_model, settings.expect_model_hash)
         if llm_model is None:
             raise ConfigError(
                 f"{settings.llm_model}: the LLM this model was trained with is not there (sha256 "

@@ -118,8 +118,9 @@ def frozen_encode(
     (and padding, for text) by up to 1e-5, which made a cached feature depend on which cards were
     encoded with it, and a cold rerun train another model (bench/reproducibility.py). The items go through
     on as many Python threads as the process has cores, each item still alone and its kernels on one
-    thread, so the features are the same bits as one after another (about 1.8 x faster for MiniLM on 2
-    cores; ``forward`` must be safe to call from several threads). On a GPU, ``batch_size`` items per pass."""
+    thread, so the features are the same bits as one after another (about 2 x faster for MiniLM on 2
+    cores, bench/encoder_threads.py; ``forward`` must be safe to call from several threads). On a GPU,
+    ``batch_size`` items per pass."""
     import torch
 
     from asectl.models.seeding import one_cpu_thread

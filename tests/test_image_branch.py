@@ -67,6 +67,33 @@ def test_cards_cnn_is_trained_before_use_and_deterministic(small_dataset, one_to
         image_encoder("cards-cnn").load_finetuned(bad)
 
 
+def test_cards_cnn_folds_train_in_worker_processes_to_the_same_bits(small_dataset, one_torch_thread, monkeypatch):
+    """The fold networks of a large enough training run train at once in worker processes; the weights,
+    the training cards' own features and every card's feature are the bits they are one after another
+    here (each network's dropout draws from its own process's seeded generator)."""
+    import asectl.backends.encoders as encoders
+
+    paths = _images(small_dataset, 9)
+    labels = ["normal", "type1", "type2"] * 3
+    from asectl.workers import WorkerPool
+
+    monkeypatch.setattr("asectl.workers.usable_cores", lambda: 2)
+    pools, run = [], WorkerPool.run
+    monkeypatch.setattr(
+        WorkerPool, "run", lambda self, fn, jobs, *a: pools.append(len(jobs)) or run(self, fn, jobs, *a)
+    )
+    runs = []
+    for threshold in (10**9, 0):  # in this process, then in three workers
+        monkeypatch.setattr(encoders, "PARALLEL_MIN_CARD_EPOCHS", threshold)
+        enc = image_encoder("cards-cnn", epochs=2, folds=3)
+        own = enc.fit(paths, labels, seed=4)
+        runs.append((own, enc.encode(paths), [t.detach().clone() for t in enc.module.state_dict().values()]))
+    (own1, z1, w1), (own2, z2, w2) = runs
+    assert np.array_equal(own1, own2) and np.array_equal(z1, z2)
+    assert len(w1) == len(w2) and all(a.equal(b) for a, b in zip(w1, w2))
+    assert pools == [3]  # the second run did train in workers, one per fold network
+
+
 def _altered_test_split(data, out):
     """A copy of ``data`` whose test cards carry shuffled labels and different pixels."""
     shutil.copytree(data, out)

@@ -78,16 +78,38 @@ def test_printed_record_is_consistent_with_points():
         assert p == record_from_points(c.points)
 
 
-def test_generate_is_deterministic(tmp_path):
+def test_generate_is_deterministic(tmp_path, monkeypatch):
+    """The same seed gives the same bytes, whether this process or worker processes render the cards."""
+    import asectl.domain.synth as synth
+
     a, b = tmp_path / "a", tmp_path / "b"
-    generate(a, seed=7, counts="2,1,1,1,1")
-    generate(b, seed=7, counts="2,1,1,1,1")
+    generate(a, seed=7, counts="2,1,1,1,1", workers=1)
+    monkeypatch.setattr(synth, "RENDER_CHUNK", 2)  # 3 jobs over 2 workers: two rounds, cards split across both
+    generate(b, seed=7, counts="2,1,1,1,1", workers=2)
     assert (a / "labels.csv").read_bytes() == (b / "labels.csv").read_bytes()
     assert (a / "truth.jsonl").read_bytes() == (b / "truth.jsonl").read_bytes()
     for img in sorted((a / "images").iterdir()):
         assert img.read_bytes() == (b / "images" / img.name).read_bytes()
     generate(tmp_path / "c", seed=8, counts="2,1,1,1,1")
     assert (a / "truth.jsonl").read_bytes() != (tmp_path / "c" / "truth.jsonl").read_bytes()
+
+
+def test_tda_cards_do_not_depend_on_workers(tmp_path, monkeypatch):
+    import asectl.domain.synth as synth
+
+    src = tmp_path / "src"
+    generate(src, seed=3, counts="3,2,2,2,2", test_size=3, difficulty="clean")
+    ds = load_dataset(src)
+    truth = synth.read_truth(src)
+    records = [truth[s.name]["printed"] for s in ds.samples]
+    synth.augment(ds, records, tmp_path / "one", stats_source="printed", workers=1)
+    monkeypatch.setattr(synth, "RENDER_CHUNK", 3)
+    synth.augment(ds, records, tmp_path / "two", stats_source="printed", workers=2)
+    one = sorted((tmp_path / "one" / "images").glob("tda-*.png"))
+    assert len(one) == len(ds.split("train")) > 3
+    for img in one:
+        assert img.read_bytes() == (tmp_path / "two" / "images" / img.name).read_bytes()
+    assert (tmp_path / "one" / "labels.csv").read_bytes() == (tmp_path / "two" / "labels.csv").read_bytes()
 
 
 def test_synth_cli_small_counts(tmp_path):

@@ -50,15 +50,25 @@ from asectl.commands._shared import OFFLINE_ENV, environment
     show_default="the one last used on the dataset, else cnocr",
     help="TDA with --stats ocr: OCR engine.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    show_default="one per core from 64 cards",
+    help="Processes rendering the cards; the cards do not depend on it.",
+)
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
-def synth(cache, out, seed, counts, test_size, difficulty, augment_src, factor, stats_source, engine, force, as_json):
+def synth(
+    cache, out, seed, counts, test_size, difficulty, augment_src, factor, stats_source, engine, workers, force, as_json
+):
     """Write an ASE-like dataset (cards, labels.csv, truth.jsonl), or augment one with TDA."""
     from asectl.stages.synth import run_augment, run_generate
 
     if augment_src is None:
-        summary = run_generate(out, seed=seed, counts=counts, test_size=test_size, force=force, difficulty=difficulty)
+        summary = run_generate(
+            out, seed=seed, counts=counts, test_size=test_size, force=force, difficulty=difficulty, workers=workers
+        )
         msg = f"wrote {summary['cards']} cards ({summary['train']} train / {summary['test']} test) to {out}"
     else:
         summary = run_augment(
@@ -70,6 +80,7 @@ def synth(cache, out, seed, counts, test_size, difficulty, augment_src, factor, 
             engine=engine,
             cache=cache,
             force=force,
+            workers=workers,
         )
         summary.pop("fits", None)
         msg = (

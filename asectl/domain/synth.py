@@ -19,7 +19,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -638,6 +638,52 @@ def render_sampled(card: SampledCard) -> bytes:
     return png_bytes(captured, compress_level=NOISY_PNG_LEVEL)
 
 
+# Cards a worker renders per job: few enough jobs that pickling and the round trips stay small.
+RENDER_CHUNK = 32
+# With fewer cards than this (and no --workers), render in this process: a worker's start costs more.
+PARALLEL_MIN = 64
+
+
+def _no_setup() -> None:
+    """A render worker needs nothing loaded before its first job."""
+
+
+def _render_chunk(cards: Sequence[SampledCard]) -> list[bytes]:
+    return [render_sampled(c) for c in cards]
+
+
+def render_cards(
+    cards: Sequence[SampledCard], workers: int | None = None, progress: Callable[[int], None] | None = None
+) -> Iterator[bytes]:
+    """Each card's PNG, in order. ``workers`` processes render them (default: one per core when there are
+    at least ``PARALLEL_MIN`` cards, else this process); a card's bytes do not depend on which renders it,
+    since its capture draws from its own recorded noise seed."""
+    from asectl.workers import WorkerPool, usable_cores
+
+    if workers is None:
+        workers = usable_cores() if len(cards) >= PARALLEL_MIN else 1
+    if workers < 1:
+        raise ConfigError(f"synth workers {workers}: must be at least 1")
+    if workers == 1:
+        for c in cards:
+            yield render_sampled(c)
+            if progress:
+                progress(1)
+        return
+    pool = WorkerPool(
+        workers, _no_setup, (), name="a synth worker", fix="rerun with fewer workers (asectl synth --workers 1)"
+    )
+    chunks = [cards[i : i + RENDER_CHUNK] for i in range(0, len(cards), RENDER_CHUNK)]
+    try:
+        for start in range(0, len(chunks), workers):  # one round at a time: memory holds one round's PNGs
+            for pngs in pool.run(_render_chunk, [(c,) for c in chunks[start : start + workers]]):
+                yield from pngs
+                if progress:
+                    progress(len(pngs))
+    finally:
+        pool.close()
+
+
 def field_parameters() -> dict[str, Any]:
     """Every field-model parameter, as recorded in synth.json."""
     return {
@@ -680,16 +726,18 @@ def generate(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     difficulty: str = "field",
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Write an ASE-like dataset: images/, labels.csv, truth.jsonl, synth.json. Returns a summary."""
+    """Write an ASE-like dataset: images/, labels.csv, truth.jsonl, synth.json. Returns a summary.
+    ``workers``: processes rendering the cards (``render_cards``); the bytes do not depend on it."""
     counts = parse_counts(counts)
     cards = sample_cards(seed, counts, test_size, difficulty)
     out = Path(out)
     tmp = _prepare_out(out, force)
     rows, truth = [], []
-    for i, c in enumerate(cards):
+    for i, (c, png) in enumerate(zip(cards, render_cards(cards, workers))):
         name = f"images/{i:04d}.png"
-        (tmp / name).write_bytes(render_sampled(c))
+        (tmp / name).write_bytes(png)
         rows.append((name, c.label, c.split))
         row = {"image": name, "label": c.label, "split": c.split, "printed": c.printed, "latent": c.latent}
         if c.generating_class is not None:
@@ -781,11 +829,13 @@ def augment(
     force: bool = False,
     stats_source: str = "ocr",
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """TDA: fit N(mu_cls, Sigma_cls) on the training split and add (factor-1) x train new training cards.
 
     ``records`` holds the parsed record of every sample in ``dataset`` (same order): OCR'd fields or
-    printed truth. The test split is copied byte for byte and never used for fitting."""
+    printed truth. The test split is copied byte for byte and never used for fitting. ``workers``: as
+    ``generate``'s."""
     from asectl.imageio import load_image
 
     if factor < 1:
@@ -819,6 +869,7 @@ def augment(
     n_new = int(round((factor - 1.0) * len(train_idx)))
     # Each training card in turn gets a synthetic sibling of its class, so class shares are kept.
     parents = [train_idx[k % len(train_idx)] for k in range(n_new)]
+    siblings = []
     for k, i in enumerate(parents):
         label = dataset.samples[i].label
         fit = fits[label]
@@ -831,11 +882,14 @@ def augment(
             "tda": True,
         }
         pts = sample_points(lat, np.random.default_rng([seed, 1_000_003, k]))
-        printed = record_from_points(pts)
+        siblings.append(SampledCard(label, "train", lat, pts, record_from_points(pts)))  # rendered plain
+    for k, (card, png) in enumerate(zip(siblings, render_cards(siblings, workers))):
         name = f"images/tda-{k:04d}.png"
-        (tmp / name).write_bytes(png_bytes(render_card(pts, printed)))
-        rows.append((name, label, "train"))
-        truth.append({"image": name, "label": label, "split": "train", "printed": printed, "latent": lat})
+        (tmp / name).write_bytes(png)
+        rows.append((name, card.label, "train"))
+        truth.append(
+            {"image": name, "label": card.label, "split": "train", "printed": card.printed, "latent": card.latent}
+        )
         if progress:
             progress(1)
     _write_meta(

@@ -19,13 +19,22 @@ def run_generate(
     test_size: int | None = None,
     force: bool = False,
     difficulty: str = "field",
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Generate a dataset; ``difficulty`` "field" (default) or "clean" (docs/dataset.md)."""
+    """Generate a dataset; ``difficulty`` "field" (default) or "clean" (docs/dataset.md); ``workers``:
+    processes rendering the cards (default one per core from 64 cards; the bytes do not depend on it)."""
     check_difficulty(difficulty)
     total = sum(parse_counts(counts))
     with ui.progress(total, "synth") as advance:
         return generate(
-            out, seed=seed, counts=counts, test_size=test_size, force=force, progress=advance, difficulty=difficulty
+            out,
+            seed=seed,
+            counts=counts,
+            test_size=test_size,
+            force=force,
+            progress=advance,
+            difficulty=difficulty,
+            workers=workers,
         )
 
 
@@ -38,6 +47,7 @@ def run_augment(
     engine: str | None = None,
     cache: Cache | None = None,
     force: bool = False,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """TDA over a dataset folder; per-card stats come from the OCR stage (cached; the OCR settings last
     used on the dataset, ``engine`` changed if given) or truth.jsonl."""
@@ -66,5 +76,13 @@ def run_augment(
     n_new = int(round((factor - 1.0) * len(dataset.split("train"))))
     with ui.progress(n_new, "tda") as advance:
         return augment(
-            dataset, records, out, factor=factor, seed=seed, force=force, stats_source=stats_source, progress=advance
+            dataset,
+            records,
+            out,
+            factor=factor,
+            seed=seed,
+            force=force,
+            stats_source=stats_source,
+            progress=advance,
+            workers=workers,
         )

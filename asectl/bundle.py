@@ -92,14 +92,14 @@ class Bundle(DecisionSource):
     path: Path
     config: dict[str, Any]
 
+    def __post_init__(self) -> None:
+        # Content identity, as loaded (bundle.json holds the checksum of every file, verified on loading): a
+        # model told where its LLM is now (relocate_llm) is the same model, with the same cached predictions.
+        self.digest = sha256_bytes(canonical_json(self.config).encode())
+
     @property
     def labels(self) -> list[str]:
         return list(self.config["classes"])
-
-    @property
-    def digest(self) -> str:
-        """Content identity: bundle.json holds the checksum of every file (verified on loading)."""
-        return sha256_bytes(canonical_json(self.config).encode())
 
     @property
     def temperature(self) -> float:
@@ -187,6 +187,31 @@ def load_bundle(path: str | Path) -> Bundle:
         )
     verify_files(p, files, "export or train the model again")
     return Bundle(p, config)
+
+
+def relocate_llm(model: Any, llm_model: str | Path | None) -> Any:
+    """``model`` (a bundle or an export) with its LLM read from ``llm_model``, where the GGUF it was trained
+    with is now (moved since, or on another machine); None leaves it as recorded. The file must be that
+    GGUF: its sha256 is checked here, before any card is read. Changes the loaded model, not its folder."""
+    if llm_model is None:
+        return model
+    from asectl.backends.identity import model_fingerprint
+
+    path = Path(llm_model).expanduser().resolve()
+    replay = model.config["replay"]
+    reason = replay.get("reason") or {}
+    if "reason" in (replay.get("skipped_stages") or ()) or not reason:
+        raise ConfigError(f"--llm-model {path}: this model has no llm branch and reads no LLM; leave the option out")
+    if not path.is_file():
+        raise ConfigError(f"--llm-model {path}: no such file; give the GGUF file the model was trained with")
+    expected, found = reason.get("expect_model_hash"), model_fingerprint(path)
+    if expected and found != expected:
+        raise ConfigError(
+            f"--llm-model {path}: not the LLM this model was trained with (sha256 {found[:12]} != "
+            f"{expected[:12]}); give that GGUF file, or train the model with this one"
+        )
+    model.config = {**model.config, "replay": {**replay, "reason": {**reason, "llm_model": str(path)}}}
+    return model
 
 
 def latest_bundle(cache: Cache) -> tuple[Bundle, str]:

@@ -185,3 +185,51 @@ def test_paper_profile_through_the_cli(trained, tmp_path):
     res = inv("predict", data / "images" / "0000.png", "--model", tmp_path / "bundle", "--json")
     rec = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("{")))
     assert abs(sum(rec["probabilities"].values()) - 1) < 1e-4 and fuse["classes"] == cfg["classes"]
+
+
+def test_a_model_whose_llm_moved_replays_it_from_llm_model(trained, tmp_path, tiny_gguf):
+    """A station whose GGUF moved since training: the replay stops with one line naming the file and
+    --llm-model; told where the file is now (the same file by sha256), predict gives the results the
+    recorded file gives, with the model's identity unchanged; another GGUF is refused before any card."""
+    import shutil
+
+    from asectl.bundle import Bundle, load_bundle, relocate_llm
+    from asectl.cache import Cache
+    from asectl.domain.dataset import load_inputs
+    from asectl.errors import ConfigError
+    from asectl.stages.predict import run_predict
+
+    from .tiny_gguf import write_tiny_llama
+
+    new = tmp_path / "new"
+    generate(new, seed=97, counts="1,0,1,0,0")
+    cards = sorted(str(p) for p in (new / "images").glob("*.png"))
+    bundle_dir = trained["root"] / "bundle"
+    invoke = trained["invoke"]
+    before = [json.loads(x) for x in invoke("predict", *cards, "--model", bundle_dir, "--json").stdout.splitlines()]
+    moved = tmp_path / "elsewhere" / "llm.gguf"
+    moved.parent.mkdir()
+    shutil.copyfile(tiny_gguf, moved)
+    # The recorded file gone, on the loaded model (the session's GGUF serves other tests).
+    bundle = load_bundle(bundle_dir)
+    replay = bundle.config["replay"]
+    bundle.config = {**bundle.config, "replay": {**replay, "reason": {**replay["reason"], "llm_model": "/gone/x.gguf"}}}
+    cache = Cache(trained["cache"])
+    with pytest.raises(ConfigError, match=r"^/gone/x.gguf: the LLM this model .*pass --llm-model"):
+        run_predict(load_inputs(cards), bundle, cache)
+    digest = bundle.digest
+    after = run_predict(load_inputs(cards), relocate_llm(bundle, moved), cache).records
+    assert bundle.digest == digest and bundle.config["replay"]["reason"]["llm_model"] == str(moved)
+    assert [r["probabilities"] for r in after] == [r["probabilities"] for r in before]
+    # The CLI: the same results from the moved file; another GGUF, or one for a model without the llm
+    # branch, is one line and exit code 2 (a usage error).
+    res = invoke("predict", *cards, "--model", bundle_dir, "--llm-model", moved, "--json")
+    assert [json.loads(x) for x in res.stdout.splitlines()] == before
+    other = write_tiny_llama(tmp_path / "other.gguf", seed=5)
+    for command in (["predict", cards[0]], ["report", trained["data"]], ["calibrate", trained["data"]]):
+        res = invoke(*command, "--model", bundle_dir, "--llm-model", other, code=2)
+        assert "other.gguf: not the LLM this model was trained with (sha256" in res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    no_llm = Bundle(bundle_dir, {**bundle.config, "replay": {**replay, "skipped_stages": ["reason"]}})
+    with pytest.raises(ConfigError, match="no llm branch"):
+        relocate_llm(no_llm, moved)

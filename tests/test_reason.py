@@ -244,7 +244,10 @@ def test_a_replay_whose_gguf_is_gone_takes_the_packaged_one_of_the_same_content(
     again = R.run_reason(one, replayed, fields=truth, cache=cache, force=True)
     assert again.params["backend"]["path"] == str(tiny_gguf) and again.records[0]["json"] == first.records[0]["json"]
     other = dataclasses.replace(replayed, expect_model_hash="0" * 64)
-    with pytest.raises(ConfigError, match="the LLM this model was trained with is not there .*put the file back"):
+    with pytest.raises(
+        ConfigError,
+        match="the LLM this model was trained with is not there .*pass --llm-model with where that file is now",
+    ):
         R.run_reason(one, other, fields=truth, cache=cache, force=True)
 
 

@@ -117,6 +117,17 @@ def rule_target_options(how: str):
     return decorate
 
 
+def llm_model_option(f):
+    """--llm-model for the commands that replay a trained model's stages (predict, report, calibrate)."""
+    return click.option(
+        "--llm-model",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        show_default="the GGUF file recorded at training",
+        help="Where the model's LLM is now, if its GGUF moved since training (the same file: its sha256 is checked).",
+    )(f)
+
+
 def training_options(f):
     for opt in reversed(_common):
         f = opt(f)

@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 
 from asectl import ui
-from asectl.commands._learning import LEARN_ENV, operating_point_line, rule_target_options
+from asectl.commands._learning import LEARN_ENV, llm_model_option, operating_point_line, rule_target_options
 from asectl.commands._shared import environment
 
 
@@ -36,6 +36,7 @@ from asectl.commands._shared import environment
     type=click.Path(file_okay=False, path_type=Path),
     help="A bundle: also copy the new bundle here. An export: write the new export here (required).",
 )
+@llm_model_option
 @click.option("--force", is_flag=True, help="Re-set even when cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_obj
@@ -49,6 +50,7 @@ def calibrate(
     defective_decision,
     split_seed,
     out,
+    llm_model,
     force,
     as_json,
 ):
@@ -57,7 +59,7 @@ def calibrate(
     new model is stored in the cache and becomes the latest; `asectl report DATASET` then scores it on the
     line's test split (docs/calibrate.md). An exported model's new thresholds are written as a new export
     folder (--out), which `predict` and `report --model` take."""
-    from asectl.bundle import Bundle, export_bundle, latest_bundle
+    from asectl.bundle import Bundle, export_bundle, latest_bundle, relocate_llm
     from asectl.domain.dataset import load_dataset
     from asectl.export import load_model
     from asectl.stages.calibrate import run_calibrate
@@ -68,6 +70,7 @@ def calibrate(
     else:
         parent, which = latest_bundle(cache)
         ui.info(f"re-setting the latest trained {which}")
+    parent = relocate_llm(parent, llm_model)
     ds = load_dataset(dataset, split_seed=split_seed)
     res = run_calibrate(
         ds,

@@ -11,7 +11,7 @@ import click
 from rich.markup import escape
 
 from asectl import ui
-from asectl.commands._learning import LEARN_ENV, operating_point_line, rule_target_options
+from asectl.commands._learning import LEARN_ENV, llm_model_option, operating_point_line, rule_target_options
 from asectl.commands._shared import EXECUTOR_ENV, environment, executor_options, print_errors
 from asectl.errors import ConfigError
 
@@ -23,16 +23,18 @@ DECISION_STYLE = {
 }
 
 
-def _bundle(cache, model: Path | None):
-    """The model at ``model`` (a bundle or an export folder), else the latest trained."""
-    from asectl.bundle import latest_bundle
+def _bundle(cache, model: Path | None, llm_model: Path | None):
+    """The model at ``model`` (a bundle or an export folder), else the latest trained; with its LLM read
+    from ``llm_model`` when given (asectl.bundle.relocate_llm)."""
+    from asectl.bundle import latest_bundle, relocate_llm
     from asectl.export import load_model
 
     if model is not None:
-        return load_model(model)
-    bundle, which = latest_bundle(cache)
-    ui.info(f"using the latest trained {which}")
-    return bundle, which
+        bundle, which = load_model(model)
+    else:
+        bundle, which = latest_bundle(cache)
+        ui.info(f"using the latest trained {which}")
+    return relocate_llm(bundle, llm_model), which
 
 
 @click.command(epilog=environment(*LEARN_ENV, *EXECUTOR_ENV))
@@ -72,6 +74,7 @@ def _bundle(cache, model: Path | None):
 @rule_target_options(
     "Move the operating point without retraining: thresholds re-derived from the held-out scores stored with the model"
 )
+@llm_model_option
 @executor_options
 @click.pass_obj
 def predict(
@@ -88,6 +91,7 @@ def predict(
     max_defect_error,
     max_defective_error,
     defective_decision,
+    llm_model,
     executor,
 ):
     """Classify card images (files, folders or globs) with a trained model: class, calibrated
@@ -111,13 +115,13 @@ def predict(
                 "--watch classifies each card on this machine as it arrives; use --executor local "
                 "(the Ray executor is for batches)"
             )
-        _watch(cache, model, watch, out, as_json, force, poll, targets, workers)
+        _watch(cache, model, watch, out, as_json, force, poll, targets, workers, llm_model)
         return
     if poll is not None or workers is not None:
         raise ConfigError(f"{'--poll' if poll is not None else '--workers'} applies to --watch only")
     if not images:
         raise ConfigError("give card images (files, folders or globs), or --watch DIR --out FILE.jsonl")
-    bundle, _ = _bundle(cache, model)
+    bundle, _ = _bundle(cache, model, llm_model)
     rule = _operating_point(bundle, targets)
     ds = load_inputs(images)
     result = run_predict(ds, bundle, cache, force=force, rule=rule)
@@ -173,6 +177,7 @@ def _watch(
     poll: float | None,
     targets: dict[str, Any] | None = None,
     workers: int | None = None,
+    llm_model: Path | None = None,
 ) -> None:
     """predict --watch: one warm Predictor, signals turned into a clean stop after the current cards; with
     workers, the per-image stages of the next cards run in them while this process fuses (both cores)."""
@@ -184,7 +189,7 @@ def _watch(
     from asectl.stages.predict import Predictor
     from asectl.stages.watch import DEFAULT_POLL, Preparers, done_names, watch_folder
 
-    bundle, _ = _bundle(cache, model)
+    bundle, _ = _bundle(cache, model, llm_model)
     rule = _operating_point(bundle, targets or {})
     stop = threading.Event()
     reason: list[str] = []
@@ -207,7 +212,7 @@ def _watch(
             )
 
     workers = 0 if workers is None else workers  # worker processes are opt-in: docs/predict.md
-    preparers = Preparers(bundle.path, cache.root, force, workers) if workers else None
+    preparers = Preparers(bundle.config["replay"], cache.root, force, workers) if workers else None
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with keep_loaded():

@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 
 from asectl import ui
-from asectl.commands._learning import LEARN_ENV
+from asectl.commands._learning import LEARN_ENV, llm_model_option
 from asectl.commands._shared import environment
 
 
@@ -28,12 +28,14 @@ from asectl.commands._shared import environment
     show_default="./asectl-report/<dataset folder name>",
     help="Report folder, outside the dataset.",
 )
+@llm_model_option
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json on stdout.")
 @click.pass_obj
-def report(cache, dataset, model, out, as_json):
+def report(cache, dataset, model, out, llm_model, as_json):
     """Evaluate a model on its own test split: the decision figures against their targets, each card's
     decision and its reason, then per-class F1, macro-F1 (5-class and binary), confusion matrices and the
     ML diagnostics (calibration, t-SNE, curves)."""
+    from asectl.bundle import relocate_llm
     from asectl.domain.dataset import load_dataset
     from asectl.export import load_model
     from asectl.report import print_summary
@@ -45,6 +47,7 @@ def report(cache, dataset, model, out, as_json):
     else:
         bundle, which = model_for_dataset(cache, dataset)
         ui.info(f"using the latest {which}")
+    bundle = relocate_llm(bundle, llm_model)
     summary = run_report(load_dataset(dataset), bundle, out or default_report_dir(dataset), cache, model_id=which)
     if as_json:
         click.echo(json.dumps(summary.metrics, default=str))

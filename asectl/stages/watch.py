@@ -223,11 +223,11 @@ def watch_folder(
 _prepared: dict[str, Any] = {}
 
 
-def _preparer_init(bundle_path: str, cache_root: str, force: bool, threads: int) -> None:
+def _preparer_init(replay: dict[str, Any], cache_root: str, force: bool, threads: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    _prepared.update(bundle=bundle_path, cache=cache_root, force=force, threads=threads)
+    _prepared.update(model_replay=replay, cache=cache_root, force=force, threads=threads)
 
 
 def _preparer_setup() -> tuple[Any, Any]:
@@ -239,10 +239,9 @@ def _preparer_setup() -> tuple[Any, Any]:
         from asectl.backends.ocr import get_engine
         from asectl.backends.warm import keep_loaded
         from asectl.cache import Cache
-        from asectl.export import load_model
         from asectl.stages.modalities import ModalitySettings
 
-        replay = load_model(_prepared["bundle"])[0].config["replay"]  # a bundle's, or an export's (resolved)
+        replay = _prepared["model_replay"]
         # The OCR engine and the LLM with this worker's share of the cores (the engine is made once per process).
         get_engine(ModalitySettings.from_dict(replay).ocr.engine_choice(), threads=_prepared["threads"])
         set_process_threads(_prepared["threads"])
@@ -283,13 +282,14 @@ def _warm_up() -> None:
 
 
 class Preparers:
-    """``workers`` worker processes, each with a bundle's OCR engine, describer and LLM loaded once, that
+    """``workers`` worker processes, each with the OCR engine, describer and LLM of a model's ``replay``
+    settings (``config["replay"]`` of a bundle or an export, as loaded) loaded once, that
     compute the per-image records of cards into the cache while this process fuses the cards before them.
     Each is a pool of its own (asectl.workers.WorkerPool), so a card that kills its worker every time is
     retried a bounded number of times and becomes that card's error record without touching the other's
     cards."""
 
-    def __init__(self, bundle_path: Path, cache_root: Path, force: bool, workers: int):
+    def __init__(self, replay: dict[str, Any], cache_root: Path, force: bool, workers: int):
         from concurrent.futures import ThreadPoolExecutor
 
         from asectl.workers import WorkerPool, usable_cores
@@ -299,7 +299,7 @@ class Preparers:
             WorkerPool(
                 1,
                 _preparer_init,
-                (str(bundle_path), str(cache_root), force, threads),
+                (replay, str(cache_root), force, threads),
                 name="a watch worker",
                 fix="rerun with fewer --workers",
             )

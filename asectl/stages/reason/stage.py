@@ -190,7 +190,8 @@ def run_reason(
         if llm_model is None:
             raise ConfigError(
                 f"{settings.llm_model}: the LLM this model was trained with is not there (sha256 "
-                f"{settings.expect_model_hash[:12]}); put the file back at that path, or train the model again"
+                f"{settings.expect_model_hash[:12]}); pass --llm-model with where that file is now, or train the "
+                "model again"
             )
     # Validate the model before anything is computed or cached.
     llm = make_llm(

@@ -229,6 +229,34 @@ def test_bad_image_becomes_error_record(small_dataset, tmp_path, _isolated_cache
     assert strict.exit_code == 1 and "empty file" in strict.output
 
 
+def test_builtin_workers_give_the_same_records_and_a_poison_card_its_own_error(
+    small_dataset, tmp_path, cache, monkeypatch
+):
+    """The built-in describer in worker processes (one per core by default) writes the records one process
+    writes, under the same keys; a card that kills its worker each time becomes that card's error record."""
+    import asectl.stages.describe as D
+    from asectl.cache import Cache
+    from asectl.domain.dataset import load_dataset
+    from asectl.workers import CRASH_TEST_ENV
+
+    data = load_dataset(small_dataset)
+    alone = D.run_describe(data, cache=cache, workers=1)
+    monkeypatch.setattr(D, "SMALL_RUN", 2)
+    monkeypatch.setattr(D, "CARDS_PER_WORKER_ROUND", 3)  # 10 cards: rounds of 6, jobs on both workers
+    other = Cache(tmp_path / "other")
+    apart = D.run_describe(data, cache=other, workers=2)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert strip(apart.records) == strip(alone.records) and apart.cache_summary == "0 from cache, 10 computed"
+    assert sorted(p.name for p in (other.root / "entries" / "describe").glob("*/*")) == sorted(
+        p.name for p in (cache.root / "entries" / "describe").glob("*/*")
+    )
+    monkeypatch.setenv(CRASH_TEST_ENV, data.samples[4].path.name)
+    hit = D.run_describe(data, cache=Cache(tmp_path / "third"), workers=2)
+    errors = [r for r in hit.records if r.get("error")]
+    assert [r["image"] for r in errors] == [data.samples[4].name] and "died each time" in errors[0]["error"]
+    assert strip([r for r in hit.records if not r.get("error")]) == strip(alone.records[:4] + alone.records[5:])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Built-in describer against the generator's truth (a seed not used to choose its thresholds)
 

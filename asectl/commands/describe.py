@@ -60,6 +60,12 @@ _DEFAULT = DescribeSettings()
     is_flag=True,
     help="Let a Hugging Face model id be downloaded (without it: local folders and the local cache only).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    show_default="one per core for the built-in describer, else 1",
+    help="Processes describing cards, each with its own describer; the records do not depend on it.",
+)
 @per_image_options
 @click.pass_obj
 def describe(
@@ -74,6 +80,7 @@ def describe(
     num_beams,
     load_8bit,
     allow_download,
+    workers,
     out,
     as_json,
     force,
@@ -97,7 +104,14 @@ def describe(
         allow_download=allow_download or None,
     )
     result = run_describe(
-        load_inputs(inputs), settings, batch_size=batch_size, cache=cache, force=force, strict=strict, executor=executor
+        load_inputs(inputs),
+        settings,
+        batch_size=batch_size,
+        workers=workers,
+        cache=cache,
+        force=force,
+        strict=strict,
+        executor=executor,
     )
     emit_records(result.records, out, as_json)
     if not as_json and out is None and result.ok:

@@ -22,7 +22,7 @@ from asectl.backends.vlm import DEFAULT_PROMPT, VLM, make_vlm
 from asectl.cache import Cache
 from asectl.domain.dataset import Dataset, Sample
 from asectl.errors import ConfigError, DataError
-from asectl.executors import Executor
+from asectl.executors import Executor, resolve
 from asectl.imageio import load_image
 from asectl.settings import environment_switch, environment_value
 from asectl.stages.common import Remote, StageResult, run_per_image
@@ -32,6 +32,11 @@ STAGE = "describe"
 # Bump when the record layout changes; it is part of every cache key.
 RECORD_FORMAT = 1
 DEFAULT_BATCH_SIZE = 4
+# Worker processes: cards each describes per round (the round's records are cached when its last is in),
+# and the fewest cards to describe for which they start at all (a worker's start costs about 30 cards).
+CARDS_PER_WORKER_ROUND = 32
+SMALL_RUN = 32
+_worker: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,7 @@ def run_describe(
     *,
     backend: VLM | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
     cache: Cache | None = None,
     force: bool = False,
     strict: bool = False,
@@ -155,7 +161,9 @@ def run_describe(
     leaves them). ``backend``: an already created backend to reuse (e.g. to keep a loaded model between
     calls) instead of making one from the settings.
     A bad image becomes an error record; a configuration problem raises ConfigError before anything is
-    cached. ``executor``: where the misses are described (asectl.executors; default local)."""
+    cached. ``executor``: where the misses are described (asectl.executors; default local). ``workers``:
+    processes describing the cards, each with its own backend (default: one per core for a model-free
+    describer, else this process alone); they change the speed, not the records."""
     if isinstance(choices.get("vlm"), VLM):  # a backend object given where a name may go
         backend = choices.pop("vlm")
     settings = (settings or DescribeSettings()).replace(**choices)
@@ -186,30 +194,53 @@ def run_describe(
             raise out
         return out
 
-    def compute_batch(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
-        return describe_cards(backend, prompt, base, samples)
+    from asectl.workers import WorkerPool, usable_cores
 
-    records = run_per_image(
-        STAGE,
-        dataset.samples,
-        _cache_identity(identity),
-        compute,
-        cache,
-        force=force,
-        strict=strict,
-        description=f"describe ({vlm_id['backend']})",
-        meta={"vlm": vlm_id},
-        status=backend.status,
-        batch=compute_batch,
-        batch_size=batch_size,
-        executor=executor,
-        remote=Remote(
-            "a describe worker",
-            _cluster_describer,
-            (settings.resolved(backend), prompt, base, identity),
-            batch_size=batch_size,
-        ),
+    executor = resolve(executor)
+    n_workers = workers or (usable_cores() if getattr(backend, "model_free", False) else 1)
+    pool = (
+        WorkerPool(
+            n_workers,
+            _worker_init,
+            (settings.resolved(backend), prompt, base),
+            name="a describe worker",
+            fix="rerun with fewer workers (asectl describe --workers N)",
+        )
+        if n_workers > 1 and not executor.distributed
+        else None
     )
+
+    def compute_batch(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
+        # The first round is the whole run when it is shorter than a full one (a round >= SMALL_RUN).
+        if pool is None or (not pool.started and len(samples) < SMALL_RUN):
+            return describe_cards(backend, prompt, base, samples)
+        return pool.run(_worker_describe, [(s,) for s in samples], crashed=_poison_card)
+
+    try:
+        records = run_per_image(
+            STAGE,
+            dataset.samples,
+            _cache_identity(identity),
+            compute,
+            cache,
+            force=force,
+            strict=strict,
+            description=f"describe ({vlm_id['backend']})",
+            meta={"vlm": vlm_id},
+            status=backend.status,
+            batch=compute_batch,
+            batch_size=CARDS_PER_WORKER_ROUND * n_workers if pool else batch_size,
+            executor=executor,
+            remote=Remote(
+                "a describe worker",
+                _cluster_describer,
+                (settings.resolved(backend), prompt, base, identity),
+                batch_size=batch_size,
+            ),
+        )
+    finally:
+        if pool:
+            pool.close()
     # A hit may come from the same model stored elsewhere: report where it is now.
     records = [r if r.get("error") else {**r, "model": dict(vlm_id["model"])} for r in records]
     params = {**identity, "backend": vlm_id["backend"], "model": dict(vlm_id["model"]), "batch_size": batch_size}
@@ -241,6 +272,23 @@ def describe_cards(
         i = next(described)
         out.append({**base, "text": texts[i], **({"measurements": measured[i]} if measured is not None else {})})
     return out
+
+
+def _worker_init(settings: DescribeSettings, prompt: str, base: dict[str, Any]) -> None:
+    _worker.update(backend=settings.backend(), prompt=prompt, base=base)
+
+
+def _worker_describe(sample: Sample) -> dict[str, Any] | DataError:
+    """In a worker process: one card's record (``describe_cards``) with this worker's backend."""
+    from asectl.workers import crash_test_hook
+
+    crash_test_hook(sample.path.name)
+    return describe_cards(_worker["backend"], _worker["prompt"], _worker["base"], [sample])[0]
+
+
+def _poison_card(job: tuple, why: str) -> DataError:
+    """A card whose describe worker died each time it described it alone: that card's error, the run goes on."""
+    return DataError(f"{job[0].path}: {why}")
 
 
 def _cluster_describer(settings: DescribeSettings, prompt: str, base: dict[str, Any], identity: dict[str, Any]):

@@ -1,4 +1,5 @@
-"""Worker processes for the stages that spread cards over cores (``ocr``, ``reason``)."""
+"""Worker processes for the work that spreads over cores: the per-image stages (``ocr``, ``describe``,
+``reason``, ``predict --watch``), ``synth``'s rendering and the image encoder's fold networks in ``align``."""
 
 from __future__ import annotations
 

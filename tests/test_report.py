@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from asectl.report import (
     pfa_stage_name,
     print_summary,
     stage_curves_from_pfa,
+    tsne_all,
     tsne_perplexity,
     tsne_png,
 )
@@ -215,6 +217,24 @@ def test_report_is_deterministic(tmp_path):
     b = build_report(data, tmp_path / "b")
     for key in FILES:
         assert a.paths[key].read_bytes() == b.paths[key].read_bytes(), key
+
+
+def test_tsne_runs_on_threads_give_the_coordinates_of_one_run_after_another(monkeypatch):
+    """A report's embeddings go through t-SNE one per core at once, to the same coordinates as in turn."""
+    from asectl.report import tsne_2d
+
+    monkeypatch.setattr("asectl.workers.usable_cores", lambda: 2)
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(size=(40, 8)) for _ in range(3)]
+    threads = []
+
+    def tracked(x, seed):
+        threads.append(threading.current_thread().name)
+        return tsne_2d(x, seed)
+
+    together = tsne_all(xs, 0, tracked)
+    assert all(name.startswith("tsne") for name in threads) and len(together) == 3
+    assert all(np.array_equal(a, tsne_2d(x, 0)) for a, x in zip(together, xs))
 
 
 def test_tsne_with_too_few_samples_draws_a_note():

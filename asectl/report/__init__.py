@@ -33,6 +33,7 @@ from asectl.report._figures import (
     curves_png,
     reliability_png,
     tsne_2d,
+    tsne_all,
     tsne_perplexity,
     tsne_png,
 )

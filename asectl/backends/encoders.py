@@ -830,8 +830,9 @@ def _train_members(members: Sequence[Any], jobs: Sequence[tuple], device: str) -
     from asectl.workers import WorkerPool, usable_cores
 
     # One worker per network, even beyond the cores: three folds on two cores finish together in about
-    # 1.5 networks' time, where two workers take two (the third network trains alone).
-    workers = len(jobs)
+    # 1.5 networks' time, where two workers take two (the third network trains alone). At most two per
+    # core, since each holds torch in memory (about 600 MiB).
+    workers = min(len(jobs), 2 * usable_cores())
     card_epochs = min(len(job[2]) for job in jobs) * jobs[0][3]["epochs"]
     if str(device) != "cpu" or workers < 2 or usable_cores() < 2 or card_epochs < PARALLEL_MIN_CARD_EPOCHS:
         for member, (shape, x, y, params, seed) in zip(members, jobs):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from asectl.errors import ConfigError
+from asectl.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # multiprocessing is imported only when workers start: cached runs start none
     from concurrent.futures import ProcessPoolExecutor
@@ -104,6 +104,10 @@ def _ready() -> bool:
     return True
 
 
+def _card_died(job: tuple, why: str) -> DataError:
+    return DataError(f"{job[0].path}: {why}")
+
+
 def could_not_start(name: str, fix: str) -> str:
     """Why a stage stopped when its workers died before answering anything, and a fresh one could not start."""
     return (
@@ -192,6 +196,17 @@ class WorkerPool:
                     )
                 results[i] = crashed(jobs[i], died_alone(self.name))
         return results
+
+    def run_cards(
+        self, fn: Callable[[Any], Any], cards: Sequence[Any], here: Callable[[Sequence[Any]], list[Any]], small_run: int
+    ) -> list[Any]:
+        """One result per card (anything with a ``path``), in order: ``here(cards)`` in this process while
+        the workers have not started and fewer than ``small_run`` cards are to do (starting them costs
+        more, and what is loaded here is reused), else ``fn(card)`` in the workers, one job per card, so a
+        card whose worker dies each time it runs alone gets its own DataError and the others their results."""
+        if not self.started and len(cards) < small_run:
+            return here(cards)
+        return self.run(fn, [(card,) for card in cards], crashed=_card_died)
 
     def _starts(self) -> bool:
         from concurrent.futures.process import BrokenProcessPool

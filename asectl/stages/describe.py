@@ -210,11 +210,14 @@ def run_describe(
         else None
     )
 
+    def describe_here(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
+        return describe_cards(backend, prompt, base, samples)
+
     def compute_batch(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
         # The first round is the whole run when it is shorter than a full one (a round >= SMALL_RUN).
-        if pool is None or (not pool.started and len(samples) < SMALL_RUN):
-            return describe_cards(backend, prompt, base, samples)
-        return pool.run(_worker_describe, [(s,) for s in samples], crashed=_poison_card)
+        if pool is None:
+            return describe_here(samples)
+        return pool.run_cards(_worker_describe, samples, describe_here, SMALL_RUN)
 
     try:
         records = run_per_image(
@@ -284,11 +287,6 @@ def _worker_describe(sample: Sample) -> dict[str, Any] | DataError:
 
     crash_test_hook(sample.path.name)
     return describe_cards(_worker["backend"], _worker["prompt"], _worker["base"], [sample])[0]
-
-
-def _poison_card(job: tuple, why: str) -> DataError:
-    """A card whose describe worker died each time it described it alone: that card's error, the run goes on."""
-    return DataError(f"{job[0].path}: {why}")
 
 
 def _cluster_describer(settings: DescribeSettings, prompt: str, base: dict[str, Any], identity: dict[str, Any]):

@@ -323,16 +323,11 @@ def _read_timed(path: Path, engine: EngineChoice, spec: CardSpec, detector: str)
     return {**rec, "seconds": round(time.perf_counter() - t0, 4)}
 
 
-def _worker_read(path: Path) -> dict[str, Any] | DataError:
+def _worker_read(sample: Sample) -> dict[str, Any] | DataError:
     from asectl.workers import crash_test_hook
 
-    crash_test_hook(path.name)
-    return _read_timed(path, _worker["engine"], _worker["spec"], _worker["detector"])
-
-
-def _poison_card(job: tuple, why: str) -> DataError:
-    """A card whose OCR worker died each time it read it alone: that card's error, the run goes on."""
-    return DataError(f"{job[0]}: {why}")
+    crash_test_hook(sample.path.name)
+    return _read_timed(sample.path, _worker["engine"], _worker["spec"], _worker["detector"])
 
 
 def ocr_pool(engine: EngineChoice, spec: CardSpec, detector: str, workers: int):
@@ -360,7 +355,7 @@ def _cluster_reader(engine: EngineChoice, spec: CardSpec, detector: str, identit
 
 
 def _worker_read_cards(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
-    return [_worker_read(s.path) for s in samples]
+    return [_worker_read(s) for s in samples]
 
 
 def run_ocr(
@@ -391,11 +386,12 @@ def run_ocr(
     executor = resolve(executor)
     pool = ocr_pool(engine, card_spec, detector, n_workers) if n_workers > 1 and not executor.distributed else None
 
+    def read_here(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
+        return [_read_timed(s.path, engine, card_spec, detector) for s in samples]
+
     def read_many(samples: list[Sample]) -> list[dict[str, Any] | DataError]:
         # The first chunk is the whole run when it is shorter than a full one (batch_size >= SMALL_RUN).
-        if pool is None or (not pool.started and len(samples) < SMALL_RUN):
-            return [_read_timed(s.path, engine, card_spec, detector) for s in samples]
-        return pool.run(_worker_read, [(s.path,) for s in samples], crashed=_poison_card)
+        return read_here(samples) if pool is None else pool.run_cards(_worker_read, samples, read_here, SMALL_RUN)
 
     def compute(s: Sample) -> dict[str, Any]:
         out = read_many([s])[0]

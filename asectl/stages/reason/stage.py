@@ -46,7 +46,7 @@ from asectl.stages.settings import REPLAY_ONLY, StageSettings
 
 STAGE = "reason"
 # Cards per worker in one round of answers: the workers wait for each round's last answer before the next
-# (4 a worker left them idle for 15 of 130 s on the quickstart's 455 cards); a killed run loses at most a round.
+# (with 4 a worker those waits cost about 15 of 130 s on the quickstart's cards); a killed run loses at most a round.
 CARDS_PER_WORKER_ROUND = 32
 # Answers by prompt: the answer is a function of the messages, model, schema, decoder and sampling (its
 # seed is set per answer), and cards whose summaries read alike share one prompt, so they share one answer.

@@ -27,17 +27,21 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
 
-def _start(initializer: Callable[..., None], initargs: tuple) -> None:
+def _start(initializer: Callable[..., None] | None, initargs: tuple) -> None:
     import threading
 
     # A parent killed with SIGKILL never shuts its pool down: the worker exits with it instead of
     # idling forever with a model in memory.
     threading.Thread(target=_exit_with_parent, daemon=True).start()
-    initializer(*initargs)
+    if initializer is not None:
+        initializer(*initargs)
 
 
-def process_pool(workers: int, initializer: Callable[..., None], initargs: tuple = ()) -> ProcessPoolExecutor:
-    """``workers`` spawned processes, each set up by ``initializer(*initargs)`` and ended with the parent.
+def process_pool(
+    workers: int, initializer: Callable[..., None] | None = None, initargs: tuple = ()
+) -> ProcessPoolExecutor:
+    """``workers`` spawned processes, each set up by ``initializer(*initargs)`` (None: nothing to load
+    before the first job) and ended with the parent.
 
     spawn, not fork: the parent may hold torch/onnxruntime thread pools that do not survive a fork."""
     import multiprocessing as mp
@@ -128,8 +132,8 @@ class WorkerPool:
     def __init__(
         self,
         workers: int,
-        initializer: Callable[..., None],
-        initargs: tuple,
+        initializer: Callable[..., None] | None = None,
+        initargs: tuple = (),
         *,
         name: str,
         fix: str,

@@ -817,10 +817,6 @@ def _train_member(shape: tuple, state: Mapping[str, Any], x: Any, y: Any, params
     return net.state_dict()
 
 
-def _no_setup() -> None:
-    """A training worker loads nothing before its first job."""
-
-
 def _train_members(members: Sequence[Any], jobs: Sequence[tuple], device: str) -> None:
     """Train each fold network ``members[k]`` on ``jobs[k]`` = (network shape, cards, labels, training
     parameters, seed). On a CPU, with enough training to pay for starting them, they train at once in
@@ -832,15 +828,14 @@ def _train_members(members: Sequence[Any], jobs: Sequence[tuple], device: str) -
     # One worker per network, even beyond the cores: three folds on two cores finish together in about
     # 1.5 networks' time, where two workers take two (the third network trains alone). At most two per
     # core, since each holds torch in memory (about 600 MiB).
-    workers = min(len(jobs), 2 * usable_cores())
+    cores = usable_cores()
+    workers = min(len(jobs), 2 * cores)
     card_epochs = min(len(job[2]) for job in jobs) * jobs[0][3]["epochs"]
-    if str(device) != "cpu" or workers < 2 or usable_cores() < 2 or card_epochs < PARALLEL_MIN_CARD_EPOCHS:
+    if str(device) != "cpu" or workers < 2 or cores < 2 or card_epochs < PARALLEL_MIN_CARD_EPOCHS:
         for member, (shape, x, y, params, seed) in zip(members, jobs):
             _train_classifier(member, x, y, shape[0], params, seed)
         return
-    pool = WorkerPool(
-        workers, _no_setup, (), name="an image-encoder training worker", fix="free some memory and run align again"
-    )
+    pool = WorkerPool(workers, name="an image-encoder training worker", fix="free some memory and run align again")
     try:
         states = pool.run(_train_member, [(shape, m.state_dict(), *rest) for m, (shape, *rest) in zip(members, jobs)])
     finally:

@@ -644,10 +644,6 @@ RENDER_CHUNK = 32
 PARALLEL_MIN = 64
 
 
-def _no_setup() -> None:
-    """A render worker needs nothing loaded before its first job."""
-
-
 def _render_chunk(cards: Sequence[SampledCard]) -> list[bytes]:
     return [render_sampled(c) for c in cards]
 
@@ -670,9 +666,7 @@ def render_cards(
             if progress:
                 progress(1)
         return
-    pool = WorkerPool(
-        workers, _no_setup, (), name="a synth worker", fix="rerun with fewer workers (asectl synth --workers 1)"
-    )
+    pool = WorkerPool(workers, name="a synth worker", fix="rerun with fewer workers (asectl synth --workers 1)")
     chunks = [cards[i : i + RENDER_CHUNK] for i in range(0, len(cards), RENDER_CHUNK)]
     try:
         for start in range(0, len(chunks), workers):  # one round at a time: memory holds one round's PNGs

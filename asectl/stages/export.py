@@ -347,11 +347,11 @@ def export_llm(replay: dict[str, Any], folder: Path, copy_llm: bool) -> dict[str
         return {"file": None, "copied": False, "not_needed": "the model has no llm branch"}
     reason = replay.get("reason") or {}
     source = Path(str(reason.get("llm_model")))
-    if copy_llm and reason.get("expect_model_hash"):
-        from asectl.backends.llm import replay_model_path  # trained with the package installed elsewhere
-
-        source = replay_model_path(source, reason["expect_model_hash"]) or source
     if copy_llm:
+        if reason.get("expect_model_hash"):
+            from asectl.backends.llm import replay_model_path  # trained with the package installed elsewhere
+
+            source = replay_model_path(source, reason["expect_model_hash"]) or source
         if not source.is_file():
             raise ConfigError(
                 f"{source}: the model's LLM file is not here to copy; export without --copy-llm or put the file back"

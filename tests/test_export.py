@@ -374,3 +374,39 @@ def test_copy_llm_takes_the_packaged_gguf_when_the_recorded_one_is_gone(tiny_ggu
     (tmp_path / "b").mkdir()
     with pytest.raises(ConfigError, match="not here to copy"):
         export_llm(other, tmp_path / "b", copy_llm=True)
+
+
+def test_export_copies_a_moved_llm_from_llm_model(trained, tmp_path):
+    """A model whose GGUF moved since training: --copy-llm alone says the file is not here and names
+    --llm-model; told where it is now (the same file by sha256), the export copies it in; without
+    --copy-llm it records the new path; another GGUF is one line and exit code 2, before anything is written."""
+    from asectl.bundle import load_bundle, relocate_llm
+    from asectl.errors import ConfigError
+    from asectl.stages.export import run_export
+
+    from .tiny_gguf import write_tiny_llama
+
+    bundle_dir = trained["root"] / "bundle"
+    recorded = Path(load_bundle(bundle_dir).config["replay"]["reason"]["llm_model"])
+    moved = tmp_path / "elsewhere" / "moved.gguf"
+    moved.parent.mkdir()
+    shutil.copyfile(recorded, moved)
+    # The recorded file gone (and no packaged GGUF of that content), on the loaded model only.
+    bundle = load_bundle(bundle_dir)
+    replay = bundle.config["replay"]
+    gone = {**replay, "reason": {**replay["reason"], "llm_model": str(tmp_path / "gone" / "x.gguf")}}
+    bundle.config = {**bundle.config, "replay": gone}
+    with pytest.raises(ConfigError, match=r"x.gguf: the model's LLM file is not here to copy; pass --llm-model"):
+        run_export(bundle, tmp_path / "a", copy_llm=True)
+    assert not (tmp_path / "a").exists()
+    run_export(relocate_llm(bundle, moved), tmp_path / "b", copy_llm=True)
+    assert (tmp_path / "b" / "llm" / "moved.gguf").read_bytes() == recorded.read_bytes()
+    invoke = trained["invoke"]
+    invoke("export", "--model", bundle_dir, "--out", tmp_path / "c", "--llm-model", moved)
+    from asectl.export import load_export
+
+    assert load_export(tmp_path / "c").manifest["model"]["replay"]["reason"]["llm_model"] == str(moved)
+    other = write_tiny_llama(tmp_path / "o.gguf", seed=5)
+    res = invoke("export", "--model", bundle_dir, "--out", tmp_path / "d", "--llm-model", other, code=2)
+    assert "o.gguf: not the LLM this model was trained with" in res.output and not (tmp_path / "d").exists()
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1

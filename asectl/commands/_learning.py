@@ -118,7 +118,8 @@ def rule_target_options(how: str):
 
 
 def llm_model_option(f):
-    """--llm-model for the commands that replay a trained model's stages (predict, report, calibrate)."""
+    """--llm-model for the commands that replay a trained model's stages or export it (predict, report,
+    calibrate, export)."""
     return click.option(
         "--llm-model",
         type=click.Path(exists=True, dir_okay=False, path_type=Path),

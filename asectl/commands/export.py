@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from asectl import ui
+from asectl.commands._learning import llm_model_option
 from asectl.commands._shared import OFFLINE_ENV, environment
 
 
@@ -30,13 +31,14 @@ from asectl.commands._shared import OFFLINE_ENV, environment
     help="Copy the LLM's GGUF file into the export, so the folder is all a station needs; without it, "
     "its path is stored and its hash checked when predicting.",
 )
+@llm_model_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_obj
-def export(cache, model, out, copy_llm, as_json):
+def export(cache, model, out, copy_llm, llm_model, as_json):
     """Write a trained model as ONNX graphs (encoders, projections, fold models) with its calibration,
     decision rule and replay settings: `asectl predict --model DIR` then needs neither torch nor
     transformers."""
-    from asectl.bundle import latest_bundle, load_bundle
+    from asectl.bundle import latest_bundle, load_bundle, relocate_llm
     from asectl.stages.export import run_export
 
     if model is not None:
@@ -44,7 +46,7 @@ def export(cache, model, out, copy_llm, as_json):
     else:
         bundle, which = latest_bundle(cache)
         ui.info(f"exporting the latest trained {which}")
-    res = run_export(bundle, out, copy_llm=copy_llm)
+    res = run_export(relocate_llm(bundle, llm_model), out, copy_llm=copy_llm)
     if as_json:
         click.echo(
             json.dumps(

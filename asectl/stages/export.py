@@ -354,7 +354,8 @@ def export_llm(replay: dict[str, Any], folder: Path, copy_llm: bool) -> dict[str
             source = replay_model_path(source, reason["expect_model_hash"]) or source
         if not source.is_file():
             raise ConfigError(
-                f"{source}: the model's LLM file is not here to copy; export without --copy-llm or put the file back"
+                f"{source}: the model's LLM file is not here to copy; pass --llm-model with where it is now, "
+                "export without --copy-llm, or put the file back"
             )
         (folder / "llm").mkdir()
         shutil.copyfile(source, folder / "llm" / source.name)

@@ -98,14 +98,18 @@ def measured_line() -> str:
 
 def save(name: str, data: dict, raw: dict | None = None) -> Path:
     """Write the summary ``bench/results/NAME.json`` (lists under PACKED_KEYS packed) and, given ``raw``,
-    the run's per-card output ``bench/out/results/NAME.json``. A summary over SUMMARY_LIMIT is still
+    the run's per-card output ``bench/out/results/NAME.json``. A summary is indented unless that takes it
+    over SUMMARY_LIMIT (then it is written compact). A summary still over SUMMARY_LIMIT is
     written (a long run is not lost) but reported: move its per-card parts into ``raw``."""
     if raw is not None:
         RAW.mkdir(parents=True, exist_ok=True)
         (RAW / f"{name}.json").write_text(json.dumps(raw, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(pack_labels(data), indent=1))
+    text = json.dumps(pack_labels(data), indent=1)
+    if len(text.encode()) > SUMMARY_LIMIT:  # the indentation alone may be what puts it over
+        text = json.dumps(pack_labels(data), separators=(",", ":"))
+    path.write_text(text)
     if path.stat().st_size > SUMMARY_LIMIT:
         print(
             f"warning: {path} is {path.stat().st_size / 1000:.0f} KB, over the {SUMMARY_LIMIT // 1000} KB "

@@ -735,10 +735,10 @@ def main() -> None:
                 json.dumps({k: round(v["macro_f1"], 4) for k, v in r.items() if isinstance(v, dict)}),
                 flush=True,
             )
-    total = time.perf_counter() - t0
+    total, idle_all = time.perf_counter() - t0, idle()
     print(
         f"modalities of every seed done at {modalities_done / 60:.1f} min (the cores idle "
-        f"{_percent(idle_modalities)} of it); all done at {total / 60:.1f} min (idle {_percent(idle())} in all)",
+        f"{_percent(idle_modalities)} of it); all done at {total / 60:.1f} min (idle {_percent(idle_all)} in all)",
         flush=True,
     )
     record = {
@@ -747,7 +747,7 @@ def main() -> None:
         "fast": args.fast,
         "seconds": total,
         "modalities_done_seconds": modalities_done,
-        "idle_share": {"until_modalities_done": idle_modalities, "all": idle()},
+        "idle_share": {"until_modalities_done": idle_modalities, "all": idle_all},
         "per_seed": per_seed,
         "measured": measured,
     }

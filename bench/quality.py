@@ -285,6 +285,13 @@ def _fused(ds, aug_root: Path, cache: Cache, seed: int, over: dict, fusion: str,
     return scores([truth_lab[r["image"]] for r in recs], [r["label"] for r in recs])
 
 
+def fused_row(ds, test, cache: Cache, seed: int, over: dict, augmented: Path | None) -> tuple[dict, object]:
+    """A default-based row (bench/default_model.py's ``score_fused``) as this benchmark stores it: its
+    scores with the stored rule's decisions; and the run."""
+    r, res = default_model.score_fused(ds, test, cache, seed, over, augmented)
+    return {**scores(r["y_true"], r["y_pred"]), "decisions": r["decisions"]}, res
+
+
 def shipped_rows(
     ds, aug_root: Path, cache: Cache, seed: int, epochs: dict, names: list[str]
 ) -> tuple[dict, np.ndarray]:
@@ -295,8 +302,7 @@ def shipped_rows(
     out = {}
     for key, over in SHIPPED_ROWS.items():
         augmented = aug_root if key == SHIPPED_TDA else None
-        r, res = default_model.score_fused(ds, test, cache, seed, {**epochs, **over}, augmented)
-        out[key] = {**scores(r["y_true"], r["y_pred"]), "decisions": r["decisions"]}
+        out[key], res = fused_row(ds, test, cache, seed, {**epochs, **over}, augmented)
         if key == SHIPPED:
             align, fields = res.align, res.bundle.config["stats_fields"]
     numbers, _, _ = default_model.numbers_rows(align, fields, test, seed)
@@ -324,8 +330,7 @@ def paper_table_rows(ds, aug_root: Path, cache: Cache, seed: int, epochs: dict) 
         if over == default_model.DEFAULT_SETTINGS:  # SHIPPED and SHIPPED_TDA
             continue
         augmented = aug_root if key in paper_tables.TDA_ROWS else None
-        r, _ = default_model.score_fused(ds, test, cache, seed, {**epochs, **over}, augmented)
-        out[key] = {**scores(r["y_true"], r["y_pred"]), "decisions": r["decisions"]}
+        out[key], _ = fused_row(ds, test, cache, seed, {**epochs, **over}, augmented)
     return out
 
 

@@ -654,7 +654,8 @@ def main() -> None:
         action="store_true",
         help="also the paper's rows and tables in the configuration they were first measured with, the "
         "answer-only LLM text (a second LLM pass over every card) and the robustness table (the clean cards' "
-        "modalities); results in quality-earlier.json and a second docs section",
+        "modalities); results in quality-earlier.json and its own docs section (the default's section "
+        "stays the default run's)",
     )
     ap.add_argument("--cache-dir", default=str(OUT / "cache"))
     ap.add_argument(
@@ -673,7 +674,7 @@ def main() -> None:
     ap.add_argument(
         "--render",
         action="store_true",
-        help="write the docs section again from bench/results/quality[-fast].json (no run)",
+        help="write the docs section again from bench/results/quality[-earlier][-fast].json (no run)",
     )
     args = ap.parse_args()
     if args.earlier and args.subset == "branches":
@@ -686,16 +687,7 @@ def main() -> None:
     )
     show = render_branches if args.subset == "branches" else render
     if args.render:
-        saved = load(name)
-        show(
-            saved["seeds"],
-            saved["robustness_seeds"],
-            saved["fast"],
-            saved["seconds"],
-            saved["per_seed"],
-            saved["measured"],
-            saved.get("modalities_done_seconds"),
-        )
+        show(load(name))
         return
     seeds = [int(s) for s in (args.seeds or ("0" if args.fast else "0,1,2,3,4")).split(",")]
     rob_default = "0,1,2" if args.earlier and not args.fast else ""
@@ -757,20 +749,16 @@ def main() -> None:
         "measured": measured,
     }
     save(name, record)
-    show(seeds, rob_seeds, args.fast, total, per_seed, measured, modalities_done)
+    show(record)
 
 
-def render(
-    seeds: list[int],
-    rob_seeds: list[int],
-    fast: bool,
-    total: float,
-    per_seed: list[dict],
-    measured: str,
-    modalities_done: float | None = None,
-) -> None:
-    """The docs/benchmarks.md sections of a run (``measured``: its "Measured ..." line): the shipped
-    default's, and with the ``EARLIER`` rows (``--earlier``) the paper configuration's."""
+def render(record: dict) -> None:
+    """The docs/benchmarks.md section of a run's saved record: the shipped default's for the default run,
+    the paper configuration's for an ``--earlier`` run. An ``--earlier`` run also holds the default's rows,
+    but its time is not the default run's, so it leaves that section to the default run."""
+    seeds, fast, total, per_seed = record["seeds"], record["fast"], record["seconds"], record["per_seed"]
+    rob_seeds, measured = record["robustness_seeds"], record["measured"]
+    modalities_done = record.get("modalities_done_seconds")  # a run from before it was recorded has none
     cv: dict[str, list[float]] = {}
     for r in per_seed:
         for row, f1 in r.get("_single_cv", []):
@@ -781,11 +769,12 @@ def render(
     best_single = max(cv, key=lambda k: np.mean(cv[k])) if cv else max(SINGLE, key=mean)
     chosen_on = f"{CV_FOLDS}-fold cross-validation of each seed's training split" if cv else "the test split"
     suffix = "-fast" if fast else ""
-    if SHIPPED in per_seed[0]:
+    earlier = PROPOSED in per_seed[0]
+    if not earlier:
         text = render_default(seeds, fast, total, per_seed, modalities_done, cv, best_single, chosen_on)
         update_section("quality" + suffix, text, measured)
         print(text)
-    if PROPOSED in per_seed[0]:
+    else:
         text = render_earlier(seeds, rob_seeds, fast, total, per_seed, best_single, chosen_on)
         update_section("quality-earlier" + suffix, text, measured)
         print(text)
@@ -1049,17 +1038,11 @@ against the best single modality ({best_single}): {gap}; goal: at least +5, the 
 """
 
 
-def render_branches(
-    seeds: list[int],
-    rob_seeds: list[int],
-    fast: bool,
-    total: float,
-    per_seed: list[dict],
-    measured: str,
-    modalities_done: float | None = None,
-) -> None:
-    """The docs/benchmarks.md section of a ``--subset branches`` run: the stats branch on and off, token
-    against chunk attention, and the boosting yardsticks, all without TDA."""
+def render_branches(record: dict) -> None:
+    """The docs/benchmarks.md section of a ``--subset branches`` run's saved record: the stats branch on
+    and off, token against chunk attention, and the boosting yardsticks, all without TDA."""
+    seeds, fast, total, per_seed = record["seeds"], record["fast"], record["seconds"], record["per_seed"]
+    measured = record["measured"]
     n = len(seeds)
     rows = [
         ("oracle (Bayes-optimal on true latent parameters)", ORACLE, None),

@@ -88,6 +88,15 @@ def test_missing_input_is_one_line(tmp_path):
     assert res.exit_code == 1 and "no such file" in res.output and "Traceback" not in res.output
 
 
+def test_a_folder_without_images_says_what_it_looked_for(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a card")
+    res = CliRunner().invoke(cli, ["ocr", str(tmp_path)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    line = res.output.strip()
+    assert len(line.splitlines()) == 1 and str(tmp_path) in line
+    assert "no images found" in line and "png" in line and "labels.csv" in line
+
+
 def test_image_modes_are_converted(tmp_path, small_dataset):
     src = Image.open(small_dataset / "images" / "0000.png").convert("RGB")
     variants = {

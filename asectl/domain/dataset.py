@@ -17,7 +17,7 @@ import numpy as np
 
 from asectl.cache import canonical_json, sha256_file
 from asectl.errors import ConfigError, DataError
-from asectl.imageio import is_image_path
+from asectl.imageio import IMAGE_SUFFIXES, is_image_path
 
 DEFAULT_LABELS = ("normal", "type1", "type2", "type3", "type4")
 NORMAL = "normal"
@@ -256,7 +256,11 @@ def load_inputs(inputs: Sequence[str | Path], split_seed: int = 0) -> Dataset:
                 raise DataError(f"{p}: no such file, folder or glob match")
             files.extend(m for m in matches if m.is_file())
     if not files:
-        raise DataError(f"{', '.join(map(str, inputs))}: no images found")
+        kinds = "/".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+        raise DataError(
+            f"{', '.join(map(str, inputs))}: no images found (looked for {kinds} files); pass card images, "
+            f"a folder of them, or a dataset folder with {LABELS_FILE} or one sub-folder per class"
+        )
     names = Counter(f.name for f in files)
     samples = [Sample(f.resolve(), f.name if names[f.name] == 1 else str(f), None, None) for f in files]
     return Dataset(samples, None, "images", [])

@@ -284,9 +284,11 @@ def _default(p: click.Option, ctx: click.Context):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per setting on stdout.")
 @click.pass_context
 def config_show(ctx, command, as_json):
-    """Print every setting of COMMAND (e.g. `ocr`, `fuse-train`, `models list`; all commands when
-    omitted) with its value and source: default, user config, --config, env NAME. With --config FILE,
-    as COMMAND would read it."""
+    """Print every setting of COMMAND with its value and source.
+
+    COMMAND is one command such as `ocr`, `fuse-train` or `models list` (all commands when omitted). The
+    source is the default, the user config, --config or an env NAME. With --config FILE, as COMMAND would
+    read it."""
     commands = leaf_commands(ctx.find_root().command)
     path = ".".join(command)
     if path and path not in commands:

@@ -12,10 +12,13 @@ fresh copy of that cache, the learned stages run as the quickstart runs them (`a
 * smaller folder first: `asectl align` on a folder of --subset cards of the same dataset (every third
   card, the same image files) before the whole folder, as a user who tried the tool on a few cards first;
   their features are then cached from other encoder calls than in the cold run;
-* one thread everywhere: cold, with OMP/MKL/OpenBLAS limited to one thread (a machine with fewer cores).
+* one thread everywhere: cold, with OMP/MKL/OpenBLAS limited to one thread (a machine with fewer cores);
+* AVX2 kernels only: cold, with torch, oneDNN, MKL and OpenBLAS told to use no instruction set above AVX2,
+  as on a machine without AVX-512 (on such a machine the same as cold). The LLM (llama.cpp, compiled for
+  the machine it was installed on) is not covered: its answers are in the shared cache.
 
-Each scenario's model (the checksums of all its files), test macro-F1 and per-card test predictions are
-compared with the cold run's. With --baseline CHECKOUT, the same scenarios run with that checkout's code
+Each scenario's model (the checksums of all its files), test macro-F1, per-card test predictions and
+decisions are compared with the cold run's. With --baseline CHECKOUT, the same scenarios run with that checkout's code
 too (PYTHONPATH), on copies of the same shared cache.
 Results: bench/results/reproducibility.json and the ``reproducibility`` section of docs/benchmarks.md."""
 
@@ -31,13 +34,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from _common import OUT, ROOT, dataset, load, measured_line, save, update_section
 from predict_speed import code_folder
 
-SCENARIOS = ("cold", "cold again", "smaller folder first", "one thread everywhere")
+SCENARIOS = ("cold", "cold again", "smaller folder first", "one thread everywhere", "AVX2 kernels only")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+DECISIONS = ("pass", "defect", "defective", "review")
+# Each library's own switch for the instruction set its CPU kernels may use (torch's ATen dispatch, oneDNN's
+# JIT, MKL, OpenBLAS's core type): below AVX-512 on a machine that has it.
+AVX2_ONLY = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+}
 
 
 def asectl(env: dict, *args: str) -> str:
@@ -76,6 +89,8 @@ def run_scenario(name: str, code_env: dict, shared: Path, data: Path, subset: in
     env = {**code_env, "ASECTL_CACHE_DIR": str(cache)}
     if name == "one thread everywhere":
         env.update(ONE_THREAD)
+    if name == "AVX2 kernels only":
+        env.update(AVX2_ONLY)
     start = time.perf_counter()
     if name == "smaller folder first":
         asectl(env, "align", str(subset_folder(data, subset, work / "subset")), "--stride", "0.2")
@@ -89,6 +104,7 @@ def run_scenario(name: str, code_env: dict, shared: Path, data: Path, subset: in
         "model": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
         "macro_f1": metrics["multiclass"]["macro_f1"],
         "per_card": [[p["image"], p["pred"]] for p in metrics["predictions"]],
+        "decisions": [p.get("decision") for p in metrics["predictions"]],
         "probs": [p.get("probs") for p in metrics["predictions"]],
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -105,15 +121,17 @@ def summarise(rec: dict) -> dict:
     raw = {}
     for code, runs in rec["codes"].items():
         cold = runs["cold"]
-        raw[code] = {name: {"per_card": r["per_card"], "probs": r["probs"]} for name, r in runs.items()}
+        raw[code] = {name: {k: r[k] for k in ("per_card", "probs", "decisions")} for name, r in runs.items()}
         for r in runs.values():
+            r["decision_counts"] = dict(sorted(Counter(r["decisions"]).items()))
             r["vs_cold"] = {
                 "same_model": r["model"] == cold["model"],
                 "cards_predicted_differently": sum(a != b for a, b in zip(r["per_card"], cold["per_card"])),
+                "cards_decided_differently": sum(a != b for a, b in zip(r["decisions"], cold["decisions"])),
                 "largest_probability_gap": max_gap(r["probs"], cold["probs"]),
             }
         for r in runs.values():
-            del r["per_card"], r["probs"]
+            del r["per_card"], r["probs"], r["decisions"]
     return raw
 
 
@@ -127,24 +145,30 @@ def render(rec: dict) -> str:
         + (f", the baseline at {rec['baseline_commit']}" if rec.get("baseline_commit") else "")
         + ".",
         "",
-        "| code | scenario | model | test macro-F1 | same model as cold | test cards predicted differently | "
-        "largest probability difference |",
-        "|---|---|---|---|---|---|---|",
+        "| code | scenario | model | test macro-F1 | decisions (pass/defect/defective/review) | same model as "
+        "cold | test cards predicted differently | decided differently | largest probability difference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for code, runs in rec["codes"].items():
         for name in SCENARIOS:
+            if name not in runs:  # a run from before the scenario existed
+                continue
             r = runs[name]
             v = r["vs_cold"]
+            counts = r.get("decision_counts")
+            decided = "/".join(str(counts.get(d, 0)) for d in DECISIONS) if counts else "-"
             cells = (
-                ["-", "-", "-"]
+                ["-", "-", "-", "-"]
                 if name == "cold"
                 else [
                     "yes" if v["same_model"] else "**no**",
                     str(v["cards_predicted_differently"]),
+                    str(v.get("cards_decided_differently", "-")),
                     f"{v['largest_probability_gap']:.2g}",
                 ]
             )
-            lines.append(f"| {code} | {name} | `{r['model'][:12]}` | {100 * r['macro_f1']:.2f} | {' | '.join(cells)} |")
+            f1 = f"{100 * r['macro_f1']:.2f}"
+            lines.append(f"| {code} | {name} | `{r['model'][:12]}` | {f1} | {decided} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -1,13 +1,68 @@
-"""Environment variables read as on/off switches (``ASECTL_ALLOW_DOWNLOAD``, ``HF_HUB_OFFLINE``, ...),
-parsed one way everywhere."""
+"""The process's environment: variables read as on/off switches (``ASECTL_ALLOW_DOWNLOAD``,
+``HF_HUB_OFFLINE``, ...), parsed one way everywhere, and the machine and libraries a model is trained with,
+recorded in it."""
 
 from __future__ import annotations
 
 import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
 
 ON_WORDS = ("1", "true", "yes", "on")
+# The libraries whose CPU kernels set a trained model's last bits, and each one's switch for the instruction
+# set its kernels may use: torch's ATen dispatch, oneDNN's JIT, MKL, OpenBLAS's core type. Two machines
+# whose kernels use other instruction sets (AVX-512 against AVX2) train models that differ in their last
+# bits, and the small training runs carry that into other thresholds (docs/benchmarks.md, "Reproducibility").
+INSTRUCTION_SET_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE")
+# The libraries whose versions a trained model's bits depend on.
+TRAINING_LIBRARIES = ("torch", "numpy", "scikit-learn", "llama_cpp_python")
 
 
 def env_flag(name: str) -> bool:
     """True when environment variable ``name`` is 1, true, yes or on (any case, spaces around ignored)."""
     return os.environ.get(name, "").strip().lower() in ON_WORDS
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def package_versions(dists: tuple[str, ...]) -> dict[str, str | None]:
+    """Each installed distribution's version; None for one that is not installed."""
+    out: dict[str, str | None] = {}
+    for dist in dists:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def training_machine() -> dict:
+    """What a model's bits depend on beyond its inputs, settings and seeds: the CPU, the instruction set
+    torch's CPU kernels use on it, the instruction-set switches set, the core count, and the versions of
+    Python and the numeric libraries. Recorded in a model, so two models of the same inputs that differ
+    can be told apart by where they were trained."""
+    import torch
+
+    return {
+        "cpu": cpu_name(),
+        "cores": usable_cores(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "instruction_set_switches": {k: os.environ[k] for k in INSTRUCTION_SET_SWITCHES if k in os.environ},
+        "python": platform.python_version(),
+        "libraries": package_versions(TRAINING_LIBRARIES),
+    }

@@ -166,7 +166,7 @@ class RayExecutor(Executor):
                 try:
                     ray.init(address="auto", **quiet)
                 except ConnectionError:
-                    from asectl.workers import usable_cores
+                    from asectl.environment import usable_cores
 
                     ray.init(num_cpus=usable_cores(), include_dashboard=False, **quiet)
                     self._started_here = True

@@ -12,11 +12,6 @@ if TYPE_CHECKING:  # multiprocessing is imported only when workers start: cached
     from concurrent.futures import ProcessPoolExecutor
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _exit_with_parent() -> None:
     import multiprocessing as mp
     from multiprocessing.connection import wait

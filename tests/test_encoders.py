@@ -92,7 +92,7 @@ def test_a_feature_does_not_depend_on_the_items_encoded_with_it_nor_on_threads(s
     call, whether the call's items went through on two Python threads or one, and however many threads
     torch has (batched CPU kernels moved it by up to 1e-5, and a cold rerun then trained another model).
     The same for a cards-cnn trained with one or two threads."""
-    monkeypatch.setattr("asectl.workers.usable_cores", lambda: 2)  # a call of several items: two threads
+    monkeypatch.setattr("asectl.environment.usable_cores", lambda: 2)  # a call of several items: two threads
     paths = card_paths(small_dataset, 5)
     texts = ["the holes are centred", "two separate clusters of holes with a much longer sentence here", "a ring"]
     threads = torch.get_num_threads()

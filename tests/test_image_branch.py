@@ -77,7 +77,7 @@ def test_cards_cnn_folds_train_in_worker_processes_to_the_same_bits(small_datase
     labels = ["normal", "type1", "type2"] * 3
     from asectl.workers import WorkerPool
 
-    monkeypatch.setattr("asectl.workers.usable_cores", lambda: 2)
+    monkeypatch.setattr("asectl.environment.usable_cores", lambda: 2)
     pools, run = [], WorkerPool.run
     monkeypatch.setattr(
         WorkerPool, "run", lambda self, fn, jobs, *a: pools.append(len(jobs)) or run(self, fn, jobs, *a)

@@ -50,6 +50,35 @@ def test_bundle_is_safetensors_and_json_only(trained):
     assert cfg["fusion_members"] == 5
 
 
+def test_the_bundle_records_the_machine_it_was_trained_on(trained, monkeypatch):
+    """The CPU, the instruction set of torch's kernels and the numeric libraries' versions (a model's last
+    bits depend on them) are in the bundle, for the fusion and the alignment, and in the report's provenance;
+    a switch that narrows the instruction set is recorded when set."""
+    import torch
+
+    from asectl.bundle import load_bundle
+    from asectl.environment import INSTRUCTION_SET_SWITCHES, cpu_name, training_machine
+    from asectl.stages.report import provenance_lines
+
+    bundle = load_bundle(trained["root"] / "bundle")
+    machine = bundle.config["training"]["machine"]
+    assert machine["cpu"] == cpu_name() and machine["cpu"]
+    assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["libraries"]["torch"] == torch.__version__.split("+")[0]
+    assert set(machine["libraries"]) >= {"numpy", "scikit-learn", "llama_cpp_python"}
+    assert bundle.config["training"]["align_machine"] == machine  # aligned and fused in the same process
+    prov, _ = provenance_lines(bundle)
+    assert (
+        prov["trained on"].startswith(f"{machine['cpu']}, ") and machine["torch_cpu_capability"] in prov["trained on"]
+    )
+    assert "aligned on" not in prov
+    for switch in INSTRUCTION_SET_SWITCHES:
+        monkeypatch.delenv(switch, raising=False)
+    assert training_machine()["instruction_set_switches"] == {}
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert training_machine()["instruction_set_switches"] == {"ATEN_CPU_CAPABILITY": "avx2"}
+
+
 def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):
     new = tmp_path / "new"
     generate(new, seed=99, counts="1,0,0,0,1")

@@ -223,7 +223,7 @@ def test_tsne_runs_on_threads_give_the_coordinates_of_one_run_after_another(monk
     """A report's embeddings go through t-SNE one per core at once, to the same coordinates as in turn."""
     from asectl.report import tsne_2d
 
-    monkeypatch.setattr("asectl.workers.usable_cores", lambda: 2)
+    monkeypatch.setattr("asectl.environment.usable_cores", lambda: 2)
     rng = np.random.default_rng(3)
     xs = [rng.normal(size=(40, 8)) for _ in range(3)]
     threads = []

@@ -123,8 +123,8 @@ def frozen_encode(
     ``batch_size`` items per pass."""
     import torch
 
+    from asectl.environment import usable_cores
     from asectl.models.seeding import one_cpu_thread
-    from asectl.workers import usable_cores
 
     cpu = str(device) == "cpu"
     step = 1 if cpu else batch_size
@@ -823,7 +823,8 @@ def _train_members(members: Sequence[Any], jobs: Sequence[tuple], device: str) -
     worker processes, one per core, each on one thread, to the same weights as one after another here:
     each network starts from the same initial weights and its dropout draws from its own process's
     seeded generator (threads would share one generator and race for its draws)."""
-    from asectl.workers import WorkerPool, usable_cores
+    from asectl.environment import usable_cores
+    from asectl.workers import WorkerPool
 
     # One worker per network, even beyond the cores: three folds on two cores finish together in about
     # 1.5 networks' time, where two workers take two (the third network trains alone). At most two per

@@ -739,7 +739,7 @@ def default_workers(n_threads: int | None, n_gpu_layers: int) -> int:
 
     if n_gpu_layers or warm.active():
         return 1
-    from asectl.workers import usable_cores
+    from asectl.environment import usable_cores
 
     return max(1, usable_cores() // max(n_threads or 1, 1))
 

@@ -654,7 +654,8 @@ def render_cards(
     """Each card's PNG, in order. ``workers`` processes render them (default: one per core when there are
     at least ``PARALLEL_MIN`` cards, else this process); a card's bytes do not depend on which renders it,
     since its capture draws from its own recorded noise seed."""
-    from asectl.workers import WorkerPool, usable_cores
+    from asectl.environment import usable_cores
+    from asectl.workers import WorkerPool
 
     if workers is None:
         workers = usable_cores() if len(cards) >= PARALLEL_MIN else 1

@@ -85,7 +85,7 @@ def tsne_all(
 
     from threadpoolctl import threadpool_limits
 
-    from asectl.workers import usable_cores
+    from asectl.environment import usable_cores
 
     tsne = tsne or tsne_2d
     threads = min(usable_cores(), len(xs))

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file as np_save_file
 from asectl import ui
 from asectl.cache import Cache, make_key, sha256_file
 from asectl.domain.dataset import Dataset, load_dataset
+from asectl.environment import training_machine
 from asectl.errors import ConfigError, DataError
 from asectl.models.train_config import BRANCHES
 from asectl.stages.common import dataset_id
@@ -317,6 +318,7 @@ def _train(
             "pfa": result.summary(),
             "warmup": warmup,
             "image_training": image_training,
+            "machine": training_machine(),  # where the image encoder and the heads were trained
         }
         (tmp / "summary.json").write_text(json.dumps(summary, default=str))
         return {

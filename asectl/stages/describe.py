@@ -194,7 +194,8 @@ def run_describe(
             raise out
         return out
 
-    from asectl.workers import WorkerPool, usable_cores
+    from asectl.environment import usable_cores
+    from asectl.workers import WorkerPool
 
     executor = resolve(executor)
     n_workers = workers or (usable_cores() if getattr(backend, "model_free", False) else 1)

@@ -34,11 +34,13 @@ from torch import nn
 from asectl import __version__
 from asectl.bundle import FUSION_MEMBER, HELD_OUT_SCORES, Bundle, write_checksums
 from asectl.cache import new_folder
+from asectl.environment import package_versions
 from asectl.errors import AsectlError, ConfigError
 from asectl.export import MANIFEST, ExportedModel, export_format
 from asectl.stages.predict import bundle_encoders
 
 OPSET = 17
+EXPORT_LIBRARIES = ("torch", "onnx", "onnxruntime", "tokenizers", "transformers")  # versions in export.json
 PARITY_TOLERANCE = 1e-4  # largest probability difference between the bundle and its export
 # OCR engines that import torch -> the ONNX engine an export reads with instead (records identical on the
 # benchmarks: module docstring).
@@ -100,7 +102,7 @@ def run_export(bundle: Bundle, out: str | Path, *, copy_llm: bool = False) -> Ex
                 "asectl_version": bundle.config.get("asectl_version"),
             },
             "opset": OPSET,
-            "versions": _versions(),
+            "versions": package_versions(EXPORT_LIBRARIES),
             "ocr": ocr,
             "llm": llm,
             "graphs": graphs,
@@ -373,18 +375,6 @@ def export_llm(replay: dict[str, Any], folder: Path, copy_llm: bool) -> dict[str
     }
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for dist in ("torch", "onnx", "onnxruntime", "tokenizers", "transformers"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 # --- parity --------------------------------------------------------------------------------------------
 def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
     """Two generated cards and ``PROBE_TEXTS`` through the bundle's torch models and the export's graphs:
@@ -428,6 +418,6 @@ def check_parity(bundle: Bundle, exported: ExportedModel) -> dict[str, Any]:
         raise AsectlError(
             f"the exported graphs' probabilities differ from the bundle's by {diff['probabilities']:.2e} "
             f"(tolerance {PARITY_TOLERANCE:g}) on generated cards; not exported. Report this with "
-            f"the versions of torch and onnxruntime ({_versions()})"
+            f"the versions of torch and onnxruntime ({package_versions(EXPORT_LIBRARIES)})"
         )
     return {**diff, "tolerance": PARITY_TOLERANCE}

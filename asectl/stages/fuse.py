@@ -31,6 +31,7 @@ from asectl.bundle import (
 from asectl.cache import Cache, make_key
 from asectl.domain.card import load_spec
 from asectl.domain.dataset import Dataset
+from asectl.environment import training_machine
 from asectl.models.calibration import DEFAULT_CALIBRATION_FOLDS, DEFAULT_MAX_DEFECT_ERROR, DEFAULT_MAX_MISS_RATE
 from asectl.stages.align import AlignOutcome, run_align
 from asectl.stages.common import dataset_id, folder_id
@@ -235,6 +236,8 @@ def run_fuse_train(
                     "n_train": len(train),
                     "augmented": str(a_aug) if a_aug else None,
                     "class_counts": {c: labels.count(c) for c in sorted(set(labels))},
+                    "machine": training_machine(),  # the fusion's; the alignment's is align_machine
+                    "align_machine": align.summary.get("machine"),  # None: aligned by a version before it
                 },
                 "metrics": {
                     "d_pend": [

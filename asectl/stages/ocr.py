@@ -333,7 +333,8 @@ def _worker_read(sample: Sample) -> dict[str, Any] | DataError:
 def ocr_pool(engine: EngineChoice, spec: CardSpec, detector: str, workers: int):
     """``workers`` processes, each with its own engine, reading cards in order (as ``_read_timed``);
     any error but a card's DataError stops the run."""
-    from asectl.workers import WorkerPool, usable_cores
+    from asectl.environment import usable_cores
+    from asectl.workers import WorkerPool
 
     return WorkerPool(
         workers,
@@ -380,7 +381,7 @@ def run_ocr(
     engine, detector = settings.engine_choice(), settings.detector
     card_spec = settings.card_spec()
     identity = ocr_identity(settings, card_spec)
-    from asectl.workers import usable_cores
+    from asectl.environment import usable_cores
 
     n_workers = workers or usable_cores()  # one OCR process per core
     executor = resolve(executor)

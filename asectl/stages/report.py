@@ -33,6 +33,18 @@ def bundle_alignment(bundle: Bundle | ExportedModel, cache: Cache) -> AlignOutco
     return None if entry is None else AlignOutcome(key, entry.path, entry.read_json("summary.json"), True)
 
 
+def machine_line(machine: dict) -> str:
+    """One line for a recorded training machine: the CPU, the instruction set of torch's kernels and any
+    switch that narrowed it, and the numeric libraries' versions (what a model's last bits depend on)."""
+    switches = ", ".join(f"{k}={v}" for k, v in machine.get("instruction_set_switches", {}).items())
+    libraries = ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items() if v)
+    return (
+        f"{machine.get('cpu')}, {machine.get('cores')} cores, torch kernels {machine.get('torch_cpu_capability')}"
+        + (f" ({switches})" if switches else "")
+        + f"; Python {machine.get('python')}, {libraries}"
+    )
+
+
 def provenance_lines(bundle: Bundle | ExportedModel) -> tuple[dict[str, str], list[str]]:
     cfg = bundle.config
     prov = dict(cfg["provenance"])
@@ -75,6 +87,12 @@ def provenance_lines(bundle: Bundle | ExportedModel) -> tuple[dict[str, str], li
         if trained_image
         else " (frozen encoders, cached features)"
     )
+    machine = cfg["training"].get("machine")
+    if machine:  # a model from before it was recorded has none
+        prov["trained on"] = machine_line(machine)
+        aligned = cfg["training"].get("align_machine")
+        if aligned and machine_line(aligned) != prov["trained on"]:
+            prov["aligned on"] = machine_line(aligned)
     if cfg["training"].get("augmented"):
         prov["training data"] = f"TDA-augmented: {cfg['training']['augmented']}"
     warnings = []

@@ -292,7 +292,8 @@ class Preparers:
     def __init__(self, replay: dict[str, Any], cache_root: Path, force: bool, workers: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        from asectl.workers import WorkerPool, usable_cores
+        from asectl.environment import usable_cores
+        from asectl.workers import WorkerPool
 
         threads = max(1, usable_cores() // workers)
         self._pools = [

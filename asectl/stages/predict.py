@@ -80,7 +80,7 @@ def class_logits(
     from asectl.models.seeding import one_cpu_thread
 
     heads, members = models() if models else (bundle.heads(), bundle.fusion_members())
-    with one_cpu_thread("cpu"):  # the same logits bits on any machine, as training computed them
+    with one_cpu_thread("cpu"):  # the same logits bits as training computed, whatever the core count
         logits = fold_logits(members, arrays, heads)  # fold models trained end to end project with their own heads
     cache.put(STAGE, key, {"logits.safetensors": st_save({"logits": logits})}, {"params": {"bundle": bundle.digest}})
     return logits

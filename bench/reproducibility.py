@@ -38,19 +38,21 @@ from collections import Counter
 from pathlib import Path
 
 from _common import OUT, ROOT, dataset, load, measured_line, save, update_section
+from asectl.environment import INSTRUCTION_SET_SWITCHES
 from predict_speed import code_folder
 
 SCENARIOS = ("cold", "cold again", "smaller folder first", "one thread everywhere", "AVX2 kernels only")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 DECISIONS = ("pass", "defect", "defective", "review")
-# Each library's own switch for the instruction set its CPU kernels may use (torch's ATen dispatch, oneDNN's
-# JIT, MKL, OpenBLAS's core type): below AVX-512 on a machine that has it.
-AVX2_ONLY = {
+# Each library's own switch for the instruction set its CPU kernels may use (the ones a model records,
+# asectl.environment): AVX2, below AVX-512 on a machine that has it, in each switch's own words.
+AVX2_WORDS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "OPENBLAS_CORETYPE": "Haswell",
 }
+AVX2_ONLY = {switch: AVX2_WORDS[switch] for switch in INSTRUCTION_SET_SWITCHES}
 
 
 def asectl(env: dict, *args: str) -> str:

@@ -318,7 +318,7 @@ def _train(
             "pfa": result.summary(),
             "warmup": warmup,
             "image_training": image_training,
-            "machine": training_machine(),  # where the image encoder and the heads were trained
+            "machine": training_machine(),  # where the heads (and the image encoder, unless cached) trained
         }
         (tmp / "summary.json").write_text(json.dumps(summary, default=str))
         return {

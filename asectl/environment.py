@@ -5,8 +5,6 @@ recorded in it."""
 from __future__ import annotations
 
 import os
-import platform
-from importlib.metadata import PackageNotFoundError, version
 
 ON_WORDS = ("1", "true", "yes", "on")
 # The libraries whose CPU kernels set a trained model's last bits, and each one's switch for the instruction
@@ -30,6 +28,8 @@ def usable_cores() -> int:
 
 def package_versions(dists: tuple[str, ...]) -> dict[str, str | None]:
     """Each installed distribution's version; None for one that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version  # here: every command imports this module
+
     out: dict[str, str | None] = {}
     for dist in dists:
         try:
@@ -41,6 +41,8 @@ def package_versions(dists: tuple[str, ...]) -> dict[str, str | None]:
 
 def cpu_name() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module says."""
+    import platform
+
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -56,6 +58,8 @@ def training_machine() -> dict:
     torch's CPU kernels use on it, the instruction-set switches set, the core count, and the versions of
     Python and the numeric libraries. Recorded in a model, so two models of the same inputs that differ
     can be told apart by where they were trained."""
+    import platform
+
     import torch
 
     return {

@@ -91,7 +91,7 @@ def provenance_lines(bundle: Bundle | ExportedModel) -> tuple[dict[str, str], li
     if machine:  # a model from before it was recorded has none
         prov["trained on"] = machine_line(machine)
         aligned = cfg["training"].get("align_machine")
-        if aligned and machine_line(aligned) != prov["trained on"]:
+        if aligned and aligned != machine:
             prov["aligned on"] = machine_line(aligned)
     if cfg["training"].get("augmented"):
         prov["training data"] = f"TDA-augmented: {cfg['training']['augmented']}"

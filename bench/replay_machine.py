@@ -18,26 +18,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _common import OUT, load, publish, update_section
-from reproducibility import AVX2_ONLY, DECISIONS, max_gap
+from reproducibility import AVX2_ONLY, DECISIONS, asectl, decision_counts, differences
 
 NAME = "replay_machine"
 RUNS = ("own kernels", "AVX2 kernels only")
 RECOMPUTED = ("features", "predict")  # cache stages a report encodes and classifies anew without
-
-
-def report(cache: Path, data: Path, model: str, env: dict, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "asectl", "-q", "report", str(data), "--model", model, "--out", str(out), "--json"]
-    done = subprocess.run(cmd, env={**env, "ASECTL_CACHE_DIR": str(cache)}, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"report failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout)
 
 
 def replay(source: Path, data: Path, model: str, extra_env: dict) -> dict:
@@ -47,11 +37,13 @@ def replay(source: Path, data: Path, model: str, extra_env: dict) -> dict:
         for stage in RECOMPUTED:
             shutil.rmtree(cache / "entries" / stage, ignore_errors=True)
         start = time.perf_counter()
-        metrics = report(cache, data, model, {**os.environ, **extra_env}, Path(work) / "report")
+        env = {**os.environ, **extra_env, "ASECTL_CACHE_DIR": str(cache)}
+        out = str(Path(work) / "report")
+        metrics = json.loads(asectl(env, "report", str(data), "--model", model, "--out", out, "--json"))
     rows = metrics["predictions"]
     return {
         "macro_f1": metrics["multiclass"]["macro_f1"],
-        "classes": [r["pred"] for r in rows],
+        "per_card": [[r["image"], r["pred"]] for r in rows],
         "decisions": [r.get("decision") for r in rows],
         "probs": [r.get("probs") for r in rows],
         "seconds": round(time.perf_counter() - start, 1),
@@ -59,7 +51,6 @@ def replay(source: Path, data: Path, model: str, extra_env: dict) -> dict:
 
 
 def render(rec: dict) -> str:
-    own, avx2 = (rec["runs"][r] for r in RUNS)
     lines = [
         "### A trained model on a machine with other kernels (its test cards encoded and classified anew)",
         "",
@@ -74,9 +65,13 @@ def render(rec: dict) -> str:
     for name in RUNS:
         r = rec["runs"][name]
         decided = "/".join(str(r["decision_counts"].get(d, 0)) for d in DECISIONS)
-        cells = ["-", "-", "-"] if name == RUNS[0] else [str(r["classes_differ"]), str(r["decisions_differ"])]
-        if name != RUNS[0]:
-            cells.append(f"{r['largest_probability_gap']:.2g}")
+        v = r["vs_own_kernels"]
+        cells = (
+            ["-", "-", "-"]
+            if name == RUNS[0]
+            else [str(v["cards_predicted_differently"]), str(v["cards_decided_differently"])]
+            + [f"{v['largest_probability_gap']:.2g}"]
+        )
         lines.append(f"| {name} | {100 * r['macro_f1']:.2f} | {decided} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -96,11 +91,7 @@ def main() -> None:
     if args.cache_dir is None or args.data is None:
         raise SystemExit("--cache-dir and --data are required (or --render)")
     started = time.perf_counter()
-    env = {**os.environ, "ASECTL_CACHE_DIR": str(args.cache_dir)}
-    listed = subprocess.run(
-        [sys.executable, "-m", "asectl", "models", "list", "--json"], env=env, capture_output=True, text=True
-    )
-    models = json.loads(listed.stdout or "[]")
+    models = json.loads(asectl({**os.environ, "ASECTL_CACHE_DIR": str(args.cache_dir)}, "models", "list", "--json"))
     chosen = next((m for m in models if args.model is None or m["id"].startswith(args.model)), None)
     if chosen is None:
         raise SystemExit(f"{args.cache_dir}: no model {args.model or ''} in this cache")
@@ -112,12 +103,10 @@ def main() -> None:
     }
     own = runs[RUNS[0]]
     for r in runs.values():
-        r["decision_counts"] = {d: r["decisions"].count(d) for d in DECISIONS}
-        r["classes_differ"] = sum(a != b for a, b in zip(r["classes"], own["classes"]))
-        r["decisions_differ"] = sum(a != b for a, b in zip(r["decisions"], own["decisions"]))
-        r["largest_probability_gap"] = max_gap(r["probs"], own["probs"])
+        r["decision_counts"] = decision_counts(r["decisions"])
+        r["vs_own_kernels"] = differences(r, own)
     for r in runs.values():
-        del r["classes"], r["decisions"], r["probs"]
+        del r["per_card"], r["decisions"], r["probs"]
     rec = {
         "cards": sum(own["decision_counts"].values()),
         "model": chosen["id"],

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 from _common import OUT, ROOT, dataset, load, measured_line, save, update_section
@@ -112,6 +111,19 @@ def run_scenario(name: str, code_env: dict, shared: Path, data: Path, subset: in
     }
 
 
+def decision_counts(decisions: list) -> dict[str, int]:
+    return {d: decisions.count(d) for d in DECISIONS}
+
+
+def differences(run: dict, base: dict) -> dict:
+    """How a run's test cards differ from ``base``'s (both with ``per_card``, ``decisions``, ``probs``)."""
+    return {
+        "cards_predicted_differently": sum(a != b for a, b in zip(run["per_card"], base["per_card"])),
+        "cards_decided_differently": sum(a != b for a, b in zip(run["decisions"], base["decisions"])),
+        "largest_probability_gap": max_gap(run["probs"], base["probs"]),
+    }
+
+
 def max_gap(probs: list, cold: list) -> float:
     """The largest difference of one class probability of one test card between two runs."""
     return max((abs(a - b) for pa, pb in zip(probs, cold) for a, b in zip(pa or [], pb or [])), default=0.0)
@@ -125,13 +137,8 @@ def summarise(rec: dict) -> dict:
         cold = runs["cold"]
         raw[code] = {name: {k: r[k] for k in ("per_card", "probs", "decisions")} for name, r in runs.items()}
         for r in runs.values():
-            r["decision_counts"] = dict(sorted(Counter(r["decisions"]).items()))
-            r["vs_cold"] = {
-                "same_model": r["model"] == cold["model"],
-                "cards_predicted_differently": sum(a != b for a, b in zip(r["per_card"], cold["per_card"])),
-                "cards_decided_differently": sum(a != b for a, b in zip(r["decisions"], cold["decisions"])),
-                "largest_probability_gap": max_gap(r["probs"], cold["probs"]),
-            }
+            r["decision_counts"] = decision_counts(r["decisions"])
+            r["vs_cold"] = {"same_model": r["model"] == cold["model"], **differences(r, cold)}
         for r in runs.values():
             del r["per_card"], r["probs"], r["decisions"]
     return raw

@@ -101,9 +101,10 @@ def save(name: str, data: dict, raw: dict | None = None) -> Path:
         (RAW / f"{name}.json").write_text(json.dumps(raw, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    text = json.dumps(pack_labels(data), indent=1)
+    packed = pack_labels(data)
+    text = json.dumps(packed, indent=1)
     if len(text.encode()) > SUMMARY_LIMIT:  # the indentation alone may be what puts it over
-        text = json.dumps(pack_labels(data), separators=(",", ":"))
+        text = json.dumps(packed, separators=(",", ":"))
     path.write_text(text)
     if path.stat().st_size > SUMMARY_LIMIT:
         print(

@@ -115,14 +115,15 @@ def save(name: str, data: dict, raw: dict | None = None) -> Path:
     return path
 
 
-def publish(name: str, rec: dict, started: float, render, docs: bool = True) -> None:
+def publish(name: str, rec: dict, started: float, render, docs: bool = True, raw: dict | None = None) -> None:
     """Finish a run: ``rec`` gains its run time (from ``started``, a perf_counter) and the measured line, is
-    saved as bench/results/NAME.json, and ``render(rec)`` replaces the docs section named NAME with dashes."""
+    saved as bench/results/NAME.json (``raw``, the per-card output, as bench/out/results/NAME.json), and
+    ``render(rec)`` replaces the docs section named NAME with dashes."""
     import time
 
     rec["seconds"] = round(time.perf_counter() - started, 1)
     rec["measured"] = measured_line()
-    save(name, rec)
+    save(name, rec, raw)
     if docs:
         update_section(name.replace("_", "-"), render(rec))
 

@@ -1,6 +1,7 @@
 """Does a model trained from a cache that other runs filled first equal the one a cold cache gives?
 
-    python bench/reproducibility.py [--seed 0] [--subset 150] [--baseline CHECKOUT] [--render]
+    python bench/reproducibility.py [--seed 0] [--subset 150] [--baseline CHECKOUT] [--scenarios A,B] [--name N]
+        [--render]
 
 One generated `field` dataset (seed --seed, the default 455 cards). Its OCR, descriptions and LLM answers
 are computed once into a shared cache (they are text, and the same whatever the order). Then, each in a
@@ -18,7 +19,9 @@ fresh copy of that cache, the learned stages run as the quickstart runs them (`a
   the machine it was installed on) is not covered: its answers are in the shared cache.
 
 Each scenario's model (the checksums of all its files), test macro-F1, per-card test predictions and
-decisions are compared with the cold run's. With --baseline CHECKOUT, the same scenarios run with that checkout's code
+decisions are compared with the cold run's (--scenarios: the cold run and these alone; --name: the
+results file and docs section, so another machine's run keeps its own). With --baseline CHECKOUT, the
+same scenarios run with that checkout's code
 too (PYTHONPATH), on copies of the same shared cache.
 Results: bench/results/reproducibility.json and the ``reproducibility`` section of docs/benchmarks.md."""
 
@@ -187,12 +190,19 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=150)
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout whose code also runs")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated; cold always runs")
+    ap.add_argument("--name", default="reproducibility", help="results file and docs section")
     ap.add_argument("--render", action="store_true", help="write the docs section again from the saved results")
     args = ap.parse_args()
+    section = args.name.replace("_", "-")
     if args.render:
-        rec = load("reproducibility")
-        update_section("reproducibility", render(rec), header=rec["measured"])
+        rec = load(args.name)
+        update_section(section, render(rec), header=rec["measured"])
         return
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"--scenarios: unknown {sorted(unknown)}; choose among {', '.join(SCENARIOS)}")
+    scenarios = [s for s in SCENARIOS if s == "cold" or s in args.scenarios.split(",")]
     started = time.perf_counter()
     data = dataset(args.seed)
     shared = OUT / f"repro-cache-seed{args.seed}"
@@ -211,7 +221,7 @@ def main() -> None:
         rec["baseline_commit"] = commit_of(args.baseline)
     for code, code_env in codes.items():
         rec["codes"][code] = {}
-        for name in SCENARIOS:
+        for name in scenarios:
             with tempfile.TemporaryDirectory(dir=OUT) as work:
                 rec["codes"][code][name] = run_scenario(name, code_env, shared, data, args.subset, Path(work))
             r = rec["codes"][code][name]
@@ -219,9 +229,9 @@ def main() -> None:
     raw = summarise(rec)
     rec["seconds"] = round(time.perf_counter() - started, 1)
     rec["measured"] = measured_line()
-    save("reproducibility", rec, raw=raw)
+    save(args.name, rec, raw=raw)
     if not args.no_docs:
-        update_section("reproducibility", render(rec))
+        update_section(section, render(rec))
 
 
 if __name__ == "__main__":

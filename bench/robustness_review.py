@@ -97,11 +97,39 @@ def recut(model, clean: Dataset, probs, y, cache: Cache, seed: int) -> dict:
     return out
 
 
+def scored(predictor, cards: Dataset, classes: list[str]) -> dict:
+    """The model's calibrated class probabilities of these cards and their true class indices."""
+    preds = predictor.classify(cards)
+    truth = {s.name: s.label for s in cards.samples}
+    return {
+        "probs": predictor.probabilities(preds.logits).round(7).tolist(),
+        "labels": [classes.index(truth[s.name]) for s in preds.samples],
+    }
+
+
+def line_scores(predictor, model, field: Dataset, clean: Dataset) -> dict:
+    """The field model's probabilities of: its own held-out training cards (those its thresholds were cut
+    on), the field test cards, and the clean training and test cards; and its stored rule. For the
+    label-free cuts of bench/unlabelled_cut.py (the labels score those cuts, never make them)."""
+    classes = list(model.labels)
+    probs, labels = model.held_out_scores()
+    out = {
+        "classes": classes,
+        "rule": model.config["decision"],
+        "field_held_out": {"probs": probs.round(7).tolist(), "labels": [int(k) for k in labels]},
+    }
+    parts = (("field_test", field, "test"), ("clean_train", clean, "train"), ("clean_test", clean, "test"))
+    for name, ds, split in parts:
+        out[name] = scored(predictor, Dataset(ds.split(split), ds.root, ds.source, ds.labels), classes)
+    return out
+
+
 def run_seed(seed: int, cache: Cache) -> dict:
     from asectl.stages.predict import Predictor
 
     over = {"encoders.branches": "image,vlm,llm,stats", "encoders.dot_pattern": True, "fusion.numbers_trees": True}
-    run = train_quick(load_dataset(dataset(seed)), cache, seed, over)  # the default, named in full
+    field = load_dataset(dataset(seed))
+    run = train_quick(field, cache, seed, over)  # the default, named in full
     model = run.bundle
     clean = load_dataset(dataset(seed, difficulty="clean"))
     test = Dataset(clean.split("test"), clean.root, clean.source, clean.labels)
@@ -131,6 +159,7 @@ def run_seed(seed: int, cache: Cache) -> dict:
         "n_dropped": len(preds.dropped),
         "pass_scorers": clean_pass(run, test, cache, seed),
         "recut": recut(model, clean, probs, y, cache, seed),
+        "scores": line_scores(predictor, model, field, clean),
     }
 
 
@@ -148,7 +177,9 @@ def main() -> None:
         per_seed[seed] = run_seed(seed, cache)
         d = per_seed[seed]["decisions"]
         print(seed, round(100 * per_seed[seed]["macro_f1"], 2), d["review_share"], d["n_missed"], flush=True)
-    publish("robustness_review", {"seeds": seeds, "per_seed": per_seed}, start, markdown, docs=not args.no_docs)
+    raw = {seed: per_seed[seed].pop("scores") for seed in seeds}  # per card: out of git
+    rec = {"seeds": seeds, "per_seed": per_seed}
+    publish("robustness_review", rec, start, markdown, docs=not args.no_docs, raw=raw)
 
 
 def markdown(rec: dict) -> str:

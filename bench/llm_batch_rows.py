@@ -23,11 +23,12 @@ def main() -> None:
     import llama_cpp
     import numpy as np
 
-    from asectl.backends.llm import default_model_path
+    from asectl.backends.llm import amx_in_build, default_model_path, plain_weight_buffers
     from asectl.stages.reason.prompt import load_prompt
 
     path = default_model_path()
-    llm = llama_cpp.Llama(str(path), n_ctx=4096, n_threads=1, n_threads_batch=1, logits_all=True, verbose=False)
+    with plain_weight_buffers(amx_in_build()):  # as asectl loads it (no AMX kernels)
+        llm = llama_cpp.Llama(str(path), n_ctx=4096, n_threads=1, n_threads_batch=1, logits_all=True, verbose=False)
     system = load_prompt().system.template.strip()
     tokens = llm.tokenize((system + "\n").encode() * args.repeats)[:1000]
     llm.eval(tokens)

@@ -21,8 +21,7 @@ fresh copy of that cache, the learned stages run as the quickstart runs them (`a
 Each scenario's model (the checksums of all its files), test macro-F1, per-card test predictions and
 decisions are compared with the cold run's (--scenarios: the cold run and these alone; --name: the
 results file and docs section, so another machine's run keeps its own). With --baseline CHECKOUT, the
-same scenarios run with that checkout's code
-too (PYTHONPATH), on copies of the same shared cache.
+same scenarios run with that checkout's code too (PYTHONPATH), on copies of the same shared cache.
 Results: bench/results/reproducibility.json and the ``reproducibility`` section of docs/benchmarks.md."""
 
 from __future__ import annotations

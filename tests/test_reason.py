@@ -483,6 +483,25 @@ def test_default_smollm2_answers_within_the_schema(small_dataset, truth, priors,
         assert rec["tokens"]["completion"] > 0
 
 
+def test_weights_stay_out_of_amx_buffers_only_while_a_model_loads():
+    """ggml's AMX kernels crash on the first multi-token batch on some Sapphire Rapids machines (the
+    default model above died so on one): where the build lists AMX_INT8, asectl loads weights with
+    llama.cpp's extra buffer types off, and only for the length of the load."""
+    import llama_cpp.llama_cpp as lib
+
+    from asectl.backends.llm import amx_in_build, plain_weight_buffers
+
+    assert amx_in_build("CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |")
+    assert not amx_in_build(b"CPU : AVX2 = 1 | AVX512 = 1 | REPACK = 1 |")
+    assert lib.llama_model_default_params().use_extra_bufts
+    with plain_weight_buffers(False):
+        assert lib.llama_model_default_params().use_extra_bufts
+    with pytest.raises(RuntimeError), plain_weight_buffers(True):
+        assert not lib.llama_model_default_params().use_extra_bufts
+        raise RuntimeError("a failed load")
+    assert lib.llama_model_default_params().use_extra_bufts
+
+
 def test_worker_processes_give_the_same_answers_as_one_process(tmp_path, small_dataset, tiny_gguf):
     """Answers do not depend on how many processes share the work, nor on card order."""
     from asectl.cache import Cache

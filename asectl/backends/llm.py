@@ -243,6 +243,44 @@ def _llama_log_captured() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(lib_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+def amx_in_build(system_info: bytes | str | None = None) -> bool:
+    """Whether this llama.cpp build would repack weights into its AMX buffers on this CPU (llama.cpp's
+    system info lists ``AMX_INT8 = 1``). ``system_info``: that text, read from the build when None."""
+    if system_info is None:
+        import llama_cpp
+
+        system_info = llama_cpp.llama_print_system_info()
+    if isinstance(system_info, bytes):
+        system_info = system_info.decode("utf-8", "replace")
+    return "AMX_INT8 = 1" in system_info
+
+
+@contextlib.contextmanager
+def plain_weight_buffers(plain: bool) -> Iterator[None]:
+    """While a model loads: with ``plain``, llama.cpp's extra weight buffer types (the repacked layouts: AMX,
+    CPU_REPACK) are off. ggml's AMX matrix kernels crash (SIGSEGV) on the first batch of two or more tokens
+    on some Sapphire Rapids machines and VMs (llama.cpp issue 20824, not fixed upstream; seen on an Intel
+    Xeon with AMX_INT8 here), and llama-cpp-python's Llama() has no argument for the switch, so its default
+    model parameters are wrapped for the length of the load."""
+    if not plain:
+        yield
+        return
+    import llama_cpp.llama_cpp as lib
+
+    defaults = lib.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = defaults
+
+
 def _load_failure_cause(lines: list[str]) -> str:
     for line in lines:
         if "error loading model" in line or "failed to" in line.lower() or "error:" in line:
@@ -470,6 +508,7 @@ class LlamaCppLLM(LLM):
         self.n_gpu_layers = n_gpu_layers
         self.seed = seed
         self._llm = None
+        self.plain_buffers = False  # set by load(): weights kept out of llama.cpp's AMX buffers
         self._prefix: tuple[int, ...] | None = None  # tokens of the shared prefix held in the context
         self.prefix_source: str | None = None  # "restored" (from disk) or "evaluated", last time
         self._decoders: dict[tuple[Field, ...], Any] = {}
@@ -504,7 +543,11 @@ class LlamaCppLLM(LLM):
                 "this llama-cpp-python build has no GPU support; --n-gpu-layers %d is ignored (CPU run)",
                 self.n_gpu_layers,
             )
-        with _llama_log_captured() as lines:
+        # CPU weights stay in plain buffers where the build would use AMX kernels (plain_weight_buffers).
+        self.plain_buffers = amx_in_build()
+        if self.plain_buffers:
+            log.debug("llama.cpp: AMX kernels off (extra weight buffers off) for %s", self.path.name)
+        with _llama_log_captured() as lines, plain_weight_buffers(self.plain_buffers):
             try:
                 self._llm = llama_cpp.Llama(
                     str(self.path),
@@ -617,6 +660,7 @@ class LlamaCppLLM(LLM):
             llm.n_batch,
             int(llm.context_params.n_ubatch),
             sha256_bytes(repr(key).encode()),
+            *(["plain-buffers"] if self.plain_buffers else []),  # other kernels, other cells
         ], st
 
     def _restore_prefix(self, key: tuple[int, ...], memo_key: list) -> bool:

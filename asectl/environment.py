@@ -9,8 +9,9 @@ import os
 ON_WORDS = ("1", "true", "yes", "on")
 # The libraries whose CPU kernels set a trained model's last bits, and each one's switch for the instruction
 # set its kernels may use: torch's ATen dispatch, oneDNN's JIT, MKL, OpenBLAS's core type. Two machines
-# whose kernels use other instruction sets (AVX-512 against AVX2) train models that differ in their last
-# bits, and the small training runs carry that into other thresholds (docs/benchmarks.md, "Reproducibility").
+# with other CPUs (AVX-512 against AVX2, an Intel against an AMD one, even with these switches set alike)
+# train models that differ in their last bits, and the small training runs carry that into other
+# thresholds (docs/benchmarks.md, "Reproducibility").
 INSTRUCTION_SET_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE")
 # The libraries whose versions a trained model's bits depend on.
 TRAINING_LIBRARIES = ("torch", "numpy", "scikit-learn", "llama_cpp_python")

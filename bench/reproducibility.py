@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from _common import OUT, ROOT, dataset, load, measured_line, save, update_section
-from asectl.environment import INSTRUCTION_SET_SWITCHES
+from asectl.environment import INSTRUCTION_SET_SWITCHES, cpu_name
 from predict_speed import code_folder
 
 SCENARIOS = ("cold", "cold again", "smaller folder first", "one thread everywhere", "AVX2 kernels only")
@@ -148,7 +148,8 @@ def summarise(rec: dict) -> dict:
 
 def render(rec: dict) -> str:
     lines = [
-        "### Reproducibility: a model from a cache other runs filled first, against a cold one",
+        "### Reproducibility: a model from a cache other runs filled first, against a cold one"
+        + (f" ({rec['cpu']})" if rec.get("cpu") else ""),
         "",
         f"Dataset: `field`, seed {rec['seed']}, {rec['cards']} cards; smaller folder: {rec['subset']} of them "
         "(every third card). Each scenario in a fresh copy of one cache holding the OCR, descriptions and LLM answers. "
@@ -215,6 +216,7 @@ def main() -> None:
     rec = {"seed": args.seed, "subset": args.subset, "cards": sum(1 for _ in (data / "images").glob("*.png"))}
     rec["codes"] = {}
     rec["commit"] = commit_of(ROOT)
+    rec["cpu"] = cpu_name()
     if args.baseline is not None:
         rec["baseline"] = str(args.baseline)
         rec["baseline_commit"] = commit_of(args.baseline)

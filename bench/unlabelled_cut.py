@@ -13,7 +13,10 @@ and replaces the stored pass threshold (every other threshold stays the model's)
 * mixture: a two-component Gaussian mixture on logit p(normal) of the archive; the cut is the (1 - miss
   target) quantile of the lower component (the defective cards' scores, as the mixture sees them);
 * mixture, anchored on field: the same, shifted by how far the mixture's cut on the model's own held-out
-  cards (labels hidden) lies from the stored cut there, so the mixture's bias on the source is carried.
+  cards (labels hidden) lies from the stored cut there, so the mixture's bias on the source is carried;
+* mixture, posterior matched to field: the lowest cut where the archive mixture's lower component has no
+  more posterior weight than the held-out cards' mixture gives it at the stored cut (a line whose
+  defective scores lie further from its normal ones gets a lower cut).
 
 Each cut is judged on two lines: `clean` (archive: its training split; decided: its test split) and
 `field` itself, the check that a cut which loosens on an easy line does not loosen on a hard one (archive
@@ -41,16 +44,45 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def mixture_cut(p_normal: np.ndarray, miss: float, seed: int = 0) -> float:
-    """The (1 - miss) quantile of the lower of two Gaussian components fitted to logit p(normal)."""
-    from scipy.stats import norm
+def mixture(p_normal: np.ndarray, seed: int = 0):
+    """Two Gaussian components fitted to logit p(normal); (the mixture, the lower component's index)."""
     from sklearn.mixture import GaussianMixture
 
-    z = logit(p_normal).reshape(-1, 1)
-    gm = GaussianMixture(2, n_init=5, random_state=seed).fit(z)
-    low = int(np.argmin(gm.means_[:, 0]))
+    gm = GaussianMixture(2, n_init=5, random_state=seed).fit(logit(p_normal).reshape(-1, 1))
+    return gm, int(np.argmin(gm.means_[:, 0]))
+
+
+def mixture_cut(p_normal: np.ndarray, miss: float) -> float:
+    """The (1 - miss) quantile of the lower of two Gaussian components fitted to logit p(normal)."""
+    from scipy.stats import norm
+
+    gm, low = mixture(p_normal)
     mu, sd = float(gm.means_[low, 0]), float(np.sqrt(gm.covariances_[low].ravel()[0]))
     return float(1 / (1 + np.exp(-(mu + norm.ppf(1 - miss) * sd))))
+
+
+GRID = np.linspace(-12, 12, 4801)  # logit p(normal) from about 6e-6 to 1 - 6e-6
+
+
+def lower_share(p_normal: np.ndarray) -> tuple[np.ndarray, float]:
+    """On GRID, the posterior of the lower component of the mixture fitted to these p(normal); and the
+    component's mean."""
+    gm, low = mixture(p_normal)
+    return gm.predict_proba(GRID.reshape(-1, 1))[:, low], float(gm.means_[low, 0])
+
+
+def posterior_matched_cut(archive: np.ndarray, own: np.ndarray, stored: float) -> float:
+    """The lowest cut above the archive mixture's lower mean where the lower component's posterior is no
+    larger than the posterior the model's own held-out mixture gives at the stored cut (and stays so
+    above it)."""
+    own_post, _ = lower_share(own)
+    target = float(np.interp(logit(np.array([stored]))[0], GRID, own_post))
+    post, low_mean = lower_share(archive)
+    above = (GRID > low_mean) & (post <= target)
+    # the first grid point from which every higher point qualifies
+    bad = np.flatnonzero((GRID > low_mean) & ~above)
+    start = bad[-1] + 1 if len(bad) else int(np.argmax(GRID > low_mean))
+    return float(1 / (1 + np.exp(-GRID[min(start, len(GRID) - 1)])))
 
 
 def cuts(seed_scores: dict, archive: np.ndarray, miss: float, stored: float) -> dict[str, float]:
@@ -63,6 +95,7 @@ def cuts(seed_scores: dict, archive: np.ndarray, miss: float, stored: float) -> 
         "stored": stored,
         "mixture": line,
         "mixture, anchored on field": float(1 / (1 + np.exp(-(logit(np.array([line]))[0] + shift)))),
+        "mixture, posterior matched to field": posterior_matched_cut(archive, own, stored),
     }
 
 
@@ -109,8 +142,9 @@ def markdown(rec: dict) -> str:
         if rec["split"] == "test"
         else "decided: the archive's own cards (clean training split, field held-out cards)"
     )
+    split = "test split" if rec["split"] == "test" else "training split: the design check"
     lines = [
-        "### Pass cuts set from a line's unlabelled cards (seeds " + ", ".join(map(str, seeds)) + ")",
+        f"### Pass cuts set from a line's unlabelled cards ({split}; seeds " + ", ".join(map(str, seeds)) + ")",
         "",
         f"The field model of bench/robustness_review.py, its pass threshold replaced by each cut; {where}.",
         "",

@@ -11,7 +11,8 @@ review share of at most 10% with the miss rate held. Beside the default, scorers
 decision alone (bench/decision_rules.py's ``pass_scorers``: normal against every defect class on the printed
 and dot pattern's numbers of the field training cards, the pass cut set out of fold on them) decide the same
 clean cards' pass. Nothing is chosen here; each clean test split is read once.
-Results: bench/results/robustness_review.json and the ``robustness-review`` section of docs/benchmarks.md."""
+Results: bench/results/robustness_review.json and the ``robustness-review`` section of docs/benchmarks.md;
+the field model's per-card probabilities (for bench/unlabelled_cut.py) in bench/out/results/, not committed."""
 
 from __future__ import annotations
 
@@ -107,19 +108,20 @@ def scored(predictor, cards: Dataset, classes: list[str]) -> dict:
     }
 
 
-def line_scores(predictor, model, field: Dataset, clean: Dataset) -> dict:
+def line_scores(predictor, model, field: Dataset, clean: Dataset, clean_test: dict) -> dict:
     """The field model's probabilities of: its own held-out training cards (those its thresholds were cut
-    on), the field test cards, and the clean training and test cards; and its stored rule. For the
-    label-free cuts of bench/unlabelled_cut.py (the labels score those cuts, never make them)."""
+    on), the field test cards, and the clean training and test cards (``clean_test``: already scored); and
+    its stored rule. For the label-free cuts of bench/unlabelled_cut.py (the labels score those cuts,
+    never make them)."""
     classes = list(model.labels)
     probs, labels = model.held_out_scores()
     out = {
         "classes": classes,
         "rule": model.config["decision"],
         "field_held_out": {"probs": probs.round(7).tolist(), "labels": [int(k) for k in labels]},
+        "clean_test": clean_test,
     }
-    parts = (("field_test", field, "test"), ("clean_train", clean, "train"), ("clean_test", clean, "test"))
-    for name, ds, split in parts:
+    for name, ds, split in (("field_test", field, "test"), ("clean_train", clean, "train")):
         out[name] = scored(predictor, Dataset(ds.split(split), ds.root, ds.source, ds.labels), classes)
     return out
 
@@ -159,7 +161,7 @@ def run_seed(seed: int, cache: Cache) -> dict:
         "n_dropped": len(preds.dropped),
         "pass_scorers": clean_pass(run, test, cache, seed),
         "recut": recut(model, clean, probs, y, cache, seed),
-        "scores": line_scores(predictor, model, field, clean),
+        "scores": line_scores(predictor, model, field, clean, {"probs": probs.round(7).tolist(), "labels": y.tolist()}),
     }
 
 

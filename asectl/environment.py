@@ -54,17 +54,36 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU's vector and matrix extensions that pick kernels in torch, oneDNN, MKL, OpenBLAS and llama.cpp
+# (as /proc/cpuinfo names them): a virtual machine's model name can be as plain as "Intel Xeon Processor".
+KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
+
+
+def cpu_features() -> list[str]:
+    """Which of KERNEL_FEATURES the CPU has (Linux: /proc/cpuinfo's flags; elsewhere an empty list)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [k for k in KERNEL_FEATURES if k in flags]
+    except OSError:
+        pass
+    return []
+
+
 def training_machine() -> dict:
-    """What a model's bits depend on beyond its inputs, settings and seeds: the CPU, the instruction set
-    torch's CPU kernels use on it, the instruction-set switches set, the core count, and the versions of
-    Python and the numeric libraries. Recorded in a model, so two models of the same inputs that differ
-    can be told apart by where they were trained."""
+    """What a model's bits depend on beyond its inputs, settings and seeds: the CPU and its kernel
+    features, the instruction set torch's CPU kernels use on it, the instruction-set switches set, the
+    core count, and the versions of Python and the numeric libraries. Recorded in a model, so two models
+    of the same inputs that differ can be told apart by where they were trained."""
     import platform
 
     import torch
 
     return {
         "cpu": cpu_name(),
+        "cpu_features": cpu_features(),
         "cores": usable_cores(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "instruction_set_switches": {k: os.environ[k] for k in INSTRUCTION_SET_SWITCHES if k in os.environ},

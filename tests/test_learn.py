@@ -57,13 +57,17 @@ def test_the_bundle_records_the_machine_it_was_trained_on(trained, monkeypatch):
     import torch
 
     from asectl.bundle import load_bundle
-    from asectl.environment import INSTRUCTION_SET_SWITCHES, cpu_name, training_machine
+    from asectl.environment import INSTRUCTION_SET_SWITCHES, KERNEL_FEATURES, cpu_name, training_machine
     from asectl.stages.report import provenance_lines
 
     bundle = load_bundle(trained["root"] / "bundle")
     machine = bundle.config["training"]["machine"]
     assert machine["cpu"] == cpu_name() and machine["cpu"]
     assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    features = machine["cpu_features"]
+    assert features == [k for k in KERNEL_FEATURES if k in features]  # known names, in their order
+    if machine["torch_cpu_capability"] in ("AVX2", "AVX512"):  # torch found these on the CPU itself
+        assert "avx2" in features and ("avx512f" in features or machine["torch_cpu_capability"] == "AVX2")
     assert machine["libraries"]["torch"] == torch.__version__.split("+")[0]
     assert set(machine["libraries"]) >= {"numpy", "scikit-learn", "llama_cpp_python"}
     assert bundle.config["training"]["align_machine"] == machine  # aligned and fused in the same process

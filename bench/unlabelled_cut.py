@@ -32,6 +32,7 @@ import dataclasses
 import time
 
 import numpy as np
+from scipy.special import expit
 
 from _common import load_raw, publish
 from asectl.models.calibration import DecisionRule, decision_stats
@@ -39,9 +40,11 @@ from asectl.models.calibration import DecisionRule, decision_stats
 CLIP = 1e-6  # p(normal) of 0 or 1 would give an infinite logit
 
 
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, CLIP, 1 - CLIP)
-    return np.log(p) - np.log1p(-p)
+def logit(p):
+    """logit of p(normal), clipped away from 0 and 1 (arrays or one value)."""
+    from scipy.special import logit as unclipped
+
+    return unclipped(np.clip(p, CLIP, 1 - CLIP))
 
 
 def mixture(p_normal: np.ndarray, seed: int = 0):
@@ -58,7 +61,7 @@ def mixture_cut(p_normal: np.ndarray, miss: float) -> float:
 
     gm, low = mixture(p_normal)
     mu, sd = float(gm.means_[low, 0]), float(np.sqrt(gm.covariances_[low].ravel()[0]))
-    return float(1 / (1 + np.exp(-(mu + norm.ppf(1 - miss) * sd))))
+    return float(expit(mu + norm.ppf(1 - miss) * sd))
 
 
 GRID = np.linspace(-12, 12, 4801)  # logit p(normal) from about 6e-6 to 1 - 6e-6
@@ -76,25 +79,25 @@ def posterior_matched_cut(archive: np.ndarray, own: np.ndarray, stored: float) -
     larger than the posterior the model's own held-out mixture gives at the stored cut (and stays so
     above it)."""
     own_post, _ = lower_share(own)
-    target = float(np.interp(logit(np.array([stored]))[0], GRID, own_post))
+    target = float(np.interp(logit(stored), GRID, own_post))
     post, low_mean = lower_share(archive)
     above = (GRID > low_mean) & (post <= target)
     # the first grid point from which every higher point qualifies
     bad = np.flatnonzero((GRID > low_mean) & ~above)
     start = bad[-1] + 1 if len(bad) else int(np.argmax(GRID > low_mean))
-    return float(1 / (1 + np.exp(-GRID[min(start, len(GRID) - 1)])))
+    return float(expit(GRID[min(start, len(GRID) - 1)]))
 
 
 def cuts(seed_scores: dict, archive: np.ndarray, miss: float, stored: float) -> dict[str, float]:
     """Each label-free cut for a line whose unlabelled archive gives these p(normal)."""
     normal = seed_scores["classes"].index("normal")
     own = np.asarray(seed_scores["field_held_out"]["probs"])[:, normal]
-    shift = logit(np.array([stored]))[0] - logit(np.array([mixture_cut(own, miss)]))[0]
+    shift = logit(stored) - logit(mixture_cut(own, miss))
     line = mixture_cut(archive, miss)
     return {
         "stored": stored,
         "mixture": line,
-        "mixture, anchored on field": float(1 / (1 + np.exp(-(logit(np.array([line]))[0] + shift)))),
+        "mixture, anchored on field": float(expit(logit(line) + shift)),
         "mixture, posterior matched to field": posterior_matched_cut(archive, own, stored),
     }
 

@@ -71,6 +71,8 @@ def test_the_bundle_records_the_machine_it_was_trained_on(trained, monkeypatch):
     assert machine["libraries"]["torch"] == torch.__version__.split("+")[0]
     assert set(machine["libraries"]) >= {"numpy", "scikit-learn", "llama_cpp_python"}
     assert bundle.config["training"]["align_machine"] == machine  # aligned and fused in the same process
+    image = bundle.config["training"]["image_encoder_machine"]  # the default trains its image encoder (cards-cnn)
+    assert image == machine
     prov, _ = provenance_lines(bundle)
     assert (
         prov["trained on"].startswith(f"{machine['cpu']}, ") and machine["torch_cpu_capability"] in prov["trained on"]

@@ -130,6 +130,7 @@ def train_image_encoder(
     from safetensors.numpy import save_file as np_save_file
 
     from asectl.backends.encoders import save_module_state
+    from asectl.environment import training_machine
 
     ident = encoder.identity()
     key = make_key(
@@ -152,6 +153,7 @@ def train_image_encoder(
             "classes": list(encoder.classes),
             "seconds": round(time.perf_counter() - start, 2),
             "cpu_seconds": round(_cpu_seconds() - cpu_start, 2),
+            "machine": training_machine(),  # its weights' last bits are this CPU's (docs/fuse-train.md)
         }
 
         def build(tmp):

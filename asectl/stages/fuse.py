@@ -238,6 +238,8 @@ def run_fuse_train(
                     "class_counts": {c: labels.count(c) for c in sorted(set(labels))},
                     "machine": training_machine(),  # the fusion's; the alignment's is align_machine
                     "align_machine": align.summary.get("machine"),  # None: aligned by a version before it
+                    # where a cached image encoder was trained (None: frozen, or trained by a version before it)
+                    "image_encoder_machine": (align.summary.get("image_training") or {}).get("machine"),
                 },
                 "metrics": {
                     "d_pend": [

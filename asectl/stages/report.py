@@ -93,6 +93,9 @@ def provenance_lines(bundle: Bundle | ExportedModel) -> tuple[dict[str, str], li
         aligned = cfg["training"].get("align_machine")
         if aligned and aligned != machine:
             prov["aligned on"] = machine_line(aligned)
+        image = cfg["training"].get("image_encoder_machine")
+        if image and image != (aligned or machine):
+            prov["image encoder trained on"] = machine_line(image)
     if cfg["training"].get("augmented"):
         prov["training data"] = f"TDA-augmented: {cfg['training']['augmented']}"
     warnings = []

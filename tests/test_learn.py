@@ -77,7 +77,12 @@ def test_the_bundle_records_the_machine_it_was_trained_on(trained, monkeypatch):
     assert (
         prov["trained on"].startswith(f"{machine['cpu']}, ") and machine["torch_cpu_capability"] in prov["trained on"]
     )
-    assert "aligned on" not in prov
+    assert "aligned on" not in prov and "image encoder trained on" not in prov
+    # weights from a cache another machine filled: the report names that machine (the record in memory only)
+    other = {**machine, "cpu": "Another CPU", "cpu_features": ["avx2", "fma"]}
+    bundle.config["training"]["image_encoder_machine"] = other
+    prov, _ = provenance_lines(bundle)
+    assert prov["image encoder trained on"].startswith("Another CPU, ") and "aligned on" not in prov
     for switch in INSTRUCTION_SET_SWITCHES:
         monkeypatch.delenv(switch, raising=False)
     assert training_machine()["instruction_set_switches"] == {}

@@ -13,6 +13,9 @@ ON_WORDS = ("1", "true", "yes", "on")
 # train models that differ in their last bits, and the small training runs carry that into other
 # thresholds (docs/benchmarks.md, "Reproducibility").
 INSTRUCTION_SET_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE")
+# MKL's conditional numerical reproducibility: one code branch on every CPU that has it (MKL's own switch
+# for the same results across CPUs), recorded beside the instruction-set switches.
+RECORDED_SWITCHES = (*INSTRUCTION_SET_SWITCHES, "MKL_CBWR")
 # The libraries whose versions a trained model's bits depend on.
 TRAINING_LIBRARIES = ("torch", "numpy", "scikit-learn", "llama_cpp_python")
 
@@ -86,7 +89,7 @@ def training_machine() -> dict:
         "cpu_features": cpu_features(),
         "cores": usable_cores(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "instruction_set_switches": {k: os.environ[k] for k in INSTRUCTION_SET_SWITCHES if k in os.environ},
+        "instruction_set_switches": {k: os.environ[k] for k in RECORDED_SWITCHES if k in os.environ},
         "python": platform.python_version(),
         "libraries": package_versions(TRAINING_LIBRARIES),
     }

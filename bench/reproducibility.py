@@ -16,7 +16,9 @@ fresh copy of that cache, the learned stages run as the quickstart runs them (`a
 * one thread everywhere: cold, with OMP/MKL/OpenBLAS limited to one thread (a machine with fewer cores);
 * AVX2 kernels only: cold, with torch, oneDNN, MKL and OpenBLAS told to use no instruction set above AVX2,
   as on a machine without AVX-512 (on such a machine the same as cold). The LLM (llama.cpp, compiled for
-  the machine it was installed on) is not covered: its answers are in the shared cache.
+  the machine it was installed on) is not covered: its answers are in the shared cache;
+* AVX2 and MKL reproducible: the same, and MKL's conditional numerical reproducibility on its AVX2 branch
+  (``MKL_CBWR=AVX2``), MKL's own switch for the same results on different CPUs.
 
 Each scenario's model (the checksums of all its files), test macro-F1, per-card test predictions and
 decisions are compared with the cold run's (--scenarios: the cold run and these alone; --name: the
@@ -42,7 +44,14 @@ from _common import OUT, ROOT, dataset, load, measured_line, save, update_sectio
 from asectl.environment import INSTRUCTION_SET_SWITCHES, cpu_name
 from predict_speed import code_folder
 
-SCENARIOS = ("cold", "cold again", "smaller folder first", "one thread everywhere", "AVX2 kernels only")
+SCENARIOS = (
+    "cold",
+    "cold again",
+    "smaller folder first",
+    "one thread everywhere",
+    "AVX2 kernels only",
+    "AVX2 and MKL reproducible",
+)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 DECISIONS = ("pass", "defect", "defective", "review")
 # Each library's own switch for the instruction set its CPU kernels may use (the ones a model records,
@@ -54,6 +63,9 @@ AVX2_WORDS = {
     "OPENBLAS_CORETYPE": "Haswell",
 }
 AVX2_ONLY = {switch: AVX2_WORDS[switch] for switch in INSTRUCTION_SET_SWITCHES}
+# ... and MKL's conditional numerical reproducibility on its AVX2 branch, which MKL documents as the same
+# results on every CPU with AVX2 (its own dispatch otherwise depends on the CPU's maker and model).
+MKL_REPRODUCIBLE = {**AVX2_ONLY, "MKL_CBWR": "AVX2"}
 
 
 def asectl(env: dict, *args: str) -> str:
@@ -94,6 +106,8 @@ def run_scenario(name: str, code_env: dict, shared: Path, data: Path, subset: in
         env.update(ONE_THREAD)
     if name == "AVX2 kernels only":
         env.update(AVX2_ONLY)
+    if name == "AVX2 and MKL reproducible":
+        env.update(MKL_REPRODUCIBLE)
     start = time.perf_counter()
     if name == "smaller folder first":
         asectl(env, "align", str(subset_folder(data, subset, work / "subset")), "--stride", "0.2")

@@ -57,7 +57,7 @@ def test_the_bundle_records_the_machine_it_was_trained_on(trained, monkeypatch):
     import torch
 
     from asectl.bundle import load_bundle
-    from asectl.environment import INSTRUCTION_SET_SWITCHES, KERNEL_FEATURES, cpu_name, training_machine
+    from asectl.environment import KERNEL_FEATURES, RECORDED_SWITCHES, cpu_name, training_machine
     from asectl.stages.report import provenance_lines
 
     bundle = load_bundle(trained["root"] / "bundle")
@@ -83,11 +83,12 @@ def test_the_bundle_records_the_machine_it_was_trained_on(trained, monkeypatch):
     bundle.config["training"]["image_encoder_machine"] = other
     prov, _ = provenance_lines(bundle)
     assert prov["image encoder trained on"].startswith("Another CPU, ") and "aligned on" not in prov
-    for switch in INSTRUCTION_SET_SWITCHES:
+    for switch in RECORDED_SWITCHES:
         monkeypatch.delenv(switch, raising=False)
     assert training_machine()["instruction_set_switches"] == {}
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    assert training_machine()["instruction_set_switches"] == {"ATEN_CPU_CAPABILITY": "avx2"}
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    assert training_machine()["instruction_set_switches"] == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 
 
 def test_predict_fresh_card_outside_the_dataset(trained, tmp_path):

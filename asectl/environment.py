@@ -4,6 +4,7 @@ recorded in it."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 ON_WORDS = ("1", "true", "yes", "on")
@@ -43,18 +44,27 @@ def package_versions(dists: tuple[str, ...]) -> dict[str, str | None]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (Linux; {} elsewhere), read once per process."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():  # the end of the first processor's block
+                    break
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
 def cpu_name() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module says."""
     import platform
 
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 # The CPU's vector and matrix extensions that pick kernels in torch, oneDNN, MKL, OpenBLAS and llama.cpp
@@ -64,15 +74,8 @@ KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx5
 
 def cpu_features() -> list[str]:
     """Which of KERNEL_FEATURES the CPU has (Linux: /proc/cpuinfo's flags; elsewhere an empty list)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [k for k in KERNEL_FEATURES if k in flags]
-    except OSError:
-        pass
-    return []
+    flags = set(_cpuinfo().get("flags", "").split())
+    return [k for k in KERNEL_FEATURES if k in flags]
 
 
 def training_machine() -> dict:

@@ -47,40 +47,40 @@ def logit(p):
     return unclipped(np.clip(p, CLIP, 1 - CLIP))
 
 
-def mixture(p_normal: np.ndarray, seed: int = 0):
-    """Two Gaussian components fitted to logit p(normal); (the mixture, the lower component's index)."""
-    from sklearn.mixture import GaussianMixture
-
-    gm = GaussianMixture(2, n_init=5, random_state=seed).fit(logit(p_normal).reshape(-1, 1))
-    return gm, int(np.argmin(gm.means_[:, 0]))
-
-
-def mixture_cut(p_normal: np.ndarray, miss: float) -> float:
-    """The (1 - miss) quantile of the lower of two Gaussian components fitted to logit p(normal)."""
-    from scipy.stats import norm
-
-    gm, low = mixture(p_normal)
-    mu, sd = float(gm.means_[low, 0]), float(np.sqrt(gm.covariances_[low].ravel()[0]))
-    return float(expit(mu + norm.ppf(1 - miss) * sd))
-
-
 GRID = np.linspace(-12, 12, 4801)  # logit p(normal) from about 6e-6 to 1 - 6e-6
 
 
-def lower_share(p_normal: np.ndarray) -> tuple[np.ndarray, float]:
-    """On GRID, the posterior of the lower component of the mixture fitted to these p(normal); and the
-    component's mean."""
-    gm, low = mixture(p_normal)
-    return gm.predict_proba(GRID.reshape(-1, 1))[:, low], float(gm.means_[low, 0])
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Two Gaussian components fitted to logit p(normal): the lower one's mean and sd, and its posterior
+    on GRID."""
+
+    mean: float
+    sd: float
+    lower_posterior: np.ndarray
+
+    @classmethod
+    def fit(cls, p_normal: np.ndarray, seed: int = 0) -> Mixture:
+        from sklearn.mixture import GaussianMixture
+
+        gm = GaussianMixture(2, n_init=5, random_state=seed).fit(logit(p_normal).reshape(-1, 1))
+        low = int(np.argmin(gm.means_[:, 0]))
+        sd = float(np.sqrt(gm.covariances_[low].ravel()[0]))
+        return cls(float(gm.means_[low, 0]), sd, gm.predict_proba(GRID.reshape(-1, 1))[:, low])
+
+    def tail_cut(self, miss: float) -> float:
+        """The (1 - miss) quantile of the lower component, as a p(normal)."""
+        from scipy.stats import norm
+
+        return float(expit(self.mean + norm.ppf(1 - miss) * self.sd))
 
 
-def posterior_matched_cut(archive: np.ndarray, own: np.ndarray, stored: float) -> float:
+def posterior_matched_cut(archive: Mixture, own: Mixture, stored: float) -> float:
     """The lowest cut above the archive mixture's lower mean where the lower component's posterior is no
     larger than the posterior the model's own held-out mixture gives at the stored cut (and stays so
     above it)."""
-    own_post, _ = lower_share(own)
-    target = float(np.interp(logit(stored), GRID, own_post))
-    post, low_mean = lower_share(archive)
+    target = float(np.interp(logit(stored), GRID, own.lower_posterior))
+    post, low_mean = archive.lower_posterior, archive.mean
     above = (GRID > low_mean) & (post <= target)
     # the first grid point from which every higher point qualifies
     bad = np.flatnonzero((GRID > low_mean) & ~above)
@@ -91,14 +91,14 @@ def posterior_matched_cut(archive: np.ndarray, own: np.ndarray, stored: float) -
 def cuts(seed_scores: dict, archive: np.ndarray, miss: float, stored: float) -> dict[str, float]:
     """Each label-free cut for a line whose unlabelled archive gives these p(normal)."""
     normal = seed_scores["classes"].index("normal")
-    own = np.asarray(seed_scores["field_held_out"]["probs"])[:, normal]
-    shift = logit(stored) - logit(mixture_cut(own, miss))
-    line = mixture_cut(archive, miss)
+    own = Mixture.fit(np.asarray(seed_scores["field_held_out"]["probs"])[:, normal])
+    line = Mixture.fit(archive)
+    shift = logit(stored) - logit(own.tail_cut(miss))
     return {
         "stored": stored,
-        "mixture": line,
-        "mixture, anchored on field": float(expit(logit(line) + shift)),
-        "mixture, posterior matched to field": posterior_matched_cut(archive, own, stored),
+        "mixture": line.tail_cut(miss),
+        "mixture, anchored on field": float(expit(logit(line.tail_cut(miss)) + shift)),
+        "mixture, posterior matched to field": posterior_matched_cut(line, own, stored),
     }
 
 

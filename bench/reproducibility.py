@@ -66,6 +66,11 @@ AVX2_ONLY = {switch: AVX2_WORDS[switch] for switch in INSTRUCTION_SET_SWITCHES}
 # ... and MKL's conditional numerical reproducibility on its AVX2 branch, which MKL documents as the same
 # results on every CPU with AVX2 (its own dispatch otherwise depends on the CPU's maker and model).
 MKL_REPRODUCIBLE = {**AVX2_ONLY, "MKL_CBWR": "AVX2"}
+SCENARIO_ENV = {  # the variables a scenario sets over the code's environment
+    "one thread everywhere": ONE_THREAD,
+    "AVX2 kernels only": AVX2_ONLY,
+    "AVX2 and MKL reproducible": MKL_REPRODUCIBLE,
+}
 
 
 def asectl(env: dict, *args: str) -> str:
@@ -101,13 +106,7 @@ def subset_folder(data: Path, n: int, out: Path) -> Path:
 def run_scenario(name: str, code_env: dict, shared: Path, data: Path, subset: int, work: Path) -> dict:
     cache = work / "cache"
     shutil.copytree(shared, cache, copy_function=os.link)  # entries are never rewritten in place
-    env = {**code_env, "ASECTL_CACHE_DIR": str(cache)}
-    if name == "one thread everywhere":
-        env.update(ONE_THREAD)
-    if name == "AVX2 kernels only":
-        env.update(AVX2_ONLY)
-    if name == "AVX2 and MKL reproducible":
-        env.update(MKL_REPRODUCIBLE)
+    env = {**code_env, "ASECTL_CACHE_DIR": str(cache), **SCENARIO_ENV.get(name, {})}
     start = time.perf_counter()
     if name == "smaller folder first":
         asectl(env, "align", str(subset_folder(data, subset, work / "subset")), "--stride", "0.2")

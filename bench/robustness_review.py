@@ -98,14 +98,17 @@ def recut(model, clean: Dataset, probs, y, cache: Cache, seed: int) -> dict:
     return out
 
 
+def probability_record(probs, labels) -> dict:
+    """Class probabilities [n, classes] and true class indices, as the per-card output keeps them."""
+    return {"probs": np.asarray(probs).round(7).tolist(), "labels": [int(k) for k in labels]}
+
+
 def scored(predictor, cards: Dataset, classes: list[str]) -> dict:
     """The model's calibrated class probabilities of these cards and their true class indices."""
     preds = predictor.classify(cards)
     truth = {s.name: s.label for s in cards.samples}
-    return {
-        "probs": predictor.probabilities(preds.logits).round(7).tolist(),
-        "labels": [classes.index(truth[s.name]) for s in preds.samples],
-    }
+    probs = predictor.probabilities(preds.logits)
+    return probability_record(probs, [classes.index(truth[s.name]) for s in preds.samples])
 
 
 def line_scores(predictor, model, field: Dataset, clean: Dataset, clean_test: dict) -> dict:
@@ -118,7 +121,7 @@ def line_scores(predictor, model, field: Dataset, clean: Dataset, clean_test: di
     out = {
         "classes": classes,
         "rule": model.config["decision"],
-        "field_held_out": {"probs": probs.round(7).tolist(), "labels": [int(k) for k in labels]},
+        "field_held_out": probability_record(probs, labels),
         "clean_test": clean_test,
     }
     for name, ds, split in (("field_test", field, "test"), ("clean_train", clean, "train")):
@@ -161,7 +164,7 @@ def run_seed(seed: int, cache: Cache) -> dict:
         "n_dropped": len(preds.dropped),
         "pass_scorers": clean_pass(run, test, cache, seed),
         "recut": recut(model, clean, probs, y, cache, seed),
-        "scores": line_scores(predictor, model, field, clean, {"probs": probs.round(7).tolist(), "labels": y.tolist()}),
+        "scores": line_scores(predictor, model, field, clean, probability_record(probs, y)),
     }
 
 

@@ -161,8 +161,8 @@ def markdown(rec: dict) -> str:
             n = sum(x["n"] for x in d)
             review = sum(x["counts"]["review"] for x in d)
             passed = sum(x["counts"]["pass"] for x in d)
-            n_normal = n - sum(x["n_defective"] for x in d)
             missed, n_def = sum(x["n_missed"] for x in d), sum(x["n_defective"] for x in d)
+            n_normal = n - n_def
             lines.append(
                 f"| {line} | {cut} | {', '.join(format(o['cut'], '.3f') for o in one)} | {review}/{n} = "
                 f"{100 * review / n:.1f}% | {passed - missed}/{n_normal} | {missed}/{n_def} |"
